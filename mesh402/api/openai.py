@@ -1,0 +1,300 @@
+"""The OpenAI-compatible edge: /v1/models, /v1/chat/completions, /v1/completions, /health, /ready."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mesh402.api.errors import APIError, bad_request, unavailable
+from mesh402.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from mesh402.config import NodeConfig
+from mesh402.serving.generation import Delta, Finished, GenerationRequest
+from mesh402.serving.registry import ModelEntry, ModelRegistry
+
+log = logging.getLogger(__name__)
+
+# Defaults for fields a request leaves out; low temperature keeps small models on topic.
+DEFAULT_TEMPERATURE = 0.2
+DEFAULT_TOP_P = 0.9
+
+
+@dataclass
+class Prepared:
+    entry: ModelEntry
+    prompt_ids: list[int]
+    gen: GenerationRequest
+    session: Any
+
+
+def _validation_message(err: ValidationError | RequestValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
+    return "invalid request: " + "; ".join(parts)
+
+
+def create_app(config: NodeConfig, registry: ModelRegistry) -> FastAPI:
+    app = FastAPI(title="mesh402", version="0.1.0", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return bad_request(_validation_message(exc)).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return APIError(exc.status_code, str(exc.detail), type=kind).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return APIError(500, f"internal error: {type(exc).__name__}", type="server_error").response()
+
+    def check_auth(request: Request) -> None:
+        if config.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
+            raise APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
+                           type="authentication_error", code="invalid_api_key")
+
+    async def read_json(request: Request, model: type[BaseModel]) -> Any:
+        body = await request.body()
+        if len(body) > config.limits.max_request_bytes:
+            raise APIError(413, f"request body over {config.limits.max_request_bytes} bytes")
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise bad_request(f"malformed JSON body: {e}") from None
+        if not isinstance(data, dict):
+            raise bad_request("request body must be a JSON object")
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            raise bad_request(_validation_message(e)) from None
+
+    def pick_model(name: str | None) -> ModelEntry:
+        entry = registry.default() if name in (None, "", "auto") else registry.get(name)
+        if entry is None:
+            raise APIError(404, f"model {name!r} is not served here; see GET /v1/models",
+                           type="not_found_error", code="model_not_found", param="model")
+        if entry.state == "loading":
+            raise unavailable(f"model {entry.model_id} is still loading", config.timers.retry_after_s)
+        if entry.state == "failed" or entry.local is None:
+            raise unavailable(f"model {entry.model_id} failed to load: {entry.error}", 30)
+        return entry
+
+    async def prepare(req: SamplingFields, entry: ModelEntry, prompt_ids: list[int]) -> Prepared:
+        from mesh402.engine import ContextTooLong, EngineFull
+        from mesh402.engine.sampling import SamplingParams
+
+        local = entry.local
+        assert local is not None
+        n_ctx = local.n_ctx
+        if not prompt_ids:
+            raise bad_request("the prompt is empty", param="prompt")
+        if len(prompt_ids) >= n_ctx:
+            raise bad_request(f"prompt has {len(prompt_ids)} tokens; the context window is {n_ctx}",
+                              code="context_length_exceeded")
+        want = req.requested_max_tokens()
+        if want is not None and want <= 0:
+            raise bad_request("max_tokens must be at least 1", param="max_tokens")
+        room = n_ctx - len(prompt_ids)
+        if want is not None and want > room:
+            raise bad_request(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({want}) exceeds the context window ({n_ctx})",
+                code="context_length_exceeded", param="max_tokens")
+        max_tokens = want if want is not None else min(room, config.limits.default_max_tokens)
+        try:
+            sampling = SamplingParams(
+                temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
+                top_p=DEFAULT_TOP_P if req.top_p is None else req.top_p,
+                top_k=req.top_k or 0,
+                min_p=req.min_p or 0.0,
+                repetition_penalty=req.repetition_penalty or 1.0,
+                frequency_penalty=req.frequency_penalty or 0.0,
+                presence_penalty=req.presence_penalty or 0.0,
+                seed=req.seed,
+            )
+        except ValueError as e:
+            raise bad_request(str(e)) from None
+        try:
+            session = await local.open(len(prompt_ids) + max_tokens)
+        except EngineFull as e:
+            raise unavailable(f"node is at capacity: {e}", config.timers.retry_after_s, code="overloaded") from None
+        except ContextTooLong as e:
+            raise bad_request(str(e), code="context_length_exceeded") from None
+        gen = GenerationRequest(prompt_ids, max_tokens, sampling, req.stop_list(), uuid.uuid4().hex)
+        return Prepared(entry, prompt_ids, gen, session)
+
+    def usage(fin: Finished) -> dict[str, Any]:
+        return {
+            "prompt_tokens": fin.prompt_tokens,
+            "completion_tokens": fin.completion_tokens,
+            "total_tokens": fin.prompt_tokens + fin.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": fin.cached_tokens},
+        }
+
+    async def run_stream(p: Prepared) -> AsyncIterator[Delta | Finished]:
+        local = p.entry.local
+        assert local is not None
+        async with contextlib.aclosing(local.generate(p.gen, p.session)) as events:
+            async for ev in events:
+                yield ev
+
+    async def collect(p: Prepared) -> tuple[str, Finished]:
+        text: list[str] = []
+        fin: Finished | None = None
+        async for ev in run_stream(p):
+            if isinstance(ev, Delta):
+                text.append(ev.text)
+            else:
+                fin = ev
+        assert fin is not None
+        return "".join(text), fin
+
+    def sse(obj: Any) -> bytes:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+    async def stream_events(p: Prepared, include_usage: bool, chunk: Any) -> AsyncIterator[bytes]:
+        """SSE body; `chunk(delta_text, finish_reason, first)` shapes one OpenAI chunk."""
+        try:
+            yield sse(chunk(None, None, True))
+            async for ev in run_stream(p):
+                if isinstance(ev, Delta):
+                    yield sse(chunk(ev.text, None, False))
+                else:
+                    yield sse(chunk(None, ev.reason, False))
+                    if include_usage:
+                        last = chunk(None, None, False)
+                        last["choices"] = []
+                        last["usage"] = usage(ev)
+                        yield sse(last)
+        except Exception as e:  # the status line is gone; report in-band and end cleanly
+            log.exception("generation failed mid-stream")
+            yield sse(APIError(500, f"generation failed: {e}", type="server_error").body())
+        yield b"data: [DONE]\n\n"
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        models = {e.model_id: e.state for e in registry.all()}
+        ok = registry.all_ready()
+        return JSONResponse({"ready": ok, "models": models}, status_code=200 if ok else 503,
+                            headers={} if ok else {"Retry-After": str(config.timers.retry_after_s)})
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict[str, Any]:
+        check_auth(request)
+        data = []
+        for e in registry.all():
+            item: dict[str, Any] = {"id": e.model_id, "object": "model", "created": e.created,
+                                    "owned_by": "mesh402", "state": e.state}
+            if e.local is not None:
+                item["context_length"] = e.local.n_ctx
+            if e.error:
+                item["error"] = e.error
+            data.append(item)
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        from mesh402.engine.chat_template import ChatTemplateError
+
+        check_auth(request)
+        req: ChatCompletionRequest = await read_json(request, ChatCompletionRequest)
+        entry = pick_model(req.model)
+        local = entry.local
+        assert local is not None
+        try:
+            messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in req.messages]
+        except ValueError as e:
+            raise bad_request(str(e), param="messages") from None
+        engine = local.engine
+        try:
+            text = engine.chat_template.render(messages, add_generation_prompt=True, tools=req.tools)
+        except ChatTemplateError as e:
+            raise bad_request(f"chat template failed: {e}", param="messages") from None
+        prompt_ids = engine.tokenizer.encode(text, add_special=False)
+        p = await prepare(req, entry, prompt_ids)
+        cid, created = f"chatcmpl-{p.gen.request_id}", int(time.time())
+        headers = {"x-request-id": p.gen.request_id}
+        if req.stream:
+            def chunk(delta: str | None, finish: str | None, first: bool) -> dict[str, Any]:
+                d: dict[str, Any] = {"role": "assistant", "content": ""} if first else (
+                    {"content": delta} if delta is not None else {})
+                return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": entry.model_id,
+                        "choices": [{"index": 0, "delta": d, "finish_reason": finish}]}
+            include = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(stream_events(p, include, chunk), media_type="text/event-stream",
+                                     headers={**headers, "Cache-Control": "no-cache"},
+                                     background=BackgroundTask(p.session.release))
+        out, fin = await collect(p)
+        return JSONResponse({
+            "id": cid, "object": "chat.completion", "created": created, "model": entry.model_id,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": out},
+                         "finish_reason": fin.reason, "logprobs": None}],
+            "usage": usage(fin),
+        }, headers=headers)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        check_auth(request)
+        req: CompletionRequest = await read_json(request, CompletionRequest)
+        entry = pick_model(req.model)
+        local = entry.local
+        assert local is not None
+        tok = local.engine.tokenizer
+        prompt_text = ""
+        if isinstance(req.prompt, list) and (not req.prompt or isinstance(req.prompt[0], int)):
+            vocab = local.engine.info.vocab_size
+            if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in req.prompt):
+                raise bad_request(f"token ids must be integers in [0, {vocab})", param="prompt")
+            prompt_ids = list(req.prompt)  # type: ignore[arg-type]
+        else:
+            prompt_text = req.prompt if isinstance(req.prompt, str) else req.prompt[0]  # type: ignore[assignment]
+            prompt_ids = tok.encode(prompt_text, add_special=True)
+        p = await prepare(req, entry, prompt_ids)
+        cid, created = f"cmpl-{p.gen.request_id}", int(time.time())
+        headers = {"x-request-id": p.gen.request_id}
+        echo = prompt_text if req.echo else ""
+        if req.stream:
+            def chunk(delta: str | None, finish: str | None, first: bool) -> dict[str, Any]:
+                text = echo if first else (delta or "")
+                return {"id": cid, "object": "text_completion", "created": created, "model": entry.model_id,
+                        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+            include = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(stream_events(p, include, chunk), media_type="text/event-stream",
+                                     headers={**headers, "Cache-Control": "no-cache"},
+                                     background=BackgroundTask(p.session.release))
+        out, fin = await collect(p)
+        return JSONResponse({
+            "id": cid, "object": "text_completion", "created": created, "model": entry.model_id,
+            "choices": [{"index": 0, "text": echo + out, "logprobs": None, "finish_reason": fin.reason}],
+            "usage": usage(fin),
+        }, headers=headers)
+
+    return app

@@ -1,0 +1,53 @@
+"""One configuration object for a node: ports, limits and timers, filled from CLI flags and env.
+
+Tests build a NodeConfig directly with short timers; nothing else in the code hard-codes a timeout.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from mesh402.home import read_secret_file
+
+DEFAULT_API_PORT = 9337
+DEFAULT_CONSOLE_PORT = 3131
+
+
+@dataclass
+class Limits:
+    max_sessions: int = 16  # concurrent generations per model on this node
+    default_max_tokens: int = 512  # when a request gives none (bounded by the context window)
+    max_request_bytes: int = 8 * 1024 * 1024
+    prefill_chunk: int = 32  # fixed prefill chunk: same tokens always meet the same kernels
+    max_queue: int = 64  # requests waiting for a free session before 503
+
+
+@dataclass
+class Timers:
+    retry_after_s: int = 2  # Retry-After sent with 503 while a model loads or the node is full
+    shutdown_grace_s: float = 5.0
+
+
+@dataclass
+class NodeConfig:
+    home: Path
+    models: list[str] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_API_PORT
+    api_key: str | None = None
+    device: str = "cpu"
+    mode: Literal["exact", "fast"] = "fast"
+    threads: int = 1  # torch threads per node process; several nodes share a machine's cores
+    limits: Limits = field(default_factory=Limits)
+    timers: Timers = field(default_factory=Timers)
+
+
+def load_api_key(api_key_file: str | Path | None) -> str | None:
+    """The API key comes from a 0600 file or MESH402_API_KEY, never from argv where `ps` shows it."""
+    if api_key_file is not None:
+        return read_secret_file(api_key_file)
+    value = os.environ.get("MESH402_API_KEY", "").strip()
+    return value or None

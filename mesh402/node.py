@@ -1,0 +1,87 @@
+"""A running node: loads its models, serves the OpenAI API, and records its ports in --home."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import uvicorn
+
+from mesh402 import __version__
+from mesh402.api.openai import create_app
+from mesh402.config import NodeConfig
+from mesh402.home import Home
+from mesh402.models.catalog import ModelSource
+from mesh402.serving.generation import LocalModel
+from mesh402.serving.registry import ModelEntry, ModelRegistry
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    def __init__(self, config: NodeConfig, sources: list[ModelSource]) -> None:
+        self.config = config
+        self.home = Home(config.home).ensure()
+        self.registry = ModelRegistry()
+        for src in sources:
+            self.registry.add(src)
+        # One engine thread per node: torch calls are serialised; requests interleave per step.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self.app = create_app(config, self.registry)
+        self.server: uvicorn.Server | None = None
+        self.started_at = time.time()
+
+    def _load(self, entry: ModelEntry) -> None:
+        from mesh402.engine import Engine
+        from mesh402.engine.runtime_env import configure_torch
+
+        configure_torch(self.config.threads)
+        t0 = time.perf_counter()
+        engine = Engine.load(entry.source.path, mode=self.config.mode, device=self.config.device,
+                             max_sessions=self.config.limits.max_sessions,
+                             prefill_chunk=self.config.limits.prefill_chunk)
+        entry.local = LocalModel(engine, self.executor)
+        entry.state = "ready"
+        log.info("model %s ready in %.1fs", entry.model_id, time.perf_counter() - t0)
+
+    async def load_models(self) -> None:
+        loop = asyncio.get_running_loop()
+        for entry in self.registry.all():
+            try:
+                await loop.run_in_executor(self.executor, self._load, entry)
+            except Exception as e:  # a bad model file must not take the node down
+                log.exception("loading %s failed", entry.model_id)
+                entry.state, entry.error = "failed", f"{type(e).__name__}: {e}"
+        self._write_state()
+
+    def state(self) -> dict[str, object]:
+        return {
+            "pid": os.getpid(),
+            "version": __version__,
+            "api_url": f"http://{self._client_host()}:{self.config.port}",
+            "api_port": self.config.port,
+            "models": {e.model_id: e.state for e in self.registry.all()},
+            "started_at": self.started_at,
+        }
+
+    def _client_host(self) -> str:
+        return "127.0.0.1" if self.config.host in ("0.0.0.0", "::", "") else self.config.host
+
+    def _write_state(self) -> None:
+        self.home.write_state(self.state())
+
+    async def run(self) -> None:
+        uv = uvicorn.Config(self.app, host=self.config.host, port=self.config.port, log_level="warning",
+                            lifespan="off", access_log=False, timeout_graceful_shutdown=int(self.config.timers.shutdown_grace_s))
+        self.server = uvicorn.Server(uv)
+        loader = asyncio.create_task(self.load_models())
+        self._write_state()
+        try:
+            await self.server.serve()
+        finally:
+            loader.cancel()
+            self.home.clear_state()
+            self.executor.shutdown(wait=False, cancel_futures=True)
