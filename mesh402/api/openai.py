@@ -222,11 +222,11 @@ def create_app(config: NodeConfig, registry: ModelRegistry) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        from mesh402.engine.chat_template import ChatTemplateError
-
         check_auth(request)
         req: ChatCompletionRequest = await read_json(request, ChatCompletionRequest)
         entry = pick_model(req.model)
+        from mesh402.engine.chat_template import ChatTemplateError  # a model is loaded: torch is in already
+
         local = entry.local
         assert local is not None
         try:

