@@ -1,0 +1,205 @@
+"""Engine benchmark: mesh402 (exact and fast modes) vs llama.cpp on the same GGUF, side by side.
+
+    .venv/bin/python benchmarks/engine.py [--model PATH] [--threads 1] [--prompt-tokens 128] [--decode-tokens 64]
+
+Each engine runs in its own subprocess so resident memory is measured cleanly: RSS growth from
+loading, and the peak during decode. Prints a table and writes benchmarks/results/engine.json.
+llama.cpp comes from llama-cpp-python (`bash scripts/bench-deps.sh` installs it; a ~4 minute build).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+class PeakRSS:
+    """Samples this process's RSS every 5 ms on a side thread."""
+
+    def __init__(self) -> None:
+        self.proc = psutil.Process()
+        self.peak = self.proc.memory_info().rss
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.005)
+
+    def __enter__(self) -> "PeakRSS":
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+
+def prompt_ids(tokenizer_encode, n: int) -> list[int]:
+    text = ("The history of the city goes back many centuries, and its people have long traded along the "
+            "river, building bridges, markets and libraries that still stand today. ") * 20
+    ids = tokenizer_encode(text)
+    return ids[:n]
+
+
+def worker_mesh402(model: str, mode: str, threads: int, n_prompt: int, n_decode: int) -> dict:
+    from mesh402.engine import Engine
+    from mesh402.engine.runtime_env import configure_torch
+
+    configure_torch(threads)
+    rss0 = psutil.Process().memory_info().rss
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        eng = Engine.load(model, mode=mode)
+        load_s = time.perf_counter() - t0
+        rss_loaded = psutil.Process().memory_info().rss
+        ids = prompt_ids(lambda t: eng.tokenizer.encode(t, add_special=False), n_prompt)
+        # warm-up run so one-off allocations are not counted as speed
+        s = eng.new_session(len(ids) + n_decode + 1)
+        s.prefill(ids[:32])
+        s.close()
+        s = eng.new_session(len(ids) + n_decode + 1)
+        t0 = time.perf_counter()
+        logits = s.prefill(ids)
+        tok = int(logits.argmax())
+        ttft = time.perf_counter() - t0
+        out = [tok]
+        t1 = time.perf_counter()
+        for _ in range(n_decode - 1):
+            tok = int(s.decode(tok).argmax())
+            out.append(tok)
+        decode_s = time.perf_counter() - t1
+        s.close()
+    return {"engine": f"mesh402 {mode}", "load_s": load_s, "prefill_tok_s": len(ids) / ttft, "ttft_s": ttft,
+            "decode_tok_s": (n_decode - 1) / decode_s, "rss_load_mb": (rss_loaded - rss0) / 2**20,
+            "rss_peak_mb": (mem.peak - rss0) / 2**20, "tokens": out, "prompt": ids}
+
+
+def worker_llamacpp(model: str, threads: int, n_prompt: int, n_decode: int, teacher: list[int] | None,
+                    prompt: list[int]) -> dict:
+    import numpy as np
+    from llama_cpp import Llama
+
+    rss0 = psutil.Process().memory_info().rss
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        llm = Llama(model_path=model, n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                    verbose=False, logits_all=False)
+        load_s = time.perf_counter() - t0
+        rss_loaded = psutil.Process().memory_info().rss
+        ids = prompt[:n_prompt]
+        llm.eval(ids[:32])
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        tok = int(np.argmax(llm._ctx.get_logits()[: llm.n_vocab()]))
+        ttft = time.perf_counter() - t0
+        out = [tok]
+        t1 = time.perf_counter()
+        for _ in range(n_decode - 1):
+            llm.eval([tok])
+            tok = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
+            out.append(tok)
+        decode_s = time.perf_counter() - t1
+        agree = None
+        if teacher:
+            # Teacher-forced: feed mesh402's exact-mode tokens, compare llama.cpp's argmax at each step.
+            llm.reset()
+            llm.eval(ids)
+            hits = 0
+            for i, t in enumerate(teacher):
+                pred = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
+                hits += pred == t
+                llm.eval([t])
+            agree = hits / len(teacher)
+    return {"engine": "llama.cpp", "load_s": load_s, "prefill_tok_s": len(ids) / ttft, "ttft_s": ttft,
+            "decode_tok_s": (n_decode - 1) / decode_s, "rss_load_mb": (rss_loaded - rss0) / 2**20,
+            "rss_peak_mb": (mem.peak - rss0) / 2**20, "tokens": out, "top1_vs_exact": agree}
+
+
+def run_worker(args: list[str]) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": args[args.index("--threads") + 1]}
+    out = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="GGUF file (default: the bundled SmolLM2-135M Q4_1)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
+    ap.add_argument("--teacher", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--prompt-ids", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.model is None:
+        from mesh402.models.catalog import bundled_model_path
+
+        a.model = str(bundled_model_path())
+    if a.worker is not None:
+        kind = a.worker[0]
+        if kind == "llamacpp":
+            res = worker_llamacpp(a.model, a.threads, a.prompt_tokens, a.decode_tokens,
+                                  json.loads(a.teacher) if a.teacher else None, json.loads(a.prompt_ids))
+        else:
+            res = worker_mesh402(a.model, kind, a.threads, a.prompt_tokens, a.decode_tokens)
+        print(json.dumps(res))
+        return
+    common = ["--model", a.model, "--threads", str(a.threads), "--prompt-tokens", str(a.prompt_tokens),
+              "--decode-tokens", str(a.decode_tokens)]
+    rows = [run_worker(["exact", *common]), run_worker(["fast", *common])]
+    exact, fast = rows
+    fast["top1_vs_exact"] = sum(x == y for x, y in zip(exact["tokens"], fast["tokens"])) / len(exact["tokens"])
+    try:
+        import llama_cpp  # noqa: F401
+
+        rows.append(run_worker(["llamacpp", *common, "--teacher", json.dumps(exact["tokens"]),
+                                "--prompt-ids", json.dumps(exact["prompt"])]))
+    except ImportError:
+        print("llama-cpp-python is not installed: run `bash scripts/bench-deps.sh` for the side-by-side row")
+    file_mb = Path(a.model).stat().st_size / 2**20
+    ref = next((r for r in rows if r["engine"] == "llama.cpp"), None)
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"engine benchmark: {Path(a.model).name} ({file_mb:.1f} MiB), {a.threads} thread(s), "
+                    f"prompt {a.prompt_tokens}, decode {a.decode_tokens}")
+    for col in ("engine", "prefill tok/s", "TTFT ms", "decode tok/s", "decode vs llama.cpp", "RSS load MiB",
+                "RSS peak MiB", "peak / file", "top-1 vs exact"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        r["rss_peak_over_file"] = r["rss_peak_mb"] / file_mb
+        r["decode_vs_llamacpp"] = r["decode_tok_s"] / ref["decode_tok_s"] if ref else None
+        t.add_row(r["engine"], f"{r['prefill_tok_s']:.1f}", f"{r['ttft_s'] * 1000:.0f}", f"{r['decode_tok_s']:.1f}",
+                  f"{r['decode_vs_llamacpp']:.2f}x" if r["decode_vs_llamacpp"] else "-", f"{r['rss_load_mb']:.0f}",
+                  f"{r['rss_peak_mb']:.0f}", f"{r['rss_peak_over_file']:.2f}",
+                  f"{r['top1_vs_exact']:.2f}" if r.get("top1_vs_exact") is not None else "-")
+    Console().print(t)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for r in rows:
+        r.pop("prompt", None)
+    out = {"model": a.model, "file_mib": file_mb, "threads": a.threads, "prompt_tokens": a.prompt_tokens,
+           "decode_tokens": a.decode_tokens, "cpu": os.cpu_count(), "rows": rows, "time": time.time()}
+    (RESULTS / "engine.json").write_text(json.dumps(out, indent=2))
+    print(f"wrote {RESULTS / 'engine.json'}")
+
+
+if __name__ == "__main__":
+    main()
