@@ -1,0 +1,274 @@
+"""Engine (a model as a pipeline of local stages) and Session (one sequence's KV state).
+
+Prefill is chunked at fixed absolute positions: chunk boundaries fall on
+multiples of ``prefill_chunk`` (C) and every chunk is padded to C rows, so each
+prefill token meets the same matmul shapes no matter how the prompt was split
+across calls. A prompt sent whole and the same prompt continued from a cached
+chunk-aligned prefix give bit-identical logits. Decode runs one row per step.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+
+from .errors import ContextTooLong, EngineError, EngineFull
+from .kv import KVCache, kv_capacity
+from .model import Stage
+from .weights import GGUFSource, HFSource, WeightSource, open_source
+
+__all__ = ["Engine", "Session", "ModelInfo"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    arch: str
+    n_layers: int
+    n_ctx: int
+    vocab_size: int
+    hidden: int
+    n_params: int
+    file_bytes: int
+
+
+def _load_tokenizer(src: WeightSource):
+    """(tokenizer, chat_template) from the helper's modules; (None, None) if unavailable."""
+    try:
+        from .tokenizer import Tokenizer
+    except Exception:  # pragma: no cover - module missing
+        return None, None
+    try:
+        if isinstance(src, GGUFSource):
+            tok = Tokenizer.from_gguf(src.path)
+        elif isinstance(src, HFSource) and (src.path / "tokenizer.json").exists():
+            tok = Tokenizer.from_hf_dir(src.path)
+        else:
+            return None, None
+    except Exception:
+        return None, None
+    tmpl = None
+    src_t = getattr(tok, "chat_template", None)
+    if src_t:
+        try:
+            from .chat_template import ChatTemplate
+
+            tmpl = ChatTemplate(src_t, bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
+        except Exception:
+            tmpl = None
+    return tok, tmpl
+
+
+class Engine:
+    """A loaded model (or a layer range of it) in this process."""
+
+    def __init__(self, source: WeightSource, stages: list[Stage], *, max_sessions: int = 16,
+                 max_kv_bytes: int | None = None, prefill_chunk: int = 32, load_tokenizer: bool = True):
+        cfg = source.config
+        self.source = source
+        self.config = cfg
+        self.stages = stages
+        self.mode = stages[0].mode
+        self.device = stages[0].device
+        self.layers = (stages[0].layers[0], stages[-1].layers[1])
+        self.max_sessions = max_sessions
+        self.max_kv_bytes = max_kv_bytes
+        self.prefill_chunk = prefill_chunk
+        self.info = ModelInfo(arch=cfg.arch, n_layers=cfg.n_layers, n_ctx=cfg.n_ctx,
+                              vocab_size=cfg.vocab_size, hidden=cfg.hidden, n_params=source.n_params,
+                              file_bytes=source.file_bytes)
+        self.tokenizer, self.chat_template = _load_tokenizer(source) if load_tokenizer else (None, None)
+        eos = list(getattr(self.tokenizer, "eos_ids", []) or [])
+        if not eos and isinstance(source, GGUFSource):
+            e = source.meta.get("tokenizer.ggml.eos_token_id")
+            eos = [int(e)] if e is not None else []
+        if not eos and isinstance(source, HFSource):
+            e = source.hf_config.get("eos_token_id")
+            eos = [int(x) for x in (e if isinstance(e, list) else [e]) if x is not None]
+        self.eos_token_ids: list[int] = eos
+        self._lock = threading.Lock()
+        self._sessions: set[Session] = set()
+        self._reserved = 0
+
+    # ------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, *, mode: Literal["exact", "fast"] = "exact", device: str = "cpu",
+             layers: tuple[int, int] | None = None, max_sessions: int = 16, prefill_chunk: int = 32,
+             max_kv_bytes: int | None = None, splits: Sequence[int] | None = None,
+             load_tokenizer: bool = True) -> "Engine":
+        """Load a GGUF file or a Hugging Face folder.
+
+        ``layers=(a, b)`` loads only that range (a pipeline stage). ``splits``
+        (e.g. ``[0, 10, 20, 30]``) runs the range as several stages in this
+        process (testing / pipeline emulation).
+        """
+        if prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be >= 1")
+        src = open_source(path)
+        n = src.config.n_layers
+        a, b = layers if layers is not None else (0, n)
+        bounds = list(splits) if splits is not None else [a, b]
+        if bounds[0] != a or bounds[-1] != b or any(x >= y for x, y in zip(bounds, bounds[1:])):
+            raise ValueError(f"splits {bounds} do not cover layers [{a}, {b})")
+        stages = [Stage(src, (x, y), mode=mode, device=device) for x, y in zip(bounds, bounds[1:])]
+        return cls(src, stages, max_sessions=max_sessions, max_kv_bytes=max_kv_bytes,
+                   prefill_chunk=prefill_chunk, load_tokenizer=load_tokenizer)
+
+    @property
+    def is_full_model(self) -> bool:
+        return self.stages[0].first and self.stages[-1].last
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(s.weight_bytes for s in self.stages)
+
+    def kv_bytes_for(self, max_len: int) -> int:
+        cap = kv_capacity(max_len, self.prefill_chunk)
+        return sum(s.kv_bytes_per_token() for s in self.stages) * cap
+
+    @property
+    def kv_bytes_in_use(self) -> int:
+        with self._lock:
+            return sum(s.kv_bytes for s in self._sessions)
+
+    @property
+    def kv_bytes_reserved(self) -> int:
+        return self._reserved
+
+    @property
+    def n_sessions(self) -> int:
+        return len(self._sessions)
+
+    def new_session(self, max_len: int) -> "Session":
+        if max_len < 1:
+            raise ValueError("max_len must be >= 1")
+        if max_len > self.config.n_ctx:
+            raise ContextTooLong(f"max_len {max_len} exceeds the model context {self.config.n_ctx}")
+        need = self.kv_bytes_for(max_len)
+        with self._lock:
+            if len(self._sessions) >= self.max_sessions:
+                raise EngineFull(f"all {self.max_sessions} sessions in use")
+            if self.max_kv_bytes is not None and self._reserved + need > self.max_kv_bytes:
+                raise EngineFull(f"KV budget exhausted: {self._reserved} + {need} > {self.max_kv_bytes} bytes")
+            self._reserved += need
+            s = Session(self, max_len, need)
+            self._sessions.add(s)
+        return s
+
+    def _release(self, s: "Session") -> None:
+        with self._lock:
+            if s in self._sessions:
+                self._sessions.discard(s)
+                self._reserved -= s._reserved
+
+
+class Session:
+    """One sequence's KV state across the engine's stages."""
+
+    def __init__(self, engine: Engine, max_len: int, reserved: int):
+        self.engine = engine
+        self.max_len = max_len
+        self._reserved = reserved
+        C = engine.prefill_chunk
+        self.kvs: list[KVCache] = [st.new_kv(max_len, chunk=C) for st in engine.stages]
+        self.tokens: list[int] = []
+        self.closed = False
+
+    # ------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.kvs[0].length
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(kv.nbytes for kv in self.kvs)
+
+    def _check(self, n_new: int) -> None:
+        if self.closed:
+            raise EngineError("session is closed")
+        if not self.engine.is_full_model:
+            raise EngineError("this engine holds only layers %r; use forward()" % (self.engine.layers,))
+        if len(self) + n_new > self.max_len:
+            raise ContextTooLong(f"{len(self)} + {n_new} tokens exceed session max_len {self.max_len}")
+
+    def _run(self, x: torch.Tensor, start: int, n_real: int) -> torch.Tensor:
+        for st, kv in zip(self.engine.stages, self.kvs):
+            x = st.forward(kv, x, start, n_real=n_real)
+        return x
+
+    @torch.inference_mode()
+    def prefill(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """Append tokens; returns fp32 logits [vocab] of the last one."""
+        ids = [int(t) for t in token_ids]
+        if not ids:
+            raise ValueError("prefill needs at least one token")
+        self._check(len(ids))
+        V = self.engine.config.vocab_size
+        if min(ids) < 0 or max(ids) >= V:
+            raise ValueError(f"token id out of range [0, {V})")
+        C = self.engine.prefill_chunk
+        dev = self.engine.device
+        pos = len(self)
+        i = 0
+        logits = None
+        while i < len(ids):
+            n = min(len(ids) - i, C - pos % C)          # stop at the next multiple of C
+            chunk = ids[i:i + n] + [0] * (C - n)         # pad to C rows
+            logits = self._run(torch.tensor(chunk, dtype=torch.long, device=dev), pos, n)
+            self.tokens[pos:] = ids[i:i + n]
+            pos += n
+            i += n
+        return logits
+
+    @torch.inference_mode()
+    def decode(self, token_id: int) -> torch.Tensor:
+        """One step; returns fp32 logits [vocab]."""
+        self._check(1)
+        pos = len(self)
+        x = torch.tensor([int(token_id)], dtype=torch.long, device=self.engine.device)
+        logits = self._run(x, pos, 1)
+        self.tokens[pos:] = [int(token_id)]
+        return logits
+
+    def forward(self, x: torch.Tensor, start_pos: int, n_real: int | None = None) -> torch.Tensor:
+        """Raw pass through this engine's stages (for partial-layer engines)."""
+        if self.closed:
+            raise EngineError("session is closed")
+        n_real = x.shape[0] if n_real is None else n_real
+        if start_pos + n_real > self.max_len:
+            raise ContextTooLong(f"position {start_pos + n_real} exceeds session max_len {self.max_len}")
+        out = self._run(x, start_pos, n_real)
+        if x.dtype == torch.long and x.dim() == 1:
+            self.tokens[start_pos:] = [int(t) for t in x[:n_real].tolist()]
+        else:
+            del self.tokens[start_pos:]
+        return out
+
+    def truncate(self, n: int) -> None:
+        if self.closed:
+            raise EngineError("session is closed")
+        for kv in self.kvs:
+            kv.truncate(n)
+        del self.tokens[n:]
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for kv in self.kvs:
+            kv.free()
+        self.engine._release(self)
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,312 @@
+"""Transformer stages (llama / mistral / qwen2 / qwen3 decoder layers).
+
+A :class:`Stage` holds layers ``[a, b)``, plus the token embedding if ``a == 0``
+and the final norm + LM head if ``b == n_layers``. It loads only its own tensors.
+
+``Stage.forward(kv, x, start_pos)`` runs rows ``x`` at absolute positions
+``[start_pos, start_pos + T)``: token ids ``[T]`` on the first stage, fp32
+hidden states ``[T, hidden]`` otherwise. It returns hidden states ``[T, hidden]``
+or, on the last stage, logits. Chunking/padding is the caller's job (Session);
+every computation depends only on (start_pos, T, the KV prefix), so equal shapes
+give bit-identical results.
+
+Modes: ``exact`` keeps quantized weights as raw blocks and dequantizes each
+weight to fp32 right before its matmul (fp32 compute, bit-compatible with
+gguf-py's dequantization). ``fast`` packs weights at load for low-precision
+kernels (int4 group-32 / per-row int8 with bf16 activations).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from .kv import KVCache
+from .quant import FastLinearWeight, QWeight, pack_fast
+from .weights import ModelConfig, WeightSource, open_source
+
+__all__ = ["Stage", "Linear"]
+
+Mode = Literal["exact", "fast"]
+
+_HEAD_ROWS = 8192      # exact-mode lm_head: rows dequantized per matmul
+_ROPE_BLOCK = 1024     # cos/sin tables are computed in fixed blocks of positions
+
+
+class Linear:
+    """y = x @ W^T (+ b) for one or more row-concatenated weights (fused q/k/v, gate/up)."""
+
+    __slots__ = ("exact", "fast", "bias", "out_features", "fast_dtype")
+
+    def __init__(self, weights: list[QWeight], bias: torch.Tensor | None, mode: Mode,
+                 device: torch.device):
+        same = all(w.gtype == weights[0].gtype for w in weights)
+        ws = [QWeight.cat_rows(weights)] if (same and len(weights) > 1) else list(weights)
+        self.out_features = sum(w.shape[0] for w in weights)
+        self.bias = bias
+        self.fast: list[FastLinearWeight] | None = None
+        self.exact: list[QWeight] | None = None
+        self.fast_dtype = torch.bfloat16
+        if mode == "fast":
+            packed = [pack_fast(w, device) for w in ws]
+            if all(p is not None for p in packed):
+                self.fast = packed
+                self.fast_dtype = packed[0].dtype
+        if self.fast is None:
+            self.exact = [w.to(device) for w in ws]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.bias.numel() * 4 if self.bias is not None else 0
+        if self.fast is not None:
+            return n + sum(p.nbytes for p in self.fast)
+        return n + sum(w.nbytes for w in self.exact)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast is not None:
+            xb = x.to(self.fast_dtype)
+            if len(self.fast) == 1:
+                y = self.fast[0](xb).float()
+            else:
+                y = torch.cat([p(xb) for p in self.fast], dim=-1).float()
+        else:
+            if len(self.exact) == 1:
+                y = F.linear(x, self.exact[0].dequant())
+            else:
+                y = torch.cat([F.linear(x, w.dequant()) for w in self.exact], dim=-1)
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+
+def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    # Same operation order as transformers' LlamaRMSNorm (fp32).
+    var = x.pow(2).mean(-1, keepdim=True)
+    return w * (x * torch.rsqrt(var + eps))
+
+
+class _Layer:
+    __slots__ = ("attn_norm", "qkv", "q_norm", "k_norm", "wo", "ffn_norm", "gate_up", "down", "nbytes")
+
+
+class Stage:
+    def __init__(self, source: WeightSource, layers: tuple[int, int], *, mode: Mode = "exact",
+                 device: str | torch.device = "cpu"):
+        cfg = source.config
+        a, b = layers
+        if not (0 <= a < b <= cfg.n_layers):
+            raise ValueError(f"bad layer range {layers} for {cfg.n_layers} layers")
+        if mode not in ("exact", "fast"):
+            raise ValueError(f"mode must be 'exact' or 'fast', not {mode!r}")
+        self.config: ModelConfig = cfg
+        self.source_path = Path(source.path)
+        self.layers = (a, b)
+        self.first = a == 0
+        self.last = b == cfg.n_layers
+        self.mode: Mode = mode
+        self.device = torch.device(device)
+        self.kv_dtype = torch.float32
+        dev = self.device
+        nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = nh, nkv, hd
+        self.group = nh // nkv
+        self.scale = 1.0 / math.sqrt(hd)
+        self.eps = cfg.rms_eps
+
+        def vec(name: str) -> torch.Tensor:
+            return source.load_vector(name).to(dev)
+
+        def opt_vec(name: str) -> torch.Tensor | None:
+            return vec(name) if source.has(name) else None
+
+        self.blocks: list[_Layer] = []
+        for i in range(a, b):
+            L = _Layer()
+            L.attn_norm = vec(f"{i}.attn_norm")
+            bias = None
+            if cfg.qkv_bias:
+                bias = torch.cat([vec(f"{i}.{n}") if source.has(f"{i}.{n}") else torch.zeros(r, device=dev)
+                                  for n, r in (("bq", nh * hd), ("bk", nkv * hd), ("bv", nkv * hd))])
+            L.qkv = Linear([source.load(f"{i}.wq"), source.load(f"{i}.wk"), source.load(f"{i}.wv")],
+                           bias, mode, dev)
+            L.q_norm = opt_vec(f"{i}.q_norm") if cfg.qk_norm else None
+            L.k_norm = opt_vec(f"{i}.k_norm") if cfg.qk_norm else None
+            L.wo = Linear([source.load(f"{i}.wo")], None, mode, dev)
+            L.ffn_norm = vec(f"{i}.ffn_norm")
+            L.gate_up = Linear([source.load(f"{i}.w_gate"), source.load(f"{i}.w_up")], None, mode, dev)
+            L.down = Linear([source.load(f"{i}.w_down")], None, mode, dev)
+            vb = [L.attn_norm, L.ffn_norm] + [t for t in (L.q_norm, L.k_norm) if t is not None]
+            L.nbytes = (L.qkv.nbytes + L.wo.nbytes + L.gate_up.nbytes + L.down.nbytes
+                        + sum(t.numel() * t.element_size() for t in vb))
+            self.blocks.append(L)
+
+        self.embed: QWeight | None = None
+        self.norm: torch.Tensor | None = None
+        self.head_exact: QWeight | None = None
+        self.head_fast: FastLinearWeight | None = None
+        if self.first:
+            self.embed = source.load("embed").to(dev)
+        if self.last:
+            self.norm = vec("norm")
+            if cfg.tied or not source.has("head"):
+                head = self.embed if self.embed is not None else source.load("embed").to(dev)
+            else:
+                head = source.load("head").to(dev)
+            if mode == "fast":
+                self.head_fast = pack_fast(head, dev)
+            if self.head_fast is None:
+                self.head_exact = head
+            elif head is not self.embed:
+                del head
+        rf = source.load_vector("rope_freqs") if source.has("rope_freqs") else None
+        self.inv_freq = cfg.inv_freq(rf).to(dev)
+        self._rope_cos: list[torch.Tensor] = []
+        self._rope_sin: list[torch.Tensor] = []
+
+    # ------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path | WeightSource, layers: tuple[int, int] | None = None, *,
+             mode: Mode = "exact", device: str | torch.device = "cpu") -> "Stage":
+        src = path if isinstance(path, WeightSource) else open_source(path)
+        if layers is None:
+            layers = (0, src.config.n_layers)
+        return cls(src, tuple(layers), mode=mode, device=device)
+
+    @property
+    def n_layers(self) -> int:
+        return self.layers[1] - self.layers[0]
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights this stage holds in memory."""
+        n = sum(L.nbytes for L in self.blocks)
+        seen: set[int] = set()
+        for w in (self.embed, self.head_exact, self.head_fast):
+            if w is not None and id(w) not in seen:
+                seen.add(id(w))
+                n += w.nbytes
+        if self.norm is not None:
+            n += self.norm.numel() * 4
+        return n
+
+    def new_kv(self, max_len: int, chunk: int = 32) -> KVCache:
+        return KVCache(self.n_layers, self.n_kv_heads, self.head_dim, max_len,
+                       chunk=chunk, dtype=self.kv_dtype, device=self.device)
+
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * torch.empty((), dtype=self.kv_dtype).element_size()
+
+    # ------------------------------------------------------------------
+    def _rope(self, start: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [T, head_dim] for positions [start, start+T) (fp32, rotate-half layout)."""
+        end_block = (start + T - 1) // _ROPE_BLOCK
+        while len(self._rope_cos) <= end_block:
+            b0 = len(self._rope_cos) * _ROPE_BLOCK
+            pos = torch.arange(b0, b0 + _ROPE_BLOCK, dtype=torch.float32, device=self.device)
+            freqs = pos[:, None] * self.inv_freq[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._rope_cos.append(emb.cos())
+            self._rope_sin.append(emb.sin())
+        b0, b1 = start // _ROPE_BLOCK, end_block
+        if b0 == b1:
+            o = start - b0 * _ROPE_BLOCK
+            return self._rope_cos[b0][o:o + T], self._rope_sin[b0][o:o + T]
+        cos = torch.cat(self._rope_cos[b0:b1 + 1])
+        sin = torch.cat(self._rope_sin[b0:b1 + 1])
+        o = start - b0 * _ROPE_BLOCK
+        return cos[o:o + T], sin[o:o + T]
+
+    def _mask(self, start: int, T: int) -> torch.Tensor | None:
+        L = start + T
+        sw = self.config.sliding_window
+        if T == 1 and not (sw and L > sw):
+            return None
+        i = torch.arange(start, L, device=self.device)[:, None]
+        j = torch.arange(L, device=self.device)[None, :]
+        allowed = j <= i
+        if sw:
+            allowed &= (i - j) < sw
+        m = torch.zeros((T, L), dtype=torch.float32, device=self.device)
+        return m.masked_fill_(~allowed, float("-inf"))
+
+    @torch.inference_mode()
+    def forward(self, kv: KVCache, x: torch.Tensor, start_pos: int, *, n_real: int | None = None,
+                logits: Literal["last", "all"] = "last") -> torch.Tensor:
+        """Run rows ``x`` at positions [start_pos, start_pos+T).
+
+        Rows at index >= ``n_real`` are padding: computed (so shapes stay fixed)
+        and written to the KV cache, but the cache length afterwards is
+        ``start_pos + n_real``. On the last stage returns fp32 logits of row
+        ``n_real-1`` (``[vocab]``), or of all rows (``[T, vocab]``).
+        """
+        T = x.shape[0]
+        n_real = T if n_real is None else n_real
+        if not (0 < n_real <= T):
+            raise ValueError("n_real must be in [1, T]")
+        if start_pos < 0 or start_pos > kv.length:
+            raise ValueError(f"start_pos {start_pos} beyond KV length {kv.length}")
+        kv.ensure(start_pos + T)
+        if self.first:
+            h = self.embed.dequant(x.to(device=self.device, dtype=torch.long))
+        else:
+            h = x.to(device=self.device, dtype=torch.float32)
+        h = self._layers(kv, h, start_pos, T)
+        kv.length = start_pos + n_real
+        if not self.last:
+            return h
+        rows = h[n_real - 1:n_real] if logits == "last" else h
+        out = self._head(_rms_norm(rows, self.norm, self.eps))
+        return out[0] if logits == "last" else out
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        if self.head_fast is not None:
+            return self.head_fast(h.to(self.head_fast.dtype)).float()
+        w = self.head_exact
+        V = w.shape[0]
+        out = torch.empty((h.shape[0], V), dtype=torch.float32, device=h.device)
+        for r0 in range(0, V, _HEAD_ROWS):
+            r1 = min(V, r0 + _HEAD_ROWS)
+            torch.matmul(h, w.dequant(slice(r0, r1)).t(), out=out[:, r0:r1])
+        return out
+
+    def _layers(self, kv: KVCache, h: torch.Tensor, start: int, T: int) -> torch.Tensor:
+        nh, nkv, hd, g = self.n_heads, self.n_kv_heads, self.head_dim, self.group
+        qd, kd = nh * hd, nkv * hd
+        eps = self.eps
+        L = start + T
+        cos, sin = self._rope(start, T)
+        cos_q, sin_q = cos[:, None, :], sin[:, None, :]
+        mask = self._mask(start, T)
+        half = hd // 2
+        for li, lw in enumerate(self.blocks):
+            x = _rms_norm(h, lw.attn_norm, eps)
+            qkv = lw.qkv(x)
+            q = qkv[:, :qd].view(T, nh, hd)
+            k = qkv[:, qd:qd + kd].view(T, nkv, hd)
+            v = qkv[:, qd + kd:].view(T, nkv, hd)
+            if lw.q_norm is not None:
+                q = _rms_norm(q, lw.q_norm, eps)
+                k = _rms_norm(k, lw.k_norm, eps)
+            q = q * cos_q + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin_q
+            k = k * cos_q + torch.cat((-k[..., half:], k[..., :half]), dim=-1) * sin_q
+            kc, vc = kv.k[li], kv.v[li]
+            kc[:, start:L].copy_(k.transpose(0, 1))
+            vc[:, start:L].copy_(v.transpose(0, 1))
+            K, Vv = kc[:, :L], vc[:, :L]
+            # [T, nh, hd] -> [nkv, g*T, hd] (query heads sharing a KV head are grouped)
+            qg = q.view(T, nkv, g, hd).permute(1, 2, 0, 3).reshape(nkv, g * T, hd)
+            s = torch.bmm(qg, K.transpose(1, 2)) * self.scale
+            if mask is not None:
+                s = (s.view(nkv, g, T, L) + mask).view(nkv, g * T, L)
+            p = torch.softmax(s, dim=-1)
+            o = torch.bmm(p, Vv).view(nkv, g, T, hd).permute(2, 0, 1, 3).reshape(T, qd)
+            h = h + lw.wo(o)
+            x = _rms_norm(h, lw.ffn_norm, eps)
+            gu = lw.gate_up(x)
+            ff = gu.shape[-1] // 2
+            h = h + lw.down(F.silu(gu[:, :ff]) * gu[:, ff:])
+        return h

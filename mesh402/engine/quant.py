@@ -1,0 +1,275 @@
+"""Quantized weights kept in memory as raw ggml blocks, dequantized on the fly.
+
+A :class:`QWeight` holds one 2-D weight ``[rows, cols]`` (``nn.Linear`` layout).
+For block-quantized ggml types the raw block bytes are split once at load
+into contiguous component tensors (scales, mins, packed quants: the same bytes,
+laid out for vectorized torch ops). ``dequant()`` reproduces
+``gguf.quants.dequantize`` bit for bit (same fp32 operation order).
+
+Fast mode packs weights for low-precision kernels (see :func:`pack_fast`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as GT
+
+__all__ = ["QWeight", "SUPPORTED_TYPES", "from_raw", "from_dense", "FastLinearWeight", "pack_fast"]
+
+QK_K = 256
+
+SUPPORTED_TYPES = {
+    GT.F32, GT.F16, GT.BF16, GT.Q4_0, GT.Q4_1, GT.Q5_0, GT.Q5_1, GT.Q8_0, GT.Q4_K, GT.Q5_K, GT.Q6_K,
+}
+_DENSE = {GT.F32: torch.float32, GT.F16: torch.float16, GT.BF16: torch.bfloat16}
+
+
+def _u8_nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """[..., n] uint8 -> [..., 2n] uint8: low nibbles then high nibbles."""
+    return torch.cat((qs & 0x0F, qs >> 4), dim=-1)
+
+
+def _get_scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpack the 12-byte Q4_K/Q5_K scales into 8 six-bit scales and mins."""
+    s = scales.reshape(*scales.shape[:-1], 3, 4)
+    d, m, md = s[..., 0, :], s[..., 1, :], s[..., 2, :]
+    sc = torch.cat((d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)), dim=-1)
+    mn = torch.cat((m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)), dim=-1)
+    return sc.contiguous(), mn.contiguous()
+
+
+class QWeight:
+    """A 2-D weight, either dense (``parts['w']``) or ggml block-quantized."""
+
+    __slots__ = ("gtype", "shape", "parts")
+
+    def __init__(self, gtype: int, shape: tuple[int, int], parts: dict[str, torch.Tensor]):
+        self.gtype = GT(gtype)
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.parts = parts
+
+    # -- info -------------------------------------------------------------
+    @property
+    def type_name(self) -> str:
+        return self.gtype.name
+
+    @property
+    def is_dense(self) -> bool:
+        return self.gtype in _DENSE
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parts.values())
+
+    def to(self, device: torch.device | str) -> "QWeight":
+        return QWeight(self.gtype, self.shape, {k: v.to(device) for k, v in self.parts.items()})
+
+    def select_rows(self, rows: torch.Tensor | slice) -> "QWeight":
+        parts = {k: v[rows] for k, v in self.parts.items()}
+        n = next(iter(parts.values())).shape[0]
+        return QWeight(self.gtype, (n, self.shape[1]), parts)
+
+    @staticmethod
+    def cat_rows(ws: list["QWeight"]) -> "QWeight":
+        """Concatenate weights of the same type/cols along rows (rows are independent)."""
+        g, cols = ws[0].gtype, ws[0].shape[1]
+        assert all(w.gtype == g and w.shape[1] == cols for w in ws)
+        parts = {k: torch.cat([w.parts[k] for w in ws], dim=0) for k in ws[0].parts}
+        return QWeight(g, (sum(w.shape[0] for w in ws), cols), parts)
+
+    # -- dequantization ---------------------------------------------------
+    def dequant(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """fp32 ``[rows, cols]`` (all rows, a slice, or an index tensor)."""
+        p = self.parts if rows is None else {k: v[rows] for k, v in self.parts.items()}
+        g = self.gtype
+        if g in _DENSE:
+            return p["w"].float()
+        n = next(iter(p.values())).shape[0]
+        if g == GT.Q8_0:
+            out = p["qs"].float() * p["d"].float().unsqueeze(-1)
+        elif g == GT.Q4_0:
+            q = (_u8_nibbles(p["qs"]).to(torch.int8) - 8).float()
+            out = p["d"].float().unsqueeze(-1) * q
+        elif g == GT.Q4_1:
+            q = _u8_nibbles(p["qs"]).float()
+            out = p["d"].float().unsqueeze(-1) * q + p["m"].float().unsqueeze(-1)
+        elif g in (GT.Q5_0, GT.Q5_1):
+            sh = torch.arange(32, dtype=torch.int32, device=p["qh"].device)
+            hb = ((p["qh"].unsqueeze(-1) >> sh) & 1).to(torch.uint8)
+            q = _u8_nibbles(p["qs"]) | (hb << 4)
+            if g == GT.Q5_0:
+                out = p["d"].float().unsqueeze(-1) * (q.to(torch.int8) - 16).float()
+            else:
+                out = p["d"].float().unsqueeze(-1) * q.float() + p["m"].float().unsqueeze(-1)
+        elif g in (GT.Q4_K, GT.Q5_K):
+            d = p["d"].float().unsqueeze(-1) * p["sc"].float()     # [n, nb, 8]
+            dm = p["dmin"].float().unsqueeze(-1) * p["mn"].float()
+            qs = p["qs"]                                             # [n, nb, 128]
+            nb = qs.shape[1]
+            q = _u8_nibbles(qs.reshape(n, nb, 4, 32)).reshape(n, nb, 8, 32)
+            if g == GT.Q5_K:
+                sh = torch.arange(8, dtype=torch.uint8, device=qs.device).view(8, 1)
+                hb = (p["qh"].unsqueeze(-2) >> sh) & 1             # [n, nb, 8, 32]
+                q = q | (hb << 4)
+            out = d.unsqueeze(-1) * q.float() - dm.unsqueeze(-1)
+        elif g == GT.Q6_K:
+            ql, qh = p["ql"], p["qh"]                                # [n,nb,128], [n,nb,64]
+            nb = ql.shape[1]
+            d = p["d"].float().unsqueeze(-1) * p["sc"].float()     # [n, nb, 16]
+            lo = _u8_nibbles(ql.reshape(n, nb, 2, 64)).reshape(n, nb, 8, 32)
+            sh = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=ql.device).view(4, 1)
+            hi = ((qh.reshape(n, nb, 2, 1, 32) >> sh) & 3).reshape(n, nb, 8, 32)
+            q = ((lo | (hi << 4)).to(torch.int8) - 32).float().reshape(n, nb, 16, 16)
+            out = d.unsqueeze(-1) * q
+        else:  # pragma: no cover
+            raise NotImplementedError(f"dequant of {g.name}")
+        return out.reshape(n, self.shape[1])
+
+
+def from_dense(w: torch.Tensor) -> QWeight:
+    g = {torch.float32: GT.F32, torch.float16: GT.F16, torch.bfloat16: GT.BF16}[w.dtype]
+    return QWeight(g, tuple(w.shape), {"w": w.contiguous()})
+
+
+def from_raw(raw: torch.Tensor, gtype: int, shape: tuple[int, int]) -> QWeight:
+    """Build a QWeight from the raw ggml bytes (uint8, any shape) of a ``[rows, cols]`` tensor."""
+    g = GT(gtype)
+    rows, cols = int(shape[0]), int(shape[1])
+    if g not in SUPPORTED_TYPES:
+        raise NotImplementedError(f"ggml type {g.name} is not supported")
+    raw = raw.reshape(-1)
+    if g in _DENSE:
+        return QWeight(g, (rows, cols), {"w": raw.view(_DENSE[g]).reshape(rows, cols)})
+    bs, ts = GGML_QUANT_SIZES[g]
+    nb = cols // bs
+    b = raw.reshape(rows, nb, ts)
+
+    def f16(lo: int) -> torch.Tensor:
+        return b[..., lo:lo + 2].contiguous().view(torch.float16).reshape(rows, nb)
+
+    def u8(lo: int, hi: int) -> torch.Tensor:
+        return b[..., lo:hi].contiguous()
+
+    if g == GT.Q8_0:
+        parts = {"d": f16(0), "qs": u8(2, 34).view(torch.int8)}
+    elif g == GT.Q4_0:
+        parts = {"d": f16(0), "qs": u8(2, 18)}
+    elif g == GT.Q4_1:
+        parts = {"d": f16(0), "m": f16(2), "qs": u8(4, 20)}
+    elif g == GT.Q5_0:
+        parts = {"d": f16(0), "qh": u8(2, 6).view(torch.int32).reshape(rows, nb), "qs": u8(6, 22)}
+    elif g == GT.Q5_1:
+        parts = {"d": f16(0), "m": f16(2), "qh": u8(4, 8).view(torch.int32).reshape(rows, nb),
+                 "qs": u8(8, 24)}
+    elif g in (GT.Q4_K, GT.Q5_K):
+        sc, mn = _get_scale_min_k4(u8(4, 16))
+        parts = {"d": f16(0), "dmin": f16(2), "sc": sc, "mn": mn}
+        if g == GT.Q4_K:
+            parts["qs"] = u8(16, 144)
+        else:
+            parts["qh"] = u8(16, 48)
+            parts["qs"] = u8(48, 176)
+    elif g == GT.Q6_K:
+        parts = {"ql": u8(0, 128), "qh": u8(128, 192), "sc": u8(192, 208).view(torch.int8),
+                 "d": f16(208)}
+    else:  # pragma: no cover
+        raise NotImplementedError(g.name)
+    return QWeight(g, (rows, cols), parts)
+
+
+# ---------------------------------------------------------------------------
+# fast mode
+
+
+@dataclass
+class FastLinearWeight:
+    """A weight packed for a low-precision kernel.
+
+    kind: "int4" (torch int4pack, group 32, bf16 activations), "int8" (per-row
+    int8, bf16 activations), "dense" (bf16/f32 matmul).
+    """
+
+    kind: str
+    shape: tuple[int, int]
+    w: torch.Tensor
+    scales: torch.Tensor | None = None
+    dtype: torch.dtype = torch.bfloat16
+
+    @property
+    def nbytes(self) -> int:
+        n = self.w.numel() * self.w.element_size()
+        if self.scales is not None:
+            n += self.scales.numel() * self.scales.element_size()
+        return n
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, cols] in self.dtype -> [T, rows] in self.dtype."""
+        if self.kind == "int4":
+            return torch._weight_int4pack_mm_for_cpu(x, self.w, 32, self.scales)
+        if self.kind == "int8":
+            return torch._weight_int8pack_mm(x, self.w, self.scales)
+        return torch.nn.functional.linear(x, self.w)
+
+
+def _int4_kernels_ok(device: torch.device) -> bool:
+    if device.type != "cpu":
+        return False
+    return hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(torch, "_convert_weight_to_int4pack_for_cpu")
+
+
+def _int4_parts(qw: QWeight, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integer quants q in [0,16) [n, cols] and (scale, zero) fp32 [n, cols/32] such that
+    w = scale * (q - 8) + zero exactly (in fp32 before rounding the scales)."""
+    p = {k: v[r0:r1] for k, v in qw.parts.items()}
+    n = r1 - r0
+    g = qw.gtype
+    if g in (GT.Q4_0, GT.Q4_1):
+        q = _u8_nibbles(p["qs"]).reshape(n, -1)
+        d = p["d"].float()
+        zero = torch.zeros_like(d) if g == GT.Q4_0 else p["m"].float() + 8 * d
+        return q, d, zero
+    if g == GT.Q4_K:
+        nb = p["qs"].shape[1]
+        q = _u8_nibbles(p["qs"].reshape(n, nb, 4, 32)).reshape(n, -1)
+        s = (p["d"].float().unsqueeze(-1) * p["sc"].float()).reshape(n, -1)
+        dm = (p["dmin"].float().unsqueeze(-1) * p["mn"].float()).reshape(n, -1)
+        return q, s, 8 * s - dm
+    raise NotImplementedError(g.name)
+
+
+def pack_fast(qw: QWeight, device: torch.device | str = "cpu", row_chunk: int = 4096) -> FastLinearWeight:
+    """Pack a weight for fast mode.
+
+    Q4_0 / Q4_1 / Q4_K map exactly onto torch's int4 group-32 packed format
+    (scales/zeros rounded to bf16). Other quantized types are requantized to
+    per-row int8; dense weights become bf16. All use bf16 activations.
+    """
+    device = torch.device(device)
+    rows, cols = qw.shape
+    if qw.gtype in (GT.Q4_0, GT.Q4_1, GT.Q4_K) and cols % 32 == 0 and _int4_kernels_ok(device):
+        packed, sz = [], []
+        for r0 in range(0, rows, row_chunk):
+            r1 = min(rows, r0 + row_chunk)
+            q, s, z = _int4_parts(qw, r0, r1)
+            packed.append(torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
+            sz.append(torch.stack((s, z), dim=-1).transpose(0, 1).to(torch.bfloat16))  # [cols/32, n, 2]
+        return FastLinearWeight("int4", (rows, cols), torch.cat(packed, 0), torch.cat(sz, 1).contiguous())
+    if not qw.is_dense and device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm"):
+        ws, ss = [], []
+        for r0 in range(0, rows, row_chunk):
+            w = qw.dequant(slice(r0, min(rows, r0 + row_chunk)))
+            amax = w.abs().amax(dim=1).clamp_min(1e-30)
+            s = amax / 127.0
+            ws.append(torch.round(w / s.unsqueeze(1)).clamp_(-127, 127).to(torch.int8))
+            ss.append(s)
+        return FastLinearWeight("int8", (rows, cols), torch.cat(ws), torch.cat(ss).to(torch.bfloat16))
+    dt = torch.bfloat16 if device.type == "cpu" else torch.float16
+    if qw.is_dense:
+        w = qw.parts["w"].to(device=device, dtype=dt)
+    else:
+        w = torch.cat([qw.dequant(slice(r0, min(rows, r0 + row_chunk))).to(dt)
+                       for r0 in range(0, rows, row_chunk)]).to(device)
+    return FastLinearWeight("dense", (rows, cols), w.contiguous(), None, dt)
