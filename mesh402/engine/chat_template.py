@@ -82,8 +82,6 @@ def _plain(value: Any) -> Any:
     """Copy caller data into plain JSON types so the template only sees str/int/float/list/dict."""
     if value is None or type(value) in (str, int, float, bool):
         return value
-    if isinstance(value, bool):
-        return bool(value)
     if isinstance(value, str):
         return str.__str__(value)
     if isinstance(value, int):
