@@ -97,7 +97,7 @@ class LocalModel:
                     break
                 if produced < req.max_tokens:
                     logits = await self._run(session.decode, token)
-            tail = stops.flush()
+            tail = stops.push(decoder.flush()) + stops.flush()
             if tail:
                 yield Delta(tail)
             yield Finished(reason, len(req.prompt_ids), produced, 0, ttft, time.perf_counter() - t0)
