@@ -1,0 +1,252 @@
+"""Stream types and length-prefixed protobuf frames.
+
+Every bidirectional stream on ALPN ``mesh402/1`` starts with one byte naming
+its type (:class:`StreamType`). Frames follow, each ``[len u32 LE][Frame]``
+where ``Frame`` is the protobuf envelope in ``proto/mesh.proto``. A frame
+longer than the stream's limit, cut short, undecodable, carrying the wrong
+protocol generation or no body raises a :class:`FrameError` subclass whose
+``code`` names the counter the service increments.
+
+The pure functions (:func:`encode_frame`, :func:`decode_frame`,
+:func:`split_frames`) work on bytes and are what the property tests fuzz;
+:class:`FramedStream` applies the same rules to an iroh stream pair.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import struct
+from typing import Optional
+
+from google.protobuf.message import DecodeError
+
+from mesh402.mesh import iroh_fastcopy  # noqa: F401  (must precede iroh use)
+from mesh402.mesh.proto import mesh_pb2 as pb
+
+PROTOCOL_GENERATION = 1
+HEADER = struct.Struct("<I")
+# Hard ceiling for any frame; stage traffic (activations) may use it all.
+MAX_FRAME_SIZE = 64 * 1024 * 1024
+# Control streams (gossip, ping, peer down/leaving) and anything from a peer
+# that has not been admitted yet are held to this much smaller limit.
+CONTROL_MAX_FRAME = 1024 * 1024
+
+
+class StreamType(enum.IntEnum):
+    GOSSIP = 0x01  # Hello/Welcome on the first one, then Gossip both ways
+    STAGE = 0x02  # pipeline-stage activations (later issue)
+    HTTP_TUNNEL = 0x03  # HTTP to the peer's local API (later issue)
+    ROUTE_REQUEST = 0x04  # RouteRequest -> RouteTable (later issue)
+    PEER_DOWN = 0x05
+    PEER_LEAVING = 0x06
+    PING = 0x07  # heartbeat, probe, RTT
+    BLACKBOARD = 0x08  # reserved
+    PLUGIN = 0x09  # reserved
+    ECHO = 0x0F  # diagnostics: frame round trip and bulk throughput
+
+
+CONTROL_STREAMS = frozenset(
+    {StreamType.GOSSIP, StreamType.PEER_DOWN, StreamType.PEER_LEAVING, StreamType.PING}
+)
+
+
+class FrameError(Exception):
+    """A frame or stream that breaks the wire rules. ``code`` names the counter."""
+
+    code = "frame_error"
+
+
+class UnknownStreamType(FrameError):
+    code = "bad_stream_type"
+
+
+class FrameTooLarge(FrameError):
+    code = "frame_too_large"
+
+
+class TruncatedFrame(FrameError):
+    code = "truncated"
+
+
+class MalformedFrame(FrameError):
+    code = "malformed"
+
+
+class BadGeneration(FrameError):
+    code = "bad_generation"
+
+
+class UnexpectedFrame(FrameError):
+    code = "unexpected_frame"
+
+
+def parse_stream_type(b: int) -> StreamType:
+    try:
+        return StreamType(b)
+    except ValueError:
+        raise UnknownStreamType(f"unknown stream type 0x{b:02x}") from None
+
+
+def max_frame_for(stream_type: StreamType) -> int:
+    return CONTROL_MAX_FRAME if stream_type in CONTROL_STREAMS else MAX_FRAME_SIZE
+
+
+def make_frame(**body) -> pb.Frame:
+    """``make_frame(ping=pb.Ping(...))`` -> Frame with gen set."""
+    return pb.Frame(gen=PROTOCOL_GENERATION, **body)
+
+
+def encode_frame(frame: pb.Frame, max_size: int = MAX_FRAME_SIZE) -> bytes:
+    if frame.gen == 0:
+        frame.gen = PROTOCOL_GENERATION
+    data = frame.SerializeToString()
+    if len(data) > max_size:
+        raise FrameTooLarge(f"frame of {len(data)} bytes exceeds {max_size}")
+    return HEADER.pack(len(data)) + data
+
+
+def check_length(n: int, max_size: int) -> None:
+    if n > max_size:
+        raise FrameTooLarge(f"frame length {n} exceeds {max_size}")
+
+
+def decode_body(data: bytes, expect: Optional[tuple[str, ...]] = None) -> pb.Frame:
+    """Parse one frame body (without the length prefix) and check it."""
+    frame = pb.Frame()
+    try:
+        frame.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as e:
+        raise MalformedFrame(f"undecodable frame: {e}") from None
+    if frame.gen != PROTOCOL_GENERATION:
+        raise BadGeneration(f"protocol generation {frame.gen}, expected {PROTOCOL_GENERATION}")
+    kind = frame.WhichOneof("body")
+    if kind is None:
+        raise MalformedFrame("frame has no body")
+    if expect is not None and kind not in expect:
+        raise UnexpectedFrame(f"unexpected {kind} frame (expected {'/'.join(expect)})")
+    return frame
+
+
+def decode_frame(buf: bytes, max_size: int = MAX_FRAME_SIZE) -> tuple[pb.Frame, int]:
+    """Decode the first frame in ``buf``. Returns (frame, bytes consumed)."""
+    if len(buf) < HEADER.size:
+        raise TruncatedFrame(f"{len(buf)} bytes is shorter than a frame header")
+    (n,) = HEADER.unpack_from(buf)
+    check_length(n, max_size)
+    end = HEADER.size + n
+    if len(buf) < end:
+        raise TruncatedFrame(f"frame announces {n} bytes, {len(buf) - HEADER.size} present")
+    return decode_body(bytes(buf[HEADER.size:end])), end
+
+
+def split_frames(buf: bytes, max_size: int = MAX_FRAME_SIZE) -> list[pb.Frame]:
+    """Decode a whole stream payload (after the type byte) into frames."""
+    out = []
+    pos = 0
+    while pos < len(buf):
+        frame, used = decode_frame(buf[pos:], max_size)
+        out.append(frame)
+        pos += used
+    return out
+
+
+def iroh_error_text(e: BaseException) -> str:
+    """IrohError has an empty str(); this gives something a person can read."""
+    msg = getattr(e, "message", None)
+    if callable(msg):
+        try:
+            return msg()
+        except Exception:  # pragma: no cover
+            pass
+    return str(e) or type(e).__name__
+
+
+class FramedStream:
+    """Framing over one iroh bidirectional stream (``send``, ``recv`` halves)."""
+
+    def __init__(self, send, recv, stream_type: StreamType, max_frame: Optional[int] = None):
+        self.send_stream = send
+        self.recv_stream = recv
+        self.stream_type = stream_type
+        self.max_frame = max_frame if max_frame is not None else max_frame_for(stream_type)
+        self._header_pending = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    @classmethod
+    def opened(cls, bi, stream_type: StreamType, max_frame: Optional[int] = None) -> "FramedStream":
+        """A stream we opened: the type byte goes out with the first write."""
+        s = cls(bi.send(), bi.recv(), stream_type, max_frame)
+        s._header_pending = True
+        return s
+
+    async def write_raw(self, data: bytes) -> None:
+        if self._header_pending:
+            data = bytes([int(self.stream_type)]) + data
+            self._header_pending = False
+        await self.send_stream.write_all(data)
+        self.bytes_out += len(data)
+
+    async def send(self, frame: pb.Frame) -> None:
+        await self.write_raw(encode_frame(frame, self.max_frame))
+
+    async def finish(self) -> None:
+        if self._header_pending:
+            await self.write_raw(b"")
+        await self.send_stream.finish()
+
+    async def _read_exact_or_eof(self, n: int) -> Optional[bytes]:
+        """Read exactly n bytes; None on clean EOF before the first byte."""
+        first = await self.recv_stream.read(n)
+        if not first:
+            return None
+        if len(first) == n:
+            return first
+        try:
+            rest = await self.recv_stream.read_exact(n - len(first))
+        except Exception as e:  # IrohError: FinishedEarly / Reset / ConnectionLost
+            raise TruncatedFrame(f"stream ended inside a frame: {iroh_error_text(e)}") from None
+        return first + rest
+
+    async def recv(
+        self, timeout: Optional[float] = None, expect: Optional[tuple[str, ...]] = None
+    ) -> Optional[pb.Frame]:
+        """Next frame, or None on clean end of stream. Raises FrameError subclasses,
+        asyncio.TimeoutError, or the iroh error if the connection is lost between frames."""
+        if timeout is not None:
+            return await asyncio.wait_for(self._recv(expect), timeout)
+        return await self._recv(expect)
+
+    async def _recv(self, expect) -> Optional[pb.Frame]:
+        head = await self._read_exact_or_eof(HEADER.size)
+        if head is None:
+            return None
+        (n,) = HEADER.unpack(head)
+        check_length(n, self.max_frame)
+        if n == 0:
+            body = b""
+        else:
+            try:
+                body = await self.recv_stream.read_exact(n)
+            except Exception as e:
+                raise TruncatedFrame(f"stream ended inside a frame: {iroh_error_text(e)}") from None
+        self.bytes_in += HEADER.size + n
+        return decode_body(body, expect)
+
+    async def reset(self, code: int = 1) -> None:
+        try:
+            await self.send_stream.reset(code)
+        except Exception:
+            pass
+        try:
+            await self.recv_stream.stop(code)
+        except Exception:
+            pass
+
+
+async def read_stream_type(recv, timeout: float) -> StreamType:
+    b = await asyncio.wait_for(recv.read(1), timeout)
+    if not b:
+        raise TruncatedFrame("stream closed before its type byte")
+    return parse_stream_type(b[0])

@@ -1,0 +1,185 @@
+"""Invite tokens and admission credentials: round trip, and every bad token gives a clear one-line error."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from mesh402.mesh import invite
+from mesh402.mesh.invite import InviteError
+from mesh402.mesh.proto import mesh_pb2 as pb
+
+NOW = 1_700_000_000.0
+SECRET = b"S" * 32
+MESH = "ab" * 16
+ISSUER = b"\x07" * 32
+
+
+def mint(**over):
+    kw = dict(mesh_id=MESH, secret=SECRET, policy=pb.ADMISSION_SECRET, node_id=ISSUER, addrs=["127.0.0.1:4000"], expires_in=3600, now=NOW)
+    kw.update(over)
+    return invite.mint_token(**kw)
+
+
+def reencode(tok: pb.InviteToken) -> str:
+    """An attacker who edits the fields and recomputes the checksum."""
+    return invite.encode_token(tok)
+
+
+def test_round_trip_and_verify():
+    text = mint()
+    assert text.startswith("m402")
+    tok = invite.decode_token(text)
+    assert tok.mesh_id == MESH and tok.node_id == ISSUER and list(tok.addrs) == ["127.0.0.1:4000"]
+    invite.verify_credential(tok.credential, mesh_id=MESH, secret=SECRET, policy=pb.ADMISSION_SECRET, now=NOW + 10)
+    # whitespace from copy/paste is tolerated
+    invite.decode_token(text[:20] + "\n  " + text[20:])
+
+
+def test_any_member_can_verify_any_members_token():
+    other_member = b"\x09" * 32
+    text = mint(node_id=other_member)
+    tok = invite.decode_token(text)
+    invite.verify_credential(tok.credential, mesh_id=MESH, secret=SECRET, policy=pb.ADMISSION_SECRET, now=NOW)
+
+
+def one_line(e: Exception) -> str:
+    s = str(e)
+    assert s and "\n" not in s
+    return s
+
+
+def test_expired():
+    tok = invite.decode_token(mint(expires_in=60))
+    with pytest.raises(InviteError) as ei:
+        invite.verify_credential(tok.credential, mesh_id=MESH, secret=SECRET, policy=pb.ADMISSION_SECRET, now=NOW + 3600)
+    assert ei.value.code == "expired" and "expired" in one_line(ei.value)
+    with pytest.raises(InviteError):
+        invite.check_expiry(tok.credential, NOW + 61)
+
+
+def test_edited_expiry_fails_mac():
+    tok = invite.decode_token(mint(expires_in=60))
+    tok.credential.expires_at += 86400
+    edited = invite.decode_token(reencode(tok))
+    with pytest.raises(InviteError) as ei:
+        invite.verify_credential(edited.credential, mesh_id=MESH, secret=SECRET, policy=pb.ADMISSION_SECRET, now=NOW)
+    assert ei.value.code == "bad_credential"
+    one_line(ei.value)
+
+
+@pytest.mark.parametrize("field", ["mesh_id", "issuer", "nonce"])
+def test_edited_fields_fail_mac(field):
+    tok = invite.decode_token(mint())
+    mesh = MESH
+    if field == "mesh_id":
+        tok.mesh_id = mesh = "cd" * 16
+    elif field == "issuer":
+        tok.credential.issuer = b"\x08" * 32
+    else:
+        tok.credential.nonce = b"\x00" * 16
+    with pytest.raises(InviteError) as ei:
+        invite.verify_credential(invite.decode_token(reencode(tok)).credential, mesh_id=mesh, secret=SECRET, policy=pb.ADMISSION_SECRET, now=NOW)
+    assert ei.value.code == "bad_credential"
+
+
+def test_wrong_secret():
+    tok = invite.decode_token(mint(secret=b"W" * 32))
+    with pytest.raises(InviteError) as ei:
+        invite.verify_credential(tok.credential, mesh_id=MESH, secret=SECRET, policy=pb.ADMISSION_SECRET, now=NOW)
+    assert ei.value.code == "bad_credential"
+
+
+def test_open_policy_needs_no_mac():
+    text = mint(secret=None, policy=pb.ADMISSION_OPEN)
+    tok = invite.decode_token(text)
+    assert tok.credential.mac == b""
+    invite.verify_credential(tok.credential, mesh_id=MESH, secret=None, policy=pb.ADMISSION_OPEN, now=NOW)
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("", "empty"),
+        ("hello", "should start with 'm402'"),
+        ("m402!!!", "base64url"),
+        ("m402AAAAAAAAAA", "checksum"),
+        ("m402AAAA", "truncated"),
+        ("m402", "garbled"),
+    ],
+)
+def test_garbled(text, needle):
+    with pytest.raises(InviteError) as ei:
+        invite.decode_token(text)
+    assert needle in one_line(ei.value)
+
+
+def test_flipped_character_is_caught_by_checksum():
+    text = mint()
+    i = len(text) // 2
+    flipped = text[:i] + ("A" if text[i] != "A" else "B") + text[i + 1 :]
+    with pytest.raises(InviteError) as ei:
+        invite.decode_token(flipped)
+    assert "checksum" in str(ei.value) or "garbled" in str(ei.value)
+
+
+def test_truncated_token():
+    text = mint()
+    with pytest.raises(InviteError):
+        invite.decode_token(text[: len(text) - 5])
+
+
+def test_checksummed_garbage_payload():
+    payload = b"\xff\xff\xff\xff"
+    raw = payload + hashlib.sha256(payload).digest()[:4]
+    text = "m402" + base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+    with pytest.raises(InviteError) as ei:
+        invite.decode_token(text)
+    one_line(ei.value)
+
+
+def test_member_proofs_are_bound_to_both_ids():
+    a, b, c = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
+    p = invite.member_proof(SECRET, MESH, a, b)
+    invite.check_member_proof(p, SECRET, MESH, a, b)
+    for args in ((SECRET, MESH, a, c), (SECRET, MESH, b, a), (b"X" * 32, MESH, a, b), (SECRET, "other", a, b)):
+        with pytest.raises(InviteError):
+            invite.check_member_proof(p, *args)
+    assert invite.member_ack(SECRET, MESH, b, a) != p
+
+
+def test_parse_duration():
+    assert invite.parse_duration("1h") == 3600
+    assert invite.parse_duration("1h30m") == 5400
+    assert invite.parse_duration("90") == 90
+    assert invite.parse_duration("2d") == 172800
+    for bad in ("", "h", "1x", "-1h", "1h junk"):
+        with pytest.raises(ValueError):
+            invite.parse_duration(bad)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=300))
+def test_any_text_gives_invite_error_or_token(text):
+    try:
+        invite.decode_token(text)
+    except InviteError as e:
+        one_line(e)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 255))
+def test_byte_edits_never_verify(pos, delta):
+    """Any single-byte edit of the decoded token is caught (checksum, decode, or MAC)."""
+    text = mint()
+    body = text[4:]
+    raw = bytearray(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    pos %= len(raw)
+    raw[pos] = (raw[pos] + delta) % 256
+    edited = "m402" + base64.urlsafe_b64encode(bytes(raw)).rstrip(b"=").decode()
+    with pytest.raises(InviteError):
+        tok = invite.decode_token(edited)
+        invite.verify_credential(tok.credential, mesh_id=tok.mesh_id, secret=SECRET, policy=pb.ADMISSION_SECRET, now=NOW)
