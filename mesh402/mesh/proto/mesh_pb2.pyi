@@ -37,6 +37,9 @@ class StageKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STAGE_KIND_CANCEL: _ClassVar[StageKind]
     STAGE_KIND_OPEN: _ClassVar[StageKind]
     STAGE_KIND_CLOSE: _ClassVar[StageKind]
+    STAGE_KIND_ASSIGN: _ClassVar[StageKind]
+    STAGE_KIND_READY: _ClassVar[StageKind]
+    STAGE_KIND_TRUNCATE: _ClassVar[StageKind]
 ADMISSION_UNSPECIFIED: AdmissionPolicy
 ADMISSION_SECRET: AdmissionPolicy
 ADMISSION_OPEN: AdmissionPolicy
@@ -56,6 +59,9 @@ STAGE_KIND_ERROR: StageKind
 STAGE_KIND_CANCEL: StageKind
 STAGE_KIND_OPEN: StageKind
 STAGE_KIND_CLOSE: StageKind
+STAGE_KIND_ASSIGN: StageKind
+STAGE_KIND_READY: StageKind
+STAGE_KIND_TRUNCATE: StageKind
 
 class Frame(_message.Message):
     __slots__ = ("gen", "hello", "welcome", "reject", "gossip", "ping", "pong", "peer_down", "peer_leaving", "route_request", "route_table", "stage", "http", "plugin", "echo")
