@@ -1,0 +1,278 @@
+"""The host side of a pipeline split: stage 0 runs here, the rest on a chain of remote stages.
+
+The host's session owns everything needed to rebuild the remote state: the activations it sent
+for every step, with the original step boundaries (fixed prefill chunks, then single decode
+steps). When a stage dies mid-generation the host asks for a replacement chain and replays those
+frames, so the rebuilt KV is bit-identical and generation continues where it stopped; tokens
+already streamed are never sent again (the generation loop only sees the next token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from mesh402.serving.stage_link import K, Hop, Link, StageError, dump_json, expect_stage, stage_frame
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Chain:
+    """A plan as the host uses it: its own layer range, then the remote hops, for one plan epoch."""
+
+    model_id: str
+    content_hash: str
+    epoch: int
+    local_end: int
+    hops: tuple[Hop, ...]
+
+
+class Failover:
+    """What the node gives a pipeline so it can survive a dead stage (all of it I/O the node owns)."""
+
+    async def alive(self, node: str) -> bool:
+        """Probe a node (a ping off the compute thread); False when it does not answer."""
+        raise NotImplementedError
+
+    async def replace(self, chain: Chain, dead: set[str]) -> Chain:
+        """A chain without the dead nodes, with the same host range; raises StageError if none."""
+        raise NotImplementedError
+
+
+@dataclass
+class StepTimer:
+    """Per-step deadline adapted to measured step time: slow steps under load do not look like death."""
+
+    floor_s: float = 5.0
+    factor: float = 10.0
+    ema_s: float | None = None
+
+    def observe(self, seconds: float) -> None:
+        self.ema_s = seconds if self.ema_s is None else 0.8 * self.ema_s + 0.2 * seconds
+
+    @property
+    def deadline(self) -> float:
+        return max(self.floor_s, self.factor * (self.ema_s or 0.0))
+
+
+@dataclass
+class PipelineStats:
+    steps: int = 0
+    failovers: int = 0
+    replayed_steps: int = 0
+    replayed_tokens: int = 0
+    bytes_sent: int = 0
+
+
+class PipelineModel:
+    """A split model as its host sees it: the local stage-0 engine plus the current chain."""
+
+    def __init__(self, engine0: Any, chain: Chain, connect: Callable[[str], Awaitable[Link]], failover: Failover,
+                 executor: ThreadPoolExecutor, *, wire_dtype: str = "f32", open_timeout: float = 60.0,
+                 timer: StepTimer | None = None) -> None:
+        self.engine0 = engine0
+        self.chain = chain
+        self.connect = connect
+        self.failover = failover
+        self.executor = executor
+        self.wire_dtype = wire_dtype
+        self.open_timeout = open_timeout
+        self.timer = timer or StepTimer()
+        self.stats = PipelineStats()
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.engine0.info.n_ctx)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine0.tokenizer
+
+    @property
+    def eos_ids(self) -> list[int]:
+        return list(self.engine0.eos_token_ids)
+
+    async def open(self, max_len: int, sampling: Any, request_id: str = "") -> "PipelineStepper":
+        loop = asyncio.get_running_loop()
+        session = await loop.run_in_executor(self.executor, self.engine0.new_session, max_len)
+        stepper = PipelineStepper(self, session, sampling, max_len, request_id or uuid.uuid4().hex)
+        try:
+            await stepper.connect_chain()
+        except BaseException:
+            stepper.release()
+            raise
+        return stepper
+
+
+@dataclass
+class _Sent:
+    """One step as sent to the first remote stage: replayed verbatim after a failover."""
+
+    kind: int
+    position: int
+    tokens: list[int]
+    n_real: int
+    payload: bytes
+    shape: list[int]
+    sample: bool
+
+
+@dataclass
+class PipelineStepper:
+    model: PipelineModel
+    session: Any  # stage-0 engine session
+    sampling: Any
+    max_len: int
+    request_id: str
+    cached_tokens: int = 0
+    chain: Chain | None = None
+    link: Link | None = None
+    sent: list[_Sent] = field(default_factory=list)
+    _released: bool = False
+
+    # ---------------------------------------------------------------- chain management
+    async def connect_chain(self) -> None:
+        chain = self.model.chain
+        first = chain.hops[0]
+        link = await self.model.connect(first.node)
+        params = {"max_len": self.max_len, "sampling": dump_json(dataclasses.asdict(self.sampling)),
+                  "chain": dump_json([h.to_json() for h in chain.hops[1:]])}
+        await link.send(stage_frame(K.STAGE_KIND_OPEN, request_id=self.request_id, plan_epoch=chain.epoch,
+                                    model_id=chain.model_id, content_hash=chain.content_hash,
+                                    layer_start=first.start, layer_end=first.end, params=params))
+        try:
+            expect_stage(await link.recv(self.model.open_timeout), K.STAGE_KIND_RESULT, "first stage")
+        except asyncio.TimeoutError:
+            raise StageError(f"stage {first.node[:12]} did not answer OPEN", node=first.node, code="timeout") from None
+        self.chain, self.link = chain, link
+
+    async def _fail_over(self, cause: Exception) -> None:
+        """Find the dead stages, get a replacement chain, replay every step sent so far."""
+        assert self.chain is not None
+        model = self.model
+        hint = getattr(cause, "node", "")
+        probes = await asyncio.gather(*(model.failover.alive(h.node) for h in self.chain.hops))
+        dead = {h.node for h, ok in zip(self.chain.hops, probes) if not ok}
+        if hint and hint in {h.node for h in self.chain.hops} and getattr(cause, "code", "") in ("unreachable", "timeout"):
+            dead.add(hint)
+        if not dead:
+            raise StageError(f"pipeline step failed but every stage answers a probe: {cause}", code="stage_error")
+        log.warning("request %s: stage(s) %s down (%s); re-planning", self.request_id,
+                    ", ".join(d[:12] for d in dead), cause)
+        if self.link is not None:
+            try:
+                await self.link.reset(1)
+            except Exception:
+                pass
+        model.chain = await model.failover.replace(self.chain, dead)
+        await self.connect_chain()
+        assert self.link is not None
+        t0 = time.monotonic()
+        for s in self.sent:  # pipelined: the stages answer in order
+            await self.link.send(self._frame(s))
+        for s in self.sent:
+            expect_stage(await self.link.recv(self.model.open_timeout), K.STAGE_KIND_RESULT, "replay")
+        model.stats.failovers += 1
+        model.stats.replayed_steps += len(self.sent)
+        replayed_tokens = sum(s.n_real for s in self.sent)
+        model.stats.replayed_tokens += replayed_tokens
+        log.warning("request %s: replayed %d steps (%d tokens) onto epoch %d in %.2fs", self.request_id,
+                    len(self.sent), replayed_tokens, model.chain.epoch, time.monotonic() - t0)
+
+    def _frame(self, s: _Sent) -> Any:
+        from mesh402.engine.wire import activation_hash
+
+        assert self.chain is not None
+        return stage_frame(s.kind, request_id=self.request_id, plan_epoch=self.chain.epoch, position=s.position,
+                           tokens=s.tokens, dtype=self.model.wire_dtype, shape=s.shape, activations=s.payload,
+                           input_hash=activation_hash(s.payload),
+                           params={"n_real": s.n_real, "sample": "1" if s.sample else "0"})
+
+    async def _exchange(self, s: _Sent) -> int | None:
+        """Send one step and wait for its reply, failing over as often as stages die."""
+        while True:
+            assert self.link is not None
+            t0 = time.monotonic()
+            try:
+                await self.link.send(self._frame(s))
+                while True:
+                    try:
+                        reply = await self.link.recv(self.model.timer.deadline)
+                        break
+                    except asyncio.TimeoutError:
+                        # Slow or dead? Probe every stage off the compute path before deciding.
+                        probes = await asyncio.gather(*(self.model.failover.alive(h.node) for h in self.chain.hops))
+                        if all(probes):
+                            continue
+                        raise StageError("a stage stopped answering", code="timeout") from None
+                rs = expect_stage(reply, K.STAGE_KIND_RESULT, "pipeline")
+            except (StageError, ConnectionError, OSError, EOFError) as e:
+                if isinstance(e, StageError) and e.code not in ("timeout", "unreachable", "closed", "stage_error"):
+                    raise
+                await self._fail_over(e)
+                continue
+            except Exception as e:  # iroh errors (connection lost, stream reset) carry no common base class
+                if type(e).__name__ not in ("IrohError",) and "iroh" not in type(e).__module__:
+                    raise
+                await self._fail_over(e)
+                continue
+            self.model.timer.observe(time.monotonic() - t0)
+            self.model.stats.steps += 1
+            self.model.stats.bytes_sent += len(s.payload)
+            self.sent.append(s)
+            return int(rs.tokens[0]) if s.sample else None
+
+    # ---------------------------------------------------------------- Stepper
+    async def _local(self, chunk: list[int], pos: int, pad_to: int) -> tuple[bytes, list[int]]:
+        from mesh402.engine.wire import forward_tokens
+
+        return await asyncio.get_running_loop().run_in_executor(
+            self.model.executor, forward_tokens, self.session, chunk, pos, pad_to, self.model.wire_dtype)
+
+    async def prefill(self, ids: list[int]) -> int:
+        from mesh402.engine.chunks import prefill_steps
+
+        C = self.model.engine0.prefill_chunk
+        token: int | None = None
+        steps = prefill_steps(len(self.session), len(ids), C)
+        for i, (off, n) in enumerate(steps):
+            pos = len(self.session)
+            chunk = ids[off:off + n]
+            payload, shape = await self._local(chunk, pos, C)
+            last = i == len(steps) - 1
+            token = await self._exchange(_Sent(K.STAGE_KIND_PREFILL, pos, chunk, n, payload, shape, last))
+        assert token is not None
+        return token
+
+    async def decode(self, token: int) -> int:
+        pos = len(self.session)
+        payload, shape = await self._local([token], pos, 1)
+        nxt = await self._exchange(_Sent(K.STAGE_KIND_DECODE, pos, [token], 1, payload, shape, True))
+        assert nxt is not None
+        return nxt
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self.model.executor.submit(self.session.close)
+        link = self.link
+        if link is not None:
+            async def close() -> None:
+                try:
+                    await link.send(stage_frame(K.STAGE_KIND_CLOSE, request_id=self.request_id))
+                    await link.finish()
+                except Exception:
+                    pass
+            try:
+                asyncio.get_running_loop().create_task(close())
+            except RuntimeError:
+                pass

@@ -1,0 +1,123 @@
+"""The stage protocol's messages and the link they travel on.
+
+A link is anything with `send(frame)`, `recv(timeout)`, `finish()` and `reset()`: a mesh
+`FramedStream` over QUIC in production, an in-memory pipe in unit tests.
+
+Per session the host opens one stream to the first remote stage; each stage opens one to the
+next, so activations flow host -> s1 -> s2 -> ... and the sampled token comes back along the same
+streams. Frames carry request id, plan epoch and activation hashes (receipts use them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from mesh402.mesh.framing import make_frame
+from mesh402.mesh.proto import mesh_pb2 as pb
+
+K = pb.StageKind
+
+
+class StageError(Exception):
+    """A stage answered with an error, or broke the protocol. `node` names the stage at fault if known."""
+
+    def __init__(self, message: str, node: str = "", code: str = "stage_error") -> None:
+        super().__init__(message)
+        self.node = node
+        self.code = code
+
+
+class Link(Protocol):
+    async def send(self, frame: pb.Frame) -> None: ...
+    async def recv(self, timeout: float | None = None, expect: tuple[str, ...] | None = None) -> pb.Frame | None: ...
+    async def finish(self) -> None: ...
+    async def reset(self, code: int = 1) -> None: ...
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One stage of a chain: which node, which layers."""
+
+    node: str  # node id, hex
+    start: int
+    end: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"node": self.node, "start": self.start, "end": self.end}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Hop":
+        return cls(str(d["node"]), int(d["start"]), int(d["end"]))
+
+
+def stage_frame(kind: int, **fields: Any) -> pb.Frame:
+    params = fields.pop("params", None)
+    sf = pb.StageFrame(kind=kind, **fields)
+    if params:
+        sf.params.update({k: str(v) for k, v in params.items()})
+    return make_frame(stage=sf)
+
+
+def error_frame(request_id: str, message: str, node: str, code: str = "stage_error") -> pb.Frame:
+    return stage_frame(K.STAGE_KIND_ERROR, request_id=request_id, error=message, params={"node": node, "code": code})
+
+
+def expect_stage(frame: pb.Frame | None, want: int, where: str) -> pb.StageFrame:
+    """The stage body of a reply; raises StageError for an ERROR reply, EOF or a wrong kind."""
+    if frame is None:
+        raise StageError(f"{where} closed the stream", code="closed")
+    if frame.WhichOneof("body") != "stage":
+        raise StageError(f"{where} sent a {frame.WhichOneof('body')} frame on a stage stream", code="protocol")
+    sf = frame.stage
+    if sf.kind == K.STAGE_KIND_ERROR:
+        raise StageError(sf.error or "stage error", node=sf.params.get("node", ""), code=sf.params.get("code", "stage_error"))
+    if sf.kind != want:
+        raise StageError(f"{where} sent stage kind {sf.kind}, expected {want}", code="protocol")
+    return sf
+
+
+def dump_json(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True)
+
+
+class MemoryLink:
+    """An in-memory link end for tests: two of them make a pipe."""
+
+    def __init__(self, inbox: asyncio.Queue, outbox: asyncio.Queue) -> None:
+        self._in, self._out = inbox, outbox
+        self.broken = False
+
+    @classmethod
+    def pair(cls) -> tuple["MemoryLink", "MemoryLink"]:
+        a: asyncio.Queue = asyncio.Queue()
+        b: asyncio.Queue = asyncio.Queue()
+        return cls(a, b), cls(b, a)
+
+    async def send(self, frame: pb.Frame) -> None:
+        if self.broken:
+            raise ConnectionError("link is broken")
+        copy = pb.Frame()
+        copy.CopyFrom(frame)
+        await self._out.put(copy)
+
+    async def recv(self, timeout: float | None = None, expect: tuple[str, ...] | None = None) -> pb.Frame | None:
+        if self.broken:
+            raise ConnectionError("link is broken")
+        item = await asyncio.wait_for(self._in.get(), timeout)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def finish(self) -> None:
+        await self._out.put(None)
+
+    async def reset(self, code: int = 1) -> None:
+        await self._out.put(ConnectionResetError(f"stream reset ({code})"))
+
+    def break_(self) -> None:
+        """Simulate the peer vanishing: both directions fail from now on."""
+        self.broken = True
+        self._out.put_nowait(ConnectionResetError("peer vanished"))

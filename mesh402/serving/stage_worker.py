@@ -1,0 +1,238 @@
+"""The worker side of a pipeline split: holds assigned layer ranges and runs sessions over them.
+
+A stage answers ASSIGN (load layers [a, b) of a model for a plan epoch; stale epochs refused) and
+serves one stream per session: OPEN, then PREFILL/DECODE steps, then CLOSE. A middle stage forwards
+its output to the next stage and relays the reply; the last stage samples with the session's
+sampling parameters, its own copy of the token history and the (seed, position)-keyed RNG, so the
+token it draws is the one the host would have drawn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from mesh402.mesh.proto import mesh_pb2 as pb
+from mesh402.serving.stage_link import (
+    K,
+    Hop,
+    Link,
+    StageError,
+    dump_json,
+    error_frame,
+    expect_stage,
+    stage_frame,
+)
+
+log = logging.getLogger(__name__)
+
+Connect = Callable[[str], Awaitable[Link]]  # node id hex -> a fresh STAGE stream to it
+Loader = Callable[[str, int, int], Any]  # (content_hash, start, end) -> partial Engine (runs in the engine thread)
+
+
+@dataclass(frozen=True)
+class StageKey:
+    content_hash: str
+    start: int
+    end: int
+
+
+@dataclass
+class StageStats:
+    sessions_opened: int = 0
+    sessions_refused: int = 0
+    steps: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    stale_epochs_refused: int = 0
+    by_link: dict[str, int] = field(default_factory=dict)  # activation bytes sent per next-hop node
+
+
+class StageWorker:
+    def __init__(self, node_id: str, executor: ThreadPoolExecutor, loader: Loader, connect: Connect,
+                 *, open_timeout: float = 30.0, step_timeout: float = 300.0) -> None:
+        self.node_id = node_id
+        self.executor = executor
+        self.loader = loader
+        self.connect = connect
+        self.open_timeout = open_timeout
+        self.step_timeout = step_timeout
+        self.engines: dict[StageKey, Any] = {}
+        self.epochs: dict[str, int] = {}  # content_hash -> newest accepted plan epoch
+        self.stats = StageStats()
+        self._loading: dict[StageKey, asyncio.Future[Any]] = {}
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    # ---------------------------------------------------------------- plan assignment
+    async def assign(self, sf: pb.StageFrame) -> pb.Frame:
+        key = StageKey(sf.content_hash, sf.layer_start, sf.layer_end)
+        current = self.epochs.get(sf.content_hash, 0)
+        if sf.plan_epoch < current:
+            self.stats.stale_epochs_refused += 1
+            return error_frame("", f"stale plan epoch {sf.plan_epoch} < {current}", self.node_id, "stale_epoch")
+        self.epochs[sf.content_hash] = sf.plan_epoch
+        try:
+            await self.ensure_loaded(key)
+        except Exception as e:
+            log.exception("loading stage %s failed", key)
+            return error_frame("", f"cannot load layers [{key.start}, {key.end}): {e}", self.node_id, "load_failed")
+        # Ranges of older epochs stay until no session uses them; dropping is the caller's policy.
+        return stage_frame(K.STAGE_KIND_READY, model_id=sf.model_id, content_hash=sf.content_hash,
+                           plan_epoch=sf.plan_epoch, layer_start=key.start, layer_end=key.end)
+
+    async def ensure_loaded(self, key: StageKey) -> Any:
+        if key in self.engines:
+            return self.engines[key]
+        fut = self._loading.get(key)
+        if fut is None:
+            fut = asyncio.ensure_future(self._run(self.loader, key.content_hash, key.start, key.end))
+            self._loading[key] = fut
+        try:
+            engine = await fut
+        finally:
+            self._loading.pop(key, None)
+        self.engines[key] = engine
+        return engine
+
+    def drop(self, key: StageKey) -> None:
+        self.engines.pop(key, None)
+
+    # ---------------------------------------------------------------- streams
+    async def handle(self, peer_id: str, link: Link) -> None:
+        """Entry point for one STAGE stream from a peer."""
+        frame = await link.recv(self.open_timeout)
+        if frame is None:
+            return
+        if frame.WhichOneof("body") != "stage":
+            await link.send(error_frame("", "expected a stage frame", self.node_id, "protocol"))
+            return
+        sf = frame.stage
+        if sf.kind == K.STAGE_KIND_ASSIGN:
+            await link.send(await self.assign(sf))
+        elif sf.kind == K.STAGE_KIND_OPEN:
+            await self._session(link, sf)
+        else:
+            await link.send(error_frame(sf.request_id, f"stream must start with OPEN or ASSIGN, got kind {sf.kind}",
+                                        self.node_id, "protocol"))
+
+    async def _session(self, up: Link, open_: pb.StageFrame) -> None:
+        rid = open_.request_id
+        key = StageKey(open_.content_hash, open_.layer_start, open_.layer_end)
+        engine = self.engines.get(key)
+        if engine is None:
+            self.stats.sessions_refused += 1
+            await up.send(error_frame(rid, f"layers [{key.start}, {key.end}) of {open_.model_id} are not assigned here",
+                                      self.node_id, "not_assigned"))
+            return
+        if open_.plan_epoch < self.epochs.get(key.content_hash, 0):
+            self.stats.stale_epochs_refused += 1
+            await up.send(error_frame(rid, f"stale plan epoch {open_.plan_epoch}", self.node_id, "stale_epoch"))
+            return
+        from mesh402.engine import EngineError  # engine types only when a session really starts
+
+        params = dict(open_.params)
+        try:
+            session = await self._run(engine.new_session, int(params["max_len"]))
+        except (EngineError, ValueError, KeyError) as e:
+            self.stats.sessions_refused += 1
+            await up.send(error_frame(rid, f"stage cannot open the session: {e}", self.node_id, "stage_full"))
+            return
+        down: Link | None = None
+        try:
+            chain = [Hop.from_json(h) for h in json.loads(params.get("chain", "[]"))]
+            sampler = None
+            if engine.stages[-1].last:
+                from mesh402.engine.sampling import Sampler, SamplingParams
+
+                sampler = Sampler(SamplingParams(**json.loads(params["sampling"])))
+            if chain:
+                down = await self._open_next(open_, chain, params)
+            self.stats.sessions_opened += 1
+            await up.send(stage_frame(K.STAGE_KIND_RESULT, request_id=rid, plan_epoch=open_.plan_epoch))
+            await self._serve_steps(up, down, engine, session, sampler, rid, chain[0].node if chain else "")
+        except StageError as e:
+            await up.send(error_frame(rid, str(e), e.node or self.node_id, e.code))
+        except (ConnectionError, asyncio.TimeoutError, OSError) as e:
+            log.info("session %s ended: %s", rid, e)
+        finally:
+            self.executor.submit(session.close)
+            if down is not None:
+                try:
+                    await down.finish()
+                except Exception:
+                    pass
+
+    async def _open_next(self, open_: pb.StageFrame, chain: list[Hop], params: dict[str, str]) -> Link:
+        nxt = chain[0]
+        try:
+            down = await self.connect(nxt.node)
+        except Exception as e:
+            raise StageError(f"cannot reach next stage {nxt.node[:12]}: {e}", node=nxt.node, code="unreachable") from None
+        fwd = {**params, "chain": dump_json([h.to_json() for h in chain[1:]])}
+        await down.send(stage_frame(K.STAGE_KIND_OPEN, request_id=open_.request_id, plan_epoch=open_.plan_epoch,
+                                    model_id=open_.model_id, content_hash=open_.content_hash,
+                                    layer_start=nxt.start, layer_end=nxt.end, params=fwd))
+        try:
+            expect_stage(await down.recv(self.open_timeout), K.STAGE_KIND_RESULT, f"stage {nxt.node[:12]}")
+        except asyncio.TimeoutError:
+            raise StageError(f"next stage {nxt.node[:12]} did not answer OPEN", node=nxt.node, code="timeout") from None
+        return down
+
+    async def _serve_steps(self, up: Link, down: Link | None, engine: Any, session: Any, sampler: Any,
+                           rid: str, next_node: str) -> None:
+        from mesh402.engine.wire import activation_hash, decode_activations, encode_activations
+
+        history: list[int] = []
+        while True:
+            frame = await up.recv()
+            if frame is None:
+                return
+            sf = expect_stage(frame, frame.stage.kind if frame.WhichOneof("body") == "stage" else -1, "upstream")
+            if sf.kind == K.STAGE_KIND_CLOSE:
+                return
+            if sf.kind not in (K.STAGE_KIND_PREFILL, K.STAGE_KIND_DECODE):
+                raise StageError(f"unexpected stage kind {sf.kind} in a session", code="protocol")
+            n_real = int(sf.params.get("n_real", len(sf.tokens)))
+            self.stats.bytes_in += len(sf.activations)
+            try:
+                x = decode_activations(sf.activations, list(sf.shape), sf.dtype)
+            except ValueError as e:
+                raise StageError(str(e), node=self.node_id, code="bad_activations") from None
+            out = await self._run(session.forward, x, sf.position, n_real)
+            self.stats.steps += 1
+            in_hash = activation_hash(sf.activations)
+            if down is None:
+                history.extend(sf.tokens[:n_real])
+                reply = stage_frame(K.STAGE_KIND_RESULT, request_id=rid, plan_epoch=sf.plan_epoch,
+                                    position=sf.position, input_hash=in_hash)
+                if sf.params.get("sample") == "1":
+                    token = await self._run(sampler.sample, out, history, len(history))
+                    reply.stage.tokens.append(int(token))
+                await up.send(reply)
+                continue
+            payload, shape = await self._run(encode_activations, out, sf.dtype)
+            fwd = stage_frame(sf.kind, request_id=rid, plan_epoch=sf.plan_epoch, position=sf.position,
+                              tokens=list(sf.tokens), dtype=sf.dtype, shape=shape, activations=payload,
+                              input_hash=activation_hash(payload), params=dict(sf.params))
+            self.stats.bytes_out += len(payload)
+            self.stats.by_link[next_node] = self.stats.by_link.get(next_node, 0) + len(payload)
+            t0 = time.monotonic()
+            await down.send(fwd)
+            try:
+                reply = await down.recv(self.step_timeout)
+            except asyncio.TimeoutError:
+                raise StageError(f"next stage {next_node[:12]} timed out", node=next_node, code="timeout") from None
+            except Exception as e:
+                raise StageError(f"next stage {next_node[:12]} failed: {e}", node=next_node, code="unreachable") from None
+            rs = expect_stage(reply, K.STAGE_KIND_RESULT, f"stage {next_node[:12]}")
+            rs.activation_hashes.append(in_hash)  # chain of commitments, nearest stage last
+            log.debug("hop %s took %.2f ms", next_node[:8], (time.monotonic() - t0) * 1000)
+            await up.send(reply)
