@@ -1,0 +1,341 @@
+"""Glue between a Node and the mesh: runs MeshService and the management API
+inside the Node's asyncio loop, and tells the mesh what the node serves.
+
+The Node calls :meth:`MeshRuntime.start` before its API server starts and
+:meth:`MeshRuntime.stop` when it shuts down. SIGINT/SIGTERM end the node
+gracefully: peers get a PeerLeaving before the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import uvicorn
+
+from mesh402 import __version__
+from mesh402.mesh.config import MeshConfig, MeshTimers
+from mesh402.mesh.hardware import default_hardware
+from mesh402.mesh.identity import write_private
+from mesh402.mesh.proto import mesh_pb2 as pb
+from mesh402.mesh.service import MeshService
+from mesh402.mesh.settings import MeshSettings
+
+if TYPE_CHECKING:
+    from mesh402.node import Node
+
+log = logging.getLogger(__name__)
+
+CONSOLE_TOKEN_FILE = "console.token"
+FINGERPRINT_CACHE = "fingerprints.json"
+MODEL_POLL_S = 1.0
+
+
+class ConsoleError(Exception):
+    pass
+
+
+class _ConsoleServer(uvicorn.Server):
+    """The console shares the loop with the API server: it must not take over signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[override]
+        yield
+
+    def install_signal_handlers(self) -> None:  # older uvicorn
+        pass
+
+
+def console_token_path(home: Path) -> Path:
+    return Path(home) / CONSOLE_TOKEN_FILE
+
+
+def read_console_token(home: Path) -> Optional[str]:
+    p = console_token_path(home)
+    try:
+        return p.read_text().strip() or None
+    except OSError:
+        return None
+
+
+class MeshRuntime:
+    def __init__(self, node: "Node", settings: MeshSettings, on_ready: Optional[Callable[["MeshRuntime"], None]] = None):
+        self.node = node
+        self.settings = settings
+        self.on_ready = on_ready
+        cfg = node.config
+        self.mesh = MeshService(
+            MeshConfig(
+                home=cfg.home,
+                bind_ip=settings.bind_ip,
+                bind_port=settings.bind_port,
+                relay_url=settings.relay_url,
+                kind=settings.kind,
+                name=settings.name,
+                policy=settings.policy,
+                api_port=cfg.port,
+                console_port=0,
+                version=__version__,
+                invite_expires=settings.invite_expires,
+                timers=MeshTimers.fast() if settings.fast_timers else MeshTimers(),
+            )
+        )
+        self.console_server: Optional[_ConsoleServer] = None
+        self.console_task: Optional[asyncio.Task] = None
+        self.console_port: Optional[int] = None
+        self.console_host = "0.0.0.0" if settings.console_listen_all else "127.0.0.1"
+        self._poll_task: Optional[asyncio.Task] = None
+        self._fingerprints: dict[str, Any] = {}
+        self._meta_cache: dict[str, pb.ModelEntry] = {}
+        self._signals_seen = 0
+        self._old_handlers: dict[int, Any] = {}
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self._install_signal_handlers()
+        hw = self._hardware()
+        self.mesh.local.hardware = hw
+        await self.mesh.start(join=self.settings.join or None)  # InviteError / JoinError: one line
+        try:
+            await self._start_console()
+        except BaseException:
+            await self.mesh.stop(graceful=False)
+            raise
+        self.mesh.update_local(console_port=self.console_port or 0, models=self._model_entries(hash_files=False))
+        self._poll_task = asyncio.create_task(self._poll_models())
+        if self.on_ready is not None:
+            self.on_ready(self)
+
+    async def stop(self) -> None:
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+        await self.mesh.stop(graceful=True)
+        if self.console_server is not None:
+            self.console_server.should_exit = True
+            if self.console_task is not None:
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(self.console_task, 3.0)
+        self._restore_signal_handlers()
+
+    def state(self) -> dict[str, Any]:
+        """Merged into the node's ``<home>/node.json`` so CLI subcommands find the console."""
+        host = "127.0.0.1"
+        return {
+            "node_id": self.mesh.node_id.hex(),
+            "mesh_id": self.mesh.mesh_id,
+            "kind": self.settings.kind,
+            "console_port": self.console_port,
+            "console_url": f"http://{host}:{self.console_port}" if self.console_port else None,
+            "console_auth": self.settings.console_token is not None,
+            "mesh_addrs": self.mesh.local_addrs(),
+        }
+
+    # ------------------------------------------------------------ signals
+
+    def _install_signal_handlers(self) -> None:
+        if sys.platform == "win32":
+            return
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum, frame):
+            self._signals_seen += 1
+            if self._signals_seen > 2:
+                raise KeyboardInterrupt
+            server = getattr(self.node, "server", None)
+            if server is not None:
+                server.should_exit = True
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old_handlers[sig] = signal.signal(sig, handler)
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, h in self._old_handlers.items():
+            with contextlib.suppress(Exception):
+                signal.signal(sig, h)
+        self._old_handlers.clear()
+
+    # ------------------------------------------------------------ console
+
+    def _bind_console(self, port: int) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.console_host, port))
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    async def _start_console(self) -> None:
+        from mesh402.api.management import create_management_app
+
+        s = self.settings
+        token = s.console_token
+        if s.console_listen_all and not token:
+            raise ConsoleError("--console-listen-all needs a console token (--console-token-file or MESH402_CONSOLE_TOKEN)")
+        if token:
+            write_private(console_token_path(self.node.config.home), token + "\n")
+        else:
+            with contextlib.suppress(OSError):
+                console_token_path(self.node.config.home).unlink()
+        try:
+            sock = self._bind_console(s.console_port)
+        except OSError as e:
+            if s.console_port_explicit:
+                raise ConsoleError(
+                    f"console port {s.console_port} is busy ({e.strerror}); pick another with --console PORT"
+                ) from None
+            sock = self._bind_console(0)
+            log.warning("console port %d busy; using %d", s.console_port, sock.getsockname()[1])
+        self.console_port = sock.getsockname()[1]
+        app = create_management_app(self.mesh, node_info=self._node_info, token=token)
+        cfg = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=1)
+        self.console_server = _ConsoleServer(cfg)
+        self.console_task = asyncio.create_task(self.console_server.serve(sockets=[sock]))
+        for _ in range(200):
+            if self.console_server.started or self.console_task.done():
+                break
+            await asyncio.sleep(0.01)
+
+    def _node_info(self) -> dict[str, Any]:
+        node = self.node
+        info: dict[str, Any] = {
+            "pid": os.getpid(),
+            "version": __version__,
+            "api_port": node.config.port,
+            "api_url": f"http://127.0.0.1:{node.config.port}/v1",
+            "console_port": self.console_port,
+            "models": {e.model_id: e.state for e in node.registry.all()},
+        }
+        return info
+
+    # ------------------------------------------------------------ what this node serves
+
+    def _hardware(self) -> pb.Hardware:
+        hw = default_hardware()
+        device = getattr(self.node.config, "device", "cpu") or "cpu"
+        hw.device_kind = device.split(":")[0]
+        torch = sys.modules.get("torch")  # only if the engine already loaded it
+        if torch is not None and hw.device_kind == "cuda":
+            with contextlib.suppress(Exception):
+                idx = int(device.split(":")[1]) if ":" in device else 0
+                props = torch.cuda.get_device_properties(idx)
+                hw.gpu_name = props.name
+                hw.vram_bytes = int(props.total_memory)
+                hw.gpu_count = torch.cuda.device_count()
+        return hw
+
+    def _fingerprint(self, path: Path) -> str:
+        """Content hash of a model file (or safetensors folder), cached by size and mtime."""
+        home = self.node.config.home
+        cache_path = Path(home) / FINGERPRINT_CACHE
+        if not self._fingerprints:
+            with contextlib.suppress(OSError, ValueError):
+                self._fingerprints = json.loads(cache_path.read_text())
+        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+        key = str(path)
+        stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+        hit = self._fingerprints.get(key)
+        if hit and hit.get("stamp") == stamp:
+            return hit["sha256"]
+        from mesh402.models.gguf_meta import file_fingerprint
+
+        if path.is_dir():
+            import hashlib
+
+            h = hashlib.sha256()
+            for f in files:
+                if f.suffix in (".safetensors", ".json"):
+                    h.update(f.name.encode() + b"\0" + bytes.fromhex(file_fingerprint(f)))
+            digest = h.hexdigest()
+        else:
+            digest = file_fingerprint(path)
+        self._fingerprints[key] = {"stamp": stamp, "sha256": digest}
+        with contextlib.suppress(OSError):
+            cache_path.write_text(json.dumps(self._fingerprints))
+        return digest
+
+    def _model_entry(self, entry, hash_files: bool) -> pb.ModelEntry:
+        src = entry.source
+        path = Path(src.path)
+        m = pb.ModelEntry()
+        m.CopyFrom(self._static_model_facts(entry.model_id, src.format, path))
+        m.role = {"ready": pb.MODEL_ROLE_HOST, "loading": pb.MODEL_ROLE_STANDBY}.get(entry.state, pb.MODEL_ROLE_ON_DISK)
+        m.ready = entry.state == "ready"
+        if hash_files:
+            with contextlib.suppress(Exception):
+                m.content_hash = self._fingerprint(path)
+        else:
+            hit = self._fingerprints.get(str(path))
+            if hit:
+                m.content_hash = hit["sha256"]
+        return m
+
+    def _static_model_facts(self, model_id: str, fmt: str, path: Path) -> pb.ModelEntry:
+        key = f"{model_id}\0{path}"
+        cached = self._meta_cache.get(key)
+        if cached is not None:
+            return cached
+        m = pb.ModelEntry(model_id=model_id)
+        src_format = fmt
+        with contextlib.suppress(Exception):
+            if src_format == "gguf":
+                from mesh402.models.gguf_meta import read_gguf_meta
+
+                meta = read_gguf_meta(path)
+                m.n_layers = meta.n_layers
+                m.size_bytes = meta.file_size
+                m.architecture = meta.architecture
+                m.context_length = meta.n_ctx
+                m.quant = meta.quant
+                m.moe.is_moe = meta.expert_count > 0
+                m.moe.expert_count = meta.expert_count
+                m.moe.experts_used = meta.expert_used_count
+            else:
+                cfg = json.loads((path / "config.json").read_text())
+                m.n_layers = int(cfg.get("num_hidden_layers", 0))
+                m.architecture = str(cfg.get("model_type", ""))
+                m.context_length = int(cfg.get("max_position_embeddings", 0))
+                m.size_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+                n_exp = int(cfg.get("num_local_experts", cfg.get("num_experts", 0)) or 0)
+                m.moe.is_moe = n_exp > 0
+                m.moe.expert_count = n_exp
+                m.moe.experts_used = int(cfg.get("num_experts_per_tok", 0) or 0)
+        self._meta_cache[key] = m
+        return m
+
+    def _model_entries(self, hash_files: bool) -> list[pb.ModelEntry]:
+        return [self._model_entry(e, hash_files) for e in self.node.registry.all()]
+
+    async def _poll_models(self) -> None:
+        """Re-announce when a model finishes loading (or fails); hash files off the loop."""
+        last = None
+        hashed = False
+        while True:
+            if not hashed:
+                entries = await asyncio.to_thread(self._model_entries, True)
+                hashed = True
+            else:
+                entries = self._model_entries(hash_files=False)
+            sig = [m.SerializeToString(deterministic=True) for m in entries]
+            if sig != last:
+                last = sig
+                self.mesh.update_local(models=entries)
+            await asyncio.sleep(MODEL_POLL_S)
+
+
+def new_console_token() -> str:
+    return secrets.token_urlsafe(24)
