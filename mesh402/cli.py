@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from mesh402 import __version__
+from mesh402 import mesh_cli as _mesh
 from mesh402.config import DEFAULT_API_PORT, NodeConfig, load_api_key
 from mesh402.home import resolve_home
 from mesh402.models.catalog import BUNDLED_MODEL_ID, ModelNotFound, resolve_model
@@ -41,6 +42,19 @@ def serve(
     threads: Annotated[int, typer.Option(help="Torch threads for this node.")] = 1,
     max_sessions: Annotated[int, typer.Option(help="Concurrent generations per model before 503.")] = 16,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    join: _mesh.JoinOpt = None,
+    join_file: _mesh.JoinFileOpt = None,
+    relay: _mesh.RelayOpt = None,
+    console_port: _mesh.ConsoleOpt = None,
+    console_listen_all: _mesh.ConsoleAllOpt = False,
+    console_token_file: _mesh.ConsoleTokenOpt = None,
+    bind_ip: _mesh.BindIpOpt = "0.0.0.0",
+    bind_port: _mesh.BindPortOpt = 0,
+    mesh_policy: _mesh.PolicyOpt = "secret",
+    invite_expires: _mesh.InviteExpiresOpt = "24h",
+    name: _mesh.NameOpt = "",
+    no_model: _mesh.NoModelOpt = False,
+    mesh_fast_timers: _mesh.MeshFastOpt = False,
 ) -> None:
     """Start a node: load models and serve the OpenAI-compatible API."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
@@ -52,27 +66,34 @@ def serve(
         api_key = load_api_key(api_key_file)
     except (ModelNotFound, ValueError) as e:
         _fail(str(e))
+    if no_model:
+        sources = []
     config = NodeConfig(home=resolve_home(home), models=[s.model_id for s in sources],
                         host="0.0.0.0" if listen_all else "127.0.0.1", port=port, api_key=api_key,
                         device=device, mode=mode, threads=threads)  # type: ignore[arg-type]
     config.limits.max_sessions = max_sessions
+    config.mesh = _mesh.settings_from_flags(
+        home=config.home, kind="serving", join=join, join_file=join_file, relay=relay, console_port=console_port,
+        console_listen_all=console_listen_all, console_token_file=console_token_file, bind_ip=bind_ip,
+        bind_port=bind_port, policy=mesh_policy, invite_expires=invite_expires, name=name, fast_timers=mesh_fast_timers)
     from mesh402.node import Node
 
     node = Node(config, sources)
+    node.on_mesh_ready = _mesh.print_ready
     console.print(f"mesh402 {__version__} node: OpenAI API on [bold]http://{'0.0.0.0' if listen_all else '127.0.0.1'}:{port}/v1[/]"
                   f"  models: {', '.join(config.models)}  home: {config.home}", highlight=False)
     if api_key:
         console.print("API key required (Authorization: Bearer …)")
-    try:
-        asyncio.run(node.run())
-    except KeyboardInterrupt:
-        pass
+    _mesh.run_node(node)
 
 
 @app.command()
 def version() -> None:
     """Print the version."""
     console.print(__version__)
+
+
+_mesh.register(app)  # client, invite, status (mesh402.mesh_cli)
 
 
 def main() -> None:

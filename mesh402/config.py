@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from mesh402.home import read_secret_file
+from mesh402.mesh.settings import MeshSettings
 
 DEFAULT_API_PORT = 9337
 DEFAULT_CONSOLE_PORT = 3131
@@ -43,6 +44,7 @@ class NodeConfig:
     threads: int = 1  # torch threads per node process; several nodes share a machine's cores
     limits: Limits = field(default_factory=Limits)
     timers: Timers = field(default_factory=Timers)
+    mesh: MeshSettings | None = None  # None: no mesh (API-only process, e.g. in-process tests)
 
 
 def load_api_key(api_key_file: str | Path | None) -> str | None:

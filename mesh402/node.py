@@ -33,6 +33,8 @@ class Node:
         self.app = create_app(config, self.registry)
         self.server: uvicorn.Server | None = None
         self.started_at = time.time()
+        self.mesh_runtime = None  # MeshRuntime when config.mesh is set (issue 3)
+        self.on_mesh_ready = None  # callback(MeshRuntime), e.g. the CLI printing the invite token
 
     def _load(self, entry: ModelEntry) -> None:
         from mesh402.engine import Engine
@@ -65,6 +67,7 @@ class Node:
             "api_port": self.config.port,
             "models": {e.model_id: e.state for e in self.registry.all()},
             "started_at": self.started_at,
+            **self._mesh_state(),
         }
 
     def _client_host(self) -> str:
@@ -77,11 +80,32 @@ class Node:
         uv = uvicorn.Config(self.app, host=self.config.host, port=self.config.port, log_level="warning",
                             lifespan="off", access_log=False, timeout_graceful_shutdown=int(self.config.timers.shutdown_grace_s))
         self.server = uvicorn.Server(uv)
+        await self._start_mesh()
         loader = asyncio.create_task(self.load_models())
         self._write_state()
         try:
             await self.server.serve()
         finally:
             loader.cancel()
+            await self._stop_mesh()
             self.home.clear_state()
             self.executor.shutdown(wait=False, cancel_futures=True)
+
+    # ---- mesh (issue 3): MeshService + management API in this loop -------------------------
+
+    async def _start_mesh(self) -> None:
+        """Join/create the mesh before the API starts; raises InviteError/JoinError/ConsoleError."""
+        if self.config.mesh is None:
+            return
+        from mesh402.meshnode import MeshRuntime
+
+        self.mesh_runtime = MeshRuntime(self, self.config.mesh, on_ready=self.on_mesh_ready)
+        await self.mesh_runtime.start()
+
+    async def _stop_mesh(self) -> None:
+        """Graceful leave: peers hear PeerLeaving before the process exits."""
+        if self.mesh_runtime is not None:
+            await self.mesh_runtime.stop()
+
+    def _mesh_state(self) -> dict[str, object]:
+        return {"mesh": self.mesh_runtime.state()} if self.mesh_runtime is not None else {}
