@@ -33,6 +33,27 @@ class Timers:
 
 
 @dataclass
+class PaymentsConfig:
+    """x402 payments at the API edge (mesh402.economics). Prices are atomic token units (USDC: 1e-6)."""
+    price_per_request: int = 0
+    price_per_1k_tokens: int = 0  # > 0 turns on metered billing: prepaid credit drawn down per token
+    pay_to: str | None = None
+    facilitator_url: str | None = None
+    network: str | None = None  # CAIP-2, e.g. eip155:84532
+    asset: str | None = None  # token address
+    asset_name: str | None = None  # EIP-712 domain name of the token
+    asset_version: str | None = None
+    asset_decimals: int = 6
+    credit_topup: int = 0  # metered mode: smallest credit purchase (atomic units)
+    window_base_s: int = 30  # authorization validity beyond the estimated generation time
+    ledger_path: Path | None = None  # default: <home>/payments.sqlite
+
+    @property
+    def enabled(self) -> bool:
+        return self.price_per_request > 0 or self.price_per_1k_tokens > 0
+
+
+@dataclass
 class NodeConfig:
     home: Path
     models: list[str] = field(default_factory=list)
@@ -44,6 +65,7 @@ class NodeConfig:
     threads: int = 1  # torch threads per node process; several nodes share a machine's cores
     limits: Limits = field(default_factory=Limits)
     timers: Timers = field(default_factory=Timers)
+    payments: PaymentsConfig = field(default_factory=PaymentsConfig)
     mesh: MeshSettings | None = None  # None: no mesh (API-only process, e.g. in-process tests)
 
 

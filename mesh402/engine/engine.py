@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
+import numpy as np
 import torch
 
 from .errors import ContextTooLong, EngineError, EngineFull
@@ -35,6 +36,65 @@ class ModelInfo:
     file_bytes: int
 
 
+def _meta_reader(meta):
+    """A ``gguf.GGUFReader`` look-alike over our already-parsed header fields.
+
+    ``gguf.GGUFReader`` memory-maps and indexes the whole file (~1.7 s and ~160 MB
+    of RSS for SmolLM2); the tokenizer only needs the metadata we already hold.
+    Provides ``fields[key]`` with ``types``/``parts``/``data`` like ReaderField.
+    """
+    import gguf
+    import numpy as np
+
+    VT = gguf.GGUFValueType
+
+    class _Field:
+        __slots__ = ("name", "types", "parts", "data")
+
+        def __init__(self, name, value):
+            self.name = name
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                self.types = [VT.ARRAY, VT.STRING]
+                self.parts = [v.encode("utf-8") for v in value]
+                self.data = range(len(value))
+            elif isinstance(value, (list, np.ndarray)):
+                arr = np.asarray(value)
+                self.types = [VT.ARRAY, VT.INT32 if arr.dtype.kind in "iub" else VT.FLOAT32]
+                self.parts = arr.reshape(-1, 1)
+                self.data = range(arr.shape[0])
+            elif isinstance(value, str):
+                self.types = [VT.STRING]
+                self.parts = [value.encode("utf-8")]
+                self.data = [0]
+            else:
+                self.types = [VT.BOOL if isinstance(value, bool) else
+                              VT.FLOAT32 if isinstance(value, float) else VT.UINT32]
+                self.parts = [np.array([value])]
+                self.data = [0]
+
+    class _MetaReader(gguf.GGUFReader):
+        def __init__(self, fields):  # noqa: D401 - deliberately does not call super().__init__
+            self.fields = _LazyFields(fields)
+
+    class _LazyFields(dict):
+        def __init__(self, raw):
+            super().__init__()
+            self._raw = raw
+
+        def get(self, key, default=None):
+            if key not in self._raw:
+                return default
+            return _Field(key, self._raw[key])
+
+        def __getitem__(self, key):
+            return _Field(key, self._raw[key])
+
+        def __contains__(self, key):
+            return key in self._raw
+
+    return _MetaReader(meta.fields)
+
+
 def _load_tokenizer(src: WeightSource):
     """(tokenizer, chat_template) from the helper's modules; (None, None) if unavailable."""
     try:
@@ -43,7 +103,14 @@ def _load_tokenizer(src: WeightSource):
         return None, None
     try:
         if isinstance(src, GGUFSource):
-            tok = Tokenizer.from_gguf(src.path)
+            try:
+                tok = Tokenizer.from_gguf(_meta_reader(src.meta))
+            except Exception:
+                tok = Tokenizer.from_gguf(src.path)
+            # the tokenizer now owns the vocabulary: drop our parsed copy (~7 MB for a 49k vocab)
+            for k in [k for k, v in src.meta.fields.items()
+                      if k.startswith("tokenizer.ggml.") and isinstance(v, (list, np.ndarray))]:
+                del src.meta.fields[k]
         elif isinstance(src, HFSource) and (src.path / "tokenizer.json").exists():
             tok = Tokenizer.from_hf_dir(src.path)
         else:
@@ -60,6 +127,18 @@ def _load_tokenizer(src: WeightSource):
         except Exception:
             tmpl = None
     return tok, tmpl
+
+
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc): load-time transients otherwise stay resident."""
+    try:
+        import ctypes
+        import sys
+
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except Exception:  # pragma: no cover - non-glibc
+        pass
 
 
 class Engine:
@@ -114,8 +193,10 @@ class Engine:
         if bounds[0] != a or bounds[-1] != b or any(x >= y for x, y in zip(bounds, bounds[1:])):
             raise ValueError(f"splits {bounds} do not cover layers [{a}, {b})")
         stages = [Stage(src, (x, y), mode=mode, device=device) for x, y in zip(bounds, bounds[1:])]
-        return cls(src, stages, max_sessions=max_sessions, max_kv_bytes=max_kv_bytes,
-                   prefill_chunk=prefill_chunk, load_tokenizer=load_tokenizer)
+        eng = cls(src, stages, max_sessions=max_sessions, max_kv_bytes=max_kv_bytes,
+                  prefill_chunk=prefill_chunk, load_tokenizer=load_tokenizer)
+        _trim_heap()
+        return eng
 
     @property
     def is_full_model(self) -> bool:

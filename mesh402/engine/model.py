@@ -19,6 +19,7 @@ kernels (int4 group-32 / per-row int8 with bf16 activations).
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 from typing import Literal
 
@@ -26,14 +27,14 @@ import torch
 import torch.nn.functional as F
 
 from .kv import KVCache
-from .quant import FastLinearWeight, QWeight, pack_fast
+from .quant import FastLinearWeight, QWeight, Workspace, pack_fast
 from .weights import ModelConfig, WeightSource, open_source
 
 __all__ = ["Stage", "Linear"]
 
 Mode = Literal["exact", "fast"]
 
-_HEAD_ROWS = 8192      # exact-mode lm_head: rows dequantized per matmul
+_WS_ELEMS = 1 << 18    # exact mode: weights are dequantized in row blocks of <= 256K elements (1 MiB fp32)
 _ROPE_BLOCK = 1024     # cos/sin tables are computed in fixed blocks of positions
 
 
@@ -66,7 +67,11 @@ class Linear:
             return n + sum(p.nbytes for p in self.fast)
         return n + sum(w.nbytes for w in self.exact)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def max_rows_cols(self) -> int:
+        return max(w.shape[0] * w.shape[1] for w in self.exact) if self.exact else 0
+
+    def __call__(self, x: torch.Tensor, ws: Workspace | None = None) -> torch.Tensor:
         if self.fast is not None:
             xb = x.to(self.fast_dtype)
             if len(self.fast) == 1:
@@ -74,13 +79,29 @@ class Linear:
             else:
                 y = torch.cat([p(xb) for p in self.fast], dim=-1).float()
         else:
-            if len(self.exact) == 1:
-                y = F.linear(x, self.exact[0].dequant())
-            else:
-                y = torch.cat([F.linear(x, w.dequant()) for w in self.exact], dim=-1)
+            y = _blocked_linear(x, self.exact, ws)
         if self.bias is not None:
             y = y + self.bias
         return y
+
+
+def _blocked_linear(x: torch.Tensor, weights: list[QWeight], ws: Workspace | None) -> torch.Tensor:
+    """x @ W^T with each weight dequantized to fp32 in row blocks (bounded scratch, cache friendly)."""
+    n_out = sum(w.shape[0] for w in weights)
+    out = torch.empty((x.shape[0], n_out), dtype=torch.float32, device=x.device)
+    c0 = 0
+    for w in weights:
+        rows, cols = w.shape
+        if w.gtype == 0:  # F32: no dequantization needed
+            torch.matmul(x, w.parts["w"].t(), out=out[:, c0:c0 + rows])
+            c0 += rows
+            continue
+        step = max(1, _WS_ELEMS // cols)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            torch.matmul(x, w.dequant(slice(r0, r1), ws=ws).t(), out=out[:, c0 + r0:c0 + r1])
+        c0 += rows
+    return out
 
 
 def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -160,11 +181,15 @@ class Stage:
                 self.head_fast = pack_fast(head, dev)
             if self.head_fast is None:
                 self.head_exact = head
-            elif head is not self.embed:
-                del head
+            elif head is self.embed and self.head_fast.kind == "int8":
+                # tied: look embeddings up in the int8 head instead of keeping a second copy
+                self.embed = None
+            del head
         rf = source.load_vector("rope_freqs") if source.has("rope_freqs") else None
         self.inv_freq = cfg.inv_freq(rf).to(dev)
         self._rope_cos: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+        self.ws = Workspace(_WS_ELEMS if mode == "exact" or self.head_exact is not None else 0, device=dev)
         self._rope_sin: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------
@@ -250,28 +275,29 @@ class Stage:
         if start_pos < 0 or start_pos > kv.length:
             raise ValueError(f"start_pos {start_pos} beyond KV length {kv.length}")
         kv.ensure(start_pos + T)
-        if self.first:
-            h = self.embed.dequant(x.to(device=self.device, dtype=torch.long))
-        else:
-            h = x.to(device=self.device, dtype=torch.float32)
-        h = self._layers(kv, h, start_pos, T)
-        kv.length = start_pos + n_real
-        if not self.last:
-            return h
-        rows = h[n_real - 1:n_real] if logits == "last" else h
-        out = self._head(_rms_norm(rows, self.norm, self.eps))
+        with self._lock:
+            if self.first:
+                h = self._embed(x.to(device=self.device, dtype=torch.long))
+            else:
+                h = x.to(device=self.device, dtype=torch.float32)
+            h = self._layers(kv, h, start_pos, T)
+            kv.length = start_pos + n_real
+            if not self.last:
+                return h
+            rows = h[n_real - 1:n_real] if logits == "last" else h
+            out = self._head(_rms_norm(rows, self.norm, self.eps))
         return out[0] if logits == "last" else out
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.embed is not None:
+            return self.embed.dequant(ids)
+        hf = self.head_fast  # tied int8 head doubles as the embedding table
+        return hf.w[ids].float() * hf.scales[ids].float().unsqueeze(-1)
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         if self.head_fast is not None:
             return self.head_fast(h.to(self.head_fast.dtype)).float()
-        w = self.head_exact
-        V = w.shape[0]
-        out = torch.empty((h.shape[0], V), dtype=torch.float32, device=h.device)
-        for r0 in range(0, V, _HEAD_ROWS):
-            r1 = min(V, r0 + _HEAD_ROWS)
-            torch.matmul(h, w.dequant(slice(r0, r1)).t(), out=out[:, r0:r1])
-        return out
+        return _blocked_linear(h, [self.head_exact], self.ws)
 
     def _layers(self, kv: KVCache, h: torch.Tensor, start: int, T: int) -> torch.Tensor:
         nh, nkv, hd, g = self.n_heads, self.n_kv_heads, self.head_dim, self.group
@@ -282,9 +308,10 @@ class Stage:
         cos_q, sin_q = cos[:, None, :], sin[:, None, :]
         mask = self._mask(start, T)
         half = hd // 2
+        ws = self.ws
         for li, lw in enumerate(self.blocks):
             x = _rms_norm(h, lw.attn_norm, eps)
-            qkv = lw.qkv(x)
+            qkv = lw.qkv(x, ws)
             q = qkv[:, :qd].view(T, nh, hd)
             k = qkv[:, qd:qd + kd].view(T, nkv, hd)
             v = qkv[:, qd + kd:].view(T, nkv, hd)
@@ -304,9 +331,9 @@ class Stage:
                 s = (s.view(nkv, g, T, L) + mask).view(nkv, g * T, L)
             p = torch.softmax(s, dim=-1)
             o = torch.bmm(p, Vv).view(nkv, g, T, hd).permute(2, 0, 1, 3).reshape(T, qd)
-            h = h + lw.wo(o)
+            h = h + lw.wo(o, ws)
             x = _rms_norm(h, lw.ffn_norm, eps)
-            gu = lw.gate_up(x)
+            gu = lw.gate_up(x, ws)
             ff = gu.shape[-1] // 2
-            h = h + lw.down(F.silu(gu[:, :ff]) * gu[:, ff:])
+            h = h + lw.down(F.silu(gu[:, :ff]) * gu[:, ff:], ws)
         return h

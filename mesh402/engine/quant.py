@@ -17,7 +17,7 @@ import torch
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as GT
 
-__all__ = ["QWeight", "SUPPORTED_TYPES", "from_raw", "from_dense", "FastLinearWeight", "pack_fast"]
+__all__ = ["Workspace", "QWeight", "SUPPORTED_TYPES", "from_raw", "from_dense", "FastLinearWeight", "pack_fast"]
 
 QK_K = 256
 
@@ -81,52 +81,120 @@ class QWeight:
         return QWeight(g, (sum(w.shape[0] for w in ws), cols), parts)
 
     # -- dequantization ---------------------------------------------------
-    def dequant(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
-        """fp32 ``[rows, cols]`` (all rows, a slice, or an index tensor)."""
+    def dequant(self, rows: torch.Tensor | slice | None = None, ws: "Workspace | None" = None) -> torch.Tensor:
+        """fp32 ``[rows, cols]`` (all rows, a slice, or an index tensor).
+
+        With a :class:`Workspace` the result is written into (and is a view of)
+        its preallocated buffers: valid until the next call using ``ws``. F32
+        weights are returned as they are (no copy).
+        """
         p = self.parts if rows is None else {k: v[rows] for k, v in self.parts.items()}
         g = self.gtype
+        cols = self.shape[1]
         if g in _DENSE:
-            return p["w"].float()
+            w = p["w"]
+            if w.dtype == torch.float32:
+                return w
+            if ws is None:
+                return w.float()
+            o = ws.f32(w.numel()).view(w.shape)
+            o.copy_(w)
+            return o
         n = next(iter(p.values())).shape[0]
+        if ws is None:
+            ws = Workspace(n * cols, device=next(iter(p.values())).device)
+        o = ws.f32(n * cols)
         if g == GT.Q8_0:
-            out = p["qs"].float() * p["d"].float().unsqueeze(-1)
-        elif g == GT.Q4_0:
-            q = (_u8_nibbles(p["qs"]).to(torch.int8) - 8).float()
-            out = p["d"].float().unsqueeze(-1) * q
-        elif g == GT.Q4_1:
-            q = _u8_nibbles(p["qs"]).float()
-            out = p["d"].float().unsqueeze(-1) * q + p["m"].float().unsqueeze(-1)
-        elif g in (GT.Q5_0, GT.Q5_1):
+            o3 = o.view(n, -1, 32)
+            o3.copy_(p["qs"])
+            o3.mul_(p["d"].float().unsqueeze(-1))
+        elif g in (GT.Q4_0, GT.Q4_1):
+            qs = p["qs"]
+            u = ws.u8(0, n * cols).view(n, qs.shape[1], 32)
+            torch.bitwise_and(qs, 0x0F, out=u[..., :16])
+            torch.bitwise_right_shift(qs, 4, out=u[..., 16:])
+            o3 = o.view(u.shape)
+            o3.copy_(u)
+            if g == GT.Q4_0:
+                o3.sub_(8.0)
+                o3.mul_(p["d"].float().unsqueeze(-1))
+            else:
+                o3.mul_(p["d"].float().unsqueeze(-1))
+                o3.add_(p["m"].float().unsqueeze(-1))
+        elif g == GT.Q4_K:
+            qs = p["qs"]                                             # [n, nb, 128]
+            nb = qs.shape[1]
+            u = ws.u8(0, n * cols).view(n, nb, 4, 64)
+            q4 = qs.view(n, nb, 4, 32)
+            torch.bitwise_and(q4, 0x0F, out=u[..., :32])
+            torch.bitwise_right_shift(q4, 4, out=u[..., 32:])
+            o4 = o.view(n, nb, 8, 32)
+            o4.copy_(u.view(n, nb, 8, 32))
+            o4.mul_((p["d"].float().unsqueeze(-1) * p["sc"].float()).unsqueeze(-1))
+            o4.sub_((p["dmin"].float().unsqueeze(-1) * p["mn"].float()).unsqueeze(-1))
+        elif g == GT.Q6_K:
+            ql, qh = p["ql"], p["qh"]                                # [n,nb,128], [n,nb,64]
+            nb = ql.shape[1]
+            lo = ws.u8(0, n * cols).view(n, nb, 2, 128)
+            l4 = ql.view(n, nb, 2, 64)
+            torch.bitwise_and(l4, 0x0F, out=lo[..., :64])
+            torch.bitwise_right_shift(l4, 4, out=lo[..., 64:])
+            hi = ws.u8(1, n * cols).view(n, nb, 2, 4, 32)
+            h5 = qh.view(n, nb, 2, 1, 32)
+            for j, sh in enumerate((0, 2, 4, 6)):
+                torch.bitwise_right_shift(h5[..., 0, :], sh, out=hi[..., j, :])
+            hi.bitwise_and_(3).bitwise_left_shift_(4)
+            lo.view(-1).bitwise_or_(hi.view(-1))
+            o4 = o.view(n, nb, 16, 16)
+            o4.copy_(lo.view(n, nb, 16, 16))
+            o4.sub_(32.0)
+            o4.mul_((p["d"].float().unsqueeze(-1) * p["sc"].float()).unsqueeze(-1))
+        else:
+            o.view(n, cols).copy_(self._dequant_generic(p, n).reshape(n, cols))
+        return o.view(n, cols)
+
+    def _dequant_generic(self, p: dict[str, torch.Tensor], n: int) -> torch.Tensor:
+        g = self.gtype
+        if g in (GT.Q5_0, GT.Q5_1):
             sh = torch.arange(32, dtype=torch.int32, device=p["qh"].device)
             hb = ((p["qh"].unsqueeze(-1) >> sh) & 1).to(torch.uint8)
             q = _u8_nibbles(p["qs"]) | (hb << 4)
             if g == GT.Q5_0:
-                out = p["d"].float().unsqueeze(-1) * (q.to(torch.int8) - 16).float()
-            else:
-                out = p["d"].float().unsqueeze(-1) * q.float() + p["m"].float().unsqueeze(-1)
-        elif g in (GT.Q4_K, GT.Q5_K):
+                return p["d"].float().unsqueeze(-1) * (q.to(torch.int8) - 16).float()
+            return p["d"].float().unsqueeze(-1) * q.float() + p["m"].float().unsqueeze(-1)
+        if g == GT.Q5_K:
             d = p["d"].float().unsqueeze(-1) * p["sc"].float()     # [n, nb, 8]
             dm = p["dmin"].float().unsqueeze(-1) * p["mn"].float()
             qs = p["qs"]                                             # [n, nb, 128]
             nb = qs.shape[1]
             q = _u8_nibbles(qs.reshape(n, nb, 4, 32)).reshape(n, nb, 8, 32)
-            if g == GT.Q5_K:
-                sh = torch.arange(8, dtype=torch.uint8, device=qs.device).view(8, 1)
-                hb = (p["qh"].unsqueeze(-2) >> sh) & 1             # [n, nb, 8, 32]
-                q = q | (hb << 4)
-            out = d.unsqueeze(-1) * q.float() - dm.unsqueeze(-1)
-        elif g == GT.Q6_K:
-            ql, qh = p["ql"], p["qh"]                                # [n,nb,128], [n,nb,64]
-            nb = ql.shape[1]
-            d = p["d"].float().unsqueeze(-1) * p["sc"].float()     # [n, nb, 16]
-            lo = _u8_nibbles(ql.reshape(n, nb, 2, 64)).reshape(n, nb, 8, 32)
-            sh = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=ql.device).view(4, 1)
-            hi = ((qh.reshape(n, nb, 2, 1, 32) >> sh) & 3).reshape(n, nb, 8, 32)
-            q = ((lo | (hi << 4)).to(torch.int8) - 32).float().reshape(n, nb, 16, 16)
-            out = d.unsqueeze(-1) * q
-        else:  # pragma: no cover
-            raise NotImplementedError(f"dequant of {g.name}")
-        return out.reshape(n, self.shape[1])
+            sh = torch.arange(8, dtype=torch.uint8, device=qs.device).view(8, 1)
+            q = q | (((p["qh"].unsqueeze(-2) >> sh) & 1) << 4)   # [n, nb, 8, 32]
+            return d.unsqueeze(-1) * q.float() - dm.unsqueeze(-1)
+        raise NotImplementedError(f"dequant of {g.name}")  # pragma: no cover
+
+
+class Workspace:
+    """Preallocated, growable scratch buffers for dequantization (one per stage)."""
+
+    def __init__(self, n: int = 0, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self._f32 = torch.empty(n, dtype=torch.float32, device=self.device)
+        self._u8 = [torch.empty(n, dtype=torch.uint8, device=self.device) for _ in range(2)]
+
+    @property
+    def nbytes(self) -> int:
+        return self._f32.numel() * 4 + sum(u.numel() for u in self._u8)
+
+    def f32(self, n: int) -> torch.Tensor:
+        if self._f32.numel() < n:
+            self._f32 = torch.empty(n, dtype=torch.float32, device=self.device)
+        return self._f32[:n]
+
+    def u8(self, i: int, n: int) -> torch.Tensor:
+        if self._u8[i].numel() < n:
+            self._u8[i] = torch.empty(n, dtype=torch.uint8, device=self.device)
+        return self._u8[i][:n]
 
 
 def from_dense(w: torch.Tensor) -> QWeight:
@@ -240,7 +308,7 @@ def _int4_parts(qw: QWeight, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tens
     raise NotImplementedError(g.name)
 
 
-def pack_fast(qw: QWeight, device: torch.device | str = "cpu", row_chunk: int = 4096) -> FastLinearWeight:
+def pack_fast(qw: QWeight, device: torch.device | str = "cpu", row_chunk: int = 4096) -> FastLinearWeight | None:
     """Pack a weight for fast mode.
 
     Q4_0 / Q4_1 / Q4_K map exactly onto torch's int4 group-32 packed format
@@ -267,6 +335,8 @@ def pack_fast(qw: QWeight, device: torch.device | str = "cpu", row_chunk: int = 
             ss.append(s)
         return FastLinearWeight("int8", (rows, cols), torch.cat(ws), torch.cat(ss).to(torch.bfloat16))
     dt = torch.bfloat16 if device.type == "cpu" else torch.float16
+    if not qw.is_dense:
+        return None  # no packed kernel here: the caller keeps the exact per-layer dequant path
     if qw.is_dense:
         w = qw.parts["w"].to(device=device, dtype=dt)
     else:
