@@ -55,6 +55,16 @@ def serve(
     name: _mesh.NameOpt = "",
     no_model: _mesh.NoModelOpt = False,
     mesh_fast_timers: _mesh.MeshFastOpt = False,
+    price: Annotated[Optional[str], typer.Option(help="x402 price per request in USDC (e.g. 0.01); free when no price is set.", rich_help_panel="Payments")] = None,
+    price_per_1k: Annotated[Optional[str], typer.Option("--price-per-1k", help="USDC per 1k tokens (prompt + completion), from prepaid credit bought with x402.", rich_help_panel="Payments")] = None,
+    pay_to: Annotated[Optional[str], typer.Option(help="Address that receives payments (or an account name from --deployment, e.g. node-0).", rich_help_panel="Payments")] = None,
+    facilitator: Annotated[Optional[str], typer.Option(help="x402 facilitator URL (`mesh402 facilitator`, or any external one).", rich_help_panel="Payments")] = None,
+    network: Annotated[Optional[str], typer.Option(help="Payment network: base-sepolia (default), base, or CAIP-2 eip155:N.", rich_help_panel="Payments")] = None,
+    deployment: Annotated[Optional[Path], typer.Option(help="deployment.json from `mesh402 chain dev` (local chain and token).", rich_help_panel="Payments")] = None,
+    asset: Annotated[Optional[str], typer.Option(help="Token address, overriding the network's USDC.", rich_help_panel="Payments")] = None,
+    asset_name: Annotated[Optional[str], typer.Option(help="The token's EIP-712 domain name.", rich_help_panel="Payments")] = None,
+    asset_version: Annotated[Optional[str], typer.Option(help="The token's EIP-712 domain version.", rich_help_panel="Payments")] = None,
+    credit_topup: Annotated[Optional[str], typer.Option(help="Metered billing: smallest credit purchase in USDC (default 0.10).", rich_help_panel="Payments")] = None,
 ) -> None:
     """Start a node: load models and serve the OpenAI-compatible API."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
@@ -64,13 +74,17 @@ def serve(
     try:
         sources = [resolve_model(m) for m in (model or [BUNDLED_MODEL_ID])]
         api_key = load_api_key(api_key_file)
+        from mesh402.economics.settings import payments_config
+        payments = payments_config(price=price, price_per_1k=price_per_1k, pay_to=pay_to, facilitator=facilitator,
+                                   network=network, deployment=deployment, asset=asset, asset_name=asset_name,
+                                   asset_version=asset_version, credit_topup=credit_topup)
     except (ModelNotFound, ValueError) as e:
         _fail(str(e))
     if no_model:
         sources = []
     config = NodeConfig(home=resolve_home(home), models=[s.model_id for s in sources],
                         host="0.0.0.0" if listen_all else "127.0.0.1", port=port, api_key=api_key,
-                        device=device, mode=mode, threads=threads)  # type: ignore[arg-type]
+                        device=device, mode=mode, threads=threads, payments=payments)  # type: ignore[arg-type]
     config.limits.max_sessions = max_sessions
     config.mesh = _mesh.settings_from_flags(
         home=config.home, kind="serving", join=join, join_file=join_file, relay=relay, console_port=console_port,
@@ -84,7 +98,17 @@ def serve(
                   f"  models: {', '.join(config.models)}  home: {config.home}", highlight=False)
     if api_key:
         console.print("API key required (Authorization: Bearer …)")
+    if payments.enabled:
+        console.print(f"x402: {price or 0} USDC/request + {price_per_1k or 0} USDC/1k tokens on {payments.network}, "
+                      f"pay to {payments.pay_to}, facilitator {payments.facilitator_url}", highlight=False)
     _mesh.run_node(node)
+
+
+from mesh402.economics.cli import chain_app, chat_cmd, facilitator_cmd  # noqa: E402
+
+app.add_typer(chain_app, name="chain")
+app.command("facilitator")(facilitator_cmd)
+app.command("chat")(chat_cmd)
 
 
 @app.command()

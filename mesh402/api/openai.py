@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -48,8 +48,16 @@ def _validation_message(err: ValidationError | RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-def create_app(config: NodeConfig, registry: ModelRegistry) -> FastAPI:
+def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any = None) -> FastAPI:
     app = FastAPI(title="mesh402", version="0.1.0", docs_url=None, redoc_url=None)
+    # x402 payments (mesh402.economics): None on a free node, which then pays nothing in overhead.
+    gate = payment_gate
+    if gate is None and config.payments.enabled:
+        from mesh402.economics.gate import PaymentGate
+        gate = PaymentGate(config.payments, config.home)
+    app.state.payment_gate = gate
+    if gate is not None:
+        gate.install_routes(app)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -162,22 +170,50 @@ def create_app(config: NodeConfig, registry: ModelRegistry) -> FastAPI:
             async for ev in events:
                 yield ev
 
-    async def collect(p: Prepared) -> tuple[str, Finished]:
+    async def collect(p: Prepared, charge: Any = None) -> tuple[str, Finished]:
         text: list[str] = []
         fin: Finished | None = None
-        async for ev in run_stream(p):
-            if isinstance(ev, Delta):
-                text.append(ev.text)
-            else:
-                fin = ev
+        try:
+            async for ev in run_stream(p):
+                if isinstance(ev, Delta):
+                    text.append(ev.text)
+                else:
+                    fin = ev
+        except BaseException as e:
+            if charge is not None:  # failed inference: nothing is settled
+                await gate.release(charge, f"generation failed: {type(e).__name__}")
+            raise
         assert fin is not None
         return "".join(text), fin
+
+    async def admit(request: Request, req: SamplingFields, entry: ModelEntry,
+                    prompt_ids: list[int]) -> tuple[Any, Prepared | Response]:
+        """Payment first (verified before any work, on a node that charges), then prepare()."""
+        if gate is None:
+            return None, await prepare(req, entry, prompt_ids)
+        assert entry.local is not None
+        room = entry.local.n_ctx - len(prompt_ids)
+        want = req.requested_max_tokens()
+        max_tokens = want if want and want > 0 else min(max(room, 1), config.limits.default_max_tokens)
+        charge = await gate.authorize(request, entry.model_id, len(prompt_ids), max_tokens, bool(req.stream))
+        if charge.replay is not None:
+            return charge, charge.replay
+        try:
+            return charge, await prepare(req, entry, prompt_ids)
+        except BaseException:
+            await gate.release(charge, "request rejected before generation")
+            raise
 
     def sse(obj: Any) -> bytes:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
 
-    async def stream_events(p: Prepared, include_usage: bool, chunk: Any) -> AsyncIterator[bytes]:
+    async def stream_events(p: Prepared, include_usage: bool, chunk: Any, charge: Any = None) -> AsyncIterator[bytes]:
         """SSE body; `chunk(delta_text, finish_reason, first)` shapes one OpenAI chunk."""
+        if charge is not None:  # paid: metered per token, settled after the last one
+            from mesh402.economics.stream import paid_sse
+            async for b in paid_sse(gate, charge, run_stream(p), chunk, sse, usage, include_usage, len(p.prompt_ids)):
+                yield b
+            return
         try:
             yield sse(chunk(None, None, True))
             async for ev in run_stream(p):
@@ -239,9 +275,11 @@ def create_app(config: NodeConfig, registry: ModelRegistry) -> FastAPI:
         except ChatTemplateError as e:
             raise bad_request(f"chat template failed: {e}", param="messages") from None
         prompt_ids = engine.tokenizer.encode(text, add_special=False)
-        p = await prepare(req, entry, prompt_ids)
+        charge, p = await admit(request, req, entry, prompt_ids)
+        if not isinstance(p, Prepared):
+            return p  # a retried paid request, answered from the payment ledger
         cid, created = f"chatcmpl-{p.gen.request_id}", int(time.time())
-        headers = {"x-request-id": p.gen.request_id}
+        headers = {"x-request-id": p.gen.request_id, **(charge.headers if charge else {})}
         if req.stream:
             def chunk(delta: str | None, finish: str | None, first: bool) -> dict[str, Any]:
                 d: dict[str, Any] = {"role": "assistant", "content": ""} if first else (
@@ -249,16 +287,19 @@ def create_app(config: NodeConfig, registry: ModelRegistry) -> FastAPI:
                 return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": entry.model_id,
                         "choices": [{"index": 0, "delta": d, "finish_reason": finish}]}
             include = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream_events(p, include, chunk), media_type="text/event-stream",
+            return StreamingResponse(stream_events(p, include, chunk, charge), media_type="text/event-stream",
                                      headers={**headers, "Cache-Control": "no-cache"},
                                      background=BackgroundTask(p.session.release))
-        out, fin = await collect(p)
-        return JSONResponse({
+        out, fin = await collect(p, charge)
+        body = {
             "id": cid, "object": "chat.completion", "created": created, "model": entry.model_id,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": out},
                          "finish_reason": fin.reason, "logprobs": None}],
             "usage": usage(fin),
-        }, headers=headers)
+        }
+        if charge is not None:
+            return await gate.respond(charge, fin, body, headers)  # settles, adds PAYMENT-RESPONSE
+        return JSONResponse(body, headers=headers)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -277,9 +318,11 @@ def create_app(config: NodeConfig, registry: ModelRegistry) -> FastAPI:
         else:
             prompt_text = req.prompt if isinstance(req.prompt, str) else req.prompt[0]  # type: ignore[assignment]
             prompt_ids = tok.encode(prompt_text, add_special=True)
-        p = await prepare(req, entry, prompt_ids)
+        charge, p = await admit(request, req, entry, prompt_ids)
+        if not isinstance(p, Prepared):
+            return p  # a retried paid request, answered from the payment ledger
         cid, created = f"cmpl-{p.gen.request_id}", int(time.time())
-        headers = {"x-request-id": p.gen.request_id}
+        headers = {"x-request-id": p.gen.request_id, **(charge.headers if charge else {})}
         echo = prompt_text if req.echo else ""
         if req.stream:
             def chunk(delta: str | None, finish: str | None, first: bool) -> dict[str, Any]:
@@ -287,14 +330,17 @@ def create_app(config: NodeConfig, registry: ModelRegistry) -> FastAPI:
                 return {"id": cid, "object": "text_completion", "created": created, "model": entry.model_id,
                         "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
             include = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream_events(p, include, chunk), media_type="text/event-stream",
+            return StreamingResponse(stream_events(p, include, chunk, charge), media_type="text/event-stream",
                                      headers={**headers, "Cache-Control": "no-cache"},
                                      background=BackgroundTask(p.session.release))
-        out, fin = await collect(p)
-        return JSONResponse({
+        out, fin = await collect(p, charge)
+        body = {
             "id": cid, "object": "text_completion", "created": created, "model": entry.model_id,
             "choices": [{"index": 0, "text": echo + out, "logprobs": None, "finish_reason": fin.reason}],
             "usage": usage(fin),
-        }, headers=headers)
+        }
+        if charge is not None:
+            return await gate.respond(charge, fin, body, headers)  # settles, adds PAYMENT-RESPONSE
+        return JSONResponse(body, headers=headers)
 
     return app

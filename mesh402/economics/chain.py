@@ -1,0 +1,146 @@
+"""`mesh402 chain dev`: a local anvil chain with the project's own contracts and funded test accounts.
+
+Deploys from anvil's pre-unlocked dev account 0 (via eth_sendTransaction, so no deployer key is handled
+here), then generates a fresh key per node / buyer / facilitator, written 0600 under <dir>/keys, funds
+them with ETH (gas) and the test token, and writes <dir>/deployment.json for nodes and clients to read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mesh402.economics.contracts import compile_contracts
+from mesh402.economics.networks import DEPLOYMENT_FILE, Asset, Deployment
+from mesh402.economics.toolchain import ToolchainError, anvil_binary, ensure_tools
+
+LOCAL_CHAIN_ID = 31337
+MULTICALL3_ADDRESS = "0xcA11bde05977b3631167028862bE2a173976CA11"
+TOKEN_NAME = "Mesh Test USDC"
+TOKEN_SYMBOL = "USDC"
+
+
+def _write_secret(path: Path, data: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(data)
+    os.chmod(path, 0o600)
+
+
+class Anvil:
+    """An anvil child process on 127.0.0.1."""
+
+    def __init__(self, port: int, *, chain_id: int = LOCAL_CHAIN_ID, log_path: Path | None = None,
+                 block_time: float | None = None) -> None:
+        ensure_tools()
+        self.port = port
+        self.rpc_url = f"http://127.0.0.1:{port}"
+        args = [str(anvil_binary()), "--host", "127.0.0.1", "--port", str(port), "--chain-id", str(chain_id),
+                "--accounts", "1", "--balance", "1000000"]
+        if block_time:
+            args += ["--block-time", str(block_time)]
+        self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        import httpx
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise ToolchainError(f"anvil exited with {self.proc.returncode} (port {self.port} taken?)")
+            try:
+                r = httpx.post(self.rpc_url, json={"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []},
+                               timeout=1.0)
+                if r.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise ToolchainError(f"anvil did not answer on {self.rpc_url} within {timeout}s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if hasattr(self._log, "close"):
+            self._log.close()
+
+
+@dataclass
+class DevChainSpec:
+    nodes: int = 2
+    buyers: int = 2
+    eth_each: int = 10  # ETH for gas
+    usdc_each: str = "1000"  # test USDC per buyer
+
+
+def web3_for(rpc_url: str) -> Any:
+    from web3 import Web3
+    return Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": 30}))
+
+
+def deploy_dev(rpc_url: str, out_dir: Path, spec: DevChainSpec | None = None) -> Deployment:
+    """Deploy MeshUSDC (and Multicall3Lite's code at the Multicall3 address), create and fund accounts."""
+    from eth_account import Account
+
+    spec = spec or DevChainSpec()
+    arts = compile_contracts()
+    w3 = web3_for(rpc_url)
+    chain_id = w3.eth.chain_id
+    deployer = w3.eth.accounts[0]
+
+    def send(tx: dict[str, Any]) -> Any:
+        h = w3.eth.send_transaction({"from": deployer, **tx})
+        rcpt = w3.eth.wait_for_transaction_receipt(h, timeout=30)
+        if rcpt["status"] != 1:
+            raise ToolchainError(f"transaction failed: {tx}")
+        return rcpt
+
+    tok = arts["MeshUSDC"]
+    ctor = w3.eth.contract(abi=tok.abi, bytecode=tok.bytecode).constructor(TOKEN_NAME, TOKEN_SYMBOL)
+    rcpt = send({"data": ctor.data_in_transaction})
+    token_addr = rcpt["contractAddress"]
+    token = w3.eth.contract(address=token_addr, abi=tok.abi)
+    w3.provider.make_request("anvil_setCode", [MULTICALL3_ADDRESS, arts["Multicall3Lite"].runtime])
+
+    keys_dir = out_dir / "keys"
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(out_dir, 0o700)
+    accounts: dict[str, dict[str, str]] = {}
+    names = ["facilitator"] + [f"node-{i}" for i in range(spec.nodes)] + [f"buyer-{i}" for i in range(spec.buyers)]
+    asset = Asset(f"eip155:{chain_id}", token_addr, token.functions.name().call(), token.functions.version().call(),
+                  token.functions.decimals().call(), TOKEN_SYMBOL)
+    for name in names:
+        acct = Account.create()
+        _write_secret(keys_dir / f"{name}.key", acct.key.hex() if acct.key.hex().startswith("0x") else "0x" + acct.key.hex())
+        accounts[name] = {"address": acct.address, "keyFile": f"keys/{name}.key"}
+        w3.provider.make_request("anvil_setBalance", [acct.address, hex(spec.eth_each * 10**18)])
+        if name.startswith("buyer-"):
+            send({"to": token_addr, "data": token.functions.mint(acct.address, asset.to_atomic(spec.usdc_each))
+                  ._encode_transaction_data()})
+    dep = Deployment(f"eip155:{chain_id}", chain_id, rpc_url, asset,
+                     {"MeshUSDC": token_addr, "Multicall3": MULTICALL3_ADDRESS}, accounts, out_dir / DEPLOYMENT_FILE)
+    tmp = out_dir / (DEPLOYMENT_FILE + ".tmp")
+    tmp.write_text(json.dumps(dep.to_json(), indent=2))
+    os.replace(tmp, out_dir / DEPLOYMENT_FILE)
+    return dep
+
+
+def token_contract(w3: Any, address: str) -> Any:
+    arts = compile_contracts()
+    return w3.eth.contract(address=w3.to_checksum_address(address), abi=arts["MeshUSDC"].abi)
+
+
+def balance_of(rpc_url: str, token: str, who: str) -> int:
+    w3 = web3_for(rpc_url)
+    return int(token_contract(w3, token).functions.balanceOf(w3.to_checksum_address(who)).call())

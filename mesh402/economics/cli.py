@@ -1,0 +1,192 @@
+"""CLI commands for payments: `mesh402 chain dev`, `mesh402 facilitator`, `mesh402 chat`, status lines."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+from mesh402.home import read_secret_file, resolve_home
+
+console = Console(soft_wrap=True)
+err = Console(stderr=True)
+chain_app = typer.Typer(help="Local EVM chain for payments (anvil + the project's contracts).", no_args_is_help=True)
+
+HomeOpt = Annotated[Optional[Path], typer.Option("--home", help="State directory (env MESH402_HOME; default ~/.mesh402).")]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def load_key(key_file: Optional[Path], env: str, what: str) -> str:
+    """Private keys come from a 0600 file or an env var, never from the command line."""
+    if key_file is not None:
+        return read_secret_file(key_file)
+    value = os.environ.get(env, "").strip()
+    if not value:
+        _fail(f"{what}: pass --key-file PATH (mode 0600) or set {env}")
+    return value
+
+
+@chain_app.command("dev")
+def chain_dev(
+    port: Annotated[int, typer.Option(help="RPC port for anvil on 127.0.0.1.")] = 8545,
+    out: Annotated[Optional[Path], typer.Option("--dir", help="Where to write deployment.json and keys/ (default <home>/chain).")] = None,
+    nodes: Annotated[int, typer.Option(help="Node (payee) accounts to create.")] = 2,
+    buyers: Annotated[int, typer.Option(help="Buyer accounts to create and fund with test USDC.")] = 2,
+    usdc: Annotated[str, typer.Option(help="Test USDC minted to each buyer.")] = "1000",
+    rpc_url: Annotated[Optional[str], typer.Option(help="Deploy onto an already running dev chain (anvil/hardhat, unlocked account 0) instead of starting anvil.")] = None,
+    home: HomeOpt = None,
+) -> None:
+    """Start anvil, deploy the test USDC (EIP-3009) compiled from contracts/, fund accounts, write deployment.json."""
+    from mesh402.economics.chain import Anvil, DevChainSpec, deploy_dev
+    from mesh402.economics.toolchain import ToolchainError, ensure_tools, tools_ready
+
+    out_dir = (out or resolve_home(home) / "chain").expanduser().resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    anvil = None
+    try:
+        if rpc_url is None:
+            if not tools_ready():
+                err.print("installing the contract toolchain (npm: solc, anvil, OpenZeppelin) on first use…")
+            ensure_tools()
+            anvil = Anvil(port, log_path=out_dir / "anvil.log")
+            anvil.wait_ready()
+            rpc_url = anvil.rpc_url
+        dep = deploy_dev(rpc_url, out_dir, DevChainSpec(nodes=nodes, buyers=buyers, usdc_each=usdc))
+    except (ToolchainError, ValueError) as e:
+        if anvil:
+            anvil.stop()
+        _fail(str(e))
+    except BaseException:
+        if anvil:
+            anvil.stop()
+        raise
+    console.print(f"chain {dep.network} at [bold]{dep.rpc_url}[/]", highlight=False)
+    console.print(f"token {dep.asset.name} ({dep.asset.symbol}) at {dep.asset.address}", highlight=False)
+    for name, acct in dep.accounts.items():
+        console.print(f"  {name:12s} {acct['address']}  key: {out_dir / acct['keyFile']}", highlight=False)
+    console.print(f"deployment: [bold]{dep.path}[/]", highlight=False)
+    sys.stdout.flush()
+    if anvil is None:
+        return
+    stop = {"flag": False}
+
+    def _stop(*_: Any) -> None:
+        stop["flag"] = True
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        while not stop["flag"] and anvil.proc.poll() is None:
+            time.sleep(0.2)
+    finally:
+        anvil.stop()
+
+
+def facilitator_cmd(
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 4021,
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    deployment: Annotated[Optional[Path], typer.Option(help="deployment.json from `mesh402 chain dev` (gives RPC URL, network and the 'facilitator' key).")] = None,
+    rpc_url: Annotated[Optional[str], typer.Option(help="Chain RPC URL (e.g. https://sepolia.base.org).")] = None,
+    network: Annotated[Optional[str], typer.Option(help="CAIP-2 network(s) to settle on, comma-separated (e.g. eip155:84532).")] = None,
+    key_file: Annotated[Optional[Path], typer.Option(help="File (0600) with the gas-paying facilitator key; or env MESH402_FACILITATOR_KEY.")] = None,
+) -> None:
+    """Serve an x402 facilitator (/verify, /settle, /supported) using the x402 SDK's exact-EVM logic."""
+    import logging
+
+    import uvicorn
+
+    from mesh402.economics.facilitator import build_facilitator, create_facilitator_app
+    from mesh402.economics.networks import NAMED, Deployment
+
+    logging.basicConfig(level=logging.WARNING)
+    dep = None
+    if deployment is not None:
+        try:
+            dep = Deployment.load(deployment)
+        except ValueError as e:
+            _fail(str(e))
+    if key_file is None and dep is not None and not os.environ.get("MESH402_FACILITATOR_KEY"):
+        key_file = dep.key_file("facilitator")
+    try:
+        key = load_key(key_file, "MESH402_FACILITATOR_KEY", "facilitator key")
+    except ValueError as e:
+        _fail(str(e))
+    nets = [n.strip() for n in (network or (dep.network if dep else "")).split(",") if n.strip()]
+    nets = [NAMED[n].network if n in NAMED else n for n in nets]
+    if not nets:
+        _fail("pass --network (e.g. eip155:84532) or --deployment")
+    url = rpc_url or (dep.rpc_url if dep else None)
+    if url is None:
+        named = [n for n in NAMED.values() if n.network == nets[0]]
+        url = named[0].rpc_url if named else None
+    if url is None:
+        _fail("pass --rpc-url")
+    fac = build_facilitator(key, url, nets)
+    app = create_facilitator_app(fac, nets)
+    console.print(f"x402 facilitator on http://{host}:{port} for {', '.join(nets)} via {url}", highlight=False)
+    sys.stdout.flush()
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+
+def chat_cmd(
+    prompt: Annotated[str, typer.Argument(help="The user message.")],
+    url: Annotated[str, typer.Option(help="Node API base URL.")] = "http://127.0.0.1:9337",
+    wallet_file: Annotated[Optional[Path], typer.Option(help="File (0600) with the buyer's private key; or env MESH402_WALLET_KEY.")] = None,
+    max_per_request: Annotated[str, typer.Option(help="Most one payment may be, in USDC.")] = "0.10",
+    max_per_session: Annotated[str, typer.Option(help="Most this session may pay in all, in USDC.")] = "1.00",
+    max_tokens: Annotated[int, typer.Option(help="Max tokens to generate.")] = 128,
+    model: Annotated[Optional[str], typer.Option(help="Model id (default: the node's default).")] = None,
+    stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Stream tokens as they arrive.")] = True,
+    decimals: Annotated[int, typer.Option(help="Decimals of the payment token.")] = 6,
+) -> None:
+    """Ask a paid node one question, paying with x402 (per request or prepaid credit) within spending caps."""
+    from decimal import Decimal
+
+    from mesh402.economics.client import PaymentFailed, PayingClient, SpendCapExceeded
+
+    key = load_key(wallet_file, "MESH402_WALLET_KEY", "wallet")
+    scale = Decimal(10) ** decimals
+
+    async def run() -> None:
+        async with PayingClient(url, key, max_per_request=int(Decimal(max_per_request) * scale),
+                                max_per_session=int(Decimal(max_per_session) * scale)) as c:
+            try:
+                out = await c.chat([{"role": "user", "content": prompt}], model=model, max_tokens=max_tokens,
+                                   stream=stream, on_delta=lambda t: print(t, end="", flush=True))
+            except (SpendCapExceeded, PaymentFailed) as e:
+                _fail(str(e), 1)
+            if stream:
+                print()
+            else:
+                print(out["choices"][0]["message"]["content"])
+            if out.get("error"):
+                err.print(f"[yellow]{out['error'].get('message')}[/]")
+            sp = c.spend
+            err.print(f"paid {Decimal(sp.settled) / scale} USDC this session from {c.address}"
+                      + (f"; credit left {Decimal(sp.credit_balance) / scale}" if sp.credit_balance is not None else ""),
+                      highlight=False)
+    asyncio.run(run())
+
+
+def payments_status_lines(home: Path) -> list[str]:
+    """Revenue and credit from the node's payment ledger (read-only; works while the node runs or not)."""
+    path = home / "payments.sqlite"
+    if not path.exists():
+        return ["payments: none (free node, or no paid request yet)"]
+    from mesh402.economics.ledger import Ledger
+    s = Ledger(path).summary()
+    fmt = lambda a: f"{a / 1e6:.6f}"  # noqa: E731
+    return [f"payments: {s['settled_payments']} settled, revenue {fmt(s['revenue'])} USDC "
+            f"(per-request {fmt(s['revenue_per_request'])}, credit sold {fmt(s['credit_sold'])})",
+            f"credit: used {fmt(s['credit_used'])}, outstanding {fmt(s['credit_outstanding'])} USDC; "
+            f"in flight {s['in_flight']}, failed settlements {s['failed_settlements']}"]

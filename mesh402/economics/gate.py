@@ -1,0 +1,517 @@
+"""x402 v2 at the API edge: one `PaymentGate` the OpenAI routes call around each generation.
+
+    charge = await gate.authorize(request, model_id, prompt_tokens, max_tokens, stream)   # before any work
+    if charge.replay: return charge.replay           # a retried request, answered from the ledger
+    ... generate ...
+    response = await gate.respond(charge, fin, body, headers)   # settle after success (non-streaming)
+    await gate.release(charge, reason)                           # on failure: nothing is settled
+
+Two ways to pay:
+- per request (`--price` only): the standard `exact` scheme, one EIP-3009 authorization per request,
+  verified with the facilitator before any work and settled only after the answer is complete;
+- metered (`--price-per-1k`): prepaid credit bought with the same `exact` scheme (the authorization is
+  a top-up attached to a request, settled after it succeeds) and drawn down by the tokens actually used.
+  The leftover stays on the payer's account; `X-Mesh402-Credit: <token>` spends it on later requests.
+
+Streaming is never buffered: tokens flow as they are generated, settlement runs after the last token
+and its outcome arrives in-band as a final SSE chunk (`"choices": []` plus an `x402` object) before
+`data: [DONE]`; the same record is kept in the ledger.
+
+Requests that arrive from an admitted mesh peer (the mesh layer's middleware sets
+`request.state.mesh_peer`) were already charged by the entry node and pass free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from mesh402.api.errors import APIError
+from mesh402.config import PaymentsConfig
+from mesh402.economics.ledger import IN_FLIGHT, Ledger, auth_id_for
+from mesh402.economics.networks import Asset
+
+log = logging.getLogger(__name__)
+
+CREDIT_HEADER = "X-Mesh402-Credit"  # request: a credit token to spend
+CREDIT_TOKEN_HEADER = "X-Mesh402-Credit-Token"  # response: token for the credit this payment bought
+CREDIT_BALANCE_HEADER = "X-Mesh402-Credit-Balance"
+CREDIT_CHARGED_HEADER = "X-Mesh402-Credit-Charged"
+REPLAY_HEADER = "X-Mesh402-Replayed"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+# Generation speed assumed until this node has measured its own (tokens per second, per model).
+DEFAULT_DECODE_TPS = 4.0
+DEFAULT_PREFILL_TPS = 40.0
+WINDOW_SAFETY = 2.0  # the window allows twice the estimated generation time
+MAX_WINDOW_S = 3600
+
+
+def b64json(obj: Any) -> str:
+    return base64.b64encode(json.dumps(obj, separators=(",", ":")).encode()).decode()
+
+
+@dataclass
+class Charge:
+    """One request's payment state between authorize() and respond()/finish_stream()/release()."""
+    mode: str  # peer | exact | credit
+    request_id: str
+    model_id: str = ""
+    prompt_tokens: int = 0
+    max_tokens: int = 0
+    stream: bool = False
+    payer: str | None = None
+    auth_id: str | None = None
+    payload: Any = None  # x402 PaymentPayload
+    requirements: Any = None  # x402 PaymentRequirements
+    amount: int = 0  # the authorization's amount
+    hold_id: str | None = None
+    available: int = 0  # credit usable by this request: held balance + pending top-up
+    completion_seen: int = 0
+    keys: list[str] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict)  # to add to the response
+    replay: Response | None = None
+    exhausted: bool = False
+    finished: bool = False
+    gate: "PaymentGate | None" = None
+
+    def take_token(self) -> bool:
+        """Metering while streaming: count one more completion token; False once credit runs out."""
+        self.completion_seen += 1
+        if self.mode != "credit" or self.gate is None or self.completion_seen >= self.max_tokens:
+            return True
+        if self.gate.cost(self.prompt_tokens, self.completion_seen + 1) > self.available:
+            self.exhausted = True
+            return False
+        return True
+
+
+class PaymentGate:
+    def __init__(self, cfg: PaymentsConfig, home: Path, *, facilitator: Any = None) -> None:
+        if not cfg.pay_to:
+            raise ValueError("payments need --pay-to ADDRESS (where buyers' USDC goes)")
+        if not (cfg.network and cfg.asset and cfg.asset_name and cfg.asset_version):
+            raise ValueError("payments need a network and an asset with its EIP-712 name and version")
+        self.cfg = cfg
+        self.asset = Asset(cfg.network, cfg.asset, cfg.asset_name, cfg.asset_version, cfg.asset_decimals)
+        self.ledger = Ledger(cfg.ledger_path or Path(home) / "payments.sqlite")
+        if facilitator is None:
+            from x402.http import FacilitatorConfig, HTTPFacilitatorClient
+            if not cfg.facilitator_url:
+                raise ValueError("payments need --facilitator URL")
+            facilitator = HTTPFacilitatorClient(FacilitatorConfig(url=cfg.facilitator_url, timeout=60.0))
+        self.facilitator = facilitator
+        self.speed: dict[str, tuple[float, float]] = {}  # model -> (prefill tok/s, decode tok/s)
+        self._recovered = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.recovery = self.ledger.recover()
+
+    # ---- pricing ---------------------------------------------------------------------------------
+
+    @property
+    def metered(self) -> bool:
+        return self.cfg.price_per_1k_tokens > 0
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> int:
+        """Atomic units for one request: the per-request price plus tokens at the per-1k rate (rounded up)."""
+        tokens = prompt_tokens + completion_tokens
+        return self.cfg.price_per_request + -(-tokens * self.cfg.price_per_1k_tokens // 1000)
+
+    def topup_amount(self, prompt_tokens: int, max_tokens: int) -> int:
+        return max(self.cfg.credit_topup, self.cost(prompt_tokens, max_tokens))
+
+    def window_s(self, model_id: str, prompt_tokens: int, max_tokens: int) -> int:
+        """Seconds the authorization must stay valid: a long answer on a slow node is still settleable."""
+        prefill, decode = self.speed.get(model_id, (DEFAULT_PREFILL_TPS, DEFAULT_DECODE_TPS))
+        est = prompt_tokens / prefill + max_tokens / decode
+        return int(min(MAX_WINDOW_S, self.cfg.window_base_s + WINDOW_SAFETY * est))
+
+    def observe(self, model_id: str, fin: Any) -> None:
+        """Update the measured speed (EWMA) from a finished generation."""
+        try:
+            ttft, total = float(fin.ttft_s), float(fin.total_s)
+            if fin.completion_tokens < 4 or total <= ttft or ttft <= 0:
+                return
+            pre = fin.prompt_tokens / ttft
+            dec = (fin.completion_tokens - 1) / (total - ttft)
+        except (AttributeError, TypeError, ZeroDivisionError):
+            return
+        old = self.speed.get(model_id)
+        self.speed[model_id] = (pre, dec) if old is None else (0.7 * old[0] + 0.3 * pre, 0.7 * old[1] + 0.3 * dec)
+
+    def requirements(self, amount: int, timeout_s: int) -> Any:
+        from x402.schemas import PaymentRequirements
+        return PaymentRequirements(
+            scheme="exact", network=self.asset.network, asset=self.asset.address, amount=str(amount),
+            pay_to=self.cfg.pay_to, max_timeout_seconds=int(timeout_s),
+            extra={"name": self.asset.name, "version": self.asset.version})
+
+    # ---- 402 -------------------------------------------------------------------------------------
+
+    def payment_required(self, request: Request, req: Any, message: str, code: str = "payment_required",
+                         settle: dict[str, Any] | None = None, status: int = 402) -> APIError:
+        from x402.schemas import PaymentRequired, ResourceInfo
+        desc = ("prepaid inference credit (metered per token)" if self.metered else "one LLM completion")
+        pr = PaymentRequired(error=message, resource=ResourceInfo(url=str(request.url), description=desc,
+                                                                  mime_type="application/json"), accepts=[req])
+        headers = {"PAYMENT-REQUIRED": base64.b64encode(pr.model_dump_json(by_alias=True, exclude_none=True)
+                                                        .encode()).decode()}
+        if settle is not None:
+            headers["PAYMENT-RESPONSE"] = b64json(settle)
+        return APIError(status, message, type="payment_required", code=code, headers=headers)
+
+    # ---- authorize -------------------------------------------------------------------------------
+
+    async def authorize(self, request: Request, model_id: str, prompt_tokens: int, max_tokens: int,
+                        stream: bool) -> Charge:
+        """Check payment before any work; raises APIError(402/409/...) or returns a Charge."""
+        rid = uuid.uuid4().hex
+        if getattr(request.state, "mesh_peer", None):
+            return Charge("peer", rid, model_id, prompt_tokens, max_tokens, stream)
+        self._start_recovery()
+        body = await request.body()
+        fp = hashlib.sha256(request.url.path.encode() + b"\0" + body).hexdigest()
+        window = self.window_s(model_id, prompt_tokens, max_tokens)
+        amount = self.topup_amount(prompt_tokens, max_tokens) if self.metered else self.cfg.price_per_request
+        reqs = self.requirements(amount, math.ceil(window * 1.2) + 10)
+        charge = Charge("credit" if self.metered else "exact", rid, model_id, prompt_tokens, max_tokens, stream,
+                        gate=self)
+
+        idem = request.headers.get(IDEMPOTENCY_HEADER)
+        if idem:
+            if len(idem) > 200:
+                raise APIError(400, "Idempotency-Key is longer than 200 characters", param=IDEMPOTENCY_HEADER)
+            charge.keys.append("idem:" + idem)
+        sig = request.headers.get("PAYMENT-SIGNATURE") or request.headers.get("X-PAYMENT")
+        payload = auth = None
+        if sig:
+            payload, auth = self._decode(request, reqs, sig)
+            charge.auth_id = auth_id_for(payload.accepted.network, payload.accepted.asset, auth["from"],
+                                         auth["nonce"])
+            charge.keys.append("auth:" + charge.auth_id)
+
+        # A retry of a request already answered: replay it, pay nothing, generate nothing.
+        for key in charge.keys:
+            stored = self.ledger.response(key)
+            if stored is None:
+                continue
+            if stored.fingerprint != fp:
+                if key.startswith("idem:"):
+                    raise APIError(422, "this Idempotency-Key was used for a different request",
+                                   code="idempotency_key_reused", param=IDEMPOTENCY_HEADER)
+                row = self.ledger.payment(charge.auth_id or "")
+                raise self.payment_required(request, reqs, "this payment authorization was already used for "
+                                            "another request; sign a new one", "authorization_already_used",
+                                            settle=json.loads(row.settle_json) if row and row.settle_json else None)
+            if stored.state != "done":
+                raise APIError(409, "the same request (same Idempotency-Key or payment) is still in progress",
+                               code="request_in_progress")
+            headers = {**stored.headers, REPLAY_HEADER: "true"}
+            charge.replay = Response(stored.body or b"", status_code=stored.status or 200, headers=headers)
+            return charge
+
+        if payload is not None:
+            assert charge.auth_id is not None and auth is not None
+            row = self.ledger.payment(charge.auth_id)
+            if row is not None and row.state in IN_FLIGHT:
+                raise APIError(409, "this payment authorization is in use by a request in progress",
+                               code="request_in_progress")
+            if row is not None and row.state in ("settled", "failed"):
+                raise self.payment_required(request, reqs, f"this payment authorization was already {row.state}"
+                                            f"{' in ' + row.tx if row.tx else ''}; sign a new one",
+                                            "authorization_already_used",
+                                            settle=json.loads(row.settle_json) if row.settle_json else None)
+            await self._verify(request, reqs, payload, auth, window)
+            charge.payer, charge.payload, charge.requirements, charge.amount = auth["from"], payload, reqs, amount
+            ok = self.ledger.claim_payment(
+                charge.auth_id, payer=auth["from"], amount=amount, network=self.asset.network,
+                asset=self.asset.address, pay_to=self.cfg.pay_to or "", kind="credit" if self.metered else "request",
+                request_id=rid, payload_json=payload.model_dump_json(by_alias=True, exclude_none=True),
+                requirements_json=reqs.model_dump_json(by_alias=True, exclude_none=True))
+            if not ok:
+                raise APIError(409, "this payment authorization is in use by a request in progress",
+                               code="request_in_progress")
+
+        if self.metered:
+            try:
+                self._fund_credit(request, charge, reqs, stream)
+            except BaseException:
+                if charge.auth_id and payload is not None:
+                    self.ledger.mark_released(charge.auth_id, "credit check failed")
+                raise
+        elif payload is None:
+            raise self.payment_required(
+                request, reqs, f"payment required: {self.asset.fmt(amount)} per request "
+                f"(x402 exact on {self.asset.network}; send PAYMENT-SIGNATURE)")
+
+        if charge.keys and self.ledger.begin_response(charge.keys, fp, charge.payer) is not None:
+            await self.release(charge, "a concurrent retry took this request")
+            raise APIError(409, "the same request (same Idempotency-Key or payment) is still in progress",
+                           code="request_in_progress")
+        return charge
+
+    def _decode(self, request: Request, reqs: Any, sig: str) -> tuple[Any, dict[str, Any]]:
+        from x402.schemas import PaymentPayload
+        try:
+            data = json.loads(base64.b64decode(sig.strip(), validate=False))
+            if int(data.get("x402Version", 0)) != 2:
+                raise ValueError("only x402Version 2 is accepted")
+            payload = PaymentPayload.model_validate(data)
+            auth = payload.payload["authorization"]
+            _ = (auth["from"], auth["to"], auth["value"], auth["validBefore"], auth["nonce"])
+        except Exception as e:
+            raise self.payment_required(request, reqs, f"malformed PAYMENT-SIGNATURE: {e}",
+                                        "invalid_payload") from None
+        return payload, auth
+
+    async def _verify(self, request: Request, reqs: Any, payload: Any, auth: dict[str, Any], window: int) -> None:
+        acc = payload.accepted
+        mismatch = None
+        if acc.scheme != "exact":
+            mismatch = ("unsupported_scheme", f"scheme {acc.scheme!r} is not accepted here; use 'exact'")
+        elif acc.network != reqs.network:
+            mismatch = ("invalid_network", f"network {acc.network} does not match {reqs.network}")
+        elif acc.asset.lower() != reqs.asset.lower():
+            mismatch = ("invalid_exact_evm_payload_asset_mismatch",
+                        f"asset {acc.asset} is not this node's token {reqs.asset}")
+        elif acc.pay_to.lower() != reqs.pay_to.lower() or str(auth["to"]).lower() != reqs.pay_to.lower():
+            mismatch = ("invalid_exact_evm_payload_recipient_mismatch", f"payment must go to {reqs.pay_to}")
+        elif str(acc.amount) != reqs.amount or str(auth["value"]) != reqs.amount:
+            mismatch = ("invalid_exact_evm_payload_authorization_value_mismatch",
+                        f"this request costs {reqs.amount} atomic units, the authorization is for {auth['value']}")
+        if mismatch is None:
+            left = int(auth["validBefore"]) - int(time.time())
+            if left <= 0:
+                mismatch = ("invalid_exact_evm_payload_authorization_valid_before", "the authorization has expired")
+            elif left < window:
+                mismatch = ("authorization_window_too_short",
+                            f"the authorization expires in {left}s but this request may take up to {window}s "
+                            f"to generate and settle; sign with validBefore at least now+{window}")
+        if mismatch is not None:
+            raise self.payment_required(request, reqs, f"payment rejected: {mismatch[1]}", mismatch[0])
+        try:
+            res = await self.facilitator.verify(payload, reqs)
+        except Exception as e:
+            log.warning("facilitator verify failed: %s", e)
+            raise APIError(502, f"the payment facilitator is unreachable: {type(e).__name__}",
+                           type="server_error", code="facilitator_unavailable") from None
+        if not res.is_valid:
+            reason = res.invalid_reason or "invalid_payment"
+            detail = f" ({res.invalid_message})" if res.invalid_message else ""
+            raise self.payment_required(request, reqs, f"payment rejected: {reason}{detail}"[:500], reason)
+
+    def _fund_credit(self, request: Request, charge: Charge, reqs: Any, stream: bool) -> None:
+        full = self.cost(charge.prompt_tokens, charge.max_tokens)
+        need = self.cost(charge.prompt_tokens, 1) if stream else full
+        if charge.payload is not None:  # a top-up pays for this request; existing credit is used first
+            held = self.ledger.hold(charge.payer or "", full, charge.request_id, minimum=0)
+            assert held is not None
+            charge.hold_id, charge.available = held[0], held[1] + charge.amount
+            charge.headers[CREDIT_TOKEN_HEADER] = self.ledger.issue_token(charge.payer or "")
+            return
+        token = request.headers.get(CREDIT_HEADER)
+        if not token:
+            raise self.payment_required(
+                request, reqs, f"payment required: {self.asset.fmt(self.cfg.price_per_1k_tokens)} per 1k tokens"
+                f"{' + ' + self.asset.fmt(self.cfg.price_per_request) + ' per request' if self.cfg.price_per_request else ''}"
+                f", from prepaid credit; buy {self.asset.fmt(reqs and int(reqs.amount))} with x402 exact "
+                f"(PAYMENT-SIGNATURE) or send {CREDIT_HEADER}: <token>")
+        payer = self.ledger.account_for_token(token.strip())
+        if payer is None:
+            raise APIError(401, f"unknown {CREDIT_HEADER} token", type="authentication_error",
+                           code="invalid_credit_token")
+        held = self.ledger.hold(payer, full, charge.request_id, minimum=need)
+        if held is None:
+            bal = self.ledger.balance(payer)
+            raise self.payment_required(
+                request, reqs, f"insufficient credit: {self.asset.fmt(bal)} left, this request needs "
+                f"{self.asset.fmt(need)}{'' if stream else ' (prompt + max_tokens)'}; top up with x402",
+                "insufficient_credit")
+        charge.payer, charge.hold_id, charge.available = payer, held[0], held[1]
+
+    # ---- settle / release -----------------------------------------------------------------------
+
+    async def _settle_payment(self, charge: Charge) -> dict[str, Any]:
+        """Settle the charge's authorization; -> the SettlementResponse JSON (success or not)."""
+        assert charge.auth_id is not None
+        self.ledger.mark_settling(charge.auth_id)
+        try:
+            res = await self.facilitator.settle(charge.payload, charge.requirements)
+            out = res.model_dump(by_alias=True, exclude_none=True)
+        except Exception as e:
+            log.warning("settlement failed: %s", e)
+            out = {"success": False, "errorReason": "unexpected_settle_error", "errorMessage": str(e)[:300],
+                   "transaction": "", "network": self.asset.network, "payer": charge.payer}
+        if out.get("success"):
+            out.setdefault("amount", str(charge.amount))
+            self.ledger.mark_settled(charge.auth_id, out.get("transaction", ""), json.dumps(out))
+        else:
+            self.ledger.mark_failed(charge.auth_id, out.get("errorReason") or "settle_failed", json.dumps(out))
+        return out
+
+    async def complete(self, charge: Charge, fin: Any | None) -> dict[str, Any]:
+        """After a successful generation: settle / draw down credit. -> {"ok", "headers", "x402"}."""
+        charge.finished = True
+        if charge.mode == "peer":
+            return {"ok": True, "headers": {}, "x402": None}
+        if fin is not None:
+            self.observe(charge.model_id, fin)
+            completion = int(fin.completion_tokens)
+            prompt = int(fin.prompt_tokens)
+        else:
+            completion, prompt = charge.completion_seen, charge.prompt_tokens
+        headers = dict(charge.headers)
+        info: dict[str, Any] = {}
+        ok = True
+        if charge.payload is not None:
+            settle = await self._settle_payment(charge)
+            headers["PAYMENT-RESPONSE"] = b64json(settle)
+            info["settlement"] = settle
+            ok = bool(settle.get("success"))
+            if ok and charge.hold_id:
+                self.ledger.topup(charge.payer or "", charge.amount, charge.auth_id or "", into_hold=charge.hold_id)
+        if charge.hold_id:
+            cost = self.cost(prompt, completion) if ok else 0
+            charged, bal = self.ledger.close_hold(charge.hold_id, cost, charge.request_id)
+            headers[CREDIT_CHARGED_HEADER] = str(charged)
+            headers[CREDIT_BALANCE_HEADER] = str(bal)
+            info["credit"] = {"charged": str(charged), "balance": str(bal), "asset": self.asset.address,
+                              "usage": {"prompt_tokens": prompt, "completion_tokens": completion}}
+            if CREDIT_TOKEN_HEADER in headers:
+                info["credit"]["token"] = headers[CREDIT_TOKEN_HEADER]
+            if charge.exhausted:
+                info["credit"]["exhausted"] = True
+        return {"ok": ok, "headers": headers, "x402": info}
+
+    async def release(self, charge: Charge, reason: str) -> None:
+        """The work failed or never started: settle nothing, return held credit."""
+        if charge.finished or charge.mode == "peer":
+            return
+        charge.finished = True
+        if charge.auth_id and charge.payload is not None:
+            self.ledger.mark_released(charge.auth_id, reason[:300])
+        if charge.hold_id:
+            self.ledger.close_hold(charge.hold_id, 0, charge.request_id)
+        if charge.keys:
+            self.ledger.drop_responses(charge.keys)
+
+    async def respond(self, charge: Charge, fin: Any, body: dict[str, Any], headers: dict[str, str]) -> Response:
+        """Non-streaming success: settle, then answer with PAYMENT-RESPONSE (402 if settlement failed)."""
+        res = await self.complete(charge, fin)
+        if not res["ok"]:
+            settle = res["x402"].get("settlement") or {}
+            err = self.payment_required_for(charge, f"settlement failed: {settle.get('errorReason')}",
+                                            settle.get("errorReason") or "settle_failed", settle)
+            if charge.keys:
+                self.ledger.drop_responses(charge.keys)
+            return err.response()
+        all_headers = {**headers, **res["headers"]}
+        resp = JSONResponse(body, headers=all_headers)
+        if charge.keys:
+            stored = {k: v for k, v in all_headers.items() if k != CREDIT_TOKEN_HEADER}
+            stored["content-type"] = "application/json"
+            self.ledger.finish_response(charge.keys, 200, stored, bytes(resp.body))
+        return resp
+
+    def payment_required_for(self, charge: Charge, message: str, code: str, settle: dict[str, Any]) -> APIError:
+        return APIError(402, message, type="payment_required", code=code,
+                        headers={"PAYMENT-RESPONSE": b64json(settle)})
+
+    async def finish_stream(self, charge: Charge, fin: Any | None, error: str | None,
+                            transcript: bytes = b"") -> dict[str, Any] | None:
+        """End of a paid stream -> the in-band x402 record. A completed stream (or one cut off when credit
+        ran out) is settled / drawn down; a server-side failure settles nothing."""
+        if charge.mode == "peer":
+            return None
+        if error is not None:
+            await self.release(charge, error)
+            return {"settlement": None, "released": True, "reason": "generation failed; nothing was charged"}
+        res = await self.complete(charge, fin)
+        if not res["ok"] and charge.keys:
+            self.ledger.drop_responses(charge.keys)
+            charge.keys = []
+        return res["x402"]
+
+    def store_stream(self, charge: Charge, transcript: bytes) -> None:
+        """Keep the whole SSE body so a retry (same Idempotency-Key / authorization) is replayed."""
+        if charge.keys:
+            self.ledger.finish_response(charge.keys, 200, {"content-type": "text/event-stream"}, transcript)
+
+    def abandon_stream(self, charge: Charge) -> None:
+        """The client went away mid-stream. Tokens it received are paid for (credit: exactly those;
+        per request: the price, once any token was delivered); otherwise nothing is settled."""
+        if charge.finished or charge.mode == "peer":
+            return
+
+        async def run() -> None:
+            if charge.completion_seen == 0:
+                await self.release(charge, "client disconnected before any token")
+            else:
+                await self.complete(charge, None)
+                if charge.keys:
+                    self.ledger.drop_responses(charge.keys)
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- crash recovery ---------------------------------------------------------------------------
+
+    def _start_recovery(self) -> None:
+        """Settlements in flight when the node stopped are finished (the work was already delivered)."""
+        if self._recovered:
+            return
+        self._recovered = True
+        rows = self.ledger.settling()
+        if not rows:
+            return
+
+        async def run() -> None:
+            from x402.schemas import PaymentPayload, PaymentRequirements
+            for row in rows:
+                try:
+                    c = Charge("exact", row.request_id or "", payer=row.payer, auth_id=row.auth_id,
+                               payload=PaymentPayload.model_validate_json(row.payload_json or "{}"),
+                               requirements=PaymentRequirements.model_validate_json(row.requirements_json or "{}"),
+                               amount=row.amount)
+                    out = await self._settle_payment(c)
+                    if out.get("success") and row.kind == "credit":
+                        self.ledger.topup(row.payer, row.amount, row.auth_id)
+                except Exception:
+                    log.exception("re-settling %s failed", row.auth_id)
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def install_routes(self, app: Any) -> None:
+        """GET /v1/x402/credit (balance for X-Mesh402-Credit) and GET /v1/x402/status (revenue summary)."""
+
+        @app.get("/v1/x402/credit")
+        async def credit(request: Request) -> dict[str, Any]:
+            token = request.headers.get(CREDIT_HEADER, "").strip()
+            payer = self.ledger.account_for_token(token) if token else None
+            if payer is None:
+                raise APIError(401, f"send {CREDIT_HEADER}: <token> from a credit purchase",
+                               type="authentication_error", code="invalid_credit_token")
+            return {"payer": payer, "balance": str(self.ledger.balance(payer)), "held": str(self.ledger.held(payer)),
+                    "asset": self.asset.address, "network": self.asset.network}
+
+        @app.get("/v1/x402/status")
+        async def status() -> dict[str, Any]:
+            return self.status()
+
+    def status(self) -> dict[str, Any]:
+        return {"asset": self.asset.address, "network": self.asset.network, "pay_to": self.cfg.pay_to,
+                "price_per_request": self.cfg.price_per_request, "price_per_1k_tokens": self.cfg.price_per_1k_tokens,
+                **self.ledger.summary()}

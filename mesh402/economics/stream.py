@@ -1,0 +1,77 @@
+"""SSE for a paid request: tokens flow unbuffered, payment is settled after the last one.
+
+Order of events on the wire (OpenAI chunk shapes throughout):
+  role chunk, content chunks as generated, the finish chunk (`length` if prepaid credit ran out),
+  the usage chunk (if asked for), an in-band error object if credit ran out (`insufficient_credit`)
+  or generation failed, then the x402 record `{"choices": [], "x402": {...}}`, then `data: [DONE]`.
+The x402 record carries the SettlementResponse (per-request price or credit top-up) and/or the credit
+draw-down; it is produced after the last token, so a client learns the outcome before [DONE].
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from mesh402.api.errors import APIError
+from mesh402.serving.generation import Delta, Finished
+
+log = logging.getLogger(__name__)
+
+
+async def paid_sse(gate: Any, charge: Any, events: AsyncIterator[Delta | Finished], chunk: Callable[..., dict],
+                   sse: Callable[[Any], bytes], usage: Callable[[Finished], dict], include_usage: bool,
+                   prompt_tokens: int) -> AsyncIterator[bytes]:
+    sent: list[bytes] = []
+
+    def emit(obj: Any) -> bytes:
+        sent.append(sse(obj))
+        return sent[-1]
+    fin: Finished | None = None
+    error: str | None = None
+    try:
+        yield emit(chunk(None, None, True))
+        try:
+            async with contextlib.aclosing(events) as evs:  # type: ignore[type-var]
+                async for ev in evs:
+                    if isinstance(ev, Delta):
+                        yield emit(chunk(ev.text, None, False))
+                        if not charge.take_token():  # prepaid credit ran out: end cleanly
+                            break
+                    else:
+                        fin = ev
+        except Exception as e:
+            log.exception("generation failed mid-stream")
+            error = f"generation failed: {e}"
+        if error is None:
+            yield emit(chunk(None, fin.reason if fin else "length", False))
+            if include_usage:
+                last = chunk(None, None, False)
+                last["choices"] = []
+                last["usage"] = usage(fin) if fin else {
+                    "prompt_tokens": prompt_tokens, "completion_tokens": charge.completion_seen,
+                    "total_tokens": prompt_tokens + charge.completion_seen}
+                yield emit(last)
+        record = await gate.finish_stream(charge, fin, error)
+        tail: list[bytes] = []
+        if error is not None:
+            tail.append(sse(APIError(500, error, type="server_error").body()))
+        elif charge.exhausted:
+            tail.append(sse(APIError(402, f"prepaid credit ran out after {charge.completion_seen} tokens; "
+                                     "top up to continue", type="payment_required",
+                                     code="insufficient_credit").body()))
+        if record is not None:
+            last = chunk(None, None, False)
+            last["choices"] = []
+            last["x402"] = record
+            tail.append(sse(last))
+        tail.append(b"data: [DONE]\n\n")
+        if error is None:
+            gate.store_stream(charge, b"".join(sent + tail))
+        for b in tail:
+            yield b
+    finally:
+        if not charge.finished:  # the client went away mid-stream
+            gate.abandon_stream(charge)
