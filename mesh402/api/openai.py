@@ -6,6 +6,7 @@ import contextlib
 import hmac
 import json
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -22,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mesh402.api.errors import APIError, bad_request, unavailable
 from mesh402.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from mesh402.config import NodeConfig
-from mesh402.serving.generation import Delta, Finished, GenerationRequest
+from mesh402.serving.generation import Delta, Finished, GenerationRequest, Stepper, generate
 from mesh402.serving.registry import ModelEntry, ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ class Prepared:
     entry: ModelEntry
     prompt_ids: list[int]
     gen: GenerationRequest
-    session: Any
+    stepper: Stepper
 
 
 def _validation_message(err: ValidationError | RequestValidationError) -> str:
@@ -133,6 +134,7 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({want}) exceeds the context window ({n_ctx})",
                 code="context_length_exceeded", param="max_tokens")
         max_tokens = want if want is not None else min(room, config.limits.default_max_tokens)
+        seed = req.seed if req.seed is not None else secrets.randbits(63)  # concrete, so any stage draws alike
         try:
             sampling = SamplingParams(
                 temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
@@ -142,18 +144,18 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
                 repetition_penalty=req.repetition_penalty or 1.0,
                 frequency_penalty=req.frequency_penalty or 0.0,
                 presence_penalty=req.presence_penalty or 0.0,
-                seed=req.seed,
+                seed=seed,
             )
         except ValueError as e:
             raise bad_request(str(e)) from None
         try:
-            session = await local.open(len(prompt_ids) + max_tokens)
+            stepper = await local.open(len(prompt_ids) + max_tokens, sampling)
         except EngineFull as e:
             raise unavailable(f"node is at capacity: {e}", config.timers.retry_after_s, code="overloaded") from None
         except ContextTooLong as e:
             raise bad_request(str(e), code="context_length_exceeded") from None
         gen = GenerationRequest(prompt_ids, max_tokens, sampling, req.stop_list(), uuid.uuid4().hex)
-        return Prepared(entry, prompt_ids, gen, session)
+        return Prepared(entry, prompt_ids, gen, stepper)
 
     def usage(fin: Finished) -> dict[str, Any]:
         return {
@@ -166,7 +168,7 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
     async def run_stream(p: Prepared) -> AsyncIterator[Delta | Finished]:
         local = p.entry.local
         assert local is not None
-        async with contextlib.aclosing(local.generate(p.gen, p.session)) as events:
+        async with contextlib.aclosing(generate(p.gen, p.stepper, local.tokenizer, local.eos_ids)) as events:
             async for ev in events:
                 yield ev
 
@@ -289,7 +291,7 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
             include = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(stream_events(p, include, chunk, charge), media_type="text/event-stream",
                                      headers={**headers, "Cache-Control": "no-cache"},
-                                     background=BackgroundTask(p.session.release))
+                                     background=BackgroundTask(p.stepper.release))
         out, fin = await collect(p, charge)
         body = {
             "id": cid, "object": "chat.completion", "created": created, "model": entry.model_id,
@@ -332,7 +334,7 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
             include = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(stream_events(p, include, chunk, charge), media_type="text/event-stream",
                                      headers={**headers, "Cache-Control": "no-cache"},
-                                     background=BackgroundTask(p.session.release))
+                                     background=BackgroundTask(p.stepper.release))
         out, fin = await collect(p, charge)
         body = {
             "id": cid, "object": "text_completion", "created": created, "model": entry.model_id,

@@ -1,7 +1,9 @@
-"""Run one request's generation loop against a local engine.
+"""One request's generation loop, independent of where the model's layers run.
 
-All engine calls for a node go through one worker thread: torch runs single-threaded per node,
-and concurrent requests interleave step by step, each in its own KV session.
+A `Stepper` feeds tokens and returns the next sampled token: `LocalStepper` runs the whole model in
+this process; the pipeline stepper (serving/pipeline.py) drives stages on other nodes, where the
+last stage samples. The loop here owns what the client sees: stop tokens, stop strings,
+max_tokens, incremental text, usage.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from mesh402.serving.stops import StopMatcher
 
@@ -23,7 +25,7 @@ log = logging.getLogger(__name__)
 class GenerationRequest:
     prompt_ids: list[int]
     max_tokens: int
-    sampling: Any  # mesh402.engine.sampling.SamplingParams (engine types stay opaque here)
+    sampling: Any  # mesh402.engine.sampling.SamplingParams with a concrete seed
     stop: list[str] = field(default_factory=list)
     request_id: str = ""
 
@@ -44,75 +46,108 @@ class Finished:
     total_s: float = 0.0
 
 
+class Stepper(Protocol):
+    cached_tokens: int
+
+    async def prefill(self, ids: list[int]) -> int:
+        """Feed the prompt; return the first sampled token."""
+
+    async def decode(self, token: int) -> int:
+        """Feed one sampled token; return the next."""
+
+    def release(self) -> None:
+        """Free the KV state; safe to call more than once and from any context."""
+
+
+async def generate(req: GenerationRequest, stepper: Stepper, tokenizer: Any,
+                   eos_ids: list[int]) -> AsyncIterator[Delta | Finished]:
+    eos = set(eos_ids)
+    decoder = tokenizer.incremental_decoder()
+    stops = StopMatcher(req.stop)
+    t0 = time.perf_counter()
+    ttft = 0.0
+    produced = 0
+    reason = "length"
+    try:
+        token = await stepper.prefill(req.prompt_ids)
+        ttft = time.perf_counter() - t0
+        while True:
+            produced += 1
+            if token in eos:
+                reason = "stop"
+                break
+            text = stops.push(decoder.push(token))
+            if text:
+                yield Delta(text, token)
+            if stops.stopped:
+                reason = "stop"
+                break
+            if produced >= req.max_tokens:
+                break
+            token = await stepper.decode(token)
+        tail = stops.push(decoder.flush()) + stops.flush()
+        if tail:
+            yield Delta(tail)
+        yield Finished(reason, len(req.prompt_ids), produced, stepper.cached_tokens, ttft,
+                       time.perf_counter() - t0)
+    finally:
+        stepper.release()
+
+
 class LocalModel:
-    """A loaded engine plus the single worker thread that drives it."""
+    """A whole model loaded in this process, driven by the node's single engine thread."""
 
     def __init__(self, engine: Any, executor: ThreadPoolExecutor) -> None:
         self.engine = engine
-        self._executor = executor
-        self.active = 0
+        self.executor = executor
 
     @property
     def n_ctx(self) -> int:
         return int(self.engine.info.n_ctx)
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
 
-    async def open(self, max_len: int) -> "Lease":
+    @property
+    def eos_ids(self) -> list[int]:
+        return list(self.engine.eos_token_ids)
+
+    async def open(self, max_len: int, sampling: Any) -> "LocalStepper":
         """Reserve a KV session up front so capacity errors surface before any response is sent."""
-        return Lease(await self._run(self.engine.new_session, max_len), self._executor)
-
-    async def generate(self, req: GenerationRequest, lease: "Lease") -> AsyncIterator[Delta | Finished]:
-        from mesh402.engine.sampling import Sampler  # engine import stays lazy: the API imports no torch
-
-        engine = self.engine
-        session = lease.session
-        sampler = Sampler(req.sampling)
-        eos = set(engine.eos_token_ids)
-        decoder = engine.tokenizer.incremental_decoder()
-        stops = StopMatcher(req.stop)
-        history = list(req.prompt_ids)
-        t0 = time.perf_counter()
-        ttft = 0.0
-        produced = 0
-        reason = "length"
-        self.active += 1
-        try:
-            logits = await self._run(session.prefill, req.prompt_ids)
-            while produced < req.max_tokens:
-                token = await self._run(sampler.sample, logits, history, len(history))
-                if produced == 0:
-                    ttft = time.perf_counter() - t0
-                produced += 1
-                if token in eos:
-                    reason = "stop"
-                    break
-                history.append(token)
-                text = stops.push(decoder.push(token))
-                if text:
-                    yield Delta(text, token)
-                if stops.stopped:
-                    reason = "stop"
-                    break
-                if produced < req.max_tokens:
-                    logits = await self._run(session.decode, token)
-            tail = stops.push(decoder.flush()) + stops.flush()
-            if tail:
-                yield Delta(tail)
-            yield Finished(reason, len(req.prompt_ids), produced, 0, ttft, time.perf_counter() - t0)
-        finally:
-            self.active -= 1
-            lease.release()
+        session = await asyncio.get_running_loop().run_in_executor(self.executor, self.engine.new_session, max_len)
+        return LocalStepper(session, sampling, self.executor)
 
 
-class Lease:
-    """A KV session held for one request; released exactly once, from any context."""
+class LocalStepper:
+    def __init__(self, session: Any, sampling: Any, executor: ThreadPoolExecutor) -> None:
+        from mesh402.engine.sampling import Sampler  # lazy: the API process path imports no torch
 
-    def __init__(self, session: Any, executor: ThreadPoolExecutor) -> None:
         self.session = session
+        self.sampler = Sampler(sampling)
+        self.history: list[int] = []
+        self.cached_tokens = 0
         self._executor = executor
         self._released = False
+
+    async def _run(self, fn: Any, *args: Any) -> int:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _prefill(self, ids: list[int]) -> int:
+        logits = self.session.prefill(ids)
+        self.history.extend(ids)
+        return self.sampler.sample(logits, self.history, len(self.history))
+
+    def _decode(self, token: int) -> int:
+        logits = self.session.decode(token)
+        self.history.append(token)
+        return self.sampler.sample(logits, self.history, len(self.history))
+
+    async def prefill(self, ids: list[int]) -> int:
+        return await self._run(self._prefill, ids)
+
+    async def decode(self, token: int) -> int:
+        return await self._run(self._decode, token)
 
     def release(self) -> None:
         if not self._released:
