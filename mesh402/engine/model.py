@@ -189,6 +189,8 @@ class Stage:
         self.inv_freq = cfg.inv_freq(rf).to(dev)
         self._rope_cos: list[torch.Tensor] = []
         self._lock = threading.Lock()
+        self._all_fast = mode == "fast" and all(
+            lin.fast is not None and len(lin.fast) == 1 for L in self.blocks for lin in (L.qkv, L.wo, L.gate_up, L.down))
         self.ws = Workspace(_WS_ELEMS if mode == "exact" or self.head_exact is not None else 0, device=dev)
         self._rope_sin: list[torch.Tensor] = []
 
@@ -280,7 +282,7 @@ class Stage:
                 h = self._embed(x.to(device=self.device, dtype=torch.long))
             else:
                 h = x.to(device=self.device, dtype=torch.float32)
-            h = self._layers(kv, h, start_pos, T)
+            h = (self._layers_fast if self._all_fast else self._layers)(kv, h, start_pos, T)
             kv.length = start_pos + n_real
             if not self.last:
                 return h
@@ -336,4 +338,44 @@ class Stage:
             gu = lw.gate_up(x, ws)
             ff = gu.shape[-1] // 2
             h = h + lw.down(F.silu(gu[:, :ff]) * gu[:, ff:], ws)
+        return h
+
+    def _layers_fast(self, kv: KVCache, h: torch.Tensor, start: int, T: int) -> torch.Tensor:
+        """Fast-mode layer loop: packed low-precision matmuls, fused norms, SDPA, few dtype casts."""
+        nh, nkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        qd, kd = nh * hd, nkv * hd
+        eps = self.eps
+        L = start + T
+        cos, sin = self._rope(start, T)
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        mask = self._mask(start, T)
+        if mask is not None:
+            mask = mask[None]
+        half = hd // 2
+        H = h.shape[-1]
+        bf = torch.bfloat16
+        rms = F.rms_norm
+        sdpa = F.scaled_dot_product_attention
+        gqa = nkv != nh
+        h = h.clone()
+        for li, lw in enumerate(self.blocks):
+            x = rms(h, (H,), lw.attn_norm, eps).to(bf)
+            qkv = lw.qkv.fast[0](x).float()
+            if lw.qkv.bias is not None:
+                qkv += lw.qkv.bias
+            qk = qkv[:, :qd + kd].view(T, nh + nkv, hd)
+            if lw.q_norm is not None:
+                qk = torch.cat((rms(qk[:, :nh], (hd,), lw.q_norm, eps), rms(qk[:, nh:], (hd,), lw.k_norm, eps)), 1)
+            rot = torch.cat((qk[..., half:].neg(), qk[..., :half]), dim=-1)
+            qk = qk * cos + rot * sin
+            kc, vc = kv.k[li], kv.v[li]
+            kc[:, start:L].copy_(qk[:, nh:].transpose(0, 1))
+            vc[:, start:L].copy_(qkv[:, qd + kd:].view(T, nkv, hd).transpose(0, 1))
+            q = qk[:, :nh].transpose(0, 1).unsqueeze(0)
+            o = sdpa(q, kc[None, :, :L], vc[None, :, :L], attn_mask=mask, enable_gqa=gqa)
+            h += lw.wo.fast[0](o[0].transpose(0, 1).reshape(T, qd).to(bf))
+            x = rms(h, (H,), lw.ffn_norm, eps).to(bf)
+            gu = lw.gate_up.fast[0](x)
+            ff = gu.shape[-1] // 2
+            h += lw.down.fast[0](F.silu(gu[:, :ff]) * gu[:, ff:])
         return h
