@@ -330,18 +330,21 @@ def test_stream_ends_cleanly_when_credit_runs_out_then_402(env: Env) -> None:
 
     ch = env.chain
 
-    async def run() -> tuple[dict, int]:
+    async def run() -> tuple[dict, int, str]:
         async with PayingClient(env.metered, ch.key("buyer-2"), max_per_request=50_000) as c:
             await c.chat([{"role": "user", "content": "Say hi"}], max_tokens=5)  # buys 0.002 of credit
             out = await c.chat([{"role": "user", "content": "Tell me a long story about a dragon."}],
                                max_tokens=200, stream=True)
-            return out, c.spend.credit_balance or 0
-    out, balance = asyncio.run(run())
+            return out, c.spend.credit_balance or 0, c.credit_token or ""
+    out, balance, token = asyncio.run(run())
     assert out["error"]["code"] == "insufficient_credit", out
     credit = out["x402"]["credit"]
     assert credit["exhausted"] is True
     assert 0 <= balance < RATE * 2  # spent down to (almost) nothing, never below zero
     assert credit["usage"]["completion_tokens"] < 200
+    r = httpx.post(env.metered + CHAT, json=body(max_tokens=5), headers={"X-Mesh402-Credit": token}, timeout=60)
+    assert r.status_code == 402 and r.json()["error"]["code"] == "insufficient_credit"
+    assert "PAYMENT-REQUIRED" in r.headers  # with an offer to top up
 
 
 def test_node_restart_loses_no_credit(env: Env) -> None:

@@ -37,8 +37,9 @@ async def paid_sse(gate: Any, charge: Any, events: AsyncIterator[Delta | Finishe
             async with contextlib.aclosing(events) as evs:  # type: ignore[type-var]
                 async for ev in evs:
                     if isinstance(ev, Delta):
+                        more = charge.take_token()  # counted before it is sent, so a disconnect pays for it
                         yield emit(chunk(ev.text, None, False))
-                        if not charge.take_token():  # prepaid credit ran out: end cleanly
+                        if not more:  # prepaid credit ran out: end cleanly
                             break
                     else:
                         fin = ev

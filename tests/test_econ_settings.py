@@ -1,0 +1,55 @@
+"""`mesh402 serve` payment flags -> PaymentsConfig."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mesh402.economics.settings import payments_config
+
+FAC = "http://127.0.0.1:4021"
+
+
+def test_free_when_no_price() -> None:
+    cfg = payments_config(price=None, price_per_1k=None, pay_to=None, facilitator=None, network=None, deployment=None)
+    assert not cfg.enabled
+    with pytest.raises(ValueError, match="without --price"):
+        payments_config(price=None, price_per_1k=None, pay_to="0x" + "1" * 40, facilitator=None, network=None,
+                        deployment=None)
+
+
+def test_base_sepolia_usdc_is_the_named_default() -> None:
+    cfg = payments_config(price="0.01", price_per_1k=None, pay_to="0x" + "1" * 40, facilitator=FAC, network=None,
+                          deployment=None)
+    assert cfg.network == "eip155:84532" and cfg.asset == "0x036CbD53842c5426634e7929541eC2318f3dCF7e"
+    assert (cfg.asset_name, cfg.asset_version, cfg.price_per_request) == ("USDC", "2", 10_000)
+    base = payments_config(price=None, price_per_1k="0.5", pay_to="0x" + "1" * 40, facilitator=FAC, network="base",
+                           deployment=None)
+    assert base.network == "eip155:8453" and base.asset_name == "USD Coin" and base.price_per_1k_tokens == 500_000
+
+
+def test_deployment_file_gives_token_and_named_payee(tmp_path: Path) -> None:
+    (tmp_path / "deployment.json").write_text(json.dumps({
+        "network": "eip155:31337", "chainId": 31337, "rpcUrl": "http://127.0.0.1:8545",
+        "asset": {"network": "eip155:31337", "address": "0x" + "a" * 40, "name": "Mesh Test USDC", "version": "2",
+                  "decimals": 6, "symbol": "USDC"},
+        "contracts": {}, "accounts": {"node-0": {"address": "0x" + "b" * 40, "keyFile": "keys/node-0.key"}}}))
+    cfg = payments_config(price="0.01", price_per_1k=None, pay_to="node-0", facilitator=FAC, network=None,
+                          deployment=tmp_path)
+    assert cfg.pay_to == "0x" + "b" * 40 and cfg.asset == "0x" + "a" * 40 and cfg.network == "eip155:31337"
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"pay_to": None}, "--pay-to"),
+    ({"facilitator": None}, "--facilitator"),
+    ({"pay_to": "0x12"}, "0x address"),
+    ({"network": "eip155:1"}, "no default asset"),
+    ({"price": "abc"}, "not a decimal"),
+])
+def test_bad_flags_are_explained(kw: dict, msg: str) -> None:
+    args = dict(price="0.01", price_per_1k=None, pay_to="0x" + "1" * 40, facilitator=FAC, network=None,
+                deployment=None)
+    with pytest.raises(ValueError, match=msg):
+        payments_config(**{**args, **kw})
