@@ -150,8 +150,22 @@ def test_partial_stage_forward_matches(exact, path):
     assert torch.equal(lg, ref)
 
 
-def test_fast_mode_agreement(exact, path):
-    fast = Engine.load(path, mode="fast", load_tokenizer=False)
+@pytest.fixture(scope="module")
+def fast(path):
+    return Engine.load(path, mode="fast", load_tokenizer=False)
+
+
+def test_fast_whole_vs_cached_prefix_bit_identical(fast):
+    s1 = fast.new_session(80)
+    whole = s1.prefill(PROMPT)
+    s1.close()
+    s2 = fast.new_session(80)
+    s2.prefill(PROMPT[:32])
+    assert torch.equal(whole, s2.prefill(PROMPT[32:]))
+    s2.close()
+
+
+def test_fast_mode_agreement(exact, fast, path):
     assert fast.weight_bytes < 1.5 * read_gguf_meta(path).file_size
     n = 64
     s = exact.new_session(len(PROMPT) + n + 1)

@@ -17,6 +17,7 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
+from .chunks import prefill_steps
 from .errors import ContextTooLong, EngineError, EngineFull
 from .kv import KVCache, kv_capacity
 from .model import Stage
@@ -292,15 +293,12 @@ class Session:
         C = self.engine.prefill_chunk
         dev = self.engine.device
         pos = len(self)
-        i = 0
         logits = None
-        while i < len(ids):
-            n = min(len(ids) - i, C - pos % C)          # stop at the next multiple of C
-            chunk = ids[i:i + n] + [0] * (C - n)         # pad to C rows
+        for i, n in prefill_steps(pos, len(ids), C):     # boundaries on multiples of C
+            chunk = ids[i:i + n] + [0] * (C - n)         # every step padded to C rows
             logits = self._run(torch.tensor(chunk, dtype=torch.long, device=dev), pos, n)
             self.tokens[pos:] = ids[i:i + n]
             pos += n
-            i += n
         return logits
 
     @torch.inference_mode()
