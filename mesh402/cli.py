@@ -41,6 +41,9 @@ def serve(
     mode: Annotated[str, typer.Option(help="Numerics: 'fast' (packed quantized kernels) or 'exact' (fp32 dequantized).")] = "fast",
     threads: Annotated[int, typer.Option(help="Torch threads for this node.")] = 1,
     max_sessions: Annotated[int, typer.Option(help="Concurrent generations per model before 503.")] = 16,
+    max_vram: Annotated[Optional[float], typer.Option(help="Weight budget in GB (1e9 bytes, e.g. 0.08); a model larger than the budget is split across nodes.")] = None,
+    max_split_rtt: Annotated[float, typer.Option(help="Peers with a higher RTT (ms) never hold a stage of a split.")] = 80.0,
+    wire_dtype: Annotated[str, typer.Option(help="Activations between stages: f32 (bit-exact), f16 or bf16.")] = "f32",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     join: _mesh.JoinOpt = None,
     join_file: _mesh.JoinFileOpt = None,
@@ -71,6 +74,10 @@ def serve(
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if mode not in ("fast", "exact"):
         _fail("--mode must be 'fast' or 'exact'")
+    if wire_dtype not in ("f32", "f16", "bf16"):
+        _fail("--wire-dtype must be f32, f16 or bf16")
+    if max_vram is not None and max_vram <= 0:
+        _fail("--max-vram must be a positive number of GB")
     try:
         sources = [resolve_model(m) for m in (model or [BUNDLED_MODEL_ID])]
         api_key = load_api_key(api_key_file)
@@ -86,6 +93,7 @@ def serve(
                         host="0.0.0.0" if listen_all else "127.0.0.1", port=port, api_key=api_key,
                         device=device, mode=mode, threads=threads, payments=payments)  # type: ignore[arg-type]
     config.limits.max_sessions = max_sessions
+    config.max_vram_gb, config.max_split_rtt_ms, config.wire_dtype = max_vram, max_split_rtt, wire_dtype  # type: ignore[assignment]
     config.mesh = _mesh.settings_from_flags(
         home=config.home, kind="serving", join=join, join_file=join_file, relay=relay, console_port=console_port,
         console_listen_all=console_listen_all, console_token_file=console_token_file, bind_ip=bind_ip,

@@ -30,6 +30,10 @@ class Limits:
 class Timers:
     retry_after_s: int = 2  # Retry-After sent with 503 while a model loads or the node is full
     shutdown_grace_s: float = 5.0
+    # A pipeline step slower than max(floor, 10 x its measured average) triggers a probe of the
+    # stages (a ping, answered off the compute thread); only a stage that fails it is replaced.
+    stage_step_floor_s: float = 5.0
+    stage_probe_s: float = 3.0
 
 
 @dataclass
@@ -67,6 +71,9 @@ class NodeConfig:
     timers: Timers = field(default_factory=Timers)
     payments: PaymentsConfig = field(default_factory=PaymentsConfig)
     mesh: MeshSettings | None = None  # None: no mesh (API-only process, e.g. in-process tests)
+    max_vram_gb: float | None = None  # weight budget in GB (1e9 bytes); how users and tests divide a machine
+    max_split_rtt_ms: float = 80.0  # peers farther than this never hold a stage
+    wire_dtype: Literal["f32", "f16", "bf16"] = "f32"  # activations between stages; f32 is bit-exact
 
 
 def load_api_key(api_key_file: str | Path | None) -> str | None:

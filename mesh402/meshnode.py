@@ -275,6 +275,11 @@ class MeshRuntime:
         m.CopyFrom(self._static_model_facts(entry.model_id, src.format, path))
         m.role = {"ready": pb.MODEL_ROLE_HOST, "loading": pb.MODEL_ROLE_STANDBY}.get(entry.state, pb.MODEL_ROLE_ON_DISK)
         m.ready = entry.state == "ready"
+        dist = getattr(self.node, "distributed", None)
+        role = dist.role_for(entry) if dist is not None else None
+        if role is not None:  # placement decides: host, stage (with its layers) or standby
+            m.role, m.layer_start, m.layer_end, m.plan_epoch = role
+            m.ready = m.role in (pb.MODEL_ROLE_HOST, pb.MODEL_ROLE_STAGE)
         if hash_files:
             with contextlib.suppress(Exception):
                 m.content_hash = self._fingerprint(path)

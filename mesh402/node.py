@@ -34,6 +34,7 @@ class Node:
         self.server: uvicorn.Server | None = None
         self.started_at = time.time()
         self.mesh_runtime = None  # MeshRuntime when config.mesh is set (issue 3)
+        self.distributed = None  # DistributedRuntime: plans and stage serving, when in a mesh
         self.on_mesh_ready = None  # callback(MeshRuntime), e.g. the CLI printing the invite token
 
     def _load(self, entry: ModelEntry) -> None:
@@ -81,12 +82,17 @@ class Node:
                             lifespan="off", access_log=False, timeout_graceful_shutdown=int(self.config.timers.shutdown_grace_s))
         self.server = uvicorn.Server(uv)
         await self._start_mesh()
-        loader = asyncio.create_task(self.load_models())
+        if self.mesh_runtime is not None:
+            loader = asyncio.create_task(self._start_distributed())
+        else:
+            loader = asyncio.create_task(self.load_models())
         self._write_state()
         try:
             await self.server.serve()
         finally:
             loader.cancel()
+            if self.distributed is not None:
+                await self.distributed.stop()
             await self._stop_mesh()
             self.home.clear_state()
             self.executor.shutdown(wait=False, cancel_futures=True)
@@ -101,6 +107,27 @@ class Node:
 
         self.mesh_runtime = MeshRuntime(self, self.config.mesh, on_ready=self.on_mesh_ready)
         await self.mesh_runtime.start()
+
+    async def _start_distributed(self) -> None:
+        """In a mesh, what this node loads follows the plans (placement), not the command line alone."""
+        from mesh402.placement import node_capacity
+        from mesh402.serving.distributed import DistributedRuntime
+
+        from mesh402.engine.runtime_env import detected_memory_bytes
+
+        assert self.mesh_runtime is not None
+        cfg = self.config
+        detected = await asyncio.to_thread(detected_memory_bytes, cfg.device)
+        capacity = node_capacity(cfg.max_vram_gb, detected)
+        self.distributed = DistributedRuntime(self, self.mesh_runtime.mesh, capacity,
+                                              max_split_rtt_ms=cfg.max_split_rtt_ms, wire_dtype=cfg.wire_dtype)
+        self.app.state.distributed = self.distributed
+        from mesh402.api.tunnel import make_handler
+        from mesh402.mesh.framing import StreamType
+
+        self.mesh_runtime.mesh.register_handler(
+            StreamType.HTTP_TUNNEL, make_handler(lambda: f"http://127.0.0.1:{cfg.port}", self.app.state.tunnel_secret))
+        self.distributed.start()
 
     async def _stop_mesh(self) -> None:
         """Graceful leave: peers hear PeerLeaving before the process exits."""

@@ -21,6 +21,9 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mesh402.api.errors import APIError, bad_request, unavailable
+from mesh402.api.tunnel import ROUTE_HEADER, TunnelSecret
+from mesh402.api.tunnel import forward as tunnel_forward
+from mesh402.mesh.framing import StreamType
 from mesh402.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from mesh402.config import NodeConfig
 from mesh402.serving.generation import Delta, Finished, GenerationRequest, Stepper, generate
@@ -78,8 +81,19 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
         log.exception("unhandled error")
         return APIError(500, f"internal error: {type(exc).__name__}", type="server_error").response()
 
+    tunnel_secret = TunnelSecret()
+    app.state.tunnel_secret = tunnel_secret
+
+    def mesh_peer(request: Request) -> str | None:
+        """The admitted peer a request came from through the mesh tunnel, or None for a direct client."""
+        peer = tunnel_secret.verify(request.headers)
+        if peer is not None:
+            request.state.mesh_peer = peer
+        return peer
+
     def check_auth(request: Request) -> None:
-        if config.api_key is None:
+        # Tunnelled requests were authenticated (and paid) at the entry node.
+        if mesh_peer(request) is not None or config.api_key is None:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
@@ -102,16 +116,61 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
         except ValidationError as e:
             raise bad_request(_validation_message(e)) from None
 
-    def pick_model(name: str | None) -> ModelEntry:
-        entry = registry.default() if name in (None, "", "auto") else registry.get(name)
+    def routes() -> dict[str, Any]:
+        dist = getattr(app.state, "distributed", None)
+        return dist.routes() if dist is not None else {}
+
+    def pick_model(name: str | None, request: Request) -> ModelEntry | Any:
+        """A local ModelEntry that can serve now, or a Route to the node that hosts the model."""
+        auto = name in (None, "", "auto")
+        entry = registry.default() if auto else registry.get(name)
+        if entry is not None and entry.state == "ready" and entry.local is not None:
+            return entry
+        if mesh_peer(request) is None:  # never bounce a tunnelled request onwards
+            table = routes()
+            route = table.get(entry.model_id if entry else name) if not auto or entry else None
+            if route is None and auto:
+                route = next((r for r in table.values() if r.ready), None)
+            if route is not None and route.ready:
+                return route
         if entry is None:
-            raise APIError(404, f"model {name!r} is not served here; see GET /v1/models",
+            raise APIError(404, f"model {name!r} is not served in this mesh; see GET /v1/models",
                            type="not_found_error", code="model_not_found", param="model")
-        if entry.state == "loading":
-            raise unavailable(f"model {entry.model_id} is still loading", config.timers.retry_after_s)
-        if entry.state == "failed" or entry.local is None:
-            raise unavailable(f"model {entry.model_id} failed to load: {entry.error}", 30)
-        return entry
+        if entry.state in ("loading", "standby"):
+            raise unavailable(f"model {entry.model_id} is {entry.state}", config.timers.retry_after_s)
+        if entry.state == "waiting":
+            raise unavailable(f"model {entry.model_id} is waiting for capacity: {entry.error}",
+                              config.timers.retry_after_s, code="waiting_for_capacity")
+        raise unavailable(f"model {entry.model_id} failed to load: {entry.error}", 30)
+
+    async def proxy(request: Request, route: Any) -> Response:
+        """Carry the request over the mesh to the model's host; the answer streams back as it comes."""
+        dist = app.state.distributed
+        body = await request.body()
+        rid = uuid.uuid4().hex
+        try:
+            status, headers, chunks = await tunnel_forward(
+                lambda: dist.mesh.open_stream(bytes.fromhex(route.host), StreamType.HTTP_TUNNEL),
+                request.method, request.url.path, dict(request.headers), body, rid)
+        except Exception as e:
+            log.warning("tunnel to %s failed: %s", route.host[:12], e)
+            raise unavailable(f"the host of {route.model_id} did not answer ({type(e).__name__}); retry shortly",
+                              config.timers.retry_after_s, code="host_unreachable") from None
+        headers[ROUTE_HEADER] = f"model={route.model_id}; node={route.host[:16]}; via=mesh"
+        is_sse = headers.get("content-type", "").startswith("text/event-stream")
+
+        async def body_iter() -> AsyncIterator[bytes]:
+            try:
+                async for c in chunks:
+                    yield c
+            except Exception as e:  # the host died mid-answer: end the stream cleanly
+                log.warning("tunnel from %s broke mid-stream: %s", route.host[:12], e)
+                if is_sse:
+                    yield sse(APIError(502, f"the host of {route.model_id} stopped answering mid-stream",
+                                       type="server_error", code="host_lost").body())
+                    yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(body_iter(), status_code=status, headers=headers)
 
     async def prepare(req: SamplingFields, entry: ModelEntry, prompt_ids: list[int]) -> Prepared:
         from mesh402.engine import ContextTooLong, EngineFull
@@ -256,14 +315,24 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
             if e.error:
                 item["error"] = e.error
             data.append(item)
+        seen = {d["id"] for d in data}
+        for model_id, r in sorted(routes().items()):
+            if model_id in seen:
+                if r.ready:  # served elsewhere in the mesh while this node holds it on standby
+                    next(d for d in data if d["id"] == model_id).update(state="ready", host=r.host)
+                continue
+            data.append({"id": model_id, "object": "model", "created": 0, "owned_by": "mesh402",
+                         "state": "ready" if r.ready else "waiting", "host": r.host})
         return {"object": "list", "data": data}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         check_auth(request)
         req: ChatCompletionRequest = await read_json(request, ChatCompletionRequest)
-        entry = pick_model(req.model)
-        from mesh402.engine.chat_template import ChatTemplateError  # a model is loaded: torch is in already
+        entry = pick_model(req.model, request)
+        if not isinstance(entry, ModelEntry):
+            return await proxy(request, entry)
+        from mesh402.engine.chat_template import ChatTemplate, ChatTemplateError  # a model is loaded: torch is in
 
         local = entry.local
         assert local is not None
@@ -273,7 +342,8 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
             raise bad_request(str(e), param="messages") from None
         engine = local.engine
         try:
-            text = engine.chat_template.render(messages, add_generation_prompt=True, tools=req.tools)
+            template = engine.chat_template or ChatTemplate.default()
+            text = template.render(messages, add_generation_prompt=True, tools=req.tools)
         except ChatTemplateError as e:
             raise bad_request(f"chat template failed: {e}", param="messages") from None
         prompt_ids = engine.tokenizer.encode(text, add_special=False)
@@ -307,7 +377,9 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
     async def completions(request: Request) -> Any:
         check_auth(request)
         req: CompletionRequest = await read_json(request, CompletionRequest)
-        entry = pick_model(req.model)
+        entry = pick_model(req.model, request)
+        if not isinstance(entry, ModelEntry):
+            return await proxy(request, entry)
         local = entry.local
         assert local is not None
         tok = local.engine.tokenizer

@@ -93,6 +93,11 @@ class PipelineModel:
         return int(self.engine0.info.n_ctx)
 
     @property
+    def engine(self) -> Any:
+        """The host's stage-0 engine: tokenizer, chat template and model facts for the API."""
+        return self.engine0
+
+    @property
     def tokenizer(self) -> Any:
         return self.engine0.tokenizer
 

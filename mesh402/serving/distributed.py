@@ -1,0 +1,412 @@
+"""Where each model runs in the mesh, kept true as the mesh changes.
+
+Every node runs the same loop over the same gossip: elect each model's host (placement), and if
+that is this node, plan (solo or a pipeline split), tell the stage nodes to load their layer ranges,
+and serve. An incumbent host keeps its model while its plan still works, so a node joining does
+not make the model move. Stage nodes answer ASSIGN through their StageWorker. Everything else
+about routing lives in `routes()`: which node's API serves which model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mesh402.mesh.framing import FramedStream, StreamType
+from mesh402.mesh.proto import mesh_pb2 as pb
+from mesh402.placement import (
+    MeshSnapshot,
+    ModelLayout,
+    NodeSnapshot,
+    Plan,
+    WaitingForCapacity,
+    elect_host,
+    fits,
+    make_model_key,
+    plan_model,
+    stage_bytes,
+)
+from mesh402.serving.generation import LocalModel
+from mesh402.serving.pipeline import Chain, Failover, PipelineModel, StepTimer
+from mesh402.serving.registry import ModelEntry
+from mesh402.serving.stage_link import K, Hop, StageError, expect_stage, stage_frame
+from mesh402.serving.stage_worker import StageKey, StageWorker
+
+if TYPE_CHECKING:
+    from mesh402.mesh.service import MeshService
+    from mesh402.node import Node
+
+log = logging.getLogger(__name__)
+
+PLAN_LABEL = "plan:"  # announcement label prefix: the host publishes its plans for status and routing
+CAPACITY_LABEL = "capacity_bytes"
+ASSIGN_TIMEOUT_S = 300.0
+
+
+@dataclass
+class Hosted:
+    """A model this node hosts: its plan and the serving object (LocalModel or PipelineModel)."""
+
+    key: str
+    plan: Plan
+    serving: Any
+    layout: ModelLayout
+
+
+@dataclass
+class Route:
+    model_id: str
+    key: str
+    host: str  # node id hex
+    api_port: int
+    ready: bool
+    plan: dict[str, Any] | None = None
+
+
+@dataclass
+class Roles:
+    """This node's role per model key, for its own announcement: (role, start, end, epoch)."""
+
+    by_key: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
+
+
+class DistributedRuntime(Failover):
+    def __init__(self, node: "Node", mesh: "MeshService", capacity_bytes: int, *, max_split_rtt_ms: float = 80.0,
+                 wire_dtype: str = "f32", reconcile_s: float = 0.5) -> None:
+        self.node = node
+        self.mesh = mesh
+        self.me = mesh.node_id.hex()
+        self.capacity = capacity_bytes
+        self.max_split_rtt_ms = max_split_rtt_ms
+        self.wire_dtype = wire_dtype
+        self.reconcile_s = reconcile_s
+        self.executor: ThreadPoolExecutor = node.executor
+        self.hosted: dict[str, Hosted] = {}
+        self.epochs: dict[str, int] = {}
+        self.waiting: dict[str, str] = {}  # key -> reason no plan is possible now
+        self.roles = Roles()
+        self.layouts: dict[str, ModelLayout] = {}
+        self.keys: dict[str, ModelEntry] = {}  # local model key -> registry entry
+        self._task: asyncio.Task | None = None
+        self._kick = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self.worker = StageWorker(self.me, self.executor, self._load_stage, self._connect)
+        mesh.register_handler(StreamType.STAGE, self._on_stage_stream)
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    async def _loop(self) -> None:
+        events = self.mesh.subscribe()
+        try:
+            while True:
+                try:
+                    await self.reconcile()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("reconcile failed")
+                self._kick.clear()
+                waiter = asyncio.ensure_future(events.get())
+                kicker = asyncio.ensure_future(self._kick.wait())
+                done, pending = await asyncio.wait({waiter, kicker}, timeout=self.reconcile_s,
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                for p in pending:
+                    p.cancel()
+        finally:
+            self.mesh.unsubscribe(events)
+
+    # ---------------------------------------------------------------- what the mesh looks like
+    def _announcements(self) -> list[pb.PeerAnnouncement]:
+        """Self plus live peers (down, left and stale peers never take part in placement)."""
+        out = []
+        own = self.mesh.self_announcement()
+        if own is not None:
+            out.append(own)
+        if self.mesh.gossip is None:
+            return out
+        for nid, entry in self.mesh.gossip.peers().items():
+            lv = self.mesh.liveness.get(nid)
+            if entry.ann.leaving or lv is None or lv.state.value not in ("alive", "suspect"):
+                continue
+            out.append(entry.ann)
+        return out
+
+    def snapshot(self) -> MeshSnapshot:
+        nodes = []
+        for ann in self._announcements():
+            nid = bytes(ann.node_id).hex()
+            cap = int(ann.labels.get(CAPACITY_LABEL, "0") or 0)
+            rtts = {bytes(r.node_id).hex(): float(r.rtt_ms) for r in ann.rtts}
+            models = frozenset(make_model_key(m.model_id, m.content_hash) for m in ann.models if m.content_hash)
+            nodes.append(NodeSnapshot(nid, cap, rtts, models_on_disk=models,
+                                      is_client=ann.kind == pb.NODE_KIND_CLIENT))
+        return MeshSnapshot(nodes)
+
+    def published_plans(self) -> dict[str, tuple[str, dict[str, Any], int]]:
+        """key -> (host, plan dict, host api port) from every live node's announcement."""
+        out: dict[str, tuple[str, dict[str, Any], int]] = {}
+        for ann in self._announcements():
+            for label, value in ann.labels.items():
+                if label.startswith(PLAN_LABEL):
+                    try:
+                        d = json.loads(value)
+                    except ValueError:
+                        continue
+                    out[label[len(PLAN_LABEL):]] = (bytes(ann.node_id).hex(), d, ann.api_port)
+        return out
+
+    def routes(self) -> dict[str, Route]:
+        """model id -> where its API is served (ready hosts only; this node's own hosting wins)."""
+        out: dict[str, Route] = {}
+        for key, (host, plan, port) in sorted(self.published_plans().items()):
+            model_id = key.rsplit("@", 1)[0]
+            r = Route(model_id, key, host, port, bool(plan.get("ready")), plan)
+            if model_id not in out or (r.ready and not out[model_id].ready) or host == self.me:
+                out[model_id] = r
+        return out
+
+    # ---------------------------------------------------------------- reconcile
+    async def _local_keys(self) -> dict[str, ModelEntry]:
+        rt = self.node.mesh_runtime
+        out = {}
+        for entry in self.node.registry.all():
+            digest = await asyncio.to_thread(rt._fingerprint, Path(entry.source.path))
+            out[make_model_key(entry.model_id, digest)] = entry
+        return out
+
+    async def reconcile(self) -> None:
+        async with self._lock:
+            if not self.keys:
+                self.keys = await self._local_keys()
+            snap = self.snapshot()
+            published = self.published_plans()
+            for key, entry in self.keys.items():
+                if entry.source.format != "gguf":
+                    await self._ensure_solo_unplanned(key, entry)
+                    continue
+                incumbent = published.get(key)
+                host = incumbent[0] if incumbent and incumbent[0] in snap else elect_host(key, snap)
+                if host == self.me:
+                    await self._ensure_hosting(key, entry, snap)
+                else:
+                    self._drop_hosting(key)
+                    if entry.state in ("loading", "waiting") and incumbent is not None:
+                        entry.state, entry.error = "standby", None
+            self._publish()
+
+    async def _ensure_solo_unplanned(self, key: str, entry: ModelEntry) -> None:
+        """Safetensors folders have no tensor table to split by: served whole on this node."""
+        if key in self.hosted:
+            return
+        engine = await self._run(self._load_engine, entry, None)
+        plan = Plan(key, 1, self.me, ())
+        self.hosted[key] = Hosted(key, plan, LocalModel(engine, self.executor), self._layout(key, entry, engine))
+        entry.local, entry.state, entry.error = self.hosted[key].serving, "ready", None
+
+    def _layout(self, key: str, entry: ModelEntry, engine: Any = None) -> ModelLayout:
+        if key not in self.layouts:
+            from mesh402.models.gguf_meta import read_gguf_meta
+
+            self.layouts[key] = ModelLayout.from_gguf_meta(read_gguf_meta(entry.source.path), key)
+        return self.layouts[key]
+
+    async def _ensure_hosting(self, key: str, entry: ModelEntry, snap: MeshSnapshot) -> None:
+        layout = await asyncio.to_thread(self._layout, key, entry)
+        cur = self.hosted.get(key)
+        if cur is not None and all(n in snap for n in cur.plan.nodes):
+            return  # an incumbent plan that still works is kept
+        epoch = self.epochs.get(key, 0) + 1
+        plan = plan_model(key, layout, snap, epoch=epoch, max_split_rtt_ms=self.max_split_rtt_ms)
+        if isinstance(plan, WaitingForCapacity):
+            self._drop_hosting(key)
+            self.waiting[key] = plan.reason
+            entry.local, entry.state, entry.error = None, "waiting", plan.reason
+            return
+        self.waiting.pop(key, None)
+        self.epochs[key] = epoch
+        entry.state = "loading"
+        try:
+            serving = await self._apply(key, entry, plan, layout)
+        except Exception as e:
+            log.warning("plan epoch %d for %s failed: %s", epoch, key, e)
+            entry.local, entry.state, entry.error = None, "waiting", f"plan failed: {e}"
+            self.hosted.pop(key, None)
+            return
+        self.hosted[key] = Hosted(key, plan, serving, layout)
+        entry.local, entry.state, entry.error = serving, "ready", None
+        a, b = plan.stages[0].start, plan.stages[0].end
+        self.roles.by_key[key] = (pb.MODEL_ROLE_HOST, a, b, epoch)
+        log.info("hosting %s: %s", key, " | ".join(f"{s.node_id[:8]}[{s.start},{s.end})" for s in plan.stages))
+
+    async def _apply(self, key: str, entry: ModelEntry, plan: Plan, layout: ModelLayout) -> Any:
+        if plan.is_solo:
+            engine = await self._run(self._load_engine, entry, None)
+            return LocalModel(engine, self.executor)
+        await asyncio.gather(*(self._assign(key, entry.model_id, s.node_id, s.start, s.end, plan.epoch)
+                               for s in plan.stages[1:]))
+        host = plan.stages[0]
+        engine0 = await self._run(self._load_engine, entry, (host.start, host.end))
+        hops = tuple(Hop(s.node_id, s.start, s.end) for s in plan.stages[1:])
+        chain = Chain(entry.model_id, key.rsplit("@", 1)[1], plan.epoch, host.end, hops)
+        return PipelineModel(engine0, chain, self._connect, self, self.executor, wire_dtype=self.wire_dtype,
+                             timer=StepTimer(floor_s=self.node.config.timers.stage_step_floor_s))
+
+    def _drop_hosting(self, key: str) -> None:
+        if self.hosted.pop(key, None) is not None:
+            entry = self.keys.get(key)
+            if entry is not None:
+                entry.local, entry.state = None, "standby"
+        role = self.roles.by_key.get(key)
+        if role is not None and role[0] == pb.MODEL_ROLE_HOST:
+            del self.roles.by_key[key]
+
+    # ---------------------------------------------------------------- engine loading (engine thread)
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def _load_engine(self, entry: ModelEntry, layers: tuple[int, int] | None) -> Any:
+        from mesh402.engine import Engine
+        from mesh402.engine.runtime_env import configure_torch
+
+        cfg = self.node.config
+        configure_torch(cfg.threads)
+        return Engine.load(entry.source.path, mode=cfg.mode, device=cfg.device, layers=layers,
+                           max_sessions=cfg.limits.max_sessions, prefill_chunk=cfg.limits.prefill_chunk)
+
+    def _load_stage(self, content_hash: str, start: int, end: int) -> Any:
+        for key, entry in self.keys.items():
+            if key.endswith("@" + content_hash):
+                from mesh402.engine import Engine
+
+                cfg = self.node.config
+                return Engine.load(entry.source.path, mode=cfg.mode, device=cfg.device, layers=(start, end),
+                                   max_sessions=cfg.limits.max_sessions, prefill_chunk=cfg.limits.prefill_chunk,
+                                   load_tokenizer=False)
+        raise FileNotFoundError(f"no local model file with content hash {content_hash[:16]}")
+
+    # ---------------------------------------------------------------- stage streams
+    async def _connect(self, node: str) -> FramedStream:
+        return await self.mesh.open_stream(bytes.fromhex(node), StreamType.STAGE)
+
+    async def _on_stage_stream(self, peer_id: bytes, fs: FramedStream) -> None:
+        await self.worker.handle(bytes(peer_id).hex(), fs)
+        # A successful ASSIGN changes this node's role: announce it.
+        for k, eng in self.worker.engines.items():
+            key = next((mk for mk in self.keys if mk.endswith("@" + k.content_hash)), None)
+            if key is not None and self.roles.by_key.get(key, (0,))[0] != pb.MODEL_ROLE_HOST:
+                self.roles.by_key[key] = (pb.MODEL_ROLE_STAGE, k.start, k.end, self.worker.epochs.get(k.content_hash, 0))
+        self._publish()
+
+    async def _assign(self, key: str, model_id: str, node: str, start: int, end: int, epoch: int) -> None:
+        fs = await self._connect(node)
+        content_hash = key.rsplit("@", 1)[1]
+        await fs.send(stage_frame(K.STAGE_KIND_ASSIGN, model_id=model_id, content_hash=content_hash,
+                                  plan_epoch=epoch, layer_start=start, layer_end=end))
+        await fs.finish()
+        try:
+            expect_stage(await fs.recv(ASSIGN_TIMEOUT_S), K.STAGE_KIND_READY, f"stage {node[:12]}")
+        except asyncio.TimeoutError:
+            raise StageError(f"stage {node[:12]} did not load layers [{start}, {end}) in time", node=node) from None
+
+    # ---------------------------------------------------------------- Failover (used by PipelineModel)
+    async def alive(self, node: str) -> bool:
+        try:
+            await self.mesh.ping(bytes.fromhex(node), timeout=self.node.config.timers.stage_probe_s)
+            return True
+        except Exception:
+            return False
+
+    async def replace(self, chain: Chain, dead: set[str]) -> Chain:
+        """Give each dead stage's layer range to a live node that has the model and room for it."""
+        key = make_model_key(chain.model_id, chain.content_hash)
+        hosted = self.hosted.get(key)
+        if hosted is None:
+            raise StageError(f"{key} is no longer hosted here", code="no_plan")
+        snap = self.snapshot().without(dead)
+        used = {self.me} | {h.node for h in chain.hops if h.node not in dead}
+        epoch = max(self.epochs.get(key, 0), chain.epoch) + 1
+        hops = []
+        for h in chain.hops:
+            if h.node in dead:
+                need = stage_bytes(hosted.layout, h.start, h.end)
+                cands = [n for n in snap.holders(key) if n not in used and fits(need, snap.capacity(n))]
+                if not cands:
+                    raise StageError(f"no live node can take layers [{h.start}, {h.end}) of {chain.model_id}",
+                                     code="no_plan")
+                pick = max(cands, key=lambda n: (snap.capacity(n), n))
+                await self._assign(key, chain.model_id, pick, h.start, h.end, epoch)
+                used.add(pick)
+                h = Hop(pick, h.start, h.end)
+            hops.append(h)
+        self.epochs[key] = epoch
+        new_chain = Chain(chain.model_id, chain.content_hash, epoch, chain.local_end, tuple(hops))
+        stages = (hosted.plan.stages[0],) + tuple(
+            type(hosted.plan.stages[0])(h.node, h.start, h.end, stage_bytes(hosted.layout, h.start, h.end))
+            for h in hops)
+        hosted.plan = Plan(key, epoch, self.me, stages, est_token_latency_ms=hosted.plan.est_token_latency_ms)
+        self.roles.by_key[key] = (pb.MODEL_ROLE_HOST, stages[0].start, stages[0].end, epoch)
+        self._publish()
+        return new_chain
+
+    # ---------------------------------------------------------------- announcement
+    def _publish(self) -> None:
+        labels = dict(self.mesh.local.labels)
+        labels[CAPACITY_LABEL] = str(self.capacity)
+        for k in [k for k in labels if k.startswith(PLAN_LABEL)]:
+            del labels[k]
+        for key, h in self.hosted.items():
+            d = h.plan.to_dict()
+            d["ready"] = True
+            stats = getattr(h.serving, "stats", None)
+            if stats is not None:
+                d["activation_bytes_sent"] = stats.bytes_sent
+                d["failovers"] = stats.failovers
+            d["links"] = self._link_bytes(h)
+            labels[PLAN_LABEL + key] = json.dumps(d, separators=(",", ":"))
+        for key, reason in self.waiting.items():
+            labels[PLAN_LABEL + key] = json.dumps({"model_key": key, "host": self.me, "ready": False,
+                                                   "waiting": reason, "stages": []})
+        if labels != self.mesh.local.labels:
+            self.mesh.update_local(labels=labels)
+
+    def _link_bytes(self, h: Hosted) -> dict[str, int]:
+        stats = getattr(h.serving, "stats", None)
+        if stats is None or h.plan.is_solo:
+            return {}
+        first = h.plan.stages[1].node_id
+        return {f"{self.me[:8]}->{first[:8]}": stats.bytes_sent}
+
+    def role_for(self, entry: ModelEntry) -> tuple[int, int, int, int] | None:
+        """(role, layer_start, layer_end, epoch) this node announces for a local model, if any."""
+        for key, e in self.keys.items():
+            if e is entry:
+                role = self.roles.by_key.get(key)
+                if role is not None:
+                    return role
+                if entry.state == "standby":
+                    return (pb.MODEL_ROLE_STANDBY, 0, 0, 0)
+        return None
+
+    def status(self) -> dict[str, Any]:
+        plans = {}
+        for key, (host, plan, _) in self.published_plans().items():
+            plans[key] = {**plan, "host": host}
+        return {"capacity_bytes": self.capacity, "plans": plans,
+                "stage": {"sessions_opened": self.worker.stats.sessions_opened, "steps": self.worker.stats.steps,
+                          "bytes_out_by_link": self.worker.stats.by_link,
+                          "held": [[k.content_hash[:12], k.start, k.end] for k in self.worker.engines]}}
