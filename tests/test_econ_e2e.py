@@ -377,3 +377,21 @@ def test_node_restart_loses_no_credit(env: Env) -> None:
     assert int(r.json()["balance"]) == balance and r.json()["held"] == "0"
     r = httpx.post(env.metered + CHAT, json=body(max_tokens=3), headers=hdr, timeout=60)
     assert r.status_code == 200 and int(r.headers["X-Mesh402-Credit-Balance"]) < balance
+
+
+# ---- the paying CLI -------------------------------------------------------------------------------
+
+def test_mesh402_chat_pays_with_a_wallet_file_within_caps(env: Env) -> None:
+    ch = env.chain
+    wallet = ch.dep.key_file("buyer-1")
+    before = ch.balance("buyer-1")
+    out = subprocess.run([*MESH402, "chat", "Say hi", "--url", env.paid, "--wallet-file", str(wallet),
+                          "--max-tokens", "5", "--max-per-request", "0.05"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() and "paid 0.01 USDC" in out.stderr
+    assert ch.balance("buyer-1") == before - PRICE
+    capped = subprocess.run([*MESH402, "chat", "Say hi", "--url", env.paid, "--wallet-file", str(wallet),
+                             "--max-tokens", "5", "--max-per-request", "0.001"], capture_output=True, text=True,
+                            timeout=120)
+    assert capped.returncode != 0 and "caps" in capped.stderr
+    assert ch.balance("buyer-1") == before - PRICE  # nothing signed over the cap

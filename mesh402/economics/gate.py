@@ -85,6 +85,7 @@ class Charge:
     replay: Response | None = None
     exhausted: bool = False
     finished: bool = False
+    timing: dict[str, float] = field(default_factory=dict)  # facilitator round trips, ms
     gate: "PaymentGate | None" = None
 
     def take_token(self) -> bool:
@@ -233,7 +234,9 @@ class PaymentGate:
                                             f"{' in ' + row.tx if row.tx else ''}; sign a new one",
                                             "authorization_already_used",
                                             settle=json.loads(row.settle_json) if row.settle_json else None)
+            t0 = time.perf_counter()
             await self._verify(request, reqs, payload, auth, window)
+            charge.timing["verify"] = round((time.perf_counter() - t0) * 1000, 1)
             charge.payer, charge.payload, charge.requirements, charge.amount = auth["from"], payload, reqs, amount
             ok = self.ledger.claim_payment(
                 charge.auth_id, payer=auth["from"], amount=amount, network=self.asset.network,
@@ -347,6 +350,7 @@ class PaymentGate:
         """Settle the charge's authorization; -> the SettlementResponse JSON (success or not)."""
         assert charge.auth_id is not None
         self.ledger.mark_settling(charge.auth_id)
+        t0 = time.perf_counter()
         try:
             res = await self.facilitator.settle(charge.payload, charge.requirements)
             out = res.model_dump(by_alias=True, exclude_none=True)
@@ -354,6 +358,7 @@ class PaymentGate:
             log.warning("settlement failed: %s", e)
             out = {"success": False, "errorReason": "unexpected_settle_error", "errorMessage": str(e)[:300],
                    "transaction": "", "network": self.asset.network, "payer": charge.payer}
+        charge.timing["settle"] = round((time.perf_counter() - t0) * 1000, 1)
         if out.get("success"):
             out.setdefault("amount", str(charge.amount))
             self.ledger.mark_settled(charge.auth_id, out.get("transaction", ""), json.dumps(out))
@@ -382,6 +387,9 @@ class PaymentGate:
             ok = bool(settle.get("success"))
             if ok and charge.hold_id:
                 self.ledger.topup(charge.payer or "", charge.amount, charge.auth_id or "", into_hold=charge.hold_id)
+        if charge.timing:
+            headers["Server-Timing"] = ", ".join(f"x402-{k};dur={v}" for k, v in charge.timing.items())
+            info["timing_ms"] = dict(charge.timing)
         if charge.hold_id:
             cost = self.cost(prompt, completion) if ok else 0
             charged, bal = self.ledger.close_hold(charge.hold_id, cost, charge.request_id)
