@@ -44,6 +44,9 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    from mesh402.economics.toolchain import tools_ready
+    if not tools_ready():  # tests never reach the internet: the toolchain is installed at setup time
+        pytest.fail("the npm contract toolchain is missing: run bash scripts/setup-dev-extra.sh")
     tmp = tmp_path_factory.mktemp("econ")
     procs: list[NodeProcess] = []
     try:

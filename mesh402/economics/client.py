@@ -196,8 +196,7 @@ class PayingClient:
                     rec = obj.get("x402")
                     if rec is not None:
                         credit = rec.get("credit") or {}
-                        self._note(rec.get("settlement") if sig else None, amount, credit.get("token"),
-                                   credit.get("balance"))
+                        self._note(rec.get("settlement") if sig else None, amount, None, credit.get("balance"))
                     yield obj
                 return
         raise PaymentFailed(402, "payment was not accepted")

@@ -397,8 +397,6 @@ class PaymentGate:
             headers[CREDIT_BALANCE_HEADER] = str(bal)
             info["credit"] = {"charged": str(charged), "balance": str(bal), "asset": self.asset.address,
                               "usage": {"prompt_tokens": prompt, "completion_tokens": completion}}
-            if CREDIT_TOKEN_HEADER in headers:
-                info["credit"]["token"] = headers[CREDIT_TOKEN_HEADER]
             if charge.exhausted:
                 info["credit"]["exhausted"] = True
         return {"ok": ok, "headers": headers, "x402": info}
