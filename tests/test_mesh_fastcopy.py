@@ -87,6 +87,8 @@ def test_throughput_check_over_quic():
         total = 4 << 20
         chunk = b"\x5a" * (1 << 20)
 
+        done = asyncio.Event()
+
         async def server():
             conn = await (await (await a.accept_next()).accept()).connect()
             for _ in range(2):
@@ -94,6 +96,7 @@ def test_throughput_check_over_quic():
                 got = len(await bi.recv().read_to_end(total + 1))
                 await bi.send().write_all(got.to_bytes(8, "little"))
                 await bi.send().finish()
+            await done.wait()  # keep the connection referenced until the client has read
 
         srv = asyncio.ensure_future(server())
         conn = await b.connect(a.addr(), b"fastcopy-test")
@@ -114,6 +117,7 @@ def test_throughput_check_over_quic():
             t_stock = await upload()
         finally:
             iroh_fastcopy.apply()
+        done.set()
         await srv
         await a.close()
         await b.close()

@@ -528,10 +528,7 @@ class MeshService:
         if node_id in self.conns or node_id in self._dialing or node_id in self._probing:
             return
         ann = self.gossip.get(node_id)
-        if ann is None or ann.leaving:
-            return
-        st = self.liveness.state(node_id)
-        if st == PeerState.LEFT:
+        if ann is None or ann.leaving:  # a newer non-leaving announcement means it came back
             return
         if (
             not self.config.dial_client_peers
@@ -667,7 +664,7 @@ class MeshService:
         welcome = pb.Welcome(
             mesh_id=g.mesh_id,
             policy=policy,
-            announcements=g.all_signed(),
+            announcements=self._gossip_items(),
         )
         if policy == pb.ADMISSION_SECRET:
             welcome.member_proof = invite.member_ack(self.membership.secret, g.mesh_id, self.node_id, remote)
@@ -856,9 +853,17 @@ class MeshService:
         self._merge(g.announcements, pc.node_id)
         if not g.reply:
             theirs = digest_of(g.announcements)
-            reply = pb.Gossip(sender_id=self.node_id, announcements=self.gossip.newer_than(theirs), reply=True)
+            newer = {k: e for k, e in self.gossip.entries.items() if e.ann.seq > theirs.get(k, -1)}
+            reply = pb.Gossip(sender_id=self.node_id, announcements=self._gossip_items(list(newer.items())), reply=True)
             await fs.send(make_frame(gossip=reply))
         await fs.finish()
+
+    def _gossip_items(self, items: Optional[list] = None) -> list[pb.SignedAnnouncement]:
+        """What we tell others: everything except peers we believe are down
+        (their last announcement would only send others dialling a dead node)."""
+        down = {k for k, p in self.liveness.peers.items() if p.state == PeerState.DOWN}
+        src = self.gossip.entries.items() if items is None else items
+        return [e.signed for k, e in src if k not in down]
 
     def _merge(self, items, via: bytes) -> None:
         now = self.clock.time()
@@ -891,10 +896,9 @@ class MeshService:
         else:
             self._emit("peer_updated", node_id=nid.hex(), seq=ann.seq)
             if st in (PeerState.DOWN, PeerState.LEFT) and not from_hello:
-                # it restarted or reappeared: try it directly
-                prev = self.liveness.get(nid)
-                if prev is None or prev.boot_id != ann.boot_id:
-                    self._maybe_dial(nid, immediate=True)
+                # a newer announcement is evidence it is alive (restarted, or a
+                # partition healed): try it directly
+                self._maybe_dial(nid, immediate=True)
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:
@@ -922,7 +926,7 @@ class MeshService:
     async def _push(self, pc: PeerConn) -> None:
         try:
             fs = await asyncio.wait_for(self.open_stream(pc.node_id, StreamType.GOSSIP), self.timers.stream_idle_timeout)
-            msg = pb.Gossip(sender_id=self.node_id, announcements=self.gossip.all_signed())
+            msg = pb.Gossip(sender_id=self.node_id, announcements=self._gossip_items())
             await fs.send(make_frame(gossip=msg))
             await fs.finish()
             frame = await fs.recv(self.timers.stream_idle_timeout, expect=("gossip",))
@@ -1146,12 +1150,21 @@ class MeshService:
                     self._emit("peer_pruned", node_id=nid.hex())
 
     async def _reconnect_loop(self) -> None:
+        """Retry peers we know of but are not connected to; down peers less often
+        (until pruned); remembered peers from mesh.json while we have no connection."""
+        rounds = 0
         while not self._stopping:
             await self.clock.sleep(self.timers.reconnect_interval)
+            rounds += 1
             for nid, e in list(self.gossip.peers().items()):
                 st = self.liveness.state(nid)
-                if nid not in self.conns and st not in (PeerState.DOWN, PeerState.LEFT) and not e.ann.leaving:
-                    self._maybe_dial(nid)
+                if nid in self.conns or st == PeerState.LEFT or e.ann.leaving:
+                    continue
+                if st == PeerState.DOWN and rounds % 4:
+                    continue
+                self._maybe_dial(nid)
+            if not self.conns and self.membership.peers:
+                await self._rejoin_known()
 
     # ---------------------------------------------------------------- diagnostics
 
