@@ -250,3 +250,33 @@ def test_client_disconnect_mid_stream_charges_tokens_seen(tmp_path: Path) -> Non
     asyncio.run(run())
     assert gate.ledger.balance(payer) == 5_000 - 1_300 - (2 + 3) * 100
     assert gate.ledger.held(payer) == 0
+
+
+class PendingFacilitator(FakeFacilitator):
+    async def settle(self, payload: Any, req: Any) -> Any:
+        from x402.schemas import SettleResponse
+        self.settled.append(payload)
+        return SettleResponse(success=False, error_reason="settlement_pending", transaction="0x" + "22" * 32,
+                              network=req.network, payer=payload.payload["authorization"]["from"])
+
+
+def test_pending_settlement_is_retried_once_then_finished_on_the_next_start(tmp_path: Path) -> None:
+    fac = PendingFacilitator()
+    gate = PaymentGate(cfg(tmp_path), tmp_path, facilitator=fac)
+    charge, _ = _paid_charge(gate, BODY, stream=False)
+    resp = asyncio.run(gate.respond(charge, fin(), {"ok": 1}, {}))
+    assert resp.status_code == 200 and len(fac.settled) == 2  # the SDK's one retry on settlement_pending
+    assert decode_b64json(resp.headers["PAYMENT-RESPONSE"])["pending"] is True
+    row = gate.ledger.payment(charge.auth_id)
+    assert row is not None and row.state == "settling" and row.tx == "0x" + "22" * 32
+    gate.ledger.close()
+    # the node restarts: the first request it sees kicks off settling what was left in flight
+    fac2 = FakeFacilitator()
+    gate2 = PaymentGate(cfg(tmp_path), tmp_path, facilitator=fac2)
+
+    async def poke() -> None:
+        with pytest.raises(APIError):
+            await gate2.authorize(request(BODY), "m", 10, 8, False)
+        await asyncio.sleep(0.05)
+    asyncio.run(poke())
+    assert len(fac2.settled) == 1 and gate2.ledger.payment(charge.auth_id).state == "settled"  # type: ignore[union-attr]

@@ -352,7 +352,8 @@ class PaymentGate:
         self.ledger.mark_settling(charge.auth_id)
         t0 = time.perf_counter()
         try:
-            res = await self.facilitator.settle(charge.payload, charge.requirements)
+            from x402.server_base import settle_with_pending_retry_async
+            res = await settle_with_pending_retry_async(self.facilitator, charge.payload, charge.requirements)
             out = res.model_dump(by_alias=True, exclude_none=True)
         except Exception as e:
             log.warning("settlement failed: %s", e)
@@ -362,6 +363,12 @@ class PaymentGate:
         if out.get("success"):
             out.setdefault("amount", str(charge.amount))
             self.ledger.mark_settled(charge.auth_id, out.get("transaction", ""), json.dumps(out))
+        elif out.get("errorReason") == "settlement_pending" and out.get("transaction"):
+            # broadcast but not yet confirmed: the row stays `settling` and is finished on the next start;
+            # the answer is delivered (the transfer is on its way) and the client sees the pending state
+            log.warning("settlement %s still pending", out.get("transaction"))
+            out["pending"] = True
+            self.ledger.mark_pending(charge.auth_id, out["transaction"], json.dumps(out))
         else:
             self.ledger.mark_failed(charge.auth_id, out.get("errorReason") or "settle_failed", json.dumps(out))
         return out
@@ -384,7 +391,7 @@ class PaymentGate:
             settle = await self._settle_payment(charge)
             headers["PAYMENT-RESPONSE"] = b64json(settle)
             info["settlement"] = settle
-            ok = bool(settle.get("success"))
+            ok = bool(settle.get("success") or settle.get("pending"))
             if ok and charge.hold_id:
                 self.ledger.topup(charge.payer or "", charge.amount, charge.auth_id or "", into_hold=charge.hold_id)
         if charge.timing:

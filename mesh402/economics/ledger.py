@@ -147,6 +147,10 @@ class Ledger:
     def mark_settled(self, auth_id: str, tx: str, settle_json: str) -> None:
         self._set_state(auth_id, "settled", tx=tx, settle_json=settle_json)
 
+    def mark_pending(self, auth_id: str, tx: str, settle_json: str) -> None:
+        """Broadcast, no receipt yet: stays `settling` (re-settled on the next start) with its tx hash."""
+        self._set_state(auth_id, "settling", tx=tx, settle_json=settle_json)
+
     def mark_failed(self, auth_id: str, reason: str, settle_json: str | None) -> None:
         self._set_state(auth_id, "failed", reason=reason, settle_json=settle_json)
 
