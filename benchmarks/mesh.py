@@ -7,11 +7,13 @@ Everything runs on loopback. Prints a table and writes benchmarks/results/mesh.j
 - join: a fresh node presents a token; time until start() returns admitted with the
   inviter's announcement (in-process), and for a `mesh402 client --join` process, from
   process start until its /api/status lists the inviter as alive.
+- down detection: kill -9 one of three node processes; time until both others mark it
+  down (fast test timers and production timers).
 - convergence: N nodes (3..8) each join through the token of a random earlier member;
   time from the last join until every node is directly connected to every other
   (formation), then time for one node's new announcement to reach all others (update).
   In-process nodes share one Python thread, so these are upper bounds; --procs runs
-  N node processes as well (default on for N=3 and 8).
+  N node processes as well (N=3 and 8, production timers).
 - frame RTT: Ping/Pong on a fresh stream (what heartbeats do), and Echo frames on one
   persistent stream, to a node in another process.
 - throughput: 1 MiB Echo frames over one stream to a node process, upload (payload
@@ -81,13 +83,15 @@ def full_mesh(nodes: list[MeshService]) -> bool:
 
 
 class Proc:
-    def __init__(self, root: Path, name: str, join: str | None = None, kind: str = "serving"):
+    def __init__(self, root: Path, name: str, join: str | None = None, kind: str = "serving", fast: bool = False):
         self.home = root / name
         self.home.mkdir(parents=True, exist_ok=True)
         self.console = free_port()
         cmd = ["client"] if kind == "client" else ["serve", "--no-model"]
         args = [PY, "-m", "mesh402.cli", *cmd, "--home", str(self.home), "--port", str(free_port()),
-                "--console", str(self.console), "--bind-ip", "127.0.0.1", "--mesh-fast-timers"]
+                "--console", str(self.console), "--bind-ip", "127.0.0.1"]
+        if fast:
+            args.append("--mesh-fast-timers")
         if join:
             args += ["--join", join]
         self.log = open(self.home / "node.log", "wb")
@@ -227,7 +231,7 @@ def bench_convergence_procs(root: Path, n: int, rng: random.Random) -> dict:
 
 
 async def bench_rtt_and_throughput(root: Path, quick: bool) -> dict:
-    remote = Proc(root, "echo-remote")
+    remote = Proc(root, "echo-remote", fast=True)
     remote.wait_up()
     me = svc(root, "echo-local")
     await me.start(join=remote.token())
@@ -289,6 +293,41 @@ async def bench_rtt_and_throughput(root: Path, quick: bool) -> dict:
     return out
 
 
+def bench_down_detection(root: Path, fast: bool) -> dict:
+    """kill -9 one of three node processes; time until both others list it as down."""
+    a = Proc(root, f"down{fast}-a", fast=fast)
+    a.wait_up()
+    b = Proc(root, f"down{fast}-b", join=a.token(), fast=fast)
+    b.wait_up()
+    c = Proc(root, f"down{fast}-c", join=a.token(), fast=fast)
+    c_id = c.wait_up()["node_id"]
+    try:
+        t0 = time.perf_counter()
+        while True:
+            sts = [a.status(), b.status()]
+            if all(st and any(p["node_id"] == c_id and p["state"] == "alive" and p["connected"] for p in st["peers"]) for st in sts):
+                break
+            if time.perf_counter() - t0 > 30:
+                raise TimeoutError("no mesh")
+            time.sleep(0.02)
+        time.sleep(0.5)
+        import os
+
+        os.killpg(c.p.pid, signal.SIGKILL)
+        t0 = time.perf_counter()
+        while True:
+            sts = [a.status(), b.status()]
+            if all(st and any(p["node_id"] == c_id and p["state"] == "down" for p in st["peers"]) for st in sts):
+                break
+            if time.perf_counter() - t0 > 60:
+                raise TimeoutError("not marked down")
+            time.sleep(0.02)
+        return {"timers": "fast" if fast else "production", "kill9_to_down_on_both_s": time.perf_counter() - t0}
+    finally:
+        for p in (a, b, c):
+            p.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer trials, smaller transfers")
@@ -309,6 +348,7 @@ def main() -> None:
     if not args.no_procs:
         res["join_process"] = bench_join_process(root)
         res["convergence_procs"] = [bench_convergence_procs(root, n, rng) for n in ((3,) if args.quick else (3, 8))]
+        res["down_detection"] = [bench_down_detection(root, fast) for fast in (True, False)]
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "mesh.json").write_text(json.dumps(res, indent=1))
@@ -334,6 +374,8 @@ def print_table(res: dict) -> None:
     for c in res.get("convergence_procs", []):
         t.add_row(f"{c['n']} node processes: last process start (console up) -> full mesh",
                   f"{c['last_process_start_to_full_mesh_s']:.2f} s ({c['last_node_up_to_full_mesh_s']:.2f} s)")
+    for d in res.get("down_detection", []):
+        t.add_row(f"kill -9 -> down on both other nodes ({d['timers']} timers)", f"{d['kill9_to_down_on_both_s']:.2f} s")
     r = res["rtt_throughput"]
     t.add_row("frame RTT, Ping/Pong on a new stream, median / p99", f"{r['ping_new_stream_ms']['median']:.3f} / {r['ping_new_stream_ms']['p99']:.3f} ms")
     t.add_row("frame RTT, 64 B Echo on one stream, median / p99", f"{r['echo_64B_same_stream_ms']['median']:.3f} / {r['echo_64B_same_stream_ms']['p99']:.3f} ms")
