@@ -143,9 +143,23 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
                               config.timers.retry_after_s, code="waiting_for_capacity")
         raise unavailable(f"model {entry.model_id} failed to load: {entry.error}", 30)
 
-    async def proxy(request: Request, route: Any) -> Response:
+    async def proxy(request: Request, route: Any, req: Any = None) -> Response:
         """Carry the request over the mesh to the model's host; the answer streams back as it comes."""
         dist = app.state.distributed
+        if gate is not None and req is not None:  # the entry node charges for what it routes
+            from mesh402.economics.proxy import paid_proxy
+
+            async def send(body: bytes) -> Any:
+                try:
+                    return await tunnel_forward(
+                        lambda: dist.mesh.open_stream(bytes.fromhex(route.host), StreamType.HTTP_TUNNEL),
+                        request.method, request.url.path, dict(request.headers), body, uuid.uuid4().hex)
+                except Exception as e:
+                    raise unavailable(f"the host of {route.model_id} did not answer ({type(e).__name__}); retry "
+                                      "shortly", config.timers.retry_after_s, code="host_unreachable") from None
+            resp = await paid_proxy(gate, request, route.model_id, req, config.limits.default_max_tokens, send)
+            resp.headers[ROUTE_HEADER] = f"model={route.model_id}; node={route.host[:16]}; via=mesh"
+            return resp
         body = await request.body()
         rid = uuid.uuid4().hex
         try:
@@ -331,7 +345,7 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
         req: ChatCompletionRequest = await read_json(request, ChatCompletionRequest)
         entry = pick_model(req.model, request)
         if not isinstance(entry, ModelEntry):
-            return await proxy(request, entry)
+            return await proxy(request, entry, req)
         from mesh402.engine.chat_template import ChatTemplate, ChatTemplateError  # a model is loaded: torch is in
 
         local = entry.local
@@ -379,7 +393,7 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
         req: CompletionRequest = await read_json(request, CompletionRequest)
         entry = pick_model(req.model, request)
         if not isinstance(entry, ModelEntry):
-            return await proxy(request, entry)
+            return await proxy(request, entry, req)
         local = entry.local
         assert local is not None
         tok = local.engine.tokenizer

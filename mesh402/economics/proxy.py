@@ -1,0 +1,148 @@
+"""Payment for requests the entry node routes to another node's model over the mesh.
+
+The entry node charges, whichever node generates: it verifies the payment before forwarding, and settles
+(or draws credit down) only after the host's answer is complete and successful. The host sees the
+request as coming from an admitted peer and does not charge again.
+
+The entry node has no tokenizer for a remote model, so usage comes from the host's own answer:
+the `usage` object of a JSON response, or, for a stream, the usage chunk (the forwarded request asks for
+it; it is passed on only if the client asked for it too). Streams are passed through unbuffered and
+counted as they go, so prepaid credit can cut a stream off just as on a local model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from types import SimpleNamespace
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from mesh402.api.errors import APIError
+
+log = logging.getLogger(__name__)
+
+Forward = Callable[[bytes], Awaitable[tuple[int, dict[str, str], AsyncIterator[bytes]]]]
+
+
+def _usage(u: dict[str, Any] | None) -> Any:
+    if not u:
+        return None
+    return SimpleNamespace(prompt_tokens=int(u.get("prompt_tokens", 0)),
+                           completion_tokens=int(u.get("completion_tokens", 0)), ttft_s=0.0, total_s=0.0)
+
+
+async def paid_proxy(gate: Any, request: Request, model_id: str, req: Any, default_max_tokens: int,
+                     forward: Forward) -> Response:
+    body = await request.body()
+    stream = bool(getattr(req, "stream", False))
+    max_tokens = req.requested_max_tokens() or default_max_tokens
+    est_prompt = max(1, len(body) // 4)  # sizing only (window, credit hold); billing uses the host's usage
+    charge = await gate.authorize(request, model_id, est_prompt, max_tokens, stream)
+    if charge.replay is not None:
+        return charge.replay
+    client_wants_usage = False
+    fwd_body = body
+    if stream:
+        data = json.loads(body)
+        client_wants_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+        data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
+        fwd_body = json.dumps(data).encode()
+    try:
+        status, headers, chunks = await forward(fwd_body)
+    except BaseException:
+        await gate.release(charge, "the model's host did not answer")
+        raise
+    if status >= 400 or not headers.get("content-type", "").startswith("text/event-stream"):
+        raw = b"".join([c async for c in chunks])
+        if status >= 400:
+            await gate.release(charge, f"the model's host answered {status}")
+            return Response(raw, status_code=status, headers=headers)
+        try:
+            out = json.loads(raw)
+        except ValueError:
+            await gate.release(charge, "the model's host sent an unreadable answer")
+            raise APIError(502, "the model's host sent an unreadable answer", type="server_error") from None
+        keep = {k: v for k, v in headers.items() if k.lower() not in ("content-type", "content-length")}
+        return await gate.respond(charge, _usage(out.get("usage")), out, {**keep, **charge.headers})
+    return StreamingResponse(_metered_sse(gate, charge, chunks, client_wants_usage), status_code=status,
+                             headers={**headers, **charge.headers})
+
+
+def _sse(obj: Any) -> bytes:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+def _has_text(obj: dict[str, Any]) -> bool:
+    ch = (obj.get("choices") or [None])[0]
+    if not isinstance(ch, dict):
+        return False
+    return bool((ch.get("delta") or {}).get("content") or ch.get("text"))
+
+
+async def _metered_sse(gate: Any, charge: Any, chunks: AsyncIterator[bytes], pass_usage: bool) -> AsyncIterator[bytes]:
+    sent: list[bytes] = []
+    buf = b""
+    usage: dict[str, Any] | None = None
+    error: str | None = None
+    cut = False
+    last: dict[str, Any] = {}
+    try:
+        try:
+            async for c in chunks:
+                buf += c
+                while b"\n\n" in buf and not cut:
+                    event, buf = buf.split(b"\n\n", 1)
+                    line = event.decode(errors="replace").strip()
+                    if not line.startswith("data: ") or line[6:] == "[DONE]":
+                        continue  # [DONE] is re-sent after the x402 record
+                    try:
+                        obj = json.loads(line[6:])
+                    except ValueError:
+                        obj = {}
+                    if isinstance(obj.get("error"), dict) and "choices" not in obj:
+                        error = str(obj["error"].get("message") or "the host failed")
+                    if obj.get("usage") and not obj.get("choices"):
+                        usage = obj["usage"]
+                        if not pass_usage:
+                            continue
+                    if obj.get("choices"):
+                        last = obj
+                    more = charge.take_token() if _has_text(obj) else True
+                    sent.append(event + b"\n\n")
+                    yield sent[-1]
+                    cut = not more
+                if cut:
+                    break
+        except Exception as e:  # the tunnel broke: the host's failure, so nothing is settled
+            log.warning("routed stream broke: %s", e)
+            error = f"the model's host stopped answering: {type(e).__name__}"
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        record = await gate.finish_stream(charge, None if cut else _usage(usage), error)
+        tail: list[bytes] = []
+        if error is not None:
+            tail.append(_sse(APIError(502, error, type="server_error", code="host_lost").body()))
+        elif cut:
+            if last:  # the host's own finish chunk never came: end the choice as a length stop
+                ch = dict(last["choices"][0])
+                ch.update({"finish_reason": "length", **({"delta": {}} if "delta" in ch else {"text": ""})})
+                tail.append(_sse({**last, "choices": [ch]}))
+            tail.append(_sse(APIError(402, f"prepaid credit ran out after {charge.completion_seen} tokens; "
+                                      "top up to continue", type="payment_required",
+                                      code="insufficient_credit").body()))
+        if record is not None:
+            tail.append(_sse({"object": "chat.completion.chunk", "choices": [], "x402": record}))
+        tail.append(b"data: [DONE]\n\n")
+        if error is None:
+            gate.store_stream(charge, b"".join(sent + tail))
+        for b in tail:
+            yield b
+    finally:
+        if not charge.finished:
+            gate.abandon_stream(charge)
