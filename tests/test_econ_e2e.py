@@ -398,3 +398,34 @@ def test_mesh402_chat_pays_with_a_wallet_file_within_caps(env: Env) -> None:
                             timeout=120)
     assert capped.returncode != 0 and "caps" in capped.stderr
     assert ch.balance("buyer-1") == before - PRICE  # nothing signed over the cap
+
+
+def test_official_x402_client_streams_a_paid_completion(env: Env) -> None:
+    from x402.http.clients import x402HttpxClient
+
+    ch = env.chain
+    before = ch.balance("buyer-0")
+
+    async def run() -> list[dict]:
+        out = []
+        async with x402HttpxClient(x402_client(ch.key("buyer-0"), ch.dep), timeout=120) as http:
+            async with http.stream("POST", env.paid + CHAT, json=body("Count to five", max_tokens=10, stream=True)) as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        out.append(json.loads(line[6:]))
+        return out
+    events = asyncio.run(run())
+    assert any(e["choices"] and e["choices"][0]["delta"].get("content") for e in events)
+    assert events[-1]["x402"]["settlement"]["success"] is True
+    assert ch.balance("buyer-0") == before - PRICE
+
+
+def test_chain_dev_can_deploy_onto_a_running_dev_chain(env: Env, tmp_path: Path) -> None:
+    out = subprocess.run([*MESH402, "chain", "dev", "--rpc-url", env.chain.dep.rpc_url, "--dir", str(tmp_path / "d2"),
+                          "--nodes", "1", "--buyers", "1"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    dep = json.loads((tmp_path / "d2" / "deployment.json").read_text())
+    assert dep["asset"]["address"] != env.chain.dep.asset.address and set(dep["accounts"]) == {
+        "facilitator", "node-0", "buyer-0"}
+    assert env.chain.balance(dep["accounts"]["buyer-0"]["address"]) == 0  # a different token; the old one is untouched

@@ -508,7 +508,8 @@ class PaymentGate:
         task.add_done_callback(self._tasks.discard)
 
     def install_routes(self, app: Any) -> None:
-        """GET /v1/x402/credit (balance for X-Mesh402-Credit) and GET /v1/x402/status (revenue summary)."""
+        """GET /v1/x402/credit: the balance behind an X-Mesh402-Credit token. (Revenue is not served over
+        HTTP; `mesh402 status` reads it from the ledger file.)"""
 
         @app.get("/v1/x402/credit")
         async def credit(request: Request) -> dict[str, Any]:
@@ -519,10 +520,6 @@ class PaymentGate:
                                type="authentication_error", code="invalid_credit_token")
             return {"payer": payer, "balance": str(self.ledger.balance(payer)), "held": str(self.ledger.held(payer)),
                     "asset": self.asset.address, "network": self.asset.network}
-
-        @app.get("/v1/x402/status")
-        async def status() -> dict[str, Any]:
-            return self.status()
 
     def status(self) -> dict[str, Any]:
         return {"asset": self.asset.address, "network": self.asset.network, "pay_to": self.cfg.pay_to,
