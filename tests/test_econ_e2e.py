@@ -311,6 +311,34 @@ def test_metered_credit_is_drawn_down_by_exact_usage(env: Env) -> None:
     assert ch.balance("buyer-0") == before - TOPUP
 
 
+def test_credit_belongs_to_the_wallet_across_sessions(env: Env) -> None:
+    """A new client session (no token) claims the wallet's leftover credit with a signature instead of paying."""
+    from mesh402.economics.client import PayingClient
+
+    ch = env.chain
+
+    async def session() -> PayingClient:
+        async with PayingClient(env.metered, ch.key("buyer-0"), max_per_request=50_000) as c:
+            await c.chat([{"role": "user", "content": "Say hi"}], max_tokens=3)
+            return c
+    asyncio.run(session())  # leaves credit on the wallet's account (buying more if it ran low)
+    before = ch.balance("buyer-0")
+    c = asyncio.run(session())
+    assert c.spend.signed == 0 and c.credit_token  # paid from credit bought in the earlier session
+    assert ch.balance("buyer-0") == before
+    # a claim signed by another wallet gets nothing
+    from eth_account import Account
+    from eth_account.messages import encode_defunct
+
+    from mesh402.economics.gate import credit_claim_message
+    ts = int(time.time())
+    other = Account.create()
+    sig = other.sign_message(encode_defunct(text=credit_claim_message(ch.dep.address("node-1"), ts))).signature.hex()
+    r = httpx.post(env.metered + "/v1/x402/credit/token", json={"address": ch.dep.address("buyer-0"), "timestamp": ts,
+                                                                 "signature": sig}, timeout=30)
+    assert r.status_code == 401
+
+
 def test_official_client_pays_metered_node_and_keeps_the_change_as_credit(env: Env) -> None:
     from x402.http.clients import x402HttpxClient
 

@@ -8,6 +8,8 @@
   spend (`X-Mesh402-Credit`) until it runs out, then the next 402 is paid again.
 - Caps (atomic token units) are checked before anything is signed: one payment may not exceed
   `max_per_request`, and all payments together may not exceed `max_per_session`.
+- Credit belongs to the wallet: in a new session the client signs a claim (EIP-191) and gets a fresh token
+  for credit bought earlier, before paying again.
 - Every request carries an Idempotency-Key; a transport error is retried once with the same key and the
   same signed payment, so the node answers it from its ledger instead of charging twice.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -23,7 +26,8 @@ from typing import Any
 
 import httpx
 
-from mesh402.economics.gate import CREDIT_HEADER, CREDIT_TOKEN_HEADER, IDEMPOTENCY_HEADER
+from mesh402.economics.gate import (BILLING_HEADER, CREDIT_HEADER, CREDIT_TOKEN_HEADER, IDEMPOTENCY_HEADER,
+                                   credit_claim_message)
 
 
 class SpendCapExceeded(RuntimeError):
@@ -59,6 +63,7 @@ class PayingClient:
         self.max_per_session = max_per_session
         self.spend = Spend()
         self.credit_token: str | None = None
+        self._claimed = False  # asked the node once for a token to credit this wallet already holds
         self._x402 = x402Client()
         register_exact_evm_client(self._x402, self.account)
         self._x402.set_spend_controls(False)  # our own caps below apply to any asset the node asks for
@@ -127,6 +132,28 @@ class PayingClient:
         if balance is not None:
             self.spend.credit_balance = int(balance)
 
+    async def _claim_credit(self, resp: httpx.Response) -> bool:
+        """On a metered node, credit belongs to the wallet: prove it with a signature and get a token
+        for what is left (e.g. bought in an earlier session). True if there is credit to spend."""
+        if self._claimed or self.credit_token or resp.headers.get(BILLING_HEADER) != "metered":
+            return False
+        self._claimed = True
+        from eth_account.messages import encode_defunct
+        from x402.http.utils import decode_payment_required_header
+        try:
+            pay_to = decode_payment_required_header(resp.headers["PAYMENT-REQUIRED"]).accepts[0].pay_to
+        except Exception:
+            return False
+        ts = int(time.time())
+        sig = self.account.sign_message(encode_defunct(text=credit_claim_message(pay_to, ts))).signature.hex()
+        r = await self._http.post("/v1/x402/credit/token", json={
+            "address": self.address, "timestamp": ts, "signature": sig if sig.startswith("0x") else "0x" + sig})
+        if r.status_code != 200 or int(r.json().get("balance", 0)) <= 0:
+            return False
+        self.credit_token = r.json()["token"]
+        self.spend.credit_balance = int(r.json()["balance"])
+        return True
+
     def _headers(self, key: str, signature: str | None) -> dict[str, str]:
         h = {IDEMPOTENCY_HEADER: key}
         if self.credit_token and signature is None:
@@ -139,7 +166,7 @@ class PayingClient:
         """POST a non-streaming request, paying as needed; returns the JSON body."""
         key = uuid.uuid4().hex
         sig, amount = None, 0
-        for attempt in range(4):
+        for attempt in range(6):
             try:
                 resp = await self._http.post(path, json=body, headers=self._headers(key, sig))
             except httpx.TransportError:
@@ -147,6 +174,8 @@ class PayingClient:
                     raise
                 continue  # same key, same signature: the node answers from its ledger, never charges twice
             if resp.status_code == 402 and sig is None:
+                if await self._claim_credit(resp):
+                    continue  # spend credit this wallet already has
                 sig, amount = await self._sign(resp)
                 key = uuid.uuid4().hex  # a new request: the unpaid attempt was not answered
                 continue
@@ -169,10 +198,12 @@ class PayingClient:
         body = {**body, "stream": True}
         key = uuid.uuid4().hex
         sig, amount = None, 0
-        for _ in range(3):
+        for _ in range(4):
             async with self._http.stream("POST", path, json=body, headers=self._headers(key, sig)) as resp:
                 if resp.status_code == 402 and sig is None:
                     await resp.aread()
+                    if await self._claim_credit(resp):
+                        continue
                     sig, amount = await self._sign(resp)
                     key = uuid.uuid4().hex
                     continue

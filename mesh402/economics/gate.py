@@ -50,6 +50,8 @@ CREDIT_TOKEN_HEADER = "X-Mesh402-Credit-Token"  # response: token for the credit
 CREDIT_BALANCE_HEADER = "X-Mesh402-Credit-Balance"
 CREDIT_CHARGED_HEADER = "X-Mesh402-Credit-Charged"
 REPLAY_HEADER = "X-Mesh402-Replayed"
+BILLING_HEADER = "X-Mesh402-Billing"  # on 402s of a metered node: "metered" (credit can be claimed)
+CLAIM_WINDOW_S = 300  # a wallet-signed credit-token claim is good for this long
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 # Generation speed assumed until this node has measured its own (tokens per second, per model).
@@ -57,6 +59,11 @@ DEFAULT_DECODE_TPS = 4.0
 DEFAULT_PREFILL_TPS = 40.0
 WINDOW_SAFETY = 2.0  # the window allows twice the estimated generation time
 MAX_WINDOW_S = 3600
+
+
+def credit_claim_message(pay_to: str, timestamp: int) -> str:
+    """What a wallet signs to claim a token for its credit at the node paid through `pay_to`."""
+    return f"mesh402 credit claim\nnode: {pay_to.lower()}\ntime: {timestamp}"
 
 
 def b64json(obj: Any) -> str:
@@ -171,6 +178,8 @@ class PaymentGate:
                                                         .encode()).decode()}
         if settle is not None:
             headers["PAYMENT-RESPONSE"] = b64json(settle)
+        if self.metered:
+            headers[BILLING_HEADER] = "metered"
         return APIError(status, message, type="payment_required", code=code, headers=headers)
 
     # ---- authorize -------------------------------------------------------------------------------
@@ -520,6 +529,31 @@ class PaymentGate:
                                type="authentication_error", code="invalid_credit_token")
             return {"payer": payer, "balance": str(self.ledger.balance(payer)), "held": str(self.ledger.held(payer)),
                     "asset": self.asset.address, "network": self.asset.network}
+
+        @app.post("/v1/x402/credit/token")
+        async def claim(request: Request) -> dict[str, Any]:
+            """A new credit token for the wallet that proves itself with a signature (EIP-191) over
+            `credit_claim_message(host, timestamp)`: credit belongs to the wallet, not to a lost token."""
+            try:
+                data = await request.json()
+                address, ts, sig = str(data["address"]), int(data["timestamp"]), str(data["signature"])
+            except Exception:
+                raise APIError(400, "body must be {address, timestamp, signature}") from None
+            if abs(time.time() - ts) > CLAIM_WINDOW_S:
+                raise APIError(401, "claim timestamp is too old or in the future", type="authentication_error",
+                               code="stale_claim")
+            from eth_account import Account
+            from eth_account.messages import encode_defunct
+            try:
+                signer = Account.recover_message(encode_defunct(text=credit_claim_message(self.cfg.pay_to or "", ts)),
+                                                 signature=sig)
+            except Exception:
+                signer = ""
+            if signer.lower() != address.lower():
+                raise APIError(401, "signature does not match the address", type="authentication_error",
+                               code="invalid_signature")
+            bal = self.ledger.balance(address)
+            return {"payer": address.lower(), "balance": str(bal), "token": self.ledger.issue_token(address)}
 
     def status(self) -> dict[str, Any]:
         return {"asset": self.asset.address, "network": self.asset.network, "pay_to": self.cfg.pay_to,
