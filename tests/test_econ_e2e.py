@@ -457,3 +457,18 @@ def test_chain_dev_can_deploy_onto_a_running_dev_chain(env: Env, tmp_path: Path)
     assert dep["asset"]["address"] != env.chain.dep.asset.address and set(dep["accounts"]) == {
         "facilitator", "node-0", "buyer-0"}
     assert env.chain.balance(dep["accounts"]["buyer-0"]["address"]) == 0  # a different token; the old one is untouched
+
+
+def test_text_completions_are_paid_too(env: Env) -> None:
+    from x402.http.clients import x402HttpxClient
+
+    ch = env.chain
+    before = ch.balance("buyer-2")
+
+    async def run() -> httpx.Response:
+        async with x402HttpxClient(x402_client(ch.key("buyer-2"), ch.dep), timeout=120) as http:
+            return await http.post(env.paid + "/v1/completions", json={"prompt": "The sea is", "max_tokens": 4})
+    r = asyncio.run(run())
+    assert r.status_code == 200 and r.json()["choices"][0]["text"]
+    assert decode_b64json(r.headers["PAYMENT-RESPONSE"])["success"] is True
+    assert ch.balance("buyer-2") == before - PRICE
