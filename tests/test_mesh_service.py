@@ -164,3 +164,50 @@ def test_open_mesh_and_registered_handlers(tmp_path):
         await asyncio.gather(a.stop(), b.stop())
 
     run(go())
+
+
+def test_busy_peer_is_slow_not_down(tmp_path):
+    """A peer whose Python loop is blocked (a long import, GIL-heavy work) keeps its QUIC
+    connection alive: heartbeats count it slow, not down. Here b blocks for 4 s, eight
+    times the heartbeat timeout."""
+    import threading
+
+    ready, stop, box = threading.Event(), threading.Event(), {}
+
+    def run_a() -> None:
+        async def main() -> None:
+            a = svc(tmp_path, "a")
+            await a.start()
+            box["a"], box["token"] = a, a.invite_token
+            ready.set()
+            while not stop.is_set():
+                await asyncio.sleep(0.05)
+            await a.stop()
+
+        asyncio.run(main())
+
+    t = threading.Thread(target=run_a, daemon=True)
+    t.start()
+    assert ready.wait(10)
+
+    async def go() -> None:
+        b = svc(tmp_path, "b")
+        await b.start(join=box["token"])
+        a = box["a"]
+        await wait_for(lambda: a.liveness.state(b.node_id) == PeerState.ALIVE)
+        await asyncio.sleep(0.5)
+        t_end = time.monotonic() + 4.0
+        while time.monotonic() < t_end:  # b's event loop is stuck
+            pass
+        await asyncio.sleep(1.0)
+        assert a.liveness.state(b.node_id) == PeerState.ALIVE, a.all_counters()
+        assert a.counters["liveness.ping_slow"] >= 1
+        assert a.counters.get("liveness.down", 0) == 0
+        assert b.liveness.state(a.node_id) == PeerState.ALIVE, b.all_counters()
+        await b.stop()
+
+    try:
+        asyncio.run(go())
+    finally:
+        stop.set()
+        t.join(10)

@@ -21,6 +21,7 @@ class MeshTimers:
     heartbeat_timeout: float = 1.5  # a ping without pong after this is a failure
     failures_to_suspect: int = 2  # consecutive failures before the probe
     failure_retry: float = 0.5  # after a failure, ping again this soon
+    max_unresponsive: float = 30.0  # QUIC alive but no pong this long -> treat as failed
     probe_timeout: float = 2.5  # probe = fresh dial + handshake; fail -> peer down
     prune_after: float = 300.0  # forget down/left peers after this long
     rtt_interval: float = 10.0  # re-sign own announcement with fresh RTTs
@@ -47,6 +48,7 @@ class MeshTimers:
             heartbeat_timeout=0.5,
             failures_to_suspect=2,
             failure_retry=0.1,
+            max_unresponsive=5.0,
             probe_timeout=0.8,
             prune_after=3.0,
             rtt_interval=1.0,

@@ -657,7 +657,10 @@ class MeshService:
             raise InviteError("no admission credential (this mesh needs an invite token)", "no_credential")
         outcome, _ = g.offer(hello.announcement, now, via=remote, direct_sender=True)
         if outcome == Outcome.REPLAYED:
-            raise InviteError("announcement older than one already seen", "replayed")
+            # Not an attack: the QUIC identity proves the origin itself is dialling
+            # (e.g. we pruned it and it comes back with an unchanged announcement).
+            # The newer announcement we hold, if any, stays.
+            self.counters["admission.old_hello_announcement"] += 1
         ann_stored = g.get(remote)
         if outcome.accepted:
             self._after_offer(outcome, ann, via=remote, from_hello=True)
@@ -985,23 +988,45 @@ class MeshService:
         await fs.send(make_frame(pong=pb.Pong(nonce=frame.ping.nonce, sent_at_us=frame.ping.sent_at_us, boot_id=self.boot_id)))
         await fs.finish()
 
+    @staticmethod
+    def _rx_datagrams(pc: PeerConn) -> Optional[int]:
+        try:
+            return int(pc.conn.stats().udp_rx_datagrams)
+        except Exception:
+            return None
+
     async def _heartbeat(self, pc: PeerConn) -> None:
+        """Ping the peer every heartbeat_interval. A ping that times out while QUIC
+        still receives datagrams from the peer means its process is alive but its
+        Python loop is busy (a long import, a GIL-heavy step): that is counted as
+        slow, not as a failure, for up to ``max_unresponsive`` seconds. A dead
+        process sends nothing, so kill -9 is still detected in a few intervals."""
         nid = pc.node_id
+        slow_since: Optional[float] = None
         while not pc.closed and not self._stopping:
             p = self.liveness.get(nid)
             await self.clock.sleep(
-                self.timers.failure_retry if p is not None and p.failures else self.timers.heartbeat_interval
+                self.timers.failure_retry if (p is not None and p.failures) or slow_since else self.timers.heartbeat_interval
             )
             if pc.closed or self.conns.get(nid) is not pc:
                 return
+            rx0 = self._rx_datagrams(pc)
             try:
                 rtt = await asyncio.wait_for(self._ping(pc), self.timers.heartbeat_timeout)
                 self.liveness.heartbeat_ok(nid, rtt)
+                slow_since = None
             except asyncio.CancelledError:
                 raise
             except Exception:
                 if pc.closed or self.conns.get(nid) is not pc:
                     return
+                rx1 = self._rx_datagrams(pc)
+                now = self.clock.monotonic()
+                if rx0 is not None and rx1 is not None and rx1 > rx0:
+                    slow_since = now if slow_since is None else slow_since
+                    if now - slow_since < self.timers.max_unresponsive:
+                        self.counters["liveness.ping_slow"] += 1
+                        continue
                 self.counters["liveness.ping_failed"] += 1
                 if self.liveness.heartbeat_failed(nid):
                     self.counters["liveness.suspect"] += 1
@@ -1081,6 +1106,7 @@ class MeshService:
     async def _confirm_down(self, target: bytes) -> None:
         pc = self.conns.get(target)
         if pc is not None:
+            rx0 = self._rx_datagrams(pc)
             try:
                 rtt = await asyncio.wait_for(self._ping(pc), self.timers.probe_timeout)
                 self.liveness.heartbeat_ok(target, rtt)
@@ -1089,7 +1115,10 @@ class MeshService:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                pass
+                rx1 = self._rx_datagrams(pc)
+                if rx0 is not None and rx1 is not None and rx1 > rx0 and not pc.closed:
+                    self.counters["liveness.down_report_refuted"] += 1  # alive, only slow
+                    return
         if await self._probe(target, report=False):
             self.counters["liveness.down_report_refuted"] += 1
         else:
