@@ -211,3 +211,22 @@ def test_busy_peer_is_slow_not_down(tmp_path):
     finally:
         stop.set()
         t.join(10)
+
+
+def test_demand_signals_gossip(tmp_path):
+    async def go():
+        a, b = svc(tmp_path, "a"), svc(tmp_path, "b")
+        await a.start()
+        await b.start(join=a.invite_token)
+        for _ in range(3):
+            a.note_request("m1")
+        b.note_request("m1")
+        b.note_request("m2", 5)
+        a.note_request("auto")  # not a demand signal
+        await wait_for(lambda: a.demand_view().get("m1", {}).get("requests") == 4 and "m2" in a.demand_view())
+        v = b.status()["demand"]
+        assert v["m1"]["requests"] == 4 and v["m1"]["nodes"] == 2 and v["m2"]["requests"] == 5
+        assert "auto" not in v
+        await asyncio.gather(a.stop(), b.stop())
+
+    run(go())

@@ -37,6 +37,8 @@ class MeshTimers:
     duplicate_window: float = 2.0  # two connections this close in time were a simultaneous dial
     down_report_ignore: float = 60.0  # repeat PeerDown from the same reporter ignored
     reconnect_interval: float = 15.0  # retry known-but-unconnected peers
+    demand_announce_delay: float = 2.0  # coalesce demand updates into one re-announcement
+    demand_ttl: float = 86400.0  # demand entries older than this are dropped
     join_attempts: int = 3
     join_backoff: float = 1.0
 
@@ -64,6 +66,7 @@ class MeshTimers:
             reconnect_interval=1.0,
             join_attempts=3,
             join_backoff=0.3,
+            demand_announce_delay=0.05,
         )
         return replace(base, **over)
 

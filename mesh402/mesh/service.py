@@ -163,6 +163,8 @@ class MeshService:
         self._last_rtts: dict[bytes, float] = {}
         self.joined_at: Optional[float] = None
         self._sent_rtts: dict[bytes, float] = {}
+        self._demand: dict[str, tuple[int, int]] = {}  # model -> (last_active_ms, count)
+        self._demand_pending = False
         self.register_handler(StreamType.ECHO, self._handle_echo)
 
     # ================================================================ lifecycle
@@ -347,6 +349,58 @@ class MeshService:
                 raise AttributeError(f"LocalInfo has no field {k!r}")
             setattr(self.local, k, v)
         self._resign(flush=True)
+
+    # ---------------------------------------------------------------- demand
+
+    def note_request(self, model_id: str, count: int = 1) -> None:
+        """Demand signal: the API layer calls this for each request it serves or
+        proxies for ``model_id`` (not for 'auto'). Gossiped in this node's signed
+        announcement (debounced), so a peer can only ever speak for its own demand."""
+        if not model_id or model_id == "auto":
+            return
+        now_ms = int(self.clock.time() * 1000)
+        last, n = self._demand.get(model_id, (0, 0))
+        self._demand[model_id] = (now_ms, n + count)
+        if not self._demand_pending and self.gossip is not None:
+            self._demand_pending = True
+            try:
+                self._spawn(self._flush_demand())
+            except RuntimeError:  # no running loop (tests building state by hand)
+                self._demand_pending = False
+
+    async def _flush_demand(self) -> None:
+        try:
+            await self.clock.sleep(self.timers.demand_announce_delay)
+        finally:
+            self._demand_pending = False
+        self._publish_demand()
+
+    def _publish_demand(self) -> None:
+        cutoff = int((self.clock.time() - self.timers.demand_ttl) * 1000)
+        self._demand = {k: v for k, v in self._demand.items() if v[0] >= cutoff}
+        self.update_local(demand=[pb.DemandEntry(model_id=k, last_active_ms=v[0], request_count=v[1])
+                                  for k, v in sorted(self._demand.items())])
+
+    def demand_view(self) -> dict[str, dict]:
+        """Mesh-wide demand per model: requests summed over origins (each origin's
+        own signed count, so no peer can inflate another's), latest activity, and
+        how many nodes saw requests for it."""
+        out: dict[str, dict] = {}
+        if self.gossip is None:
+            return out
+        cutoff = int((self.clock.time() - self.timers.demand_ttl) * 1000)
+        down = {k for k, p in self.liveness.peers.items() if p.state in (PeerState.DOWN, PeerState.LEFT)}
+        for origin, e in self.gossip.entries.items():
+            if origin in down:
+                continue
+            for d in e.ann.demand:
+                if d.last_active_ms < cutoff:
+                    continue
+                v = out.setdefault(d.model_id, {"requests": 0, "last_active_ms": 0, "nodes": 0})
+                v["requests"] += d.request_count
+                v["last_active_ms"] = max(v["last_active_ms"], d.last_active_ms)
+                v["nodes"] += 1
+        return out
 
     def self_announcement(self) -> Optional[pb.PeerAnnouncement]:
         e = self.gossip.self_entry() if self.gossip else None
@@ -1294,6 +1348,7 @@ class MeshService:
             "self": announcement_to_dict(own) if own else None,
             "models": [m for m in (announcement_to_dict(own)["models"] if own else [])],
             "peers": peers,
+            "demand": self.demand_view(),
             "counters": self.all_counters(),
         }
 
