@@ -472,3 +472,20 @@ def test_text_completions_are_paid_too(env: Env) -> None:
     assert r.status_code == 200 and r.json()["choices"][0]["text"]
     assert decode_b64json(r.headers["PAYMENT-RESPONSE"])["success"] is True
     assert ch.balance("buyer-2") == before - PRICE
+
+
+def test_client_hanging_up_mid_stream_pays_for_what_it_received(env: Env) -> None:
+    ch = env.chain
+    req = body("Tell me a long story about a lighthouse.", max_tokens=60, stream=True)
+    required = get_402(env.paid, CHAT, req)
+    header, auth = sign_payment(ch.key("buyer-3"), required)
+    before = ch.balance("buyer-3")
+    with httpx.stream("POST", env.paid + CHAT, json=req, headers={"PAYMENT-SIGNATURE": header}, timeout=60) as r:
+        for line in r.iter_lines():
+            if '"content": "' in line and '"content": ""' not in line:
+                break  # got a token, then hang up
+    deadline = time.monotonic() + 20
+    while ch.balance("buyer-3") == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ch.balance("buyer-3") == before - PRICE
+    assert ch.nonce_used(auth["from"], auth["nonce"])

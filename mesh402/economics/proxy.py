@@ -12,6 +12,7 @@ counted as they go, so prepaid credit can cut a stream off just as on a local mo
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -124,7 +125,7 @@ async def _metered_sse(gate: Any, charge: Any, chunks: AsyncIterator[bytes], pas
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:
                 await aclose()
-        record = await gate.finish_stream(charge, None if cut else _usage(usage), error)
+        record = await asyncio.shield(gate.finish_stream(charge, None if cut else _usage(usage), error))
         tail: list[bytes] = []
         if error is not None:
             tail.append(_sse(APIError(502, error, type="server_error", code="host_lost").body()))

@@ -10,6 +10,7 @@ draw-down; it is produced after the last token, so a client learns the outcome b
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -55,7 +56,8 @@ async def paid_sse(gate: Any, charge: Any, events: AsyncIterator[Delta | Finishe
                     "prompt_tokens": prompt_tokens, "completion_tokens": charge.completion_seen,
                     "total_tokens": prompt_tokens + charge.completion_seen}
                 yield emit(last)
-        record = await gate.finish_stream(charge, fin, error)
+        # shielded: a client that hangs up now must not cut a settlement off halfway
+        record = await asyncio.shield(gate.finish_stream(charge, fin, error))
         tail: list[bytes] = []
         if error is not None:
             tail.append(sse(APIError(500, error, type="server_error").body()))
