@@ -338,7 +338,7 @@ class PaymentGate:
             raise self.payment_required(
                 request, reqs, f"payment required: {self.asset.fmt(self.cfg.price_per_1k_tokens)} per 1k tokens"
                 f"{' + ' + self.asset.fmt(self.cfg.price_per_request) + ' per request' if self.cfg.price_per_request else ''}"
-                f", from prepaid credit; buy {self.asset.fmt(reqs and int(reqs.amount))} with x402 exact "
+                f", from prepaid credit; buy {self.asset.fmt(int(reqs.amount))} with x402 exact "
                 f"(PAYMENT-SIGNATURE) or send {CREDIT_HEADER}: <token>")
         payer = self.ledger.account_for_token(token.strip())
         if payer is None:
@@ -451,8 +451,7 @@ class PaymentGate:
         return APIError(402, message, type="payment_required", code=code,
                         headers={"PAYMENT-RESPONSE": b64json(settle)})
 
-    async def finish_stream(self, charge: Charge, fin: Any | None, error: str | None,
-                            transcript: bytes = b"") -> dict[str, Any] | None:
+    async def finish_stream(self, charge: Charge, fin: Any | None, error: str | None) -> dict[str, Any] | None:
         """End of a paid stream -> the in-band x402 record. A completed stream (or one cut off when credit
         ran out) is settled / drawn down; a server-side failure settles nothing."""
         if charge.mode == "peer":
