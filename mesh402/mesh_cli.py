@@ -259,11 +259,38 @@ def render_status(st: dict) -> None:
             mt.add_row(m["model_id"], m["role"], "yes" if m.get("ready") else "no", str(m.get("n_layers") or "-"),
                        _fmt_bytes(m.get("size_bytes") or 0), m.get("architecture") or "", (m.get("content_hash") or "")[:16])
         console.print(mt)
+    render_plans(st)
     counters = st.get("counters") or {}
     bad = {k: v for k, v in counters.items() if v and (".rejected." in k or k.startswith("frame.") or k in (
         "gossip.forged", "gossip.replayed", "gossip.stale", "gossip.wrong_mesh", "gossip.malformed", "gossip.forged_sender"))}
     if bad:
         console.print("rejected/dropped: " + ", ".join(f"{k}={v}" for k, v in sorted(bad.items())), highlight=False)
+
+
+def render_plans(st: dict) -> None:
+    """Each model's plan as its host published it: who holds which layers, bytes held and sent."""
+    dist = (st.get("node") or {}).get("distributed") or {}
+    plans = dist.get("plans") or {}
+    if not plans:
+        return
+    t = Table(title="Model plans (who holds which layers)", title_justify="left")
+    for col in ("model", "epoch", "state", "stage", "node", "layers", "tensor bytes", "activations sent"):
+        t.add_column(col, no_wrap=col in ("layers", "stage"))
+    for key, p in sorted(plans.items()):
+        model = key.rsplit("@", 1)[0]
+        state = "ready" if p.get("ready") else f"waiting: {p.get('waiting', '')}"
+        links = p.get("links") or {}
+        stages = p.get("stages") or []
+        if not stages:
+            t.add_row(model, str(p.get("epoch", "-")), state, "-", (p.get("host") or "")[:12], "-", "-", "-")
+        for i, (node_id, start, end, nbytes) in enumerate(stages):
+            sent = "-"
+            if i == 0 and len(stages) > 1:
+                sent = _fmt_bytes(sum(links.values())) if links else "0 B"
+            role = "host" if i == 0 else f"stage {i}"
+            t.add_row(model if i == 0 else "", str(p.get("epoch")) if i == 0 else "", state if i == 0 else "",
+                      role, node_id[:12], f"[{start}, {end})", _fmt_bytes(nbytes), sent)
+    console.print(t)
 
 
 # ------------------------------------------------------------------ commands

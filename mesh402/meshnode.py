@@ -220,6 +220,9 @@ class MeshRuntime:
             "console_port": self.console_port,
             "models": {e.model_id: e.state for e in node.registry.all()},
         }
+        dist = getattr(node, "distributed", None)
+        if dist is not None:
+            info["distributed"] = dist.status()
         return info
 
     # ------------------------------------------------------------ what this node serves

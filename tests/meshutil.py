@@ -101,11 +101,12 @@ class MeshNodes:
         timeout: float = 60.0,
         api_port: Optional[int] = None,
         console_port: Optional[int] = None,
+        no_model: bool = True,
     ) -> MeshNode:
         home = home or (self.root / name)
         api_port = api_port or free_port()
         console_port = console_port or free_port()
-        cmd = ["client"] if kind == "client" else ["serve", "--no-model"]
+        cmd = ["client"] if kind == "client" else (["serve", "--no-model"] if no_model else ["serve"])
         args = [*MESH402, *cmd, "--home", str(home), "--port", str(api_port), "--console", str(console_port),
                 "--bind-ip", "127.0.0.1"]
         if fast:

@@ -29,7 +29,6 @@ ROUTE_HEADER = "x-mesh402-route"
 # Only these request headers cross the mesh; credentials stay at the entry node.
 FORWARD_REQUEST = ("content-type", "accept", "x-request-id", "idempotency-key", "user-agent")
 DROP_RESPONSE = {"content-length", "transfer-encoding", "connection", "date", "server"}
-CHUNK = 64 * 1024
 
 
 class TunnelError(Exception):
@@ -73,8 +72,8 @@ async def forward(open_stream: Callable[[], Awaitable[Any]], method: str, path: 
             done = head.http.end
             while not done:
                 f = await fs.recv(first_byte_timeout)
-                if f is None:
-                    break
+                if f is None:  # the stream ended without its closing frame: the host went away
+                    raise TunnelError("the model's host stopped answering mid-response")
                 if f.http.body:
                     yield f.http.body
                 done = f.http.end
@@ -109,7 +108,7 @@ def make_handler(api_url: Callable[[], str], secret: TunnelSecret) -> Callable[[
                                          content=bytes(body)) as r:
                     out = {k: v for k, v in r.headers.items() if k.lower() not in DROP_RESPONSE}
                     await fs.send(_frame(request_id=f.http.request_id, status=r.status_code, headers=out))
-                    async for chunk in r.aiter_raw(CHUNK):
+                    async for chunk in r.aiter_raw():  # no chunk size: forward bytes as they arrive
                         await fs.send(_frame(body=chunk))
                     await fs.send(_frame(end=True))
             except httpx.HTTPError as e:

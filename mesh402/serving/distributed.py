@@ -28,6 +28,7 @@ from mesh402.placement import (
     WaitingForCapacity,
     elect_host,
     fits,
+    host_ranking,
     make_model_key,
     plan_model,
     stage_bytes,
@@ -92,6 +93,7 @@ class DistributedRuntime(Failover):
         self.waiting: dict[str, str] = {}  # key -> reason no plan is possible now
         self.roles = Roles()
         self.layouts: dict[str, ModelLayout] = {}
+        self.failovers: dict[str, int] = {}  # key -> stages replaced under running sessions
         self.keys: dict[str, ModelEntry] = {}  # local model key -> registry entry
         self._task: asyncio.Task | None = None
         self._kick = asyncio.Event()
@@ -141,8 +143,9 @@ class DistributedRuntime(Failover):
             return out
         for nid, entry in self.mesh.gossip.peers().items():
             lv = self.mesh.liveness.get(nid)
-            if entry.ann.leaving or lv is None or lv.state.value not in ("alive", "suspect"):
-                continue
+            pc = self.mesh.conns.get(nid)
+            if entry.ann.leaving or lv is None or lv.state.value not in ("alive", "suspect") or pc is None or pc.closed:
+                continue  # only peers this node can reach now take part
             out.append(entry.ann)
         return out
 
@@ -157,9 +160,47 @@ class DistributedRuntime(Failover):
                                       is_client=ann.kind == pb.NODE_KIND_CLIENT))
         return MeshSnapshot(nodes)
 
+    def _incumbent(self, key: str, snap: MeshSnapshot) -> str | None:
+        """A live node already serving `key` keeps it (no churn when nodes join); if several claim
+        it during a transient, every node picks the same one by the election order."""
+        claims = [h for h, plans in self._ready_claims(key).items() if h in snap]
+        if not claims:
+            return None
+        ranking = [n for n in host_ranking(key, snap) if n in claims]
+        return ranking[0] if ranking else max(claims)
+
+    def _ready_claims(self, key: str) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for ann in self._announcements():
+            value = ann.labels.get(PLAN_LABEL + key)
+            if value:
+                try:
+                    d = json.loads(value)
+                except ValueError:
+                    continue
+                if d.get("ready"):
+                    out[bytes(ann.node_id).hex()] = d
+        return out
+
+    def _seen_epoch(self, key: str) -> int:
+        """The newest plan epoch anyone announced for `key`: a new host continues the count."""
+        best = self.epochs.get(key, 0)
+        content_hash = key.rsplit("@", 1)[1]
+        for ann in self._announcements():
+            value = ann.labels.get(PLAN_LABEL + key)
+            if value:
+                try:
+                    best = max(best, int(json.loads(value).get("epoch", 0)))
+                except (ValueError, TypeError):
+                    pass
+            for m in ann.models:
+                if m.content_hash == content_hash:
+                    best = max(best, int(m.plan_epoch))
+        return max(best, self.worker.epochs.get(content_hash, 0))
+
     def published_plans(self) -> dict[str, tuple[str, dict[str, Any], int]]:
-        """key -> (host, plan dict, host api port) from every live node's announcement."""
-        out: dict[str, tuple[str, dict[str, Any], int]] = {}
+        """key -> (host, plan dict, host api port): per model the incumbent's ready plan, else any claim."""
+        claims: dict[str, list[tuple[str, dict[str, Any], int]]] = {}
         for ann in self._announcements():
             for label, value in ann.labels.items():
                 if label.startswith(PLAN_LABEL):
@@ -167,7 +208,16 @@ class DistributedRuntime(Failover):
                         d = json.loads(value)
                     except ValueError:
                         continue
-                    out[label[len(PLAN_LABEL):]] = (bytes(ann.node_id).hex(), d, ann.api_port)
+                    claims.setdefault(label[len(PLAN_LABEL):], []).append((bytes(ann.node_id).hex(), d, ann.api_port))
+        out = {}
+        snap = self.snapshot() if claims else None
+        for key, cs in claims.items():
+            ready = [c for c in cs if c[1].get("ready")]
+            if ready and snap is not None:
+                pick = self._incumbent(key, snap)
+                out[key] = next((c for c in ready if c[0] == pick), ready[0])
+            else:
+                out[key] = min(cs, key=lambda c: c[0])
         return out
 
     def routes(self) -> dict[str, Route]:
@@ -199,14 +249,16 @@ class DistributedRuntime(Failover):
                 if entry.source.format != "gguf":
                     await self._ensure_solo_unplanned(key, entry)
                     continue
-                incumbent = published.get(key)
-                host = incumbent[0] if incumbent and incumbent[0] in snap else elect_host(key, snap)
+                host = self._incumbent(key, snap) or elect_host(key, snap)
                 if host == self.me:
                     await self._ensure_hosting(key, entry, snap)
                 else:
                     self._drop_hosting(key)
-                    if entry.state in ("loading", "waiting") and incumbent is not None:
+                    pub = published.get(key)
+                    if pub is not None and pub[1].get("ready"):
                         entry.state, entry.error = "standby", None
+                    elif pub is not None:
+                        entry.state, entry.error = "waiting", pub[1].get("waiting") or "no plan yet"
             self._publish()
 
     async def _ensure_solo_unplanned(self, key: str, entry: ModelEntry) -> None:
@@ -230,7 +282,7 @@ class DistributedRuntime(Failover):
         cur = self.hosted.get(key)
         if cur is not None and all(n in snap for n in cur.plan.nodes):
             return  # an incumbent plan that still works is kept
-        epoch = self.epochs.get(key, 0) + 1
+        epoch = self._seen_epoch(key) + 1
         plan = plan_model(key, layout, snap, epoch=epoch, max_split_rtt_ms=self.max_split_rtt_ms)
         if isinstance(plan, WaitingForCapacity):
             self._drop_hosting(key)
@@ -334,12 +386,24 @@ class DistributedRuntime(Failover):
     async def replace(self, chain: Chain, dead: set[str]) -> Chain:
         """Give each dead stage's layer range to a live node that has the model and room for it."""
         key = make_model_key(chain.model_id, chain.content_hash)
+        async with self._lock:
+            new_chain = await self._replace_locked(key, chain, dead)
+        self.failovers[key] = self.failovers.get(key, 0) + 1
+        return new_chain
+
+    async def _replace_locked(self, key: str, chain: Chain, dead: set[str]) -> Chain:
         hosted = self.hosted.get(key)
         if hosted is None:
             raise StageError(f"{key} is no longer hosted here", code="no_plan")
+        plan = hosted.plan
+        if (plan.epoch > chain.epoch and not dead & set(plan.nodes) and plan.stages[0].end == chain.local_end
+                and len(plan.stages) > 1):
+            # The mesh already re-planned around the dead stage with the same host range: join that plan.
+            return Chain(chain.model_id, chain.content_hash, plan.epoch, chain.local_end,
+                         tuple(Hop(s.node_id, s.start, s.end) for s in plan.stages[1:]))
         snap = self.snapshot().without(dead)
         used = {self.me} | {h.node for h in chain.hops if h.node not in dead}
-        epoch = max(self.epochs.get(key, 0), chain.epoch) + 1
+        epoch = max(self._seen_epoch(key), chain.epoch) + 1
         hops = []
         for h in chain.hops:
             if h.node in dead:
@@ -360,6 +424,8 @@ class DistributedRuntime(Failover):
             for h in hops)
         hosted.plan = Plan(key, epoch, self.me, stages, est_token_latency_ms=hosted.plan.est_token_latency_ms)
         self.roles.by_key[key] = (pb.MODEL_ROLE_HOST, stages[0].start, stages[0].end, epoch)
+        if isinstance(hosted.serving, PipelineModel):
+            hosted.serving.chain = new_chain  # new sessions use the repaired chain too
         self._publish()
         return new_chain
 
@@ -375,7 +441,7 @@ class DistributedRuntime(Failover):
             stats = getattr(h.serving, "stats", None)
             if stats is not None:
                 d["activation_bytes_sent"] = stats.bytes_sent
-                d["failovers"] = stats.failovers
+            d["failovers"] = self.failovers.get(key, 0)
             d["links"] = self._link_bytes(h)
             labels[PLAN_LABEL + key] = json.dumps(d, separators=(",", ":"))
         for key, reason in self.waiting.items():
@@ -409,4 +475,5 @@ class DistributedRuntime(Failover):
         return {"capacity_bytes": self.capacity, "plans": plans,
                 "stage": {"sessions_opened": self.worker.stats.sessions_opened, "steps": self.worker.stats.steps,
                           "bytes_out_by_link": self.worker.stats.by_link,
-                          "held": [[k.content_hash[:12], k.start, k.end] for k in self.worker.engines]}}
+                          "held": [[k.content_hash[:12], k.start, k.end, int(e.weight_bytes)]
+                                   for k, e in self.worker.engines.items()]}}
