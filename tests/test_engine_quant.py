@@ -73,9 +73,17 @@ def test_dequant_bit_exact(gguf_file, g):
 def test_fast_pack_close(gguf_file, g):
     qw = _ours(gguf_file, f"t.{g.name}")
     fw = pack_fast(qw)
-    assert fw.kind == ("int4" if g in (GT.Q4_0, GT.Q4_1, GT.Q4_K) else "int8")
+    assert fw.kind == ("int4" if g in (GT.Q4_0, GT.Q4_1, GT.Q4_K) else "q8blocks" if g == GT.Q8_0 else "int8")
     x = torch.randn(4, COLS)
     ref = x @ qw.dequant().T
     got = fw(x.to(fw.dtype)).float()
     rel = ((got - ref).norm() / ref.norm()).item()
     assert rel < 0.02, rel
+
+
+def test_q8_0_fast_rows_are_exact(gguf_file):
+    """A tied Q8_0 table serves as the embedding in fast mode: its looked-up rows must be exact."""
+    qw = _ours(gguf_file, "t.Q8_0")
+    fw = pack_fast(qw)
+    ids = torch.tensor([0, 3, 1])
+    assert torch.equal(fw.rows(ids), qw.dequant()[ids])

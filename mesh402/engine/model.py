@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .kv import KVCache
-from .quant import FastLinearWeight, QWeight, Workspace, pack_fast
+from .quant import FAST_ACT_DTYPE, FastLinearWeight, QWeight, Workspace, pack_fast
 from .weights import ModelConfig, WeightSource, open_source
 
 __all__ = ["Stage", "Linear"]
@@ -181,8 +181,8 @@ class Stage:
                 self.head_fast = pack_fast(head, dev)
             if self.head_fast is None:
                 self.head_exact = head
-            elif head is self.embed and self.head_fast.kind == "int8":
-                # tied: look embeddings up in the int8 head instead of keeping a second copy
+            elif head is self.embed and self.head_fast.kind in ("int8", "q8blocks"):
+                # tied: look embeddings up in the packed head instead of keeping a second copy
                 self.embed = None
             del head
         rf = source.load_vector("rope_freqs") if source.has("rope_freqs") else None
@@ -293,8 +293,7 @@ class Stage:
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.embed is not None:
             return self.embed.dequant(ids)
-        hf = self.head_fast  # tied int8 head doubles as the embedding table
-        return hf.w[ids].float() * hf.scales[ids].float().unsqueeze(-1)
+        return self.head_fast.rows(ids)  # the tied packed head doubles as the embedding table
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         if self.head_fast is not None:
@@ -353,7 +352,7 @@ class Stage:
             mask = mask[None]
         half = hd // 2
         H = h.shape[-1]
-        bf = torch.bfloat16
+        bf = FAST_ACT_DTYPE  # activation dtype of the packed kernels
         rms = F.rms_norm
         sdpa = F.scaled_dot_product_attention
         gqa = nkv != nh

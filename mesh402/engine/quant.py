@@ -252,12 +252,19 @@ def from_raw(raw: torch.Tensor, gtype: int, shape: tuple[int, int]) -> QWeight:
 # fast mode
 
 
+# Activations of the packed kernels: torch's CPU int4/int8 kernels are only fast in bf16 (fp32 runs a
+# reference path ~50x slower), so fast mode trades activation precision for speed.
+FAST_ACT_DTYPE = torch.bfloat16
+
+
 @dataclass
 class FastLinearWeight:
     """A weight packed for a low-precision kernel.
 
     kind: "int4" (torch int4pack, group 32, bf16 activations), "int8" (per-row
-    int8, bf16 activations), "dense" (bf16/f32 matmul).
+    int8, bf16 activations), "q8blocks" (Q8_0 kept block-exact: int8 quants laid
+    out [blocks, rows, 32] with per-block scales; one int8 kernel call per block
+    column), "dense" (bf16/f32 matmul).
     """
 
     kind: str
@@ -265,12 +272,24 @@ class FastLinearWeight:
     w: torch.Tensor
     scales: torch.Tensor | None = None
     dtype: torch.dtype = torch.bfloat16
+    exact_scales: torch.Tensor | None = None  # q8blocks: the original f16 block scales
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """fp32 rows `ids` (an embedding lookup): exact for q8blocks, per-row scaled for int8."""
+        if self.kind == "q8blocks":
+            q = self.w[:, ids, :].float()  # [blocks, n, 32]
+            d = self.exact_scales[:, ids].float().unsqueeze(-1)
+            return (q * d).permute(1, 0, 2).reshape(ids.shape[0], -1)
+        if self.kind == "int8":
+            return self.w[ids].float() * self.scales[ids].float().unsqueeze(-1)
+        raise NotImplementedError(self.kind)
 
     @property
     def nbytes(self) -> int:
         n = self.w.numel() * self.w.element_size()
-        if self.scales is not None:
-            n += self.scales.numel() * self.scales.element_size()
+        for t in (self.scales, self.exact_scales):
+            if t is not None:
+                n += t.numel() * t.element_size()
         return n
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -279,6 +298,11 @@ class FastLinearWeight:
             return torch._weight_int4pack_mm_for_cpu(x, self.w, 32, self.scales)
         if self.kind == "int8":
             return torch._weight_int8pack_mm(x, self.w, self.scales)
+        if self.kind == "q8blocks":
+            y = torch.zeros((x.shape[0], self.shape[0]), dtype=torch.float32, device=x.device)
+            for b in range(self.w.shape[0]):
+                y += torch._weight_int8pack_mm(x[:, b * 32:(b + 1) * 32].contiguous(), self.w[b], self.scales[b])
+            return y.to(x.dtype)
         return torch.nn.functional.linear(x, self.w)
 
 
@@ -323,8 +347,17 @@ def pack_fast(qw: QWeight, device: torch.device | str = "cpu", row_chunk: int = 
             r1 = min(rows, r0 + row_chunk)
             q, s, z = _int4_parts(qw, r0, r1)
             packed.append(torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
-            sz.append(torch.stack((s, z), dim=-1).transpose(0, 1).to(torch.bfloat16))  # [cols/32, n, 2]
-        return FastLinearWeight("int4", (rows, cols), torch.cat(packed, 0), torch.cat(sz, 1).contiguous())
+            sz.append(torch.stack((s, z), dim=-1).transpose(0, 1).to(FAST_ACT_DTYPE))  # [cols/32, n, 2]
+        return FastLinearWeight("int4", (rows, cols), torch.cat(packed, 0), torch.cat(sz, 1).contiguous(),
+                                FAST_ACT_DTYPE)
+    if qw.gtype == GT.Q8_0 and device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm"):
+        # Q8_0 is already int8: keep its per-32 block scales instead of requantizing per row, so the
+        # rows stay exact (a tied table then also serves as the embedding with no loss).
+        qs, d = qw.parts["qs"], qw.parts["d"]
+        blocks = qs.permute(1, 0, 2).contiguous()  # [cols/32, rows, 32]
+        w = FastLinearWeight("q8blocks", (rows, cols), blocks, d.t().contiguous().to(FAST_ACT_DTYPE))
+        w.exact_scales = d.t().contiguous()  # f16 [cols/32, rows]: exact dequant of looked-up rows
+        return w
     if not qw.is_dense and device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm"):
         ws, ss = [], []
         for r0 in range(0, rows, row_chunk):
@@ -333,7 +366,7 @@ def pack_fast(qw: QWeight, device: torch.device | str = "cpu", row_chunk: int = 
             s = amax / 127.0
             ws.append(torch.round(w / s.unsqueeze(1)).clamp_(-127, 127).to(torch.int8))
             ss.append(s)
-        return FastLinearWeight("int8", (rows, cols), torch.cat(ws), torch.cat(ss).to(torch.bfloat16))
+        return FastLinearWeight("int8", (rows, cols), torch.cat(ws), torch.cat(ss).to(FAST_ACT_DTYPE), FAST_ACT_DTYPE)
     dt = torch.bfloat16 if device.type == "cpu" else torch.float16
     if not qw.is_dense:
         return None  # no packed kernel here: the caller keeps the exact per-layer dequant path
