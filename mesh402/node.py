@@ -110,6 +110,10 @@ class Node:
 
     async def _start_distributed(self) -> None:
         """In a mesh, what this node loads follows the plans (placement), not the command line alone."""
+        import importlib
+
+        # Import off the loop: heartbeats must keep flowing while a slow machine loads modules.
+        await asyncio.to_thread(importlib.import_module, "mesh402.serving.distributed")
         from mesh402.placement import node_capacity
         from mesh402.serving.distributed import DistributedRuntime
 
