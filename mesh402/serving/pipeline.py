@@ -19,9 +19,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from mesh402.serving.stage_link import K, Hop, Link, StageError, dump_json, expect_stage, stage_frame
+from mesh402.serving.stage_link import (
+    RECOVERABLE_CODES,
+    K,
+    Hop,
+    Link,
+    StageError,
+    dump_json,
+    expect_stage,
+    is_link_failure,
+    stage_frame,
+)
 
 log = logging.getLogger(__name__)
+
+MAX_SLOW_EXTENSIONS = 12  # deadlines a step may overrun while every stage still answers pings
 
 
 @dataclass(frozen=True)
@@ -208,24 +220,26 @@ class PipelineStepper:
             t0 = time.monotonic()
             try:
                 await self.link.send(self._frame(s))
-                while True:
+                for _ in range(MAX_SLOW_EXTENSIONS):
                     try:
                         reply = await self.link.recv(self.model.timer.deadline)
                         break
                     except asyncio.TimeoutError:
                         # Slow or dead? Probe every stage off the compute path before deciding.
                         probes = await asyncio.gather(*(self.model.failover.alive(h.node) for h in self.chain.hops))
-                        if all(probes):
-                            continue
-                        raise StageError("a stage stopped answering", code="timeout") from None
+                        if not all(probes):
+                            raise StageError("a stage stopped answering", code="timeout") from None
+                else:  # every stage answers pings but the step never completes: give up, never hang
+                    raise StageError("the pipeline step did not complete although every stage is alive",
+                                     code="stuck")
                 rs = expect_stage(reply, K.STAGE_KIND_RESULT, "pipeline")
-            except (StageError, ConnectionError, OSError, EOFError) as e:
-                if isinstance(e, StageError) and e.code not in ("timeout", "unreachable", "closed", "stage_error"):
+            except StageError as e:
+                if e.code not in RECOVERABLE_CODES:
                     raise
                 await self._fail_over(e)
                 continue
-            except Exception as e:  # iroh errors (connection lost, stream reset) carry no common base class
-                if type(e).__name__ not in ("IrohError",) and "iroh" not in type(e).__module__:
+            except Exception as e:
+                if not is_link_failure(e):
                     raise
                 await self._fail_over(e)
                 continue

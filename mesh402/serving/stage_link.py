@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from mesh402.mesh.framing import make_frame
+from mesh402.mesh.framing import FrameError, make_frame
 from mesh402.mesh.proto import mesh_pb2 as pb
 
 K = pb.StageKind
@@ -28,6 +28,15 @@ class StageError(Exception):
         super().__init__(message)
         self.node = node
         self.code = code
+
+
+# Stage failures that a replacement stage can cure (others are the request's own fault).
+RECOVERABLE_CODES = frozenset({"timeout", "unreachable", "closed", "stage_error"})
+
+
+def is_link_failure(e: BaseException) -> bool:
+    """A broken stream or connection: the peer went away (iroh raises its own error type)."""
+    return isinstance(e, (ConnectionError, OSError, EOFError, FrameError)) or type(e).__name__ == "IrohError"
 
 
 class Link(Protocol):
@@ -65,8 +74,8 @@ def error_frame(request_id: str, message: str, node: str, code: str = "stage_err
     return stage_frame(K.STAGE_KIND_ERROR, request_id=request_id, error=message, params={"node": node, "code": code})
 
 
-def expect_stage(frame: pb.Frame | None, want: int, where: str) -> pb.StageFrame:
-    """The stage body of a reply; raises StageError for an ERROR reply, EOF or a wrong kind."""
+def stage_body(frame: pb.Frame | None, where: str) -> pb.StageFrame:
+    """The stage body of a frame; raises StageError for EOF, a non-stage frame or an ERROR frame."""
     if frame is None:
         raise StageError(f"{where} closed the stream", code="closed")
     if frame.WhichOneof("body") != "stage":
@@ -74,6 +83,12 @@ def expect_stage(frame: pb.Frame | None, want: int, where: str) -> pb.StageFrame
     sf = frame.stage
     if sf.kind == K.STAGE_KIND_ERROR:
         raise StageError(sf.error or "stage error", node=sf.params.get("node", ""), code=sf.params.get("code", "stage_error"))
+    return sf
+
+
+def expect_stage(frame: pb.Frame | None, want: int, where: str) -> pb.StageFrame:
+    """Like stage_body, and the frame must be of kind `want`."""
+    sf = stage_body(frame, where)
     if sf.kind != want:
         raise StageError(f"{where} sent stage kind {sf.kind}, expected {want}", code="protocol")
     return sf

@@ -27,6 +27,7 @@ from mesh402.serving.stage_link import (
     dump_json,
     error_frame,
     expect_stage,
+    stage_body,
     stage_frame,
 )
 
@@ -195,7 +196,7 @@ class StageWorker:
             frame = await up.recv()
             if frame is None:
                 return
-            sf = expect_stage(frame, frame.stage.kind if frame.WhichOneof("body") == "stage" else -1, "upstream")
+            sf = stage_body(frame, "upstream")
             if sf.kind == K.STAGE_KIND_CLOSE:
                 return
             if sf.kind not in (K.STAGE_KIND_PREFILL, K.STAGE_KIND_DECODE):
