@@ -1,0 +1,183 @@
+"""Discovery inside a running node: `--auto` mesh choice, the Nostr publisher and merging.
+
+- Before the mesh starts, an `--auto` node reads the listings and joins the best open mesh
+  (:func:`mesh402.discovery.listing.choose_mesh`), or starts its own open mesh and publishes it.
+- `--publish` (or an `--auto` node that started its own mesh) keeps a listing on the relays,
+  refreshed every `nostr_refresh` seconds and whenever the mesh changes, withdrawn on leave.
+- An `--auto` node keeps reading the listings: when another open mesh orders above its own
+  (:func:`merge_target`: more nodes; equal size, larger id), it leaves its mesh and joins that
+  one, so two `--auto` nodes that started at once end in one mesh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+from mesh402.discovery.listing import MeshListing, ScoredMesh, Seeker, choose_mesh, merge_target, named_mesh_id
+from mesh402.discovery.nostr import NostrDirectory, load_or_create_keys
+from mesh402.mesh.proto import mesh_pb2 as pb
+
+if TYPE_CHECKING:
+    from mesh402.meshnode import MeshRuntime
+
+log = logging.getLogger(__name__)
+
+
+def mesh_view(mesh: Any) -> dict[str, Any]:
+    """Self plus live peers' announcements, summarised for a listing."""
+    anns = []
+    own = mesh.self_announcement()
+    if own is not None:
+        anns.append(own)
+    if mesh.gossip is not None:
+        for nid, entry in mesh.gossip.peers().items():
+            lv = mesh.liveness.get(nid)
+            if entry.ann.leaving or lv is None or lv.state.value not in ("alive", "suspect"):
+                continue
+            anns.append(entry.ann)
+    serving = sorted({m.model_id for a in anns for m in a.models if m.ready and m.role == pb.MODEL_ROLE_HOST})
+    on_disk = sorted({m.model_id for a in anns for m in a.models})
+    demand = mesh.demand_view()
+    wanted = sorted(k for k in demand if k not in serving)
+    servers = [a for a in anns if a.kind != pb.NODE_KIND_CLIENT]
+    cap = sum(int(a.labels.get("capacity_bytes", "0") or 0) for a in servers)
+    return {"serving": serving, "wanted": wanted, "on_disk": on_disk, "capacity": cap,
+            "nodes": len(servers), "clients": len(anns) - len(servers)}
+
+
+class Discovery:
+    def __init__(self, rt: "MeshRuntime") -> None:
+        self.rt = rt
+        s = rt.settings
+        self.settings = s
+        self.keys = load_or_create_keys(rt.node.config.home)
+        self.pubkey = self.keys.public_key().to_hex()
+        self.directory = NostrDirectory(s.nostr_relays, self.keys)
+        self.publishing = bool(s.publish)
+        self.choice: Optional[ScoredMesh] = None
+        self.join_s: Optional[float] = None  # discovery-to-join time (fetch + dial)
+        self.fetch_s: Optional[float] = None
+        self.merged_into: Optional[str] = None
+        self._tasks: list[asyncio.Task] = []
+        self._kick = asyncio.Event()
+        self._last_sig: Any = None
+        self.last_error = ""
+
+    # ------------------------------------------------------------ before the mesh starts
+
+    def new_mesh_id(self) -> Optional[str]:
+        return named_mesh_id(self.settings.mesh_name, self.pubkey) if self.settings.mesh_name else None
+
+    def seeker(self, last_mesh_id: str) -> Seeker:
+        models = frozenset(e.model_id for e in self.rt.node.registry.all())
+        return Seeker(models_on_disk=models, capacity_bytes=int((self.rt.node.config.max_vram_gb or 0) * 1e9),
+                      region=self.settings.region, name=self.settings.mesh_name, last_mesh_id=last_mesh_id)
+
+    async def choose(self, last_mesh_id: str) -> Optional[ScoredMesh]:
+        t0 = time.perf_counter()
+        try:
+            listings = await self.directory.fetch(self.settings.discover_timeout)
+        except Exception as e:
+            self.last_error = f"nostr fetch failed: {e}"
+            log.warning("%s", self.last_error)
+            return None
+        self.fetch_s = time.perf_counter() - t0
+        self.choice = choose_mesh(listings, self.seeker(last_mesh_id))
+        if self.choice:
+            log.info("--auto: mesh %s scored %.0f (%s)", self.choice.listing.mesh_id[:12], self.choice.score,
+                     ", ".join(self.choice.reasons))
+        return self.choice
+
+    # ------------------------------------------------------------ while running
+
+    def start(self, created_own: bool) -> None:
+        if self.settings.auto and created_own:
+            self.publishing = True  # an --auto mesh is found by the next --auto node
+        self._tasks.append(asyncio.create_task(self._publish_loop()))
+        if self.settings.auto:
+            self._tasks.append(asyncio.create_task(self._merge_loop()))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        if self.publishing:
+            await self.directory.withdraw()
+        await self.directory.close()
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    def listing(self) -> MeshListing:
+        mesh = self.rt.mesh
+        v = mesh_view(mesh)
+        open_ = mesh.membership.policy == pb.ADMISSION_OPEN and not self.settings.private
+        return MeshListing(
+            mesh_id=mesh.mesh_id or "", name=self.settings.mesh_name, region=self.settings.region,
+            policy="open" if open_ else "private",
+            invite=mesh.mint_invite(max(self.settings.nostr_ttl * 4, 3600.0)) if open_ else "",
+            serving=v["serving"], wanted=v["wanted"], total_capacity_bytes=v["capacity"], node_count=v["nodes"],
+            client_count=v["clients"], version=mesh.local.version, publisher_node=mesh.node_id.hex())
+
+    async def _publish_loop(self) -> None:
+        while True:
+            if self.publishing:
+                try:
+                    lst = self.listing()
+                    sig = (lst.mesh_id, lst.serving, lst.wanted, lst.node_count, lst.client_count, lst.policy)
+                    due = time.time() - self.directory.published_at >= self.settings.nostr_refresh
+                    if sig != self._last_sig or due:
+                        if await self.directory.publish(lst, self.settings.nostr_ttl):
+                            self._last_sig = sig
+                except Exception as e:
+                    self.last_error = f"nostr publish failed: {e}"
+                    log.warning("%s", self.last_error)
+            self._kick.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), min(1.0, self.settings.nostr_refresh))
+
+    async def _merge_loop(self) -> None:
+        mesh = self.rt.mesh
+        while True:
+            await asyncio.sleep(self.settings.auto_interval)
+            try:
+                listings = await self.directory.fetch(self.settings.discover_timeout)
+            except Exception as e:
+                self.last_error = f"nostr fetch failed: {e}"
+                continue
+            if self.settings.mesh_name:
+                listings = [x for x in listings if x.name == self.settings.mesh_name]
+            mine = (mesh_view(mesh)["nodes"], mesh.mesh_id or "")
+            target = merge_target(mine, listings)
+            if target is None:
+                continue
+            log.info("--auto: merging mesh %s (%d nodes) into %s (%d nodes)", mine[1][:12], mine[0],
+                     target.mesh_id[:12], target.node_count)
+            was_publishing = self.publishing
+            if was_publishing:
+                await self.directory.withdraw()
+                self.publishing = False
+            try:
+                await mesh.switch_mesh(target.invite)
+                self.merged_into = target.mesh_id
+                self.rt.after_switch()
+            except Exception as e:
+                self.last_error = f"merge into {target.mesh_id[:12]} failed: {e}"
+                log.warning("%s", self.last_error)
+                self.publishing = was_publishing
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "nostr_pubkey": self.pubkey, "relays": self.directory.relays, "publishing": self.publishing,
+            "auto": self.settings.auto, "chosen": (self.choice.listing.mesh_id if self.choice else None),
+            "chosen_score": (self.choice.score if self.choice else None),
+            "chosen_reasons": list(self.choice.reasons) if self.choice else [],
+            "fetch_s": self.fetch_s, "join_s": self.join_s, "merged_into": self.merged_into,
+            "last_error": self.last_error,
+        }
