@@ -98,6 +98,7 @@ class MeshRuntime:
         self._meta_cache: dict[str, pb.ModelEntry] = {}
         self._signals_seen = 0
         self._old_handlers: dict[int, Any] = {}
+        self.discovery = None  # mesh402.discovery.auto.Discovery with --publish / --auto
 
     # ------------------------------------------------------------ lifecycle
 
@@ -105,7 +106,38 @@ class MeshRuntime:
         self._install_signal_handlers()
         hw = self._hardware()
         self.mesh.local.hardware = hw
-        await self.mesh.start(join=self.settings.join or None)  # InviteError / JoinError: one line
+        join = list(self.settings.join or [])
+        created_own = False
+        s = self.settings
+        if s.publish or s.auto:
+            from mesh402.discovery.auto import Discovery
+
+            self.discovery = Discovery(self)
+            self.mesh.config.new_mesh_id = self.discovery.new_mesh_id()
+            if s.auto and not join:
+                import time as _time
+
+                t0 = _time.perf_counter()
+                choice = await self.discovery.choose(self.mesh.membership.mesh_id or "")
+                if choice is not None:
+                    try:
+                        await self.mesh.start(join=[choice.listing.invite])
+                        self.discovery.join_s = _time.perf_counter() - t0
+                        join = ["(discovered)"]
+                    except Exception as e:  # the listed mesh is gone: start our own
+                        log.warning("--auto: joining %s failed (%s); starting a new mesh",
+                                    choice.listing.mesh_id[:12], e)
+                        self.discovery.last_error = f"join failed: {e}"
+                        self.discovery.choice = None
+                        self.mesh.endpoint = None
+                if not join:
+                    self.mesh.membership.mesh_id = None  # --auto found nothing: a fresh, open mesh
+                    self.mesh.config.policy = "open"
+                    created_own = True
+                    await self.mesh.start()
+        if not self.mesh.running:
+            created_own = not join and not self.mesh.membership.mesh_id
+            await self.mesh.start(join=join or None)  # InviteError / JoinError: one line
         try:
             await self._start_console()
         except BaseException:
@@ -113,12 +145,26 @@ class MeshRuntime:
             raise
         self.mesh.update_local(console_port=self.console_port or 0, models=self._model_entries(hash_files=False))
         self._poll_task = asyncio.create_task(self._poll_models())
+        if self.discovery is not None:
+            self.discovery.start(created_own)
         if self.on_ready is not None:
             self.on_ready(self)
+
+    def after_switch(self) -> None:
+        """The node moved to another mesh (an --auto merge): re-announce what it serves."""
+        self.mesh.update_local(console_port=self.console_port or 0, models=self._model_entries(hash_files=False))
+        with __import__("contextlib").suppress(Exception):
+            self.node._write_state()
+        dist = getattr(self.node, "distributed", None)
+        if dist is not None:
+            dist.kick()
 
     async def stop(self) -> None:
         if self._poll_task is not None:
             self._poll_task.cancel()
+        if self.discovery is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(self.discovery.stop(), 5.0)
         await self.mesh.stop(graceful=True)
         if self.console_server is not None:
             self.console_server.should_exit = True
@@ -223,6 +269,8 @@ class MeshRuntime:
         dist = getattr(node, "distributed", None)
         if dist is not None:
             info["distributed"] = dist.status()
+        if self.discovery is not None:
+            info["discovery"] = self.discovery.status()
         return info
 
     # ------------------------------------------------------------ what this node serves

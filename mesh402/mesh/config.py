@@ -80,6 +80,7 @@ class MeshConfig:
     kind: str = "serving"  # or "client"
     name: str = ""
     policy: str = "secret"  # or "open": admission policy when this node creates a mesh
+    new_mesh_id: Optional[str] = None  # id for a mesh this node creates (--mesh-name); random when None
     api_port: int = 0
     console_port: int = 0
     version: str = ""

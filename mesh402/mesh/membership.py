@@ -60,8 +60,8 @@ class Membership:
     def policy_name(self) -> str:
         return POLICY_NAMES.get(self.policy, "secret")
 
-    def create(self, policy: int) -> None:
-        self.mesh_id = new_mesh_id()
+    def create(self, policy: int, mesh_id: Optional[str] = None) -> None:
+        self.mesh_id = mesh_id or new_mesh_id()
         self.policy = policy
         self.secret = new_mesh_secret() if policy == pb.ADMISSION_SECRET else None
         self.peers = {}

@@ -202,7 +202,7 @@ class MeshService:
                 self._spawn(self._rejoin_known())
         else:
             policy = invite.POLICY_BY_NAME.get(self.config.policy, pb.ADMISSION_SECRET)
-            self.membership.create(policy)
+            self.membership.create(policy, self.config.new_mesh_id)
             self._init_gossip(self.membership.mesh_id)
         self._spawn(self._accept_loop())
         self._spawn(self._gossip_loop())
@@ -210,6 +210,30 @@ class MeshService:
         self._spawn(self._prune_loop())
         self._spawn(self._reconnect_loop())
         self._emit("started", mesh_id=self.mesh_id)
+
+    async def switch_mesh(self, token: str) -> None:
+        """Leave the current mesh (peers hear PeerLeaving) and join another through ``token``,
+        keeping the endpoint and the node's identity: how a smaller discovered mesh merges into a
+        larger one. Raises InviteError/JoinError; on failure the node is alone in the new mesh id."""
+        tok = invite.decode_token(token)
+        if tok.mesh_id == self.mesh_id:
+            return
+        invite.check_expiry(tok.credential, self.clock.time())
+        if self.gossip is not None and self.conns:
+            with contextlib.suppress(Exception):
+                final = self._build_signed(leaving=True)
+                await asyncio.wait_for(asyncio.gather(
+                    *(self._send_leaving(pc, final) for pc in list(self.conns.values())), return_exceptions=True), 1.5)
+        for pc in list(self.conns.values()):
+            pc.close(CLOSE_LEAVING, "leaving")
+        self.conns.clear()
+        self.liveness = LivenessTable(self.timers, self.clock)
+        self.membership.peers = {}
+        self.joined_at = None
+        self._init_gossip(tok.mesh_id)
+        await self._join_tokens([tok])
+        self.counters["mesh.switched"] += 1
+        self._emit("mesh_switched", mesh_id=self.mesh_id)
 
     async def _bind(self) -> None:
         relay_mode = RelayMode.disabled()

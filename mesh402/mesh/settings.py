@@ -24,3 +24,14 @@ class MeshSettings:
     invite_expires: float = DEFAULT_INVITE_EXPIRES
     name: str = ""
     fast_timers: bool = False  # tests and benchmarks: short heartbeats and timeouts
+    # discovery (mesh402.discovery)
+    publish: bool = False  # list the mesh on Nostr
+    private: bool = False  # a published mesh without a public invite
+    auto: bool = False  # join the best listed mesh, or start (and publish) one
+    mesh_name: str = ""  # deterministic mesh id; --auto only joins meshes of this name
+    region: str = ""
+    nostr_relays: list[str] = field(default_factory=list)
+    nostr_ttl: float = 120.0  # NIP-40 expiration of a listing
+    nostr_refresh: float = 60.0  # republish this often (and when the mesh changes)
+    auto_interval: float = 20.0  # --auto: look for a larger mesh to merge into this often
+    discover_timeout: float = 5.0  # one relay query
