@@ -58,6 +58,15 @@ def serve(
     name: _mesh.NameOpt = "",
     no_model: _mesh.NoModelOpt = False,
     mesh_fast_timers: _mesh.MeshFastOpt = False,
+    publish: _mesh.PublishOpt = False,
+    private: _mesh.PrivateOpt = False,
+    auto: _mesh.AutoOpt = False,
+    mesh_name: _mesh.MeshNameOpt = "",
+    region: _mesh.RegionOpt = "",
+    nostr_relay: _mesh.NostrRelayOpt = None,
+    nostr_ttl: _mesh.NostrTtlOpt = 120.0,
+    nostr_refresh: _mesh.NostrRefreshOpt = 60.0,
+    auto_interval: _mesh.AutoIntervalOpt = 20.0,
     price: Annotated[Optional[str], typer.Option(help="x402 price per request in USDC (e.g. 0.01); free when no price is set.", rich_help_panel="Payments")] = None,
     price_per_1k: Annotated[Optional[str], typer.Option("--price-per-1k", help="USDC per 1k tokens (prompt + completion), from prepaid credit bought with x402.", rich_help_panel="Payments")] = None,
     pay_to: Annotated[Optional[str], typer.Option(help="Address that receives payments (or an account name from --deployment, e.g. node-0).", rich_help_panel="Payments")] = None,
@@ -97,7 +106,10 @@ def serve(
     config.mesh = _mesh.settings_from_flags(
         home=config.home, kind="serving", join=join, join_file=join_file, relay=relay, console_port=console_port,
         console_listen_all=console_listen_all, console_token_file=console_token_file, bind_ip=bind_ip,
-        bind_port=bind_port, policy=mesh_policy, invite_expires=invite_expires, name=name, fast_timers=mesh_fast_timers)
+        bind_port=bind_port, policy=mesh_policy, invite_expires=invite_expires, name=name, fast_timers=mesh_fast_timers,
+        publish=publish, private=private, auto=auto, mesh_name=mesh_name, region=region, nostr_relays=nostr_relay,
+        nostr_ttl=nostr_ttl, nostr_refresh=nostr_refresh, auto_interval=auto_interval,
+        policy_explicit="--mesh-policy" in " ".join(sys.argv))
     from mesh402.node import Node
 
     node = Node(config, sources)

@@ -41,6 +41,17 @@ NameOpt = Annotated[str, typer.Option("--name", help="Human label for this node 
 MeshFastOpt = Annotated[bool, typer.Option("--mesh-fast-timers", hidden=True)]
 NoModelOpt = Annotated[bool, typer.Option("--no-model", hidden=True, help="Serve no model (mesh tests).")]
 
+DPANEL = "Discovery"
+PublishOpt = Annotated[bool, typer.Option("--publish", help="List this mesh on Nostr (open, with a public invite, unless --private).", rich_help_panel=DPANEL)]
+PrivateOpt = Annotated[bool, typer.Option("--private", help="With --publish: list the mesh without an invite; joining needs a token.", rich_help_panel=DPANEL)]
+AutoOpt = Annotated[bool, typer.Option("--auto", help="Join the best mesh listed on Nostr, or start (and publish) one.", rich_help_panel=DPANEL)]
+MeshNameOpt = Annotated[str, typer.Option("--mesh-name", help="Mesh name: a deterministic mesh id (name + Nostr key); --auto joins only this name.", rich_help_panel=DPANEL)]
+RegionOpt = Annotated[str, typer.Option("--region", help="Region shown in the listing (e.g. eu-west).", rich_help_panel=DPANEL)]
+NostrRelayOpt = Annotated[Optional[list[str]], typer.Option("--nostr-relay", help="Nostr relay URL (repeatable).", rich_help_panel=DPANEL)]
+NostrTtlOpt = Annotated[float, typer.Option("--nostr-ttl", hidden=True)]
+NostrRefreshOpt = Annotated[float, typer.Option("--nostr-refresh", hidden=True)]
+AutoIntervalOpt = Annotated[float, typer.Option("--auto-interval", hidden=True)]
+
 HomeOpt = Annotated[Optional[Path], typer.Option("--home", help="Node state directory (env MESH402_HOME; default ~/.mesh402).")]
 
 
@@ -73,6 +84,16 @@ def settings_from_flags(
     invite_expires: str,
     name: str,
     fast_timers: bool,
+    publish: bool = False,
+    private: bool = False,
+    auto: bool = False,
+    mesh_name: str = "",
+    region: str = "",
+    nostr_relays: Optional[list[str]] = None,
+    nostr_ttl: float = 120.0,
+    nostr_refresh: float = 60.0,
+    auto_interval: float = 20.0,
+    policy_explicit: bool = False,
 ) -> MeshSettings:
     """Validate mesh flags; a bad token or flag exits with one line."""
     from mesh402.home import read_secret_file
@@ -95,6 +116,16 @@ def settings_from_flags(
             _fail(str(e))
     if policy not in ("secret", "open"):
         _fail("--mesh-policy must be 'secret' or 'open'")
+    if private and not publish:
+        _fail("--private only applies with --publish")
+    if auto and tokens:
+        _fail("--auto and --join exclude each other")
+    if private and policy_explicit and policy == "open":
+        _fail("--private conflicts with --mesh-policy open")
+    if publish and not policy_explicit:
+        policy = "secret" if private else "open"  # a published mesh is public unless --private
+    if nostr_ttl <= 0 or nostr_refresh <= 0 or auto_interval <= 0:
+        _fail("discovery timers must be positive")
     try:
         expires = invite.parse_duration(invite_expires)
     except ValueError as e:
@@ -125,6 +156,15 @@ def settings_from_flags(
         invite_expires=expires,
         name=name or socket.gethostname(),
         fast_timers=fast_timers,
+        publish=publish,
+        private=private,
+        auto=auto,
+        mesh_name=mesh_name,
+        region=region,
+        nostr_relays=list(nostr_relays or []),
+        nostr_ttl=nostr_ttl,
+        nostr_refresh=nostr_refresh,
+        auto_interval=auto_interval,
     )
 
 
@@ -401,3 +441,45 @@ def register(app: typer.Typer) -> None:
     app.command("client")(client_cmd)
     app.command("invite")(invite_cmd)
     app.command("status")(status_cmd)
+    app.command("discover")(discover_cmd)
+
+
+# ------------------------------------------------------------------ discover
+
+
+def discover_cmd(
+    nostr_relay: NostrRelayOpt = None,
+    model: Annotated[str, typer.Option("--model", help="Only meshes serving or wanting this model.")] = "",
+    min_capacity: Annotated[float, typer.Option("--min-capacity", help="Only meshes with at least this many GB of capacity.")] = 0.0,
+    mesh_name: Annotated[str, typer.Option("--name", help="Only meshes with this name.")] = "",
+    region: Annotated[str, typer.Option("--region", help="Only meshes in this region.")] = "",
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the relays.")] = 5.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the listings as JSON.")] = False,
+) -> None:
+    """List the meshes published on Nostr (open ones carry a public invite)."""
+    from dataclasses import asdict
+
+    from mesh402.discovery.listing import by_mesh, matches
+    from mesh402.discovery.nostr import fetch_listings
+
+    try:
+        listings = asyncio.run(fetch_listings(list(nostr_relay or []), timeout))
+    except Exception as e:
+        _fail(f"cannot read the Nostr relays: {e}")
+    found = [x for x in by_mesh(listings).values()
+             if matches(x, model=model, min_capacity_bytes=int(min_capacity * 1e9), name=mesh_name, region=region)]
+    found.sort(key=lambda x: (-x.node_count, -x.total_capacity_bytes, x.mesh_id))
+    if as_json:
+        print(json.dumps([asdict(x) for x in found], indent=1))
+        return
+    if not found:
+        console.print("no meshes found", highlight=False)
+        return
+    t = Table(title=f"Meshes ({len(found)})", title_justify="left")
+    for col in ("mesh", "name", "region", "admission", "nodes", "clients", "capacity", "serving", "wanted"):
+        t.add_column(col)
+    for x in found:
+        t.add_row(x.mesh_id[:16], x.name, x.region, "open" if x.is_open else "private (token needed)",
+                  str(x.node_count), str(x.client_count), _fmt_bytes(x.total_capacity_bytes),
+                  ", ".join(x.serving) or "-", ", ".join(x.wanted) or "-")
+    console.print(t)
