@@ -178,12 +178,13 @@ class Engine:
     def load(cls, path: str | Path, *, mode: Literal["exact", "fast"] = "exact", device: str = "cpu",
              layers: tuple[int, int] | None = None, max_sessions: int = 16, prefill_chunk: int = 32,
              max_kv_bytes: int | None = None, splits: Sequence[int] | None = None,
-             load_tokenizer: bool = True) -> "Engine":
+             load_tokenizer: bool = True, experts=None) -> "Engine":
         """Load a GGUF file or a Hugging Face folder.
 
         ``layers=(a, b)`` loads only that range (a pipeline stage). ``splits``
         (e.g. ``[0, 10, 20, 30]``) runs the range as several stages in this
-        process (testing / pipeline emulation).
+        process (testing / pipeline emulation). ``experts``: an MoE expert runner (e.g. expert
+        parallel over other nodes); default: every expert of the loaded layers held here.
         """
         if prefill_chunk < 1:
             raise ValueError("prefill_chunk must be >= 1")
@@ -193,7 +194,8 @@ class Engine:
         bounds = list(splits) if splits is not None else [a, b]
         if bounds[0] != a or bounds[-1] != b or any(x >= y for x, y in zip(bounds, bounds[1:])):
             raise ValueError(f"splits {bounds} do not cover layers [{a}, {b})")
-        stages = [Stage(src, (x, y), mode=mode, device=device) for x, y in zip(bounds, bounds[1:])]
+        stages = [Stage(src, (x, y), mode=mode, device=device, experts=experts)
+                  for x, y in zip(bounds, bounds[1:])]
         eng = cls(src, stages, max_sessions=max_sessions, max_kv_bytes=max_kv_bytes,
                   prefill_chunk=prefill_chunk, load_tokenizer=load_tokenizer)
         _trim_heap()

@@ -1,4 +1,4 @@
-"""Transformer stages (llama / mistral / qwen2 / qwen3 decoder layers).
+"""Transformer stages (llama / mistral / qwen2 / qwen3 decoder layers; MoE FFNs of mixtral / qwen2moe / qwen3moe / olmoe in moe.py).
 
 A :class:`Stage` holds layers ``[a, b)``, plus the token embedding if ``a == 0``
 and the final norm + LM head if ``b == n_layers``. It loads only its own tensors.
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .kv import KVCache
+from .moe import ExpertBank, ExpertRunner, LocalExperts, MoEFFN
 from .quant import FAST_ACT_DTYPE, FastLinearWeight, QWeight, Workspace, pack_fast
 from .weights import ModelConfig, WeightSource, open_source
 
@@ -111,12 +112,13 @@ def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class _Layer:
-    __slots__ = ("attn_norm", "qkv", "q_norm", "k_norm", "wo", "ffn_norm", "gate_up", "down", "nbytes")
+    __slots__ = ("attn_norm", "qkv", "q_norm", "k_norm", "wo", "ffn_norm", "gate_up", "down", "moe", "nbytes")
 
 
 class Stage:
     def __init__(self, source: WeightSource, layers: tuple[int, int], *, mode: Mode = "exact",
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", experts: ExpertRunner | None = None):
+        """``experts``: who computes the MoE experts (default: all of this stage's, held locally)."""
         cfg = source.config
         a, b = layers
         if not (0 <= a < b <= cfg.n_layers):
@@ -158,13 +160,27 @@ class Stage:
             L.k_norm = opt_vec(f"{i}.k_norm") if cfg.qk_norm else None
             L.wo = Linear([source.load(f"{i}.wo")], None, mode, dev)
             L.ffn_norm = vec(f"{i}.ffn_norm")
-            L.gate_up = Linear([source.load(f"{i}.w_gate"), source.load(f"{i}.w_up")], None, mode, dev)
-            L.down = Linear([source.load(f"{i}.w_down")], None, mode, dev)
+            L.moe = MoEFFN(source, i, cfg, mode, dev) if cfg.is_moe and source.has(f"{i}.moe_router") else None
+            if L.moe is None:
+                L.gate_up = Linear([source.load(f"{i}.w_gate"), source.load(f"{i}.w_up")], None, mode, dev)
+                L.down = Linear([source.load(f"{i}.w_down")], None, mode, dev)
+                ffn_bytes = L.gate_up.nbytes + L.down.nbytes
+            else:
+                L.gate_up = L.down = None
+                ffn_bytes = L.moe.nbytes
             vb = [L.attn_norm, L.ffn_norm] + [t for t in (L.q_norm, L.k_norm) if t is not None]
-            L.nbytes = (L.qkv.nbytes + L.wo.nbytes + L.gate_up.nbytes + L.down.nbytes
+            L.nbytes = (L.qkv.nbytes + L.wo.nbytes + ffn_bytes
                         + sum(t.numel() * t.element_size() for t in vb))
             self.blocks.append(L)
 
+        self.moe_layers = [a + j for j, L in enumerate(self.blocks) if L.moe is not None]
+        self.expert_bank: ExpertBank | None = None
+        if self.moe_layers and experts is None:
+            self.expert_bank = ExpertBank(source, [(li, e) for li in self.moe_layers for e in range(cfg.n_experts)],
+                                          mode=mode, device=dev)
+            experts = LocalExperts(self.expert_bank)
+        self.experts: ExpertRunner | None = experts
+        self._n_real = 0
         self.embed: QWeight | None = None
         self.norm: torch.Tensor | None = None
         self.head_exact: QWeight | None = None
@@ -190,18 +206,25 @@ class Stage:
         self._rope_cos: list[torch.Tensor] = []
         self._lock = threading.Lock()
         self._all_fast = mode == "fast" and all(
-            lin.fast is not None and len(lin.fast) == 1 for L in self.blocks for lin in (L.qkv, L.wo, L.gate_up, L.down))
+            lin.fast is not None and len(lin.fast) == 1 for L in self.blocks
+            for lin in ((L.qkv, L.wo, L.gate_up, L.down) if L.moe is None else (L.qkv, L.wo)))
         self.ws = Workspace(_WS_ELEMS if mode == "exact" or self.head_exact is not None else 0, device=dev)
         self._rope_sin: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path | WeightSource, layers: tuple[int, int] | None = None, *,
-             mode: Mode = "exact", device: str | torch.device = "cpu") -> "Stage":
+             mode: Mode = "exact", device: str | torch.device = "cpu",
+             experts: ExpertRunner | None = None) -> "Stage":
         src = path if isinstance(path, WeightSource) else open_source(path)
         if layers is None:
             layers = (0, src.config.n_layers)
-        return cls(src, tuple(layers), mode=mode, device=device)
+        return cls(src, tuple(layers), mode=mode, device=device, experts=experts)
+
+    def expert_usage(self) -> dict[tuple[int, int], int]:
+        """Gate-usage counts ``{(layer, expert): tokens routed}`` since load (real rows only)."""
+        return {(L.moe.layer, e): int(c) for L in self.blocks if L.moe is not None
+                for e, c in enumerate(L.moe.usage.tolist())}
 
     @property
     def n_layers(self) -> int:
@@ -211,6 +234,8 @@ class Stage:
     def weight_bytes(self) -> int:
         """Bytes of weights this stage holds in memory."""
         n = sum(L.nbytes for L in self.blocks)
+        if self.expert_bank is not None:
+            n += self.expert_bank.nbytes
         seen: set[int] = set()
         for w in (self.embed, self.head_exact, self.head_fast):
             if w is not None and id(w) not in seen:
@@ -282,6 +307,7 @@ class Stage:
                 h = self._embed(x.to(device=self.device, dtype=torch.long))
             else:
                 h = x.to(device=self.device, dtype=torch.float32)
+            self._n_real = n_real
             h = (self._layers_fast if self._all_fast else self._layers)(kv, h, start_pos, T)
             kv.length = start_pos + n_real
             if not self.last:
@@ -316,7 +342,10 @@ class Stage:
             q = qkv[:, :qd].view(T, nh, hd)
             k = qkv[:, qd:qd + kd].view(T, nkv, hd)
             v = qkv[:, qd + kd:].view(T, nkv, hd)
-            if lw.q_norm is not None:
+            if lw.q_norm is not None and self.config.qk_norm_full:  # olmoe: over the whole projection
+                q = _rms_norm(qkv[:, :qd], lw.q_norm, eps).view(T, nh, hd)
+                k = _rms_norm(qkv[:, qd:qd + kd], lw.k_norm, eps).view(T, nkv, hd)
+            elif lw.q_norm is not None:
                 q = _rms_norm(q, lw.q_norm, eps)
                 k = _rms_norm(k, lw.k_norm, eps)
             q = q * cos_q + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin_q
@@ -334,6 +363,9 @@ class Stage:
             o = torch.bmm(p, Vv).view(nkv, g, T, hd).permute(2, 0, 1, 3).reshape(T, qd)
             h = h + lw.wo(o, ws)
             x = _rms_norm(h, lw.ffn_norm, eps)
+            if lw.moe is not None:
+                h = h + lw.moe(x, self.experts, ws, self._n_real)
+                continue
             gu = lw.gate_up(x, ws)
             ff = gu.shape[-1] // 2
             h = h + lw.down(F.silu(gu[:, :ff]) * gu[:, ff:], ws)
@@ -363,7 +395,10 @@ class Stage:
             if lw.qkv.bias is not None:
                 qkv += lw.qkv.bias
             qk = qkv[:, :qd + kd].view(T, nh + nkv, hd)
-            if lw.q_norm is not None:
+            if lw.q_norm is not None and self.config.qk_norm_full:
+                qk = torch.cat((rms(qkv[:, :qd], (qd,), lw.q_norm, eps),
+                                rms(qkv[:, qd:qd + kd], (kd,), lw.k_norm, eps)), 1).view(T, nh + nkv, hd)
+            elif lw.q_norm is not None:
                 qk = torch.cat((rms(qk[:, :nh], (hd,), lw.q_norm, eps), rms(qk[:, nh:], (hd,), lw.k_norm, eps)), 1)
             rot = torch.cat((qk[..., half:].neg(), qk[..., :half]), dim=-1)
             qk = qk * cos + rot * sin
@@ -373,6 +408,9 @@ class Stage:
             q = qk[:, :nh].transpose(0, 1).unsqueeze(0)
             o = sdpa(q, kc[None, :, :L], vc[None, :, :L], attn_mask=mask, enable_gqa=gqa)
             h += lw.wo.fast[0](o[0].transpose(0, 1).reshape(T, qd).to(bf))
+            if lw.moe is not None:
+                h += lw.moe(rms(h, (H,), lw.ffn_norm, eps), self.experts, None, self._n_real)
+                continue
             x = rms(h, (H,), lw.ffn_norm, eps).to(bf)
             gu = lw.gate_up.fast[0](x)
             ff = gu.shape[-1] // 2

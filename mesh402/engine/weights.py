@@ -33,7 +33,12 @@ from .quant import QWeight, from_dense, from_raw
 
 __all__ = ["ModelConfig", "WeightSource", "GGUFSource", "HFSource", "open_source", "SUPPORTED_ARCHS"]
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2moe", "qwen3moe", "olmoe")
+# Hugging Face model_type -> our arch name
+_HF_ARCH = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
+# Whether the top-k gate weights are renormalised when the file does not say (as llama.cpp defines
+# each architecture; the "llama" GGUF arch with experts is mixtral).
+_NORM_TOPK_DEFAULT = {"llama": True, "mixtral": True, "qwen3moe": True, "qwen2moe": False, "olmoe": False}
 # llama.cpp's converter permutes Q/K rows of these architectures for its
 # adjacent-pair RoPE; qwen2/qwen3 use NEOX-style RoPE and are stored as-is.
 _PERMUTED_ARCHS = ("llama", "mistral")
@@ -57,6 +62,17 @@ class ModelConfig:
     qk_norm: bool = False
     rope_scaling: dict[str, Any] | None = field(default=None, compare=False, hash=False)
     sliding_window: int | None = None
+    # mixture of experts (0 experts: dense)
+    n_experts: int = 0
+    n_experts_used: int = 0
+    expert_ffn: int = 0
+    shared_ffn: int = 0
+    norm_topk: bool = False
+    qk_norm_full: bool = False  # olmoe: q/k RMS norm over the whole projection, not per head
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
 
     def inv_freq(self, rope_freqs: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 [head_dim/2] RoPE inverse frequencies, scaling applied."""
@@ -103,6 +119,11 @@ class WeightSource:
         w = self.load(name)
         return w.dequant().reshape(-1)
 
+    def load_experts(self, name: str, experts: list[int] | None = None) -> dict[int, QWeight]:
+        """Per-expert 2-D weights of a 3-D expert tensor (``{i}.exp_gate/exp_up/exp_down``),
+        kept quantized; only ``experts`` (default all) are kept in memory."""
+        raise NotImplementedError
+
     def stage_bytes(self, start: int, end: int) -> int:
         raise NotImplementedError
 
@@ -116,6 +137,9 @@ _GGUF_LAYER = {
     "bv": "attn_v.bias", "q_norm": "attn_q_norm.weight", "k_norm": "attn_k_norm.weight",
     "ffn_norm": "ffn_norm.weight", "w_gate": "ffn_gate.weight", "w_up": "ffn_up.weight",
     "w_down": "ffn_down.weight",
+    "moe_router": "ffn_gate_inp.weight", "exp_gate": "ffn_gate_exps.weight", "exp_up": "ffn_up_exps.weight",
+    "exp_down": "ffn_down_exps.weight", "sh_gate": "ffn_gate_shexp.weight", "sh_up": "ffn_up_shexp.weight",
+    "sh_down": "ffn_down_shexp.weight", "sh_router": "ffn_gate_inp_shexp.weight",
 }
 _GGUF_GLOBAL = {"embed": "token_embd.weight", "norm": "output_norm.weight", "head": "output.weight",
                 "rope_freqs": "rope_freqs.weight"}
@@ -143,8 +167,19 @@ class GGUFSource(WeightSource):
         arch = m.architecture
         if arch not in SUPPORTED_ARCHS:
             raise NotImplementedError(f"architecture {arch!r} not supported (have {SUPPORTED_ARCHS})")
+        moe = {}
         if m.expert_count:
-            raise NotImplementedError("MoE GGUF models are not supported yet")
+            gexp = m.tensor("blk.0.ffn_gate_exps.weight") or next(
+                (t for t in m.tensors if t.name.endswith("ffn_gate_exps.weight")), None)
+            if gexp is None:
+                raise NotImplementedError("MoE GGUF without merged *_exps expert tensors is not supported")
+            sh = next((t for t in m.tensors if t.name.endswith("ffn_gate_shexp.weight")), None)
+            norm = m.get(f"{arch}.expert_weights_norm")
+            moe = dict(n_experts=m.expert_count, n_experts_used=m.expert_used_count,
+                       expert_ffn=int(m.get(f"{arch}.expert_feed_forward_length") or gexp.shape[-2]),
+                       shared_ffn=int(m.get(f"{arch}.expert_shared_feed_forward_length") or
+                                      (sh.shape[-2] if sh is not None else 0)),
+                       norm_topk=bool(norm) if norm is not None else _NORM_TOPK_DEFAULT.get(arch, False))
         rs = None
         stype = m.get(f"{arch}.rope.scaling.type")
         if stype and stype != "none":
@@ -159,6 +194,7 @@ class GGUFSource(WeightSource):
             rope_theta=m.rope_theta, rms_eps=m.rms_eps, tied=m.tied_embeddings,
             qkv_bias="blk.0.attn_q.bias" in blk0, qk_norm="blk.0.attn_q_norm.weight" in blk0,
             rope_scaling=rs, sliding_window=int(sw) if sw else None,
+            qk_norm_full=arch == "olmoe", **moe,
         )
         self.file_bytes = m.file_size
         self.n_params = m.n_params
@@ -192,6 +228,23 @@ class GGUFSource(WeightSource):
                 return from_dense(_unpermute_rows(w, nh).reshape(1, -1))
         return from_raw(raw, t.ggml_type, shape)
 
+    def load_experts(self, name: str, experts: list[int] | None = None) -> dict[int, QWeight]:
+        t = self.meta.tensor(_gguf_name(name))
+        if t is None:
+            raise KeyError(name)
+        n_exp, rows, cols = t.shape
+        per = t.n_bytes // n_exp
+        want = range(n_exp) if experts is None else sorted(set(experts))
+        out: dict[int, QWeight] = {}
+        with open(self.path, "rb") as f:
+            for e in want:
+                buf = torch.empty(per, dtype=torch.uint8)
+                f.seek(t.offset + e * per)
+                if f.readinto(memoryview(buf.numpy())) != per:
+                    raise IOError(f"short read for {t.name}")
+                out[e] = from_raw(buf, t.ggml_type, (rows, cols))
+        return out
+
     def stage_bytes(self, start: int, end: int) -> int:
         return self.meta.stage_bytes(start, end)
 
@@ -210,13 +263,27 @@ _HF_LAYER = {
 _HF_GLOBAL = {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight", "head": "lm_head.weight"}
 
 
-def _hf_name(name: str) -> str:
+_HF_MOE = {  # canonical -> (name, with {e} for an expert index)
+    "moe_router": "mlp.gate.weight", "exp_gate": "mlp.experts.{e}.gate_proj.weight",
+    "exp_up": "mlp.experts.{e}.up_proj.weight", "exp_down": "mlp.experts.{e}.down_proj.weight",
+    "sh_gate": "mlp.shared_expert.gate_proj.weight", "sh_up": "mlp.shared_expert.up_proj.weight",
+    "sh_down": "mlp.shared_expert.down_proj.weight", "sh_router": "mlp.shared_expert_gate.weight",
+}
+_HF_MIXTRAL = {"moe_router": "block_sparse_moe.gate.weight", "exp_gate": "block_sparse_moe.experts.{e}.w1.weight",
+               "exp_up": "block_sparse_moe.experts.{e}.w3.weight",
+               "exp_down": "block_sparse_moe.experts.{e}.w2.weight"}
+
+
+def _hf_name(name: str, arch: str = "llama", e: int = 0) -> str:
     if name in _HF_GLOBAL:
         return _HF_GLOBAL[name]
     if name == "rope_freqs":
         return "__none__"
     i, key = name.split(".", 1)
-    return f"model.layers.{int(i)}.{_HF_LAYER[key]}"
+    if key in _HF_LAYER:
+        return f"model.layers.{int(i)}.{_HF_LAYER[key]}"
+    tmpl = (_HF_MIXTRAL if arch == "mixtral" else _HF_MOE).get(key, "__none__")
+    return f"model.layers.{int(i)}.{tmpl.format(e=e)}"
 
 
 class HFSource(WeightSource):
@@ -227,6 +294,7 @@ class HFSource(WeightSource):
         cfg = json.loads((self.path / "config.json").read_text())
         self.hf_config = cfg
         arch = cfg.get("model_type", "llama")
+        arch = _HF_ARCH.get(arch, arch)
         if arch not in SUPPORTED_ARCHS:
             raise NotImplementedError(f"model_type {arch!r} not supported (have {SUPPORTED_ARCHS})")
         files = sorted(self.path.glob("*.safetensors"))
@@ -253,7 +321,15 @@ class HFSource(WeightSource):
         n_heads = cfg["num_attention_heads"]
         hidden = cfg["hidden_size"]
         tied = bool(cfg.get("tie_word_embeddings", False)) or "lm_head.weight" not in self._where
-        sw = cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "mistral") else None
+        sw = cfg.get("sliding_window") if cfg.get("use_sliding_window", arch in ("mistral", "mixtral")) else None
+        n_exp = int(cfg.get("num_local_experts", cfg.get("num_experts", 0)) or 0)
+        moe = {}
+        if n_exp:
+            moe = dict(n_experts=n_exp, n_experts_used=int(cfg["num_experts_per_tok"]),
+                       expert_ffn=int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"]),
+                       shared_ffn=int(cfg.get("shared_expert_intermediate_size") or 0)
+                       if "model.layers.0.mlp.shared_expert.gate_proj.weight" in self._where else 0,
+                       norm_topk=True if arch == "mixtral" else bool(cfg.get("norm_topk_prob", False)))
         self.config = ModelConfig(
             arch=arch, n_layers=cfg["num_hidden_layers"], hidden=hidden,
             ffn=cfg["intermediate_size"], n_heads=n_heads,
@@ -264,17 +340,25 @@ class HFSource(WeightSource):
             qkv_bias="model.layers.0.self_attn.q_proj.bias" in self._where,
             qk_norm="model.layers.0.self_attn.q_norm.weight" in self._where,
             rope_scaling=rs, sliding_window=int(sw) if sw else None,
+            qk_norm_full=arch == "olmoe", **moe,
         )
+        self._arch = arch
         self.file_bytes = sum(f.stat().st_size for f in files)
         self.n_params = sum(int(np.prod(s, dtype=np.int64)) for s in self._shapes.values())
 
     def has(self, name: str) -> bool:
-        return _hf_name(name) in self._where
+        return _hf_name(name, self._arch) in self._where
 
     def load(self, name: str) -> QWeight:
+        return self._load_key(_hf_name(name, self._arch), name)
+
+    def load_experts(self, name: str, experts: list[int] | None = None) -> dict[int, QWeight]:
+        want = range(self.config.n_experts) if experts is None else sorted(set(experts))
+        return {e: self._load_key(_hf_name(name, self._arch, e), name) for e in want}
+
+    def _load_key(self, k: str, name: str) -> QWeight:
         from safetensors import safe_open
 
-        k = _hf_name(name)
         if k not in self._where:
             raise KeyError(name)
         with safe_open(str(self._where[k]), framework="pt") as sf:

@@ -1,0 +1,281 @@
+"""Expert parallelism for MoE models: the host runs the trunk, expert shards run experts.
+
+The host (a :class:`~mesh402.engine.model.Stage` whose ``experts`` is a
+:class:`RemoteExperts`) computes attention, norms and the router. At each MoE
+layer it sends, to every node holding some chosen expert, the token rows routed
+to that node's experts (``rows x hidden`` fp32 once per node, plus per-expert row
+indices) and gets back each expert's output on its rows. The host weights and
+sums them in ascending expert order exactly as solo inference does, so outputs
+are bit-identical to a single node holding every expert: no expert is ever
+dropped. Wire bytes per token and MoE layer are about ``hidden x 4 x (nodes
+touched + top-k)``: activations, never weights.
+
+Every expert has one or more owners (hot experts are replicated by
+:func:`mesh402.placement.plan_experts`); the host uses the first live owner and
+moves to a replica when a node stops answering, without interrupting
+generation.
+
+The request/reply messages are plain bytes (:func:`encode_request` /
+:func:`encode_reply`), so any byte transport carries them: :class:`LoopbackTransport`
+in process (tests, benchmarks), a mesh stream between nodes.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable, Mapping, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from mesh402.engine.moe import ExpertBank
+from mesh402.engine.weights import WeightSource, open_source
+
+__all__ = ["ExpertNodeDown", "ExpertUnavailable", "ExpertShardWorker", "ExpertTransport", "LoopbackTransport",
+           "RemoteExperts", "encode_request", "decode_request", "encode_reply", "decode_reply",
+           "owners_from_plan", "local_workers_for_plan"]
+
+ExpertId = tuple[int, int]
+_REQ = b"XQ1"
+_REP = b"XA1"
+
+
+class ExpertNodeDown(ConnectionError):
+    """The node holding some experts did not answer (dead, unreachable, or reset the stream)."""
+
+
+class ExpertUnavailable(RuntimeError):
+    """Every owner of an expert is down: the output cannot be computed exactly."""
+
+
+# ---------------------------------------------------------------------------
+# messages
+
+def encode_request(layer: int, x: torch.Tensor, groups: Mapping[int, Sequence[int] | torch.Tensor]) -> bytes:
+    """Rows ``x`` [n, hidden] fp32 and, per expert, indices into ``x`` of the rows it must run on."""
+    x = x.detach().to("cpu", torch.float32).contiguous()
+    n, h = x.shape
+    parts = [_REQ, struct.pack("<IIII", layer, n, h, len(groups)), x.numpy().tobytes()]
+    for e in sorted(groups):
+        idx = np.asarray(groups[e].cpu() if isinstance(groups[e], torch.Tensor) else groups[e], dtype=np.uint32)
+        parts.append(struct.pack("<II", e, idx.size))
+        parts.append(idx.tobytes())
+    return b"".join(parts)
+
+
+def decode_request(buf: bytes) -> tuple[int, torch.Tensor, dict[int, torch.Tensor]]:
+    if buf[:3] != _REQ:
+        raise ValueError("not an expert request")
+    layer, n, h, ng = struct.unpack_from("<IIII", buf, 3)
+    o = 19
+    x = torch.from_numpy(np.frombuffer(buf, dtype=np.float32, count=n * h, offset=o).copy()).view(n, h)
+    o += n * h * 4
+    groups = {}
+    for _ in range(ng):
+        e, c = struct.unpack_from("<II", buf, o)
+        o += 8
+        groups[e] = torch.from_numpy(np.frombuffer(buf, dtype=np.uint32, count=c, offset=o).astype(np.int64))
+        o += 4 * c
+    if o != len(buf):
+        raise ValueError("trailing bytes in expert request")
+    return layer, x, groups
+
+
+def encode_reply(ys: Mapping[int, torch.Tensor]) -> bytes:
+    parts = [_REP, struct.pack("<I", len(ys))]
+    for e in sorted(ys):
+        y = ys[e].detach().to("cpu", torch.float32).contiguous()
+        parts.append(struct.pack("<III", e, y.shape[0], y.shape[1]))
+        parts.append(y.numpy().tobytes())
+    return b"".join(parts)
+
+
+def decode_reply(buf: bytes) -> dict[int, torch.Tensor]:
+    if buf[:3] != _REP:
+        raise ValueError("not an expert reply")
+    (ng,) = struct.unpack_from("<I", buf, 3)
+    o = 7
+    out = {}
+    for _ in range(ng):
+        e, n, h = struct.unpack_from("<III", buf, o)
+        o += 12
+        out[e] = torch.from_numpy(np.frombuffer(buf, dtype=np.float32, count=n * h, offset=o).copy()).view(n, h)
+        o += n * h * 4
+    return out
+
+
+# ---------------------------------------------------------------------------
+# the shard side
+
+class ExpertShardWorker:
+    """Holds some experts (of any layers) and answers expert requests."""
+
+    def __init__(self, source: WeightSource | str, experts: Iterable[ExpertId], *, mode: str = "exact",
+                 device: str = "cpu"):
+        src = source if isinstance(source, WeightSource) else open_source(source)
+        self.bank = ExpertBank(src, experts, mode=mode, device=device)
+        self._lock = threading.Lock()
+
+    @property
+    def experts(self) -> list[ExpertId]:
+        return self.bank.ids
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.bank.nbytes
+
+    def handle(self, payload: bytes) -> bytes:
+        layer, x, groups = decode_request(payload)
+        with self._lock:
+            ys = {e: self.bank.run(layer, e, x[idx]) for e, idx in groups.items()}
+        return encode_reply(ys)
+
+
+# ---------------------------------------------------------------------------
+# transports
+
+class ExpertTransport(Protocol):
+    def call(self, node: str, payload: bytes) -> bytes:
+        """Send a request to ``node`` and wait for its reply; raises :class:`ExpertNodeDown`."""
+        ...
+
+
+class LoopbackTransport:
+    """In-process transport to :class:`ExpertShardWorker` objects, counting bytes on the wire.
+
+    ``delay_s`` is added once per request (a round trip between nodes). ``kill(node)``
+    makes a node stop answering, like kill -9.
+    """
+
+    def __init__(self, workers: Mapping[str, ExpertShardWorker], delay_s: float = 0.0):
+        self.workers = dict(workers)
+        self.delay_s = delay_s
+        self.dead: set[str] = set()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def kill(self, node: str) -> None:
+        self.dead.add(node)
+
+    @property
+    def wire_bytes(self) -> int:
+        return self.bytes_sent + self.bytes_received
+
+    def reset_counters(self) -> None:
+        with self._lock:
+            self.bytes_sent = self.bytes_received = self.calls = 0
+
+    def call(self, node: str, payload: bytes) -> bytes:
+        if node in self.dead or node not in self.workers:
+            raise ExpertNodeDown(f"expert node {node} does not answer")
+        with self._lock:
+            self.bytes_sent += len(payload)
+            self.calls += 1
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        reply = self.workers[node].handle(payload)
+        with self._lock:
+            self.bytes_received += len(reply)
+        return reply
+
+
+# ---------------------------------------------------------------------------
+# the host side
+
+class RemoteExperts:
+    """An :class:`~mesh402.engine.moe.ExpertRunner` that sends rows to the nodes holding the experts.
+
+    ``owners[(layer, e)]``: nodes holding that expert, in order of preference (``local_node``
+    first when it holds it). Experts held by ``local_node`` run on ``local`` (no wire).
+    """
+
+    def __init__(self, owners: Mapping[ExpertId, Sequence[str]], transport: ExpertTransport, *,
+                 local: ExpertBank | None = None, local_node: str | None = None, parallel: bool = True):
+        self.owners = {k: tuple(v) for k, v in owners.items()}
+        self.transport = transport
+        self.local = local
+        self.local_node = local_node
+        self.dead: set[str] = set()
+        self.failovers = 0
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="experts") if parallel else None
+
+    def owner(self, layer: int, e: int) -> str:
+        for n in self.owners.get((layer, e), ()):
+            if n not in self.dead:
+                return n
+        raise ExpertUnavailable(f"no live node holds expert {e} of layer {layer} "
+                                f"(owners {list(self.owners.get((layer, e), ()))}, down {sorted(self.dead)})")
+
+    def _remote(self, node: str, layer: int, x: torch.Tensor, groups: Mapping[int, torch.Tensor]):
+        # send each row once per node: compact the union of the rows this node needs
+        rows = torch.unique(torch.cat([groups[e] for e in groups]))
+        pos = torch.full((x.shape[0],), -1, dtype=torch.long)
+        pos[rows] = torch.arange(rows.numel())
+        local_groups = {e: pos[groups[e]] for e in groups}
+        reply = self.transport.call(node, encode_request(layer, x[rows], local_groups))
+        ys = decode_reply(reply)
+        if set(ys) != set(groups) or any(ys[e].shape[0] != groups[e].numel() for e in groups):
+            raise ExpertNodeDown(f"expert node {node} answered for the wrong experts")
+        return ys
+
+    def run_experts(self, layer, x, groups):
+        x = x.detach()
+        pending = dict(groups)
+        out: dict[int, torch.Tensor] = {}
+        while pending:
+            by_node: dict[str, dict[int, torch.Tensor]] = {}
+            for e, rows in pending.items():
+                by_node.setdefault(self.owner(layer, e), {})[e] = rows
+            jobs = {}
+            for node, g in by_node.items():
+                if node == self.local_node and self.local is not None:
+                    out.update({e: self.local.run(layer, e, x[rows]) for e, rows in g.items()})
+                    for e in g:
+                        pending.pop(e)
+                elif self._pool is not None and len(by_node) > 1:
+                    jobs[node] = self._pool.submit(self._remote, node, layer, x, g)
+                else:
+                    jobs[node] = None
+            for node, fut in jobs.items():
+                g = by_node[node]
+                try:
+                    ys = fut.result() if fut is not None else self._remote(node, layer, x, g)
+                except ExpertNodeDown:
+                    self.dead.add(node)  # its experts go to a replica on the next round
+                    self.failovers += 1
+                    continue
+                out.update(ys)
+                for e in g:
+                    pending.pop(e)
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+
+def owners_from_plan(plan) -> dict[ExpertId, tuple[str, ...]]:
+    """``(layer, e) -> owners`` of an :class:`~mesh402.placement.ExpertPlan`, the host first when it holds it."""
+    out: dict[ExpertId, list[str]] = {}
+    for sh in sorted(plan.shards, key=lambda s: (s.node_id != plan.host, s.node_id)):
+        for ex in sh.experts:
+            out.setdefault(tuple(ex), []).append(sh.node_id)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def local_workers_for_plan(source: WeightSource | str, plan, *, mode: str = "exact"):
+    """In-process shards of a plan: ``(host bank or None, {node: ExpertShardWorker})`` (tests, benchmarks)."""
+    src = source if isinstance(source, WeightSource) else open_source(source)
+    host_bank, workers = None, {}
+    for sh in plan.shards:
+        if sh.node_id == plan.host:
+            if sh.experts:
+                host_bank = ExpertBank(src, sh.experts, mode=mode)
+        else:
+            workers[sh.node_id] = ExpertShardWorker(src, sh.experts, mode=mode)
+    return host_bank, workers

@@ -1,0 +1,176 @@
+"""Tiny random-weight MoE models (mixtral, qwen2moe, qwen3moe, olmoe) for engine tests.
+
+``hf_moe(arch)`` builds transformers' own model (the reference); ``write_moe_gguf`` writes the
+same weights as a GGUF with ``gguf.GGUFWriter`` following llama.cpp's conventions (3-D expert-major
+``ffn_*_exps`` tensors, Q/K rows permuted for the llama/mixtral arch).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+V, H, NH, NKV, HD, NL = 128, 64, 4, 2, 16, 2
+E, K, FFE, FFS = 8, 2, 32, 64
+ARCHS = ("mixtral", "qwen2moe", "qwen3moe", "olmoe")
+GGUF_ARCH = {"mixtral": "llama", "qwen2moe": "qwen2moe", "qwen3moe": "qwen3moe", "olmoe": "olmoe"}
+SEQ = [int(x) for x in np.random.default_rng(1).integers(0, V, 40)]  # crosses a chunk boundary
+
+
+def hf_moe(arch: str, seed: int = 0, hot: int | None = None):
+    """transformers' model with random weights. ``hot``: bias every router towards that expert."""
+    import transformers
+    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    kw = dict(vocab_size=V, hidden_size=H, num_hidden_layers=NL, num_attention_heads=NH,
+              num_key_value_heads=NKV, max_position_embeddings=256, rms_norm_eps=1e-5,
+              tie_word_embeddings=False, num_experts_per_tok=K)
+    if arch == "mixtral":
+        cfg = MixtralConfig(**kw, intermediate_size=FFE, num_local_experts=E, sliding_window=None,
+                            rope_theta=10000.0)
+    elif arch == "qwen2moe":
+        cfg = Qwen2MoeConfig(**kw, intermediate_size=FFE, moe_intermediate_size=FFE, num_experts=E,
+                             shared_expert_intermediate_size=FFS, norm_topk_prob=False, rope_theta=1e6)
+    elif arch == "qwen3moe":
+        cfg = Qwen3MoeConfig(**kw, intermediate_size=FFE, moe_intermediate_size=FFE, num_experts=E,
+                             head_dim=HD, norm_topk_prob=True, rope_theta=1e6)
+    else:
+        cfg = OlmoeConfig(**kw, intermediate_size=FFE, num_experts=E, norm_topk_prob=False,
+                          pad_token_id=1, eos_token_id=1, bos_token_id=0)
+    torch.manual_seed(seed)
+    m = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif n.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            elif n.endswith("mlp.gate.weight"):  # a router that discriminates between experts
+                p.copy_(0.3 * torch.randn_like(p))
+            elif "experts" in n or "shared_expert" in n:
+                p.copy_(0.05 * torch.randn_like(p))
+        if hot is not None:
+            # skewed gate usage: every embedding shares a direction u and each router's row `hot`
+            # points along u, so expert `hot` is in (nearly) every token's top-k
+            u = torch.randn(H)
+            u /= u.norm()
+            m.model.embed_tokens.weight += 0.2 * u
+            for n, p in m.named_parameters():
+                if n.endswith("mlp.gate.weight"):
+                    p[hot] = 4.0 * u
+    return m
+
+
+def ref_logits(m, seq) -> torch.Tensor:
+    x = torch.tensor([seq])
+    with torch.inference_mode():
+        return m(x, attention_mask=torch.ones_like(x)).logits[0]
+
+
+def state(m) -> dict[str, np.ndarray]:
+    return {k: v.detach().float().numpy() for k, v in m.state_dict().items()}
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    # llama.cpp convert_hf_to_gguf convention for llama-family Q/K rows
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+_NAMES = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+          "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+          "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+          "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+          "self_attn.v_proj.bias": "attn_v.bias", "self_attn.q_norm.weight": "attn_q_norm.weight",
+          "self_attn.k_norm.weight": "attn_k_norm.weight", "mlp.gate.weight": "ffn_gate_inp.weight",
+          "mlp.experts.down_proj": "ffn_down_exps.weight",
+          "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+          "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+          "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+          "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight"}
+
+
+def gguf_tensors(m, arch: str) -> dict[str, np.ndarray]:
+    """GGUF tensor name -> fp32 array (llama.cpp layout) for the HF model ``m``."""
+    out = {}
+    for k, a in state(m).items():
+        if k == "model.embed_tokens.weight":
+            out["token_embd.weight"] = a
+            continue
+        if k == "model.norm.weight":
+            out["output_norm.weight"] = a
+            continue
+        if k == "lm_head.weight":
+            out["output.weight"] = a
+            continue
+        parts = k.split(".")
+        pre, rest = f"blk.{parts[2]}.", ".".join(parts[3:])
+        if rest == "mlp.experts.gate_up_proj":  # [E, 2I, H], gate rows first
+            ff = a.shape[1] // 2
+            out[pre + "ffn_gate_exps.weight"] = a[:, :ff]
+            out[pre + "ffn_up_exps.weight"] = a[:, ff:]
+            continue
+        name = pre + _NAMES[rest]
+        if GGUF_ARCH[arch] == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+            a = _permute(a, NH if "attn_q" in name else NKV)
+        if name.endswith("ffn_gate_inp_shexp.weight"):
+            a = a.reshape(-1)  # llama.cpp stores the shared-expert gate as a vector
+        out[name] = np.ascontiguousarray(a, dtype=np.float32)
+    return out
+
+
+def write_moe_gguf(m, arch: str, path, qname: str = "F32") -> None:
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[qname]
+    ga = GGUF_ARCH[arch]
+    c = m.config
+    w = gguf.GGUFWriter(str(path), ga)
+    w.add_block_count(NL)
+    w.add_context_length(256)
+    w.add_embedding_length(H)
+    w.add_feed_forward_length(FFE)
+    w.add_expert_feed_forward_length(FFE)
+    if arch == "qwen2moe":
+        w.add_expert_shared_feed_forward_length(FFS)
+    w.add_expert_count(E)
+    w.add_expert_used_count(K)
+    w.add_head_count(NH)
+    w.add_head_count_kv(NKV)
+    w.add_key_length(HD)
+    w.add_value_length(HD)
+    rp = getattr(c, "rope_parameters", None) or {}
+    w.add_rope_freq_base(float(rp.get("rope_theta", getattr(c, "rope_theta", 10000.0))))
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(V)
+    w.add_file_type(0)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([f"<t{i}>" for i in range(V)])
+    w.add_token_types([1] * V)
+    w.add_token_merges([])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    for name, a in gguf_tensors(m, arch).items():
+        quantize = a.ndim >= 2 and name != "token_embd.weight" and "ffn_gate_inp" not in name
+        if quantize and qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+        elif quantize and qtype == gguf.GGMLQuantizationType.F16:
+            w.add_tensor(name, a.astype(np.float16))
+        else:
+            w.add_tensor(name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def roundtrip_quant(m, qname: str) -> None:
+    """Quantize and dequantize (gguf-py) every weight the GGUF writer quantizes, in place."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[qname]
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if p.dim() >= 2 and n != "model.embed_tokens.weight" and not n.endswith("mlp.gate.weight") \
+                    and not n.endswith("shared_expert_gate.weight"):
+                a = p.detach().numpy().astype(np.float32)
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(a, qtype), qtype)))
