@@ -35,6 +35,7 @@ from mesh402.engine.moe import ExpertBank
 from mesh402.engine.weights import WeightSource, open_source
 
 __all__ = ["ExpertNodeDown", "ExpertUnavailable", "ExpertShardWorker", "ExpertTransport", "LoopbackTransport",
+           "SocketTransport", "serve_expert_shard",
            "RemoteExperts", "encode_request", "decode_request", "encode_reply", "decode_reply",
            "owners_from_plan", "local_workers_for_plan"]
 
@@ -184,6 +185,88 @@ class LoopbackTransport:
         return reply
 
 
+class SocketTransport:
+    """Length-prefixed requests over TCP to :func:`serve_expert_shard` processes (benchmarks, tools).
+
+    ``addrs[node] = (host, port)``; one persistent connection per node. ``delay_s`` adds a
+    simulated round trip per request.
+    """
+
+    def __init__(self, addrs: Mapping[str, tuple[str, int]], delay_s: float = 0.0, timeout: float = 30.0):
+        self.addrs = dict(addrs)
+        self.delay_s = delay_s
+        self.timeout = timeout
+        self._socks: dict[str, object] = {}
+        self.bytes_sent = self.bytes_received = self.calls = 0
+        self._lock = threading.Lock()
+
+    @property
+    def wire_bytes(self) -> int:
+        return self.bytes_sent + self.bytes_received
+
+    def reset_counters(self) -> None:
+        with self._lock:
+            self.bytes_sent = self.bytes_received = self.calls = 0
+
+    def call(self, node: str, payload: bytes) -> bytes:
+        import socket
+
+        try:
+            sock = self._socks.get(node)
+            if sock is None:
+                sock = socket.create_connection(self.addrs[node], timeout=self.timeout)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._socks[node] = sock
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            sock.sendall(struct.pack("<I", len(payload)) + payload)
+            n = struct.unpack("<I", _recv_exact(sock, 4))[0]
+            reply = _recv_exact(sock, n)
+        except (OSError, KeyError, ConnectionError) as e:
+            self._socks.pop(node, None)
+            raise ExpertNodeDown(f"expert node {node}: {e}") from e
+        with self._lock:
+            self.bytes_sent += len(payload) + 4
+            self.bytes_received += len(reply) + 4
+            self.calls += 1
+        return reply
+
+
+def _recv_exact(sock, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("closed")
+        buf += chunk
+    return bytes(buf)
+
+
+def serve_expert_shard(worker: ExpertShardWorker, port: int = 0, host: str = "127.0.0.1", ready=None) -> None:
+    """Serve expert requests over TCP forever (one thread per connection). ``ready(port)`` is called
+    once listening."""
+    import socket
+
+    srv = socket.create_server((host, port))
+    if ready is not None:
+        ready(srv.getsockname()[1])
+
+    def conn(c):
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with c:
+            while True:
+                try:
+                    n = struct.unpack("<I", _recv_exact(c, 4))[0]
+                    reply = worker.handle(_recv_exact(c, n))
+                    c.sendall(struct.pack("<I", len(reply)) + reply)
+                except (ConnectionError, OSError):
+                    return
+
+    while True:
+        c, _ = srv.accept()
+        threading.Thread(target=conn, args=(c,), daemon=True).start()
+
+
 # ---------------------------------------------------------------------------
 # the host side
 
@@ -231,16 +314,16 @@ class RemoteExperts:
             by_node: dict[str, dict[int, torch.Tensor]] = {}
             for e, rows in pending.items():
                 by_node.setdefault(self.owner(layer, e), {})[e] = rows
+            local_g = by_node.pop(self.local_node, None) if self.local is not None else None
+            # remote requests go out first (concurrently), local experts run while they travel
             jobs = {}
             for node, g in by_node.items():
-                if node == self.local_node and self.local is not None:
-                    out.update({e: self.local.run(layer, e, x[rows]) for e, rows in g.items()})
-                    for e in g:
-                        pending.pop(e)
-                elif self._pool is not None and len(by_node) > 1:
-                    jobs[node] = self._pool.submit(self._remote, node, layer, x, g)
-                else:
-                    jobs[node] = None
+                par = self._pool is not None and (len(by_node) > 1 or local_g)
+                jobs[node] = self._pool.submit(self._remote, node, layer, x, g) if par else None
+            if local_g:
+                out.update({e: self.local.run(layer, e, x[rows]) for e, rows in local_g.items()})
+                for e in local_g:
+                    pending.pop(e)
             for node, fut in jobs.items():
                 g = by_node[node]
                 try:
