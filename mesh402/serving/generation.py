@@ -97,9 +97,14 @@ async def generate(req: GenerationRequest, stepper: Stepper, tokenizer: Any,
 class LocalModel:
     """A whole model loaded in this process, driven by the node's single engine thread."""
 
-    def __init__(self, engine: Any, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, engine: Any, executor: ThreadPoolExecutor, prefix_cache: Any = "default") -> None:
         self.engine = engine
         self.executor = executor
+        if prefix_cache == "default":  # KV prefix reuse (mesh402.engine.prefix); None turns it off
+            from mesh402.engine.prefix import PrefixCache  # the engine is loaded: torch is already in
+
+            prefix_cache = PrefixCache(int(getattr(engine, "prefill_chunk", 32)))
+        self.prefix_cache = prefix_cache
 
     @property
     def n_ctx(self) -> int:
@@ -116,11 +121,11 @@ class LocalModel:
     async def open(self, max_len: int, sampling: Any) -> "LocalStepper":
         """Reserve a KV session up front so capacity errors surface before any response is sent."""
         session = await asyncio.get_running_loop().run_in_executor(self.executor, self.engine.new_session, max_len)
-        return LocalStepper(session, sampling, self.executor)
+        return LocalStepper(session, sampling, self.executor, self.prefix_cache)
 
 
 class LocalStepper:
-    def __init__(self, session: Any, sampling: Any, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, session: Any, sampling: Any, executor: ThreadPoolExecutor, prefix_cache: Any = None) -> None:
         from mesh402.engine.sampling import Sampler  # lazy: the API process path imports no torch
 
         self.session = session
@@ -129,12 +134,18 @@ class LocalStepper:
         self.cached_tokens = 0
         self._executor = executor
         self._released = False
+        self.prefix_cache = prefix_cache
 
     async def _run(self, fn: Any, *args: Any) -> int:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _prefill(self, ids: list[int]) -> int:
-        logits = self.session.prefill(ids)
+        cache = self.prefix_cache
+        n = cache.restore(self.session, ids) if cache is not None and not self.history else 0
+        self.cached_tokens += n
+        logits = self.session.prefill(ids[n:])
+        if cache is not None and not self.history:
+            cache.store(self.session, len(ids))
         self.history.extend(ids)
         return self.sampler.sample(logits, self.history, len(self.history))
 
