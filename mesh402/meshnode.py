@@ -373,6 +373,21 @@ class MeshRuntime:
         self._meta_cache[key] = m
         return m
 
+    def _model_labels(self) -> dict[str, str]:
+        """The announcement's labels plus model:<id> routing facts (metadata, observed speed)."""
+        from mesh402.api.router import MODEL_LABEL
+        from mesh402.models.profile import model_profile
+
+        labels = {k: v for k, v in self.mesh.local.labels.items() if not k.startswith(MODEL_LABEL)}
+        router = getattr(self.node.app.state, "router", None)
+        for e in self.node.registry.all():
+            try:
+                prof = model_profile(str(e.source.path), e.source.format)
+            except Exception:
+                continue
+            labels[MODEL_LABEL + e.model_id] = router.label_for(e.model_id, prof) if router else json.dumps(prof)
+        return labels
+
     def _model_entries(self, hash_files: bool) -> list[pb.ModelEntry]:
         return [self._model_entry(e, hash_files) for e in self.node.registry.all()]
 
@@ -386,10 +401,12 @@ class MeshRuntime:
                 hashed = True
             else:
                 entries = self._model_entries(hash_files=False)
-            sig = [m.SerializeToString(deterministic=True) for m in entries]
+            labels = self._model_labels()
+            sig = [m.SerializeToString(deterministic=True) for m in entries] + sorted(
+                kv for kv in labels.items() if kv[0].startswith("model:"))
             if sig != last:
                 last = sig
-                self.mesh.update_local(models=entries)
+                self.mesh.update_local(models=entries, labels=labels)
             await asyncio.sleep(MODEL_POLL_S)
 
 

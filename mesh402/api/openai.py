@@ -83,6 +83,10 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
 
     tunnel_secret = TunnelSecret()
     app.state.tunnel_secret = tunnel_secret
+    from mesh402.api.router import MODEL_LABEL, Router
+
+    router = Router()  # model: "auto" -> a model and node (mesh402.routing)
+    app.state.router = router
 
     def mesh_peer(request: Request) -> str | None:
         """The admitted peer a request came from through the mesh tunnel, or None for a direct client."""
@@ -120,9 +124,62 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
         dist = getattr(app.state, "distributed", None)
         return dist.routes() if dist is not None else {}
 
-    def pick_model(name: str | None, request: Request) -> ModelEntry | Any:
+    def model_label(host: str, model_id: str) -> str | None:
+        dist = getattr(app.state, "distributed", None)
+        if dist is None or dist.mesh.gossip is None:
+            return None
+        ann = dist.mesh.self_announcement() if host == dist.mesh.node_id.hex() else dist.mesh.gossip.get(bytes.fromhex(host))
+        return ann.labels.get(MODEL_LABEL + model_id) if ann is not None else None
+
+    def route_auto(request: Request, req: Any) -> ModelEntry | Any | None:
+        """model "auto": classify the request and score the mesh's models (x-mesh402-route says why)."""
+        from mesh402.models.profile import model_profile
+
+        local = []
+        for e in registry.all():
+            if e.state == "ready" and e.local is not None:
+                try:
+                    local.append((e.model_id, model_profile(str(e.source.path), e.source.format)))
+                except Exception:
+                    local.append((e.model_id, {}))
+        table = {k: r for k, r in routes().items() if r.ready}
+        remote = [(k, r.host, model_label(r.host, k)) for k, r in sorted(table.items())]
+        if isinstance(req, ChatCompletionRequest):
+            messages = []
+            for m in req.messages:
+                try:
+                    messages.append({"role": m.role, "content": m.text()})
+                except ValueError:
+                    messages.append({"role": m.role, "content": ""})
+        else:
+            prompt = req.prompt if isinstance(req.prompt, str) else ""
+            messages = [{"role": "user", "content": prompt}]
+        d = router.decide(messages, getattr(req, "tools", None), router.candidates(local, remote))
+        if d is None:
+            return None
+        request.state.route = d
+        if d.node == "local":
+            return registry.get(d.model_id)
+        return table[d.model_id]
+
+    def route_header(request: Request, model_id: str, node: str, via: str) -> dict[str, str]:
+        d = getattr(request.state, "route", None)
+        why = f"; {d.header()}" if d is not None else ""
+        return {ROUTE_HEADER: f"model={model_id}; node={node[:16]}; via={via}{why}"}
+
+    def pick_model(name: str | None, request: Request, req: Any = None) -> ModelEntry | Any:
         """A local ModelEntry that can serve now, or a Route to the node that hosts the model."""
         auto = name in (None, "", "auto")
+        dist = getattr(app.state, "distributed", None)
+        if mesh_peer(request) is None and dist is not None:
+            if not auto:
+                dist.mesh.note_request(name)  # demand, counted where the request enters the mesh
+        if auto and req is not None and mesh_peer(request) is None:
+            picked = route_auto(request, req)
+            if picked is not None:
+                if dist is not None:
+                    dist.mesh.note_request(picked.model_id)
+                return picked
         entry = registry.default() if auto else registry.get(name)
         if entry is not None and entry.state == "ready" and entry.local is not None:
             return entry
@@ -133,6 +190,8 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
                 route = next((r for r in table.values() if r.ready), None)
             if route is not None and route.ready:
                 return route
+        if entry is None and auto:
+            raise unavailable("no model is served in this mesh yet", config.timers.retry_after_s, code="no_model")
         if entry is None:
             raise APIError(404, f"model {name!r} is not served in this mesh; see GET /v1/models",
                            type="not_found_error", code="model_not_found", param="model")
@@ -158,9 +217,13 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
                     raise unavailable(f"the host of {route.model_id} did not answer ({type(e).__name__}); retry "
                                       "shortly", config.timers.retry_after_s, code="host_unreachable") from None
             resp = await paid_proxy(gate, request, route.model_id, req, config.limits.default_max_tokens, send)
-            resp.headers[ROUTE_HEADER] = f"model={route.model_id}; node={route.host[:16]}; via=mesh"
+            resp.headers.update(route_header(request, route.model_id, route.host, "mesh"))
             return resp
         body = await request.body()
+        if getattr(request.state, "route", None) is not None:  # the host must serve the model chosen here
+            data = json.loads(body)
+            data["model"] = route.model_id
+            body = json.dumps(data).encode()
         rid = uuid.uuid4().hex
         try:
             status, headers, chunks = await tunnel_forward(
@@ -170,7 +233,7 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
             log.warning("tunnel to %s failed: %s", route.host[:12], e)
             raise unavailable(f"the host of {route.model_id} did not answer ({type(e).__name__}); retry shortly",
                               config.timers.retry_after_s, code="host_unreachable") from None
-        headers[ROUTE_HEADER] = f"model={route.model_id}; node={route.host[:16]}; via=mesh"
+        headers.update(route_header(request, route.model_id, route.host, "mesh"))
         is_sse = headers.get("content-type", "").startswith("text/event-stream")
 
         async def body_iter() -> AsyncIterator[bytes]:
@@ -248,6 +311,7 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
     async def collect(p: Prepared, charge: Any = None) -> tuple[str, Finished]:
         text: list[str] = []
         fin: Finished | None = None
+        t0 = time.perf_counter()
         try:
             async for ev in run_stream(p):
                 if isinstance(ev, Delta):
@@ -259,6 +323,7 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
                 await gate.release(charge, f"generation failed: {type(e).__name__}")
             raise
         assert fin is not None
+        router.observe(p.entry.model_id, fin.completion_tokens, time.perf_counter() - t0)
         return "".join(text), fin
 
     async def admit(request: Request, req: SamplingFields, entry: ModelEntry,
@@ -343,7 +408,7 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
     async def chat_completions(request: Request) -> Any:
         check_auth(request)
         req: ChatCompletionRequest = await read_json(request, ChatCompletionRequest)
-        entry = pick_model(req.model, request)
+        entry = pick_model(req.model, request, req)
         if not isinstance(entry, ModelEntry):
             return await proxy(request, entry, req)
         from mesh402.engine.chat_template import ChatTemplate, ChatTemplateError  # a model is loaded: torch is in
@@ -365,7 +430,8 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
         if not isinstance(p, Prepared):
             return p  # a retried paid request, answered from the payment ledger
         cid, created = f"chatcmpl-{p.gen.request_id}", int(time.time())
-        headers = {"x-request-id": p.gen.request_id, **(charge.headers if charge else {})}
+        headers = {"x-request-id": p.gen.request_id, **(charge.headers if charge else {}),
+                   **(route_header(request, entry.model_id, "local", "local") if getattr(request.state, "route", None) else {})}
         if req.stream:
             def chunk(delta: str | None, finish: str | None, first: bool) -> dict[str, Any]:
                 d: dict[str, Any] = {"role": "assistant", "content": ""} if first else (
@@ -391,7 +457,7 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
     async def completions(request: Request) -> Any:
         check_auth(request)
         req: CompletionRequest = await read_json(request, CompletionRequest)
-        entry = pick_model(req.model, request)
+        entry = pick_model(req.model, request, req)
         if not isinstance(entry, ModelEntry):
             return await proxy(request, entry, req)
         local = entry.local
@@ -410,7 +476,8 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
         if not isinstance(p, Prepared):
             return p  # a retried paid request, answered from the payment ledger
         cid, created = f"cmpl-{p.gen.request_id}", int(time.time())
-        headers = {"x-request-id": p.gen.request_id, **(charge.headers if charge else {})}
+        headers = {"x-request-id": p.gen.request_id, **(charge.headers if charge else {}),
+                   **(route_header(request, entry.model_id, "local", "local") if getattr(request.state, "route", None) else {})}
         echo = prompt_text if req.echo else ""
         if req.stream:
             def chunk(delta: str | None, finish: str | None, first: bool) -> dict[str, Any]:
