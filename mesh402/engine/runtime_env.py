@@ -5,6 +5,9 @@ from __future__ import annotations
 
 def configure_torch(threads: int) -> None:
     """Several nodes may share one machine, so each node runs torch with a fixed small thread count."""
+    from .engine import _trim_heap
+
+    _trim_heap()  # pins glibc's mmap threshold before the first load (less fragmentation)
     import torch
 
     torch.set_num_threads(max(1, threads))
