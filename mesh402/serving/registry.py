@@ -9,7 +9,9 @@ from typing import Literal
 from mesh402.models.catalog import ModelSource
 from mesh402.serving.generation import LocalModel
 
-ModelState = Literal["loading", "ready", "failed"]
+# loading; ready (served here); standby (served elsewhere in the mesh, this node can take over);
+# waiting (no plan fits the mesh's capacity yet); failed
+ModelState = Literal["loading", "ready", "standby", "waiting", "failed"]
 
 
 @dataclass
@@ -48,4 +50,6 @@ class ModelRegistry:
         return next(iter(self._entries.values()), None)
 
     def all_ready(self) -> bool:
-        return bool(self._entries) and all(e.state == "ready" for e in self._entries.values())
+        """Every model is servable: loaded here, or on standby while another node serves it.
+        A node with no model (API-only) is ready: it routes to the mesh."""
+        return all(e.state in ("ready", "standby") for e in self._entries.values())
