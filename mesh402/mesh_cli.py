@@ -313,7 +313,7 @@ def render_plans(st: dict) -> None:
     plans = dist.get("plans") or {}
     if not plans:
         return
-    t = Table(title="Model plans (who holds which layers)", title_justify="left")
+    t = Table(title="Model plans (who holds which layers / experts; * = replicated)", title_justify="left")
     for col in ("model", "epoch", "state", "stage", "node", "layers", "tensor bytes", "activations sent"):
         t.add_column(col, no_wrap=col in ("layers", "stage"))
     for key, p in sorted(plans.items()):
@@ -321,6 +321,19 @@ def render_plans(st: dict) -> None:
         state = "ready" if p.get("ready") else f"waiting: {p.get('waiting', '')}"
         links = p.get("links") or {}
         stages = p.get("stages") or []
+        if p.get("kind") == "experts":  # MoE expert parallel: the trunk on the host, experts by node
+            ex = p.get("experts") or {}
+            repl = {tuple(x) for x in p.get("replicated") or []}
+            for i, (node_id, _s, _e, nbytes) in enumerate(stages):
+                per = ex.get(node_id) or {}
+                held = "; ".join(f"L{la}: " + ",".join(f"{e}*" if (int(la), e) in repl else str(e) for e in es)
+                                 for la, es in sorted(per.items(), key=lambda kv: int(kv[0]))) or "-"
+                sent = links.get(next((k for k in links if k.endswith(node_id[:8])), ""), 0)
+                t.add_row(model if i == 0 else "", str(p.get("epoch")) if i == 0 else "", state if i == 0 else "",
+                          "host+experts" if node_id == p.get("host") else "experts", node_id[:12],
+                          ("trunk; " if node_id == p.get("host") else "") + held, _fmt_bytes(nbytes),
+                          _fmt_bytes(sent) if node_id != p.get("host") else "-")
+            continue
         if not stages:
             t.add_row(model, str(p.get("epoch", "-")), state, "-", (p.get("host") or "")[:12], "-", "-", "-")
         for i, (node_id, start, end, nbytes) in enumerate(stages):

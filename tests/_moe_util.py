@@ -174,3 +174,77 @@ def roundtrip_quant(m, qname: str) -> None:
                     and not n.endswith("shared_expert_gate.weight"):
                 a = p.detach().numpy().astype(np.float32)
                 p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(a, qtype), qtype)))
+
+
+def write_chat_moe_gguf(path, tokenizer_gguf, *, hidden: int = 128, ffe: int = 1024, n_exp: int = 8,
+                        n_layers: int = 2, seed: int = 0) -> None:
+    """A random-weight qwen2moe GGUF (Q8_0, shared expert) carrying a real tokenizer and chat template
+    (copied from ``tokenizer_gguf``), so mesh nodes can serve it through the chat API."""
+    import gguf
+
+    rd = gguf.GGUFReader(str(tokenizer_gguf))
+    tok = {k: f.contents() for k, f in rd.fields.items() if k.startswith("tokenizer.")}
+    vocab = len(tok["tokenizer.ggml.tokens"])
+    rng = np.random.default_rng(seed)
+    nh, hd = hidden // 32, 32
+    nkv = max(1, nh // 2)
+    q = gguf.GGMLQuantizationType.Q8_0
+    w = gguf.GGUFWriter(str(path), "qwen2moe")
+    w.add_block_count(n_layers)
+    w.add_context_length(512)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffe)
+    w.add_expert_feed_forward_length(ffe)
+    w.add_expert_shared_feed_forward_length(ffe // 4)
+    w.add_expert_count(n_exp)
+    w.add_expert_used_count(2)
+    w.add_head_count(nh)
+    w.add_head_count_kv(nkv)
+    w.add_rope_freq_base(1e6)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_file_type(7)
+    w.add_tokenizer_model(tok["tokenizer.ggml.model"])
+    if "tokenizer.ggml.pre" in tok:
+        w.add_tokenizer_pre(tok["tokenizer.ggml.pre"])
+    w.add_token_list(tok["tokenizer.ggml.tokens"])
+    w.add_token_types(tok["tokenizer.ggml.token_type"])
+    if "tokenizer.ggml.merges" in tok:
+        w.add_token_merges(tok["tokenizer.ggml.merges"])
+    for k, fn in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("padding", w.add_pad_token_id),
+                  ("unknown", w.add_unk_token_id)):
+        if f"tokenizer.ggml.{k}_token_id" in tok:
+            fn(int(tok[f"tokenizer.ggml.{k}_token_id"]))
+    if "tokenizer.chat_template" in tok:
+        w.add_chat_template(tok["tokenizer.chat_template"])
+
+    def mat(*shape, scale=None):
+        return (rng.standard_normal(shape, dtype=np.float32) * (scale or 1.0 / np.sqrt(shape[-1]))).astype(np.float32)
+
+    def add(name, a, quant=True):
+        w.add_tensor(name, gguf.quants.quantize(a, q) if quant else a, raw_dtype=q if quant else None)
+
+    add("token_embd.weight", mat(vocab, hidden, scale=1.0))
+    add("output_norm.weight", np.ones(hidden, np.float32), False)
+    add("output.weight", mat(vocab, hidden))
+    for i in range(n_layers):
+        p = f"blk.{i}."
+        for n in ("attn_norm", "ffn_norm"):
+            add(p + n + ".weight", 1 + 0.1 * mat(hidden, scale=1.0), False)
+        add(p + "attn_q.weight", mat(nh * hd, hidden))
+        add(p + "attn_k.weight", mat(nkv * hd, hidden))
+        add(p + "attn_v.weight", mat(nkv * hd, hidden))
+        for n, r in (("attn_q.bias", nh * hd), ("attn_k.bias", nkv * hd), ("attn_v.bias", nkv * hd)):
+            add(p + n, 0.1 * mat(r, scale=1.0), False)
+        add(p + "attn_output.weight", mat(hidden, nh * hd))
+        add(p + "ffn_gate_inp.weight", mat(n_exp, hidden, scale=0.3), False)
+        add(p + "ffn_gate_exps.weight", mat(n_exp, ffe, hidden))
+        add(p + "ffn_up_exps.weight", mat(n_exp, ffe, hidden))
+        add(p + "ffn_down_exps.weight", mat(n_exp, hidden, ffe))
+        add(p + "ffn_gate_shexp.weight", mat(ffe // 4, hidden))
+        add(p + "ffn_up_shexp.weight", mat(ffe // 4, hidden))
+        add(p + "ffn_down_shexp.weight", mat(hidden, ffe // 4))
+        add(p + "ffn_gate_inp_shexp.weight", mat(hidden), False)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

@@ -43,6 +43,7 @@ class StreamType(enum.IntEnum):
     PING = 0x07  # heartbeat, probe, RTT
     BLACKBOARD = 0x08  # reserved
     PLUGIN = 0x09  # reserved
+    EXPERT = 0x0A  # MoE expert parallel: token rows to the nodes holding their experts
     ECHO = 0x0F  # diagnostics: frame round trip and bulk throughput
 
 

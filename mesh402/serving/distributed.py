@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from mesh402.mesh.framing import FramedStream, StreamType
 from mesh402.mesh.proto import mesh_pb2 as pb
 from mesh402.placement import (
+    ExpertPlan,
     MeshSnapshot,
     ModelLayout,
     NodeSnapshot,
@@ -30,6 +31,7 @@ from mesh402.placement import (
     fits,
     host_ranking,
     make_model_key,
+    plan_experts,
     plan_model,
     stage_bytes,
 )
@@ -37,6 +39,7 @@ from mesh402.serving.generation import LocalModel
 from mesh402.serving.pipeline import Chain, Failover, PipelineModel, StepTimer
 from mesh402.serving.registry import ModelEntry
 from mesh402.serving.stage_link import K, Hop, StageError, expect_stage, stage_frame
+from mesh402.serving.experts import ExpertService, MeshExpertTransport, RemoteExperts, owners_from_plan
 from mesh402.serving.stage_worker import StageKey, StageWorker
 
 if TYPE_CHECKING:
@@ -55,9 +58,10 @@ class Hosted:
     """A model this node hosts: its plan and the serving object (LocalModel or PipelineModel)."""
 
     key: str
-    plan: Plan
+    plan: Plan | ExpertPlan
     serving: Any
     layout: ModelLayout
+    expert_transport: Any = None  # MeshExpertTransport of an expert-parallel plan
 
 
 @dataclass
@@ -100,6 +104,8 @@ class DistributedRuntime(Failover):
         self._lock = asyncio.Lock()
         self.worker = StageWorker(self.me, self.executor, self._load_stage, self._connect)
         mesh.register_handler(StreamType.STAGE, self._on_stage_stream)
+        self.expert_service = ExpertService(self._load_experts)
+        mesh.register_handler(StreamType.EXPERT, self._on_expert_stream)
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -283,7 +289,15 @@ class DistributedRuntime(Failover):
         if cur is not None and all(n in snap for n in cur.plan.nodes):
             return  # an incumbent plan that still works is kept
         epoch = self._seen_epoch(key) + 1
-        plan = plan_model(key, layout, snap, epoch=epoch, max_split_rtt_ms=self.max_split_rtt_ms)
+        plan: Any = None
+        if layout.experts is not None and not fits(layout.total_bytes, snap.capacity(self.me)):
+            # MoE too big for this node: the trunk here, experts spread by capacity (exact, no expert dropped)
+            plan = plan_experts(key, layout, snap, self._expert_usage(key), epoch=epoch,
+                                max_split_rtt_ms=self.max_split_rtt_ms)
+            if isinstance(plan, WaitingForCapacity):
+                plan = None
+        if plan is None:
+            plan = plan_model(key, layout, snap, epoch=epoch, max_split_rtt_ms=self.max_split_rtt_ms)
         if isinstance(plan, WaitingForCapacity):
             self._drop_hosting(key)
             self.waiting[key] = plan.reason
@@ -299,13 +313,20 @@ class DistributedRuntime(Failover):
             entry.local, entry.state, entry.error = None, "waiting", f"plan failed: {e}"
             self.hosted.pop(key, None)
             return
-        self.hosted[key] = Hosted(key, plan, serving, layout)
+        self.hosted[key] = Hosted(key, plan, serving, layout, getattr(serving, "expert_transport", None))
         entry.local, entry.state, entry.error = serving, "ready", None
+        if isinstance(plan, ExpertPlan):
+            self.roles.by_key[key] = (pb.MODEL_ROLE_HOST, 0, layout.n_layers, epoch)
+            log.info("hosting %s with experts on: %s", key,
+                     " | ".join(f"{s.node_id[:8]}:{len(s.experts)}" for s in plan.shards))
+            return
         a, b = plan.stages[0].start, plan.stages[0].end
         self.roles.by_key[key] = (pb.MODEL_ROLE_HOST, a, b, epoch)
         log.info("hosting %s: %s", key, " | ".join(f"{s.node_id[:8]}[{s.start},{s.end})" for s in plan.stages))
 
     async def _apply(self, key: str, entry: ModelEntry, plan: Plan, layout: ModelLayout) -> Any:
+        if isinstance(plan, ExpertPlan):
+            return await self._apply_experts(key, entry, plan)
         if plan.is_solo:
             engine = await self._run(self._load_engine, entry, None)
             return LocalModel(engine, self.executor)
@@ -317,6 +338,72 @@ class DistributedRuntime(Failover):
         chain = Chain(entry.model_id, key.rsplit("@", 1)[1], plan.epoch, host.end, hops)
         return PipelineModel(engine0, chain, self._connect, self, self.executor, wire_dtype=self.wire_dtype,
                              timer=StepTimer(floor_s=self.node.config.timers.stage_step_floor_s))
+
+    # ---------------------------------------------------------------- MoE expert parallel
+    async def _apply_experts(self, key: str, entry: ModelEntry, plan: ExpertPlan) -> Any:
+        content_hash = key.rsplit("@", 1)[1]
+        await asyncio.gather(*(self._assign_experts(key, entry.model_id, s.node_id, s.experts, plan.epoch)
+                               for s in plan.shards if s.node_id != self.me))
+        transport = MeshExpertTransport(self._connect_expert, asyncio.get_running_loop(), content_hash)
+        mine = plan.shard_of(self.me)
+        engine = await self._run(self._load_expert_host, entry, owners_from_plan(plan), transport,
+                                 list(mine.experts) if mine is not None else [])
+        serving = LocalModel(engine, self.executor)
+        serving.expert_transport = transport
+        return serving
+
+    def _load_expert_host(self, entry: ModelEntry, owners: dict, transport: Any, local_experts: list) -> Any:
+        from mesh402.engine import Engine
+        from mesh402.engine.moe import ExpertBank
+        from mesh402.engine.runtime_env import configure_torch
+        from mesh402.engine.weights import open_source
+
+        cfg = self.node.config
+        configure_torch(cfg.threads)
+        bank = ExpertBank(open_source(entry.source.path), local_experts, mode=cfg.mode, device=cfg.device) \
+            if local_experts else None
+        runner = RemoteExperts(owners, transport, local=bank, local_node=self.me)
+        return Engine.load(entry.source.path, mode=cfg.mode, device=cfg.device, experts=runner,
+                           max_sessions=cfg.limits.max_sessions, prefill_chunk=cfg.limits.prefill_chunk)
+
+    def _load_experts(self, content_hash: str, experts: list) -> Any:
+        from mesh402.serving.experts import ExpertShardWorker
+
+        for key, entry in self.keys.items():
+            if key.endswith("@" + content_hash):
+                return ExpertShardWorker(entry.source.path, experts, mode=self.node.config.mode,
+                                         device=self.node.config.device)
+        raise FileNotFoundError(f"no local model file with content hash {content_hash[:16]}")
+
+    def _expert_usage(self, key: str) -> dict | None:
+        """Gate usage seen by this node's previous hosting of ``key`` (None: uniform)."""
+        h = self.hosted.get(key)
+        eng = getattr(getattr(h, "serving", None), "engine", None)
+        if eng is None:
+            return None
+        use: dict = {}
+        for st in eng.stages:
+            use.update(st.expert_usage())
+        return use or None
+
+    async def _connect_expert(self, node: str) -> FramedStream:
+        return await self.mesh.open_stream(bytes.fromhex(node), StreamType.EXPERT)
+
+    async def _on_expert_stream(self, peer_id: bytes, fs: FramedStream) -> None:
+        await self.expert_service.handle(bytes(peer_id).hex(), fs)
+
+    async def _assign_experts(self, key: str, model_id: str, node: str, experts: Any, epoch: int) -> None:
+        fs = await self._connect_expert(node)
+        content_hash = key.rsplit("@", 1)[1]
+        await fs.send(stage_frame(K.STAGE_KIND_EXPERT_ASSIGN, model_id=model_id, content_hash=content_hash,
+                                  plan_epoch=epoch,
+                                  params={"experts": json.dumps([list(e) for e in experts], separators=(",", ":"))}))
+        try:
+            expect_stage(await fs.recv(ASSIGN_TIMEOUT_S), K.STAGE_KIND_READY, f"expert node {node[:12]}")
+        except asyncio.TimeoutError:
+            raise StageError(f"expert node {node[:12]} did not load its experts in time", node=node) from None
+        finally:
+            await fs.finish()
 
     def _drop_hosting(self, key: str) -> None:
         if self.hosted.pop(key, None) is not None:
@@ -436,7 +523,7 @@ class DistributedRuntime(Failover):
         for k in [k for k in labels if k.startswith(PLAN_LABEL)]:
             del labels[k]
         for key, h in self.hosted.items():
-            d = h.plan.to_dict()
+            d = _expert_plan_dict(h) if isinstance(h.plan, ExpertPlan) else h.plan.to_dict()
             d["ready"] = True
             stats = getattr(h.serving, "stats", None)
             if stats is not None:
@@ -451,6 +538,8 @@ class DistributedRuntime(Failover):
             self.mesh.update_local(labels=labels)
 
     def _link_bytes(self, h: Hosted) -> dict[str, int]:
+        if h.expert_transport is not None:
+            return {f"{self.me[:8]}<->{n[:8]}": b for n, b in h.expert_transport.by_node.items()}
         stats = getattr(h.serving, "stats", None)
         if stats is None or h.plan.is_solo:
             return {}
@@ -476,4 +565,27 @@ class DistributedRuntime(Failover):
                 "stage": {"sessions_opened": self.worker.stats.sessions_opened, "steps": self.worker.stats.steps,
                           "bytes_out_by_link": self.worker.stats.by_link,
                           "held": [[k.content_hash[:12], k.start, k.end, int(e.weight_bytes)]
-                                   for k, e in self.worker.engines.items()]}}
+                                   for k, e in self.worker.engines.items()]},
+                "experts": {"held": {ch[:12]: len(ex) for ch, ex in self.expert_service.held().items()},
+                            "requests": self.expert_service.requests,
+                            "bytes_in": self.expert_service.bytes_in, "bytes_out": self.expert_service.bytes_out}}
+
+
+def _expert_plan_dict(h: Hosted) -> dict[str, Any]:
+    """An expert plan as published: one row per node (the host's row spans every layer: the trunk),
+    and which experts each node holds ({node: {layer: [experts]}})."""
+    plan: ExpertPlan = h.plan
+    n_layers = h.layout.n_layers
+    experts: dict[str, dict[str, list[int]]] = {}
+    for s in plan.shards:
+        per: dict[str, list[int]] = {}
+        for layer, e in s.experts:
+            per.setdefault(str(layer), []).append(int(e))
+        experts[s.node_id] = per
+    runner = getattr(getattr(getattr(h.serving, "engine", None), "stages", [None])[0], "experts", None)
+    return {"kind": "experts", "model_key": plan.model_key, "epoch": plan.epoch, "host": plan.host,
+            "stages": [[s.node_id, 0 if s.holds_trunk else -1, n_layers if s.holds_trunk else -1, s.tensor_bytes]
+                       for s in plan.shards],
+            "experts": experts, "replicated": [list(x) for x in plan.replicated],
+            "standbys": list(plan.standbys),
+            "experts_down": sorted(getattr(runner, "dead", ()) or ())}

@@ -362,3 +362,123 @@ def local_workers_for_plan(source: WeightSource | str, plan, *, mode: str = "exa
         else:
             workers[sh.node_id] = ExpertShardWorker(src, sh.experts, mode=mode)
     return host_bank, workers
+
+
+# ---------------------------------------------------------------------------
+# over the mesh (EXPERT streams; frames are StageFrames of the EXPERT_* kinds)
+
+class MeshExpertTransport:
+    """:class:`ExpertTransport` over mesh EXPERT streams, one persistent stream per node.
+
+    ``call`` runs in the engine thread and waits on the event loop ``loop``; ``connect(node)``
+    opens a fresh EXPERT stream. Counts bytes on the wire (frame payloads) per node.
+    """
+
+    def __init__(self, connect, loop, content_hash: str, timeout: float = 60.0):
+        import asyncio
+
+        self.connect = connect
+        self.loop = loop
+        self.content_hash = content_hash
+        self.timeout = timeout
+        self._streams: dict[str, object] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.bytes_sent = self.bytes_received = self.calls = 0
+        self.by_node: dict[str, int] = {}
+
+    @property
+    def wire_bytes(self) -> int:
+        return self.bytes_sent + self.bytes_received
+
+    def call(self, node: str, payload: bytes) -> bytes:
+        import asyncio
+
+        fut = asyncio.run_coroutine_threadsafe(self._call(node, payload), self.loop)
+        try:
+            reply = fut.result(self.timeout + 5)
+        except ExpertNodeDown:
+            raise
+        except Exception as e:  # timeouts, resets, protocol errors: the node is not usable
+            fut.cancel()
+            raise ExpertNodeDown(f"expert node {node[:12]}: {e}") from e
+        self.bytes_sent += len(payload)
+        self.bytes_received += len(reply)
+        self.by_node[node] = self.by_node.get(node, 0) + len(payload) + len(reply)
+        self.calls += 1
+        return reply
+
+    async def _call(self, node: str, payload: bytes) -> bytes:
+        import asyncio
+
+        from mesh402.serving.stage_link import K, expect_stage, stage_frame
+
+        lock = self._locks.setdefault(node, asyncio.Lock())
+        async with lock:
+            fs = self._streams.get(node)
+            try:
+                if fs is None:
+                    fs = await self.connect(node)
+                    self._streams[node] = fs
+                await fs.send(stage_frame(K.STAGE_KIND_EXPERT_RUN, content_hash=self.content_hash,
+                                          activations=payload))
+                sf = expect_stage(await fs.recv(self.timeout), K.STAGE_KIND_EXPERT_RESULT,
+                                  f"expert node {node[:12]}")
+                return bytes(sf.activations)
+            except Exception as e:
+                self._streams.pop(node, None)
+                raise ExpertNodeDown(f"expert node {node[:12]}: {e}") from e
+
+
+class ExpertService:
+    """The expert-node side of EXPERT streams: loads assigned experts, answers RUN requests.
+
+    ``loader(content_hash, experts)`` builds an :class:`ExpertShardWorker` (runs in ``executor``,
+    a thread of its own so expert work never waits behind this node's own engine).
+    """
+
+    def __init__(self, loader, executor=None):
+        self.loader = loader
+        self.executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-shard")
+        self.shards: dict[str, ExpertShardWorker] = {}
+        self.epochs: dict[str, int] = {}
+        self.requests = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    def held(self) -> dict[str, list[list[int]]]:
+        return {ch: [list(e) for e in w.experts] for ch, w in self.shards.items()}
+
+    async def handle(self, peer: str, fs) -> None:
+        import asyncio
+        import json
+
+        from mesh402.serving.stage_link import K, StageError, error_frame, stage_body, stage_frame
+
+        loop = asyncio.get_running_loop()
+        while True:
+            frame = await fs.recv(None)
+            if frame is None:
+                return
+            try:
+                sf = stage_body(frame, f"host {peer[:12]}")
+                if sf.kind == K.STAGE_KIND_EXPERT_ASSIGN:
+                    experts = [tuple(int(v) for v in ex) for ex in json.loads(sf.params.get("experts", "[]"))]
+                    worker = await loop.run_in_executor(self.executor, self.loader, sf.content_hash, experts)
+                    self.shards[sf.content_hash] = worker
+                    self.epochs[sf.content_hash] = int(sf.plan_epoch)
+                    await fs.send(stage_frame(K.STAGE_KIND_READY, content_hash=sf.content_hash,
+                                              plan_epoch=sf.plan_epoch))
+                elif sf.kind == K.STAGE_KIND_EXPERT_RUN:
+                    worker = self.shards.get(sf.content_hash)
+                    if worker is None:
+                        raise StageError(f"no experts of {sf.content_hash[:12]} held here", code="not_loaded")
+                    payload = bytes(sf.activations)
+                    reply = await loop.run_in_executor(self.executor, worker.handle, payload)
+                    self.requests += 1
+                    self.bytes_in += len(payload)
+                    self.bytes_out += len(reply)
+                    await fs.send(stage_frame(K.STAGE_KIND_EXPERT_RESULT, activations=reply))
+                else:
+                    raise StageError(f"unexpected stage kind {sf.kind} on an expert stream", code="protocol")
+            except (StageError, KeyError, ValueError, OSError) as e:
+                await fs.send(error_frame("", str(e), "", getattr(e, "code", "expert_error")))

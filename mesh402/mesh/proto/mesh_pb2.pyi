@@ -40,6 +40,9 @@ class StageKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STAGE_KIND_ASSIGN: _ClassVar[StageKind]
     STAGE_KIND_READY: _ClassVar[StageKind]
     STAGE_KIND_TRUNCATE: _ClassVar[StageKind]
+    STAGE_KIND_EXPERT_ASSIGN: _ClassVar[StageKind]
+    STAGE_KIND_EXPERT_RUN: _ClassVar[StageKind]
+    STAGE_KIND_EXPERT_RESULT: _ClassVar[StageKind]
 ADMISSION_UNSPECIFIED: AdmissionPolicy
 ADMISSION_SECRET: AdmissionPolicy
 ADMISSION_OPEN: AdmissionPolicy
@@ -62,6 +65,9 @@ STAGE_KIND_CLOSE: StageKind
 STAGE_KIND_ASSIGN: StageKind
 STAGE_KIND_READY: StageKind
 STAGE_KIND_TRUNCATE: StageKind
+STAGE_KIND_EXPERT_ASSIGN: StageKind
+STAGE_KIND_EXPERT_RUN: StageKind
+STAGE_KIND_EXPERT_RESULT: StageKind
 
 class Frame(_message.Message):
     __slots__ = ("gen", "hello", "welcome", "reject", "gossip", "ping", "pong", "peer_down", "peer_leaving", "route_request", "route_table", "stage", "http", "plugin", "echo")
