@@ -255,6 +255,10 @@ class DistributedRuntime(Failover):
                 if entry.source.format != "gguf":
                     await self._ensure_solo_unplanned(key, entry)
                     continue
+                from mesh402.serving.replicas import ensure_replica
+
+                if await ensure_replica(self, key, entry, snap):  # fits here: a replica (or --standby)
+                    continue
                 host = self._incumbent(key, snap) or elect_host(key, snap)
                 if host == self.me:
                     await self._ensure_hosting(key, entry, snap)
