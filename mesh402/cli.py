@@ -44,6 +44,7 @@ def serve(
     max_vram: Annotated[Optional[float], typer.Option(help="Weight budget in GB (1e9 bytes, e.g. 0.08); a model larger than the budget is split across nodes.")] = None,
     max_split_rtt: Annotated[float, typer.Option(help="Peers with a higher RTT (ms) never hold a stage of a split.")] = 80.0,
     wire_dtype: Annotated[str, typer.Option(help="Activations between stages: f32 (bit-exact), f16 or bf16.")] = "f32",
+    standby: Annotated[bool, typer.Option("--standby", help="Serve no model until the mesh's demand asks for one on this node's disk.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     join: _mesh.JoinOpt = None,
     join_file: _mesh.JoinFileOpt = None,
@@ -103,6 +104,7 @@ def serve(
                         device=device, mode=mode, threads=threads, payments=payments)  # type: ignore[arg-type]
     config.limits.max_sessions = max_sessions
     config.max_vram_gb, config.max_split_rtt_ms, config.wire_dtype = max_vram, max_split_rtt, wire_dtype  # type: ignore[assignment]
+    config.standby = standby
     config.mesh = _mesh.settings_from_flags(
         home=config.home, kind="serving", join=join, join_file=join_file, relay=relay, console_port=console_port,
         console_listen_all=console_listen_all, console_token_file=console_token_file, bind_ip=bind_ip,

@@ -74,6 +74,7 @@ class NodeConfig:
     max_vram_gb: float | None = None  # weight budget in GB (1e9 bytes); how users and tests divide a machine
     max_split_rtt_ms: float = 80.0  # peers farther than this never hold a stage
     wire_dtype: Literal["f32", "f16", "bf16"] = "f32"  # activations between stages; f32 is bit-exact
+    standby: bool = False  # serve nothing until mesh demand asks for a model on disk (mesh402.serving.replicas)
 
 
 def load_api_key(api_key_file: str | Path | None) -> str | None:

@@ -28,6 +28,7 @@ from mesh402.api.schemas import ChatCompletionRequest, CompletionRequest, Sampli
 from mesh402.config import NodeConfig
 from mesh402.serving.generation import Delta, Finished, GenerationRequest, Stepper, generate
 from mesh402.serving.registry import ModelEntry, ModelRegistry
+from mesh402.serving.stage_link import StageError
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,12 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return APIError(exc.status_code, str(exc.detail), type=kind).response()
+
+    @app.exception_handler(StageError)
+    async def _stage_error(_: Request, exc: StageError) -> JSONResponse:
+        # A split model lost a stage and no replacement exists: the model waits for capacity.
+        return unavailable(f"the model's pipeline failed: {exc}", config.timers.retry_after_s,
+                           code=exc.code).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -131,6 +138,45 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
         ann = dist.mesh.self_announcement() if host == dist.mesh.node_id.hex() else dist.mesh.gossip.get(bytes.fromhex(host))
         return ann.labels.get(MODEL_LABEL + model_id) if ann is not None else None
 
+    def request_messages(req: Any) -> list[dict[str, Any]]:
+        if isinstance(req, ChatCompletionRequest):
+            messages = []
+            for m in req.messages:
+                try:
+                    messages.append({"role": m.role, "content": m.text()})
+                except ValueError:
+                    messages.append({"role": m.role, "content": ""})
+            return messages
+        prompt = req.prompt if isinstance(req.prompt, str) else ""
+        return [{"role": "user", "content": prompt}]
+
+    def choose_replica(request: Request, req: Any, model_id: str) -> ModelEntry | Any | None:
+        """Several nodes serve `model_id`: sticky key, then prefix affinity, then least loaded.
+        The rest of the order is kept for retries (request.state.replicas)."""
+        dist = getattr(app.state, "distributed", None)
+        if dist is None or req is None or mesh_peer(request) is not None:
+            return None
+        from mesh402.serving.replicas import replica_routes
+
+        me = dist.mesh.node_id.hex()
+        reps: dict[str, Any] = {r.host: r for r in replica_routes(dist).get(model_id, []) if r.host != me}
+        local = registry.get(model_id)
+        if local is not None and local.state == "ready" and local.local is not None:
+            reps[me] = local
+        if not reps:
+            return None
+        extra = getattr(req, "model_extra", None) or {}
+        sticky = str(getattr(req, "user", None) or request.headers.get("x-session-id") or extra.get("session_id")
+                     or extra.get("prompt_cache_key") or "")
+        prefix = router.prefix(model_id, request_messages(req), getattr(req, "tools", None))
+        load = {h: (r.local.engine.n_sessions if isinstance(r, ModelEntry) else router.inflight[(model_id, h)])
+                for h, r in reps.items()}
+        order = router.picker.order(list(reps), load, sticky=sticky, prefix=prefix, now=time.monotonic())
+        request.state.replicas = [(c.replica, reps[c.replica], c.reason) for c in order]
+        request.state.prefix = prefix
+        request.state.pick = order[0].reason
+        return reps[order[0].replica]
+
     def route_auto(request: Request, req: Any) -> ModelEntry | Any | None:
         """model "auto": classify the request and score the mesh's models (x-mesh402-route says why)."""
         from mesh402.models.profile import model_profile
@@ -144,16 +190,7 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
                     local.append((e.model_id, {}))
         table = {k: r for k, r in routes().items() if r.ready}
         remote = [(k, r.host, model_label(r.host, k)) for k, r in sorted(table.items())]
-        if isinstance(req, ChatCompletionRequest):
-            messages = []
-            for m in req.messages:
-                try:
-                    messages.append({"role": m.role, "content": m.text()})
-                except ValueError:
-                    messages.append({"role": m.role, "content": ""})
-        else:
-            prompt = req.prompt if isinstance(req.prompt, str) else ""
-            messages = [{"role": "user", "content": prompt}]
+        messages = request_messages(req)
         d = router.decide(messages, getattr(req, "tools", None), router.candidates(local, remote))
         if d is None:
             return None
@@ -165,6 +202,9 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
     def route_header(request: Request, model_id: str, node: str, via: str) -> dict[str, str]:
         d = getattr(request.state, "route", None)
         why = f"; {d.header()}" if d is not None else ""
+        pick = getattr(request.state, "pick", None)
+        if pick:
+            why = f"; replica={pick}" + why
         return {ROUTE_HEADER: f"model={model_id}; node={node[:16]}; via={via}{why}"}
 
     def pick_model(name: str | None, request: Request, req: Any = None) -> ModelEntry | Any:
@@ -179,7 +219,11 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
             if picked is not None:
                 if dist is not None:
                     dist.mesh.note_request(picked.model_id)
-                return picked
+                return choose_replica(request, req, picked.model_id) or picked
+        if not auto:
+            replica = choose_replica(request, req, name)
+            if replica is not None:
+                return replica
         entry = registry.default() if auto else registry.get(name)
         if entry is not None and entry.state == "ready" and entry.local is not None:
             return entry
@@ -192,6 +236,12 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
                 return route
         if entry is None and auto:
             raise unavailable("no model is served in this mesh yet", config.timers.retry_after_s, code="no_model")
+        if entry is None and dist is not None and mesh_peer(request) is None:
+            from mesh402.serving.replicas import on_disk_somewhere
+
+            if on_disk_somewhere(dist, name or ""):  # a standby node has it: demand will start it
+                raise unavailable(f"model {name} is on standby in the mesh; a node will start serving it",
+                                  config.timers.retry_after_s, code="model_standby")
         if entry is None:
             raise APIError(404, f"model {name!r} is not served in this mesh; see GET /v1/models",
                            type="not_found_error", code="model_not_found", param="model")
@@ -225,14 +275,35 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
             data["model"] = route.model_id
             body = json.dumps(data).encode()
         rid = uuid.uuid4().hex
-        try:
-            status, headers, chunks = await tunnel_forward(
-                lambda: dist.mesh.open_stream(bytes.fromhex(route.host), StreamType.HTTP_TUNNEL),
-                request.method, request.url.path, dict(request.headers), body, rid)
-        except Exception as e:
-            log.warning("tunnel to %s failed: %s", route.host[:12], e)
-            raise unavailable(f"the host of {route.model_id} did not answer ({type(e).__name__}); retry shortly",
-                              config.timers.retry_after_s, code="host_unreachable") from None
+        # the chosen replica first, then the others (a connection failing before the answer starts)
+        tries = [(route.host, route)] + [(h, r) for h, r, _ in getattr(request.state, "replicas", [])
+                                         if h != route.host]
+        last: Exception | None = None
+        for i, (host, target) in enumerate(tries):
+            if isinstance(target, ModelEntry):
+                request.state.pick = "retry"
+                return None  # the caller serves it here
+            try:
+                router.inflight[(target.model_id, host)] += 1
+                try:
+                    status, headers, chunks = await tunnel_forward(
+                        lambda: dist.mesh.open_stream(bytes.fromhex(host), StreamType.HTTP_TUNNEL),
+                        request.method, request.url.path, dict(request.headers), body, rid)
+                finally:
+                    router.inflight[(target.model_id, host)] -= 1
+                route = target
+                if i:
+                    request.state.pick = "retry"
+                break
+            except Exception as e:
+                log.warning("tunnel to %s failed: %s", host[:12], e)
+                router.picker.table.forget_replica(host)
+                last = e
+        else:
+            raise unavailable(f"no node serving {route.model_id} answered ({type(last).__name__}); retry shortly",
+                              config.timers.retry_after_s, code="host_unreachable")
+        if getattr(request.state, "prefix", None):
+            router.picker.served(request.state.prefix, route.host, time.monotonic())
         headers.update(route_header(request, route.model_id, route.host, "mesh"))
         is_sse = headers.get("content-type", "").startswith("text/event-stream")
 
@@ -248,6 +319,20 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
                     yield b"data: [DONE]\n\n"
 
         return StreamingResponse(body_iter(), status_code=status, headers=headers)
+
+    def local_route(request: Request, entry: ModelEntry) -> dict[str, str]:
+        st = request.state
+        if getattr(st, "route", None) is None and getattr(st, "pick", None) is None:
+            return {}
+        dist = getattr(app.state, "distributed", None)
+        me = dist.mesh.node_id.hex() if dist is not None else "local"
+        if getattr(st, "prefix", None):
+            router.picker.served(st.prefix, me, time.monotonic())
+        return route_header(request, entry.model_id, me, "local")
+
+    def local_fallback(request: Request) -> ModelEntry:
+        entry = next(r for _, r, _ in request.state.replicas if isinstance(r, ModelEntry))
+        return entry
 
     async def prepare(req: SamplingFields, entry: ModelEntry, prompt_ids: list[int]) -> Prepared:
         from mesh402.engine import ContextTooLong, EngineFull
@@ -290,6 +375,9 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
             raise unavailable(f"node is at capacity: {e}", config.timers.retry_after_s, code="overloaded") from None
         except ContextTooLong as e:
             raise bad_request(str(e), code="context_length_exceeded") from None
+        except StageError as e:  # a split model whose stages cannot take the session right now
+            raise unavailable(f"the stages of {entry.model_id} cannot take the request: {e}",
+                              config.timers.retry_after_s, code=e.code) from None
         gen = GenerationRequest(prompt_ids, max_tokens, sampling, req.stop_list(), uuid.uuid4().hex)
         return Prepared(entry, prompt_ids, gen, stepper)
 
@@ -410,7 +498,10 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
         req: ChatCompletionRequest = await read_json(request, ChatCompletionRequest)
         entry = pick_model(req.model, request, req)
         if not isinstance(entry, ModelEntry):
-            return await proxy(request, entry, req)
+            resp = await proxy(request, entry, req)
+            if resp is not None:
+                return resp
+            entry = local_fallback(request)
         from mesh402.engine.chat_template import ChatTemplate, ChatTemplateError  # a model is loaded: torch is in
 
         local = entry.local
@@ -430,8 +521,7 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
         if not isinstance(p, Prepared):
             return p  # a retried paid request, answered from the payment ledger
         cid, created = f"chatcmpl-{p.gen.request_id}", int(time.time())
-        headers = {"x-request-id": p.gen.request_id, **(charge.headers if charge else {}),
-                   **(route_header(request, entry.model_id, "local", "local") if getattr(request.state, "route", None) else {})}
+        headers = {"x-request-id": p.gen.request_id, **(charge.headers if charge else {}), **local_route(request, entry)}
         if req.stream:
             def chunk(delta: str | None, finish: str | None, first: bool) -> dict[str, Any]:
                 d: dict[str, Any] = {"role": "assistant", "content": ""} if first else (
@@ -459,7 +549,10 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
         req: CompletionRequest = await read_json(request, CompletionRequest)
         entry = pick_model(req.model, request, req)
         if not isinstance(entry, ModelEntry):
-            return await proxy(request, entry, req)
+            resp = await proxy(request, entry, req)
+            if resp is not None:
+                return resp
+            entry = local_fallback(request)
         local = entry.local
         assert local is not None
         tok = local.engine.tokenizer
@@ -476,8 +569,7 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
         if not isinstance(p, Prepared):
             return p  # a retried paid request, answered from the payment ledger
         cid, created = f"cmpl-{p.gen.request_id}", int(time.time())
-        headers = {"x-request-id": p.gen.request_id, **(charge.headers if charge else {}),
-                   **(route_header(request, entry.model_id, "local", "local") if getattr(request.state, "route", None) else {})}
+        headers = {"x-request-id": p.gen.request_id, **(charge.headers if charge else {}), **local_route(request, entry)}
         echo = prompt_text if req.echo else ""
         if req.stream:
             def chunk(delta: str | None, finish: str | None, first: bool) -> dict[str, Any]:
