@@ -162,3 +162,27 @@ def test_no_replacement_is_a_clean_error(executor, prompt) -> None:
 
     with pytest.raises(StageError, match="no standby"):
         asyncio.run(main())
+
+
+def test_stage_refuses_sessions_beyond_its_memory(executor, prompt) -> None:
+    async def main() -> None:
+        mesh = Mesh(executor)
+        w = StageWorker("w0", executor, lambda h, a, b: Engine.load(PATH, mode="exact", layers=(a, b),
+                                                                     load_tokenizer=False, max_sessions=1),
+                        mesh.connect)
+        mesh.workers["w0"], mesh.tasks["w0"] = w, []
+        await w.ensure_loaded(StageKey(HASH, 15, 30))
+        engine0 = await asyncio.get_running_loop().run_in_executor(
+            executor, lambda: Engine.load(PATH, mode="exact", layers=(0, 15)))
+        model = PipelineModel(engine0, Chain("smollm2", HASH, 1, 15, (Hop("w0", 15, 30),)), mesh.connect,
+                              MeshFailover(mesh, []), executor)
+        sampling = SamplingParams(temperature=0, seed=1)
+        first = await model.open(64, sampling)
+        with pytest.raises(StageError) as e:
+            await model.open(64, sampling)
+        assert e.value.code == "stage_full" and "sessions in use" in str(e.value)
+        first.release()
+        await asyncio.sleep(0.2)
+        (await model.open(64, sampling)).release()  # the slot is free again
+
+    asyncio.run(main())
