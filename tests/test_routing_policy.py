@@ -89,3 +89,15 @@ def test_replica_order_sticky_affinity_least_loaded() -> None:
     assert p.order(reps, {"r2": 3}, prefix="k", now=1)[0] .replica == "r2"
     assert p.order(reps, {"r1": 1, "r2": 0, "r3": 2}, prefix="other", now=1)[0].replica == "r2"
     assert p.order(["r1"], {}, prefix="k", now=1)[0].replica == "r1"  # affinity target gone: fall back
+
+
+def test_standby_promotion_from_demand() -> None:
+    from mesh402.routing.demand import decayed, standby_promotions
+
+    now = 100 * 3600 * 1000
+    demand = {"a": {"requests": 3, "last_active_ms": now}, "b": {"requests": 50, "last_active_ms": now},
+              "c": {"requests": 5, "last_active_ms": now - 23 * 3600 * 1000}, "d": {"requests": 1, "last_active_ms": now}}
+    servers = {"b": 2, "d": 1}
+    got = standby_promotions(demand, servers, ["a", "b", "c", "d", "e"], now_ms=now)
+    assert got == ["b", "a"]  # b is hot (25 per server), a is unserved; c decayed below 1; d served, cold
+    assert decayed(10, now - 12 * 3600 * 1000, now) == 5.0

@@ -61,7 +61,9 @@ def _servers(dist: "DistributedRuntime") -> dict[str, int]:
 def promoted(dist: "DistributedRuntime") -> set[str]:
     """Models a --standby node serves now: those it already started, plus new demand."""
     on_disk = [e.model_id for e in dist.node.registry.all()]
-    want = standby_promotions(dist.mesh.demand_view(), _servers(dist), on_disk)
+    now_ms = int(dist.mesh.clock.time() * 1000)
+    want = standby_promotions(dist.mesh.demand_view(), _servers(dist), on_disk, now_ms=now_ms,
+                              ttl_s=dist.mesh.timers.demand_ttl)
     keep = {k.rsplit("@", 1)[0] for k in dist.hosted}
     return keep | set(want)
 
