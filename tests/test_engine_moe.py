@@ -43,6 +43,11 @@ def test_moe_safetensors_matches_transformers(arch, tmp_path):
     assert diff < 1e-4
     cfg = open_source(tmp_path).config
     assert cfg.is_moe and cfg.n_experts == 8 and cfg.n_experts_used == 2
+    with torch.no_grad():  # the routed experts matter: without them the logits move far beyond the tolerance
+        for n, p in m.named_parameters():
+            if "experts." in n:
+                p.zero_()
+    assert (ours - ref_logits(m, SEQ)[N_PROMPT - 1:]).abs().max().item() > 1e-2
 
 
 @pytest.mark.parametrize("arch,qname", [("qwen2moe", "Q8_0"), ("qwen3moe", "F32")])
@@ -102,3 +107,42 @@ def test_moe_gate_usage_counts(tmp_path):
         per = [use[(layer, e)] for e in range(8)]
         assert sum(per) == 2 * n_rows  # top-2
         assert per[3] == max(per) and per[3] >= 0.8 * n_rows
+
+
+def test_moe_pipeline_split_equals_solo(tmp_path):
+    """An MoE model pipelined by layers (each stage holds its layers' experts) equals solo bit for bit."""
+    m = hf_moe("mixtral")
+    p = tmp_path / "tiny-mixtral.gguf"
+    write_moe_gguf(m, "mixtral", p, "Q8_0")
+    solo, _ = _our_logits(p, SEQ, N_PROMPT)
+    eng = Engine.load(p, load_tokenizer=False, splits=[0, 1, 2])
+    s = eng.new_session(len(SEQ) + 1)
+    out = [s.prefill(SEQ[:N_PROMPT])] + [s.decode(t) for t in SEQ[N_PROMPT:]]
+    assert torch.equal(torch.stack(out), solo)
+    assert [st.moe_layers for st in eng.stages] == [[0], [1]]
+
+
+def test_qwen2moe_dense_mlp_layers(tmp_path):
+    """qwen2moe's mlp_only_layers: a dense MLP layer between MoE layers."""
+    from transformers import Qwen2MoeConfig
+
+    from _moe_util import E, H, K, NH, NKV, NL, V
+
+    cfg = Qwen2MoeConfig(vocab_size=V, hidden_size=H, num_hidden_layers=NL, num_attention_heads=NH,
+                         num_key_value_heads=NKV, max_position_embeddings=256, rms_norm_eps=1e-5,
+                         tie_word_embeddings=False, num_experts_per_tok=K, intermediate_size=48,
+                         moe_intermediate_size=FFE, num_experts=E, shared_expert_intermediate_size=FFS,
+                         mlp_only_layers=[0])
+    torch.manual_seed(0)
+    m = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif n.endswith("mlp.gate.weight"):
+                p.copy_(0.3 * torch.randn_like(p))
+    m.save_pretrained(tmp_path)
+    ours, eng = _our_logits(tmp_path, SEQ, N_PROMPT)
+    diff = (ours - ref_logits(m, SEQ)[N_PROMPT - 1:]).abs().max().item()
+    assert diff < 1e-4
+    assert eng.stages[0].moe_layers == [1]
