@@ -109,7 +109,7 @@ class MeshRuntime:
         join = list(self.settings.join or [])
         created_own = False
         s = self.settings
-        if s.publish or s.auto:
+        if s.publish or s.auto or s.discover_lan:
             from mesh402.discovery.auto import Discovery
 
             self.discovery = Discovery(self)

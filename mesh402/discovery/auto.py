@@ -57,6 +57,13 @@ class Discovery:
         self.keys = load_or_create_keys(rt.node.config.home)
         self.pubkey = self.keys.public_key().to_hex()
         self.directory = NostrDirectory(s.nostr_relays, self.keys)
+        # Nostr unless the node was told to look only on the LAN (--discover-lan, no --nostr-relay)
+        self.use_nostr = bool(s.nostr_relays) or not s.discover_lan or s.publish
+        self.lan = None
+        if s.discover_lan:
+            from mesh402.discovery.lan import LanAnnouncer
+
+            self.lan = LanAnnouncer(rt.mesh.node_id.hex())
         self.publishing = bool(s.publish)
         self.choice: Optional[ScoredMesh] = None
         self.join_s: Optional[float] = None  # discovery-to-join time (fetch + dial)
@@ -79,18 +86,32 @@ class Discovery:
 
     async def choose(self, last_mesh_id: str) -> Optional[ScoredMesh]:
         t0 = time.perf_counter()
-        try:
-            listings = await self.directory.fetch(self.settings.discover_timeout)
-        except Exception as e:
-            self.last_error = f"nostr fetch failed: {e}"
-            log.warning("%s", self.last_error)
-            return None
+        listings = await self.fetch_all()
         self.fetch_s = time.perf_counter() - t0
         self.choice = choose_mesh(listings, self.seeker(last_mesh_id))
         if self.choice:
             log.info("--auto: mesh %s scored %.0f (%s)", self.choice.listing.mesh_id[:12], self.choice.score,
                      ", ".join(self.choice.reasons))
         return self.choice
+
+    async def fetch_all(self) -> list[MeshListing]:
+        """Listings from the Nostr relays and/or the LAN (failures are logged, not raised)."""
+        out: list[MeshListing] = []
+        if self.use_nostr:
+            try:
+                out += await self.directory.fetch(self.settings.discover_timeout)
+            except Exception as e:
+                self.last_error = f"nostr fetch failed: {e}"
+                log.warning("%s", self.last_error)
+        if self.lan is not None:
+            from mesh402.discovery.lan import browse
+
+            try:
+                out += await browse(self.settings.lan_browse_s, exclude_node=self.rt.mesh.node_id.hex())
+            except Exception as e:
+                self.last_error = f"LAN browse failed: {e}"
+                log.warning("%s", self.last_error)
+        return out
 
     # ------------------------------------------------------------ while running
 
@@ -110,6 +131,8 @@ class Discovery:
         if self.publishing:
             await self.directory.withdraw()
         await self.directory.close()
+        if self.lan is not None:
+            await self.lan.close()
 
     def kick(self) -> None:
         self._kick.set()
@@ -127,7 +150,13 @@ class Discovery:
 
     async def _publish_loop(self) -> None:
         while True:
-            if self.publishing:
+            if self.lan is not None:
+                try:
+                    await self._announce_lan()
+                except Exception as e:
+                    self.last_error = f"LAN announce failed: {e}"
+                    log.warning("%s", self.last_error)
+            if self.publishing and self.use_nostr:
                 try:
                     lst = self.listing()
                     sig = (lst.mesh_id, lst.serving, lst.wanted, lst.node_count, lst.client_count, lst.policy)
@@ -142,15 +171,22 @@ class Discovery:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), min(1.0, self.settings.nostr_refresh))
 
+    async def _announce_lan(self) -> None:
+        from mesh402.discovery.lan import txt_for
+
+        mesh = self.rt.mesh
+        lst = self.listing()
+        addrs = [a for a in mesh.local_addrs() if not a.startswith("127.")] or mesh.local_addrs()
+        ips = sorted({a.rsplit(":", 1)[0] for a in addrs})
+        port = int(addrs[0].rsplit(":", 1)[1]) if addrs else 0
+        token = lst.invite or mesh.invite_token
+        await self.lan.update(txt_for(lst, mesh.node_id.hex(), addrs, token), ips, port)
+
     async def _merge_loop(self) -> None:
         mesh = self.rt.mesh
         while True:
             await asyncio.sleep(self.settings.auto_interval)
-            try:
-                listings = await self.directory.fetch(self.settings.discover_timeout)
-            except Exception as e:
-                self.last_error = f"nostr fetch failed: {e}"
-                continue
+            listings = await self.fetch_all()
             if self.settings.mesh_name:
                 listings = [x for x in listings if x.name == self.settings.mesh_name]
             mine = (mesh_view(mesh)["nodes"], mesh.mesh_id or "")
@@ -175,7 +211,7 @@ class Discovery:
     def status(self) -> dict[str, Any]:
         return {
             "nostr_pubkey": self.pubkey, "relays": self.directory.relays, "publishing": self.publishing,
-            "auto": self.settings.auto, "chosen": (self.choice.listing.mesh_id if self.choice else None),
+            "auto": self.settings.auto, "lan": self.lan is not None, "nostr": self.use_nostr, "chosen": (self.choice.listing.mesh_id if self.choice else None),
             "chosen_score": (self.choice.score if self.choice else None),
             "chosen_reasons": list(self.choice.reasons) if self.choice else [],
             "fetch_s": self.fetch_s, "join_s": self.join_s, "merged_into": self.merged_into,

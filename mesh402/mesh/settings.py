@@ -35,3 +35,5 @@ class MeshSettings:
     nostr_refresh: float = 60.0  # republish this often (and when the mesh changes)
     auto_interval: float = 20.0  # --auto: look for a larger mesh to merge into this often
     discover_timeout: float = 5.0  # one relay query
+    discover_lan: bool = False  # announce and find meshes on the LAN (mDNS)
+    lan_browse_s: float = 2.0  # how long one LAN browse listens
