@@ -68,6 +68,7 @@ def serve(
     nostr_ttl: _mesh.NostrTtlOpt = 120.0,
     nostr_refresh: _mesh.NostrRefreshOpt = 60.0,
     auto_interval: _mesh.AutoIntervalOpt = 20.0,
+    discover_lan: _mesh.LanOpt = False,
     price: Annotated[Optional[str], typer.Option(help="x402 price per request in USDC (e.g. 0.01); free when no price is set.", rich_help_panel="Payments")] = None,
     price_per_1k: Annotated[Optional[str], typer.Option("--price-per-1k", help="USDC per 1k tokens (prompt + completion), from prepaid credit bought with x402.", rich_help_panel="Payments")] = None,
     pay_to: Annotated[Optional[str], typer.Option(help="Address that receives payments (or an account name from --deployment, e.g. node-0).", rich_help_panel="Payments")] = None,
@@ -111,7 +112,7 @@ def serve(
         bind_port=bind_port, policy=mesh_policy, invite_expires=invite_expires, name=name, fast_timers=mesh_fast_timers,
         publish=publish, private=private, auto=auto, mesh_name=mesh_name, region=region, nostr_relays=nostr_relay,
         nostr_ttl=nostr_ttl, nostr_refresh=nostr_refresh, auto_interval=auto_interval,
-        policy_explicit="--mesh-policy" in " ".join(sys.argv))
+        policy_explicit="--mesh-policy" in " ".join(sys.argv), discover_lan=discover_lan)
     from mesh402.node import Node
 
     node = Node(config, sources)

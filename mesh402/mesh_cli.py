@@ -51,6 +51,7 @@ NostrRelayOpt = Annotated[Optional[list[str]], typer.Option("--nostr-relay", hel
 NostrTtlOpt = Annotated[float, typer.Option("--nostr-ttl", hidden=True)]
 NostrRefreshOpt = Annotated[float, typer.Option("--nostr-refresh", hidden=True)]
 AutoIntervalOpt = Annotated[float, typer.Option("--auto-interval", hidden=True)]
+LanOpt = Annotated[bool, typer.Option("--discover-lan", help="Announce and find meshes on the local network (mDNS); never the invite secret.", rich_help_panel=DPANEL)]
 
 HomeOpt = Annotated[Optional[Path], typer.Option("--home", help="Node state directory (env MESH402_HOME; default ~/.mesh402).")]
 
@@ -94,6 +95,7 @@ def settings_from_flags(
     nostr_refresh: float = 60.0,
     auto_interval: float = 20.0,
     policy_explicit: bool = False,
+    discover_lan: bool = False,
 ) -> MeshSettings:
     """Validate mesh flags; a bad token or flag exits with one line."""
     from mesh402.home import read_secret_file
@@ -165,6 +167,7 @@ def settings_from_flags(
         nostr_ttl=nostr_ttl,
         nostr_refresh=nostr_refresh,
         auto_interval=auto_interval,
+        discover_lan=discover_lan,
     )
 
 
@@ -468,17 +471,24 @@ def discover_cmd(
     region: Annotated[str, typer.Option("--region", help="Only meshes in this region.")] = "",
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the relays.")] = 5.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the listings as JSON.")] = False,
+    lan: Annotated[bool, typer.Option("--lan", help="Look on the local network (mDNS) instead of Nostr.")] = False,
 ) -> None:
-    """List the meshes published on Nostr (open ones carry a public invite)."""
+    """List the meshes published on Nostr, or announced on the LAN (open ones carry an invite)."""
     from dataclasses import asdict
 
     from mesh402.discovery.listing import by_mesh, matches
-    from mesh402.discovery.nostr import fetch_listings
 
     try:
-        listings = asyncio.run(fetch_listings(list(nostr_relay or []), timeout))
+        if lan:
+            from mesh402.discovery.lan import browse
+
+            listings = asyncio.run(browse(timeout))
+        else:
+            from mesh402.discovery.nostr import fetch_listings
+
+            listings = asyncio.run(fetch_listings(list(nostr_relay or []), timeout))
     except Exception as e:
-        _fail(f"cannot read the Nostr relays: {e}")
+        _fail(f"cannot read the {'LAN' if lan else 'Nostr relays'}: {e}")
     found = [x for x in by_mesh(listings).values()
              if matches(x, model=model, min_capacity_bytes=int(min_capacity * 1e9), name=mesh_name, region=region)]
     found.sort(key=lambda x: (-x.node_count, -x.total_capacity_bytes, x.mesh_id))
