@@ -90,7 +90,8 @@ def web3_for(rpc_url: str) -> Any:
 
 
 def deploy_dev(rpc_url: str, out_dir: Path, spec: DevChainSpec | None = None) -> Deployment:
-    """Deploy MeshUSDC (and Multicall3Lite's code at the Multicall3 address), create and fund accounts."""
+    """Deploy MeshUSDC (and Multicall3Lite's code at the Multicall3 address), the ERC-8004 registries and
+    EpochRewards; create and fund accounts."""
     from eth_account import Account
 
     spec = spec or DevChainSpec()
@@ -112,6 +113,7 @@ def deploy_dev(rpc_url: str, out_dir: Path, spec: DevChainSpec | None = None) ->
     token_addr = rcpt["contractAddress"]
     token = w3.eth.contract(address=token_addr, abi=tok.abi)
     w3.provider.make_request("anvil_setCode", [MULTICALL3_ADDRESS, arts["Multicall3Lite"].runtime])
+    registries = deploy_registries(w3, arts, token_addr, send)
 
     keys_dir = out_dir / "keys"
     keys_dir.mkdir(parents=True, exist_ok=True)
@@ -129,11 +131,29 @@ def deploy_dev(rpc_url: str, out_dir: Path, spec: DevChainSpec | None = None) ->
             send({"to": token_addr, "data": token.functions.mint(acct.address, asset.to_atomic(spec.usdc_each))
                   ._encode_transaction_data()})
     dep = Deployment(f"eip155:{chain_id}", chain_id, rpc_url, asset,
-                     {"MeshUSDC": token_addr, "Multicall3": MULTICALL3_ADDRESS}, accounts, out_dir / DEPLOYMENT_FILE)
+                     {"MeshUSDC": token_addr, "Multicall3": MULTICALL3_ADDRESS, **registries}, accounts,
+                     out_dir / DEPLOYMENT_FILE)
     tmp = out_dir / (DEPLOYMENT_FILE + ".tmp")
     tmp.write_text(json.dumps(dep.to_json(), indent=2))
     os.replace(tmp, out_dir / DEPLOYMENT_FILE)
     return dep
+
+
+def deploy_registries(w3: Any, arts: dict[str, Any], token_addr: str, send: Any) -> dict[str, str]:
+    """ERC-8004 Identity, Reputation and Validation registries, and EpochRewards paying in `token_addr`."""
+    def deploy(name: str, *args: Any) -> str:
+        a = arts[name]
+        data = w3.eth.contract(abi=a.abi, bytecode=a.bytecode).constructor(*args).data_in_transaction
+        return send({"data": data})["contractAddress"]
+
+    identity = deploy("IdentityRegistry")
+    return {"IdentityRegistry": identity, "ReputationRegistry": deploy("ReputationRegistry", identity),
+            "ValidationRegistry": deploy("ValidationRegistry", identity), "EpochRewards": deploy("EpochRewards", token_addr)}
+
+
+def contract_at(w3: Any, name: str, address: str) -> Any:
+    """A web3 contract object for one of the repo's compiled contracts."""
+    return w3.eth.contract(address=w3.to_checksum_address(address), abi=compile_contracts()[name].abi)
 
 
 def token_contract(w3: Any, address: str) -> Any:

@@ -20,6 +20,7 @@ from mesh402.economics.toolchain import CACHE_DIR, CONTRACTS_DIR, NODE_MODULES, 
 
 SETTINGS: dict[str, Any] = {
     "optimizer": {"enabled": True, "runs": 200},
+    "viaIR": True,
     "evmVersion": "cancun",
     "outputSelection": {"*": {"*": ["abi", "evm.bytecode.object", "evm.deployedBytecode.object"]}},
 }

@@ -59,6 +59,35 @@ NAMED: dict[str, Network] = {
 }
 DEFAULT_NETWORK = "base-sepolia"
 
+# ERC-8004 registries at their CREATE2 addresses (the same on every mainnet, and on every testnet).
+ERC8004_MAINNET = {"IdentityRegistry": "0x8004A169FB4a3325136EB29fA0ceB6D2e539a432",
+                   "ReputationRegistry": "0x8004BAa17C55a88189AE136b182e5fdA19dE9b63",
+                   "ValidationRegistry": "0x8004Cc8439f36fd5F9F049D9fF86523Df6dAAB58"}
+ERC8004_TESTNET = {"IdentityRegistry": "0x8004A818BFB912233c491871b3d84c89A494BD9e",
+                   "ReputationRegistry": "0x8004B663056A597Dffe9eCcC1965A193B7388713",
+                   "ValidationRegistry": "0x8004Cb1BF31DAf7788923b405b754f57acEB4272"}
+ERC8004_TESTNET_CHAINS = {11155111, 84532, 421614, 11155420, 80002, 43113}  # Sepolia, Base/Arb/OP Sepolia, Amoy, Fuji
+ERC8004_MAINNET_CHAINS = {1, 8453, 42161, 10, 137, 43114}
+
+
+def erc8004_registries(network: str | None, deployment: "Deployment | None" = None) -> dict[str, str]:
+    """The ERC-8004 registry addresses for a network: a local deployment's own, else the named defaults."""
+    if deployment is not None and network in (None, deployment.network, "local", "dev"):
+        found = {k: v for k, v in deployment.contracts.items() if k in ERC8004_MAINNET}
+        if len(found) == 3:
+            return found
+        raise ValueError(f"{deployment.path} has no ERC-8004 registries (redeploy with `mesh402 chain dev`)")
+    key = network or DEFAULT_NETWORK
+    caip = NAMED[key].network if key in NAMED else key
+    if not caip.startswith("eip155:"):
+        raise ValueError(f"unknown network {key!r}")
+    chain_id = int(caip.split(":", 1)[1])
+    if chain_id in ERC8004_MAINNET_CHAINS:
+        return dict(ERC8004_MAINNET)
+    if chain_id in ERC8004_TESTNET_CHAINS:
+        return dict(ERC8004_TESTNET)
+    raise ValueError(f"no known ERC-8004 registries on {caip}; pass --identity-registry")
+
 
 @dataclass
 class Deployment:
