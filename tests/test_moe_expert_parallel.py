@@ -46,9 +46,9 @@ def ggufs(tmp_path_factory):
     return out
 
 
-def greedy(path, experts=None, n=N_GEN, on_step=None):
+def greedy(path, experts=None, n=N_GEN, on_step=None, mode="exact"):
     """Greedy tokens and all logits (prefill + each decode step)."""
-    eng = Engine.load(path, load_tokenizer=False, experts=experts)
+    eng = Engine.load(path, load_tokenizer=False, experts=experts, mode=mode)
     s = eng.new_session(len(PROMPT) + n + 1)
     logits = [s.prefill(PROMPT)]
     toks = []
@@ -72,14 +72,14 @@ def split_owners(n_nodes: int, host: str = "host"):
     return owners
 
 
-def build(path, owners, host="host", delay_s=0.0):
+def build(path, owners, host="host", delay_s=0.0, mode="exact"):
     src = open_source(path)
     held: dict[str, list] = {}
     for ex, ns in owners.items():
         for n in ns:
             held.setdefault(n, []).append(ex)
-    bank = ExpertBank(src, held.pop(host)) if host in held else None
-    workers = {n: ExpertShardWorker(src, exs) for n, exs in held.items()}
+    bank = ExpertBank(src, held.pop(host), mode=mode) if host in held else None
+    workers = {n: ExpertShardWorker(src, exs, mode=mode) for n, exs in held.items()}
     tr = LoopbackTransport(workers, delay_s=delay_s)
     return RemoteExperts(owners, tr, local=bank, local_node=host), tr, workers
 
@@ -94,6 +94,13 @@ def test_expert_parallel_equals_solo(ggufs, arch, n_nodes):
     assert torch.equal(logits, solo_logits)  # bit-identical, not just close
     assert eng.stages[0].expert_bank is None  # the host holds no expert weights of its own here
     assert sum(w.weight_bytes for w in workers.values()) > 0
+
+
+def test_expert_parallel_fast_mode_equals_solo_fast(ggufs):
+    solo_toks, solo_logits, _ = greedy(ggufs["mixtral"], mode="fast")
+    runner, _, _ = build(ggufs["mixtral"], split_owners(3), mode="fast")
+    toks, logits, _ = greedy(ggufs["mixtral"], runner, mode="fast")
+    assert toks == solo_toks and torch.equal(logits, solo_logits)
 
 
 def test_wire_bytes_per_token_are_activations(ggufs):
