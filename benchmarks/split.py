@@ -1,0 +1,536 @@
+"""Pipeline split benchmark: solo vs 2- and 3-stage, loopback and with delay between nodes.
+
+    .venv/bin/python benchmarks/split.py [--quick] [--no-procs] [--no-delay]
+
+Prints a table and writes benchmarks/results/split.json. Everything runs on this machine; nothing
+reaches the network (delay rows run in private network namespaces with no route out).
+
+- in-process: solo engine vs stage-0 + StageWorkers over MemoryLink (the real PipelineStepper and
+  StageWorker code, no QUIC, no processes), so protocol cost is separated from transport cost.
+  Per decode step wall time measured around `stepper.decode`, TTFT around `stepper.prefill`.
+- processes, loopback: real `mesh402 serve` nodes (one torch thread each), solo and split with
+  `--max-vram 0.08` (2 stages) / `0.05` (3 stages), in `--mode fast` and `--mode exact`. Measured
+  client-side with streaming chat completions sent to the host node: TTFT = request sent to first
+  content chunk; decode tok/s = (completion tokens - 1) / (last chunk - first chunk). Each setting
+  is repeated and the median reported; the HTTP/SSE cost is in the solo row as well, so the
+  difference is the pipeline's.
+- per-hop overhead per token = (split step time - solo step time) / (stages - 1), against the
+  solo row of the same kind (in-process or processes).
+- delay: each node in its own network namespace, joined through benchmarks/netdelay.py (TUN
+  devices and a forwarder adding 5 or 20 ms each way: 10 / 40 ms RTT). The nodes bind and
+  announce only their namespace address (`--bind-ip`), so they dial each other through the delay.
+  Bound = 1 / (solo step time + (stages - 1) x measured RTT), solo step from the loopback solo
+  row of the same mode; reported as measured / bound.
+- wire dtype: teacher-forced agreement of f16 / bf16 activations against f32 (every step fed the
+  f32 trajectory): greedy-token agreement and max |dlogit|, plus the free-running identical
+  prefix through the real pipeline over MemoryLink.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+RESULTS = ROOT / "benchmarks" / "results"
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import httpx  # noqa: E402
+
+import netdelay  # noqa: E402
+
+PY = sys.executable
+MODEL = "smollm2-135m-instruct"
+PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
+AGREE_PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.",
+                 "Explain in two sentences why the sky is blue.", "List three uses of copper."]
+SPLITS = {1: [0, 30], 2: [0, 15, 30], 3: [0, 10, 20, 30]}
+VRAM = {2: "0.08", 3: "0.05"}
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ============================================================================ in-process
+
+def _engine(mode: str, layers: tuple[int, int] | None = None, tok: bool = True) -> Any:
+    from mesh402.engine import Engine
+    from mesh402.models.catalog import bundled_model_path
+
+    return Engine.load(bundled_model_path(), mode=mode, layers=layers, load_tokenizer=tok)
+
+
+class _Failover:
+    async def alive(self, node: str) -> bool:
+        return True
+
+    async def replace(self, chain: Any, dead: set[str]) -> Any:
+        raise RuntimeError("no failover in the benchmark")
+
+
+def build_inproc(mode: str, stages: int, ex: ThreadPoolExecutor, wire: str = "f32",
+                 engines: dict | None = None) -> Any:
+    """A LocalModel (stages == 1) or a PipelineModel whose remote stages are StageWorkers over MemoryLink."""
+    from mesh402.serving.generation import LocalModel
+    from mesh402.serving.pipeline import Chain, PipelineModel
+    from mesh402.serving.stage_link import Hop, MemoryLink
+    from mesh402.serving.stage_worker import StageKey, StageWorker
+
+    engines = engines if engines is not None else {}
+    sp = SPLITS[stages]
+
+    def eng(a: int, b: int) -> Any:
+        if (mode, a, b) not in engines:
+            engines[(mode, a, b)] = _engine(mode, (a, b), tok=(a == 0))
+        return engines[(mode, a, b)]
+
+    if stages == 1:
+        return LocalModel(eng(0, 30), ex)
+    workers: dict[str, StageWorker] = {}
+
+    async def connect(node: str) -> MemoryLink:
+        client, server = MemoryLink.pair()
+        asyncio.get_running_loop().create_task(workers[node].handle("peer", server))
+        return client
+
+    hops = []
+    for i, (a, b) in enumerate(zip(sp[1:], sp[2:])):
+        node = f"w{i}"
+        w = StageWorker(node, ex, lambda h, a, b: eng(a, b), connect)
+        w.engines[StageKey("h", a, b)] = eng(a, b)
+        workers[node] = w
+        hops.append(Hop(node, a, b))
+    chain = Chain(MODEL, "h", 1, sp[1], tuple(hops))
+    return PipelineModel(eng(0, sp[1]), chain, connect, _Failover(), ex, wire_dtype=wire)  # type: ignore[arg-type]
+
+
+async def _timed_run(model: Any, ids: list[int], n: int) -> tuple[float, list[float]]:
+    from mesh402.engine.sampling import SamplingParams
+
+    st = await model.open(len(ids) + n + 1, SamplingParams(temperature=0, seed=0))
+    try:
+        t0 = time.perf_counter()
+        tok = await st.prefill(ids)
+        ttft = time.perf_counter() - t0
+        steps = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            tok = await st.decode(tok)
+            steps.append(time.perf_counter() - t0)
+        return ttft, steps
+    finally:
+        st.release()
+
+
+def bench_inproc(modes: list[str], n: int, reps: int) -> list[dict]:
+    from mesh402.engine.runtime_env import configure_torch
+
+    configure_torch(1)
+    rows = []
+    ex = ThreadPoolExecutor(1)
+    engines: dict = {}
+    for mode in modes:
+        solo = _engine(mode)
+        ids = solo.tokenizer.encode(solo.chat_template.render([{"role": "user", "content": PROMPT}]),
+                                    add_special=False)
+        engines[(mode, 0, 30)] = solo
+        models = {k: build_inproc(mode, k, ex, engines=engines) for k in (1, 2, 3)}
+        res: dict[int, dict[str, list[float]]] = {k: {"ttft": [], "step": []} for k in models}
+        for k, m in models.items():  # warm-up
+            asyncio.run(_timed_run(m, ids, 4))
+        for _ in range(reps):  # interleaved, so drifting machine load hits every row alike
+            for k, m in models.items():
+                ttft, steps = asyncio.run(_timed_run(m, ids, n))
+                res[k]["ttft"].append(ttft)
+                res[k]["step"].append(med(steps))
+        for k in models:
+            rows.append(_row("in-process, MemoryLink", mode, k, 0.0, med(res[k]["ttft"]), med(res[k]["step"]),
+                             raw={"ttft_s": res[k]["ttft"], "step_s": res[k]["step"], "prompt_tokens": len(ids)}))
+        engines.clear()
+    ex.shutdown()
+    return rows
+
+
+def _row(kind: str, mode: str, stages: int, rtt_ms: float, ttft: float, step: float, **extra: Any) -> dict:
+    return {"kind": kind, "mode": mode, "stages": stages, "rtt_ms": rtt_ms, "ttft_ms": ttft * 1000,
+            "step_ms": step * 1000, "decode_tps": 1.0 / step if step > 0 else float("nan"), **extra}
+
+
+# ============================================================================ wire dtype agreement
+
+def bench_wire(mode: str, n: int) -> dict:
+    """Teacher-forced agreement and max |dlogit| of f16/bf16 vs f32; free-running prefix via the real pipeline."""
+    import torch
+
+    from mesh402.engine.wire import decode_activations, forward_tokens
+
+    solo = _engine(mode)
+    e0, e1 = _engine(mode, (0, 15), tok=False), _engine(mode, (15, 30), tok=False)
+    engines = {(mode, 0, 15): e0, (mode, 15, 30): e1}
+    ex = ThreadPoolExecutor(1)
+    out: dict[str, Any] = {"mode": mode, "prompts": len(AGREE_PROMPTS), "tokens_per_prompt": n}
+    stats = {d: {"agree": 0, "total": 0, "max_dlogit": 0.0, "prefix": 0, "f32_exact": True}
+             for d in ("f32", "f16", "bf16")}
+    with torch.inference_mode():
+        for p in AGREE_PROMPTS:
+            ids = solo.tokenizer.encode(solo.chat_template.render([{"role": "user", "content": p}]), add_special=False)
+            s = solo.new_session(len(ids) + n + 1)
+            ref_logits = [s.prefill(ids)]
+            ref = [int(ref_logits[-1].argmax())]
+            while len(ref) < n:
+                ref_logits.append(s.decode(ref[-1]))
+                ref.append(int(ref_logits[-1].argmax()))
+            s.close()
+            for d, st in stats.items():
+                s0, s1 = e0.new_session(len(ids) + n + 1), e1.new_session(len(ids) + n + 1)
+                C, pos, lg = e0.prefill_chunk, 0, []
+                steps = [(ids[i:i + C], C) for i in range(0, len(ids), C)] + [([t], 1) for t in ref[:-1]]
+                for chunk, pad in steps:
+                    payload, shape = forward_tokens(s0, chunk, pos, pad, d)
+                    logits = s1.forward(decode_activations(payload, shape, d), pos, len(chunk))
+                    pos += len(chunk)
+                    if pad == 1 or pos == len(ids):
+                        lg.append(logits)
+                s0.close()
+                s1.close()
+                st["agree"] += sum(int(a.argmax()) == t for a, t in zip(lg, ref))
+                st["total"] += n
+                st["max_dlogit"] = max(st["max_dlogit"], max(float((a - b).abs().max()) for a, b in zip(lg, ref_logits)))
+                if d == "f32":
+                    st["f32_exact"] = st["f32_exact"] and all(torch.equal(a, b) for a, b in zip(lg, ref_logits))
+                model = build_inproc(mode, 2, ex, wire=d, engines=engines)
+
+                async def free_run() -> list[int]:
+                    from mesh402.engine.sampling import SamplingParams
+
+                    stp = await model.open(len(ids) + n + 1, SamplingParams(temperature=0, seed=0))
+                    toks = [await stp.prefill(ids)]
+                    while len(toks) < n:
+                        toks.append(await stp.decode(toks[-1]))
+                    stp.release()
+                    return toks
+
+                got = asyncio.run(free_run())
+                st["prefix"] += next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), n)
+    ex.shutdown()
+    for d, st in stats.items():
+        st["agreement"] = st["agree"] / st["total"]
+        st["bytes_per_token"] = 576 * (4 if d == "f32" else 2)
+    out["dtypes"] = stats
+    return out
+
+
+# ============================================================================ node processes
+
+class Node:
+    """A `mesh402 serve` process, on loopback or inside a DelayNet namespace."""
+
+    def __init__(self, name: str, root: Path, args: list[str], net: netdelay.DelayNet | None = None) -> None:
+        self.name, self.net = name, net
+        self.home = root / name
+        self.home.mkdir(parents=True)
+        self.api_port, self.console_port = free_port(), free_port()
+        ip = net.ip(name) if net else "127.0.0.1"
+        cmd = [PY, "-m", "mesh402.cli", "serve", "--home", str(self.home), "--port", str(self.api_port),
+               "--console", str(self.console_port), "--bind-ip", ip, *args]
+        self.log_path = self.home / "node.log"
+        self._log = open(self.log_path, "wb")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        kw = dict(stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+        self.proc = net.popen(name, cmd, **kw) if net else subprocess.Popen(cmd, **kw)
+        self._id: str | None = None
+
+    def http(self, fn: Callable[..., Any], *a: Any, **kw: Any) -> Any:
+        """Run fn where this node's loopback services are reachable (its namespace, if any)."""
+        return self.net.call(self.name, fn, *a, **kw) if self.net else fn(*a, **kw)
+
+    def get(self, path: str, api: bool = False, timeout: float = 5.0) -> httpx.Response:
+        port = self.api_port if api else self.console_port
+        return self.http(httpx.get, f"http://127.0.0.1:{port}{path}", timeout=timeout)
+
+    def status(self) -> dict:
+        return self.get("/api/status").json()
+
+    @property
+    def node_id(self) -> str:
+        if self._id is None:
+            self._id = self.status()["node_id"]
+        return self._id
+
+    def token(self) -> str:
+        port = self.console_port
+        r = self.http(httpx.post, f"http://127.0.0.1:{port}/api/invite", json={"expires": "1h"}, timeout=5.0)
+        r.raise_for_status()
+        return r.json()["token"]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait(self, pred: Callable[[], bool], timeout: float, what: str) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"node {self.name} exited:\n{self.log()[-3000:]}")
+            try:
+                if pred():
+                    return time.monotonic() - t0
+            except (httpx.HTTPError, KeyError, ValueError, OSError):
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{what} not reached in {timeout}s on {self.name}:\n{self.log()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self._log.close()
+
+
+def ready_plan(n: Node) -> dict | None:
+    plans = n.status()["node"]["distributed"]["plans"]
+    ready = [p for p in plans.values() if p.get("ready")]
+    return ready[0] if ready else None
+
+
+def start_mesh(stages: int, mode: str, root: Path, net: netdelay.DelayNet | None = None,
+               names: list[str] | None = None) -> tuple[list[Node], Node, dict | None]:
+    """Nodes forming a solo (stages == 1) or split mesh; returns (nodes, host, plan)."""
+    names = names or [chr(ord("a") + i) for i in range(stages)]
+    args = ["--mode", mode] + (["--max-vram", VRAM[stages]] if stages > 1 else [])
+    first = Node(names[0], root, args, net)
+    nodes = [first]
+    try:
+        first.wait(lambda: first.get("/api/status").status_code == 200, 120, "console up")
+        if stages == 1:
+            first.wait(lambda: first.get("/ready", api=True).status_code == 200, 120, "model ready")
+            return nodes, first, None
+        tok = first.token()
+        nodes += [Node(nm, root, args + ["--join", tok], net) for nm in names[1:]]
+        for n in nodes:
+            n.wait(lambda n=n: ready_plan(n) is not None, 240, f"a ready {stages}-stage plan")
+        plan = ready_plan(first)
+        assert plan is not None and len(plan["stages"]) == stages, plan
+        host = next(n for n in nodes if n.node_id == plan["host"])
+        host.wait(lambda: host.get("/ready", api=True).status_code == 200, 120, "host ready")
+        return nodes, host, plan
+    except BaseException:
+        for n in nodes:
+            n.stop()
+        raise
+
+
+def stream_once(port: int, max_tokens: int) -> dict:
+    """One streaming chat completion, timed client-side."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "temperature": 0,
+            "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
+    times: list[float] = []
+    usage = None
+    t0 = time.perf_counter()
+    with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=300) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {r.read()[:300]!r}")
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            ev = json.loads(line[6:])
+            if "error" in ev:
+                raise RuntimeError(f"stream error: {ev['error']}")
+            if ev.get("usage"):
+                usage = ev["usage"]
+            if any(ch.get("delta", {}).get("content") for ch in ev.get("choices", [])):
+                times.append(time.perf_counter())
+    n = int(usage["completion_tokens"]) if usage else len(times)
+    span = times[-1] - times[0] if len(times) > 1 else float("nan")
+    return {"ttft_s": times[0] - t0, "tokens": n, "step_s": span / max(1, n - 1)}
+
+
+def measure_host(host: Node, max_tokens: int, reps: int) -> dict[str, list[float]]:
+    host.http(stream_once, host.api_port, 8)  # warm-up: sessions, links, allocator
+    runs = [host.http(stream_once, host.api_port, max_tokens) for _ in range(reps)]
+    return {k: [r[k] for r in runs] for k in ("ttft_s", "step_s", "tokens")}
+
+
+def bench_procs(modes: list[str], max_tokens: int, reps: int) -> list[dict]:
+    rows = []
+    for mode in modes:
+        for stages in (1, 2, 3):
+            root = Path(tempfile.mkdtemp(prefix=f"split-{mode}-{stages}-"))
+            t0 = time.monotonic()
+            nodes, host, plan = start_mesh(stages, mode, root)
+            formed = time.monotonic() - t0
+            try:
+                m = measure_host(host, max_tokens, reps)
+            finally:
+                for n in nodes:
+                    n.stop()
+                shutil.rmtree(root, ignore_errors=True)
+            rows.append(_row("processes, loopback", mode, stages, 0.0, med(m["ttft_s"]), med(m["step_s"]),
+                             raw=m, ready_s=formed, plan=plan and [s[1:3] for s in plan["stages"]]))
+            print(f"  {mode} {stages}-stage processes: {1 / med(m['step_s']):.1f} tok/s "
+                  f"(ready {formed:.0f}s)", flush=True)
+    return rows
+
+
+def bench_delay(delays_ms: list[float], stage_counts: list[int], mode: str, max_tokens: int, reps: int) -> list[dict]:
+    rows = []
+    for d in delays_ms:
+        for stages in stage_counts:
+            names = [chr(ord("a") + i) for i in range(stages)]
+            root = Path(tempfile.mkdtemp(prefix=f"split-delay{d:g}-{stages}-"))
+            with netdelay.DelayNet(names, d) as net:
+                rtt = med(netdelay.udp_rtt(net, "a", "b", n=20))
+                t0 = time.monotonic()
+                nodes, host, plan = start_mesh(stages, mode, root, net=net, names=names)
+                formed = time.monotonic() - t0
+                try:
+                    st = host.status()  # evidence the nodes talk over the namespace addresses
+                    addrs = {"host": st.get("addrs"), **{p["node_id"][:8]: {
+                        "addrs": (p.get("announcement") or {}).get("addrs"), "mesh_rtt_ms": p.get("rtt_ms")}
+                        for p in st.get("peers", [])}}
+                    m = measure_host(host, max_tokens, reps)
+                finally:
+                    for n in nodes:
+                        n.stop()
+            shutil.rmtree(root, ignore_errors=True)
+            rows.append(_row(f"processes, {2 * d:g} ms RTT", mode, stages, rtt, med(m["ttft_s"]), med(m["step_s"]),
+                             raw=m, ready_s=formed, peer_addrs=addrs, plan=[s[1:3] for s in plan["stages"]]))
+            print(f"  {mode} {stages}-stage, RTT {rtt:.1f} ms: {1 / med(m['step_s']):.1f} tok/s", flush=True)
+    return rows
+
+
+# ============================================================================ report
+
+def derive(rows: list[dict]) -> None:
+    """Ratios against the solo row of the same kind and mode; bounds for delay rows."""
+    solo = {(r["kind"], r["mode"]): r for r in rows if r["stages"] == 1}
+    loop_solo = {r["mode"]: r for r in rows if r["stages"] == 1 and r["kind"] == "processes, loopback"}
+    for r in rows:
+        if r["stages"] == 1:
+            continue
+        hops = r["stages"] - 1
+        base = solo.get((r["kind"], r["mode"]))
+        if base is not None:
+            r["vs_solo"] = r["decode_tps"] / base["decode_tps"]
+            r["per_hop_ms"] = (r["step_ms"] - base["step_ms"]) / hops
+        elif r["mode"] in loop_solo:
+            s = loop_solo[r["mode"]]
+            r["vs_solo"] = r["decode_tps"] / s["decode_tps"]
+            r["bound_tps"] = 1000.0 / (s["step_ms"] + hops * r["rtt_ms"])
+            r["vs_bound"] = r["decode_tps"] / r["bound_tps"]
+            r["per_hop_ms"] = (r["step_ms"] - s["step_ms"] - hops * r["rtt_ms"]) / hops  # beyond the RTT
+
+
+def print_report(rows: list[dict], wire: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def f(v: Any, fmt: str) -> str:
+        return "" if v is None else format(v, fmt)
+
+    t = Table(title="Pipeline split: decode speed, TTFT, per-hop overhead (medians)")
+    for c in ("setting", "mode", "stages", "TTFT ms", "step ms", "decode tok/s", "vs solo", "per-hop ms",
+              "bound tok/s", "vs bound"):
+        t.add_column(c, justify="left" if c in ("setting", "mode") else "right")
+    for r in rows:
+        t.add_row(r["kind"], r["mode"], str(r["stages"]), f(r["ttft_ms"], ".0f"), f(r["step_ms"], ".2f"),
+                  f(r["decode_tps"], ".1f"), f(r.get("vs_solo"), ".2f"), f(r.get("per_hop_ms"), ".2f"),
+                  f(r.get("bound_tps"), ".1f"), f(r.get("vs_bound"), ".2f"))
+    c = Console(width=150)
+    c.print(t)
+    if wire:
+        w = Table(title="Wire dtype vs solo (2 stages, teacher-forced on the f32 trajectory)")
+        for col in ("mode", "wire", "bytes/token", "greedy agreement", "max |dlogit|", "free-run identical prefix",
+                    "bit-identical"):
+            w.add_column(col, justify="left" if col in ("mode", "wire") else "right")
+        for res in wire:
+            for d, st in res["dtypes"].items():
+                w.add_row(res["mode"], d, str(st["bytes_per_token"]), f"{st['agree']}/{st['total']} "
+                          f"({st['agreement']:.1%})", f"{st['max_dlogit']:.4f}", f"{st['prefix']}/{st['total']}",
+                          ("yes" if st["f32_exact"] else "no") if d == "f32" else "")
+        c.print(w)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer tokens and repeats, fast mode only (~2 min)")
+    ap.add_argument("--no-procs", action="store_true", help="skip node processes (in-process rows only)")
+    ap.add_argument("--no-delay", action="store_true", help="skip the network-namespace delay rows")
+    ap.add_argument("--no-wire", action="store_true", help="skip wire dtype agreement")
+    args = ap.parse_args()
+    q = args.quick
+    modes = ["fast"] if q else ["fast", "exact"]
+    t_start = time.monotonic()
+    rows: list[dict] = []
+    wire: list[dict] = []
+    notes: list[str] = []
+    print("in-process pipelines over MemoryLink ...", flush=True)
+    rows += bench_inproc(modes, n=16 if q else 32, reps=2 if q else 5)
+    if not args.no_wire:
+        print("wire dtype agreement ...", flush=True)
+        wire = [bench_wire(m, 12 if q else 24) for m in modes]
+    if not args.no_procs:
+        print("node processes on loopback ...", flush=True)
+        rows += bench_procs(modes, max_tokens=40 if q else 64, reps=2 if q else 3)
+        if not args.no_delay:
+            why = netdelay.can_create()
+            if why:
+                notes.append(f"delay rows skipped: {why}")
+                print(f"delay rows skipped: {why}", flush=True)
+            else:
+                print("node processes in namespaces with delay ...", flush=True)
+                rows += bench_delay([5.0, 20.0], [2] if q else [2, 3], "fast", max_tokens=40 if q else 64,
+                                    reps=2 if q else 3)
+    derive(rows)
+    print_report(rows, wire)
+    for n in notes:
+        print(n)
+    took = time.monotonic() - t_start
+    print(f"took {took:.0f}s")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "quick": q, "took_s": took,
+           "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                       "load_avg": os.getloadavg()},
+           "method": {"in-process": "wall time around stepper.decode / stepper.prefill, median step per run, "
+                                    "median over runs",
+                      "processes": "client-side streaming to the host node: TTFT to first content chunk; "
+                                   "step = (last chunk - first chunk) / (completion tokens - 1); median over runs",
+                      "per_hop_ms": "(split step - solo step) / (stages - 1); delay rows subtract the RTTs too",
+                      "bound": "1 / (loopback solo step + (stages - 1) x measured UDP RTT)"},
+           "rows": rows, "wire": wire, "notes": notes}
+    (RESULTS / "split.json").write_text(json.dumps(out, indent=2, default=str))
+    print(f"wrote {RESULTS / 'split.json'}")
+
+
+if __name__ == "__main__":
+    main()
