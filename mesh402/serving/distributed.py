@@ -290,7 +290,7 @@ class DistributedRuntime(Failover):
     async def _ensure_hosting(self, key: str, entry: ModelEntry, snap: MeshSnapshot) -> None:
         layout = await asyncio.to_thread(self._layout, key, entry)
         cur = self.hosted.get(key)
-        if cur is not None and all(n in snap for n in cur.plan.nodes):
+        if cur is not None and all(n in snap for n in cur.plan.nodes) and not _experts_down(cur):
             return  # an incumbent plan that still works is kept
         epoch = self._seen_epoch(key) + 1
         plan: Any = None
@@ -575,6 +575,18 @@ class DistributedRuntime(Failover):
                             "bytes_in": self.expert_service.bytes_in, "bytes_out": self.expert_service.bytes_out}}
 
 
+def _expert_runner(h: Hosted) -> Any:
+    stages = getattr(getattr(h.serving, "engine", None), "stages", None) or [None]
+    return getattr(stages[0], "experts", None)
+
+
+def _experts_down(h: Hosted) -> bool:
+    """An expert-parallel plan whose host stopped using some expert node (it fell back to replicas or
+    failed): re-plan so every expert has a live owner again (a node that died and came back lost its
+    experts)."""
+    return isinstance(h.plan, ExpertPlan) and bool(getattr(_expert_runner(h), "dead", None))
+
+
 def _expert_plan_dict(h: Hosted) -> dict[str, Any]:
     """An expert plan as published: one row per node (the host's row spans every layer: the trunk),
     and which experts each node holds ({node: {layer: [experts]}})."""
@@ -586,7 +598,7 @@ def _expert_plan_dict(h: Hosted) -> dict[str, Any]:
         for layer, e in s.experts:
             per.setdefault(str(layer), []).append(int(e))
         experts[s.node_id] = per
-    runner = getattr(getattr(getattr(h.serving, "engine", None), "stages", [None])[0], "experts", None)
+    runner = _expert_runner(h)
     return {"kind": "experts", "model_key": plan.model_key, "epoch": plan.epoch, "host": plan.host,
             "stages": [[s.node_id, 0 if s.holds_trunk else -1, n_layers if s.holds_trunk else -1, s.tensor_bytes]
                        for s in plan.shards],
