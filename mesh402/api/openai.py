@@ -63,6 +63,8 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
     app.state.payment_gate = gate
     if gate is not None:
         gate.install_routes(app)
+    from mesh402.api import registration  # ERC-8004 registration file (mesh402 register)
+    registration.install(app, config.home)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:

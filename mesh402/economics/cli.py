@@ -182,11 +182,120 @@ def payments_status_lines(home: Path) -> list[str]:
     """Revenue and credit from the node's payment ledger (read-only; works while the node runs or not)."""
     path = home / "payments.sqlite"
     if not path.exists():
-        return ["payments: none (free node, or no paid request yet)"]
+        return ["payments: none (free node, or no paid request yet)"] + identity_status_lines(home)
     from mesh402.economics.ledger import Ledger
     s = Ledger(path).summary()
     fmt = lambda a: f"{a / 1e6:.6f}"  # noqa: E731
     return [f"payments: {s['settled_payments']} settled, revenue {fmt(s['revenue'])} USDC "
             f"(per-request {fmt(s['revenue_per_request'])}, credit sold {fmt(s['credit_sold'])})",
             f"credit: used {fmt(s['credit_used'])}, outstanding {fmt(s['credit_outstanding'])} USDC; "
-            f"in flight {s['in_flight']}, failed settlements {s['failed_settlements']}"]
+            f"in flight {s['in_flight']}, failed settlements {s['failed_settlements']}"] + identity_status_lines(home)
+
+
+def register_cmd(
+    home: HomeOpt = None,
+    deployment: Annotated[Optional[Path], typer.Option(help="deployment.json from `mesh402 chain dev` (RPC URL, registries, keys).")] = None,
+    account: Annotated[Optional[str], typer.Option(help="Owner account in the deployment file (e.g. node-0); each node should have its own.")] = None,
+    key_file: Annotated[Optional[Path], typer.Option(help="File (0600) with the node's EVM owner key; or env MESH402_OWNER_KEY.")] = None,
+    wallet_key_file: Annotated[Optional[Path], typer.Option(help="File (0600) with the key of the agentWallet to prove (default: the owner's).")] = None,
+    network: Annotated[Optional[str], typer.Option(help="base-sepolia, base or eip155:N (picks the ERC-8004 registry).")] = None,
+    rpc_url: Annotated[Optional[str], typer.Option(help="Chain RPC URL.")] = None,
+    registry: Annotated[Optional[str], typer.Option("--identity-registry", help="IdentityRegistry address (default: the network's).")] = None,
+    public_url: Annotated[Optional[str], typer.Option(help="Base URL where others reach this node's API (default: its local API URL).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Agent name in the registration file.")] = None,
+) -> None:
+    """Register the running node as an ERC-8004 agent: registration file, node-key binding, agentWallet."""
+    from mesh402.economics.chain import web3_for
+    from mesh402.economics.identity import (IDENTITY_FILE, REGISTRATION_FILE, REGISTRATION_PATH, register_node,
+                                            registration_document, verify_binding, write_json)
+    from mesh402.economics.networks import NAMED, Deployment, erc8004_registries
+    from mesh402.mesh.identity import NodeIdentity
+    from mesh402.mesh_cli import _find_console, _get
+
+    h = resolve_home(home)
+    base, headers, state = _find_console(h)
+    st = _get(f"{base}/api/status", headers)
+    dep = None
+    if deployment is not None:
+        try:
+            dep = Deployment.load(deployment)
+        except ValueError as e:
+            _fail(str(e))
+    if key_file is None and dep is not None and account and not os.environ.get("MESH402_OWNER_KEY"):
+        key_file = dep.key_file(account)
+    owner_key = load_key(key_file, "MESH402_OWNER_KEY", "owner key")
+    wallet_key = read_secret_file(wallet_key_file) if wallet_key_file else None
+    try:
+        reg_addr = registry or erc8004_registries(network, dep)["IdentityRegistry"]
+    except ValueError as e:
+        _fail(str(e))
+    url = rpc_url or (dep.rpc_url if dep else None)
+    if url is None:
+        key = network or "base-sepolia"
+        url = NAMED[key].rpc_url if key in NAMED else None
+    if url is None:
+        _fail("pass --rpc-url")
+    w3 = web3_for(url)
+    ident = NodeIdentity.load_or_create(h)
+    if ident.node_id_hex != st.get("node_id", ident.node_id_hex):
+        _fail(f"{h}/node.key is not the running node's key")
+    api = (public_url or state.get("api_url") or "").rstrip("/")
+    me = st.get("self") or {}
+    models = sorted((state.get("models") or {}).keys())
+    doc = registration_document(name=name or me.get("name") or f"mesh402-{ident.short}", api_url=api,
+                                node_id=ident.node_id_hex, mesh_id=st.get("mesh_id"), hardware=me.get("hardware"),
+                                x402=False, models=models)
+    write_json(h / REGISTRATION_FILE, doc)  # served before the registration so the URI resolves at once
+    previous = None
+    try:
+        import json as _json
+        previous = _json.loads((h / IDENTITY_FILE).read_text())
+    except (OSError, ValueError):
+        pass
+    agent_id = None
+    if previous and previous.get("registry", "").lower() == reg_addr.lower() and previous.get("chainId") == w3.eth.chain_id:
+        agent_id = int(previous["agentId"])
+    try:
+        res = register_node(w3, owner_key, w3.to_checksum_address(reg_addr), api + REGISTRATION_PATH, ident,
+                            wallet_key=wallet_key, agent_id=agent_id)
+    except Exception as e:  # web3 errors: RPC down, revert, no gas
+        _fail(f"registration failed: {e}")
+    doc["registrations"] = [{"agentId": res.agent_id, "agentRegistry": f"eip155:{res.chain_id}:{res.registry}"}]
+    write_json(h / REGISTRATION_FILE, doc)
+    write_json(h / IDENTITY_FILE, {**res.to_json(), "rpcUrl": url})
+    ok = verify_binding(w3, res.registry, res.agent_id, ident.node_id)
+    console.print(f"agent {res.agent_id} on eip155:{res.chain_id} registry {res.registry}", highlight=False)
+    console.print(f"  owner {res.owner}  agentWallet {res.wallet}", highlight=False)
+    console.print(f"  agentURI {res.agent_uri}", highlight=False)
+    console.print(f"  node binding {'verified' if ok else 'NOT verified'} for node {ident.node_id_hex[:12]}", highlight=False)
+    if res.gas:
+        console.print("  gas: " + ", ".join(f"{k} {v}" for k, v in res.gas.items()), highlight=False)
+    if not ok:
+        raise typer.Exit(1)
+
+
+def identity_status_lines(home: Path, *, timeout: float = 3.0) -> list[str]:
+    """The node's ERC-8004 agent (from `mesh402 register`), with the binding checked on chain when reachable."""
+    import json as _json
+    try:
+        info = _json.loads((home / "erc8004.json").read_text())
+    except (OSError, ValueError):
+        return []
+    line = f"erc8004: agent {info.get('agentId')} at {info.get('agentRegistry')}, owner {info.get('owner')}"
+    return [line + f", binding {_binding_state(home, info, timeout)}"]
+
+
+def _binding_state(home: Path, info: dict[str, Any], timeout: float) -> str:
+    try:
+        from web3 import Web3
+
+        from mesh402.economics.identity import verify_binding
+        from mesh402.mesh.identity import NodeIdentity
+        rpc = info.get("rpcUrl")
+        if not rpc:
+            return "unchecked (no RPC URL recorded)"
+        w3 = Web3(Web3.HTTPProvider(rpc, request_kwargs={"timeout": timeout}))
+        nid = NodeIdentity.load_or_create(home).node_id
+        return "verified" if verify_binding(w3, info["registry"], int(info["agentId"]), nid) else "UNVERIFIED"
+    except Exception as e:
+        return f"unchecked ({type(e).__name__})"

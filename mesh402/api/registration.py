@@ -1,0 +1,39 @@
+"""GET /.well-known/agent-registration.json: the node's ERC-8004 registration file.
+
+`mesh402 register` writes the file into the node's home (and fills in `registrations` once the agent
+is on chain); this route serves it, public like /health, with `x402Support` taken from whether the
+running node charges. A node that never registered answers 404.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from mesh402.api.errors import APIError
+
+REGISTRATION_PATH = "/.well-known/agent-registration.json"
+REGISTRATION_FILE = "agent-registration.json"
+
+
+def read_registration(home: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads((Path(home) / REGISTRATION_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def install(app: FastAPI, home: Path) -> None:
+    @app.get(REGISTRATION_PATH, include_in_schema=False)
+    async def agent_registration() -> JSONResponse:
+        doc = read_registration(home)
+        if doc is None:
+            raise APIError(404, "this node has no ERC-8004 registration (run: mesh402 register)",
+                           type="not_found_error")
+        doc["x402Support"] = getattr(app.state, "payment_gate", None) is not None
+        return JSONResponse(doc, headers={"Cache-Control": "max-age=60"})
