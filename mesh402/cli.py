@@ -30,6 +30,23 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _free_default_port(host: str, port: int) -> int:
+    """A second node on the same machine (another --home) must not fail on the default API port:
+    take the next free one and say so."""
+    import socket
+
+    for p in range(port, port + 50):
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, p))
+            except OSError:
+                continue
+        if p != port:
+            err.print(f"API port {port} is busy; using {p}", highlight=False)
+        return p
+    return port
+
+
 @app.command()
 def serve(
     model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help=f"Model to serve: '{BUNDLED_MODEL_ID}' (bundled, default), a .gguf file, or a safetensors folder. Repeatable.")] = None,
@@ -100,6 +117,8 @@ def serve(
         _fail(str(e))
     if no_model:
         sources = []
+    if "--port" not in sys.argv and (auto or publish):
+        port = _free_default_port("0.0.0.0" if listen_all else "127.0.0.1", port)
     config = NodeConfig(home=resolve_home(home), models=[s.model_id for s in sources],
                         host="0.0.0.0" if listen_all else "127.0.0.1", port=port, api_key=api_key,
                         device=device, mode=mode, threads=threads, payments=payments)  # type: ignore[arg-type]
