@@ -8,7 +8,9 @@ in one mesh. Each test gets its own relay, so listings never leak between tests.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import subprocess
 import stat
 import time
 
@@ -17,6 +19,7 @@ import pytest
 from mesh402.discovery.listing import MeshListing
 from mesh402.discovery.nostr import fetch_listings
 from tests.meshutil import MeshNodes, mesh_nodes, wait_until  # noqa: F401
+from tests.procs import MESH402, REPO
 from tests.nostrutil import nostr_relay  # noqa: F401
 
 
@@ -51,6 +54,17 @@ def test_publish_then_auto_join_without_token(mesh_nodes: MeshNodes, nostr_relay
           f"fetch+dial {disc['join_s']*1000:.0f} ms")
     # the listing follows the mesh: two nodes now
     wait_until(lambda: listings(url)[0].node_count == 2, 10, what="listing shows 2 nodes")
+
+    # mesh402 discover, with filters
+    def discover(*flags: str) -> list[dict]:
+        out = subprocess.run([*MESH402, "discover", "--nostr-relay", url, "--timeout", "2", "--json", *flags],
+                             capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    assert [x["mesh_id"] for x in discover("--region", "EU-test")] == [st_a["mesh_id"]]
+    assert discover("--region", "elsewhere") == [] and discover("--model", "no-such-model") == []
+    assert discover("--min-capacity", "100000") == []
 
     # graceful leave withdraws the listing at once
     mesh_nodes.terminate(a)
