@@ -62,3 +62,58 @@ def verify_proof(root: bytes, leaf: bytes, proof: list[bytes]) -> bool:
     for p in proof:
         h = _pair(h, p)
     return h == root
+
+
+# ---- epoch payouts -----------------------------------------------------------------------------
+
+@dataclass
+class EpochPayout:
+    epoch: int
+    revenue: int
+    units: dict[str, int]  # node id -> work units
+    amounts: dict[str, int]  # node id -> atomic token units
+    accounts: dict[str, str]  # node id -> payout address
+    tree: PayoutTree | None = None
+    tx: str | None = None
+    gas: int | None = None
+
+
+def plan_epoch(store: Any, epoch: int, flops: Any, accounts: dict[str, str]) -> EpochPayout:
+    """Split the epoch's revenue among the nodes in its receipts by work units. Nodes with no payout
+    account (no verified ERC-8004 agent wallet) keep their share in `amounts` but get no leaf; their
+    share stays with the entry node until they register."""
+    from mesh402.economics.workunits import split_pro_rata
+    units = store.work_units(epoch, flops)
+    revenue = store.revenue(epoch)
+    return EpochPayout(epoch, revenue, units, split_pro_rata(revenue, units),
+                       {n: a for n, a in accounts.items() if n in units})
+
+
+def publish_epoch(w3: Any, key: str, rewards_address: str, plan: EpochPayout) -> EpochPayout:
+    """Fund and publish the epoch's Merkle root in EpochRewards (approve + publish, from the entry node's key)."""
+    from mesh402.economics.chain import contract_at
+    from mesh402.economics.evm import account_of, send_tx
+    rw = contract_at(w3, "EpochRewards", rewards_address)
+    token = contract_at(w3, "MeshUSDC", rw.functions.token().call())
+    by_account: dict[str, int] = {}
+    for node, amount in plan.amounts.items():
+        acct = plan.accounts.get(node)
+        if acct and amount > 0:
+            by_account[acct] = by_account.get(acct, 0) + amount
+    eid = int(rw.functions.epochId(account_of(key).address, plan.epoch).call())
+    tree = build_tree(eid, by_account)
+    gas = int(send_tx(w3, key, token.functions.approve(rw.address, tree.total))["gasUsed"])
+    rcpt = send_tx(w3, key, rw.functions.publish(plan.epoch, tree.root, tree.total))
+    plan.tree, plan.tx, plan.gas = tree, rcpt["transactionHash"].hex(), gas + int(rcpt["gasUsed"])
+    return plan
+
+
+def claim(w3: Any, key: str, rewards_address: str, tree: PayoutTree, account: str) -> Any:
+    """Claim `account`'s payout from a published tree (any key may send it; the tokens go to `account`)."""
+    from eth_utils import to_checksum_address
+
+    from mesh402.economics.chain import contract_at
+    from mesh402.economics.evm import send_tx
+    a = to_checksum_address(account)
+    rw = contract_at(w3, "EpochRewards", rewards_address)
+    return send_tx(w3, key, rw.functions.claim(tree.epoch_id, a, tree.amounts[a], tree.proofs[a]))

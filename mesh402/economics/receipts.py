@@ -1,0 +1,206 @@
+"""Per-stage work receipts, chained stage to stage, kept by the entry node in SQLite.
+
+Every stage of a request signs, with its node key (Ed25519), a receipt naming: the request id, the model
+hash, its layer range, the tokens it processed, the hash of the activations it received and of those it
+produced, and the digest of the previous stage's receipt. A chain is valid when every signature holds,
+the stages cover the model's layers in order, stage k's output hash equals stage k+1's input hash, and
+each `prev` names the receipt before it. A stage therefore cannot claim more tokens or other layers
+without breaking the chain that the next stage and the entry node hold.
+
+The entry node writes each request's receipts and the revenue it took for the request in one SQLite
+transaction (WAL, synchronous=FULL), so a crash or restart mid-epoch loses no committed receipt, and a
+request is either fully accounted or not at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable
+
+RECEIPT_PREFIX = b"mesh402 stage receipt v1\n"
+
+
+@dataclass(frozen=True)
+class Receipt:
+    request_id: str
+    stage: int  # 0 = first stage
+    node_id: str  # hex Ed25519 public key of the stage's node
+    model_hash: str
+    layer_start: int
+    layer_end: int  # exclusive
+    tokens: int  # tokens this stage processed for the request (prefill + decode steps)
+    input_hash: str  # hex; for stage 0, the hash of the prompt tokens
+    output_hash: str  # hex
+    prev: str = ""  # hex digest of the previous stage's receipt; "" for stage 0
+    issued_at: int = 0
+    signature: str = field(default="", compare=False)
+
+    def body(self) -> bytes:
+        d = asdict(self)
+        d.pop("signature")
+        return RECEIPT_PREFIX + json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.body() + bytes.fromhex(self.signature or "")).hexdigest()
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Receipt":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+def sign_receipt(identity: Any, **fields: Any) -> Receipt:
+    """A receipt signed by `identity` (mesh402.mesh.identity.NodeIdentity); node_id is filled in."""
+    r = Receipt(node_id=identity.node_id_hex, issued_at=int(fields.pop("issued_at", time.time())), **fields)
+    return replace(r, signature=identity.sign(r.body()).hex())
+
+
+def verify_receipt(r: Receipt) -> bool:
+    from mesh402.mesh.identity import verify
+    try:
+        return verify(bytes.fromhex(r.node_id), r.body(), bytes.fromhex(r.signature))
+    except ValueError:
+        return False
+
+
+def chain_errors(receipts: Iterable[Receipt], n_layers: int | None = None) -> list[str]:
+    """Why a request's receipts do not form a valid chain ([] if they do)."""
+    rs = sorted(receipts, key=lambda r: r.stage)
+    errs: list[str] = []
+    if not rs:
+        return ["no receipts"]
+    first = rs[0]
+    for i, r in enumerate(rs):
+        tag = f"stage {r.stage}"
+        if r.stage != i:
+            errs.append(f"{tag}: stages are not numbered 0..{len(rs) - 1}")
+        if not verify_receipt(r):
+            errs.append(f"{tag}: bad signature")
+        if (r.request_id, r.model_hash, r.tokens) != (first.request_id, first.model_hash, first.tokens):
+            errs.append(f"{tag}: request, model or token count differs from stage 0")
+        if r.layer_start >= r.layer_end:
+            errs.append(f"{tag}: empty layer range")
+        if i == 0:
+            if r.layer_start != 0:
+                errs.append(f"{tag}: first stage does not start at layer 0")
+            if r.prev:
+                errs.append(f"{tag}: first stage names a previous receipt")
+        else:
+            p = rs[i - 1]
+            if r.layer_start != p.layer_end:
+                errs.append(f"{tag}: layers [{r.layer_start},{r.layer_end}) do not follow [{p.layer_start},{p.layer_end})")
+            if r.input_hash != p.output_hash:
+                errs.append(f"{tag}: input hash is not the previous stage's output hash")
+            if r.prev != p.digest:
+                errs.append(f"{tag}: prev does not name the previous receipt")
+    if n_layers is not None and rs[-1].layer_end != n_layers:
+        errs.append(f"last stage ends at layer {rs[-1].layer_end}, model has {n_layers}")
+    return errs
+
+
+def epoch_of(ts: float, epoch_seconds: int) -> int:
+    return int(ts) // int(epoch_seconds)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    request_id TEXT PRIMARY KEY, epoch INTEGER NOT NULL, revenue INTEGER NOT NULL, model_hash TEXT NOT NULL,
+    created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS receipts (
+    request_id TEXT NOT NULL, stage INTEGER NOT NULL, node_id TEXT NOT NULL, digest TEXT NOT NULL,
+    body TEXT NOT NULL, PRIMARY KEY (request_id, stage));
+CREATE INDEX IF NOT EXISTS requests_epoch ON requests(epoch);
+CREATE TABLE IF NOT EXISTS payouts (
+    epoch INTEGER NOT NULL, node_id TEXT NOT NULL, units INTEGER NOT NULL, amount INTEGER NOT NULL,
+    account TEXT, PRIMARY KEY (epoch, node_id));
+CREATE TABLE IF NOT EXISTS epochs (
+    epoch INTEGER PRIMARY KEY, revenue INTEGER NOT NULL, epoch_id TEXT, root TEXT, tx TEXT, closed_at REAL);
+"""
+
+
+class ReceiptStore:
+    """The entry node's receipts and per-request revenue (`<home>/receipts.sqlite`)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def record(self, receipts: list[Receipt], *, revenue: int, epoch: int, n_layers: int | None = None) -> None:
+        """Store one request's receipt chain and its revenue atomically; refuses a chain that does not verify."""
+        errs = chain_errors(receipts, n_layers)
+        if errs:
+            raise ValueError("receipt chain rejected: " + "; ".join(errs))
+        rid, model = receipts[0].request_id, receipts[0].model_hash
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("INSERT INTO requests VALUES (?,?,?,?,?)", (rid, int(epoch), int(revenue), model, time.time()))
+                self._db.executemany("INSERT INTO receipts VALUES (?,?,?,?,?)", [
+                    (r.request_id, r.stage, r.node_id, r.digest, json.dumps(r.to_json())) for r in receipts])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def receipts(self, request_id: str) -> list[Receipt]:
+        rows = self._db.execute("SELECT body FROM receipts WHERE request_id=? ORDER BY stage", (request_id,)).fetchall()
+        return [Receipt.from_json(json.loads(b)) for (b,) in rows]
+
+    def count(self, epoch: int | None = None) -> int:
+        if epoch is None:
+            return int(self._db.execute("SELECT COUNT(*) FROM receipts").fetchone()[0])
+        return int(self._db.execute("SELECT COUNT(*) FROM receipts JOIN requests USING (request_id) WHERE epoch=?",
+                                    (int(epoch),)).fetchone()[0])
+
+    def revenue(self, epoch: int) -> int:
+        return int(self._db.execute("SELECT COALESCE(SUM(revenue),0) FROM requests WHERE epoch=?", (int(epoch),)).fetchone()[0])
+
+    def epoch_receipts(self, epoch: int) -> Iterable[Receipt]:
+        for (b,) in self._db.execute("SELECT r.body FROM receipts r JOIN requests q USING (request_id) WHERE q.epoch=? "
+                                     "ORDER BY r.request_id, r.stage", (int(epoch),)):
+            yield Receipt.from_json(json.loads(b))
+
+    def work_units(self, epoch: int, flops: Any) -> dict[str, int]:
+        """Work units per node in an epoch: Σ over its receipts of flops(model, layers) · tokens."""
+        units: dict[str, int] = {}
+        for r in self.epoch_receipts(epoch):
+            units[r.node_id] = units.get(r.node_id, 0) + flops(r.model_hash, r.layer_start, r.layer_end) * r.tokens
+        return units
+
+    def save_payout(self, epoch: int, revenue: int, rows: dict[str, tuple[int, int, str | None]], *,
+                    epoch_id: str | None = None, root: str | None = None, tx: str | None = None) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("INSERT OR REPLACE INTO epochs VALUES (?,?,?,?,?,?)",
+                                 (int(epoch), int(revenue), epoch_id, root, tx, time.time()))
+                self._db.execute("DELETE FROM payouts WHERE epoch=?", (int(epoch),))
+                self._db.executemany("INSERT INTO payouts VALUES (?,?,?,?,?)",
+                                     [(int(epoch), n, int(u), int(a), acct) for n, (u, a, acct) in rows.items()])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def earnings(self) -> list[dict[str, Any]]:
+        """Per node and epoch: work units, amount paid, payout account (for status and the management API)."""
+        rows = self._db.execute("SELECT p.epoch, p.node_id, p.units, p.amount, p.account, e.tx FROM payouts p "
+                                "LEFT JOIN epochs e USING (epoch) ORDER BY p.epoch, p.node_id").fetchall()
+        return [{"epoch": e, "node_id": n, "units": u, "amount": a, "account": acct, "tx": tx}
+                for e, n, u, a, acct, tx in rows]

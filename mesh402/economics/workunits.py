@@ -1,0 +1,103 @@
+"""Work units: the compute a pipeline stage did, derived from the model's tensor shapes (never from a
+node's self-reported speed).
+
+    flops_per_token(stage [s, e)) = 2 · Σ elements of the weight matrices the stage multiplies by
+        (layers s..e-1; the lm_head on the last stage: output.weight, or the tied token embedding)
+    work_units(stage, request)    = flops_per_token(stage) · tokens the stage processed
+                                    (prompt tokens in prefill + one per decode step)
+
+Matrices are tensors of rank >= 2. An embedding lookup is a gather, not a matmul, and counts 0; norms
+and biases (rank 1) are negligible and count 0. For mixture-of-experts tensors (`*_exps`, expert-major,
+rank 3) only the routed share counts: elements · experts_used / expert_count. The attention score and
+value products (2 · 2 · n_heads · head_dim · context per layer) depend on the context length, not on
+the weights, and are left out, so the same stage earns the same per token at every position.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import Any
+
+
+def _matmul_elements(t: Any, expert_count: int, expert_used: int) -> Fraction:
+    if len(t.shape) < 2:
+        return Fraction(0)
+    n = Fraction(t.n_elements)
+    if "_exps." in t.name and expert_count > 0:
+        n = n * expert_used / expert_count
+    return n
+
+
+def flops_per_token(meta: Any, start: int, end: int) -> int:
+    """Multiply-add FLOPs per token for a stage holding layers [start, end) of a GGUF model (GGUFMeta)."""
+    if not (0 <= start < end <= meta.n_layers):
+        raise ValueError(f"bad layer range [{start}, {end}) for {meta.n_layers} layers")
+    total = Fraction(0)
+    for t in meta.stage_tensors(start, end):
+        if t.layer is not None:
+            total += _matmul_elements(t, meta.expert_count, meta.expert_used_count)
+    if end == meta.n_layers:
+        head = meta.tensor("output.weight") or meta.tensor("token_embd.weight")
+        if head is not None:
+            total += Fraction(head.n_elements)
+    return int(2 * total)
+
+
+def stage_work_units(meta: Any, start: int, end: int, tokens: int) -> int:
+    return flops_per_token(meta, start, end) * int(tokens)
+
+
+class FlopsTable:
+    """flops_per_token memoised per (model hash, layer range), for the entry node's epoch accounting."""
+
+    def __init__(self) -> None:
+        self._metas: dict[str, Any] = {}
+        self._cache: dict[tuple[str, int, int], int] = {}
+
+    def add_model(self, model_hash: str, meta: Any) -> None:
+        self._metas[model_hash] = meta
+
+    def flops(self, model_hash: str, start: int, end: int) -> int:
+        key = (model_hash, start, end)
+        if key not in self._cache:
+            if model_hash not in self._metas:
+                raise KeyError(f"unknown model {model_hash[:16]}: add its GGUF metadata first")
+            self._cache[key] = flops_per_token(self._metas[model_hash], start, end)
+        return self._cache[key]
+
+
+def split_pro_rata(amount: int, units: dict[str, int]) -> dict[str, int]:
+    """`amount` (atomic token units) split in proportion to `units`, exactly: the integer shares sum to
+    `amount`; the remainder of the floor division goes one unit each to the largest fractional parts
+    (ties broken by key, so every node computes the same split)."""
+    amount = int(amount)
+    positive = {k: int(v) for k, v in units.items() if int(v) > 0}
+    if amount <= 0 or not positive:
+        return {k: 0 for k in units}
+    total = sum(positive.values())
+    base = {k: amount * v // total for k, v in positive.items()}
+    rest = amount - sum(base.values())
+    order = sorted(positive, key=lambda k: (-((amount * positive[k]) % total), k))
+    for k in order[:rest]:
+        base[k] += 1
+    return {k: base.get(k, 0) for k in units}
+
+
+def opow_weights(shares: dict[str, dict[str, float]], *, imbalance_multiplier: float = 3.0) -> dict[str, float]:
+    """Optional OPOW-style influence with an imbalance penalty (after TIG): `shares[node][c]` is the node's
+    fraction of the work on challenge c (e.g. a model or a layer slot). A node's weight is
+    avg · exp(-m · imbalance), imbalance = var / (avg · (1 - avg)) over its fractions; weights are
+    normalised to sum to 1. With a single challenge the imbalance is 0 and the weights equal the shares."""
+    import math
+    challenges = sorted({c for s in shares.values() for c in s})
+    if not challenges:
+        return {}
+    raw: dict[str, float] = {}
+    for node, s in shares.items():
+        f = [float(s.get(c, 0.0)) for c in challenges]
+        avg = sum(f) / len(f)
+        var = sum((x - avg) ** 2 for x in f) / len(f)
+        imb = var / (avg * (1 - avg)) if 0 < avg < 1 else 0.0
+        raw[node] = avg * math.exp(-imbalance_multiplier * imb)
+    z = sum(raw.values())
+    return {k: (v / z if z > 0 else 0.0) for k, v in raw.items()}
