@@ -446,7 +446,7 @@ def status_cmd(
         return
     from mesh402.home import resolve_home
 
-    for line in payments_status_lines(resolve_home(home)):
+    for line in payments_status_lines(resolve_home(home), st):
         console.print(line, highlight=False)
 
 

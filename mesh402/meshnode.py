@@ -386,6 +386,9 @@ class MeshRuntime:
             except Exception:
                 continue
             labels[MODEL_LABEL + e.model_id] = router.label_for(e.model_id, prof) if router else json.dumps(prof)
+        with contextlib.suppress(Exception):  # ERC-8004 agent claim after `mesh402 register` (peers verify it)
+            from mesh402.economics.identity import announcement_label
+            labels.update(announcement_label(self.node.config.home))
         return labels
 
     def _model_entries(self, hash_files: bool) -> list[pb.ModelEntry]:
@@ -403,7 +406,7 @@ class MeshRuntime:
                 entries = self._model_entries(hash_files=False)
             labels = self._model_labels()
             sig = [m.SerializeToString(deterministic=True) for m in entries] + sorted(
-                kv for kv in labels.items() if kv[0].startswith("model:"))
+                kv for kv in labels.items() if kv[0].startswith(("model:", "erc8004")))
             if sig != last:
                 last = sig
                 self.mesh.update_local(models=entries, labels=labels)

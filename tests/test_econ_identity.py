@@ -154,3 +154,21 @@ def test_forged_bindings_are_rejected(env: Env) -> None:
     found = {i.agent_id: i for i in registered_agents(env.w3, reg.address)}
     assert found[aid].node_id == env.a.node_id and found[agent_of(env.b)].node_id == env.b.node_id
     assert all(found[f].node_id is None for f in (replay, wrong_key, garbage))
+
+
+def test_peers_show_gossiped_claims_verified_and_a_false_claim_unverified(env: Env) -> None:
+    import json
+
+    from tests.meshutil import wait_until
+    aid, bid = agent_of(env.a), agent_of(env.b)
+    wait_until(lambda: (env.a.peers()[env.b.node_id]["announcement"]["labels"].get("erc8004", "")).endswith(f"/{bid}"),
+               timeout=30, what="b's agent claim gossiped to a")
+    st = cli("status", "--home", str(env.a.home))
+    assert f"peer {env.b.node_id[:12]}: agent {bid} on eip155:31337, verified" in st.stdout, st.stdout
+    # b now claims a's agent: gossiped, shown, but unverified
+    info = json.loads((env.b.home / "erc8004.json").read_text())
+    (env.b.home / "erc8004.json").write_text(json.dumps({**info, "agentId": aid}))
+    wait_until(lambda: env.a.peers()[env.b.node_id]["announcement"]["labels"].get("erc8004", "").endswith(f"/{aid}"),
+               timeout=30, what="b's false claim gossiped to a")
+    st = cli("status", "--home", str(env.a.home))
+    assert f"peer {env.b.node_id[:12]}: agent {aid} on eip155:31337, unverified" in st.stdout, st.stdout

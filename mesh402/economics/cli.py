@@ -178,18 +178,19 @@ def chat_cmd(
     asyncio.run(run())
 
 
-def payments_status_lines(home: Path) -> list[str]:
-    """Revenue and credit from the node's payment ledger (read-only; works while the node runs or not)."""
+def payments_status_lines(home: Path, status: Optional[dict[str, Any]] = None) -> list[str]:
+    """Revenue and credit from the node's payment ledger (read-only; works while the node runs or not),
+    then the node's ERC-8004 agent and its peers' identity claims, checked on chain."""
     path = home / "payments.sqlite"
     if not path.exists():
-        return ["payments: none (free node, or no paid request yet)"] + identity_status_lines(home)
+        return ["payments: none (free node, or no paid request yet)"] + identity_status_lines(home, status)
     from mesh402.economics.ledger import Ledger
     s = Ledger(path).summary()
     fmt = lambda a: f"{a / 1e6:.6f}"  # noqa: E731
     return [f"payments: {s['settled_payments']} settled, revenue {fmt(s['revenue'])} USDC "
             f"(per-request {fmt(s['revenue_per_request'])}, credit sold {fmt(s['credit_sold'])})",
             f"credit: used {fmt(s['credit_used'])}, outstanding {fmt(s['credit_outstanding'])} USDC; "
-            f"in flight {s['in_flight']}, failed settlements {s['failed_settlements']}"] + identity_status_lines(home)
+            f"in flight {s['in_flight']}, failed settlements {s['failed_settlements']}"] + identity_status_lines(home, status)
 
 
 def register_cmd(
@@ -274,27 +275,50 @@ def register_cmd(
         raise typer.Exit(1)
 
 
-def identity_status_lines(home: Path, *, timeout: float = 3.0) -> list[str]:
-    """The node's ERC-8004 agent (from `mesh402 register`), with the binding checked on chain when reachable."""
+def _status_w3(info: dict[str, Any] | None, timeout: float) -> Any:
+    rpc = os.environ.get("MESH402_RPC_URL") or (info or {}).get("rpcUrl")
+    if not rpc:
+        return None
+    from web3 import Web3
+    return Web3(Web3.HTTPProvider(rpc, request_kwargs={"timeout": timeout}))
+
+
+def identity_status_lines(home: Path, status: Optional[dict[str, Any]] = None, *, timeout: float = 3.0) -> list[str]:
+    """The node's ERC-8004 agent (from `mesh402 register`), and each peer's gossiped agent claim, checked
+    on chain (RPC from the node's registration or MESH402_RPC_URL); a claim is never shown as verified
+    unless the node-key binding verifies."""
     import json as _json
+
+    from mesh402.economics.identity import ANNOUNCE_LABEL, check_peer_claim, parse_label
     try:
         info = _json.loads((home / "erc8004.json").read_text())
     except (OSError, ValueError):
-        return []
-    line = f"erc8004: agent {info.get('agentId')} at {info.get('agentRegistry')}, owner {info.get('owner')}"
-    return [line + f", binding {_binding_state(home, info, timeout)}"]
-
-
-def _binding_state(home: Path, info: dict[str, Any], timeout: float) -> str:
+        info = None
+    lines: list[str] = []
+    w3 = None
     try:
-        from web3 import Web3
+        w3 = _status_w3(info, timeout)
+    except Exception:
+        pass
+    if info:
+        line = f"erc8004: agent {info.get('agentId')} at {info.get('agentRegistry')}, owner {info.get('owner')}"
+        lines.append(line + f", binding {_binding_state(home, info, w3)}")
+    for p in (status or {}).get("peers") or []:
+        label = ((p.get("announcement") or {}).get("labels") or {}).get(ANNOUNCE_LABEL)
+        if not label:
+            continue
+        parsed = parse_label(label)
+        agent = f"agent {parsed[2]} on eip155:{parsed[0]}" if parsed else repr(label[:60])
+        lines.append(f"  peer {p['node_id'][:12]}: {agent}, {check_peer_claim(w3, label, p['node_id'])}")
+    return lines
 
+
+def _binding_state(home: Path, info: dict[str, Any], w3: Any) -> str:
+    try:
         from mesh402.economics.identity import verify_binding
         from mesh402.mesh.identity import NodeIdentity
-        rpc = info.get("rpcUrl")
-        if not rpc:
+        if w3 is None:
             return "unchecked (no RPC URL recorded)"
-        w3 = Web3(Web3.HTTPProvider(rpc, request_kwargs={"timeout": timeout}))
         nid = NodeIdentity.load_or_create(home).node_id
         return "verified" if verify_binding(w3, info["registry"], int(info["agentId"]), nid) else "UNVERIFIED"
     except Exception as e:

@@ -226,3 +226,48 @@ def registered_agents(w3: Any, registry: str, *, from_block: int = 0) -> list[Ag
         except Exception:
             continue
     return out
+
+
+# ---- the identity claim in gossip --------------------------------------------------------------
+
+ANNOUNCE_LABEL = "erc8004"
+
+
+def announcement_label(home: Path) -> dict[str, str]:
+    """The announcement label a registered node gossips: {"erc8004": "eip155:<chain>:<registry>/<agentId>"}.
+
+    It is only a claim; peers verify it on chain with `verify_binding` against the announcing node's id
+    (which the mesh handshake authenticates) and show it as unverified otherwise."""
+    try:
+        info = json.loads((Path(home) / IDENTITY_FILE).read_text())
+        return {ANNOUNCE_LABEL: f"{info['agentRegistry']}/{int(info['agentId'])}"}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def parse_label(value: str) -> tuple[int, str, int] | None:
+    """(chain id, registry, agent id) from an erc8004 label, or None if malformed."""
+    try:
+        reg, aid = value.rsplit("/", 1)
+        ns, chain, addr = reg.split(":")
+        if ns != "eip155" or not addr.startswith("0x") or len(addr) != 42:
+            return None
+        return int(chain), addr, int(aid)
+    except ValueError:
+        return None
+
+
+def check_peer_claim(w3: Any, label: str, node_id: str) -> str:
+    """'verified', 'unverified' (the claim does not hold on chain) or 'unchecked (…)' for one peer."""
+    parsed = parse_label(label)
+    if parsed is None:
+        return "unverified (malformed claim)"
+    chain_id, registry, agent_id = parsed
+    if w3 is None:
+        return "unchecked (no RPC)"
+    try:
+        if int(w3.eth.chain_id) != chain_id:
+            return f"unchecked (RPC is not chain {chain_id})"
+    except Exception as e:
+        return f"unchecked ({type(e).__name__})"
+    return "verified" if verify_binding(w3, registry, agent_id, node_id) else "unverified"
