@@ -142,8 +142,8 @@ def settings_from_flags(
         token = os.environ.get("MESH402_CONSOLE_TOKEN", "").strip() or None
     if console_listen_all and not token:
         _fail("--console-listen-all needs a console token: --console-token-file FILE (mode 0600) or MESH402_CONSOLE_TOKEN")
-    if kind == "client" and not tokens and not (member and member.is_member):
-        _fail("a client node needs --join TOKEN (ask a member: mesh402 invite)")
+    if kind == "client" and not tokens and not auto and not (member and member.is_member):
+        _fail("a client node needs --join TOKEN (ask a member: mesh402 invite) or --auto")
     return MeshSettings(
         join=tokens,
         kind=kind,
@@ -366,9 +366,13 @@ def client_cmd(
     invite_expires: InviteExpiresOpt = "24h",
     name: NameOpt = "",
     mesh_fast_timers: MeshFastOpt = False,
+    auto: AutoOpt = False,
+    nostr_relay: NostrRelayOpt = None,
+    mesh_name: MeshNameOpt = "",
+    discover_lan: LanOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Join a mesh as an API-only node that serves no model."""
+    """Join a mesh as an API-only node that serves no model (--join TOKEN, or --auto to find one)."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from mesh402.config import NodeConfig
@@ -379,7 +383,8 @@ def client_cmd(
                                    console_port=console_port, console_listen_all=console_listen_all,
                                    console_token_file=console_token_file, bind_ip=bind_ip, bind_port=bind_port,
                                    policy="secret", invite_expires=invite_expires, name=name,
-                                   fast_timers=mesh_fast_timers)
+                                   fast_timers=mesh_fast_timers, auto=auto, nostr_relays=nostr_relay,
+                                   mesh_name=mesh_name, discover_lan=discover_lan)
     config = NodeConfig(home=h, models=[], host="127.0.0.1", port=port, mesh=settings)
     from mesh402.node import Node
 

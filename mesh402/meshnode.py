@@ -130,10 +130,17 @@ class MeshRuntime:
                         self.discovery.last_error = f"join failed: {e}"
                         self.discovery.choice = None
                         self.mesh.endpoint = None
+                if not join and self.settings.kind == "client" and not self.mesh.membership.is_member:
+                    from mesh402.mesh.service import JoinError
+
+                    raise JoinError("--auto found no open mesh to join (an API-only client cannot start one)")
                 if not join:
-                    self.mesh.membership.mesh_id = None  # --auto found nothing: a fresh, open mesh
-                    self.mesh.config.policy = "open"
-                    created_own = True
+                    # --auto found nothing: rejoin the mesh this home belongs to, else a fresh open mesh
+                    m = self.mesh.membership
+                    if not m.is_member:
+                        m.mesh_id = None
+                        self.mesh.config.policy = "open"
+                    created_own = m.mesh_id is None or m.policy_name == "open"
                     await self.mesh.start()
         if not self.mesh.running:
             created_own = not join and not self.mesh.membership.mesh_id

@@ -54,6 +54,10 @@ def test_publish_then_auto_join_without_token(mesh_nodes: MeshNodes, nostr_relay
           f"fetch+dial {disc['join_s']*1000:.0f} ms")
     # the listing follows the mesh: two nodes now
     wait_until(lambda: listings(url)[0].node_count == 2, 10, what="listing shows 2 nodes")
+    # an API-only client finds it too, and is counted as a client
+    c = mesh_nodes.start("c", kind="client", extra=["--nostr-relay", url, "--auto"])
+    mesh_nodes.wait_full_mesh([a, b, c], timeout=20)
+    wait_until(lambda: listings(url)[0].client_count == 1, 10, what="listing shows 1 client")
 
     # mesh402 discover, with filters
     def discover(*flags: str) -> list[dict]:
