@@ -191,6 +191,8 @@ def test_epoch_distribution_over_a_two_node_split_matches_work_units(tmp_path: P
         earn = st.earnings()
         assert {e["node_id"]: (e["epoch"], e["amount"], e["tx"]) for e in earn} == {
             n: (9, plan.amounts[n], plan.tx) for n in (s0.node_id_hex, s1.node_id_hex)}
+        from mesh402.economics.cli import earnings_status_lines
+        assert earnings_status_lines(tmp_path)[0].startswith("earnings epoch 9: ")
         print(f"\nepoch payout gas: approve+publish {plan.gas}, claim {int(r0['gasUsed'])}")
     finally:
         chain.proc.stop()

@@ -275,6 +275,25 @@ def register_cmd(
         raise typer.Exit(1)
 
 
+def earnings_status_lines(home: Path, *, last_epochs: int = 3) -> list[str]:
+    """Epoch payouts this entry node made, per node and epoch (from <home>/receipts.sqlite)."""
+    path = home / "receipts.sqlite"
+    if not path.exists():
+        return []
+    from mesh402.economics.receipts import ReceiptStore
+    st = ReceiptStore(path)
+    try:
+        rows = st.earnings()
+    finally:
+        st.close()
+    epochs = sorted({r["epoch"] for r in rows})[-last_epochs:]
+    out = []
+    for e in epochs:
+        parts = [f"{r['node_id'][:12]} {r['amount'] / 1e6:.6f} ({r['units']:.3g} units)" for r in rows if r["epoch"] == e]
+        out.append(f"earnings epoch {e}: " + ", ".join(parts))
+    return out
+
+
 def _status_w3(info: dict[str, Any] | None, timeout: float) -> Any:
     rpc = os.environ.get("MESH402_RPC_URL") or (info or {}).get("rpcUrl")
     if not rpc:
@@ -300,6 +319,7 @@ def identity_status_lines(home: Path, status: Optional[dict[str, Any]] = None, *
         w3 = _status_w3(info, timeout)
     except Exception:
         pass
+    lines += earnings_status_lines(home)
     if info:
         line = f"erc8004: agent {info.get('agentId')} at {info.get('agentRegistry')}, owner {info.get('owner')}"
         lines.append(line + f", binding {_binding_state(home, info, w3)}")
