@@ -189,7 +189,7 @@ class StageWorker:
 
     async def _serve_steps(self, up: Link, down: Link | None, engine: Any, session: Any, sampler: Any,
                            rid: str, next_node: str) -> None:
-        from mesh402.engine.wire import activation_hash, decode_activations, encode_activations
+        from mesh402.engine.wire import activation_hash, decode_activations
 
         history: list[int] = []
         while True:
@@ -207,19 +207,22 @@ class StageWorker:
                 x = decode_activations(sf.activations, list(sf.shape), sf.dtype)
             except ValueError as e:
                 raise StageError(str(e), node=self.node_id, code="bad_activations") from None
-            out = await self._run(session.forward, x, sf.position, n_real)
+            if down is None:
+                history.extend(sf.tokens[:n_real])
+            sample = sampler if down is None and sf.params.get("sample") == "1" else None
+            # One engine-thread call per step (forward, then sample or encode): every extra hand-off
+            # between the loop and the engine thread is a thread wake-up on the per-token path.
+            token, payload, shape = await self._run(_step, session, x, sf.position, n_real, sample, history,
+                                                    None if down is None else sf.dtype)
             self.stats.steps += 1
             in_hash = activation_hash(sf.activations)
             if down is None:
-                history.extend(sf.tokens[:n_real])
                 reply = stage_frame(K.STAGE_KIND_RESULT, request_id=rid, plan_epoch=sf.plan_epoch,
                                     position=sf.position, input_hash=in_hash)
-                if sf.params.get("sample") == "1":
-                    token = await self._run(sampler.sample, out, history, len(history))
-                    reply.stage.tokens.append(int(token))
+                if token is not None:
+                    reply.stage.tokens.append(token)
                 await up.send(reply)
                 continue
-            payload, shape = await self._run(encode_activations, out, sf.dtype)
             fwd = stage_frame(sf.kind, request_id=rid, plan_epoch=sf.plan_epoch, position=sf.position,
                               tokens=list(sf.tokens), dtype=sf.dtype, shape=shape, activations=payload,
                               input_hash=activation_hash(payload), params=dict(sf.params))
@@ -237,3 +240,18 @@ class StageWorker:
             rs.activation_hashes.append(in_hash)  # chain of commitments, nearest stage last
             log.debug("hop %s took %.2f ms", next_node[:8], (time.monotonic() - t0) * 1000)
             await up.send(reply)
+
+
+def _step(session: Any, x: Any, position: int, n_real: int, sampler: Any, history: list[int],
+          wire: str | None) -> tuple[int | None, bytes | None, list[int] | None]:
+    """One stage step on the engine thread: (sampled token, None, None) on the last stage when asked
+    to sample, (None, payload, shape) on a middle stage, else (None, None, None)."""
+    out = session.forward(x, position, n_real)
+    if sampler is not None:
+        return int(sampler.sample(out, history, len(history))), None, None
+    if wire is not None:
+        from mesh402.engine.wire import encode_activations
+
+        payload, shape = encode_activations(out, wire)
+        return None, payload, shape
+    return None, None, None
