@@ -86,6 +86,7 @@ def serve(
     nostr_refresh: _mesh.NostrRefreshOpt = 60.0,
     auto_interval: _mesh.AutoIntervalOpt = 20.0,
     discover_lan: _mesh.LanOpt = False,
+    discover_registry: Annotated[Optional[str], typer.Option("--discover-registry", help="Find meshes through ERC-8004 registered nodes (their node binding verified) and join the best open one: a deployment.json, a network name, or RPC_URL,REGISTRY.", rich_help_panel=_mesh.DPANEL)] = None,
     price: Annotated[Optional[str], typer.Option(help="x402 price per request in USDC (e.g. 0.01); free when no price is set.", rich_help_panel="Payments")] = None,
     price_per_1k: Annotated[Optional[str], typer.Option("--price-per-1k", help="USDC per 1k tokens (prompt + completion), from prepaid credit bought with x402.", rich_help_panel="Payments")] = None,
     pay_to: Annotated[Optional[str], typer.Option(help="Address that receives payments (or an account name from --deployment, e.g. node-0).", rich_help_panel="Payments")] = None,
@@ -132,6 +133,9 @@ def serve(
         publish=publish, private=private, auto=auto, mesh_name=mesh_name, region=region, nostr_relays=nostr_relay,
         nostr_ttl=nostr_ttl, nostr_refresh=nostr_refresh, auto_interval=auto_interval,
         policy_explicit="--mesh-policy" in " ".join(sys.argv), discover_lan=discover_lan)
+    if discover_registry:  # alongside Nostr/LAN: --auto with the registry as one more source
+        config.mesh.discover_registry = discover_registry
+        config.mesh.auto = not config.mesh.join
     from mesh402.node import Node
 
     node = Node(config, sources)

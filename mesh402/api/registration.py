@@ -36,4 +36,14 @@ def install(app: FastAPI, home: Path) -> None:
             raise APIError(404, "this node has no ERC-8004 registration (run: mesh402 register)",
                            type="not_found_error")
         doc["x402Support"] = getattr(app.state, "payment_gate", None) is not None
+        dist = getattr(app.state, "distributed", None)
+        if dist is not None and isinstance(doc.get("mesh402"), dict):
+            try:  # the mesh as a discovery listing, live (--discover-registry joins open meshes with it)
+                from mesh402.economics.identity import live_listing
+                listing = live_listing(getattr(dist, "mesh", None))
+                if listing is not None:
+                    doc["mesh402"]["listing"] = listing
+                    doc["mesh402"]["meshId"] = listing["mesh_id"]
+            except Exception:
+                pass
         return JSONResponse(doc, headers={"Cache-Control": "max-age=60"})

@@ -58,7 +58,7 @@ class Discovery:
         self.pubkey = self.keys.public_key().to_hex()
         self.directory = NostrDirectory(s.nostr_relays, self.keys)
         # Nostr unless the node was told to look only on the LAN (--discover-lan, no --nostr-relay)
-        self.use_nostr = bool(s.nostr_relays) or not s.discover_lan or s.publish
+        self.use_nostr = bool(s.nostr_relays) or not (s.discover_lan or s.discover_registry) or s.publish
         self.lan = None
         if s.discover_lan:
             from mesh402.discovery.lan import LanAnnouncer
@@ -110,6 +110,16 @@ class Discovery:
                 out += await browse(self.settings.lan_browse_s, exclude_node=self.rt.mesh.node_id.hex())
             except Exception as e:
                 self.last_error = f"LAN browse failed: {e}"
+                log.warning("%s", self.last_error)
+        if self.settings.discover_registry:  # ERC-8004: registered nodes whose node binding verifies
+            from mesh402.economics.identity import registry_listings, resolve_registry_source
+
+            try:
+                rpc, registry = resolve_registry_source(self.settings.discover_registry)
+                out += await asyncio.to_thread(registry_listings, rpc, registry, timeout=self.settings.discover_timeout,
+                                               exclude_node=self.rt.mesh.node_id.hex())
+            except Exception as e:
+                self.last_error = f"registry discovery failed: {e}"
                 log.warning("%s", self.last_error)
         return out
 

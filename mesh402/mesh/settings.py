@@ -37,3 +37,4 @@ class MeshSettings:
     discover_timeout: float = 5.0  # one relay query
     discover_lan: bool = False  # announce and find meshes on the LAN (mDNS)
     lan_browse_s: float = 2.0  # how long one LAN browse listens
+    discover_registry: str = ""  # also find meshes through ERC-8004 registered nodes (mesh402.economics.identity)
