@@ -196,3 +196,23 @@ def test_epoch_distribution_over_a_two_node_split_matches_work_units(tmp_path: P
         print(f"\nepoch payout gas: approve+publish {plan.gas}, claim {int(r0['gasUsed'])}")
     finally:
         chain.proc.stop()
+
+
+def test_stage_tallies_chain_when_payloads_pass_unchanged() -> None:
+    from mesh402.economics.receipts import StageTally
+    a, b = NodeIdentity.generate(), NodeIdentity.generate()
+    steps = [(7, b"prompt-chunk"), (1, b"tok1"), (1, b"tok2")]  # (tokens, what stage 0 received)
+
+    def run(tamper: bool) -> list[Receipt]:
+        t0, t1 = StageTally("r", MODEL, 0, 15), StageTally("r", MODEL, 15, 30)
+        for i, (n, x) in enumerate(steps):
+            sent = hashlib.sha256(b"act" + x).digest()  # stage 0's output activations, hashed
+            got = hashlib.sha256(b"act" + x + (b"!" if tamper and i == 1 else b"")).digest()
+            t0.step(n, hashlib.sha256(x).digest(), sent)
+            t1.step(n, got, hashlib.sha256(b"logits" + x).digest())
+        r0 = t0.receipt(a, 0)
+        return [r0, t1.receipt(b, 1, prev=r0.digest)]
+
+    good = run(False)
+    assert chain_errors(good, 30) == [] and good[0].tokens == 9
+    assert any("input hash" in e for e in chain_errors(run(True), 30))

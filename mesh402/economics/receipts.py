@@ -107,6 +107,33 @@ def chain_errors(receipts: Iterable[Receipt], n_layers: int | None = None) -> li
     return errs
 
 
+class StageTally:
+    """What one stage accumulates over a request, step by step, to sign its receipt at the end.
+
+    A request's input and output hashes are running hashes over the per-step activation hashes (of the
+    bytes received and of the bytes sent on). Both use the same domain, so stage k's output tally equals
+    stage k+1's input tally exactly when every payload arrived unchanged and in order."""
+
+    DOMAIN = b"mesh402 activation tally v1"
+
+    def __init__(self, request_id: str, model_hash: str, layer_start: int, layer_end: int) -> None:
+        self.request_id, self.model_hash = request_id, model_hash
+        self.layer_start, self.layer_end = layer_start, layer_end
+        self.tokens = 0
+        self._in = hashlib.sha256(self.DOMAIN)
+        self._out = hashlib.sha256(self.DOMAIN)
+
+    def step(self, n_tokens: int, input_hash: bytes, output_hash: bytes) -> None:
+        self.tokens += int(n_tokens)
+        self._in.update(bytes(input_hash))
+        self._out.update(bytes(output_hash))
+
+    def receipt(self, identity: Any, stage: int, prev: str = "") -> Receipt:
+        return sign_receipt(identity, request_id=self.request_id, stage=stage, model_hash=self.model_hash,
+                            layer_start=self.layer_start, layer_end=self.layer_end, tokens=self.tokens,
+                            input_hash=self._in.hexdigest(), output_hash=self._out.hexdigest(), prev=prev)
+
+
 def epoch_of(ts: float, epoch_seconds: int) -> int:
     return int(ts) // int(epoch_seconds)
 
