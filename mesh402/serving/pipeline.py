@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import json
 import logging
 import time
 import uuid
@@ -89,8 +91,13 @@ class PipelineModel:
 
     def __init__(self, engine0: Any, chain: Chain, connect: Callable[[str], Awaitable[Link]], failover: Failover,
                  executor: ThreadPoolExecutor, *, wire_dtype: str = "f32", open_timeout: float = 60.0,
-                 timer: StepTimer | None = None) -> None:
+                 timer: StepTimer | None = None, signer: Any = None,
+                 receipt_sink: Callable[[list[Any]], Any] | None = None) -> None:
         self.engine0 = engine0
+        # Work receipts: with a signer (this node's NodeIdentity) and a sink, every stage signs a receipt per
+        # request and the chain of them is handed to receipt_sink (mesh402.economics.receipts) on release.
+        self.signer = signer
+        self.receipt_sink = receipt_sink
         self.chain = chain
         self.connect = connect
         self.failover = failover
@@ -121,6 +128,9 @@ class PipelineModel:
         loop = asyncio.get_running_loop()
         session = await loop.run_in_executor(self.executor, self.engine0.new_session, max_len)
         stepper = PipelineStepper(self, session, sampling, max_len, request_id or uuid.uuid4().hex)
+        if self.signer is not None and self.receipt_sink is not None:
+            from mesh402.economics.receipts import StageTally
+            stepper.tally = StageTally(stepper.request_id, self.chain.content_hash, 0, self.chain.hops[0].start)
         try:
             await stepper.connect_chain()
         except BaseException:
@@ -153,6 +163,7 @@ class PipelineStepper:
     chain: Chain | None = None
     link: Link | None = None
     sent: list[_Sent] = field(default_factory=list)
+    tally: Any = None  # economics.receipts.StageTally of the local stage, when receipts are on
     _released: bool = False
 
     # ---------------------------------------------------------------- chain management
@@ -162,6 +173,8 @@ class PipelineStepper:
         link = await self.model.connect(first.node)
         params = {"max_len": self.max_len, "sampling": dump_json(dataclasses.asdict(self.sampling)),
                   "chain": dump_json([h.to_json() for h in chain.hops[1:]])}
+        if self.tally is not None:
+            params["receipts"] = "1"
         await link.send(stage_frame(K.STAGE_KIND_OPEN, request_id=self.request_id, plan_epoch=chain.epoch,
                                     model_id=chain.model_id, content_hash=chain.content_hash,
                                     layer_start=first.start, layer_end=first.end, params=params))
@@ -247,6 +260,10 @@ class PipelineStepper:
             self.model.stats.steps += 1
             self.model.stats.bytes_sent += len(s.payload)
             self.sent.append(s)
+            if self.tally is not None:
+                from mesh402.engine.wire import activation_hash
+                self.tally.step(s.n_real, hashlib.sha256(dump_json(s.tokens[:s.n_real]).encode()).digest(),
+                                activation_hash(s.payload))
             return int(rs.tokens[0]) if s.sample else None
 
     # ---------------------------------------------------------------- Stepper
@@ -278,6 +295,23 @@ class PipelineStepper:
         assert nxt is not None
         return nxt
 
+    async def _collect_receipts(self, link: Link) -> None:
+        """CLOSE carrying this node's stage-0 receipt; the stages add theirs and the chain comes back."""
+        from mesh402.economics.receipts import Receipt
+        mine = self.tally.receipt(self.model.signer, 0)
+        await link.send(stage_frame(K.STAGE_KIND_CLOSE, request_id=self.request_id,
+                                    params={"receipts": dump_json([mine.to_json()])}))
+        try:
+            rs = expect_stage(await link.recv(self.model.open_timeout), K.STAGE_KIND_RESULT, "receipts")
+            receipts = [Receipt.from_json(r) for r in json.loads(rs.params.get("receipts", "[]"))]
+        except Exception as e:
+            log.info("request %s: no receipts from the stages: %s", self.request_id, e)
+            receipts = [mine]
+        try:
+            self.model.receipt_sink(receipts)
+        except Exception as e:  # a chain that does not verify is logged, never stored
+            log.warning("request %s: receipts not kept: %s", self.request_id, e)
+
     def release(self) -> None:
         if self._released:
             return
@@ -287,7 +321,10 @@ class PipelineStepper:
         if link is not None:
             async def close() -> None:
                 try:
-                    await link.send(stage_frame(K.STAGE_KIND_CLOSE, request_id=self.request_id))
+                    if self.tally is not None and self.sent:
+                        await self._collect_receipts(link)
+                    else:
+                        await link.send(stage_frame(K.STAGE_KIND_CLOSE, request_id=self.request_id))
                     await link.finish()
                 except Exception:
                     pass

@@ -10,6 +10,7 @@ token it draws is the one the host would have drawn.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -57,8 +58,9 @@ class StageStats:
 
 class StageWorker:
     def __init__(self, node_id: str, executor: ThreadPoolExecutor, loader: Loader, connect: Connect,
-                 *, open_timeout: float = 30.0, step_timeout: float = 300.0) -> None:
+                 *, open_timeout: float = 30.0, step_timeout: float = 300.0, signer: Any = None) -> None:
         self.node_id = node_id
+        self.signer = signer  # NodeIdentity: signs per-request work receipts when the entry asks for them
         self.executor = executor
         self.loader = loader
         self.connect = connect
@@ -158,7 +160,11 @@ class StageWorker:
                 down = await self._open_next(open_, chain, params)
             self.stats.sessions_opened += 1
             await up.send(stage_frame(K.STAGE_KIND_RESULT, request_id=rid, plan_epoch=open_.plan_epoch))
-            await self._serve_steps(up, down, engine, session, sampler, rid, chain[0].node if chain else "")
+            tally = None
+            if params.get("receipts") == "1":  # the entry wants a signed work receipt per stage
+                from mesh402.economics.receipts import StageTally
+                tally = StageTally(rid, open_.content_hash, open_.layer_start, open_.layer_end)
+            await self._serve_steps(up, down, engine, session, sampler, rid, chain[0].node if chain else "", tally)
         except StageError as e:
             await up.send(error_frame(rid, str(e), e.node or self.node_id, e.code))
         except (ConnectionError, asyncio.TimeoutError, OSError) as e:
@@ -170,6 +176,28 @@ class StageWorker:
                     await down.finish()
                 except Exception:
                     pass
+
+    async def _close_receipts(self, up: Link, down: Link | None, close: pb.StageFrame, tally: Any) -> None:
+        """Sign this stage's receipt after those of the stages before it (carried by CLOSE), pass CLOSE on,
+        and send the whole chain of receipts back up (what the next stage returned, else ours)."""
+        from mesh402.economics.receipts import Receipt
+        rid = close.request_id
+        try:
+            chain = list(json.loads(close.params.get("receipts", "[]")))
+            if self.signer is not None:
+                prev = Receipt.from_json(chain[-1]).digest if chain else ""
+                chain.append(tally.receipt(self.signer, len(chain), prev).to_json())
+        except (ValueError, TypeError, KeyError) as e:
+            log.info("session %s: bad receipts on CLOSE: %s", rid, e)
+            return
+        if down is not None:
+            try:
+                await down.send(stage_frame(K.STAGE_KIND_CLOSE, request_id=rid, params={"receipts": dump_json(chain)}))
+                rs = expect_stage(await down.recv(self.open_timeout), K.STAGE_KIND_RESULT, "receipts")
+                chain = json.loads(rs.params.get("receipts", "[]")) or chain
+            except Exception as e:  # the next stage is gone: its receipt is missing, ours still goes up
+                log.info("session %s: no receipts from the next stage: %s", rid, e)
+        await up.send(stage_frame(K.STAGE_KIND_RESULT, request_id=rid, params={"receipts": dump_json(chain)}))
 
     async def _open_next(self, open_: pb.StageFrame, chain: list[Hop], params: dict[str, str]) -> Link:
         nxt = chain[0]
@@ -188,7 +216,7 @@ class StageWorker:
         return down
 
     async def _serve_steps(self, up: Link, down: Link | None, engine: Any, session: Any, sampler: Any,
-                           rid: str, next_node: str) -> None:
+                           rid: str, next_node: str, tally: Any = None) -> None:
         from mesh402.engine.wire import activation_hash, decode_activations
 
         history: list[int] = []
@@ -198,6 +226,8 @@ class StageWorker:
                 return
             sf = stage_body(frame, "upstream")
             if sf.kind == K.STAGE_KIND_CLOSE:
+                if tally is not None:
+                    await self._close_receipts(up, down, sf, tally)
                 return
             if sf.kind not in (K.STAGE_KIND_PREFILL, K.STAGE_KIND_DECODE):
                 raise StageError(f"unexpected stage kind {sf.kind} in a session", code="protocol")
@@ -216,6 +246,10 @@ class StageWorker:
                                                     None if down is None else sf.dtype)
             self.stats.steps += 1
             in_hash = activation_hash(sf.activations)
+            if tally is not None:
+                out = activation_hash(payload) if payload is not None else \
+                    hashlib.sha256(b"token:%d" % (-1 if token is None else token)).digest()
+                tally.step(n_real, in_hash, out)
             if down is None:
                 reply = stage_frame(K.STAGE_KIND_RESULT, request_id=rid, plan_epoch=sf.plan_epoch,
                                     position=sf.position, input_hash=in_hash)

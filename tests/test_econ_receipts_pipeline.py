@@ -1,0 +1,81 @@
+"""Work receipts on the wire: a split model over in-memory links (the real StageWorker and PipelineModel),
+every stage signs a receipt per request, the entry gets the whole chain back on release and stores it;
+the chain verifies, survives a stage failover, and the epoch split follows the GGUF work units."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mesh402.economics.receipts import ReceiptStore, chain_errors
+from mesh402.mesh.identity import NodeIdentity
+from tests.test_pipeline_inprocess import HASH, build, run_gen
+
+N = 8
+
+
+@pytest.fixture(scope="module")
+def executor():
+    ex = ThreadPoolExecutor(1)
+    yield ex
+    ex.shutdown()
+
+
+@pytest.fixture(scope="module")
+def prompt() -> list[int]:
+    from mesh402.engine import Engine
+    from mesh402.models.catalog import bundled_model_path
+    e = Engine.load(bundled_model_path(), mode="exact", layers=(0, 1))
+    text = e.chat_template.render([{"role": "user", "content": "Name a colour."}])
+    return e.tokenizer.encode(text, add_special=False)
+
+
+async def run_with_receipts(executor: Any, prompt: list[int], splits: list[int], *, kill: str | None = None,
+                            standbys: tuple[str, ...] = ()) -> tuple[list[Any], dict[str, NodeIdentity], Any]:
+    model, mesh, _ = await build(executor, splits, standbys=list(standbys))
+    ids = {name: NodeIdentity.generate() for name in ["entry", *mesh.workers]}
+    for name, w in mesh.workers.items():
+        w.signer = ids[name]
+    got: list[list[Any]] = []
+    model.signer, model.receipt_sink = ids["entry"], got.append
+    if kill:
+        await run_gen(model, prompt, N, kill_after=3, on_kill=lambda: mesh.kill(kill))
+    else:
+        await run_gen(model, prompt, N)
+    for _ in range(200):
+        if got:
+            break
+        await asyncio.sleep(0.02)
+    assert got, "the entry received no receipts"
+    return got[0], ids, model
+
+
+def test_every_stage_signs_and_the_chain_verifies(executor, prompt, tmp_path: Path) -> None:
+    receipts, ids, _ = asyncio.run(run_with_receipts(executor, prompt, [0, 10, 20, 30]))
+    assert chain_errors(receipts, 30) == []
+    assert [r.node_id for r in receipts] == [ids[n].node_id_hex for n in ("entry", "w0", "w1")]
+    assert [(r.layer_start, r.layer_end) for r in receipts] == [(0, 10), (10, 20), (20, 30)]
+    assert {r.tokens for r in receipts} == {len(prompt) + N - 1}  # prefill + fed-back decode tokens
+    assert {r.model_hash for r in receipts} == {HASH}
+    st = ReceiptStore(tmp_path / "receipts.sqlite")
+    st.record(receipts, revenue=30_000, epoch=1, n_layers=30)
+    from mesh402.economics.workunits import flops_per_token, split_pro_rata
+    from mesh402.models.catalog import bundled_model_path
+    from mesh402.models.gguf_meta import read_gguf_meta
+    meta = read_gguf_meta(bundled_model_path())
+    units = st.work_units(1, lambda h, a, b: flops_per_token(meta, a, b))
+    pay = split_pro_rata(st.revenue(1), units)
+    assert units[ids["w1"].node_id_hex] > units[ids["w0"].node_id_hex] == units[ids["entry"].node_id_hex]
+    assert sum(pay.values()) == 30_000 and pay[ids["w1"].node_id_hex] > pay[ids["w0"].node_id_hex]
+
+
+def test_receipts_after_a_stage_failover_name_the_replacement(executor, prompt) -> None:
+    receipts, ids, model = asyncio.run(run_with_receipts(executor, prompt, [0, 10, 20, 30], kill="w1",
+                                                         standbys=("standby",)))
+    assert model.stats.failovers == 1
+    assert chain_errors(receipts, 30) == []
+    assert receipts[2].node_id == ids["standby"].node_id_hex  # the replayed work is the standby's
