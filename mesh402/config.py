@@ -51,6 +51,7 @@ class PaymentsConfig:
     credit_topup: int = 0  # metered mode: smallest credit purchase (atomic units)
     window_base_s: int = 30  # authorization validity beyond the estimated generation time
     ledger_path: Path | None = None  # default: <home>/payments.sqlite
+    epoch_s: int = 3600  # payout epoch: the stages' work receipts are grouped by this period
 
     @property
     def enabled(self) -> bool:

@@ -231,3 +231,31 @@ class ReceiptStore:
                                 "LEFT JOIN epochs e USING (epoch) ORDER BY p.epoch, p.node_id").fetchall()
         return [{"epoch": e, "node_id": n, "units": u, "amount": a, "account": acct, "tx": tx}
                 for e, n, u, a, acct, tx in rows]
+
+
+class EntryReceipts:
+    """The entry node's receipt sink: each request's verified chain goes to <home>/receipts.sqlite in the
+    epoch of its arrival (epoch length `epoch_s`), written off the event loop."""
+
+    def __init__(self, home: Path, epoch_s: int = 3600) -> None:
+        self.store = ReceiptStore(Path(home) / "receipts.sqlite")
+        self.epoch_s = int(epoch_s)
+        self.kept = 0
+        self.rejected = 0
+
+    def _record(self, receipts: list[Receipt]) -> None:
+        import logging
+        try:
+            self.store.record(receipts, revenue=0, epoch=epoch_of(time.time(), self.epoch_s))
+            self.kept += 1
+        except Exception as e:
+            self.rejected += 1
+            logging.getLogger(__name__).warning("receipts for %s not kept: %s",
+                                                receipts[0].request_id if receipts else "?", e)
+
+    def __call__(self, receipts: list[Receipt]) -> None:
+        import asyncio
+        try:
+            asyncio.get_running_loop().run_in_executor(None, self._record, list(receipts))
+        except RuntimeError:  # no loop: write now
+            self._record(list(receipts))

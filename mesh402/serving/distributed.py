@@ -102,7 +102,12 @@ class DistributedRuntime(Failover):
         self._task: asyncio.Task | None = None
         self._kick = asyncio.Event()
         self._lock = asyncio.Lock()
-        self.worker = StageWorker(self.me, self.executor, self._load_stage, self._connect)
+        self.worker = StageWorker(self.me, self.executor, self._load_stage, self._connect,
+                                  signer=getattr(mesh, "identity", None))  # signs work receipts when asked
+        self.receipts = None  # economics.receipts.EntryReceipts: a paid entry keeps the stages' receipts
+        if node.config.payments.enabled:
+            from mesh402.economics.receipts import EntryReceipts
+            self.receipts = EntryReceipts(node.config.home, node.config.payments.epoch_s)
         mesh.register_handler(StreamType.STAGE, self._on_stage_stream)
         self.expert_service = ExpertService(self._load_experts)
         mesh.register_handler(StreamType.EXPERT, self._on_expert_stream)
@@ -341,7 +346,8 @@ class DistributedRuntime(Failover):
         hops = tuple(Hop(s.node_id, s.start, s.end) for s in plan.stages[1:])
         chain = Chain(entry.model_id, key.rsplit("@", 1)[1], plan.epoch, host.end, hops)
         return PipelineModel(engine0, chain, self._connect, self, self.executor, wire_dtype=self.wire_dtype,
-                             timer=StepTimer(floor_s=self.node.config.timers.stage_step_floor_s))
+                             timer=StepTimer(floor_s=self.node.config.timers.stage_step_floor_s),
+                             signer=getattr(self.mesh, "identity", None), receipt_sink=self.receipts)
 
     # ---------------------------------------------------------------- MoE expert parallel
     async def _apply_experts(self, key: str, entry: ModelEntry, plan: ExpertPlan) -> Any:
