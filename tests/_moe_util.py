@@ -177,9 +177,10 @@ def roundtrip_quant(m, qname: str) -> None:
 
 
 def write_chat_moe_gguf(path, tokenizer_gguf, *, hidden: int = 128, ffe: int = 1024, n_exp: int = 8,
-                        n_layers: int = 2, seed: int = 0) -> None:
+                        n_layers: int = 2, seed: int = 0, hot: int | None = None) -> None:
     """A random-weight qwen2moe GGUF (Q8_0, shared expert) carrying a real tokenizer and chat template
-    (copied from ``tokenizer_gguf``), so mesh nodes can serve it through the chat API."""
+    (copied from ``tokenizer_gguf``), so mesh nodes can serve it through the chat API. ``hot``: every
+    layer's router prefers that expert (skewed gate usage)."""
     import gguf
 
     rd = gguf.GGUFReader(str(tokenizer_gguf))
@@ -223,7 +224,12 @@ def write_chat_moe_gguf(path, tokenizer_gguf, *, hidden: int = 128, ffe: int = 1
     def add(name, a, quant=True):
         w.add_tensor(name, gguf.quants.quantize(a, q) if quant else a, raw_dtype=q if quant else None)
 
-    add("token_embd.weight", mat(vocab, hidden, scale=1.0))
+    u = rng.standard_normal(hidden).astype(np.float32)
+    u /= np.linalg.norm(u)
+    emb = mat(vocab, hidden, scale=1.0)
+    if hot is not None:
+        emb += 1.5 * np.sqrt(hidden) * u  # a direction every token shares
+    add("token_embd.weight", emb)
     add("output_norm.weight", np.ones(hidden, np.float32), False)
     add("output.weight", mat(vocab, hidden))
     for i in range(n_layers):
@@ -236,7 +242,10 @@ def write_chat_moe_gguf(path, tokenizer_gguf, *, hidden: int = 128, ffe: int = 1
         for n, r in (("attn_q.bias", nh * hd), ("attn_k.bias", nkv * hd), ("attn_v.bias", nkv * hd)):
             add(p + n, 0.1 * mat(r, scale=1.0), False)
         add(p + "attn_output.weight", mat(hidden, nh * hd))
-        add(p + "ffn_gate_inp.weight", mat(n_exp, hidden, scale=0.3), False)
+        router = mat(n_exp, hidden, scale=0.3)
+        if hot is not None:
+            router[hot] = 6.0 * u
+        add(p + "ffn_gate_inp.weight", router, False)
         add(p + "ffn_gate_exps.weight", mat(n_exp, ffe, hidden))
         add(p + "ffn_up_exps.weight", mat(n_exp, ffe, hidden))
         add(p + "ffn_down_exps.weight", mat(n_exp, hidden, ffe))

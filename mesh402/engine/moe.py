@@ -74,15 +74,20 @@ class ExpertBank:
     """Expert weights for a set of ``(layer, expert)`` pairs, kept quantized (exact) or packed (fast)."""
 
     def __init__(self, source: WeightSource, experts: Iterable[ExpertId], *, mode: str = "exact",
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", reuse: "ExpertBank | None" = None):
+        """``reuse``: a bank whose experts (same model, mode and device) are shared instead of loaded again."""
         from .model import Linear
 
         self.device = torch.device(device)
         self.mode = mode
         by_layer: dict[int, list[int]] = {}
-        for li, e in experts:
-            by_layer.setdefault(int(li), []).append(int(e))
         self.experts: dict[ExpertId, _Expert] = {}
+        for li, e in experts:
+            key = (int(li), int(e))
+            if reuse is not None and key in reuse.experts:
+                self.experts[key] = reuse.experts[key]
+            else:
+                by_layer.setdefault(key[0], []).append(key[1])
         for li in sorted(by_layer):
             es = sorted(set(by_layer[li]))
             g = source.load_experts(f"{li}.exp_gate", es)

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 PLAN_LABEL = "plan:"  # announcement label prefix: the host publishes its plans for status and routing
 CAPACITY_LABEL = "capacity_bytes"
 ASSIGN_TIMEOUT_S = 300.0
+EXPERT_USAGE_MIN_TOKENS = 128  # tokens routed before gate usage may re-place an expert split
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Hosted:
     serving: Any
     layout: ModelLayout
     expert_transport: Any = None  # MeshExpertTransport of an expert-parallel plan
+    usage_checked: bool = False  # gate usage already considered for replicating hot experts
 
 
 @dataclass
@@ -99,6 +101,7 @@ class DistributedRuntime(Failover):
         self.layouts: dict[str, ModelLayout] = {}
         self.failovers: dict[str, int] = {}  # key -> stages replaced under running sessions
         self.keys: dict[str, ModelEntry] = {}  # local model key -> registry entry
+        self.usage_seen: dict[str, dict] = {}  # key -> MoE gate usage of engines no longer hosted
         self._task: asyncio.Task | None = None
         self._kick = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -296,7 +299,8 @@ class DistributedRuntime(Failover):
         layout = await asyncio.to_thread(self._layout, key, entry)
         cur = self.hosted.get(key)
         if cur is not None and all(n in snap for n in cur.plan.nodes) and not _experts_down(cur):
-            return  # an incumbent plan that still works is kept
+            if not self._hot_experts_need_copies(key, cur, layout, snap):
+                return  # an incumbent plan that still works is kept
         epoch = self._seen_epoch(key) + 1
         plan: Any = None
         if layout.experts is not None and not fits(layout.total_bytes, snap.capacity(self.me)):
@@ -322,6 +326,8 @@ class DistributedRuntime(Failover):
             entry.local, entry.state, entry.error = None, "waiting", f"plan failed: {e}"
             self.hosted.pop(key, None)
             return
+        if isinstance(plan, ExpertPlan):
+            self._keep_usage(key)
         self.hosted[key] = Hosted(key, plan, serving, layout, getattr(serving, "expert_transport", None))
         entry.local, entry.state, entry.error = serving, "ready", None
         if isinstance(plan, ExpertPlan):
@@ -354,7 +360,7 @@ class DistributedRuntime(Failover):
         content_hash = key.rsplit("@", 1)[1]
         await asyncio.gather(*(self._assign_experts(key, entry.model_id, s.node_id, s.experts, plan.epoch)
                                for s in plan.shards if s.node_id != self.me))
-        transport = MeshExpertTransport(self._connect_expert, asyncio.get_running_loop(), content_hash)
+        transport = MeshExpertTransport(self._connect_expert, asyncio.get_running_loop(), content_hash, plan.epoch)
         mine = plan.shard_of(self.me)
         engine = await self._run(self._load_expert_host, entry, owners_from_plan(plan), transport,
                                  list(mine.experts) if mine is not None else [])
@@ -376,25 +382,50 @@ class DistributedRuntime(Failover):
         return Engine.load(entry.source.path, mode=cfg.mode, device=cfg.device, experts=runner,
                            max_sessions=cfg.limits.max_sessions, prefill_chunk=cfg.limits.prefill_chunk)
 
-    def _load_experts(self, content_hash: str, experts: list) -> Any:
+    def _load_experts(self, content_hash: str, experts: list, reuse: Any = None) -> Any:
         from mesh402.serving.experts import ExpertShardWorker
 
         for key, entry in self.keys.items():
             if key.endswith("@" + content_hash):
                 return ExpertShardWorker(entry.source.path, experts, mode=self.node.config.mode,
-                                         device=self.node.config.device)
+                                         device=self.node.config.device, reuse=reuse)
         raise FileNotFoundError(f"no local model file with content hash {content_hash[:16]}")
 
+    def _hot_experts_need_copies(self, key: str, cur: Hosted, layout: ModelLayout, snap: MeshSnapshot) -> bool:
+        """After enough tokens, re-plan an expert split once if gate usage makes new experts hot enough to
+        deserve a second copy (placement by usage; a replica's node can then die without stopping
+        generation)."""
+        if not isinstance(cur.plan, ExpertPlan) or cur.usage_checked:
+            return False
+        usage = self._expert_usage(key)
+        if not usage:
+            return False
+        routed = max(sum(c for (la, _), c in usage.items() if la == layer) for layer in {la for la, _ in usage})
+        if routed < EXPERT_USAGE_MIN_TOKENS * layout.experts.n_used:
+            return False
+        cur.usage_checked = True
+        cand = plan_experts(key, layout, snap, usage, epoch=cur.plan.epoch, max_split_rtt_ms=self.max_split_rtt_ms)
+        if isinstance(cand, ExpertPlan) and set(cand.replicated) - set(cur.plan.replicated):
+            log.info("gate usage of %s: replicating hot experts %s", key, sorted(cand.replicated))
+            return True
+        return False
+
     def _expert_usage(self, key: str) -> dict | None:
-        """Gate usage seen by this node's previous hosting of ``key`` (None: uniform)."""
+        """Gate usage of ``key`` seen by this node: engines it hosted before plus the current one
+        (None: no data, placement assumes uniform usage)."""
+        use = dict(self.usage_seen.get(key, {}))
         h = self.hosted.get(key)
         eng = getattr(getattr(h, "serving", None), "engine", None)
-        if eng is None:
-            return None
-        use: dict = {}
-        for st in eng.stages:
-            use.update(st.expert_usage())
+        for st in getattr(eng, "stages", None) or []:
+            for ex, c in st.expert_usage().items():
+                use[ex] = use.get(ex, 0) + c
         return use or None
+
+    def _keep_usage(self, key: str) -> None:
+        """Fold the current engine's gate usage into ``usage_seen`` before it is replaced."""
+        use = self._expert_usage(key)
+        if use:
+            self.usage_seen[key] = use
 
     async def _connect_expert(self, node: str) -> FramedStream:
         return await self.mesh.open_stream(bytes.fromhex(node), StreamType.EXPERT)
@@ -610,4 +641,14 @@ def _expert_plan_dict(h: Hosted) -> dict[str, Any]:
                        for s in plan.shards],
             "experts": experts, "replicated": [list(x) for x in plan.replicated],
             "standbys": list(plan.standbys),
-            "experts_down": sorted(getattr(runner, "dead", ()) or ())}
+            "experts_down": sorted(getattr(runner, "dead", ()) or ()),
+            "gate_usage": _usage_by_layer(h)}
+
+
+def _usage_by_layer(h: Hosted) -> dict[str, list[int]]:
+    """Tokens routed to each expert by the current engine, per MoE layer."""
+    out: dict[str, list[int]] = {}
+    for st in getattr(getattr(h.serving, "engine", None), "stages", None) or []:
+        for (la, e), c in sorted(st.expert_usage().items()):
+            out.setdefault(str(la), []).append(int(c))
+    return out

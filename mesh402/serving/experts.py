@@ -22,6 +22,7 @@ in process (tests, benchmarks), a mesh stream between nodes.
 
 from __future__ import annotations
 
+import logging
 import struct
 import threading
 import time
@@ -38,6 +39,8 @@ __all__ = ["ExpertNodeDown", "ExpertUnavailable", "ExpertShardWorker", "ExpertTr
            "SocketTransport", "serve_expert_shard",
            "RemoteExperts", "encode_request", "decode_request", "encode_reply", "decode_reply",
            "owners_from_plan", "local_workers_for_plan"]
+
+log = logging.getLogger(__name__)
 
 ExpertId = tuple[int, int]
 _REQ = b"XQ1"
@@ -115,9 +118,10 @@ class ExpertShardWorker:
     """Holds some experts (of any layers) and answers expert requests."""
 
     def __init__(self, source: WeightSource | str, experts: Iterable[ExpertId], *, mode: str = "exact",
-                 device: str = "cpu"):
+                 device: str = "cpu", reuse: "ExpertShardWorker | None" = None):
         src = source if isinstance(source, WeightSource) else open_source(source)
-        self.bank = ExpertBank(src, experts, mode=mode, device=device)
+        self.bank = ExpertBank(src, experts, mode=mode, device=device,
+                               reuse=reuse.bank if reuse is not None else None)
         self._lock = threading.Lock()
 
     @property
@@ -328,7 +332,8 @@ class RemoteExperts:
                 g = by_node[node]
                 try:
                     ys = fut.result() if fut is not None else self._remote(node, layer, x, g)
-                except ExpertNodeDown:
+                except ExpertNodeDown as e:
+                    log.warning("expert node %s stopped answering (%s); its experts go to replicas", node[:12], e)
                     self.dead.add(node)  # its experts go to a replica on the next round
                     self.failovers += 1
                     continue
@@ -374,12 +379,13 @@ class MeshExpertTransport:
     opens a fresh EXPERT stream. Counts bytes on the wire (frame payloads) per node.
     """
 
-    def __init__(self, connect, loop, content_hash: str, timeout: float = 60.0):
+    def __init__(self, connect, loop, content_hash: str, epoch: int = 0, timeout: float = 60.0):
         import asyncio
 
         self.connect = connect
         self.loop = loop
         self.content_hash = content_hash
+        self.epoch = epoch
         self.timeout = timeout
         self._streams: dict[str, object] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -420,7 +426,7 @@ class MeshExpertTransport:
                     fs = await self.connect(node)
                     self._streams[node] = fs
                 await fs.send(stage_frame(K.STAGE_KIND_EXPERT_RUN, content_hash=self.content_hash,
-                                          activations=payload))
+                                          plan_epoch=self.epoch, activations=payload))
                 sf = expect_stage(await fs.recv(self.timeout), K.STAGE_KIND_EXPERT_RESULT,
                                   f"expert node {node[:12]}")
                 return bytes(sf.activations)
@@ -432,21 +438,27 @@ class MeshExpertTransport:
 class ExpertService:
     """The expert-node side of EXPERT streams: loads assigned experts, answers RUN requests.
 
-    ``loader(content_hash, experts)`` builds an :class:`ExpertShardWorker` (runs in ``executor``,
-    a thread of its own so expert work never waits behind this node's own engine).
+    ``loader(content_hash, experts, reuse)`` builds an :class:`ExpertShardWorker` (runs in
+    ``executor``, a thread of its own so expert work never waits behind this node's own engine),
+    sharing the experts it already holds. Workers are kept per plan epoch: a host re-planning keeps
+    serving its running sessions from the previous epoch's experts until it sends a request of the
+    new epoch; older epochs are dropped then.
     """
 
     def __init__(self, loader, executor=None):
         self.loader = loader
         self.executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-shard")
-        self.shards: dict[str, ExpertShardWorker] = {}
-        self.epochs: dict[str, int] = {}
+        self.shards: dict[str, dict[int, ExpertShardWorker]] = {}  # content hash -> epoch -> worker
         self.requests = 0
         self.bytes_in = 0
         self.bytes_out = 0
 
+    def latest(self, content_hash: str) -> ExpertShardWorker | None:
+        by_epoch = self.shards.get(content_hash) or {}
+        return by_epoch[max(by_epoch)] if by_epoch else None
+
     def held(self) -> dict[str, list[list[int]]]:
-        return {ch: [list(e) for e in w.experts] for ch, w in self.shards.items()}
+        return {ch: [list(e) for e in self.latest(ch).experts] for ch in self.shards if self.latest(ch)}
 
     async def handle(self, peer: str, fs) -> None:
         import asyncio
@@ -463,15 +475,18 @@ class ExpertService:
                 sf = stage_body(frame, f"host {peer[:12]}")
                 if sf.kind == K.STAGE_KIND_EXPERT_ASSIGN:
                     experts = [tuple(int(v) for v in ex) for ex in json.loads(sf.params.get("experts", "[]"))]
-                    worker = await loop.run_in_executor(self.executor, self.loader, sf.content_hash, experts)
-                    self.shards[sf.content_hash] = worker
-                    self.epochs[sf.content_hash] = int(sf.plan_epoch)
+                    worker = await loop.run_in_executor(self.executor, self.loader, sf.content_hash, experts,
+                                                        self.latest(sf.content_hash))
+                    self.shards.setdefault(sf.content_hash, {})[int(sf.plan_epoch)] = worker
                     await fs.send(stage_frame(K.STAGE_KIND_READY, content_hash=sf.content_hash,
                                               plan_epoch=sf.plan_epoch))
                 elif sf.kind == K.STAGE_KIND_EXPERT_RUN:
-                    worker = self.shards.get(sf.content_hash)
+                    by_epoch = self.shards.get(sf.content_hash) or {}
+                    worker = by_epoch.get(int(sf.plan_epoch)) or self.latest(sf.content_hash)
                     if worker is None:
                         raise StageError(f"no experts of {sf.content_hash[:12]} held here", code="not_loaded")
+                    for old in [ep for ep in by_epoch if ep < int(sf.plan_epoch)]:
+                        del by_epoch[old]  # the host moved on to a newer plan
                     payload = bytes(sf.activations)
                     reply = await loop.run_in_executor(self.executor, worker.handle, payload)
                     self.requests += 1
