@@ -35,13 +35,18 @@ def prompt() -> list[int]:
 
 
 async def run_with_receipts(executor: Any, prompt: list[int], splits: list[int], *, kill: str | None = None,
-                            standbys: tuple[str, ...] = ()) -> tuple[list[Any], dict[str, NodeIdentity], Any]:
+                            standbys: tuple[str, ...] = (), also: Any = None
+                            ) -> tuple[list[Any], dict[str, NodeIdentity], Any]:
     model, mesh, _ = await build(executor, splits, standbys=list(standbys))
     ids = {name: NodeIdentity.generate() for name in ["entry", *mesh.workers]}
     for name, w in mesh.workers.items():
         w.signer = ids[name]
     got: list[list[Any]] = []
-    model.signer, model.receipt_sink = ids["entry"], got.append
+    def sink(rs: list[Any]) -> None:
+        got.append(rs)
+        if also is not None:
+            also(rs)
+    model.signer, model.receipt_sink = ids["entry"], sink
     if kill:
         await run_gen(model, prompt, N, kill_after=3, on_kill=lambda: mesh.kill(kill))
     else:
@@ -79,3 +84,28 @@ def test_receipts_after_a_stage_failover_name_the_replacement(executor, prompt) 
     assert model.stats.failovers == 1
     assert chain_errors(receipts, 30) == []
     assert receipts[2].node_id == ids["standby"].node_id_hex  # the replayed work is the standby's
+
+
+def test_entry_sink_keeps_receipts_with_units_from_the_tensor_table(executor, prompt, tmp_path: Path) -> None:
+    import time
+
+    from mesh402.economics.receipts import EntryReceipts, epoch_of
+    from mesh402.economics.workunits import flops_per_token
+    from mesh402.models.catalog import bundled_model_path
+    from mesh402.models.gguf_meta import read_gguf_meta
+    entry = EntryReceipts(tmp_path, epoch_s=3600)
+    entry.add_model(HASH, bundled_model_path())
+
+    async def main() -> list[Any]:
+        receipts, _, _ = await run_with_receipts(executor, prompt, [0, 15, 30], also=entry)
+        for _ in range(200):
+            if entry.kept:
+                break
+            await asyncio.sleep(0.02)
+        return receipts
+
+    receipts = asyncio.run(main())
+    assert entry.kept == 1 and entry.rejected == 0
+    meta = read_gguf_meta(bundled_model_path())
+    units = entry.store.work_units(epoch_of(time.time(), 3600))
+    assert units == {r.node_id: flops_per_token(meta, r.layer_start, r.layer_end) * r.tokens for r in receipts}

@@ -144,7 +144,7 @@ CREATE TABLE IF NOT EXISTS requests (
     created_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS receipts (
     request_id TEXT NOT NULL, stage INTEGER NOT NULL, node_id TEXT NOT NULL, digest TEXT NOT NULL,
-    body TEXT NOT NULL, PRIMARY KEY (request_id, stage));
+    body TEXT NOT NULL, units INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (request_id, stage));
 CREATE INDEX IF NOT EXISTS requests_epoch ON requests(epoch);
 CREATE TABLE IF NOT EXISTS payouts (
     epoch INTEGER NOT NULL, node_id TEXT NOT NULL, units INTEGER NOT NULL, amount INTEGER NOT NULL,
@@ -168,8 +168,10 @@ class ReceiptStore:
     def close(self) -> None:
         self._db.close()
 
-    def record(self, receipts: list[Receipt], *, revenue: int, epoch: int, n_layers: int | None = None) -> None:
-        """Store one request's receipt chain and its revenue atomically; refuses a chain that does not verify."""
+    def record(self, receipts: list[Receipt], *, revenue: int, epoch: int, n_layers: int | None = None,
+               flops: Any = None) -> None:
+        """Store one request's receipt chain and its revenue atomically; refuses a chain that does not verify.
+        With `flops(model_hash, start, end)`, each receipt's work units are computed and stored now."""
         errs = chain_errors(receipts, n_layers)
         if errs:
             raise ValueError("receipt chain rejected: " + "; ".join(errs))
@@ -178,8 +180,9 @@ class ReceiptStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.execute("INSERT INTO requests VALUES (?,?,?,?,?)", (rid, int(epoch), int(revenue), model, time.time()))
-                self._db.executemany("INSERT INTO receipts VALUES (?,?,?,?,?)", [
-                    (r.request_id, r.stage, r.node_id, r.digest, json.dumps(r.to_json())) for r in receipts])
+                self._db.executemany("INSERT INTO receipts VALUES (?,?,?,?,?,?)", [
+                    (r.request_id, r.stage, r.node_id, r.digest, json.dumps(r.to_json()),
+                     flops(r.model_hash, r.layer_start, r.layer_end) * r.tokens if flops else 0) for r in receipts])
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -203,9 +206,15 @@ class ReceiptStore:
                                      "ORDER BY r.request_id, r.stage", (int(epoch),)):
             yield Receipt.from_json(json.loads(b))
 
-    def work_units(self, epoch: int, flops: Any) -> dict[str, int]:
-        """Work units per node in an epoch: Σ over its receipts of flops(model, layers) · tokens."""
+    def work_units(self, epoch: int, flops: Any = None) -> dict[str, int]:
+        """Work units per node in an epoch: Σ over its receipts of flops(model, layers) · tokens (without
+        `flops`: the units stored when the receipts were recorded)."""
         units: dict[str, int] = {}
+        if flops is None:
+            for node, u in self._db.execute("SELECT r.node_id, SUM(r.units) FROM receipts r JOIN requests q "
+                                            "USING (request_id) WHERE q.epoch=? GROUP BY r.node_id", (int(epoch),)):
+                units[node] = int(u)
+            return units
         for r in self.epoch_receipts(epoch):
             units[r.node_id] = units.get(r.node_id, 0) + flops(r.model_hash, r.layer_start, r.layer_end) * r.tokens
         return units
@@ -242,11 +251,31 @@ class EntryReceipts:
         self.epoch_s = int(epoch_s)
         self.kept = 0
         self.rejected = 0
+        self._models: dict[str, Any] = {}  # model hash -> GGUF path, or its FLOPs table once read
+        self._flops: dict[tuple[str, int, int], int] = {}
+
+    def add_model(self, model_hash: str, path: Any) -> None:
+        """Where a model's GGUF file is, so receipts for it get work units from its tensor table."""
+        self._models.setdefault(model_hash, path)
+
+    def flops(self, model_hash: str, start: int, end: int) -> int:
+        key = (model_hash, start, end)
+        if key not in self._flops:
+            from mesh402.economics.workunits import flops_per_token
+            from mesh402.models.gguf_meta import read_gguf_meta
+            src = self._models.get(model_hash)
+            if src is None:
+                raise KeyError(f"no model file known for {model_hash[:16]}")
+            if not hasattr(src, "n_layers"):
+                src = self._models[model_hash] = read_gguf_meta(src)
+            self._flops[key] = flops_per_token(src, start, end)
+        return self._flops[key]
 
     def _record(self, receipts: list[Receipt]) -> None:
         import logging
         try:
-            self.store.record(receipts, revenue=0, epoch=epoch_of(time.time(), self.epoch_s))
+            flops = self.flops if receipts and receipts[0].model_hash in self._models else None
+            self.store.record(receipts, revenue=0, epoch=epoch_of(time.time(), self.epoch_s), flops=flops)
             self.kept += 1
         except Exception as e:
             self.rejected += 1

@@ -7,6 +7,8 @@ address account, uint256 amount))), and inner nodes hash their two children in s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 
 def _keccak(data: bytes) -> bytes:
@@ -78,13 +80,32 @@ class EpochPayout:
     gas: int | None = None
 
 
-def plan_epoch(store: Any, epoch: int, flops: Any, accounts: dict[str, str]) -> EpochPayout:
-    """Split the epoch's revenue among the nodes in its receipts by work units. Nodes with no payout
-    account (no verified ERC-8004 agent wallet) keep their share in `amounts` but get no leaf; their
-    share stays with the entry node until they register."""
+def epoch_revenue(ledger_path: Path, epoch: int, epoch_s: int) -> int:
+    """Revenue the entry node earned in an epoch, from its payment ledger: settled per-request payments
+    made in the epoch, plus prepaid credit drawn down by usage in the epoch (credit is earned when used)."""
+    import sqlite3
+    if not Path(ledger_path).exists():
+        return 0
+    t0, t1 = epoch * epoch_s, (epoch + 1) * epoch_s
+    db = sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True)
+    try:
+        paid = db.execute("SELECT COALESCE(SUM(amount),0) FROM payments WHERE state='settled' AND kind='request' "
+                          "AND created >= ? AND created < ?", (t0, t1)).fetchone()[0]
+        used = db.execute("SELECT COALESCE(-SUM(delta),0) FROM credit_events WHERE kind='usage' AND ts >= ? AND ts < ?",
+                          (t0, t1)).fetchone()[0]
+    finally:
+        db.close()
+    return int(paid) + int(used)
+
+
+def plan_epoch(store: Any, epoch: int, flops: Any, accounts: dict[str, str], *, revenue: int | None = None
+               ) -> EpochPayout:
+    """Split the epoch's revenue (default: what the receipts store recorded) among the nodes in its receipts
+    by work units. Nodes with no payout account (no verified ERC-8004 agent wallet) keep their share in
+    `amounts` but get no leaf; their share stays with the entry node until they register."""
     from mesh402.economics.workunits import split_pro_rata
     units = store.work_units(epoch, flops)
-    revenue = store.revenue(epoch)
+    revenue = store.revenue(epoch) if revenue is None else int(revenue)
     return EpochPayout(epoch, revenue, units, split_pro_rata(revenue, units),
                        {n: a for n, a in accounts.items() if n in units})
 

@@ -351,6 +351,8 @@ class DistributedRuntime(Failover):
         engine0 = await self._run(self._load_engine, entry, (host.start, host.end))
         hops = tuple(Hop(s.node_id, s.start, s.end) for s in plan.stages[1:])
         chain = Chain(entry.model_id, key.rsplit("@", 1)[1], plan.epoch, host.end, hops)
+        if self.receipts is not None and entry.source.format == "gguf":
+            self.receipts.add_model(chain.content_hash, entry.source.path)  # work units from its tensor table
         return PipelineModel(engine0, chain, self._connect, self, self.executor, wire_dtype=self.wire_dtype,
                              timer=StepTimer(floor_s=self.node.config.timers.stage_step_floor_s),
                              signer=getattr(self.mesh, "identity", None), receipt_sink=self.receipts)
