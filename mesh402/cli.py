@@ -150,12 +150,13 @@ def serve(
     _mesh.run_node(node)
 
 
-from mesh402.economics.cli import chain_app, chat_cmd, facilitator_cmd, register_cmd  # noqa: E402
+from mesh402.economics.cli import chain_app, chat_cmd, facilitator_cmd, payout_cmd, register_cmd  # noqa: E402
 
 app.add_typer(chain_app, name="chain")
 app.command("facilitator")(facilitator_cmd)
 app.command("chat")(chat_cmd)
 app.command("register")(register_cmd)
+app.command("payout")(payout_cmd)
 
 
 @app.command()

@@ -216,3 +216,55 @@ def test_stage_tallies_chain_when_payloads_pass_unchanged() -> None:
     good = run(False)
     assert chain_errors(good, 30) == [] and good[0].tokens == 9
     assert any("input hash" in e for e in chain_errors(run(True), 30))
+
+
+def test_mesh402_payout_pays_an_epoch_to_registered_nodes_by_work_units(tmp_path: Path) -> None:
+    import sqlite3
+
+    from mesh402.economics.cli import earnings_status_lines
+    from mesh402.economics.identity import register_node
+    from mesh402.economics.ledger import Ledger
+    from mesh402.models.gguf_meta import read_gguf_meta
+    from tests._engine_util import smollm2_gguf
+    from tests.chainutil import start_chain
+    from tests.procs import MESH402
+    meta = read_gguf_meta(smollm2_gguf())
+    home = tmp_path / "entry"
+    home.mkdir()
+    s0, s1 = NodeIdentity.generate(), NodeIdentity.generate()
+    st = ReceiptStore(home / "receipts.sqlite")
+    for i, t in enumerate([30, 5, 64]):
+        st.record(chain_for(f"p{i}", [s0, s1], [0, 15, 30], t), revenue=0, epoch=5, n_layers=30,
+                  flops=lambda h, a, b: flops_per_token(meta, a, b))
+    st.close()
+    Ledger(home / "payments.sqlite")  # the node's payment ledger: 3 paid requests and some credit used in epoch 5
+    db = sqlite3.connect(home / "payments.sqlite")
+    for i in range(3):
+        db.execute("INSERT INTO payments (auth_id, payer, amount, kind, state, created, updated) VALUES "
+                   "(?, 'b', 10000, 'request', 'settled', ?, ?)", (f"a{i}", 5 * 3600 + 10 + i, 5 * 3600 + 11 + i))
+    db.execute("INSERT INTO payments (auth_id, payer, amount, kind, state, created) VALUES "
+               "('late', 'b', 99999, 'request', 'settled', ?)", (6 * 3600 + 1,))  # next epoch: not counted
+    db.execute("INSERT INTO credit_events (payer, delta, kind, ts) VALUES ('b', -500, 'usage', ?)", (5 * 3600 + 99,))
+    db.commit()
+    db.close()
+    chain = start_chain(tmp_path, buyers=1)
+    try:
+        w3 = chain.w3()
+        reg = chain.dep.contracts["IdentityRegistry"]
+        register_node(w3, chain.key("node-0"), reg, "https://a/.well-known/agent-registration.json", s0)
+        register_node(w3, chain.key("node-1"), reg, "https://b/.well-known/agent-registration.json", s1)
+        b0, b1 = chain.balance("node-0"), chain.balance("node-1")
+        args = [*MESH402, "payout", "--home", str(home), "--epoch", "5", "--epoch-seconds", "3600",
+                "--deployment", str(chain.dir), "--account", "buyer-0", "--push"]
+        r = subprocess.run(args, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        pay = split_pro_rata(30_500, {s0.node_id_hex: flops_per_token(meta, 0, 15) * 99,
+                                      s1.node_id_hex: flops_per_token(meta, 15, 30) * 99})
+        assert chain.balance("node-0") - b0 == pay[s0.node_id_hex]
+        assert chain.balance("node-1") - b1 == pay[s1.node_id_hex]
+        again = subprocess.run(args, capture_output=True, text=True, timeout=120)
+        assert again.returncode != 0  # the epoch is already published
+        assert earnings_status_lines(home)[0].startswith("earnings epoch 5: ")
+        print("\n" + r.stdout)
+    finally:
+        chain.proc.stop()

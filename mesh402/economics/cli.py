@@ -343,3 +343,93 @@ def _binding_state(home: Path, info: dict[str, Any], w3: Any) -> str:
         return "verified" if verify_binding(w3, info["registry"], int(info["agentId"]), nid) else "UNVERIFIED"
     except Exception as e:
         return f"unchecked ({type(e).__name__})"
+
+
+def payout_cmd(
+    home: HomeOpt = None,
+    epoch: Annotated[Optional[int], typer.Option(help="Epoch number (default: the last complete one).")] = None,
+    epoch_seconds: Annotated[int, typer.Option(help="Epoch length the node uses (payments.epoch_s).")] = 3600,
+    deployment: Annotated[Optional[Path], typer.Option(help="deployment.json from `mesh402 chain dev`.")] = None,
+    account: Annotated[Optional[str], typer.Option(help="Account in the deployment file that holds the revenue (the node's pay-to).")] = None,
+    key_file: Annotated[Optional[Path], typer.Option(help="File (0600) with the key of the wallet that holds the revenue; or env MESH402_PAYOUT_KEY.")] = None,
+    network: Annotated[Optional[str], typer.Option(help="base-sepolia, base or eip155:N.")] = None,
+    rpc_url: Annotated[Optional[str], typer.Option(help="Chain RPC URL.")] = None,
+    rewards: Annotated[Optional[str], typer.Option(help="EpochRewards contract address (default: the deployment's).")] = None,
+    registry: Annotated[Optional[str], typer.Option("--identity-registry", help="IdentityRegistry address (default: the network's).")] = None,
+    push: Annotated[bool, typer.Option("--push", help="Also send every claim (the entry pays the gas), instead of leaving them to the nodes.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the split and send nothing.")] = False,
+) -> None:
+    """Pay an epoch's revenue to the nodes that served it, by work units, through the EpochRewards contract."""
+    import json as _json
+    import time as _time
+
+    from mesh402.economics.chain import web3_for
+    from mesh402.economics.identity import identity_contract, registered_agents
+    from mesh402.economics.networks import NAMED, Deployment, erc8004_registries
+    from mesh402.economics.receipts import ReceiptStore, epoch_of
+    from mesh402.economics.rewards import claim, epoch_revenue, plan_epoch, publish_epoch
+
+    h = resolve_home(home)
+    if not (h / "receipts.sqlite").exists():
+        _fail(f"no receipts in {h} (a paid entry node keeps them for split requests)")
+    dep = None
+    if deployment is not None:
+        try:
+            dep = Deployment.load(deployment)
+        except ValueError as e:
+            _fail(str(e))
+    ep = epoch if epoch is not None else epoch_of(_time.time(), epoch_seconds) - 1
+    url = rpc_url or (dep.rpc_url if dep else None) or (NAMED[network].rpc_url if network in NAMED else None)
+    if url is None:
+        _fail("pass --rpc-url or --deployment")
+    rewards_addr = rewards or (dep.contracts.get("EpochRewards") if dep else None)
+    if not rewards_addr:
+        _fail("pass --rewards (the EpochRewards contract) or --deployment")
+    try:
+        reg = registry or erc8004_registries(network, dep)["IdentityRegistry"]
+    except ValueError as e:
+        _fail(str(e))
+    w3 = web3_for(url)
+    # payout accounts: the agentWallet of each node's ERC-8004 agent whose node binding verifies
+    accounts: dict[str, str] = {}
+    ident = identity_contract(w3, reg)
+    for info in registered_agents(w3, ident.address):
+        if info.node_id:
+            wallet = ident.functions.getAgentWallet(info.agent_id).call()
+            if int(wallet, 16):
+                accounts[info.node_id] = wallet
+    store = ReceiptStore(h / "receipts.sqlite")
+    revenue = epoch_revenue(h / "payments.sqlite", ep, epoch_seconds)
+    plan = plan_epoch(store, ep, None, accounts, revenue=revenue)
+    if not plan.units:
+        _fail(f"epoch {ep}: no receipts")
+    total_units = sum(plan.units.values())
+    console.print(f"epoch {ep}: revenue {revenue / 1e6:.6f}, {len(plan.units)} nodes, {total_units:.4g} work units",
+                  highlight=False)
+    for node, u in sorted(plan.units.items()):
+        acct = plan.accounts.get(node) or "(no verified agent: kept by the entry)"
+        console.print(f"  {node[:12]}  units {u:.4g} ({u / total_units:.1%})  pays {plan.amounts[node] / 1e6:.6f}  to {acct}",
+                      highlight=False)
+    if dry_run:
+        return
+    if key_file is None and dep is not None and account and not os.environ.get("MESH402_PAYOUT_KEY"):
+        key_file = dep.key_file(account)
+    key = load_key(key_file, "MESH402_PAYOUT_KEY", "payout key")
+    if not any(plan.amounts.get(n, 0) > 0 for n in plan.accounts):
+        _fail("nothing to pay: no node with work in this epoch has a verified agent wallet")
+    try:
+        publish_epoch(w3, key, rewards_addr, plan)
+        gas = {"approve+publish": plan.gas}
+        if push:
+            gas["claims"] = sum(int(claim(w3, key, rewards_addr, plan.tree, a)["gasUsed"]) for a in plan.tree.amounts)
+    except Exception as e:
+        _fail(f"payout failed: {e}")
+    store.save_payout(ep, revenue, {n: (plan.units[n], plan.amounts[n], plan.accounts.get(n)) for n in plan.units},
+                      epoch_id=hex(plan.tree.epoch_id), root=plan.tree.root.hex(), tx=plan.tx)
+    proofs = {a: {"amount": v, "proof": ["0x" + p.hex() for p in plan.tree.proofs[a]]} for a, v in plan.tree.amounts.items()}
+    (h / f"payout-epoch-{ep}.json").write_text(_json.dumps(
+        {"epoch": ep, "epochId": hex(plan.tree.epoch_id), "root": "0x" + plan.tree.root.hex(), "rewards": rewards_addr,
+         "tx": plan.tx, "claims": proofs}, indent=1))
+    console.print(f"published epoch {ep} root 0x{plan.tree.root.hex()[:16]}… in {plan.tx}; gas "
+                  + ", ".join(f"{k} {v}" for k, v in gas.items()), highlight=False)
+    console.print(f"claims: {h / f'payout-epoch-{ep}.json'}" + (" (all sent)" if push else ""), highlight=False)

@@ -125,7 +125,8 @@ def publish_epoch(w3: Any, key: str, rewards_address: str, plan: EpochPayout) ->
     tree = build_tree(eid, by_account)
     gas = int(send_tx(w3, key, token.functions.approve(rw.address, tree.total))["gasUsed"])
     rcpt = send_tx(w3, key, rw.functions.publish(plan.epoch, tree.root, tree.total))
-    plan.tree, plan.tx, plan.gas = tree, rcpt["transactionHash"].hex(), gas + int(rcpt["gasUsed"])
+    tx = rcpt["transactionHash"].hex()
+    plan.tree, plan.tx, plan.gas = tree, tx if tx.startswith("0x") else "0x" + tx, gas + int(rcpt["gasUsed"])
     return plan
 
 
