@@ -255,6 +255,8 @@ class MeshRuntime:
             log.warning("console port %d busy; using %d", s.console_port, sock.getsockname()[1])
         self.console_port = sock.getsockname()[1]
         app = create_management_app(self.mesh, node_info=self._node_info, token=token)
+        from mesh402.api import earnings  # GET /api/earnings: epoch payouts per node (mesh402.economics)
+        earnings.install(app, self.node.config.home)
         cfg = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=1)
         self.console_server = _ConsoleServer(cfg)
         self.console_task = asyncio.create_task(self.console_server.serve(sockets=[sock]))
