@@ -37,6 +37,7 @@ def mesh(tmp_path_factory) -> Iterator[tuple[MeshNodes, dict[str, MeshNode]]]:
                        if k.startswith("plan:" + MODEL) and '"ready":true' in p["announcement"]["labels"][k])
 
         wait_until(lambda: replicas() == 2, 90, step=0.3, what="two replicas ready")
+        wait_until(lambda: ask(c, "warm-up").status_code == 200, 30, step=0.3, what="client routes to a replica")
         yield nodes, {"r1": r1, "r2": r2, "s": s, "c": c}
     finally:
         nodes.stop_all()
