@@ -1,0 +1,46 @@
+"""--discover-registry: a node finds a mesh through the ERC-8004 registry (a registered node whose binding
+verifies, serving a registration file with a live listing of its open mesh) and joins it; a mesh that
+admits by secret is listed without an invite."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.chainutil import start_chain
+from tests.meshutil import MeshNodes, wait_until
+from tests.procs import MESH402
+
+
+def register(chain_dir: Path, home: Path, account: str) -> None:
+    r = subprocess.run([*MESH402, "register", "--home", str(home), "--deployment", str(chain_dir), "--account", account],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "node binding verified" in r.stdout, r.stdout + r.stderr
+
+
+def test_discover_registry_joins_a_registered_open_mesh(tmp_path: Path) -> None:
+    from mesh402.economics.toolchain import tools_ready
+    if not tools_ready():
+        pytest.fail("the npm contract toolchain is missing: run bash scripts/setup-dev-extra.sh")
+    chain = start_chain(tmp_path, buyers=1)
+    nodes = MeshNodes(tmp_path / "nodes")
+    try:
+        secret = nodes.start("secret")
+        register(chain.dir, secret.home, "node-0")
+        o = nodes.start("open", extra=["--mesh-policy", "open"])
+        register(chain.dir, o.home, "node-1")
+        doc = httpx.get(f"http://127.0.0.1:{o.api_port}/.well-known/agent-registration.json", timeout=10).json()
+        listing = doc["mesh402"]["listing"]
+        assert listing["policy"] == "open" and listing["invite"] and listing["publisher_node"] == o.node_id
+        doc_s = httpx.get(f"http://127.0.0.1:{secret.api_port}/.well-known/agent-registration.json", timeout=10).json()
+        assert doc_s["mesh402"]["listing"]["policy"] == "private" and doc_s["mesh402"]["listing"]["invite"] == ""
+        c = nodes.start("c", extra=["--discover-registry", str(chain.dir)])
+        wait_until(lambda: c.status()["mesh_id"] == o.status()["mesh_id"], timeout=30,
+                   what="the --discover-registry node joins the registered open mesh")
+        nodes.wait_full_mesh([o, c], timeout=30)
+    finally:
+        nodes.stop_all()
+        chain.proc.stop()
