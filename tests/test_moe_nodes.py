@@ -81,8 +81,12 @@ def mesh2(tmp_path_factory, moe_model) -> Iterator[tuple]:
 
 
 def ask(node, model: str) -> str:
-    r = httpx.post(f"http://127.0.0.1:{node.api_port}/v1/chat/completions", timeout=180,
-                   json={"model": model, "messages": MESSAGES, "temperature": 0, "max_tokens": MAX_TOKENS})
+    for _ in range(3):  # 503 + Retry-After is the API's answer while a peer looks briefly unreachable
+        r = httpx.post(f"http://127.0.0.1:{node.api_port}/v1/chat/completions", timeout=180,
+                       json={"model": model, "messages": MESSAGES, "temperature": 0, "max_tokens": MAX_TOKENS})
+        if r.status_code != 503:
+            break
+        time.sleep(float(r.headers.get("retry-after", "1")))
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["message"]["content"]
 

@@ -298,9 +298,11 @@ class DistributedRuntime(Failover):
     async def _ensure_hosting(self, key: str, entry: ModelEntry, snap: MeshSnapshot) -> None:
         layout = await asyncio.to_thread(self._layout, key, entry)
         cur = self.hosted.get(key)
+        live = None  # a working expert split re-placed by gate usage: it serves until the new one is ready
         if cur is not None and all(n in snap for n in cur.plan.nodes) and not _experts_down(cur):
             if not self._hot_experts_need_copies(key, cur, layout, snap):
                 return  # an incumbent plan that still works is kept
+            live = cur
         epoch = self._seen_epoch(key) + 1
         plan: Any = None
         if layout.experts is not None and not fits(layout.total_bytes, snap.capacity(self.me)):
@@ -311,6 +313,8 @@ class DistributedRuntime(Failover):
                 plan = None
         if plan is None:
             plan = plan_model(key, layout, snap, epoch=epoch, max_split_rtt_ms=self.max_split_rtt_ms)
+        if isinstance(plan, WaitingForCapacity) and live is not None:
+            return  # no better placement now: keep the working split
         if isinstance(plan, WaitingForCapacity):
             self._drop_hosting(key)
             self.waiting[key] = plan.reason
@@ -318,11 +322,14 @@ class DistributedRuntime(Failover):
             return
         self.waiting.pop(key, None)
         self.epochs[key] = epoch
-        entry.state = "loading"
+        if live is None:
+            entry.state = "loading"
         try:
             serving = await self._apply(key, entry, plan, layout)
         except Exception as e:
             log.warning("plan epoch %d for %s failed: %s", epoch, key, e)
+            if live is not None:  # keep serving with the split that works
+                return
             entry.local, entry.state, entry.error = None, "waiting", f"plan failed: {e}"
             self.hosted.pop(key, None)
             return

@@ -495,5 +495,5 @@ class ExpertService:
                     await fs.send(stage_frame(K.STAGE_KIND_EXPERT_RESULT, activations=reply))
                 else:
                     raise StageError(f"unexpected stage kind {sf.kind} on an expert stream", code="protocol")
-            except (StageError, KeyError, ValueError, OSError) as e:
+            except Exception as e:  # noqa: BLE001 - answered as an ERROR frame; the stream stays usable
                 await fs.send(error_frame("", str(e), "", getattr(e, "code", "expert_error")))
