@@ -97,6 +97,7 @@ def serve(
     asset_name: Annotated[Optional[str], typer.Option(help="The token's EIP-712 domain name.", rich_help_panel="Payments")] = None,
     asset_version: Annotated[Optional[str], typer.Option(help="The token's EIP-712 domain version.", rich_help_panel="Payments")] = None,
     credit_topup: Annotated[Optional[str], typer.Option(help="Metered billing: smallest credit purchase in USDC (default 0.10).", rich_help_panel="Payments")] = None,
+    epoch_seconds: Annotated[int, typer.Option("--epoch-seconds", help="Payout epoch: the stages' work receipts of split requests are grouped (and paid with `mesh402 payout`) per this many seconds.", rich_help_panel="Payments")] = 3600,
 ) -> None:
     """Start a node: load models and serve the OpenAI-compatible API."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
@@ -114,6 +115,9 @@ def serve(
         payments = payments_config(price=price, price_per_1k=price_per_1k, pay_to=pay_to, facilitator=facilitator,
                                    network=network, deployment=deployment, asset=asset, asset_name=asset_name,
                                    asset_version=asset_version, credit_topup=credit_topup)
+        if epoch_seconds <= 0:
+            raise ValueError("--epoch-seconds must be positive")
+        payments.epoch_s = epoch_seconds
     except (ModelNotFound, ValueError) as e:
         _fail(str(e))
     if no_model:
