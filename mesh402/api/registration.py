@@ -11,11 +11,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse
-
-from mesh402.api.errors import APIError
-
 REGISTRATION_PATH = "/.well-known/agent-registration.json"
 REGISTRATION_FILE = "agent-registration.json"
 
@@ -28,9 +23,13 @@ def read_registration(home: Path) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def install(app: FastAPI, home: Path) -> None:
+def install(app: Any, home: Path) -> None:
+    from fastapi.responses import JSONResponse
+
+    from mesh402.api.errors import APIError
+
     @app.get(REGISTRATION_PATH, include_in_schema=False)
-    async def agent_registration() -> JSONResponse:
+    async def agent_registration():  # noqa: ANN202 (FastAPI reads annotations; JSONResponse is local)
         doc = read_registration(home)
         if doc is None:
             raise APIError(404, "this node has no ERC-8004 registration (run: mesh402 register)",
