@@ -1,14 +1,14 @@
 """MoE expert-parallel benchmark: decode tok/s solo vs experts spread over processes on loopback.
 
     .venv/bin/python benchmarks/moe.py [--layers 4] [--experts 16] [--hidden 1024] [--decode-tokens 32]
-                                       [--delays-ms 0,2,10] [--quant Q8_0]
+                                       [--delays-ms 0,2,10] [--quant Q8_0] [--mode exact|fast]
 
 Writes a random-weight qwen3moe GGUF (llama.cpp layout), then for each configuration runs greedy
 decode: solo (one process holds every expert), and expert parallel with 2 and 3 nodes (the host
 holds the trunk and a share of the experts; the others are separate processes serving their experts
 over TCP on 127.0.0.1). Reports decode tok/s, bytes on the wire per token, and the same with a
 simulated delay added to every host->node request. Every expert-parallel run must produce the same
-tokens as solo (checked). Writes benchmarks/results/moe.json.
+tokens as solo (checked). Writes benchmarks/results/moe-<mode>.json.
 """
 
 from __future__ import annotations
@@ -93,20 +93,23 @@ def write_model(path: Path, *, layers: int, experts: int, used: int, hidden: int
     w.close()
 
 
-def _shard_main(path: str, experts: list, threads: int, q: "mp.Queue") -> None:
+def _shard_main(path: str, experts: list, threads: int, q: "mp.Queue", mode: str = "exact") -> None:
     import torch
 
     torch.set_num_threads(threads)
     from mesh402.serving.experts import ExpertShardWorker, serve_expert_shard
 
-    worker = ExpertShardWorker(path, [tuple(e) for e in experts])
+    worker = ExpertShardWorker(path, [tuple(e) for e in experts], mode=mode)
     serve_expert_shard(worker, 0, ready=lambda port: q.put((port, worker.weight_bytes)))
+
+
+MODE = "exact"
 
 
 def run_decode(path: Path, prompt: list[int], n: int, experts=None) -> tuple[list[int], float, object]:
     from mesh402.engine import Engine
 
-    eng = Engine.load(path, load_tokenizer=False, experts=experts)
+    eng = Engine.load(path, load_tokenizer=False, experts=experts, mode=MODE)
     s = eng.new_session(len(prompt) + n + 1)
     logits = s.prefill(prompt)
     toks, t_first = [], None
@@ -134,7 +137,10 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--delays-ms", default="0,2,10")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--mode", choices=("exact", "fast"), default="exact")
     args = ap.parse_args()
+    global MODE
+    MODE = args.mode
 
     import torch
 
@@ -165,13 +171,13 @@ def main() -> None:
         procs, addrs = [], {}
         for k in range(1, n_nodes):
             q = ctx.Queue()
-            p = ctx.Process(target=_shard_main, args=(str(path), held[k], args.threads, q), daemon=True)
+            p = ctx.Process(target=_shard_main, args=(str(path), held[k], args.threads, q, args.mode), daemon=True)
             p.start()
             port, _ = q.get(timeout=120)
             procs.append(p)
             addrs[f"n{k}"] = ("127.0.0.1", port)
         owners = {ex: (("host",) if ex[1] % n_nodes == 0 else (f"n{ex[1] % n_nodes}",)) for ex in all_experts}
-        bank = ExpertBank(src, held[0])
+        bank = ExpertBank(src, held[0], mode=args.mode)
         try:
             for d in delays:
                 tr = SocketTransport(addrs, delay_s=d / 1000.0)
@@ -182,7 +188,7 @@ def main() -> None:
                 r2 = RemoteExperts(owners, tr2, local=bank, local_node="host")
                 from mesh402.engine import Engine
 
-                eng = Engine.load(path, load_tokenizer=False, experts=r2)
+                eng = Engine.load(path, load_tokenizer=False, experts=r2, mode=args.mode)
                 s = eng.new_session(len(prompt) + 8)
                 lg = s.prefill(prompt)
                 tr2.reset_counters()
@@ -208,9 +214,9 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"model": {"layers": args.layers, "experts": args.experts, "used": args.used, "hidden": args.hidden,
                      "ffe": args.ffe, "quant": args.quant, "file_mb": path.stat().st_size / 1e6},
-           "threads": args.threads, "decode_tokens": args.decode_tokens, "rows": rows,
+           "threads": args.threads, "mode": args.mode, "decode_tokens": args.decode_tokens, "rows": rows,
            "note": "delay is added per host->node request (simulated RTT), nodes are processes on one machine"}
-    (RESULTS / "moe.json").write_text(json.dumps(out, indent=2))
+    (RESULTS / f"moe-{args.mode}.json").write_text(json.dumps(out, indent=2))
     path.unlink()
 
 
