@@ -32,10 +32,15 @@ def test_discover_registry_joins_a_registered_open_mesh(tmp_path: Path) -> None:
         register(chain.dir, secret.home, "node-0")
         o = nodes.start("open", extra=["--mesh-policy", "open"])
         register(chain.dir, o.home, "node-1")
-        doc = httpx.get(f"http://127.0.0.1:{o.api_port}/.well-known/agent-registration.json", timeout=10).json()
-        listing = doc["mesh402"]["listing"]
+        def doc_of(node) -> dict:  # the live listing appears once the node's mesh runtime is up
+            url = f"http://127.0.0.1:{node.api_port}/.well-known/agent-registration.json"
+            wait_until(lambda: "listing" in httpx.get(url, timeout=10).json()["mesh402"], timeout=60,
+                       what="a listing in the registration file")
+            return httpx.get(url, timeout=10).json()
+
+        listing = doc_of(o)["mesh402"]["listing"]
         assert listing["policy"] == "open" and listing["invite"] and listing["publisher_node"] == o.node_id
-        doc_s = httpx.get(f"http://127.0.0.1:{secret.api_port}/.well-known/agent-registration.json", timeout=10).json()
+        doc_s = doc_of(secret)
         assert doc_s["mesh402"]["listing"]["policy"] == "private" and doc_s["mesh402"]["listing"]["invite"] == ""
         c = nodes.start("c", extra=["--discover-registry", str(chain.dir)])
         wait_until(lambda: c.status()["mesh_id"] == o.status()["mesh_id"], timeout=30,
