@@ -106,3 +106,59 @@ class PrefixCache:
     def stats(self) -> dict[str, int]:
         return {"entries": len(self._entries), "bytes": self.nbytes, "hits": self.hits, "misses": self.misses,
                 "evictions": self.evictions}
+
+
+# ---- row copies for pipeline stages (the host and each stage keep their own layers' rows)
+
+def copy_rows(session, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Clones of KV rows [0, n) of every stage of a session."""
+    return [(kv.k[:, :, :n].clone(), kv.v[:, :, :n].clone()) for kv in session.kvs]
+
+
+def load_rows(session, rows: list[tuple[torch.Tensor, torch.Tensor]], n: int, tokens: Sequence[int] = ()) -> None:
+    """Put rows [0, n) into an empty session (what prefilling those positions would have written)."""
+    for kv, (k, v) in zip(session.kvs, rows):
+        kv.ensure(n)
+        kv.k[:, :, :n].copy_(k[:, :, :n])
+        kv.v[:, :, :n].copy_(v[:, :, :n])
+        kv.length = n
+    session.tokens[:] = list(tokens[:n])
+
+
+class RowStore:
+    """A bounded LRU of row copies by key (pipeline hosts and stage workers)."""
+
+    def __init__(self, max_entries: int = 16, max_bytes: int = 256 * 1024 * 1024) -> None:
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self._d: OrderedDict = OrderedDict()
+        self.nbytes = 0
+        self._lock = threading.Lock()
+
+    def put(self, key, value, nbytes: int) -> None:
+        with self._lock:
+            if key in self._d:
+                self.nbytes -= self._d.pop(key)[1]
+            self._d[key] = (value, nbytes)
+            self.nbytes += nbytes
+            while len(self._d) > self.max_entries or self.nbytes > self.max_bytes:
+                _, (_, b) = self._d.popitem(last=False)
+                self.nbytes -= b
+
+    def get(self, key):
+        with self._lock:
+            hit = self._d.get(key)
+            if hit is None:
+                return None
+            self._d.move_to_end(key)
+            return hit[0]
+
+    def items(self):
+        with self._lock:
+            return list((k, v[0]) for k, v in self._d.items())
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+def rows_nbytes(rows) -> int:
+    return sum(k.numel() * k.element_size() * 2 for k, _ in rows)

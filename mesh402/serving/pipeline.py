@@ -106,6 +106,13 @@ class PipelineModel:
         self.open_timeout = open_timeout
         self.timer = timer or StepTimer()
         self.stats = PipelineStats()
+        self.prefix: Any = None  # KV prefix reuse across requests (see PipelineStepper._try_prefix)
+        try:
+            from mesh402.engine.prefix import RowStore
+
+            self.prefix = RowStore(max_entries=16)
+        except Exception:  # no torch in this process: no reuse
+            self.prefix = None
 
     @property
     def n_ctx(self) -> int:
@@ -165,6 +172,7 @@ class PipelineStepper:
     sent: list[_Sent] = field(default_factory=list)
     tally: Any = None  # economics.receipts.StageTally of the local stage, when receipts are on
     _released: bool = False
+    _store: tuple | None = None  # (aligned prompt tokens, n): kept for later requests on release
 
     # ---------------------------------------------------------------- chain management
     async def connect_chain(self) -> None:
@@ -273,11 +281,97 @@ class PipelineStepper:
         return await asyncio.get_running_loop().run_in_executor(
             self.model.executor, forward_tokens, self.session, chunk, pos, pad_to, self.model.wire_dtype)
 
+    # ---------------------------------------------------------------- KV prefix reuse
+    # The host keeps, per chunk-aligned prompt prefix, its own KV rows and the frames it sent for
+    # those positions; every stage keeps its rows under a key the host names. A warm request
+    # restores all of them (one round trip) and prefills only the rest, at the same chunk
+    # boundaries as a cold run: identical tokens. The cached frames join `sent`, so a failover
+    # still replays the whole session onto a replacement stage. Any stage missing its rows: the
+    # host drops the chain's sessions and opens fresh ones (a cold run).
+
+    def _prefix_key(self, toks: tuple[int, ...]) -> str:
+        import hashlib
+
+        h = hashlib.sha256(self.model.chain.content_hash.encode() + b"\0" + ",".join(map(str, toks)).encode())
+        return h.hexdigest()[:32]
+
+    async def _try_prefix(self, ids: list[int], C: int) -> list[int]:
+        store = self.model.prefix
+        if store is None or self.sent or len(self.session) or self.link is None or self.chain is None:
+            return ids
+        best, best_n = None, 0
+        for toks, entry in store.items():
+            common = 0
+            for a, b in zip(toks, ids):
+                if a != b:
+                    break
+                common += 1
+            n = min(len(toks), common, len(ids) - 1) // C * C
+            if n > best_n:
+                best, best_n = (toks, entry), n
+        if best is None or best_n < C:
+            return ids
+        toks, (rows, frames) = best
+        m = best_n
+        rkey = self._prefix_key(toks)
+        try:
+            await self.link.send(stage_frame(K.STAGE_KIND_PREFILL, request_id=self.request_id,
+                                             plan_epoch=self.chain.epoch, tokens=ids[:m],
+                                             params={"op": "restore", "key": rkey, "n": str(m), "ok": "1"}))
+            rs = expect_stage(await self.link.recv(self.model.open_timeout), K.STAGE_KIND_RESULT, "prefix restore")
+            ok = rs.params.get("restored") == "1"
+        except Exception as e:
+            log.info("request %s: prefix restore failed (%s); cold run", self.request_id, e)
+            ok = False
+        if not ok:  # some stage lacks the rows: fresh sessions on the same chain
+            old = self.link
+            self.link = None
+            try:
+                await old.send(stage_frame(K.STAGE_KIND_CLOSE, request_id=self.request_id))
+                await old.finish()
+            except Exception:
+                pass
+            await self.connect_chain()
+            return ids
+        from mesh402.engine.prefix import load_rows
+
+        await asyncio.get_running_loop().run_in_executor(self.model.executor, load_rows, self.session, rows, m, ids[:m])
+        self.sent.extend(frames[: m // C])
+        self.cached_tokens = m
+        return ids[m:]
+
+    def _keep_prefix(self) -> None:
+        """On release: keep this prompt's aligned prefix (host rows + frames) and tell the stages."""
+        store, st = self.model.prefix, self._store
+        if store is None or st is None or self.link is None:
+            return
+        toks, n = st
+        C = self.model.engine0.prefill_chunk
+        frames = [dataclasses.replace(f, sample=False) for f in self.sent[: n // C]]
+        if len(frames) != n // C or any(f.kind != K.STAGE_KIND_PREFILL or f.position != i * C or f.n_real != C
+                                        for i, f in enumerate(frames)):
+            return
+        from mesh402.engine.prefix import copy_rows, rows_nbytes
+
+        def keep() -> None:
+            rows = copy_rows(self.session, n)
+            store.put(toks, (rows, frames), rows_nbytes(rows) + sum(len(f.payload) for f in frames))
+
+        self.model.executor.submit(keep)  # before the session closes (same single engine thread)
+        self._store_frame = stage_frame(K.STAGE_KIND_PREFILL, request_id=self.request_id,
+                                        plan_epoch=self.chain.epoch if self.chain else 0,
+                                        params={"op": "store", "key": self._prefix_key(toks), "n": str(n)})
+
     async def prefill(self, ids: list[int]) -> int:
         from mesh402.engine.chunks import prefill_steps
 
         C = self.model.engine0.prefill_chunk
         token: int | None = None
+        prompt = list(ids)
+        ids = await self._try_prefix(prompt, C)
+        n_al = len(prompt) // C * C
+        if n_al >= C and n_al > self.cached_tokens:
+            self._store = (tuple(prompt[:n_al]), n_al)
         steps = prefill_steps(len(self.session), len(ids), C)
         for i, (off, n) in enumerate(steps):
             pos = len(self.session)
@@ -316,11 +410,19 @@ class PipelineStepper:
         if self._released:
             return
         self._released = True
+        self._store_frame = None
+        try:
+            self._keep_prefix()
+        except Exception as e:  # reuse is an optimisation: never fail a release over it
+            log.info("request %s: prefix not kept: %s", self.request_id, e)
         self.model.executor.submit(self.session.close)
         link = self.link
+        store_frame = self._store_frame
         if link is not None:
             async def close() -> None:
                 try:
+                    if store_frame is not None:
+                        await link.send(store_frame)
                     if self.tally is not None and self.sent:
                         await self._collect_receipts(link)
                     else:

@@ -70,6 +70,7 @@ class StageWorker:
         self.epochs: dict[str, int] = {}  # content_hash -> newest accepted plan epoch
         self.stats = StageStats()
         self._loading: dict[StageKey, asyncio.Future[Any]] = {}
+        self.prefix_rows: Any = None  # KV rows of prompt prefixes the host asked to keep (RowStore)
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -177,6 +178,41 @@ class StageWorker:
                 except Exception:
                     pass
 
+    async def _prefix_op(self, up: Link, down: Link | None, engine: Any, session: Any, sf: pb.StageFrame,
+                         history: list[int]) -> None:
+        """`store`: keep this session's rows [0, n) under the host's key (no reply). `restore`: put them
+        into this still-empty session; the last stage answers whether every stage had them."""
+        from mesh402.engine.prefix import RowStore, copy_rows, load_rows, rows_nbytes
+
+        if self.prefix_rows is None:
+            self.prefix_rows = RowStore(max_entries=16)
+        op, n = sf.params.get("op"), int(sf.params.get("n", "0") or 0)
+        key = (id(engine), tuple(engine.layers), sf.params.get("key", ""))
+        if op == "store":
+            if 0 < n <= len(session):
+                rows = await self._run(copy_rows, session, n)
+                self.prefix_rows.put(key, rows, rows_nbytes(rows))
+            if down is not None:
+                await down.send(stage_frame(sf.kind, request_id=sf.request_id, plan_epoch=sf.plan_epoch,
+                                            params=dict(sf.params)))
+            return
+        rows = self.prefix_rows.get(key) if op == "restore" else None
+        ok = sf.params.get("ok") == "1" and rows is not None and len(session) == 0 and n > 0
+        if ok:
+            await self._run(load_rows, session, rows, n)
+        if down is None:
+            if ok:
+                history.extend(sf.tokens[:n])
+            await up.send(stage_frame(K.STAGE_KIND_RESULT, request_id=sf.request_id, plan_epoch=sf.plan_epoch,
+                                      params={"restored": "1" if ok else "0"}))
+            return
+        await down.send(stage_frame(sf.kind, request_id=sf.request_id, plan_epoch=sf.plan_epoch, tokens=list(sf.tokens),
+                                    params={**dict(sf.params), "ok": "1" if ok else "0"}))
+        reply = await down.recv(self.step_timeout)
+        if reply is None:
+            raise StageError("next stage closed during a prefix restore", code="unreachable")
+        await up.send(reply)
+
     async def _close_receipts(self, up: Link, down: Link | None, close: pb.StageFrame, tally: Any) -> None:
         """Sign this stage's receipt after those of the stages before it (carried by CLOSE), pass CLOSE on,
         and send the whole chain of receipts back up (what the next stage returned, else ours)."""
@@ -231,6 +267,9 @@ class StageWorker:
                 return
             if sf.kind not in (K.STAGE_KIND_PREFILL, K.STAGE_KIND_DECODE):
                 raise StageError(f"unexpected stage kind {sf.kind} in a session", code="protocol")
+            if sf.params.get("op"):  # KV prefix reuse: keep or restore rows (no activations)
+                await self._prefix_op(up, down, engine, session, sf, history)
+                continue
             n_real = int(sf.params.get("n_real", len(sf.tokens)))
             self.stats.bytes_in += len(sf.activations)
             try:
