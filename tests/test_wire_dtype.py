@@ -24,8 +24,7 @@ from mesh402.serving.stage_link import Hop, MemoryLink
 from mesh402.serving.stage_worker import StageKey, StageWorker
 
 PATH = bundled_model_path()
-PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.",
-           "Explain in two sentences why the sky is blue."]
+PROMPTS = ["What is the capital of France?", "Write a short poem about the sea."]
 SPLIT = 15
 
 
