@@ -30,6 +30,7 @@ def paid_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DevCha
         fac, fac_url = start_facilitator(tmp, chain)
         procs.append(fac)
         host = nodes.start("host", no_model=False)
+        nodes.start("replica", join=host.token(), no_model=False)
         entry = nodes.start("entry", join=host.token(), extra=[
             "--price", "0.01", "--pay-to", "node-0", "--deployment", str(chain.dir), "--facilitator", fac_url])
         wait_until(lambda: any(m.get("state") == "ready" for m in httpx.get(
@@ -67,3 +68,31 @@ def test_entry_charges_once_for_a_model_hosted_elsewhere(paid_mesh) -> None:
     assert chain.balance(seller) == s0 + PRICE
     # the host was not charged again and took no payment of its own: it has no ledger at all
     assert not (host.home / "payments.sqlite").exists()
+
+
+def test_paid_request_retries_on_another_replica_when_the_chosen_one_died(paid_mesh) -> None:
+    import asyncio
+
+    from x402.http.clients import x402HttpxClient
+
+    chain, nodes, _, entry = paid_mesh
+    buyer = chain.dep.address("buyer-0")
+    body = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Say hi"}],
+            "max_tokens": 4, "temperature": 0, "user": "sticky-buyer"}
+
+    async def buy() -> httpx.Response:
+        async with x402HttpxClient(x402_client(chain.key("buyer-0"), chain.dep), timeout=120) as c:
+            return await c.post(f"http://127.0.0.1:{entry.api_port}/v1/chat/completions", json=body)
+
+    wait_until(lambda: sum(m.get("state") == "ready" for m in httpx.get(
+        f"http://127.0.0.1:{entry.api_port}/v1/models", timeout=5).json()["data"]) >= 1, timeout=60)
+    first = asyncio.run(buy())
+    assert first.status_code == 200, first.text
+    served = first.headers["x-mesh402-route"].split("node=")[1].split(";")[0]
+    victim = next(n for n in nodes.nodes if n.name in ("host", "replica") and n.node_id.startswith(served))
+    b0 = chain.balance(buyer)
+    nodes.kill9(victim)
+    second = asyncio.run(buy())  # the sticky choice is dead: the entry retries on the other replica
+    assert second.status_code == 200, second.text
+    assert served not in second.headers["x-mesh402-route"]
+    wait_until(lambda: chain.balance(buyer) == b0 - PRICE, timeout=30, what="paid exactly once for the retry")

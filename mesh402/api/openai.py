@@ -254,35 +254,18 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
                               config.timers.retry_after_s, code="waiting_for_capacity")
         raise unavailable(f"model {entry.model_id} failed to load: {entry.error}", 30)
 
-    async def proxy(request: Request, route: Any, req: Any = None) -> Response:
-        """Carry the request over the mesh to the model's host; the answer streams back as it comes."""
+    async def open_tunnel(request: Request, route: Any, body: bytes, *, local_ok: bool = True) -> Any:
+        """Tunnel to the chosen replica, else to the next ones when a connection fails before the answer
+        starts. Returns (route, status, headers, chunks), or None when a local replica should serve."""
         dist = app.state.distributed
-        if gate is not None and req is not None:  # the entry node charges for what it routes
-            from mesh402.economics.proxy import paid_proxy
-
-            async def send(body: bytes) -> Any:
-                try:
-                    return await tunnel_forward(
-                        lambda: dist.mesh.open_stream(bytes.fromhex(route.host), StreamType.HTTP_TUNNEL),
-                        request.method, request.url.path, dict(request.headers), body, uuid.uuid4().hex)
-                except Exception as e:
-                    raise unavailable(f"the host of {route.model_id} did not answer ({type(e).__name__}); retry "
-                                      "shortly", config.timers.retry_after_s, code="host_unreachable") from None
-            resp = await paid_proxy(gate, request, route.model_id, req, config.limits.default_max_tokens, send)
-            resp.headers.update(route_header(request, route.model_id, route.host, "mesh"))
-            return resp
-        body = await request.body()
-        if getattr(request.state, "route", None) is not None:  # the host must serve the model chosen here
-            data = json.loads(body)
-            data["model"] = route.model_id
-            body = json.dumps(data).encode()
         rid = uuid.uuid4().hex
-        # the chosen replica first, then the others (a connection failing before the answer starts)
         tries = [(route.host, route)] + [(h, r) for h, r, _ in getattr(request.state, "replicas", [])
                                          if h != route.host]
         last: Exception | None = None
         for i, (host, target) in enumerate(tries):
             if isinstance(target, ModelEntry):
+                if not local_ok:
+                    continue
                 request.state.pick = "retry"
                 return None  # the caller serves it here
             try:
@@ -293,17 +276,41 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
                         request.method, request.url.path, dict(request.headers), body, rid)
                 finally:
                     router.inflight[(target.model_id, host)] -= 1
-                route = target
-                if i:
-                    request.state.pick = "retry"
-                break
             except Exception as e:
                 log.warning("tunnel to %s failed: %s", host[:12], e)
                 router.picker.table.forget_replica(host)
                 last = e
-        else:
-            raise unavailable(f"no node serving {route.model_id} answered ({type(last).__name__}); retry shortly",
-                              config.timers.retry_after_s, code="host_unreachable")
+                continue
+            if i:
+                request.state.pick = "retry"
+            return target, status, headers, chunks
+        raise unavailable(f"no node serving {route.model_id} answered ({type(last).__name__}); retry shortly",
+                          config.timers.retry_after_s, code="host_unreachable")
+
+    async def proxy(request: Request, route: Any, req: Any = None) -> Response | None:
+        """Carry the request over the mesh to the model's host; the answer streams back as it comes."""
+        if gate is not None and req is not None:  # the entry node charges for what it routes
+            from mesh402.economics.proxy import paid_proxy
+
+            served = [route]
+
+            async def send(body: bytes) -> Any:
+                target, status, headers, chunks = await open_tunnel(request, route, body, local_ok=False)
+                served[0] = target
+                return status, headers, chunks
+
+            resp = await paid_proxy(gate, request, route.model_id, req, config.limits.default_max_tokens, send)
+            resp.headers.update(route_header(request, served[0].model_id, served[0].host, "mesh"))
+            return resp
+        body = await request.body()
+        if getattr(request.state, "route", None) is not None:  # the host must serve the model chosen here
+            data = json.loads(body)
+            data["model"] = route.model_id
+            body = json.dumps(data).encode()
+        opened = await open_tunnel(request, route, body)
+        if opened is None:
+            return None
+        route, status, headers, chunks = opened
         if getattr(request.state, "prefix", None):
             router.picker.served(request.state.prefix, route.host, time.monotonic())
         headers.update(route_header(request, route.model_id, route.host, "mesh"))
