@@ -58,9 +58,12 @@ def prompt_ids(tokenizer_encode, n: int) -> list[int]:
 
 def worker_mesh402(model: str, mode: str, threads: int, n_prompt: int, n_decode: int) -> dict:
     from mesh402.engine import Engine
-    from mesh402.engine.runtime_env import configure_torch
+    from mesh402.engine.runtime_env import configure_torch, warm_up
 
     configure_torch(threads)
+    # Baseline after torch's one-off library set-up (oneDNN/MKL buffers): that is the process's cost,
+    # not the model's. Resident = RSS growth from loading + the peak during prefill and decode.
+    warm_up()
     rss0 = psutil.Process().memory_info().rss
     with PeakRSS() as mem:
         t0 = time.perf_counter()
