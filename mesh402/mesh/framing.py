@@ -31,6 +31,7 @@ MAX_FRAME_SIZE = 64 * 1024 * 1024
 # Control streams (gossip, ping, peer down/leaving) and anything from a peer
 # that has not been admitted yet are held to this much smaller limit.
 CONTROL_MAX_FRAME = 1024 * 1024
+READ_CHUNK = 64 * 1024  # one read into iroh takes whatever has arrived, up to this much
 
 
 class StreamType(enum.IntEnum):
@@ -172,6 +173,7 @@ class FramedStream:
         self.stream_type = stream_type
         self.max_frame = max_frame if max_frame is not None else max_frame_for(stream_type)
         self._header_pending = False
+        self._rbuf = bytearray()  # bytes read from iroh but not yet consumed as frames
         self.bytes_in = 0
         self.bytes_out = 0
 
@@ -197,18 +199,28 @@ class FramedStream:
             await self.write_raw(b"")
         await self.send_stream.finish()
 
-    async def _read_exact_or_eof(self, n: int) -> Optional[bytes]:
-        """Read exactly n bytes; None on clean EOF before the first byte."""
-        first = await self.recv_stream.read(n)
-        if not first:
-            return None
-        if len(first) == n:
-            return first
-        try:
-            rest = await self.recv_stream.read_exact(n - len(first))
-        except Exception as e:  # IrohError: FinishedEarly / Reset / ConnectionLost
-            raise TruncatedFrame(f"stream ended inside a frame: {iroh_error_text(e)}") from None
-        return first + rest
+    async def _fill(self, n: int) -> bool:
+        """Buffer at least n bytes, reading whatever has arrived (usually a whole frame in one call
+        into iroh, instead of one for the header and one for the body). False on a clean end of
+        stream with nothing buffered."""
+        while len(self._rbuf) < n:
+            try:
+                chunk = await self.recv_stream.read(max(READ_CHUNK, n - len(self._rbuf)))
+            except Exception as e:  # IrohError: FinishedEarly / Reset / ConnectionLost
+                if not self._rbuf:
+                    raise
+                raise TruncatedFrame(f"stream ended inside a frame: {iroh_error_text(e)}") from None
+            if not chunk:
+                if not self._rbuf:
+                    return False
+                raise TruncatedFrame(f"stream ended inside a frame ({len(self._rbuf)} of {n} bytes)")
+            self._rbuf += chunk
+        return True
+
+    def _take(self, n: int) -> bytes:
+        out = bytes(self._rbuf[:n])
+        del self._rbuf[:n]
+        return out
 
     async def recv(
         self, timeout: Optional[float] = None, expect: Optional[tuple[str, ...]] = None
@@ -220,18 +232,14 @@ class FramedStream:
         return await self._recv(expect)
 
     async def _recv(self, expect) -> Optional[pb.Frame]:
-        head = await self._read_exact_or_eof(HEADER.size)
-        if head is None:
+        if not await self._fill(HEADER.size):
             return None
-        (n,) = HEADER.unpack(head)
+        (n,) = HEADER.unpack(bytes(self._rbuf[:HEADER.size]))
         check_length(n, self.max_frame)
-        if n == 0:
-            body = b""
-        else:
-            try:
-                body = await self.recv_stream.read_exact(n)
-            except Exception as e:
-                raise TruncatedFrame(f"stream ended inside a frame: {iroh_error_text(e)}") from None
+        if not await self._fill(HEADER.size + n):
+            raise TruncatedFrame("stream ended inside a frame")
+        self._take(HEADER.size)
+        body = self._take(n)
         self.bytes_in += HEADER.size + n
         return decode_body(body, expect)
 
