@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any, Optional

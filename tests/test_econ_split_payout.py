@@ -14,7 +14,8 @@ import pytest
 from tests.chainutil import start_chain, start_facilitator, x402_client
 from tests.meshutil import MeshNodes, wait_until
 from tests.procs import MESH402
-from tests.test_split_nodes import SPLIT_ARGS, plan_of
+from tests.reference import ready_plan as plan_of
+from tests.test_split_nodes import SPLIT_ARGS
 
 MODEL = "smollm2-135m-instruct"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 
-import httpx
 import pytest
 
 from tests.meshutil import MeshNodes, mesh_nodes, wait_until  # noqa: F401

@@ -9,7 +9,6 @@ has seen enough tokens, gate usage re-places the experts with the hot one on bot
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Iterator
 
@@ -18,6 +17,7 @@ import pytest
 
 from tests._engine_util import smollm2_gguf
 from tests._moe_util import write_chat_moe_gguf
+from tests.reference import greedy_text, ready_plan
 from tests.meshutil import MeshNodes, wait_until
 
 MESSAGES = [{"role": "user", "content": "Name three rivers in Europe."}]
@@ -26,33 +26,10 @@ BUDGET = {"a": 0.022, "b": 0.018}  # GB; the model needs 20.4 MB x 1.1 = 22.4 MB
 HOT = 5  # every router prefers expert 5: skewed gate usage
 
 
-def solo_text(path, messages, max_tokens: int) -> str:
-    from concurrent.futures import ThreadPoolExecutor
-
-    from mesh402.engine import Engine
-    from mesh402.engine.sampling import SamplingParams
-    from mesh402.serving.generation import Delta, GenerationRequest, LocalModel, generate
-
-    eng = Engine.load(path, mode="exact")
-    ids = eng.tokenizer.encode(eng.chat_template.render(messages), add_special=False)
-
-    async def run() -> str:
-        lm = LocalModel(eng, ThreadPoolExecutor(1))
-        params = SamplingParams(temperature=0, seed=0)
-        st = await lm.open(len(ids) + max_tokens, params)
-        out = []
-        async for ev in generate(GenerationRequest(ids, max_tokens, params), st, lm.tokenizer, lm.eos_ids):
-            if isinstance(ev, Delta):
-                out.append(ev.text)
-        return "".join(out)
-
-    return asyncio.run(run())
+solo_text = greedy_text
 
 
-def plan_of(node) -> dict | None:
-    plans = node.status()["node"]["distributed"]["plans"]
-    ready = [p for p in plans.values() if p.get("ready")]
-    return ready[0] if ready else None
+plan_of = ready_plan
 
 
 @pytest.fixture(scope="module")

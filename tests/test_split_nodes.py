@@ -7,7 +7,6 @@ the host killed. A 3-node mesh checks the 3-stage split.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from tests.reference import greedy_text, ready_plan
 from tests.meshutil import MeshNode, MeshNodes, wait_until
 
 MODEL = "smollm2-135m-instruct"
@@ -24,28 +24,9 @@ SPLIT_ARGS = ["--mode", "exact", "--max-vram", "0.08"]  # ~98 MB model: no node 
 
 
 def solo_text(messages: list[dict], max_tokens: int) -> str:
-    """Greedy reference from one in-process engine in exact mode."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from mesh402.engine import Engine
-    from mesh402.engine.sampling import SamplingParams
     from mesh402.models.catalog import bundled_model_path
-    from mesh402.serving.generation import Delta, GenerationRequest, LocalModel, generate
 
-    eng = Engine.load(bundled_model_path(), mode="exact")
-    ids = eng.tokenizer.encode(eng.chat_template.render(messages), add_special=False)
-
-    async def run() -> str:
-        lm = LocalModel(eng, ThreadPoolExecutor(1))
-        params = SamplingParams(temperature=0, seed=0)
-        st = await lm.open(len(ids) + max_tokens, params)
-        out = []
-        async for ev in generate(GenerationRequest(ids, max_tokens, params), st, lm.tokenizer, lm.eos_ids):
-            if isinstance(ev, Delta):
-                out.append(ev.text)
-        return "".join(out)
-
-    return asyncio.run(run())
+    return greedy_text(bundled_model_path(), messages, max_tokens)
 
 
 def body(stream: bool = False, max_tokens: int = MAX_TOKENS) -> dict:
@@ -58,10 +39,7 @@ def ask(node: MeshNode, timeout: float = 180) -> str:
     return r.json()["choices"][0]["message"]["content"]
 
 
-def plan_of(node: MeshNode) -> dict | None:
-    plans = node.status()["node"]["distributed"]["plans"]
-    ready = [p for p in plans.values() if p.get("ready")]
-    return ready[0] if ready else None
+plan_of = ready_plan
 
 
 def by_id(nodes: list[MeshNode], node_id: str) -> MeshNode:
@@ -186,7 +164,6 @@ def test_host_killed_gives_clean_error_then_service_resumes(mesh4, reference) ->
     assert events[-1]["error"]["code"] == "host_lost"
     n = min(len(text), len(reference))
     assert text[:n] == reference[:n]  # what arrived before the cut is the true answer
-    t0 = time.monotonic()
 
     def served() -> bool:
         r = httpx.post(f"http://127.0.0.1:{client.api_port}/v1/chat/completions", json=body(), timeout=180)

@@ -13,7 +13,6 @@ import os
 import re
 import subprocess
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from mesh402.economics.toolchain import CACHE_DIR, CONTRACTS_DIR, NODE_MODULES, ToolchainError, ensure_tools, node_binary

@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from gguf.constants import GGMLQuantizationType as GT
 
 from mesh402.models.gguf_meta import GGUFMeta, TensorInfo, read_gguf_meta
 

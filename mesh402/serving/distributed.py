@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ from mesh402.serving.pipeline import Chain, Failover, PipelineModel, StepTimer
 from mesh402.serving.registry import ModelEntry
 from mesh402.serving.stage_link import K, Hop, StageError, expect_stage, stage_frame
 from mesh402.serving.experts import ExpertService, MeshExpertTransport, RemoteExperts, owners_from_plan
-from mesh402.serving.stage_worker import StageKey, StageWorker
+from mesh402.serving.stage_worker import StageWorker
 
 if TYPE_CHECKING:
     from mesh402.mesh.service import MeshService
