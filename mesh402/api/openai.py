@@ -501,16 +501,48 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
                          "state": "ready" if r.ready else "waiting", "host": r.host})
         return {"object": "list", "data": data}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Any:
-        check_auth(request)
-        req: ChatCompletionRequest = await read_json(request, ChatCompletionRequest)
+    async def target(request: Request, req: SamplingFields) -> ModelEntry | Response:
+        """The local model entry that serves this request, or the response of the node that did."""
         entry = pick_model(req.model, request, req)
         if not isinstance(entry, ModelEntry):
             resp = await proxy(request, entry, req)
             if resp is not None:
                 return resp
             entry = local_fallback(request)
+        return entry
+
+    async def answer(request: Request, req: SamplingFields, entry: ModelEntry, prompt_ids: list[int], *,
+                     prefix: str, objects: tuple[str, str], choice: Any) -> Response:
+        """Admit (and charge), generate and shape one completion. `choice(text, finish, first, final)`
+        gives the endpoint's OpenAI choice for a stream chunk (final=False) or the whole answer."""
+        charge, p = await admit(request, req, entry, prompt_ids)
+        if not isinstance(p, Prepared):
+            return p  # a retried paid request, answered from the payment ledger
+        cid, created = f"{prefix}-{p.gen.request_id}", int(time.time())
+        headers = {"x-request-id": p.gen.request_id, **(charge.headers if charge else {}), **local_route(request, entry)}
+        stream_object, object_ = objects
+        if req.stream:
+            def chunk(delta: str | None, finish: str | None, first: bool) -> dict[str, Any]:
+                return {"id": cid, "object": stream_object, "created": created, "model": entry.model_id,
+                        "choices": [choice(delta, finish, first, False)]}
+            include = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(stream_events(p, include, chunk, charge), media_type="text/event-stream",
+                                     headers={**headers, "Cache-Control": "no-cache"},
+                                     background=BackgroundTask(p.stepper.release))
+        out, fin = await collect(p, charge)
+        body = {"id": cid, "object": object_, "created": created, "model": entry.model_id,
+                "choices": [choice(out, fin.reason, False, True)], "usage": usage(fin)}
+        if charge is not None:
+            return await gate.respond(charge, fin, body, headers)  # settles, adds PAYMENT-RESPONSE
+        return JSONResponse(body, headers=headers)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        check_auth(request)
+        req: ChatCompletionRequest = await read_json(request, ChatCompletionRequest)
+        entry = await target(request, req)
+        if not isinstance(entry, ModelEntry):
+            return entry
         from mesh402.engine.chat_template import ChatTemplate, ChatTemplateError  # a model is loaded: torch is in
 
         local = entry.local
@@ -526,45 +558,27 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
         except ChatTemplateError as e:
             raise bad_request(f"chat template failed: {e}", param="messages") from None
         prompt_ids = engine.tokenizer.encode(text, add_special=False)
-        charge, p = await admit(request, req, entry, prompt_ids)
-        if not isinstance(p, Prepared):
-            return p  # a retried paid request, answered from the payment ledger
-        cid, created = f"chatcmpl-{p.gen.request_id}", int(time.time())
-        headers = {"x-request-id": p.gen.request_id, **(charge.headers if charge else {}), **local_route(request, entry)}
-        if req.stream:
-            def chunk(delta: str | None, finish: str | None, first: bool) -> dict[str, Any]:
-                d: dict[str, Any] = {"role": "assistant", "content": ""} if first else (
-                    {"content": delta} if delta is not None else {})
-                return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": entry.model_id,
-                        "choices": [{"index": 0, "delta": d, "finish_reason": finish}]}
-            include = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream_events(p, include, chunk, charge), media_type="text/event-stream",
-                                     headers={**headers, "Cache-Control": "no-cache"},
-                                     background=BackgroundTask(p.stepper.release))
-        out, fin = await collect(p, charge)
-        body = {
-            "id": cid, "object": "chat.completion", "created": created, "model": entry.model_id,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": out},
-                         "finish_reason": fin.reason, "logprobs": None}],
-            "usage": usage(fin),
-        }
-        if charge is not None:
-            return await gate.respond(charge, fin, body, headers)  # settles, adds PAYMENT-RESPONSE
-        return JSONResponse(body, headers=headers)
+
+        def choice(text: str | None, finish: str | None, first: bool, final: bool) -> dict[str, Any]:
+            if final:
+                return {"index": 0, "message": {"role": "assistant", "content": text},
+                        "finish_reason": finish, "logprobs": None}
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else (
+                {"content": text} if text is not None else {})
+            return {"index": 0, "delta": delta, "finish_reason": finish}
+
+        return await answer(request, req, entry, prompt_ids, prefix="chatcmpl",
+                            objects=("chat.completion.chunk", "chat.completion"), choice=choice)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
         check_auth(request)
         req: CompletionRequest = await read_json(request, CompletionRequest)
-        entry = pick_model(req.model, request, req)
+        entry = await target(request, req)
         if not isinstance(entry, ModelEntry):
-            resp = await proxy(request, entry, req)
-            if resp is not None:
-                return resp
-            entry = local_fallback(request)
+            return entry
         local = entry.local
         assert local is not None
-        tok = local.engine.tokenizer
         prompt_text = ""
         if isinstance(req.prompt, list) and (not req.prompt or isinstance(req.prompt[0], int)):
             vocab = local.engine.info.vocab_size
@@ -573,30 +587,14 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
             prompt_ids = list(req.prompt)  # type: ignore[arg-type]
         else:
             prompt_text = req.prompt if isinstance(req.prompt, str) else req.prompt[0]  # type: ignore[assignment]
-            prompt_ids = tok.encode(prompt_text, add_special=True)
-        charge, p = await admit(request, req, entry, prompt_ids)
-        if not isinstance(p, Prepared):
-            return p  # a retried paid request, answered from the payment ledger
-        cid, created = f"cmpl-{p.gen.request_id}", int(time.time())
-        headers = {"x-request-id": p.gen.request_id, **(charge.headers if charge else {}), **local_route(request, entry)}
+            prompt_ids = local.engine.tokenizer.encode(prompt_text, add_special=True)
         echo = prompt_text if req.echo else ""
-        if req.stream:
-            def chunk(delta: str | None, finish: str | None, first: bool) -> dict[str, Any]:
-                text = echo if first else (delta or "")
-                return {"id": cid, "object": "text_completion", "created": created, "model": entry.model_id,
-                        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
-            include = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream_events(p, include, chunk, charge), media_type="text/event-stream",
-                                     headers={**headers, "Cache-Control": "no-cache"},
-                                     background=BackgroundTask(p.stepper.release))
-        out, fin = await collect(p, charge)
-        body = {
-            "id": cid, "object": "text_completion", "created": created, "model": entry.model_id,
-            "choices": [{"index": 0, "text": echo + out, "logprobs": None, "finish_reason": fin.reason}],
-            "usage": usage(fin),
-        }
-        if charge is not None:
-            return await gate.respond(charge, fin, body, headers)  # settles, adds PAYMENT-RESPONSE
-        return JSONResponse(body, headers=headers)
+
+        def choice(text: str | None, finish: str | None, first: bool, final: bool) -> dict[str, Any]:
+            shown = echo + (text or "") if final else (echo if first else (text or ""))
+            return {"index": 0, "text": shown, "logprobs": None, "finish_reason": finish}
+
+        return await answer(request, req, entry, prompt_ids, prefix="cmpl",
+                            objects=("text_completion", "text_completion"), choice=choice)
 
     return app
