@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mesh402.mesh.framing import FramedStream, StreamType
+from mesh402.mesh.service import PeerUnavailable
 from mesh402.mesh.proto import mesh_pb2 as pb
 from mesh402.placement import (
     ExpertPlan,
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 PLAN_LABEL = "plan:"  # announcement label prefix: the host publishes its plans for status and routing
 CAPACITY_LABEL = "capacity_bytes"
 ASSIGN_TIMEOUT_S = 300.0
+ASSIGN_CONNECT_TRIES = 4
+ASSIGN_RETRY_S = 0.5
 EXPERT_USAGE_MIN_TOKENS = 128  # tokens routed before gate usage may re-place an expert split
 
 
@@ -330,7 +333,10 @@ class DistributedRuntime(Failover):
             if live is not None:  # keep serving with the split that works
                 return
             entry.local, entry.state, entry.error = None, "waiting", f"plan failed: {e}"
-            self.hosted.pop(key, None)
+            # A broken incumbent stays known (not served) so sessions already running on it can still
+            # replace their dead stage; the next reconcile tries a new plan again.
+            if cur is None:
+                self.hosted.pop(key, None)
             return
         if isinstance(plan, ExpertPlan):
             self._keep_usage(key)
@@ -501,7 +507,14 @@ class DistributedRuntime(Failover):
         self._publish()
 
     async def _assign(self, key: str, model_id: str, node: str, start: int, end: int, epoch: int) -> None:
-        fs = await self._connect(node)
+        for attempt in range(ASSIGN_CONNECT_TRIES):  # a peer's connection may be being replaced right now
+            try:
+                fs = await self._connect(node)
+                break
+            except PeerUnavailable:
+                if attempt == ASSIGN_CONNECT_TRIES - 1:
+                    raise
+                await asyncio.sleep(ASSIGN_RETRY_S)
         content_hash = key.rsplit("@", 1)[1]
         await fs.send(stage_frame(K.STAGE_KIND_ASSIGN, model_id=model_id, content_hash=content_hash,
                                   plan_epoch=epoch, layer_start=start, layer_end=end))
