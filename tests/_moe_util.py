@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tests._engine_util import add_attention_and_stub_vocab
+
 V, H, NH, NKV, HD, NL = 128, 64, 4, 2, 16, 2
 E, K, FFE, FFS = 8, 2, 32, 64
 ARCHS = ("mixtral", "qwen2moe", "qwen3moe", "olmoe")
@@ -133,22 +135,10 @@ def write_moe_gguf(m, arch: str, path, qname: str = "F32") -> None:
         w.add_expert_shared_feed_forward_length(FFS)
     w.add_expert_count(E)
     w.add_expert_used_count(K)
-    w.add_head_count(NH)
-    w.add_head_count_kv(NKV)
-    w.add_key_length(HD)
-    w.add_value_length(HD)
     rp = getattr(c, "rope_parameters", None) or {}
-    w.add_rope_freq_base(float(rp.get("rope_theta", getattr(c, "rope_theta", 10000.0))))
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(V)
-    w.add_file_type(0)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list([f"<t{i}>" for i in range(V)])
-    w.add_token_types([1] * V)
-    w.add_token_merges([])
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(1)
+    add_attention_and_stub_vocab(w, n_heads=NH, n_kv_heads=NKV, head_dim=HD,
+                                 rope_base=float(rp.get("rope_theta", getattr(c, "rope_theta", 10000.0))),
+                                 rms_eps=1e-5, vocab=V)
     for name, a in gguf_tensors(m, arch).items():
         quantize = a.ndim >= 2 and name != "token_embd.weight" and "ffn_gate_inp" not in name
         if quantize and qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):

@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
 from mesh402.engine import Engine  # noqa: E402
+from tests._engine_util import add_attention_and_stub_vocab  # noqa: E402
 
 V, H, FF, NH, NKV, HD, NL = 256, 64, 128, 4, 2, 16, 3
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -108,23 +109,9 @@ def _write_gguf(m, arch: str, path, qtype, rope_freqs: bool = False):
     w.add_context_length(256)
     w.add_embedding_length(H)
     w.add_feed_forward_length(FF)
-    w.add_head_count(NH)
-    w.add_head_count_kv(NKV)
-    w.add_key_length(HD)
-    w.add_value_length(HD)
-    w.add_rope_freq_base(float(m.config.rope_parameters["rope_theta"]) if hasattr(m.config, "rope_parameters")
-                         and m.config.rope_parameters else float(m.config.rope_theta))
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(V)
-    w.add_file_type(0)
-    # a minimal tokenizer so transformers' GGUF loader is satisfied
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list([f"<t{i}>" for i in range(V)])
-    w.add_token_types([1] * V)
-    w.add_token_merges([])
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(1)
+    rope = (float(m.config.rope_parameters["rope_theta"]) if hasattr(m.config, "rope_parameters")
+            and m.config.rope_parameters else float(m.config.rope_theta))
+    add_attention_and_stub_vocab(w, n_heads=NH, n_kv_heads=NKV, head_dim=HD, rope_base=rope, rms_eps=1e-5, vocab=V)
     if rope_freqs:
         w.add_tensor("rope_freqs.weight", _llama3_rope_factors())
     sd = {k: v.detach().numpy() for k, v in m.state_dict().items()}
