@@ -30,19 +30,6 @@ class Home:
     def file(self, name: str) -> Path:
         return self.path / name
 
-    def write_secret(self, name: str, data: bytes) -> Path:
-        """Write a secret readable by the owner only; created 0600 so it is never briefly world-readable."""
-        path = self.file(name)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(path, 0o600)
-        return path
-
-    def read_secret(self, name: str) -> bytes | None:
-        path = self.file(name)
-        return path.read_bytes() if path.exists() else None
-
     def write_state(self, state: dict[str, Any]) -> None:
         tmp = self.file(STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(state, indent=2))
@@ -59,6 +46,21 @@ class Home:
 
     def clear_state(self) -> None:
         self.file(STATE_FILE).unlink(missing_ok=True)
+
+
+def write_private(path: str | Path, data: str | bytes) -> None:
+    """Write a file readable only by its owner (0600), atomically: it is never briefly world-readable
+    and a crash leaves the old or the new content, not a torn file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data.encode() if isinstance(data, str) else data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 def read_secret_file(path: str | Path) -> str:

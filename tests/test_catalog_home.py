@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mesh402.config import load_api_key
-from mesh402.home import Home, read_secret_file, resolve_home
+from mesh402.home import Home, read_secret_file, resolve_home, write_private
 from mesh402.models.catalog import BUNDLED_MODEL_ID, ModelNotFound, bundled_fix_command, resolve_model
 
 
@@ -39,8 +39,9 @@ def test_fix_command_is_exact() -> None:
 
 def test_secrets_are_0600_and_world_readable_files_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     home = Home(tmp_path / "h").ensure()
-    p = home.write_secret("key", b"abc")
-    assert stat.S_IMODE(p.stat().st_mode) == 0o600
+    p = home.file("key")
+    write_private(p, b"abc")
+    assert p.read_bytes() == b"abc" and stat.S_IMODE(p.stat().st_mode) == 0o600
     assert stat.S_IMODE(home.path.stat().st_mode) == 0o700
     loose = tmp_path / "loose"
     loose.write_text("k")

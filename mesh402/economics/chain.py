@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh402.economics.contracts import compile_contracts
+from mesh402.home import write_private
 from mesh402.economics.networks import DEPLOYMENT_FILE, Asset, Deployment
 from mesh402.economics.toolchain import ToolchainError, anvil_binary, ensure_tools
 
@@ -27,10 +28,7 @@ TOKEN_SYMBOL = "USDC"
 
 def _write_secret(path: Path, data: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(data)
-    os.chmod(path, 0o600)
+    write_private(path, data)
 
 
 class Anvil:

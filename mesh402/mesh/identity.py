@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from mesh402.home import write_private
 from mesh402.mesh import iroh_fastcopy  # noqa: F401
 from iroh import EndpointId, SecretKey, Signature
 
@@ -32,21 +33,6 @@ def ensure_home(home: Path) -> Path:
     except OSError:
         pass
     return home
-
-
-def write_private(path: Path, data: str | bytes) -> None:
-    """Write a file readable only by its owner (0600), atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    fd = os.open(tmp, flags, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data.encode() if isinstance(data, str) else data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def write_public(path: Path, data: str) -> None:
