@@ -63,7 +63,7 @@ class Hosted:
     key: str
     plan: Plan | ExpertPlan
     serving: Any
-    layout: ModelLayout
+    layout: ModelLayout | None  # None for a safetensors folder: no tensor table, never split
     expert_transport: Any = None  # MeshExpertTransport of an expert-parallel plan
     usage_checked: bool = False  # gate usage already considered for replicating hot experts
 
@@ -283,14 +283,19 @@ class DistributedRuntime(Failover):
 
     async def _ensure_solo_unplanned(self, key: str, entry: ModelEntry) -> None:
         """Safetensors folders have no tensor table to split by: served whole on this node."""
-        if key in self.hosted:
+        if key in self.hosted or entry.state == "failed":
             return
-        engine = await self._run(self._load_engine, entry, None)
+        try:
+            engine = await self._run(self._load_engine, entry, None)
+        except Exception as e:  # a bad folder is reported once, not reloaded on every reconcile
+            log.exception("loading %s failed", entry.model_id)
+            entry.state, entry.error = "failed", f"{type(e).__name__}: {e}"
+            return
         plan = Plan(key, 1, self.me, ())
-        self.hosted[key] = Hosted(key, plan, LocalModel(engine, self.executor), self._layout(key, entry, engine))
+        self.hosted[key] = Hosted(key, plan, LocalModel(engine, self.executor), None)
         entry.local, entry.state, entry.error = self.hosted[key].serving, "ready", None
 
-    def _layout(self, key: str, entry: ModelEntry, engine: Any = None) -> ModelLayout:
+    def _layout(self, key: str, entry: ModelEntry) -> ModelLayout:
         if key not in self.layouts:
             from mesh402.models.gguf_meta import read_gguf_meta
 
