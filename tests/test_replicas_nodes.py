@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from mesh402.routing.affinity import rendezvous
 from tests._router_util import make_variant
 from tests.meshutil import MeshNode, MeshNodes, wait_until
 
@@ -66,14 +67,21 @@ def test_affinity_repeat_prompt_hits_warm_replica(mesh) -> None:
 
 def test_sticky_users_spread_and_stay(mesh) -> None:
     _, n = mesh
+    hosts = sorted([n["r1"].node_id, n["r2"].node_id])
+    # Rendezvous hashing over fresh node keys: pick users that the policy spreads over both
+    # replicas (six random users all land on one replica in 1 of 32 runs).
+    users = [f"user-{i}" for i in range(64)]
+    expected = {u: rendezvous("sticky\0" + u, hosts) for u in users}
+    chosen = [u for u in users if expected[u] == hosts[0]][:3] + [u for u in users if expected[u] == hosts[1]][:3]
     seen: dict[str, str] = {}
-    for i in range(6):
-        r = ask(n["c"], f"Question {i}?", user=f"user-{i}")
+    for u in chosen:
+        r = ask(n["c"], f"Question from {u}?", user=u)
         assert r.status_code == 200 and route(r)["replica"] == "sticky"
-        seen[f"user-{i}"] = route(r)["node"]
+        seen[u] = route(r)["node"]
+        assert seen[u] == expected[u][:16], (u, seen[u])
     assert len(set(seen.values())) == 2  # both replicas used
-    for u, node in list(seen.items())[:3]:
-        assert route(ask(n["c"], "Another one?", user=u))["node"] == node
+    for u in chosen[::2]:
+        assert route(ask(n["c"], "Another one?", user=u))["node"] == seen[u]
 
 
 def test_standby_node_starts_serving_on_demand(mesh) -> None:

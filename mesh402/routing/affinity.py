@@ -31,7 +31,7 @@ def prefix_key(model: str, messages: list[dict[str, Any]], tools: Any = None) ->
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def _rendezvous(key: str, replicas: list[str]) -> str:
+def rendezvous(key: str, replicas: list[str]) -> str:
     return max(replicas, key=lambda r: hashlib.sha256(f"{key}\0{r}".encode()).digest())
 
 
@@ -87,7 +87,7 @@ class ReplicaPicker:
             return []
         first: Optional[ReplicaChoice] = None
         if sticky:
-            first = ReplicaChoice(_rendezvous("sticky\0" + sticky, reps), "sticky")
+            first = ReplicaChoice(rendezvous("sticky\0" + sticky, reps), "sticky")
         elif prefix:
             hit = self.table.get(prefix, now)
             if hit in reps:
