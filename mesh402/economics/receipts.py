@@ -151,6 +151,12 @@ CREATE TABLE IF NOT EXISTS payouts (
     account TEXT, PRIMARY KEY (epoch, node_id));
 CREATE TABLE IF NOT EXISTS epochs (
     epoch INTEGER PRIMARY KEY, revenue INTEGER NOT NULL, epoch_id TEXT, root TEXT, tx TEXT, closed_at REAL);
+CREATE TABLE IF NOT EXISTS spot_checks (
+    request_id TEXT NOT NULL, stage INTEGER NOT NULL, node_id TEXT NOT NULL, digest TEXT NOT NULL,
+    body BLOB NOT NULL, PRIMARY KEY (request_id, stage));
+CREATE TABLE IF NOT EXISTS validations (
+    epoch INTEGER NOT NULL, node_id TEXT NOT NULL, request_hash TEXT NOT NULL, validator TEXT NOT NULL,
+    agent_id INTEGER, statement TEXT NOT NULL, verdict TEXT, PRIMARY KEY (epoch, node_id));
 """
 
 
@@ -233,6 +239,20 @@ class ReceiptStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    def save_validation(self, epoch: int, node_id: str, request_hash: str, validator: str, agent_id: int | None,
+                        statement: str, verdict: str | None = None) -> None:
+        """The validation request made for a node's work in an epoch (hex keccak hash; verdict JSON once known)."""
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO validations VALUES (?,?,?,?,?,?,?)",
+                             (int(epoch), node_id, request_hash, validator, agent_id, statement, verdict))
+
+    def validations(self, epoch: int) -> dict[str, dict[str, Any]]:
+        """node id -> {request_hash, validator, agent_id, statement, verdict} for an epoch."""
+        rows = self._db.execute("SELECT node_id, request_hash, validator, agent_id, statement, verdict FROM validations "
+                                "WHERE epoch=?", (int(epoch),)).fetchall()
+        return {n: {"request_hash": h, "validator": v, "agent_id": a, "statement": s, "verdict": d}
+                for n, h, v, a, s, d in rows}
 
     def earnings(self) -> list[dict[str, Any]]:
         """Per node and epoch: work units, amount paid, payout account (for status and the management API)."""
