@@ -35,17 +35,25 @@ def prompt() -> list[int]:
 
 
 async def run_with_receipts(executor: Any, prompt: list[int], splits: list[int], *, kill: str | None = None,
-                            standbys: tuple[str, ...] = (), also: Any = None
-                            ) -> tuple[list[Any], dict[str, NodeIdentity], Any]:
+                            standbys: tuple[str, ...] = (), also: Any = None, auditor: Any = None,
+                            tamper: dict[str, Any] | None = None) -> tuple[list[Any], dict[str, NodeIdentity], Any]:
+    """`auditor`: the entry's audit policy (economics.verification.Auditor); `tamper`: worker name -> a function
+    applied to every engine that worker loads (a cheating stage)."""
     model, mesh, _ = await build(executor, splits, standbys=list(standbys))
+    model.auditor = auditor
+    for name, fn in (tamper or {}).items():
+        for eng in mesh.workers[name].engines.values():
+            fn(eng)  # in place: the layers it already holds
+        load = mesh.workers[name].loader
+        mesh.workers[name].loader = lambda h, a, b, load=load, fn=fn: fn(load(h, a, b))
     ids = {name: NodeIdentity.generate() for name in ["entry", *mesh.workers]}
     for name, w in mesh.workers.items():
         w.signer = ids[name]
     got: list[list[Any]] = []
-    def sink(rs: list[Any]) -> None:
+    def sink(rs: list[Any], evidence: Any = None) -> None:
         got.append(rs)
         if also is not None:
-            also(rs)
+            also(rs, evidence)
     model.signer, model.receipt_sink = ids["entry"], sink
     if kill:
         await run_gen(model, prompt, N, kill_after=3, on_kill=lambda: mesh.kill(kill))

@@ -19,6 +19,7 @@ import json
 import sqlite3
 import threading
 import time
+import zlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
@@ -112,26 +113,53 @@ class StageTally:
 
     A request's input and output hashes are running hashes over the per-step activation hashes (of the
     bytes received and of the bytes sent on). Both use the same domain, so stage k's output tally equals
-    stage k+1's input tally exactly when every payload arrived unchanged and in order."""
+    stage k+1's input tally exactly when every payload arrived unchanged and in order. With `keep=True`
+    (remote stages of a paid request) the per-step hashes and input records are kept too, so the stage
+    can reveal any step after the fact (economics.verification)."""
 
     DOMAIN = b"mesh402 activation tally v1"
 
-    def __init__(self, request_id: str, model_hash: str, layer_start: int, layer_end: int) -> None:
+    def __init__(self, request_id: str, model_hash: str, layer_start: int, layer_end: int, *,
+                 keep: bool = False) -> None:
         self.request_id, self.model_hash = request_id, model_hash
         self.layer_start, self.layer_end = layer_start, layer_end
         self.tokens = 0
         self._in = hashlib.sha256(self.DOMAIN)
         self._out = hashlib.sha256(self.DOMAIN)
+        self.keep = keep
+        self.in_hashes: list[bytes] = []
+        self.out_hashes: list[bytes] = []
+        self.records: list[dict[str, Any]] = []  # per step: kind, pos, n_real, dtype, shape, data
+        self.prefix_records: list[dict[str, Any]] = []  # steps of a restored KV prefix (an earlier request's)
+        self.fingerprints: list[bytes] = []  # last stage: per-step logits fingerprint
+        self.tokens_out: list[int] = []  # last stage: per-step token (-1: none drawn)
 
-    def step(self, n_tokens: int, input_hash: bytes, output_hash: bytes) -> None:
+    def step(self, n_tokens: int, input_hash: bytes, output_hash: bytes, record: dict[str, Any] | None = None,
+             fingerprint: bytes | None = None, token: int | None = None) -> None:
         self.tokens += int(n_tokens)
         self._in.update(bytes(input_hash))
         self._out.update(bytes(output_hash))
+        if self.keep:
+            self.in_hashes.append(bytes(input_hash))
+            self.out_hashes.append(bytes(output_hash))
+            if record is not None:
+                self.records.append(record)
+            if fingerprint is not None:
+                self.fingerprints.append(fingerprint)
+                self.tokens_out.append(-1 if token is None else int(token))
 
     def receipt(self, identity: Any, stage: int, prev: str = "") -> Receipt:
         return sign_receipt(identity, request_id=self.request_id, stage=stage, model_hash=self.model_hash,
                             layer_start=self.layer_start, layer_end=self.layer_end, tokens=self.tokens,
                             input_hash=self._in.hexdigest(), output_hash=self._out.hexdigest(), prev=prev)
+
+
+def running_hash(step_hashes: Iterable[bytes]) -> str:
+    """The tally over a list of per-step hashes (what a receipt's input_hash/output_hash commit to)."""
+    h = hashlib.sha256(StageTally.DOMAIN)
+    for x in step_hashes:
+        h.update(bytes(x))
+    return h.hexdigest()
 
 
 def epoch_of(ts: float, epoch_seconds: int) -> int:
@@ -175,9 +203,10 @@ class ReceiptStore:
         self._db.close()
 
     def record(self, receipts: list[Receipt], *, revenue: int, epoch: int, n_layers: int | None = None,
-               flops: Any = None) -> None:
-        """Store one request's receipt chain and its revenue atomically; refuses a chain that does not verify.
-        With `flops(model_hash, start, end)`, each receipt's work units are computed and stored now."""
+               flops: Any = None, checks: Iterable[Any] = ()) -> None:
+        """Store one request's receipt chain, its revenue and its spot checks (economics.verification) atomically;
+        refuses a chain that does not verify. With `flops(model_hash, start, end)`, each receipt's work units
+        are computed and stored now."""
         errs = chain_errors(receipts, n_layers)
         if errs:
             raise ValueError("receipt chain rejected: " + "; ".join(errs))
@@ -189,6 +218,8 @@ class ReceiptStore:
                 self._db.executemany("INSERT INTO receipts VALUES (?,?,?,?,?,?)", [
                     (r.request_id, r.stage, r.node_id, r.digest, json.dumps(r.to_json()),
                      flops(r.model_hash, r.layer_start, r.layer_end) * r.tokens if flops else 0) for r in receipts])
+                self._db.executemany("INSERT INTO spot_checks VALUES (?,?,?,?,?)", [
+                    (c.request_id, c.stage, c.node_id, c.digest, zlib.compress(c.body())) for c in checks])
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -240,6 +271,14 @@ class ReceiptStore:
                 self._db.execute("ROLLBACK")
                 raise
 
+    def spot_checks(self, epoch: int, node_id: str | None = None) -> list[Any]:
+        """The spot checks of an epoch's audited requests (of one node), in request order."""
+        from mesh402.economics.verification import SpotCheck
+        q = ("SELECT c.body FROM spot_checks c JOIN requests q USING (request_id) WHERE q.epoch=?"
+             + (" AND c.node_id=?" if node_id else "") + " ORDER BY q.created_at, c.request_id, c.stage")
+        args = (int(epoch), node_id) if node_id else (int(epoch),)
+        return [SpotCheck.from_json(json.loads(zlib.decompress(b))) for (b,) in self._db.execute(q, args)]
+
     def save_validation(self, epoch: int, node_id: str, request_hash: str, validator: str, agent_id: int | None,
                         statement: str, verdict: str | None = None) -> None:
         """The validation request made for a node's work in an epoch (hex keccak hash; verdict JSON once known)."""
@@ -271,6 +310,7 @@ class EntryReceipts:
         self.epoch_s = int(epoch_s)
         self.kept = 0
         self.rejected = 0
+        self.audited = 0
         self._models: dict[str, Any] = {}  # model hash -> GGUF path, or its FLOPs table once read
         self._flops: dict[tuple[str, int, int], int] = {}
 
@@ -291,20 +331,26 @@ class EntryReceipts:
             self._flops[key] = flops_per_token(src, start, end)
         return self._flops[key]
 
-    def _record(self, receipts: list[Receipt]) -> None:
+    def _record(self, receipts: list[Receipt], evidence: list[Any] | None = None) -> None:
         import logging
         try:
             flops = self.flops if receipts and receipts[0].model_hash in self._models else None
-            self.store.record(receipts, revenue=0, epoch=epoch_of(time.time(), self.epoch_s), flops=flops)
+            checks = []
+            if evidence is not None and not chain_errors(receipts):
+                from mesh402.economics.verification import spot_checks
+                checks = spot_checks(receipts, evidence)
+            self.store.record(receipts, revenue=0, epoch=epoch_of(time.time(), self.epoch_s), flops=flops,
+                              checks=checks)
             self.kept += 1
+            self.audited += bool(checks)
         except Exception as e:
             self.rejected += 1
             logging.getLogger(__name__).warning("receipts for %s not kept: %s",
                                                 receipts[0].request_id if receipts else "?", e)
 
-    def __call__(self, receipts: list[Receipt]) -> None:
+    def __call__(self, receipts: list[Receipt], evidence: list[Any] | None = None) -> None:
         import asyncio
         try:
-            asyncio.get_running_loop().run_in_executor(None, self._record, list(receipts))
+            asyncio.get_running_loop().run_in_executor(None, self._record, list(receipts), evidence)
         except RuntimeError:  # no loop: write now
-            self._record(list(receipts))
+            self._record(list(receipts), evidence)

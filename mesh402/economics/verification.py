@@ -4,8 +4,17 @@ Pure code: hashes and JSON, no torch. The re-execution itself is engine code (me
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
+import secrets
 import struct
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from mesh402.commitment import activation_hash
+from mesh402.economics.receipts import running_hash
 
 FP_SIZE = 256  # logits the last stage commits to per step
 LAST_STEP_DOMAIN = b"mesh402 last-stage step v1"
@@ -30,3 +39,145 @@ def last_step_hash(token: int | None, fingerprint: bytes) -> bytes:
     """The last stage's per-step output hash: the token it drew (-1: none) and its logits fingerprint."""
     t = -1 if token is None else int(token)
     return hashlib.sha256(LAST_STEP_DOMAIN + struct.pack("<q", t) + bytes(fingerprint)).digest()
+
+
+# ---------------------------------------------------------------- the stage's reveal
+
+
+def _b64(b: bytes) -> str:
+    return base64.b64encode(bytes(b)).decode()
+
+
+def reveal(tally: Any, step: int, stage: int, node_id: str, mode: str, last: bool) -> dict[str, Any]:
+    """What a stage sends on CLOSE for the audited step: its inputs of steps 0..step (after those of a
+    restored prefix), every per-step hash, and on the last stage the step's fingerprint and token."""
+    if not 0 <= step < len(tally.records):
+        raise ValueError(f"no step {step} to reveal ({len(tally.records)} kept)")
+    inputs = [{**r, "data": _b64(r["data"])} for r in [*tally.prefix_records, *tally.records[:step + 1]]]
+    ev: dict[str, Any] = {"stage": stage, "node_id": node_id, "step": step, "mode": mode, "last": last,
+                          "inputs": inputs, "in_hashes": [h.hex() for h in tally.in_hashes],
+                          "out_hashes": [h.hex() for h in tally.out_hashes]}
+    if last:
+        ev["fp"], ev["token"] = _b64(tally.fingerprints[step]), tally.tokens_out[step]
+    return ev
+
+
+# ---------------------------------------------------------------- the entry's checks
+
+
+@dataclass(frozen=True)
+class SpotCheck:
+    """One audited step of one stage, ready for a validator: re-run `inputs` through layers [start, end)
+    in `mode` and compare the last step's output with `expected` (the next stage's revealed input, or the
+    last stage's fingerprint). `fault` is set when the reveal itself did not match the commitments."""
+    request_id: str
+    stage: int
+    node_id: str
+    model_hash: str
+    layer_start: int
+    layer_end: int
+    mode: str
+    step: int
+    last: bool
+    inputs: list[dict[str, Any]]  # data base64
+    expected: str  # base64
+    expected_dtype: str = "f32"
+    expected_shape: list[int] = field(default_factory=list)
+    fault: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "SpotCheck":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    def body(self) -> bytes:
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode()
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(b"mesh402 spot check v1\n" + self.body()).hexdigest()
+
+    def decoded_inputs(self) -> list[dict[str, Any]]:
+        return [{**r, "data": base64.b64decode(r["data"])} for r in self.inputs]
+
+
+UNVERIFIABLE = "unverifiable: "  # a check the validator skips (not the stage's fault)
+
+
+def _reveal_errors(r: Any, ev: dict[str, Any] | None, last: bool) -> tuple[str, list[dict[str, Any]]]:
+    """Why a stage's reveal does not match its receipt ("" if it does), and its decoded step inputs when
+    those match the commitments (they pin the previous stage's output even if the rest of the reveal fails)."""
+    if ev is None:
+        return "no reveal for the audited step", []
+    try:
+        step = int(ev["step"])
+        ins = [bytes.fromhex(h) for h in ev["in_hashes"]]
+        outs = [bytes.fromhex(h) for h in ev["out_hashes"]]
+        inputs = [{**x, "data": base64.b64decode(x["data"])} for x in ev["inputs"]]
+        fp = base64.b64decode(ev["fp"]) if last else b""
+    except (KeyError, TypeError, ValueError) as e:
+        return f"malformed reveal: {e}", []
+    if running_hash(ins) != r.input_hash or running_hash(outs) != r.output_hash:
+        return "revealed step hashes do not match the signed receipt", []
+    if not (0 <= step < len(ins) == len(outs)) or len(inputs) < step + 1:
+        return f"reveal of step {step} is incomplete", []
+    own = inputs[len(inputs) - step - 1:]
+    if any(activation_hash(x["data"]) != ins[j] for j, x in enumerate(own)):
+        return "a revealed input is not what the stage received", []
+    if last and last_step_hash(ev.get("token"), fp) != outs[step]:  # its inputs still pin the stage before
+        return "the revealed fingerprint is not the committed one", inputs
+    return "", inputs
+
+
+def spot_checks(receipts: list[Any], evidence: list[dict[str, Any]]) -> list[SpotCheck]:
+    """One SpotCheck per remote stage (stage >= 1) of an audited request with a valid receipt chain.
+    Every stage reveals the same step; stage k's expected output there is stage k+1's last revealed
+    input, the payload stage k committed to by sending it."""
+    by_stage = {int(e.get("stage", -1)): e for e in evidence if isinstance(e, dict)}
+    rs = sorted(receipts, key=lambda r: r.stage)[1:]
+    checked = [(r, *_reveal_errors(r, by_stage.get(r.stage), i == len(rs) - 1)) for i, r in enumerate(rs)]
+    out = []
+    for i, (r, fault, inputs) in enumerate(checked):
+        ev = by_stage.get(r.stage) or {}
+        last = i == len(checked) - 1
+        expected, dtype, shape = "", "f32", []
+        if not fault and last:
+            expected = ev["fp"]
+        elif not fault and checked[i + 1][2]:
+            x = checked[i + 1][2][-1]
+            expected, dtype, shape = _b64(x["data"]), str(x["dtype"]), list(x["shape"])
+        elif not fault:
+            fault = UNVERIFIABLE + "the next stage's reveal is missing or failed"
+        out.append(SpotCheck(r.request_id, r.stage, r.node_id, r.model_hash, r.layer_start, r.layer_end,
+                             str(ev.get("mode", "")), int(ev.get("step", -1)) if not fault else -1, last,
+                             [] if fault else [{**x, "data": _b64(x["data"])} for x in inputs],
+                             expected, dtype, shape, fault))
+    return out
+
+
+# ---------------------------------------------------------------- which requests the entry audits
+
+
+class Auditor:
+    """The entry's audit policy: the first request each stage node serves in an epoch is always audited
+    (every paid node is checked at least once per epoch), any other with probability `rate`. The step is
+    drawn uniformly. Randomness is the entry's own (`secrets`), drawn only after every step is done."""
+
+    def __init__(self, rate: float, epoch_s: int, *, clock: Any = time.time) -> None:
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError("audit rate must be in [0, 1]")
+        self.rate, self.epoch_s, self.clock = float(rate), int(epoch_s), clock
+        self._seen: set[tuple[int, str]] = set()
+        self._rng = secrets.SystemRandom()
+
+    def pick(self, nodes: list[str], n_steps: int) -> int | None:
+        if n_steps <= 0 or not nodes:
+            return None
+        epoch = int(self.clock()) // self.epoch_s
+        fresh = [n for n in nodes if (epoch, n) not in self._seen]
+        if not fresh and self._rng.random() >= self.rate:
+            return None
+        self._seen.update((epoch, n) for n in nodes)
+        return self._rng.randrange(n_steps)

@@ -5,10 +5,10 @@ f32 is bit-exact; f16/bf16 halve the bytes at a measured cost in agreement.
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import torch
+
+from mesh402.commitment import activation_hash  # noqa: F401  (re-exported: the wire's commitment hash)
 
 WIRE_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
@@ -35,10 +35,6 @@ def decode_activations(data: bytes, shape: list[int], dtype: str, device: str | 
     else:
         t = torch.frombuffer(bytearray(data), dtype=WIRE_DTYPES[dtype])
     return t.reshape(shape).to(device=device, dtype=torch.float32)
-
-
-def activation_hash(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 def forward_tokens(session, ids: list[int], position: int, pad_to: int, dtype: str) -> tuple[bytes, list[int]]:

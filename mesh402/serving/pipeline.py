@@ -92,12 +92,13 @@ class PipelineModel:
     def __init__(self, engine0: Any, chain: Chain, connect: Callable[[str], Awaitable[Link]], failover: Failover,
                  executor: ThreadPoolExecutor, *, wire_dtype: str = "f32", open_timeout: float = 60.0,
                  timer: StepTimer | None = None, signer: Any = None,
-                 receipt_sink: Callable[[list[Any]], Any] | None = None) -> None:
+                 receipt_sink: Callable[..., Any] | None = None, auditor: Any = None) -> None:
         self.engine0 = engine0
         # Work receipts: with a signer (this node's NodeIdentity) and a sink, every stage signs a receipt per
         # request and the chain of them is handed to receipt_sink (mesh402.economics.receipts) on release.
         self.signer = signer
         self.receipt_sink = receipt_sink
+        self.auditor = auditor  # economics.verification.Auditor: which requests' steps the stages reveal
         self.chain = chain
         self.connect = connect
         self.failover = failover
@@ -171,6 +172,7 @@ class PipelineStepper:
     link: Link | None = None
     sent: list[_Sent] = field(default_factory=list)
     tally: Any = None  # economics.receipts.StageTally of the local stage, when receipts are on
+    steps_done: int = 0  # steps the current chain processed for this request (what a reveal may name)
     _released: bool = False
     _store: tuple | None = None  # (aligned prompt tokens, n): kept for later requests on release
 
@@ -272,6 +274,7 @@ class PipelineStepper:
                 from mesh402.engine.wire import activation_hash
                 self.tally.step(s.n_real, hashlib.sha256(dump_json(s.tokens[:s.n_real]).encode()).digest(),
                                 activation_hash(s.payload))
+                self.steps_done += 1
             return int(rs.tokens[0]) if s.sample else None
 
     # ---------------------------------------------------------------- Stepper
@@ -393,16 +396,22 @@ class PipelineStepper:
         """CLOSE carrying this node's stage-0 receipt; the stages add theirs and the chain comes back."""
         from mesh402.economics.receipts import Receipt
         mine = self.tally.receipt(self.model.signer, 0)
-        await link.send(stage_frame(K.STAGE_KIND_CLOSE, request_id=self.request_id,
-                                    params={"receipts": dump_json([mine.to_json()])}))
+        params = {"receipts": dump_json([mine.to_json()])}
+        auditor, chain = self.model.auditor, self.chain
+        step = auditor.pick([h.node for h in chain.hops], self.steps_done) if auditor and chain else None
+        if step is not None:  # drawn only now: every stage has sent (committed to) all its outputs
+            params["reveal"] = str(step)
+        await link.send(stage_frame(K.STAGE_KIND_CLOSE, request_id=self.request_id, params=params))
+        evidence: list[Any] = []
         try:
             rs = expect_stage(await link.recv(self.model.open_timeout), K.STAGE_KIND_RESULT, "receipts")
             receipts = [Receipt.from_json(r) for r in json.loads(rs.params.get("receipts", "[]"))]
+            evidence = json.loads(rs.params.get("evidence", "[]")) if step is not None else []
         except Exception as e:
             log.info("request %s: no receipts from the stages: %s", self.request_id, e)
             receipts = [mine]
         try:
-            self.model.receipt_sink(receipts)
+            self.model.receipt_sink(receipts, evidence if step is not None else None)
         except Exception as e:  # a chain that does not verify is logged, never stored
             log.warning("request %s: receipts not kept: %s", self.request_id, e)
 

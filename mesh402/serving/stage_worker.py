@@ -10,7 +10,6 @@ token it draws is the one the host would have drawn.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import time
@@ -71,6 +70,10 @@ class StageWorker:
         self.stats = StageStats()
         self._loading: dict[StageKey, asyncio.Future[Any]] = {}
         self.prefix_rows: Any = None  # KV rows of prompt prefixes the host asked to keep (RowStore)
+        # Verification services (docs/verification.md), set by the node when it has them:
+        # kind -> async (peer id, StageFrame) -> reply Frame. VERIFY: re-execute spot checks (a validator);
+        # VALIDATION_ASK: request ERC-8004 validation of this node's work (a node with an owner key).
+        self.services: dict[int, Callable[[str, pb.StageFrame], Awaitable[pb.Frame]]] = {}
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -123,6 +126,12 @@ class StageWorker:
             await link.send(await self.assign(sf))
         elif sf.kind == K.STAGE_KIND_OPEN:
             await self._session(link, sf)
+        elif sf.kind in self.services:
+            try:
+                await link.send(await self.services[sf.kind](peer_id, sf))
+            except Exception as e:  # a service failure is the asker's answer, never this node's crash
+                log.warning("stage service %s for %s failed: %s", sf.kind, peer_id[:12], e)
+                await link.send(error_frame(sf.request_id, f"{type(e).__name__}: {e}", self.node_id, "service"))
         else:
             await link.send(error_frame(sf.request_id, f"stream must start with OPEN or ASSIGN, got kind {sf.kind}",
                                         self.node_id, "protocol"))
@@ -164,7 +173,7 @@ class StageWorker:
             tally = None
             if params.get("receipts") == "1":  # the entry wants a signed work receipt per stage
                 from mesh402.economics.receipts import StageTally
-                tally = StageTally(rid, open_.content_hash, open_.layer_start, open_.layer_end)
+                tally = StageTally(rid, open_.content_hash, open_.layer_start, open_.layer_end, keep=True)
             await self._serve_steps(up, down, engine, session, sampler, rid, chain[0].node if chain else "", tally)
         except StageError as e:
             await up.send(error_frame(rid, str(e), e.node or self.node_id, e.code))
@@ -179,7 +188,7 @@ class StageWorker:
                     pass
 
     async def _prefix_op(self, up: Link, down: Link | None, engine: Any, session: Any, sf: pb.StageFrame,
-                         history: list[int]) -> None:
+                         history: list[int], tally: Any = None) -> None:
         """`store`: keep this session's rows [0, n) under the host's key (no reply). `restore`: put them
         into this still-empty session; the last stage answers whether every stage had them."""
         from mesh402.engine.prefix import RowStore, copy_rows, load_rows, rows_nbytes
@@ -191,15 +200,20 @@ class StageWorker:
         if op == "store":
             if 0 < n <= len(session):
                 rows = await self._run(copy_rows, session, n)
-                self.prefix_rows.put(key, rows, rows_nbytes(rows))
+                # the steps that built these rows go with them: a later request's reveal replays them
+                records = [r for r in (tally.prefix_records + tally.records) if r["pos"] < n] if tally else []
+                self.prefix_rows.put(key, (rows, records), rows_nbytes(rows) + sum(len(r["data"]) for r in records))
             if down is not None:
                 await down.send(stage_frame(sf.kind, request_id=sf.request_id, plan_epoch=sf.plan_epoch,
                                             params=dict(sf.params)))
             return
-        rows = self.prefix_rows.get(key) if op == "restore" else None
+        kept = self.prefix_rows.get(key) if op == "restore" else None
+        rows, records = kept if kept is not None else (None, [])
         ok = sf.params.get("ok") == "1" and rows is not None and len(session) == 0 and n > 0
         if ok:
             await self._run(load_rows, session, rows, n)
+            if tally is not None:
+                tally.prefix_records = list(records)
         if down is None:
             if ok:
                 history.extend(sf.tokens[:n])
@@ -213,27 +227,37 @@ class StageWorker:
             raise StageError("next stage closed during a prefix restore", code="unreachable")
         await up.send(reply)
 
-    async def _close_receipts(self, up: Link, down: Link | None, close: pb.StageFrame, tally: Any) -> None:
+    async def _close_receipts(self, up: Link, down: Link | None, close: pb.StageFrame, tally: Any,
+                              mode: str) -> None:
         """Sign this stage's receipt after those of the stages before it (carried by CLOSE), pass CLOSE on,
-        and send the whole chain of receipts back up (what the next stage returned, else ours)."""
+        and send the whole chain of receipts back up (what the next stage returned, else ours). When the
+        entry audits the request, CLOSE names the step (`reveal`) and each stage adds its evidence."""
         from mesh402.economics.receipts import Receipt
+        from mesh402.economics.verification import reveal
         rid = close.request_id
         try:
             chain = list(json.loads(close.params.get("receipts", "[]")))
+            evidence = list(json.loads(close.params.get("evidence", "[]")))
             if self.signer is not None:
                 prev = Receipt.from_json(chain[-1]).digest if chain else ""
                 chain.append(tally.receipt(self.signer, len(chain), prev).to_json())
+                if close.params.get("reveal", "") != "":
+                    evidence.append(reveal(tally, int(close.params["reveal"]), len(chain) - 1, self.node_id, mode,
+                                           last=down is None))
         except (ValueError, TypeError, KeyError) as e:
-            log.info("session %s: bad receipts on CLOSE: %s", rid, e)
+            log.info("session %s: bad receipts or reveal on CLOSE: %s", rid, e)
             return
+        params = {"receipts": dump_json(chain), "evidence": dump_json(evidence)}
         if down is not None:
             try:
-                await down.send(stage_frame(K.STAGE_KIND_CLOSE, request_id=rid, params={"receipts": dump_json(chain)}))
+                await down.send(stage_frame(K.STAGE_KIND_CLOSE, request_id=rid,
+                                            params={**params, "reveal": close.params.get("reveal", "")}))
                 rs = expect_stage(await down.recv(self.open_timeout), K.STAGE_KIND_RESULT, "receipts")
-                chain = json.loads(rs.params.get("receipts", "[]")) or chain
+                if json.loads(rs.params.get("receipts", "[]")):
+                    params = {"receipts": rs.params["receipts"], "evidence": rs.params.get("evidence", "[]")}
             except Exception as e:  # the next stage is gone: its receipt is missing, ours still goes up
                 log.info("session %s: no receipts from the next stage: %s", rid, e)
-        await up.send(stage_frame(K.STAGE_KIND_RESULT, request_id=rid, params={"receipts": dump_json(chain)}))
+        await up.send(stage_frame(K.STAGE_KIND_RESULT, request_id=rid, params=params))
 
     async def _open_next(self, open_: pb.StageFrame, chain: list[Hop], params: dict[str, str]) -> Link:
         nxt = chain[0]
@@ -253,9 +277,12 @@ class StageWorker:
 
     async def _serve_steps(self, up: Link, down: Link | None, engine: Any, session: Any, sampler: Any,
                            rid: str, next_node: str, tally: Any = None) -> None:
+        from mesh402.economics.verification import fingerprint_ids, last_step_hash
         from mesh402.engine.wire import activation_hash, decode_activations
 
         history: list[int] = []
+        # the last stage commits to a fingerprint of its logits per step (docs/verification.md)
+        fp_ids = fingerprint_ids(rid, engine.config.vocab_size) if tally is not None and down is None else None
         while True:
             frame = await up.recv()
             if frame is None:
@@ -263,12 +290,12 @@ class StageWorker:
             sf = stage_body(frame, "upstream")
             if sf.kind == K.STAGE_KIND_CLOSE:
                 if tally is not None:
-                    await self._close_receipts(up, down, sf, tally)
+                    await self._close_receipts(up, down, sf, tally, engine.stages[0].mode)
                 return
             if sf.kind not in (K.STAGE_KIND_PREFILL, K.STAGE_KIND_DECODE):
                 raise StageError(f"unexpected stage kind {sf.kind} in a session", code="protocol")
             if sf.params.get("op"):  # KV prefix reuse: keep or restore rows (no activations)
-                await self._prefix_op(up, down, engine, session, sf, history)
+                await self._prefix_op(up, down, engine, session, sf, history, tally)
                 continue
             n_real = int(sf.params.get("n_real", len(sf.tokens)))
             self.stats.bytes_in += len(sf.activations)
@@ -281,14 +308,15 @@ class StageWorker:
             sample = sampler if down is None and sf.params.get("sample") == "1" else None
             # One engine-thread call per step (forward, then sample or encode): every extra hand-off
             # between the loop and the engine thread is a thread wake-up on the per-token path.
-            token, payload, shape = await self._run(_step, session, x, sf.position, n_real, sample, history,
-                                                    None if down is None else sf.dtype)
+            token, payload, shape, fp = await self._run(_step, session, x, sf.position, n_real, sample, history,
+                                                        None if down is None else sf.dtype, fp_ids)
             self.stats.steps += 1
             in_hash = activation_hash(sf.activations)
             if tally is not None:
-                out = activation_hash(payload) if payload is not None else \
-                    hashlib.sha256(b"token:%d" % (-1 if token is None else token)).digest()
-                tally.step(n_real, in_hash, out)
+                record = {"kind": int(sf.kind), "pos": int(sf.position), "n_real": n_real, "dtype": sf.dtype,
+                          "shape": list(sf.shape), "data": sf.activations}
+                out = activation_hash(payload) if payload is not None else last_step_hash(token, fp or b"")
+                tally.step(n_real, in_hash, out, record, fp, token)
             if down is None:
                 reply = stage_frame(K.STAGE_KIND_RESULT, request_id=rid, plan_epoch=sf.plan_epoch,
                                     position=sf.position, input_hash=in_hash)
@@ -316,15 +344,22 @@ class StageWorker:
 
 
 def _step(session: Any, x: Any, position: int, n_real: int, sampler: Any, history: list[int],
-          wire: str | None) -> tuple[int | None, bytes | None, list[int] | None]:
-    """One stage step on the engine thread: (sampled token, None, None) on the last stage when asked
-    to sample, (None, payload, shape) on a middle stage, else (None, None, None)."""
+          wire: str | None, fp_ids: list[int] | None = None
+          ) -> tuple[int | None, bytes | None, list[int] | None, bytes | None]:
+    """One stage step on the engine thread: (sampled token, None, None, fp) on the last stage when asked
+    to sample, (None, payload, shape, None) on a middle stage, else (None, None, None, fp). `fp` is the
+    logits fingerprint the last stage commits to when `fp_ids` is given."""
     out = session.forward(x, position, n_real)
+    fp = None
+    if fp_ids is not None:
+        from mesh402.engine.verify import fingerprint
+
+        fp = fingerprint(out, fp_ids)
     if sampler is not None:
-        return int(sampler.sample(out, history, len(history))), None, None
+        return int(sampler.sample(out, history, len(history))), None, None, fp
     if wire is not None:
         from mesh402.engine.wire import encode_activations
 
         payload, shape = encode_activations(out, wire)
-        return None, payload, shape
-    return None, None, None
+        return None, payload, shape, None
+    return None, None, None, fp

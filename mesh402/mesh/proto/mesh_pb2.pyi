@@ -43,6 +43,8 @@ class StageKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STAGE_KIND_EXPERT_ASSIGN: _ClassVar[StageKind]
     STAGE_KIND_EXPERT_RUN: _ClassVar[StageKind]
     STAGE_KIND_EXPERT_RESULT: _ClassVar[StageKind]
+    STAGE_KIND_VERIFY: _ClassVar[StageKind]
+    STAGE_KIND_VALIDATION_ASK: _ClassVar[StageKind]
 ADMISSION_UNSPECIFIED: AdmissionPolicy
 ADMISSION_SECRET: AdmissionPolicy
 ADMISSION_OPEN: AdmissionPolicy
@@ -68,6 +70,8 @@ STAGE_KIND_TRUNCATE: StageKind
 STAGE_KIND_EXPERT_ASSIGN: StageKind
 STAGE_KIND_EXPERT_RUN: StageKind
 STAGE_KIND_EXPERT_RESULT: StageKind
+STAGE_KIND_VERIFY: StageKind
+STAGE_KIND_VALIDATION_ASK: StageKind
 
 class Frame(_message.Message):
     __slots__ = ("gen", "hello", "welcome", "reject", "gossip", "ping", "pong", "peer_down", "peer_leaving", "route_request", "route_table", "stage", "http", "plugin", "echo")

@@ -1,0 +1,82 @@
+"""The validator's side of a spot check: re-execute audited steps on the same layers and judge them.
+
+A node started with `--validator` answers VERIFY requests (docs/verification.md): for each spot check it
+loads the stage's layer range of the same model (from its own disk copy) in the mode the stage declared,
+replays the revealed inputs (mesh402.engine.verify.replay) and compares. The verdict is what the
+validator reports on chain: PASS_SCORE when every verifiable check holds, 0 otherwise."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from mesh402.economics.verification import UNVERIFIABLE, SpotCheck, fingerprint_ids
+
+PASS_SCORE = 100
+
+EngineFor = Callable[[str, int, int, str], Any]  # (model hash, start, end, mode) -> partial Engine
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    request_id: str
+    stage: int
+    ok: bool
+    skipped: bool
+    rel_err: float
+    tolerance: float
+    detail: str
+
+
+@dataclass
+class Verdict:
+    results: list[CheckResult] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[CheckResult]:
+        return [r for r in self.results if not r.ok and not r.skipped]
+
+    @property
+    def checked(self) -> int:
+        return sum(1 for r in self.results if not r.skipped)
+
+    @property
+    def score(self) -> int:
+        return 0 if self.failed else PASS_SCORE
+
+    def to_json(self) -> dict[str, Any]:
+        return {"score": self.score, "checked": self.checked, "results": [asdict(r) for r in self.results]}
+
+    @property
+    def digest(self) -> bytes:
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True, default=str).encode()).digest()
+
+
+def run_check(check: SpotCheck, engine_for: EngineFor) -> CheckResult:
+    """One spot check: a reveal that broke its own commitments fails without compute; one that could not
+    be pinned (the next stage's reveal failed) is skipped; any other is re-executed."""
+    def result(ok: bool, detail: str, err: float = float("inf"), tol: float = 0.0, skipped: bool = False) -> CheckResult:
+        return CheckResult(check.request_id, check.stage, ok, skipped, err, tol, detail)
+
+    if check.fault.startswith(UNVERIFIABLE):
+        return result(True, check.fault, skipped=True)
+    if check.fault:
+        return result(False, check.fault)
+    try:
+        engine = engine_for(check.model_hash, check.layer_start, check.layer_end, check.mode)
+    except FileNotFoundError as e:  # this validator cannot hold those layers: not a verdict on the stage
+        return result(True, f"{UNVERIFIABLE}{e}", skipped=True)
+    from mesh402.engine.verify import replay
+
+    ids = fingerprint_ids(check.request_id, engine.config.vocab_size) if check.last else None
+    r = replay(engine, check.decoded_inputs(), last=check.last, expected=base64.b64decode(check.expected),
+               expected_dtype=check.expected_dtype, expected_shape=check.expected_shape or None, fp_ids=ids,
+               mode=check.mode)
+    return result(r.ok, r.detail, r.rel_err, r.tolerance)
+
+
+def judge(checks: list[SpotCheck], engine_for: EngineFor) -> Verdict:
+    return Verdict([run_check(c, engine_for) for c in checks])

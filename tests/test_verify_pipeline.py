@@ -1,0 +1,92 @@
+"""Commit–reveal over a real split (in-memory links, the real StageWorker and PipelineModel): the entry
+audits a request after it is done, every stage reveals the step, the reveal matches the signed receipts,
+and a validator's re-execution passes honest stages and fails a stage that cheats (tests/tamper.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from mesh402.economics.receipts import chain_errors
+from mesh402.economics.verification import Auditor, spot_checks
+from mesh402.engine import Engine
+from mesh402.models.catalog import bundled_model_path
+from mesh402.serving.validator import PASS_SCORE, judge
+from tests.tamper import tamper_engine
+from tests.test_econ_receipts_pipeline import run_with_receipts
+
+PATH = bundled_model_path()
+
+
+@pytest.fixture(scope="module")
+def executor():
+    ex = ThreadPoolExecutor(1)
+    yield ex
+    ex.shutdown()
+
+
+@pytest.fixture(scope="module")
+def prompt() -> list[int]:
+    e = Engine.load(PATH, mode="exact", layers=(0, 1))
+    text = e.chat_template.render([{"role": "user", "content": "Name a colour."}])
+    return e.tokenizer.encode(text, add_special=False)
+
+
+def honest_engine(_hash: str, a: int, b: int, mode: str) -> Any:
+    return Engine.load(PATH, mode=mode, layers=(a, b), load_tokenizer=False)
+
+
+async def audited_run(executor: Any, prompt: list[int], cheat: str | None = None, cheater: str = "w1"
+                      ) -> tuple[list[Any], list[dict], dict]:
+    """A 3-stage split where the entry audits every request; `cheater`'s engines are tampered with."""
+    got: list[tuple[list[Any], Any]] = []
+
+    def also(rs: list[Any], evidence: Any = None) -> None:
+        got.append((rs, evidence))
+
+    tamper = {cheater: lambda e: tamper_engine(e, cheat, seed=1)} if cheat else None
+    _, ids, _ = await run_with_receipts(executor, prompt, [0, 10, 20, 30], also=also, auditor=Auditor(1.0, 3600),
+                                        tamper=tamper)
+    rs, evidence = got[0]
+    return rs, evidence, ids
+
+
+def test_honest_split_reveals_and_passes(executor, prompt) -> None:
+    receipts, evidence, ids = asyncio.run(audited_run(executor, prompt))
+    assert chain_errors(receipts, 30) == []
+    assert evidence is not None and [e["stage"] for e in evidence] == [1, 2]
+    checks = spot_checks(receipts, evidence)
+    assert [(c.stage, c.fault) for c in checks] == [(1, ""), (2, "")]
+    assert checks[0].expected_shape and checks[1].last
+    v = judge(checks, honest_engine)
+    print("\nhonest rel_err:", [f"{r.rel_err:.2e}" for r in v.results])
+    assert v.score == PASS_SCORE and v.checked == 2, v.to_json()
+
+
+@pytest.mark.parametrize("cheat", ["skip_layer", "perturb", "requant"])
+@pytest.mark.parametrize("cheater", ["w0", "w1"])  # a middle stage and the last stage
+def test_cheating_stage_fails_its_spot_check(executor, prompt, cheat: str, cheater: str) -> None:
+    receipts, evidence, ids = asyncio.run(audited_run(executor, prompt, cheat, cheater))
+    assert chain_errors(receipts, 30) == []  # cheating leaves the receipts consistent ...
+    v = judge(spot_checks(receipts, evidence), honest_engine)
+    bad = {r.stage for r in v.failed}
+    print(f"\n{cheat} on {cheater}:", [f"stage {r.stage} rel_err {r.rel_err:.2e}" for r in v.results])
+    assert bad == {1 if cheater == "w0" else 2}, v.to_json()  # ... but re-execution catches it, only it
+
+
+def test_a_reveal_that_breaks_the_commitment_fails_without_compute(executor, prompt) -> None:
+    receipts, evidence, _ = asyncio.run(audited_run(executor, prompt))
+    forged = json.loads(json.dumps(evidence))
+    forged[1]["fp"] = forged[0]["inputs"][0]["data"][:1368]  # some other bytes
+    checks = spot_checks(receipts, forged)
+    assert checks[1].fault and not checks[0].fault
+    v = judge(checks[1:], lambda *a: pytest.fail("no re-execution for a broken reveal"))  # type: ignore[arg-type]
+    assert v.score == 0 and v.failed[0].stage == 2
+    assert judge(checks[:1], honest_engine).score == PASS_SCORE  # stage 2's inputs still pin stage 1
+    missing = spot_checks(receipts, evidence[:1])
+    assert missing[1].fault == "no reveal for the audited step"
+    assert missing[0].fault.startswith("unverifiable")  # stage 1 is not blamed for stage 2's silence
