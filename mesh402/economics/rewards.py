@@ -6,7 +6,7 @@ address account, uint256 amount))), and inner nodes hash their two children in s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,7 @@ class EpochPayout:
     tree: PayoutTree | None = None
     tx: str | None = None
     gas: int | None = None
+    withheld: dict[str, str] = field(default_factory=dict)  # node id -> why it is not paid this epoch
 
 
 def epoch_revenue(ledger_path: Path, epoch: int, epoch_s: int) -> int:
@@ -110,6 +111,19 @@ def plan_epoch(store: Any, epoch: int, flops: Any, accounts: dict[str, str], *, 
                        {n: a for n, a in accounts.items() if n in units})
 
 
+def withhold(plan: EpochPayout, reasons: dict[str, str]) -> EpochPayout:
+    """Withhold these nodes' shares (e.g. a failed or missing spot check: validation.payout_condition).
+    Their amounts stay recorded but they lose their account, so they get no leaf and the share stays
+    with the entry node, as for a node without an agent wallet."""
+    plan.withheld.update(reasons)
+    plan.accounts = {n: a for n, a in plan.accounts.items() if n not in plan.withheld}
+    return plan
+
+
+class EpochPublished(RuntimeError):
+    """The wallet already published this epoch (EpochRewards allows one root per distributor and epoch)."""
+
+
 def publish_epoch(w3: Any, key: str, rewards_address: str, plan: EpochPayout) -> EpochPayout:
     """Fund and publish the epoch's Merkle root in EpochRewards (approve + publish, from the entry node's key)."""
     from mesh402.economics.chain import contract_at
@@ -122,6 +136,8 @@ def publish_epoch(w3: Any, key: str, rewards_address: str, plan: EpochPayout) ->
         if acct and amount > 0:
             by_account[acct] = by_account.get(acct, 0) + amount
     eid = int(rw.functions.epochId(account_of(key).address, plan.epoch).call())
+    if int(rw.functions.getEpoch(eid).call()[0], 16):  # checked before the approve, which would succeed
+        raise EpochPublished(f"epoch {plan.epoch} is already published from {account_of(key).address}")
     tree = build_tree(eid, by_account)
     gas = int(send_tx(w3, key, token.functions.approve(rw.address, tree.total))["gasUsed"])
     rcpt = send_tx(w3, key, rw.functions.publish(plan.epoch, tree.root, tree.total))
