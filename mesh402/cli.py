@@ -97,6 +97,9 @@ def serve(
     asset_version: Annotated[Optional[str], typer.Option(help="The token's EIP-712 domain version.", rich_help_panel="Payments")] = None,
     credit_topup: Annotated[Optional[str], typer.Option(help="Metered billing: smallest credit purchase in USDC (default 0.10).", rich_help_panel="Payments")] = None,
     epoch_seconds: Annotated[int, typer.Option("--epoch-seconds", help="Payout epoch: the stages' work receipts of split requests are grouped (and paid with `mesh402 payout`) per this many seconds.", rich_help_panel="Payments")] = 3600,
+    owner_key_file: Annotated[Optional[Path], typer.Option("--owner-key-file", help="File (0600) with this node's EVM owner key (the one `mesh402 register` used; or env MESH402_OWNER_KEY): lets the node request ERC-8004 validation of its own work, which payouts require.", rich_help_panel="Trust")] = None,
+    validator: Annotated[bool, typer.Option("--validator", help="Re-execute other nodes' audited steps on this node's copy of the model and answer their validation requests on chain (needs --owner-key-file and --deployment/--network).", rich_help_panel="Trust")] = False,
+    audit_rate: Annotated[float, typer.Option("--audit-rate", help="Entry: share of paid split requests whose stages must reveal a step for re-execution (each node's first request per epoch is always audited).", rich_help_panel="Trust")] = 0.1,
 ) -> None:
     """Start a node: load models and serve the OpenAI-compatible API."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
@@ -117,6 +120,9 @@ def serve(
         if epoch_seconds <= 0:
             raise ValueError("--epoch-seconds must be positive")
         payments.epoch_s = epoch_seconds
+        from mesh402.economics.settings import trust_config
+        trust = trust_config(network=network, deployment=deployment, owner_key_file=owner_key_file,
+                             validator=validator, audit_rate=audit_rate)
     except (ModelNotFound, ValueError) as e:
         _fail(str(e))
     if no_model:
@@ -125,7 +131,7 @@ def serve(
         port = _free_default_port("0.0.0.0" if listen_all else "127.0.0.1", port)
     config = NodeConfig(home=resolve_home(home), models=[s.model_id for s in sources],
                         host="0.0.0.0" if listen_all else "127.0.0.1", port=port, api_key=api_key,
-                        device=device, mode=mode, threads=threads, payments=payments)  # type: ignore[arg-type]
+                        device=device, mode=mode, threads=threads, payments=payments, trust=trust)  # type: ignore[arg-type]
     config.limits.max_sessions = max_sessions
     config.max_vram_gb, config.max_split_rtt_ms, config.wire_dtype = max_vram, max_split_rtt, wire_dtype  # type: ignore[assignment]
     config.standby = standby

@@ -59,6 +59,21 @@ class PaymentsConfig:
 
 
 @dataclass
+class TrustConfig:
+    """ERC-8004 identity and spot-check verification (docs/verification.md)."""
+    rpc_url: str | None = None
+    registries: dict[str, str] = field(default_factory=dict)  # IdentityRegistry, ReputationRegistry, ValidationRegistry
+    owner_key: str | None = None  # the node's EVM owner key: from a 0600 file or MESH402_OWNER_KEY, never argv
+    validator: bool = False  # re-execute other nodes' spot checks and answer their validation requests
+    audit_rate: float = 0.1  # entry: share of paid split requests whose stages reveal a step (plus each
+    #                           node's first request per epoch)
+
+    @property
+    def on_chain(self) -> bool:
+        return bool(self.rpc_url and self.owner_key and self.registries)
+
+
+@dataclass
 class NodeConfig:
     home: Path
     models: list[str] = field(default_factory=list)
@@ -71,6 +86,7 @@ class NodeConfig:
     limits: Limits = field(default_factory=Limits)
     timers: Timers = field(default_factory=Timers)
     payments: PaymentsConfig = field(default_factory=PaymentsConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
     mesh: MeshSettings | None = None  # None: no mesh (API-only process, e.g. in-process tests)
     max_vram_gb: float | None = None  # weight budget in GB (1e9 bytes); how users and tests divide a machine
     max_split_rtt_ms: float = 80.0  # peers farther than this never hold a stage

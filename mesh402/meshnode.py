@@ -257,6 +257,8 @@ class MeshRuntime:
         app = create_management_app(self.mesh, node_info=self._node_info, token=token)
         from mesh402.api import earnings  # GET /api/earnings: epoch payouts per node (mesh402.economics)
         earnings.install(app, self.node.config.home)
+        from mesh402.api import validation  # POST /api/epochs/{n}/validate: the entry's validation round
+        validation.install(app, lambda: getattr(self.node, "distributed", None))
         cfg = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=1)
         self.console_server = _ConsoleServer(cfg)
         self.console_task = asyncio.create_task(self.console_server.serve(sockets=[sock]))
@@ -398,6 +400,11 @@ class MeshRuntime:
         with contextlib.suppress(Exception):  # ERC-8004 agent claim after `mesh402 register` (peers verify it)
             from mesh402.economics.identity import announcement_label
             labels.update(announcement_label(self.node.config.home))
+        trust = self.node.config.trust
+        if trust.validator and trust.owner_key:  # entries send this node their spot checks
+            from mesh402.economics.evm import account_of
+            from mesh402.serving.trust import VALIDATOR_LABEL
+            labels[VALIDATOR_LABEL] = account_of(trust.owner_key).address
         return labels
 
     def _model_entries(self, hash_files: bool) -> list[pb.ModelEntry]:

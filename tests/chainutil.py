@@ -54,10 +54,10 @@ class DevChain:
         return bool(tok.functions.authorizationState(w3.to_checksum_address(payer), bytes.fromhex(nonce[2:])).call())
 
 
-def start_chain(tmp: Path, *, buyers: int = 4) -> DevChain:
+def start_chain(tmp: Path, *, buyers: int = 4, nodes: int = 2) -> DevChain:
     d = tmp / "chain"
     proc = NodeProcess([*MESH402, "chain", "dev", "--port", str(free_port()), "--dir", str(d),
-                        "--buyers", str(buyers)], tmp / "chain-proc")
+                        "--buyers", str(buyers), "--nodes", str(nodes)], tmp / "chain-proc")
     wait_file(d / "deployment.json", proc, timeout=180)
     return DevChain(proc, Deployment.load(d), d)
 

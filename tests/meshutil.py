@@ -102,6 +102,7 @@ class MeshNodes:
         api_port: Optional[int] = None,
         console_port: Optional[int] = None,
         no_model: bool = True,
+        env: Optional[dict[str, str]] = None,
     ) -> MeshNode:
         home = home or (self.root / name)
         api_port = api_port or free_port()
@@ -114,7 +115,7 @@ class MeshNodes:
         if join:
             args += ["--join", join]
         args += list(extra or [])
-        proc = NodeProcess(args, home)
+        proc = NodeProcess(args, home, env=env)
         node = MeshNode(name, proc, home, api_port, console_port, args)
         self.nodes.append(node)
         if wait:

@@ -1,4 +1,5 @@
-"""Management API: GET /api/earnings, the epoch payouts this (entry) node made, per node and epoch, and
+"""Management API: GET /api/earnings, the epoch payouts this (entry) node made, per node and epoch (a share
+with no account was not paid: withheld after a failed or missing validation, or no verified agent), and
 how many work receipts it holds per epoch (from <home>/receipts.sqlite; empty on a node that keeps none)."""
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def earnings(home: Path) -> dict[str, Any]:
         db.close()
     return {"epochs": [{"epoch": e, "requests": n, "receipts": r, "units": int(u)} for e, n, r, u in receipts],
             "payouts": [{"epoch": e, "node_id": n, "units": int(u), "amount": int(a), "account": acct, "tx": tx,
-                         "revenue": rev} for e, n, u, a, acct, tx, rev in payouts]}
+                         "revenue": rev, "paid": acct is not None} for e, n, u, a, acct, tx, rev in payouts]}
 
 
 def install(app: FastAPI, home: Path) -> None:

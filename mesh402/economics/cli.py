@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -284,12 +285,21 @@ def earnings_status_lines(home: Path, *, last_epochs: int = 3) -> list[str]:
     st = ReceiptStore(path)
     try:
         rows = st.earnings()
+        epochs = sorted({r["epoch"] for r in rows})[-last_epochs:]
+        checks = {e: st.validations(e) for e in epochs}
     finally:
         st.close()
-    epochs = sorted({r["epoch"] for r in rows})[-last_epochs:]
     out = []
     for e in epochs:
-        parts = [f"{r['node_id'][:12]} {r['amount'] / 1e6:.6f} ({r['units']:.3g} units)" for r in rows if r["epoch"] == e]
+        parts = []
+        for r in (r for r in rows if r["epoch"] == e):
+            head = f"{r['node_id'][:12]} "
+            if r["account"]:
+                parts.append(head + f"{r['amount'] / 1e6:.6f} ({r['units']:.3g} units)")
+                continue
+            verdict = json.loads((checks[e].get(r["node_id"]) or {}).get("verdict") or "{}")
+            why = "failed spot check" if verdict.get("score") == 0 else "no verified agent or passed validation"
+            parts.append(head + f"not paid ({why}; {r['amount'] / 1e6:.6f} kept by the entry)")
         out.append(f"earnings epoch {e}: " + ", ".join(parts))
     return out
 
@@ -404,6 +414,8 @@ def payout_cmd(
     if not plan.units:
         _fail(f"epoch {ep}: no receipts")
     failed: dict[str, Any] = {}
+    if require_validation and not dry_run:
+        _run_validation_round(h, ep)
     if require_validation:
         vreg = _registry_address(validation_registry, "ValidationRegistry", network, dep)
         try:
@@ -438,6 +450,35 @@ def payout_cmd(
     console.print(f"published epoch {ep} root 0x{plan.tree.root.hex()[:16]}… in {plan.tx}; gas "
                   + ", ".join(f"{k} {v}" for k, v in gas.items()), highlight=False)
     console.print(f"claims: {h / f'payout-epoch-{ep}.json'}" + (" (all sent)" if push else ""), highlight=False)
+
+
+def _run_validation_round(home: Path, epoch: int) -> None:
+    """Ask the running entry node to get every paid stage node's spot checks validated on chain (requests by
+    the nodes, verdicts by the mesh's validator). Without a running node, what is on record decides."""
+    import httpx
+
+    from mesh402.home import Home
+    from mesh402.mesh_cli import _find_console
+    if Home(home).read_state() is None:
+        console.print("no running node for this home: paying on the validations already on chain", highlight=False)
+        return
+    try:
+        base, headers, _ = _find_console(home)
+    except typer.Exit:  # it said why (not running, no console): pay on what is on chain
+        console.print("paying on the validations already on chain", highlight=False)
+        return
+    try:
+        r = httpx.post(f"{base}/api/epochs/{epoch}/validate", headers=headers, timeout=900.0)
+    except httpx.HTTPError as e:
+        _fail(f"the validation round failed: cannot reach the node at {base}: {e}")
+    if r.status_code != 200:
+        _fail(f"the validation round failed: HTTP {r.status_code} {r.text[:300]}")
+    for node, res in sorted(r.json().get("nodes", {}).items()):
+        if "score" in res:
+            what = f"score {res['score']} over {res.get('checked', 0)} spot checks"
+        else:
+            what = res.get("error", "no verdict")
+        console.print(f"  validation {node[:12]}: {what}", highlight=False)
 
 
 def _registry_address(explicit: Optional[str], name: str, network: Optional[str], dep: Any) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mesh402.config import PaymentsConfig
+from mesh402.config import PaymentsConfig, TrustConfig
 from mesh402.economics.networks import Deployment, resolve_asset
 
 DEFAULT_TOPUP = "0.10"  # metered mode: smallest credit purchase, in token units
@@ -39,4 +39,28 @@ def payments_config(*, price: str | None, price_per_1k: str | None, pay_to: str 
     if not facilitator:
         raise ValueError("a priced node needs --facilitator URL (e.g. a `mesh402 facilitator` or https://x402.org/facilitator)")
     cfg.facilitator_url = facilitator
+    return cfg
+
+
+def trust_config(*, network: str | None, deployment: Path | None, owner_key_file: Path | None, validator: bool,
+                 audit_rate: float) -> TrustConfig:
+    """The chain a node acts on for ERC-8004 (its deployment's or the network's registries) and its owner key.
+    Without --deployment/--network and a key, the node takes no part on chain (it can still be audited)."""
+    import os
+
+    from mesh402.economics.networks import NAMED, erc8004_registries
+    from mesh402.home import read_secret_file
+    if not 0.0 <= audit_rate <= 1.0:
+        raise ValueError("--audit-rate must be between 0 and 1")
+    key = read_secret_file(owner_key_file) if owner_key_file else (os.environ.get("MESH402_OWNER_KEY", "").strip() or None)
+    cfg = TrustConfig(owner_key=key, validator=validator, audit_rate=audit_rate)
+    dep = Deployment.load(deployment) if deployment else None
+    if dep is not None:
+        cfg.rpc_url = dep.rpc_url
+    elif network in NAMED:
+        cfg.rpc_url = NAMED[network].rpc_url
+    if cfg.rpc_url and (dep is not None or network):
+        cfg.registries = erc8004_registries(network if dep is None else None, dep)
+    if validator and not (key and cfg.rpc_url):
+        raise ValueError("--validator needs an owner key (--owner-key-file or MESH402_OWNER_KEY) and --deployment or --network")
     return cfg

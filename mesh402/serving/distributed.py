@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -110,9 +111,17 @@ class DistributedRuntime(Failover):
         self.worker = StageWorker(self.me, self.executor, self._load_stage, self._connect,
                                   signer=getattr(mesh, "identity", None))  # signs work receipts when asked
         self.receipts = None  # economics.receipts.EntryReceipts: a paid entry keeps the stages' receipts
+        self.auditor = None  # economics.verification.Auditor: which paid requests the stages must reveal
         if node.config.payments.enabled:
             from mesh402.economics.receipts import EntryReceipts
+            from mesh402.economics.verification import Auditor
             self.receipts = EntryReceipts(node.config.home, node.config.payments.epoch_s)
+            self.auditor = Auditor(node.config.trust.audit_rate, node.config.payments.epoch_s)
+        from mesh402.serving.trust import TrustServices
+        self.trust = TrustServices(self.me, node.config.trust, self.executor, self._load_range, self._connect,
+                                   self._peer_labels)
+        self.worker.services.update(self.trust.services())
+        _test_hook(self.worker)
         mesh.register_handler(StreamType.STAGE, self._on_stage_stream)
         self.expert_service = ExpertService(self._load_experts)
         mesh.register_handler(StreamType.EXPERT, self._on_expert_stream)
@@ -213,6 +222,9 @@ class DistributedRuntime(Failover):
                 if m.content_hash == content_hash:
                     best = max(best, int(m.plan_epoch))
         return max(best, self.worker.epochs.get(content_hash, 0))
+
+    def _peer_labels(self) -> dict[str, dict[str, str]]:
+        return {bytes(a.node_id).hex(): dict(a.labels) for a in self._announcements() if bytes(a.node_id).hex() != self.me}
 
     def published_plans(self) -> dict[str, tuple[str, dict[str, Any], int]]:
         """key -> (host, plan dict, host api port): per model the incumbent's ready plan, else any claim."""
@@ -372,7 +384,8 @@ class DistributedRuntime(Failover):
             self.receipts.add_model(chain.content_hash, entry.source.path)  # work units from its tensor table
         return PipelineModel(engine0, chain, self._connect, self, self.executor, wire_dtype=self.wire_dtype,
                              timer=StepTimer(floor_s=self.node.config.timers.stage_step_floor_s),
-                             signer=getattr(self.mesh, "identity", None), receipt_sink=self.receipts)
+                             signer=getattr(self.mesh, "identity", None), receipt_sink=self.receipts,
+                             auditor=self.auditor)
 
     # ---------------------------------------------------------------- MoE expert parallel
     async def _apply_experts(self, key: str, entry: ModelEntry, plan: ExpertPlan) -> Any:
@@ -488,12 +501,17 @@ class DistributedRuntime(Failover):
                            max_sessions=cfg.limits.max_sessions, prefill_chunk=cfg.limits.prefill_chunk)
 
     def _load_stage(self, content_hash: str, start: int, end: int) -> Any:
+        return self._load_range(content_hash, start, end, self.node.config.mode)
+
+    def _load_range(self, content_hash: str, start: int, end: int, mode: str) -> Any:
+        """Layers [start, end) of a model on this node's disk, in `mode` (a validator replays in the mode
+        the audited stage ran)."""
         for key, entry in self.keys.items():
             if key.endswith("@" + content_hash):
                 from mesh402.engine import Engine
 
                 cfg = self.node.config
-                return Engine.load(entry.source.path, mode=cfg.mode, device=cfg.device, layers=(start, end),
+                return Engine.load(entry.source.path, mode=mode, device=cfg.device, layers=(start, end),
                                    max_sessions=cfg.limits.max_sessions, prefill_chunk=cfg.limits.prefill_chunk,
                                    load_tokenizer=False)
         raise FileNotFoundError(f"no local model file with content hash {content_hash[:16]}")
@@ -678,3 +696,14 @@ def _usage_by_layer(h: Hosted) -> dict[str, list[int]]:
         for (la, e), c in sorted(st.expert_usage().items()):
             out.setdefault(str(la), []).append(int(c))
     return out
+
+
+def _test_hook(worker: StageWorker) -> None:
+    """Tests only: MESH402_TEST_HOOK=module:function is called with the stage worker (e.g. tests.tamper:install
+    makes this node a cheating stage). Not a user setting: nothing in the CLI or docs for users names it."""
+    spec = os.environ.get("MESH402_TEST_HOOK", "").strip()
+    if spec:
+        import importlib
+
+        mod, _, fn = spec.partition(":")
+        getattr(importlib.import_module(mod), fn)(worker)

@@ -1,0 +1,196 @@
+"""A node's part in spot-check verification over the mesh (docs/verification.md, section 4).
+
+- **stage node** (has an owner key): answers VALIDATION_ASK by requesting ERC-8004 validation of the
+  statement about its own work, from its agent's owner key;
+- **validator** (`--validator`): answers VERIFY by re-executing the spot checks on its own copy of the
+  layers and reporting the verdict on chain;
+- **entry** (keeps receipts): `run_round(epoch)` asks each paid stage node to request validation and
+  sends its spot checks to the mesh's validator.
+Chain calls block, so they run in the default thread pool; re-execution runs on the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import OrderedDict
+from typing import Any, Awaitable, Callable
+
+from mesh402.mesh.proto import mesh_pb2 as pb
+from mesh402.serving.stage_link import K, Link, dump_json, error_frame, expect_stage, stage_frame
+
+log = logging.getLogger(__name__)
+
+VALIDATOR_LABEL = "validator"  # announcement label: the validator's EVM address
+
+
+class TrustServices:
+    def __init__(self, node_id: str, trust: Any, executor: Any, load_model: Callable[[str, int, int, str], Any],
+                 connect: Callable[[str], Awaitable[Link]], peers: Callable[[], dict[str, dict[str, str]]]) -> None:
+        """`trust`: config.TrustConfig; `load_model(hash, start, end, mode)`: a partial engine from this
+        node's disk (FileNotFoundError if it has no such model); `peers()`: node id -> announcement labels."""
+        self.me = node_id
+        self.trust = trust
+        self.executor = executor
+        self.load_model = load_model
+        self.connect = connect
+        self.peers = peers
+        self._engines: OrderedDict[tuple, Any] = OrderedDict()
+        self._w3: Any = None
+        self._agent: int | None = None
+
+    # ------------------------------------------------------------------ chain
+    @property
+    def w3(self) -> Any:
+        if self._w3 is None:
+            from mesh402.economics.chain import web3_for
+            self._w3 = web3_for(self.trust.rpc_url)
+        return self._w3
+
+    @property
+    def address(self) -> str:
+        from mesh402.economics.evm import account_of
+        return account_of(self.trust.owner_key).address
+
+    def registry(self, name: str) -> str:
+        addr = self.trust.registries.get(name)
+        if not addr:
+            raise RuntimeError(f"no {name} address configured (pass --deployment or --network)")
+        return addr
+
+    async def _chain(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    def services(self) -> dict[int, Callable[[str, pb.StageFrame], Awaitable[pb.Frame]]]:
+        out: dict[int, Callable[[str, pb.StageFrame], Awaitable[pb.Frame]]] = {}
+        if self.trust.owner_key and self.trust.rpc_url:
+            out[K.STAGE_KIND_VALIDATION_ASK] = self.on_validation_ask
+            if self.trust.validator:
+                out[K.STAGE_KIND_VERIFY] = self.on_verify
+        return out
+
+    # ------------------------------------------------------------------ stage node
+    async def on_validation_ask(self, peer: str, sf: pb.StageFrame) -> pb.Frame:
+        """Request validation of a statement about this node's own work, naming the validator in it."""
+        from mesh402.economics.validation import agent_of_node, request_validation, statement
+        st = json.loads(sf.params["statement"])
+        if st.get("node") != self.me or st.get("entry") != peer:
+            return error_frame(sf.request_id, "the statement is not about this node's work for the asking entry",
+                               self.me, "bad_statement")
+        text, h = statement(st["epoch"], st["entry"], st["node"], st["validator"], st["checks"])
+        if self._agent is None:
+            self._agent = await self._chain(agent_of_node, self.w3, self.registry("IdentityRegistry"), self.me)
+        if self._agent is None:
+            return error_frame(sf.request_id, "this node has no ERC-8004 agent whose binding verifies "
+                               "(run `mesh402 register`)", self.me, "unregistered")
+        uri = f"mesh402://{peer}/validation/{st['epoch']}/{self.me}"
+        rc = await self._chain(request_validation, self.w3, self.trust.owner_key, self.registry("ValidationRegistry"),
+                               st["validator"], self._agent, uri, h)
+        return stage_frame(K.STAGE_KIND_RESULT, request_id=sf.request_id,
+                           params={"agent_id": self._agent, "request_hash": h, "tx": _tx(rc)})
+
+    # ------------------------------------------------------------------ validator
+    def _engine_for(self, model_hash: str, start: int, end: int, mode: str) -> Any:
+        key = (model_hash, start, end, mode)
+        if key not in self._engines:
+            self._engines[key] = self.load_model(model_hash, start, end, mode)
+            while len(self._engines) > 2:  # a validator holds a couple of ranges, not a model zoo
+                self._engines.popitem(last=False)
+        self._engines.move_to_end(key)
+        return self._engines[key]
+
+    async def on_verify(self, peer: str, sf: pb.StageFrame) -> pb.Frame:
+        """Re-execute the spot checks of a statement and answer its validation request on chain."""
+        from mesh402.economics.validation import respond_validation, statement, validation_status
+        from mesh402.economics.verification import SpotCheck
+        from mesh402.serving.validator import judge
+        st = json.loads(sf.params["statement"])
+        text, h = statement(st["epoch"], st["entry"], st["node"], st["validator"], st["checks"])
+        if st["validator"].lower() != self.address.lower():
+            return error_frame(sf.request_id, "the statement names another validator", self.me, "not_validator")
+        checks = [SpotCheck.from_json(c) for c in json.loads(sf.params.get("checks", "[]"))]
+        if [c.digest for c in checks] != list(st["checks"]) or any(c.node_id != st["node"] for c in checks):
+            return error_frame(sf.request_id, "the spot checks are not the ones the statement names", self.me,
+                               "bad_checks")
+        status = await self._chain(validation_status, self.w3, self.registry("ValidationRegistry"), h)
+        if not status.exists:
+            return error_frame(sf.request_id, f"no validation request {h} on chain", self.me, "not_requested")
+        loop = asyncio.get_running_loop()
+        verdict = await loop.run_in_executor(self.executor, judge, checks, self._engine_for)
+        rc = await self._chain(respond_validation, self.w3, self.trust.owner_key, self.registry("ValidationRegistry"),
+                               h, verdict.score, "", verdict.digest)
+        log.info("validated %s epoch %s: score %d over %d checks", st["node"][:12], st["epoch"], verdict.score,
+                 verdict.checked)
+        return stage_frame(K.STAGE_KIND_RESULT, request_id=sf.request_id,
+                           params={"verdict": dump_json(verdict.to_json()), "tx": _tx(rc)})
+
+    # ------------------------------------------------------------------ entry
+    def validator_for(self, node: str) -> tuple[str, str] | None:
+        """(validator node id, EVM address): a node announcing the validator role that is not `node` (this
+        node first, when it validates)."""
+        if self.trust.validator and self.trust.owner_key and node != self.me:
+            return self.me, self.address
+        for peer, labels in sorted(self.peers().items()):
+            addr = labels.get(VALIDATOR_LABEL, "")
+            if peer != node and addr.startswith("0x"):
+                return peer, addr
+        return None
+
+    async def _ask(self, node: str, kind: int, params: dict[str, str], timeout: float) -> pb.StageFrame:
+        rid = f"validation-{params.get('epoch', '')}"
+        if node == self.me:  # this node is the validator: no stream to itself
+            return expect_stage(await self.services()[kind](self.me, pb.StageFrame(kind=kind, request_id=rid, params=params)),
+                                K.STAGE_KIND_RESULT, "this node")
+        link = await self.connect(node)
+        try:
+            await link.send(stage_frame(kind, request_id=rid, params=params))
+            return expect_stage(await link.recv(timeout), K.STAGE_KIND_RESULT, f"node {node[:12]}")
+        finally:
+            try:
+                await link.finish()
+            except Exception:
+                pass
+
+    async def run_round(self, store: Any, epoch: int, *, timeout: float = 600.0) -> dict[str, dict[str, Any]]:
+        """For every stage node paid in `epoch`: a validation request by the node naming the mesh's validator,
+        then the validator's verdict. Idempotent: nodes with a verdict on record are skipped."""
+        from mesh402.economics.validation import statement
+        done = store.validations(epoch)
+        out: dict[str, dict[str, Any]] = {}
+        for node in sorted(n for n in store.work_units(epoch) if n != self.me):
+            prior = done.get(node)
+            if prior and prior.get("verdict"):
+                out[node] = {"request_hash": prior["request_hash"], **json.loads(prior["verdict"])}
+                continue
+            out[node] = await self._validate_node(store, epoch, node, statement, timeout)
+        return out
+
+    async def _validate_node(self, store: Any, epoch: int, node: str, statement: Any, timeout: float) -> dict[str, Any]:
+        v = self.validator_for(node)
+        if v is None:
+            return {"error": "no validator in the mesh (a node started with --validator)"}
+        vnode, vaddr = v
+        checks = store.spot_checks(epoch, node)
+        text, h = statement(epoch, self.me, node, vaddr, [c.digest for c in checks])
+        try:
+            got = await self._ask(node, K.STAGE_KIND_VALIDATION_ASK, {"statement": text, "epoch": str(epoch)}, timeout)
+            agent = int(got.params["agent_id"])
+        except Exception as e:
+            store.save_validation(epoch, node, h, vaddr, None, text, None)
+            return {"request_hash": h, "error": f"the node did not request validation: {e}"}
+        store.save_validation(epoch, node, h, vaddr, agent, text, None)
+        try:
+            got = await self._ask(vnode, K.STAGE_KIND_VERIFY, {"statement": text, "epoch": str(epoch),
+                                  "checks": dump_json([c.to_json() for c in checks])}, timeout)
+        except Exception as e:
+            return {"request_hash": h, "agent_id": agent, "error": f"the validator did not answer: {e}"}
+        verdict = got.params["verdict"]
+        store.save_validation(epoch, node, h, vaddr, agent, text, verdict)
+        return {"request_hash": h, "agent_id": agent, **json.loads(verdict)}
+
+
+def _tx(receipt: Any) -> str:
+    h = receipt["transactionHash"]
+    h = h.hex() if hasattr(h, "hex") else str(h)
+    return h if h.startswith("0x") else "0x" + h
