@@ -13,9 +13,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+from mesh402.economics.validation import PASS_SCORE
 from mesh402.economics.verification import UNVERIFIABLE, SpotCheck, fingerprint_ids
-
-PASS_SCORE = 100
 
 EngineFor = Callable[[str, int, int, str], Any]  # (model hash, start, end, mode) -> partial Engine
 
