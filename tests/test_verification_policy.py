@@ -113,3 +113,14 @@ def test_malformed_or_missing_reveals_are_faults_not_crashes() -> None:
         checks = spot_checks(receipts, [bad, evidence[1]])
         assert checks[0].fault and not checks[1].fault
     assert spot_checks(receipts, [])[1].fault == "no reveal for the audited step"
+
+
+def test_a_reveal_never_outgrows_a_frame() -> None:
+    from mesh402.economics.verification import REVEAL_BUDGET
+    aud = Auditor(1.0, 3600, clock=Clock())
+    big = REVEAL_BUDGET // 4  # three such steps fit (with base64), not four
+    picks = {aud.pick(["n"], 10, [big] * 10) for _ in range(300)}
+    assert picks == {0, 1, 2}
+    # two restored-prefix steps come first: they count against the budget, not as pickable steps
+    assert {aud.pick(["n"], 8, [big] * 10) for _ in range(300)} == {0}
+    assert aud.pick(["n"], 3, [REVEAL_BUDGET] * 3) is None

@@ -17,6 +17,7 @@ from mesh402.commitment import activation_hash
 from mesh402.economics.receipts import running_hash
 
 FP_SIZE = 256  # logits the last stage commits to per step
+REVEAL_BUDGET = 24 * 1024 * 1024  # bytes of step inputs one reveal may carry (frames are limited to 64 MiB)
 LAST_STEP_DOMAIN = b"mesh402 last-stage step v1"
 
 
@@ -172,7 +173,18 @@ class Auditor:
         self._seen: set[tuple[int, str]] = set()
         self._rng = secrets.SystemRandom()
 
-    def pick(self, nodes: list[str], n_steps: int) -> int | None:
+    def pick(self, nodes: list[str], n_steps: int, step_bytes: list[int] | None = None) -> int | None:
+        """The step the stages must reveal, or None. `step_bytes`: the input bytes of every step the stages
+        hold for this request (a restored prefix first); a step is eligible while the inputs up to it fit
+        REVEAL_BUDGET, so a reveal always fits one frame (only very long prompts on big models meet this)."""
+        if step_bytes is not None:
+            total, fit = 0, 0
+            for b in step_bytes:
+                total += b
+                if total * 4 // 3 > REVEAL_BUDGET:  # base64
+                    break
+                fit += 1
+            n_steps = min(n_steps, fit - (len(step_bytes) - n_steps))
         if n_steps <= 0 or not nodes:
             return None
         epoch = int(self.clock()) // self.epoch_s

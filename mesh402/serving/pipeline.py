@@ -398,7 +398,8 @@ class PipelineStepper:
         mine = self.tally.receipt(self.model.signer, 0)
         params = {"receipts": dump_json([mine.to_json()])}
         auditor, chain = self.model.auditor, self.chain
-        step = auditor.pick([h.node for h in chain.hops], self.steps_done) if auditor and chain else None
+        step = auditor.pick([h.node for h in chain.hops], self.steps_done, [len(x.payload) for x in self.sent]) \
+            if auditor and chain else None
         if step is not None:  # drawn only now: every stage has sent (committed to) all its outputs
             params["reveal"] = str(step)
         await link.send(stage_frame(K.STAGE_KIND_CLOSE, request_id=self.request_id, params=params))
