@@ -124,3 +124,18 @@ def test_a_reveal_never_outgrows_a_frame() -> None:
     # two restored-prefix steps come first: they count against the budget, not as pickable steps
     assert {aud.pick(["n"], 8, [big] * 10) for _ in range(300)} == {0}
     assert aud.pick(["n"], 3, [REVEAL_BUDGET] * 3) is None
+
+
+def test_a_stage_that_does_not_reveal_earns_nothing_for_that_request(tmp_path) -> None:
+    from mesh402.economics.receipts import EntryReceipts, epoch_of
+    from mesh402.models.catalog import bundled_model_path
+    import time
+    entry = EntryReceipts(tmp_path, epoch_s=3600)
+    entry.add_model("mh", bundled_model_path())
+    receipts, evidence = _run(4)
+    entry(receipts, evidence[:1])  # the last stage stays silent on CLOSE
+    assert entry.kept == 1
+    epoch = epoch_of(time.time(), 3600)
+    units = entry.store.work_units(epoch)
+    assert units[receipts[2].node_id] == 0 < units[receipts[1].node_id]
+    assert [(c.stage, c.fault[:13]) for c in entry.store.spot_checks(epoch)] == [(1, "unverifiable:")]

@@ -79,14 +79,36 @@ def test_cheating_stage_fails_its_spot_check(executor, prompt, cheat: str, cheat
 
 
 def test_a_reveal_that_breaks_the_commitment_fails_without_compute(executor, prompt) -> None:
-    receipts, evidence, _ = asyncio.run(audited_run(executor, prompt))
+    from mesh402.economics.verification import sign_reveal
+    receipts, evidence, ids = asyncio.run(audited_run(executor, prompt))
     forged = json.loads(json.dumps(evidence))
     forged[1]["fp"] = forged[0]["inputs"][0]["data"][:1368]  # some other bytes
-    checks = spot_checks(receipts, forged)
+    # the last stage (w1) signed a reveal that contradicts its receipt: provable, it fails with no compute
+    by_stage = sign_reveal(ids["w1"], {k: v for k, v in forged[1].items() if k != "signature"})
+    checks = spot_checks(receipts, [forged[0], by_stage])
     assert checks[1].fault and not checks[0].fault
-    v = judge(checks[1:], lambda *a: pytest.fail("no re-execution for a broken reveal"))  # type: ignore[arg-type]
+    no_compute = lambda *a: pytest.fail("no re-execution for a broken reveal")  # noqa: E731
+    v = judge(checks[1:], no_compute)
     assert v.score == 0 and v.failed[0].stage == 2
     assert judge(checks[:1], honest_engine).score == PASS_SCORE  # stage 2's inputs still pin stage 1
+    # the same edit made by the entry (the stage's signature no longer covers it) proves nothing: skipped
+    v = judge(spot_checks(receipts, forged)[1:], no_compute)
+    assert v.score == PASS_SCORE and v.checked == 0 and "signature" in v.results[0].detail
     missing = spot_checks(receipts, evidence[:1])
     assert missing[1].fault == "no reveal for the audited step"
     assert missing[0].fault.startswith("unverifiable")  # stage 1 is not blamed for stage 2's silence
+
+
+def test_an_entry_cannot_frame_an_honest_stage(executor, prompt) -> None:
+    """Evidence edited after the stages signed (other inputs, another expected output) is skipped, never failed."""
+    import base64
+    from dataclasses import replace
+    receipts, evidence, _ = asyncio.run(audited_run(executor, prompt))
+    c1, c2 = spot_checks(receipts, evidence)
+    raw = bytearray(base64.b64decode(c1.expected))
+    raw[0] ^= 0xFF
+    framed = [replace(c1, expected=base64.b64encode(bytes(raw)).decode()),
+              replace(c2, token=c2.token + 1),
+              replace(c1, inputs=c1.inputs[:-1] + [c2.inputs[-1]])]
+    v = judge(framed, honest_engine)
+    assert v.score == PASS_SCORE and v.checked == 0, v.to_json()

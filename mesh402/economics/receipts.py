@@ -203,21 +203,23 @@ class ReceiptStore:
         self._db.close()
 
     def record(self, receipts: list[Receipt], *, revenue: int, epoch: int, n_layers: int | None = None,
-               flops: Any = None, checks: Iterable[Any] = ()) -> None:
+               flops: Any = None, checks: Iterable[Any] = (), unpaid: Iterable[int] = ()) -> None:
         """Store one request's receipt chain, its revenue and its spot checks (economics.verification) atomically;
         refuses a chain that does not verify. With `flops(model_hash, start, end)`, each receipt's work units
-        are computed and stored now."""
+        are computed and stored now. Stages in `unpaid` (they did not reveal an audited step) earn 0 units."""
         errs = chain_errors(receipts, n_layers)
         if errs:
             raise ValueError("receipt chain rejected: " + "; ".join(errs))
         rid, model = receipts[0].request_id, receipts[0].model_hash
+        unpaid = set(unpaid)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.execute("INSERT INTO requests VALUES (?,?,?,?,?)", (rid, int(epoch), int(revenue), model, time.time()))
                 self._db.executemany("INSERT INTO receipts VALUES (?,?,?,?,?,?)", [
                     (r.request_id, r.stage, r.node_id, r.digest, json.dumps(r.to_json()),
-                     flops(r.model_hash, r.layer_start, r.layer_end) * r.tokens if flops else 0) for r in receipts])
+                     flops(r.model_hash, r.layer_start, r.layer_end) * r.tokens if flops and r.stage not in unpaid else 0)
+                    for r in receipts])
                 self._db.executemany("INSERT INTO spot_checks VALUES (?,?,?,?,?)", [
                     (c.request_id, c.stage, c.node_id, c.digest, zlib.compress(c.body())) for c in checks])
                 self._db.execute("COMMIT")
@@ -255,6 +257,11 @@ class ReceiptStore:
         for r in self.epoch_receipts(epoch):
             units[r.node_id] = units.get(r.node_id, 0) + flops(r.model_hash, r.layer_start, r.layer_end) * r.tokens
         return units
+
+    def unpaid_epochs(self) -> list[int]:
+        """Epochs with receipts and no payout on record (the `epochs` table), oldest first."""
+        return [int(e) for (e,) in self._db.execute(
+            "SELECT DISTINCT epoch FROM requests WHERE epoch NOT IN (SELECT epoch FROM epochs) ORDER BY epoch")]
 
     def save_payout(self, epoch: int, revenue: int, rows: dict[str, tuple[int, int, str | None]], *,
                     epoch_id: str | None = None, root: str | None = None, tx: str | None = None) -> None:
@@ -339,8 +346,10 @@ class EntryReceipts:
             if evidence is not None and not chain_errors(receipts):
                 from mesh402.economics.verification import spot_checks
                 checks = spot_checks(receipts, evidence)
+            from mesh402.economics.verification import NO_REVEAL
+            silent = [c.stage for c in checks if c.fault == NO_REVEAL]  # audited, revealed nothing: not paid for it
             self.store.record(receipts, revenue=0, epoch=epoch_of(time.time(), self.epoch_s), flops=flops,
-                              checks=checks)
+                              checks=[c for c in checks if c.fault != NO_REVEAL], unpaid=silent)
             self.kept += 1
             self.audited += bool(checks)
         except Exception as e:

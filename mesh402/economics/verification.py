@@ -85,6 +85,14 @@ class SpotCheck:
     expected_dtype: str = "f32"
     expected_shape: list[int] = field(default_factory=list)
     fault: str = ""
+    # what lets the validator check the entry's evidence against the stage's own signatures (so an entry
+    # cannot frame an honest stage): its signed receipt, its per-step hashes, the token it drew (last
+    # stage), and for a reveal the entry calls broken, the stage's signed reveal itself
+    receipt: dict[str, Any] = field(default_factory=dict)
+    in_hashes: list[str] = field(default_factory=list)
+    out_hashes: list[str] = field(default_factory=list)
+    token: int = -1
+    reveal: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,13 +113,33 @@ class SpotCheck:
 
 
 UNVERIFIABLE = "unverifiable: "  # a check the validator skips (not the stage's fault)
+NO_REVEAL = "no reveal for the audited step"  # unprovable: the entry pays the stage nothing for that request
+REVEAL_DOMAIN = b"mesh402 stage reveal v1\n"
+
+
+def reveal_body(ev: dict[str, Any]) -> bytes:
+    return REVEAL_DOMAIN + json.dumps({k: v for k, v in ev.items() if k != "signature"}, sort_keys=True,
+                                      separators=(",", ":")).encode()
+
+
+def sign_reveal(identity: Any, ev: dict[str, Any]) -> dict[str, Any]:
+    """The stage signs its reveal: a reveal that contradicts its receipt is then provable to a validator."""
+    return {**ev, "signature": identity.sign(reveal_body(ev)).hex()}
+
+
+def reveal_signed_by(ev: dict[str, Any], node_id: str) -> bool:
+    from mesh402.mesh.identity import verify
+    try:
+        return verify(bytes.fromhex(node_id), reveal_body(ev), bytes.fromhex(str(ev.get("signature", ""))))
+    except (ValueError, TypeError):
+        return False
 
 
 def _reveal_errors(r: Any, ev: dict[str, Any] | None, last: bool) -> tuple[str, list[dict[str, Any]]]:
     """Why a stage's reveal does not match its receipt ("" if it does), and its decoded step inputs when
     those match the commitments (they pin the previous stage's output even if the rest of the reveal fails)."""
     if ev is None:
-        return "no reveal for the audited step", []
+        return NO_REVEAL, []
     try:
         step = int(ev["step"])
         ins = [bytes.fromhex(h) for h in ev["in_hashes"]]
@@ -151,11 +179,52 @@ def spot_checks(receipts: list[Any], evidence: list[dict[str, Any]]) -> list[Spo
             expected, dtype, shape = _b64(x["data"]), str(x["dtype"]), list(x["shape"])
         elif not fault:
             fault = UNVERIFIABLE + "the next stage's reveal is missing or failed"
+        own_fault = bool(fault) and not fault.startswith(UNVERIFIABLE)
         out.append(SpotCheck(r.request_id, r.stage, r.node_id, r.model_hash, r.layer_start, r.layer_end,
                              str(ev.get("mode", "")), int(ev.get("step", -1)) if not fault else -1, last,
                              [] if fault else [{**x, "data": _b64(x["data"])} for x in inputs],
-                             expected, dtype, shape, fault))
+                             expected, dtype, shape, fault, r.to_json(),
+                             [] if fault else list(ev["in_hashes"]), [] if fault else list(ev["out_hashes"]),
+                             int(ev.get("token", -1) if last and not fault else -1),
+                             ev if own_fault and ev else None))
     return out
+
+
+def commitment_errors(check: SpotCheck) -> tuple[str, bool]:
+    """What the validator checks before any compute: (problem, the stage is at fault). ("", False): the
+    evidence matches the stage's own signed commitments, so re-execution decides. (p, True): the stage's
+    signed reveal contradicts its signed receipt. (p, False): the entry's evidence is not backed by the
+    stage's signatures, so it proves nothing against the stage (the check is skipped)."""
+    from mesh402.economics.receipts import Receipt, verify_receipt
+    try:
+        r = Receipt.from_json(check.receipt)
+    except (TypeError, KeyError):
+        return UNVERIFIABLE + "no signed receipt", False
+    if not verify_receipt(r) or (r.node_id, r.request_id, r.model_hash, r.layer_start, r.layer_end) != (
+            check.node_id, check.request_id, check.model_hash, check.layer_start, check.layer_end):
+        return UNVERIFIABLE + "the receipt is not the stage's signed receipt for this check", False
+    if check.fault.startswith(UNVERIFIABLE):
+        return check.fault, False
+    if check.fault:  # the entry says the reveal was broken: provable only with the stage's signed reveal
+        ev = check.reveal
+        if ev is not None and reveal_signed_by(ev, check.node_id) and _reveal_errors(r, ev, check.last)[0]:
+            return check.fault, True
+        return UNVERIFIABLE + "the entry's claim of a broken reveal is not backed by the stage's signature", False
+    try:
+        ins = [bytes.fromhex(h) for h in check.in_hashes]
+        outs = [bytes.fromhex(h) for h in check.out_hashes]
+        inputs = check.decoded_inputs()
+        expected = base64.b64decode(check.expected)
+    except (ValueError, TypeError, KeyError) as e:
+        return UNVERIFIABLE + f"malformed evidence: {e}", False
+    step = check.step
+    own = inputs[len(inputs) - step - 1:] if 0 <= step < len(ins) and len(inputs) > step else None
+    out_hash = last_step_hash(check.token, expected) if check.last else activation_hash(expected)
+    if (running_hash(ins) != r.input_hash or running_hash(outs) != r.output_hash or own is None
+            or len(outs) != len(ins) or any(activation_hash(x["data"]) != ins[j] for j, x in enumerate(own))
+            or out_hash != outs[step]):
+        return UNVERIFIABLE + "the entry's evidence does not match the stage's signed commitments", False
+    return "", False
 
 
 # ---------------------------------------------------------------- which requests the entry audits

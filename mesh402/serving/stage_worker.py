@@ -233,7 +233,7 @@ class StageWorker:
         and send the whole chain of receipts back up (what the next stage returned, else ours). When the
         entry audits the request, CLOSE names the step (`reveal`) and each stage adds its evidence."""
         from mesh402.economics.receipts import Receipt
-        from mesh402.economics.verification import reveal
+        from mesh402.economics.verification import reveal, sign_reveal
         rid = close.request_id
         try:
             chain = list(json.loads(close.params.get("receipts", "[]")))
@@ -242,8 +242,8 @@ class StageWorker:
                 prev = Receipt.from_json(chain[-1]).digest if chain else ""
                 chain.append(tally.receipt(self.signer, len(chain), prev).to_json())
                 if close.params.get("reveal", "") != "":
-                    evidence.append(reveal(tally, int(close.params["reveal"]), len(chain) - 1, self.node_id, mode,
-                                           last=down is None))
+                    evidence.append(sign_reveal(self.signer, reveal(tally, int(close.params["reveal"]), len(chain) - 1,
+                                                                    self.node_id, mode, last=down is None)))
         except (ValueError, TypeError, KeyError) as e:
             log.info("session %s: bad receipts or reveal on CLOSE: %s", rid, e)
             return

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from mesh402.economics.validation import PASS_SCORE
-from mesh402.economics.verification import UNVERIFIABLE, SpotCheck, fingerprint_ids
+from mesh402.economics.verification import UNVERIFIABLE, SpotCheck, commitment_errors, fingerprint_ids
 
 EngineFor = Callable[[str, int, int, str], Any]  # (model hash, start, end, mode) -> partial Engine
 
@@ -55,15 +55,16 @@ class Verdict:
 
 
 def run_check(check: SpotCheck, engine_for: EngineFor) -> CheckResult:
-    """One spot check: a reveal that broke its own commitments fails without compute; one that could not
-    be pinned (the next stage's reveal failed) is skipped; any other is re-executed."""
+    """One spot check: a signed reveal that broke the stage's own commitments fails without compute; evidence
+    the stage's signatures do not back (or that nothing pins) is skipped; any other is re-executed."""
     def result(ok: bool, detail: str, err: float = float("inf"), tol: float = 0.0, skipped: bool = False) -> CheckResult:
         return CheckResult(check.request_id, check.stage, ok, skipped, err, tol, detail)
 
-    if check.fault.startswith(UNVERIFIABLE):
-        return result(True, check.fault, skipped=True)
-    if check.fault:
-        return result(False, check.fault)
+    problem, at_fault = commitment_errors(check)
+    if at_fault:
+        return result(False, problem)
+    if problem:
+        return result(True, problem, skipped=True)
     try:
         engine = engine_for(check.model_hash, check.layer_start, check.layer_end, check.mode)
     except FileNotFoundError as e:  # this validator cannot hold those layers: not a verdict on the stage
