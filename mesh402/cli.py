@@ -96,7 +96,9 @@ def serve(
     asset_name: Annotated[Optional[str], typer.Option(help="The token's EIP-712 domain name.", rich_help_panel="Payments")] = None,
     asset_version: Annotated[Optional[str], typer.Option(help="The token's EIP-712 domain version.", rich_help_panel="Payments")] = None,
     credit_topup: Annotated[Optional[str], typer.Option(help="Metered billing: smallest credit purchase in USDC (default 0.10).", rich_help_panel="Payments")] = None,
-    epoch_seconds: Annotated[int, typer.Option("--epoch-seconds", help="Payout epoch: the stages' work receipts of split requests are grouped (and paid with `mesh402 payout`) per this many seconds.", rich_help_panel="Payments")] = 3600,
+    epoch_seconds: Annotated[int, typer.Option("--epoch-seconds", help="Payout epoch: the stages' work receipts of split requests are grouped (and paid, automatically with --payout-key-file, else with `mesh402 payout`) per this many seconds.", rich_help_panel="Payments")] = 3600,
+    payout_key_file: Annotated[Optional[Path], typer.Option("--payout-key-file", help="File (0600) with the key of the --pay-to wallet (or env MESH402_PAYOUT_KEY): a paid entry then pays each epoch automatically once it ends (plus a grace of min(60 s, epoch/4)): validation round, Merkle root published, claims sent.", rich_help_panel="Payments")] = None,
+    rewards: Annotated[Optional[str], typer.Option("--rewards", help="EpochRewards contract for automatic payouts (default: the deployment's).", rich_help_panel="Payments")] = None,
     owner_key_file: Annotated[Optional[Path], typer.Option("--owner-key-file", help="File (0600) with this node's EVM owner key (the one `mesh402 register` used; or env MESH402_OWNER_KEY): lets the node request ERC-8004 validation of its own work, which payouts require.", rich_help_panel="Trust")] = None,
     validator: Annotated[bool, typer.Option("--validator", help="Re-execute other nodes' audited steps on this node's copy of the model and answer their validation requests on chain (needs --owner-key-file and --deployment/--network).", rich_help_panel="Trust")] = False,
     audit_rate: Annotated[float, typer.Option("--audit-rate", help="Entry: share of paid split requests whose stages must reveal a step for re-execution (each node's first request per epoch is always audited).", rich_help_panel="Trust")] = 0.1,
@@ -123,6 +125,8 @@ def serve(
         from mesh402.economics.settings import trust_config
         trust = trust_config(network=network, deployment=deployment, owner_key_file=owner_key_file,
                              validator=validator, audit_rate=audit_rate)
+        from mesh402.economics.settings import auto_payout_config
+        auto_payout_config(payments, trust, payout_key_file=payout_key_file, rewards=rewards, deployment=deployment)
     except (ModelNotFound, ValueError) as e:
         _fail(str(e))
     if no_model:
@@ -156,6 +160,9 @@ def serve(
     if payments.enabled:
         console.print(f"x402: {price or 0} USDC/request + {price_per_1k or 0} USDC/1k tokens on {payments.network}, "
                       f"pay to {payments.pay_to}, facilitator {payments.facilitator_url}", highlight=False)
+        if payments.auto_payout:
+            console.print(f"automatic payouts: every {payments.epoch_s} s epoch, {payments.grace_s:g} s after it ends, "
+                          f"from {payments.pay_to} through EpochRewards {payments.rewards}", highlight=False)
     _mesh.run_node(node)
 
 

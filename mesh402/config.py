@@ -52,10 +52,26 @@ class PaymentsConfig:
     window_base_s: int = 30  # authorization validity beyond the estimated generation time
     ledger_path: Path | None = None  # default: <home>/payments.sqlite
     epoch_s: int = 3600  # payout epoch: the stages' work receipts are grouped by this period
+    # automatic payouts (serving.epochs.EpochCloser): the pay-to wallet's key, from a 0600 file or
+    # MESH402_PAYOUT_KEY, never argv; None leaves payouts to `mesh402 payout`
+    payout_key: str | None = None
+    rewards: str | None = None  # EpochRewards contract address
+    payout_grace_s: float | None = None  # after an epoch ends, before paying it; None: min(60 s, epoch_s / 4)
+    payout_retry_s: float = 300.0  # a failed payout is tried again after this long (or at the next epoch's end)
+    payout_require_validation: bool = True  # pay a stage node only when its spot checks passed on chain
 
     @property
     def enabled(self) -> bool:
         return self.price_per_request > 0 or self.price_per_1k_tokens > 0
+
+    @property
+    def auto_payout(self) -> bool:
+        return self.enabled and bool(self.payout_key)
+
+    @property
+    def grace_s(self) -> float:
+        """Lets the epoch's last settlements and receipts land before it is paid."""
+        return self.payout_grace_s if self.payout_grace_s is not None else min(60.0, self.epoch_s / 4)
 
 
 @dataclass

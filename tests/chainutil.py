@@ -139,3 +139,37 @@ def x402_client(key: str, dep: Deployment, cap: int = 1_000_000) -> Any:
 
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def buy_chat(chain: DevChain, api_port: int, body: dict[str, Any], buyer: str = "buyer-0") -> int:
+    """One chat completion bought from a paid node with the official x402 SDK client; the HTTP status."""
+    import asyncio
+
+    from x402.http.clients import x402HttpxClient
+
+    async def buy() -> int:
+        async with x402HttpxClient(x402_client(chain.key(buyer), chain.dep), timeout=180) as client:
+            r = await client.post(f"http://127.0.0.1:{api_port}/v1/chat/completions", json=body)
+            return r.status_code
+    return asyncio.run(buy())
+
+
+def entry_receipts(home: Path, count: int, timeout: float = 60.0) -> tuple[Any, int]:
+    """Wait until a paid entry keeps `count` receipts; its ReceiptStore and the epoch of its first request."""
+    from mesh402.economics.receipts import ReceiptStore
+    db = home / "receipts.sqlite"
+    t0 = time.monotonic()
+    def kept() -> bool:
+        if not db.exists():
+            return False
+        st = ReceiptStore(db)
+        try:
+            return st.count() == count
+        finally:
+            st.close()
+    while not kept():
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"{count} receipts not kept at {home} after {timeout}s")
+        time.sleep(0.05)
+    st = ReceiptStore(db)
+    return st, int(st._db.execute("SELECT epoch FROM requests ORDER BY created_at").fetchone()[0])

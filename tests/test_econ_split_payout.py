@@ -4,14 +4,13 @@ agents (each with its own owner key), and `mesh402 payout` pays the epoch's reve
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.chainutil import start_chain, start_facilitator, x402_client
+from tests.chainutil import buy_chat, entry_receipts, start_chain, start_facilitator
 from tests.meshutil import MeshNodes, wait_until
 from tests.procs import MESH402
 from tests.reference import ready_plan as plan_of
@@ -21,9 +20,7 @@ MODEL = "smollm2-135m-instruct"
 
 
 def test_paid_split_request_receipts_and_epoch_payout(tmp_path: Path) -> None:
-    from x402.http.clients import x402HttpxClient
-
-    from mesh402.economics.receipts import ReceiptStore, chain_errors, epoch_of
+    from mesh402.economics.receipts import chain_errors, epoch_of
     from mesh402.economics.toolchain import tools_ready
     from mesh402.economics.workunits import flops_per_token, split_pro_rata
     from mesh402.models.catalog import bundled_model_path
@@ -44,15 +41,9 @@ def test_paid_split_request_receipts_and_epoch_payout(tmp_path: Path) -> None:
         worker = b if host is a else a
         body = {"model": MODEL, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 8, "temperature": 0}
 
-        async def buy() -> int:
-            async with x402HttpxClient(x402_client(chain.key("buyer-0"), chain.dep), timeout=180) as c:
-                r = await c.post(f"http://127.0.0.1:{host.api_port}/v1/chat/completions", json=body)
-                return r.status_code
-        assert asyncio.run(buy()) == 200
-        db = host.home / "receipts.sqlite"
-        wait_until(lambda: db.exists() and ReceiptStore(db).count() == 2, timeout=30, what="the entry keeps 2 receipts")
-        st = ReceiptStore(db)
-        rid, epoch = st._db.execute("SELECT request_id, epoch FROM requests").fetchone()
+        assert buy_chat(chain, host.api_port, body) == 200
+        st, epoch = entry_receipts(host.home, 2, timeout=30)
+        (rid,) = st._db.execute("SELECT request_id FROM requests").fetchone()
         assert abs(epoch - epoch_of(time.time(), 3600)) <= 1
         receipts = st.receipts(rid)
         assert chain_errors(receipts, 30) == []

@@ -372,15 +372,15 @@ def payout_cmd(
     push: Annotated[bool, typer.Option("--push", help="Also send every claim (the entry pays the gas), instead of leaving them to the nodes.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the split and send nothing.")] = False,
 ) -> None:
-    """Pay an epoch's revenue to the nodes that served it, by work units, through the EpochRewards contract."""
-    import json as _json
+    """Pay an epoch's revenue to the nodes that served it, by work units, through the EpochRewards contract
+    (an entry started with --payout-key-file does this by itself after each epoch)."""
     import time as _time
 
-    from mesh402.economics.chain import web3_for
-    from mesh402.economics.identity import identity_contract, registered_agents
+    from rich.markup import escape
+
     from mesh402.economics.networks import NAMED, Deployment
-    from mesh402.economics.receipts import ReceiptStore, epoch_of
-    from mesh402.economics.rewards import claim, epoch_revenue, plan_epoch, publish_epoch
+    from mesh402.economics.payout import PayoutChain, PayoutError, pay_epoch
+    from mesh402.economics.receipts import epoch_of
 
     h = resolve_home(home)
     if not (h / "receipts.sqlite").exists():
@@ -398,58 +398,24 @@ def payout_cmd(
     rewards_addr = rewards or (dep.contracts.get("EpochRewards") if dep else None)
     if not rewards_addr:
         _fail("pass --rewards (the EpochRewards contract) or --deployment")
-    reg = _registry_address(registry, "IdentityRegistry", network, dep)
-    w3 = web3_for(url)
-    # payout accounts: the agentWallet of each node's ERC-8004 agent whose node binding verifies
-    accounts: dict[str, str] = {}
-    ident = identity_contract(w3, reg)
-    for info in registered_agents(w3, ident.address):
-        if info.node_id:
-            wallet = ident.functions.getAgentWallet(info.agent_id).call()
-            if int(wallet, 16):
-                accounts[info.node_id] = wallet
-    store = ReceiptStore(h / "receipts.sqlite")
-    revenue = epoch_revenue(h / "payments.sqlite", ep, epoch_seconds)
-    plan = plan_epoch(store, ep, None, accounts, revenue=revenue)
-    if not plan.units:
-        _fail(f"epoch {ep}: no receipts")
-    failed: dict[str, Any] = {}
-    if require_validation and not dry_run:
-        _run_validation_round(h, ep)
-    if require_validation:
-        vreg = _registry_address(validation_registry, "ValidationRegistry", network, dep)
-        try:
-            failed = _gate_on_validation(w3, vreg, store, plan, _entry_node(h, store, ep))
-        except Exception as e:  # RPC down, wrong address
-            _fail(f"cannot read the spot checks' validations from {vreg}: {e}")
-    _print_plan(plan)
-    if dry_run:
-        return
-    if key_file is None and dep is not None and account and not os.environ.get("MESH402_PAYOUT_KEY"):
-        key_file = dep.key_file(account)
-    key = load_key(key_file, "MESH402_PAYOUT_KEY", "payout key")
-    if failed:
-        rep = _registry_address(reputation_registry, "ReputationRegistry", network, dep)
-        _feedback_for_failures(w3, key, rep, store, ep, failed)
-    if not any(plan.amounts.get(n, 0) > 0 for n in plan.accounts):
-        _fail("nothing to pay: no node with work in this epoch has a verified agent wallet"
-              + (" and a passed spot check" if require_validation else ""))
+    regs = {"IdentityRegistry": _registry_address(registry, "IdentityRegistry", network, dep)}
+    for name, explicit in (("ValidationRegistry", validation_registry), ("ReputationRegistry", reputation_registry)):
+        try:  # resolved when used: a payout that needs neither works without them
+            regs[name] = _registry_address(explicit, name, network, dep, fail=False)
+        except ValueError:
+            pass
+    key = None
+    if not dry_run:
+        if key_file is None and dep is not None and account and not os.environ.get("MESH402_PAYOUT_KEY"):
+            key_file = dep.key_file(account)
+        key = load_key(key_file, "MESH402_PAYOUT_KEY", "payout key")
     try:
-        publish_epoch(w3, key, rewards_addr, plan)
-        gas = {"approve+publish": plan.gas}
-        if push:
-            gas["claims"] = sum(int(claim(w3, key, rewards_addr, plan.tree, a)["gasUsed"]) for a in plan.tree.amounts)
-    except Exception as e:
-        _fail(f"payout failed: {e}")
-    store.save_payout(ep, revenue, {n: (plan.units[n], plan.amounts[n], plan.accounts.get(n)) for n in plan.units},
-                      epoch_id=hex(plan.tree.epoch_id), root=plan.tree.root.hex(), tx=plan.tx)
-    proofs = {a: {"amount": v, "proof": ["0x" + p.hex() for p in plan.tree.proofs[a]]} for a, v in plan.tree.amounts.items()}
-    (h / f"payout-epoch-{ep}.json").write_text(_json.dumps(
-        {"epoch": ep, "epochId": hex(plan.tree.epoch_id), "root": "0x" + plan.tree.root.hex(), "rewards": rewards_addr,
-         "tx": plan.tx, "claims": proofs}, indent=1))
-    console.print(f"published epoch {ep} root 0x{plan.tree.root.hex()[:16]}… in {plan.tx}; gas "
-                  + ", ".join(f"{k} {v}" for k, v in gas.items()), highlight=False)
-    console.print(f"claims: {h / f'payout-epoch-{ep}.json'}" + (" (all sent)" if push else ""), highlight=False)
+        pay_epoch(h, ep, PayoutChain(url, rewards_addr, regs), key=key, epoch_s=epoch_seconds, push=push,
+                  require_validation=require_validation, dry_run=dry_run, validate=lambda e: _run_validation_round(h, e),
+                  log=lambda s: console.print(s, highlight=False, markup=False),
+                  warn=lambda s: err.print(f"[yellow]{escape(s)}[/]", highlight=False))
+    except PayoutError as e:
+        _fail(str(e))
 
 
 def _run_validation_round(home: Path, epoch: int) -> None:
@@ -481,86 +447,12 @@ def _run_validation_round(home: Path, epoch: int) -> None:
         console.print(f"  validation {node[:12]}: {what}", highlight=False)
 
 
-def _registry_address(explicit: Optional[str], name: str, network: Optional[str], dep: Any) -> str:
+def _registry_address(explicit: Optional[str], name: str, network: Optional[str], dep: Any, *, fail: bool = True) -> str:
     from mesh402.economics.networks import erc8004_registries
     try:
         return explicit or erc8004_registries(network, dep)[name]
     except ValueError as e:
+        if not fail:
+            raise
         _fail(str(e))
         raise  # _fail exits; this keeps the return type honest
-
-
-def _entry_node(home: Path, store: Any, epoch: int) -> str:
-    """This entry's own node id: its node key, else the node that ran stage 0 of most of the epoch's requests."""
-    from collections import Counter
-
-    from mesh402.mesh.identity import KEY_FILE, NodeIdentity
-    if (home / KEY_FILE).exists():
-        return NodeIdentity.load_or_create(home).node_id_hex
-    firsts = Counter(r.node_id for r in store.epoch_receipts(epoch) if r.stage == 0)
-    return firsts.most_common(1)[0][0] if firsts else ""
-
-
-def _gate_on_validation(w3: Any, validation_registry: str, store: Any, plan: Any, entry: str) -> dict[str, Any]:
-    """Withhold every stage node without a passed spot check (validation.payout_condition); the nodes
-    whose check failed, with their on-chain status."""
-    from mesh402.economics.rewards import withhold
-    from mesh402.economics.validation import payout_condition, spot_check_failed, validation_status
-    rows = store.validations(plan.epoch)
-    statuses = {n: validation_status(w3, validation_registry, rows[n]["request_hash"]) if n in rows else None
-                for n in plan.units if n != entry}
-    validators = {n: r["validator"] for n, r in rows.items()}
-    _, reasons = payout_condition(plan.units, entry, statuses, validators=validators)
-    withhold(plan, reasons)
-    return {n: st for n, st in statuses.items() if spot_check_failed(st, validators.get(n))}
-
-
-def _print_plan(plan: Any) -> None:
-    total_units = sum(plan.units.values())
-    console.print(f"epoch {plan.epoch}: revenue {plan.revenue / 1e6:.6f}, {len(plan.units)} nodes, "
-                  f"{total_units:.4g} work units", highlight=False)
-    for node, u in sorted(plan.units.items()):
-        if node in plan.withheld:
-            to = f"withheld ({plan.withheld[node]}): kept by the entry"
-        else:
-            to = "to " + (plan.accounts.get(node) or "(no verified agent: kept by the entry)")
-        console.print(f"  {node[:12]}  units {u:.4g} ({u / max(total_units, 1):.1%})  pays {plan.amounts[node] / 1e6:.6f}  "
-                      + to, highlight=False)
-
-
-def _feedback_for_failures(w3: Any, key: str, reputation: str, store: Any, epoch: int, failed: dict[str, Any]) -> None:
-    """Post ReputationRegistry feedback 0 ("mesh402"/"spot-check-failed") for each failed node, once per
-    (epoch, node): the tx is recorded in the validations row's verdict, so a rerun does not post again."""
-    import json as _json
-
-    from mesh402.economics.validation import RegistryError, post_feedback
-    rows = store.validations(epoch)
-    for node, st in sorted(failed.items()):
-        row = rows[node]
-        verdict = _verdict_dict(row["verdict"])
-        if verdict.get("feedback_tx"):
-            console.print(f"  {node[:12]}: feedback already posted in {verdict['feedback_tx']}", highlight=False)
-            continue
-        try:
-            rcpt = post_feedback(w3, key, reputation, st.agent_id, 0, feedback_hash=st.request_hash)
-        except RegistryError as e:  # e.g. the payout wallet owns that agent: warn, the payout goes on
-            err.print(f"[yellow]no feedback for {node[:12]}: {e}[/]", highlight=False)
-            continue
-        tx = rcpt["transactionHash"].hex()
-        verdict.update(feedback_tx=tx if tx.startswith("0x") else "0x" + tx, feedback_agent=st.agent_id)
-        store.save_validation(epoch, node, row["request_hash"], row["validator"], row["agent_id"], row["statement"],
-                              _json.dumps(verdict, sort_keys=True))
-        console.print(f"  {node[:12]}: spot check failed, feedback 0 posted to agent {st.agent_id}", highlight=False)
-
-
-def _verdict_dict(text: Optional[str]) -> dict[str, Any]:
-    """A validations row's verdict as a dict (a non-JSON verdict is kept under "verdict")."""
-    import json as _json
-    if not text:
-        return {}
-    try:
-        v = _json.loads(text)
-    except ValueError:
-        return {"verdict": text}
-    return v if isinstance(v, dict) else {"verdict": v}
-

@@ -64,3 +64,33 @@ def trust_config(*, network: str | None, deployment: Path | None, owner_key_file
     if validator and not (key and cfg.rpc_url):
         raise ValueError("--validator needs an owner key (--owner-key-file or MESH402_OWNER_KEY) and --deployment or --network")
     return cfg
+
+
+def auto_payout_config(payments: PaymentsConfig, trust: TrustConfig, *, payout_key_file: Path | None,
+                       rewards: str | None, deployment: Path | None) -> PaymentsConfig:
+    """Turn on automatic epoch payouts (serving.epochs) when the pay-to wallet's key is given: from a 0600
+    file or MESH402_PAYOUT_KEY. Paying needs the chain and registries (trust) and the EpochRewards contract."""
+    import os
+
+    from mesh402.economics.evm import account_of
+    from mesh402.home import read_secret_file
+    key = read_secret_file(payout_key_file) if payout_key_file else (os.environ.get("MESH402_PAYOUT_KEY", "").strip() or None)
+    if key is None or (payout_key_file is None and not payments.enabled):
+        return payments  # the env var alone does not complain on a free node
+    if not payments.enabled:
+        raise ValueError("--payout-key-file needs a priced node (--price or --price-per-1k)")
+    try:
+        addr = account_of(key).address
+    except Exception:
+        raise ValueError("the payout key is not an EVM private key (64 hex digits)") from None
+    if (payments.pay_to or "").lower() != addr.lower():
+        raise ValueError(f"the payout key is the key of {addr}, not of --pay-to {payments.pay_to}: "
+                         "payouts are paid from the wallet that receives the revenue")
+    if not (trust.rpc_url and trust.registries):
+        raise ValueError("automatic payouts need --deployment or --network (the chain and its ERC-8004 registries)")
+    dep = Deployment.load(deployment) if deployment else None
+    payments.rewards = rewards or (dep.contracts.get("EpochRewards") if dep else None)
+    if not payments.rewards:
+        raise ValueError("automatic payouts need --rewards ADDRESS (the EpochRewards contract)")
+    payments.payout_key = key
+    return payments

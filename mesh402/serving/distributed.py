@@ -112,6 +112,7 @@ class DistributedRuntime(Failover):
                                   signer=getattr(mesh, "identity", None))  # signs work receipts when asked
         self.receipts = None  # economics.receipts.EntryReceipts: a paid entry keeps the stages' receipts
         self.auditor = None  # economics.verification.Auditor: which paid requests the stages must reveal
+        self.closer = None  # serving.epochs.EpochCloser: automatic epoch payouts of a paid entry
         if node.config.payments.enabled:
             from mesh402.economics.receipts import EntryReceipts
             from mesh402.economics.verification import Auditor
@@ -129,10 +130,19 @@ class DistributedRuntime(Failover):
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
+        if self.receipts is not None and self.node.config.payments.auto_payout:
+            from mesh402.serving.epochs import entry_closer
+            try:
+                self.closer = entry_closer(self)  # pays each epoch after it ends (--payout-key-file)
+                self.closer.start()
+            except ValueError as e:
+                log.error("automatic payouts off: %s", e)
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        if self.closer is not None:
+            await self.closer.stop()
 
     def kick(self) -> None:
         self._kick.set()
@@ -653,7 +663,8 @@ class DistributedRuntime(Failover):
                                    for k, e in self.worker.engines.items()]},
                 "experts": {"held": {ch[:12]: len(ex) for ch, ex in self.expert_service.held().items()},
                             "requests": self.expert_service.requests,
-                            "bytes_in": self.expert_service.bytes_in, "bytes_out": self.expert_service.bytes_out}}
+                            "bytes_in": self.expert_service.bytes_in, "bytes_out": self.expert_service.bytes_out},
+                **({"payouts": self.closer.status()} if self.closer is not None else {})}
 
 
 def _expert_runner(h: Hosted) -> Any:

@@ -73,7 +73,7 @@ class TrustServices:
     # ------------------------------------------------------------------ stage node
     async def on_validation_ask(self, peer: str, sf: pb.StageFrame) -> pb.Frame:
         """Request validation of a statement about this node's own work, naming the validator in it."""
-        from mesh402.economics.validation import agent_of_node, request_validation, statement
+        from mesh402.economics.validation import agent_of_node, request_validation, statement, validation_status
         st = json.loads(sf.params["statement"])
         if st.get("node") != self.me or st.get("entry") != peer:
             return error_frame(sf.request_id, "the statement is not about this node's work for the asking entry",
@@ -84,6 +84,10 @@ class TrustServices:
         if self._agent is None:
             return error_frame(sf.request_id, "this node has no ERC-8004 agent whose binding verifies "
                                "(run `mesh402 register`)", self.me, "unregistered")
+        done = await self._chain(validation_status, self.w3, self.registry("ValidationRegistry"), h)
+        if done.exists and done.agent_id == self._agent:  # asked again (a retried round): already requested
+            return stage_frame(K.STAGE_KIND_RESULT, request_id=sf.request_id,
+                               params={"agent_id": self._agent, "request_hash": h, "tx": ""})
         uri = f"mesh402://{peer}/validation/{st['epoch']}/{self.me}"
         rc = await self._chain(request_validation, self.w3, self.trust.owner_key, self.registry("ValidationRegistry"),
                                st["validator"], self._agent, uri, h)
