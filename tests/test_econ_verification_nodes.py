@@ -12,13 +12,12 @@ chain."""
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.chainutil import start_chain, start_facilitator, x402_client
+from tests.chainutil import buy_chat, entry_receipts, start_chain, start_facilitator
 from tests.meshutil import MeshNodes, wait_until
 from tests.procs import MESH402
 from tests.reference import ready_plan
@@ -31,9 +30,6 @@ CASES = [("exact", "perturb"), ("exact", "skip_layer"), ("fast", "requant"), ("f
 
 @pytest.mark.parametrize("mode,cheat", CASES, ids=[f"{m}-{c or 'honest'}" for m, c in CASES])
 def test_tampering_stage_is_caught_not_paid_and_recorded_on_chain(tmp_path: Path, mode: str, cheat: str | None) -> None:
-    from x402.http.clients import x402HttpxClient
-
-    from mesh402.economics.receipts import ReceiptStore
     from mesh402.economics.toolchain import tools_ready
     from mesh402.economics.validation import validation_status
     from mesh402.economics.workunits import split_pro_rata
@@ -71,16 +67,8 @@ def test_tampering_stage_is_caught_not_paid_and_recorded_on_chain(tmp_path: Path
         assert plan["host"] == a.node_id and {s[0] for s in plan["stages"]} == {a.node_id, b.node_id, c.node_id}
 
         body = {"model": MODEL, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 6, "temperature": 0}
-
-        async def buy() -> int:
-            async with x402HttpxClient(x402_client(chain.key("buyer-0"), chain.dep), timeout=180) as client:
-                r = await client.post(f"http://127.0.0.1:{a.api_port}/v1/chat/completions", json=body)
-                return r.status_code
-        assert asyncio.run(buy()) == 200
-        db = a.home / "receipts.sqlite"
-        wait_until(lambda: db.exists() and ReceiptStore(db).count() == 3, timeout=60, what="3 receipts at the entry")
-        st = ReceiptStore(db)
-        (epoch,) = st._db.execute("SELECT epoch FROM requests").fetchone()
+        assert buy_chat(chain, a.api_port, body) == 200
+        st, epoch = entry_receipts(a.home, 3)
         checks = st.spot_checks(epoch)
         assert {ch.node_id for ch in checks} == {b.node_id, c.node_id} and not any(ch.fault for ch in checks)
 
