@@ -1,0 +1,201 @@
+"""Spot-check re-execution: replay a stage's revealed step inputs and compare its committed output.
+
+See docs/verification.md. The validator loads the stage's layer range in the declared mode and runs
+the revealed inputs of steps 0..i* through a fresh session (same chunk shapes, same positions), then
+compares step i*'s output with what the stage committed to:
+
+    rel_err = ||computed - expected||_2 / max(||expected||_2, 1e-12)
+
+middle stages over the real rows, both rounded to the wire dtype; the last stage over its logits
+fingerprint (fp32 logits of the last real row at the request's fingerprint ids).
+
+Bad evidence (byte counts that do not match shapes, positions out of order or beyond the context,
+no steps, a malformed expected output) is the stage's fault: ``replay`` returns ``ok=False`` with
+the reason in ``detail`` and ``rel_err = inf``; it never raises for it. Only a problem on the
+validator's side propagates: :class:`~mesh402.engine.errors.EngineFull` when its engine has no free
+session (retry later; the stage is not at fault).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import EngineError, EngineFull
+from .wire import WIRE_DTYPES, decode_activations, encode_activations
+
+__all__ = ["TOLERANCE", "ReplayResult", "cpu_capability", "fingerprint", "replay"]
+
+# Largest rel_err an honest stage may show, per declared mode. Measured by benchmarks/verify_tolerance.py
+# (SmolLM2-135M, stages [15,30) last and [10,20) middle, ~80-token chat prompt + 24 decode steps, wire
+# f32/bf16/f16; table in docs/benchmarks.md, "Verification"):
+# - same CPU kernels, 1 or 2 validator threads: honest rel_err 0 in both modes (bit-identical replay);
+# - validator with ATen/MKL forced down to AVX2 or no SIMD (the stage on AVX-512): exact honest max 1.7e-5
+#   (a bf16 wire rounding flipped), fast honest max 2.7e-2 (bf16 activations amplify reordered sums);
+# - smallest cheat distance, both modes: 5.4e-3 (perturb 1%), then skip_layer 1.3e-2, requant 6.9e-2.
+# exact: 3e-4 is 17x above the worst honest noise on any CPU and 18x below the smallest cheat.
+# fast: 3e-4 likewise, but only for a validator on the stage's CPU capability (see cpu_capability()):
+# across capabilities honest fast noise (up to 2.7e-2) overlaps a 1% perturbation and a skipped layer,
+# so no tolerance separates them; a validator must not judge fast-mode work on other CPU kernels.
+TOLERANCE: dict[str, float] = {"exact": 3e-4, "fast": 3e-4}
+
+_NORM_FLOOR = 1e-12
+
+
+@dataclass
+class ReplayResult:
+    rel_err: float
+    tolerance: float
+    ok: bool
+    detail: str
+
+
+class _BadEvidence(ValueError):
+    """The revealed evidence cannot be replayed (the stage's fault)."""
+
+
+@dataclass
+class _Step:
+    pos: int
+    n_real: int
+    x: torch.Tensor  # fp32 [T, hidden]
+
+
+def cpu_capability() -> str:
+    """The CPU kernel level torch dispatches to here ("AVX512", "AVX2", "DEFAULT", ...). Fast-mode replay is
+    only comparable on the same level: a validator can match a lower one by running the replay in a process
+    started with ATEN_CPU_CAPABILITY=<level, lower case> (and MKL_ENABLE_INSTRUCTIONS)."""
+    return str(torch.backends.cpu.get_cpu_capability())
+
+
+def fingerprint(logits: torch.Tensor, ids: list[int]) -> bytes:
+    """fp32 little-endian bytes of ``logits[ids]`` (the last stage's per-step commitment)."""
+    idx = torch.as_tensor(list(ids), dtype=torch.long, device=logits.device)
+    return logits.detach().reshape(-1).index_select(0, idx).to("cpu", torch.float32).numpy().astype("<f4").tobytes()
+
+
+def _f32(data: bytes, what: str) -> np.ndarray:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise _BadEvidence(f"{what}: {type(data).__name__}, not bytes")
+    if len(data) % 4:
+        raise _BadEvidence(f"{what}: {len(data)} bytes is not a whole number of fp32 values")
+    return np.frombuffer(bytes(data), dtype="<f4").astype(np.float64)
+
+
+def _parse_steps(inputs: list[dict], hidden: int, n_ctx: int) -> list[_Step]:
+    """Decode and check the revealed inputs: shapes, byte counts, positions a session can take in order."""
+    if not inputs:
+        raise _BadEvidence("no step inputs revealed")
+    steps: list[_Step] = []
+    length = 0  # the KV length the stage's session had before each step
+    for i, rec in enumerate(inputs):
+        try:
+            pos, n_real, dtype = int(rec["pos"]), int(rec["n_real"]), str(rec["dtype"])
+            shape = [int(d) for d in rec["shape"]]
+            data = rec["data"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise _BadEvidence(f"step {i}: malformed input record ({e!r})") from None
+        if dtype not in WIRE_DTYPES:
+            raise _BadEvidence(f"step {i}: unknown wire dtype {dtype!r}")
+        if len(shape) != 2 or shape[1] != hidden or shape[0] < 1:
+            raise _BadEvidence(f"step {i}: shape {shape} is not [T, {hidden}]")
+        T = shape[0]
+        if not 1 <= n_real <= T:
+            raise _BadEvidence(f"step {i}: n_real {n_real} outside [1, {T}]")
+        if not 0 <= pos <= length:  # a session can rewind (truncate) but not skip positions
+            raise _BadEvidence(f"step {i}: position {pos} out of order (session length {length})")
+        if pos + T > n_ctx:
+            raise _BadEvidence(f"step {i}: positions [{pos}, {pos + T}) beyond the model context {n_ctx}")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise _BadEvidence(f"step {i}: payload is {type(data).__name__}, not bytes")
+        try:
+            x = decode_activations(bytes(data), shape, dtype)
+        except ValueError as e:
+            raise _BadEvidence(f"step {i}: {e}") from None
+        steps.append(_Step(pos, n_real, x))
+        length = pos + n_real
+    return steps
+
+
+def _run(engine: Any, steps: list[_Step]) -> tuple[torch.Tensor, int]:
+    """Run every step through a fresh session; (last step's output, its n_real)."""
+    max_len = max(s.pos + s.x.shape[0] for s in steps)
+    session = engine.new_session(max_len)
+    try:
+        out = None
+        for s in steps:
+            out = session.forward(s.x, s.pos, s.n_real)
+        return out, steps[-1].n_real
+    finally:
+        session.close()
+
+
+def _computed_and_expected(out: torch.Tensor, n_real: int, *, last: bool, expected: bytes,
+                           expected_dtype: str, expected_shape: list[int] | None, step_shape: list[int],
+                           fp_ids: list[int] | None) -> tuple[np.ndarray, np.ndarray]:
+    if last:
+        ids = list(range(out.numel())) if fp_ids is None else [int(i) for i in fp_ids]
+        if not ids or min(ids) < 0 or max(ids) >= out.numel():
+            raise _BadEvidence(f"fingerprint ids outside [0, {out.numel()})")
+        want = _f32(expected, "expected fingerprint")
+        if want.size != len(ids):
+            raise _BadEvidence(f"expected fingerprint has {want.size} values, {len(ids)} ids")
+        return _f32(fingerprint(out, ids), "computed"), want
+    shape = list(expected_shape) if expected_shape is not None else list(step_shape)
+    if shape != list(out.shape):
+        raise _BadEvidence(f"expected output shape {shape} is not the stage's output shape {list(out.shape)}")
+    try:
+        want = decode_activations(bytes(expected), shape, expected_dtype)
+    except (ValueError, TypeError) as e:
+        raise _BadEvidence(f"expected output: {e}") from None
+    data, _ = encode_activations(out, expected_dtype)  # round like the wire did
+    got = decode_activations(data, shape, expected_dtype)
+    return got[:n_real].double().numpy().reshape(-1), want[:n_real].double().numpy().reshape(-1)
+
+
+def _rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    if not (np.isfinite(got).all() and np.isfinite(want).all()):
+        return math.inf
+    return float(np.linalg.norm(got - want) / max(float(np.linalg.norm(want)), _NORM_FLOOR))
+
+
+def replay(engine: Any, inputs: list[dict], *, last: bool, expected: bytes, expected_dtype: str = "f32",
+           expected_shape: list[int] | None = None, fp_ids: list[int] | None = None,
+           mode: str | None = None) -> ReplayResult:
+    """Re-run a stage's revealed steps 0..i* on ``engine`` (its layer range, declared mode) and compare
+    step i*'s output with ``expected``.
+
+    Middle stage (``last=False``): ``expected`` is the activation payload the next stage received
+    (``expected_dtype``, ``expected_shape``, default the step's input shape); compared over the first
+    n_real rows after rounding the computed output to that dtype. Last stage: ``expected`` is the
+    fingerprint (fp32 logits at ``fp_ids``; ``None``: the whole row).
+    """
+    mode = mode or engine.mode
+    tol = TOLERANCE.get(mode)
+    if tol is None:
+        return ReplayResult(math.inf, math.nan, False, f"unknown mode {mode!r}; one of {sorted(TOLERANCE)}")
+    if engine.stages[-1].last != bool(last):
+        return ReplayResult(math.inf, tol, False, f"engine layers {engine.layers} but last={last}")
+    cfg = engine.config
+    try:
+        steps = _parse_steps(inputs, cfg.hidden, cfg.n_ctx)
+        try:
+            out, n_real = _run(engine, steps)
+        except EngineFull:
+            raise
+        except (EngineError, ValueError, RuntimeError) as e:  # e.g. ContextTooLong, a shape the kernels refuse
+            raise _BadEvidence(f"replay failed: {type(e).__name__}: {e}") from None
+        got, want = _computed_and_expected(out, n_real, last=last, expected=expected, expected_dtype=expected_dtype,
+                                           expected_shape=expected_shape, step_shape=list(steps[-1].x.shape),
+                                           fp_ids=fp_ids)
+    except _BadEvidence as e:
+        return ReplayResult(math.inf, tol, False, f"bad evidence: {e}")
+    err = _rel_err(got, want)
+    ok = err <= tol
+    verdict = "within" if ok else "exceeds"
+    return ReplayResult(err, tol, ok, f"step {len(steps) - 1}: rel_err {err:.3g} {verdict} tolerance {tol:g} ({mode})")
+
