@@ -403,8 +403,9 @@ class MeshRuntime:
         trust = self.node.config.trust
         if trust.validator and trust.owner_key:  # entries send this node their spot checks
             from mesh402.economics.evm import account_of
-            from mesh402.serving.trust import VALIDATOR_LABEL
+            from mesh402.serving.trust import VALIDATOR_DEVICE_LABEL, VALIDATOR_LABEL, device_signature
             labels[VALIDATOR_LABEL] = account_of(trust.owner_key).address
+            labels[VALIDATOR_DEVICE_LABEL] = device_signature(self.node.config.device)
         return labels
 
     def _model_entries(self, hash_files: bool) -> list[pb.ModelEntry]:

@@ -112,3 +112,19 @@ def test_an_entry_cannot_frame_an_honest_stage(executor, prompt) -> None:
               replace(c1, inputs=c1.inputs[:-1] + [c2.inputs[-1]])]
     v = judge(framed, honest_engine)
     assert v.score == PASS_SCORE and v.checked == 0, v.to_json()
+
+
+def test_fast_mode_work_is_judged_only_on_the_same_kernels(executor, prompt) -> None:
+    """Honest fast-mode noise across CPU kernel levels overlaps the cheats (docs/benchmarks.md,
+    Verification): a validator on other kernels skips such a check instead of failing an honest stage."""
+    from dataclasses import replace
+
+    from mesh402.engine.verify import device_signature
+    receipts, evidence, _ = asyncio.run(audited_run(executor, prompt))
+    c1, c2 = spot_checks(receipts, evidence)
+    own = device_signature("cpu")
+    assert c1.device == c2.device == own and c1.needs_device == ""  # exact mode: portable
+    other = replace(c1, mode="fast", device="cpu:AVX2:torch-0")
+    assert other.needs_device == "cpu:AVX2:torch-0"
+    v = judge([other], lambda *a: pytest.fail("no replay on other kernels"), own)  # type: ignore[arg-type]
+    assert v.checked == 0 and "not judged" in v.results[0].detail

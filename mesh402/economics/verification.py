@@ -49,13 +49,14 @@ def _b64(b: bytes) -> str:
     return base64.b64encode(bytes(b)).decode()
 
 
-def reveal(tally: Any, step: int, stage: int, node_id: str, mode: str, last: bool) -> dict[str, Any]:
+def reveal(tally: Any, step: int, stage: int, node_id: str, mode: str, last: bool, device: str = "") -> dict[str, Any]:
     """What a stage sends on CLOSE for the audited step: its inputs of steps 0..step (after those of a
-    restored prefix), every per-step hash, and on the last stage the step's fingerprint and token."""
+    restored prefix), every per-step hash, and on the last stage the step's fingerprint and token.
+    `device`: what its fast-mode numbers depend on (engine.verify.device_signature)."""
     if not 0 <= step < len(tally.records):
         raise ValueError(f"no step {step} to reveal ({len(tally.records)} kept)")
     inputs = [{**r, "data": _b64(r["data"])} for r in [*tally.prefix_records, *tally.records[:step + 1]]]
-    ev: dict[str, Any] = {"stage": stage, "node_id": node_id, "step": step, "mode": mode, "last": last,
+    ev: dict[str, Any] = {"stage": stage, "node_id": node_id, "step": step, "mode": mode, "last": last, "device": device,
                           "inputs": inputs, "in_hashes": [h.hex() for h in tally.in_hashes],
                           "out_hashes": [h.hex() for h in tally.out_hashes]}
     if last:
@@ -93,6 +94,12 @@ class SpotCheck:
     out_hashes: list[str] = field(default_factory=list)
     token: int = -1
     reveal: dict[str, Any] | None = None
+    device: str = ""  # the stage's device signature: fast-mode work is judged only on the same one
+
+    @property
+    def needs_device(self) -> str:
+        """The validator device this check needs ("" = any: exact mode is portable across CPUs)."""
+        return self.device if self.mode == "fast" and not self.fault else ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -186,7 +193,7 @@ def spot_checks(receipts: list[Any], evidence: list[dict[str, Any]]) -> list[Spo
                              expected, dtype, shape, fault, r.to_json(),
                              [] if fault else list(ev["in_hashes"]), [] if fault else list(ev["out_hashes"]),
                              int(ev.get("token", -1) if last and not fault else -1),
-                             ev if own_fault and ev else None))
+                             ev if own_fault and ev else None, str(ev.get("device", ""))))
     return out
 
 

@@ -28,7 +28,7 @@ import torch
 from .errors import EngineError, EngineFull
 from .wire import WIRE_DTYPES, decode_activations, encode_activations
 
-__all__ = ["TOLERANCE", "ReplayResult", "cpu_capability", "fingerprint", "replay"]
+__all__ = ["TOLERANCE", "ReplayResult", "cpu_capability", "device_signature", "fingerprint", "replay"]
 
 # Largest rel_err an honest stage may show, per declared mode. Measured by benchmarks/verify_tolerance.py
 # (SmolLM2-135M, stages [15,30) last and [10,20) middle, ~80-token chat prompt + 24 decode steps, wire
@@ -70,6 +70,14 @@ def cpu_capability() -> str:
     only comparable on the same level: a validator can match a lower one by running the replay in a process
     started with ATEN_CPU_CAPABILITY=<level, lower case> (and MKL_ENABLE_INSTRUCTIONS)."""
     return str(torch.backends.cpu.get_cpu_capability())
+
+
+def device_signature(device: str | torch.device = "cpu") -> str:
+    """What fast-mode numbers depend on: device kind, CPU kernel level (or GPU name) and torch version. A
+    validator judges fast-mode work only on the same signature (see TOLERANCE)."""
+    dev = torch.device(device)
+    what = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_capability()
+    return f"{dev.type}:{what}:torch-{torch.__version__}"
 
 
 def fingerprint(logits: torch.Tensor, ids: list[int]) -> bytes:

@@ -120,7 +120,7 @@ class DistributedRuntime(Failover):
             self.auditor = Auditor(node.config.trust.audit_rate, node.config.payments.epoch_s)
         from mesh402.serving.trust import TrustServices
         self.trust = TrustServices(self.me, node.config.trust, self.executor, self._load_range, self._connect,
-                                   self._peer_labels)
+                                   self._peer_labels, node.config.device)
         self.worker.services.update(self.trust.services())
         _test_hook(self.worker)
         mesh.register_handler(StreamType.STAGE, self._on_stage_stream)

@@ -228,7 +228,7 @@ class StageWorker:
         await up.send(reply)
 
     async def _close_receipts(self, up: Link, down: Link | None, close: pb.StageFrame, tally: Any,
-                              mode: str) -> None:
+                              engine: Any) -> None:
         """Sign this stage's receipt after those of the stages before it (carried by CLOSE), pass CLOSE on,
         and send the whole chain of receipts back up (what the next stage returned, else ours). When the
         entry audits the request, CLOSE names the step (`reveal`) and each stage adds its evidence."""
@@ -242,8 +242,10 @@ class StageWorker:
                 prev = Receipt.from_json(chain[-1]).digest if chain else ""
                 chain.append(tally.receipt(self.signer, len(chain), prev).to_json())
                 if close.params.get("reveal", "") != "":
-                    evidence.append(sign_reveal(self.signer, reveal(tally, int(close.params["reveal"]), len(chain) - 1,
-                                                                    self.node_id, mode, last=down is None)))
+                    from mesh402.engine.verify import device_signature
+                    ev = reveal(tally, int(close.params["reveal"]), len(chain) - 1, self.node_id, engine.stages[0].mode,
+                                last=down is None, device=device_signature(engine.device))
+                    evidence.append(sign_reveal(self.signer, ev))
         except (ValueError, TypeError, KeyError) as e:
             log.info("session %s: bad receipts or reveal on CLOSE: %s", rid, e)
             return
@@ -290,7 +292,7 @@ class StageWorker:
             sf = stage_body(frame, "upstream")
             if sf.kind == K.STAGE_KIND_CLOSE:
                 if tally is not None:
-                    await self._close_receipts(up, down, sf, tally, engine.stages[0].mode)
+                    await self._close_receipts(up, down, sf, tally, engine)
                 return
             if sf.kind not in (K.STAGE_KIND_PREFILL, K.STAGE_KIND_DECODE):
                 raise StageError(f"unexpected stage kind {sf.kind} in a session", code="protocol")

@@ -23,11 +23,18 @@ from mesh402.serving.stage_link import K, Link, dump_json, error_frame, expect_s
 log = logging.getLogger(__name__)
 
 VALIDATOR_LABEL = "validator"  # announcement label: the validator's EVM address
+VALIDATOR_DEVICE_LABEL = "validator_device"  # ... and its device signature (engine.verify.device_signature)
+
+
+def device_signature(device: str) -> str:
+    from mesh402.engine.verify import device_signature as sig  # the engine owns torch
+    return sig(device)
 
 
 class TrustServices:
     def __init__(self, node_id: str, trust: Any, executor: Any, load_model: Callable[[str, int, int, str], Any],
-                 connect: Callable[[str], Awaitable[Link]], peers: Callable[[], dict[str, dict[str, str]]]) -> None:
+                 connect: Callable[[str], Awaitable[Link]], peers: Callable[[], dict[str, dict[str, str]]],
+                 device: str = "cpu") -> None:
         """`trust`: config.TrustConfig; `load_model(hash, start, end, mode)`: a partial engine from this
         node's disk (FileNotFoundError if it has no such model); `peers()`: node id -> announcement labels."""
         self.me = node_id
@@ -39,6 +46,14 @@ class TrustServices:
         self._engines: OrderedDict[tuple, Any] = OrderedDict()
         self._w3: Any = None
         self._agent: int | None = None
+        self.device = device
+        self._device_sig: str | None = None
+
+    @property
+    def device_sig(self) -> str:
+        if self._device_sig is None:
+            self._device_sig = device_signature(self.device)
+        return self._device_sig
 
     # ------------------------------------------------------------------ chain
     @property
@@ -117,11 +132,15 @@ class TrustServices:
         if [c.digest for c in checks] != list(st["checks"]) or any(c.node_id != st["node"] for c in checks):
             return error_frame(sf.request_id, "the spot checks are not the ones the statement names", self.me,
                                "bad_checks")
+        other = sorted({c.needs_device for c in checks} - {"", self.device_sig})
+        if other:  # judging fast-mode work on other kernels would flag honest noise: let a matching validator do it
+            return error_frame(sf.request_id, f"declined: fast-mode checks on {', '.join(other)}, this validator runs "
+                               f"{self.device_sig}", self.me, "declined")
         status = await self._chain(validation_status, self.w3, self.registry("ValidationRegistry"), h)
         if not status.exists:
             return error_frame(sf.request_id, f"no validation request {h} on chain", self.me, "not_requested")
         loop = asyncio.get_running_loop()
-        verdict = await loop.run_in_executor(self.executor, judge, checks, self._engine_for)
+        verdict = await loop.run_in_executor(self.executor, judge, checks, self._engine_for, self.device_sig)
         rc = await self._chain(respond_validation, self.w3, self.trust.owner_key, self.registry("ValidationRegistry"),
                                h, verdict.score, "", verdict.digest)
         log.info("validated %s epoch %s: score %d over %d checks", st["node"][:12], st["epoch"], verdict.score,
@@ -130,14 +149,14 @@ class TrustServices:
                            params={"verdict": dump_json(verdict.to_json()), "tx": _tx(rc)})
 
     # ------------------------------------------------------------------ entry
-    def validator_for(self, node: str) -> tuple[str, str] | None:
+    def validator_for(self, node: str, device: str = "") -> tuple[str, str] | None:
         """(validator node id, EVM address): a node announcing the validator role that is not `node` (this
-        node first, when it validates)."""
-        if self.trust.validator and self.trust.owner_key and node != self.me:
+        node first, when it validates), on `device` when fast-mode checks need one."""
+        if self.trust.validator and self.trust.owner_key and node != self.me and device in ("", self.device_sig):
             return self.me, self.address
         for peer, labels in sorted(self.peers().items()):
             addr = labels.get(VALIDATOR_LABEL, "")
-            if peer != node and addr.startswith("0x"):
+            if peer != node and addr.startswith("0x") and device in ("", labels.get(VALIDATOR_DEVICE_LABEL)):
                 return peer, addr
         return None
 
@@ -171,11 +190,15 @@ class TrustServices:
         return out
 
     async def _validate_node(self, store: Any, epoch: int, node: str, statement: Any, timeout: float) -> dict[str, Any]:
-        v = self.validator_for(node)
-        if v is None:
-            return {"error": "no validator in the mesh (a node started with --validator)"}
-        vnode, vaddr = v
         checks = store.spot_checks(epoch, node)
+        devices = sorted({c.needs_device for c in checks} - {""})
+        if len(devices) > 1:
+            return {"error": f"fast-mode checks on several devices ({', '.join(devices)}): not judged"}
+        v = self.validator_for(node, devices[0] if devices else "")
+        if v is None:
+            on = f" on {devices[0]} (fast-mode work is judged on the same kernels)" if devices else ""
+            return {"error": f"no validator in the mesh (a node started with --validator){on}"}
+        vnode, vaddr = v
         text, h = statement(epoch, self.me, node, vaddr, [c.digest for c in checks])
         try:
             got = await self._ask(node, K.STAGE_KIND_VALIDATION_ASK, {"statement": text, "epoch": str(epoch)}, timeout)

@@ -54,7 +54,7 @@ class Verdict:
         return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True, default=str).encode()).digest()
 
 
-def run_check(check: SpotCheck, engine_for: EngineFor) -> CheckResult:
+def run_check(check: SpotCheck, engine_for: EngineFor, device: str = "") -> CheckResult:
     """One spot check: a signed reveal that broke the stage's own commitments fails without compute; evidence
     the stage's signatures do not back (or that nothing pins) is skipped; any other is re-executed."""
     def result(ok: bool, detail: str, err: float = float("inf"), tol: float = 0.0, skipped: bool = False) -> CheckResult:
@@ -65,6 +65,8 @@ def run_check(check: SpotCheck, engine_for: EngineFor) -> CheckResult:
         return result(False, problem)
     if problem:
         return result(True, problem, skipped=True)
+    if check.needs_device and device and check.needs_device != device:  # fast-mode noise differs across kernels
+        return result(True, f"{UNVERIFIABLE}fast-mode work on {check.device} is not judged on {device}", skipped=True)
     try:
         engine = engine_for(check.model_hash, check.layer_start, check.layer_end, check.mode)
     except FileNotFoundError as e:  # this validator cannot hold those layers: not a verdict on the stage
@@ -78,5 +80,6 @@ def run_check(check: SpotCheck, engine_for: EngineFor) -> CheckResult:
     return result(r.ok, r.detail, r.rel_err, r.tolerance)
 
 
-def judge(checks: list[SpotCheck], engine_for: EngineFor) -> Verdict:
-    return Verdict([run_check(c, engine_for) for c in checks])
+def judge(checks: list[SpotCheck], engine_for: EngineFor, device: str = "") -> Verdict:
+    """`device`: this validator's device signature (fast-mode checks on another one are skipped)."""
+    return Verdict([run_check(c, engine_for, device) for c in checks])
