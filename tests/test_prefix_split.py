@@ -57,3 +57,31 @@ def test_split_prefix_reuse_equals_cold(executor, solo) -> None:  # noqa: F811
     assert warm == ref_b and c2 > 0 and c2 % 32 == 0
     assert cold_again == ref_b and c3 == 0
     assert after_kill == ref_b and c4 > 0 and model.stats.failovers == 1
+
+
+def test_paid_warm_request_reveals_from_position_zero(executor, solo) -> None:  # noqa: F811
+    """A paid (audited) request that restores a prompt prefix still reveals the steps that built it, so the
+    validator replays from position 0 and an honest stage passes."""
+    from mesh402.economics.verification import Auditor, spot_checks
+    from mesh402.mesh.identity import NodeIdentity
+    from mesh402.serving.validator import PASS_SCORE, judge
+    a, b = prompt_for(solo, "Name a colour."), prompt_for(solo, "Name an animal that swims.")
+    got: list = []
+
+    async def main():
+        model, mesh, _ = await build(executor, [0, 10, 20, 30])
+        for name, w in mesh.workers.items():
+            w.signer = NodeIdentity.generate()
+        model.signer, model.receipt_sink = NodeIdentity.generate(), lambda rs, ev=None: got.append((rs, ev))
+        model.auditor = Auditor(1.0, 3600)
+        await gen(model, a)
+        _, cached = await gen(model, b)  # same system prompt: warm
+        return cached
+
+    cached = asyncio.run(main())
+    assert cached > 0 and len(got) == 2
+    receipts, evidence = got[1]
+    checks = spot_checks(receipts, evidence)
+    assert all(not c.fault for c in checks) and all(c.inputs[0]["pos"] == 0 for c in checks)
+    v = judge(checks, lambda h, s, e, mode: Engine.load(solo.source.path, mode=mode, layers=(s, e), load_tokenizer=False))
+    assert v.score == PASS_SCORE and v.checked == 2, v.to_json()

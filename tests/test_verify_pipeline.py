@@ -93,7 +93,7 @@ def test_a_reveal_that_breaks_the_commitment_fails_without_compute(executor, pro
     assert judge(checks[:1], honest_engine).score == PASS_SCORE  # stage 2's inputs still pin stage 1
     # the same edit made by the entry (the stage's signature no longer covers it) proves nothing: skipped
     v = judge(spot_checks(receipts, forged)[1:], no_compute)
-    assert v.score == PASS_SCORE and v.checked == 0 and "signature" in v.results[0].detail
+    assert v.score == PASS_SCORE and v.checked == 0 and "signed reveal" in v.results[0].detail
     missing = spot_checks(receipts, evidence[:1])
     assert missing[1].fault == "no reveal for the audited step"
     assert missing[0].fault.startswith("unverifiable")  # stage 1 is not blamed for stage 2's silence
@@ -120,11 +120,13 @@ def test_fast_mode_work_is_judged_only_on_the_same_kernels(executor, prompt) -> 
     from dataclasses import replace
 
     from mesh402.engine.verify import device_signature
-    receipts, evidence, _ = asyncio.run(audited_run(executor, prompt))
+    from mesh402.economics.verification import reveal_body, signed_reveal_of
+    receipts, evidence, ids = asyncio.run(audited_run(executor, prompt))
     c1, c2 = spot_checks(receipts, evidence)
     own = device_signature("cpu")
     assert c1.device == c2.device == own and c1.needs_device == ""  # exact mode: portable
-    other = replace(c1, mode="fast", device="cpu:AVX2:torch-0")
+    other = replace(c1, mode="fast", device="cpu:AVX2:torch-0")  # as stage w0 would sign it on other kernels
+    other = replace(other, signature=ids["w0"].sign(reveal_body(signed_reveal_of(other))).hex())
     assert other.needs_device == "cpu:AVX2:torch-0"
     v = judge([other], lambda *a: pytest.fail("no replay on other kernels"), own)  # type: ignore[arg-type]
     assert v.checked == 0 and "not judged" in v.results[0].detail

@@ -209,7 +209,10 @@ class StageWorker:
             return
         kept = self.prefix_rows.get(key) if op == "restore" else None
         rows, records = kept if kept is not None else (None, [])
-        ok = sf.params.get("ok") == "1" and rows is not None and len(session) == 0 and n > 0
+        # a paid session must be able to reveal from position 0: rows kept by an unpaid one come without
+        # the steps that built them, so they are not reused (the request runs cold instead)
+        ok = (sf.params.get("ok") == "1" and rows is not None and len(session) == 0 and n > 0
+              and (tally is None or bool(records)))
         if ok:
             await self._run(load_rows, session, rows, n)
             if tally is not None:
@@ -243,7 +246,8 @@ class StageWorker:
                 chain.append(tally.receipt(self.signer, len(chain), prev).to_json())
                 if close.params.get("reveal", "") != "":
                     from mesh402.engine.verify import device_signature
-                    ev = reveal(tally, int(close.params["reveal"]), len(chain) - 1, self.node_id, engine.stages[0].mode,
+                    ev = reveal(tally, int(close.params["reveal"]), len(chain) - 1, self.signer.node_id_hex,
+                                engine.stages[0].mode,
                                 last=down is None, device=device_signature(engine.device))
                     evidence.append(sign_reveal(self.signer, ev))
         except (ValueError, TypeError, KeyError) as e:
