@@ -117,3 +117,22 @@ def test_entry_sink_keeps_receipts_with_units_from_the_tensor_table(executor, pr
     meta = read_gguf_meta(bundled_model_path())
     units = entry.store.work_units(epoch_of(time.time(), 3600))
     assert units == {r.node_id: flops_per_token(meta, r.layer_start, r.layer_end) * r.tokens for r in receipts}
+
+
+def test_solo_request_on_a_paid_entry_gets_one_receipt_for_all_layers(executor, prompt) -> None:
+    """A model served whole: the entry's own work counts in the epoch split (one receipt, all 30 layers)."""
+    from mesh402.economics.receipts import SoloReceipts
+    from mesh402.engine import Engine
+    from mesh402.models.catalog import bundled_model_path
+    from mesh402.serving.generation import LocalModel
+    got: list[tuple[list[Any], Any]] = []
+    me = NodeIdentity.generate()
+    eng = Engine.load(bundled_model_path(), mode="exact")
+    model = LocalModel(eng, executor, prefix_cache=None,
+                       receipts=SoloReceipts(me, lambda rs, ev=None: got.append((rs, ev)), HASH, 30))
+    asyncio.run(run_gen(model, prompt, N))
+    (receipts, evidence), = got
+    assert evidence is None and chain_errors(receipts, 30) == []
+    r = receipts[0]
+    assert (r.node_id, r.layer_start, r.layer_end, r.model_hash) == (me.node_id_hex, 0, 30, HASH)
+    assert r.tokens == len(prompt) + N - 1

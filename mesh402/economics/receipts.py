@@ -154,6 +154,30 @@ class StageTally:
                             input_hash=self._in.hexdigest(), output_hash=self._out.hexdigest(), prev=prev)
 
 
+def token_step_hash(tokens: Iterable[int]) -> bytes:
+    """A step whose input (or output) is token ids rather than activations: the first stage's input, and
+    a solo request's input and sampled token."""
+    return hashlib.sha256(json.dumps([int(t) for t in tokens], separators=(",", ":")).encode()).digest()
+
+
+@dataclass(frozen=True)
+class SoloReceipts:
+    """A paid entry that serves a model whole signs one receipt per request covering all its layers, so
+    its own work counts in the epoch split like a stage's (otherwise its solo revenue would be shared
+    out among the nodes of its split requests)."""
+    signer: Any  # NodeIdentity
+    sink: Any  # EntryReceipts
+    content_hash: str
+    n_layers: int
+
+    def tally(self, request_id: str) -> "StageTally":
+        return StageTally(request_id, self.content_hash, 0, self.n_layers)
+
+    def finish(self, tally: "StageTally") -> None:
+        if tally.tokens:
+            self.sink([tally.receipt(self.signer, 0)], None)
+
+
 def running_hash(step_hashes: Iterable[bytes]) -> str:
     """The tally over a list of per-step hashes (what a receipt's input_hash/output_hash commit to)."""
     h = hashlib.sha256(StageTally.DOMAIN)

@@ -383,7 +383,7 @@ class DistributedRuntime(Failover):
             return await self._apply_experts(key, entry, plan)
         if plan.is_solo:
             engine = await self._run(self._load_engine, entry, None)
-            return LocalModel(engine, self.executor)
+            return self.local_model(engine, key, entry, layout.n_layers)
         await asyncio.gather(*(self._assign(key, entry.model_id, s.node_id, s.start, s.end, plan.epoch)
                                for s in plan.stages[1:]))
         host = plan.stages[0]
@@ -396,6 +396,16 @@ class DistributedRuntime(Failover):
                              timer=StepTimer(floor_s=self.node.config.timers.stage_step_floor_s),
                              signer=getattr(self.mesh, "identity", None), receipt_sink=self.receipts,
                              auditor=self.auditor)
+
+    def local_model(self, engine: Any, key: str, entry: ModelEntry, n_layers: int) -> LocalModel:
+        """A model served whole here; on a paid entry each request gets a receipt (all layers) too."""
+        receipts = None
+        if self.receipts is not None and entry.source.format == "gguf" and getattr(self.mesh, "identity", None):
+            from mesh402.economics.receipts import SoloReceipts
+            content_hash = key.rsplit("@", 1)[1]
+            self.receipts.add_model(content_hash, entry.source.path)
+            receipts = SoloReceipts(self.mesh.identity, self.receipts, content_hash, n_layers)
+        return LocalModel(engine, self.executor, receipts=receipts)
 
     # ---------------------------------------------------------------- MoE expert parallel
     async def _apply_experts(self, key: str, entry: ModelEntry, plan: ExpertPlan) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -97,9 +98,12 @@ async def generate(req: GenerationRequest, stepper: Stepper, tokenizer: Any,
 class LocalModel:
     """A whole model loaded in this process, driven by the node's single engine thread."""
 
-    def __init__(self, engine: Any, executor: ThreadPoolExecutor, prefix_cache: Any = "default") -> None:
+    def __init__(self, engine: Any, executor: ThreadPoolExecutor, prefix_cache: Any = "default",
+                 receipts: Any = None) -> None:
+        """`receipts`: economics.receipts.SoloReceipts on a paid entry (one signed receipt per request)."""
         self.engine = engine
         self.executor = executor
+        self.receipts = receipts
         if prefix_cache == "default":  # KV prefix reuse (mesh402.engine.prefix); None turns it off
             from mesh402.engine.prefix import PrefixCache  # the engine is loaded: torch is already in
 
@@ -121,7 +125,10 @@ class LocalModel:
     async def open(self, max_len: int, sampling: Any) -> "LocalStepper":
         """Reserve a KV session up front so capacity errors surface before any response is sent."""
         session = await asyncio.get_running_loop().run_in_executor(self.executor, self.engine.new_session, max_len)
-        return LocalStepper(session, sampling, self.executor, self.prefix_cache)
+        stepper = LocalStepper(session, sampling, self.executor, self.prefix_cache)
+        if self.receipts is not None:
+            stepper.receipts, stepper.tally = self.receipts, self.receipts.tally(uuid.uuid4().hex)
+        return stepper
 
 
 class LocalStepper:
@@ -135,6 +142,14 @@ class LocalStepper:
         self._executor = executor
         self._released = False
         self.prefix_cache = prefix_cache
+        self.receipts: Any = None  # economics.receipts.SoloReceipts and this request's StageTally, when paid
+        self.tally: Any = None
+
+    def _tally(self, ids: list[int], token: int) -> int:
+        if self.tally is not None:
+            from mesh402.economics.receipts import token_step_hash
+            self.tally.step(len(ids), token_step_hash(ids), token_step_hash([token]))
+        return token
 
     async def _run(self, fn: Any, *args: Any) -> int:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -147,12 +162,12 @@ class LocalStepper:
         if cache is not None and not self.history:
             cache.store(self.session, len(ids))
         self.history.extend(ids)
-        return self.sampler.sample(logits, self.history, len(self.history))
+        return self._tally(ids, self.sampler.sample(logits, self.history, len(self.history)))
 
     def _decode(self, token: int) -> int:
         logits = self.session.decode(token)
         self.history.append(token)
-        return self.sampler.sample(logits, self.history, len(self.history))
+        return self._tally([token], self.sampler.sample(logits, self.history, len(self.history)))
 
     async def prefill(self, ids: list[int]) -> int:
         return await self._run(self._prefill, ids)
@@ -165,3 +180,8 @@ class LocalStepper:
             self._released = True
             # Not awaited: this must also run when the client went away and the task is cancelled.
             self._executor.submit(self.session.close)
+            if self.tally is not None:
+                try:
+                    self.receipts.finish(self.tally)
+                except Exception as e:  # accounting must never fail a release
+                    logging.getLogger(__name__).warning("solo receipt not kept: %s", e)

@@ -272,8 +272,8 @@ class PipelineStepper:
             self.sent.append(s)
             if self.tally is not None:
                 from mesh402.engine.wire import activation_hash
-                self.tally.step(s.n_real, hashlib.sha256(dump_json(s.tokens[:s.n_real]).encode()).digest(),
-                                activation_hash(s.payload))
+                from mesh402.economics.receipts import token_step_hash
+                self.tally.step(s.n_real, token_step_hash(s.tokens[:s.n_real]), activation_hash(s.payload))
                 self.steps_done += 1
             return int(rs.tokens[0]) if s.sample else None
 

@@ -18,7 +18,6 @@ from mesh402.mesh.proto import mesh_pb2 as pb
 from mesh402.placement import MeshSnapshot, Plan, fits
 from mesh402.placement.types import StageAssignment
 from mesh402.routing.demand import standby_promotions
-from mesh402.serving.generation import LocalModel
 
 if TYPE_CHECKING:
     from mesh402.serving.distributed import DistributedRuntime, Route
@@ -117,7 +116,7 @@ async def ensure_replica(dist: "DistributedRuntime", key: str, entry: "ModelEntr
     except Exception as e:
         entry.local, entry.state, entry.error = None, "failed", f"{type(e).__name__}: {e}"
         return True
-    serving: Any = LocalModel(engine, dist.executor)
+    serving: Any = dist.local_model(engine, key, entry, layout.n_layers)
     dist.hosted[key] = Hosted(key, plan, serving, layout)
     dist.epochs[key] = epoch
     dist.waiting.pop(key, None)
