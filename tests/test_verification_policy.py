@@ -139,3 +139,33 @@ def test_a_stage_that_does_not_reveal_earns_nothing_for_that_request(tmp_path) -
     units = entry.store.work_units(epoch)
     assert units[receipts[2].node_id] == 0 < units[receipts[1].node_id]
     assert [(c.stage, c.fault[:13]) for c in entry.store.spot_checks(epoch)] == [(1, "unverifiable:")]
+
+
+def test_a_node_requests_validation_only_for_entries_it_worked_for() -> None:
+    """A validation request costs the node gas: strangers, statements about other nodes and endless
+    re-asks are refused before any chain call."""
+    import asyncio
+
+    from mesh402.config import TrustConfig
+    from mesh402.economics.validation import statement
+    from mesh402.mesh.proto import mesh_pb2 as pb
+    from mesh402.serving.stage_link import K
+    from mesh402.serving.trust import MAX_ASKS_PER_EPOCH, TrustServices
+
+    def no_chain(*a):
+        raise AssertionError("no chain call expected")
+
+    t = TrustServices("me", TrustConfig(rpc_url="http://127.0.0.1:1", owner_key="0x" + "11" * 32), None,
+                      no_chain, no_chain, lambda: {})
+    t._chain = no_chain  # type: ignore[method-assign]
+
+    def ask(peer: str, node: str = "me", epoch: int = 5) -> pb.StageFrame:
+        text, _ = statement(epoch, peer, node, "0x" + "22" * 20, [])
+        sf = pb.StageFrame(kind=K.STAGE_KIND_VALIDATION_ASK, params={"statement": text})
+        return asyncio.run(t.on_validation_ask(peer, sf)).stage
+
+    assert ask("entry").params["code"] == "no_work"
+    assert ask("entry", node="someone-else").params["code"] == "bad_statement"
+    t.worked_for.add("entry")
+    t._asks[("entry", 5)] = MAX_ASKS_PER_EPOCH
+    assert ask("entry").params["code"] == "too_many"

@@ -122,6 +122,7 @@ class DistributedRuntime(Failover):
         self.trust = TrustServices(self.me, node.config.trust, self.executor, self._load_range, self._connect,
                                    self._peer_labels, node.config.device)
         self.worker.services.update(self.trust.services())
+        self.worker.on_receipt = self.trust.worked_for.add  # entries that may ask this node for validation
         _test_hook(self.worker)
         mesh.register_handler(StreamType.STAGE, self._on_stage_stream)
         self.expert_service = ExpertService(self._load_experts)

@@ -74,6 +74,7 @@ class StageWorker:
         # kind -> async (peer id, StageFrame) -> reply Frame. VERIFY: re-execute spot checks (a validator);
         # VALIDATION_ASK: request ERC-8004 validation of this node's work (a node with an owner key).
         self.services: dict[int, Callable[[str, pb.StageFrame], Awaitable[pb.Frame]]] = {}
+        self.on_receipt: Callable[[str], None] | None = None  # called with the entry's node id per signed receipt
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -244,6 +245,8 @@ class StageWorker:
             if self.signer is not None:
                 prev = Receipt.from_json(chain[-1]).digest if chain else ""
                 chain.append(tally.receipt(self.signer, len(chain), prev).to_json())
+                if self.on_receipt is not None and len(chain) > 1:
+                    self.on_receipt(str(chain[0]["node_id"]))
                 if close.params.get("reveal", "") != "":
                     from mesh402.engine.verify import device_signature
                     ev = reveal(tally, int(close.params["reveal"]), len(chain) - 1, self.signer.node_id_hex,

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 VALIDATOR_LABEL = "validator"  # announcement label: the validator's EVM address
 VALIDATOR_DEVICE_LABEL = "validator_device"  # ... and its device signature (engine.verify.device_signature)
+MAX_ASKS_PER_EPOCH = 3  # validation requests one entry may have this node send per epoch
 
 
 def device_signature(device: str) -> str:
@@ -48,6 +49,10 @@ class TrustServices:
         self._agent: int | None = None
         self.device = device
         self._device_sig: str | None = None
+        # Entries this node signed work receipts for, and the validation requests it sent per (entry, epoch):
+        # a request costs gas, so only entries it worked for may ask, a few times per epoch (retried rounds).
+        self.worked_for: set[str] = set()
+        self._asks: dict[tuple[str, int], int] = {}
 
     @property
     def device_sig(self) -> str:
@@ -94,6 +99,12 @@ class TrustServices:
             return error_frame(sf.request_id, "the statement is not about this node's work for the asking entry",
                                self.me, "bad_statement")
         text, h = statement(st["epoch"], st["entry"], st["node"], st["validator"], st["checks"])
+        if peer not in self.worked_for:
+            return error_frame(sf.request_id, "this node signed no work receipt for the asking entry", self.me,
+                               "no_work")
+        if self._asks.get((peer, int(st["epoch"])), 0) >= MAX_ASKS_PER_EPOCH:
+            return error_frame(sf.request_id, f"already requested validation {MAX_ASKS_PER_EPOCH} times for this "
+                               "epoch", self.me, "too_many")
         if self._agent is None:
             self._agent = await self._chain(agent_of_node, self.w3, self.registry("IdentityRegistry"), self.me)
         if self._agent is None:
@@ -104,6 +115,8 @@ class TrustServices:
             return stage_frame(K.STAGE_KIND_RESULT, request_id=sf.request_id,
                                params={"agent_id": self._agent, "request_hash": h, "tx": ""})
         uri = f"mesh402://{peer}/validation/{st['epoch']}/{self.me}"
+        key = (peer, int(st["epoch"]))
+        self._asks[key] = self._asks.get(key, 0) + 1
         rc = await self._chain(request_validation, self.w3, self.trust.owner_key, self.registry("ValidationRegistry"),
                                st["validator"], self._agent, uri, h)
         return stage_frame(K.STAGE_KIND_RESULT, request_id=sf.request_id,
