@@ -1,0 +1,116 @@
+"""Forwarding a request to the node that serves its model, over the mesh's HTTP tunnel: the chosen
+replica first, the next ones when a connection fails before the answer starts, free or paid (the
+entry node charges for what it routes). `target` decides between serving here and forwarding."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from mesh402.api.context import EdgeContext
+from mesh402.api.errors import APIError, unavailable
+from mesh402.api.schemas import SamplingFields
+from mesh402.api.selection import local_fallback, pick_model, route_header
+from mesh402.api.tunnel import forward as tunnel_forward
+from mesh402.api.wire import sse
+from mesh402.mesh.framing import StreamType
+from mesh402.serving.registry import ModelEntry
+
+log = logging.getLogger(__name__)
+
+
+async def open_tunnel(ctx: EdgeContext, request: Request, route: Any, body: bytes, *, local_ok: bool = True) -> Any:
+    """Tunnel to the chosen replica, else to the next ones when a connection fails before the answer
+    starts. Returns (route, status, headers, chunks), or None when a local replica should serve."""
+    dist = ctx.state.distributed
+    router = ctx.router
+    rid = uuid.uuid4().hex
+    tries = [(route.host, route)] + [(h, r) for h, r, _ in getattr(request.state, "replicas", [])
+                                     if h != route.host]
+    last: Exception | None = None
+    for i, (host, target) in enumerate(tries):
+        if isinstance(target, ModelEntry):
+            if not local_ok:
+                continue
+            request.state.pick = "retry"
+            return None  # the caller serves it here
+        try:
+            router.inflight[(target.model_id, host)] += 1
+            try:
+                status, headers, chunks = await tunnel_forward(
+                    lambda: dist.mesh.open_stream(bytes.fromhex(host), StreamType.HTTP_TUNNEL),
+                    request.method, request.url.path, dict(request.headers), body, rid)
+            finally:
+                router.inflight[(target.model_id, host)] -= 1
+        except Exception as e:
+            log.warning("tunnel to %s failed: %s", host[:12], e)
+            router.picker.table.forget_replica(host)
+            last = e
+            continue
+        if i:
+            request.state.pick = "retry"
+        return target, status, headers, chunks
+    raise unavailable(f"no node serving {route.model_id} answered ({type(last).__name__}); retry shortly",
+                      ctx.retry_after, code="host_unreachable")
+
+
+async def proxy(ctx: EdgeContext, request: Request, route: Any, req: Any = None) -> Response | None:
+    """Carry the request over the mesh to the model's host; the answer streams back as it comes.
+    None when a local replica should serve it after all."""
+    if ctx.gate is not None and req is not None:  # the entry node charges for what it routes
+        from mesh402.economics.proxy import paid_proxy
+
+        served = [route]
+
+        async def send(body: bytes) -> Any:
+            target, status, headers, chunks = await open_tunnel(ctx, request, route, body, local_ok=False)
+            served[0] = target
+            return status, headers, chunks
+
+        resp = await paid_proxy(ctx.gate, request, route.model_id, req, ctx.config.limits.default_max_tokens, send)
+        resp.headers.update(route_header(request, served[0].model_id, served[0].host, "mesh"))
+        return resp
+    body = await request.body()
+    if getattr(request.state, "route", None) is not None:  # the host must serve the model chosen here
+        data = json.loads(body)
+        data["model"] = route.model_id
+        body = json.dumps(data).encode()
+    opened = await open_tunnel(ctx, request, route, body)
+    if opened is None:
+        return None
+    route, status, headers, chunks = opened
+    if getattr(request.state, "prefix", None):
+        ctx.router.picker.served(request.state.prefix, route.host, time.monotonic())
+    headers.update(route_header(request, route.model_id, route.host, "mesh"))
+    is_sse = headers.get("content-type", "").startswith("text/event-stream")
+
+    async def body_iter() -> AsyncIterator[bytes]:
+        try:
+            async for c in chunks:
+                yield c
+        except Exception as e:  # the host died mid-answer: end the stream cleanly
+            log.warning("tunnel from %s broke mid-stream: %s", route.host[:12], e)
+            if is_sse:
+                yield sse(APIError(502, f"the host of {route.model_id} stopped answering mid-stream",
+                                   type="server_error", code="host_lost").body())
+                yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(body_iter(), status_code=status, headers=headers)
+
+
+async def target(ctx: EdgeContext, request: Request, req: SamplingFields) -> ModelEntry | Response:
+    """The local model entry that serves this request, or the response of the node that did."""
+    entry = pick_model(ctx, req.model, request, req)
+    if not isinstance(entry, ModelEntry):
+        resp = await proxy(ctx, request, entry, req)
+        if resp is not None:
+            return resp
+        entry = local_fallback(request)
+    return entry

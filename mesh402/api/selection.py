@@ -1,0 +1,174 @@
+"""Which model and which node serve a request at the edge: a named model or `auto` (the router),
+a replica among the nodes serving it (sticky key, prefix affinity, load), else a route to its host.
+The choice is kept on `request.state` (route, replicas, prefix, pick) and told in `x-mesh402-route`."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import Request
+
+from mesh402.api.context import EdgeContext
+from mesh402.api.errors import APIError, unavailable
+from mesh402.api.router import MODEL_LABEL
+from mesh402.api.schemas import ChatCompletionRequest
+from mesh402.api.tunnel import ROUTE_HEADER
+from mesh402.serving.registry import ModelEntry
+
+
+def request_messages(req: Any) -> list[dict[str, Any]]:
+    """The request as chat messages, for classification and prefix affinity."""
+    if isinstance(req, ChatCompletionRequest):
+        messages = []
+        for m in req.messages:
+            try:
+                messages.append({"role": m.role, "content": m.text()})
+            except ValueError:
+                messages.append({"role": m.role, "content": ""})
+        return messages
+    prompt = req.prompt if isinstance(req.prompt, str) else ""
+    return [{"role": "user", "content": prompt}]
+
+
+def model_label(ctx: EdgeContext, host: str, model_id: str) -> str | None:
+    """The metadata `host` announces for `model_id` (MODEL_LABEL), if gossip has it."""
+    dist = ctx.distributed
+    if dist is None or dist.mesh.gossip is None:
+        return None
+    ann = dist.mesh.self_announcement() if host == dist.mesh.node_id.hex() else dist.mesh.gossip.get(bytes.fromhex(host))
+    return ann.labels.get(MODEL_LABEL + model_id) if ann is not None else None
+
+
+def choose_replica(ctx: EdgeContext, request: Request, req: Any, model_id: str) -> ModelEntry | Any | None:
+    """Several nodes serve `model_id`: sticky key, then prefix affinity, then least loaded.
+    The rest of the order is kept for retries (request.state.replicas)."""
+    dist = ctx.distributed
+    if dist is None or req is None or ctx.mesh_peer(request) is not None:
+        return None
+    from mesh402.serving.replicas import replica_routes
+
+    router = ctx.router
+    me = dist.mesh.node_id.hex()
+    reps: dict[str, Any] = {r.host: r for r in replica_routes(dist).get(model_id, []) if r.host != me}
+    local = ctx.registry.get(model_id)
+    if local is not None and local.state == "ready" and local.local is not None:
+        reps[me] = local
+    if not reps:
+        return None
+    extra = getattr(req, "model_extra", None) or {}
+    sticky = str(getattr(req, "user", None) or request.headers.get("x-session-id") or extra.get("session_id")
+                 or extra.get("prompt_cache_key") or "")
+    prefix = router.prefix(model_id, request_messages(req), getattr(req, "tools", None))
+    load = {h: (r.local.engine.n_sessions if isinstance(r, ModelEntry) else router.inflight[(model_id, h)])
+            for h, r in reps.items()}
+    order = router.picker.order(list(reps), load, sticky=sticky, prefix=prefix, now=time.monotonic())
+    request.state.replicas = [(c.replica, reps[c.replica], c.reason) for c in order]
+    request.state.prefix = prefix
+    request.state.pick = order[0].reason
+    return reps[order[0].replica]
+
+
+def route_auto(ctx: EdgeContext, request: Request, req: Any) -> ModelEntry | Any | None:
+    """model "auto": classify the request and score the mesh's models (x-mesh402-route says why)."""
+    from mesh402.models.profile import model_profile
+
+    local = []
+    for e in ctx.registry.all():
+        if e.state == "ready" and e.local is not None:
+            try:
+                local.append((e.model_id, model_profile(str(e.source.path), e.source.format)))
+            except Exception:
+                local.append((e.model_id, {}))
+    table = {k: r for k, r in ctx.routes().items() if r.ready}
+    remote = [(k, r.host, model_label(ctx, r.host, k)) for k, r in sorted(table.items())]
+    messages = request_messages(req)
+    router = ctx.router
+    d = router.decide(messages, getattr(req, "tools", None), router.candidates(local, remote))
+    if d is None:
+        return None
+    request.state.route = d
+    if d.node == "local":
+        return ctx.registry.get(d.model_id)
+    return table[d.model_id]
+
+
+def pick_model(ctx: EdgeContext, name: str | None, request: Request, req: Any = None) -> ModelEntry | Any:
+    """A local ModelEntry that can serve now, or a Route to the node that hosts the model."""
+    auto = name in (None, "", "auto")
+    dist = ctx.distributed
+    tunnelled = ctx.mesh_peer(request) is not None
+    if not tunnelled and dist is not None:
+        if not auto:
+            dist.mesh.note_request(name)  # demand, counted where the request enters the mesh
+    if auto and req is not None and not tunnelled:
+        picked = route_auto(ctx, request, req)
+        if picked is not None:
+            if dist is not None:
+                dist.mesh.note_request(picked.model_id)
+            return choose_replica(ctx, request, req, picked.model_id) or picked
+    if not auto:
+        replica = choose_replica(ctx, request, req, name)
+        if replica is not None:
+            return replica
+    entry = ctx.registry.default() if auto else ctx.registry.get(name)
+    if entry is not None and entry.state == "ready" and entry.local is not None:
+        return entry
+    if not tunnelled:  # never bounce a tunnelled request onwards
+        table = ctx.routes()
+        route = table.get(entry.model_id if entry else name) if not auto or entry else None
+        if route is None and auto:
+            route = next((r for r in table.values() if r.ready), None)
+        if route is not None and route.ready:
+            return route
+    raise not_servable(ctx, name, entry, auto=auto, tunnelled=tunnelled)
+
+
+def not_servable(ctx: EdgeContext, name: str | None, entry: ModelEntry | None, *, auto: bool,
+                 tunnelled: bool) -> APIError:
+    """Why no node can serve the model now: 503 (with Retry-After) while it may come, else 404."""
+    if entry is None and auto:
+        return unavailable("no model is served in this mesh yet", ctx.retry_after, code="no_model")
+    dist = ctx.distributed
+    if entry is None and dist is not None and not tunnelled:
+        from mesh402.serving.replicas import on_disk_somewhere
+
+        if on_disk_somewhere(dist, name or ""):  # a standby node has it: demand will start it
+            return unavailable(f"model {name} is on standby in the mesh; a node will start serving it",
+                               ctx.retry_after, code="model_standby")
+    if entry is None:
+        return APIError(404, f"model {name!r} is not served in this mesh; see GET /v1/models",
+                        type="not_found_error", code="model_not_found", param="model")
+    if entry.state in ("loading", "standby"):
+        return unavailable(f"model {entry.model_id} is {entry.state}", ctx.retry_after)
+    if entry.state == "waiting":
+        return unavailable(f"model {entry.model_id} is waiting for capacity: {entry.error}",
+                           ctx.retry_after, code="waiting_for_capacity")
+    return unavailable(f"model {entry.model_id} failed to load: {entry.error}", 30)
+
+
+def route_header(request: Request, model_id: str, node: str, via: str) -> dict[str, str]:
+    """`x-mesh402-route`: the model and node that served, and why they were chosen."""
+    d = getattr(request.state, "route", None)
+    why = f"; {d.header()}" if d is not None else ""
+    pick = getattr(request.state, "pick", None)
+    if pick:
+        why = f"; replica={pick}" + why
+    return {ROUTE_HEADER: f"model={model_id}; node={node[:16]}; via={via}{why}"}
+
+
+def local_route(ctx: EdgeContext, request: Request, entry: ModelEntry) -> dict[str, str]:
+    """The route header for a request served here, when a choice was made (auto or a replica)."""
+    st = request.state
+    if getattr(st, "route", None) is None and getattr(st, "pick", None) is None:
+        return {}
+    dist = ctx.distributed
+    me = dist.mesh.node_id.hex() if dist is not None else "local"
+    if getattr(st, "prefix", None):
+        ctx.router.picker.served(st.prefix, me, time.monotonic())
+    return route_header(request, entry.model_id, me, "local")
+
+
+def local_fallback(request: Request) -> ModelEntry:
+    """The local replica among those kept for retries (the remote ones did not answer)."""
+    return next(r for _, r, _ in request.state.replicas if isinstance(r, ModelEntry))

@@ -1,0 +1,44 @@
+"""What crosses HTTP at the edge: request bodies read and validated into pydantic models, and
+server-sent events written."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+
+from mesh402.api.errors import APIError, bad_request
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def validation_message(err: ValidationError | RequestValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
+    return "invalid request: " + "; ".join(parts)
+
+
+async def read_json(request: Request, model: type[Body], max_bytes: int) -> Body:
+    """The request body as `model`; 413 over `max_bytes`, 400 for anything malformed."""
+    body = await request.body()
+    if len(body) > max_bytes:
+        raise APIError(413, f"request body over {max_bytes} bytes")
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad_request(f"malformed JSON body: {e}") from None
+    if not isinstance(data, dict):
+        raise bad_request("request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise bad_request(validation_message(e)) from None
+
+
+def sse(obj: Any) -> bytes:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
