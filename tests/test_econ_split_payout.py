@@ -8,9 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
-from tests.chainutil import buy_chat, entry_receipts, start_chain, start_facilitator
+from tests.chainutil import buy_chat, entry_receipts, paid_chain
 from tests.meshutil import MeshNodes, wait_until
 from tests.procs import MESH402
 from tests.reference import ready_plan as plan_of
@@ -21,16 +19,11 @@ MODEL = "smollm2-135m-instruct"
 
 def test_paid_split_request_receipts_and_epoch_payout(tmp_path: Path) -> None:
     from mesh402.economics.receipts import chain_errors, epoch_of
-    from mesh402.economics.toolchain import tools_ready
     from mesh402.economics.workunits import flops_per_token, split_pro_rata
     from mesh402.models.catalog import bundled_model_path
     from mesh402.models.gguf_meta import read_gguf_meta
-    if not tools_ready():
-        pytest.fail("the npm contract toolchain is missing: run bash scripts/setup-dev-extra.sh")
-    chain = start_chain(tmp_path, buyers=1)
-    fac, fac_url = start_facilitator(tmp_path, chain)
+    chain, fac, paid = paid_chain(tmp_path)
     nodes = MeshNodes(tmp_path / "nodes")
-    paid = ["--price", "0.01", "--pay-to", "node-0", "--deployment", str(chain.dir), "--facilitator", fac_url]
     try:
         a = nodes.start("a", no_model=False, extra=[*SPLIT_ARGS, *paid])
         b = nodes.start("b", join=a.token(), no_model=False, extra=[*SPLIT_ARGS, *paid], timeout=120)

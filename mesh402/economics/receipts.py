@@ -7,6 +7,10 @@ the stages cover the model's layers in order, stage k's output hash equals stage
 each `prev` names the receipt before it. A stage therefore cannot claim more tokens or other layers
 without breaking the chain that the next stage and the entry node hold.
 
+An MoE model split by experts has no chain: its host and each expert node that ran rows for a request
+sign an `ExpertReceipt` (the rows each ran per (layer, expert), and running hashes of the payloads it
+received and sent), which the host collects when the request ends.
+
 The entry node writes each request's receipts and the revenue it took for the request in one SQLite
 transaction (WAL, synchronous=FULL), so a crash or restart mid-epoch loses no committed receipt, and a
 request is either fully accounted or not at all.
@@ -20,15 +24,31 @@ import sqlite3
 import threading
 import time
 import zlib
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, ClassVar, Iterable, Mapping, Union
 
 RECEIPT_PREFIX = b"mesh402 stage receipt v1\n"
+EXPERT_RECEIPT_PREFIX = b"mesh402 expert receipt v1\n"  # its own domain: never mistaken for a stage receipt
+
+
+class _Signed:
+    """A receipt's signed body (its kind's prefix + canonical JSON without the signature) and digest."""
+    PREFIX: ClassVar[bytes]
+
+    def body(self) -> bytes:
+        d = asdict(self)  # type: ignore[call-overload]
+        d.pop("signature")
+        return self.PREFIX + json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.body() + bytes.fromhex(self.signature or "")).hexdigest()  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
-class Receipt:
+class Receipt(_Signed):
     request_id: str
     stage: int  # 0 = first stage
     node_id: str  # hex Ed25519 public key of the stage's node
@@ -42,14 +62,7 @@ class Receipt:
     issued_at: int = 0
     signature: str = field(default="", compare=False)
 
-    def body(self) -> bytes:
-        d = asdict(self)
-        d.pop("signature")
-        return RECEIPT_PREFIX + json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
-
-    @property
-    def digest(self) -> str:
-        return hashlib.sha256(self.body() + bytes.fromhex(self.signature or "")).hexdigest()
+    PREFIX = RECEIPT_PREFIX
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,6 +70,108 @@ class Receipt:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Receipt":
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+ExpertRows = tuple[tuple[int, int, int], ...]  # (layer, expert, rows run), sorted
+
+
+@dataclass(frozen=True)
+class ExpertReceipt(_Signed):
+    """One node's work on one request of an MoE expert-parallel host (serving/expert_receipts.py).
+
+    Stage 0 is the host: it ran the trunk (everything but the routed experts) for `trunk_tokens` tokens
+    and its local experts on `rows`; its hashes run over the token steps, like a solo receipt's. Stages
+    1.. are expert nodes (trunk_tokens 0): `rows` they ran, hashes over the EXPERT_RUN payloads they
+    received and the results they sent. Work units: workunits.MoEFlops.units(trunk_tokens, rows)."""
+    request_id: str
+    stage: int
+    node_id: str
+    model_hash: str
+    host: str  # node id of the host that sent the rows (stage 0's node_id)
+    trunk_tokens: int
+    rows: ExpertRows
+    input_hash: str
+    output_hash: str
+    issued_at: int = 0
+    signature: str = field(default="", compare=False)
+
+    PREFIX = EXPERT_RECEIPT_PREFIX
+    kind = "expert"  # class attribute: in to_json (storage), not in the signed body
+
+    @property
+    def tokens(self) -> int:
+        """Rows of routed-expert work plus trunk tokens (display only; units come from MoEFlops)."""
+        return self.trunk_tokens + sum(n for _, _, n in self.rows)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "rows": [list(r) for r in self.rows], "kind": self.kind}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "ExpertReceipt":
+        fields_ = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        fields_["rows"] = _rows(d.get("rows", ()))
+        return cls(**fields_)
+
+
+AnyReceipt = Union[Receipt, ExpertReceipt]
+
+
+def _rows(rows: Iterable[Any]) -> ExpertRows:
+    return tuple(sorted((int(la), int(e), int(n)) for la, e, n in rows))
+
+
+def receipt_from_json(d: dict[str, Any]) -> AnyReceipt:
+    return ExpertReceipt.from_json(d) if d.get("kind") == ExpertReceipt.kind else Receipt.from_json(d)
+
+
+def sign_expert_receipt(identity: Any, *, rows: Iterable[Any], **fields: Any) -> ExpertReceipt:
+    r = ExpertReceipt(node_id=identity.node_id_hex, issued_at=int(fields.pop("issued_at", time.time())),
+                      rows=_rows(rows), **fields)
+    return replace(r, signature=identity.sign(r.body()).hex())
+
+
+def expert_receipt_errors(r: ExpertReceipt, request_id: str, model_hash: str, host: str,
+                          n_layers: int | None = None) -> list[str]:
+    """Why one expert receipt does not belong to this request of this host ([] if it does)."""
+    tag = f"stage {r.stage}"
+    errs = []
+    if not isinstance(r, ExpertReceipt):
+        return [f"{tag}: not an expert receipt"]
+    if not verify_receipt(r):
+        errs.append(f"{tag}: bad signature")
+    if (r.request_id, r.model_hash, r.host) != (request_id, model_hash, host):
+        errs.append(f"{tag}: request, model or host differs")
+    if (r.stage == 0) != (r.node_id == host) or (r.stage == 0) != (r.trunk_tokens > 0) or r.trunk_tokens < 0:
+        errs.append(f"{tag}: only the host (stage 0) runs the trunk")
+    if any(n <= 0 or la < 0 or e < 0 or (n_layers is not None and la >= n_layers) for la, e, n in r.rows):
+        errs.append(f"{tag}: bad expert rows")
+    if len({(la, e) for la, e, _ in r.rows}) != len(r.rows):
+        errs.append(f"{tag}: an expert is listed twice")
+    return errs
+
+
+def expert_errors(receipts: Iterable[ExpertReceipt], n_layers: int | None = None) -> list[str]:
+    """Why a request's expert receipts are not one valid set ([] if they are): the host's (stage 0) and at
+    most one per expert node, all signed and naming the same request, model and host. Stages may skip
+    numbers: an expert node that did not answer the host's receipt request is simply absent."""
+    rs = sorted(receipts, key=lambda r: r.stage)
+    if not rs or rs[0].stage != 0:
+        return ["no host receipt (stage 0)"]
+    h = rs[0]
+    errs = [e for r in rs for e in expert_receipt_errors(r, h.request_id, h.model_hash, h.node_id, n_layers)]
+    if len({r.stage for r in rs}) != len(rs) or len({r.node_id for r in rs}) != len(rs):
+        errs.append("a stage or node appears twice")
+    return errs
+
+
+def receipt_errors(receipts: list[AnyReceipt], n_layers: int | None = None) -> list[str]:
+    """chain_errors for a pipeline or solo request, expert_errors for an MoE expert-parallel one."""
+    kinds = {isinstance(r, ExpertReceipt) for r in receipts}
+    if kinds == {True}:
+        return expert_errors(receipts, n_layers)  # type: ignore[arg-type]
+    if kinds == {True, False}:
+        return ["stage and expert receipts mixed in one request"]
+    return chain_errors(receipts, n_layers)  # type: ignore[arg-type]
 
 
 def sign_receipt(identity: Any, **fields: Any) -> Receipt:
@@ -148,10 +263,87 @@ class StageTally:
                 self.fingerprints.append(fingerprint)
                 self.tokens_out.append(-1 if token is None else int(token))
 
+    def digests(self) -> tuple[str, str]:
+        """The running input and output hashes so far (hex)."""
+        return self._in.hexdigest(), self._out.hexdigest()
+
     def receipt(self, identity: Any, stage: int, prev: str = "") -> Receipt:
+        in_hash, out_hash = self.digests()
         return sign_receipt(identity, request_id=self.request_id, stage=stage, model_hash=self.model_hash,
                             layer_start=self.layer_start, layer_end=self.layer_end, tokens=self.tokens,
-                            input_hash=self._in.hexdigest(), output_hash=self._out.hexdigest(), prev=prev)
+                            input_hash=in_hash, output_hash=out_hash, prev=prev)
+
+
+class ExpertTally:
+    """What an expert node accumulates over one request of a host: rows run per (layer, expert) and
+    running hashes (the StageTally domain) over the payloads received and the results sent."""
+
+    def __init__(self, request_id: str, model_hash: str, host: str) -> None:
+        self.request_id, self.model_hash, self.host = request_id, model_hash, host
+        self.rows: dict[tuple[int, int], int] = {}
+        self._in = hashlib.sha256(StageTally.DOMAIN)
+        self._out = hashlib.sha256(StageTally.DOMAIN)
+
+    def step(self, rows: Mapping[tuple[int, int], int], input_hash: bytes, output_hash: bytes) -> None:
+        add_rows(self.rows, rows)
+        self._in.update(bytes(input_hash))
+        self._out.update(bytes(output_hash))
+
+    def receipt(self, identity: Any, stage: int) -> ExpertReceipt:
+        return sign_expert_receipt(identity, request_id=self.request_id, stage=int(stage), model_hash=self.model_hash,
+                                   host=self.host, trunk_tokens=0, rows=flat_rows(self.rows),
+                                   input_hash=self._in.hexdigest(), output_hash=self._out.hexdigest())
+
+
+def add_rows(into: dict[tuple[int, int], int], rows: Mapping[tuple[int, int], int]) -> None:
+    for k, n in rows.items():
+        into[k] = into.get(k, 0) + int(n)
+
+
+def flat_rows(rows: Mapping[tuple[int, int], int]) -> ExpertRows:
+    return _rows((la, e, n) for (la, e), n in rows.items() if n > 0)
+
+
+class ExpertTallies:
+    """An expert node's open tallies, one per (host, request id). Bounded, because nothing forces a host to
+    ask for its receipts: a tally idle for `max_idle_s` is dropped, and past `max_open` the least recently
+    used one is. Keyed by host too, so a host can only have its own requests signed. Thread-safe: the
+    expert thread records, the event loop takes."""
+
+    def __init__(self, max_open: int = 4096, max_idle_s: float = 3600.0, clock: Any = time.monotonic) -> None:
+        self.max_open, self.max_idle_s, self.clock = int(max_open), float(max_idle_s), clock
+        self._open: OrderedDict[tuple[str, str], tuple[float, ExpertTally]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def record(self, host: str, request_id: str, model_hash: str, rows: Mapping[tuple[int, int], int],
+               input_hash: bytes, output_hash: bytes) -> None:
+        key = (host, request_id)
+        with self._lock:
+            now = self.clock()
+            _, tally = self._open.pop(key, (now, None))
+            tally = tally or ExpertTally(request_id, model_hash, host)
+            tally.step(rows, input_hash, output_hash)
+            self._open[key] = (now, tally)
+            self._evict(now)
+
+    def _evict(self, now: float) -> None:
+        while self._open:
+            t, _ = next(iter(self._open.values()))
+            if len(self._open) <= self.max_open and now - t <= self.max_idle_s:
+                return
+            self._open.popitem(last=False)
+            self.dropped += 1
+
+    def take(self, host: str, request_id: str) -> ExpertTally | None:
+        """The request's tally, removed (a receipt is signed once)."""
+        with self._lock:
+            self._evict(self.clock())
+            got = self._open.pop((host, request_id), None)
+        return got[1] if got else None
 
 
 def token_step_hash(tokens: Iterable[int]) -> bytes:
@@ -226,12 +418,15 @@ class ReceiptStore:
     def close(self) -> None:
         self._db.close()
 
-    def record(self, receipts: list[Receipt], *, revenue: int, epoch: int, n_layers: int | None = None,
-               flops: Any = None, checks: Iterable[Any] = (), unpaid: Iterable[int] = ()) -> None:
-        """Store one request's receipt chain, its revenue and its spot checks (economics.verification) atomically;
-        refuses a chain that does not verify. With `flops(model_hash, start, end)`, each receipt's work units
-        are computed and stored now. Stages in `unpaid` (they did not reveal an audited step) earn 0 units."""
-        errs = chain_errors(receipts, n_layers)
+    def record(self, receipts: list[AnyReceipt], *, revenue: int, epoch: int, n_layers: int | None = None,
+               flops: Any = None, checks: Iterable[Any] = (), unpaid: Iterable[int] = (),
+               expert_flops: Any = None) -> None:
+        """Store one request's receipts (a pipeline/solo chain, or an MoE request's expert receipts), its
+        revenue and its spot checks (economics.verification) atomically; refuses receipts that do not verify.
+        With `flops(model_hash, start, end)` (stage receipts) and `expert_flops(model_hash)` -> MoEFlops
+        (expert receipts), each receipt's work units are computed and stored now. Stages in `unpaid` (they
+        did not reveal an audited step) earn 0 units."""
+        errs = receipt_errors(receipts, n_layers)
         if errs:
             raise ValueError("receipt chain rejected: " + "; ".join(errs))
         rid, model = receipts[0].request_id, receipts[0].model_hash
@@ -242,7 +437,7 @@ class ReceiptStore:
                 self._db.execute("INSERT INTO requests VALUES (?,?,?,?,?)", (rid, int(epoch), int(revenue), model, time.time()))
                 self._db.executemany("INSERT INTO receipts VALUES (?,?,?,?,?,?)", [
                     (r.request_id, r.stage, r.node_id, r.digest, json.dumps(r.to_json()),
-                     flops(r.model_hash, r.layer_start, r.layer_end) * r.tokens if flops and r.stage not in unpaid else 0)
+                     0 if r.stage in unpaid else receipt_units(r, flops, expert_flops))
                     for r in receipts])
                 self._db.executemany("INSERT INTO spot_checks VALUES (?,?,?,?,?)", [
                     (c.request_id, c.stage, c.node_id, c.digest, zlib.compress(c.body())) for c in checks])
@@ -251,9 +446,9 @@ class ReceiptStore:
                 self._db.execute("ROLLBACK")
                 raise
 
-    def receipts(self, request_id: str) -> list[Receipt]:
+    def receipts(self, request_id: str) -> list[AnyReceipt]:
         rows = self._db.execute("SELECT body FROM receipts WHERE request_id=? ORDER BY stage", (request_id,)).fetchall()
-        return [Receipt.from_json(json.loads(b)) for (b,) in rows]
+        return [receipt_from_json(json.loads(b)) for (b,) in rows]
 
     def count(self, epoch: int | None = None) -> int:
         if epoch is None:
@@ -264,22 +459,26 @@ class ReceiptStore:
     def revenue(self, epoch: int) -> int:
         return int(self._db.execute("SELECT COALESCE(SUM(revenue),0) FROM requests WHERE epoch=?", (int(epoch),)).fetchone()[0])
 
-    def epoch_receipts(self, epoch: int) -> Iterable[Receipt]:
+    def epoch_receipts(self, epoch: int) -> Iterable[AnyReceipt]:
         for (b,) in self._db.execute("SELECT r.body FROM receipts r JOIN requests q USING (request_id) WHERE q.epoch=? "
                                      "ORDER BY r.request_id, r.stage", (int(epoch),)):
-            yield Receipt.from_json(json.loads(b))
+            yield receipt_from_json(json.loads(b))
 
-    def work_units(self, epoch: int, flops: Any = None) -> dict[str, int]:
-        """Work units per node in an epoch: Σ over its receipts of flops(model, layers) · tokens (without
-        `flops`: the units stored when the receipts were recorded)."""
+    def work_units(self, epoch: int, flops: Any = None, expert_flops: Any = None) -> dict[str, int]:
+        """Work units per node in an epoch: Σ over its receipts of flops(model, layers) · tokens, or for
+        expert receipts expert_flops(model).units(...) (without `flops`, or for expert receipts without
+        `expert_flops`: the units stored when the receipts were recorded)."""
         units: dict[str, int] = {}
         if flops is None:
             for node, u in self._db.execute("SELECT r.node_id, SUM(r.units) FROM receipts r JOIN requests q "
                                             "USING (request_id) WHERE q.epoch=? GROUP BY r.node_id", (int(epoch),)):
                 units[node] = int(u)
             return units
-        for r in self.epoch_receipts(epoch):
-            units[r.node_id] = units.get(r.node_id, 0) + flops(r.model_hash, r.layer_start, r.layer_end) * r.tokens
+        for b, stored in self._db.execute("SELECT r.body, r.units FROM receipts r JOIN requests q USING (request_id) "
+                                          "WHERE q.epoch=? ORDER BY r.request_id, r.stage", (int(epoch),)):
+            r = receipt_from_json(json.loads(b))
+            u = stored if isinstance(r, ExpertReceipt) and expert_flops is None else receipt_units(r, flops, expert_flops)
+            units[r.node_id] = units.get(r.node_id, 0) + int(u)
         return units
 
     def unpaid_epochs(self) -> list[int]:
@@ -332,6 +531,13 @@ class ReceiptStore:
                 for e, n, u, a, acct, tx in rows]
 
 
+def receipt_units(r: AnyReceipt, flops: Any, expert_flops: Any) -> int:
+    """A receipt's work units (0 without the FLOPs table its kind needs)."""
+    if isinstance(r, ExpertReceipt):
+        return expert_flops(r.model_hash).units(r.trunk_tokens, r.rows) if expert_flops else 0
+    return flops(r.model_hash, r.layer_start, r.layer_end) * r.tokens if flops else 0
+
+
 class EntryReceipts:
     """The entry node's receipt sink: each request's verified chain goes to <home>/receipts.sqlite in the
     epoch of its arrival (epoch length `epoch_s`), written off the event loop."""
@@ -344,35 +550,47 @@ class EntryReceipts:
         self.audited = 0
         self._models: dict[str, Any] = {}  # model hash -> GGUF path, or its FLOPs table once read
         self._flops: dict[tuple[str, int, int], int] = {}
+        self._moe: dict[str, Any] = {}
 
     def add_model(self, model_hash: str, path: Any) -> None:
         """Where a model's GGUF file is, so receipts for it get work units from its tensor table."""
         self._models.setdefault(model_hash, path)
 
+    def _meta(self, model_hash: str) -> Any:
+        src = self._models.get(model_hash)
+        if src is None:
+            raise KeyError(f"no model file known for {model_hash[:16]}")
+        if not hasattr(src, "n_layers"):
+            from mesh402.models.gguf_meta import read_gguf_meta
+            src = self._models[model_hash] = read_gguf_meta(src)
+        return src
+
     def flops(self, model_hash: str, start: int, end: int) -> int:
         key = (model_hash, start, end)
         if key not in self._flops:
             from mesh402.economics.workunits import flops_per_token
-            from mesh402.models.gguf_meta import read_gguf_meta
-            src = self._models.get(model_hash)
-            if src is None:
-                raise KeyError(f"no model file known for {model_hash[:16]}")
-            if not hasattr(src, "n_layers"):
-                src = self._models[model_hash] = read_gguf_meta(src)
-            self._flops[key] = flops_per_token(src, start, end)
+            self._flops[key] = flops_per_token(self._meta(model_hash), start, end)
         return self._flops[key]
 
-    def _record(self, receipts: list[Receipt], evidence: list[Any] | None = None) -> None:
+    def expert_flops(self, model_hash: str) -> Any:
+        """workunits.MoEFlops of a model (for expert receipts), memoised."""
+        if model_hash not in self._moe:
+            from mesh402.economics.workunits import moe_flops
+            self._moe[model_hash] = moe_flops(self._meta(model_hash))
+        return self._moe[model_hash]
+
+    def _record(self, receipts: list[AnyReceipt], evidence: list[Any] | None = None) -> None:
         import logging
         try:
-            flops = self.flops if receipts and receipts[0].model_hash in self._models else None
+            known = bool(receipts) and receipts[0].model_hash in self._models
             checks = []
-            if evidence is not None and not chain_errors(receipts):
+            if evidence is not None and not receipt_errors(receipts):
                 from mesh402.economics.verification import spot_checks
                 checks = spot_checks(receipts, evidence)
             from mesh402.economics.verification import NO_REVEAL
             silent = [c.stage for c in checks if c.fault == NO_REVEAL]  # audited, revealed nothing: not paid for it
-            self.store.record(receipts, revenue=0, epoch=epoch_of(time.time(), self.epoch_s), flops=flops,
+            self.store.record(receipts, revenue=0, epoch=epoch_of(time.time(), self.epoch_s),
+                              flops=self.flops if known else None, expert_flops=self.expert_flops if known else None,
                               checks=[c for c in checks if c.fault != NO_REVEAL], unpaid=silent)
             self.kept += 1
             self.audited += bool(checks)
@@ -381,7 +599,7 @@ class EntryReceipts:
             logging.getLogger(__name__).warning("receipts for %s not kept: %s",
                                                 receipts[0].request_id if receipts else "?", e)
 
-    def __call__(self, receipts: list[Receipt], evidence: list[Any] | None = None) -> None:
+    def __call__(self, receipts: list[AnyReceipt], evidence: list[Any] | None = None) -> None:
         import asyncio
         try:
             asyncio.get_running_loop().run_in_executor(None, self._record, list(receipts), evidence)

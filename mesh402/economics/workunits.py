@@ -11,12 +11,23 @@ and biases (rank 1) are negligible and count 0. For mixture-of-experts tensors (
 rank 3) only the routed share counts: elements · experts_used / expert_count. The attention score and
 value products (2 · 2 · n_heads · head_dim · context per layer) depend on the context length, not on
 the weights, and are left out, so the same stage earns the same per token at every position.
+
+An MoE model split by experts (docs/moe.md) is counted by what each node ran, not by the routed share:
+
+    trunk_flops_per_token     = flops_per_token(all layers) without the routed experts (`*_exps`)
+    expert_flops_per_row(l)   = 2 · elements of one expert's gate + up + down matrices at layer l
+    units(host)               = trunk_flops_per_token · tokens + Σ its local experts' rows · expert_flops_per_row
+    units(expert node)        = Σ over (layer, expert) of rows · expert_flops_per_row(layer)
+
+With top-k routing every token puts k rows through each MoE layer, so the nodes' units sum to
+flops_per_token(all layers) · tokens, what a single node earns for the same request.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
+from typing import Any, Iterable
 
 
 def _matmul_elements(t: Any, expert_count: int, expert_used: int) -> Fraction:
@@ -28,19 +39,61 @@ def _matmul_elements(t: Any, expert_count: int, expert_used: int) -> Fraction:
     return n
 
 
-def flops_per_token(meta: Any, start: int, end: int) -> int:
-    """Multiply-add FLOPs per token for a stage holding layers [start, end) of a GGUF model (GGUFMeta)."""
+def _routed(t: Any) -> bool:
+    return "_exps." in t.name
+
+
+def _stage_elements(meta: Any, start: int, end: int, *, routed: bool = True) -> Fraction:
     if not (0 <= start < end <= meta.n_layers):
         raise ValueError(f"bad layer range [{start}, {end}) for {meta.n_layers} layers")
     total = Fraction(0)
     for t in meta.stage_tensors(start, end):
-        if t.layer is not None:
+        if t.layer is not None and (routed or not _routed(t)):
             total += _matmul_elements(t, meta.expert_count, meta.expert_used_count)
     if end == meta.n_layers:
         head = meta.tensor("output.weight") or meta.tensor("token_embd.weight")
         if head is not None:
             total += Fraction(head.n_elements)
-    return int(2 * total)
+    return total
+
+
+def flops_per_token(meta: Any, start: int, end: int) -> int:
+    """Multiply-add FLOPs per token for a stage holding layers [start, end) of a GGUF model (GGUFMeta)."""
+    return int(2 * _stage_elements(meta, start, end))
+
+
+def trunk_flops_per_token(meta: Any) -> int:
+    """FLOPs per token of the whole model without its routed experts: what an MoE expert-parallel host
+    computes for every token (attention, routers, shared experts, lm_head)."""
+    return int(2 * _stage_elements(meta, 0, meta.n_layers, routed=False))
+
+
+def expert_flops_per_row(meta: Any, layer: int) -> int:
+    """FLOPs of one routed expert of `layer` on one token row: 2 · the elements of its gate, up and down
+    matrices (`ffn_{gate,up,down}_exps` are expert-major, so one expert holds 1/expert_count of each)."""
+    total = 0
+    for kind in ("gate", "up", "down"):
+        t = meta.tensor(f"blk.{layer}.ffn_{kind}_exps.weight")
+        if t is not None and meta.expert_count > 0:
+            total += t.n_elements // meta.expert_count
+    return 2 * total
+
+
+@dataclass(frozen=True)
+class MoEFlops:
+    """Per-model FLOPs table of an expert-parallel split: trunk per token and one expert's per row, by layer."""
+    trunk: int
+    per_row: dict[int, int]
+
+    def units(self, trunk_tokens: int, rows: Iterable[tuple[int, int, int]]) -> int:
+        """Work units of a node that ran the trunk for `trunk_tokens` tokens and (layer, expert, rows)."""
+        return self.trunk * int(trunk_tokens) + sum(self.per_row.get(int(la), 0) * int(n) for la, _, n in rows)
+
+
+def moe_flops(meta: Any) -> MoEFlops:
+    """The MoEFlops of a GGUF model (GGUFMeta); layers without routed experts are absent from per_row."""
+    per_row = {la: f for la in range(meta.n_layers) if (f := expert_flops_per_row(meta, la))}
+    return MoEFlops(trunk_flops_per_token(meta), per_row)
 
 
 def stage_work_units(meta: Any, start: int, end: int, tokens: int) -> int:

@@ -40,6 +40,7 @@ from mesh402.serving.generation import LocalModel
 from mesh402.serving.pipeline import Chain, Failover, PipelineModel, StepTimer
 from mesh402.serving.registry import ModelEntry
 from mesh402.serving.stage_link import K, Hop, StageError, expect_stage, stage_frame
+from mesh402.serving.expert_receipts import ExpertAccounts, ExpertHostReceipts
 from mesh402.serving.experts import ExpertService, MeshExpertTransport, RemoteExperts, owners_from_plan
 from mesh402.serving.stage_worker import StageWorker
 
@@ -125,7 +126,9 @@ class DistributedRuntime(Failover):
         self.worker.on_receipt = self.trust.worked_for.add  # entries that may ask this node for validation
         _test_hook(self.worker)
         mesh.register_handler(StreamType.STAGE, self._on_stage_stream)
-        self.expert_service = ExpertService(self._load_experts)
+        identity = getattr(mesh, "identity", None)
+        self.expert_service = ExpertService(  # signs a receipt per host request when the host asks
+            self._load_experts, accounts=ExpertAccounts(identity) if identity is not None else None)
         mesh.register_handler(StreamType.EXPERT, self._on_expert_stream)
 
     # ---------------------------------------------------------------- lifecycle
@@ -417,9 +420,22 @@ class DistributedRuntime(Failover):
         mine = plan.shard_of(self.me)
         engine = await self._run(self._load_expert_host, entry, owners_from_plan(plan), transport,
                                  list(mine.experts) if mine is not None else [])
-        serving = LocalModel(engine, self.executor)
+        receipts = self._expert_host_receipts(key, entry, engine, transport)
+        serving = LocalModel(engine, self.executor, receipts=receipts,
+                             step_hook=receipts.runner.begin if receipts is not None else None)
         serving.expert_transport = transport
         return serving
+
+    def _expert_host_receipts(self, key: str, entry: ModelEntry, engine: Any, transport: Any) -> Any:
+        """On a paid entry: per request, the host's receipt (trunk + its own experts) and each expert
+        node's (serving/expert_receipts.py), kept together."""
+        runner = getattr(engine.stages[0], "experts", None)
+        if self.receipts is None or runner is None or getattr(self.mesh, "identity", None) is None:
+            return None
+        content_hash = key.rsplit("@", 1)[1]
+        self.receipts.add_model(content_hash, entry.source.path)
+        return ExpertHostReceipts(self.mesh.identity, self.receipts, content_hash, int(engine.info.n_layers),
+                                  runner, transport, asyncio.get_running_loop())
 
     def _load_expert_host(self, entry: ModelEntry, owners: dict, transport: Any, local_experts: list) -> Any:
         from mesh402.engine import Engine

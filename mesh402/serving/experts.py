@@ -15,6 +15,9 @@ Every expert has one or more owners (hot experts are replicated by
 moves to a replica when a node stops answering, without interrupting
 generation.
 
+Each request carries the host's request id, so expert nodes can sign a work receipt per request
+(:mod:`mesh402.serving.expert_receipts`).
+
 The request/reply messages are plain bytes (:func:`encode_request` /
 :func:`encode_reply`), so any byte transport carries them: :class:`LoopbackTransport`
 in process (tests, benchmarks), a mesh stream between nodes.
@@ -27,13 +30,18 @@ import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Mapping, Protocol, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
 
 from mesh402.engine.moe import ExpertBank
 from mesh402.engine.weights import WeightSource, open_source
+
+if TYPE_CHECKING:
+    from mesh402.economics.receipts import ExpertReceipt
+    from mesh402.serving.expert_receipts import ExpertAccounts
 
 __all__ = ["ExpertNodeDown", "ExpertUnavailable", "ExpertShardWorker", "ExpertTransport", "LoopbackTransport",
            "SocketTransport", "serve_expert_shard",
@@ -143,8 +151,13 @@ class ExpertShardWorker:
 # transports
 
 class ExpertTransport(Protocol):
-    def call(self, node: str, payload: bytes) -> bytes:
-        """Send a request to ``node`` and wait for its reply; raises :class:`ExpertNodeDown`."""
+    def call(self, node: str, payload: bytes, request_id: str = "") -> bytes:
+        """Send a request (for the host's request ``request_id``) to ``node`` and wait for its reply;
+        raises :class:`ExpertNodeDown`."""
+        ...
+
+    async def ask_receipt(self, node: str, request_id: str, stage: int) -> "ExpertReceipt":
+        """``node``'s signed receipt for its work on ``request_id`` (receipts on a paid host)."""
         ...
 
 
@@ -152,11 +165,15 @@ class LoopbackTransport:
     """In-process transport to :class:`ExpertShardWorker` objects, counting bytes on the wire.
 
     ``delay_s`` is added once per request (a round trip between nodes). ``kill(node)``
-    makes a node stop answering, like kill -9.
+    makes a node stop answering, like kill -9. ``accounts[node]`` (an ExpertAccounts) makes that node
+    tally its work for the host ``host`` and sign receipts, as ExpertService does on the mesh.
     """
 
-    def __init__(self, workers: Mapping[str, ExpertShardWorker], delay_s: float = 0.0):
+    def __init__(self, workers: Mapping[str, ExpertShardWorker], delay_s: float = 0.0, *,
+                 accounts: Mapping[str, "ExpertAccounts"] | None = None, host: str = "host", content_hash: str = ""):
         self.workers = dict(workers)
+        self.accounts = dict(accounts or {})
+        self.host, self.content_hash = host, content_hash
         self.delay_s = delay_s
         self.dead: set[str] = set()
         self.bytes_sent = 0
@@ -175,7 +192,7 @@ class LoopbackTransport:
         with self._lock:
             self.bytes_sent = self.bytes_received = self.calls = 0
 
-    def call(self, node: str, payload: bytes) -> bytes:
+    def call(self, node: str, payload: bytes, request_id: str = "") -> bytes:
         if node in self.dead or node not in self.workers:
             raise ExpertNodeDown(f"expert node {node} does not answer")
         with self._lock:
@@ -184,9 +201,18 @@ class LoopbackTransport:
         if self.delay_s:
             time.sleep(self.delay_s)
         reply = self.workers[node].handle(payload)
+        if node in self.accounts:
+            self.accounts[node].record(self.host, request_id, self.content_hash, payload, reply)
         with self._lock:
             self.bytes_received += len(reply)
         return reply
+
+    async def ask_receipt(self, node: str, request_id: str, stage: int) -> "ExpertReceipt":
+        got = None if node in self.dead or node not in self.accounts else \
+            self.accounts[node].receipt(self.host, request_id, stage)
+        if got is None:
+            raise ExpertNodeDown(f"expert node {node} gave no receipt for {request_id}")
+        return got
 
 
 class SocketTransport:
@@ -212,7 +238,7 @@ class SocketTransport:
         with self._lock:
             self.bytes_sent = self.bytes_received = self.calls = 0
 
-    def call(self, node: str, payload: bytes) -> bytes:
+    def call(self, node: str, payload: bytes, request_id: str = "") -> bytes:  # benchmarks: no receipts
         import socket
 
         try:
@@ -290,6 +316,36 @@ class RemoteExperts:
         self.dead: set[str] = set()
         self.failovers = 0
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="experts") if parallel else None
+        # Receipts: the request the engine thread steps now (it runs one step at a time), and per request
+        # the rows run here and the nodes that got rows; "" when the host keeps no receipts.
+        self.request_id = ""
+        self._work: dict[str, RequestWork] = {}
+        self._work_lock = threading.Lock()
+
+    def begin(self, request_id: str) -> None:
+        """The engine thread is about to step ``request_id`` (LocalModel's step hook)."""
+        self.request_id = request_id
+
+    def take(self, request_id: str) -> tuple[dict[ExpertId, int], set[str]]:
+        """(rows run locally per expert, nodes that got rows) for a finished request, forgotten here."""
+        with self._work_lock:
+            w = self._work.pop(request_id, None) or RequestWork()
+        return w.local_rows, w.nodes
+
+    def _note(self, request_id: str, node: str | None = None, layer: int = 0,
+              local: Mapping[int, torch.Tensor] | None = None) -> None:
+        if not request_id:
+            return
+        with self._work_lock:
+            w = self._work.get(request_id)
+            if w is None:
+                while len(self._work) >= MAX_TRACKED_REQUESTS:  # requests never taken: drop the oldest
+                    self._work.pop(next(iter(self._work)))
+                w = self._work[request_id] = RequestWork()
+            if node is not None:
+                w.nodes.add(node)
+            for e, rows in (local or {}).items():
+                w.local_rows[(layer, e)] = w.local_rows.get((layer, e), 0) + int(rows.numel())
 
     def owner(self, layer: int, e: int) -> str:
         for n in self.owners.get((layer, e), ()):
@@ -298,19 +354,21 @@ class RemoteExperts:
         raise ExpertUnavailable(f"no live node holds expert {e} of layer {layer} "
                                 f"(owners {list(self.owners.get((layer, e), ()))}, down {sorted(self.dead)})")
 
-    def _remote(self, node: str, layer: int, x: torch.Tensor, groups: Mapping[int, torch.Tensor]):
+    def _remote(self, node: str, layer: int, x: torch.Tensor, groups: Mapping[int, torch.Tensor], rid: str = ""):
         # send each row once per node: compact the union of the rows this node needs
         rows = torch.unique(torch.cat([groups[e] for e in groups]))
         pos = torch.full((x.shape[0],), -1, dtype=torch.long)
         pos[rows] = torch.arange(rows.numel())
         local_groups = {e: pos[groups[e]] for e in groups}
-        reply = self.transport.call(node, encode_request(layer, x[rows], local_groups))
+        reply = self.transport.call(node, encode_request(layer, x[rows], local_groups), rid)
         ys = decode_reply(reply)
         if set(ys) != set(groups) or any(ys[e].shape[0] != groups[e].numel() for e in groups):
             raise ExpertNodeDown(f"expert node {node} answered for the wrong experts")
+        self._note(rid, node)
         return ys
 
     def run_experts(self, layer, x, groups):
+        rid = self.request_id
         x = x.detach()
         pending = dict(groups)
         out: dict[int, torch.Tensor] = {}
@@ -323,15 +381,16 @@ class RemoteExperts:
             jobs = {}
             for node, g in by_node.items():
                 par = self._pool is not None and (len(by_node) > 1 or local_g)
-                jobs[node] = self._pool.submit(self._remote, node, layer, x, g) if par else None
+                jobs[node] = self._pool.submit(self._remote, node, layer, x, g, rid) if par else None
             if local_g:
                 out.update({e: self.local.run(layer, e, x[rows]) for e, rows in local_g.items()})
+                self._note(rid, layer=layer, local=local_g)
                 for e in local_g:
                     pending.pop(e)
             for node, fut in jobs.items():
                 g = by_node[node]
                 try:
-                    ys = fut.result() if fut is not None else self._remote(node, layer, x, g)
+                    ys = fut.result() if fut is not None else self._remote(node, layer, x, g, rid)
                 except ExpertNodeDown as e:
                     log.warning("expert node %s stopped answering (%s); its experts go to replicas", node[:12], e)
                     self.dead.add(node)  # its experts go to a replica on the next round
@@ -345,6 +404,16 @@ class RemoteExperts:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
+
+
+@dataclass
+class RequestWork:
+    """What a host's expert runner did for one request: rows of its local experts, nodes it sent rows to."""
+    local_rows: dict[ExpertId, int] = field(default_factory=dict)
+    nodes: set[str] = field(default_factory=set)
+
+
+MAX_TRACKED_REQUESTS = 4096  # bounded even if a request's receipts are never collected
 
 
 def owners_from_plan(plan) -> dict[ExpertId, tuple[str, ...]]:
@@ -396,10 +465,10 @@ class MeshExpertTransport:
     def wire_bytes(self) -> int:
         return self.bytes_sent + self.bytes_received
 
-    def call(self, node: str, payload: bytes) -> bytes:
+    def call(self, node: str, payload: bytes, request_id: str = "") -> bytes:
         import asyncio
 
-        fut = asyncio.run_coroutine_threadsafe(self._call(node, payload), self.loop)
+        fut = asyncio.run_coroutine_threadsafe(self._call(node, payload, request_id), self.loop)
         try:
             reply = fut.result(self.timeout + 5)
         except ExpertNodeDown:
@@ -413,10 +482,29 @@ class MeshExpertTransport:
         self.calls += 1
         return reply
 
-    async def _call(self, node: str, payload: bytes) -> bytes:
+    async def _call(self, node: str, payload: bytes, request_id: str = "") -> bytes:
+        from mesh402.serving.stage_link import K
+
+        sf = await self._exchange(node, K.STAGE_KIND_EXPERT_RUN, K.STAGE_KIND_EXPERT_RESULT,
+                                  request_id=request_id, activations=payload)
+        return bytes(sf.activations)
+
+    async def ask_receipt(self, node: str, request_id: str, stage: int) -> "ExpertReceipt":
+        """The node's signed receipt for its work on ``request_id`` (EXPERT_RECEIPT on the same stream)."""
+        import json
+
+        from mesh402.economics.receipts import ExpertReceipt
+        from mesh402.serving.stage_link import K
+
+        sf = await self._exchange(node, K.STAGE_KIND_EXPERT_RECEIPT, K.STAGE_KIND_RESULT, request_id=request_id,
+                                  params={"stage": str(int(stage))})
+        return ExpertReceipt.from_json(json.loads(sf.params["receipt"]))
+
+    async def _exchange(self, node: str, kind: int, want: int, **fields):
+        """One frame out and its answer on the node's persistent stream (a broken stream is reopened next time)."""
         import asyncio
 
-        from mesh402.serving.stage_link import K, expect_stage, stage_frame
+        from mesh402.serving.stage_link import expect_stage, stage_frame
 
         lock = self._locks.setdefault(node, asyncio.Lock())
         async with lock:
@@ -425,11 +513,8 @@ class MeshExpertTransport:
                 if fs is None:
                     fs = await self.connect(node)
                     self._streams[node] = fs
-                await fs.send(stage_frame(K.STAGE_KIND_EXPERT_RUN, content_hash=self.content_hash,
-                                          plan_epoch=self.epoch, activations=payload))
-                sf = expect_stage(await fs.recv(self.timeout), K.STAGE_KIND_EXPERT_RESULT,
-                                  f"expert node {node[:12]}")
-                return bytes(sf.activations)
+                await fs.send(stage_frame(kind, content_hash=self.content_hash, plan_epoch=self.epoch, **fields))
+                return expect_stage(await fs.recv(self.timeout), want, f"expert node {node[:12]}")
             except Exception as e:
                 self._streams.pop(node, None)
                 raise ExpertNodeDown(f"expert node {node[:12]}: {e}") from e
@@ -445,8 +530,9 @@ class ExpertService:
     new epoch; older epochs are dropped then.
     """
 
-    def __init__(self, loader, executor=None):
+    def __init__(self, loader, executor=None, accounts: "ExpertAccounts | None" = None):
         self.loader = loader
+        self.accounts = accounts  # tallies the work per host request and signs receipts (EXPERT_RECEIPT)
         self.executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-shard")
         self.shards: dict[str, dict[int, ExpertShardWorker]] = {}  # content hash -> epoch -> worker
         self.requests = 0
@@ -488,12 +574,33 @@ class ExpertService:
                     for old in [ep for ep in by_epoch if ep < int(sf.plan_epoch)]:
                         del by_epoch[old]  # the host moved on to a newer plan
                     payload = bytes(sf.activations)
-                    reply = await loop.run_in_executor(self.executor, worker.handle, payload)
+                    reply = await loop.run_in_executor(self.executor, self._run, peer, sf.request_id,
+                                                       sf.content_hash, worker, payload)
                     self.requests += 1
                     self.bytes_in += len(payload)
                     self.bytes_out += len(reply)
                     await fs.send(stage_frame(K.STAGE_KIND_EXPERT_RESULT, activations=reply))
+                elif sf.kind == K.STAGE_KIND_EXPERT_RECEIPT:
+                    await fs.send(self._receipt_frame(peer, sf))
                 else:
                     raise StageError(f"unexpected stage kind {sf.kind} on an expert stream", code="protocol")
             except Exception as e:  # noqa: BLE001 - answered as an ERROR frame; the stream stays usable
                 await fs.send(error_frame("", str(e), "", getattr(e, "code", "expert_error")))
+
+    def _run(self, host: str, request_id: str, content_hash: str, worker: ExpertShardWorker, payload: bytes) -> bytes:
+        """Expert thread: answer one EXPERT_RUN and tally it for the host's request."""
+        reply = worker.handle(payload)
+        if self.accounts is not None:
+            self.accounts.record(host, request_id, content_hash, payload, reply)
+        return reply
+
+    def _receipt_frame(self, host: str, sf):
+        import json
+
+        from mesh402.serving.stage_link import K, StageError, stage_frame
+
+        got = self.accounts.receipt(host, sf.request_id, int(sf.params.get("stage", "1"))) if self.accounts else None
+        if got is None:
+            raise StageError(f"no expert work of request {sf.request_id} held here", code="no_receipt")
+        return stage_frame(K.STAGE_KIND_RESULT, request_id=sf.request_id,
+                           params={"receipt": json.dumps(got.to_json(), separators=(",", ":"))})

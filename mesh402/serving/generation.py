@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -99,11 +99,14 @@ class LocalModel:
     """A whole model loaded in this process, driven by the node's single engine thread."""
 
     def __init__(self, engine: Any, executor: ThreadPoolExecutor, prefix_cache: Any = "default",
-                 receipts: Any = None) -> None:
-        """`receipts`: economics.receipts.SoloReceipts on a paid entry (one signed receipt per request)."""
+                 receipts: Any = None, step_hook: Callable[[str], None] | None = None) -> None:
+        """`receipts`: economics.receipts.SoloReceipts (or serving.expert_receipts.ExpertHostReceipts) on a
+        paid entry (signed receipts per request). `step_hook(request_id)`: called on the engine thread
+        before each step, so work done elsewhere for the step (MoE experts) is attributed to its request."""
         self.engine = engine
         self.executor = executor
         self.receipts = receipts
+        self.step_hook = step_hook
         if prefix_cache == "default":  # KV prefix reuse (mesh402.engine.prefix); None turns it off
             from mesh402.engine.prefix import PrefixCache  # the engine is loaded: torch is already in
 
@@ -126,8 +129,9 @@ class LocalModel:
         """Reserve a KV session up front so capacity errors surface before any response is sent."""
         session = await asyncio.get_running_loop().run_in_executor(self.executor, self.engine.new_session, max_len)
         stepper = LocalStepper(session, sampling, self.executor, self.prefix_cache)
+        stepper.request_id, stepper.step_hook = uuid.uuid4().hex, self.step_hook
         if self.receipts is not None:
-            stepper.receipts, stepper.tally = self.receipts, self.receipts.tally(uuid.uuid4().hex)
+            stepper.receipts, stepper.tally = self.receipts, self.receipts.tally(stepper.request_id)
         return stepper
 
 
@@ -144,6 +148,8 @@ class LocalStepper:
         self.prefix_cache = prefix_cache
         self.receipts: Any = None  # economics.receipts.SoloReceipts and this request's StageTally, when paid
         self.tally: Any = None
+        self.request_id = ""
+        self.step_hook: Callable[[str], None] | None = None  # LocalModel.step_hook
 
     def _tally(self, ids: list[int], token: int) -> int:
         if self.tally is not None:
@@ -154,7 +160,12 @@ class LocalStepper:
     async def _run(self, fn: Any, *args: Any) -> int:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
+    def _begin(self) -> None:
+        if self.step_hook is not None:
+            self.step_hook(self.request_id)
+
     def _prefill(self, ids: list[int]) -> int:
+        self._begin()
         cache = self.prefix_cache
         n = cache.restore(self.session, ids) if cache is not None and not self.history else 0
         self.cached_tokens += n
@@ -165,6 +176,7 @@ class LocalStepper:
         return self._tally(ids, self.sampler.sample(logits, self.history, len(self.history)))
 
     def _decode(self, token: int) -> int:
+        self._begin()
         logits = self.session.decode(token)
         self.history.append(token)
         return self._tally([token], self.sampler.sample(logits, self.history, len(self.history)))
@@ -184,4 +196,4 @@ class LocalStepper:
                 try:
                     self.receipts.finish(self.tally)
                 except Exception as e:  # accounting must never fail a release
-                    logging.getLogger(__name__).warning("solo receipt not kept: %s", e)
+                    logging.getLogger(__name__).warning("receipt not kept: %s", e)

@@ -45,6 +45,7 @@ class StageKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STAGE_KIND_EXPERT_RESULT: _ClassVar[StageKind]
     STAGE_KIND_VERIFY: _ClassVar[StageKind]
     STAGE_KIND_VALIDATION_ASK: _ClassVar[StageKind]
+    STAGE_KIND_EXPERT_RECEIPT: _ClassVar[StageKind]
 ADMISSION_UNSPECIFIED: AdmissionPolicy
 ADMISSION_SECRET: AdmissionPolicy
 ADMISSION_OPEN: AdmissionPolicy
@@ -72,6 +73,7 @@ STAGE_KIND_EXPERT_RUN: StageKind
 STAGE_KIND_EXPERT_RESULT: StageKind
 STAGE_KIND_VERIFY: StageKind
 STAGE_KIND_VALIDATION_ASK: StageKind
+STAGE_KIND_EXPERT_RECEIPT: StageKind
 
 class Frame(_message.Message):
     __slots__ = ("gen", "hello", "welcome", "reject", "gossip", "ping", "pong", "peer_down", "peer_leaving", "route_request", "route_table", "stage", "http", "plugin", "echo")
