@@ -40,8 +40,15 @@ def honest_engine(_hash: str, a: int, b: int, mode: str) -> Any:
     return Engine.load(PATH, mode=mode, layers=(a, b), load_tokenizer=False)
 
 
-async def audited_run(executor: Any, prompt: list[int], cheat: str | None = None, cheater: str = "w1"
-                      ) -> tuple[list[Any], list[dict], dict]:
+class LastStep(Auditor):
+    """Audits every request at its last step (a decode step: the last stage drew a token there)."""
+
+    def pick(self, nodes: list[str], n_steps: int, step_bytes: list[int] | None = None) -> int | None:
+        return n_steps - 1
+
+
+async def audited_run(executor: Any, prompt: list[int], cheat: str | None = None, cheater: str = "w1",
+                      auditor: Auditor | None = None) -> tuple[list[Any], list[dict], dict]:
     """A 3-stage split where the entry audits every request; `cheater`'s engines are tampered with."""
     got: list[tuple[list[Any], Any]] = []
 
@@ -49,14 +56,15 @@ async def audited_run(executor: Any, prompt: list[int], cheat: str | None = None
         got.append((rs, evidence))
 
     tamper = {cheater: lambda e: tamper_engine(e, cheat, seed=1)} if cheat else None
-    _, ids, _ = await run_with_receipts(executor, prompt, [0, 10, 20, 30], also=also, auditor=Auditor(1.0, 3600),
-                                        tamper=tamper)
+    _, ids, _ = await run_with_receipts(executor, prompt, [0, 10, 20, 30], also=also,
+                                        auditor=auditor or Auditor(1.0, 3600), tamper=tamper)
     rs, evidence = got[0]
     return rs, evidence, ids
 
 
-def test_honest_split_reveals_and_passes(executor, prompt) -> None:
-    receipts, evidence, ids = asyncio.run(audited_run(executor, prompt))
+@pytest.mark.parametrize("at_last_step", [False, True])
+def test_honest_split_reveals_and_passes(executor, prompt, at_last_step: bool) -> None:
+    receipts, evidence, ids = asyncio.run(audited_run(executor, prompt, auditor=LastStep(1.0, 3600) if at_last_step else None))
     assert chain_errors(receipts, 30) == []
     assert evidence is not None and [e["stage"] for e in evidence] == [1, 2]
     checks = spot_checks(receipts, evidence)
@@ -130,3 +138,17 @@ def test_fast_mode_work_is_judged_only_on_the_same_kernels(executor, prompt) -> 
     assert other.needs_device == "cpu:AVX2:torch-0"
     v = judge([other], lambda *a: pytest.fail("no replay on other kernels"), own)  # type: ignore[arg-type]
     assert v.checked == 0 and "not judged" in v.results[0].detail
+
+
+def test_a_last_stage_that_returns_other_tokens_is_caught(executor, prompt, monkeypatch) -> None:
+    """Honest logits, dishonest draws: the last stage commits to the token it returned, and the validator
+    checks that token against the request's sampling (greedy here) on the replayed logits."""
+    from mesh402.engine.sampling import Sampler
+    honest = Sampler.sample
+    monkeypatch.setattr(Sampler, "sample", lambda self, logits, history, pos: (honest(self, logits, history, pos) + 1) % 49152)
+    receipts, evidence, _ = asyncio.run(audited_run(executor, prompt, auditor=LastStep(1.0, 3600)))
+    monkeypatch.setattr(Sampler, "sample", honest)
+    checks = spot_checks(receipts, evidence)
+    assert checks[1].token >= 0 and checks[1].sampling and checks[1].sampling["temperature"] == 0
+    v = judge(checks, honest_engine)
+    assert [r.stage for r in v.failed] == [2] and "drawn token" in v.failed[0].detail, v.to_json()

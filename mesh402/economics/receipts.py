@@ -248,6 +248,7 @@ class StageTally:
         self.prefix_records: list[dict[str, Any]] = []  # steps of a restored KV prefix (an earlier request's)
         self.fingerprints: list[bytes] = []  # last stage: per-step logits fingerprint
         self.tokens_out: list[int] = []  # last stage: per-step token (-1: none drawn)
+        self.sampling = ""  # last stage: the session's sampling parameters (JSON), revealed with a step
 
     def step(self, n_tokens: int, input_hash: bytes, output_hash: bytes, record: dict[str, Any] | None = None,
              fingerprint: bytes | None = None, token: int | None = None) -> None:

@@ -61,6 +61,7 @@ def reveal(tally: Any, step: int, stage: int, node_id: str, mode: str, last: boo
                           "out_hashes": [h.hex() for h in tally.out_hashes]}
     if last:
         ev["fp"], ev["token"] = _b64(tally.fingerprints[step]), tally.tokens_out[step]
+        ev["sampling"] = json.loads(tally.sampling) if tally.sampling else None
     return ev
 
 
@@ -95,7 +96,8 @@ class SpotCheck:
     token: int = -1
     reveal: dict[str, Any] | None = None
     device: str = ""
-    signature: str = ""  # the stage's signature over its reveal (signed_reveal_of rebuilds what it covers)  # the stage's device signature: fast-mode work is judged only on the same one
+    signature: str = ""  # the stage's signature over its reveal (signed_reveal_of rebuilds what it covers)
+    sampling: dict[str, Any] | None = None  # last stage: the request's sampling parameters (token check)  # the stage's device signature: fast-mode work is judged only on the same one
 
     @property
     def needs_device(self) -> str:
@@ -195,7 +197,8 @@ def spot_checks(receipts: list[Any], evidence: list[dict[str, Any]]) -> list[Spo
                              [] if fault else list(ev["in_hashes"]), [] if fault else list(ev["out_hashes"]),
                              int(ev.get("token", -1) if last and not fault else -1),
                              ev if own_fault and ev else None, str(ev.get("device", "")),
-                             "" if fault else str(ev.get("signature", ""))))
+                             "" if fault else str(ev.get("signature", "")),
+                             ev.get("sampling") if last and not fault else None))
     return out
 
 
@@ -205,7 +208,7 @@ def signed_reveal_of(check: SpotCheck) -> dict[str, Any]:
                           "last": check.last, "device": check.device, "inputs": check.inputs,
                           "in_hashes": check.in_hashes, "out_hashes": check.out_hashes, "signature": check.signature}
     if check.last:
-        ev["fp"], ev["token"] = check.expected, check.token
+        ev["fp"], ev["token"], ev["sampling"] = check.expected, check.token, check.sampling
     return ev
 
 

@@ -171,16 +171,44 @@ def _rel_err(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.linalg.norm(got - want) / max(float(np.linalg.norm(want)), _NORM_FLOOR))
 
 
+TOKEN_TIE_MARGIN = 1e-3  # relative logit gap under which two tokens count as tied (cross-kernel noise is ~1e-5)
+
+
+def token_problem(logits: torch.Tensor, token: int, sampling: dict, history: list[int]) -> str:
+    """Why `token` is not a draw these logits allow under the request's sampling ("" if it is). Same
+    kernels: the (seed, position)-keyed draw reproduces it exactly. Otherwise an honest draw may differ
+    only at a near-tie (greedy) or by the RNG landing on a neighbour of the candidate set (sampling), so
+    a token is accepted when it is a near-tied best or a candidate of the draw."""
+    from mesh402.engine.sampling import Sampler, SamplingParams
+    try:
+        sampler = Sampler(SamplingParams(**sampling))
+        if sampler.sample(logits, history, len(history)) == token:
+            return ""
+        ids, _ = sampler.candidates(logits, history)
+    except (TypeError, ValueError) as e:
+        return f"bad sampling evidence: {e}"
+    if not 0 <= token < logits.numel():
+        return f"token {token} outside the vocabulary"
+    best = float(logits.max())
+    if float(logits[token]) >= best - TOKEN_TIE_MARGIN * max(1.0, abs(best)):
+        return ""
+    if not sampler.params.greedy and bool((ids == token).any()):
+        return ""
+    return f"the drawn token {token} is not one the logits allow (best logit {best:.4g}, its {float(logits[token]):.4g})"
+
+
 def replay(engine: Any, inputs: list[dict], *, last: bool, expected: bytes, expected_dtype: str = "f32",
            expected_shape: list[int] | None = None, fp_ids: list[int] | None = None,
-           mode: str | None = None) -> ReplayResult:
+           mode: str | None = None, token: int = -1, sampling: dict | None = None) -> ReplayResult:
     """Re-run a stage's revealed steps 0..i* on ``engine`` (its layer range, declared mode) and compare
     step i*'s output with ``expected``.
 
     Middle stage (``last=False``): ``expected`` is the activation payload the next stage received
     (``expected_dtype``, ``expected_shape``, default the step's input shape); compared over the first
     n_real rows after rounding the computed output to that dtype. Last stage: ``expected`` is the
-    fingerprint (fp32 logits at ``fp_ids``; ``None``: the whole row).
+    fingerprint (fp32 logits at ``fp_ids``; ``None``: the whole row). With ``token`` >= 0 and
+    ``sampling``, the last stage's drawn token is checked too (``token_problem``; the history is the
+    revealed steps' ``tokens``).
     """
     mode = mode or engine.mode
     tol = TOLERANCE.get(mode)
@@ -205,5 +233,11 @@ def replay(engine: Any, inputs: list[dict], *, last: bool, expected: bytes, expe
     err = _rel_err(got, want)
     ok = err <= tol
     verdict = "within" if ok else "exceeds"
-    return ReplayResult(err, tol, ok, f"step {len(steps) - 1}: rel_err {err:.3g} {verdict} tolerance {tol:g} ({mode})")
+    detail = f"step {len(steps) - 1}: rel_err {err:.3g} {verdict} tolerance {tol:g} ({mode})"
+    if ok and last and token >= 0 and sampling is not None:
+        history = [int(t) for r in inputs for t in r.get("tokens", [])]
+        problem = token_problem(out, int(token), sampling, history)
+        if problem:
+            return ReplayResult(err, tol, False, f"{detail}; {problem}")
+    return ReplayResult(err, tol, ok, detail)
 

@@ -175,6 +175,7 @@ class StageWorker:
             if params.get("receipts") == "1":  # the entry wants a signed work receipt per stage
                 from mesh402.economics.receipts import StageTally
                 tally = StageTally(rid, open_.content_hash, open_.layer_start, open_.layer_end, keep=True)
+                tally.sampling = params.get("sampling", "") if sampler is not None else ""
             await self._serve_steps(up, down, engine, session, sampler, rid, chain[0].node if chain else "", tally)
         except StageError as e:
             await up.send(error_frame(rid, str(e), e.node or self.node_id, e.code))
@@ -323,7 +324,7 @@ class StageWorker:
             in_hash = activation_hash(sf.activations)
             if tally is not None:
                 record = {"kind": int(sf.kind), "pos": int(sf.position), "n_real": n_real, "dtype": sf.dtype,
-                          "shape": list(sf.shape), "data": sf.activations}
+                          "shape": list(sf.shape), "data": sf.activations, "tokens": [int(t) for t in sf.tokens[:n_real]]}
                 out = activation_hash(payload) if payload is not None else last_step_hash(token, fp or b"")
                 tally.step(n_real, in_hash, out, record, fp, token)
             if down is None:

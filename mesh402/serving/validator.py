@@ -76,7 +76,7 @@ def run_check(check: SpotCheck, engine_for: EngineFor, device: str = "") -> Chec
     ids = fingerprint_ids(check.request_id, engine.config.vocab_size) if check.last else None
     r = replay(engine, check.decoded_inputs(), last=check.last, expected=base64.b64decode(check.expected),
                expected_dtype=check.expected_dtype, expected_shape=check.expected_shape or None, fp_ids=ids,
-               mode=check.mode)
+               mode=check.mode, token=check.token, sampling=check.sampling)
     return result(r.ok, r.detail, r.rel_err, r.tolerance)
 
 
