@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -17,23 +16,9 @@ from mesh402.engine import Engine
 from mesh402.models.catalog import bundled_model_path
 from mesh402.serving.validator import PASS_SCORE, judge
 from tests.tamper import tamper_engine
-from tests.test_econ_receipts_pipeline import run_with_receipts
+from tests.test_econ_receipts_pipeline import executor, prompt, run_with_receipts  # noqa: F401 (fixtures)
 
 PATH = bundled_model_path()
-
-
-@pytest.fixture(scope="module")
-def executor():
-    ex = ThreadPoolExecutor(1)
-    yield ex
-    ex.shutdown()
-
-
-@pytest.fixture(scope="module")
-def prompt() -> list[int]:
-    e = Engine.load(PATH, mode="exact", layers=(0, 1))
-    text = e.chat_template.render([{"role": "user", "content": "Name a colour."}])
-    return e.tokenizer.encode(text, add_special=False)
 
 
 def honest_engine(_hash: str, a: int, b: int, mode: str) -> Any:

@@ -21,6 +21,11 @@ err = Console(stderr=True)
 chain_app = typer.Typer(help="Local EVM chain for payments (anvil + the project's contracts).", no_args_is_help=True)
 
 HomeOpt = Annotated[Optional[Path], typer.Option("--home", help="State directory (env MESH402_HOME; default ~/.mesh402).")]
+# the chain options `register` and `payout` share
+DeploymentOpt = Annotated[Optional[Path], typer.Option("--deployment", help="deployment.json from `mesh402 chain dev` (RPC URL, contracts, keys).")]
+NetworkOpt = Annotated[Optional[str], typer.Option("--network", help="base-sepolia, base or eip155:N (picks the ERC-8004 registries).")]
+RpcOpt = Annotated[Optional[str], typer.Option("--rpc-url", help="Chain RPC URL.")]
+IdentityRegistryOpt = Annotated[Optional[str], typer.Option("--identity-registry", help="IdentityRegistry address (default: the network's).")]
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -28,14 +33,28 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def load_key(key_file: Optional[Path], env: str, what: str) -> str:
-    """Private keys come from a 0600 file or an env var, never from the command line."""
+def load_key(key_file: Optional[Path], env: str, what: str, dep: Any = None, account: Optional[str] = None) -> str:
+    """Private keys come from a 0600 file or an env var, never from the command line; with a deployment and
+    an account name (and neither given), that account's key file in the deployment."""
+    if key_file is None and dep is not None and account and not os.environ.get(env):
+        key_file = dep.key_file(account)
     if key_file is not None:
         return read_secret_file(key_file)
     value = os.environ.get(env, "").strip()
     if not value:
         _fail(f"{what}: pass --key-file PATH (mode 0600) or set {env}")
     return value
+
+
+def load_deployment(path: Optional[Path]) -> Any:
+    """The deployment file, or None; a missing or broken one is a one-line error."""
+    if path is None:
+        return None
+    from mesh402.economics.networks import Deployment
+    try:
+        return Deployment.load(path)
+    except ValueError as e:
+        _fail(str(e))
 
 
 @chain_app.command("dev")
@@ -107,19 +126,12 @@ def facilitator_cmd(
     import uvicorn
 
     from mesh402.economics.facilitator import build_facilitator, create_facilitator_app
-    from mesh402.economics.networks import NAMED, Deployment
+    from mesh402.economics.networks import NAMED
 
     logging.basicConfig(level=logging.WARNING)
-    dep = None
-    if deployment is not None:
-        try:
-            dep = Deployment.load(deployment)
-        except ValueError as e:
-            _fail(str(e))
-    if key_file is None and dep is not None and not os.environ.get("MESH402_FACILITATOR_KEY"):
-        key_file = dep.key_file("facilitator")
+    dep = load_deployment(deployment)
     try:
-        key = load_key(key_file, "MESH402_FACILITATOR_KEY", "facilitator key")
+        key = load_key(key_file, "MESH402_FACILITATOR_KEY", "facilitator key", dep, "facilitator")
     except ValueError as e:
         _fail(str(e))
     nets = [n.strip() for n in (network or (dep.network if dep else "")).split(",") if n.strip()]
@@ -196,13 +208,13 @@ def payments_status_lines(home: Path, status: Optional[dict[str, Any]] = None) -
 
 def register_cmd(
     home: HomeOpt = None,
-    deployment: Annotated[Optional[Path], typer.Option(help="deployment.json from `mesh402 chain dev` (RPC URL, registries, keys).")] = None,
+    deployment: DeploymentOpt = None,
     account: Annotated[Optional[str], typer.Option(help="Owner account in the deployment file (e.g. node-0); each node should have its own.")] = None,
     key_file: Annotated[Optional[Path], typer.Option(help="File (0600) with the node's EVM owner key; or env MESH402_OWNER_KEY.")] = None,
     wallet_key_file: Annotated[Optional[Path], typer.Option(help="File (0600) with the key of the agentWallet to prove (default: the owner's).")] = None,
-    network: Annotated[Optional[str], typer.Option(help="base-sepolia, base or eip155:N (picks the ERC-8004 registry).")] = None,
-    rpc_url: Annotated[Optional[str], typer.Option(help="Chain RPC URL.")] = None,
-    registry: Annotated[Optional[str], typer.Option("--identity-registry", help="IdentityRegistry address (default: the network's).")] = None,
+    network: NetworkOpt = None,
+    rpc_url: RpcOpt = None,
+    registry: IdentityRegistryOpt = None,
     public_url: Annotated[Optional[str], typer.Option(help="Base URL where others reach this node's API (default: its local API URL).")] = None,
     name: Annotated[Optional[str], typer.Option(help="Agent name in the registration file.")] = None,
 ) -> None:
@@ -210,22 +222,15 @@ def register_cmd(
     from mesh402.economics.chain import web3_for
     from mesh402.economics.identity import (IDENTITY_FILE, REGISTRATION_FILE, REGISTRATION_PATH, register_node,
                                             registration_document, verify_binding, write_json)
-    from mesh402.economics.networks import NAMED, Deployment, erc8004_registries
+    from mesh402.economics.networks import NAMED, erc8004_registries
     from mesh402.mesh.identity import NodeIdentity
     from mesh402.mesh_cli import _find_console, _get
 
     h = resolve_home(home)
     base, headers, state = _find_console(h)
     st = _get(f"{base}/api/status", headers)
-    dep = None
-    if deployment is not None:
-        try:
-            dep = Deployment.load(deployment)
-        except ValueError as e:
-            _fail(str(e))
-    if key_file is None and dep is not None and account and not os.environ.get("MESH402_OWNER_KEY"):
-        key_file = dep.key_file(account)
-    owner_key = load_key(key_file, "MESH402_OWNER_KEY", "owner key")
+    dep = load_deployment(deployment)
+    owner_key = load_key(key_file, "MESH402_OWNER_KEY", "owner key", dep, account)
     wallet_key = read_secret_file(wallet_key_file) if wallet_key_file else None
     try:
         reg_addr = registry or erc8004_registries(network, dep)["IdentityRegistry"]
@@ -359,13 +364,13 @@ def payout_cmd(
     home: HomeOpt = None,
     epoch: Annotated[Optional[int], typer.Option(help="Epoch number (default: the last complete one).")] = None,
     epoch_seconds: Annotated[int, typer.Option(help="Epoch length the node uses (payments.epoch_s).")] = 3600,
-    deployment: Annotated[Optional[Path], typer.Option(help="deployment.json from `mesh402 chain dev`.")] = None,
+    deployment: DeploymentOpt = None,
     account: Annotated[Optional[str], typer.Option(help="Account in the deployment file that holds the revenue (the node's pay-to).")] = None,
     key_file: Annotated[Optional[Path], typer.Option(help="File (0600) with the key of the wallet that holds the revenue; or env MESH402_PAYOUT_KEY.")] = None,
-    network: Annotated[Optional[str], typer.Option(help="base-sepolia, base or eip155:N.")] = None,
-    rpc_url: Annotated[Optional[str], typer.Option(help="Chain RPC URL.")] = None,
+    network: NetworkOpt = None,
+    rpc_url: RpcOpt = None,
     rewards: Annotated[Optional[str], typer.Option(help="EpochRewards contract address (default: the deployment's).")] = None,
-    registry: Annotated[Optional[str], typer.Option("--identity-registry", help="IdentityRegistry address (default: the network's).")] = None,
+    registry: IdentityRegistryOpt = None,
     validation_registry: Annotated[Optional[str], typer.Option("--validation-registry", help="ValidationRegistry address (default: the network's).")] = None,
     reputation_registry: Annotated[Optional[str], typer.Option("--reputation-registry", help="ReputationRegistry address (default: the network's).")] = None,
     require_validation: Annotated[bool, typer.Option("--require-validation/--no-require-validation", help="Pay a stage node only when its spot checks passed on chain (ValidationRegistry); --no-require-validation trusts the stages (a mesh without a validator).")] = True,
@@ -378,19 +383,14 @@ def payout_cmd(
 
     from rich.markup import escape
 
-    from mesh402.economics.networks import NAMED, Deployment
+    from mesh402.economics.networks import NAMED
     from mesh402.economics.payout import PayoutChain, PayoutError, pay_epoch
     from mesh402.economics.receipts import epoch_of
 
     h = resolve_home(home)
     if not (h / "receipts.sqlite").exists():
         _fail(f"no receipts in {h} (a paid entry node keeps them for split requests)")
-    dep = None
-    if deployment is not None:
-        try:
-            dep = Deployment.load(deployment)
-        except ValueError as e:
-            _fail(str(e))
+    dep = load_deployment(deployment)
     ep = epoch if epoch is not None else epoch_of(_time.time(), epoch_seconds) - 1
     url = rpc_url or (dep.rpc_url if dep else None) or (NAMED[network].rpc_url if network in NAMED else None)
     if url is None:
@@ -406,9 +406,7 @@ def payout_cmd(
             pass
     key = None
     if not dry_run:
-        if key_file is None and dep is not None and account and not os.environ.get("MESH402_PAYOUT_KEY"):
-            key_file = dep.key_file(account)
-        key = load_key(key_file, "MESH402_PAYOUT_KEY", "payout key")
+        key = load_key(key_file, "MESH402_PAYOUT_KEY", "payout key", dep, account)
     try:
         pay_epoch(h, ep, PayoutChain(url, rewards_addr, regs), key=key, epoch_s=epoch_seconds, push=push,
                   require_validation=require_validation, dry_run=dry_run, validate=lambda e: _run_validation_round(h, e),
