@@ -172,8 +172,10 @@ class DistributedRuntime(Failover):
             self.mesh.unsubscribe(events)
 
     # ---------------------------------------------------------------- what the mesh looks like
-    def _announcements(self) -> list[pb.PeerAnnouncement]:
-        """Self plus live peers (down, left and stale peers never take part in placement)."""
+    def _announcements(self, connected: bool = True) -> list[pb.PeerAnnouncement]:
+        """Self plus live peers (down, left and stale peers never take part in placement). `connected`:
+        only peers this node has an open connection to now (placement); without it, a peer whose
+        connection is being replaced still counts (replica routing fails over if it really is gone)."""
         out = []
         own = self.mesh.self_announcement()
         if own is not None:
@@ -182,9 +184,11 @@ class DistributedRuntime(Failover):
             return out
         for nid, entry in self.mesh.gossip.peers().items():
             lv = self.mesh.liveness.get(nid)
+            if entry.ann.leaving or lv is None or lv.state.value not in ("alive", "suspect"):
+                continue
             pc = self.mesh.conns.get(nid)
-            if entry.ann.leaving or lv is None or lv.state.value not in ("alive", "suspect") or pc is None or pc.closed:
-                continue  # only peers this node can reach now take part
+            if connected and (pc is None or pc.closed):
+                continue
             out.append(entry.ann)
         return out
 

@@ -28,28 +28,12 @@ log = logging.getLogger(__name__)
 PLAN_LABEL = "plan:"
 
 
-def _live_announcements(dist: "DistributedRuntime") -> list:
-    """Self plus peers that are alive or suspect (a connection being replaced still counts: the
-    tunnel fails over to the next replica if it really is gone)."""
-    out = []
-    own = dist.mesh.self_announcement()
-    if own is not None:
-        out.append(own)
-    if dist.mesh.gossip is None:
-        return out
-    for nid, entry in dist.mesh.gossip.peers().items():
-        lv = dist.mesh.liveness.get(nid)
-        if not entry.ann.leaving and lv is not None and lv.state.value in ("alive", "suspect"):
-            out.append(entry.ann)
-    return out
-
-
 def replica_routes(dist: "DistributedRuntime") -> dict[str, list["Route"]]:
     """model id -> every node announcing a ready plan for it (solo replicas and split hosts)."""
     from mesh402.serving.distributed import Route
 
     out: dict[str, list[Route]] = {}
-    for ann in _live_announcements(dist):
+    for ann in dist._announcements(connected=False):
         host = bytes(ann.node_id).hex()
         for label, value in ann.labels.items():
             if not label.startswith(PLAN_LABEL):
@@ -66,7 +50,7 @@ def replica_routes(dist: "DistributedRuntime") -> dict[str, list["Route"]]:
 
 
 def on_disk_somewhere(dist: "DistributedRuntime", model_id: str) -> bool:
-    return any(m.model_id == model_id for ann in _live_announcements(dist) for m in ann.models)
+    return any(m.model_id == model_id for ann in dist._announcements(connected=False) for m in ann.models)
 
 
 def _servers(dist: "DistributedRuntime") -> dict[str, int]:
