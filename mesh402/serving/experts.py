@@ -161,7 +161,23 @@ class ExpertTransport(Protocol):
         ...
 
 
-class LoopbackTransport:
+class _WireCounters:
+    """Bytes on the wire and requests made, for the benchmarks and status (all transports count alike)."""
+
+    def __init__(self) -> None:
+        self.bytes_sent = self.bytes_received = self.calls = 0
+        self._lock = threading.Lock()
+
+    @property
+    def wire_bytes(self) -> int:
+        return self.bytes_sent + self.bytes_received
+
+    def reset_counters(self) -> None:
+        with self._lock:
+            self.bytes_sent = self.bytes_received = self.calls = 0
+
+
+class LoopbackTransport(_WireCounters):
     """In-process transport to :class:`ExpertShardWorker` objects, counting bytes on the wire.
 
     ``delay_s`` is added once per request (a round trip between nodes). ``kill(node)``
@@ -176,21 +192,10 @@ class LoopbackTransport:
         self.host, self.content_hash = host, content_hash
         self.delay_s = delay_s
         self.dead: set[str] = set()
-        self.bytes_sent = 0
-        self.bytes_received = 0
-        self.calls = 0
-        self._lock = threading.Lock()
+        super().__init__()
 
     def kill(self, node: str) -> None:
         self.dead.add(node)
-
-    @property
-    def wire_bytes(self) -> int:
-        return self.bytes_sent + self.bytes_received
-
-    def reset_counters(self) -> None:
-        with self._lock:
-            self.bytes_sent = self.bytes_received = self.calls = 0
 
     def call(self, node: str, payload: bytes, request_id: str = "") -> bytes:
         if node in self.dead or node not in self.workers:
@@ -215,7 +220,7 @@ class LoopbackTransport:
         return got
 
 
-class SocketTransport:
+class SocketTransport(_WireCounters):
     """Length-prefixed requests over TCP to :func:`serve_expert_shard` processes (benchmarks, tools).
 
     ``addrs[node] = (host, port)``; one persistent connection per node. ``delay_s`` adds a
@@ -227,16 +232,7 @@ class SocketTransport:
         self.delay_s = delay_s
         self.timeout = timeout
         self._socks: dict[str, object] = {}
-        self.bytes_sent = self.bytes_received = self.calls = 0
-        self._lock = threading.Lock()
-
-    @property
-    def wire_bytes(self) -> int:
-        return self.bytes_sent + self.bytes_received
-
-    def reset_counters(self) -> None:
-        with self._lock:
-            self.bytes_sent = self.bytes_received = self.calls = 0
+        super().__init__()
 
     def call(self, node: str, payload: bytes, request_id: str = "") -> bytes:  # benchmarks: no receipts
         import socket
@@ -441,7 +437,7 @@ def local_workers_for_plan(source: WeightSource | str, plan, *, mode: str = "exa
 # ---------------------------------------------------------------------------
 # over the mesh (EXPERT streams; frames are StageFrames of the EXPERT_* kinds)
 
-class MeshExpertTransport:
+class MeshExpertTransport(_WireCounters):
     """:class:`ExpertTransport` over mesh EXPERT streams, one persistent stream per node.
 
     ``call`` runs in the engine thread and waits on the event loop ``loop``; ``connect(node)``
@@ -458,12 +454,8 @@ class MeshExpertTransport:
         self.timeout = timeout
         self._streams: dict[str, object] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self.bytes_sent = self.bytes_received = self.calls = 0
         self.by_node: dict[str, int] = {}
-
-    @property
-    def wire_bytes(self) -> int:
-        return self.bytes_sent + self.bytes_received
+        super().__init__()
 
     def call(self, node: str, payload: bytes, request_id: str = "") -> bytes:
         import asyncio
