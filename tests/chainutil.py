@@ -70,15 +70,15 @@ def start_facilitator(tmp: Path, chain: DevChain) -> tuple[NodeProcess, str]:
     return proc, url
 
 
-def paid_chain(tmp: Path) -> tuple[DevChain, NodeProcess, list[str]]:
-    """A dev chain (one buyer), its facilitator, and the `serve` flags of a paid node using them (price
-    0.01 to node-0). Fails the test when the npm contract toolchain is missing."""
+def paid_chain(tmp: Path, nodes: int = 2) -> tuple[DevChain, NodeProcess, list[str]]:
+    """A dev chain (one buyer, `nodes` node accounts), its facilitator, and the `serve` flags of a paid node
+    using them (price 0.01 to node-0). Fails the test when the npm contract toolchain is missing."""
     import pytest
 
     from mesh402.economics.toolchain import tools_ready
     if not tools_ready():
         pytest.fail("the npm contract toolchain is missing: run bash scripts/setup-dev-extra.sh")
-    chain = start_chain(tmp, buyers=1)
+    chain = start_chain(tmp, buyers=1, nodes=nodes)
     fac, fac_url = start_facilitator(tmp, chain)
     return chain, fac, ["--price", "0.01", "--pay-to", "node-0", "--deployment", str(chain.dir), "--facilitator", fac_url]
 

@@ -14,9 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
-from tests.chainutil import buy_chat, entry_receipts, start_chain, start_facilitator
+from tests.chainutil import buy_chat, entry_receipts, paid_chain
 from tests.meshutil import MeshNodes, wait_until
 from tests.procs import MESH402
 from tests.reference import ready_plan
@@ -26,20 +24,16 @@ EPOCH_S = 20
 
 
 def test_entry_pays_the_epoch_by_itself_after_it_ends(tmp_path: Path) -> None:
-    from mesh402.economics.toolchain import tools_ready
     from mesh402.economics.workunits import split_pro_rata
-    if not tools_ready():
-        pytest.fail("the npm contract toolchain is missing: run bash scripts/setup-dev-extra.sh")
-    chain = start_chain(tmp_path, buyers=1, nodes=2)
-    fac, fac_url = start_facilitator(tmp_path, chain)
+    chain, fac, paid = paid_chain(tmp_path)
     nodes = MeshNodes(tmp_path / "nodes")
     dep = ["--deployment", str(chain.dir)]
     key0, key1 = str(chain.dep.key_file("node-0")), str(chain.dep.key_file("node-1"))
     try:
         # the entry is the larger node, so it hosts (and is paid); neither holds the ~98 MB model alone
         a = nodes.start("a", no_model=False, extra=[
-            "--mode", "exact", "--max-vram", "0.09", "--price", "0.01", "--pay-to", "node-0", "--facilitator", fac_url,
-            "--epoch-seconds", str(EPOCH_S), "--payout-key-file", key0, "--validator", "--owner-key-file", key0, *dep])
+            "--mode", "exact", "--max-vram", "0.09", *paid,
+            "--epoch-seconds", str(EPOCH_S), "--payout-key-file", key0, "--validator", "--owner-key-file", key0])
         b = nodes.start("b", join=a.token(), no_model=False, timeout=120,
                         extra=["--mode", "exact", "--max-vram", "0.08", "--owner-key-file", key1, *dep])
         r = subprocess.run([*MESH402, "register", "--home", str(b.home), *dep, "--account", "node-1"],

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.chainutil import buy_chat, entry_receipts, start_chain, start_facilitator
+from tests.chainutil import buy_chat, entry_receipts, paid_chain
 from tests.meshutil import MeshNodes, wait_until
 from tests.procs import MESH402
 from tests.reference import ready_plan
@@ -30,23 +30,19 @@ CASES = [("exact", "perturb"), ("exact", "skip_layer"), ("fast", "requant"), ("f
 
 @pytest.mark.parametrize("mode,cheat", CASES, ids=[f"{m}-{c or 'honest'}" for m, c in CASES])
 def test_tampering_stage_is_caught_not_paid_and_recorded_on_chain(tmp_path: Path, mode: str, cheat: str | None) -> None:
-    from mesh402.economics.toolchain import tools_ready
     from mesh402.economics.validation import validation_status
     from mesh402.economics.workunits import split_pro_rata
-    if not tools_ready():
-        pytest.fail("the npm contract toolchain is missing: run bash scripts/setup-dev-extra.sh")
-    chain = start_chain(tmp_path, buyers=1, nodes=4)
-    fac, fac_url = start_facilitator(tmp_path, chain)
+    chain, fac, paid = paid_chain(tmp_path, nodes=4)
     nodes = MeshNodes(tmp_path / "nodes")
     dep = ["--deployment", str(chain.dir)]
 
     def owner(acct: str) -> list[str]:
         return ["--owner-key-file", str(chain.dep.key_file(acct)), *dep]
 
-    paid = ["--price", "0.01", "--pay-to", "node-0", "--facilitator", fac_url]
     try:
         # capacities: A hosts (largest), B and C take the other two stages, V can hold no stage at all
-        a = nodes.start("a", no_model=False, extra=["--mode", mode, "--max-vram", "0.06", *paid, *owner("node-0")])
+        a = nodes.start("a", no_model=False, extra=["--mode", mode, "--max-vram", "0.06", *paid,
+                                                    "--owner-key-file", str(chain.dep.key_file("node-0"))])
         tok = a.token()
         b = nodes.start("b", join=tok, no_model=False, wait=False,
                         extra=["--mode", mode, "--max-vram", "0.05", *owner("node-1")])
