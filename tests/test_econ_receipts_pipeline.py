@@ -5,7 +5,6 @@ the chain verifies, survives a stage failover, and the epoch split follows the G
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -13,16 +12,9 @@ import pytest
 
 from mesh402.economics.receipts import ReceiptStore, chain_errors
 from mesh402.mesh.identity import NodeIdentity
-from tests.test_pipeline_inprocess import HASH, build, run_gen
+from tests.test_pipeline_inprocess import HASH, build, executor, run_gen  # noqa: F401 (executor: fixture)
 
 N = 8
-
-
-@pytest.fixture(scope="module")
-def executor():
-    ex = ThreadPoolExecutor(1)
-    yield ex
-    ex.shutdown()
 
 
 @pytest.fixture(scope="module")

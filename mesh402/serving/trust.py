@@ -191,7 +191,6 @@ class TrustServices:
     async def run_round(self, store: Any, epoch: int, *, timeout: float = 600.0) -> dict[str, dict[str, Any]]:
         """For every stage node paid in `epoch`: a validation request by the node naming the mesh's validator,
         then the validator's verdict. Idempotent: nodes with a verdict on record are skipped."""
-        from mesh402.economics.validation import statement
         done = store.validations(epoch)
         out: dict[str, dict[str, Any]] = {}
         for node in sorted(n for n in store.work_units(epoch) if n != self.me):
@@ -199,10 +198,11 @@ class TrustServices:
             if prior and prior.get("verdict"):
                 out[node] = {"request_hash": prior["request_hash"], **json.loads(prior["verdict"])}
                 continue
-            out[node] = await self._validate_node(store, epoch, node, statement, timeout)
+            out[node] = await self._validate_node(store, epoch, node, timeout)
         return out
 
-    async def _validate_node(self, store: Any, epoch: int, node: str, statement: Any, timeout: float) -> dict[str, Any]:
+    async def _validate_node(self, store: Any, epoch: int, node: str, timeout: float) -> dict[str, Any]:
+        from mesh402.economics.validation import statement
         checks = store.spot_checks(epoch, node)
         devices = sorted({c.needs_device for c in checks} - {""})
         if len(devices) > 1:
