@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 from collections import OrderedDict
+from functools import cached_property
 from typing import Any, Awaitable, Callable
 
 from mesh402.mesh.proto import mesh_pb2 as pb
@@ -45,28 +46,22 @@ class TrustServices:
         self.connect = connect
         self.peers = peers
         self._engines: OrderedDict[tuple, Any] = OrderedDict()
-        self._w3: Any = None
         self._agent: int | None = None
         self.device = device
-        self._device_sig: str | None = None
         # Entries this node signed work receipts for, and the validation requests it sent per (entry, epoch):
         # a request costs gas, so only entries it worked for may ask, a few times per epoch (retried rounds).
         self.worked_for: set[str] = set()
         self._asks: dict[tuple[str, int], int] = {}
 
-    @property
+    @cached_property
     def device_sig(self) -> str:
-        if self._device_sig is None:
-            self._device_sig = device_signature(self.device)
-        return self._device_sig
+        return device_signature(self.device)
 
     # ------------------------------------------------------------------ chain
-    @property
+    @cached_property
     def w3(self) -> Any:
-        if self._w3 is None:
-            from mesh402.economics.chain import web3_for
-            self._w3 = web3_for(self.trust.rpc_url)
-        return self._w3
+        from mesh402.economics.chain import web3_for
+        return web3_for(self.trust.rpc_url)
 
     @property
     def address(self) -> str:
