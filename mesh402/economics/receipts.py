@@ -582,13 +582,11 @@ class EntryReceipts:
 
     def _record(self, receipts: list[AnyReceipt], evidence: list[Any] | None = None) -> None:
         import logging
+
+        from mesh402.economics.verification import NO_REVEAL, spot_checks  # (it imports this module)
         try:
             known = bool(receipts) and receipts[0].model_hash in self._models
-            checks = []
-            if evidence is not None and not receipt_errors(receipts):
-                from mesh402.economics.verification import spot_checks
-                checks = spot_checks(receipts, evidence)
-            from mesh402.economics.verification import NO_REVEAL
+            checks = spot_checks(receipts, evidence) if evidence is not None and not receipt_errors(receipts) else []
             silent = [c.stage for c in checks if c.fault == NO_REVEAL]  # audited, revealed nothing: not paid for it
             self.store.record(receipts, revenue=0, epoch=epoch_of(time.time(), self.epoch_s),
                               flops=self.flops if known else None, expert_flops=self.expert_flops if known else None,
