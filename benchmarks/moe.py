@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 
+from tests._engine_util import add_attention_and_stub_vocab  # noqa: E402  (the tiny-GGUF header the tests use)
+
 
 def write_model(path: Path, *, layers: int, experts: int, used: int, hidden: int, ffe: int, vocab: int,
                 quant: str, seed: int = 0) -> None:
@@ -44,21 +46,7 @@ def write_model(path: Path, *, layers: int, experts: int, used: int, hidden: int
     w.add_expert_feed_forward_length(ffe)
     w.add_expert_count(experts)
     w.add_expert_used_count(used)
-    w.add_head_count(nh)
-    w.add_head_count_kv(nkv)
-    w.add_key_length(hd)
-    w.add_value_length(hd)
-    w.add_rope_freq_base(1e6)
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_vocab_size(vocab)
-    w.add_file_type(0)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list([f"<t{i}>" for i in range(vocab)])
-    w.add_token_types([1] * vocab)
-    w.add_token_merges([])
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(1)
+    add_attention_and_stub_vocab(w, n_heads=nh, n_kv_heads=nkv, head_dim=hd, rope_base=1e6, rms_eps=1e-6, vocab=vocab)
 
     def mat(*shape, scale=None):
         scale = scale or 1.0 / np.sqrt(shape[-1])
