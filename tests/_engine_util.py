@@ -1,4 +1,5 @@
-"""Shared helpers for engine tests: the bundled model, and the header of tiny random-weight GGUFs."""
+"""Shared helpers for engine tests: the bundled model, tiny random-weight GGUFs (header, Q/K row order,
+tensors), and our engine's logits over a sequence."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,3 +31,44 @@ def add_attention_and_stub_vocab(w, *, n_heads: int, n_kv_heads: int, head_dim: 
     w.add_token_merges([])
     w.add_bos_token_id(0)
     w.add_eos_token_id(1)
+
+
+def permute_qk(w, n_head: int):
+    """llama.cpp's convert_hf_to_gguf row order for llama-family Q/K weights."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def add_weight(w, name: str, a, qtype, quantize: bool) -> None:
+    """One tensor of a tiny GGUF: in `qtype` when `quantize` (F16 as float16), else as it is."""
+    import gguf
+    import numpy as np
+
+    T = gguf.GGMLQuantizationType
+    if quantize and qtype == T.F16:
+        w.add_tensor(name, a.astype(np.float16))
+    elif quantize and qtype != T.F32:
+        w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+    else:
+        w.add_tensor(name, a)
+
+
+def finish_gguf(w) -> None:
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def our_logits(path, seq: list[int], n_prompt: int, mode: str = "exact"):
+    """(logits after the prefill of seq[:n_prompt] and after each decode of the rest, stacked; the engine)."""
+    import torch
+
+    from mesh402.engine import Engine
+
+    eng = Engine.load(path, mode=mode, load_tokenizer=False)
+    s = eng.new_session(len(seq) + 1)
+    out = [s.prefill(seq[:n_prompt])]
+    for t in seq[n_prompt:]:
+        out.append(s.decode(t))
+    s.close()
+    return torch.stack(out), eng

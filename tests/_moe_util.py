@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tests._engine_util import add_attention_and_stub_vocab
+from tests._engine_util import add_attention_and_stub_vocab, add_weight, finish_gguf, permute_qk
 
 V, H, NH, NKV, HD, NL = 128, 64, 4, 2, 16, 2
 E, K, FFE, FFS = 8, 2, 32, 64
@@ -72,11 +72,6 @@ def state(m) -> dict[str, np.ndarray]:
     return {k: v.detach().float().numpy() for k, v in m.state_dict().items()}
 
 
-def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    # llama.cpp convert_hf_to_gguf convention for llama-family Q/K rows
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 _NAMES = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
           "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
           "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
@@ -112,7 +107,7 @@ def gguf_tensors(m, arch: str) -> dict[str, np.ndarray]:
             continue
         name = pre + _NAMES[rest]
         if GGUF_ARCH[arch] == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
-            a = _permute(a, NH if "attn_q" in name else NKV)
+            a = permute_qk(a, NH if "attn_q" in name else NKV)
         if name.endswith("ffn_gate_inp_shexp.weight"):
             a = a.reshape(-1)  # llama.cpp stores the shared-expert gate as a vector
         out[name] = np.ascontiguousarray(a, dtype=np.float32)
@@ -140,17 +135,8 @@ def write_moe_gguf(m, arch: str, path, qname: str = "F32") -> None:
                                  rope_base=float(rp.get("rope_theta", getattr(c, "rope_theta", 10000.0))),
                                  rms_eps=1e-5, vocab=V)
     for name, a in gguf_tensors(m, arch).items():
-        quantize = a.ndim >= 2 and name != "token_embd.weight" and "ffn_gate_inp" not in name
-        if quantize and qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
-        elif quantize and qtype == gguf.GGMLQuantizationType.F16:
-            w.add_tensor(name, a.astype(np.float16))
-        else:
-            w.add_tensor(name, a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        add_weight(w, name, a, qtype, quantize=a.ndim >= 2 and name != "token_embd.weight" and "ffn_gate_inp" not in name)
+    finish_gguf(w)
 
 
 def roundtrip_quant(m, qname: str) -> None:

@@ -15,8 +15,7 @@ torch.set_num_threads(1)
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-from mesh402.engine import Engine  # noqa: E402
-from tests._engine_util import add_attention_and_stub_vocab  # noqa: E402
+from tests._engine_util import add_attention_and_stub_vocab, add_weight, finish_gguf, our_logits, permute_qk  # noqa: E402
 
 V, H, FF, NH, NKV, HD, NL = 256, 64, 128, 4, 2, 16, 3
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -55,31 +54,16 @@ def _ref_logits(m, seq):
         return m(x, attention_mask=torch.ones_like(x)).logits[0]
 
 
-def _our_logits(path, seq, n_prompt, mode="exact"):
-    eng = Engine.load(path, mode=mode, load_tokenizer=False)
-    s = eng.new_session(len(seq) + 1)
-    out = [s.prefill(seq[:n_prompt])]
-    for t in seq[n_prompt:]:
-        out.append(s.decode(t))
-    s.close()
-    return torch.stack(out)
-
-
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
 def test_safetensors_matches_transformers(arch, tmp_path):
     m = _hf_model(arch)
     m.save_pretrained(tmp_path)
     assert (tmp_path / "config.json").exists()
-    ours = _our_logits(tmp_path, SEQ, 40)
+    ours = our_logits(tmp_path, SEQ, 40)[0]
     ref = _ref_logits(m, SEQ)[39:]
     diff = (ours - ref).abs().max().item()
     print(f"\n{arch} safetensors: max |logit diff| {diff:.2e}")
     assert diff < 1e-4
-
-
-def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    # llama.cpp convert_hf_to_gguf convention for llama-family Q/K rows
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _llama3_rope_factors() -> np.ndarray:
@@ -133,18 +117,10 @@ def _write_gguf(m, arch: str, path, qtype, rope_freqs: bool = False):
             parts = k.split(".")
             name = f"blk.{parts[2]}." + names[".".join(parts[3:])]
         if gg_arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
-            a = _permute(a, NH if "attn_q" in name else NKV)
+            a = permute_qk(a, NH if "attn_q" in name else NKV)
         a = np.ascontiguousarray(a, dtype=np.float32)
-        if a.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32 and name != "token_embd.weight":
-            w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
-        elif a.ndim == 2 and qtype == gguf.GGMLQuantizationType.F16:
-            w.add_tensor(name, a.astype(np.float16))
-        else:
-            w.add_tensor(name, a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        add_weight(w, name, a, qtype, quantize=a.ndim == 2 and name != "token_embd.weight")
+    finish_gguf(w)
 
 
 @pytest.mark.parametrize("arch,qname", [("llama", "Q8_0"), ("mistral", "F32"), ("qwen2", "Q8_0")])
@@ -157,7 +133,7 @@ def test_gguf_matches_transformers_gguf(arch, qname, tmp_path):
     ref_m = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=p.name,
                                                               dtype=torch.float32).eval()
     ref = _ref_logits(ref_m, SEQ)[39:]
-    ours = _our_logits(p, SEQ, 40)
+    ours = our_logits(p, SEQ, 40)[0]
     diff = (ours - ref).abs().max().item()
     print(f"\n{arch} gguf {qname}: max |logit diff| vs transformers-gguf {diff:.2e}")
     assert diff < 1e-4
@@ -170,7 +146,7 @@ def test_gguf_llama3_rope_freqs(tmp_path):
     m = _hf_model("llama", rope_scaling=True)
     p = tmp_path / "tiny-llama3.gguf"
     _write_gguf(m, "llama", p, gguf.GGMLQuantizationType.F32, rope_freqs=True)
-    diff = (_our_logits(p, SEQ, 40) - _ref_logits(m, SEQ)[39:]).abs().max().item()
+    diff = (our_logits(p, SEQ, 40)[0] - _ref_logits(m, SEQ)[39:]).abs().max().item()
     print(f"\nllama3 rope_freqs gguf: max |logit diff| {diff:.2e}")
     assert diff < 1e-4
 
@@ -179,7 +155,7 @@ def test_gguf_llama3_rope_freqs(tmp_path):
 def test_fast_mode_runs_on_dense_weights(arch, tmp_path):
     m = _hf_model(arch)
     m.save_pretrained(tmp_path)
-    ours = _our_logits(tmp_path, SEQ, 40, mode="fast")
+    ours = our_logits(tmp_path, SEQ, 40, mode="fast")[0]
     ref = _ref_logits(m, SEQ)[39:]
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.8
 
@@ -197,6 +173,6 @@ def test_gguf_qwen3_matches_roundtripped_hf(qname, tmp_path):
             if w.dim() == 2 and n != "model.embed_tokens.weight":
                 a = w.detach().numpy().astype(np.float32)
                 w.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(a, qtype), qtype)))
-    diff = (_our_logits(p, SEQ, 40) - _ref_logits(m, SEQ)[39:]).abs().max().item()
+    diff = (our_logits(p, SEQ, 40)[0] - _ref_logits(m, SEQ)[39:]).abs().max().item()
     print(f"\nqwen3 gguf {qname}: max |logit diff| vs round-tripped HF {diff:.2e}")
     assert diff < 1e-4

@@ -17,26 +17,17 @@ gguf = pytest.importorskip("gguf")
 from mesh402.engine import Engine  # noqa: E402
 from mesh402.engine.weights import open_source  # noqa: E402
 
+from tests._engine_util import our_logits  # noqa: E402
 from _moe_util import ARCHS, FFE, FFS, SEQ, hf_moe, ref_logits, roundtrip_quant, write_moe_gguf  # noqa: E402
 
 N_PROMPT = 36
-
-
-def _our_logits(path, seq, n_prompt, mode="exact"):
-    eng = Engine.load(path, mode=mode, load_tokenizer=False)
-    s = eng.new_session(len(seq) + 1)
-    out = [s.prefill(seq[:n_prompt])]
-    for t in seq[n_prompt:]:
-        out.append(s.decode(t))
-    s.close()
-    return torch.stack(out), eng
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_moe_safetensors_matches_transformers(arch, tmp_path):
     m = hf_moe(arch)
     m.save_pretrained(tmp_path)
-    ours, eng = _our_logits(tmp_path, SEQ, N_PROMPT)
+    ours, eng = our_logits(tmp_path, SEQ, N_PROMPT)
     ref = ref_logits(m, SEQ)[N_PROMPT - 1:]
     diff = (ours - ref).abs().max().item()
     print(f"\n{arch} safetensors: max |logit diff| {diff:.2e}")
@@ -62,7 +53,7 @@ def test_moe_gguf_matches_transformers_gguf(arch, qname, tmp_path):
     ref_m = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=p.name,
                                                               dtype=torch.float32, **extra).eval()
     ref = ref_logits(ref_m, SEQ)[N_PROMPT - 1:]
-    ours, eng = _our_logits(p, SEQ, N_PROMPT)
+    ours, eng = our_logits(p, SEQ, N_PROMPT)
     diff = (ours - ref).abs().max().item()
     print(f"\n{arch} gguf {qname}: max |logit diff| vs transformers-gguf {diff:.2e}")
     assert diff < 1e-4
@@ -76,7 +67,7 @@ def test_moe_gguf_quantized_matches_roundtripped_hf(arch, qname, tmp_path):
     p = tmp_path / f"tiny-{arch}.gguf"
     write_moe_gguf(m, arch, p, qname)
     roundtrip_quant(m, qname)
-    ours, eng = _our_logits(p, SEQ, N_PROMPT)
+    ours, eng = our_logits(p, SEQ, N_PROMPT)
     diff = (ours - ref_logits(m, SEQ)[N_PROMPT - 1:]).abs().max().item()
     print(f"\n{arch} gguf {qname}: max |logit diff| vs round-tripped HF {diff:.2e}")
     assert diff < 1e-4
@@ -91,7 +82,7 @@ def test_moe_fast_mode_close(arch, tmp_path):
     p = tmp_path / f"tiny-{arch}.gguf"
     write_moe_gguf(m, arch, p, "Q4_0")
     roundtrip_quant(m, "Q4_0")
-    ours, _ = _our_logits(p, SEQ, N_PROMPT, mode="fast")
+    ours, _ = our_logits(p, SEQ, N_PROMPT, mode="fast")
     ref = ref_logits(m, SEQ)[N_PROMPT - 1:]
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
 
@@ -100,7 +91,7 @@ def test_moe_gate_usage_counts(tmp_path):
     """The stage counts gate choices per (layer, expert) on real rows (not chunk padding)."""
     m = hf_moe("qwen3moe", hot=3)
     m.save_pretrained(tmp_path)
-    ours, eng = _our_logits(tmp_path, SEQ, N_PROMPT)
+    ours, eng = our_logits(tmp_path, SEQ, N_PROMPT)
     use = eng.stages[0].expert_usage()
     n_rows = len(SEQ)  # prompt rows + decoded rows
     for layer in (0, 1):
@@ -114,7 +105,7 @@ def test_moe_pipeline_split_equals_solo(tmp_path):
     m = hf_moe("mixtral")
     p = tmp_path / "tiny-mixtral.gguf"
     write_moe_gguf(m, "mixtral", p, "Q8_0")
-    solo, _ = _our_logits(p, SEQ, N_PROMPT)
+    solo, _ = our_logits(p, SEQ, N_PROMPT)
     eng = Engine.load(p, load_tokenizer=False, splits=[0, 1, 2])
     s = eng.new_session(len(SEQ) + 1)
     out = [s.prefill(SEQ[:N_PROMPT])] + [s.decode(t) for t in SEQ[N_PROMPT:]]
@@ -142,7 +133,7 @@ def test_qwen2moe_dense_mlp_layers(tmp_path):
             elif n.endswith("mlp.gate.weight"):
                 p.copy_(0.3 * torch.randn_like(p))
     m.save_pretrained(tmp_path)
-    ours, eng = _our_logits(tmp_path, SEQ, N_PROMPT)
+    ours, eng = our_logits(tmp_path, SEQ, N_PROMPT)
     diff = (ours - ref_logits(m, SEQ)[N_PROMPT - 1:]).abs().max().item()
     assert diff < 1e-4
     assert eng.stages[0].moe_layers == [1]
