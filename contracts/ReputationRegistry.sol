@@ -1,9 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 pragma solidity ^0.8.24;
 
-interface IAgentIdentity {
-    function isAuthorizedOrOwner(address spender, uint256 agentId) external view returns (bool);
-}
+import {AgentRegistryBase} from "./AgentRegistryBase.sol";
 
 /// @title ReputationRegistry: ERC-8004 client feedback about agents.
 /// @notice Any account except the agent's owner or its approved operators may leave feedback: a signed
@@ -12,7 +10,7 @@ interface IAgentIdentity {
 ///         feedback; anyone may append responses to it. `getSummary` averages the non-revoked feedback of
 ///         the named clients (naming them is required, which limits Sybil summaries).
 ///         Written for mesh402 against the ERC-8004 interface; not upgradeable.
-contract ReputationRegistry {
+contract ReputationRegistry is AgentRegistryBase {
     int128 private constant VALUE_LIMIT = 1e38;
 
     struct Entry {
@@ -23,7 +21,6 @@ contract ReputationRegistry {
         string tag2;
     }
 
-    address private immutable _identity;
     mapping(uint256 agentId => mapping(address client => mapping(uint64 index => Entry))) private _entries;
     mapping(uint256 agentId => mapping(address client => uint64)) private _lastIndex;
     mapping(uint256 agentId => address[]) private _clients;
@@ -62,17 +59,7 @@ contract ReputationRegistry {
     error EmptyResponseURI();
     error ClientsRequired();
 
-    constructor(address identityRegistry) {
-        _identity = identityRegistry;
-    }
-
-    function getIdentityRegistry() external view returns (address) {
-        return _identity;
-    }
-
-    function getVersion() external pure returns (string memory) {
-        return "2.0.0";
-    }
+    constructor(address identityRegistry) AgentRegistryBase(identityRegistry) {}
 
     // ---- writes -------------------------------------------------------------------------------
 
@@ -88,7 +75,7 @@ contract ReputationRegistry {
     ) external {
         if (valueDecimals > 18 || value > VALUE_LIMIT || value < -VALUE_LIMIT) revert BadValue();
         // also reverts for an agent that does not exist
-        if (IAgentIdentity(_identity).isAuthorizedOrOwner(msg.sender, agentId)) revert SelfFeedback(msg.sender, agentId);
+        if (_isAgentOperator(msg.sender, agentId)) revert SelfFeedback(msg.sender, agentId);
         uint64 index = _store(agentId, value, valueDecimals, tag1, tag2);
         emit NewFeedback(agentId, msg.sender, index, value, valueDecimals, tag1, tag1, tag2, endpoint, feedbackURI, feedbackHash);
     }

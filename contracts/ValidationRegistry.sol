@@ -1,16 +1,14 @@
 // SPDX-License-Identifier: Apache-2.0
 pragma solidity ^0.8.24;
 
-interface IAgentIdentityV {
-    function isAuthorizedOrOwner(address spender, uint256 agentId) external view returns (bool);
-}
+import {AgentRegistryBase} from "./AgentRegistryBase.sol";
 
 /// @title ValidationRegistry: ERC-8004 requests for, and answers from, independent validators.
 /// @notice An agent's owner or operator asks a named validator to check some work (request URI + hash);
 ///         only that validator answers, with a score 0..100, and may answer again (the latest answer
 ///         stands). Incentives and penalties are outside this registry.
 ///         Written for mesh402 against the ERC-8004 interface; not upgradeable.
-contract ValidationRegistry {
+contract ValidationRegistry is AgentRegistryBase {
     struct Status {
         address validatorAddress;
         uint256 agentId;
@@ -21,7 +19,6 @@ contract ValidationRegistry {
         bool answered;
     }
 
-    address private immutable _identity;
     mapping(bytes32 requestHash => Status) private _status;
     mapping(uint256 agentId => bytes32[]) private _byAgent;
     mapping(address validator => bytes32[]) private _byValidator;
@@ -44,23 +41,13 @@ contract ValidationRegistry {
     error NotValidator(address caller);
     error ResponseOutOfRange(uint8 response);
 
-    constructor(address identityRegistry) {
-        _identity = identityRegistry;
-    }
-
-    function getIdentityRegistry() external view returns (address) {
-        return _identity;
-    }
-
-    function getVersion() external pure returns (string memory) {
-        return "2.0.0";
-    }
+    constructor(address identityRegistry) AgentRegistryBase(identityRegistry) {}
 
     function validationRequest(address validatorAddress, uint256 agentId, string calldata requestURI, bytes32 requestHash)
         external
     {
         if (validatorAddress == address(0)) revert ZeroValidator();
-        if (!IAgentIdentityV(_identity).isAuthorizedOrOwner(msg.sender, agentId)) revert NotAgentOperator(msg.sender, agentId);
+        if (!_isAgentOperator(msg.sender, agentId)) revert NotAgentOperator(msg.sender, agentId);
         Status storage s = _status[requestHash];
         if (s.validatorAddress != address(0)) revert RequestExists(requestHash);
         s.validatorAddress = validatorAddress;
