@@ -400,12 +400,9 @@ class MeshRuntime:
         with contextlib.suppress(Exception):  # ERC-8004 agent claim after `mesh402 register` (peers verify it)
             from mesh402.economics.identity import announcement_label
             labels.update(announcement_label(self.node.config.home))
-        trust = self.node.config.trust
-        if trust.validator and trust.owner_key:  # entries send this node their spot checks
-            from mesh402.economics.evm import account_of
-            from mesh402.serving.trust import VALIDATOR_DEVICE_LABEL, VALIDATOR_LABEL, device_signature
-            labels[VALIDATOR_LABEL] = account_of(trust.owner_key).address
-            labels[VALIDATOR_DEVICE_LABEL] = device_signature(self.node.config.device)
+        dist = getattr(self.node, "distributed", None)
+        if dist is not None:  # a --validator announces itself: entries send it their spot checks
+            labels.update(dist.trust.labels)
         return labels
 
     def _model_entries(self, hash_files: bool) -> list[pb.ModelEntry]:
@@ -423,7 +420,7 @@ class MeshRuntime:
                 entries = self._model_entries(hash_files=False)
             labels = self._model_labels()
             sig = [m.SerializeToString(deterministic=True) for m in entries] + sorted(
-                kv for kv in labels.items() if kv[0].startswith(("model:", "erc8004")))
+                kv for kv in labels.items() if kv[0].startswith(("model:", "erc8004", "validator")))
             if sig != last:
                 last = sig
                 self.mesh.update_local(models=entries, labels=labels)

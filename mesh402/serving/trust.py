@@ -63,10 +63,17 @@ class TrustServices:
         from mesh402.economics.chain import web3_for
         return web3_for(self.trust.rpc_url)
 
-    @property
+    @cached_property
     def address(self) -> str:
         from mesh402.economics.evm import account_of
         return account_of(self.trust.owner_key).address
+
+    @cached_property
+    def labels(self) -> dict[str, str]:
+        """Announcement labels of a validator (its EVM address and device signature); {} otherwise."""
+        if not (self.trust.validator and self.trust.owner_key):
+            return {}
+        return {VALIDATOR_LABEL: self.address, VALIDATOR_DEVICE_LABEL: self.device_sig}
 
     def registry(self, name: str) -> str:
         addr = self.trust.registries.get(name)
