@@ -60,6 +60,12 @@ class MeshNode:
     def counters(self) -> dict[str, int]:
         return self.status()["counters"]
 
+    def ready_replicas(self, model: str) -> int:
+        """How many peers this node sees announcing a ready plan for `model`."""
+        return sum(1 for p in self.status()["peers"]
+                   for k, v in (p.get("announcement") or {}).get("labels", {}).items()
+                   if k.startswith("plan:" + model) and '"ready":true' in v)
+
     def alive(self) -> bool:
         return self.proc.proc.poll() is None
 

@@ -84,8 +84,8 @@ def test_paid_request_retries_on_another_replica_when_the_chosen_one_died(paid_m
         async with x402HttpxClient(x402_client(chain.key("buyer-0"), chain.dep), timeout=120) as c:
             return await c.post(f"http://127.0.0.1:{entry.api_port}/v1/chat/completions", json=body)
 
-    wait_until(lambda: sum(m.get("state") == "ready" for m in httpx.get(
-        f"http://127.0.0.1:{entry.api_port}/v1/models", timeout=5).json()["data"]) >= 1, timeout=60)
+    # the retry needs a second replica the entry already knows to be ready
+    wait_until(lambda: entry.ready_replicas(body["model"]) == 2, timeout=90, step=0.3, what="two replicas ready")
     first = asyncio.run(buy())
     assert first.status_code == 200, first.text
     served = first.headers["x-mesh402-route"].split("node=")[1].split(";")[0]

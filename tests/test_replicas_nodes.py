@@ -32,12 +32,7 @@ def mesh(tmp_path_factory) -> Iterator[tuple[MeshNodes, dict[str, MeshNode]]]:
         c = nodes.start("c", kind="client", join=tok)
         nodes.wait_full_mesh([r1, r2, s, c], timeout=30)
 
-        def replicas() -> int:
-            plans = c.status()["peers"]
-            return sum(1 for p in plans for k in (p.get("announcement") or {}).get("labels", {})
-                       if k.startswith("plan:" + MODEL) and '"ready":true' in p["announcement"]["labels"][k])
-
-        wait_until(lambda: replicas() == 2, 90, step=0.3, what="two replicas ready")
+        wait_until(lambda: c.ready_replicas(MODEL) == 2, 90, step=0.3, what="two replicas ready")
         wait_until(lambda: ask(c, "warm-up").status_code == 200, 30, step=0.3, what="client routes to a replica")
         yield nodes, {"r1": r1, "r2": r2, "s": s, "c": c}
     finally:

@@ -57,7 +57,9 @@ async def open_tunnel(ctx: EdgeContext, request: Request, route: Any, body: byte
         if i:
             request.state.pick = "retry"
         return target, status, headers, chunks
-    raise unavailable(f"no node serving {route.model_id} answered ({type(last).__name__}); retry shortly",
+    tried = sum(1 for _, t in tries if not isinstance(t, ModelEntry))
+    raise unavailable(f"no node serving {route.model_id} answered (tried {tried}, last error "
+                      f"{type(last).__name__}); retry shortly",
                       ctx.retry_after, code="host_unreachable")
 
 
