@@ -36,6 +36,10 @@ def test_new_update_duplicate_replay():
     assert g.offer(ann(a, 5), NOW)[0] == Outcome.REPLAYED
     assert g.counters["replayed"] == 1
     assert g.get(a.node_id).api_port == 1
+    # the origin itself handing over an old one is a replay; a third party relaying it is lag
+    assert g.offer(ann(a, 5), NOW, via=a.node_id)[0] == Outcome.REPLAYED
+    assert g.offer(ann(a, 5), NOW, via=IDS[1].node_id)[0] == Outcome.OUTDATED
+    assert (g.counters["replayed"], g.counters["outdated"]) == (2, 1)
 
 
 def test_forged_signature_and_sender():
@@ -76,6 +80,7 @@ def test_replay_after_forget_is_still_detected():
     g.forget(IDS[0].node_id)
     assert g.offer(ann(IDS[0], 10), NOW)[0] == Outcome.REPLAYED
     assert g.offer(ann(IDS[0], 9), NOW)[0] == Outcome.REPLAYED
+    assert g.offer(ann(IDS[0], 9), NOW, via=IDS[1].node_id)[0] == Outcome.OUTDATED
     assert g.offer(ann(IDS[0], 11), NOW)[0] == Outcome.NEW
 
 

@@ -13,7 +13,10 @@ larger signature. Everything dropped is counted by reason:
 - ``forged``: bad signature, or a direct sender presenting someone else's
   announcement as its own;
 - ``replayed``: a valid announcement older than one already seen (including
-  origins already pruned: their highest seq is remembered);
+  origins already pruned: their highest seq is remembered), handed over by its
+  own origin or by an unnamed carrier;
+- ``outdated``: the same, relayed by a third party. Normal gossip lag (a relay
+  that has not yet heard the newer one), so counted apart from replays;
 - ``stale``: issued too long ago, or too far in the future;
 - ``wrong_mesh`` / ``malformed``.
 """
@@ -38,6 +41,7 @@ class Outcome(str, enum.Enum):
     UPDATED = "updated"
     DUPLICATE = "duplicate"
     REPLAYED = "replayed"
+    OUTDATED = "outdated"
     STALE = "stale"
     FORGED = "forged"
     WRONG_MESH = "wrong_mesh"
@@ -50,7 +54,7 @@ class Outcome(str, enum.Enum):
 
     @property
     def dropped(self) -> bool:
-        return self in (Outcome.REPLAYED, Outcome.STALE, Outcome.FORGED, Outcome.WRONG_MESH, Outcome.MALFORMED)
+        return self in (Outcome.REPLAYED, Outcome.OUTDATED, Outcome.STALE, Outcome.FORGED, Outcome.WRONG_MESH, Outcome.MALFORMED)
 
 
 class AnnouncementError(Exception):
@@ -154,18 +158,20 @@ class GossipState:
             return Outcome.SELF, ann
         cur = self.entries.get(origin)
         hw = self.high_water.get(origin, 0)
+        # an older announcement relayed by a third party is lag, not an attack
+        older = Outcome.OUTDATED if via is not None and via != origin else Outcome.REPLAYED
         if cur is None:
             if ann.seq < hw or (ann.seq == hw and hw > 0):
                 # seen (and since forgotten) a newer or identical one
-                self.counters[Outcome.REPLAYED.value] += 1
-                return Outcome.REPLAYED, None
+                self.counters[older.value] += 1
+                return older, None
             self.entries[origin] = Entry(sa, ann, now, via)
             self.high_water[origin] = ann.seq
             self.counters["accepted"] += 1
             return Outcome.NEW, ann
         if ann.seq < cur.ann.seq:
-            self.counters[Outcome.REPLAYED.value] += 1
-            return Outcome.REPLAYED, None
+            self.counters[older.value] += 1
+            return older, None
         if ann.seq == cur.ann.seq:
             if sa.announcement == cur.signed.announcement:
                 self.counters["duplicate"] += 1
