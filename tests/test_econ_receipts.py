@@ -13,6 +13,7 @@ import textwrap
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -218,16 +219,17 @@ def test_stage_tallies_chain_when_payloads_pass_unchanged() -> None:
     assert any("input hash" in e for e in chain_errors(run(True), 30))
 
 
-def test_mesh402_payout_pays_an_epoch_to_registered_nodes_by_work_units(tmp_path: Path) -> None:
+def _entry_with_paid_epoch_5(tmp_path: Path) -> tuple[Path, NodeIdentity, NodeIdentity, Any, Any]:
+    """An entry home whose epoch 5 (of 3600 s) has 3 split requests over two nodes and 30,500 of revenue
+    (3 settled payments and 500 of credit used), and a chain where both nodes' agents are registered.
+    Returns (home, stage-0 node, stage-1 node, GGUF metadata, chain)."""
     import sqlite3
 
-    from mesh402.economics.cli import earnings_status_lines
     from mesh402.economics.identity import register_node
     from mesh402.economics.ledger import Ledger
     from mesh402.models.gguf_meta import read_gguf_meta
     from tests._engine_util import smollm2_gguf
     from tests.chainutil import start_chain
-    from tests.procs import MESH402
     meta = read_gguf_meta(smollm2_gguf())
     home = tmp_path / "entry"
     home.mkdir()
@@ -253,6 +255,17 @@ def test_mesh402_payout_pays_an_epoch_to_registered_nodes_by_work_units(tmp_path
         reg = chain.dep.contracts["IdentityRegistry"]
         register_node(w3, chain.key("node-0"), reg, "https://a/.well-known/agent-registration.json", s0)
         register_node(w3, chain.key("node-1"), reg, "https://b/.well-known/agent-registration.json", s1)
+    except BaseException:
+        chain.proc.stop()
+        raise
+    return home, s0, s1, meta, chain
+
+
+def test_mesh402_payout_pays_an_epoch_to_registered_nodes_by_work_units(tmp_path: Path) -> None:
+    from mesh402.economics.cli import earnings_status_lines
+    from tests.procs import MESH402
+    home, s0, s1, meta, chain = _entry_with_paid_epoch_5(tmp_path)
+    try:
         b0, b1 = chain.balance("node-0"), chain.balance("node-1")
         args = [*MESH402, "payout", "--home", str(home), "--epoch", "5", "--epoch-seconds", "3600",
                 "--deployment", str(chain.dir), "--account", "buyer-0", "--push", "--no-require-validation"]
@@ -263,12 +276,74 @@ def test_mesh402_payout_pays_an_epoch_to_registered_nodes_by_work_units(tmp_path
         assert chain.balance("node-0") - b0 == pay[s0.node_id_hex]
         assert chain.balance("node-1") - b1 == pay[s1.node_id_hex]
         again = subprocess.run(args, capture_output=True, text=True, timeout=120)
-        assert again.returncode != 0  # the epoch is already published
+        assert again.returncode != 0  # the epoch is already paid
+        assert "already paid" in again.stdout + again.stderr
         assert earnings_status_lines(home)[0].startswith("earnings epoch 5: ")
         from mesh402.api.earnings import earnings
         e = earnings(home)
         assert e["epochs"] == [{"epoch": 5, "requests": 3, "receipts": 6, "units": 99 * flops_per_token(meta, 0, 30)}]
         assert {p["node_id"]: p["amount"] for p in e["payouts"]} == pay
         print("\n" + r.stdout)
+    finally:
+        chain.proc.stop()
+
+
+def test_a_payout_cut_off_after_publishing_is_finished_not_lost(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The entry publishes the root, pushes one claim and stops (here: the second claim raises). Paying the
+    epoch again finishes that payout: the same root, the claim still missing, the epoch recorded; nobody
+    is paid twice. A later change to the plan (more revenue) is refused instead of paid."""
+    import sqlite3
+
+    from mesh402.economics import rewards
+    from mesh402.economics.payout import AlreadyPaid, PayoutChain, PayoutError, pay_epoch
+    home, s0, s1, meta, chain = _entry_with_paid_epoch_5(tmp_path)
+    try:
+        pc = PayoutChain(chain.dep.rpc_url, chain.dep.contracts["EpochRewards"], dict(chain.dep.contracts))
+        pay = split_pro_rata(30_500, {s0.node_id_hex: flops_per_token(meta, 0, 15) * 99,
+                                      s1.node_id_hex: flops_per_token(meta, 15, 30) * 99})
+        share = {chain.dep.address("node-0"): pay[s0.node_id_hex], chain.dep.address("node-1"): pay[s1.node_id_hex]}
+        before = {a: chain.balance(a) for a in share}
+        real_claim, sent = rewards.claim, []
+
+        def claim_then_stop(w3, key, rewards_address, tree, account):
+            if sent:
+                raise RuntimeError("the node stopped")
+            sent.append(account)
+            return real_claim(w3, key, rewards_address, tree, account)
+
+        monkeypatch.setattr(rewards, "claim", claim_then_stop)
+        run = dict(key=chain.key("buyer-0"), epoch_s=3600, push=True, require_validation=False, log=lambda _: None)
+        with pytest.raises(PayoutError, match="the node stopped"):
+            pay_epoch(home, 5, pc, **run)
+        assert ReceiptStore(home / "receipts.sqlite").unpaid_epochs() == [5]  # published, not recorded
+        assert {a: chain.balance(a) - before[a] for a in share} == {a: share[a] if a in sent else 0 for a in share}
+        monkeypatch.setattr(rewards, "claim", real_claim)
+
+        warnings: list[str] = []
+        result = pay_epoch(home, 5, pc, **run, warn=warnings.append)
+        assert {a: chain.balance(a) - before[a] for a in share} == share  # each paid its share, once
+        assert len(result.claim_txs) == 1 and result.plan.tx and result.plan.tx.startswith("0x")
+        assert "was published before" in warnings[0], warnings
+        st = ReceiptStore(home / "receipts.sqlite")
+        assert st.unpaid_epochs() == [] and {e["node_id"]: e["tx"] for e in st.earnings()} == {
+            s0.node_id_hex: result.plan.tx, s1.node_id_hex: result.plan.tx}
+        with pytest.raises(AlreadyPaid, match="already paid"):
+            pay_epoch(home, 5, pc, **run)
+
+        # unrecorded again, but the plan changed since (a late payment): the published root is kept
+        st.close()
+        db = sqlite3.connect(home / "receipts.sqlite")
+        db.execute("DELETE FROM epochs WHERE epoch=5")
+        db.commit()
+        db.close()
+        db = sqlite3.connect(home / "payments.sqlite")
+        db.execute("INSERT INTO payments (auth_id, payer, amount, kind, state, created) VALUES "
+                   "('later', 'b', 10000, 'request', 'settled', ?)", (5 * 3600 + 500,))
+        db.commit()
+        db.close()
+        with pytest.raises(AlreadyPaid, match="another root"):
+            pay_epoch(home, 5, pc, **run)
+        assert {a: chain.balance(a) - before[a] for a in share} == share
+        print(f"\nfinished after the cut-off: 1 claim sent on resume, publish tx {result.plan.tx[:18]}…")
     finally:
         chain.proc.stop()

@@ -34,6 +34,12 @@ def send_tx(w3: Any, key: str, fn: Any, *, value: int = 0, timeout: float = 60.0
     return rcpt
 
 
+def tx_hex(h: Any) -> str:
+    """A transaction hash as 0x-prefixed hex, whatever web3 returned it as."""
+    s = h.hex() if hasattr(h, "hex") else str(h)
+    return s if s.startswith("0x") else "0x" + s
+
+
 def revert_reason(exc: BaseException, abi: list[dict[str, Any]]) -> str:
     """The custom error name a revert carries (from the contract ABI), or the exception text."""
     from eth_utils import keccak

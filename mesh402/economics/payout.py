@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from mesh402.economics.evm import tx_hex
 from mesh402.economics.rewards import EpochPayout
 
 Log = Callable[[str], None]
@@ -71,7 +72,8 @@ def pay_epoch(home: Path, epoch: int, chain: PayoutChain, *, key: str | None, ep
     dry run). Raises NoReceipts, AlreadyPaid or PayoutError; what it did goes to `log` as it goes."""
     from mesh402.economics.chain import web3_for
     from mesh402.economics.receipts import ReceiptStore
-    from mesh402.economics.rewards import EpochPublished, claim, epoch_revenue, plan_epoch, publish_epoch
+    from mesh402.economics.rewards import (EpochPublished, claim, epoch_revenue, plan_epoch, publish_epoch,
+                                           publish_tx, unclaimed)
 
     warn = warn or log
     home = Path(home)
@@ -105,14 +107,24 @@ def pay_epoch(home: Path, epoch: int, chain: PayoutChain, *, key: str | None, ep
             raise PayoutError("nothing to pay: no node with work in this epoch has a verified agent wallet"
                               + (" and a passed spot check" if require_validation else ""))
         try:
-            publish_epoch(w3, key, chain.rewards, plan)
-            result.gas["approve+publish"] = int(plan.gas or 0)
-            if push:
-                receipts = [claim(w3, key, chain.rewards, plan.tree, a) for a in plan.tree.amounts]
+            try:
+                publish_epoch(w3, key, chain.rewards, plan)
+                result.gas["approve+publish"] = int(plan.gas or 0)
+            except EpochPublished as e:
+                if store.payout_recorded(epoch):
+                    raise AlreadyPaid(f"epoch {epoch} is already paid (published and recorded)") from e
+                if e.root != e.tree.root:
+                    raise AlreadyPaid(f"epoch {epoch} is already published from this wallet with another root "
+                                      f"(0x{e.root.hex()[:16]}…): its receipts, revenue or accounts changed since") from e
+                # published, then the node stopped before recording it: finish the same payout
+                plan.tree, plan.tx = e.tree, publish_tx(w3, chain.rewards, e.tree.epoch_id)
+                warn(f"epoch {epoch} was published before (in {plan.tx}) but not recorded: finishing that payout")
+            if push:  # only the accounts still unclaimed, so a retry after a failed claim sends the rest
+                receipts = [claim(w3, key, chain.rewards, plan.tree, a) for a in unclaimed(w3, chain.rewards, plan.tree)]
                 result.gas["claims"] = sum(int(r["gasUsed"]) for r in receipts)
-                result.claim_txs = [_hex(r["transactionHash"]) for r in receipts]
-        except EpochPublished as e:
-            raise AlreadyPaid(f"payout failed: {e}") from e
+                result.claim_txs = [tx_hex(r["transactionHash"]) for r in receipts]
+        except AlreadyPaid:
+            raise
         except Exception as e:
             raise PayoutError(f"payout failed: {e}") from e
         store.save_payout(epoch, revenue, {n: (plan.units[n], plan.amounts[n], plan.accounts.get(n)) for n in plan.units},
@@ -204,7 +216,7 @@ def _feedback_for_failures(w3: Any, key: str, reputation: str, store: Any, epoch
         except RegistryError as e:  # e.g. the payout wallet owns that agent: warn, the payout goes on
             warn(f"no feedback for {node[:12]}: {e}")
             continue
-        verdict.update(feedback_tx=_hex(rcpt["transactionHash"]), feedback_agent=st.agent_id)
+        verdict.update(feedback_tx=tx_hex(rcpt["transactionHash"]), feedback_agent=st.agent_id)
         store.save_validation(epoch, node, row["request_hash"], row["validator"], row["agent_id"], row["statement"],
                               json.dumps(verdict, sort_keys=True))
         log(f"  {node[:12]}: spot check failed, feedback 0 posted to agent {st.agent_id}")
@@ -219,8 +231,3 @@ def verdict_dict(text: str | None) -> dict[str, Any]:
     except ValueError:
         return {"verdict": text}
     return v if isinstance(v, dict) else {"verdict": v}
-
-
-def _hex(h: Any) -> str:
-    s = h.hex() if hasattr(h, "hex") else str(h)
-    return s if s.startswith("0x") else "0x" + s

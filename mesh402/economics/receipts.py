@@ -487,6 +487,9 @@ class ReceiptStore:
         return [int(e) for (e,) in self._db.execute(
             "SELECT DISTINCT epoch FROM requests WHERE epoch NOT IN (SELECT epoch FROM epochs) ORDER BY epoch")]
 
+    def payout_recorded(self, epoch: int) -> bool:
+        return self._db.execute("SELECT 1 FROM epochs WHERE epoch=?", (int(epoch),)).fetchone() is not None
+
     def save_payout(self, epoch: int, revenue: int, rows: dict[str, tuple[int, int, str | None]], *,
                     epoch_id: str | None = None, root: str | None = None, tx: str | None = None) -> None:
         with self._lock:

@@ -121,29 +121,58 @@ def withhold(plan: EpochPayout, reasons: dict[str, str]) -> EpochPayout:
 
 
 class EpochPublished(RuntimeError):
-    """The wallet already published this epoch (EpochRewards allows one root per distributor and epoch)."""
+    """The wallet already published this epoch (EpochRewards allows one root per distributor and epoch).
+    `tree` is what it would publish now, `root` what is on chain: equal when a crash came between the
+    publish and its record, so the payout can be finished instead of lost."""
+
+    def __init__(self, message: str, tree: PayoutTree, root: bytes):
+        super().__init__(message)
+        self.tree, self.root = tree, root
 
 
-def publish_epoch(w3: Any, key: str, rewards_address: str, plan: EpochPayout) -> EpochPayout:
-    """Fund and publish the epoch's Merkle root in EpochRewards (approve + publish, from the entry node's key)."""
+def epoch_tree(w3: Any, key: str, rewards_address: str, plan: EpochPayout) -> PayoutTree:
+    """The Merkle tree the wallet of `key` publishes for `plan` (amounts summed per payout account)."""
     from mesh402.economics.chain import contract_at
-    from mesh402.economics.evm import account_of, send_tx
+    from mesh402.economics.evm import account_of
     rw = contract_at(w3, "EpochRewards", rewards_address)
-    token = contract_at(w3, "MeshUSDC", rw.functions.token().call())
     by_account: dict[str, int] = {}
     for node, amount in plan.amounts.items():
         acct = plan.accounts.get(node)
         if acct and amount > 0:
             by_account[acct] = by_account.get(acct, 0) + amount
-    eid = int(rw.functions.epochId(account_of(key).address, plan.epoch).call())
-    if int(rw.functions.getEpoch(eid).call()[0], 16):  # checked before the approve, which would succeed
-        raise EpochPublished(f"epoch {plan.epoch} is already published from {account_of(key).address}")
-    tree = build_tree(eid, by_account)
+    return build_tree(int(rw.functions.epochId(account_of(key).address, plan.epoch).call()), by_account)
+
+
+def publish_epoch(w3: Any, key: str, rewards_address: str, plan: EpochPayout) -> EpochPayout:
+    """Fund and publish the epoch's Merkle root in EpochRewards (approve + publish, from the entry node's key)."""
+    from mesh402.economics.chain import contract_at
+    from mesh402.economics.evm import account_of, send_tx, tx_hex
+    rw = contract_at(w3, "EpochRewards", rewards_address)
+    token = contract_at(w3, "MeshUSDC", rw.functions.token().call())
+    tree = epoch_tree(w3, key, rewards_address, plan)
+    distributor, root, _, _ = rw.functions.getEpoch(tree.epoch_id).call()
+    if int(distributor, 16):  # checked before the approve, which would succeed
+        raise EpochPublished(f"epoch {plan.epoch} is already published from {account_of(key).address}", tree, bytes(root))
     gas = int(send_tx(w3, key, token.functions.approve(rw.address, tree.total))["gasUsed"])
     rcpt = send_tx(w3, key, rw.functions.publish(plan.epoch, tree.root, tree.total))
-    tx = rcpt["transactionHash"].hex()
-    plan.tree, plan.tx, plan.gas = tree, tx if tx.startswith("0x") else "0x" + tx, gas + int(rcpt["gasUsed"])
+    plan.tree, plan.tx, plan.gas = tree, tx_hex(rcpt["transactionHash"]), gas + int(rcpt["gasUsed"])
     return plan
+
+
+def publish_tx(w3: Any, rewards_address: str, epoch_id: int) -> str | None:
+    """The transaction that published an epoch (its EpochPublished event), None if not found."""
+    from mesh402.economics.chain import contract_at
+    from mesh402.economics.evm import tx_hex
+    rw = contract_at(w3, "EpochRewards", rewards_address)
+    logs = rw.events.EpochPublished().get_logs(from_block=0, argument_filters={"epochId": epoch_id})
+    return tx_hex(logs[-1]["transactionHash"]) if logs else None
+
+
+def unclaimed(w3: Any, rewards_address: str, tree: PayoutTree) -> list[str]:
+    """The tree's accounts that have not claimed yet."""
+    from mesh402.economics.chain import contract_at
+    rw = contract_at(w3, "EpochRewards", rewards_address)
+    return [a for a in tree.amounts if not rw.functions.isClaimed(tree.epoch_id, a).call()]
 
 
 def claim(w3: Any, key: str, rewards_address: str, tree: PayoutTree, account: str) -> Any:

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class CloserState:
     paid: list[int] = field(default_factory=list)  # in the order paid
-    skipped: set[int] = field(default_factory=set)  # no receipts after all, or already published elsewhere
+    skipped: set[int] = field(default_factory=set)  # no receipts after all, or published with another root
     failures: dict[int, str] = field(default_factory=dict)  # epoch -> last reason, until it is paid
 
 
@@ -69,7 +69,7 @@ class EpochCloser:
                 self.state.skipped.add(epoch)
                 self.state.failures.pop(epoch, None)
                 continue
-            except AlreadyPaid as e:  # published by `mesh402 payout` or before a crash: nothing to retry
+            except AlreadyPaid as e:  # recorded, or published with another root: nothing to retry
                 self.state.skipped.add(epoch)
                 self.state.failures.pop(epoch, None)
                 log.error("epoch %d not paid automatically: %s", epoch, e)

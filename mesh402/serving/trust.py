@@ -18,6 +18,7 @@ from collections import OrderedDict
 from functools import cached_property
 from typing import Any, Awaitable, Callable
 
+from mesh402.economics.evm import tx_hex
 from mesh402.mesh.proto import mesh_pb2 as pb
 from mesh402.serving.stage_link import K, Link, dump_json, error_frame, expect_stage, stage_frame
 
@@ -122,7 +123,7 @@ class TrustServices:
         rc = await self._chain(request_validation, self.w3, self.trust.owner_key, self.registry("ValidationRegistry"),
                                st["validator"], self._agent, uri, h)
         return stage_frame(K.STAGE_KIND_RESULT, request_id=sf.request_id,
-                           params={"agent_id": self._agent, "request_hash": h, "tx": _tx(rc)})
+                           params={"agent_id": self._agent, "request_hash": h, "tx": tx_hex(rc["transactionHash"])})
 
     # ------------------------------------------------------------------ validator
     def _engine_for(self, model_hash: str, start: int, end: int, mode: str) -> Any:
@@ -161,7 +162,7 @@ class TrustServices:
         log.info("validated %s epoch %s: score %d over %d checks", st["node"][:12], st["epoch"], verdict.score,
                  verdict.checked)
         return stage_frame(K.STAGE_KIND_RESULT, request_id=sf.request_id,
-                           params={"verdict": dump_json(verdict.to_json()), "tx": _tx(rc)})
+                           params={"verdict": dump_json(verdict.to_json()), "tx": tx_hex(rc["transactionHash"])})
 
     # ------------------------------------------------------------------ entry
     def validator_for(self, node: str, device: str = "") -> tuple[str, str] | None:
@@ -230,9 +231,3 @@ class TrustServices:
         verdict = got.params["verdict"]
         store.save_validation(epoch, node, h, vaddr, agent, text, verdict)
         return {"request_hash": h, "agent_id": agent, **json.loads(verdict)}
-
-
-def _tx(receipt: Any) -> str:
-    h = receipt["transactionHash"]
-    h = h.hex() if hasattr(h, "hex") else str(h)
-    return h if h.startswith("0x") else "0x" + h
