@@ -277,7 +277,7 @@ def test_mesh402_payout_pays_an_epoch_to_registered_nodes_by_work_units(tmp_path
         assert chain.balance("node-1") - b1 == pay[s1.node_id_hex]
         again = subprocess.run(args, capture_output=True, text=True, timeout=120)
         assert again.returncode != 0  # the epoch is already paid
-        assert "already paid" in again.stdout + again.stderr
+        assert "already published" in again.stdout + again.stderr
         assert earnings_status_lines(home)[0].startswith("earnings epoch 5: ")
         from mesh402.api.earnings import earnings
         e = earnings(home)
@@ -327,7 +327,7 @@ def test_a_payout_cut_off_after_publishing_is_finished_not_lost(tmp_path: Path, 
         st = ReceiptStore(home / "receipts.sqlite")
         assert st.unpaid_epochs() == [] and {e["node_id"]: e["tx"] for e in st.earnings()} == {
             s0.node_id_hex: result.plan.tx, s1.node_id_hex: result.plan.tx}
-        with pytest.raises(AlreadyPaid, match="already paid"):
+        with pytest.raises(AlreadyPaid, match="already published and recorded"):
             pay_epoch(home, 5, pc, **run)
 
         # unrecorded again, but the plan changed since (a late payment): the published root is kept

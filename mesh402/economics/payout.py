@@ -112,7 +112,7 @@ def pay_epoch(home: Path, epoch: int, chain: PayoutChain, *, key: str | None, ep
                 result.gas["approve+publish"] = int(plan.gas or 0)
             except EpochPublished as e:
                 if store.payout_recorded(epoch):
-                    raise AlreadyPaid(f"epoch {epoch} is already paid (published and recorded)") from e
+                    raise AlreadyPaid(f"epoch {epoch} is already published and recorded: it is paid") from e
                 if e.root != e.tree.root:
                     raise AlreadyPaid(f"epoch {epoch} is already published from this wallet with another root "
                                       f"(0x{e.root.hex()[:16]}…): its receipts, revenue or accounts changed since") from e
