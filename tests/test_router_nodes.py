@@ -53,6 +53,27 @@ def route(r: httpx.Response) -> dict[str, str]:
     return {k.strip(): v.strip() for k, _, v in (p.partition("=") for p in h.split(";"))}
 
 
+def test_streamed_answers_count_toward_observed_speed(mesh2) -> None:
+    """First in the module: nothing has been served yet. B answers one streamed request for its model and
+    then announces the speed it observed, which A reads from B's signed announcement."""
+    import json
+
+    a, b, _ = mesh2
+
+    def b_label() -> dict:
+        raw = a.peers()[b.node_id]["announcement"]["labels"].get("model:model-b")
+        return json.loads(raw) if raw else {}
+
+    assert "tok_s" not in b_label()
+    body = {"model": "model-b", "messages": [{"role": "user", "content": "Count to five."}], "max_tokens": 8,
+            "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"http://127.0.0.1:{b.api_port}/v1/chat/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        assert r.read().rstrip().endswith(b"data: [DONE]")
+    wait_until(lambda: b_label().get("tok_s", 0) > 0, 20, step=0.2, what="B's observed speed announced")
+    print(f"\nobserved from one streamed answer: {b_label()['tok_s']} tok/s")
+
+
 def test_one_mesh_without_token(mesh2) -> None:
     a, b, _ = mesh2
     assert a.status()["mesh_id"] == b.status()["mesh_id"]

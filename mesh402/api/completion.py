@@ -105,11 +105,15 @@ def usage(fin: Finished) -> dict[str, Any]:
     }
 
 
-async def run_stream(p: Prepared) -> AsyncIterator[Delta | Finished]:
+async def run_stream(ctx: EdgeContext, p: Prepared) -> AsyncIterator[Delta | Finished]:
+    """The generation's events; a finished one feeds the router's observed speed (streamed or not)."""
     local = p.entry.local
     assert local is not None
+    t0 = time.perf_counter()
     async with contextlib.aclosing(generate(p.gen, p.stepper, local.tokenizer, local.eos_ids)) as events:
         async for ev in events:
+            if isinstance(ev, Finished):
+                ctx.router.observe(p.entry.model_id, ev.completion_tokens, time.perf_counter() - t0)
             yield ev
 
 
@@ -117,9 +121,8 @@ async def collect(ctx: EdgeContext, p: Prepared, charge: Any = None) -> tuple[st
     """The whole answer; a failed generation releases the charge (nothing is settled)."""
     text: list[str] = []
     fin: Finished | None = None
-    t0 = time.perf_counter()
     try:
-        async for ev in run_stream(p):
+        async for ev in run_stream(ctx, p):
             if isinstance(ev, Delta):
                 text.append(ev.text)
             else:
@@ -129,7 +132,6 @@ async def collect(ctx: EdgeContext, p: Prepared, charge: Any = None) -> tuple[st
             await ctx.gate.release(charge, f"generation failed: {type(e).__name__}")
         raise
     assert fin is not None
-    ctx.router.observe(p.entry.model_id, fin.completion_tokens, time.perf_counter() - t0)
     return "".join(text), fin
 
 
@@ -158,12 +160,12 @@ async def stream_events(ctx: EdgeContext, p: Prepared, include_usage: bool, chun
     """SSE body; `chunk(delta_text, finish_reason, first)` shapes one OpenAI chunk."""
     if charge is not None:  # paid: metered per token, settled after the last one
         from mesh402.economics.stream import paid_sse
-        async for b in paid_sse(ctx.gate, charge, run_stream(p), chunk, sse, usage, include_usage, len(p.prompt_ids)):
+        async for b in paid_sse(ctx.gate, charge, run_stream(ctx, p), chunk, sse, usage, include_usage, len(p.prompt_ids)):
             yield b
         return
     try:
         yield sse(chunk(None, None, True))
-        async for ev in run_stream(p):
+        async for ev in run_stream(ctx, p):
             if isinstance(ev, Delta):
                 yield sse(chunk(ev.text, None, False))
             else:
