@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -406,19 +407,29 @@ def run_node(node) -> None:
 def invite_cmd(
     home: HomeOpt = None,
     expires: Annotated[str, typer.Option("--expires", help="Token lifetime, e.g. 30m, 1h, 7d.")] = "1h",
+    single_use: Annotated[bool, typer.Option(
+        "--single-use", help="The token admits one node, and only this node accepts it.")] = False,
+    revoke: Annotated[Optional[Path], typer.Option(
+        "--revoke", help="Revoke the token in this file ('-': read it from stdin) mesh-wide instead of minting one; "
+        "members it already admitted stay.", metavar="FILE")] = None,
 ) -> None:
-    """Mint an invite token from the running node (printed alone on stdout)."""
+    """Mint an invite token from the running node (printed alone on stdout), or revoke one."""
     import httpx
 
     from mesh402.mesh.invite import parse_duration
 
-    try:
-        parse_duration(expires)
-    except ValueError as e:
-        _fail(f"--expires: {e}")
     base, headers, _ = _find_console(home)
+    if revoke is not None:
+        token = sys.stdin.read() if str(revoke) == "-" else _read_text(revoke)
+        path, body = "/api/invite/revoke", {"token": token.strip()}
+    else:
+        try:
+            parse_duration(expires)
+        except ValueError as e:
+            _fail(f"--expires: {e}")
+        path, body = "/api/invite", {"expires": expires, "single_use": single_use}
     try:
-        r = httpx.post(f"{base}/api/invite", json={"expires": expires}, headers=headers, timeout=10.0)
+        r = httpx.post(f"{base}{path}", json=body, headers=headers, timeout=10.0)
     except httpx.HTTPError as e:
         _fail(f"cannot reach the node's console at {base}: {e}")
     if r.status_code != 200:
@@ -426,11 +437,23 @@ def invite_cmd(
             msg = r.json().get("error")
         except ValueError:
             msg = r.text[:200]
-        _fail(f"invite refused: {msg}")
+        _fail(f"{'revoke' if revoke is not None else 'invite'} refused: {msg}")
     d = r.json()
+    if revoke is not None:
+        state = "was already revoked" if d["already"] else "revoked mesh-wide"
+        print(f"token {d['nonce'][:12]}… {state}" + (" (it had expired anyway)" if d["expired"] else ""), flush=True)
+        return
     print(d["token"], flush=True)
-    err.print(f"expires {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(d['expires_at']))} (mesh {d['mesh_id'][:12]})",
-              highlight=False)
+    err.print(f"expires {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(d['expires_at']))} (mesh {d['mesh_id'][:12]})"
+              + (", single use" if single_use else ""), highlight=False)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as e:
+        _fail(f"cannot read {path}: {e.strerror or e}")
+        raise  # unreachable: _fail exits
 
 
 def status_cmd(

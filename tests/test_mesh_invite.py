@@ -183,3 +183,32 @@ def test_byte_edits_never_verify(pos, delta):
     with pytest.raises(InviteError):
         tok = invite.decode_token(edited)
         invite.verify_credential(tok.credential, mesh_id=tok.mesh_id, secret=SECRET, policy=pb.ADMISSION_SECRET, now=NOW)
+
+
+def test_single_use_flag_is_under_the_mac():
+    tok = invite.decode_token(mint(single_use=True))
+    assert tok.credential.single_use
+    invite.verify_credential(tok.credential, mesh_id=MESH, secret=SECRET, policy=pb.ADMISSION_SECRET, now=NOW)
+    tok.credential.single_use = False
+    with pytest.raises(InviteError, match="credential check failed"):
+        invite.verify_credential(tok.credential, mesh_id=MESH, secret=SECRET, policy=pb.ADMISSION_SECRET, now=NOW)
+    # a reusable token's MAC is the same as before single-use tokens existed
+    plain = invite.decode_token(mint()).credential
+    assert plain.mac == invite.credential_mac(SECRET, MESH, ISSUER, plain.expires_at, plain.nonce, pb.ADMISSION_SECRET)
+    with pytest.raises(InviteError, match="private mesh"):
+        mint(policy=pb.ADMISSION_OPEN, secret=None, single_use=True)
+
+
+def test_spent_set_encodes_merges_prunes_and_ignores_junk():
+    from mesh402.mesh import spent
+    a, b, c = "a" * 32, "b" * 32, "c" * 32
+    s = {a: 100, b: 200}
+    assert spent.decode(spent.encode(s)) == s
+    assert spent.decode("zz:1,%s:x,%s:300,,%s" % (a, c, b)) == {c: 300}
+    assert spent.merge(s, {c: 300, a: 50}, now=150) is True  # a expired (100 <= 150): pruned; c added
+    assert s == {b: 200, c: 300}
+    assert spent.merge(s, {b: 200}, now=150) is False
+    big = {f"{i:032x}": 1000 + i for i in range(spent.MAX_SPENT + 5)}
+    t: dict[str, int] = {}
+    spent.merge(t, big, now=0)
+    assert len(t) == spent.MAX_SPENT and min(t.values()) == 1005  # the soonest to expire go first

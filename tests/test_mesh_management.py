@@ -73,6 +73,26 @@ def test_status_invite_and_events(mesh_nodes: MeshNodes):
     r = cli("status", "--home", str(a.home / "nowhere"))
     assert r.returncode == 2 and "no node running" in r.stderr
 
+    # a single-use token admits one node; revoking a token (read from stdin) stops it at every member
+    r = cli("invite", "--home", str(a.home), "--single-use")
+    assert r.returncode == 0 and "single use" in r.stderr, r.stderr
+    once = r.stdout.strip()
+    c = mesh_nodes.start("c", join=once)
+    mesh_nodes.wait_full_mesh([a, b, c])
+    late = mesh_nodes.start("late", join=once, wait=False)
+    assert late.proc.proc.wait(timeout=60) != 0 and "already used" in late.log()
+    reusable = cli("invite", "--home", str(b.home)).stdout.strip()
+    r = subprocess.run([*MESH402, "invite", "--home", str(a.home), "--revoke", "-"], input=reusable,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "revoked mesh-wide" in r.stdout, r.stdout + r.stderr
+    nonce = invite.decode_token(reusable).credential.nonce.hex()
+    wait_until(lambda: nonce in json.loads((b.home / "mesh.json").read_text()).get("spent", {}), 10,
+               what="the revocation reached b (and b saved it)")
+    refused = mesh_nodes.start("refused", join=reusable, wait=False)
+    assert refused.proc.proc.wait(timeout=60) != 0 and "revoked" in refused.log()
+    r = cli("invite", "--home", str(a.home), "--revoke", str(a.home / "missing.txt"))
+    assert r.returncode == 2 and "cannot read" in r.stderr
+
 
 def test_console_listen_all_requires_token(mesh_nodes: MeshNodes, tmp_path):
     r = cli("serve", "--no-model", "--home", str(tmp_path / "x"), "--console-listen-all", "--port", "1")

@@ -230,3 +230,55 @@ def test_demand_signals_gossip(tmp_path):
         await asyncio.gather(a.stop(), b.stop())
 
     run(go())
+
+
+def test_single_use_and_revoked_tokens_are_refused_mesh_wide(tmp_path):
+    """A single-use token admits one node, at its issuer only; a revoked token admits no one at any member,
+    the revocation reaching them by gossip and surviving a restart; members admitted before stay."""
+    async def go():
+        a, b = svc(tmp_path, "a"), svc(tmp_path, "b")
+        await a.start()
+        once = a.mint_invite(600, single_use=True)
+        assert invite.describe_token(invite.decode_token(once))["single_use"] is True
+        await b.start(join=once)
+        await wait_for(lambda: full_mesh([a, b]))
+        with pytest.raises(JoinError, match="already used") as ei:
+            await svc(tmp_path, "c").start(join=once)
+        assert "\n" not in str(ei.value) and a.all_counters()["admission.rejected.spent"] == 1
+        # the flag is under the MAC: a single-use token edited into a reusable one fails the check
+        edited = invite.decode_token(once)
+        edited.credential.single_use = False
+        with pytest.raises(JoinError, match="credential check failed"):
+            await svc(tmp_path, "c2").start(join=invite.encode_token(edited))
+        # a single-use token is honoured by its issuer alone
+        with pytest.raises(InviteError, match="only by the member that minted it"):
+            b._use_invite(invite.decode_token(a.mint_invite(600, single_use=True)).credential)
+
+        # b mints a reusable token; a revokes it; b learns it by gossip and refuses it
+        by_b = b.mint_invite(600)
+        res = a.revoke_invite(by_b)
+        assert res["already"] is False and a.revoke_invite(by_b)["already"] is True
+        nonce = invite.decode_token(by_b).credential.nonce.hex()
+        waited = await wait_for(lambda: nonce in b.membership.spent)
+        print(f"\nrevocation reached the other member in {waited * 1000:.0f} ms")
+        with pytest.raises(JoinError, match="revoked"):
+            await svc(tmp_path, "d").start(join=by_b)
+        assert b.all_counters()["admission.rejected.spent"] == 1
+        with pytest.raises(InviteError, match="another mesh"):
+            a.revoke_invite(invite.mint_token(
+                mesh_id="ff" * 16, secret=b"S" * 32, policy=pb.ADMISSION_SECRET, node_id=a.node_id, addrs=["127.0.0.1:1"]))
+        assert full_mesh([a, b])  # b itself, admitted by a spent token, stays a member
+
+        # the spent set is kept across a restart
+        b_home = b.home
+        await b.stop()
+        b2 = MeshService(MeshConfig(home=b_home, bind_ip="127.0.0.1", timers=MeshTimers.fast()))
+        assert nonce in b2.membership.spent
+        await b2.start()
+        await wait_for(lambda: full_mesh([a, b2]))
+        from mesh402.mesh import spent
+        b2_says = spent.decode(a.gossip.get(b2.node_id).labels.get(spent.SPENT_LABEL, ""))
+        assert nonce in b2_says and len(b2_says) == 2  # the used single-use token and the revoked one
+        await asyncio.gather(a.stop(), b2.stop())
+
+    run(go())

@@ -7,7 +7,9 @@
   status, then one event per change (peer_up, peer_learned, peer_updated,
   peer_suspect, peer_down, peer_left, peer_pruned, self_updated), with
   ``: keepalive`` comments in between.
-- ``POST /api/invite`` ``{"expires": "1h"}``: mint a token.
+- ``POST /api/invite`` ``{"expires": "1h", "single_use": false}``: mint a token.
+- ``POST /api/invite/revoke`` ``{"token": "m402..."}``: stop a token of this mesh
+  from admitting anyone, mesh-wide (members it admitted stay).
 
 It listens on loopback unless ``--console-listen-all``, which requires a
 console token; when a token is configured every request must carry
@@ -88,21 +90,40 @@ def create_management_app(
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.post("/api/invite")
-    async def post_invite(request: Request) -> JSONResponse:
+    async def json_body(request: Request) -> dict | None:
         try:
             body = await request.json() if await request.body() else {}
         except ValueError:
-            return JSONResponse({"error": "body must be JSON"}, status_code=400)
-        expires = body.get("expires", "24h") if isinstance(body, dict) else "24h"
+            return None
+        return body if isinstance(body, dict) else None
+
+    @app.post("/api/invite")
+    async def post_invite(request: Request) -> JSONResponse:
+        body = await json_body(request)
+        if body is None:
+            return JSONResponse({"error": "body must be a JSON object"}, status_code=400)
         try:
-            seconds = parse_duration(str(expires))
+            seconds = parse_duration(str(body.get("expires", "24h")))
         except ValueError as e:
             return JSONResponse({"error": str(e)}, status_code=400)
+        single_use = body.get("single_use", False)
+        if not isinstance(single_use, bool):
+            return JSONResponse({"error": "single_use must be true or false"}, status_code=400)
         try:
-            tok = mesh.mint_invite(seconds)
+            tok = mesh.mint_invite(seconds, single_use=single_use)
         except InviteError as e:
             return JSONResponse({"error": str(e)}, status_code=409)
-        return JSONResponse({"token": tok, "expires_at": int(time.time() + seconds), "mesh_id": mesh.mesh_id})
+        return JSONResponse({"token": tok, "expires_at": int(time.time() + seconds), "mesh_id": mesh.mesh_id,
+                             "single_use": single_use})
+
+    @app.post("/api/invite/revoke")
+    async def post_revoke(request: Request) -> JSONResponse:
+        body = await json_body(request)
+        if body is None or not isinstance(body.get("token"), str):
+            return JSONResponse({"error": 'body must be {"token": "m402..."}'}, status_code=400)
+        try:
+            return JSONResponse(mesh.revoke_invite(body["token"]))
+        except InviteError as e:
+            return JSONResponse({"error": str(e)}, status_code=400 if e.code == "garbled" else 409)
 
     return app

@@ -13,6 +13,10 @@ the mesh secret over the authenticated QUIC connection and later proves
 membership to other members with :func:`member_proof`, bound to both QUIC
 identities so it cannot be replayed to a third node.
 
+A single-use token (``mesh402 invite --single-use``; the flag is under the
+MAC) is accepted only by the member that minted it, which then marks it spent;
+spent and revoked tokens are gossiped mesh-wide (:mod:`mesh402.mesh.spent`).
+
 Policy OPEN: no credential is needed (public meshes).
 
 Every error raised here is an :class:`InviteError` with a one-line message
@@ -90,8 +94,9 @@ def parse_duration(text: str) -> float:
     return total
 
 
-def _mac_message(mesh_id: str, issuer: bytes, expires_at: int, nonce: bytes, policy: int) -> bytes:
-    return (
+def _mac_message(mesh_id: str, issuer: bytes, expires_at: int, nonce: bytes, policy: int,
+                 single_use: bool = False) -> bytes:
+    msg = (
         b"mesh402-invite-v1\0"
         + mesh_id.encode()
         + b"\0"
@@ -99,22 +104,28 @@ def _mac_message(mesh_id: str, issuer: bytes, expires_at: int, nonce: bytes, pol
         + struct.pack(">QB", int(expires_at), int(policy) & 0xFF)
         + bytes(nonce)
     )
+    return msg + b"\0single-use" if single_use else msg  # reusable tokens keep their MAC
 
 
-def credential_mac(secret: bytes, mesh_id: str, issuer: bytes, expires_at: int, nonce: bytes, policy: int) -> bytes:
-    return hmac.new(secret, _mac_message(mesh_id, issuer, expires_at, nonce, policy), hashlib.sha256).digest()
+def credential_mac(secret: bytes, mesh_id: str, issuer: bytes, expires_at: int, nonce: bytes, policy: int,
+                   single_use: bool = False) -> bytes:
+    return hmac.new(secret, _mac_message(mesh_id, issuer, expires_at, nonce, policy, single_use),
+                    hashlib.sha256).digest()
 
 
 def make_credential(
-    secret: Optional[bytes], mesh_id: str, issuer: bytes, expires_at: int, policy: int
+    secret: Optional[bytes], mesh_id: str, issuer: bytes, expires_at: int, policy: int, single_use: bool = False
 ) -> pb.InviteCredential:
     nonce = os.urandom(NONCE_LEN)
     mac = b""
     if policy == pb.ADMISSION_SECRET:
         if not secret:
             raise InviteError("this node has no mesh secret; cannot mint a secret-policy invite", "no_secret")
-        mac = credential_mac(secret, mesh_id, issuer, expires_at, nonce, policy)
-    return pb.InviteCredential(expires_at=int(expires_at), nonce=nonce, mac=mac, issuer=bytes(issuer))
+        mac = credential_mac(secret, mesh_id, issuer, expires_at, nonce, policy, single_use)
+    elif single_use:
+        raise InviteError("an open mesh admits anyone: single-use invites need a private mesh", "open_mesh")
+    return pb.InviteCredential(expires_at=int(expires_at), nonce=nonce, mac=mac, issuer=bytes(issuer),
+                               single_use=single_use)
 
 
 def mint_token(
@@ -127,6 +138,7 @@ def mint_token(
     relay_url: str = "",
     expires_in: float = 24 * 3600,
     now: Optional[float] = None,
+    single_use: bool = False,
 ) -> str:
     now = time.time() if now is None else now
     expires_at = int(now + expires_in)
@@ -137,7 +149,7 @@ def mint_token(
         addrs=list(addrs),
         relay_url=relay_url or "",
         policy=policy,
-        credential=make_credential(secret, mesh_id, node_id, expires_at, policy),
+        credential=make_credential(secret, mesh_id, node_id, expires_at, policy, single_use),
     )
     return encode_token(tok)
 
@@ -206,16 +218,22 @@ def verify_credential(
     """Admitting side: raise InviteError unless ``cred`` admits to this mesh."""
     if policy == pb.ADMISSION_OPEN:
         return
+    check_mac(cred, mesh_id=mesh_id, secret=secret)
+    check_expiry(cred, now)
+
+
+def check_mac(cred: pb.InviteCredential, *, mesh_id: str, secret: Optional[bytes]) -> None:
+    """Raise InviteError unless this mesh's secret minted ``cred`` (expiry not checked)."""
     if not secret:
         raise InviteError("this node cannot verify invites (no mesh secret)", "no_secret")
     if len(cred.nonce) != NONCE_LEN or len(cred.mac) != MAC_LEN or len(cred.issuer) != 32:
         raise InviteError("admission credential is malformed", "bad_credential")
-    expected = credential_mac(secret, mesh_id, cred.issuer, cred.expires_at, cred.nonce, pb.ADMISSION_SECRET)
+    expected = credential_mac(secret, mesh_id, cred.issuer, cred.expires_at, cred.nonce, pb.ADMISSION_SECRET,
+                              cred.single_use)
     if not hmac.compare_digest(expected, cred.mac):
         raise InviteError(
             "invite was not issued by this mesh or was edited (credential check failed)", "bad_credential"
         )
-    check_expiry(cred, now)
 
 
 def member_proof(secret: bytes, mesh_id: str, dialer: bytes, acceptor: bytes) -> bytes:
@@ -246,6 +264,7 @@ def describe_token(tok: pb.InviteToken, now: Optional[float] = None) -> dict:
         "expires_at": tok.credential.expires_at,
         "expires_in_s": int(tok.credential.expires_at - now),
         "issuer": tok.credential.issuer.hex(),
+        "single_use": tok.credential.single_use,
     }
 
 

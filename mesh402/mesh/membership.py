@@ -1,7 +1,8 @@
 """What a node remembers about its mesh across restarts, under ``--home``.
 
 - ``mesh.json``: mesh id, admission policy, the highest announcement seq
-  used, and the last known addresses of peers (to rejoin after a restart);
+  used, the last known addresses of peers (to rejoin after a restart), and
+  the mesh's spent or revoked invite nonces (mesh402.mesh.spent);
 - ``mesh.secret``: the 32-byte mesh secret as hex, mode 0600, never printed.
 """
 
@@ -29,6 +30,7 @@ class Membership:
         self.secret: Optional[bytes] = None
         self.seq: int = 0
         self.peers: dict[str, dict] = {}  # hex id -> {addrs, relay_url, last_seen}
+        self.spent: dict[str, int] = {}  # invite nonce hex -> its expiry (single-use and used, or revoked)
 
     @classmethod
     def load(cls, home: Path) -> "Membership":
@@ -41,6 +43,7 @@ class Membership:
                 m.policy = POLICY_BY_NAME.get(d.get("policy", "secret"), pb.ADMISSION_SECRET)
                 m.seq = int(d.get("seq", 0))
                 m.peers = dict(d.get("peers", {}))
+                m.spent = {str(k): int(v) for k, v in dict(d.get("spent", {})).items()}
             except (ValueError, OSError, TypeError):
                 pass  # unreadable state: start afresh, the key (identity) is separate
         s = m.home / SECRET_FILE
@@ -65,11 +68,13 @@ class Membership:
         self.policy = policy
         self.secret = new_mesh_secret() if policy == pb.ADMISSION_SECRET else None
         self.peers = {}
+        self.spent = {}
         self.save()
 
     def adopt(self, mesh_id: str, policy: int, secret: Optional[bytes]) -> None:
         if mesh_id != self.mesh_id:
             self.peers = {}
+            self.spent = {}
         self.mesh_id = mesh_id
         self.policy = policy
         self.secret = secret if policy == pb.ADMISSION_SECRET else None
@@ -91,7 +96,8 @@ class Membership:
                 self.peers.pop(k, None)
 
     def save(self) -> None:
-        d = {"mesh_id": self.mesh_id, "policy": self.policy_name, "seq": self.seq, "peers": self.peers}
+        d = {"mesh_id": self.mesh_id, "policy": self.policy_name, "seq": self.seq, "peers": self.peers,
+             "spent": self.spent}
         write_private(self.home / MESH_FILE, json.dumps(d, indent=1) + "\n")
         secret_path = self.home / SECRET_FILE
         if self.secret is not None:

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Optional
 
 from mesh402.mesh import ALPN, iroh_fastcopy  # noqa: F401
-from mesh402.mesh import framing, invite
+from mesh402.mesh import framing, invite, spent
 from mesh402.mesh.config import MeshConfig
 from mesh402.mesh.framing import FrameError, FramedStream, StreamType, make_frame
 from mesh402.mesh.hardware import default_hardware
@@ -348,10 +348,26 @@ class MeshService:
             protocol_gen=framing.PROTOCOL_GENERATION,
             leaving=leaving,
             name=loc.name,
-            labels=dict(loc.labels),
+            labels=self._labels(now),
         )
         self._sent_rtts = dict(rtts)
         return sign_announcement(self.identity, self.gossip.mesh_id, ann)
+
+    def _labels(self, now: float) -> dict[str, str]:
+        """The node's labels plus the mesh's spent invite nonces, which every member carries."""
+        labels = {k: v for k, v in self.local.labels.items() if k != spent.SPENT_LABEL}
+        spent.prune(self.membership.spent, now)
+        if self.membership.spent:
+            labels[spent.SPENT_LABEL] = spent.encode(self.membership.spent)
+        return labels
+
+    def _spend(self, entries: dict[str, int]) -> bool:
+        """Merge spent or revoked invite nonces; re-announce (and persist) when the set grew."""
+        if not spent.merge(self.membership.spent, entries, self.clock.time()):
+            return False
+        self.counters["invites.spent_merged"] += 1
+        self._resign()
+        return True
 
     def _resign(self, flush: bool = True) -> None:
         if self.gossip is None:
@@ -432,10 +448,11 @@ class MeshService:
 
     # ================================================================ invites
 
-    def mint_invite(self, expires_in: Optional[float] = None) -> str:
+    def mint_invite(self, expires_in: Optional[float] = None, single_use: bool = False) -> str:
         if not self.mesh_id:
             raise InviteError("not part of a mesh yet")
         return invite.mint_token(
+            single_use=single_use,
             mesh_id=self.mesh_id,
             secret=self.membership.secret,
             policy=self.membership.policy,
@@ -445,6 +462,20 @@ class MeshService:
             expires_in=self.config.invite_expires if expires_in is None else expires_in,
             now=self.clock.time(),
         )
+
+    def revoke_invite(self, token: str) -> dict:
+        """Stop a token of this mesh from admitting anyone (mesh-wide, through gossip). Members it
+        already admitted stay."""
+        tok = invite.decode_token(token)
+        if tok.mesh_id != self.mesh_id:
+            raise InviteError("this token belongs to another mesh", "wrong_mesh")
+        cred = tok.credential
+        if tok.policy != pb.ADMISSION_SECRET:
+            raise InviteError("an open mesh admits anyone: there is nothing to revoke", "open_mesh")
+        invite.check_mac(cred, mesh_id=self.mesh_id, secret=self.membership.secret)
+        fresh = self._spend({cred.nonce.hex(): int(cred.expires_at)})
+        return {"nonce": cred.nonce.hex(), "expires_at": int(cred.expires_at), "already": not fresh,
+                "expired": cred.expires_at <= self.clock.time()}
 
     @property
     def invite_token(self) -> str:
@@ -707,6 +738,19 @@ class MeshService:
         self.counters["admission.accepted"] += 1
         self._register(pc)
 
+    def _use_invite(self, cred: pb.InviteCredential) -> None:
+        """Refuse a spent or revoked token; a single-use one is honoured by its issuer alone (one event
+        loop, so two joiners cannot both use it) and is spent here."""
+        nonce = cred.nonce.hex()
+        if nonce in self.membership.spent:
+            raise InviteError("this invite token was revoked or, being single-use, is already used; "
+                              "ask a member for a new one (mesh402 invite)", "spent")
+        if cred.single_use:
+            if bytes(cred.issuer) != self.node_id:
+                raise InviteError("a single-use invite is accepted only by the member that minted it",
+                                  "single_use_elsewhere")
+            self._spend({nonce: int(cred.expires_at)})
+
     def _admit(self, remote: bytes, hello: pb.Hello) -> tuple[pb.PeerAnnouncement, pb.Welcome]:
         """Check a Hello. Raises InviteError(code) on refusal."""
         g = self.gossip
@@ -730,6 +774,7 @@ class MeshService:
             invite.check_member_proof(hello.member_proof, self.membership.secret, g.mesh_id, remote, self.node_id)
         elif proof == "invite":
             invite.verify_credential(hello.invite, mesh_id=g.mesh_id, secret=self.membership.secret, policy=policy, now=now)
+            self._use_invite(hello.invite)
             admitted_by_invite = True
         else:
             raise InviteError("no admission credential (this mesh needs an invite token)", "no_credential")
@@ -963,6 +1008,8 @@ class MeshService:
         if not outcome.accepted or ann is None:
             return
         nid = bytes(ann.node_id)
+        if spent.SPENT_LABEL in ann.labels:
+            self._spend(spent.decode(ann.labels[spent.SPENT_LABEL]))
         st = self.liveness.state(nid)
         if ann.leaving:
             if self.liveness.mark_left(nid):

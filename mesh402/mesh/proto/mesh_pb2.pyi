@@ -110,16 +110,18 @@ class Frame(_message.Message):
     def __init__(self, gen: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., reject: _Optional[_Union[Reject, _Mapping]] = ..., gossip: _Optional[_Union[Gossip, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., peer_down: _Optional[_Union[PeerDown, _Mapping]] = ..., peer_leaving: _Optional[_Union[PeerLeaving, _Mapping]] = ..., route_request: _Optional[_Union[RouteRequest, _Mapping]] = ..., route_table: _Optional[_Union[RouteTable, _Mapping]] = ..., stage: _Optional[_Union[StageFrame, _Mapping]] = ..., http: _Optional[_Union[HttpTunnelFrame, _Mapping]] = ..., plugin: _Optional[_Union[PluginFrame, _Mapping]] = ..., echo: _Optional[_Union[Echo, _Mapping]] = ...) -> None: ...
 
 class InviteCredential(_message.Message):
-    __slots__ = ("expires_at", "nonce", "mac", "issuer")
+    __slots__ = ("expires_at", "nonce", "mac", "issuer", "single_use")
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
     MAC_FIELD_NUMBER: _ClassVar[int]
     ISSUER_FIELD_NUMBER: _ClassVar[int]
+    SINGLE_USE_FIELD_NUMBER: _ClassVar[int]
     expires_at: int
     nonce: bytes
     mac: bytes
     issuer: bytes
-    def __init__(self, expires_at: _Optional[int] = ..., nonce: _Optional[bytes] = ..., mac: _Optional[bytes] = ..., issuer: _Optional[bytes] = ...) -> None: ...
+    single_use: bool
+    def __init__(self, expires_at: _Optional[int] = ..., nonce: _Optional[bytes] = ..., mac: _Optional[bytes] = ..., issuer: _Optional[bytes] = ..., single_use: _Optional[bool] = ...) -> None: ...
 
 class InviteToken(_message.Message):
     __slots__ = ("version", "mesh_id", "node_id", "addrs", "relay_url", "policy", "credential")
