@@ -150,6 +150,8 @@ class MeshRuntime:
         except BaseException:
             await self.mesh.stop(graceful=False)
             raise
+        with contextlib.suppress(Exception):  # name the console in node.json as soon as it answers
+            self.node._write_state()
         self.mesh.update_local(console_port=self.console_port or 0, models=self._model_entries(hash_files=False))
         self._poll_task = asyncio.create_task(self._poll_models())
         if self.discovery is not None:

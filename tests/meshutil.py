@@ -21,6 +21,7 @@ from typing import Any, Optional
 import httpx
 import pytest
 
+from mesh402.home import Home
 from tests.procs import MESH402, NodeProcess, free_port
 
 
@@ -126,6 +127,9 @@ class MeshNodes:
         self.nodes.append(node)
         if wait:
             proc.wait_http(f"{node.console}/api/status", timeout=timeout)
+            # the console answers a moment before node.json names it: CLI subcommands need the file
+            wait_until(lambda: bool(((Home(home).read_state() or {}).get("mesh") or {}).get("console_port")),
+                       timeout, what=f"{name}'s node.json")
         return node
 
     def restart(self, node: MeshNode, *, join: Optional[str] = None, wait: bool = True) -> MeshNode:
