@@ -250,9 +250,9 @@ def test_each_request_gets_the_hosts_and_every_expert_nodes_receipt(gguf_path, e
     for rs_t, rs_a, prompt in zip(together, alone, PROMPTS):
         assert _totals(rs_t) == _totals(rs_a)
         per_layer = [sum(n for (la, _), n in _totals(rs_t).items() if la == layer) for layer in range(NL)]
-        rows_run = per_layer[0] // K  # token rows through each MoE layer (real rows, plus any prefill padding)
+        rows_run = per_layer[0] // K  # token rows through each MoE layer: the real ones, no prefill padding
         tokens = len(prompt) + N_DECODE
-        assert per_layer == [K * rows_run] * NL and rows_run >= tokens
+        assert per_layer == [K * rows_run] * NL and rows_run == tokens
         units = sum(table.units(r.trunk_tokens, r.rows) for r in rs_t)
         trunk = trunk_flops_per_token(meta)
         assert units == trunk * tokens + (flops_per_token(meta, 0, NL) - trunk) * rows_run

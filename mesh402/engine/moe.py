@@ -169,12 +169,14 @@ class MoEFFN:
                  n_real: int | None = None) -> torch.Tensor:
         T = x.shape[0]
         idx, w = route(x @ self.router.t(), self.k, self.norm)
-        n = T if n_real is None else n_real
-        self.usage += torch.bincount(idx[:n].reshape(-1).cpu(), minlength=self.n_experts)
-        hit = torch.unique(idx).tolist()  # ascending
+        # Only real rows go to the experts: a prefill chunk's padding rows are discarded anyway, so
+        # running them would cost expert nodes work (and wire) and be paid for nothing.
+        real = idx[:T if n_real is None else n_real]
+        self.usage += torch.bincount(real.reshape(-1).cpu(), minlength=self.n_experts)
+        hit = torch.unique(real).tolist()  # ascending
         groups, kpos = {}, {}
         for e in hit:
-            rows, pos = torch.where(idx == e)
+            rows, pos = torch.where(real == e)
             groups[e], kpos[e] = rows, pos
         ys = runner.run_experts(self.layer, x, groups)
         out = torch.zeros_like(x)
