@@ -106,6 +106,28 @@ def test_status_shows_the_split_and_no_stage_holds_the_whole_model(mesh4) -> Non
     assert "Model plans" in out.output and f"[{stages[1][1]}, {stages[1][2]})" in out.output
 
 
+def test_repeated_prompt_prefix_is_reused_on_every_stage(mesh4) -> None:
+    """Real nodes: the same long system prompt again (another question) restores the host's and the
+    worker's KV rows for the shared chunks and gives what a cold run gives."""
+    _, servers, _ = mesh4
+    host = by_id(servers, plan_of(servers[0])["host"])
+    system = {"role": "system", "content": "You are a careful assistant. Answer briefly and exactly. " * 10}
+
+    def chat(question: str) -> dict:
+        b = {**body(max_tokens=12), "messages": [system, {"role": "user", "content": question}]}
+        r = httpx.post(f"http://127.0.0.1:{host.api_port}/v1/chat/completions", json=b, timeout=180)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    chat("Name a color.")  # cold: leaves the prefix's rows on both stages
+    warm = chat("Name a fruit.")
+    cached = warm["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert 0 < cached < warm["usage"]["prompt_tokens"], warm["usage"]
+    cold = solo_text([system, {"role": "user", "content": "Name a fruit."}], 12)
+    assert warm["choices"][0]["message"]["content"] == cold
+    print(f"\nwarm split request reused {cached} of {warm['usage']['prompt_tokens']} prompt tokens")
+
+
 def stream_tokens(node: MeshNode, on_chunk, max_tokens: int = MAX_TOKENS) -> tuple[str, list[dict]]:
     parts, events = [], []
     with httpx.stream("POST", f"http://127.0.0.1:{node.api_port}/v1/chat/completions", json=body(True, max_tokens),
