@@ -440,8 +440,9 @@ def invite_cmd(
         _fail(f"{'revoke' if revoke is not None else 'invite'} refused: {msg}")
     d = r.json()
     if revoke is not None:
-        state = "was already revoked" if d["already"] else "revoked mesh-wide"
-        print(f"token {d['nonce'][:12]}… {state}" + (" (it had expired anyway)" if d["expired"] else ""), flush=True)
+        said = {"revoked": "revoked mesh-wide", "already revoked": "was already revoked",
+                "expired": "has expired already: it admits no one"}[d["state"]]
+        print(f"token {d['nonce'][:12]}… {said}", flush=True)
         return
     print(d["token"], flush=True)
     err.print(f"expires {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(d['expires_at']))} (mesh {d['mesh_id'][:12]})"

@@ -473,9 +473,12 @@ class MeshService:
         if tok.policy != pb.ADMISSION_SECRET:
             raise InviteError("an open mesh admits anyone: there is nothing to revoke", "open_mesh")
         invite.check_mac(cred, mesh_id=self.mesh_id, secret=self.membership.secret)
-        fresh = self._spend({cred.nonce.hex(): int(cred.expires_at)})
-        return {"nonce": cred.nonce.hex(), "expires_at": int(cred.expires_at), "already": not fresh,
-                "expired": cred.expires_at <= self.clock.time()}
+        nonce = cred.nonce.hex()
+        if cred.expires_at <= self.clock.time():
+            state = "expired"  # it admits no one already; nothing to gossip
+        else:
+            state = "revoked" if self._spend({nonce: int(cred.expires_at)}) else "already revoked"
+        return {"nonce": nonce, "expires_at": int(cred.expires_at), "state": state}
 
     @property
     def invite_token(self) -> str:
