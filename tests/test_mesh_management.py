@@ -92,6 +92,14 @@ def test_status_invite_and_events(mesh_nodes: MeshNodes):
     assert refused.proc.proc.wait(timeout=60) != 0 and "revoked" in refused.log()
     r = cli("invite", "--home", str(a.home), "--revoke", str(a.home / "missing.txt"))
     assert r.returncode == 2 and "cannot read" in r.stderr
+    for bad in (b"not json", b'{"token": 5}', b'["m402"]'):
+        r = httpx.post(f"{a.console}/api/invite/revoke", content=bad, timeout=5)
+        assert r.status_code == 400 and "token" in r.json()["error"], r.text
+    r = httpx.post(f"{a.console}/api/invite/revoke", json={"token": "m402garbage!"}, timeout=5)
+    assert r.status_code == 400 and "garbled" in r.json()["error"], r.text
+    r = httpx.post(f"{a.console}/api/invite", json={"single_use": "yes"}, timeout=5)
+    assert r.status_code == 400 and "single_use" in r.json()["error"], r.text
+    assert a.alive()
 
 
 def test_console_listen_all_requires_token(mesh_nodes: MeshNodes, tmp_path):
