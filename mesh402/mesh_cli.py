@@ -104,10 +104,7 @@ def settings_from_flags(
 
     tokens = list(join or [])
     if join_file is not None:
-        try:
-            tokens.append(Path(join_file).expanduser().read_text().strip())
-        except OSError as e:
-            _fail(f"cannot read --join-file {join_file}: {e.strerror}")
+        tokens.append(_read_token_file(join_file, "--join-file"))
     member = Membership.load(home) if Path(home).exists() else None
     for t in tokens:
         try:
@@ -420,8 +417,8 @@ def invite_cmd(
 
     base, headers, _ = _find_console(home)
     if revoke is not None:
-        token = sys.stdin.read() if str(revoke) == "-" else _read_text(revoke)
-        path, body = "/api/invite/revoke", {"token": token.strip()}
+        token = sys.stdin.read().strip() if str(revoke) == "-" else _read_token_file(revoke, "--revoke")
+        path, body = "/api/invite/revoke", {"token": token}
     else:
         try:
             parse_duration(expires)
@@ -449,11 +446,12 @@ def invite_cmd(
               + (", single use" if single_use else ""), highlight=False)
 
 
-def _read_text(path: Path) -> str:
+def _read_token_file(path: Path, flag: str) -> str:
+    """An invite token from a file; a read error exits with one line."""
     try:
-        return path.read_text()
+        return Path(path).expanduser().read_text().strip()
     except OSError as e:
-        _fail(f"cannot read {path}: {e.strerror or e}")
+        _fail(f"cannot read {flag} {path}: {e.strerror or e}")
         raise  # unreachable: _fail exits
 
 
