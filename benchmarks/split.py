@@ -111,22 +111,27 @@ def build_inproc(mode: str, stages: int, ex: ThreadPoolExecutor, wire: str = "f3
 
     if stages == 1:
         return LocalModel(eng(0, 30), ex)
-    workers: dict[str, StageWorker] = {}
+    from mesh402.mesh.identity import NodeIdentity
 
-    async def connect(node: str) -> MemoryLink:
+    workers: dict[str, StageWorker] = {}
+    host = NodeIdentity.generate()  # assigns the ranges and signs the session grants
+
+    async def connect(node: str, caller: str = host.node_id_hex) -> MemoryLink:
         client, server = MemoryLink.pair()
-        asyncio.get_running_loop().create_task(workers[node].handle("peer", server))
+        asyncio.get_running_loop().create_task(workers[node].handle(caller, server))
         return client
 
     hops = []
     for i, (a, b) in enumerate(zip(sp[1:], sp[2:])):
         node = f"w{i}"
-        w = StageWorker(node, ex, lambda h, a, b: eng(a, b), connect)
+        w = StageWorker(node, ex, lambda h, a, b: eng(a, b), lambda t, me=node: connect(t, me))
         w.engines[StageKey("h", a, b)] = eng(a, b)
+        w.assigners[StageKey("h", a, b)] = host.node_id_hex
         workers[node] = w
         hops.append(Hop(node, a, b))
     chain = Chain(MODEL, "h", 1, sp[1], tuple(hops))
-    return PipelineModel(eng(0, sp[1]), chain, connect, _Failover(), ex, wire_dtype=wire)  # type: ignore[arg-type]
+    return PipelineModel(eng(0, sp[1]), chain, connect, _Failover(), ex, wire_dtype=wire,  # type: ignore[arg-type]
+                         signer=host)
 
 
 async def _timed_run(model: Any, ids: list[int], n: int) -> tuple[float, list[float]]:

@@ -61,6 +61,7 @@ def serve(
     max_split_rtt: Annotated[float, typer.Option(help="Peers with a higher RTT (ms) never hold a stage of a split.")] = 80.0,
     wire_dtype: Annotated[str, typer.Option(help="Activations between stages: f32 (bit-exact), f16 or bf16.")] = "f32",
     standby: Annotated[bool, typer.Option("--standby", help="Serve no model until the mesh's demand asks for one on this node's disk.")] = False,
+    session_idle_timeout: Annotated[float, typer.Option("--session-idle-timeout", help="Seconds a stage of a split (or an expert node) waits for the next step of an open session before it closes the session and frees its memory.")] = 120.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     join: _mesh.JoinOpt = None,
     join_file: _mesh.JoinFileOpt = None,
@@ -112,6 +113,8 @@ def serve(
         _fail("--wire-dtype must be f32, f16 or bf16")
     if max_vram is not None and max_vram <= 0:
         _fail("--max-vram must be a positive number of GB")
+    if session_idle_timeout <= 0:
+        _fail("--session-idle-timeout must be a positive number of seconds")
     try:
         sources = [resolve_model(m) for m in (model or [BUNDLED_MODEL_ID])]
         api_key = load_api_key(api_key_file)
@@ -139,6 +142,7 @@ def serve(
     config.limits.max_sessions = max_sessions
     config.max_vram_gb, config.max_split_rtt_ms, config.wire_dtype = max_vram, max_split_rtt, wire_dtype  # type: ignore[assignment]
     config.standby = standby
+    config.timers.stage_idle_s = session_idle_timeout
     config.mesh = _mesh.settings_from_flags(
         home=config.home, kind="serving", join=join, join_file=join_file, relay=relay, console_port=console_port,
         console_listen_all=console_listen_all, console_token_file=console_token_file, bind_ip=bind_ip,

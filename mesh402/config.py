@@ -34,6 +34,8 @@ class Timers:
     # stages (a ping, answered off the compute thread); only a stage that fails it is replaced.
     stage_step_floor_s: float = 5.0
     stage_probe_s: float = 3.0
+    # A stage or expert stream whose upstream stays silent this long mid-session is closed and its KV freed.
+    stage_idle_s: float = 120.0
 
 
 @dataclass

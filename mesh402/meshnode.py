@@ -399,6 +399,10 @@ class MeshRuntime:
             except Exception:
                 continue
             labels[MODEL_LABEL + e.model_id] = router.label_for(e.model_id, prof) if router else json.dumps(prof)
+        gate = getattr(self.node.app.state, "payment_gate", None)
+        if gate is not None:  # what this node sells: an entry routing here prices its requests by it
+            from mesh402.economics.upstream import OFFER_LABEL
+            labels[OFFER_LABEL] = gate.offer().to_label()
         with contextlib.suppress(Exception):  # ERC-8004 agent claim after `mesh402 register` (peers verify it)
             from mesh402.economics.identity import announcement_label
             labels.update(announcement_label(self.node.config.home))
@@ -422,7 +426,7 @@ class MeshRuntime:
                 entries = self._model_entries(hash_files=False)
             labels = self._model_labels()
             sig = [m.SerializeToString(deterministic=True) for m in entries] + sorted(
-                kv for kv in labels.items() if kv[0].startswith(("model:", "erc8004", "validator")))
+                kv for kv in labels.items() if kv[0].startswith(("model:", "erc8004", "validator", "x402")))
             if sig != last:
                 last = sig
                 self.mesh.update_local(models=entries, labels=labels)

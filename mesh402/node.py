@@ -126,11 +126,12 @@ class Node:
         self.distributed = DistributedRuntime(self, self.mesh_runtime.mesh, capacity,
                                               max_split_rtt_ms=cfg.max_split_rtt_ms, wire_dtype=cfg.wire_dtype)
         self.app.state.distributed = self.distributed
-        from mesh402.api.tunnel import make_handler
+        from mesh402.api.tunnel import TunnelLimits, make_handler
         from mesh402.mesh.framing import StreamType
 
+        # Tunnelled requests run through this node's own app in-process (never over a socket or a URL).
         self.mesh_runtime.mesh.register_handler(
-            StreamType.HTTP_TUNNEL, make_handler(lambda: f"http://127.0.0.1:{cfg.port}", self.app.state.tunnel_secret))
+            StreamType.HTTP_TUNNEL, make_handler(self.app, TunnelLimits(max_body_bytes=cfg.limits.max_request_bytes)))
         self.distributed.start()
 
     async def _stop_mesh(self) -> None:

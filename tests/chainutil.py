@@ -47,6 +47,14 @@ class DevChain:
         addr = who if who.startswith("0x") else self.dep.address(who)
         return balance_of(self.dep.rpc_url, self.dep.asset.address, addr)
 
+    def transfer(self, sender: str, to: str, amount: int) -> None:
+        """Move test USDC between accounts (e.g. a float for a node that pays other nodes)."""
+        from mesh402.economics.chain import token_contract
+        from mesh402.economics.evm import send_tx
+        w3 = self.w3()
+        tok = token_contract(w3, self.dep.asset.address)
+        send_tx(w3, self.key(sender), tok.functions.transfer(w3.to_checksum_address(self.dep.address(to)), amount))
+
     def nonce_used(self, payer: str, nonce: str) -> bool:
         from mesh402.economics.chain import token_contract
         w3 = self.w3()

@@ -293,6 +293,7 @@ def test_expert_frames_over_links_carry_the_request_and_its_receipt(gguf_path) -
         here, there = MemoryLink.pair()
         svc = ExpertService(lambda *a: worker, accounts=ExpertAccounts(node))
         svc.shards[HASH] = {1: worker}
+        svc.assigners[HASH] = "host-id"  # as after the host's EXPERT_ASSIGN
         task = asyncio.create_task(svc.handle("host-id", there))
 
         async def connect(n):

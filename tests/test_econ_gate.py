@@ -60,10 +60,10 @@ def request(body: dict[str, Any], headers: dict[str, str] | None = None, peer: b
 
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": raw, "more_body": False}
-    r = Request(scope, receive)
-    if peer:
-        r.state.mesh_peer = "peer-node-id"
-    return r
+    if peer:  # as the in-process tunnel dispatch marks a request from an admitted mesh member
+        from mesh402.api.tunnel import PEER_SCOPE_KEY
+        scope[PEER_SCOPE_KEY] = "peer-node-id"
+    return Request(scope, receive)
 
 
 def required_for(gate: PaymentGate, body: dict[str, Any], max_tokens: int = 8, prompt: int = 10) -> dict[str, Any]:
@@ -88,13 +88,14 @@ def test_free_node_has_no_gate(tmp_path: Path) -> None:
     assert not any(getattr(r, "path", "").startswith("/v1/x402") for r in app.routes)
 
 
-def test_requests_from_admitted_mesh_peers_are_not_charged_again(tmp_path: Path) -> None:
+def test_requests_from_admitted_mesh_peers_are_charged_like_any_client(tmp_path: Path) -> None:
+    """A member of an open mesh is anyone: a tunnelled request without payment gets the 402 too."""
     fac = FakeFacilitator()
     gate = PaymentGate(cfg(tmp_path), tmp_path, facilitator=fac)
-    charge = asyncio.run(gate.authorize(request(BODY, peer=True), "m", 10, 8, False))
-    assert charge.mode == "peer"
-    res = asyncio.run(gate.complete(charge, fin()))
-    assert res["headers"] == {} and fac.verified == [] and fac.settled == []
+    with pytest.raises(APIError) as e:
+        asyncio.run(gate.authorize(request(BODY, peer=True), "m", 10, 8, False))
+    assert e.value.status == 402 and "PAYMENT-REQUIRED" in e.value.headers
+    assert fac.verified == [] and fac.settled == []
 
 
 def test_window_is_sized_from_max_tokens_and_measured_speed(tmp_path: Path) -> None:

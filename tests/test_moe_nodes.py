@@ -123,3 +123,42 @@ def test_gate_usage_replicates_the_hot_expert(mesh2, moe_model) -> None:
 
     out = CliRunner().invoke(app, ["status", "--home", str(a.home)])
     assert out.exit_code == 0 and f"{HOT}*" in out.output, out.output
+
+
+def test_expert_frames_from_a_member_that_is_not_the_host_are_refused(mesh2, moe_model, tmp_path) -> None:
+    """An admitted member that is not the model's host can neither make a node load experts nor run the
+    experts it holds for the host (both worked for anyone before); the split keeps answering as solo."""
+    import asyncio
+    import torch
+
+    from mesh402.mesh.framing import StreamType
+    from mesh402.models.gguf_meta import file_fingerprint
+    from mesh402.serving.experts import encode_request
+    from mesh402.serving.stage_link import K, stage_frame
+    from tests.hostile import EvilMember
+
+    _, (a, b) = mesh2
+    plan = plan_of(a)
+    worker = b if plan["host"] == a.node_id else a
+    ch = file_fingerprint(moe_model)
+    model = httpx.get(f"http://127.0.0.1:{a.api_port}/v1/models", timeout=10).json()["data"][0]["id"]
+    served = worker.status()["node"]["distributed"]["experts"]["requests"]
+
+    async def attack() -> tuple[str, str]:
+        async with EvilMember(tmp_path / "evil", a.token()) as evil:
+            await evil.wait_connected(worker.node_id)
+            fs = await evil.open(worker.node_id, StreamType.EXPERT)
+            await fs.send(stage_frame(K.STAGE_KIND_EXPERT_ASSIGN, model_id=model, content_hash=ch,
+                                      plan_epoch=plan["epoch"] + 1, params={"experts": "[[0, 0], [1, 1]]"}))
+            assign = (await fs.recv(30)).stage.params.get("code", "")
+            await fs.send(stage_frame(K.STAGE_KIND_EXPERT_RUN, content_hash=ch, plan_epoch=plan["epoch"],
+                                      activations=encode_request(0, torch.randn(2, 128), {HOT: [0, 1]})))
+            run = (await fs.recv(30)).stage.params.get("code", "")
+            await fs.finish()
+            return assign, run
+
+    assign, run = asyncio.run(attack())
+    assert (assign, run) == ("not_host", "not_host")
+    status = worker.status()["node"]["distributed"]["experts"]
+    assert status["refused"] >= 2 and status["requests"] == served  # nothing ran for the member
+    assert ask(a, model) == solo_text(moe_model, MESSAGES, MAX_TOKENS)

@@ -9,6 +9,7 @@ import pytest
 
 from mesh402.engine import Engine
 from mesh402.engine.sampling import SamplingParams
+from mesh402.mesh.identity import NodeIdentity
 from mesh402.models.catalog import bundled_model_path
 from mesh402.serving.generation import Delta, Finished, GenerationRequest, LocalModel, generate
 from mesh402.serving.pipeline import Chain, Failover, PipelineModel, StepTimer
@@ -38,27 +39,35 @@ def prompt(solo: Engine) -> list[int]:
 
 
 class Mesh:
-    """Workers keyed by node id, reachable through in-memory links; nodes can be 'killed'."""
+    """Workers keyed by node id, reachable through in-memory links; nodes can be 'killed'. `host` is the
+    identity that assigns the ranges and signs the session grants; each link knows who opened it."""
 
     def __init__(self, executor: ThreadPoolExecutor) -> None:
         self.executor = executor
+        self.host = NodeIdentity.generate()
         self.workers: dict[str, StageWorker] = {}
         self.tasks: dict[str, list[asyncio.Task]] = {}
         self.dead: set[str] = set()
 
     def add(self, node: str) -> StageWorker:
         w = StageWorker(node, self.executor, lambda h, a, b: Engine.load(PATH, mode="exact", layers=(a, b),
-                                                                         load_tokenizer=False), self.connect)
+                                                                         load_tokenizer=False),
+                        lambda target, me=node: self.connect(target, caller=me))
         self.workers[node] = w
         self.tasks[node] = []
         return w
 
-    async def connect(self, node: str) -> MemoryLink:
+    async def connect(self, node: str, caller: str | None = None) -> MemoryLink:
         if node in self.dead or node not in self.workers:
             raise ConnectionError(f"no route to {node}")
         client, server = MemoryLink.pair()
-        self.tasks[node].append(asyncio.create_task(self.workers[node].handle("peer", server)))
+        peer = caller or self.host.node_id_hex
+        self.tasks[node].append(asyncio.create_task(self.workers[node].handle(peer, server)))
         return client
+
+    async def load(self, node: str, key: StageKey) -> None:
+        """As an ASSIGN from the host would: the range, and who may grant sessions on it."""
+        await self.workers[node].ensure_loaded(key, assigner=self.host.node_id_hex)
 
     def kill(self, node: str) -> None:
         """Like kill -9: the node's tasks stop and it never answers again."""
@@ -83,7 +92,7 @@ class MeshFailover(Failover):
                 if not self.standbys:
                     raise StageError("no standby left", code="no_plan")
                 sb = self.standbys.pop(0)
-                await self.mesh.workers[sb].ensure_loaded(StageKey(HASH, h.start, h.end))
+                await self.mesh.load(sb, StageKey(HASH, h.start, h.end))
                 h = Hop(sb, h.start, h.end)
             hops.append(h)
         self.epoch += 1
@@ -113,8 +122,8 @@ async def build(executor, splits: list[int], standbys: list[str] = ()) -> tuple[
     hops = []
     for i, (a, b) in enumerate(zip(splits[1:], splits[2:])):
         node = f"w{i}"
-        w = mesh.add(node)
-        await w.ensure_loaded(StageKey(HASH, a, b))
+        mesh.add(node)
+        await mesh.load(node, StageKey(HASH, a, b))
         hops.append(Hop(node, a, b))
     for sb in standbys:
         mesh.add(sb)
@@ -122,7 +131,8 @@ async def build(executor, splits: list[int], standbys: list[str] = ()) -> tuple[
         executor, lambda: Engine.load(PATH, mode="exact", layers=(0, splits[1])))
     fo = MeshFailover(mesh, list(standbys))
     chain = Chain("smollm2", HASH, 1, splits[1], tuple(hops))
-    return PipelineModel(engine0, chain, mesh.connect, fo, executor, timer=StepTimer(floor_s=0.5)), mesh, fo
+    return (PipelineModel(engine0, chain, mesh.connect, fo, executor, timer=StepTimer(floor_s=0.5), signer=mesh.host),
+            mesh, fo)
 
 
 N = 20
@@ -171,11 +181,11 @@ def test_stage_refuses_sessions_beyond_its_memory(executor, prompt) -> None:
                                                                      load_tokenizer=False, max_sessions=1),
                         mesh.connect)
         mesh.workers["w0"], mesh.tasks["w0"] = w, []
-        await w.ensure_loaded(StageKey(HASH, 15, 30))
+        await mesh.load("w0", StageKey(HASH, 15, 30))
         engine0 = await asyncio.get_running_loop().run_in_executor(
             executor, lambda: Engine.load(PATH, mode="exact", layers=(0, 15)))
         model = PipelineModel(engine0, Chain("smollm2", HASH, 1, 15, (Hop("w0", 15, 30),)), mesh.connect,
-                              MeshFailover(mesh, []), executor)
+                              MeshFailover(mesh, []), executor, signer=mesh.host)
         sampling = SamplingParams(temperature=0, seed=1)
         first = await model.open(64, sampling)
         with pytest.raises(StageError) as e:

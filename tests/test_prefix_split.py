@@ -72,7 +72,7 @@ def test_paid_warm_request_reveals_from_position_zero(executor, solo) -> None:  
         model, mesh, _ = await build(executor, [0, 10, 20, 30])
         for name, w in mesh.workers.items():
             w.signer = NodeIdentity.generate()
-        model.signer, model.receipt_sink = NodeIdentity.generate(), lambda rs, ev=None: got.append((rs, ev))
+        model.receipt_sink = lambda rs, ev=None: got.append((rs, ev))  # signed by the host that assigned the ranges
         model.auditor = Auditor(1.0, 3600)
         await gen(model, a)
         _, cached = await gen(model, b)  # same system prompt: warm

@@ -19,6 +19,7 @@ from mesh402.engine.sampling import SamplingParams
 from mesh402.engine.wire import decode_activations, encode_activations, forward_tokens
 from mesh402.models.catalog import bundled_model_path
 from mesh402.serving.generation import LocalModel
+from mesh402.mesh.identity import NodeIdentity
 from mesh402.serving.pipeline import Chain, Failover, PipelineModel
 from mesh402.serving.stage_link import Hop, MemoryLink
 from mesh402.serving.stage_worker import StageKey, StageWorker
@@ -46,16 +47,17 @@ async def _greedy(model, ids: list[int], n: int) -> list[int]:
 
 async def _pipeline_greedy(e0: Engine, e1: Engine, dtype: str, ids: list[int], n: int,
                            ex: ThreadPoolExecutor) -> list[int]:
+    host = NodeIdentity.generate()
     worker = StageWorker("w1", ex, lambda h, a, b: e1, connect=None)  # type: ignore[arg-type]
-    await worker.ensure_loaded(StageKey("h", SPLIT, 30))
+    await worker.ensure_loaded(StageKey("h", SPLIT, 30), assigner=host.node_id_hex)
 
     async def connect(node: str) -> MemoryLink:
         client, server = MemoryLink.pair()
-        asyncio.create_task(worker.handle("host", server))
+        asyncio.create_task(worker.handle(host.node_id_hex, server))
         return client
 
     chain = Chain("smollm2", "h", 1, SPLIT, (Hop("w1", SPLIT, 30),))
-    return await _greedy(PipelineModel(e0, chain, connect, _NoFailover(), ex, wire_dtype=dtype), ids, n)
+    return await _greedy(PipelineModel(e0, chain, connect, _NoFailover(), ex, wire_dtype=dtype, signer=host), ids, n)
 
 
 def _teacher_forced(e0: Engine, e1: Engine, ids: list[int], trajectory: list[int], dtype: str) -> list[torch.Tensor]:

@@ -1,5 +1,5 @@
-"""What the edge's request handlers share: the node's config, its models, the router, the tunnel
-secret and the payment gate, in one object passed to each piece instead of closed over."""
+"""What the edge's request handlers share: the node's config, its models, the router and the payment
+gate, in one object passed to each piece instead of closed over."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from fastapi import Request
 
 from mesh402.api.errors import APIError
 from mesh402.api.router import Router
-from mesh402.api.tunnel import TunnelSecret
+from mesh402.api.tunnel import PEER_SCOPE_KEY
 from mesh402.config import NodeConfig
 from mesh402.serving.registry import ModelRegistry
 
@@ -22,8 +22,8 @@ class EdgeContext:
     registry: ModelRegistry
     state: Any  # the app's state: the Node sets `distributed` on it after the app is built
     router: Router  # model: "auto" -> a model and node (mesh402.routing)
-    tunnel_secret: TunnelSecret
     gate: Any = None  # x402 payments (mesh402.economics); None on a free node
+    buyer: Any = None  # economics.upstream.UpstreamBuyer: a paid entry's wallet, paying hosts that charge
 
     @property
     def distributed(self) -> Any:
@@ -39,15 +39,16 @@ class EdgeContext:
         dist = self.distributed
         return dist.routes() if dist is not None else {}
 
-    def mesh_peer(self, request: Request) -> str | None:
-        """The admitted peer a request came from through the mesh tunnel, or None for a direct client."""
-        peer = self.tunnel_secret.verify(request.headers)
-        if peer is not None:
-            request.state.mesh_peer = peer
-        return peer
+    @staticmethod
+    def mesh_peer(request: Request) -> str | None:
+        """The admitted peer a request came from through the mesh tunnel, or None for a direct client.
+        Only the in-process tunnel dispatch sets this scope key; no HTTP client can."""
+        peer = request.scope.get(PEER_SCOPE_KEY)
+        return peer if isinstance(peer, str) else None
 
     def check_auth(self, request: Request) -> None:
-        # Tunnelled requests were authenticated (and paid) at the entry node.
+        # Mesh membership authenticates tunnelled requests (the API key is for direct clients); they are
+        # still charged like any client's on a node that sells inference.
         if self.mesh_peer(request) is not None or self.config.api_key is None:
             return
         header = request.headers.get("authorization", "")

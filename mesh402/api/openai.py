@@ -19,7 +19,6 @@ from mesh402.api.errors import APIError, bad_request, unavailable
 from mesh402.api.forwarding import target
 from mesh402.api.router import Router
 from mesh402.api.schemas import ChatCompletionRequest, CompletionRequest
-from mesh402.api.tunnel import TunnelSecret
 from mesh402.api.wire import read_json, validation_message
 from mesh402.config import NodeConfig
 from mesh402.serving.registry import ModelEntry, ModelRegistry
@@ -42,8 +41,11 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
     registration.install(app, config.home)
     install_error_handlers(app, config)
 
-    ctx = EdgeContext(config, registry, app.state, Router(), TunnelSecret(), gate)
-    app.state.tunnel_secret = ctx.tunnel_secret
+    buyer = None
+    if gate is not None and config.payments.payout_key:  # a paid entry buys from hosts that charge
+        from mesh402.economics.upstream import UpstreamBuyer
+        buyer = UpstreamBuyer(config.payments.payout_key, gate.asset.network, gate.asset.address)
+    ctx = EdgeContext(config, registry, app.state, Router(), gate, buyer)
     app.state.router = ctx.router
     install_routes(app, ctx)
     return app

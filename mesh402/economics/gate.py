@@ -17,8 +17,9 @@ Streaming is never buffered: tokens flow as they are generated, settlement runs 
 and its outcome arrives in-band as a final SSE chunk (`"choices": []` plus an `x402` object) before
 `data: [DONE]`; the same record is kept in the ledger.
 
-Requests that arrive from an admitted mesh peer (the mesh layer's middleware sets
-`request.state.mesh_peer`) were already charged by the entry node and pass free.
+Requests that arrive through the mesh tunnel are charged like any client's: an admitted member is not
+trusted to have been paid by anyone (on an open mesh anyone is a member). An entry node that routes to
+a host that charges pays that host itself (economics/proxy.py) or lets its client pay it.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def b64json(obj: Any) -> str:
 @dataclass
 class Charge:
     """One request's payment state between authorize() and respond()/finish_stream()/release()."""
-    mode: str  # peer | exact | credit
+    mode: str  # exact | credit
     request_id: str
     model_id: str = ""
     prompt_tokens: int = 0
@@ -94,13 +95,18 @@ class Charge:
     finished: bool = False
     timing: dict[str, float] = field(default_factory=dict)  # facilitator round trips, ms
     gate: "PaymentGate | None" = None
+    extra: int = 0  # added to this request's price: what the entry pays the host it routes to
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> int:
+        assert self.gate is not None
+        return self.gate.cost(prompt_tokens, completion_tokens) + self.extra
 
     def take_token(self) -> bool:
         """Metering while streaming: count one more completion token; False once credit runs out."""
         self.completion_seen += 1
         if self.mode != "credit" or self.gate is None or self.completion_seen >= self.max_tokens:
             return True
-        if self.gate.cost(self.prompt_tokens, self.completion_seen + 1) > self.available:
+        if self.cost(self.prompt_tokens, self.completion_seen + 1) > self.available:
             self.exhausted = True
             return False
         return True
@@ -137,8 +143,14 @@ class PaymentGate:
         tokens = prompt_tokens + completion_tokens
         return self.cfg.price_per_request + -(-tokens * self.cfg.price_per_1k_tokens // 1000)
 
-    def topup_amount(self, prompt_tokens: int, max_tokens: int) -> int:
-        return max(self.cfg.credit_topup, self.cost(prompt_tokens, max_tokens))
+    def topup_amount(self, prompt_tokens: int, max_tokens: int, extra: int = 0) -> int:
+        return max(self.cfg.credit_topup, self.cost(prompt_tokens, max_tokens) + extra)
+
+    def offer(self) -> Any:
+        """What this node sells, as its announcement tells the mesh (an entry prices routed requests by it)."""
+        from mesh402.economics.upstream import HostOffer
+        return HostOffer(self.asset.network, self.asset.address, self.cfg.pay_to or "",
+                         self.cfg.price_per_request, self.cfg.price_per_1k_tokens, self.cfg.credit_topup)
 
     def window_s(self, model_id: str, prompt_tokens: int, max_tokens: int) -> int:
         """Seconds the authorization must stay valid: a long answer on a slow node is still settleable."""
@@ -185,19 +197,19 @@ class PaymentGate:
     # ---- authorize -------------------------------------------------------------------------------
 
     async def authorize(self, request: Request, model_id: str, prompt_tokens: int, max_tokens: int,
-                        stream: bool) -> Charge:
-        """Check payment before any work; raises APIError(402/409/...) or returns a Charge."""
+                        stream: bool, extra: int = 0) -> Charge:
+        """Check payment before any work; raises APIError(402/409/...) or returns a Charge. `extra` is added
+        to the price (an entry passing on what the host it routes to charges)."""
         rid = uuid.uuid4().hex
-        if getattr(request.state, "mesh_peer", None):
-            return Charge("peer", rid, model_id, prompt_tokens, max_tokens, stream)
         self._start_recovery()
         body = await request.body()
         fp = hashlib.sha256(request.url.path.encode() + b"\0" + body).hexdigest()
         window = self.window_s(model_id, prompt_tokens, max_tokens)
-        amount = self.topup_amount(prompt_tokens, max_tokens) if self.metered else self.cfg.price_per_request
+        amount = (self.topup_amount(prompt_tokens, max_tokens, extra) if self.metered
+                  else self.cfg.price_per_request + extra)
         reqs = self.requirements(amount, math.ceil(window * 1.2) + 10)
         charge = Charge("credit" if self.metered else "exact", rid, model_id, prompt_tokens, max_tokens, stream,
-                        gate=self)
+                        gate=self, extra=extra)
 
         idem = request.headers.get(IDEMPOTENCY_HEADER)
         if idem:
@@ -325,8 +337,8 @@ class PaymentGate:
             raise self.payment_required(request, reqs, f"payment rejected: {reason}{detail}"[:500], reason)
 
     def _fund_credit(self, request: Request, charge: Charge, reqs: Any, stream: bool) -> None:
-        full = self.cost(charge.prompt_tokens, charge.max_tokens)
-        need = self.cost(charge.prompt_tokens, 1) if stream else full
+        full = charge.cost(charge.prompt_tokens, charge.max_tokens)
+        need = charge.cost(charge.prompt_tokens, 1) if stream else full
         if charge.payload is not None:  # a top-up pays for this request; existing credit is used first
             held = self.ledger.hold(charge.payer or "", full, charge.request_id, minimum=0)
             assert held is not None
@@ -385,8 +397,6 @@ class PaymentGate:
     async def complete(self, charge: Charge, fin: Any | None) -> dict[str, Any]:
         """After a successful generation: settle / draw down credit. -> {"ok", "headers", "x402"}."""
         charge.finished = True
-        if charge.mode == "peer":
-            return {"ok": True, "headers": {}, "x402": None}
         if fin is not None:
             self.observe(charge.model_id, fin)
             completion = int(fin.completion_tokens)
@@ -407,7 +417,7 @@ class PaymentGate:
             headers["Server-Timing"] = ", ".join(f"x402-{k};dur={v}" for k, v in charge.timing.items())
             info["timing_ms"] = dict(charge.timing)
         if charge.hold_id:
-            cost = self.cost(prompt, completion) if ok else 0
+            cost = charge.cost(prompt, completion) if ok else 0
             charged, bal = self.ledger.close_hold(charge.hold_id, cost, charge.request_id)
             headers[CREDIT_CHARGED_HEADER] = str(charged)
             headers[CREDIT_BALANCE_HEADER] = str(bal)
@@ -419,7 +429,7 @@ class PaymentGate:
 
     async def release(self, charge: Charge, reason: str) -> None:
         """The work failed or never started: settle nothing, return held credit."""
-        if charge.finished or charge.mode == "peer":
+        if charge.finished:
             return
         charge.finished = True
         if charge.auth_id and charge.payload is not None:
@@ -454,8 +464,6 @@ class PaymentGate:
     async def finish_stream(self, charge: Charge, fin: Any | None, error: str | None) -> dict[str, Any] | None:
         """End of a paid stream -> the in-band x402 record. A completed stream (or one cut off when credit
         ran out) is settled / drawn down; a server-side failure settles nothing."""
-        if charge.mode == "peer":
-            return None
         if error is not None:
             await self.release(charge, error)
             return {"settlement": None, "released": True, "reason": "generation failed; nothing was charged"}
@@ -473,7 +481,7 @@ class PaymentGate:
     def abandon_stream(self, charge: Charge) -> None:
         """The client went away mid-stream. Tokens it received are paid for (credit: exactly those;
         per request: the price, once any token was delivered); otherwise nothing is settled."""
-        if charge.finished or charge.mode == "peer":
+        if charge.finished:
             return
 
         async def run() -> None:

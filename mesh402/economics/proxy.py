@@ -37,12 +37,13 @@ def _usage(u: dict[str, Any] | None) -> Any:
 
 
 async def paid_proxy(gate: Any, request: Request, model_id: str, req: Any, default_max_tokens: int,
-                     forward: Forward) -> Response:
+                     forward: Forward, extra: int = 0) -> Response:
+    """`extra`: what the host charges the entry for this request, passed on in the entry's price."""
     body = await request.body()
     stream = bool(getattr(req, "stream", False))
     max_tokens = req.requested_max_tokens() or default_max_tokens
     est_prompt = max(1, len(body) // 4)  # sizing only (window, credit hold); billing uses the host's usage
-    charge = await gate.authorize(request, model_id, est_prompt, max_tokens, stream)
+    charge = await gate.authorize(request, model_id, est_prompt, max_tokens, stream, extra=extra)
     if charge.replay is not None:
         return charge.replay
     client_wants_usage = False
@@ -59,6 +60,10 @@ async def paid_proxy(gate: Any, request: Request, model_id: str, req: Any, defau
         raise
     if status >= 400 or not headers.get("content-type", "").startswith("text/event-stream"):
         raw = b"".join([c async for c in chunks])
+        if status == 402:  # the host wants a payment this entry did not price in: never the client's to make
+            await gate.release(charge, "the model's host asked for a payment")
+            raise APIError(502, f"the host of {model_id} asked for a payment this node did not price in",
+                           type="server_error", code="host_payment_refused")
         if status >= 400:
             await gate.release(charge, f"the model's host answered {status}")
             return Response(raw, status_code=status, headers=headers)
@@ -106,6 +111,8 @@ async def _metered_sse(gate: Any, charge: Any, chunks: AsyncIterator[bytes], pas
                         obj = {}
                     if isinstance(obj.get("error"), dict) and "choices" not in obj:
                         error = str(obj["error"].get("message") or "the host failed")
+                    if "x402" in obj and not obj.get("choices"):
+                        continue  # the host's record of what the entry paid it: not the client's business
                     if obj.get("usage") and not obj.get("choices"):
                         usage = obj["usage"]
                         if not pass_usage:

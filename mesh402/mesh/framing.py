@@ -31,6 +31,9 @@ MAX_FRAME_SIZE = 64 * 1024 * 1024
 # Control streams (gossip, ping, peer down/leaving) and anything from a peer
 # that has not been admitted yet are held to this much smaller limit.
 CONTROL_MAX_FRAME = 1024 * 1024
+# The HTTP tunnel carries bodies in chunks of at most 256 KiB: its frames stay small, so a peer cannot
+# make a host buffer a whole 64 MiB frame before the body cap is checked.
+TUNNEL_MAX_FRAME = 1024 * 1024
 READ_CHUNK = 64 * 1024  # one read into iroh takes whatever has arrived, up to this much
 
 
@@ -91,7 +94,9 @@ def parse_stream_type(b: int) -> StreamType:
 
 
 def max_frame_for(stream_type: StreamType) -> int:
-    return CONTROL_MAX_FRAME if stream_type in CONTROL_STREAMS else MAX_FRAME_SIZE
+    if stream_type in CONTROL_STREAMS:
+        return CONTROL_MAX_FRAME
+    return TUNNEL_MAX_FRAME if stream_type == StreamType.HTTP_TUNNEL else MAX_FRAME_SIZE
 
 
 def make_frame(**body) -> pb.Frame:

@@ -10,6 +10,7 @@ about routing lives in `routes()`: which node's API serves which model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import logging
@@ -55,6 +56,10 @@ CAPACITY_LABEL = "capacity_bytes"
 ASSIGN_TIMEOUT_S = 300.0
 ASSIGN_CONNECT_TRIES = 4
 ASSIGN_RETRY_S = 0.5
+# A plan epoch more than this far beyond the newest one the receiver knows for the model is refused: one
+# ASSIGN cannot push a model's epoch out of reach (every later real plan would look stale).
+EPOCH_WINDOW = 64
+MAX_EPOCH = 2**62
 EXPERT_USAGE_MIN_TOKENS = 128  # tokens routed before gate usage may re-place an expert split
 
 
@@ -110,7 +115,9 @@ class DistributedRuntime(Failover):
         self._kick = asyncio.Event()
         self._lock = asyncio.Lock()
         self.worker = StageWorker(self.me, self.executor, self._load_stage, self._connect,
-                                  signer=getattr(mesh, "identity", None))  # signs work receipts when asked
+                                  idle_timeout=node.config.timers.stage_idle_s,
+                                  signer=getattr(mesh, "identity", None),  # signs work receipts when asked
+                                  may_assign=self._may_assign)
         self.receipts = None  # economics.receipts.EntryReceipts: a paid entry keeps the stages' receipts
         self.auditor = None  # economics.verification.Auditor: which paid requests the stages must reveal
         self.closer = None  # serving.epochs.EpochCloser: automatic epoch payouts of a paid entry
@@ -128,11 +135,13 @@ class DistributedRuntime(Failover):
         mesh.register_handler(StreamType.STAGE, self._on_stage_stream)
         identity = getattr(mesh, "identity", None)
         self.expert_service = ExpertService(  # signs a receipt per host request when the host asks
-            self._load_experts, accounts=ExpertAccounts(identity) if identity is not None else None)
+            self._load_experts, accounts=ExpertAccounts(identity) if identity is not None else None,
+            may_assign=self._may_assign_experts, idle_timeout=node.config.timers.stage_idle_s)
         mesh.register_handler(StreamType.EXPERT, self._on_expert_stream)
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
+        self._publish()  # the capacity label first: stages check who the host is from the same gossip
         self._task = asyncio.create_task(self._loop())
         if self.receipts is not None and self.node.config.payments.auto_payout:
             from mesh402.serving.epochs import entry_closer
@@ -239,7 +248,7 @@ class DistributedRuntime(Failover):
             for m in ann.models:
                 if m.content_hash == content_hash:
                     best = max(best, int(m.plan_epoch))
-        return max(best, self.worker.epochs.get(content_hash, 0))
+        return min(max(best, self.worker.epochs.get(content_hash, 0)), MAX_EPOCH)  # a plan epoch is a uint64
 
     def _peer_labels(self) -> dict[str, dict[str, str]]:
         return {bytes(a.node_id).hex(): dict(a.labels) for a in self._announcements() if bytes(a.node_id).hex() != self.me}
@@ -507,17 +516,23 @@ class DistributedRuntime(Failover):
         await self.expert_service.handle(bytes(peer_id).hex(), fs)
 
     async def _assign_experts(self, key: str, model_id: str, node: str, experts: Any, epoch: int) -> None:
-        fs = await self._connect_expert(node)
         content_hash = key.rsplit("@", 1)[1]
-        await fs.send(stage_frame(K.STAGE_KIND_EXPERT_ASSIGN, model_id=model_id, content_hash=content_hash,
-                                  plan_epoch=epoch,
-                                  params={"experts": json.dumps([list(e) for e in experts], separators=(",", ":"))}))
-        try:
-            expect_stage(await fs.recv(ASSIGN_TIMEOUT_S), K.STAGE_KIND_READY, f"expert node {node[:12]}")
-        except asyncio.TimeoutError:
-            raise StageError(f"expert node {node[:12]} did not load its experts in time", node=node) from None
-        finally:
-            await fs.finish()
+        for attempt in range(ASSIGN_CONNECT_TRIES):
+            fs = await self._connect_expert(node)
+            await fs.send(stage_frame(K.STAGE_KIND_EXPERT_ASSIGN, model_id=model_id, content_hash=content_hash,
+                                      plan_epoch=epoch,
+                                      params={"experts": json.dumps([list(e) for e in experts], separators=(",", ":"))}))
+            try:
+                expect_stage(await fs.recv(ASSIGN_TIMEOUT_S), K.STAGE_KIND_READY, f"expert node {node[:12]}")
+                return
+            except asyncio.TimeoutError:
+                raise StageError(f"expert node {node[:12]} did not load its experts in time", node=node) from None
+            except StageError as e:  # not yet heard this node's newest announcement: see _assign
+                if e.code not in ("not_host", "bad_epoch") or attempt == ASSIGN_CONNECT_TRIES - 1:
+                    raise
+                await asyncio.sleep(ASSIGN_RETRY_S)
+            finally:
+                await fs.finish()
 
     def _drop_hosting(self, key: str) -> None:
         if self.hosted.pop(key, None) is not None:
@@ -571,22 +586,85 @@ class DistributedRuntime(Failover):
         self._publish()
 
     async def _assign(self, key: str, model_id: str, node: str, start: int, end: int, epoch: int) -> None:
-        for attempt in range(ASSIGN_CONNECT_TRIES):  # a peer's connection may be being replaced right now
-            try:
+        content_hash = key.rsplit("@", 1)[1]
+        for attempt in range(ASSIGN_CONNECT_TRIES):
+            try:  # a peer's connection may be being replaced right now
                 fs = await self._connect(node)
-                break
             except PeerUnavailable:
                 if attempt == ASSIGN_CONNECT_TRIES - 1:
                     raise
                 await asyncio.sleep(ASSIGN_RETRY_S)
+                continue
+            await fs.send(stage_frame(K.STAGE_KIND_ASSIGN, model_id=model_id, content_hash=content_hash,
+                                      plan_epoch=epoch, layer_start=start, layer_end=end))
+            await fs.finish()
+            try:
+                expect_stage(await fs.recv(ASSIGN_TIMEOUT_S), K.STAGE_KIND_READY, f"stage {node[:12]}")
+                return
+            except asyncio.TimeoutError:
+                raise StageError(f"stage {node[:12]} did not load layers [{start}, {end}) in time", node=node) from None
+            except StageError as e:
+                # the stage has not heard this node's newest announcement yet (it checks who the host is)
+                if e.code not in ("not_host", "bad_epoch") or attempt == ASSIGN_CONNECT_TRIES - 1:
+                    raise
+                await asyncio.sleep(ASSIGN_RETRY_S)
+
+    # ---------------------------------------------------------------- who may give this node work
+    def _control_refusal(self, peer: str, content_hash: str, epoch: int) -> tuple[tuple[str, str] | None, str]:
+        """(refusal, model key): only the host this node elects for the model (from the same gossip the
+        host plans with) may assign its layers or experts here, and only with a bounded plan epoch."""
+        key = next((k for k in self.keys if k.endswith("@" + content_hash)), "")
+        entry = self.keys.get(key)
+        if entry is None or entry.source.format != "gguf":
+            return ("not_held", f"no splittable model with content hash {content_hash[:16]} on this node"), key
+        snap = self.snapshot()
+        host = self._incumbent(key, snap) or elect_host(key, snap)
+        if peer != host:
+            return ("not_host", f"{peer[:12]} is not the host of {key} (the host is {str(host)[:12]})"), key
+        newest = max(self.worker.epochs.get(content_hash, 0), self.epochs.get(key, 0), self._announced_epoch(key, host))
+        if not 0 < epoch <= newest + EPOCH_WINDOW:
+            return ("bad_epoch", f"plan epoch {epoch} is out of range (newest known {newest}, window {EPOCH_WINDOW})"), key
+        return None, key
+
+    def _announced_epoch(self, key: str, node: str) -> int:
+        """The plan epoch `node` itself announces for `key` (0 if none)."""
+        ann = next((a for a in self._announcements(connected=False) if bytes(a.node_id).hex() == node), None)
+        if ann is None:
+            return 0
         content_hash = key.rsplit("@", 1)[1]
-        await fs.send(stage_frame(K.STAGE_KIND_ASSIGN, model_id=model_id, content_hash=content_hash,
-                                  plan_epoch=epoch, layer_start=start, layer_end=end))
-        await fs.finish()
+        best = max((int(m.plan_epoch) for m in ann.models if m.content_hash == content_hash), default=0)
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            best = max(best, int(json.loads(ann.labels.get(PLAN_LABEL + key, "{}")).get("epoch", 0)))
+        return min(best, MAX_EPOCH)
+
+    def _may_assign(self, peer: str, sf: pb.StageFrame) -> tuple[str, str] | None:
+        refused, key = self._control_refusal(peer, sf.content_hash, int(sf.plan_epoch))
+        if refused is not None:
+            return refused
+        layout = self._layout(key, self.keys[key])
         try:
-            expect_stage(await fs.recv(ASSIGN_TIMEOUT_S), K.STAGE_KIND_READY, f"stage {node[:12]}")
-        except asyncio.TimeoutError:
-            raise StageError(f"stage {node[:12]} did not load layers [{start}, {end}) in time", node=node) from None
+            need = stage_bytes(layout, int(sf.layer_start), int(sf.layer_end))
+        except ValueError as e:
+            return "bad_range", str(e)
+        if not fits(need, self.capacity):
+            return "over_budget", (f"layers [{sf.layer_start}, {sf.layer_end}) need {need / 1e6:.1f} MB, beyond this "
+                                   f"node's budget of {self.capacity / 1e6:.1f} MB")
+        return None
+
+    def _may_assign_experts(self, peer: str, sf: pb.StageFrame, experts: list[tuple[int, int]]) -> tuple[str, str] | None:
+        refused, key = self._control_refusal(peer, sf.content_hash, int(sf.plan_epoch))
+        if refused is not None:
+            return refused
+        ex = self._layout(key, self.keys[key]).experts
+        if ex is None:
+            return "bad_range", f"{key} has no experts"
+        if len(set(experts)) != len(experts) or not all(
+                0 <= la < len(ex.expert_bytes) and ex.expert_bytes[la] > 0 and 0 <= e < ex.n_experts for la, e in experts):
+            return "bad_range", "the expert list names experts the model does not have"
+        need = sum(ex.expert_bytes[la] for la, _ in experts)
+        if not fits(need, self.capacity):
+            return "over_budget", f"the experts need {need / 1e6:.1f} MB, beyond this node's budget of {self.capacity / 1e6:.1f} MB"
+        return None
 
     # ---------------------------------------------------------------- Failover (used by PipelineModel)
     async def alive(self, node: str) -> bool:
@@ -689,11 +767,16 @@ class DistributedRuntime(Failover):
             plans[key] = {**plan, "host": host}
         return {"capacity_bytes": self.capacity, "plans": plans,
                 "stage": {"sessions_opened": self.worker.stats.sessions_opened, "steps": self.worker.stats.steps,
+                          "sessions_open": sum(self.worker.sessions.values()),
+                          "sessions_idle_closed": self.worker.stats.sessions_idle_closed,
+                          "assigns_refused": self.worker.stats.assigns_refused,
+                          "opens_refused": self.worker.stats.opens_refused,
+                          "streams_refused": self.worker.stats.streams_refused,
                           "bytes_out_by_link": self.worker.stats.by_link,
                           "held": [[k.content_hash[:12], k.start, k.end, int(e.weight_bytes)]
                                    for k, e in self.worker.engines.items()]},
                 "experts": {"held": {ch[:12]: len(ex) for ch, ex in self.expert_service.held().items()},
-                            "requests": self.expert_service.requests,
+                            "requests": self.expert_service.requests, "refused": self.expert_service.refused,
                             "bytes_in": self.expert_service.bytes_in, "bytes_out": self.expert_service.bytes_out},
                 **({"payouts": self.closer.status()} if self.closer is not None else {})}
 

@@ -498,18 +498,25 @@ class MeshExpertTransport(_WireCounters):
 
         from mesh402.serving.stage_link import expect_stage, stage_frame
 
+        from mesh402.serving.stage_link import StageError
+
         lock = self._locks.setdefault(node, asyncio.Lock())
         async with lock:
-            fs = self._streams.get(node)
-            try:
-                if fs is None:
-                    fs = await self.connect(node)
-                    self._streams[node] = fs
-                await fs.send(stage_frame(kind, content_hash=self.content_hash, plan_epoch=self.epoch, **fields))
-                return expect_stage(await fs.recv(self.timeout), want, f"expert node {node[:12]}")
-            except Exception as e:
-                self._streams.pop(node, None)
-                raise ExpertNodeDown(f"expert node {node[:12]}: {e}") from e
+            for attempt in (0, 1):
+                fs = self._streams.get(node)
+                reused = fs is not None
+                try:
+                    if fs is None:
+                        fs = await self.connect(node)
+                        self._streams[node] = fs
+                    await fs.send(stage_frame(kind, content_hash=self.content_hash, plan_epoch=self.epoch, **fields))
+                    return expect_stage(await fs.recv(self.timeout), want, f"expert node {node[:12]}")
+                except Exception as e:
+                    self._streams.pop(node, None)
+                    # an idle stream the expert node closed: one retry on a fresh stream before calling it down
+                    if reused and attempt == 0 and not isinstance(e, (asyncio.TimeoutError, StageError)):
+                        continue
+                    raise ExpertNodeDown(f"expert node {node[:12]}: {e}") from e
 
 
 class ExpertService:
@@ -522,8 +529,14 @@ class ExpertService:
     new epoch; older epochs are dropped then.
     """
 
-    def __init__(self, loader, executor=None, accounts: "ExpertAccounts | None" = None):
+    def __init__(self, loader, executor=None, accounts: "ExpertAccounts | None" = None, *,
+                 may_assign=None, idle_timeout: float = 120.0):
         self.loader = loader
+        # may_assign(peer, frame, experts) -> None or (code, reason). None: no peer may assign experts here.
+        self.may_assign = may_assign
+        self.idle_timeout = idle_timeout  # a host's stream silent this long is closed (the host reopens it)
+        self.assigners: dict[str, str] = {}  # content hash -> the host whose experts are held: only it runs them
+        self.refused = 0
         self.accounts = accounts  # tallies the work per host request and signs receipts (EXPERT_RECEIPT)
         self.executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-shard")
         self.shards: dict[str, dict[int, ExpertShardWorker]] = {}  # content hash -> epoch -> worker
@@ -546,18 +559,39 @@ class ExpertService:
 
         loop = asyncio.get_running_loop()
         while True:
-            frame = await fs.recv(None)
+            try:
+                frame = await fs.recv(self.idle_timeout)
+            except asyncio.TimeoutError:
+                return
             if frame is None:
                 return
             try:
                 sf = stage_body(frame, f"host {peer[:12]}")
                 if sf.kind == K.STAGE_KIND_EXPERT_ASSIGN:
-                    experts = [tuple(int(v) for v in ex) for ex in json.loads(sf.params.get("experts", "[]"))]
+                    try:
+                        experts = [(int(la), int(e)) for la, e in json.loads(sf.params.get("experts", "[]"))]
+                    except (ValueError, TypeError) as e:
+                        raise StageError(f"bad expert list: {e}", code="bad_range") from None
+                    refused = ("not_allowed", "this node accepts no expert assignments") if self.may_assign is None \
+                        else self.may_assign(peer, sf, experts)
+                    if refused is not None:  # checked before anything is loaded or stored
+                        self.refused += 1
+                        raise StageError(refused[1], code=refused[0])
                     worker = await loop.run_in_executor(self.executor, self.loader, sf.content_hash, experts,
                                                         self.latest(sf.content_hash))
-                    self.shards.setdefault(sf.content_hash, {})[int(sf.plan_epoch)] = worker
+                    if self.assigners.get(sf.content_hash) != peer:  # a new host: the old one's experts go
+                        self.shards.pop(sf.content_hash, None)
+                    self.assigners[sf.content_hash] = peer
+                    by_epoch = self.shards.setdefault(sf.content_hash, {})
+                    by_epoch[int(sf.plan_epoch)] = worker
+                    for old in sorted(by_epoch)[:-2]:  # the previous epoch serves running sessions; older go
+                        del by_epoch[old]
                     await fs.send(stage_frame(K.STAGE_KIND_READY, content_hash=sf.content_hash,
                                               plan_epoch=sf.plan_epoch))
+                elif sf.kind == K.STAGE_KIND_EXPERT_RUN and self.assigners.get(sf.content_hash) != peer:
+                    self.refused += 1
+                    raise StageError(f"no experts of {sf.content_hash[:12]} are held here for {peer[:12]}",
+                                     code="not_host")
                 elif sf.kind == K.STAGE_KIND_EXPERT_RUN:
                     by_epoch = self.shards.get(sf.content_hash) or {}
                     worker = by_epoch.get(int(sf.plan_epoch)) or self.latest(sf.content_hash)

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,7 @@ from mesh402.serving.stage_link import (
     K,
     Hop,
     Link,
+    OpenGrant,
     StageError,
     dump_json,
     expect_stage,
@@ -180,11 +182,12 @@ class PipelineStepper:
     async def connect_chain(self) -> None:
         chain = self.model.chain
         first = chain.hops[0]
+        if self.model.signer is None:
+            raise StageError("a split needs the host's identity to grant sessions to its stages", code="no_plan")
         link = await self.model.connect(first.node)
-        params = {"max_len": self.max_len, "sampling": dump_json(dataclasses.asdict(self.sampling)),
-                  "chain": dump_json([h.to_json() for h in chain.hops[1:]])}
-        if self.tally is not None:
-            params["receipts"] = "1"
+        grant = OpenGrant(self.request_id, chain.content_hash, chain.epoch, chain.hops, self.max_len,
+                          dump_json(dataclasses.asdict(self.sampling)), self.tally is not None, secrets.token_hex(12))
+        params = grant.sign(self.model.signer)
         await link.send(stage_frame(K.STAGE_KIND_OPEN, request_id=self.request_id, plan_epoch=chain.epoch,
                                     model_id=chain.model_id, content_hash=chain.content_hash,
                                     layer_start=first.start, layer_end=first.end, params=params))

@@ -98,6 +98,50 @@ def dump_json(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), sort_keys=True)
 
 
+@dataclass(frozen=True)
+class OpenGrant:
+    """The host's signed permission for one session on its chain: every stage checks it before it holds
+    KV for the session, and takes the rest of the chain and the session's parameters from it (nothing a
+    stage forwards unsigned can steer where activations go or how the last stage samples)."""
+
+    request_id: str
+    content_hash: str
+    epoch: int
+    hops: tuple[Hop, ...]  # the remote stages, in order
+    max_len: int
+    sampling: str  # the session's SamplingParams as JSON (the last stage samples with them)
+    receipts: bool  # the entry wants a signed work receipt per stage
+    nonce: str  # fresh per OPEN the host sends: one grant opens one session, once
+
+    def payload(self) -> bytes:
+        return dump_json({"rid": self.request_id, "ch": self.content_hash, "epoch": self.epoch,
+                          "hops": [h.to_json() for h in self.hops], "max_len": self.max_len,
+                          "sampling": self.sampling, "receipts": self.receipts, "nonce": self.nonce}).encode()
+
+    def sign(self, signer: Any) -> dict[str, str]:
+        """OPEN params: the grant, the host's id and its signature over the grant."""
+        body = self.payload()
+        return {"grant": body.decode(), "host": signer.node_id_hex, "sig": signer.sign(body).hex()}
+
+    @classmethod
+    def verify(cls, params: Any) -> tuple["OpenGrant", str]:
+        """(grant, host id) from OPEN params whose signature checks out; raises StageError otherwise."""
+        from mesh402.mesh.identity import verify
+
+        try:
+            body, host, sig = params["grant"].encode(), str(params["host"]), bytes.fromhex(params["sig"])
+            if len(body) > 64 * 1024 or not verify(bytes.fromhex(host), body, sig):
+                raise ValueError("bad signature")
+            d = json.loads(body)
+            grant = cls(str(d["rid"]), str(d["ch"]), int(d["epoch"]), tuple(Hop.from_json(h) for h in d["hops"]),
+                        int(d["max_len"]), str(d["sampling"]), bool(d["receipts"]), str(d["nonce"])[:64])
+        except (KeyError, ValueError, TypeError, AttributeError) as e:
+            raise StageError(f"OPEN without a valid grant from the host: {e}", code="bad_grant") from None
+        if not 0 < len(grant.hops) <= 64 or not 0 < grant.max_len <= 1 << 24:
+            raise StageError("OPEN grant out of bounds", code="bad_grant")
+        return grant, host
+
+
 class MemoryLink:
     """An in-memory link end for tests: two of them make a pipe."""
 

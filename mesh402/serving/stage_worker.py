@@ -5,6 +5,11 @@ serves one stream per session: OPEN, then PREFILL/DECODE steps, then CLOSE. A mi
 its output to the next stage and relays the reply; the last stage samples with the session's
 sampling parameters, its own copy of the token history and the (seed, position)-keyed RNG, so the
 token it draws is the one the host would have drawn.
+
+Any member may open a STAGE stream, so nothing is taken on trust: an ASSIGN is accepted only when the
+node's policy (`may_assign`: the model's elected host, a bounded epoch, within the node's budget) says
+so; an OPEN only with a grant signed by the host that assigned the range, from the stage before this one
+in that grant; every receive has a deadline, and each peer holds a bounded number of streams.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from mesh402.serving.stage_link import (
     K,
     Hop,
     Link,
+    OpenGrant,
     StageError,
     dump_json,
     error_frame,
@@ -35,6 +41,10 @@ log = logging.getLogger(__name__)
 
 Connect = Callable[[str], Awaitable[Link]]  # node id hex -> a fresh STAGE stream to it
 Loader = Callable[[str, int, int], Any]  # (content_hash, start, end) -> partial Engine (runs in the engine thread)
+# (peer, ASSIGN frame) -> None to accept, else (code, reason) to refuse
+AssignPolicy = Callable[[str, pb.StageFrame], "tuple[str, str] | None"]
+MAX_STREAMS_PER_PEER = 64  # STAGE streams one peer may hold open here at once (sessions + control)
+RECENT_REQUESTS = 4096  # grant nonces remembered: a grant opens one session, once
 
 
 @dataclass(frozen=True)
@@ -52,13 +62,21 @@ class StageStats:
     bytes_in: int = 0
     bytes_out: int = 0
     stale_epochs_refused: int = 0
+    assigns_refused: int = 0
+    opens_refused: int = 0
+    sessions_idle_closed: int = 0  # sessions whose upstream went silent past the deadline
+    streams_refused: int = 0  # over a peer's stream quota
     by_link: dict[str, int] = field(default_factory=dict)  # activation bytes sent per next-hop node
 
 
 class StageWorker:
     def __init__(self, node_id: str, executor: ThreadPoolExecutor, loader: Loader, connect: Connect,
-                 *, open_timeout: float = 30.0, step_timeout: float = 300.0, signer: Any = None) -> None:
+                 *, open_timeout: float = 30.0, step_timeout: float = 300.0, idle_timeout: float = 120.0,
+                 signer: Any = None, may_assign: AssignPolicy | None = None) -> None:
         self.node_id = node_id
+        # None: no peer may assign layers here (in-process harnesses load ranges with ensure_loaded)
+        self.may_assign = may_assign
+        self.idle_timeout = idle_timeout  # an upstream silent this long mid-session loses the session
         self.signer = signer  # NodeIdentity: signs per-request work receipts when the entry asks for them
         self.executor = executor
         self.loader = loader
@@ -67,7 +85,11 @@ class StageWorker:
         self.step_timeout = step_timeout
         self.engines: dict[StageKey, Any] = {}
         self.epochs: dict[str, int] = {}  # content_hash -> newest accepted plan epoch
+        self.assigners: dict[StageKey, str] = {}  # who assigned each range: only it may grant sessions on it
         self.stats = StageStats()
+        self.streams: dict[str, int] = {}  # peer -> STAGE streams it holds open here
+        self.sessions: dict[StageKey, int] = {}  # open sessions per range (ranges in use are never dropped)
+        self._recent: dict[str, None] = {}  # nonces of the grants used (insertion-ordered, bounded)
         self._loading: dict[StageKey, asyncio.Future[Any]] = {}
         self.prefix_rows: Any = None  # KV rows of prompt prefixes the host asked to keep (RowStore)
         # Verification services (docs/verification.md), set by the node when it has them:
@@ -80,23 +102,38 @@ class StageWorker:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     # ---------------------------------------------------------------- plan assignment
-    async def assign(self, sf: pb.StageFrame) -> pb.Frame:
+    async def assign(self, sf: pb.StageFrame, peer: str = "") -> pb.Frame:
         key = StageKey(sf.content_hash, sf.layer_start, sf.layer_end)
+        refused = ("not_allowed", "this node accepts no layer assignments") if self.may_assign is None \
+            else self.may_assign(peer, sf)
+        if refused is not None:  # checked before anything is stored: a refused epoch poisons nothing
+            self.stats.assigns_refused += 1
+            log.info("ASSIGN from %s refused: %s", peer[:12], refused[1])
+            return error_frame("", refused[1], self.node_id, refused[0])
         current = self.epochs.get(sf.content_hash, 0)
         if sf.plan_epoch < current:
             self.stats.stale_epochs_refused += 1
             return error_frame("", f"stale plan epoch {sf.plan_epoch} < {current}", self.node_id, "stale_epoch")
         self.epochs[sf.content_hash] = sf.plan_epoch
         try:
-            await self.ensure_loaded(key)
+            await self.ensure_loaded(key, assigner=peer)
         except Exception as e:
             log.exception("loading stage %s failed", key)
             return error_frame("", f"cannot load layers [{key.start}, {key.end}): {e}", self.node_id, "load_failed")
-        # Ranges of older epochs stay until no session uses them; dropping is the caller's policy.
+        self._drop_unused(key)
         return stage_frame(K.STAGE_KIND_READY, model_id=sf.model_id, content_hash=sf.content_hash,
                            plan_epoch=sf.plan_epoch, layer_start=key.start, layer_end=key.end)
 
-    async def ensure_loaded(self, key: StageKey) -> Any:
+    def _drop_unused(self, keep: StageKey) -> None:
+        """Other ranges of the same model that no session uses go when a new one is assigned: repeated
+        assignments cannot pile up engines (ranges still serving sessions stay until those end)."""
+        for key in [k for k in self.engines if k.content_hash == keep.content_hash and k != keep]:
+            if not self.sessions.get(key):
+                self.drop(key)
+
+    async def ensure_loaded(self, key: StageKey, assigner: str = "") -> Any:
+        """Load a range; `assigner` is the host that may grant sessions on it."""
+        self.assigners[key] = assigner
         if key in self.engines:
             return self.engines[key]
         fut = self._loading.get(key)
@@ -112,11 +149,28 @@ class StageWorker:
 
     def drop(self, key: StageKey) -> None:
         self.engines.pop(key, None)
+        self.assigners.pop(key, None)
 
     # ---------------------------------------------------------------- streams
     async def handle(self, peer_id: str, link: Link) -> None:
-        """Entry point for one STAGE stream from a peer."""
-        frame = await link.recv(self.open_timeout)
+        """Entry point for one STAGE stream from a peer (at most MAX_STREAMS_PER_PEER at once)."""
+        if self.streams.get(peer_id, 0) >= MAX_STREAMS_PER_PEER:
+            self.stats.streams_refused += 1
+            await link.send(error_frame("", "too many open stage streams from this peer", self.node_id, "busy"))
+            return
+        self.streams[peer_id] = self.streams.get(peer_id, 0) + 1
+        try:
+            await self._handle(peer_id, link)
+        finally:
+            self.streams[peer_id] -= 1
+            if not self.streams[peer_id]:
+                del self.streams[peer_id]
+
+    async def _handle(self, peer_id: str, link: Link) -> None:
+        try:
+            frame = await link.recv(self.open_timeout)
+        except asyncio.TimeoutError:
+            return
         if frame is None:
             return
         if frame.WhichOneof("body") != "stage":
@@ -124,9 +178,9 @@ class StageWorker:
             return
         sf = frame.stage
         if sf.kind == K.STAGE_KIND_ASSIGN:
-            await link.send(await self.assign(sf))
+            await link.send(await self.assign(sf, peer_id))
         elif sf.kind == K.STAGE_KIND_OPEN:
-            await self._session(link, sf)
+            await self._session(peer_id, link, sf)
         elif sf.kind in self.services:
             try:
                 await link.send(await self.services[sf.kind](peer_id, sf))
@@ -137,7 +191,29 @@ class StageWorker:
             await link.send(error_frame(sf.request_id, f"stream must start with OPEN or ASSIGN, got kind {sf.kind}",
                                         self.node_id, "protocol"))
 
-    async def _session(self, up: Link, open_: pb.StageFrame) -> None:
+    def _check_open(self, peer: str, open_: pb.StageFrame, key: StageKey) -> tuple[Any, list[Hop]]:
+        """The OPEN's grant and the rest of the chain after this stage; StageError when the session is not
+        the assigning host's, not for this range, not from the stage before this one, or a replay."""
+        grant, host = OpenGrant.verify(open_.params)
+        if host != self.assigners.get(key):
+            raise StageError(f"layers [{key.start}, {key.end}) were not assigned here by {host[:12]}", code="not_host")
+        here = next((i for i, h in enumerate(grant.hops) if (h.node, h.start, h.end) == (self.node_id, key.start, key.end)),
+                    None)
+        if (here is None or grant.request_id != open_.request_id or grant.content_hash != key.content_hash
+                or grant.epoch != open_.plan_epoch):
+            raise StageError("the OPEN does not match its grant", code="bad_grant")
+        upstream = host if here == 0 else grant.hops[here - 1].node
+        if peer != upstream:
+            raise StageError(f"OPEN for this stage must come from {upstream[:12]}, not {peer[:12]}", code="bad_grant")
+        once = grant.nonce  # the host re-opens a request (failover, cold prefix) with a new grant
+        if once in self._recent:
+            raise StageError(f"session {grant.request_id[:16]} was already opened", code="duplicate_session")
+        self._recent[once] = None
+        while len(self._recent) > RECENT_REQUESTS:
+            del self._recent[next(iter(self._recent))]
+        return grant, list(grant.hops[here + 1:])
+
+    async def _session(self, peer: str, up: Link, open_: pb.StageFrame) -> None:
         rid = open_.request_id
         key = StageKey(open_.content_hash, open_.layer_start, open_.layer_end)
         engine = self.engines.get(key)
@@ -150,38 +226,45 @@ class StageWorker:
             self.stats.stale_epochs_refused += 1
             await up.send(error_frame(rid, f"stale plan epoch {open_.plan_epoch}", self.node_id, "stale_epoch"))
             return
+        try:
+            grant, chain = self._check_open(peer, open_, key)
+        except StageError as e:
+            self.stats.opens_refused += 1
+            log.info("OPEN from %s refused: %s", peer[:12], e)
+            await up.send(error_frame(rid, str(e), self.node_id, e.code))
+            return
         from mesh402.engine import EngineError  # engine types only when a session really starts
 
-        params = dict(open_.params)
         try:
-            session = await self._run(engine.new_session, int(params["max_len"]))
+            session = await self._run(engine.new_session, grant.max_len)
         except (EngineError, ValueError, KeyError) as e:
             self.stats.sessions_refused += 1
             await up.send(error_frame(rid, f"stage cannot open the session: {e}", self.node_id, "stage_full"))
             return
+        self.sessions[key] = self.sessions.get(key, 0) + 1
         down: Link | None = None
         try:
-            chain = [Hop.from_json(h) for h in json.loads(params.get("chain", "[]"))]
             sampler = None
             if engine.stages[-1].last:
                 from mesh402.engine.sampling import Sampler, SamplingParams
 
-                sampler = Sampler(SamplingParams(**json.loads(params["sampling"])))
+                sampler = Sampler(SamplingParams(**json.loads(grant.sampling)))
             if chain:
-                down = await self._open_next(open_, chain, params)
+                down = await self._open_next(open_, chain[0])
             self.stats.sessions_opened += 1
             await up.send(stage_frame(K.STAGE_KIND_RESULT, request_id=rid, plan_epoch=open_.plan_epoch))
             tally = None
-            if params.get("receipts") == "1":  # the entry wants a signed work receipt per stage
+            if grant.receipts:  # the entry wants a signed work receipt per stage
                 from mesh402.economics.receipts import StageTally
                 tally = StageTally(rid, open_.content_hash, open_.layer_start, open_.layer_end, keep=True)
-                tally.sampling = params.get("sampling", "") if sampler is not None else ""
+                tally.sampling = grant.sampling if sampler is not None else ""
             await self._serve_steps(up, down, engine, session, sampler, rid, chain[0].node if chain else "", tally)
         except StageError as e:
             await up.send(error_frame(rid, str(e), e.node or self.node_id, e.code))
-        except (ConnectionError, asyncio.TimeoutError, OSError) as e:
+        except (ConnectionError, asyncio.TimeoutError, OSError, ValueError, TypeError) as e:
             log.info("session %s ended: %s", rid, e)
         finally:
+            self.sessions[key] -= 1
             self.executor.submit(session.close)
             if down is not None:
                 try:
@@ -269,13 +352,12 @@ class StageWorker:
                 log.info("session %s: no receipts from the next stage: %s", rid, e)
         await up.send(stage_frame(K.STAGE_KIND_RESULT, request_id=rid, params=params))
 
-    async def _open_next(self, open_: pb.StageFrame, chain: list[Hop], params: dict[str, str]) -> Link:
-        nxt = chain[0]
+    async def _open_next(self, open_: pb.StageFrame, nxt: Hop) -> Link:
         try:
             down = await self.connect(nxt.node)
         except Exception as e:
             raise StageError(f"cannot reach next stage {nxt.node[:12]}: {e}", node=nxt.node, code="unreachable") from None
-        fwd = {**params, "chain": dump_json([h.to_json() for h in chain[1:]])}
+        fwd = {k: open_.params[k] for k in ("grant", "host", "sig")}  # the host's grant, passed on as signed
         await down.send(stage_frame(K.STAGE_KIND_OPEN, request_id=open_.request_id, plan_epoch=open_.plan_epoch,
                                     model_id=open_.model_id, content_hash=open_.content_hash,
                                     layer_start=nxt.start, layer_end=nxt.end, params=fwd))
@@ -294,7 +376,12 @@ class StageWorker:
         # the last stage commits to a fingerprint of its logits per step (docs/verification.md)
         fp_ids = fingerprint_ids(rid, engine.config.vocab_size) if tally is not None and down is None else None
         while True:
-            frame = await up.recv()
+            try:
+                frame = await up.recv(self.idle_timeout)
+            except asyncio.TimeoutError:  # a silent upstream does not hold KV forever
+                self.stats.sessions_idle_closed += 1
+                log.info("session %s: upstream silent for %.0f s, closed", rid, self.idle_timeout)
+                return
             if frame is None:
                 return
             sf = stage_body(frame, "upstream")

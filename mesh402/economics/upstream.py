@@ -1,0 +1,155 @@
+"""An entry node buying from the host it routes a request to, when that host sells inference.
+
+A host that charges answers a tunnelled request like any client's: 402 with its x402 requirements. A free
+entry passes that 402 to its client, who then pays the host directly (the payment headers cross the
+tunnel). A paid entry charges its client its own price plus the host's (`HostOffer`, from the host's
+signed announcement) and pays the host itself from the wallet that receives its revenue
+(`--payout-key-file`), never more than the offer it priced the request with: a host that asks for more
+than it announced is refused. (Per-pair payment channels replace this in the economics of a later wave.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mesh402.economics.gate import CREDIT_HEADER, CREDIT_TOKEN_HEADER, IDEMPOTENCY_HEADER
+
+log = logging.getLogger(__name__)
+
+OFFER_LABEL = "x402"  # announcement label of a node that sells inference: its HostOffer as JSON
+MAX_PRICE = 10**18  # atomic units; a label beyond this is not a price anyone pays
+# Prompt tokens are bounded by the request's bytes; the chat template adds a little.
+TEMPLATE_TOKENS = 256
+
+Reply = tuple[int, dict[str, str], AsyncIterator[bytes]]
+Send = Callable[[dict[str, str]], Awaitable[Reply]]  # extra request headers -> the host's reply
+
+
+class UpstreamPaymentError(Exception):
+    """The host wants a payment this entry will not make (no wallet, other asset, above its offer)."""
+
+
+@dataclass(frozen=True)
+class HostOffer:
+    network: str
+    asset: str
+    pay_to: str
+    per_request: int = 0
+    per_1k: int = 0
+    topup: int = 0  # metered host: the smallest credit purchase
+
+    @property
+    def charges(self) -> bool:
+        return self.per_request > 0 or self.per_1k > 0
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> int:
+        return self.per_request + -(-(prompt_tokens + completion_tokens) * self.per_1k // 1000)
+
+    def cap(self, body_bytes: int, max_tokens: int) -> int:
+        """The most this host can ask for one request of this size (what the entry prices in)."""
+        cost = self.cost(body_bytes + TEMPLATE_TOKENS, max_tokens)
+        return max(cost, self.topup) if self.per_1k else cost
+
+    def to_label(self) -> str:
+        return json.dumps({"network": self.network, "asset": self.asset, "pay_to": self.pay_to,
+                           "per_request": self.per_request, "per_1k": self.per_1k, "topup": self.topup},
+                          separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_label(cls, value: str | None) -> "HostOffer | None":
+        """A peer's offer label, validated (untrusted input): None when absent or malformed."""
+        if not value or len(value) > 1024:
+            return None
+        try:
+            d = json.loads(value)
+            offer = cls(str(d["network"])[:64], str(d["asset"])[:64], str(d["pay_to"])[:64],
+                        int(d.get("per_request", 0)), int(d.get("per_1k", 0)), int(d.get("topup", 0)))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return None
+        if not all(0 <= v <= MAX_PRICE for v in (offer.per_request, offer.per_1k, offer.topup)):
+            return None
+        return offer
+
+
+async def _drain(chunks: AsyncIterator[bytes]) -> bytes:
+    return b"".join([c async for c in chunks])
+
+
+def _message(body: bytes) -> str:
+    try:
+        return str(json.loads(body)["error"]["message"])[:300]
+    except (ValueError, KeyError, TypeError):
+        return body[:300].decode(errors="replace")
+
+
+class UpstreamBuyer:
+    """The entry's wallet paying hosts with x402 `exact`, with a credit token kept per metered host."""
+
+    def __init__(self, private_key: str, network: str, asset: str) -> None:
+        from eth_account import Account
+        from x402 import x402Client
+        from x402.mechanisms.evm.exact import register_exact_evm_client
+
+        self.account = Account.from_key(private_key)
+        self.network, self.asset = network, asset.lower()
+        self._x402 = x402Client()
+        register_exact_evm_client(self._x402, self.account)
+        self._x402.set_spend_controls(False)  # the cap per request is checked here, before anything is sent
+        self.credit: dict[str, str] = {}  # host node id -> credit token at that host
+        self.paid = 0  # atomic units authorized to hosts since start
+
+    async def send(self, host: str, send: Send, cap: int) -> Reply:
+        """The host's reply to the request, paying it (at most `cap`) if it asks to be paid."""
+        extra = {IDEMPOTENCY_HEADER: uuid.uuid4().hex}
+        token = self.credit.get(host)
+        if token:
+            extra[CREDIT_HEADER] = token
+        status, headers, chunks = await send(extra)
+        if status == 401 and token:  # the host forgot the token (restarted): pay afresh
+            await _drain(chunks)
+            self.credit.pop(host, None)
+            return await self.send(host, send, cap)
+        if status != 402:
+            self._keep_token(host, headers)
+            return status, headers, chunks
+        await _drain(chunks)
+        signature, amount = await self._pay(headers, cap)
+        status, headers, chunks = await send({IDEMPOTENCY_HEADER: uuid.uuid4().hex, "payment-signature": signature})
+        if status == 402:  # e.g. this wallet cannot cover it: the entry's failure, never the client's to pay
+            raise UpstreamPaymentError(f"the host refused this node's payment: {_message(await _drain(chunks))}")
+        self._keep_token(host, headers)
+        if status < 400:
+            self.paid += amount
+        return status, headers, chunks
+
+    def _keep_token(self, host: str, headers: dict[str, str]) -> None:
+        token = headers.get(CREDIT_TOKEN_HEADER.lower())
+        if token:
+            self.credit[host] = token
+
+    async def _pay(self, headers: dict[str, str], cap: int) -> tuple[str, int]:
+        from x402.http.utils import decode_payment_required_header, encode_payment_signature_header
+
+        raw = headers.get("payment-required")
+        if not raw:
+            raise UpstreamPaymentError("the host answered 402 without x402 requirements")
+        try:
+            required = decode_payment_required_header(raw)
+        except Exception as e:
+            raise UpstreamPaymentError(f"the host's x402 requirements are unreadable: {e}") from None
+        usable = [r for r in required.accepts if r.scheme == "exact" and r.network == self.network
+                  and r.asset.lower() == self.asset]
+        if not usable:
+            raise UpstreamPaymentError(f"the host takes no payment this node can make ({self.network}, {self.asset})")
+        amount = int(usable[0].amount)
+        if amount > cap:
+            raise UpstreamPaymentError(f"the host asks {amount} atomic units, more than the {cap} it announced "
+                                       "for this request")
+        required.accepts = usable[:1]
+        payload = await self._x402.create_payment_payload(required)
+        return encode_payment_signature_header(payload), amount
