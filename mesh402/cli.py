@@ -21,29 +21,12 @@ app = typer.Typer(help="mesh402: pool machines into one LLM inference mesh, and 
 console = Console()
 err = Console(stderr=True)
 
-HomeOpt = Annotated[Optional[Path], typer.Option("--home", help="Node state directory (env MESH402_HOME; default ~/.mesh402).")]
+HomeOpt = Annotated[Optional[Path], typer.Option("--home", help="Node state directory, one running node per home (env MESH402_HOME; default ~/.mesh402).")]
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
-
-
-def _free_default_port(host: str, port: int) -> int:
-    """A second node on the same machine (another --home) must not fail on the default API port:
-    take the next free one and say so."""
-    import socket
-
-    for p in range(port, port + 50):
-        with socket.socket() as sock:
-            try:
-                sock.bind((host, p))
-            except OSError:
-                continue
-        if p != port:
-            err.print(f"API port {port} is busy; using {p}", highlight=False)
-        return p
-    return port
 
 
 @app.command()
@@ -134,8 +117,6 @@ def serve(
         _fail(str(e))
     if no_model:
         sources = []
-    if "--port" not in sys.argv and (auto or publish):
-        port = _free_default_port("0.0.0.0" if listen_all else "127.0.0.1", port)
     config = NodeConfig(home=resolve_home(home), models=[s.model_id for s in sources],
                         host="0.0.0.0" if listen_all else "127.0.0.1", port=port, api_key=api_key,
                         device=device, mode=mode, threads=threads, payments=payments, trust=trust)  # type: ignore[arg-type]
@@ -153,9 +134,14 @@ def serve(
     if discover_registry:  # alongside Nostr/LAN: --auto with the registry as one more source
         config.mesh.discover_registry = discover_registry
         config.mesh.auto = not config.mesh.join
+    # a discovered node on the default API port moves to the next free one instead of failing
+    lock = _mesh.preflight_or_fail(config, sources, search_api_port="--port" not in sys.argv and (auto or publish))
+    if config.port != port:
+        err.print(f"API port {port} is busy; using {config.port}", highlight=False)
+        port = config.port
     from mesh402.node import Node
 
-    node = Node(config, sources)
+    node = Node(config, sources, home_lock=lock)
     node.on_mesh_ready = _mesh.print_ready
     console.print(f"mesh402 {__version__} node: OpenAI API on [bold]http://{'0.0.0.0' if listen_all else '127.0.0.1'}:{port}/v1[/]"
                   f"  models: {', '.join(config.models)}  home: {config.home}", highlight=False)

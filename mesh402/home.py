@@ -1,7 +1,9 @@
-"""The node's home directory: keys, secrets (0600), and the record of a running node's ports."""
+"""The node's home directory: keys, secrets (0600), the record of a running node's ports, and the locks
+that give the home to one process at a time."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -9,6 +11,11 @@ from typing import Any
 
 DEFAULT_HOME = Path.home() / ".mesh402"
 STATE_FILE = "node.json"
+NODE_LOCK = "node.lock"  # held by `serve` / `client` for the node's whole life
+
+
+class HomeBusy(RuntimeError):
+    """Another process holds a lock of this home; the message names it (pid, and a node's ports)."""
 
 
 def resolve_home(home: str | Path | None) -> Path:
@@ -45,7 +52,65 @@ class Home:
             return None
 
     def clear_state(self) -> None:
-        self.file(STATE_FILE).unlink(missing_ok=True)
+        """Remove node.json, but only the one this process wrote: a refused or late process must not hide
+        the node that runs with this home from `mesh402 status`."""
+        state = self.read_state()
+        if state is not None and state.get("pid") == os.getpid():
+            self.file(STATE_FILE).unlink(missing_ok=True)
+
+    def lock(self, name: str = NODE_LOCK, what: str = "a node") -> "HomeLock":
+        """Take the home's `name` lock for this process, or raise HomeBusy naming the process holding it."""
+        try:
+            return HomeLock.acquire(self.file(name))
+        except BlockingIOError:
+            raise HomeBusy(f"{what} already runs with home {self.path} ({self.holder(name)})") from None
+
+    def holder(self, name: str = NODE_LOCK) -> str:
+        """Who holds a lock, for a refusal: its pid, and the ports of the node it runs when node.json is its."""
+        pid = HomeLock.holder_pid(self.file(name))
+        if pid is None:
+            return "pid unknown"
+        state = self.read_state() or {}
+        if state.get("pid") != pid:
+            return f"pid {pid}"
+        console = (state.get("mesh") or {}).get("console_port")
+        return f"pid {pid}, API port {state.get('api_port')}" + (f", console port {console}" if console else "")
+
+
+class HomeLock:
+    """An exclusive flock on a lock file in the home. The OS drops it when the process ends, however it
+    ends (kill -9 included), so a lock is never stale and nobody has to clean up after a crash. The file
+    holds the holder's pid for refusal messages and is left in place: removing it could race a process
+    that has just opened it."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    @classmethod
+    def acquire(cls, path: Path) -> "HomeLock":
+        """Raises BlockingIOError when another open file (of any process) holds it."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # not inherited: no child outlives us holding it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return cls(path, fd)
+
+    @staticmethod
+    def holder_pid(path: Path) -> int | None:
+        try:
+            return int(path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the only descriptor drops the flock
+            self._fd = None
 
 
 def write_private(path: str | Path, data: str | bytes) -> None:

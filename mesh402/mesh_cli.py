@@ -14,13 +14,18 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from mesh402.mesh.settings import DEFAULT_CONSOLE_PORT, MeshSettings
+
+if TYPE_CHECKING:
+    from mesh402.config import NodeConfig
+    from mesh402.home import HomeLock
+    from mesh402.models.catalog import ModelSource
 
 console = Console()
 err = Console(stderr=True)
@@ -53,7 +58,7 @@ NostrRefreshOpt = Annotated[float, typer.Option("--nostr-refresh", hidden=True)]
 AutoIntervalOpt = Annotated[float, typer.Option("--auto-interval", hidden=True)]
 LanOpt = Annotated[bool, typer.Option("--discover-lan", help="Announce and find meshes on the local network (mDNS); never the invite secret.", rich_help_panel=DPANEL)]
 
-HomeOpt = Annotated[Optional[Path], typer.Option("--home", help="Node state directory (env MESH402_HOME; default ~/.mesh402).")]
+HomeOpt = Annotated[Optional[Path], typer.Option("--home", help="Node state directory, one running node per home (env MESH402_HOME; default ~/.mesh402).")]
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -105,7 +110,7 @@ def settings_from_flags(
     tokens = list(join or [])
     if join_file is not None:
         tokens.append(_read_token_file(join_file, "--join-file"))
-    member = Membership.load(home) if Path(home).exists() else None
+    member = Membership.load(home) if Path(home).is_dir() else None  # not a directory: preflight says so
     for t in tokens:
         try:
             tok = invite.decode_token(t)
@@ -166,6 +171,18 @@ def settings_from_flags(
         auto_interval=auto_interval,
         discover_lan=discover_lan,
     )
+
+
+def preflight_or_fail(config: NodeConfig, sources: list[ModelSource], *, search_api_port: bool = False) -> HomeLock:
+    """startup.preflight (home lock, keys, models, ports), or one line and exit 2: a node that cannot
+    start says so before it announces itself anywhere or prints a token."""
+    from mesh402.startup import StartupError, preflight
+
+    try:
+        return preflight(config, sources, search_api_port=search_api_port)
+    except StartupError as e:
+        _fail(str(e))
+        raise  # unreachable: _fail exits
 
 
 def print_ready(rt) -> None:
@@ -383,9 +400,10 @@ def client_cmd(
                                    fast_timers=mesh_fast_timers, auto=auto, nostr_relays=nostr_relay,
                                    mesh_name=mesh_name, discover_lan=discover_lan)
     config = NodeConfig(home=h, models=[], host="127.0.0.1", port=port, mesh=settings)
+    lock = preflight_or_fail(config, [])
     from mesh402.node import Node
 
-    node = Node(config, [])
+    node = Node(config, [], home_lock=lock)
     node.on_mesh_ready = print_ready
     console.print(f"mesh402 client node: API on http://127.0.0.1:{port}/v1 (no local model)  home: {h}", highlight=False)
     run_node(node)

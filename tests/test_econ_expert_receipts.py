@@ -282,6 +282,22 @@ def test_a_node_that_does_not_answer_earns_nothing_and_the_rest_are_kept(gguf_pa
     assert all(u > 0 for u in units.values())
 
 
+def test_an_expert_parallel_answer_ends_only_after_its_receipts_are_committed(gguf_path, executor) -> None:
+    """finish() (awaited by generate before Finished) returns once the host's and the expert nodes' receipts
+    are committed, so the answer's end never goes out before them."""
+    from tests.test_econ_receipts_pipeline import SlowSink
+
+    async def main() -> bool:
+        sink = SlowSink()
+        model, *_ = _host_model(gguf_path, executor, sink)
+        _, (a, b) = await _run(model, False)
+        await a.finish()
+        committed = sink.committed() and len(sink.writes) == 1
+        await b.finish()
+        return committed
+    assert asyncio.run(main())
+
+
 def test_expert_frames_over_links_carry_the_request_and_its_receipt(gguf_path) -> None:
     """MeshExpertTransport and ExpertService over in-memory links: EXPERT_RUN names the request, the
     expert node tallies it, EXPERT_RECEIPT returns its signature; an unknown request gets an error."""

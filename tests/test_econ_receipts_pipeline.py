@@ -128,3 +128,64 @@ def test_solo_request_on_a_paid_entry_gets_one_receipt_for_all_layers(executor, 
     r = receipts[0]
     assert (r.node_id, r.layer_start, r.layer_end, r.model_hash) == (me.node_id_hex, 0, 30, HASH)
     assert r.tokens == len(prompt) + N - 1
+
+
+class SlowSink:
+    """A receipt sink whose write takes `delay_s` to commit (the future it returns, like EntryReceipts)."""
+
+    def __init__(self, delay_s: float = 0.3) -> None:
+        self.delay_s = delay_s
+        self.writes: list[asyncio.Future] = []
+
+    def __call__(self, receipts: list[Any], evidence: Any = None) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        loop.call_later(self.delay_s, fut.set_result, None)
+        self.writes.append(fut)
+        return fut
+
+    def committed(self) -> bool:
+        return bool(self.writes) and all(f.done() for f in self.writes)
+
+
+async def committed_at_finish(model: Any, prompt: list[int], sink: SlowSink) -> bool:
+    """Whether the request's receipts were committed when generate() handed out Finished, i.e. before the
+    API could send the answer's last byte (the finish chunk, [DONE], or the whole JSON body)."""
+    import contextlib
+
+    from mesh402.engine.sampling import SamplingParams
+    from mesh402.serving.generation import Finished, GenerationRequest, generate
+    sampling = SamplingParams(temperature=0, seed=1)
+    stepper = await model.open(len(prompt) + N, sampling)
+    async with contextlib.aclosing(generate(GenerationRequest(prompt, N, sampling), stepper, model.tokenizer, [])) as evs:
+        async for ev in evs:
+            if isinstance(ev, Finished):
+                return sink.committed()
+    raise AssertionError("no Finished event")
+
+
+def test_a_split_answer_ends_only_after_its_receipts_are_committed(executor, prompt) -> None:
+    """Split: the stages' receipts come back on the CLOSE acknowledgement and are committed before the
+    answer ends, so a kill -9 of the entry right after an answer loses none of its work units."""
+    async def main() -> bool:
+        model, mesh, _ = await build(executor, [0, 15, 30])
+        for name, w in mesh.workers.items():
+            w.signer = NodeIdentity.generate()
+        sink = SlowSink()
+        model.signer, model.receipt_sink = NodeIdentity.generate(), sink
+        return await committed_at_finish(model, prompt, sink)
+    assert asyncio.run(main())
+
+
+def test_a_solo_answer_ends_only_after_its_receipt_is_committed(executor, prompt) -> None:
+    from mesh402.economics.receipts import SoloReceipts
+    from mesh402.engine import Engine
+    from mesh402.models.catalog import bundled_model_path
+    from mesh402.serving.generation import LocalModel
+    eng = Engine.load(bundled_model_path(), mode="exact")
+
+    async def main() -> bool:
+        sink = SlowSink()
+        model = LocalModel(eng, executor, prefix_cache=None, receipts=SoloReceipts(NodeIdentity.generate(), sink, HASH, 30))
+        return await committed_at_finish(model, prompt, sink)
+    assert asyncio.run(main())

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 
-from mesh402.home import read_secret_file, resolve_home
+from mesh402.home import Home, HomeBusy, read_secret_file, resolve_home
 
 console = Console(soft_wrap=True)
 err = Console(stderr=True)
@@ -25,12 +27,30 @@ HomeOpt = Annotated[Optional[Path], typer.Option("--home", help="State directory
 DeploymentOpt = Annotated[Optional[Path], typer.Option("--deployment", help="deployment.json from `mesh402 chain dev` (RPC URL, contracts, keys).")]
 NetworkOpt = Annotated[Optional[str], typer.Option("--network", help="base-sepolia, base or eip155:N (picks the ERC-8004 registries).")]
 RpcOpt = Annotated[Optional[str], typer.Option("--rpc-url", help="Chain RPC URL.")]
+REGISTER_LOCK = "register.lock"  # held while `mesh402 register` writes the home's identity files
 IdentityRegistryOpt = Annotated[Optional[str], typer.Option("--identity-registry", help="IdentityRegistry address (default: the network's).")]
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _locked_or_fail(home: Path, name: str, what: str) -> Iterator[None]:
+    """A lock of the home held for one command that writes its state, or one line naming who holds it."""
+    try:
+        lock = Home(home).lock(name, what)
+    except HomeBusy as e:
+        _fail(str(e))
+        raise  # unreachable: _fail exits
+    except OSError as e:
+        _fail(f"cannot lock {home / name}: {e.strerror or e}")
+        raise
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def load_key(key_file: Optional[Path], env: str, what: str, dep: Any = None, account: Optional[str] = None) -> str:
@@ -228,57 +248,58 @@ def register_cmd(
 
     h = resolve_home(home)
     base, headers, state = _find_console(h)
-    st = _get(f"{base}/api/status", headers)
-    dep = load_deployment(deployment)
-    owner_key = load_key(key_file, "MESH402_OWNER_KEY", "owner key", dep, account)
-    wallet_key = read_secret_file(wallet_key_file) if wallet_key_file else None
-    try:
-        reg_addr = registry or erc8004_registries(network, dep)["IdentityRegistry"]
-    except ValueError as e:
-        _fail(str(e))
-    url = rpc_url or (dep.rpc_url if dep else None)
-    if url is None:
-        key = network or "base-sepolia"
-        url = NAMED[key].rpc_url if key in NAMED else None
-    if url is None:
-        _fail("pass --rpc-url")
-    w3 = web3_for(url)
-    ident = NodeIdentity.load_or_create(h)
-    if ident.node_id_hex != st.get("node_id", ident.node_id_hex):
-        _fail(f"{h}/node.key is not the running node's key")
-    api = (public_url or state.get("api_url") or "").rstrip("/")
-    me = st.get("self") or {}
-    models = sorted((state.get("models") or {}).keys())
-    doc = registration_document(name=name or me.get("name") or f"mesh402-{ident.short}", api_url=api,
-                                node_id=ident.node_id_hex, mesh_id=st.get("mesh_id"), hardware=me.get("hardware"),
-                                x402=False, models=models)
-    write_json(h / REGISTRATION_FILE, doc)  # served before the registration so the URI resolves at once
-    previous = None
-    try:
-        import json as _json
-        previous = _json.loads((h / IDENTITY_FILE).read_text())
-    except (OSError, ValueError):
-        pass
-    agent_id = None
-    if previous and previous.get("registry", "").lower() == reg_addr.lower() and previous.get("chainId") == w3.eth.chain_id:
-        agent_id = int(previous["agentId"])
-    try:
-        res = register_node(w3, owner_key, w3.to_checksum_address(reg_addr), api + REGISTRATION_PATH, ident,
-                            wallet_key=wallet_key, agent_id=agent_id)
-    except Exception as e:  # web3 errors: RPC down, revert, no gas
-        _fail(f"registration failed: {e}")
-    doc["registrations"] = [{"agentId": res.agent_id, "agentRegistry": f"eip155:{res.chain_id}:{res.registry}"}]
-    write_json(h / REGISTRATION_FILE, doc)
-    write_json(h / IDENTITY_FILE, {**res.to_json(), "rpcUrl": url})
-    ok = verify_binding(w3, res.registry, res.agent_id, ident.node_id)
-    console.print(f"agent {res.agent_id} on eip155:{res.chain_id} registry {res.registry}", highlight=False)
-    console.print(f"  owner {res.owner}  agentWallet {res.wallet}", highlight=False)
-    console.print(f"  agentURI {res.agent_uri}", highlight=False)
-    console.print(f"  node binding {'verified' if ok else 'NOT verified'} for node {ident.node_id_hex[:12]}", highlight=False)
-    if res.gas:
-        console.print("  gas: " + ", ".join(f"{k} {v}" for k, v in res.gas.items()), highlight=False)
-    if not ok:
-        raise typer.Exit(1)
+    with _locked_or_fail(h, REGISTER_LOCK, "a registration"):  # two at once would mint two agents
+        st = _get(f"{base}/api/status", headers)
+        dep = load_deployment(deployment)
+        owner_key = load_key(key_file, "MESH402_OWNER_KEY", "owner key", dep, account)
+        wallet_key = read_secret_file(wallet_key_file) if wallet_key_file else None
+        try:
+            reg_addr = registry or erc8004_registries(network, dep)["IdentityRegistry"]
+        except ValueError as e:
+            _fail(str(e))
+        url = rpc_url or (dep.rpc_url if dep else None)
+        if url is None:
+            key = network or "base-sepolia"
+            url = NAMED[key].rpc_url if key in NAMED else None
+        if url is None:
+            _fail("pass --rpc-url")
+        w3 = web3_for(url)
+        ident = NodeIdentity.load_or_create(h)
+        if ident.node_id_hex != st.get("node_id", ident.node_id_hex):
+            _fail(f"{h}/node.key is not the running node's key")
+        api = (public_url or state.get("api_url") or "").rstrip("/")
+        me = st.get("self") or {}
+        models = sorted((state.get("models") or {}).keys())
+        doc = registration_document(name=name or me.get("name") or f"mesh402-{ident.short}", api_url=api,
+                                    node_id=ident.node_id_hex, mesh_id=st.get("mesh_id"), hardware=me.get("hardware"),
+                                    x402=False, models=models)
+        write_json(h / REGISTRATION_FILE, doc)  # served before the registration so the URI resolves at once
+        previous = None
+        try:
+            import json as _json
+            previous = _json.loads((h / IDENTITY_FILE).read_text())
+        except (OSError, ValueError):
+            pass
+        agent_id = None
+        if previous and previous.get("registry", "").lower() == reg_addr.lower() and previous.get("chainId") == w3.eth.chain_id:
+            agent_id = int(previous["agentId"])
+        try:
+            res = register_node(w3, owner_key, w3.to_checksum_address(reg_addr), api + REGISTRATION_PATH, ident,
+                                wallet_key=wallet_key, agent_id=agent_id)
+        except Exception as e:  # web3 errors: RPC down, revert, no gas
+            _fail(f"registration failed: {e}")
+        doc["registrations"] = [{"agentId": res.agent_id, "agentRegistry": f"eip155:{res.chain_id}:{res.registry}"}]
+        write_json(h / REGISTRATION_FILE, doc)
+        write_json(h / IDENTITY_FILE, {**res.to_json(), "rpcUrl": url})
+        ok = verify_binding(w3, res.registry, res.agent_id, ident.node_id)
+        console.print(f"agent {res.agent_id} on eip155:{res.chain_id} registry {res.registry}", highlight=False)
+        console.print(f"  owner {res.owner}  agentWallet {res.wallet}", highlight=False)
+        console.print(f"  agentURI {res.agent_uri}", highlight=False)
+        console.print(f"  node binding {'verified' if ok else 'NOT verified'} for node {ident.node_id_hex[:12]}", highlight=False)
+        if res.gas:
+            console.print("  gas: " + ", ".join(f"{k} {v}" for k, v in res.gas.items()), highlight=False)
+        if not ok:
+            raise typer.Exit(1)
 
 
 def earnings_status_lines(home: Path, *, last_epochs: int = 3) -> list[str]:

@@ -8,6 +8,7 @@ root and, with `push`, sends every claim. Chain calls block: the node runs this 
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,9 @@ from typing import Any, Callable
 
 from mesh402.economics.evm import tx_hex
 from mesh402.economics.rewards import EpochPayout
+from mesh402.home import Home, HomeBusy
+
+PAYOUT_LOCK = "payout.lock"  # held while an epoch is paid from this home
 
 Log = Callable[[str], None]
 
@@ -70,15 +74,33 @@ def pay_epoch(home: Path, epoch: int, chain: PayoutChain, *, key: str | None, ep
     """Plan, gate on validation and pay `epoch` from the wallet of `key` (the entry's revenue wallet).
     `validate(epoch)` runs the validation round once the epoch is known to have receipts (skipped on a
     dry run). Raises NoReceipts, AlreadyPaid or PayoutError; what it did goes to `log` as it goes."""
+    warn = warn or log
+    home = Path(home)
+    if not (home / "receipts.sqlite").exists():
+        raise NoReceipts(f"no receipts in {home} (a paid entry node keeps them for split requests)")
+    pay = functools.partial(_pay_epoch, home, epoch, chain, key=key, epoch_s=epoch_s, push=push,
+                            require_validation=require_validation, dry_run=dry_run, validate=validate, log=log,
+                            warn=warn, w3=w3)
+    if dry_run:  # writes nothing
+        return pay()
+    try:  # one payout per home at a time: `mesh402 payout` and the node's EpochCloser write the same records
+        lock = Home(home).lock(PAYOUT_LOCK, "a payout")
+    except HomeBusy as e:
+        raise PayoutError(str(e)) from None
+    try:
+        return pay()
+    finally:
+        lock.release()
+
+
+def _pay_epoch(home: Path, epoch: int, chain: PayoutChain, *, key: str | None, epoch_s: int, push: bool,
+               require_validation: bool, dry_run: bool, validate: Callable[[int], Any] | None, log: Log, warn: Log,
+               w3: Any) -> PayoutResult:
     from mesh402.economics.chain import web3_for
     from mesh402.economics.receipts import ReceiptStore
     from mesh402.economics.rewards import (EpochPublished, claim, epoch_revenue, plan_epoch, publish_epoch,
                                            publish_tx, unclaimed)
 
-    warn = warn or log
-    home = Path(home)
-    if not (home / "receipts.sqlite").exists():
-        raise NoReceipts(f"no receipts in {home} (a paid entry node keeps them for split requests)")
     w3 = w3 or web3_for(chain.rpc_url)
     store = ReceiptStore(home / "receipts.sqlite")  # its own connection: the node's is used on the event loop
     try:

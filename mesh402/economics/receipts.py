@@ -18,7 +18,10 @@ request is either fully accounted or not at all.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import hashlib
+import inspect
 import json
 import sqlite3
 import threading
@@ -366,9 +369,9 @@ class SoloReceipts:
     def tally(self, request_id: str) -> "StageTally":
         return StageTally(request_id, self.content_hash, 0, self.n_layers)
 
-    def finish(self, tally: "StageTally") -> None:
-        if tally.tokens:
-            self.sink([tally.receipt(self.signer, 0)], None)
+    def finish(self, tally: "StageTally") -> Any:
+        """Sign and hand the receipt to the sink; what the sink returned (see `kept`)."""
+        return self.sink([tally.receipt(self.signer, 0)], None) if tally.tokens else None
 
 
 def running_hash(step_hashes: Iterable[bytes]) -> str:
@@ -544,7 +547,9 @@ def receipt_units(r: AnyReceipt, flops: Any, expert_flops: Any) -> int:
 
 class EntryReceipts:
     """The entry node's receipt sink: each request's verified chain goes to <home>/receipts.sqlite in the
-    epoch of its arrival (epoch length `epoch_s`), written off the event loop."""
+    epoch of its arrival (epoch length `epoch_s`), written off the event loop. The serving code waits for
+    the write (`kept`) before the answer's last byte goes out, so a kill -9 after an answer loses no
+    receipt of it."""
 
     def __init__(self, home: Path, epoch_s: int = 3600) -> None:
         self.store = ReceiptStore(Path(home) / "receipts.sqlite")
@@ -601,9 +606,20 @@ class EntryReceipts:
             logging.getLogger(__name__).warning("receipts for %s not kept: %s",
                                                 receipts[0].request_id if receipts else "?", e)
 
-    def __call__(self, receipts: list[AnyReceipt], evidence: list[Any] | None = None) -> None:
-        import asyncio
+    def __call__(self, receipts: list[AnyReceipt], evidence: list[Any] | None = None) -> Any:
+        """Start writing a request's receipts off the event loop; the future returned is done once they are
+        committed (await it through `kept` before the answer's end goes out). Without a loop: written now."""
         try:
-            asyncio.get_running_loop().run_in_executor(None, self._record, list(receipts), evidence)
+            return asyncio.get_running_loop().run_in_executor(None, self._record, list(receipts), evidence)
         except RuntimeError:  # no loop: write now
             self._record(list(receipts), evidence)
+            return None
+
+
+async def kept(pending: Any) -> None:
+    """Wait for what a receipt sink returned (a future or awaitable of the write, or None when it wrote at
+    once). Shielded: a caller cancelled now (a client gone) does not cut the write off."""
+    if isinstance(pending, concurrent.futures.Future):
+        pending = asyncio.wrap_future(pending)
+    if inspect.isawaitable(pending):
+        await asyncio.shield(pending)

@@ -62,3 +62,41 @@ def resolve_model(spec: str) -> ModelSource:
     if path.exists():
         raise ModelNotFound(f"{spec}: not a .gguf file or a safetensors folder with config.json")
     raise ModelNotFound(f"{spec}: no such model file or folder (the bundled model is '{BUNDLED_MODEL_ID}')")
+
+
+def check_model_files(src: ModelSource) -> None:
+    """Read what loading will need before a node starts, so a bad file is one line at start-up and not a
+    traceback later: a GGUF's header and tensor table, or a safetensors folder's config.json and the
+    header of each of its files. Raises ModelNotFound."""
+    try:
+        if src.format == "gguf":
+            from mesh402.models.gguf_meta import read_gguf_meta
+
+            read_gguf_meta(src.path)
+        else:
+            _check_safetensors_folder(src.path)
+    except (OSError, ValueError) as e:  # GGUFFormatError and a broken config.json are ValueErrors
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ModelNotFound(f"model {src.path}: {why.removeprefix(f'{src.path}: ')}") from None
+
+
+def _check_safetensors_folder(path: Path) -> None:
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config.json is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError("config.json is not a JSON object")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError("no *.safetensors file in the folder")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="numpy"):  # parses the header only
+                pass
+        except SafetensorError as e:
+            raise ValueError(f"{f.name}: not a safetensors file ({e})") from None

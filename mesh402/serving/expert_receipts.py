@@ -31,6 +31,7 @@ from mesh402.economics.receipts import (
     StageTally,
     expert_receipt_errors,
     flat_rows,
+    kept,
     sign_expert_receipt,
 )
 
@@ -95,7 +96,8 @@ class ExpertHostReceipts:
         return StageTally(request_id, self.content_hash, 0, self.n_layers)
 
     def finish(self, tally: StageTally) -> Future | None:
-        """Called when the request is released: collect and keep its receipts in the background."""
+        """Called when the request is released: collect and keep its receipts in a task on the loop; the
+        future is done once they are committed."""
         local, nodes = self.runner.take(tally.request_id)
         if not tally.tokens:
             return None
@@ -111,7 +113,7 @@ class ExpertHostReceipts:
                                    input_hash=in_hash, output_hash=out_hash)
         asked = await asyncio.gather(*(self._ask(n, tally.request_id, i + 1) for i, n in enumerate(sorted(nodes))))
         receipts = [mine] + [r for r in asked if r is not None]
-        self.sink(receipts, None)
+        await kept(self.sink(receipts, None))  # committed before the answer's end goes out (LocalStepper.finish)
         return receipts
 
     async def _ask(self, node: str, request_id: str, stage: int) -> ExpertReceipt | None:

@@ -56,6 +56,10 @@ class Stepper(Protocol):
     async def decode(self, token: int) -> int:
         """Feed one sampled token; return the next."""
 
+    async def finish(self) -> None:
+        """The answer is complete: free the KV state and wait until the request's work receipts are
+        committed (a paid entry), so the answer's end never goes out before its accounting."""
+
     def release(self) -> None:
         """Free the KV state; safe to call more than once and from any context."""
 
@@ -89,8 +93,12 @@ async def generate(req: GenerationRequest, stepper: Stepper, tokenizer: Any,
         tail = stops.push(decoder.flush()) + stops.flush()
         if tail:
             yield Delta(tail)
+        await stepper.finish()  # receipts durable before the caller sends the answer's end
         yield Finished(reason, len(req.prompt_ids), produced, stepper.cached_tokens, ttft,
                        time.perf_counter() - t0)
+    except GeneratorExit:  # the caller stopped reading first (prepaid credit ran out): the same order
+        await stepper.finish()
+        raise
     finally:
         stepper.release()
 
@@ -150,6 +158,7 @@ class LocalStepper:
         self.tally: Any = None
         self.request_id = ""
         self.step_hook: Callable[[str], None] | None = None  # LocalModel.step_hook
+        self._pending: Any = None  # the receipt write release() started
 
     def _tally(self, ids: list[int], token: int) -> int:
         if self.tally is not None:
@@ -187,13 +196,23 @@ class LocalStepper:
     async def decode(self, token: int) -> int:
         return await self._run(self._decode, token)
 
-    def release(self) -> None:
+    async def finish(self) -> None:
+        from mesh402.economics.receipts import kept
+
+        try:
+            await kept(self.release())
+        except Exception as e:  # accounting must never fail an answer
+            log.warning("receipt not kept: %s", e)
+
+    def release(self) -> Any:
+        """Free the session and hand the request's receipt on; the write it started (see receipts.kept)."""
         if not self._released:
             self._released = True
             # Not awaited: this must also run when the client went away and the task is cancelled.
             self._executor.submit(self.session.close)
             if self.tally is not None:
                 try:
-                    self.receipts.finish(self.tally)
+                    self._pending = self.receipts.finish(self.tally)
                 except Exception as e:  # accounting must never fail a release
-                    logging.getLogger(__name__).warning("receipt not kept: %s", e)
+                    log.warning("receipt not kept: %s", e)
+        return self._pending

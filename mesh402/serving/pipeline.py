@@ -176,6 +176,7 @@ class PipelineStepper:
     tally: Any = None  # economics.receipts.StageTally of the local stage, when receipts are on
     steps_done: int = 0  # steps the current chain processed for this request (what a reveal may name)
     _released: bool = False
+    _closing: asyncio.Task | None = None  # closing the chain, receipts included (release)
     _store: tuple | None = None  # (aligned prompt tokens, n): kept for later requests on release
 
     # ---------------------------------------------------------------- chain management
@@ -397,7 +398,7 @@ class PipelineStepper:
 
     async def _collect_receipts(self, link: Link) -> None:
         """CLOSE carrying this node's stage-0 receipt; the stages add theirs and the chain comes back."""
-        from mesh402.economics.receipts import Receipt
+        from mesh402.economics.receipts import Receipt, kept
         mine = self.tally.receipt(self.model.signer, 0)
         params = {"receipts": dump_json([mine.to_json()])}
         auditor, chain = self.model.auditor, self.chain
@@ -414,14 +415,22 @@ class PipelineStepper:
         except Exception as e:
             log.info("request %s: no receipts from the stages: %s", self.request_id, e)
             receipts = [mine]
-        try:
-            self.model.receipt_sink(receipts, evidence if step is not None else None)
+        try:  # committed before the answer's end goes out (finish awaits this)
+            await kept(self.model.receipt_sink(receipts, evidence if step is not None else None))
         except Exception as e:  # a chain that does not verify is logged, never stored
             log.warning("request %s: receipts not kept: %s", self.request_id, e)
 
-    def release(self) -> None:
+    async def finish(self) -> None:
+        """The answer is complete: close the chain now and, when receipts are kept, wait until the stages'
+        receipts (the CLOSE acknowledgement) are committed, so the answer's end never goes out first."""
+        closing = self.release()
+        if closing is not None and self.tally is not None:
+            await asyncio.shield(closing)
+
+    def release(self) -> asyncio.Task | None:
+        """Free the session; the chain is closed (and the receipts collected) in a task, returned."""
         if self._released:
-            return
+            return self._closing
         self._released = True
         self._store_frame = None
         try:
@@ -429,21 +438,21 @@ class PipelineStepper:
         except Exception as e:  # reuse is an optimisation: never fail a release over it
             log.info("request %s: prefix not kept: %s", self.request_id, e)
         self.model.executor.submit(self.session.close)
-        link = self.link
-        store_frame = self._store_frame
-        if link is not None:
-            async def close() -> None:
-                try:
-                    if store_frame is not None:
-                        await link.send(store_frame)
-                    if self.tally is not None and self.sent:
-                        await self._collect_receipts(link)
-                    else:
-                        await link.send(stage_frame(K.STAGE_KIND_CLOSE, request_id=self.request_id))
-                    await link.finish()
-                except Exception:
-                    pass
+        if self.link is not None:
             try:
-                asyncio.get_running_loop().create_task(close())
+                self._closing = asyncio.get_running_loop().create_task(self._close(self.link, self._store_frame))
             except RuntimeError:
                 pass
+        return self._closing
+
+    async def _close(self, link: Link, store_frame: Any) -> None:
+        try:
+            if store_frame is not None:
+                await link.send(store_frame)
+            if self.tally is not None and self.sent:
+                await self._collect_receipts(link)
+            else:
+                await link.send(stage_frame(K.STAGE_KIND_CLOSE, request_id=self.request_id))
+            await link.finish()
+        except Exception:
+            pass
