@@ -35,7 +35,7 @@ def main() -> None:
 
     from mesh402.economics.chain import contract_at
     from mesh402.economics.evm import send_tx
-    from mesh402.economics.identity import register_node
+    from mesh402.economics.erc8004 import register_node
     from mesh402.economics.rewards import EpochPayout, claim, publish_epoch
     from mesh402.mesh.identity import NodeIdentity
     from tests.chainutil import start_chain
@@ -91,7 +91,7 @@ def spot_check_gas(chain: Any, agents: list[tuple[int, str]]) -> dict[str, float
     """Median gas of the spot-check round, sent as the mesh sends it (validation.py): per agent, the owner
     requests two validations (statement hashes), the validator passes one (100) and fails the other (0),
     and the entry posts feedback for the failure."""
-    from mesh402.economics.validation import PASS_SCORE, post_feedback, request_validation, respond_validation, statement
+    from mesh402.economics.validation_registry import PASS_SCORE, post_feedback, request_validation, respond_validation, statement
     w3, c = chain.w3(), chain.dep.contracts
     validator = chain.dep.address("node-1")
     gas: dict[str, list[int]] = {"validationRequest": [], "validationResponse_pass": [], "validationResponse_fail": [],

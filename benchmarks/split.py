@@ -192,7 +192,7 @@ def bench_wire(mode: str, n: int) -> dict:
     """Teacher-forced agreement and max |dlogit| of f16/bf16 vs f32; free-running prefix via the real pipeline."""
     import torch
 
-    from mesh402.engine.wire import decode_activations, forward_tokens
+    from mesh402.engine.activations import decode_activations, forward_tokens
 
     solo = _engine(mode)
     e0, e1 = _engine(mode, (0, 15), tok=False), _engine(mode, (15, 30), tok=False)

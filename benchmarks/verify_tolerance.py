@@ -8,7 +8,7 @@ One realistic request on the bundled SmolLM2-135M: a chat prompt (~80 tokens, fi
 24 greedy decode steps (tokens from a solo exact run, teacher-forced). The stage under test receives what
 layers [0, a) in exact mode send, encoded in the wire dtype; it commits its per-step output (middle stage:
 the wire payload it sends on; last stage: the logits fingerprint at 256 ids). The validator replays the
-revealed inputs with `mesh402.engine.verify.replay` on a separately loaded engine at sampled steps (the
+revealed inputs with `mesh402.engine.replay.replay` on a separately loaded engine at sampled steps (the
 first and last prefill chunk and decode steps 1, 12, 24) and we record rel_err:
 - honest: the stage and the validator run the same mode; the validator with the same torch thread count
   (1) and with a different one (2); wire f32 / bf16 / f16; and a validator "on another CPU": a process
@@ -49,10 +49,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from mesh402.economics.verification import fingerprint_ids, last_step_hash  # noqa: E402
+from mesh402.work.evidence import fingerprint_ids, last_step_hash  # noqa: E402
 from mesh402.engine import Engine  # noqa: E402
-from mesh402.engine.verify import TOLERANCE, fingerprint, replay  # noqa: E402
-from mesh402.engine.wire import activation_hash, decode_activations, encode_activations  # noqa: E402
+from mesh402.engine.replay import TOLERANCE, fingerprint, replay  # noqa: E402
+from mesh402.engine.activations import activation_hash, decode_activations, encode_activations  # noqa: E402
 from mesh402.models.catalog import bundled_model_path  # noqa: E402
 from tests.tamper import stage_outputs, tamper_engine, upstream_inputs  # noqa: E402
 
@@ -276,7 +276,7 @@ def summary(rows: list[dict]) -> list[dict]:
                 least = min(ch, key=lambda r: r["min"])
                 out.append({"mode": mode, "what": f"{cheat} min", "rel_err": least["min"],
                             "where": f"{least['stage']}, {least['case']}"})
-        out.append({"mode": mode, "what": "TOLERANCE", "rel_err": TOLERANCE[mode], "where": "mesh402/engine/verify.py"})
+        out.append({"mode": mode, "what": "TOLERANCE", "rel_err": TOLERANCE[mode], "where": "mesh402/engine/replay.py"})
     return out
 
 

@@ -1,7 +1,7 @@
 """The hash that commits to an activation payload on the wire.
 
 Torch-free and shared: the engine's wire format, the stages' receipts and the entry's reveal checks
-(mesh402.economics.verification) must hash the same bytes the same way."""
+(mesh402.work.evidence) must hash the same bytes the same way."""
 
 from __future__ import annotations
 

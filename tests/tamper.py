@@ -141,7 +141,7 @@ def request_steps(n_prompt: int, n_total: int, chunk: int) -> list[tuple[int, in
 def upstream_inputs(engine0: Any, tokens: list[int], n_prompt: int, wire: str) -> list[dict]:
     """Run ``tokens`` (prompt, then teacher-forced decode tokens) through the first stage ``engine0``;
     the wire records the next stage receives, one per step."""
-    from mesh402.engine.wire import forward_tokens
+    from mesh402.engine.activations import forward_tokens
 
     C = engine0.prefill_chunk
     out: list[dict] = []
@@ -157,8 +157,8 @@ def upstream_inputs(engine0: Any, tokens: list[int], n_prompt: int, wire: str) -
 def stage_outputs(engine: Any, inputs: list[dict], *, last: bool, wire: str, fp_ids: list[int]) -> list[bytes]:
     """What a stage running ``engine`` commits to per step: the wire payload it sends (middle stage, in
     ``wire``) or its logits fingerprint (last stage)."""
-    from mesh402.engine.verify import fingerprint
-    from mesh402.engine.wire import decode_activations, encode_activations
+    from mesh402.engine.replay import fingerprint
+    from mesh402.engine.activations import decode_activations, encode_activations
 
     outs: list[bytes] = []
     with engine.new_session(max(r["pos"] + r["shape"][0] for r in inputs)) as s:

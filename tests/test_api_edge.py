@@ -7,7 +7,7 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 from mesh402.api.openai import create_app
-from mesh402.config import NodeConfig
+from mesh402.settings import NodeConfig
 from mesh402.models.catalog import ModelSource
 from mesh402.serving.registry import ModelRegistry
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh402.config import load_api_key
+from mesh402.settings import load_api_key
 from mesh402.home import Home, read_secret_file, resolve_home, write_private
 from mesh402.models.catalog import BUNDLED_MODEL_ID, ModelNotFound, bundled_fix_command, resolve_model
 
@@ -120,7 +120,7 @@ def test_a_home_lock_is_one_holders_and_node_json_is_removed_only_by_its_writer(
 def test_a_busy_api_port_fails_or_moves_to_the_next_free_one() -> None:
     import socket
 
-    from mesh402.startup import StartupError, free_api_port
+    from mesh402.node.startup import StartupError, free_api_port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()

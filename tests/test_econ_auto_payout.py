@@ -24,7 +24,7 @@ EPOCH_S = 20
 
 
 def test_entry_pays_the_epoch_by_itself_after_it_ends(tmp_path: Path) -> None:
-    from mesh402.economics.workunits import split_pro_rata
+    from mesh402.work.units import split_pro_rata
     chain, fac, paid = paid_chain(tmp_path)
     nodes = MeshNodes(tmp_path / "nodes")
     dep = ["--deployment", str(chain.dir)]

@@ -229,7 +229,7 @@ def test_register_overloads_uri_and_metadata(env: Env) -> None:
 def test_agent_wallet_proof_valid_accepted_forged_rejected(env: Env) -> None:
     from eth_account import Account
 
-    from mesh402.economics.identity import wallet_proof
+    from mesh402.economics.erc8004 import wallet_proof
     idf = env.identity.functions
     owner = env.addr("node-1")
     aid = env.register("node-1")

@@ -13,9 +13,9 @@ from eth_account import Account
 from starlette.requests import Request
 
 from mesh402.api.errors import APIError
-from mesh402.config import NodeConfig, PaymentsConfig
-from mesh402.economics.gate import PaymentGate
-from mesh402.economics.stream import paid_sse
+from mesh402.settings import NodeConfig, PaymentsConfig
+from mesh402.api.x402.gate import PaymentGate
+from mesh402.api.x402.stream import paid_sse
 from mesh402.serving.generation import Delta, Finished
 from tests.chainutil import decode_b64json, sign_payment
 

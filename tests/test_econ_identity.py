@@ -66,7 +66,7 @@ def agent_of(node: MeshNode) -> int:
 
 
 def test_register_serves_the_registration_file_and_binds_the_node_key(env: Env) -> None:
-    from mesh402.economics.identity import BINDING_KEY, verify_binding
+    from mesh402.economics.erc8004 import BINDING_KEY, verify_binding
     from mesh402.home import Home
     r = register(env, env.a, "node-0")
     assert "node binding verified" in r.stdout, r.stdout
@@ -101,7 +101,7 @@ def test_second_node_own_key_and_agent_wallet_proof(env: Env) -> None:
     from eth_account import Account
 
     from mesh402.economics.chain import _write_secret
-    from mesh402.economics.identity import verify_binding
+    from mesh402.economics.erc8004 import verify_binding
     wallet = Account.create()
     wfile = env.tmp / "wallet-b.key"
     _write_secret(wfile, "0x" + bytes(wallet.key).hex())
@@ -121,7 +121,7 @@ def test_second_node_own_key_and_agent_wallet_proof(env: Env) -> None:
 
 def test_forged_bindings_are_rejected(env: Env) -> None:
     from mesh402.economics.evm import send_tx
-    from mesh402.economics.identity import (BINDING_KEY, make_binding, read_agent, registered_agents,
+    from mesh402.economics.erc8004 import (BINDING_KEY, make_binding, read_agent, registered_agents,
                                             verify_binding)
     from mesh402.mesh.identity import NodeIdentity
     reg = env.registry

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from mesh402.economics.receipts import Receipt, ReceiptStore, chain_errors, sign_receipt
-from mesh402.economics.workunits import flops_per_token, opow_weights, split_pro_rata
+from mesh402.work.receipts import Receipt, ReceiptStore, chain_errors, sign_receipt
+from mesh402.work.units import flops_per_token, opow_weights, split_pro_rata
 from mesh402.mesh.identity import NodeIdentity
 
 MODEL = "ab" * 32
@@ -109,7 +109,7 @@ WRITER = textwrap.dedent("""
     import sys, hashlib
     sys.path.insert(0, sys.argv[3])
     from tests.test_econ_receipts import chain_for
-    from mesh402.economics.receipts import ReceiptStore
+    from mesh402.work.receipts import ReceiptStore
     from mesh402.mesh.identity import NodeIdentity
     st = ReceiptStore(sys.argv[1])
     a, b = NodeIdentity.generate(), NodeIdentity.generate()
@@ -149,7 +149,7 @@ def test_epoch_distribution_over_a_two_node_split_matches_work_units(tmp_path: P
     from mesh402.economics.evm import revert_reason
     from mesh402.economics.rewards import claim, plan_epoch, publish_epoch
     from mesh402.economics.toolchain import tools_ready
-    from mesh402.economics.workunits import FlopsTable
+    from mesh402.work.units import FlopsTable
     from mesh402.models.gguf_meta import read_gguf_meta
     from tests._engine_util import smollm2_gguf
     from tests.chainutil import start_chain
@@ -192,7 +192,7 @@ def test_epoch_distribution_over_a_two_node_split_matches_work_units(tmp_path: P
         earn = st.earnings()
         assert {e["node_id"]: (e["epoch"], e["amount"], e["tx"]) for e in earn} == {
             n: (9, plan.amounts[n], plan.tx) for n in (s0.node_id_hex, s1.node_id_hex)}
-        from mesh402.economics.cli import earnings_status_lines
+        from mesh402.cli.economics import earnings_status_lines
         assert earnings_status_lines(tmp_path)[0].startswith("earnings epoch 9: ")
         print(f"\nepoch payout gas: approve+publish {plan.gas}, claim {int(r0['gasUsed'])}")
     finally:
@@ -200,7 +200,7 @@ def test_epoch_distribution_over_a_two_node_split_matches_work_units(tmp_path: P
 
 
 def test_stage_tallies_chain_when_payloads_pass_unchanged() -> None:
-    from mesh402.economics.receipts import StageTally
+    from mesh402.work.receipts import StageTally
     a, b = NodeIdentity.generate(), NodeIdentity.generate()
     steps = [(7, b"prompt-chunk"), (1, b"tok1"), (1, b"tok2")]  # (tokens, what stage 0 received)
 
@@ -225,7 +225,7 @@ def _entry_with_paid_epoch_5(tmp_path: Path) -> tuple[Path, NodeIdentity, NodeId
     Returns (home, stage-0 node, stage-1 node, GGUF metadata, chain)."""
     import sqlite3
 
-    from mesh402.economics.identity import register_node
+    from mesh402.economics.erc8004 import register_node
     from mesh402.economics.ledger import Ledger
     from mesh402.models.gguf_meta import read_gguf_meta
     from tests._engine_util import smollm2_gguf
@@ -262,7 +262,7 @@ def _entry_with_paid_epoch_5(tmp_path: Path) -> tuple[Path, NodeIdentity, NodeId
 
 
 def test_mesh402_payout_pays_an_epoch_to_registered_nodes_by_work_units(tmp_path: Path) -> None:
-    from mesh402.economics.cli import earnings_status_lines
+    from mesh402.cli.economics import earnings_status_lines
     from tests.procs import MESH402
     home, s0, s1, meta, chain = _entry_with_paid_epoch_5(tmp_path)
     try:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from mesh402.economics.receipts import ReceiptStore, chain_errors
+from mesh402.work.receipts import ReceiptStore, chain_errors
 from mesh402.mesh.identity import NodeIdentity
 from tests.test_pipeline_inprocess import HASH, build, executor, run_gen  # noqa: F401 (executor: fixture)
 
@@ -68,7 +68,7 @@ def test_every_stage_signs_and_the_chain_verifies(executor, prompt, tmp_path: Pa
     assert {r.model_hash for r in receipts} == {HASH}
     st = ReceiptStore(tmp_path / "receipts.sqlite")
     st.record(receipts, revenue=30_000, epoch=1, n_layers=30)
-    from mesh402.economics.workunits import flops_per_token, split_pro_rata
+    from mesh402.work.units import flops_per_token, split_pro_rata
     from mesh402.models.catalog import bundled_model_path
     from mesh402.models.gguf_meta import read_gguf_meta
     meta = read_gguf_meta(bundled_model_path())
@@ -89,8 +89,8 @@ def test_receipts_after_a_stage_failover_name_the_replacement(executor, prompt) 
 def test_entry_sink_keeps_receipts_with_units_from_the_tensor_table(executor, prompt, tmp_path: Path) -> None:
     import time
 
-    from mesh402.economics.receipts import EntryReceipts, epoch_of
-    from mesh402.economics.workunits import flops_per_token
+    from mesh402.work.receipts import EntryReceipts, epoch_of
+    from mesh402.work.units import flops_per_token
     from mesh402.models.catalog import bundled_model_path
     from mesh402.models.gguf_meta import read_gguf_meta
     entry = EntryReceipts(tmp_path, epoch_s=3600)
@@ -113,7 +113,7 @@ def test_entry_sink_keeps_receipts_with_units_from_the_tensor_table(executor, pr
 
 def test_solo_request_on_a_paid_entry_gets_one_receipt_for_all_layers(executor, prompt) -> None:
     """A model served whole: the entry's own work counts in the epoch split (one receipt, all 30 layers)."""
-    from mesh402.economics.receipts import SoloReceipts
+    from mesh402.work.receipts import SoloReceipts
     from mesh402.engine import Engine
     from mesh402.models.catalog import bundled_model_path
     from mesh402.serving.generation import LocalModel
@@ -178,7 +178,7 @@ def test_a_split_answer_ends_only_after_its_receipts_are_committed(executor, pro
 
 
 def test_a_solo_answer_ends_only_after_its_receipt_is_committed(executor, prompt) -> None:
-    from mesh402.economics.receipts import SoloReceipts
+    from mesh402.work.receipts import SoloReceipts
     from mesh402.engine import Engine
     from mesh402.models.catalog import bundled_model_path
     from mesh402.serving.generation import LocalModel

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh402.economics.settings import payments_config
+from mesh402.cli.payment_flags import payments_config
 
 FAC = "http://127.0.0.1:4021"
 

@@ -32,7 +32,7 @@ class Env:
 
     def agent(self, owner: str, node: Any | None = None) -> tuple[int, Any]:
         """A fresh agent owned by `owner`, bound to `node` (a new node identity by default)."""
-        from mesh402.economics.identity import register_node
+        from mesh402.economics.erc8004 import register_node
         from mesh402.mesh.identity import NodeIdentity
         node = node or NodeIdentity.generate()
         res = register_node(self.w3, self.key(owner), self.identity, "https://n.example/reg.json", node)
@@ -61,7 +61,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 def test_statement_is_canonical_json_and_its_keccak() -> None:
     from eth_utils import keccak
 
-    from mesh402.economics.validation import statement
+    from mesh402.economics.validation_registry import statement
     text, h = statement(7, "e" * 64, "a" * 64, "0xV", ["c1", "c2"])
     assert text == ('{"checks":["c1","c2"],"entry":"' + "e" * 64 + '","epoch":7,"node":"' + "a" * 64
                     + '","v":1,"validator":"0xV"}')
@@ -70,7 +70,7 @@ def test_statement_is_canonical_json_and_its_keccak() -> None:
 
 
 def test_payout_condition_cases() -> None:
-    from mesh402.economics.validation import PASS_SCORE, ValidationStatus, payout_condition, spot_check_failed
+    from mesh402.economics.validation_registry import PASS_SCORE, ValidationStatus, payout_condition, spot_check_failed
 
     def st(answered: bool, response: int = 0, validator: str = "0xV") -> ValidationStatus:
         return ValidationStatus("0x" + "11" * 32, True, answered, validator, 3, response)
@@ -94,8 +94,8 @@ def test_payout_condition_cases() -> None:
 # ---- on chain ------------------------------------------------------------------------------------
 
 def test_request_by_owner_only_and_status_reads_back(env: Env) -> None:
-    from mesh402.economics.identity import registered_agents
-    from mesh402.economics.validation import (RegistryError, agent_of_node, request_validation, statement,
+    from mesh402.economics.erc8004 import registered_agents
+    from mesh402.economics.validation_registry import (RegistryError, agent_of_node, request_validation, statement,
                                               validation_status)
     aid, node = env.agent("node-0")
     assert agent_of_node(env.w3, env.identity, node.node_id_hex) == aid
@@ -115,7 +115,7 @@ def test_request_by_owner_only_and_status_reads_back(env: Env) -> None:
 
 
 def test_only_the_named_validator_responds(env: Env) -> None:
-    from mesh402.economics.validation import (PASS_SCORE, RegistryError, request_validation, respond_validation,
+    from mesh402.economics.validation_registry import (PASS_SCORE, RegistryError, request_validation, respond_validation,
                                               statement, validation_status)
     aid, node = env.agent("node-0")
     (_, h1), (_, h2) = (statement(1, "e" * 64, node.node_id_hex, env.addr(VALIDATOR), [c]) for c in ("a", "b"))
@@ -135,7 +135,7 @@ def test_only_the_named_validator_responds(env: Env) -> None:
 
 
 def test_feedback_lands_in_reputation_and_self_feedback_is_refused(env: Env) -> None:
-    from mesh402.economics.validation import RegistryError, post_feedback
+    from mesh402.economics.validation_registry import RegistryError, post_feedback
     aid, _ = env.agent("node-1")
     rf = env.reputation_fn()
     with pytest.raises(RegistryError, match=f"owns or operates agent {aid}"):
@@ -155,7 +155,7 @@ def _fill_entry(env: Env, home: Path, stage_nodes: list[Any], revenue: int) -> s
     import time
 
     from mesh402.economics.ledger import Ledger
-    from mesh402.economics.receipts import ReceiptStore, sign_receipt
+    from mesh402.work.receipts import ReceiptStore, sign_receipt
     from mesh402.mesh.identity import NodeIdentity
     entry = NodeIdentity.load_or_create(home)
     store = ReceiptStore(home / "receipts.sqlite")
@@ -177,8 +177,8 @@ def _fill_entry(env: Env, home: Path, stage_nodes: list[Any], revenue: int) -> s
 
 def _validate(env: Env, home: Path, entry: str, owner: str, node: Any, aid: int, response: int) -> str:
     """The validation round for one stage node, as the entry, the node's owner and the validator play it."""
-    from mesh402.economics.receipts import ReceiptStore
-    from mesh402.economics.validation import request_validation, respond_validation, statement
+    from mesh402.work.receipts import ReceiptStore
+    from mesh402.economics.validation_registry import request_validation, respond_validation, statement
     text, h = statement(1, entry, node.node_id_hex, env.addr(VALIDATOR), ["check-" + node.node_id_hex[:8]])
     request_validation(env.w3, env.key(owner), env.validation, env.addr(VALIDATOR), aid, "mesh402:statement", h)
     respond_validation(env.w3, env.key(VALIDATOR), env.validation, h, response)
@@ -197,8 +197,8 @@ def _payout(env: Env, home: Path) -> Any:
 
 
 def test_payout_pays_only_passed_nodes_and_posts_feedback_once(env: Env) -> None:
-    from mesh402.economics.receipts import ReceiptStore
-    from mesh402.economics.workunits import split_pro_rata
+    from mesh402.work.receipts import ReceiptStore
+    from mesh402.work.units import split_pro_rata
     from mesh402.mesh.identity import NodeIdentity
     home = env.tmp / "entry"
     home.mkdir()

@@ -30,8 +30,8 @@ CASES = [("exact", "perturb"), ("exact", "skip_layer"), ("fast", "requant"), ("f
 
 @pytest.mark.parametrize("mode,cheat", CASES, ids=[f"{m}-{c or 'honest'}" for m, c in CASES])
 def test_tampering_stage_is_caught_not_paid_and_recorded_on_chain(tmp_path: Path, mode: str, cheat: str | None) -> None:
-    from mesh402.economics.validation import validation_status
-    from mesh402.economics.workunits import split_pro_rata
+    from mesh402.economics.validation_registry import validation_status
+    from mesh402.work.units import split_pro_rata
     chain, fac, paid = paid_chain(tmp_path, nodes=4)
     nodes = MeshNodes(tmp_path / "nodes")
     dep = ["--deployment", str(chain.dir)]

@@ -8,7 +8,7 @@ import asyncio
 
 from mesh402.clock import FakeClock
 from mesh402.economics.payout import AlreadyPaid, NoReceipts, PayoutError
-from mesh402.serving.epochs import EpochCloser
+from mesh402.node.payouts import EpochCloser
 
 E, GRACE = 100, 25
 
@@ -103,8 +103,8 @@ def test_payout_key_settings_refuse_what_cannot_pay(tmp_path, monkeypatch) -> No
     import pytest
     from eth_account import Account
 
-    from mesh402.config import PaymentsConfig, TrustConfig
-    from mesh402.economics.settings import auto_payout_config
+    from mesh402.settings import PaymentsConfig, TrustConfig
+    from mesh402.cli.payment_flags import auto_payout_config
     acct, other = Account.create(), Account.create()
     kf = tmp_path / "payout.key"
     kf.write_text(acct.key.hex())

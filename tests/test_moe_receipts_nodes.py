@@ -17,8 +17,8 @@ MAX_TOKENS = 8
 
 
 def test_paid_expert_parallel_request_keeps_a_receipt_per_node(tmp_path: Path, moe_model) -> None:  # noqa: F811
-    from mesh402.economics.receipts import ExpertReceipt, expert_errors
-    from mesh402.economics.workunits import moe_flops
+    from mesh402.work.receipts import ExpertReceipt, expert_errors
+    from mesh402.work.units import moe_flops
     from mesh402.models.gguf_meta import read_gguf_meta
     chain, fac, paid = paid_chain(tmp_path)
     nodes = MeshNodes(tmp_path / "nodes")

@@ -62,9 +62,9 @@ def test_split_prefix_reuse_equals_cold(executor, solo) -> None:  # noqa: F811
 def test_paid_warm_request_reveals_from_position_zero(executor, solo) -> None:  # noqa: F811
     """A paid (audited) request that restores a prompt prefix still reveals the steps that built it, so the
     validator replays from position 0 and an honest stage passes."""
-    from mesh402.economics.verification import Auditor, spot_checks
+    from mesh402.work.evidence import Auditor, spot_checks
     from mesh402.mesh.identity import NodeIdentity
-    from mesh402.serving.validator import PASS_SCORE, judge
+    from mesh402.serving.spot_checks import PASS_SCORE, judge
     a, b = prompt_for(solo, "Name a colour."), prompt_for(solo, "Name an animal that swims.")
     got: list = []
 

@@ -7,8 +7,8 @@ import json
 import os
 
 from mesh402.commitment import activation_hash
-from mesh402.economics.receipts import StageTally, chain_errors
-from mesh402.economics.verification import (FP_SIZE, UNVERIFIABLE, Auditor, fingerprint_ids, last_step_hash,
+from mesh402.work.receipts import StageTally, chain_errors
+from mesh402.work.evidence import (FP_SIZE, UNVERIFIABLE, Auditor, fingerprint_ids, last_step_hash,
                                             reveal, spot_checks)
 from mesh402.mesh.identity import NodeIdentity
 
@@ -116,7 +116,7 @@ def test_malformed_or_missing_reveals_are_faults_not_crashes() -> None:
 
 
 def test_a_reveal_never_outgrows_a_frame() -> None:
-    from mesh402.economics.verification import REVEAL_BUDGET
+    from mesh402.work.evidence import REVEAL_BUDGET
     aud = Auditor(1.0, 3600, clock=Clock())
     big = REVEAL_BUDGET // 4  # three such steps fit (with base64), not four
     picks = {aud.pick(["n"], 10, [big] * 10) for _ in range(300)}
@@ -127,7 +127,7 @@ def test_a_reveal_never_outgrows_a_frame() -> None:
 
 
 def test_a_stage_that_does_not_reveal_earns_nothing_for_that_request(tmp_path) -> None:
-    from mesh402.economics.receipts import EntryReceipts, epoch_of
+    from mesh402.work.receipts import EntryReceipts, epoch_of
     from mesh402.models.catalog import bundled_model_path
     import time
     entry = EntryReceipts(tmp_path, epoch_s=3600)
@@ -146,11 +146,11 @@ def test_a_node_requests_validation_only_for_entries_it_worked_for() -> None:
     re-asks are refused before any chain call."""
     import asyncio
 
-    from mesh402.config import TrustConfig
-    from mesh402.economics.validation import statement
+    from mesh402.settings import TrustConfig
+    from mesh402.economics.validation_registry import statement
     from mesh402.mesh.proto import mesh_pb2 as pb
     from mesh402.serving.stage_link import K
-    from mesh402.serving.trust import MAX_ASKS_PER_EPOCH, TrustServices
+    from mesh402.serving.verification import MAX_ASKS_PER_EPOCH, TrustServices
 
     def no_chain(*a):
         raise AssertionError("no chain call expected")

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from mesh402.economics.receipts import chain_errors
-from mesh402.economics.verification import Auditor, spot_checks
+from mesh402.work.receipts import chain_errors
+from mesh402.work.evidence import Auditor, spot_checks
 from mesh402.engine import Engine
 from mesh402.models.catalog import bundled_model_path
-from mesh402.serving.validator import PASS_SCORE, judge
+from mesh402.serving.spot_checks import PASS_SCORE, judge
 from tests.tamper import tamper_engine
 from tests.test_econ_receipts_pipeline import executor, prompt, run_with_receipts  # noqa: F401 (fixtures)
 
@@ -72,7 +72,7 @@ def test_cheating_stage_fails_its_spot_check(executor, prompt, cheat: str, cheat
 
 
 def test_a_reveal_that_breaks_the_commitment_fails_without_compute(executor, prompt) -> None:
-    from mesh402.economics.verification import sign_reveal
+    from mesh402.work.evidence import sign_reveal
     receipts, evidence, ids = asyncio.run(audited_run(executor, prompt))
     forged = json.loads(json.dumps(evidence))
     forged[1]["fp"] = forged[0]["inputs"][0]["data"][:1368]  # some other bytes
@@ -112,8 +112,8 @@ def test_fast_mode_work_is_judged_only_on_the_same_kernels(executor, prompt) -> 
     Verification): a validator on other kernels skips such a check instead of failing an honest stage."""
     from dataclasses import replace
 
-    from mesh402.engine.verify import device_signature
-    from mesh402.economics.verification import reveal_body, signed_reveal_of
+    from mesh402.engine.replay import device_signature
+    from mesh402.work.evidence import reveal_body, signed_reveal_of
     receipts, evidence, ids = asyncio.run(audited_run(executor, prompt))
     c1, c2 = spot_checks(receipts, evidence)
     own = device_signature("cpu")

@@ -1,4 +1,4 @@
-"""Spot-check re-execution (mesh402.engine.verify.replay): honest stages pass, tampered ones are flagged.
+"""Spot-check re-execution (mesh402.engine.replay.replay): honest stages pass, tampered ones are flagged.
 
 A short request (chat prompt of two prefill chunks, then decode steps) runs through layers [0, 10) in exact
 mode, a middle stage [10, 16), layers [16, 24) and a last stage [24, 30), as StageWorkers run them; the
@@ -12,9 +12,9 @@ import random
 
 import pytest
 
-from mesh402.economics.verification import fingerprint_ids
+from mesh402.work.evidence import fingerprint_ids
 from mesh402.engine import Engine
-from mesh402.engine.verify import TOLERANCE, ReplayResult, replay
+from mesh402.engine.replay import TOLERANCE, ReplayResult, replay
 from mesh402.models.catalog import bundled_model_path
 from tests.tamper import CHEATS, stage_outputs, tamper_engine, upstream_inputs
 

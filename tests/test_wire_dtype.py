@@ -16,7 +16,7 @@ import torch
 
 from mesh402.engine import Engine
 from mesh402.engine.sampling import SamplingParams
-from mesh402.engine.wire import decode_activations, encode_activations, forward_tokens
+from mesh402.engine.activations import decode_activations, encode_activations, forward_tokens
 from mesh402.models.catalog import bundled_model_path
 from mesh402.serving.generation import LocalModel
 from mesh402.mesh.identity import NodeIdentity

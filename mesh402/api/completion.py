@@ -21,7 +21,7 @@ from mesh402.api.context import EdgeContext
 from mesh402.api.errors import APIError, bad_request, unavailable
 from mesh402.api.schemas import SamplingFields
 from mesh402.api.selection import local_route
-from mesh402.api.wire import sse
+from mesh402.api.bodies import sse
 from mesh402.serving.generation import Delta, Finished, GenerationRequest, Stepper, generate
 from mesh402.serving.registry import ModelEntry
 from mesh402.serving.stage_link import StageError
@@ -159,7 +159,7 @@ async def stream_events(ctx: EdgeContext, p: Prepared, include_usage: bool, chun
                         charge: Any = None) -> AsyncIterator[bytes]:
     """SSE body; `chunk(delta_text, finish_reason, first)` shapes one OpenAI chunk."""
     if charge is not None:  # paid: metered per token, settled after the last one
-        from mesh402.economics.stream import paid_sse
+        from mesh402.api.x402.stream import paid_sse
         async for b in paid_sse(ctx.gate, charge, run_stream(ctx, p), chunk, sse, usage, include_usage, len(p.prompt_ids)):
             yield b
         return

@@ -12,7 +12,7 @@ from fastapi import Request
 from mesh402.api.errors import APIError
 from mesh402.api.router import Router
 from mesh402.api.tunnel import PEER_SCOPE_KEY
-from mesh402.config import NodeConfig
+from mesh402.settings import NodeConfig
 from mesh402.serving.registry import ModelRegistry
 
 

@@ -22,7 +22,7 @@ from mesh402.api.errors import APIError, unavailable
 from mesh402.api.schemas import SamplingFields
 from mesh402.api.selection import local_fallback, pick_model, route_header
 from mesh402.api.tunnel import forward as tunnel_forward
-from mesh402.api.wire import sse
+from mesh402.api.bodies import sse
 from mesh402.economics.upstream import OFFER_LABEL, HostOffer, Reply, Send, UpstreamPaymentError
 from mesh402.mesh.framing import StreamType
 from mesh402.serving.registry import ModelEntry
@@ -118,7 +118,7 @@ async def proxy(ctx: EdgeContext, request: Request, route: Any, req: Any = None)
     """Carry the request over the mesh to the model's host; the answer streams back as it comes.
     None when a local replica should serve it after all."""
     if ctx.gate is not None and req is not None:  # the entry node charges for what it routes
-        from mesh402.economics.proxy import paid_proxy
+        from mesh402.api.x402.proxy import paid_proxy
 
         served = [route]
         extra, pay = upstream_pay(ctx, route, await request.body(), req)

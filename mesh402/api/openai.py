@@ -19,8 +19,8 @@ from mesh402.api.errors import APIError, bad_request, unavailable
 from mesh402.api.forwarding import target
 from mesh402.api.router import Router
 from mesh402.api.schemas import ChatCompletionRequest, CompletionRequest
-from mesh402.api.wire import read_json, validation_message
-from mesh402.config import NodeConfig
+from mesh402.api.bodies import read_json, validation_message
+from mesh402.settings import NodeConfig
 from mesh402.serving.registry import ModelEntry, ModelRegistry
 from mesh402.serving.stage_link import StageError
 
@@ -32,7 +32,7 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
     # x402 payments (mesh402.economics): None on a free node, which then pays nothing in overhead.
     gate = payment_gate
     if gate is None and config.payments.enabled:
-        from mesh402.economics.gate import PaymentGate
+        from mesh402.api.x402.gate import PaymentGate
         gate = PaymentGate(config.payments, config.home)
     app.state.payment_gate = gate
     if gate is not None:

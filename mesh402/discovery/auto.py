@@ -22,7 +22,7 @@ from mesh402.discovery.nostr import NostrDirectory, load_or_create_keys
 from mesh402.mesh.proto import mesh_pb2 as pb
 
 if TYPE_CHECKING:
-    from mesh402.meshnode import MeshRuntime
+    from mesh402.node.mesh_runtime import MeshRuntime
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class Discovery:
                 self.last_error = f"LAN browse failed: {e}"
                 log.warning("%s", self.last_error)
         if self.settings.discover_registry:  # ERC-8004: registered nodes whose node binding verifies
-            from mesh402.economics.identity import registry_listings, resolve_registry_source
+            from mesh402.economics.erc8004 import registry_listings, resolve_registry_source
 
             try:
                 rpc, registry = resolve_registry_source(self.settings.discover_registry)

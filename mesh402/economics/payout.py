@@ -97,7 +97,7 @@ def _pay_epoch(home: Path, epoch: int, chain: PayoutChain, *, key: str | None, e
                require_validation: bool, dry_run: bool, validate: Callable[[int], Any] | None, log: Log, warn: Log,
                w3: Any) -> PayoutResult:
     from mesh402.economics.chain import web3_for
-    from mesh402.economics.receipts import ReceiptStore
+    from mesh402.work.receipts import ReceiptStore
     from mesh402.economics.rewards import (EpochPublished, claim, epoch_revenue, plan_epoch, publish_epoch,
                                            publish_tx, unclaimed)
 
@@ -162,7 +162,7 @@ def _pay_epoch(home: Path, epoch: int, chain: PayoutChain, *, key: str | None, e
 
 def _payout_accounts(w3: Any, identity_registry: str) -> dict[str, str]:
     """node id -> the agentWallet of its ERC-8004 agent whose node binding verifies."""
-    from mesh402.economics.identity import identity_contract, registered_agents
+    from mesh402.economics.erc8004 import identity_contract, registered_agents
     accounts: dict[str, str] = {}
     ident = identity_contract(w3, identity_registry)
     for info in registered_agents(w3, ident.address):
@@ -198,7 +198,7 @@ def _gate_on_validation(w3: Any, validation_registry: str, store: Any, plan: Epo
     """Withhold every stage node without a passed spot check (validation.payout_condition); the nodes
     whose check failed, with their on-chain status."""
     from mesh402.economics.rewards import withhold
-    from mesh402.economics.validation import payout_condition, spot_check_failed, validation_status
+    from mesh402.economics.validation_registry import payout_condition, spot_check_failed, validation_status
     rows = store.validations(plan.epoch)
     statuses = {n: validation_status(w3, validation_registry, rows[n]["request_hash"]) if n in rows else None
                 for n in plan.units if n != entry}
@@ -225,7 +225,7 @@ def _feedback_for_failures(w3: Any, key: str, reputation: str, store: Any, epoch
                            log: Log, warn: Log) -> None:
     """Post ReputationRegistry feedback 0 ("mesh402"/"spot-check-failed") for each failed node, once per
     (epoch, node): the tx is recorded in the validations row's verdict, so a rerun does not post again."""
-    from mesh402.economics.validation import RegistryError, post_feedback
+    from mesh402.economics.validation_registry import RegistryError, post_feedback
     rows = store.validations(epoch)
     for node, st in sorted(failed.items()):
         row = rows[node]

@@ -104,7 +104,7 @@ def plan_epoch(store: Any, epoch: int, flops: Any, accounts: dict[str, str], *, 
     """Split the epoch's revenue (default: what the receipts store recorded) among the nodes in its receipts
     by work units. Nodes with no payout account (no verified ERC-8004 agent wallet) keep their share in
     `amounts` but get no leaf; their share stays with the entry node until they register."""
-    from mesh402.economics.workunits import split_pro_rata
+    from mesh402.work.units import split_pro_rata
     units = store.work_units(epoch, flops)
     revenue = store.revenue(epoch) if revenue is None else int(revenue)
     return EpochPayout(epoch, revenue, units, split_pro_rata(revenue, units),

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mesh402.economics.gate import CREDIT_HEADER, CREDIT_TOKEN_HEADER, IDEMPOTENCY_HEADER
+from mesh402.api.x402.gate import CREDIT_HEADER, CREDIT_TOKEN_HEADER, IDEMPOTENCY_HEADER
 
 log = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ from mesh402.serving.stage_worker import StageWorker
 
 if TYPE_CHECKING:
     from mesh402.mesh.service import MeshService
-    from mesh402.node import Node
+    from mesh402.node.node import Node
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +122,11 @@ class DistributedRuntime(Failover):
         self.auditor = None  # economics.verification.Auditor: which paid requests the stages must reveal
         self.closer = None  # serving.epochs.EpochCloser: automatic epoch payouts of a paid entry
         if node.config.payments.enabled:
-            from mesh402.economics.receipts import EntryReceipts
-            from mesh402.economics.verification import Auditor
+            from mesh402.work.receipts import EntryReceipts
+            from mesh402.work.evidence import Auditor
             self.receipts = EntryReceipts(node.config.home, node.config.payments.epoch_s)
             self.auditor = Auditor(node.config.trust.audit_rate, node.config.payments.epoch_s)
-        from mesh402.serving.trust import TrustServices
+        from mesh402.serving.verification import TrustServices
         self.trust = TrustServices(self.me, node.config.trust, self.executor, self._load_range, self._connect,
                                    self._peer_labels, node.config.device)
         self.worker.services.update(self.trust.services())
@@ -144,7 +144,7 @@ class DistributedRuntime(Failover):
         self._publish()  # the capacity label first: stages check who the host is from the same gossip
         self._task = asyncio.create_task(self._loop())
         if self.receipts is not None and self.node.config.payments.auto_payout:
-            from mesh402.serving.epochs import entry_closer
+            from mesh402.node.payouts import entry_closer
             try:
                 self.closer = entry_closer(self)  # pays each epoch after it ends (--payout-key-file)
                 self.closer.start()
@@ -418,7 +418,7 @@ class DistributedRuntime(Failover):
         """A model served whole here; on a paid entry each request gets a receipt (all layers) too."""
         receipts = None
         if self.receipts is not None and entry.source.format == "gguf" and getattr(self.mesh, "identity", None):
-            from mesh402.economics.receipts import SoloReceipts
+            from mesh402.work.receipts import SoloReceipts
             content_hash = key.rsplit("@", 1)[1]
             self.receipts.add_model(content_hash, entry.source.path)
             receipts = SoloReceipts(self.mesh.identity, self.receipts, content_hash, n_layers)

@@ -25,7 +25,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from mesh402.economics.receipts import (
+from mesh402.work.receipts import (
     ExpertReceipt,
     ExpertTallies,
     StageTally,

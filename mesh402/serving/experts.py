@@ -40,7 +40,7 @@ from mesh402.engine.moe import ExpertBank
 from mesh402.engine.weights import WeightSource, open_source
 
 if TYPE_CHECKING:
-    from mesh402.economics.receipts import ExpertReceipt
+    from mesh402.work.receipts import ExpertReceipt
     from mesh402.serving.expert_receipts import ExpertAccounts
 
 __all__ = ["ExpertNodeDown", "ExpertUnavailable", "ExpertShardWorker", "ExpertTransport", "LoopbackTransport",
@@ -485,7 +485,7 @@ class MeshExpertTransport(_WireCounters):
         """The node's signed receipt for its work on ``request_id`` (EXPERT_RECEIPT on the same stream)."""
         import json
 
-        from mesh402.economics.receipts import ExpertReceipt
+        from mesh402.work.receipts import ExpertReceipt
         from mesh402.serving.stage_link import K
 
         sf = await self._exchange(node, K.STAGE_KIND_EXPERT_RECEIPT, K.STAGE_KIND_RESULT, request_id=request_id,

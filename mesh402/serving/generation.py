@@ -162,7 +162,7 @@ class LocalStepper:
 
     def _tally(self, ids: list[int], token: int) -> int:
         if self.tally is not None:
-            from mesh402.economics.receipts import token_step_hash
+            from mesh402.work.receipts import token_step_hash
             self.tally.step(len(ids), token_step_hash(ids), token_step_hash([token]))
         return token
 
@@ -197,7 +197,7 @@ class LocalStepper:
         return await self._run(self._decode, token)
 
     async def finish(self) -> None:
-        from mesh402.economics.receipts import kept
+        from mesh402.work.receipts import kept
 
         try:
             await kept(self.release())

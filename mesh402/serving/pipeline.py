@@ -97,7 +97,7 @@ class PipelineModel:
                  receipt_sink: Callable[..., Any] | None = None, auditor: Any = None) -> None:
         self.engine0 = engine0
         # Work receipts: with a signer (this node's NodeIdentity) and a sink, every stage signs a receipt per
-        # request and the chain of them is handed to receipt_sink (mesh402.economics.receipts) on release.
+        # request and the chain of them is handed to receipt_sink (mesh402.work.receipts) on release.
         self.signer = signer
         self.receipt_sink = receipt_sink
         self.auditor = auditor  # economics.verification.Auditor: which requests' steps the stages reveal
@@ -139,7 +139,7 @@ class PipelineModel:
         session = await loop.run_in_executor(self.executor, self.engine0.new_session, max_len)
         stepper = PipelineStepper(self, session, sampling, max_len, request_id or uuid.uuid4().hex)
         if self.signer is not None and self.receipt_sink is not None:
-            from mesh402.economics.receipts import StageTally
+            from mesh402.work.receipts import StageTally
             stepper.tally = StageTally(stepper.request_id, self.chain.content_hash, 0, self.chain.hops[0].start)
         try:
             await stepper.connect_chain()
@@ -232,7 +232,7 @@ class PipelineStepper:
                     len(self.sent), replayed_tokens, model.chain.epoch, time.monotonic() - t0)
 
     def _frame(self, s: _Sent) -> Any:
-        from mesh402.engine.wire import activation_hash
+        from mesh402.engine.activations import activation_hash
 
         assert self.chain is not None
         return stage_frame(s.kind, request_id=self.request_id, plan_epoch=self.chain.epoch, position=s.position,
@@ -275,15 +275,15 @@ class PipelineStepper:
             self.model.stats.bytes_sent += len(s.payload)
             self.sent.append(s)
             if self.tally is not None:
-                from mesh402.engine.wire import activation_hash
-                from mesh402.economics.receipts import token_step_hash
+                from mesh402.engine.activations import activation_hash
+                from mesh402.work.receipts import token_step_hash
                 self.tally.step(s.n_real, token_step_hash(s.tokens[:s.n_real]), activation_hash(s.payload))
                 self.steps_done += 1
             return int(rs.tokens[0]) if s.sample else None
 
     # ---------------------------------------------------------------- Stepper
     async def _local(self, chunk: list[int], pos: int, pad_to: int) -> tuple[bytes, list[int]]:
-        from mesh402.engine.wire import forward_tokens
+        from mesh402.engine.activations import forward_tokens
 
         return await asyncio.get_running_loop().run_in_executor(
             self.model.executor, forward_tokens, self.session, chunk, pos, pad_to, self.model.wire_dtype)
@@ -398,7 +398,7 @@ class PipelineStepper:
 
     async def _collect_receipts(self, link: Link) -> None:
         """CLOSE carrying this node's stage-0 receipt; the stages add theirs and the chain comes back."""
-        from mesh402.economics.receipts import Receipt, kept
+        from mesh402.work.receipts import Receipt, kept
         mine = self.tally.receipt(self.model.signer, 0)
         params = {"receipts": dump_json([mine.to_json()])}
         auditor, chain = self.model.auditor, self.chain

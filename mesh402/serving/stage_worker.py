@@ -255,7 +255,7 @@ class StageWorker:
             await up.send(stage_frame(K.STAGE_KIND_RESULT, request_id=rid, plan_epoch=open_.plan_epoch))
             tally = None
             if grant.receipts:  # the entry wants a signed work receipt per stage
-                from mesh402.economics.receipts import StageTally
+                from mesh402.work.receipts import StageTally
                 tally = StageTally(rid, open_.content_hash, open_.layer_start, open_.layer_end, keep=True)
                 tally.sampling = grant.sampling if sampler is not None else ""
             await self._serve_steps(up, down, engine, session, sampler, rid, chain[0].node if chain else "", tally)
@@ -320,8 +320,8 @@ class StageWorker:
         """Sign this stage's receipt after those of the stages before it (carried by CLOSE), pass CLOSE on,
         and send the whole chain of receipts back up (what the next stage returned, else ours). When the
         entry audits the request, CLOSE names the step (`reveal`) and each stage adds its evidence."""
-        from mesh402.economics.receipts import Receipt
-        from mesh402.economics.verification import reveal, sign_reveal
+        from mesh402.work.receipts import Receipt
+        from mesh402.work.evidence import reveal, sign_reveal
         rid = close.request_id
         try:
             chain = list(json.loads(close.params.get("receipts", "[]")))
@@ -332,7 +332,7 @@ class StageWorker:
                 if self.on_receipt is not None and len(chain) > 1:
                     self.on_receipt(str(chain[0]["node_id"]))
                 if close.params.get("reveal", "") != "":
-                    from mesh402.engine.verify import device_signature
+                    from mesh402.engine.replay import device_signature
                     ev = reveal(tally, int(close.params["reveal"]), len(chain) - 1, self.signer.node_id_hex,
                                 engine.stages[0].mode,
                                 last=down is None, device=device_signature(engine.device))
@@ -369,8 +369,8 @@ class StageWorker:
 
     async def _serve_steps(self, up: Link, down: Link | None, engine: Any, session: Any, sampler: Any,
                            rid: str, next_node: str, tally: Any = None) -> None:
-        from mesh402.economics.verification import fingerprint_ids, last_step_hash
-        from mesh402.engine.wire import activation_hash, decode_activations
+        from mesh402.work.evidence import fingerprint_ids, last_step_hash
+        from mesh402.engine.activations import activation_hash, decode_activations
 
         history: list[int] = []
         # the last stage commits to a fingerprint of its logits per step (docs/verification.md)
@@ -449,13 +449,13 @@ def _step(session: Any, x: Any, position: int, n_real: int, sampler: Any, histor
     out = session.forward(x, position, n_real)
     fp = None
     if fp_ids is not None:
-        from mesh402.engine.verify import fingerprint
+        from mesh402.engine.replay import fingerprint
 
         fp = fingerprint(out, fp_ids)
     if sampler is not None:
         return int(sampler.sample(out, history, len(history))), None, None, fp
     if wire is not None:
-        from mesh402.engine.wire import encode_activations
+        from mesh402.engine.activations import encode_activations
 
         payload, shape = encode_activations(out, wire)
         return None, payload, shape, None

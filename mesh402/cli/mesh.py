@@ -20,10 +20,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mesh402.mesh.settings import DEFAULT_CONSOLE_PORT, MeshSettings
+from mesh402.settings import DEFAULT_CONSOLE_PORT, MeshSettings
 
 if TYPE_CHECKING:
-    from mesh402.config import NodeConfig
+    from mesh402.settings import NodeConfig
     from mesh402.home import HomeLock
     from mesh402.models.catalog import ModelSource
 
@@ -69,7 +69,7 @@ def _fail(message: str, code: int = 2) -> None:
 def mesh_errors() -> tuple[type[BaseException], ...]:
     from mesh402.mesh.invite import InviteError
     from mesh402.mesh.service import JoinError
-    from mesh402.meshnode import ConsoleError
+    from mesh402.node.mesh_runtime import ConsoleError
 
     return (InviteError, JoinError, ConsoleError)
 
@@ -176,7 +176,7 @@ def settings_from_flags(
 def preflight_or_fail(config: NodeConfig, sources: list[ModelSource], *, search_api_port: bool = False) -> HomeLock:
     """startup.preflight (home lock, keys, models, ports), or one line and exit 2: a node that cannot
     start says so before it announces itself anywhere or prints a token."""
-    from mesh402.startup import StartupError, preflight
+    from mesh402.node.startup import StartupError, preflight
 
     try:
         return preflight(config, sources, search_api_port=search_api_port)
@@ -204,7 +204,7 @@ def print_ready(rt) -> None:
 
 def _find_console(home: Optional[Path]) -> tuple[str, dict[str, str], dict]:
     from mesh402.home import Home, resolve_home
-    from mesh402.meshnode import read_console_token
+    from mesh402.node.mesh_runtime import read_console_token
 
     h = Home(resolve_home(home))
     state = h.read_state()
@@ -389,7 +389,7 @@ def client_cmd(
     """Join a mesh as an API-only node that serves no model (--join TOKEN, or --auto to find one)."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from mesh402.config import NodeConfig
+    from mesh402.settings import NodeConfig
     from mesh402.home import resolve_home
 
     h = resolve_home(home)
@@ -401,7 +401,7 @@ def client_cmd(
                                    mesh_name=mesh_name, discover_lan=discover_lan)
     config = NodeConfig(home=h, models=[], host="127.0.0.1", port=port, mesh=settings)
     lock = preflight_or_fail(config, [])
-    from mesh402.node import Node
+    from mesh402.node.node import Node
 
     node = Node(config, [], home_lock=lock)
     node.on_mesh_ready = print_ready
@@ -485,7 +485,7 @@ def status_cmd(
         return
     render_status(st)
     try:  # payments revenue, when the economics layer is present
-        from mesh402.economics.cli import payments_status_lines
+        from mesh402.cli.economics import payments_status_lines
     except Exception:
         return
     from mesh402.home import resolve_home

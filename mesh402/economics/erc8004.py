@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mesh402.api.registration import REGISTRATION_FILE, REGISTRATION_PATH  # noqa: F401  (served by the API)
+from mesh402.api.well_known import REGISTRATION_FILE, REGISTRATION_PATH  # noqa: F401  (served by the API)
 
 BINDING_KEY = "mesh402.nodeBinding"
 REGISTRATION_TYPE = "https://eips.ethereum.org/EIPS/eip-8004#registration-v1"

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .errors import EngineError, EngineFull
-from .wire import WIRE_DTYPES, decode_activations, encode_activations
+from .activations import WIRE_DTYPES, decode_activations, encode_activations
 
 __all__ = ["TOLERANCE", "ReplayResult", "cpu_capability", "device_signature", "fingerprint", "replay"]
 

@@ -1,6 +1,6 @@
 """Commit–reveal of activations and the spot checks built from a reveal (see docs/verification.md).
 
-Pure code: hashes and JSON, no torch. The re-execution itself is engine code (mesh402.engine.verify)."""
+Pure code: hashes and JSON, no torch. The re-execution itself is engine code (mesh402.engine.replay)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mesh402.commitment import activation_hash
-from mesh402.economics.receipts import running_hash
+from mesh402.work.receipts import running_hash
 
 FP_SIZE = 256  # logits the last stage commits to per step
 REVEAL_BUDGET = 24 * 1024 * 1024  # bytes of step inputs one reveal may carry (frames are limited to 64 MiB)
@@ -217,7 +217,7 @@ def commitment_errors(check: SpotCheck) -> tuple[str, bool]:
     evidence is the stage's own signed reveal and matches its signed receipt, so re-execution decides.
     (p, True): the stage's signed reveal contradicts its signed receipt. (p, False): the entry's evidence
     is not backed by the stage's signatures, so it proves nothing against the stage (skipped)."""
-    from mesh402.economics.receipts import Receipt, verify_receipt
+    from mesh402.work.receipts import Receipt, verify_receipt
     try:
         r = Receipt.from_json(check.receipt)
     except (TypeError, KeyError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mesh402.config import PaymentsConfig, TrustConfig
+from mesh402.settings import PaymentsConfig, TrustConfig
 from mesh402.economics.networks import Deployment, resolve_asset
 
 DEFAULT_TOPUP = "0.10"  # metered mode: smallest credit purchase, in token units

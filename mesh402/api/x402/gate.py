@@ -40,7 +40,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from mesh402.api.errors import APIError
-from mesh402.config import PaymentsConfig
+from mesh402.settings import PaymentsConfig
 from mesh402.economics.ledger import IN_FLIGHT, Ledger, auth_id_for
 from mesh402.economics.networks import Asset
 

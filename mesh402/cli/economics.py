@@ -240,11 +240,11 @@ def register_cmd(
 ) -> None:
     """Register the running node as an ERC-8004 agent: registration file, node-key binding, agentWallet."""
     from mesh402.economics.chain import web3_for
-    from mesh402.economics.identity import (IDENTITY_FILE, REGISTRATION_FILE, REGISTRATION_PATH, register_node,
+    from mesh402.economics.erc8004 import (IDENTITY_FILE, REGISTRATION_FILE, REGISTRATION_PATH, register_node,
                                             registration_document, verify_binding, write_json)
     from mesh402.economics.networks import NAMED, erc8004_registries
     from mesh402.mesh.identity import NodeIdentity
-    from mesh402.mesh_cli import _find_console, _get
+    from mesh402.cli.mesh import _find_console, _get
 
     h = resolve_home(home)
     base, headers, state = _find_console(h)
@@ -307,7 +307,7 @@ def earnings_status_lines(home: Path, *, last_epochs: int = 3) -> list[str]:
     path = home / "receipts.sqlite"
     if not path.exists():
         return []
-    from mesh402.economics.receipts import ReceiptStore
+    from mesh402.work.receipts import ReceiptStore
     st = ReceiptStore(path)
     try:
         rows = st.earnings()
@@ -344,7 +344,7 @@ def identity_status_lines(home: Path, status: Optional[dict[str, Any]] = None, *
     unless the node-key binding verifies."""
     import json as _json
 
-    from mesh402.economics.identity import ANNOUNCE_LABEL, check_peer_claim, parse_label
+    from mesh402.economics.erc8004 import ANNOUNCE_LABEL, check_peer_claim, parse_label
     try:
         info = _json.loads((home / "erc8004.json").read_text())
     except (OSError, ValueError):
@@ -371,7 +371,7 @@ def identity_status_lines(home: Path, status: Optional[dict[str, Any]] = None, *
 
 def _binding_state(home: Path, info: dict[str, Any], w3: Any) -> str:
     try:
-        from mesh402.economics.identity import verify_binding
+        from mesh402.economics.erc8004 import verify_binding
         from mesh402.mesh.identity import NodeIdentity
         if w3 is None:
             return "unchecked (no RPC URL recorded)"
@@ -406,7 +406,7 @@ def payout_cmd(
 
     from mesh402.economics.networks import NAMED
     from mesh402.economics.payout import PayoutChain, PayoutError, pay_epoch
-    from mesh402.economics.receipts import epoch_of
+    from mesh402.work.receipts import epoch_of
 
     h = resolve_home(home)
     if not (h / "receipts.sqlite").exists():
@@ -443,7 +443,7 @@ def _run_validation_round(home: Path, epoch: int) -> None:
     import httpx
 
     from mesh402.home import Home
-    from mesh402.mesh_cli import _find_console
+    from mesh402.cli.mesh import _find_console
     if Home(home).read_state() is None:
         console.print("no running node for this home: paying on the validations already on chain", highlight=False)
         return

@@ -12,7 +12,7 @@ import uvicorn
 
 from mesh402 import __version__
 from mesh402.api.openai import create_app
-from mesh402.config import NodeConfig
+from mesh402.settings import NodeConfig
 from mesh402.home import Home, HomeLock
 from mesh402.models.catalog import ModelSource
 from mesh402.serving.generation import LocalModel
@@ -107,7 +107,7 @@ class Node:
         """Join/create the mesh before the API starts; raises InviteError/JoinError/ConsoleError."""
         if self.config.mesh is None:
             return
-        from mesh402.meshnode import MeshRuntime
+        from mesh402.node.mesh_runtime import MeshRuntime
 
         self.mesh_runtime = MeshRuntime(self, self.config.mesh, on_ready=self.on_mesh_ready)
         await self.mesh_runtime.start()

@@ -11,8 +11,8 @@ import typer
 from rich.console import Console
 
 from mesh402 import __version__
-from mesh402 import mesh_cli as _mesh
-from mesh402.config import DEFAULT_API_PORT, NodeConfig, load_api_key
+from mesh402.cli import mesh as _mesh
+from mesh402.settings import DEFAULT_API_PORT, NodeConfig, load_api_key
 from mesh402.home import resolve_home
 from mesh402.models.catalog import BUNDLED_MODEL_ID, ModelNotFound, resolve_model
 
@@ -101,17 +101,17 @@ def serve(
     try:
         sources = [resolve_model(m) for m in (model or [BUNDLED_MODEL_ID])]
         api_key = load_api_key(api_key_file)
-        from mesh402.economics.settings import payments_config
+        from mesh402.cli.payment_flags import payments_config
         payments = payments_config(price=price, price_per_1k=price_per_1k, pay_to=pay_to, facilitator=facilitator,
                                    network=network, deployment=deployment, asset=asset, asset_name=asset_name,
                                    asset_version=asset_version, credit_topup=credit_topup)
         if epoch_seconds <= 0:
             raise ValueError("--epoch-seconds must be positive")
         payments.epoch_s = epoch_seconds
-        from mesh402.economics.settings import trust_config
+        from mesh402.cli.payment_flags import trust_config
         trust = trust_config(network=network, deployment=deployment, owner_key_file=owner_key_file,
                              validator=validator, audit_rate=audit_rate)
-        from mesh402.economics.settings import auto_payout_config
+        from mesh402.cli.payment_flags import auto_payout_config
         auto_payout_config(payments, trust, payout_key_file=payout_key_file, rewards=rewards, deployment=deployment)
     except (ModelNotFound, ValueError) as e:
         _fail(str(e))
@@ -139,7 +139,7 @@ def serve(
     if config.port != port:
         err.print(f"API port {port} is busy; using {config.port}", highlight=False)
         port = config.port
-    from mesh402.node import Node
+    from mesh402.node.node import Node
 
     node = Node(config, sources, home_lock=lock)
     node.on_mesh_ready = _mesh.print_ready
@@ -156,7 +156,7 @@ def serve(
     _mesh.run_node(node)
 
 
-from mesh402.economics.cli import chain_app, chat_cmd, facilitator_cmd, payout_cmd, register_cmd  # noqa: E402
+from mesh402.cli.economics import chain_app, chat_cmd, facilitator_cmd, payout_cmd, register_cmd  # noqa: E402
 
 app.add_typer(chain_app, name="chain")
 app.command("facilitator")(facilitator_cmd)
@@ -171,7 +171,7 @@ def version() -> None:
     console.print(__version__)
 
 
-_mesh.register(app)  # client, invite, status (mesh402.mesh_cli)
+_mesh.register(app)  # client, invite, status (mesh402.cli.mesh)
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ def install(app: Any, home: Path) -> None:
         dist = getattr(app.state, "distributed", None)
         if dist is not None and isinstance(doc.get("mesh402"), dict):
             try:  # the mesh as a discovery listing, live (--discover-registry joins open meshes with it)
-                from mesh402.economics.identity import live_listing
+                from mesh402.economics.erc8004 import live_listing
                 listing = live_listing(getattr(dist, "mesh", None))
                 if listing is not None:
                     doc["mesh402"]["listing"] = listing

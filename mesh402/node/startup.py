@@ -9,7 +9,7 @@ import socket
 import tempfile
 from pathlib import Path
 
-from mesh402.config import NodeConfig
+from mesh402.settings import NodeConfig
 from mesh402.home import Home, HomeBusy, HomeLock, read_secret_file
 from mesh402.models.catalog import ModelNotFound, ModelSource, check_model_files
 

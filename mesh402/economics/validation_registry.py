@@ -53,7 +53,7 @@ def agent_of_node(w3: Any, identity_registry: str, node_id_hex: str, *, agents: 
     """The agent whose node binding verifies for this node (the newest, if several), or None.
 
     Pass `agents` (identity.registered_agents) to look up many nodes with one scan of the registry."""
-    from mesh402.economics.identity import registered_agents
+    from mesh402.economics.erc8004 import registered_agents
     if agents is None:
         agents = registered_agents(w3, w3.to_checksum_address(identity_registry))
     ids = [a.agent_id for a in agents if a.node_id == node_id_hex.lower()]

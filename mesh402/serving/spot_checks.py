@@ -2,7 +2,7 @@
 
 A node started with `--validator` answers VERIFY requests (docs/verification.md): for each spot check it
 loads the stage's layer range of the same model (from its own disk copy) in the mode the stage declared,
-replays the revealed inputs (mesh402.engine.verify.replay) and compares. The verdict is what the
+replays the revealed inputs (mesh402.engine.replay.replay) and compares. The verdict is what the
 validator reports on chain: PASS_SCORE when every verifiable check holds, 0 otherwise."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from mesh402.economics.validation import PASS_SCORE
-from mesh402.economics.verification import UNVERIFIABLE, SpotCheck, commitment_errors, fingerprint_ids
+from mesh402.economics.validation_registry import PASS_SCORE
+from mesh402.work.evidence import UNVERIFIABLE, SpotCheck, commitment_errors, fingerprint_ids
 
 EngineFor = Callable[[str, int, int, str], Any]  # (model hash, start, end, mode) -> partial Engine
 
@@ -71,7 +71,7 @@ def run_check(check: SpotCheck, engine_for: EngineFor, device: str = "") -> Chec
         engine = engine_for(check.model_hash, check.layer_start, check.layer_end, check.mode)
     except FileNotFoundError as e:  # this validator cannot hold those layers: not a verdict on the stage
         return result(True, f"{UNVERIFIABLE}{e}", skipped=True)
-    from mesh402.engine.verify import replay
+    from mesh402.engine.replay import replay
 
     ids = fingerprint_ids(check.request_id, engine.config.vocab_size) if check.last else None
     r = replay(engine, check.decoded_inputs(), last=check.last, expected=base64.b64decode(check.expected),

@@ -28,10 +28,10 @@ from mesh402.mesh.hardware import default_hardware
 from mesh402.mesh.identity import write_private
 from mesh402.mesh.proto import mesh_pb2 as pb
 from mesh402.mesh.service import MeshService
-from mesh402.mesh.settings import MeshSettings
+from mesh402.settings import MeshSettings
 
 if TYPE_CHECKING:
-    from mesh402.node import Node
+    from mesh402.node.node import Node
 
 log = logging.getLogger(__name__)
 
@@ -404,7 +404,7 @@ class MeshRuntime:
             from mesh402.economics.upstream import OFFER_LABEL
             labels[OFFER_LABEL] = gate.offer().to_label()
         with contextlib.suppress(Exception):  # ERC-8004 agent claim after `mesh402 register` (peers verify it)
-            from mesh402.economics.identity import announcement_label
+            from mesh402.economics.erc8004 import announcement_label
             labels.update(announcement_label(self.node.config.home))
         dist = getattr(self.node, "distributed", None)
         if dist is not None:  # a --validator announces itself: entries send it their spot checks

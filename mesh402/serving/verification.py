@@ -30,7 +30,7 @@ MAX_ASKS_PER_EPOCH = 3  # validation requests one entry may have this node send 
 
 
 def device_signature(device: str) -> str:
-    from mesh402.engine.verify import device_signature as sig  # the engine owns torch
+    from mesh402.engine.replay import device_signature as sig  # the engine owns torch
     return sig(device)
 
 
@@ -96,7 +96,7 @@ class TrustServices:
     # ------------------------------------------------------------------ stage node
     async def on_validation_ask(self, peer: str, sf: pb.StageFrame) -> pb.Frame:
         """Request validation of a statement about this node's own work, naming the validator in it."""
-        from mesh402.economics.validation import agent_of_node, request_validation, statement, validation_status
+        from mesh402.economics.validation_registry import agent_of_node, request_validation, statement, validation_status
         st = json.loads(sf.params["statement"])
         if st.get("node") != self.me or st.get("entry") != peer:
             return error_frame(sf.request_id, "the statement is not about this node's work for the asking entry",
@@ -137,9 +137,9 @@ class TrustServices:
 
     async def on_verify(self, peer: str, sf: pb.StageFrame) -> pb.Frame:
         """Re-execute the spot checks of a statement and answer its validation request on chain."""
-        from mesh402.economics.validation import respond_validation, statement, validation_status
-        from mesh402.economics.verification import SpotCheck
-        from mesh402.serving.validator import judge
+        from mesh402.economics.validation_registry import respond_validation, statement, validation_status
+        from mesh402.work.evidence import SpotCheck
+        from mesh402.serving.spot_checks import judge
         st = json.loads(sf.params["statement"])
         text, h = statement(st["epoch"], st["entry"], st["node"], st["validator"], st["checks"])
         if st["validator"].lower() != self.address.lower():
@@ -205,7 +205,7 @@ class TrustServices:
         return out
 
     async def _validate_node(self, store: Any, epoch: int, node: str, timeout: float) -> dict[str, Any]:
-        from mesh402.economics.validation import statement
+        from mesh402.economics.validation_registry import statement
         checks = store.spot_checks(epoch, node)
         devices = sorted({c.needs_device for c in checks} - {""})
         if len(devices) > 1:

@@ -510,7 +510,7 @@ class ReceiptStore:
 
     def spot_checks(self, epoch: int, node_id: str | None = None) -> list[Any]:
         """The spot checks of an epoch's audited requests (of one node), in request order."""
-        from mesh402.economics.verification import SpotCheck
+        from mesh402.work.evidence import SpotCheck
         q = ("SELECT c.body FROM spot_checks c JOIN requests q USING (request_id) WHERE q.epoch=?"
              + (" AND c.node_id=?" if node_id else "") + " ORDER BY q.created_at, c.request_id, c.stage")
         args = (int(epoch), node_id) if node_id else (int(epoch),)
@@ -577,21 +577,21 @@ class EntryReceipts:
     def flops(self, model_hash: str, start: int, end: int) -> int:
         key = (model_hash, start, end)
         if key not in self._flops:
-            from mesh402.economics.workunits import flops_per_token
+            from mesh402.work.units import flops_per_token
             self._flops[key] = flops_per_token(self._meta(model_hash), start, end)
         return self._flops[key]
 
     def expert_flops(self, model_hash: str) -> Any:
         """workunits.MoEFlops of a model (for expert receipts), memoised."""
         if model_hash not in self._moe:
-            from mesh402.economics.workunits import moe_flops
+            from mesh402.work.units import moe_flops
             self._moe[model_hash] = moe_flops(self._meta(model_hash))
         return self._moe[model_hash]
 
     def _record(self, receipts: list[AnyReceipt], evidence: list[Any] | None = None) -> None:
         import logging
 
-        from mesh402.economics.verification import NO_REVEAL, spot_checks  # (it imports this module)
+        from mesh402.work.evidence import NO_REVEAL, spot_checks  # (it imports this module)
         try:
             known = bool(receipts) and receipts[0].model_hash in self._models
             checks = spot_checks(receipts, evidence) if evidence is not None and not receipt_errors(receipts) else []
