@@ -85,7 +85,7 @@ def _shard_main(path: str, experts: list, threads: int, q: "mp.Queue", mode: str
     import torch
 
     torch.set_num_threads(threads)
-    from mesh402.serving.experts import ExpertShardWorker, serve_expert_shard
+    from mesh402.engine.expert_parallel import ExpertShardWorker, serve_expert_shard
 
     worker = ExpertShardWorker(path, [tuple(e) for e in experts], mode=mode)
     serve_expert_shard(worker, 0, ready=lambda port: q.put((port, worker.weight_bytes)))
@@ -135,7 +135,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from mesh402.engine.moe import ExpertBank
     from mesh402.engine.weights import open_source
-    from mesh402.serving.experts import RemoteExperts, SocketTransport
+    from mesh402.engine.expert_parallel import RemoteExperts, SocketTransport
 
     tmp = Path(tempfile.mkdtemp(prefix="moe-bench-"))
     path = tmp / "moe.gguf"

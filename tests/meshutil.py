@@ -110,12 +110,15 @@ class MeshNodes:
         console_port: Optional[int] = None,
         no_model: bool = True,
         env: Optional[dict[str, str]] = None,
+        launcher: Optional[list[str]] = None,
     ) -> MeshNode:
+        """`launcher`: the command that runs the CLI (default `python -m mesh402.cli`; a test-only entry
+        point such as tests.tamper_node for a cheating node)."""
         home = home or (self.root / name)
         api_port = api_port or free_port()
         console_port = console_port or free_port()
         cmd = ["client"] if kind == "client" else (["serve", "--no-model"] if no_model else ["serve"])
-        args = [*MESH402, *cmd, "--home", str(home), "--port", str(api_port), "--console", str(console_port),
+        args = [*(launcher or MESH402), *cmd, "--home", str(home), "--port", str(api_port), "--console", str(console_port),
                 "--bind-ip", "127.0.0.1"]
         if fast:
             args.append("--mesh-fast-timers")

@@ -9,7 +9,7 @@
   cheaper quantization substituted for the published one. Exact mode dequantizes the Q4_0 blocks per
   matmul; fast mode packs them for the int4 kernel, like any Q4_0 model.
 
-``install(worker)`` is the node-process hook (``MESH402_TEST_HOOK=tests.tamper:install``): with
+``install(worker)`` is the node-process hook (installed by the test-only entry point tests/tamper_node.py): with
 ``MESH402_TAMPER=<cheat>`` (and optionally ``MESH402_TAMPER_SEED``) every engine the StageWorker loads
 is tampered.
 """

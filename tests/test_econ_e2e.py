@@ -330,7 +330,7 @@ def test_credit_belongs_to_the_wallet_across_sessions(env: Env) -> None:
     from eth_account import Account
     from eth_account.messages import encode_defunct
 
-    from mesh402.api.x402.gate import credit_claim_message
+    from mesh402.economics.charging import credit_claim_message
     ts = int(time.time())
     other = Account.create()
     sig = other.sign_message(encode_defunct(text=credit_claim_message(ch.dep.address("node-1"), ts))).signature.hex()

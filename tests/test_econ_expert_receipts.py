@@ -36,14 +36,8 @@ from mesh402.engine.sampling import SamplingParams  # noqa: E402
 from mesh402.mesh.identity import NodeIdentity  # noqa: E402
 from mesh402.models.gguf_meta import read_gguf_meta  # noqa: E402
 from mesh402.serving.expert_receipts import ExpertAccounts, ExpertHostReceipts, expert_rows  # noqa: E402
-from mesh402.serving.experts import (  # noqa: E402
-    ExpertShardWorker,
-    LoopbackTransport,
-    MeshExpertTransport,
-    ExpertService,
-    RemoteExperts,
-    encode_request,
-)
+from mesh402.engine.expert_parallel import ExpertShardWorker, LoopbackTransport, RemoteExperts, encode_request
+from mesh402.serving.experts import MeshExpertTransport, ExpertService
 from mesh402.serving.generation import LocalModel  # noqa: E402
 from mesh402.serving.stage_link import MemoryLink  # noqa: E402
 
@@ -301,7 +295,7 @@ def test_an_expert_parallel_answer_ends_only_after_its_receipts_are_committed(gg
 def test_expert_frames_over_links_carry_the_request_and_its_receipt(gguf_path) -> None:
     """MeshExpertTransport and ExpertService over in-memory links: EXPERT_RUN names the request, the
     expert node tallies it, EXPERT_RECEIPT returns its signature; an unknown request gets an error."""
-    from mesh402.serving.experts import ExpertNodeDown
+    from mesh402.engine.expert_parallel import ExpertNodeDown
     node = NodeIdentity.generate()
     worker = ExpertShardWorker(gguf_path, [(0, e) for e in range(E)])
 

@@ -2,7 +2,7 @@
 
 Three registered nodes serve a paid request as a 3-stage split: the entry A (stage 0), an honest B and a
 node C that cheats (1% activation perturbation or a skipped layer in exact mode, a substituted Q4_0
-quantization in fast mode; the test-only hook tests.tamper, loaded through MESH402_TEST_HOOK: no user
+quantization in fast mode; the test-only entry point tests.tamper_node: no user
 flag does this), or, in the honest fast (bf16) case, does not. A fourth node V is the mesh's validator: it holds the model
 on disk but is too small to take a stage. The entry audits the request (each node's first request in an
 epoch always is). `mesh402 payout` runs the validation round (B and C request ERC-8004 validation of their
@@ -13,6 +13,7 @@ chain."""
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,8 @@ def test_tampering_stage_is_caught_not_paid_and_recorded_on_chain(tmp_path: Path
                         extra=["--mode", mode, "--max-vram", "0.05", *owner("node-1")])
         c = nodes.start("c", join=tok, no_model=False, wait=False,
                         extra=["--mode", mode, "--max-vram", "0.05", *owner("node-2")],
-                        env={"MESH402_TEST_HOOK": "tests.tamper:install", "MESH402_TAMPER": cheat} if cheat else None)
+                        env={"MESH402_TAMPER": cheat} if cheat else None,
+                        launcher=[sys.executable, "-m", "tests.tamper_node"] if cheat else None)
         v = nodes.start("v", join=tok, no_model=False, wait=False,
                         extra=["--mode", mode, "--max-vram", "0.0001", "--validator", *owner("node-3")])
         for n in (b, c, v):

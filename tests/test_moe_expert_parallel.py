@@ -16,14 +16,7 @@ from mesh402.engine.moe import ExpertBank  # noqa: E402
 from mesh402.engine.weights import open_source  # noqa: E402
 from mesh402.models.gguf_meta import read_gguf_meta  # noqa: E402
 from mesh402.placement import ModelLayout, plan_experts  # noqa: E402
-from mesh402.serving.experts import (  # noqa: E402
-    ExpertShardWorker,
-    ExpertUnavailable,
-    LoopbackTransport,
-    RemoteExperts,
-    local_workers_for_plan,
-    owners_from_plan,
-)
+from mesh402.engine.expert_parallel import ExpertShardWorker, ExpertUnavailable, LoopbackTransport, RemoteExperts, local_workers_for_plan, owners_from_plan
 
 from _moe_util import E, H, K, NL, SEQ, hf_moe, write_moe_gguf  # noqa: E402
 from _placement_util import full_mesh  # noqa: E402

@@ -133,7 +133,7 @@ def test_expert_frames_from_a_member_that_is_not_the_host_are_refused(mesh2, moe
 
     from mesh402.mesh.framing import StreamType
     from mesh402.models.gguf_meta import file_fingerprint
-    from mesh402.serving.experts import encode_request
+    from mesh402.engine.expert_parallel import encode_request
     from mesh402.serving.stage_link import K, stage_frame
     from tests.hostile import EvilMember
 

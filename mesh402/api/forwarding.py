@@ -23,7 +23,8 @@ from mesh402.api.schemas import SamplingFields
 from mesh402.api.selection import local_fallback, pick_model, route_header
 from mesh402.api.tunnel import forward as tunnel_forward
 from mesh402.api.bodies import sse
-from mesh402.economics.upstream import OFFER_LABEL, HostOffer, Reply, Send, UpstreamPaymentError
+from mesh402.economics.charging import OFFER_LABEL, HostOffer
+from mesh402.economics.upstream import Reply, Send, UpstreamPaymentError
 from mesh402.mesh.framing import StreamType
 from mesh402.serving.registry import ModelEntry
 

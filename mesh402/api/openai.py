@@ -6,6 +6,7 @@ and node), `forwarding` (the tunnel to other nodes), `completion` (one completio
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -13,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from mesh402.api import well_known
 from mesh402.api.completion import answer
 from mesh402.api.context import EdgeContext
 from mesh402.api.errors import APIError, bad_request, unavailable
@@ -27,7 +29,9 @@ from mesh402.serving.stage_link import StageError
 log = logging.getLogger(__name__)
 
 
-def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any = None) -> FastAPI:
+def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any = None,
+               live_listing: Callable[[], dict[str, Any] | None] = lambda: None) -> FastAPI:
+    """`live_listing()`: the node's mesh as a discovery listing, for its ERC-8004 registration file."""
     app = FastAPI(title="mesh402", version="0.1.0", docs_url=None, redoc_url=None)
     # x402 payments (mesh402.economics): None on a free node, which then pays nothing in overhead.
     gate = payment_gate
@@ -37,8 +41,7 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any
     app.state.payment_gate = gate
     if gate is not None:
         gate.install_routes(app)
-    from mesh402.api import registration  # ERC-8004 registration file (mesh402 register)
-    registration.install(app, config.home)
+    well_known.install(app, config.home, live_listing)  # ERC-8004 registration file (mesh402 register)
     install_error_handlers(app, config)
 
     buyer = None

@@ -8,11 +8,11 @@ running node charges. A node that never registered answers 404.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REGISTRATION_PATH = "/.well-known/agent-registration.json"
-REGISTRATION_FILE = "agent-registration.json"
+from mesh402.economics.erc8004 import REGISTRATION_FILE, REGISTRATION_PATH
 
 
 def read_registration(home: Path) -> dict[str, Any] | None:
@@ -23,7 +23,8 @@ def read_registration(home: Path) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def install(app: Any, home: Path) -> None:
+def install(app: Any, home: Path, live_listing: Callable[[], dict[str, Any] | None] = lambda: None) -> None:
+    """`live_listing()`: the node's mesh as a discovery listing (the node wires it once it is in a mesh)."""
     from fastapi.responses import JSONResponse
 
     from mesh402.api.errors import APIError
@@ -35,11 +36,9 @@ def install(app: Any, home: Path) -> None:
             raise APIError(404, "this node has no ERC-8004 registration (run: mesh402 register)",
                            type="not_found_error")
         doc["x402Support"] = getattr(app.state, "payment_gate", None) is not None
-        dist = getattr(app.state, "distributed", None)
-        if dist is not None and isinstance(doc.get("mesh402"), dict):
+        if isinstance(doc.get("mesh402"), dict):
             try:  # the mesh as a discovery listing, live (--discover-registry joins open meshes with it)
-                from mesh402.economics.erc8004 import live_listing
-                listing = live_listing(getattr(dist, "mesh", None))
+                listing = live_listing()
                 if listing is not None:
                     doc["mesh402"]["listing"] = listing
                     doc["mesh402"]["meshId"] = listing["mesh_id"]

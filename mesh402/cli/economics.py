@@ -334,8 +334,8 @@ def _status_w3(info: dict[str, Any] | None, timeout: float) -> Any:
     rpc = os.environ.get("MESH402_RPC_URL") or (info or {}).get("rpcUrl")
     if not rpc:
         return None
-    from web3 import Web3
-    return Web3(Web3.HTTPProvider(rpc, request_kwargs={"timeout": timeout}))
+    from mesh402.economics.chain import web3_for
+    return web3_for(rpc, timeout=timeout)
 
 
 def identity_status_lines(home: Path, status: Optional[dict[str, Any]] = None, *, timeout: float = 3.0) -> list[str]:

@@ -15,14 +15,28 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Protocol
 
 from mesh402.discovery.listing import MeshListing, ScoredMesh, Seeker, choose_mesh, merge_target, named_mesh_id
 from mesh402.discovery.nostr import NostrDirectory, load_or_create_keys
 from mesh402.mesh.proto import mesh_pb2 as pb
+from mesh402.mesh.service import MeshService
+from mesh402.settings import MeshSettings
 
-if TYPE_CHECKING:
-    from mesh402.node.mesh_runtime import MeshRuntime
+
+class DiscoveryHost(Protocol):
+    """What discovery needs from the node it runs in (the node's mesh runtime provides it)."""
+
+    settings: MeshSettings
+    mesh: MeshService
+    home: Path
+
+    def model_ids(self) -> frozenset[str]: ...
+
+    def capacity_bytes(self) -> int: ...
+
+    def after_switch(self) -> None: ...
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +64,11 @@ def mesh_view(mesh: Any) -> dict[str, Any]:
 
 
 class Discovery:
-    def __init__(self, rt: "MeshRuntime") -> None:
+    def __init__(self, rt: DiscoveryHost) -> None:
         self.rt = rt
         s = rt.settings
         self.settings = s
-        self.keys = load_or_create_keys(rt.node.config.home)
+        self.keys = load_or_create_keys(rt.home)
         self.pubkey = self.keys.public_key().to_hex()
         self.directory = NostrDirectory(s.nostr_relays, self.keys)
         # Nostr unless the node was told to look only on the LAN (--discover-lan, no --nostr-relay)
@@ -80,8 +94,7 @@ class Discovery:
         return named_mesh_id(self.settings.mesh_name, self.pubkey) if self.settings.mesh_name else None
 
     def seeker(self, last_mesh_id: str) -> Seeker:
-        models = frozenset(e.model_id for e in self.rt.node.registry.all())
-        return Seeker(models_on_disk=models, capacity_bytes=int((self.rt.node.config.max_vram_gb or 0) * 1e9),
+        return Seeker(models_on_disk=self.rt.model_ids(), capacity_bytes=self.rt.capacity_bytes(),
                       region=self.settings.region, name=self.settings.mesh_name, last_mesh_id=last_mesh_id)
 
     async def choose(self, last_mesh_id: str) -> Optional[ScoredMesh]:
@@ -112,7 +125,7 @@ class Discovery:
                 self.last_error = f"LAN browse failed: {e}"
                 log.warning("%s", self.last_error)
         if self.settings.discover_registry:  # ERC-8004: registered nodes whose node binding verifies
-            from mesh402.economics.erc8004 import registry_listings, resolve_registry_source
+            from mesh402.discovery.registry import registry_listings, resolve_registry_source
 
             try:
                 rpc, registry = resolve_registry_source(self.settings.discover_registry)

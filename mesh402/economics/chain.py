@@ -82,9 +82,9 @@ class DevChainSpec:
     usdc_each: str = "1000"  # test USDC per buyer
 
 
-def web3_for(rpc_url: str) -> Any:
+def web3_for(rpc_url: str, timeout: float = 30) -> Any:
     from web3 import Web3
-    return Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": 30}))
+    return Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": timeout}))
 
 
 def deploy_dev(rpc_url: str, out_dir: Path, spec: DevChainSpec | None = None) -> Deployment:

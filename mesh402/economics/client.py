@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from mesh402.api.x402.gate import (BILLING_HEADER, CREDIT_HEADER, CREDIT_TOKEN_HEADER, IDEMPOTENCY_HEADER,
+from mesh402.economics.charging import (BILLING_HEADER, CREDIT_HEADER, CREDIT_TOKEN_HEADER, IDEMPOTENCY_HEADER,
                                    credit_claim_message)
 
 

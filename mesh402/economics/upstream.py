@@ -14,17 +14,12 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
-from mesh402.api.x402.gate import CREDIT_HEADER, CREDIT_TOKEN_HEADER, IDEMPOTENCY_HEADER
+from mesh402.economics.charging import CREDIT_HEADER, CREDIT_TOKEN_HEADER, IDEMPOTENCY_HEADER, HostOffer
 
 log = logging.getLogger(__name__)
 
-OFFER_LABEL = "x402"  # announcement label of a node that sells inference: its HostOffer as JSON
-MAX_PRICE = 10**18  # atomic units; a label beyond this is not a price anyone pays
-# Prompt tokens are bounded by the request's bytes; the chat template adds a little.
-TEMPLATE_TOKENS = 256
 
 Reply = tuple[int, dict[str, str], AsyncIterator[bytes]]
 Send = Callable[[dict[str, str]], Awaitable[Reply]]  # extra request headers -> the host's reply
@@ -32,48 +27,6 @@ Send = Callable[[dict[str, str]], Awaitable[Reply]]  # extra request headers -> 
 
 class UpstreamPaymentError(Exception):
     """The host wants a payment this entry will not make (no wallet, other asset, above its offer)."""
-
-
-@dataclass(frozen=True)
-class HostOffer:
-    network: str
-    asset: str
-    pay_to: str
-    per_request: int = 0
-    per_1k: int = 0
-    topup: int = 0  # metered host: the smallest credit purchase
-
-    @property
-    def charges(self) -> bool:
-        return self.per_request > 0 or self.per_1k > 0
-
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> int:
-        return self.per_request + -(-(prompt_tokens + completion_tokens) * self.per_1k // 1000)
-
-    def cap(self, body_bytes: int, max_tokens: int) -> int:
-        """The most this host can ask for one request of this size (what the entry prices in)."""
-        cost = self.cost(body_bytes + TEMPLATE_TOKENS, max_tokens)
-        return max(cost, self.topup) if self.per_1k else cost
-
-    def to_label(self) -> str:
-        return json.dumps({"network": self.network, "asset": self.asset, "pay_to": self.pay_to,
-                           "per_request": self.per_request, "per_1k": self.per_1k, "topup": self.topup},
-                          separators=(",", ":"), sort_keys=True)
-
-    @classmethod
-    def from_label(cls, value: str | None) -> "HostOffer | None":
-        """A peer's offer label, validated (untrusted input): None when absent or malformed."""
-        if not value or len(value) > 1024:
-            return None
-        try:
-            d = json.loads(value)
-            offer = cls(str(d["network"])[:64], str(d["asset"])[:64], str(d["pay_to"])[:64],
-                        int(d.get("per_request", 0)), int(d.get("per_1k", 0)), int(d.get("topup", 0)))
-        except (ValueError, TypeError, KeyError, AttributeError):
-            return None
-        if not all(0 <= v <= MAX_PRICE for v in (offer.per_request, offer.per_1k, offer.topup)):
-            return None
-        return offer
 
 
 async def _drain(chunks: AsyncIterator[bytes]) -> bytes:

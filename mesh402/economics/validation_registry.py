@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-PASS_SCORE = 100  # the only passing answer: any answered response below it is a failed spot check
+from mesh402.work.evidence import PASS_SCORE, statement  # noqa: F401  (statement: re-exported for callers)
+
 SPOT_CHECK_TAG = "mesh402-spot-check"
 FEEDBACK_TAGS = ("mesh402", "spot-check-failed")
 ZERO32 = b"\0" * 32
@@ -25,12 +26,6 @@ class RegistryError(RuntimeError):
 
 # ---- statements ----------------------------------------------------------------------------------
 
-def statement(epoch: int, entry: str, node: str, validator: str, checks: list[str]) -> tuple[str, str]:
-    """(canonical JSON, "0x" keccak256 of it): what a node's validation request is about."""
-    from eth_utils import keccak
-    body = {"v": 1, "epoch": int(epoch), "entry": entry, "node": node, "validator": validator, "checks": list(checks)}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
-    return text, "0x" + keccak(text=text).hex()
 
 
 def _b32(value: bytes | str | int) -> bytes:
@@ -195,3 +190,45 @@ def _withhold_reason(st: ValidationStatus | None, validator: str | None) -> str 
     if st.response < PASS_SCORE:
         return f"spot check failed (response {st.response})"
     return None
+
+
+# ---- the adapter a node's verification services use ------------------------------------------------
+
+class RegistryValidation:
+    """This node's side of the ValidationRegistry (serving.verification.ValidationChain): the owner key
+    requests validation of its own work and, on a validator, answers others'. Calls block (run them in
+    a thread)."""
+
+    def __init__(self, rpc_url: str, owner_key: str, registries: Mapping[str, str]) -> None:
+        from mesh402.economics.chain import web3_for
+        from mesh402.economics.evm import account_of
+
+        self.w3 = web3_for(rpc_url)
+        self.key = owner_key
+        self.registries = dict(registries)
+        self.address: str = account_of(owner_key).address
+
+    def _registry(self, name: str) -> str:
+        addr = self.registries.get(name)
+        if not addr:
+            raise RuntimeError(f"no {name} address configured (pass --deployment or --network)")
+        return addr
+
+    def agent_of_node(self, node_id_hex: str) -> int | None:
+        return agent_of_node(self.w3, self._registry("IdentityRegistry"), node_id_hex)
+
+    def status(self, request_hash: str) -> ValidationStatus:
+        return validation_status(self.w3, self._registry("ValidationRegistry"), request_hash)
+
+    def request(self, validator_address: str, agent_id: int, uri: str, request_hash: str) -> str:
+        """Ask `validator_address` to validate; the transaction hash."""
+        from mesh402.economics.evm import tx_hex
+        rc = request_validation(self.w3, self.key, self._registry("ValidationRegistry"), validator_address, agent_id,
+                                uri, request_hash)
+        return tx_hex(rc["transactionHash"])
+
+    def respond(self, request_hash: str, score: int, digest: bytes) -> str:
+        """Answer a validation request naming this node; the transaction hash."""
+        from mesh402.economics.evm import tx_hex
+        rc = respond_validation(self.w3, self.key, self._registry("ValidationRegistry"), request_hash, score, "", digest)
+        return tx_hex(rc["transactionHash"])

@@ -159,10 +159,23 @@ class MeshRuntime:
         if self.on_ready is not None:
             self.on_ready(self)
 
+    # ------------------------------------------------------------ what discovery asks (DiscoveryHost)
+
+    @property
+    def home(self) -> Path:
+        return Path(self.node.config.home)
+
+    def model_ids(self) -> frozenset[str]:
+        return frozenset(e.model_id for e in self.node.registry.all())
+
+    def capacity_bytes(self) -> int:
+        """The weight budget a listing advertises (--max-vram; 0 when unset)."""
+        return int((self.node.config.max_vram_gb or 0) * 1e9)
+
     def after_switch(self) -> None:
         """The node moved to another mesh (an --auto merge): re-announce what it serves."""
         self.mesh.update_local(console_port=self.console_port or 0, models=self._model_entries(hash_files=False))
-        with __import__("contextlib").suppress(Exception):
+        with contextlib.suppress(Exception):
             self.node._write_state()
         dist = getattr(self.node, "distributed", None)
         if dist is not None:
@@ -235,7 +248,8 @@ class MeshRuntime:
         return sock
 
     async def _start_console(self) -> None:
-        from mesh402.api.management import create_management_app
+        from mesh402.api.management import earnings, validation
+        from mesh402.api.management.app import create_management_app
 
         s = self.settings
         token = s.console_token
@@ -257,10 +271,8 @@ class MeshRuntime:
             log.warning("console port %d busy; using %d", s.console_port, sock.getsockname()[1])
         self.console_port = sock.getsockname()[1]
         app = create_management_app(self.mesh, node_info=self._node_info, token=token)
-        from mesh402.api import earnings  # GET /api/earnings: epoch payouts per node (mesh402.economics)
-        earnings.install(app, self.node.config.home)
-        from mesh402.api import validation  # POST /api/epochs/{n}/validate: the entry's validation round
-        validation.install(app, lambda: getattr(self.node, "distributed", None))
+        earnings.install(app, self.node.config.home)  # GET /api/earnings: epoch payouts per node
+        validation.install(app, lambda: self.node.distributed)  # POST /api/epochs/{n}/validate: the validation round
         cfg = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=1)
         self.console_server = _ConsoleServer(cfg)
         self.console_task = asyncio.create_task(self.console_server.serve(sockets=[sock]))
@@ -282,6 +294,9 @@ class MeshRuntime:
         dist = getattr(node, "distributed", None)
         if dist is not None:
             info["distributed"] = dist.status()
+            closer = getattr(node, "closer", None)
+            if closer is not None:
+                info["distributed"]["payouts"] = closer.status()
         if self.discovery is not None:
             info["discovery"] = self.discovery.status()
         return info
@@ -302,7 +317,7 @@ class MeshRuntime:
                 hw.gpu_count = torch.cuda.device_count()
         return hw
 
-    def _fingerprint(self, path: Path) -> str:
+    def fingerprint(self, path: Path) -> str:
         """Content hash of a model file (or safetensors folder), cached by size and mtime."""
         home = self.node.config.home
         cache_path = Path(home) / FINGERPRINT_CACHE
@@ -346,7 +361,7 @@ class MeshRuntime:
             m.ready = m.role in (pb.MODEL_ROLE_HOST, pb.MODEL_ROLE_STAGE)
         if hash_files:
             with contextlib.suppress(Exception):
-                m.content_hash = self._fingerprint(path)
+                m.content_hash = self.fingerprint(path)
         else:
             hit = self._fingerprints.get(str(path))
             if hit:
@@ -401,7 +416,7 @@ class MeshRuntime:
             labels[MODEL_LABEL + e.model_id] = router.label_for(e.model_id, prof) if router else json.dumps(prof)
         gate = getattr(self.node.app.state, "payment_gate", None)
         if gate is not None:  # what this node sells: an entry routing here prices its requests by it
-            from mesh402.economics.upstream import OFFER_LABEL
+            from mesh402.economics.charging import OFFER_LABEL
             labels[OFFER_LABEL] = gate.offer().to_label()
         with contextlib.suppress(Exception):  # ERC-8004 agent claim after `mesh402 register` (peers verify it)
             from mesh402.economics.erc8004 import announcement_label

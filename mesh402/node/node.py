@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import uvicorn
 
@@ -32,12 +33,26 @@ class Node:
             self.registry.add(src)
         # One engine thread per node: torch calls are serialised; requests interleave per step.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-        self.app = create_app(config, self.registry)
+        self.app = create_app(config, self.registry, live_listing=self._live_listing)
         self.server: uvicorn.Server | None = None
         self.started_at = time.time()
         self.mesh_runtime = None  # MeshRuntime when config.mesh is set (issue 3)
         self.distributed = None  # DistributedRuntime: plans and stage serving, when in a mesh
+        self.closer = None  # node.payouts.EpochCloser: automatic epoch payouts of a paid entry
         self.on_mesh_ready = None  # callback(MeshRuntime), e.g. the CLI printing the invite token
+
+    def fingerprint(self, path: Path) -> str:
+        """Content hash of a model file or folder (cached in the home by the mesh runtime)."""
+        assert self.mesh_runtime is not None
+        return self.mesh_runtime.fingerprint(path)
+
+    def _live_listing(self) -> dict[str, object] | None:
+        """This node's mesh as a discovery listing (served in its ERC-8004 registration file)."""
+        if self.mesh_runtime is None or self.distributed is None:
+            return None
+        from mesh402.discovery.registry import live_listing
+
+        return live_listing(self.mesh_runtime.mesh)
 
     def _load(self, entry: ModelEntry) -> None:
         from mesh402.engine import Engine
@@ -93,6 +108,8 @@ class Node:
             await self.server.serve()
         finally:
             loader.cancel()
+            if self.closer is not None:
+                await self.closer.stop()
             if self.distributed is not None:
                 await self.distributed.stop()
             await self._stop_mesh()
@@ -114,10 +131,8 @@ class Node:
 
     async def _start_distributed(self) -> None:
         """In a mesh, what this node loads follows the plans (placement), not the command line alone."""
-        import importlib
-
-        # Import off the loop: heartbeats must keep flowing while a slow machine loads modules.
-        await asyncio.to_thread(importlib.import_module, "mesh402.serving.distributed")
+        # Import off the loop: heartbeats must keep flowing while a slow machine loads modules (torch).
+        await asyncio.to_thread(_import_serving)
         from mesh402.placement import node_capacity
         from mesh402.serving.distributed import DistributedRuntime
 
@@ -128,7 +143,8 @@ class Node:
         detected = await asyncio.to_thread(detected_memory_bytes, cfg.device)
         capacity = node_capacity(cfg.max_vram_gb, detected)
         self.distributed = DistributedRuntime(self, self.mesh_runtime.mesh, capacity,
-                                              max_split_rtt_ms=cfg.max_split_rtt_ms, wire_dtype=cfg.wire_dtype)
+                                              max_split_rtt_ms=cfg.max_split_rtt_ms, wire_dtype=cfg.wire_dtype,
+                                              chain=self._validation_chain())
         self.app.state.distributed = self.distributed
         from mesh402.api.tunnel import TunnelLimits, make_handler
         from mesh402.mesh.framing import StreamType
@@ -137,6 +153,29 @@ class Node:
         self.mesh_runtime.mesh.register_handler(
             StreamType.HTTP_TUNNEL, make_handler(self.app, TunnelLimits(max_body_bytes=cfg.limits.max_request_bytes)))
         self.distributed.start()
+        self._start_payouts()
+
+    def _validation_chain(self) -> object | None:
+        """This node's side of the ERC-8004 ValidationRegistry, when it has an owner key and a chain."""
+        trust = self.config.trust
+        if not (trust.owner_key and trust.rpc_url):
+            return None
+        from mesh402.economics.validation_registry import RegistryValidation
+
+        return RegistryValidation(trust.rpc_url, trust.owner_key, trust.registries)
+
+    def _start_payouts(self) -> None:
+        """A paid entry with --payout-key-file pays each epoch after it ends."""
+        dist = self.distributed
+        if dist is None or dist.receipts is None or not self.config.payments.auto_payout:
+            return
+        from mesh402.node.payouts import entry_closer
+
+        try:
+            self.closer = entry_closer(dist, self.config)
+            self.closer.start()
+        except ValueError as e:
+            log.error("automatic payouts off: %s", e)
 
     async def _stop_mesh(self) -> None:
         """Graceful leave: peers hear PeerLeaving before the process exits."""
@@ -145,3 +184,8 @@ class Node:
 
     def _mesh_state(self) -> dict[str, object]:
         return {"mesh": self.mesh_runtime.state()} if self.mesh_runtime is not None else {}
+
+
+def _import_serving() -> None:
+    """Load the distributed runtime (and with it torch) in a thread: the loop keeps answering meanwhile."""
+    import mesh402.serving.distributed  # noqa: F401

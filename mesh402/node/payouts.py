@@ -20,6 +20,7 @@ from mesh402.economics.payout import AlreadyPaid, NoReceipts
 
 if TYPE_CHECKING:
     from mesh402.serving.distributed import DistributedRuntime
+    from mesh402.settings import NodeConfig
 
 log = logging.getLogger(__name__)
 
@@ -109,16 +110,15 @@ class EpochCloser:
                 "failures": {str(e): r for e, r in sorted(self.state.failures.items())}}
 
 
-def entry_closer(dist: "DistributedRuntime", *, clock: Clock | None = None,
+def entry_closer(dist: "DistributedRuntime", cfg: "NodeConfig", *, clock: Clock | None = None,
                  report: Callable[[str], None] = functools.partial(print, flush=True)) -> EpochCloser:
     """The EpochCloser of a paid entry node with a payout key: pays from the pay-to wallet's key, on the
     chain and registries of the node's --deployment/--network, pushing every claim."""
     from mesh402.economics.payout import PayoutChain, pay_epoch
-    cfg = dist.node.config
     pay_cfg, trust = cfg.payments, cfg.trust
     if dist.receipts is None or not (pay_cfg.payout_key and trust.rpc_url and trust.registries and pay_cfg.rewards):
         raise ValueError("automatic payouts need a paid entry, a payout key, the chain's RPC URL and registries, "
-                         "and the EpochRewards address (economics.settings.auto_payout_config)")
+                         "and the EpochRewards address (cli.payment_flags.auto_payout_config)")
     store = dist.receipts.store
     chain = PayoutChain(trust.rpc_url, pay_cfg.rewards, dict(trust.registries))
 

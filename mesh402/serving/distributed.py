@@ -12,12 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mesh402.mesh.framing import FramedStream, StreamType
 from mesh402.mesh.service import PeerUnavailable
@@ -42,12 +41,27 @@ from mesh402.serving.pipeline import Chain, Failover, PipelineModel, StepTimer
 from mesh402.serving.registry import ModelEntry
 from mesh402.serving.stage_link import K, Hop, StageError, expect_stage, stage_frame
 from mesh402.serving.expert_receipts import ExpertAccounts, ExpertHostReceipts
-from mesh402.serving.experts import ExpertService, MeshExpertTransport, RemoteExperts, owners_from_plan
+from mesh402.engine.expert_parallel import RemoteExperts, owners_from_plan
+from mesh402.serving.experts import ExpertService, MeshExpertTransport
 from mesh402.serving.stage_worker import StageWorker
+from mesh402.serving.verification import TrustServices, ValidationChain
+from mesh402.settings import NodeConfig
+from mesh402.serving.registry import ModelRegistry
 
 if TYPE_CHECKING:
     from mesh402.mesh.service import MeshService
-    from mesh402.node.node import Node
+
+
+class ServingNode(Protocol):
+    """What the runtime needs from the node it runs in."""
+
+    config: NodeConfig
+    registry: ModelRegistry
+    executor: ThreadPoolExecutor  # the node's single engine thread
+
+    def fingerprint(self, path: Path) -> str:
+        """Content hash of a model file or folder (cached)."""
+        ...
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +107,9 @@ class Roles:
 
 
 class DistributedRuntime(Failover):
-    def __init__(self, node: "Node", mesh: "MeshService", capacity_bytes: int, *, max_split_rtt_ms: float = 80.0,
-                 wire_dtype: str = "f32", reconcile_s: float = 0.5) -> None:
+    def __init__(self, node: ServingNode, mesh: "MeshService", capacity_bytes: int, *, max_split_rtt_ms: float = 80.0,
+                 wire_dtype: str = "f32", reconcile_s: float = 0.5, chain: ValidationChain | None = None) -> None:
+        """`chain`: this node's side of the ValidationRegistry (an owner key and a chain), for spot checks."""
         self.node = node
         self.mesh = mesh
         self.me = mesh.node_id.hex()
@@ -118,20 +133,17 @@ class DistributedRuntime(Failover):
                                   idle_timeout=node.config.timers.stage_idle_s,
                                   signer=getattr(mesh, "identity", None),  # signs work receipts when asked
                                   may_assign=self._may_assign)
-        self.receipts = None  # economics.receipts.EntryReceipts: a paid entry keeps the stages' receipts
-        self.auditor = None  # economics.verification.Auditor: which paid requests the stages must reveal
-        self.closer = None  # serving.epochs.EpochCloser: automatic epoch payouts of a paid entry
+        self.receipts = None  # work.receipts.EntryReceipts: a paid entry keeps the stages' receipts
+        self.auditor = None  # work.evidence.Auditor: which paid requests the stages must reveal
         if node.config.payments.enabled:
             from mesh402.work.receipts import EntryReceipts
             from mesh402.work.evidence import Auditor
             self.receipts = EntryReceipts(node.config.home, node.config.payments.epoch_s)
             self.auditor = Auditor(node.config.trust.audit_rate, node.config.payments.epoch_s)
-        from mesh402.serving.verification import TrustServices
-        self.trust = TrustServices(self.me, node.config.trust, self.executor, self._load_range, self._connect,
-                                   self._peer_labels, node.config.device)
+        self.trust = TrustServices(self.me, chain, self.executor, self._load_range, self._connect, self._peer_labels,
+                                   validator=node.config.trust.validator, device=node.config.device)
         self.worker.services.update(self.trust.services())
         self.worker.on_receipt = self.trust.worked_for.add  # entries that may ask this node for validation
-        _test_hook(self.worker)
         mesh.register_handler(StreamType.STAGE, self._on_stage_stream)
         identity = getattr(mesh, "identity", None)
         self.expert_service = ExpertService(  # signs a receipt per host request when the host asks
@@ -143,19 +155,10 @@ class DistributedRuntime(Failover):
     def start(self) -> None:
         self._publish()  # the capacity label first: stages check who the host is from the same gossip
         self._task = asyncio.create_task(self._loop())
-        if self.receipts is not None and self.node.config.payments.auto_payout:
-            from mesh402.node.payouts import entry_closer
-            try:
-                self.closer = entry_closer(self)  # pays each epoch after it ends (--payout-key-file)
-                self.closer.start()
-            except ValueError as e:
-                log.error("automatic payouts off: %s", e)
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-        if self.closer is not None:
-            await self.closer.stop()
 
     def kick(self) -> None:
         self._kick.set()
@@ -287,10 +290,9 @@ class DistributedRuntime(Failover):
 
     # ---------------------------------------------------------------- reconcile
     async def _local_keys(self) -> dict[str, ModelEntry]:
-        rt = self.node.mesh_runtime
         out = {}
         for entry in self.node.registry.all():
-            digest = await asyncio.to_thread(rt._fingerprint, Path(entry.source.path))
+            digest = await asyncio.to_thread(self.node.fingerprint, Path(entry.source.path))
             out[make_model_key(entry.model_id, digest)] = entry
         return out
 
@@ -465,7 +467,7 @@ class DistributedRuntime(Failover):
                            max_sessions=cfg.limits.max_sessions, prefill_chunk=cfg.limits.prefill_chunk)
 
     def _load_experts(self, content_hash: str, experts: list, reuse: Any = None) -> Any:
-        from mesh402.serving.experts import ExpertShardWorker
+        from mesh402.engine.expert_parallel import ExpertShardWorker
 
         for key, entry in self.keys.items():
             if key.endswith("@" + content_hash):
@@ -777,8 +779,7 @@ class DistributedRuntime(Failover):
                                    for k, e in self.worker.engines.items()]},
                 "experts": {"held": {ch[:12]: len(ex) for ch, ex in self.expert_service.held().items()},
                             "requests": self.expert_service.requests, "refused": self.expert_service.refused,
-                            "bytes_in": self.expert_service.bytes_in, "bytes_out": self.expert_service.bytes_out},
-                **({"payouts": self.closer.status()} if self.closer is not None else {})}
+                            "bytes_in": self.expert_service.bytes_in, "bytes_out": self.expert_service.bytes_out}}
 
 
 def _expert_runner(h: Hosted) -> Any:
@@ -821,14 +822,3 @@ def _usage_by_layer(h: Hosted) -> dict[str, list[int]]:
         for (la, e), c in sorted(st.expert_usage().items()):
             out.setdefault(str(la), []).append(int(c))
     return out
-
-
-def _test_hook(worker: StageWorker) -> None:
-    """Tests only: MESH402_TEST_HOOK=module:function is called with the stage worker (e.g. tests.tamper:install
-    makes this node a cheating stage). Not a user setting: nothing in the CLI or docs for users names it."""
-    spec = os.environ.get("MESH402_TEST_HOOK", "").strip()
-    if spec:
-        import importlib
-
-        mod, _, fn = spec.partition(":")
-        getattr(importlib.import_module(mod), fn)(worker)

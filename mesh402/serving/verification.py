@@ -6,7 +6,8 @@
   layers and reporting the verdict on chain;
 - **entry** (keeps receipts): `run_round(epoch)` asks each paid stage node to request validation and
   sends its spot checks to the mesh's validator.
-Chain calls block, so they run in the default thread pool; re-execution runs on the engine thread.
+Chain calls go through a `ValidationChain` the node injects (economics.validation_registry.RegistryValidation);
+they block, so they run in the default thread pool; re-execution runs on the engine thread.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import json
 import logging
 from collections import OrderedDict
 from functools import cached_property
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Protocol
 
-from mesh402.economics.evm import tx_hex
 from mesh402.mesh.proto import mesh_pb2 as pb
+from mesh402.work.evidence import statement
 from mesh402.serving.stage_link import K, Link, dump_json, error_frame, expect_stage, stage_frame
 
 log = logging.getLogger(__name__)
@@ -29,19 +30,41 @@ VALIDATOR_DEVICE_LABEL = "validator_device"  # ... and its device signature (eng
 MAX_ASKS_PER_EPOCH = 3  # validation requests one entry may have this node send per epoch
 
 
+class ValidationStatusView(Protocol):
+    exists: bool
+    agent_id: int
+
+
+class ValidationChain(Protocol):
+    """The chain side of a spot check, as this node's owner key sees it (ERC-8004 ValidationRegistry)."""
+
+    address: str  # the owner key's EVM address (a validator's address in statements)
+
+    def agent_of_node(self, node_id_hex: str) -> int | None: ...
+
+    def status(self, request_hash: str) -> ValidationStatusView: ...
+
+    def request(self, validator_address: str, agent_id: int, uri: str, request_hash: str) -> str: ...
+
+    def respond(self, request_hash: str, score: int, digest: bytes) -> str: ...
+
+
 def device_signature(device: str) -> str:
     from mesh402.engine.replay import device_signature as sig  # the engine owns torch
     return sig(device)
 
 
 class TrustServices:
-    def __init__(self, node_id: str, trust: Any, executor: Any, load_model: Callable[[str, int, int, str], Any],
-                 connect: Callable[[str], Awaitable[Link]], peers: Callable[[], dict[str, dict[str, str]]],
+    def __init__(self, node_id: str, chain: ValidationChain | None, executor: Any,
+                 load_model: Callable[[str, int, int, str], Any], connect: Callable[[str], Awaitable[Link]],
+                 peers: Callable[[], dict[str, dict[str, str]]], *, validator: bool = False,
                  device: str = "cpu") -> None:
-        """`trust`: config.TrustConfig; `load_model(hash, start, end, mode)`: a partial engine from this
-        node's disk (FileNotFoundError if it has no such model); `peers()`: node id -> announcement labels."""
+        """`chain`: None without an owner key and a chain; `validator`: answer VERIFY (--validator);
+        `load_model(hash, start, end, mode)`: a partial engine from this node's disk (FileNotFoundError if it
+        has no such model); `peers()`: node id -> announcement labels."""
         self.me = node_id
-        self.trust = trust
+        self.chain = chain
+        self.validator = validator and chain is not None
         self.executor = executor
         self.load_model = load_model
         self.connect = connect
@@ -59,44 +82,33 @@ class TrustServices:
         return device_signature(self.device)
 
     # ------------------------------------------------------------------ chain
-    @cached_property
-    def w3(self) -> Any:
-        from mesh402.economics.chain import web3_for
-        return web3_for(self.trust.rpc_url)
-
-    @cached_property
+    @property
     def address(self) -> str:
-        from mesh402.economics.evm import account_of
-        return account_of(self.trust.owner_key).address
+        return self.chain.address if self.chain is not None else ""
 
     @cached_property
     def labels(self) -> dict[str, str]:
         """Announcement labels of a validator (its EVM address and device signature); {} otherwise."""
-        if not (self.trust.validator and self.trust.owner_key):
+        if not self.validator:
             return {}
         return {VALIDATOR_LABEL: self.address, VALIDATOR_DEVICE_LABEL: self.device_sig}
-
-    def registry(self, name: str) -> str:
-        addr = self.trust.registries.get(name)
-        if not addr:
-            raise RuntimeError(f"no {name} address configured (pass --deployment or --network)")
-        return addr
 
     async def _chain(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
     def services(self) -> dict[int, Callable[[str, pb.StageFrame], Awaitable[pb.Frame]]]:
         out: dict[int, Callable[[str, pb.StageFrame], Awaitable[pb.Frame]]] = {}
-        if self.trust.owner_key and self.trust.rpc_url:
+        if self.chain is not None:
             out[K.STAGE_KIND_VALIDATION_ASK] = self.on_validation_ask
-            if self.trust.validator:
+            if self.validator:
                 out[K.STAGE_KIND_VERIFY] = self.on_verify
         return out
 
     # ------------------------------------------------------------------ stage node
     async def on_validation_ask(self, peer: str, sf: pb.StageFrame) -> pb.Frame:
         """Request validation of a statement about this node's own work, naming the validator in it."""
-        from mesh402.economics.validation_registry import agent_of_node, request_validation, statement, validation_status
+        assert self.chain is not None
+        chain = self.chain
         st = json.loads(sf.params["statement"])
         if st.get("node") != self.me or st.get("entry") != peer:
             return error_frame(sf.request_id, "the statement is not about this node's work for the asking entry",
@@ -109,21 +121,20 @@ class TrustServices:
             return error_frame(sf.request_id, f"already requested validation {MAX_ASKS_PER_EPOCH} times for this "
                                "epoch", self.me, "too_many")
         if self._agent is None:
-            self._agent = await self._chain(agent_of_node, self.w3, self.registry("IdentityRegistry"), self.me)
+            self._agent = await self._chain(chain.agent_of_node, self.me)
         if self._agent is None:
             return error_frame(sf.request_id, "this node has no ERC-8004 agent whose binding verifies "
                                "(run `mesh402 register`)", self.me, "unregistered")
-        done = await self._chain(validation_status, self.w3, self.registry("ValidationRegistry"), h)
+        done = await self._chain(chain.status, h)
         if done.exists and done.agent_id == self._agent:  # asked again (a retried round): already requested
             return stage_frame(K.STAGE_KIND_RESULT, request_id=sf.request_id,
                                params={"agent_id": self._agent, "request_hash": h, "tx": ""})
         uri = f"mesh402://{peer}/validation/{st['epoch']}/{self.me}"
         key = (peer, int(st["epoch"]))
         self._asks[key] = self._asks.get(key, 0) + 1
-        rc = await self._chain(request_validation, self.w3, self.trust.owner_key, self.registry("ValidationRegistry"),
-                               st["validator"], self._agent, uri, h)
+        tx = await self._chain(chain.request, st["validator"], self._agent, uri, h)
         return stage_frame(K.STAGE_KIND_RESULT, request_id=sf.request_id,
-                           params={"agent_id": self._agent, "request_hash": h, "tx": tx_hex(rc["transactionHash"])})
+                           params={"agent_id": self._agent, "request_hash": h, "tx": tx})
 
     # ------------------------------------------------------------------ validator
     def _engine_for(self, model_hash: str, start: int, end: int, mode: str) -> Any:
@@ -137,9 +148,10 @@ class TrustServices:
 
     async def on_verify(self, peer: str, sf: pb.StageFrame) -> pb.Frame:
         """Re-execute the spot checks of a statement and answer its validation request on chain."""
-        from mesh402.economics.validation_registry import respond_validation, statement, validation_status
-        from mesh402.work.evidence import SpotCheck
         from mesh402.serving.spot_checks import judge
+        from mesh402.work.evidence import SpotCheck
+        assert self.chain is not None
+        chain = self.chain
         st = json.loads(sf.params["statement"])
         text, h = statement(st["epoch"], st["entry"], st["node"], st["validator"], st["checks"])
         if st["validator"].lower() != self.address.lower():
@@ -152,23 +164,22 @@ class TrustServices:
         if other:  # judging fast-mode work on other kernels would flag honest noise: let a matching validator do it
             return error_frame(sf.request_id, f"declined: fast-mode checks on {', '.join(other)}, this validator runs "
                                f"{self.device_sig}", self.me, "declined")
-        status = await self._chain(validation_status, self.w3, self.registry("ValidationRegistry"), h)
+        status = await self._chain(chain.status, h)
         if not status.exists:
             return error_frame(sf.request_id, f"no validation request {h} on chain", self.me, "not_requested")
         loop = asyncio.get_running_loop()
         verdict = await loop.run_in_executor(self.executor, judge, checks, self._engine_for, self.device_sig)
-        rc = await self._chain(respond_validation, self.w3, self.trust.owner_key, self.registry("ValidationRegistry"),
-                               h, verdict.score, "", verdict.digest)
+        tx = await self._chain(chain.respond, h, verdict.score, verdict.digest)
         log.info("validated %s epoch %s: score %d over %d checks", st["node"][:12], st["epoch"], verdict.score,
                  verdict.checked)
         return stage_frame(K.STAGE_KIND_RESULT, request_id=sf.request_id,
-                           params={"verdict": dump_json(verdict.to_json()), "tx": tx_hex(rc["transactionHash"])})
+                           params={"verdict": dump_json(verdict.to_json()), "tx": tx})
 
     # ------------------------------------------------------------------ entry
     def validator_for(self, node: str, device: str = "") -> tuple[str, str] | None:
         """(validator node id, EVM address): a node announcing the validator role that is not `node` (this
         node first, when it validates), on `device` when fast-mode checks need one."""
-        if self.trust.validator and self.trust.owner_key and node != self.me and device in ("", self.device_sig):
+        if self.validator and node != self.me and device in ("", self.device_sig):
             return self.me, self.address
         for peer, labels in sorted(self.peers().items()):
             addr = labels.get(VALIDATOR_LABEL, "")
@@ -205,7 +216,6 @@ class TrustServices:
         return out
 
     async def _validate_node(self, store: Any, epoch: int, node: str, timeout: float) -> dict[str, Any]:
-        from mesh402.economics.validation_registry import statement
         checks = store.spot_checks(epoch, node)
         devices = sorted({c.needs_device for c in checks} - {""})
         if len(devices) > 1:
@@ -215,7 +225,7 @@ class TrustServices:
             on = f" on {devices[0]} (fast-mode work is judged on the same kernels)" if devices else ""
             return {"error": f"no validator in the mesh (a node started with --validator){on}"}
         vnode, vaddr = v
-        text, h = statement(epoch, self.me, node, vaddr, [c.digest for c in checks])
+        text, h = self.statement(epoch, self.me, node, vaddr, [c.digest for c in checks])
         try:
             got = await self._ask(node, K.STAGE_KIND_VALIDATION_ASK, {"statement": text, "epoch": str(epoch)}, timeout)
             agent = int(got.params["agent_id"])

@@ -20,6 +20,8 @@ FP_SIZE = 256  # logits the last stage commits to per step
 REVEAL_BUDGET = 24 * 1024 * 1024  # bytes of step inputs one reveal may carry (frames are limited to 64 MiB)
 LAST_STEP_DOMAIN = b"mesh402 last-stage step v1"
 
+PASS_SCORE = 100  # a verdict's score when every verifiable check holds (the ERC-8004 validation response)
+
 
 def fingerprint_ids(request_id: str, vocab_size: int, n: int = FP_SIZE) -> list[int]:
     """`n` distinct vocabulary ids picked by SHA-256 in counter mode over the request id (sorted)."""
@@ -279,3 +281,12 @@ class Auditor:
             return None
         self._seen.update((epoch, n) for n in nodes)
         return self._rng.randrange(n_steps)
+
+
+def statement(epoch: int, entry: str, node: str, validator: str, checks: list[str]) -> tuple[str, str]:
+    """(canonical JSON, "0x" keccak256 of it): what a node's validation request is about (its hash is the
+    ERC-8004 ValidationRegistry requestHash)."""
+    from eth_utils import keccak
+    body = {"v": 1, "epoch": int(epoch), "entry": entry, "node": node, "validator": validator, "checks": list(checks)}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return text, "0x" + keccak(text=text).hex()

@@ -42,34 +42,12 @@ from fastapi.responses import JSONResponse, Response
 from mesh402.api.errors import APIError
 from mesh402.settings import PaymentsConfig
 from mesh402.economics.ledger import IN_FLIGHT, Ledger, auth_id_for
+from mesh402.economics.charging import (BILLING_HEADER, CLAIM_WINDOW_S, CREDIT_BALANCE_HEADER, CREDIT_CHARGED_HEADER,
+                                        CREDIT_HEADER, CREDIT_TOKEN_HEADER, IDEMPOTENCY_HEADER, REPLAY_HEADER, Pricing,
+                                        b64json, credit_claim_message)
 from mesh402.economics.networks import Asset
 
 log = logging.getLogger(__name__)
-
-CREDIT_HEADER = "X-Mesh402-Credit"  # request: a credit token to spend
-CREDIT_TOKEN_HEADER = "X-Mesh402-Credit-Token"  # response: token for the credit this payment bought
-CREDIT_BALANCE_HEADER = "X-Mesh402-Credit-Balance"
-CREDIT_CHARGED_HEADER = "X-Mesh402-Credit-Charged"
-REPLAY_HEADER = "X-Mesh402-Replayed"
-BILLING_HEADER = "X-Mesh402-Billing"  # on 402s of a metered node: "metered" (credit can be claimed)
-CLAIM_WINDOW_S = 300  # a wallet-signed credit-token claim is good for this long
-IDEMPOTENCY_HEADER = "Idempotency-Key"
-
-# Generation speed assumed until this node has measured its own (tokens per second, per model).
-DEFAULT_DECODE_TPS = 4.0
-DEFAULT_PREFILL_TPS = 40.0
-WINDOW_SAFETY = 2.0  # the window allows twice the estimated generation time
-MAX_WINDOW_S = 3600
-
-
-def credit_claim_message(pay_to: str, timestamp: int) -> str:
-    """What a wallet signs to claim a token for its credit at the node paid through `pay_to`."""
-    return f"mesh402 credit claim\nnode: {pay_to.lower()}\ntime: {timestamp}"
-
-
-def b64json(obj: Any) -> str:
-    return base64.b64encode(json.dumps(obj, separators=(",", ":")).encode()).decode()
-
 
 @dataclass
 class Charge:
@@ -112,14 +90,15 @@ class Charge:
         return True
 
 
-class PaymentGate:
+class PaymentGate(Pricing):
+    """The x402 edge of a node that charges: 402 answers, verification before work, settlement after."""
+
     def __init__(self, cfg: PaymentsConfig, home: Path, *, facilitator: Any = None) -> None:
         if not cfg.pay_to:
             raise ValueError("payments need --pay-to ADDRESS (where buyers' USDC goes)")
         if not (cfg.network and cfg.asset and cfg.asset_name and cfg.asset_version):
             raise ValueError("payments need a network and an asset with its EIP-712 name and version")
-        self.cfg = cfg
-        self.asset = Asset(cfg.network, cfg.asset, cfg.asset_name, cfg.asset_version, cfg.asset_decimals)
+        super().__init__(cfg, Asset(cfg.network, cfg.asset, cfg.asset_name, cfg.asset_version, cfg.asset_decimals))
         self.ledger = Ledger(cfg.ledger_path or Path(home) / "payments.sqlite")
         if facilitator is None:
             from x402.http import FacilitatorConfig, HTTPFacilitatorClient
@@ -127,49 +106,9 @@ class PaymentGate:
                 raise ValueError("payments need --facilitator URL")
             facilitator = HTTPFacilitatorClient(FacilitatorConfig(url=cfg.facilitator_url, timeout=60.0))
         self.facilitator = facilitator
-        self.speed: dict[str, tuple[float, float]] = {}  # model -> (prefill tok/s, decode tok/s)
         self._recovered = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self.recovery = self.ledger.recover()
-
-    # ---- pricing ---------------------------------------------------------------------------------
-
-    @property
-    def metered(self) -> bool:
-        return self.cfg.price_per_1k_tokens > 0
-
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> int:
-        """Atomic units for one request: the per-request price plus tokens at the per-1k rate (rounded up)."""
-        tokens = prompt_tokens + completion_tokens
-        return self.cfg.price_per_request + -(-tokens * self.cfg.price_per_1k_tokens // 1000)
-
-    def topup_amount(self, prompt_tokens: int, max_tokens: int, extra: int = 0) -> int:
-        return max(self.cfg.credit_topup, self.cost(prompt_tokens, max_tokens) + extra)
-
-    def offer(self) -> Any:
-        """What this node sells, as its announcement tells the mesh (an entry prices routed requests by it)."""
-        from mesh402.economics.upstream import HostOffer
-        return HostOffer(self.asset.network, self.asset.address, self.cfg.pay_to or "",
-                         self.cfg.price_per_request, self.cfg.price_per_1k_tokens, self.cfg.credit_topup)
-
-    def window_s(self, model_id: str, prompt_tokens: int, max_tokens: int) -> int:
-        """Seconds the authorization must stay valid: a long answer on a slow node is still settleable."""
-        prefill, decode = self.speed.get(model_id, (DEFAULT_PREFILL_TPS, DEFAULT_DECODE_TPS))
-        est = prompt_tokens / prefill + max_tokens / decode
-        return int(min(MAX_WINDOW_S, self.cfg.window_base_s + WINDOW_SAFETY * est))
-
-    def observe(self, model_id: str, fin: Any) -> None:
-        """Update the measured speed (EWMA) from a finished generation."""
-        try:
-            ttft, total = float(fin.ttft_s), float(fin.total_s)
-            if fin.completion_tokens < 4 or total <= ttft or ttft <= 0:
-                return
-            pre = fin.prompt_tokens / ttft
-            dec = (fin.completion_tokens - 1) / (total - ttft)
-        except (AttributeError, TypeError, ZeroDivisionError):
-            return
-        old = self.speed.get(model_id)
-        self.speed[model_id] = (pre, dec) if old is None else (0.7 * old[0] + 0.3 * pre, 0.7 * old[1] + 0.3 * dec)
 
     def requirements(self, amount: int, timeout_s: int) -> Any:
         from x402.schemas import PaymentRequirements

@@ -1,0 +1,44 @@
+"""The layout is the map: the import-linter contracts in .importlinter hold (each room imports only the
+rooms below it; torch stays in the engine; chain libraries in the economics room and the x402 edge), no
+module loads the package's own modules by name at run time, and a deliberately wrong import is caught."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+LINT = [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"]
+
+
+def lint(cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(LINT, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_the_layer_contracts_hold() -> None:
+    r = lint(REPO)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "0 broken" in r.stdout
+
+
+def test_an_upward_import_breaks_the_contracts(tmp_path: Path) -> None:
+    """Run the same contracts on a copy of the package with one upward import (the engine importing the
+    API): lint-imports must fail and name it."""
+    shutil.copytree(REPO / "mesh402", tmp_path / "mesh402", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / ".importlinter", tmp_path / ".importlinter")
+    bad = tmp_path / "mesh402" / "engine" / "chunks.py"
+    bad.write_text(bad.read_text() + "\nfrom mesh402.api import errors  # noqa: E402,F401  (a deliberate upward import)\n")
+    r = subprocess.run(LINT, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert r.returncode != 0
+    assert "mesh402.engine.chunks -> mesh402.api.errors" in r.stdout, r.stdout[-3000:]
+
+
+def test_no_module_imports_the_package_by_name_at_run_time() -> None:
+    pattern = re.compile(r"importlib\.import_module\(|__import__\(")
+    hits = [f"{p.relative_to(REPO)}:{i}" for p in (REPO / "mesh402").rglob("*.py")
+            for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert hits == []
