@@ -42,3 +42,10 @@ def test_no_module_imports_the_package_by_name_at_run_time() -> None:
     hits = [f"{p.relative_to(REPO)}:{i}" for p in (REPO / "mesh402").rglob("*.py")
             for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert hits == []
+
+
+def test_the_node_and_its_api_type_check() -> None:
+    """mypy on api/ and node/ (configured in pyproject.toml): zero errors."""
+    r = subprocess.run([sys.executable, "-m", "mypy", "--no-incremental"], cwd=REPO, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:]

@@ -14,14 +14,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from mesh402.api.context import EdgeContext
-from mesh402.api.errors import APIError, bad_request, unavailable
+from mesh402.api.errors import bad_request, unavailable
 from mesh402.api.schemas import SamplingFields
-from mesh402.api.selection import local_route
-from mesh402.api.bodies import sse
+from mesh402.api.payment_policy import usage
+from mesh402.api.selection import Selection, local_route
+from mesh402.api.x402.gate import Charge
 from mesh402.serving.generation import Delta, Finished, GenerationRequest, Stepper, generate
 from mesh402.serving.registry import ModelEntry
 from mesh402.serving.stage_link import StageError
@@ -35,8 +36,6 @@ DEFAULT_TOP_P = 0.9
 # choice(text, finish_reason, first, final): the endpoint's OpenAI choice for a stream chunk
 # (final=False) or the whole answer (final=True).
 Choice = Callable[[str | None, str | None, bool, bool], dict[str, Any]]
-# chunk(delta_text, finish_reason, first): one OpenAI stream chunk.
-Chunk = Callable[[str | None, str | None, bool], dict[str, Any]]
 
 
 @dataclass
@@ -96,15 +95,6 @@ async def prepare(ctx: EdgeContext, req: SamplingFields, entry: ModelEntry, prom
     return Prepared(entry, prompt_ids, gen, stepper)
 
 
-def usage(fin: Finished) -> dict[str, Any]:
-    return {
-        "prompt_tokens": fin.prompt_tokens,
-        "completion_tokens": fin.completion_tokens,
-        "total_tokens": fin.prompt_tokens + fin.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": fin.cached_tokens},
-    }
-
-
 async def run_stream(ctx: EdgeContext, p: Prepared) -> AsyncIterator[Delta | Finished]:
     """The generation's events; a finished one feeds the router's observed speed (streamed or not)."""
     local = p.entry.local
@@ -117,7 +107,7 @@ async def run_stream(ctx: EdgeContext, p: Prepared) -> AsyncIterator[Delta | Fin
             yield ev
 
 
-async def collect(ctx: EdgeContext, p: Prepared, charge: Any = None) -> tuple[str, Finished]:
+async def collect(ctx: EdgeContext, p: Prepared, charge: Charge | None = None) -> tuple[str, Finished]:
     """The whole answer; a failed generation releases the charge (nothing is settled)."""
     text: list[str] = []
     fin: Finished | None = None
@@ -128,61 +118,31 @@ async def collect(ctx: EdgeContext, p: Prepared, charge: Any = None) -> tuple[st
             else:
                 fin = ev
     except BaseException as e:
-        if charge is not None:  # failed inference: nothing is settled
-            await ctx.gate.release(charge, f"generation failed: {type(e).__name__}")
+        await ctx.payments.release(charge, f"generation failed: {type(e).__name__}")
         raise
     assert fin is not None
     return "".join(text), fin
 
 
 async def admit(ctx: EdgeContext, request: Request, req: SamplingFields, entry: ModelEntry,
-                prompt_ids: list[int]) -> tuple[Any, Prepared | Response]:
+                prompt_ids: list[int]) -> tuple[Charge | None, Prepared | Response]:
     """Payment first (verified before any work, on a node that charges), then prepare()."""
-    gate = ctx.gate
-    if gate is None:
-        return None, await prepare(ctx, req, entry, prompt_ids)
     assert entry.local is not None
     room = entry.local.n_ctx - len(prompt_ids)
     want = req.requested_max_tokens()
     max_tokens = want if want and want > 0 else min(max(room, 1), ctx.config.limits.default_max_tokens)
-    charge = await gate.authorize(request, entry.model_id, len(prompt_ids), max_tokens, bool(req.stream))
-    if charge.replay is not None:
+    charge = await ctx.payments.admit(request, entry.model_id, len(prompt_ids), max_tokens, bool(req.stream))
+    if charge is not None and charge.replay is not None:
         return charge, charge.replay
     try:
         return charge, await prepare(ctx, req, entry, prompt_ids)
     except BaseException:
-        await gate.release(charge, "request rejected before generation")
+        await ctx.payments.release(charge, "request rejected before generation")
         raise
 
 
-async def stream_events(ctx: EdgeContext, p: Prepared, include_usage: bool, chunk: Chunk,
-                        charge: Any = None) -> AsyncIterator[bytes]:
-    """SSE body; `chunk(delta_text, finish_reason, first)` shapes one OpenAI chunk."""
-    if charge is not None:  # paid: metered per token, settled after the last one
-        from mesh402.api.x402.stream import paid_sse
-        async for b in paid_sse(ctx.gate, charge, run_stream(ctx, p), chunk, sse, usage, include_usage, len(p.prompt_ids)):
-            yield b
-        return
-    try:
-        yield sse(chunk(None, None, True))
-        async for ev in run_stream(ctx, p):
-            if isinstance(ev, Delta):
-                yield sse(chunk(ev.text, None, False))
-            else:
-                yield sse(chunk(None, ev.reason, False))
-                if include_usage:
-                    last = chunk(None, None, False)
-                    last["choices"] = []
-                    last["usage"] = usage(ev)
-                    yield sse(last)
-    except Exception as e:  # the status line is gone; report in-band and end cleanly
-        log.exception("generation failed mid-stream")
-        yield sse(APIError(500, f"generation failed: {e}", type="server_error").body())
-    yield b"data: [DONE]\n\n"
-
-
-async def answer(ctx: EdgeContext, request: Request, req: SamplingFields, entry: ModelEntry, prompt_ids: list[int],
-                 *, prefix: str, objects: tuple[str, str], choice: Choice) -> Response:
+async def answer(ctx: EdgeContext, sel: Selection, request: Request, req: SamplingFields, entry: ModelEntry,
+                 prompt_ids: list[int], *, prefix: str, objects: tuple[str, str], choice: Choice) -> Response:
     """Admit (and charge), generate and shape one completion. `choice(text, finish, first, final)`
     gives the endpoint's OpenAI choice for a stream chunk (final=False) or the whole answer."""
     charge, p = await admit(ctx, request, req, entry, prompt_ids)
@@ -190,19 +150,17 @@ async def answer(ctx: EdgeContext, request: Request, req: SamplingFields, entry:
         return p  # a retried paid request, answered from the payment ledger
     cid, created = f"{prefix}-{p.gen.request_id}", int(time.time())
     headers = {"x-request-id": p.gen.request_id, **(charge.headers if charge else {}),
-               **local_route(ctx, request, entry)}
+               **local_route(ctx, sel, entry)}
     stream_object, object_ = objects
     if req.stream:
         def chunk(delta: str | None, finish: str | None, first: bool) -> dict[str, Any]:
             return {"id": cid, "object": stream_object, "created": created, "model": entry.model_id,
                     "choices": [choice(delta, finish, first, False)]}
         include = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(stream_events(ctx, p, include, chunk, charge), media_type="text/event-stream",
-                                 headers={**headers, "Cache-Control": "no-cache"},
+        body = ctx.payments.sse(charge, run_stream(ctx, p), chunk, include, len(p.prompt_ids))
+        return StreamingResponse(body, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"},
                                  background=BackgroundTask(p.stepper.release))
     out, fin = await collect(ctx, p, charge)
-    body = {"id": cid, "object": object_, "created": created, "model": entry.model_id,
-            "choices": [choice(out, fin.reason, False, True)], "usage": usage(fin)}
-    if charge is not None:
-        return await ctx.gate.respond(charge, fin, body, headers)  # settles, adds PAYMENT-RESPONSE
-    return JSONResponse(body, headers=headers)
+    body_json = {"id": cid, "object": object_, "created": created, "model": entry.model_id,
+                 "choices": [choice(out, fin.reason, False, True)], "usage": usage(fin)}
+    return await ctx.payments.respond(charge, fin, body_json, headers)

@@ -1,40 +1,45 @@
-"""What the edge's request handlers share: the node's config, its models, the router and the payment
-gate, in one object passed to each piece instead of closed over."""
+"""What the edge's request handlers share: the node's config, its models, the router, how it takes payment
+and (once the node is in a mesh) its distributed runtime, in one typed object passed to each piece
+instead of closed over."""
 
 from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
 from mesh402.api.errors import APIError
+from mesh402.api.payment_policy import FreePolicy, PaymentPolicy
 from mesh402.api.router import Router
 from mesh402.api.tunnel import PEER_SCOPE_KEY
-from mesh402.settings import NodeConfig
+from mesh402.economics.upstream import UpstreamBuyer
 from mesh402.serving.registry import ModelRegistry
+from mesh402.settings import NodeConfig
+
+if TYPE_CHECKING:  # the runtime pulls in the engine (torch): loaded only once the node is in a mesh
+    from mesh402.serving.distributed import DistributedRuntime, Route
 
 
 @dataclass
 class EdgeContext:
     config: NodeConfig
     registry: ModelRegistry
-    state: Any  # the app's state: the Node sets `distributed` on it after the app is built
     router: Router  # model: "auto" -> a model and node (mesh402.routing)
-    gate: Any = None  # x402 payments (mesh402.economics); None on a free node
-    buyer: Any = None  # economics.upstream.UpstreamBuyer: a paid entry's wallet, paying hosts that charge
+    payments: PaymentPolicy  # free, or x402 per request / metered
+    buyer: UpstreamBuyer | None = None  # a paid entry's wallet, paying hosts that charge
+    distributed: DistributedRuntime | None = None  # set by the node once it is in a mesh
 
-    @property
-    def distributed(self) -> Any:
-        """The node's DistributedRuntime, or None on a node outside a mesh."""
-        return getattr(self.state, "distributed", None)
+    @classmethod
+    def free(cls, config: NodeConfig, registry: ModelRegistry) -> "EdgeContext":
+        return cls(config, registry, Router(), FreePolicy())
 
     @property
     def retry_after(self) -> int:
         return self.config.timers.retry_after_s
 
-    def routes(self) -> dict[str, Any]:
+    def routes(self) -> dict[str, Route]:
         """Models hosted elsewhere in the mesh: model id -> Route."""
         dist = self.distributed
         return dist.routes() if dist is not None else {}

@@ -12,21 +12,24 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from mesh402.api.context import EdgeContext
 from mesh402.api.errors import APIError, unavailable
 from mesh402.api.schemas import SamplingFields
-from mesh402.api.selection import local_fallback, pick_model, route_header
+from mesh402.api.selection import Selection, Target, pick_model, route_header
 from mesh402.api.tunnel import forward as tunnel_forward
-from mesh402.api.bodies import sse
 from mesh402.economics.charging import OFFER_LABEL, HostOffer
 from mesh402.economics.upstream import Reply, Send, UpstreamPaymentError
 from mesh402.mesh.framing import StreamType
 from mesh402.serving.registry import ModelEntry
+
+if TYPE_CHECKING:
+    from mesh402.serving.distributed import Route
 
 log = logging.getLogger(__name__)
 
@@ -36,25 +39,35 @@ PAYMENT_HEADERS = ("payment-signature", "x-payment", "x-mesh402-credit", "idempo
 Pay = Callable[[str, Send], Awaitable[Reply]]  # (host, send) -> the host's reply, paid if it charges
 
 
-async def open_tunnel(ctx: EdgeContext, request: Request, route: Any, body: bytes, *, local_ok: bool = True,
-                      pay: Pay | None = None) -> Any:
+@dataclass
+class Opened:
+    """A tunnel that answered: the node that serves, and its answer (status, headers, body stream)."""
+
+    target: Route
+    status: int
+    headers: dict[str, str]
+    chunks: AsyncIterator[bytes]
+
+
+async def open_tunnel(ctx: EdgeContext, sel: Selection, request: Request, route: Route, body: bytes, *,
+                      local_ok: bool = True, pay: Pay | None = None) -> Opened | None:
     """Tunnel to the chosen replica, else to the next ones when a connection fails before the answer
-    starts. Returns (route, status, headers, chunks), or None when a local replica should serve. With
-    `pay`, the entry's own payment headers replace the client's (a paid entry buys from the host)."""
-    dist = ctx.state.distributed
+    starts; None when a local replica should serve. With `pay`, the entry's own payment headers replace
+    the client's (a paid entry buys from the host)."""
+    dist = ctx.distributed
+    assert dist is not None
     router = ctx.router
     rid = uuid.uuid4().hex
     headers = dict(request.headers)
     if pay is not None:
         headers = {k: v for k, v in headers.items() if k.lower() not in PAYMENT_HEADERS}
-    tries = [(route.host, route)] + [(h, r) for h, r, _ in getattr(request.state, "replicas", [])
-                                     if h != route.host]
+    tries: list[tuple[str, Target]] = [(route.host, route)] + [(h, r) for h, r, _ in sel.replicas if h != route.host]
     last: Exception | None = None
     for i, (host, target) in enumerate(tries):
         if isinstance(target, ModelEntry):
             if not local_ok:
                 continue
-            request.state.pick = "retry"
+            sel.pick = "retry"
             return None  # the caller serves it here
 
         def send(extra: dict[str, str], host: str = host) -> Awaitable[Reply]:
@@ -76,8 +89,8 @@ async def open_tunnel(ctx: EdgeContext, request: Request, route: Any, body: byte
             last = e
             continue
         if i:
-            request.state.pick = "retry"
-        return target, status, out, chunks
+            sel.pick = "retry"
+        return Opened(target, status, out, chunks)
     tried = sum(1 for _, t in tries if not isinstance(t, ModelEntry))
     if isinstance(last, UpstreamPaymentError):
         raise APIError(502, f"the host of {route.model_id} wants a payment this node will not make: {last}",
@@ -87,10 +100,12 @@ async def open_tunnel(ctx: EdgeContext, request: Request, route: Any, body: byte
                       ctx.retry_after, code="host_unreachable")
 
 
-def upstream_pay(ctx: EdgeContext, route: Any, body: bytes, req: Any) -> tuple[int, Pay | None]:
-    """What a paid entry adds to its price for a routed request, and how it pays the host: the host's
-    announced offer at most. Refuses (before the client pays anything) when the host charges and this
-    node has no wallet, or takes another asset."""
+def upstream_pay(ctx: EdgeContext, route: Route, body: bytes, req: SamplingFields) -> tuple[int, Pay | None]:
+    """What an entry that charges adds to its price for a routed request, and how it pays the host: the
+    host's announced offer at most. Refuses (before the client pays anything) when the host charges and
+    this node has no wallet, or takes another asset. A free entry pays nothing: its client pays the host."""
+    if not ctx.payments.charges:
+        return 0, None
     offer = host_offer(ctx, route.host)
     buyer = ctx.buyer
     if offer is None or not offer.charges:
@@ -115,58 +130,52 @@ def host_offer(ctx: EdgeContext, host: str) -> HostOffer | None:
     return HostOffer.from_label(ann.labels.get(OFFER_LABEL)) if ann is not None else None
 
 
-async def proxy(ctx: EdgeContext, request: Request, route: Any, req: Any = None) -> Response | None:
-    """Carry the request over the mesh to the model's host; the answer streams back as it comes.
-    None when a local replica should serve it after all."""
-    if ctx.gate is not None and req is not None:  # the entry node charges for what it routes
-        from mesh402.api.x402.proxy import paid_proxy
-
-        served = [route]
-        extra, pay = upstream_pay(ctx, route, await request.body(), req)
-
-        async def send(body: bytes) -> Any:
-            target, status, headers, chunks = await open_tunnel(ctx, request, route, body, local_ok=False, pay=pay)
-            served[0] = target
-            return status, headers, chunks
-
-        resp = await paid_proxy(ctx.gate, request, route.model_id, req, ctx.config.limits.default_max_tokens, send,
-                                extra=extra)
-        resp.headers.update(route_header(request, served[0].model_id, served[0].host, "mesh"))
-        return resp
+async def proxy(ctx: EdgeContext, sel: Selection, request: Request, route: Route,
+                req: SamplingFields) -> Response | None:
+    """Carry the request over the mesh to the model's host; the answer streams back as it comes, charged
+    here if this node sells. None when a local replica should serve it after all."""
     body = await request.body()
-    if getattr(request.state, "route", None) is not None:  # the host must serve the model chosen here
+    if sel.route is not None:  # the host must serve the model chosen here
         data = json.loads(body)
         data["model"] = route.model_id
         body = json.dumps(data).encode()
-    opened = await open_tunnel(ctx, request, route, body)
-    if opened is None:
-        return None
-    route, status, headers, chunks = opened
-    if getattr(request.state, "prefix", None):
-        ctx.router.picker.served(request.state.prefix, route.host, time.monotonic())
-    headers.update(route_header(request, route.model_id, route.host, "mesh"))
-    is_sse = headers.get("content-type", "").startswith("text/event-stream")
+    extra, pay = upstream_pay(ctx, route, body, req)
+    served: list[Opened] = []
 
-    async def body_iter() -> AsyncIterator[bytes]:
-        try:
-            async for c in chunks:
-                yield c
-        except Exception as e:  # the host died mid-answer: end the stream cleanly
-            log.warning("tunnel from %s broke mid-stream: %s", route.host[:12], e)
-            if is_sse:
-                yield sse(APIError(502, f"the host of {route.model_id} stopped answering mid-stream",
-                                   type="server_error", code="host_lost").body())
-                yield b"data: [DONE]\n\n"
+    async def forward(fwd: bytes) -> tuple[int, dict[str, str], AsyncIterator[bytes]]:
+        opened = await open_tunnel(ctx, sel, request, route, fwd, local_ok=False, pay=pay)
+        assert opened is not None  # local_ok=False never falls back here
+        served.append(opened)
+        return opened.status, opened.headers, opened.chunks
 
-    return StreamingResponse(body_iter(), status_code=status, headers=headers)
+    if not ctx.payments.charges:  # a free entry may still fall back to its own replica before forwarding
+        opened = await open_tunnel(ctx, sel, request, route, body)
+        if opened is None:
+            return None
+        served.append(opened)
+
+        async def forward_opened(_: bytes) -> tuple[int, dict[str, str], AsyncIterator[bytes]]:
+            return opened.status, opened.headers, opened.chunks
+        resp = await ctx.payments.routed(request, body, route.model_id, req, ctx.config.limits.default_max_tokens,
+                                         forward_opened, extra)
+    else:
+        resp = await ctx.payments.routed(request, body, route.model_id, req, ctx.config.limits.default_max_tokens,
+                                         forward, extra)
+    target = served[-1].target if served else route
+    if sel.prefix:
+        ctx.router.picker.served(sel.prefix, target.host, time.monotonic())
+    resp.headers.update(route_header(sel, target.model_id, target.host, "mesh"))
+    return resp
 
 
-async def target(ctx: EdgeContext, request: Request, req: SamplingFields) -> ModelEntry | Response:
-    """The local model entry that serves this request, or the response of the node that did."""
-    entry = pick_model(ctx, req.model, request, req)
+async def target(ctx: EdgeContext, request: Request, req: SamplingFields) -> tuple[ModelEntry, Selection] | Response:
+    """The local model entry that serves this request (with how it was chosen), or the response of the
+    node that did."""
+    sel = Selection()
+    entry = pick_model(ctx, sel, req.model, request, req)
     if not isinstance(entry, ModelEntry):
-        resp = await proxy(ctx, request, entry, req)
+        resp = await proxy(ctx, sel, request, entry, req)
         if resp is not None:
             return resp
-        entry = local_fallback(request)
-    return entry
+        entry = sel.local_replica()
+    return entry, sel

@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mesh402.api import well_known
@@ -19,39 +19,52 @@ from mesh402.api.completion import answer
 from mesh402.api.context import EdgeContext
 from mesh402.api.errors import APIError, bad_request, unavailable
 from mesh402.api.forwarding import target
+from mesh402.api.payment_policy import FreePolicy, X402Policy
 from mesh402.api.router import Router
+from mesh402.api.x402.gate import PaymentGate
+from mesh402.economics.upstream import UpstreamBuyer
 from mesh402.api.schemas import ChatCompletionRequest, CompletionRequest
 from mesh402.api.bodies import read_json, validation_message
 from mesh402.settings import NodeConfig
-from mesh402.serving.registry import ModelEntry, ModelRegistry
+from mesh402.serving.registry import ModelRegistry
 from mesh402.serving.stage_link import StageError
 
 log = logging.getLogger(__name__)
 
 
-def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Any = None,
+def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: PaymentGate | None = None,
                live_listing: Callable[[], dict[str, Any] | None] = lambda: None) -> FastAPI:
-    """`live_listing()`: the node's mesh as a discovery listing, for its ERC-8004 registration file."""
+    """The node's OpenAI-compatible app; its EdgeContext is `edge_of(app)`. `live_listing()`: the node's mesh
+    as a discovery listing, for its ERC-8004 registration file."""
     app = FastAPI(title="mesh402", version="0.1.0", docs_url=None, redoc_url=None)
-    # x402 payments (mesh402.economics): None on a free node, which then pays nothing in overhead.
-    gate = payment_gate
-    if gate is None and config.payments.enabled:
-        from mesh402.api.x402.gate import PaymentGate
-        gate = PaymentGate(config.payments, config.home)
-    app.state.payment_gate = gate
-    if gate is not None:
-        gate.install_routes(app)
-    well_known.install(app, config.home, live_listing)  # ERC-8004 registration file (mesh402 register)
+    ctx = edge_context(config, registry, payment_gate)
+    app.state.edge = ctx
+    app.state.payment_gate = ctx.payments.gate if isinstance(ctx.payments, X402Policy) else None
+    if isinstance(ctx.payments, X402Policy):
+        ctx.payments.gate.install_routes(app)
+    well_known.install(app, config.home, live_listing, x402_support=ctx.payments.charges)
     install_error_handlers(app, config)
-
-    buyer = None
-    if gate is not None and config.payments.payout_key:  # a paid entry buys from hosts that charge
-        from mesh402.economics.upstream import UpstreamBuyer
-        buyer = UpstreamBuyer(config.payments.payout_key, gate.asset.network, gate.asset.address)
-    ctx = EdgeContext(config, registry, app.state, Router(), gate, buyer)
-    app.state.router = ctx.router
     install_routes(app, ctx)
     return app
+
+
+def edge_context(config: NodeConfig, registry: ModelRegistry, gate: PaymentGate | None = None) -> EdgeContext:
+    """What the handlers share; x402 (and a wallet to pay hosts that charge) when the node sells."""
+    if gate is None and config.payments.enabled:
+        gate = PaymentGate(config.payments, config.home)
+    if gate is None:
+        return EdgeContext.free(config, registry)
+    buyer = None
+    if config.payments.payout_key:  # a paid entry buys from hosts that charge
+        buyer = UpstreamBuyer(config.payments.payout_key, gate.asset.network, gate.asset.address)
+    return EdgeContext(config, registry, Router(), X402Policy(gate), buyer)
+
+
+def edge_of(app: FastAPI) -> EdgeContext:
+    """The EdgeContext `create_app` built for this app."""
+    ctx = app.state.edge
+    assert isinstance(ctx, EdgeContext)
+    return ctx
 
 
 def install_error_handlers(app: FastAPI, config: NodeConfig) -> None:
@@ -105,9 +118,10 @@ def install_routes(app: FastAPI, ctx: EdgeContext) -> None:
     async def chat_completions(request: Request) -> Any:
         ctx.check_auth(request)
         req = await read_json(request, ChatCompletionRequest, config.limits.max_request_bytes)
-        entry = await target(ctx, request, req)
-        if not isinstance(entry, ModelEntry):
-            return entry
+        chosen = await target(ctx, request, req)
+        if isinstance(chosen, Response):
+            return chosen
+        entry, sel = chosen
         from mesh402.engine.chat_template import ChatTemplate, ChatTemplateError  # a model is loaded: torch is in
 
         local = entry.local
@@ -132,16 +146,17 @@ def install_routes(app: FastAPI, ctx: EdgeContext) -> None:
                 {"content": text} if text is not None else {})
             return {"index": 0, "delta": delta, "finish_reason": finish}
 
-        return await answer(ctx, request, req, entry, prompt_ids, prefix="chatcmpl",
+        return await answer(ctx, sel, request, req, entry, prompt_ids, prefix="chatcmpl",
                             objects=("chat.completion.chunk", "chat.completion"), choice=choice)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
         ctx.check_auth(request)
         req = await read_json(request, CompletionRequest, config.limits.max_request_bytes)
-        entry = await target(ctx, request, req)
-        if not isinstance(entry, ModelEntry):
-            return entry
+        chosen = await target(ctx, request, req)
+        if isinstance(chosen, Response):
+            return chosen
+        entry, sel = chosen
         local = entry.local
         assert local is not None
         prompt_text = ""
@@ -149,9 +164,9 @@ def install_routes(app: FastAPI, ctx: EdgeContext) -> None:
             vocab = local.engine.info.vocab_size
             if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in req.prompt):
                 raise bad_request(f"token ids must be integers in [0, {vocab})", param="prompt")
-            prompt_ids = list(req.prompt)  # type: ignore[arg-type]
+            prompt_ids = [int(t) for t in req.prompt]
         else:
-            prompt_text = req.prompt if isinstance(req.prompt, str) else req.prompt[0]  # type: ignore[assignment]
+            prompt_text = req.prompt if isinstance(req.prompt, str) else str(req.prompt[0])
             prompt_ids = local.engine.tokenizer.encode(prompt_text, add_special=True)
         echo = prompt_text if req.echo else ""
 
@@ -159,7 +174,7 @@ def install_routes(app: FastAPI, ctx: EdgeContext) -> None:
             shown = echo + (text or "") if final else (echo if first else (text or ""))
             return {"index": 0, "text": shown, "logprobs": None, "finish_reason": finish}
 
-        return await answer(ctx, request, req, entry, prompt_ids, prefix="cmpl",
+        return await answer(ctx, sel, request, req, entry, prompt_ids, prefix="cmpl",
                             objects=("text_completion", "text_completion"), choice=choice)
 
 

@@ -1,23 +1,44 @@
 """Which model and which node serve a request at the edge: a named model or `auto` (the router),
 a replica among the nodes serving it (sticky key, prefix affinity, load), else a route to its host.
-The choice is kept on `request.state` (route, replicas, prefix, pick) and told in `x-mesh402-route`."""
+The choice is a `Selection` handed on to forwarding and the answer, and told in `x-mesh402-route`."""
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Union
 
 from fastapi import Request
 
 from mesh402.api.context import EdgeContext
 from mesh402.api.errors import APIError, unavailable
-from mesh402.api.router import MODEL_LABEL
-from mesh402.api.schemas import ChatCompletionRequest
+from mesh402.api.router import MODEL_LABEL, RouteDecision
+from mesh402.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from mesh402.api.tunnel import ROUTE_HEADER
 from mesh402.serving.registry import ModelEntry
 
+if TYPE_CHECKING:
+    from mesh402.serving.distributed import Route
 
-def request_messages(req: Any) -> list[dict[str, Any]]:
+Target = Union[ModelEntry, "Route"]  # served here, or by the node a route names
+
+
+@dataclass
+class Selection:
+    """How the edge chose where a request runs: the router's decision (model "auto"), the replicas in the
+    order to try them (the rest are retries), the prompt-prefix key for affinity, and why the first pick."""
+
+    route: RouteDecision | None = None
+    replicas: list[tuple[str, Target, str]] = field(default_factory=list)  # (node, target, reason)
+    prefix: str | None = None
+    pick: str | None = None
+
+    def local_replica(self) -> ModelEntry:
+        """The local replica among those kept for retries (the remote ones did not answer)."""
+        return next(r for _, r, _ in self.replicas if isinstance(r, ModelEntry))
+
+
+def request_messages(req: SamplingFields) -> list[dict[str, Any]]:
     """The request as chat messages, for classification and prefix affinity."""
     if isinstance(req, ChatCompletionRequest):
         messages = []
@@ -27,7 +48,7 @@ def request_messages(req: Any) -> list[dict[str, Any]]:
             except ValueError:
                 messages.append({"role": m.role, "content": ""})
         return messages
-    prompt = req.prompt if isinstance(req.prompt, str) else ""
+    prompt = req.prompt if isinstance(req, CompletionRequest) and isinstance(req.prompt, str) else ""
     return [{"role": "user", "content": prompt}]
 
 
@@ -40,9 +61,14 @@ def model_label(ctx: EdgeContext, host: str, model_id: str) -> str | None:
     return ann.labels.get(MODEL_LABEL + model_id) if ann is not None else None
 
 
-def choose_replica(ctx: EdgeContext, request: Request, req: Any, model_id: str) -> ModelEntry | Any | None:
+def tools_of(req: SamplingFields) -> list[dict[str, Any]] | None:
+    return req.tools if isinstance(req, ChatCompletionRequest) else None
+
+
+def choose_replica(ctx: EdgeContext, sel: Selection, request: Request, req: SamplingFields | None,
+                   model_id: str) -> Target | None:
     """Several nodes serve `model_id`: sticky key, then prefix affinity, then least loaded.
-    The rest of the order is kept for retries (request.state.replicas)."""
+    The rest of the order is kept for retries (sel.replicas)."""
     dist = ctx.distributed
     if dist is None or req is None or ctx.mesh_peer(request) is not None:
         return None
@@ -50,26 +76,26 @@ def choose_replica(ctx: EdgeContext, request: Request, req: Any, model_id: str) 
 
     router = ctx.router
     me = dist.mesh.node_id.hex()
-    reps: dict[str, Any] = {r.host: r for r in replica_routes(dist).get(model_id, []) if r.host != me}
+    reps: dict[str, Target] = {r.host: r for r in replica_routes(dist).get(model_id, []) if r.host != me}
     local = ctx.registry.get(model_id)
     if local is not None and local.state == "ready" and local.local is not None:
         reps[me] = local
     if not reps:
         return None
-    extra = getattr(req, "model_extra", None) or {}
-    sticky = str(getattr(req, "user", None) or request.headers.get("x-session-id") or extra.get("session_id")
+    extra = req.model_extra or {}
+    sticky = str(req.user or request.headers.get("x-session-id") or extra.get("session_id")
                  or extra.get("prompt_cache_key") or "")
-    prefix = router.prefix(model_id, request_messages(req), getattr(req, "tools", None))
-    load = {h: (r.local.engine.n_sessions if isinstance(r, ModelEntry) else router.inflight[(model_id, h)])
-            for h, r in reps.items()}
+    prefix = router.prefix(model_id, request_messages(req), tools_of(req))
+    load = {h: (r.local.engine.n_sessions if isinstance(r, ModelEntry) and r.local is not None
+                else router.inflight[(model_id, h)]) for h, r in reps.items()}
     order = router.picker.order(list(reps), load, sticky=sticky, prefix=prefix, now=time.monotonic())
-    request.state.replicas = [(c.replica, reps[c.replica], c.reason) for c in order]
-    request.state.prefix = prefix
-    request.state.pick = order[0].reason
+    sel.replicas = [(c.replica, reps[c.replica], c.reason) for c in order]
+    sel.prefix = prefix
+    sel.pick = order[0].reason
     return reps[order[0].replica]
 
 
-def route_auto(ctx: EdgeContext, request: Request, req: Any) -> ModelEntry | Any | None:
+def route_auto(ctx: EdgeContext, sel: Selection, req: SamplingFields) -> Target | None:
     """model "auto": classify the request and score the mesh's models (x-mesh402-route says why)."""
     from mesh402.models.profile import model_profile
 
@@ -84,39 +110,40 @@ def route_auto(ctx: EdgeContext, request: Request, req: Any) -> ModelEntry | Any
     remote = [(k, r.host, model_label(ctx, r.host, k)) for k, r in sorted(table.items())]
     messages = request_messages(req)
     router = ctx.router
-    d = router.decide(messages, getattr(req, "tools", None), router.candidates(local, remote))
+    d = router.decide(messages, tools_of(req), router.candidates(local, remote))
     if d is None:
         return None
-    request.state.route = d
+    sel.route = d
     if d.node == "local":
         return ctx.registry.get(d.model_id)
     return table[d.model_id]
 
 
-def pick_model(ctx: EdgeContext, name: str | None, request: Request, req: Any = None) -> ModelEntry | Any:
+def pick_model(ctx: EdgeContext, sel: Selection, name: str | None, request: Request,
+               req: SamplingFields | None = None) -> Target:
     """A local ModelEntry that can serve now, or a Route to the node that hosts the model."""
     auto = name in (None, "", "auto")
     dist = ctx.distributed
     tunnelled = ctx.mesh_peer(request) is not None
     if not tunnelled and dist is not None:
-        if not auto:
+        if name is not None and not auto:
             dist.mesh.note_request(name)  # demand, counted where the request enters the mesh
     if auto and req is not None and not tunnelled:
-        picked = route_auto(ctx, request, req)
+        picked = route_auto(ctx, sel, req)
         if picked is not None:
             if dist is not None:
                 dist.mesh.note_request(picked.model_id)
-            return choose_replica(ctx, request, req, picked.model_id) or picked
-    if not auto:
-        replica = choose_replica(ctx, request, req, name)
+            return choose_replica(ctx, sel, request, req, picked.model_id) or picked
+    if name is not None and not auto:
+        replica = choose_replica(ctx, sel, request, req, name)
         if replica is not None:
             return replica
-    entry = ctx.registry.default() if auto else ctx.registry.get(name)
+    entry = ctx.registry.default() if auto or name is None else ctx.registry.get(name)
     if entry is not None and entry.state == "ready" and entry.local is not None:
         return entry
     if not tunnelled:  # never bounce a tunnelled request onwards
         table = ctx.routes()
-        route = table.get(entry.model_id if entry else name) if not auto or entry else None
+        route = table.get(entry.model_id if entry else name or "") if not auto or entry else None
         if route is None and auto:
             route = next((r for r in table.values() if r.ready), None)
         if route is not None and route.ready:
@@ -147,28 +174,20 @@ def not_servable(ctx: EdgeContext, name: str | None, entry: ModelEntry | None, *
     return unavailable(f"model {entry.model_id} failed to load: {entry.error}", 30)
 
 
-def route_header(request: Request, model_id: str, node: str, via: str) -> dict[str, str]:
+def route_header(sel: Selection, model_id: str, node: str, via: str) -> dict[str, str]:
     """`x-mesh402-route`: the model and node that served, and why they were chosen."""
-    d = getattr(request.state, "route", None)
-    why = f"; {d.header()}" if d is not None else ""
-    pick = getattr(request.state, "pick", None)
-    if pick:
-        why = f"; replica={pick}" + why
+    why = f"; {sel.route.header()}" if sel.route is not None else ""
+    if sel.pick:
+        why = f"; replica={sel.pick}" + why
     return {ROUTE_HEADER: f"model={model_id}; node={node[:16]}; via={via}{why}"}
 
 
-def local_route(ctx: EdgeContext, request: Request, entry: ModelEntry) -> dict[str, str]:
+def local_route(ctx: EdgeContext, sel: Selection, entry: ModelEntry) -> dict[str, str]:
     """The route header for a request served here, when a choice was made (auto or a replica)."""
-    st = request.state
-    if getattr(st, "route", None) is None and getattr(st, "pick", None) is None:
+    if sel.route is None and sel.pick is None:
         return {}
     dist = ctx.distributed
     me = dist.mesh.node_id.hex() if dist is not None else "local"
-    if getattr(st, "prefix", None):
-        ctx.router.picker.served(st.prefix, me, time.monotonic())
-    return route_header(request, entry.model_id, me, "local")
-
-
-def local_fallback(request: Request) -> ModelEntry:
-    """The local replica among those kept for retries (the remote ones did not answer)."""
-    return next(r for _, r, _ in request.state.replicas if isinstance(r, ModelEntry))
+    if sel.prefix:
+        ctx.router.picker.served(sel.prefix, me, time.monotonic())
+    return route_header(sel, entry.model_id, me, "local")

@@ -23,8 +23,10 @@ def read_registration(home: Path) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def install(app: Any, home: Path, live_listing: Callable[[], dict[str, Any] | None] = lambda: None) -> None:
-    """`live_listing()`: the node's mesh as a discovery listing (the node wires it once it is in a mesh)."""
+def install(app: Any, home: Path, live_listing: Callable[[], dict[str, Any] | None] = lambda: None, *,
+            x402_support: bool = False) -> None:
+    """`live_listing()`: the node's mesh as a discovery listing (the node wires it once it is in a mesh);
+    `x402_support`: the node charges with x402."""
     from fastapi.responses import JSONResponse
 
     from mesh402.api.errors import APIError
@@ -35,7 +37,7 @@ def install(app: Any, home: Path, live_listing: Callable[[], dict[str, Any] | No
         if doc is None:
             raise APIError(404, "this node has no ERC-8004 registration (run: mesh402 register)",
                            type="not_found_error")
-        doc["x402Support"] = getattr(app.state, "payment_gate", None) is not None
+        doc["x402Support"] = x402_support
         if isinstance(doc.get("mesh402"), dict):
             try:  # the mesh as a discovery listing, live (--discover-registry joins open meshes with it)
                 listing = live_listing()

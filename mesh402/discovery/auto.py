@@ -30,7 +30,9 @@ class DiscoveryHost(Protocol):
 
     settings: MeshSettings
     mesh: MeshService
-    home: Path
+
+    @property
+    def home(self) -> Path: ...
 
     def model_ids(self) -> frozenset[str]: ...
 

@@ -18,6 +18,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import uvicorn
@@ -31,6 +32,7 @@ from mesh402.mesh.service import MeshService
 from mesh402.settings import MeshSettings
 
 if TYPE_CHECKING:
+    from mesh402.discovery.auto import Discovery
     from mesh402.node.node import Node
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,7 @@ class _ConsoleServer(uvicorn.Server):
     """The console shares the loop with the API server: it must not take over signals."""
 
     @contextlib.contextmanager
-    def capture_signals(self):  # type: ignore[override]
+    def capture_signals(self) -> Iterator[None]:
         yield
 
     def install_signal_handlers(self) -> None:  # older uvicorn
@@ -98,7 +100,7 @@ class MeshRuntime:
         self._meta_cache: dict[str, pb.ModelEntry] = {}
         self._signals_seen = 0
         self._old_handlers: dict[int, Any] = {}
-        self.discovery = None  # mesh402.discovery.auto.Discovery with --publish / --auto
+        self.discovery: Discovery | None = None  # with --publish / --auto
 
     # ------------------------------------------------------------ lifecycle
 
@@ -177,7 +179,7 @@ class MeshRuntime:
         self.mesh.update_local(console_port=self.console_port or 0, models=self._model_entries(hash_files=False))
         with contextlib.suppress(Exception):
             self.node._write_state()
-        dist = getattr(self.node, "distributed", None)
+        dist = self.node.distributed
         if dist is not None:
             dist.kick()
 
@@ -222,7 +224,7 @@ class MeshRuntime:
             self._signals_seen += 1
             if self._signals_seen > 2:
                 raise KeyboardInterrupt
-            server = getattr(self.node, "server", None)
+            server = self.node.server
             if server is not None:
                 server.should_exit = True
 
@@ -291,10 +293,10 @@ class MeshRuntime:
             "console_port": self.console_port,
             "models": {e.model_id: e.state for e in node.registry.all()},
         }
-        dist = getattr(node, "distributed", None)
+        dist = node.distributed
         if dist is not None:
             info["distributed"] = dist.status()
-            closer = getattr(node, "closer", None)
+            closer = node.closer
             if closer is not None:
                 info["distributed"]["payouts"] = closer.status()
         if self.discovery is not None:
@@ -305,7 +307,7 @@ class MeshRuntime:
 
     def _hardware(self) -> pb.Hardware:
         hw = default_hardware()
-        device = getattr(self.node.config, "device", "cpu") or "cpu"
+        device = self.node.config.device or "cpu"
         hw.device_kind = device.split(":")[0]
         torch = sys.modules.get("torch")  # only if the engine already loaded it
         if torch is not None and hw.device_kind == "cuda":
@@ -354,10 +356,11 @@ class MeshRuntime:
         m.CopyFrom(self._static_model_facts(entry.model_id, src.format, path))
         m.role = {"ready": pb.MODEL_ROLE_HOST, "loading": pb.MODEL_ROLE_STANDBY}.get(entry.state, pb.MODEL_ROLE_ON_DISK)
         m.ready = entry.state == "ready"
-        dist = getattr(self.node, "distributed", None)
+        dist = self.node.distributed
         role = dist.role_for(entry) if dist is not None else None
         if role is not None:  # placement decides: host, stage (with its layers) or standby
-            m.role, m.layer_start, m.layer_end, m.plan_epoch = role
+            role_kind, m.layer_start, m.layer_end, m.plan_epoch = role
+            m.role = pb.ModelRole.ValueType(role_kind)
             m.ready = m.role in (pb.MODEL_ROLE_HOST, pb.MODEL_ROLE_STAGE)
         if hash_files:
             with contextlib.suppress(Exception):
@@ -407,21 +410,21 @@ class MeshRuntime:
         from mesh402.models.profile import model_profile
 
         labels = {k: v for k, v in self.mesh.local.labels.items() if not k.startswith(MODEL_LABEL)}
-        router = getattr(self.node.app.state, "router", None)
+        router = self.node.edge.router
         for e in self.node.registry.all():
             try:
                 prof = model_profile(str(e.source.path), e.source.format)
             except Exception:
                 continue
             labels[MODEL_LABEL + e.model_id] = router.label_for(e.model_id, prof) if router else json.dumps(prof)
-        gate = getattr(self.node.app.state, "payment_gate", None)
-        if gate is not None:  # what this node sells: an entry routing here prices its requests by it
+        offer = self.node.edge.payments.offer()
+        if offer is not None:  # what this node sells: an entry routing here prices its requests by it
             from mesh402.economics.charging import OFFER_LABEL
-            labels[OFFER_LABEL] = gate.offer().to_label()
+            labels[OFFER_LABEL] = offer.to_label()
         with contextlib.suppress(Exception):  # ERC-8004 agent claim after `mesh402 register` (peers verify it)
             from mesh402.economics.erc8004 import announcement_label
             labels.update(announcement_label(self.node.config.home))
-        dist = getattr(self.node, "distributed", None)
+        dist = self.node.distributed
         if dist is not None:  # a --validator announces itself: entries send it their spot checks
             labels.update(dist.trust.labels)
         return labels

@@ -8,16 +8,23 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from mesh402 import __version__
-from mesh402.api.openai import create_app
+from mesh402.api.openai import create_app, edge_of
 from mesh402.settings import NodeConfig
 from mesh402.home import Home, HomeLock
 from mesh402.models.catalog import ModelSource
 from mesh402.serving.generation import LocalModel
 from mesh402.serving.registry import ModelEntry, ModelRegistry
+
+if TYPE_CHECKING:
+    from mesh402.node.mesh_runtime import MeshRuntime
+    from mesh402.node.payouts import EpochCloser
+    from mesh402.serving.distributed import DistributedRuntime
+    from mesh402.serving.verification import ValidationChain
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +41,12 @@ class Node:
         # One engine thread per node: torch calls are serialised; requests interleave per step.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.app = create_app(config, self.registry, live_listing=self._live_listing)
+        self.edge = edge_of(self.app)  # what the API's handlers share: the node attaches its runtime to it
         self.server: uvicorn.Server | None = None
         self.started_at = time.time()
-        self.mesh_runtime = None  # MeshRuntime when config.mesh is set (issue 3)
-        self.distributed = None  # DistributedRuntime: plans and stage serving, when in a mesh
-        self.closer = None  # node.payouts.EpochCloser: automatic epoch payouts of a paid entry
+        self.mesh_runtime: MeshRuntime | None = None  # when config.mesh is set
+        self.distributed: DistributedRuntime | None = None  # plans and stage serving, when in a mesh
+        self.closer: EpochCloser | None = None  # automatic epoch payouts of a paid entry
         self.on_mesh_ready = None  # callback(MeshRuntime), e.g. the CLI printing the invite token
 
     def fingerprint(self, path: Path) -> str:
@@ -145,7 +153,7 @@ class Node:
         self.distributed = DistributedRuntime(self, self.mesh_runtime.mesh, capacity,
                                               max_split_rtt_ms=cfg.max_split_rtt_ms, wire_dtype=cfg.wire_dtype,
                                               chain=self._validation_chain())
-        self.app.state.distributed = self.distributed
+        self.edge.distributed = self.distributed
         from mesh402.api.tunnel import TunnelLimits, make_handler
         from mesh402.mesh.framing import StreamType
 
@@ -155,7 +163,7 @@ class Node:
         self.distributed.start()
         self._start_payouts()
 
-    def _validation_chain(self) -> object | None:
+    def _validation_chain(self) -> ValidationChain | None:
         """This node's side of the ERC-8004 ValidationRegistry, when it has an owner key and a chain."""
         trust = self.config.trust
         if not (trust.owner_key and trust.rpc_url):

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -65,7 +65,7 @@ class Stepper(Protocol):
 
 
 async def generate(req: GenerationRequest, stepper: Stepper, tokenizer: Any,
-                   eos_ids: list[int]) -> AsyncIterator[Delta | Finished]:
+                   eos_ids: list[int]) -> AsyncGenerator[Delta | Finished, None]:
     eos = set(eos_ids)
     decoder = tokenizer.incremental_decoder()
     stops = StopMatcher(req.stop)

@@ -31,14 +31,20 @@ MAX_ASKS_PER_EPOCH = 3  # validation requests one entry may have this node send 
 
 
 class ValidationStatusView(Protocol):
-    exists: bool
-    agent_id: int
+    @property
+    def exists(self) -> bool: ...
+
+    @property
+    def agent_id(self) -> int: ...
 
 
 class ValidationChain(Protocol):
     """The chain side of a spot check, as this node's owner key sees it (ERC-8004 ValidationRegistry)."""
 
-    address: str  # the owner key's EVM address (a validator's address in statements)
+    @property
+    def address(self) -> str:
+        """The owner key's EVM address (a validator's address in statements)."""
+        ...
 
     def agent_of_node(self, node_id_hex: str) -> int | None: ...
 

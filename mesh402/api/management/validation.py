@@ -9,23 +9,27 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
+if TYPE_CHECKING:
+    from mesh402.serving.distributed import DistributedRuntime
+    from mesh402.work.receipts import ReceiptStore
 
-def install(app: FastAPI, runtime: Callable[[], Any]) -> None:
+
+def install(app: FastAPI, runtime: Callable[[], "DistributedRuntime | None"]) -> None:
     """`runtime()`: the node's DistributedRuntime (None on a node without one)."""
 
-    def store_of() -> Any:
+    def store_of() -> "tuple[DistributedRuntime | None, ReceiptStore | None]":
         dist = runtime()
-        return dist, (getattr(dist, "receipts", None) and dist.receipts.store)
+        return dist, (dist.receipts.store if dist is not None and dist.receipts is not None else None)
 
     @app.post("/api/epochs/{epoch}/validate")
     async def validate(epoch: int) -> JSONResponse:
         dist, store = store_of()
-        if store is None:
+        if dist is None or store is None:
             return JSONResponse({"error": "this node keeps no receipts (it is not a paid entry node)"}, status_code=409)
         return JSONResponse({"epoch": epoch, "nodes": await dist.trust.run_round(store, epoch)})
 

@@ -114,7 +114,7 @@ class PaymentGate(Pricing):
         from x402.schemas import PaymentRequirements
         return PaymentRequirements(
             scheme="exact", network=self.asset.network, asset=self.asset.address, amount=str(amount),
-            pay_to=self.cfg.pay_to, max_timeout_seconds=int(timeout_s),
+            pay_to=self.cfg.pay_to or "", max_timeout_seconds=int(timeout_s),
             extra={"name": self.asset.name, "version": self.asset.version})
 
     # ---- 402 -------------------------------------------------------------------------------------

@@ -17,12 +17,16 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from mesh402.api.errors import APIError
+from mesh402.api.schemas import SamplingFields
+
+if TYPE_CHECKING:
+    from mesh402.api.x402.gate import PaymentGate
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +40,13 @@ def _usage(u: dict[str, Any] | None) -> Any:
                            completion_tokens=int(u.get("completion_tokens", 0)), ttft_s=0.0, total_s=0.0)
 
 
-async def paid_proxy(gate: Any, request: Request, model_id: str, req: Any, default_max_tokens: int,
-                     forward: Forward, extra: int = 0) -> Response:
-    """`extra`: what the host charges the entry for this request, passed on in the entry's price."""
-    body = await request.body()
-    stream = bool(getattr(req, "stream", False))
+async def paid_proxy(gate: "PaymentGate", request: Request, model_id: str, req: SamplingFields, default_max_tokens: int,
+                     forward: Forward, extra: int = 0, *, body: bytes | None = None) -> Response:
+    """`extra`: what the host charges the entry for this request, passed on in the entry's price; `body`: what
+    the host gets (default: the client's request as it came)."""
+    if body is None:
+        body = await request.body()
+    stream = bool(req.stream)
     max_tokens = req.requested_max_tokens() or default_max_tokens
     est_prompt = max(1, len(body) // 4)  # sizing only (window, credit hold); billing uses the host's usage
     charge = await gate.authorize(request, model_id, est_prompt, max_tokens, stream, extra=extra)
@@ -138,8 +144,12 @@ async def _metered_sse(gate: Any, charge: Any, chunks: AsyncIterator[bytes], pas
             tail.append(_sse(APIError(502, error, type="server_error", code="host_lost").body()))
         elif cut:
             if last:  # the host's own finish chunk never came: end the choice as a length stop
-                ch = dict(last["choices"][0])
-                ch.update({"finish_reason": "length", **({"delta": {}} if "delta" in ch else {"text": ""})})
+                ch: dict[str, Any] = dict(last["choices"][0])
+                ch["finish_reason"] = "length"
+                if "delta" in ch:
+                    ch["delta"] = {}
+                else:
+                    ch["text"] = ""
                 tail.append(_sse({**last, "choices": [ch]}))
             tail.append(_sse(APIError(402, f"prepaid credit ran out after {charge.completion_seen} tokens; "
                                       "top up to continue", type="payment_required",
