@@ -192,7 +192,7 @@ def test_epoch_distribution_over_a_two_node_split_matches_work_units(tmp_path: P
         earn = st.earnings()
         assert {e["node_id"]: (e["epoch"], e["amount"], e["tx"]) for e in earn} == {
             n: (9, plan.amounts[n], plan.tx) for n in (s0.node_id_hex, s1.node_id_hex)}
-        from mesh402.cli.economics import earnings_status_lines
+        from mesh402.cli.status import earnings_status_lines
         assert earnings_status_lines(tmp_path)[0].startswith("earnings epoch 9: ")
         print(f"\nepoch payout gas: approve+publish {plan.gas}, claim {int(r0['gasUsed'])}")
     finally:
@@ -262,7 +262,7 @@ def _entry_with_paid_epoch_5(tmp_path: Path) -> tuple[Path, NodeIdentity, NodeId
 
 
 def test_mesh402_payout_pays_an_epoch_to_registered_nodes_by_work_units(tmp_path: Path) -> None:
-    from mesh402.cli.economics import earnings_status_lines
+    from mesh402.cli.status import earnings_status_lines
     from tests.procs import MESH402
     home, s0, s1, meta, chain = _entry_with_paid_epoch_5(tmp_path)
     try:

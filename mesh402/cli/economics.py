@@ -1,80 +1,38 @@
-"""CLI commands for payments: `mesh402 chain dev`, `mesh402 facilitator`, `mesh402 chat`, status lines."""
+"""Payment and chain commands: `mesh402 chain dev`, `facilitator`, `chat`, `register`, `payout`."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-import os
+import logging
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
-from rich.console import Console
 
-from mesh402.home import Home, HomeBusy, read_secret_file, resolve_home
+from mesh402.cli.common import (
+    HomeOpt,
+    console,
+    console_get,
+    err,
+    fail,
+    find_console,
+    load_deployment,
+    load_key,
+    locked_or_fail,
+)
+from mesh402.cli.options import DeploymentOpt, IdentityRegistryOpt, NetworkOpt, RpcOpt
+from mesh402.home import Home, read_secret_file, resolve_home
 
-console = Console(soft_wrap=True)
-err = Console(stderr=True)
-chain_app = typer.Typer(help="Local EVM chain for payments (anvil + the project's contracts).", no_args_is_help=True)
+if TYPE_CHECKING:
+    pass
 
-HomeOpt = Annotated[Optional[Path], typer.Option("--home", help="State directory (env MESH402_HOME; default ~/.mesh402).")]
-# the chain options `register` and `payout` share
-DeploymentOpt = Annotated[Optional[Path], typer.Option("--deployment", help="deployment.json from `mesh402 chain dev` (RPC URL, contracts, keys).")]
-NetworkOpt = Annotated[Optional[str], typer.Option("--network", help="base-sepolia, base or eip155:N (picks the ERC-8004 registries).")]
-RpcOpt = Annotated[Optional[str], typer.Option("--rpc-url", help="Chain RPC URL.")]
 REGISTER_LOCK = "register.lock"  # held while `mesh402 register` writes the home's identity files
-IdentityRegistryOpt = Annotated[Optional[str], typer.Option("--identity-registry", help="IdentityRegistry address (default: the network's).")]
 
 
-def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-@contextlib.contextmanager
-def _locked_or_fail(home: Path, name: str, what: str) -> Iterator[None]:
-    """A lock of the home held for one command that writes its state, or one line naming who holds it."""
-    try:
-        lock = Home(home).lock(name, what)
-    except HomeBusy as e:
-        _fail(str(e))
-        raise  # unreachable: _fail exits
-    except OSError as e:
-        _fail(f"cannot lock {home / name}: {e.strerror or e}")
-        raise
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def load_key(key_file: Optional[Path], env: str, what: str, dep: Any = None, account: Optional[str] = None) -> str:
-    """Private keys come from a 0600 file or an env var, never from the command line; with a deployment and
-    an account name (and neither given), that account's key file in the deployment."""
-    if key_file is None and dep is not None and account and not os.environ.get(env):
-        key_file = dep.key_file(account)
-    if key_file is not None:
-        return read_secret_file(key_file)
-    value = os.environ.get(env, "").strip()
-    if not value:
-        _fail(f"{what}: pass --key-file PATH (mode 0600) or set {env}")
-    return value
-
-
-def load_deployment(path: Optional[Path]) -> Any:
-    """The deployment file, or None; a missing or broken one is a one-line error."""
-    if path is None:
-        return None
-    from mesh402.economics.networks import Deployment
-    try:
-        return Deployment.load(path)
-    except ValueError as e:
-        _fail(str(e))
+chain_app = typer.Typer(help="Local EVM chain for payments (anvil + the project's contracts).", no_args_is_help=True)
 
 
 @chain_app.command("dev")
@@ -106,7 +64,7 @@ def chain_dev(
     except (ToolchainError, ValueError) as e:
         if anvil:
             anvil.stop()
-        _fail(str(e))
+        fail(str(e))
     except BaseException:
         if anvil:
             anvil.stop()
@@ -141,7 +99,6 @@ def facilitator_cmd(
     key_file: Annotated[Optional[Path], typer.Option(help="File (0600) with the gas-paying facilitator key; or env MESH402_FACILITATOR_KEY.")] = None,
 ) -> None:
     """Serve an x402 facilitator (/verify, /settle, /supported) using the x402 SDK's exact-EVM logic."""
-    import logging
 
     import uvicorn
 
@@ -153,17 +110,17 @@ def facilitator_cmd(
     try:
         key = load_key(key_file, "MESH402_FACILITATOR_KEY", "facilitator key", dep, "facilitator")
     except ValueError as e:
-        _fail(str(e))
+        fail(str(e))
     nets = [n.strip() for n in (network or (dep.network if dep else "")).split(",") if n.strip()]
     nets = [NAMED[n].network if n in NAMED else n for n in nets]
     if not nets:
-        _fail("pass --network (e.g. eip155:84532) or --deployment")
+        fail("pass --network (e.g. eip155:84532) or --deployment")
     url = rpc_url or (dep.rpc_url if dep else None)
     if url is None:
         named = [n for n in NAMED.values() if n.network == nets[0]]
         url = named[0].rpc_url if named else None
     if url is None:
-        _fail("pass --rpc-url")
+        fail("pass --rpc-url")
     fac = build_facilitator(key, url, nets)
     app = create_facilitator_app(fac, nets)
     console.print(f"x402 facilitator on http://{host}:{port} for {', '.join(nets)} via {url}", highlight=False)
@@ -185,7 +142,7 @@ def chat_cmd(
     """Ask a paid node one question, paying with x402 (per request or prepaid credit) within spending caps."""
     from decimal import Decimal
 
-    from mesh402.economics.client import PaymentFailed, PayingClient, SpendCapExceeded
+    from mesh402.economics.client import PayingClient, PaymentFailed, SpendCapExceeded
 
     key = load_key(wallet_file, "MESH402_WALLET_KEY", "wallet")
     scale = Decimal(10) ** decimals
@@ -197,7 +154,7 @@ def chat_cmd(
                 out = await c.chat([{"role": "user", "content": prompt}], model=model, max_tokens=max_tokens,
                                    stream=stream, on_delta=lambda t: print(t, end="", flush=True))
             except (SpendCapExceeded, PaymentFailed) as e:
-                _fail(str(e), 1)
+                fail(str(e), 1)
             if stream:
                 print()
             else:
@@ -209,21 +166,6 @@ def chat_cmd(
                       + (f"; credit left {Decimal(sp.credit_balance) / scale}" if sp.credit_balance is not None else ""),
                       highlight=False)
     asyncio.run(run())
-
-
-def payments_status_lines(home: Path, status: Optional[dict[str, Any]] = None) -> list[str]:
-    """Revenue and credit from the node's payment ledger (read-only; works while the node runs or not),
-    then the node's ERC-8004 agent and its peers' identity claims, checked on chain."""
-    path = home / "payments.sqlite"
-    if not path.exists():
-        return ["payments: none (free node, or no paid request yet)"] + identity_status_lines(home, status)
-    from mesh402.economics.ledger import Ledger
-    s = Ledger(path).summary()
-    fmt = lambda a: f"{a / 1e6:.6f}"  # noqa: E731
-    return [f"payments: {s['settled_payments']} settled, revenue {fmt(s['revenue'])} USDC "
-            f"(per-request {fmt(s['revenue_per_request'])}, credit sold {fmt(s['credit_sold'])})",
-            f"credit: used {fmt(s['credit_used'])}, outstanding {fmt(s['credit_outstanding'])} USDC; "
-            f"in flight {s['in_flight']}, failed settlements {s['failed_settlements']}"] + identity_status_lines(home, status)
 
 
 def register_cmd(
@@ -240,33 +182,39 @@ def register_cmd(
 ) -> None:
     """Register the running node as an ERC-8004 agent: registration file, node-key binding, agentWallet."""
     from mesh402.economics.chain import web3_for
-    from mesh402.economics.erc8004 import (IDENTITY_FILE, REGISTRATION_FILE, REGISTRATION_PATH, register_node,
-                                            registration_document, verify_binding, write_json)
+    from mesh402.economics.erc8004 import (
+        IDENTITY_FILE,
+        REGISTRATION_FILE,
+        REGISTRATION_PATH,
+        register_node,
+        registration_document,
+        verify_binding,
+        write_json,
+    )
     from mesh402.economics.networks import NAMED, erc8004_registries
     from mesh402.mesh.identity import NodeIdentity
-    from mesh402.cli.mesh import _find_console, _get
 
     h = resolve_home(home)
-    base, headers, state = _find_console(h)
-    with _locked_or_fail(h, REGISTER_LOCK, "a registration"):  # two at once would mint two agents
-        st = _get(f"{base}/api/status", headers)
+    base, headers, state = find_console(h)
+    with locked_or_fail(h, REGISTER_LOCK, "a registration"):  # two at once would mint two agents
+        st = console_get(f"{base}/api/status", headers)
         dep = load_deployment(deployment)
         owner_key = load_key(key_file, "MESH402_OWNER_KEY", "owner key", dep, account)
         wallet_key = read_secret_file(wallet_key_file) if wallet_key_file else None
         try:
             reg_addr = registry or erc8004_registries(network, dep)["IdentityRegistry"]
         except ValueError as e:
-            _fail(str(e))
+            fail(str(e))
         url = rpc_url or (dep.rpc_url if dep else None)
         if url is None:
             key = network or "base-sepolia"
             url = NAMED[key].rpc_url if key in NAMED else None
         if url is None:
-            _fail("pass --rpc-url")
+            fail("pass --rpc-url")
         w3 = web3_for(url)
         ident = NodeIdentity.load_or_create(h)
         if ident.node_id_hex != st.get("node_id", ident.node_id_hex):
-            _fail(f"{h}/node.key is not the running node's key")
+            fail(f"{h}/node.key is not the running node's key")
         api = (public_url or state.get("api_url") or "").rstrip("/")
         me = st.get("self") or {}
         models = sorted((state.get("models") or {}).keys())
@@ -287,7 +235,7 @@ def register_cmd(
             res = register_node(w3, owner_key, w3.to_checksum_address(reg_addr), api + REGISTRATION_PATH, ident,
                                 wallet_key=wallet_key, agent_id=agent_id)
         except Exception as e:  # web3 errors: RPC down, revert, no gas
-            _fail(f"registration failed: {e}")
+            fail(f"registration failed: {e}")
         doc["registrations"] = [{"agentId": res.agent_id, "agentRegistry": f"eip155:{res.chain_id}:{res.registry}"}]
         write_json(h / REGISTRATION_FILE, doc)
         write_json(h / IDENTITY_FILE, {**res.to_json(), "rpcUrl": url})
@@ -300,85 +248,6 @@ def register_cmd(
             console.print("  gas: " + ", ".join(f"{k} {v}" for k, v in res.gas.items()), highlight=False)
         if not ok:
             raise typer.Exit(1)
-
-
-def earnings_status_lines(home: Path, *, last_epochs: int = 3) -> list[str]:
-    """Epoch payouts this entry node made, per node and epoch (from <home>/receipts.sqlite)."""
-    path = home / "receipts.sqlite"
-    if not path.exists():
-        return []
-    from mesh402.work.receipts import ReceiptStore
-    st = ReceiptStore(path)
-    try:
-        rows = st.earnings()
-        epochs = sorted({r["epoch"] for r in rows})[-last_epochs:]
-        checks = {e: st.validations(e) for e in epochs}
-    finally:
-        st.close()
-    out = []
-    for e in epochs:
-        parts = []
-        for r in (r for r in rows if r["epoch"] == e):
-            head = f"{r['node_id'][:12]} "
-            if r["account"]:
-                parts.append(head + f"{r['amount'] / 1e6:.6f} ({r['units']:.3g} units)")
-                continue
-            verdict = json.loads((checks[e].get(r["node_id"]) or {}).get("verdict") or "{}")
-            why = "failed spot check" if verdict.get("score") == 0 else "no verified agent or passed validation"
-            parts.append(head + f"not paid ({why}; {r['amount'] / 1e6:.6f} kept by the entry)")
-        out.append(f"earnings epoch {e}: " + ", ".join(parts))
-    return out
-
-
-def _status_w3(info: dict[str, Any] | None, timeout: float) -> Any:
-    rpc = os.environ.get("MESH402_RPC_URL") or (info or {}).get("rpcUrl")
-    if not rpc:
-        return None
-    from mesh402.economics.chain import web3_for
-    return web3_for(rpc, timeout=timeout)
-
-
-def identity_status_lines(home: Path, status: Optional[dict[str, Any]] = None, *, timeout: float = 3.0) -> list[str]:
-    """The node's ERC-8004 agent (from `mesh402 register`), and each peer's gossiped agent claim, checked
-    on chain (RPC from the node's registration or MESH402_RPC_URL); a claim is never shown as verified
-    unless the node-key binding verifies."""
-    import json as _json
-
-    from mesh402.economics.erc8004 import ANNOUNCE_LABEL, check_peer_claim, parse_label
-    try:
-        info = _json.loads((home / "erc8004.json").read_text())
-    except (OSError, ValueError):
-        info = None
-    lines: list[str] = []
-    w3 = None
-    try:
-        w3 = _status_w3(info, timeout)
-    except Exception:
-        pass
-    lines += earnings_status_lines(home)
-    if info:
-        line = f"erc8004: agent {info.get('agentId')} at {info.get('agentRegistry')}, owner {info.get('owner')}"
-        lines.append(line + f", binding {_binding_state(home, info, w3)}")
-    for p in (status or {}).get("peers") or []:
-        label = ((p.get("announcement") or {}).get("labels") or {}).get(ANNOUNCE_LABEL)
-        if not label:
-            continue
-        parsed = parse_label(label)
-        agent = f"agent {parsed[2]} on eip155:{parsed[0]}" if parsed else repr(label[:60])
-        lines.append(f"  peer {p['node_id'][:12]}: {agent}, {check_peer_claim(w3, label, p['node_id'])}")
-    return lines
-
-
-def _binding_state(home: Path, info: dict[str, Any], w3: Any) -> str:
-    try:
-        from mesh402.economics.erc8004 import verify_binding
-        from mesh402.mesh.identity import NodeIdentity
-        if w3 is None:
-            return "unchecked (no RPC URL recorded)"
-        nid = NodeIdentity.load_or_create(home).node_id
-        return "verified" if verify_binding(w3, info["registry"], int(info["agentId"]), nid) else "UNVERIFIED"
-    except Exception as e:
-        return f"unchecked ({type(e).__name__})"
 
 
 def payout_cmd(
@@ -410,15 +279,15 @@ def payout_cmd(
 
     h = resolve_home(home)
     if not (h / "receipts.sqlite").exists():
-        _fail(f"no receipts in {h} (a paid entry node keeps them for split requests)")
+        fail(f"no receipts in {h} (a paid entry node keeps them for split requests)")
     dep = load_deployment(deployment)
     ep = epoch if epoch is not None else epoch_of(_time.time(), epoch_seconds) - 1
     url = rpc_url or (dep.rpc_url if dep else None) or (NAMED[network].rpc_url if network in NAMED else None)
     if url is None:
-        _fail("pass --rpc-url or --deployment")
+        fail("pass --rpc-url or --deployment")
     rewards_addr = rewards or (dep.contracts.get("EpochRewards") if dep else None)
     if not rewards_addr:
-        _fail("pass --rewards (the EpochRewards contract) or --deployment")
+        fail("pass --rewards (the EpochRewards contract) or --deployment")
     regs = {"IdentityRegistry": _registry_address(registry, "IdentityRegistry", network, dep)}
     for name, explicit in (("ValidationRegistry", validation_registry), ("ReputationRegistry", reputation_registry)):
         try:  # resolved when used: a payout that needs neither works without them
@@ -434,7 +303,7 @@ def payout_cmd(
                   log=lambda s: console.print(s, highlight=False, markup=False),
                   warn=lambda s: err.print(f"[yellow]{escape(s)}[/]", highlight=False))
     except PayoutError as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 def _run_validation_round(home: Path, epoch: int) -> None:
@@ -442,22 +311,20 @@ def _run_validation_round(home: Path, epoch: int) -> None:
     the nodes, verdicts by the mesh's validator). Without a running node, what is on record decides."""
     import httpx
 
-    from mesh402.home import Home
-    from mesh402.cli.mesh import _find_console
     if Home(home).read_state() is None:
         console.print("no running node for this home: paying on the validations already on chain", highlight=False)
         return
     try:
-        base, headers, _ = _find_console(home)
+        base, headers, _ = find_console(home)
     except typer.Exit:  # it said why (not running, no console): pay on what is on chain
         console.print("paying on the validations already on chain", highlight=False)
         return
     try:
         r = httpx.post(f"{base}/api/epochs/{epoch}/validate", headers=headers, timeout=900.0)
     except httpx.HTTPError as e:
-        _fail(f"the validation round failed: cannot reach the node at {base}: {e}")
+        fail(f"the validation round failed: cannot reach the node at {base}: {e}")
     if r.status_code != 200:
-        _fail(f"the validation round failed: HTTP {r.status_code} {r.text[:300]}")
+        fail(f"the validation round failed: HTTP {r.status_code} {r.text[:300]}")
     for node, res in sorted(r.json().get("nodes", {}).items()):
         if "score" in res:
             what = f"score {res['score']} over {res.get('checked', 0)} spot checks"
@@ -473,5 +340,5 @@ def _registry_address(explicit: Optional[str], name: str, network: Optional[str]
     except ValueError as e:
         if not fail:
             raise
-        _fail(str(e))
+        fail(str(e))
         raise  # _fail exits; this keeps the return type honest

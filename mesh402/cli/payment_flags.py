@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mesh402.settings import PaymentsConfig, TrustConfig
 from mesh402.economics.networks import Deployment, resolve_asset
+from mesh402.settings import PaymentsConfig, TrustConfig
 
 DEFAULT_TOPUP = "0.10"  # metered mode: smallest credit purchase, in token units
 
