@@ -54,7 +54,6 @@ class Limits:
     default_max_tokens: int = 512  # when a request gives none (bounded by the context window)
     max_request_bytes: int = 8 * 1024 * 1024
     prefill_chunk: int = 32  # fixed prefill chunk: same tokens always meet the same kernels
-    max_queue: int = 64  # requests waiting for a free session before 503
 
 
 @dataclass

@@ -40,9 +40,6 @@ def load_or_create_keys(home: Path):
     return keys
 
 
-def public_key_hex(home: Path) -> str:
-    return load_or_create_keys(home).public_key().to_hex()
-
 
 async def _client(relays: Iterable[str]):
     from nostr_sdk import Client, RelayUrl

@@ -59,12 +59,6 @@ def build_tree(epoch_id: int, amounts: dict[str, int]) -> PayoutTree:
     return PayoutTree(epoch_id, dict(items), level[0], proofs)
 
 
-def verify_proof(root: bytes, leaf: bytes, proof: list[bytes]) -> bool:
-    h = leaf
-    for p in proof:
-        h = _pair(h, p)
-    return h == root
-
 
 # ---- epoch payouts -----------------------------------------------------------------------------
 

@@ -67,11 +67,6 @@ class QWeight:
     def to(self, device: torch.device | str) -> "QWeight":
         return QWeight(self.gtype, self.shape, {k: v.to(device) for k, v in self.parts.items()})
 
-    def select_rows(self, rows: torch.Tensor | slice) -> "QWeight":
-        parts = {k: v[rows] for k, v in self.parts.items()}
-        n = next(iter(parts.values())).shape[0]
-        return QWeight(self.gtype, (n, self.shape[1]), parts)
-
     @staticmethod
     def cat_rows(ws: list["QWeight"]) -> "QWeight":
         """Concatenate weights of the same type/cols along rows (rows are independent)."""

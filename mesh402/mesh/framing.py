@@ -39,9 +39,9 @@ READ_CHUNK = 64 * 1024  # one read into iroh takes whatever has arrived, up to t
 
 class StreamType(enum.IntEnum):
     GOSSIP = 0x01  # Hello/Welcome on the first one, then Gossip both ways
-    STAGE = 0x02  # pipeline-stage activations (later issue)
-    HTTP_TUNNEL = 0x03  # HTTP to the peer's local API (later issue)
-    ROUTE_REQUEST = 0x04  # RouteRequest -> RouteTable (later issue)
+    STAGE = 0x02  # pipeline stages: ASSIGN/OPEN, activations, tokens, receipts (serving/stage_worker.py)
+    HTTP_TUNNEL = 0x03  # a request to the peer's own OpenAI routes (api/tunnel.py)
+    ROUTE_REQUEST = 0x04  # reserved (never used)
     PEER_DOWN = 0x05
     PEER_LEAVING = 0x06
     PING = 0x07  # heartbeat, probe, RTT

@@ -126,7 +126,7 @@ class Node:
             if self.home_lock is not None:
                 self.home_lock.release()
 
-    # ---- mesh (issue 3): MeshService + management API in this loop -------------------------
+    # ---- mesh: MeshService + management API in this loop ----------------------------------
 
     async def _start_mesh(self) -> None:
         """Join/create the mesh before the API starts; raises InviteError/JoinError/ConsoleError."""

@@ -76,7 +76,7 @@ STAGE_KIND_VALIDATION_ASK: StageKind
 STAGE_KIND_EXPERT_RECEIPT: StageKind
 
 class Frame(_message.Message):
-    __slots__ = ("gen", "hello", "welcome", "reject", "gossip", "ping", "pong", "peer_down", "peer_leaving", "route_request", "route_table", "stage", "http", "plugin", "echo")
+    __slots__ = ("gen", "hello", "welcome", "reject", "gossip", "ping", "pong", "peer_down", "peer_leaving", "stage", "http", "echo")
     GEN_FIELD_NUMBER: _ClassVar[int]
     HELLO_FIELD_NUMBER: _ClassVar[int]
     WELCOME_FIELD_NUMBER: _ClassVar[int]
@@ -86,11 +86,8 @@ class Frame(_message.Message):
     PONG_FIELD_NUMBER: _ClassVar[int]
     PEER_DOWN_FIELD_NUMBER: _ClassVar[int]
     PEER_LEAVING_FIELD_NUMBER: _ClassVar[int]
-    ROUTE_REQUEST_FIELD_NUMBER: _ClassVar[int]
-    ROUTE_TABLE_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     HTTP_FIELD_NUMBER: _ClassVar[int]
-    PLUGIN_FIELD_NUMBER: _ClassVar[int]
     ECHO_FIELD_NUMBER: _ClassVar[int]
     gen: int
     hello: Hello
@@ -101,13 +98,10 @@ class Frame(_message.Message):
     pong: Pong
     peer_down: PeerDown
     peer_leaving: PeerLeaving
-    route_request: RouteRequest
-    route_table: RouteTable
     stage: StageFrame
     http: HttpTunnelFrame
-    plugin: PluginFrame
     echo: Echo
-    def __init__(self, gen: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., reject: _Optional[_Union[Reject, _Mapping]] = ..., gossip: _Optional[_Union[Gossip, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., peer_down: _Optional[_Union[PeerDown, _Mapping]] = ..., peer_leaving: _Optional[_Union[PeerLeaving, _Mapping]] = ..., route_request: _Optional[_Union[RouteRequest, _Mapping]] = ..., route_table: _Optional[_Union[RouteTable, _Mapping]] = ..., stage: _Optional[_Union[StageFrame, _Mapping]] = ..., http: _Optional[_Union[HttpTunnelFrame, _Mapping]] = ..., plugin: _Optional[_Union[PluginFrame, _Mapping]] = ..., echo: _Optional[_Union[Echo, _Mapping]] = ...) -> None: ...
+    def __init__(self, gen: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., reject: _Optional[_Union[Reject, _Mapping]] = ..., gossip: _Optional[_Union[Gossip, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., peer_down: _Optional[_Union[PeerDown, _Mapping]] = ..., peer_leaving: _Optional[_Union[PeerLeaving, _Mapping]] = ..., stage: _Optional[_Union[StageFrame, _Mapping]] = ..., http: _Optional[_Union[HttpTunnelFrame, _Mapping]] = ..., echo: _Optional[_Union[Echo, _Mapping]] = ...) -> None: ...
 
 class InviteCredential(_message.Message):
     __slots__ = ("expires_at", "nonce", "mac", "issuer", "single_use")
@@ -362,44 +356,8 @@ class PeerLeaving(_message.Message):
     final_announcement: SignedAnnouncement
     def __init__(self, peer_id: _Optional[bytes] = ..., final_announcement: _Optional[_Union[SignedAnnouncement, _Mapping]] = ...) -> None: ...
 
-class RouteRequest(_message.Message):
-    __slots__ = ("model_id", "request_id", "content_hash")
-    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
-    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
-    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
-    model_id: str
-    request_id: str
-    content_hash: str
-    def __init__(self, model_id: _Optional[str] = ..., request_id: _Optional[str] = ..., content_hash: _Optional[str] = ...) -> None: ...
-
-class RouteEntry(_message.Message):
-    __slots__ = ("node_id", "model_id", "content_hash", "role", "plan_epoch", "load")
-    NODE_ID_FIELD_NUMBER: _ClassVar[int]
-    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
-    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
-    ROLE_FIELD_NUMBER: _ClassVar[int]
-    PLAN_EPOCH_FIELD_NUMBER: _ClassVar[int]
-    LOAD_FIELD_NUMBER: _ClassVar[int]
-    node_id: bytes
-    model_id: str
-    content_hash: str
-    role: ModelRole
-    plan_epoch: int
-    load: float
-    def __init__(self, node_id: _Optional[bytes] = ..., model_id: _Optional[str] = ..., content_hash: _Optional[str] = ..., role: _Optional[_Union[ModelRole, str]] = ..., plan_epoch: _Optional[int] = ..., load: _Optional[float] = ...) -> None: ...
-
-class RouteTable(_message.Message):
-    __slots__ = ("entries", "mesh_id", "plan_epoch")
-    ENTRIES_FIELD_NUMBER: _ClassVar[int]
-    MESH_ID_FIELD_NUMBER: _ClassVar[int]
-    PLAN_EPOCH_FIELD_NUMBER: _ClassVar[int]
-    entries: _containers.RepeatedCompositeFieldContainer[RouteEntry]
-    mesh_id: str
-    plan_epoch: int
-    def __init__(self, entries: _Optional[_Iterable[_Union[RouteEntry, _Mapping]]] = ..., mesh_id: _Optional[str] = ..., plan_epoch: _Optional[int] = ...) -> None: ...
-
 class StageFrame(_message.Message):
-    __slots__ = ("request_id", "plan_epoch", "kind", "model_id", "content_hash", "layer_start", "layer_end", "position", "tokens", "dtype", "shape", "activations", "input_hash", "output_hash", "activation_hashes", "error", "params", "payment")
+    __slots__ = ("request_id", "plan_epoch", "kind", "model_id", "content_hash", "layer_start", "layer_end", "position", "tokens", "dtype", "shape", "activations", "input_hash", "output_hash", "activation_hashes", "error", "params")
     class ParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -424,7 +382,6 @@ class StageFrame(_message.Message):
     ACTIVATION_HASHES_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
-    PAYMENT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     plan_epoch: int
     kind: StageKind
@@ -442,8 +399,7 @@ class StageFrame(_message.Message):
     activation_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     error: str
     params: _containers.ScalarMap[str, str]
-    payment: bytes
-    def __init__(self, request_id: _Optional[str] = ..., plan_epoch: _Optional[int] = ..., kind: _Optional[_Union[StageKind, str]] = ..., model_id: _Optional[str] = ..., content_hash: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., position: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., activations: _Optional[bytes] = ..., input_hash: _Optional[bytes] = ..., output_hash: _Optional[bytes] = ..., activation_hashes: _Optional[_Iterable[bytes]] = ..., error: _Optional[str] = ..., params: _Optional[_Mapping[str, str]] = ..., payment: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., plan_epoch: _Optional[int] = ..., kind: _Optional[_Union[StageKind, str]] = ..., model_id: _Optional[str] = ..., content_hash: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., position: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., activations: _Optional[bytes] = ..., input_hash: _Optional[bytes] = ..., output_hash: _Optional[bytes] = ..., activation_hashes: _Optional[_Iterable[bytes]] = ..., error: _Optional[str] = ..., params: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class HttpTunnelFrame(_message.Message):
     __slots__ = ("request_id", "method", "path", "headers", "body", "end", "status")
@@ -469,14 +425,6 @@ class HttpTunnelFrame(_message.Message):
     end: bool
     status: int
     def __init__(self, request_id: _Optional[str] = ..., method: _Optional[str] = ..., path: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ..., body: _Optional[bytes] = ..., end: _Optional[bool] = ..., status: _Optional[int] = ...) -> None: ...
-
-class PluginFrame(_message.Message):
-    __slots__ = ("channel", "payload")
-    CHANNEL_FIELD_NUMBER: _ClassVar[int]
-    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
-    channel: str
-    payload: bytes
-    def __init__(self, channel: _Optional[str] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class Echo(_message.Message):
     __slots__ = ("payload", "sent_at_us", "discard")
