@@ -38,9 +38,7 @@ class Home:
         return self.path / name
 
     def write_state(self, state: dict[str, Any]) -> None:
-        tmp = self.file(STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        os.replace(tmp, self.file(STATE_FILE))
+        write_atomic(self.file(STATE_FILE), json.dumps(state, indent=2))
 
     def read_state(self) -> dict[str, Any] | None:
         path = self.file(STATE_FILE)
@@ -113,19 +111,24 @@ class HomeLock:
             self._fd = None
 
 
-def write_private(path: str | Path, data: str | bytes) -> None:
-    """Write a file readable only by its owner (0600), atomically: it is never briefly world-readable
-    and a crash leaves the old or the new content, not a torn file."""
+def write_atomic(path: str | Path, data: str | bytes, mode: int = 0o644) -> None:
+    """Write a file atomically with `mode`: a crash leaves the old or the new content, never a torn file,
+    and a private file is never briefly readable by others."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        os.fchmod(fd, 0o600)
+        os.fchmod(fd, mode)
         os.write(fd, data.encode() if isinstance(data, str) else data)
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def write_private(path: str | Path, data: str | bytes) -> None:
+    """A file only its owner can read (0600), written atomically (keys, secrets, wallets)."""
+    write_atomic(path, data, 0o600)
 
 
 def read_secret_file(path: str | Path) -> str:

@@ -40,5 +40,7 @@ async def read_json(request: Request, model: type[Body], max_bytes: int) -> Body
         raise bad_request(validation_message(e)) from None
 
 
-def sse(obj: Any) -> bytes:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+def sse(obj: Any, event: str | None = None) -> bytes:
+    """One server-sent event (`event:` line when named) carrying `obj` as JSON."""
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':') if event else None)}\n\n".encode()

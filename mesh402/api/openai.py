@@ -19,7 +19,7 @@ from mesh402.api.completion import answer
 from mesh402.api.context import EdgeContext
 from mesh402.api.errors import APIError, bad_request, unavailable
 from mesh402.api.forwarding import target
-from mesh402.api.payment_policy import FreePolicy, X402Policy
+from mesh402.api.payment_policy import X402Policy
 from mesh402.api.router import Router
 from mesh402.api.x402.gate import PaymentGate
 from mesh402.economics.upstream import UpstreamBuyer

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh402.economics.contracts import compile_contracts
-from mesh402.home import write_private
+from mesh402.home import write_atomic, write_private
 from mesh402.economics.networks import DEPLOYMENT_FILE, Asset, Deployment
 from mesh402.economics.toolchain import ToolchainError, anvil_binary, ensure_tools
 
@@ -131,9 +131,7 @@ def deploy_dev(rpc_url: str, out_dir: Path, spec: DevChainSpec | None = None) ->
     dep = Deployment(f"eip155:{chain_id}", chain_id, rpc_url, asset,
                      {"MeshUSDC": token_addr, "Multicall3": MULTICALL3_ADDRESS, **registries}, accounts,
                      out_dir / DEPLOYMENT_FILE)
-    tmp = out_dir / (DEPLOYMENT_FILE + ".tmp")
-    tmp.write_text(json.dumps(dep.to_json(), indent=2))
-    os.replace(tmp, out_dir / DEPLOYMENT_FILE)
+    write_atomic(out_dir / DEPLOYMENT_FILE, json.dumps(dep.to_json(), indent=2))
     return dep
 
 

@@ -15,6 +15,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any
 
+from mesh402.home import write_atomic
 from mesh402.economics.toolchain import CACHE_DIR, CONTRACTS_DIR, NODE_MODULES, ToolchainError, ensure_tools, node_binary
 
 SETTINGS: dict[str, Any] = {
@@ -96,9 +97,7 @@ def compile_contracts(*, force: bool = False) -> dict[str, Artifact]:
     else:
         raw = _run_solc(sources)
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(".tmp")
-        tmp.write_text(json.dumps(raw))
-        os.replace(tmp, cached)
+        write_atomic(cached, json.dumps(raw))
     return {name: Artifact(name, a["abi"], a["bytecode"], a["runtime"]) for name, a in raw.items()}
 
 

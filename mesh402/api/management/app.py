@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Optional
@@ -28,6 +27,7 @@ from typing import Any, Optional
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from mesh402.api.bodies import sse
 from mesh402.mesh.invite import InviteError, parse_duration
 from mesh402.mesh.service import MeshService
 
@@ -35,7 +35,7 @@ KEEPALIVE_S = 15.0
 
 
 def _sse(event: dict) -> bytes:
-    return f"event: {event.get('type', 'message')}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n".encode()
+    return sse(event, event=str(event.get("type", "message")))
 
 
 def create_management_app(

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
+from mesh402.api.bodies import sse
 from mesh402.api.errors import APIError
 from mesh402.api.schemas import SamplingFields
 
@@ -80,12 +81,8 @@ async def paid_proxy(gate: "PaymentGate", request: Request, model_id: str, req: 
             raise APIError(502, "the model's host sent an unreadable answer", type="server_error") from None
         keep = {k: v for k, v in headers.items() if k.lower() not in ("content-type", "content-length")}
         return await gate.respond(charge, _usage(out.get("usage")), out, {**keep, **charge.headers})
-    return StreamingResponse(_metered_sse(gate, charge, chunks, client_wants_usage), status_code=status,
+    return StreamingResponse(_meteredsse(gate, charge, chunks, client_wants_usage), status_code=status,
                              headers={**headers, **charge.headers})
-
-
-def _sse(obj: Any) -> bytes:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
 
 
 def _has_text(obj: dict[str, Any]) -> bool:
@@ -95,7 +92,7 @@ def _has_text(obj: dict[str, Any]) -> bool:
     return bool((ch.get("delta") or {}).get("content") or ch.get("text"))
 
 
-async def _metered_sse(gate: Any, charge: Any, chunks: AsyncIterator[bytes], pass_usage: bool) -> AsyncIterator[bytes]:
+async def _meteredsse(gate: Any, charge: Any, chunks: AsyncIterator[bytes], pass_usage: bool) -> AsyncIterator[bytes]:
     sent: list[bytes] = []
     buf = b""
     usage: dict[str, Any] | None = None
@@ -141,7 +138,7 @@ async def _metered_sse(gate: Any, charge: Any, chunks: AsyncIterator[bytes], pas
         record = await asyncio.shield(gate.finish_stream(charge, None if cut else _usage(usage), error))
         tail: list[bytes] = []
         if error is not None:
-            tail.append(_sse(APIError(502, error, type="server_error", code="host_lost").body()))
+            tail.append(sse(APIError(502, error, type="server_error", code="host_lost").body()))
         elif cut:
             if last:  # the host's own finish chunk never came: end the choice as a length stop
                 ch: dict[str, Any] = dict(last["choices"][0])
@@ -150,12 +147,12 @@ async def _metered_sse(gate: Any, charge: Any, chunks: AsyncIterator[bytes], pas
                     ch["delta"] = {}
                 else:
                     ch["text"] = ""
-                tail.append(_sse({**last, "choices": [ch]}))
-            tail.append(_sse(APIError(402, f"prepaid credit ran out after {charge.completion_seen} tokens; "
+                tail.append(sse({**last, "choices": [ch]}))
+            tail.append(sse(APIError(402, f"prepaid credit ran out after {charge.completion_seen} tokens; "
                                       "top up to continue", type="payment_required",
                                       code="insufficient_credit").body()))
         if record is not None:
-            tail.append(_sse({"object": "chat.completion.chunk", "choices": [], "x402": record}))
+            tail.append(sse({"object": "chat.completion.chunk", "choices": [], "x402": record}))
         tail.append(b"data: [DONE]\n\n")
         if error is None:
             gate.store_stream(charge, b"".join(sent + tail))
