@@ -84,7 +84,7 @@ class PaymentsConfig:
     window_base_s: int = 30  # authorization validity beyond the estimated generation time
     ledger_path: Path | None = None  # default: <home>/payments.sqlite
     epoch_s: int = 3600  # payout epoch: the stages' work receipts are grouped by this period
-    # automatic payouts (serving.epochs.EpochCloser): the pay-to wallet's key, from a 0600 file or
+    # automatic payouts (node.payouts.EpochCloser): the pay-to wallet's key, from a 0600 file or
     # MESH402_PAYOUT_KEY, never argv; None leaves payouts to `mesh402 payout`
     payout_key: str | None = None
     rewards: str | None = None  # EpochRewards contract address

@@ -68,7 +68,7 @@ def trust_config(*, network: str | None, deployment: Path | None, owner_key_file
 
 def auto_payout_config(payments: PaymentsConfig, trust: TrustConfig, *, payout_key_file: Path | None,
                        rewards: str | None, deployment: Path | None) -> PaymentsConfig:
-    """Turn on automatic epoch payouts (serving.epochs) when the pay-to wallet's key is given: from a 0600
+    """Turn on automatic epoch payouts (node.payouts) when the pay-to wallet's key is given: from a 0600
     file or MESH402_PAYOUT_KEY. Paying needs the chain and registries (trust) and the EpochRewards contract."""
     import os
 

@@ -108,7 +108,7 @@ class LocalModel:
 
     def __init__(self, engine: Any, executor: ThreadPoolExecutor, prefix_cache: Any = "default",
                  receipts: Any = None, step_hook: Callable[[str], None] | None = None) -> None:
-        """`receipts`: economics.receipts.SoloReceipts (or serving.expert_receipts.ExpertHostReceipts) on a
+        """`receipts`: work.receipts.SoloReceipts (or serving.expert_receipts.ExpertHostReceipts) on a
         paid entry (signed receipts per request). `step_hook(request_id)`: called on the engine thread
         before each step, so work done elsewhere for the step (MoE experts) is attributed to its request."""
         self.engine = engine
@@ -154,7 +154,7 @@ class LocalStepper:
         self._executor = executor
         self._released = False
         self.prefix_cache = prefix_cache
-        self.receipts: Any = None  # economics.receipts.SoloReceipts and this request's StageTally, when paid
+        self.receipts: Any = None  # work.receipts.SoloReceipts and this request's StageTally, when paid
         self.tally: Any = None
         self.request_id = ""
         self.step_hook: Callable[[str], None] | None = None  # LocalModel.step_hook

@@ -100,7 +100,7 @@ class PipelineModel:
         # request and the chain of them is handed to receipt_sink (mesh402.work.receipts) on release.
         self.signer = signer
         self.receipt_sink = receipt_sink
-        self.auditor = auditor  # economics.verification.Auditor: which requests' steps the stages reveal
+        self.auditor = auditor  # work.evidence.Auditor: which requests' steps the stages reveal
         self.chain = chain
         self.connect = connect
         self.failover = failover
@@ -173,7 +173,7 @@ class PipelineStepper:
     chain: Chain | None = None
     link: Link | None = None
     sent: list[_Sent] = field(default_factory=list)
-    tally: Any = None  # economics.receipts.StageTally of the local stage, when receipts are on
+    tally: Any = None  # work.receipts.StageTally of the local stage, when receipts are on
     steps_done: int = 0  # steps the current chain processed for this request (what a reveal may name)
     _released: bool = False
     _closing: asyncio.Task | None = None  # closing the chain, receipts included (release)

@@ -26,7 +26,7 @@ from mesh402.serving.stage_link import K, Link, dump_json, error_frame, expect_s
 log = logging.getLogger(__name__)
 
 VALIDATOR_LABEL = "validator"  # announcement label: the validator's EVM address
-VALIDATOR_DEVICE_LABEL = "validator_device"  # ... and its device signature (engine.verify.device_signature)
+VALIDATOR_DEVICE_LABEL = "validator_device"  # ... and its device signature (engine.replay.device_signature)
 MAX_ASKS_PER_EPOCH = 3  # validation requests one entry may have this node send per epoch
 
 

@@ -54,7 +54,7 @@ def _b64(b: bytes) -> str:
 def reveal(tally: Any, step: int, stage: int, node_id: str, mode: str, last: bool, device: str = "") -> dict[str, Any]:
     """What a stage sends on CLOSE for the audited step: its inputs of steps 0..step (after those of a
     restored prefix), every per-step hash, and on the last stage the step's fingerprint and token.
-    `device`: what its fast-mode numbers depend on (engine.verify.device_signature)."""
+    `device`: what its fast-mode numbers depend on (engine.replay.device_signature)."""
     if not 0 <= step < len(tally.records):
         raise ValueError(f"no step {step} to reveal ({len(tally.records)} kept)")
     inputs = [{**r, "data": _b64(r["data"])} for r in [*tally.prefix_records, *tally.records[:step + 1]]]

@@ -233,7 +233,7 @@ class StageTally:
     bytes received and of the bytes sent on). Both use the same domain, so stage k's output tally equals
     stage k+1's input tally exactly when every payload arrived unchanged and in order. With `keep=True`
     (remote stages of a paid request) the per-step hashes and input records are kept too, so the stage
-    can reveal any step after the fact (economics.verification)."""
+    can reveal any step after the fact (work.evidence)."""
 
     DOMAIN = b"mesh402 activation tally v1"
 
@@ -426,7 +426,7 @@ class ReceiptStore:
                flops: Any = None, checks: Iterable[Any] = (), unpaid: Iterable[int] = (),
                expert_flops: Any = None) -> None:
         """Store one request's receipts (a pipeline/solo chain, or an MoE request's expert receipts), its
-        revenue and its spot checks (economics.verification) atomically; refuses receipts that do not verify.
+        revenue and its spot checks (work.evidence) atomically; refuses receipts that do not verify.
         With `flops(model_hash, start, end)` (stage receipts) and `expert_flops(model_hash)` -> MoEFlops
         (expert receipts), each receipt's work units are computed and stored now. Stages in `unpaid` (they
         did not reveal an audited step) earn 0 units."""

@@ -19,7 +19,7 @@ and its outcome arrives in-band as a final SSE chunk (`"choices": []` plus an `x
 
 Requests that arrive through the mesh tunnel are charged like any client's: an admitted member is not
 trusted to have been paid by anyone (on an open mesh anyone is a member). An entry node that routes to
-a host that charges pays that host itself (economics/proxy.py) or lets its client pay it.
+a host that charges pays that host itself (api/x402/proxy.py) or lets its client pay it.
 """
 
 from __future__ import annotations
