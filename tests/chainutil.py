@@ -177,7 +177,7 @@ def buy_chat(chain: DevChain, api_port: int, body: dict[str, Any], buyer: str = 
 
 def entry_receipts(home: Path, count: int, timeout: float = 60.0) -> tuple[Any, int]:
     """Wait until a paid entry keeps `count` receipts; its ReceiptStore and the epoch of its first request."""
-    from mesh402.work.receipts import ReceiptStore
+    from mesh402.work.store import ReceiptStore
     db = home / "receipts.sqlite"
     t0 = time.monotonic()
     def kept() -> bool:

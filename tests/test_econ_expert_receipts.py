@@ -16,15 +16,8 @@ torch.set_num_threads(1)
 pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
-from mesh402.work.receipts import (  # noqa: E402
-    ExpertReceipt,
-    ExpertTallies,
-    ReceiptStore,
-    expert_errors,
-    receipt_errors,
-    sign_expert_receipt,
-    sign_receipt,
-)
+from mesh402.work.receipts import ExpertReceipt, ExpertTallies, expert_errors, receipt_errors, sign_expert_receipt, sign_receipt
+from mesh402.work.store import ReceiptStore
 from mesh402.work.units import (  # noqa: E402
     expert_flops_per_row,
     flops_per_token,
@@ -256,7 +249,7 @@ def test_each_request_gets_the_hosts_and_every_expert_nodes_receipt(gguf_path, e
 
 
 def test_a_node_that_does_not_answer_earns_nothing_and_the_rest_are_kept(gguf_path, executor, tmp_path) -> None:
-    from mesh402.work.receipts import EntryReceipts
+    from mesh402.work.store import EntryReceipts
     entry = EntryReceipts(tmp_path)
     entry.add_model(HASH, gguf_path)
 

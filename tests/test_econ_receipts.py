@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from mesh402.work.receipts import Receipt, ReceiptStore, chain_errors, sign_receipt
+from mesh402.work.receipts import Receipt, chain_errors, sign_receipt
+from mesh402.work.store import ReceiptStore
 from mesh402.work.units import flops_per_token, opow_weights, split_pro_rata
 from mesh402.mesh.identity import NodeIdentity
 
@@ -109,7 +110,7 @@ WRITER = textwrap.dedent("""
     import sys, hashlib
     sys.path.insert(0, sys.argv[3])
     from tests.test_econ_receipts import chain_for
-    from mesh402.work.receipts import ReceiptStore
+    from mesh402.work.store import ReceiptStore
     from mesh402.mesh.identity import NodeIdentity
     st = ReceiptStore(sys.argv[1])
     a, b = NodeIdentity.generate(), NodeIdentity.generate()

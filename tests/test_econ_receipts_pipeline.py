@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from mesh402.work.receipts import ReceiptStore, chain_errors
+from mesh402.work.receipts import chain_errors
+from mesh402.work.store import ReceiptStore
 from mesh402.mesh.identity import NodeIdentity
 from tests.test_pipeline_inprocess import HASH, build, executor, run_gen  # noqa: F401 (executor: fixture)
 
@@ -89,7 +90,7 @@ def test_receipts_after_a_stage_failover_name_the_replacement(executor, prompt) 
 def test_entry_sink_keeps_receipts_with_units_from_the_tensor_table(executor, prompt, tmp_path: Path) -> None:
     import time
 
-    from mesh402.work.receipts import EntryReceipts, epoch_of
+    from mesh402.work.store import EntryReceipts, epoch_of
     from mesh402.work.units import flops_per_token
     from mesh402.models.catalog import bundled_model_path
     from mesh402.models.gguf_meta import read_gguf_meta

@@ -18,7 +18,8 @@ MODEL = "smollm2-135m-instruct"
 
 
 def test_paid_split_request_receipts_and_epoch_payout(tmp_path: Path) -> None:
-    from mesh402.work.receipts import chain_errors, epoch_of
+    from mesh402.work.receipts import chain_errors
+    from mesh402.work.store import epoch_of
     from mesh402.work.units import flops_per_token, split_pro_rata
     from mesh402.models.catalog import bundled_model_path
     from mesh402.models.gguf_meta import read_gguf_meta

@@ -155,7 +155,8 @@ def _fill_entry(env: Env, home: Path, stage_nodes: list[Any], revenue: int) -> s
     import time
 
     from mesh402.economics.ledger import Ledger
-    from mesh402.work.receipts import ReceiptStore, sign_receipt
+    from mesh402.work.receipts import sign_receipt
+    from mesh402.work.store import ReceiptStore
     from mesh402.mesh.identity import NodeIdentity
     entry = NodeIdentity.load_or_create(home)
     store = ReceiptStore(home / "receipts.sqlite")
@@ -177,7 +178,7 @@ def _fill_entry(env: Env, home: Path, stage_nodes: list[Any], revenue: int) -> s
 
 def _validate(env: Env, home: Path, entry: str, owner: str, node: Any, aid: int, response: int) -> str:
     """The validation round for one stage node, as the entry, the node's owner and the validator play it."""
-    from mesh402.work.receipts import ReceiptStore
+    from mesh402.work.store import ReceiptStore
     from mesh402.economics.validation_registry import request_validation, respond_validation, statement
     text, h = statement(1, entry, node.node_id_hex, env.addr(VALIDATOR), ["check-" + node.node_id_hex[:8]])
     request_validation(env.w3, env.key(owner), env.validation, env.addr(VALIDATOR), aid, "mesh402:statement", h)
@@ -197,7 +198,7 @@ def _payout(env: Env, home: Path) -> Any:
 
 
 def test_payout_pays_only_passed_nodes_and_posts_feedback_once(env: Env) -> None:
-    from mesh402.work.receipts import ReceiptStore
+    from mesh402.work.store import ReceiptStore
     from mesh402.work.units import split_pro_rata
     from mesh402.mesh.identity import NodeIdentity
     home = env.tmp / "entry"

@@ -70,7 +70,7 @@ def test_a_second_payout_or_registration_on_a_home_is_refused(mesh_nodes: MeshNo
     """The payout and registration locks, held here by this test process (the holder named is its pid)."""
     from mesh402.cli.economics import REGISTER_LOCK
     from mesh402.economics.payout import PAYOUT_LOCK
-    from mesh402.work.receipts import ReceiptStore
+    from mesh402.work.store import ReceiptStore
     from mesh402.home import Home
 
     a = mesh_nodes.start("a")
@@ -167,7 +167,7 @@ def test_a_paid_answers_receipt_survives_a_kill9_right_after_the_answer(tmp_path
     write waits. The answer therefore arrives only after the lock is let go and the receipt committed (before
     this change it arrived at once, the write still pending); the node is killed with -9 the moment it does,
     and the store, reopened, holds the request's receipt."""
-    from mesh402.work.receipts import ReceiptStore
+    from mesh402.work.store import ReceiptStore
     from mesh402.economics.toolchain import tools_ready
     from mesh402.mesh.identity import NodeIdentity
     from tests.chainutil import buy_chat, start_chain, start_facilitator, start_paid_node

@@ -127,7 +127,7 @@ def test_a_reveal_never_outgrows_a_frame() -> None:
 
 
 def test_a_stage_that_does_not_reveal_earns_nothing_for_that_request(tmp_path) -> None:
-    from mesh402.work.receipts import EntryReceipts, epoch_of
+    from mesh402.work.store import EntryReceipts, epoch_of
     from mesh402.models.catalog import bundled_model_path
     import time
     entry = EntryReceipts(tmp_path, epoch_s=3600)

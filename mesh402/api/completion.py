@@ -19,11 +19,17 @@ from starlette.background import BackgroundTask
 
 from mesh402.api.context import EdgeContext
 from mesh402.api.errors import bad_request, unavailable
-from mesh402.api.schemas import SamplingFields
 from mesh402.api.payment_policy import usage
+from mesh402.api.schemas import SamplingFields
 from mesh402.api.selection import Selection, local_route
 from mesh402.api.x402.gate import Charge
-from mesh402.serving.generation import Delta, Finished, GenerationRequest, Stepper, generate
+from mesh402.serving.generation import (
+    Delta,
+    Finished,
+    GenerationRequest,
+    Stepper,
+    generate,
+)
 from mesh402.serving.registry import ModelEntry
 from mesh402.serving.stage_link import StageError
 

@@ -15,19 +15,19 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mesh402.api import well_known
+from mesh402.api.bodies import read_json, validation_message
 from mesh402.api.completion import answer
 from mesh402.api.context import EdgeContext
 from mesh402.api.errors import APIError, bad_request, unavailable
 from mesh402.api.forwarding import target
 from mesh402.api.payment_policy import X402Policy
 from mesh402.api.router import Router
+from mesh402.api.schemas import ChatCompletionRequest, CompletionRequest
 from mesh402.api.x402.gate import PaymentGate
 from mesh402.economics.upstream import UpstreamBuyer
-from mesh402.api.schemas import ChatCompletionRequest, CompletionRequest
-from mesh402.api.bodies import read_json, validation_message
-from mesh402.settings import NodeConfig
 from mesh402.serving.registry import ModelRegistry
 from mesh402.serving.stage_link import StageError
+from mesh402.settings import NodeConfig
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,10 @@ def install_routes(app: FastAPI, ctx: EdgeContext) -> None:
         if isinstance(chosen, Response):
             return chosen
         entry, sel = chosen
-        from mesh402.engine.chat_template import ChatTemplate, ChatTemplateError  # a model is loaded: torch is in
+        from mesh402.engine.chat_template import (  # a model is loaded: torch is in
+            ChatTemplate,
+            ChatTemplateError,
+        )
 
         local = entry.local
         assert local is not None

@@ -21,6 +21,8 @@ from mesh402.api.bodies import sse as sse_bytes
 from mesh402.api.errors import APIError
 from mesh402.api.schemas import SamplingFields
 from mesh402.api.x402.gate import Charge, PaymentGate
+from mesh402.api.x402.proxy import paid_proxy
+from mesh402.api.x402.stream import paid_sse
 from mesh402.economics.charging import HostOffer
 from mesh402.serving.generation import Delta, Finished
 
@@ -156,13 +158,11 @@ class X402Policy:
 
     def sse(self, charge: Charge | None, events: AsyncIterator[Delta | Finished], chunk: Chunk, include_usage: bool,
             prompt_tokens: int) -> AsyncIterator[bytes]:
-        from mesh402.api.x402.stream import paid_sse
 
         assert charge is not None
         return paid_sse(self.gate, charge, events, chunk, sse_bytes, usage, include_usage, prompt_tokens)
 
     async def routed(self, request: Request, body: bytes, model_id: str, req: SamplingFields, default_max_tokens: int,
                      forward: Forward, extra: int = 0) -> Response:
-        from mesh402.api.x402.proxy import paid_proxy
 
         return await paid_proxy(self.gate, request, model_id, req, default_max_tokens, forward, extra=extra, body=body)

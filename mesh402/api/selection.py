@@ -15,7 +15,9 @@ from mesh402.api.errors import APIError, unavailable
 from mesh402.api.router import MODEL_LABEL, RouteDecision
 from mesh402.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from mesh402.api.tunnel import ROUTE_HEADER
+from mesh402.models.profile import model_profile
 from mesh402.serving.registry import ModelEntry
+from mesh402.serving.replicas import replica_routes
 
 if TYPE_CHECKING:
     from mesh402.serving.distributed import Route
@@ -72,7 +74,6 @@ def choose_replica(ctx: EdgeContext, sel: Selection, request: Request, req: Samp
     dist = ctx.distributed
     if dist is None or req is None or ctx.mesh_peer(request) is not None:
         return None
-    from mesh402.serving.replicas import replica_routes
 
     router = ctx.router
     me = dist.mesh.node_id.hex()
@@ -97,7 +98,6 @@ def choose_replica(ctx: EdgeContext, sel: Selection, request: Request, req: Samp
 
 def route_auto(ctx: EdgeContext, sel: Selection, req: SamplingFields) -> Target | None:
     """model "auto": classify the request and score the mesh's models (x-mesh402-route says why)."""
-    from mesh402.models.profile import model_profile
 
     local = []
     for e in ctx.registry.all():

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mesh402.api.errors import APIError
 from mesh402.economics.erc8004 import REGISTRATION_FILE, REGISTRATION_PATH
 
 
@@ -29,7 +30,6 @@ def install(app: Any, home: Path, live_listing: Callable[[], dict[str, Any] | No
     `x402_support`: the node charges with x402."""
     from fastapi.responses import JSONResponse
 
-    from mesh402.api.errors import APIError
 
     @app.get(REGISTRATION_PATH, include_in_schema=False)
     async def agent_registration():  # noqa: ANN202 (FastAPI reads annotations; JSONResponse is local)

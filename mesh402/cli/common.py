@@ -12,7 +12,9 @@ from typing import Annotated, Any, NoReturn, Optional
 import typer
 from rich.console import Console
 
+from mesh402.economics.networks import Deployment
 from mesh402.home import Home, HomeBusy, read_secret_file, resolve_home
+from mesh402.node.mesh_runtime import read_console_token
 
 console = Console(soft_wrap=True)
 err = Console(stderr=True)
@@ -27,8 +29,6 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 
 def find_console(home: Optional[Path]) -> tuple[str, dict[str, str], dict]:
-    from mesh402.home import Home
-    from mesh402.node.mesh_runtime import read_console_token
 
     h = Home(resolve_home(home))
     state = h.read_state()
@@ -107,7 +107,6 @@ def load_deployment(path: Optional[Path]) -> Any:
     """The deployment file, or None; a missing or broken one is a one-line error."""
     if path is None:
         return None
-    from mesh402.economics.networks import Deployment
     try:
         return Deployment.load(path)
     except ValueError as e:

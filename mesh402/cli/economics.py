@@ -24,7 +24,24 @@ from mesh402.cli.common import (
     locked_or_fail,
 )
 from mesh402.cli.options import DeploymentOpt, IdentityRegistryOpt, NetworkOpt, RpcOpt
+from mesh402.economics.chain import Anvil, DevChainSpec, deploy_dev, web3_for
+from mesh402.economics.client import PayingClient, PaymentFailed, SpendCapExceeded
+from mesh402.economics.erc8004 import (
+    IDENTITY_FILE,
+    REGISTRATION_FILE,
+    REGISTRATION_PATH,
+    register_node,
+    registration_document,
+    verify_binding,
+    write_json,
+)
+from mesh402.economics.facilitator import build_facilitator, create_facilitator_app
+from mesh402.economics.networks import NAMED, erc8004_registries
+from mesh402.economics.payout import PayoutChain, PayoutError, pay_epoch
+from mesh402.economics.toolchain import ToolchainError, ensure_tools, tools_ready
 from mesh402.home import Home, read_secret_file, resolve_home
+from mesh402.mesh.identity import NodeIdentity
+from mesh402.work.store import epoch_of
 
 if TYPE_CHECKING:
     pass
@@ -46,8 +63,6 @@ def chain_dev(
     home: HomeOpt = None,
 ) -> None:
     """Start anvil, deploy the test USDC (EIP-3009) compiled from contracts/, fund accounts, write deployment.json."""
-    from mesh402.economics.chain import Anvil, DevChainSpec, deploy_dev
-    from mesh402.economics.toolchain import ToolchainError, ensure_tools, tools_ready
 
     out_dir = (out or resolve_home(home) / "chain").expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -102,8 +117,6 @@ def facilitator_cmd(
 
     import uvicorn
 
-    from mesh402.economics.facilitator import build_facilitator, create_facilitator_app
-    from mesh402.economics.networks import NAMED
 
     logging.basicConfig(level=logging.WARNING)
     dep = load_deployment(deployment)
@@ -142,7 +155,6 @@ def chat_cmd(
     """Ask a paid node one question, paying with x402 (per request or prepaid credit) within spending caps."""
     from decimal import Decimal
 
-    from mesh402.economics.client import PayingClient, PaymentFailed, SpendCapExceeded
 
     key = load_key(wallet_file, "MESH402_WALLET_KEY", "wallet")
     scale = Decimal(10) ** decimals
@@ -181,18 +193,6 @@ def register_cmd(
     name: Annotated[Optional[str], typer.Option(help="Agent name in the registration file.")] = None,
 ) -> None:
     """Register the running node as an ERC-8004 agent: registration file, node-key binding, agentWallet."""
-    from mesh402.economics.chain import web3_for
-    from mesh402.economics.erc8004 import (
-        IDENTITY_FILE,
-        REGISTRATION_FILE,
-        REGISTRATION_PATH,
-        register_node,
-        registration_document,
-        verify_binding,
-        write_json,
-    )
-    from mesh402.economics.networks import NAMED, erc8004_registries
-    from mesh402.mesh.identity import NodeIdentity
 
     h = resolve_home(home)
     base, headers, state = find_console(h)
@@ -273,9 +273,6 @@ def payout_cmd(
 
     from rich.markup import escape
 
-    from mesh402.economics.networks import NAMED
-    from mesh402.economics.payout import PayoutChain, PayoutError, pay_epoch
-    from mesh402.work.receipts import epoch_of
 
     h = resolve_home(home)
     if not (h / "receipts.sqlite").exists():
@@ -334,7 +331,6 @@ def _run_validation_round(home: Path, epoch: int) -> None:
 
 
 def _registry_address(explicit: Optional[str], name: str, network: Optional[str], dep: Any, *, fail: bool = True) -> str:
-    from mesh402.economics.networks import erc8004_registries
     try:
         return explicit or erc8004_registries(network, dep)[name]
     except ValueError as e:

@@ -22,6 +22,8 @@ from mesh402.cli.common import (
     read_token_file,
 )
 from mesh402.cli.options import NostrRelayOpt
+from mesh402.discovery.listing import by_mesh, matches
+from mesh402.mesh.invite import parse_duration
 
 if TYPE_CHECKING:
     pass
@@ -39,7 +41,6 @@ def invite_cmd(
     """Mint an invite token from the running node (printed alone on stdout), or revoke one."""
     import httpx
 
-    from mesh402.mesh.invite import parse_duration
 
     base, headers, _ = find_console(home)
     if revoke is not None:
@@ -85,7 +86,6 @@ def discover_cmd(
     """List the meshes published on Nostr, or announced on the LAN (open ones carry an invite)."""
     from dataclasses import asdict
 
-    from mesh402.discovery.listing import by_mesh, matches
 
     try:
         if lan:

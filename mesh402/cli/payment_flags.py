@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mesh402.economics.networks import Deployment, resolve_asset
+from mesh402.economics.evm import account_of
+from mesh402.economics.networks import (
+    NAMED,
+    Deployment,
+    erc8004_registries,
+    resolve_asset,
+)
+from mesh402.home import read_secret_file
 from mesh402.settings import PaymentsConfig, TrustConfig
 
 DEFAULT_TOPUP = "0.10"  # metered mode: smallest credit purchase, in token units
@@ -48,8 +55,6 @@ def trust_config(*, network: str | None, deployment: Path | None, owner_key_file
     Without --deployment/--network and a key, the node takes no part on chain (it can still be audited)."""
     import os
 
-    from mesh402.economics.networks import NAMED, erc8004_registries
-    from mesh402.home import read_secret_file
     if not 0.0 <= audit_rate <= 1.0:
         raise ValueError("--audit-rate must be between 0 and 1")
     key = read_secret_file(owner_key_file) if owner_key_file else (os.environ.get("MESH402_OWNER_KEY", "").strip() or None)
@@ -72,8 +77,6 @@ def auto_payout_config(payments: PaymentsConfig, trust: TrustConfig, *, payout_k
     file or MESH402_PAYOUT_KEY. Paying needs the chain and registries (trust) and the EpochRewards contract."""
     import os
 
-    from mesh402.economics.evm import account_of
-    from mesh402.home import read_secret_file
     key = read_secret_file(payout_key_file) if payout_key_file else (os.environ.get("MESH402_PAYOUT_KEY", "").strip() or None)
     if key is None or (payout_key_file is None and not payments.enabled):
         return payments  # the env var alone does not complain on a free node

@@ -42,7 +42,14 @@ from mesh402.cli.options import (
     RelayOpt,
 )
 from mesh402.home import read_secret_file, resolve_home
+from mesh402.mesh import invite
+from mesh402.mesh.invite import InviteError
+from mesh402.mesh.membership import Membership
+from mesh402.mesh.service import JoinError
 from mesh402.models.catalog import BUNDLED_MODEL_ID, ModelNotFound, resolve_model
+from mesh402.node.mesh_runtime import ConsoleError
+from mesh402.node.node import Node
+from mesh402.node.startup import StartupError, preflight
 from mesh402.settings import (
     DEFAULT_API_PORT,
     DEFAULT_CONSOLE_PORT,
@@ -166,7 +173,6 @@ def serve(
     if config.port != port:
         err.print(f"API port {port} is busy; using {config.port}", highlight=False)
         port = config.port
-    from mesh402.node.node import Node
 
     node = Node(config, sources, home_lock=lock)
     node.on_mesh_ready = print_ready
@@ -206,8 +212,6 @@ def client_cmd(
     """Join a mesh as an API-only node that serves no model (--join TOKEN, or --auto to find one)."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from mesh402.home import resolve_home
-    from mesh402.settings import NodeConfig
 
     h = resolve_home(home)
     settings = settings_from_flags(home=h, kind="client", join=join, join_file=join_file, relay=relay,
@@ -218,7 +222,6 @@ def client_cmd(
                                    mesh_name=mesh_name, discover_lan=discover_lan)
     config = NodeConfig(home=h, models=[], host="127.0.0.1", port=port, mesh=settings)
     lock = preflight_or_fail(config, [])
-    from mesh402.node.node import Node
 
     node = Node(config, [], home_lock=lock)
     node.on_mesh_ready = print_ready
@@ -255,8 +258,6 @@ def settings_from_flags(
     discover_lan: bool = False,
 ) -> MeshSettings:
     """Validate mesh flags; a bad token or flag exits with one line."""
-    from mesh402.mesh import invite
-    from mesh402.mesh.membership import Membership
 
     tokens = list(join or [])
     if join_file is not None:
@@ -325,9 +326,6 @@ def settings_from_flags(
 
 
 def mesh_errors() -> tuple[type[BaseException], ...]:
-    from mesh402.mesh.invite import InviteError
-    from mesh402.mesh.service import JoinError
-    from mesh402.node.mesh_runtime import ConsoleError
 
     return (InviteError, JoinError, ConsoleError)
 
@@ -335,7 +333,6 @@ def mesh_errors() -> tuple[type[BaseException], ...]:
 def preflight_or_fail(config: NodeConfig, sources: list[ModelSource], *, search_api_port: bool = False) -> HomeLock:
     """startup.preflight (home lock, keys, models, ports), or one line and exit 2: a node that cannot
     start says so before it announces itself anywhere or prints a token."""
-    from mesh402.node.startup import StartupError, preflight
 
     try:
         return preflight(config, sources, search_api_port=search_api_port)

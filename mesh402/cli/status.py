@@ -11,7 +11,11 @@ import typer
 from rich.table import Table
 
 from mesh402.cli.common import HomeOpt, console, console_get, find_console, fmt_bytes
+from mesh402.economics.chain import web3_for
+from mesh402.economics.erc8004 import ANNOUNCE_LABEL, check_peer_claim, parse_label
+from mesh402.economics.ledger import Ledger
 from mesh402.home import resolve_home
+from mesh402.work.store import ReceiptStore
 
 if TYPE_CHECKING:
     pass
@@ -153,7 +157,6 @@ def payments_status_lines(home: Path, status: Optional[dict[str, Any]] = None) -
     path = home / "payments.sqlite"
     if not path.exists():
         return ["payments: none (free node, or no paid request yet)"] + identity_status_lines(home, status)
-    from mesh402.economics.ledger import Ledger
     s = Ledger(path).summary()
     fmt = lambda a: f"{a / 1e6:.6f}"  # noqa: E731
     return [f"payments: {s['settled_payments']} settled, revenue {fmt(s['revenue'])} USDC "
@@ -167,7 +170,6 @@ def earnings_status_lines(home: Path, *, last_epochs: int = 3) -> list[str]:
     path = home / "receipts.sqlite"
     if not path.exists():
         return []
-    from mesh402.work.receipts import ReceiptStore
     st = ReceiptStore(path)
     try:
         rows = st.earnings()
@@ -194,7 +196,6 @@ def _status_w3(info: dict[str, Any] | None, timeout: float) -> Any:
     rpc = os.environ.get("MESH402_RPC_URL") or (info or {}).get("rpcUrl")
     if not rpc:
         return None
-    from mesh402.economics.chain import web3_for
     return web3_for(rpc, timeout=timeout)
 
 
@@ -204,7 +205,6 @@ def identity_status_lines(home: Path, status: Optional[dict[str, Any]] = None, *
     unless the node-key binding verifies."""
     import json as _json
 
-    from mesh402.economics.erc8004 import ANNOUNCE_LABEL, check_peer_claim, parse_label
     try:
         info = _json.loads((home / "erc8004.json").read_text())
     except (OSError, ValueError):

@@ -18,7 +18,15 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
-from mesh402.discovery.listing import MeshListing, ScoredMesh, Seeker, choose_mesh, merge_target, named_mesh_id
+from mesh402.discovery.lan import txt_for
+from mesh402.discovery.listing import (
+    MeshListing,
+    ScoredMesh,
+    Seeker,
+    choose_mesh,
+    merge_target,
+    named_mesh_id,
+)
 from mesh402.discovery.nostr import NostrDirectory, load_or_create_keys
 from mesh402.mesh.proto import mesh_pb2 as pb
 from mesh402.mesh.service import MeshService
@@ -127,7 +135,10 @@ class Discovery:
                 self.last_error = f"LAN browse failed: {e}"
                 log.warning("%s", self.last_error)
         if self.settings.discover_registry:  # ERC-8004: registered nodes whose node binding verifies
-            from mesh402.discovery.registry import registry_listings, resolve_registry_source
+            from mesh402.discovery.registry import (
+                registry_listings,
+                resolve_registry_source,
+            )
 
             try:
                 rpc, registry = resolve_registry_source(self.settings.discover_registry)
@@ -197,7 +208,6 @@ class Discovery:
                 await asyncio.wait_for(self._kick.wait(), min(1.0, self.settings.nostr_refresh))
 
     async def _announce_lan(self) -> None:
-        from mesh402.discovery.lan import txt_for
 
         mesh = self.rt.mesh
         lst = self.listing()

@@ -17,6 +17,8 @@ import socket
 from typing import Any, Optional
 
 from mesh402.discovery.listing import MeshListing
+from mesh402.mesh import invite
+from mesh402.mesh.proto import mesh_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +45,6 @@ def txt_for(listing: MeshListing, node_id: str, addrs: list[str], token: str) ->
 
 def listing_from_txt(props: dict[str, str], now: float) -> Optional[MeshListing]:
     """A LAN listing; an open mesh gets an invite minted here (open meshes need no credential)."""
-    from mesh402.mesh import invite
-    from mesh402.mesh.proto import mesh_pb2 as pb
 
     mesh_id, node = props.get("mesh_id", ""), props.get("node", "")
     if not mesh_id or len(node) != 64:

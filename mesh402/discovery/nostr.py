@@ -16,7 +16,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Iterable
 
-from mesh402.discovery.listing import LISTING_D_TAG, LISTING_K_TAG, LISTING_KIND, MeshListing, newest_per_author
+from mesh402.discovery.listing import (
+    LISTING_D_TAG,
+    LISTING_K_TAG,
+    LISTING_KIND,
+    MeshListing,
+    newest_per_author,
+)
 from mesh402.mesh.identity import write_private
 
 log = logging.getLogger(__name__)

@@ -15,13 +15,15 @@ from typing import Any
 
 from mesh402.discovery.auto import mesh_view
 from mesh402.discovery.listing import MeshListing
+from mesh402.economics.chain import web3_for
 from mesh402.economics.erc8004 import registered_agents
+from mesh402.economics.networks import NAMED, Deployment, erc8004_registries
 from mesh402.mesh.proto import mesh_pb2 as pb
+
 
 def resolve_registry_source(spec: str) -> tuple[str, str]:
     """(RPC URL, IdentityRegistry address) from a `--discover-registry` value: a deployment.json (or its
     folder), a network name (base-sepolia, base: the canonical ERC-8004 registry), or RPC_URL,REGISTRY."""
-    from mesh402.economics.networks import NAMED, Deployment, erc8004_registries
 
     p = Path(spec).expanduser()
     if p.exists():
@@ -42,7 +44,6 @@ def registry_listings(rpc_url: str, registry: str, *, timeout: float = 5.0, excl
     (at its agentURI) names that same node, and whose listing was published by that node."""
     import httpx
 
-    from mesh402.economics.chain import web3_for
 
     w3 = web3_for(rpc_url, timeout=timeout)
     out = []

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from mesh402.economics.contracts import compile_contracts
-from mesh402.home import write_atomic, write_private
 from mesh402.economics.networks import DEPLOYMENT_FILE, Asset, Deployment
 from mesh402.economics.toolchain import ToolchainError, anvil_binary, ensure_tools
+from mesh402.home import write_atomic, write_private
 
 LOCAL_CHAIN_ID = 31337
 MULTICALL3_ADDRESS = "0xcA11bde05977b3631167028862bE2a173976CA11"

@@ -26,8 +26,13 @@ from typing import Any
 
 import httpx
 
-from mesh402.economics.charging import (BILLING_HEADER, CREDIT_HEADER, CREDIT_TOKEN_HEADER, IDEMPOTENCY_HEADER,
-                                   credit_claim_message)
+from mesh402.economics.charging import (
+    BILLING_HEADER,
+    CREDIT_HEADER,
+    CREDIT_TOKEN_HEADER,
+    IDEMPOTENCY_HEADER,
+    credit_claim_message,
+)
 
 
 class SpendCapExceeded(RuntimeError):
@@ -96,7 +101,10 @@ class PayingClient:
         return out
 
     async def _sign(self, resp: httpx.Response) -> tuple[str, int]:
-        from x402.http.utils import decode_payment_required_header, encode_payment_signature_header
+        from x402.http.utils import (
+            decode_payment_required_header,
+            encode_payment_signature_header,
+        )
         from x402.schemas import NoMatchingRequirementsError
 
         header = resp.headers.get("PAYMENT-REQUIRED")

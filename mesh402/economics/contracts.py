@@ -15,8 +15,15 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any
 
+from mesh402.economics.toolchain import (
+    CACHE_DIR,
+    CONTRACTS_DIR,
+    NODE_MODULES,
+    ToolchainError,
+    ensure_tools,
+    node_binary,
+)
 from mesh402.home import write_atomic
-from mesh402.economics.toolchain import CACHE_DIR, CONTRACTS_DIR, NODE_MODULES, ToolchainError, ensure_tools, node_binary
 
 SETTINGS: dict[str, Any] = {
     "optimizer": {"enabled": True, "runs": 200},

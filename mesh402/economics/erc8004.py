@@ -19,6 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mesh402.economics.chain import contract_at
+from mesh402.economics.evm import account_of, send_tx
+from mesh402.mesh.identity import NODE_ID_LEN, SIGNATURE_LEN, verify
+
 REGISTRATION_PATH = "/.well-known/agent-registration.json"  # where a node's API serves its registration file
 REGISTRATION_FILE = "agent-registration.json"  # in the node's home, written by `mesh402 register`
 
@@ -29,7 +33,6 @@ WALLET_DOMAIN = ("ERC8004IdentityRegistry", "1")
 
 
 def identity_contract(w3: Any, address: str) -> Any:
-    from mesh402.economics.chain import contract_at
     return contract_at(w3, "IdentityRegistry", address)
 
 
@@ -53,7 +56,6 @@ def make_binding(identity: Any, chain_id: int, registry: str, agent_id: int, own
 def check_binding(value: bytes, chain_id: int, registry: str, agent_id: int, owner: str,
                   node_id: bytes | None = None) -> bytes | None:
     """The node id a binding value proves for this agent, or None if it does not verify."""
-    from mesh402.mesh.identity import NODE_ID_LEN, SIGNATURE_LEN, verify
     value = bytes(value or b"")
     if len(value) != NODE_ID_LEN + SIGNATURE_LEN:
         return None
@@ -149,7 +151,6 @@ def register_node(w3: Any, owner_key: str, registry: str, agent_uri: str, node_i
     registration is one transaction, plus one for setAgentWallet when the wallet is not the owner."""
     from web3.logs import DISCARD
 
-    from mesh402.economics.evm import account_of, send_tx
     reg = identity_contract(w3, registry)
     owner = account_of(owner_key).address
     chain_id = w3.eth.chain_id
@@ -203,7 +204,6 @@ class AgentInfo:
 
 def read_agent(w3: Any, registry: str, agent_id: int) -> AgentInfo:
     """An agent's owner, URI and node binding (verified against the chain, never trusted unverified)."""
-    from mesh402.mesh.identity import NODE_ID_LEN
     reg = identity_contract(w3, registry)
     owner = reg.functions.ownerOf(int(agent_id)).call()
     uri = reg.functions.tokenURI(int(agent_id)).call()

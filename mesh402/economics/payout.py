@@ -14,9 +14,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from mesh402.economics.chain import web3_for
+from mesh402.economics.erc8004 import identity_contract, registered_agents
 from mesh402.economics.evm import tx_hex
-from mesh402.economics.rewards import EpochPayout
+from mesh402.economics.rewards import (
+    EpochPayout,
+    EpochPublished,
+    claim,
+    epoch_revenue,
+    plan_epoch,
+    publish_epoch,
+    publish_tx,
+    unclaimed,
+    withhold,
+)
+from mesh402.economics.validation_registry import (
+    RegistryError,
+    payout_condition,
+    post_feedback,
+    spot_check_failed,
+    validation_status,
+)
 from mesh402.home import Home, HomeBusy
+from mesh402.mesh.identity import KEY_FILE, NodeIdentity
+from mesh402.work.store import ReceiptStore
 
 PAYOUT_LOCK = "payout.lock"  # held while an epoch is paid from this home
 
@@ -96,10 +117,6 @@ def pay_epoch(home: Path, epoch: int, chain: PayoutChain, *, key: str | None, ep
 def _pay_epoch(home: Path, epoch: int, chain: PayoutChain, *, key: str | None, epoch_s: int, push: bool,
                require_validation: bool, dry_run: bool, validate: Callable[[int], Any] | None, log: Log, warn: Log,
                w3: Any) -> PayoutResult:
-    from mesh402.economics.chain import web3_for
-    from mesh402.work.receipts import ReceiptStore
-    from mesh402.economics.rewards import (EpochPublished, claim, epoch_revenue, plan_epoch, publish_epoch,
-                                           publish_tx, unclaimed)
 
     w3 = w3 or web3_for(chain.rpc_url)
     store = ReceiptStore(home / "receipts.sqlite")  # its own connection: the node's is used on the event loop
@@ -162,7 +179,6 @@ def _pay_epoch(home: Path, epoch: int, chain: PayoutChain, *, key: str | None, e
 
 def _payout_accounts(w3: Any, identity_registry: str) -> dict[str, str]:
     """node id -> the agentWallet of its ERC-8004 agent whose node binding verifies."""
-    from mesh402.economics.erc8004 import identity_contract, registered_agents
     accounts: dict[str, str] = {}
     ident = identity_contract(w3, identity_registry)
     for info in registered_agents(w3, ident.address):
@@ -187,7 +203,6 @@ def _entry_node(home: Path, store: Any, epoch: int) -> str:
     """This entry's own node id: its node key, else the node that ran stage 0 of most of the epoch's requests."""
     from collections import Counter
 
-    from mesh402.mesh.identity import KEY_FILE, NodeIdentity
     if (home / KEY_FILE).exists():
         return NodeIdentity.load_or_create(home).node_id_hex
     firsts = Counter(r.node_id for r in store.epoch_receipts(epoch) if r.stage == 0)
@@ -197,8 +212,6 @@ def _entry_node(home: Path, store: Any, epoch: int) -> str:
 def _gate_on_validation(w3: Any, validation_registry: str, store: Any, plan: EpochPayout, entry: str) -> dict[str, Any]:
     """Withhold every stage node without a passed spot check (validation.payout_condition); the nodes
     whose check failed, with their on-chain status."""
-    from mesh402.economics.rewards import withhold
-    from mesh402.economics.validation_registry import payout_condition, spot_check_failed, validation_status
     rows = store.validations(plan.epoch)
     statuses = {n: validation_status(w3, validation_registry, rows[n]["request_hash"]) if n in rows else None
                 for n in plan.units if n != entry}
@@ -225,7 +238,6 @@ def _feedback_for_failures(w3: Any, key: str, reputation: str, store: Any, epoch
                            log: Log, warn: Log) -> None:
     """Post ReputationRegistry feedback 0 ("mesh402"/"spot-check-failed") for each failed node, once per
     (epoch, node): the tx is recorded in the validations row's verdict, so a rerun does not post again."""
-    from mesh402.economics.validation_registry import RegistryError, post_feedback
     rows = store.validations(epoch)
     for node, st in sorted(failed.items()):
         row = rows[node]

@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mesh402.economics.chain import contract_at
+from mesh402.economics.evm import account_of, send_tx, tx_hex
+from mesh402.work.units import split_pro_rata
+
 
 def _keccak(data: bytes) -> bytes:
     from eth_utils import keccak
@@ -98,7 +102,6 @@ def plan_epoch(store: Any, epoch: int, flops: Any, accounts: dict[str, str], *, 
     """Split the epoch's revenue (default: what the receipts store recorded) among the nodes in its receipts
     by work units. Nodes with no payout account (no verified ERC-8004 agent wallet) keep their share in
     `amounts` but get no leaf; their share stays with the entry node until they register."""
-    from mesh402.work.units import split_pro_rata
     units = store.work_units(epoch, flops)
     revenue = store.revenue(epoch) if revenue is None else int(revenue)
     return EpochPayout(epoch, revenue, units, split_pro_rata(revenue, units),
@@ -126,8 +129,6 @@ class EpochPublished(RuntimeError):
 
 def epoch_tree(w3: Any, key: str, rewards_address: str, plan: EpochPayout) -> PayoutTree:
     """The Merkle tree the wallet of `key` publishes for `plan` (amounts summed per payout account)."""
-    from mesh402.economics.chain import contract_at
-    from mesh402.economics.evm import account_of
     rw = contract_at(w3, "EpochRewards", rewards_address)
     by_account: dict[str, int] = {}
     for node, amount in plan.amounts.items():
@@ -139,8 +140,6 @@ def epoch_tree(w3: Any, key: str, rewards_address: str, plan: EpochPayout) -> Pa
 
 def publish_epoch(w3: Any, key: str, rewards_address: str, plan: EpochPayout) -> EpochPayout:
     """Fund and publish the epoch's Merkle root in EpochRewards (approve + publish, from the entry node's key)."""
-    from mesh402.economics.chain import contract_at
-    from mesh402.economics.evm import account_of, send_tx, tx_hex
     rw = contract_at(w3, "EpochRewards", rewards_address)
     token = contract_at(w3, "MeshUSDC", rw.functions.token().call())
     tree = epoch_tree(w3, key, rewards_address, plan)
@@ -155,8 +154,6 @@ def publish_epoch(w3: Any, key: str, rewards_address: str, plan: EpochPayout) ->
 
 def publish_tx(w3: Any, rewards_address: str, epoch_id: int) -> str | None:
     """The transaction that published an epoch (its EpochPublished event), None if not found."""
-    from mesh402.economics.chain import contract_at
-    from mesh402.economics.evm import tx_hex
     rw = contract_at(w3, "EpochRewards", rewards_address)
     logs = rw.events.EpochPublished().get_logs(from_block=0, argument_filters={"epochId": epoch_id})
     return tx_hex(logs[-1]["transactionHash"]) if logs else None
@@ -164,7 +161,6 @@ def publish_tx(w3: Any, rewards_address: str, epoch_id: int) -> str | None:
 
 def unclaimed(w3: Any, rewards_address: str, tree: PayoutTree) -> list[str]:
     """The tree's accounts that have not claimed yet."""
-    from mesh402.economics.chain import contract_at
     rw = contract_at(w3, "EpochRewards", rewards_address)
     return [a for a in tree.amounts if not rw.functions.isClaimed(tree.epoch_id, a).call()]
 
@@ -173,8 +169,6 @@ def claim(w3: Any, key: str, rewards_address: str, tree: PayoutTree, account: st
     """Claim `account`'s payout from a published tree (any key may send it; the tokens go to `account`)."""
     from eth_utils import to_checksum_address
 
-    from mesh402.economics.chain import contract_at
-    from mesh402.economics.evm import send_tx
     a = to_checksum_address(account)
     rw = contract_at(w3, "EpochRewards", rewards_address)
     return send_tx(w3, key, rw.functions.claim(tree.epoch_id, a, tree.amounts[a], tree.proofs[a]))

@@ -14,9 +14,12 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
-from mesh402.economics.charging import CREDIT_HEADER, CREDIT_TOKEN_HEADER, IDEMPOTENCY_HEADER, HostOffer
+from mesh402.economics.charging import (
+    CREDIT_HEADER,
+    CREDIT_TOKEN_HEADER,
+    IDEMPOTENCY_HEADER,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +89,10 @@ class UpstreamBuyer:
             self.credit[host] = token
 
     async def _pay(self, headers: dict[str, str], cap: int) -> tuple[str, int]:
-        from x402.http.utils import decode_payment_required_header, encode_payment_signature_header
+        from x402.http.utils import (
+            decode_payment_required_header,
+            encode_payment_signature_header,
+        )
 
         raw = headers.get("payment-required")
         if not raw:

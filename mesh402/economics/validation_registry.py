@@ -8,11 +8,13 @@ validator answers 0..100, and `mesh402 payout` pays the node only when the answe
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mesh402.economics.chain import contract_at, web3_for
+from mesh402.economics.erc8004 import registered_agents
+from mesh402.economics.evm import account_of, revert_reason, send_tx, tx_hex
 from mesh402.work.evidence import PASS_SCORE, statement  # noqa: F401  (statement: re-exported for callers)
 
 SPOT_CHECK_TAG = "mesh402-spot-check"
@@ -48,7 +50,6 @@ def agent_of_node(w3: Any, identity_registry: str, node_id_hex: str, *, agents: 
     """The agent whose node binding verifies for this node (the newest, if several), or None.
 
     Pass `agents` (identity.registered_agents) to look up many nodes with one scan of the registry."""
-    from mesh402.economics.erc8004 import registered_agents
     if agents is None:
         agents = registered_agents(w3, w3.to_checksum_address(identity_registry))
     ids = [a.agent_id for a in agents if a.node_id == node_id_hex.lower()]
@@ -73,7 +74,6 @@ def _send(w3: Any, key: str, fn: Any, **ctx: Any) -> Any:
     """send_tx, with a contract refusal turned into a RegistryError that says why."""
     from web3.exceptions import ContractLogicError
 
-    from mesh402.economics.evm import account_of, revert_reason, send_tx
     try:
         return send_tx(w3, key, fn)
     except ContractLogicError as e:
@@ -83,7 +83,6 @@ def _send(w3: Any, key: str, fn: Any, **ctx: Any) -> Any:
 
 
 def _validation(w3: Any, address: str) -> Any:
-    from mesh402.economics.chain import contract_at
     return contract_at(w3, "ValidationRegistry", address)
 
 
@@ -109,7 +108,6 @@ def post_feedback(w3: Any, client_key: str, reputation_registry: str, agent_id: 
                   tag1: str = FEEDBACK_TAGS[0], tag2: str = FEEDBACK_TAGS[1], *, value_decimals: int = 0,
                   endpoint: str = "", feedback_uri: str = "", feedback_hash: bytes | str | int = 0) -> Any:
     """ReputationRegistry.giveFeedback (value / 10^value_decimals) from a client key; the tx receipt."""
-    from mesh402.economics.chain import contract_at
     fn = contract_at(w3, "ReputationRegistry", reputation_registry).functions.giveFeedback(
         int(agent_id), int(value), int(value_decimals), tag1, tag2, endpoint, feedback_uri, _b32(feedback_hash))
     return _send(w3, client_key, fn, agent=int(agent_id))
@@ -200,8 +198,6 @@ class RegistryValidation:
     a thread)."""
 
     def __init__(self, rpc_url: str, owner_key: str, registries: Mapping[str, str]) -> None:
-        from mesh402.economics.chain import web3_for
-        from mesh402.economics.evm import account_of
 
         self.w3 = web3_for(rpc_url)
         self.key = owner_key
@@ -222,13 +218,11 @@ class RegistryValidation:
 
     def request(self, validator_address: str, agent_id: int, uri: str, request_hash: str) -> str:
         """Ask `validator_address` to validate; the transaction hash."""
-        from mesh402.economics.evm import tx_hex
         rc = request_validation(self.w3, self.key, self._registry("ValidationRegistry"), validator_address, agent_id,
                                 uri, request_hash)
         return tx_hex(rc["transactionHash"])
 
     def respond(self, request_hash: str, score: int, digest: bytes) -> str:
         """Answer a validation request naming this node; the transaction hash."""
-        from mesh402.economics.evm import tx_hex
         rc = respond_validation(self.w3, self.key, self._registry("ValidationRegistry"), request_hash, score, "", digest)
         return tx_hex(rc["transactionHash"])

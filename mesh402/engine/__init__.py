@@ -13,8 +13,8 @@ Pipeline stages: ``Stage.load(path, layers=(a, b), mode, device)``,
 No networking here.
 """
 
-from .errors import ContextTooLong, EngineError, EngineFull
 from .engine import Engine, ModelInfo, Session
+from .errors import ContextTooLong, EngineError, EngineFull
 from .kv import KVCache
 from .model import Stage
 

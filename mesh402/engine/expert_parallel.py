@@ -40,7 +40,6 @@ import torch
 from mesh402.engine.moe import ExpertBank
 from mesh402.engine.weights import WeightSource, open_source
 
-
 __all__ = ["ExpertNodeDown", "ExpertUnavailable", "ExpertShardWorker", "ExpertTransport", "LoopbackTransport",
            "SocketTransport", "serve_expert_shard",
            "RemoteExperts", "encode_request", "decode_request", "encode_reply", "decode_reply",

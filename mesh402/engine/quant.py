@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as GT
+from gguf.constants import GGML_QUANT_SIZES
+from gguf.constants import GGMLQuantizationType as GT
 
 __all__ = ["Workspace", "QWeight", "SUPPORTED_TYPES", "from_raw", "from_dense", "FastLinearWeight", "pack_fast"]
 

@@ -25,8 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import EngineError, EngineFull
+from mesh402.engine.sampling import Sampler, SamplingParams
+
 from .activations import WIRE_DTYPES, decode_activations, encode_activations
+from .errors import EngineError, EngineFull
 
 __all__ = ["TOLERANCE", "ReplayResult", "cpu_capability", "device_signature", "fingerprint", "replay"]
 
@@ -179,7 +181,6 @@ def token_problem(logits: torch.Tensor, token: int, sampling: dict, history: lis
     kernels: the (seed, position)-keyed draw reproduces it exactly. Otherwise an honest draw may differ
     only at a near-tie (greedy) or by the RNG landing on a neighbour of the candidate set (sampling), so
     a token is accepted when it is a near-tied best or a candidate of the draw."""
-    from mesh402.engine.sampling import Sampler, SamplingParams
     try:
         sampler = Sampler(SamplingParams(**sampling))
         if sampler.sample(logits, history, len(history)) == token:

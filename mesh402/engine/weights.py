@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 
-
 from mesh402.models.gguf_meta import GGUFMeta, TensorInfo, read_gguf_meta
 
 from .quant import QWeight, from_dense, from_raw

@@ -12,9 +12,10 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from iroh import EndpointId, SecretKey, Signature
+
 from mesh402.home import write_private
 from mesh402.mesh import iroh_fastcopy  # noqa: F401
-from iroh import EndpointId, SecretKey, Signature
 
 KEY_FILE = "node.key"
 NODE_ID_LEN = 32

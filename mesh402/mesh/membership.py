@@ -14,7 +14,12 @@ from pathlib import Path
 from typing import Optional
 
 from mesh402.mesh.identity import ensure_home, write_private
-from mesh402.mesh.invite import POLICY_BY_NAME, POLICY_NAMES, new_mesh_id, new_mesh_secret
+from mesh402.mesh.invite import (
+    POLICY_BY_NAME,
+    POLICY_NAMES,
+    new_mesh_id,
+    new_mesh_secret,
+)
 from mesh402.mesh.proto import mesh_pb2 as pb
 
 MESH_FILE = "mesh.json"

@@ -40,19 +40,26 @@ import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Optional
 
-from mesh402.mesh import ALPN, iroh_fastcopy  # noqa: F401
-from mesh402.mesh import framing, invite, spent
+from iroh import Endpoint, EndpointAddr, EndpointOptions, RelayMode, preset_minimal
+
+from mesh402.mesh import ALPN, framing, invite, iroh_fastcopy, spent  # noqa: F401
 from mesh402.mesh.config import MeshConfig
-from mesh402.mesh.framing import FrameError, FramedStream, StreamType, make_frame
+from mesh402.mesh.framing import FramedStream, FrameError, StreamType, make_frame
+from mesh402.mesh.gossip import (
+    AnnouncementError,
+    GossipState,
+    Outcome,
+    digest_of,
+    open_announcement,
+    sign_announcement,
+)
 from mesh402.mesh.hardware import default_hardware
-from mesh402.mesh.gossip import GossipState, Outcome, digest_of, open_announcement, AnnouncementError, sign_announcement
 from mesh402.mesh.identity import NodeIdentity, endpoint_id, ensure_home, short_id
 from mesh402.mesh.invite import InviteError
 from mesh402.mesh.liveness import LivenessTable, PeerState
 from mesh402.mesh.membership import Membership
 from mesh402.mesh.proto import mesh_pb2 as pb
-
-from iroh import Endpoint, EndpointAddr, EndpointOptions, RelayMode, preset_minimal
+from mesh402.mesh.render import announcement_to_dict
 
 log = logging.getLogger("mesh402.mesh")
 
@@ -1384,7 +1391,6 @@ class MeshService:
         return dict(sorted(out.items()))
 
     def status(self) -> dict:
-        from mesh402.mesh.render import announcement_to_dict
 
         peers = []
         now_mono = self.clock.monotonic()

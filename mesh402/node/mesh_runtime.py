@@ -17,18 +17,22 @@ import secrets
 import signal
 import socket
 import sys
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import uvicorn
 
 from mesh402 import __version__
+from mesh402.api.management import earnings, validation
+from mesh402.api.management.app import create_management_app
+from mesh402.api.router import MODEL_LABEL
 from mesh402.mesh.config import MeshConfig, MeshTimers
 from mesh402.mesh.hardware import default_hardware
 from mesh402.mesh.identity import write_private
 from mesh402.mesh.proto import mesh_pb2 as pb
 from mesh402.mesh.service import MeshService
+from mesh402.models.profile import model_profile
 from mesh402.settings import MeshSettings
 
 if TYPE_CHECKING:
@@ -250,8 +254,6 @@ class MeshRuntime:
         return sock
 
     async def _start_console(self) -> None:
-        from mesh402.api.management import earnings, validation
-        from mesh402.api.management.app import create_management_app
 
         s = self.settings
         token = s.console_token
@@ -406,8 +408,6 @@ class MeshRuntime:
 
     def _model_labels(self) -> dict[str, str]:
         """The announcement's labels plus model:<id> routing facts (metadata, observed speed)."""
-        from mesh402.api.router import MODEL_LABEL
-        from mesh402.models.profile import model_profile
 
         labels = {k: v for k, v in self.mesh.local.labels.items() if not k.startswith(MODEL_LABEL)}
         router = self.node.edge.router

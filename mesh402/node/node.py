@@ -14,11 +14,18 @@ import uvicorn
 
 from mesh402 import __version__
 from mesh402.api.openai import create_app, edge_of
-from mesh402.settings import NodeConfig
+from mesh402.api.tunnel import TunnelLimits, make_handler
+from mesh402.discovery.registry import live_listing
+from mesh402.economics.validation_registry import RegistryValidation
 from mesh402.home import Home, HomeLock
+from mesh402.mesh.framing import StreamType
 from mesh402.models.catalog import ModelSource
+from mesh402.node.mesh_runtime import MeshRuntime
+from mesh402.node.payouts import entry_closer
+from mesh402.placement import node_capacity
 from mesh402.serving.generation import LocalModel
 from mesh402.serving.registry import ModelEntry, ModelRegistry
+from mesh402.settings import NodeConfig
 
 if TYPE_CHECKING:
     from mesh402.node.mesh_runtime import MeshRuntime
@@ -58,7 +65,6 @@ class Node:
         """This node's mesh as a discovery listing (served in its ERC-8004 registration file)."""
         if self.mesh_runtime is None or self.distributed is None:
             return None
-        from mesh402.discovery.registry import live_listing
 
         return live_listing(self.mesh_runtime.mesh)
 
@@ -132,7 +138,6 @@ class Node:
         """Join/create the mesh before the API starts; raises InviteError/JoinError/ConsoleError."""
         if self.config.mesh is None:
             return
-        from mesh402.node.mesh_runtime import MeshRuntime
 
         self.mesh_runtime = MeshRuntime(self, self.config.mesh, on_ready=self.on_mesh_ready)
         await self.mesh_runtime.start()
@@ -141,10 +146,8 @@ class Node:
         """In a mesh, what this node loads follows the plans (placement), not the command line alone."""
         # Import off the loop: heartbeats must keep flowing while a slow machine loads modules (torch).
         await asyncio.to_thread(_import_serving)
-        from mesh402.placement import node_capacity
-        from mesh402.serving.distributed import DistributedRuntime
-
         from mesh402.engine.runtime_env import detected_memory_bytes
+        from mesh402.serving.distributed import DistributedRuntime
 
         assert self.mesh_runtime is not None
         cfg = self.config
@@ -154,8 +157,6 @@ class Node:
                                               max_split_rtt_ms=cfg.max_split_rtt_ms, wire_dtype=cfg.wire_dtype,
                                               chain=self._validation_chain())
         self.edge.distributed = self.distributed
-        from mesh402.api.tunnel import TunnelLimits, make_handler
-        from mesh402.mesh.framing import StreamType
 
         # Tunnelled requests run through this node's own app in-process (never over a socket or a URL).
         self.mesh_runtime.mesh.register_handler(
@@ -168,7 +169,6 @@ class Node:
         trust = self.config.trust
         if not (trust.owner_key and trust.rpc_url):
             return None
-        from mesh402.economics.validation_registry import RegistryValidation
 
         return RegistryValidation(trust.rpc_url, trust.owner_key, trust.registries)
 
@@ -177,7 +177,6 @@ class Node:
         dist = self.distributed
         if dist is None or dist.receipts is None or not self.config.payments.auto_payout:
             return
-        from mesh402.node.payouts import entry_closer
 
         try:
             self.closer = entry_closer(dist, self.config)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
 
 from mesh402.clock import Clock, SystemClock
-from mesh402.economics.payout import AlreadyPaid, NoReceipts
+from mesh402.economics.payout import AlreadyPaid, NoReceipts, PayoutChain, pay_epoch
 
 if TYPE_CHECKING:
     from mesh402.serving.distributed import DistributedRuntime
@@ -114,7 +114,6 @@ def entry_closer(dist: "DistributedRuntime", cfg: "NodeConfig", *, clock: Clock 
                  report: Callable[[str], None] = functools.partial(print, flush=True)) -> EpochCloser:
     """The EpochCloser of a paid entry node with a payout key: pays from the pay-to wallet's key, on the
     chain and registries of the node's --deployment/--network, pushing every claim."""
-    from mesh402.economics.payout import PayoutChain, pay_epoch
     pay_cfg, trust = cfg.payments, cfg.trust
     if dist.receipts is None or not (pay_cfg.payout_key and trust.rpc_url and trust.registries and pay_cfg.rewards):
         raise ValueError("automatic payouts need a paid entry, a payout key, the chain's RPC URL and registries, "

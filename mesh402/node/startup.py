@@ -9,9 +9,11 @@ import socket
 import tempfile
 from pathlib import Path
 
-from mesh402.settings import NodeConfig
 from mesh402.home import Home, HomeBusy, HomeLock, read_secret_file
+from mesh402.mesh.identity import KEY_FILE, IdentityError, NodeIdentity
+from mesh402.mesh.membership import SECRET_FILE
 from mesh402.models.catalog import ModelNotFound, ModelSource, check_model_files
+from mesh402.settings import NodeConfig
 
 API_PORT_SEARCH = 50  # a discovered node on the default API port takes the next free one of these
 
@@ -54,8 +56,6 @@ def claim_home(path: Path) -> HomeLock:
 
 def check_keys(home: Path) -> None:
     """The node key and the mesh secret: private (0600) and readable; the node key valid (made if missing)."""
-    from mesh402.mesh.identity import KEY_FILE, IdentityError, NodeIdentity
-    from mesh402.mesh.membership import SECRET_FILE
 
     try:
         for name in (KEY_FILE, SECRET_FILE):

@@ -25,7 +25,14 @@ from mesh402.placement.pipeline import (
     replan,
     split_peers,
 )
-from mesh402.placement.plans import Accepted, PlanBook, Refused, RefusalReason, SessionPin, next_epoch
+from mesh402.placement.plans import (
+    Accepted,
+    PlanBook,
+    RefusalReason,
+    Refused,
+    SessionPin,
+    next_epoch,
+)
 from mesh402.placement.types import (
     ExpertId,
     ExpertLayout,

@@ -13,7 +13,11 @@ from collections.abc import Mapping
 
 from mesh402.placement.capacity import fits, usable_bytes
 from mesh402.placement.election import elect_host
-from mesh402.placement.pipeline import DEFAULT_MAX_SPLIT_RTT_MS, split_peers, standbys_for
+from mesh402.placement.pipeline import (
+    DEFAULT_MAX_SPLIT_RTT_MS,
+    split_peers,
+    standbys_for,
+)
 from mesh402.placement.types import (
     ExpertId,
     ExpertLayout,

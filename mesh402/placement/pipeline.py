@@ -17,7 +17,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import combinations, permutations
 
-from mesh402.placement.capacity import fits, fixed_stage_bytes, stage_bytes, usable_bytes
+from mesh402.placement.capacity import (
+    fits,
+    fixed_stage_bytes,
+    stage_bytes,
+    usable_bytes,
+)
 from mesh402.placement.election import elect_host, host_ranking
 from mesh402.placement.types import (
     MeshSnapshot,

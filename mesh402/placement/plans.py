@@ -17,7 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from mesh402.placement.types import ExpertPlan, ModelKey, NodeId, Plan, PlanLike, WaitingForCapacity
+from mesh402.placement.types import (
+    ExpertPlan,
+    ModelKey,
+    NodeId,
+    Plan,
+    PlanLike,
+    WaitingForCapacity,
+)
 
 __all__ = ["Accepted", "PlanBook", "Refused", "RefusalReason", "SessionPin", "next_epoch"]
 

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Union
 
+from mesh402.placement.capacity import shared_machine_capacities, stage_bytes
+
 if TYPE_CHECKING:
     from mesh402.models.gguf_meta import GGUFMeta
 
@@ -131,7 +133,6 @@ class MeshSnapshot:
             if n.node_id in by_id:
                 raise ValueError(f"duplicate node id {n.node_id!r} in snapshot")
             by_id[n.node_id] = n
-        from mesh402.placement.capacity import shared_machine_capacities
 
         object.__setattr__(self, "nodes", ordered)
         object.__setattr__(self, "_by_id", by_id)
@@ -257,7 +258,6 @@ class ModelLayout:
     @property
     def total_bytes(self) -> int:
         """Bytes of the whole model on one node (a tied embedding counted once)."""
-        from mesh402.placement.capacity import stage_bytes
 
         return stage_bytes(self, 0, self.n_layers)
 

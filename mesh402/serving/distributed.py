@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from mesh402.engine.expert_parallel import RemoteExperts, owners_from_plan
 from mesh402.mesh.framing import FramedStream, StreamType
-from mesh402.mesh.service import PeerUnavailable
 from mesh402.mesh.proto import mesh_pb2 as pb
+from mesh402.mesh.service import PeerUnavailable
 from mesh402.placement import (
     ExpertPlan,
     MeshSnapshot,
@@ -36,17 +37,15 @@ from mesh402.placement import (
     plan_model,
     stage_bytes,
 )
+from mesh402.serving.expert_receipts import ExpertAccounts, ExpertHostReceipts
+from mesh402.serving.experts import ExpertService, MeshExpertTransport
 from mesh402.serving.generation import LocalModel
 from mesh402.serving.pipeline import Chain, Failover, PipelineModel, StepTimer
-from mesh402.serving.registry import ModelEntry
-from mesh402.serving.stage_link import K, Hop, StageError, expect_stage, stage_frame
-from mesh402.serving.expert_receipts import ExpertAccounts, ExpertHostReceipts
-from mesh402.engine.expert_parallel import RemoteExperts, owners_from_plan
-from mesh402.serving.experts import ExpertService, MeshExpertTransport
+from mesh402.serving.registry import ModelEntry, ModelRegistry
+from mesh402.serving.stage_link import Hop, K, StageError, expect_stage, stage_frame
 from mesh402.serving.stage_worker import StageWorker
 from mesh402.serving.verification import TrustServices, ValidationChain
 from mesh402.settings import NodeConfig
-from mesh402.serving.registry import ModelRegistry
 
 if TYPE_CHECKING:
     from mesh402.mesh.service import MeshService
@@ -136,8 +135,8 @@ class DistributedRuntime(Failover):
         self.receipts = None  # work.receipts.EntryReceipts: a paid entry keeps the stages' receipts
         self.auditor = None  # work.evidence.Auditor: which paid requests the stages must reveal
         if node.config.payments.enabled:
-            from mesh402.work.receipts import EntryReceipts
             from mesh402.work.evidence import Auditor
+            from mesh402.work.store import EntryReceipts
             self.receipts = EntryReceipts(node.config.home, node.config.payments.epoch_s)
             self.auditor = Auditor(node.config.trust.audit_rate, node.config.payments.epoch_s)
         self.trust = TrustServices(self.me, chain, self.executor, self._load_range, self._connect, self._peer_labels,

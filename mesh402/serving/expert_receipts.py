@@ -31,9 +31,9 @@ from mesh402.work.receipts import (
     StageTally,
     expert_receipt_errors,
     flat_rows,
-    kept,
     sign_expert_receipt,
 )
+from mesh402.work.store import kept
 
 log = logging.getLogger(__name__)
 

@@ -8,11 +8,24 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from mesh402.engine.expert_parallel import ExpertNodeDown, ExpertShardWorker, _WireCounters
+from mesh402.engine.expert_parallel import (
+    ExpertNodeDown,
+    ExpertShardWorker,
+    _WireCounters,
+)
+from mesh402.serving.stage_link import (
+    K,
+    StageError,
+    error_frame,
+    expect_stage,
+    stage_body,
+    stage_frame,
+)
+from mesh402.work.receipts import ExpertReceipt
 
 if TYPE_CHECKING:
-    from mesh402.work.receipts import ExpertReceipt
     from mesh402.serving.expert_receipts import ExpertAccounts
+    from mesh402.work.receipts import ExpertReceipt
 
 # ---------------------------------------------------------------------------
 # over the mesh (EXPERT streams; frames are StageFrames of the EXPERT_* kinds)
@@ -55,7 +68,6 @@ class MeshExpertTransport(_WireCounters):
         return reply
 
     async def _call(self, node: str, payload: bytes, request_id: str = "") -> bytes:
-        from mesh402.serving.stage_link import K
 
         sf = await self._exchange(node, K.STAGE_KIND_EXPERT_RUN, K.STAGE_KIND_EXPERT_RESULT,
                                   request_id=request_id, activations=payload)
@@ -65,8 +77,6 @@ class MeshExpertTransport(_WireCounters):
         """The node's signed receipt for its work on ``request_id`` (EXPERT_RECEIPT on the same stream)."""
         import json
 
-        from mesh402.work.receipts import ExpertReceipt
-        from mesh402.serving.stage_link import K
 
         sf = await self._exchange(node, K.STAGE_KIND_EXPERT_RECEIPT, K.STAGE_KIND_RESULT, request_id=request_id,
                                   params={"stage": str(int(stage))})
@@ -76,9 +86,7 @@ class MeshExpertTransport(_WireCounters):
         """One frame out and its answer on the node's persistent stream (a broken stream is reopened next time)."""
         import asyncio
 
-        from mesh402.serving.stage_link import expect_stage, stage_frame
 
-        from mesh402.serving.stage_link import StageError
 
         lock = self._locks.setdefault(node, asyncio.Lock())
         async with lock:
@@ -135,7 +143,6 @@ class ExpertService:
         import asyncio
         import json
 
-        from mesh402.serving.stage_link import K, StageError, error_frame, stage_body, stage_frame
 
         loop = asyncio.get_running_loop()
         while True:
@@ -203,7 +210,6 @@ class ExpertService:
     def _receipt_frame(self, host: str, sf):
         import json
 
-        from mesh402.serving.stage_link import K, StageError, stage_frame
 
         got = self.accounts.receipt(host, sf.request_id, int(sf.params.get("stage", "1"))) if self.accounts else None
         if got is None:

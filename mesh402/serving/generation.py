@@ -12,12 +12,13 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from mesh402.serving.stops import StopMatcher
+from mesh402.work.store import kept
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,9 @@ class LocalModel:
         self.receipts = receipts
         self.step_hook = step_hook
         if prefix_cache == "default":  # KV prefix reuse (mesh402.engine.prefix); None turns it off
-            from mesh402.engine.prefix import PrefixCache  # the engine is loaded: torch is already in
+            from mesh402.engine.prefix import (
+                PrefixCache,  # the engine is loaded: torch is already in
+            )
 
             prefix_cache = PrefixCache(int(getattr(engine, "prefill_chunk", 32)))
         self.prefix_cache = prefix_cache
@@ -145,7 +148,9 @@ class LocalModel:
 
 class LocalStepper:
     def __init__(self, session: Any, sampling: Any, executor: ThreadPoolExecutor, prefix_cache: Any = None) -> None:
-        from mesh402.engine.sampling import Sampler  # lazy: the API process path imports no torch
+        from mesh402.engine.sampling import (
+            Sampler,  # lazy: the API process path imports no torch
+        )
 
         self.session = session
         self.sampler = Sampler(sampling)
@@ -197,7 +202,6 @@ class LocalStepper:
         return await self._run(self._decode, token)
 
     async def finish(self) -> None:
-        from mesh402.work.receipts import kept
 
         try:
             await kept(self.release())

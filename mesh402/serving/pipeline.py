@@ -24,8 +24,8 @@ from typing import Any
 
 from mesh402.serving.stage_link import (
     RECOVERABLE_CODES,
-    K,
     Hop,
+    K,
     Link,
     OpenGrant,
     StageError,
@@ -34,6 +34,8 @@ from mesh402.serving.stage_link import (
     is_link_failure,
     stage_frame,
 )
+from mesh402.work.receipts import Receipt
+from mesh402.work.store import kept
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +299,6 @@ class PipelineStepper:
     # host drops the chain's sessions and opens fresh ones (a cold run).
 
     def _prefix_key(self, toks: tuple[int, ...]) -> str:
-        import hashlib
 
         h = hashlib.sha256(self.model.chain.content_hash.encode() + b"\0" + ",".join(map(str, toks)).encode())
         return h.hexdigest()[:32]
@@ -398,7 +399,6 @@ class PipelineStepper:
 
     async def _collect_receipts(self, link: Link) -> None:
         """CLOSE carrying this node's stage-0 receipt; the stages add theirs and the chain comes back."""
-        from mesh402.work.receipts import Receipt, kept
         mine = self.tally.receipt(self.model.signer, 0)
         params = {"receipts": dump_json([mine.to_json()])}
         auditor, chain = self.model.auditor, self.chain

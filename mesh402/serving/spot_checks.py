@@ -13,7 +13,13 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from mesh402.work.evidence import PASS_SCORE, UNVERIFIABLE, SpotCheck, commitment_errors, fingerprint_ids
+from mesh402.work.evidence import (
+    PASS_SCORE,
+    UNVERIFIABLE,
+    SpotCheck,
+    commitment_errors,
+    fingerprint_ids,
+)
 
 EngineFor = Callable[[str, int, int, str], Any]  # (model hash, start, end, mode) -> partial Engine
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from mesh402.mesh.framing import FrameError, make_frame
+from mesh402.mesh.identity import verify
 from mesh402.mesh.proto import mesh_pb2 as pb
 
 K = pb.StageKind
@@ -126,7 +127,6 @@ class OpenGrant:
     @classmethod
     def verify(cls, params: Any) -> tuple["OpenGrant", str]:
         """(grant, host id) from OPEN params whose signature checks out; raises StageError otherwise."""
-        from mesh402.mesh.identity import verify
 
         try:
             body, host, sig = params["grant"].encode(), str(params["host"]), bytes.fromhex(params["sig"])

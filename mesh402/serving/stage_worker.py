@@ -25,8 +25,8 @@ from typing import Any
 
 from mesh402.mesh.proto import mesh_pb2 as pb
 from mesh402.serving.stage_link import (
-    K,
     Hop,
+    K,
     Link,
     OpenGrant,
     StageError,
@@ -36,6 +36,8 @@ from mesh402.serving.stage_link import (
     stage_body,
     stage_frame,
 )
+from mesh402.work.evidence import fingerprint_ids, last_step_hash, reveal, sign_reveal
+from mesh402.work.receipts import Receipt
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +235,9 @@ class StageWorker:
             log.info("OPEN from %s refused: %s", peer[:12], e)
             await up.send(error_frame(rid, str(e), self.node_id, e.code))
             return
-        from mesh402.engine import EngineError  # engine types only when a session really starts
+        from mesh402.engine import (
+            EngineError,  # engine types only when a session really starts
+        )
 
         try:
             session = await self._run(engine.new_session, grant.max_len)
@@ -320,8 +324,6 @@ class StageWorker:
         """Sign this stage's receipt after those of the stages before it (carried by CLOSE), pass CLOSE on,
         and send the whole chain of receipts back up (what the next stage returned, else ours). When the
         entry audits the request, CLOSE names the step (`reveal`) and each stage adds its evidence."""
-        from mesh402.work.receipts import Receipt
-        from mesh402.work.evidence import reveal, sign_reveal
         rid = close.request_id
         try:
             chain = list(json.loads(close.params.get("receipts", "[]")))
@@ -369,7 +371,6 @@ class StageWorker:
 
     async def _serve_steps(self, up: Link, down: Link | None, engine: Any, session: Any, sampler: Any,
                            rid: str, next_node: str, tally: Any = None) -> None:
-        from mesh402.work.evidence import fingerprint_ids, last_step_hash
         from mesh402.engine.activations import activation_hash, decode_activations
 
         history: list[int] = []

@@ -20,8 +20,16 @@ from functools import cached_property
 from typing import Any, Awaitable, Callable, Protocol
 
 from mesh402.mesh.proto import mesh_pb2 as pb
-from mesh402.work.evidence import statement
-from mesh402.serving.stage_link import K, Link, dump_json, error_frame, expect_stage, stage_frame
+from mesh402.serving.spot_checks import judge
+from mesh402.serving.stage_link import (
+    K,
+    Link,
+    dump_json,
+    error_frame,
+    expect_stage,
+    stage_frame,
+)
+from mesh402.work.evidence import SpotCheck, statement
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +162,6 @@ class TrustServices:
 
     async def on_verify(self, peer: str, sf: pb.StageFrame) -> pb.Frame:
         """Re-execute the spot checks of a statement and answer its validation request on chain."""
-        from mesh402.serving.spot_checks import judge
-        from mesh402.work.evidence import SpotCheck
         assert self.chain is not None
         chain = self.chain
         st = json.loads(sf.params["statement"])

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mesh402.commitment import activation_hash
-from mesh402.work.receipts import running_hash
+from mesh402.mesh.identity import verify
+from mesh402.work.receipts import Receipt, running_hash, verify_receipt
 
 FP_SIZE = 256  # logits the last stage commits to per step
 REVEAL_BUDGET = 24 * 1024 * 1024  # bytes of step inputs one reveal may carry (frames are limited to 64 MiB)
@@ -140,7 +141,6 @@ def sign_reveal(identity: Any, ev: dict[str, Any]) -> dict[str, Any]:
 
 
 def reveal_signed_by(ev: dict[str, Any], node_id: str) -> bool:
-    from mesh402.mesh.identity import verify
     try:
         return verify(bytes.fromhex(node_id), reveal_body(ev), bytes.fromhex(str(ev.get("signature", ""))))
     except (ValueError, TypeError):
@@ -219,7 +219,6 @@ def commitment_errors(check: SpotCheck) -> tuple[str, bool]:
     evidence is the stage's own signed reveal and matches its signed receipt, so re-execution decides.
     (p, True): the stage's signed reveal contradicts its signed receipt. (p, False): the entry's evidence
     is not backed by the stage's signatures, so it proves nothing against the stage (skipped)."""
-    from mesh402.work.receipts import Receipt, verify_receipt
     try:
         r = Receipt.from_json(check.receipt)
     except (TypeError, KeyError):

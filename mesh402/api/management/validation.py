@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 
 if TYPE_CHECKING:
     from mesh402.serving.distributed import DistributedRuntime
-    from mesh402.work.receipts import ReceiptStore
+    from mesh402.work.store import ReceiptStore
 
 
 def install(app: FastAPI, runtime: Callable[[], "DistributedRuntime | None"]) -> None:

@@ -40,12 +40,22 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from mesh402.api.errors import APIError
-from mesh402.settings import PaymentsConfig
+from mesh402.economics.charging import (
+    BILLING_HEADER,
+    CLAIM_WINDOW_S,
+    CREDIT_BALANCE_HEADER,
+    CREDIT_CHARGED_HEADER,
+    CREDIT_HEADER,
+    CREDIT_TOKEN_HEADER,
+    IDEMPOTENCY_HEADER,
+    REPLAY_HEADER,
+    Pricing,
+    b64json,
+    credit_claim_message,
+)
 from mesh402.economics.ledger import IN_FLIGHT, Ledger, auth_id_for
-from mesh402.economics.charging import (BILLING_HEADER, CLAIM_WINDOW_S, CREDIT_BALANCE_HEADER, CREDIT_CHARGED_HEADER,
-                                        CREDIT_HEADER, CREDIT_TOKEN_HEADER, IDEMPOTENCY_HEADER, REPLAY_HEADER, Pricing,
-                                        b64json, credit_claim_message)
 from mesh402.economics.networks import Asset
+from mesh402.settings import PaymentsConfig
 
 log = logging.getLogger(__name__)
 
