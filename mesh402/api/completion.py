@@ -54,8 +54,8 @@ class Prepared:
 
 async def prepare(ctx: EdgeContext, req: SamplingFields, entry: ModelEntry, prompt_ids: list[int]) -> Prepared:
     """Check the prompt against the context window, fix the sampling and open the KV session."""
-    from mesh402.engine import ContextTooLong, EngineFull
-    from mesh402.engine.sampling import SamplingParams
+    from mesh402.engine import ContextTooLong, EngineFull  # lazy: loads gguf, numpy, torch only when needed
+    from mesh402.engine.sampling import SamplingParams  # lazy: loads gguf, numpy, torch only when needed
 
     local = entry.local
     assert local is not None

@@ -125,7 +125,7 @@ def install_routes(app: FastAPI, ctx: EdgeContext) -> None:
         from mesh402.engine.chat_template import (  # a model is loaded: torch is in
             ChatTemplate,
             ChatTemplateError,
-        )
+        )  # lazy: loads gguf, numpy, torch only when needed
 
         local = entry.local
         assert local is not None

@@ -158,7 +158,7 @@ def not_servable(ctx: EdgeContext, name: str | None, entry: ModelEntry | None, *
         return unavailable("no model is served in this mesh yet", ctx.retry_after, code="no_model")
     dist = ctx.distributed
     if entry is None and dist is not None and not tunnelled:
-        from mesh402.serving.replicas import on_disk_somewhere
+        from mesh402.serving.replicas import on_disk_somewhere  # lazy: kept off this module's import path
 
         if on_disk_somewhere(dist, name or ""):  # a standby node has it: demand will start it
             return unavailable(f"model {name} is on standby in the mesh; a node will start serving it",

@@ -89,11 +89,11 @@ def discover_cmd(
 
     try:
         if lan:
-            from mesh402.discovery.lan import browse
+            from mesh402.discovery.lan import browse  # lazy: kept off this module's import path
 
             listings = asyncio.run(browse(timeout))
         else:
-            from mesh402.discovery.nostr import fetch_listings
+            from mesh402.discovery.nostr import fetch_listings  # lazy: kept off this module's import path
 
             listings = asyncio.run(fetch_listings(list(nostr_relay or []), timeout))
     except Exception as e:

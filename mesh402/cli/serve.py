@@ -135,17 +135,17 @@ def serve(
     try:
         sources = [resolve_model(m) for m in (model or [BUNDLED_MODEL_ID])]
         api_key = load_api_key(api_key_file)
-        from mesh402.cli.payment_flags import payments_config
+        from mesh402.cli.payment_flags import payments_config  # lazy: kept off this module's import path
         payments = payments_config(price=price, price_per_1k=price_per_1k, pay_to=pay_to, facilitator=facilitator,
                                    network=network, deployment=deployment, asset=asset, asset_name=asset_name,
                                    asset_version=asset_version, credit_topup=credit_topup)
         if epoch_seconds <= 0:
             raise ValueError("--epoch-seconds must be positive")
         payments.epoch_s = epoch_seconds
-        from mesh402.cli.payment_flags import trust_config
+        from mesh402.cli.payment_flags import trust_config  # lazy: kept off this module's import path
         trust = trust_config(network=network, deployment=deployment, owner_key_file=owner_key_file,
                              validator=validator, audit_rate=audit_rate)
-        from mesh402.cli.payment_flags import auto_payout_config
+        from mesh402.cli.payment_flags import auto_payout_config  # lazy: kept off this module's import path
         auto_payout_config(payments, trust, payout_key_file=payout_key_file, rewards=rewards, deployment=deployment)
     except (ModelNotFound, ValueError) as e:
         fail(str(e))

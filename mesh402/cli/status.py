@@ -143,7 +143,7 @@ def status_cmd(
         return
     render_status(st)
     try:  # payments revenue, when the economics layer is present
-        from mesh402.cli.status import payments_status_lines
+        from mesh402.cli.status import payments_status_lines  # lazy: kept off this module's import path
     except Exception:
         return
 
@@ -231,8 +231,8 @@ def identity_status_lines(home: Path, status: Optional[dict[str, Any]] = None, *
 
 def _binding_state(home: Path, info: dict[str, Any], w3: Any) -> str:
     try:
-        from mesh402.economics.erc8004 import verify_binding
-        from mesh402.mesh.identity import NodeIdentity
+        from mesh402.economics.erc8004 import verify_binding  # lazy: kept off this module's import path
+        from mesh402.mesh.identity import NodeIdentity  # lazy: kept off this module's import path
         if w3 is None:
             return "unchecked (no RPC URL recorded)"
         nid = NodeIdentity.load_or_create(home).node_id

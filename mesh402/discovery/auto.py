@@ -85,7 +85,7 @@ class Discovery:
         self.use_nostr = bool(s.nostr_relays) or not (s.discover_lan or s.discover_registry) or s.publish
         self.lan = None
         if s.discover_lan:
-            from mesh402.discovery.lan import LanAnnouncer
+            from mesh402.discovery.lan import LanAnnouncer  # lazy: kept off this module's import path
 
             self.lan = LanAnnouncer(rt.mesh.node_id.hex())
         self.publishing = bool(s.publish)
@@ -127,7 +127,7 @@ class Discovery:
                 self.last_error = f"nostr fetch failed: {e}"
                 log.warning("%s", self.last_error)
         if self.lan is not None:
-            from mesh402.discovery.lan import browse
+            from mesh402.discovery.lan import browse  # lazy: kept off this module's import path
 
             try:
                 out += await browse(self.settings.lan_browse_s, exclude_node=self.rt.mesh.node_id.hex())
@@ -138,7 +138,7 @@ class Discovery:
             from mesh402.discovery.registry import (
                 registry_listings,
                 resolve_registry_source,
-            )
+            )  # lazy: kept off this module's import path
 
             try:
                 rpc, registry = resolve_registry_source(self.settings.discover_registry)

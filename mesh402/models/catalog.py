@@ -70,7 +70,7 @@ def check_model_files(src: ModelSource) -> None:
     header of each of its files. Raises ModelNotFound."""
     try:
         if src.format == "gguf":
-            from mesh402.models.gguf_meta import read_gguf_meta
+            from mesh402.models.gguf_meta import read_gguf_meta  # lazy: loads gguf, numpy only when needed
 
             read_gguf_meta(src.path)
         else:

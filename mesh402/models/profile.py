@@ -20,7 +20,7 @@ def _tools_in_template(tpl: Any) -> bool:
 def model_profile(path: str, fmt: str = "gguf") -> dict[str, Any]:
     p = Path(path)
     if fmt == "gguf" or p.suffix == ".gguf":
-        from mesh402.models.gguf_meta import read_gguf_meta
+        from mesh402.models.gguf_meta import read_gguf_meta  # lazy: loads gguf, numpy only when needed
 
         meta = read_gguf_meta(p)
         tags = meta.fields.get("general.tags") or []

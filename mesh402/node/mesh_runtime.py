@@ -116,7 +116,7 @@ class MeshRuntime:
         created_own = False
         s = self.settings
         if s.publish or s.auto or s.discover_lan:
-            from mesh402.discovery.auto import Discovery
+            from mesh402.discovery.auto import Discovery  # lazy: kept off this module's import path
 
             self.discovery = Discovery(self)
             self.mesh.config.new_mesh_id = self.discovery.new_mesh_id()
@@ -137,7 +137,7 @@ class MeshRuntime:
                         self.discovery.choice = None
                         self.mesh.endpoint = None
                 if not join and self.settings.kind == "client" and not self.mesh.membership.is_member:
-                    from mesh402.mesh.service import JoinError
+                    from mesh402.mesh.service import JoinError  # lazy: kept off this module's import path
 
                     raise JoinError("--auto found no open mesh to join (an API-only client cannot start one)")
                 if not join:
@@ -334,7 +334,7 @@ class MeshRuntime:
         hit = self._fingerprints.get(key)
         if hit and hit.get("stamp") == stamp:
             return hit["sha256"]
-        from mesh402.models.gguf_meta import file_fingerprint
+        from mesh402.models.gguf_meta import file_fingerprint  # lazy: loads gguf, numpy only when needed
 
         if path.is_dir():
             import hashlib
@@ -382,7 +382,7 @@ class MeshRuntime:
         src_format = fmt
         with contextlib.suppress(Exception):
             if src_format == "gguf":
-                from mesh402.models.gguf_meta import read_gguf_meta
+                from mesh402.models.gguf_meta import read_gguf_meta  # lazy: loads gguf, numpy only when needed
 
                 meta = read_gguf_meta(path)
                 m.n_layers = meta.n_layers
@@ -419,10 +419,10 @@ class MeshRuntime:
             labels[MODEL_LABEL + e.model_id] = router.label_for(e.model_id, prof) if router else json.dumps(prof)
         offer = self.node.edge.payments.offer()
         if offer is not None:  # what this node sells: an entry routing here prices its requests by it
-            from mesh402.economics.charging import OFFER_LABEL
+            from mesh402.economics.charging import OFFER_LABEL  # lazy: kept off this module's import path
             labels[OFFER_LABEL] = offer.to_label()
         with contextlib.suppress(Exception):  # ERC-8004 agent claim after `mesh402 register` (peers verify it)
-            from mesh402.economics.erc8004 import announcement_label
+            from mesh402.economics.erc8004 import announcement_label  # lazy: kept off this module's import path
             labels.update(announcement_label(self.node.config.home))
         dist = self.node.distributed
         if dist is not None:  # a --validator announces itself: entries send it their spot checks

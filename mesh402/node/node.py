@@ -69,8 +69,8 @@ class Node:
         return live_listing(self.mesh_runtime.mesh)
 
     def _load(self, entry: ModelEntry) -> None:
-        from mesh402.engine import Engine
-        from mesh402.engine.runtime_env import configure_torch
+        from mesh402.engine import Engine  # lazy: loads gguf, numpy, torch only when needed
+        from mesh402.engine.runtime_env import configure_torch  # lazy: loads gguf, numpy, torch only when needed
 
         configure_torch(self.config.threads)
         t0 = time.perf_counter()
@@ -146,8 +146,8 @@ class Node:
         """In a mesh, what this node loads follows the plans (placement), not the command line alone."""
         # Import off the loop: heartbeats must keep flowing while a slow machine loads modules (torch).
         await asyncio.to_thread(_import_serving)
-        from mesh402.engine.runtime_env import detected_memory_bytes
-        from mesh402.serving.distributed import DistributedRuntime
+        from mesh402.engine.runtime_env import detected_memory_bytes  # lazy: loads gguf, numpy, torch only when needed
+        from mesh402.serving.distributed import DistributedRuntime  # lazy: loads gguf, numpy, torch only when needed
 
         assert self.mesh_runtime is not None
         cfg = self.config

@@ -135,8 +135,8 @@ class DistributedRuntime(Failover):
         self.receipts = None  # work.receipts.EntryReceipts: a paid entry keeps the stages' receipts
         self.auditor = None  # work.evidence.Auditor: which paid requests the stages must reveal
         if node.config.payments.enabled:
-            from mesh402.work.evidence import Auditor
-            from mesh402.work.store import EntryReceipts
+            from mesh402.work.evidence import Auditor  # lazy: kept off this module's import path
+            from mesh402.work.store import EntryReceipts  # lazy: kept off this module's import path
             self.receipts = EntryReceipts(node.config.home, node.config.payments.epoch_s)
             self.auditor = Auditor(node.config.trust.audit_rate, node.config.payments.epoch_s)
         self.trust = TrustServices(self.me, chain, self.executor, self._load_range, self._connect, self._peer_labels,
@@ -305,7 +305,7 @@ class DistributedRuntime(Failover):
                 if entry.source.format != "gguf":
                     await self._ensure_solo_unplanned(key, entry)
                     continue
-                from mesh402.serving.replicas import ensure_replica
+                from mesh402.serving.replicas import ensure_replica  # lazy: kept off this module's import path
 
                 if await ensure_replica(self, key, entry, snap):  # fits here: a replica (or --standby)
                     continue
@@ -337,7 +337,7 @@ class DistributedRuntime(Failover):
 
     def _layout(self, key: str, entry: ModelEntry) -> ModelLayout:
         if key not in self.layouts:
-            from mesh402.models.gguf_meta import read_gguf_meta
+            from mesh402.models.gguf_meta import read_gguf_meta  # lazy: kept off this module's import path
 
             self.layouts[key] = ModelLayout.from_gguf_meta(read_gguf_meta(entry.source.path), key)
         return self.layouts[key]
@@ -419,7 +419,7 @@ class DistributedRuntime(Failover):
         """A model served whole here; on a paid entry each request gets a receipt (all layers) too."""
         receipts = None
         if self.receipts is not None and entry.source.format == "gguf" and getattr(self.mesh, "identity", None):
-            from mesh402.work.receipts import SoloReceipts
+            from mesh402.work.receipts import SoloReceipts  # lazy: kept off this module's import path
             content_hash = key.rsplit("@", 1)[1]
             self.receipts.add_model(content_hash, entry.source.path)
             receipts = SoloReceipts(self.mesh.identity, self.receipts, content_hash, n_layers)
@@ -452,10 +452,10 @@ class DistributedRuntime(Failover):
                                   runner, transport, asyncio.get_running_loop())
 
     def _load_expert_host(self, entry: ModelEntry, owners: dict, transport: Any, local_experts: list) -> Any:
-        from mesh402.engine import Engine
-        from mesh402.engine.moe import ExpertBank
-        from mesh402.engine.runtime_env import configure_torch
-        from mesh402.engine.weights import open_source
+        from mesh402.engine import Engine  # lazy: kept off this module's import path
+        from mesh402.engine.moe import ExpertBank  # lazy: kept off this module's import path
+        from mesh402.engine.runtime_env import configure_torch  # lazy: kept off this module's import path
+        from mesh402.engine.weights import open_source  # lazy: kept off this module's import path
 
         cfg = self.node.config
         configure_torch(cfg.threads)
@@ -466,7 +466,7 @@ class DistributedRuntime(Failover):
                            max_sessions=cfg.limits.max_sessions, prefill_chunk=cfg.limits.prefill_chunk)
 
     def _load_experts(self, content_hash: str, experts: list, reuse: Any = None) -> Any:
-        from mesh402.engine.expert_parallel import ExpertShardWorker
+        from mesh402.engine.expert_parallel import ExpertShardWorker  # lazy: kept off this module's import path
 
         for key, entry in self.keys.items():
             if key.endswith("@" + content_hash):
@@ -549,8 +549,8 @@ class DistributedRuntime(Failover):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     def _load_engine(self, entry: ModelEntry, layers: tuple[int, int] | None) -> Any:
-        from mesh402.engine import Engine
-        from mesh402.engine.runtime_env import configure_torch
+        from mesh402.engine import Engine  # lazy: kept off this module's import path
+        from mesh402.engine.runtime_env import configure_torch  # lazy: kept off this module's import path
 
         cfg = self.node.config
         configure_torch(cfg.threads)
@@ -565,7 +565,7 @@ class DistributedRuntime(Failover):
         the audited stage ran)."""
         for key, entry in self.keys.items():
             if key.endswith("@" + content_hash):
-                from mesh402.engine import Engine
+                from mesh402.engine import Engine  # lazy: kept off this module's import path
 
                 cfg = self.node.config
                 return Engine.load(entry.source.path, mode=mode, device=cfg.device, layers=(start, end),

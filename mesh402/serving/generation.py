@@ -119,7 +119,7 @@ class LocalModel:
         if prefix_cache == "default":  # KV prefix reuse (mesh402.engine.prefix); None turns it off
             from mesh402.engine.prefix import (
                 PrefixCache,  # the engine is loaded: torch is already in
-            )
+            )  # lazy: loads gguf, numpy, torch only when needed
 
             prefix_cache = PrefixCache(int(getattr(engine, "prefill_chunk", 32)))
         self.prefix_cache = prefix_cache
@@ -150,7 +150,7 @@ class LocalStepper:
     def __init__(self, session: Any, sampling: Any, executor: ThreadPoolExecutor, prefix_cache: Any = None) -> None:
         from mesh402.engine.sampling import (
             Sampler,  # lazy: the API process path imports no torch
-        )
+        )  # lazy: loads gguf, numpy, torch only when needed
 
         self.session = session
         self.sampler = Sampler(sampling)
@@ -167,7 +167,7 @@ class LocalStepper:
 
     def _tally(self, ids: list[int], token: int) -> int:
         if self.tally is not None:
-            from mesh402.work.receipts import token_step_hash
+            from mesh402.work.receipts import token_step_hash  # lazy: kept off this module's import path
             self.tally.step(len(ids), token_step_hash(ids), token_step_hash([token]))
         return token
 

@@ -113,7 +113,7 @@ class PipelineModel:
         self.stats = PipelineStats()
         self.prefix: Any = None  # KV prefix reuse across requests (see PipelineStepper._try_prefix)
         try:
-            from mesh402.engine.prefix import RowStore
+            from mesh402.engine.prefix import RowStore  # lazy: loads gguf, numpy, torch only when needed
 
             self.prefix = RowStore(max_entries=16)
         except Exception:  # no torch in this process: no reuse
@@ -141,7 +141,7 @@ class PipelineModel:
         session = await loop.run_in_executor(self.executor, self.engine0.new_session, max_len)
         stepper = PipelineStepper(self, session, sampling, max_len, request_id or uuid.uuid4().hex)
         if self.signer is not None and self.receipt_sink is not None:
-            from mesh402.work.receipts import StageTally
+            from mesh402.work.receipts import StageTally  # lazy: kept off this module's import path
             stepper.tally = StageTally(stepper.request_id, self.chain.content_hash, 0, self.chain.hops[0].start)
         try:
             await stepper.connect_chain()
@@ -234,7 +234,7 @@ class PipelineStepper:
                     len(self.sent), replayed_tokens, model.chain.epoch, time.monotonic() - t0)
 
     def _frame(self, s: _Sent) -> Any:
-        from mesh402.engine.activations import activation_hash
+        from mesh402.engine.activations import activation_hash  # lazy: loads gguf, numpy, torch only when needed
 
         assert self.chain is not None
         return stage_frame(s.kind, request_id=self.request_id, plan_epoch=self.chain.epoch, position=s.position,
@@ -277,15 +277,15 @@ class PipelineStepper:
             self.model.stats.bytes_sent += len(s.payload)
             self.sent.append(s)
             if self.tally is not None:
-                from mesh402.engine.activations import activation_hash
-                from mesh402.work.receipts import token_step_hash
+                from mesh402.engine.activations import activation_hash  # lazy: loads gguf, numpy, torch only when needed
+                from mesh402.work.receipts import token_step_hash  # lazy: kept off this module's import path
                 self.tally.step(s.n_real, token_step_hash(s.tokens[:s.n_real]), activation_hash(s.payload))
                 self.steps_done += 1
             return int(rs.tokens[0]) if s.sample else None
 
     # ---------------------------------------------------------------- Stepper
     async def _local(self, chunk: list[int], pos: int, pad_to: int) -> tuple[bytes, list[int]]:
-        from mesh402.engine.activations import forward_tokens
+        from mesh402.engine.activations import forward_tokens  # lazy: loads gguf, numpy, torch only when needed
 
         return await asyncio.get_running_loop().run_in_executor(
             self.model.executor, forward_tokens, self.session, chunk, pos, pad_to, self.model.wire_dtype)
@@ -341,7 +341,7 @@ class PipelineStepper:
                 pass
             await self.connect_chain()
             return ids
-        from mesh402.engine.prefix import load_rows
+        from mesh402.engine.prefix import load_rows  # lazy: loads gguf, numpy, torch only when needed
 
         await asyncio.get_running_loop().run_in_executor(self.model.executor, load_rows, self.session, rows, m, ids[:m])
         self.sent.extend(frames[: m // C])
@@ -359,7 +359,7 @@ class PipelineStepper:
         if len(frames) != n // C or any(f.kind != K.STAGE_KIND_PREFILL or f.position != i * C or f.n_real != C
                                         for i, f in enumerate(frames)):
             return
-        from mesh402.engine.prefix import copy_rows, rows_nbytes
+        from mesh402.engine.prefix import copy_rows, rows_nbytes  # lazy: loads gguf, numpy, torch only when needed
 
         def keep() -> None:
             rows = copy_rows(self.session, n)
@@ -371,7 +371,7 @@ class PipelineStepper:
                                         params={"op": "store", "key": self._prefix_key(toks), "n": str(n)})
 
     async def prefill(self, ids: list[int]) -> int:
-        from mesh402.engine.chunks import prefill_steps
+        from mesh402.engine.chunks import prefill_steps  # lazy: loads gguf, numpy, torch only when needed
 
         C = self.model.engine0.prefill_chunk
         token: int | None = None

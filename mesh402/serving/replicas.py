@@ -30,7 +30,7 @@ PLAN_LABEL = "plan:"
 
 def replica_routes(dist: "DistributedRuntime") -> dict[str, list["Route"]]:
     """model id -> every node announcing a ready plan for it (solo replicas and split hosts)."""
-    from mesh402.serving.distributed import Route
+    from mesh402.serving.distributed import Route  # lazy: loads gguf, numpy, torch only when needed
 
     out: dict[str, list[Route]] = {}
     for ann in dist._announcements(connected=False):
@@ -90,7 +90,7 @@ async def ensure_replica(dist: "DistributedRuntime", key: str, entry: "ModelEntr
             entry.local, entry.state, entry.error = None, "standby", "no spare capacity"
             return True
         log.info("standby: demand for %s, starting to serve it", entry.model_id)
-    from mesh402.serving.distributed import Hosted
+    from mesh402.serving.distributed import Hosted  # lazy: loads gguf, numpy, torch only when needed
 
     epoch = dist._seen_epoch(key) + 1
     plan = Plan(key, epoch, dist.me, (StageAssignment(dist.me, 0, layout.n_layers, layout.total_bytes),))

@@ -76,7 +76,7 @@ def run_check(check: SpotCheck, engine_for: EngineFor, device: str = "") -> Chec
         engine = engine_for(check.model_hash, check.layer_start, check.layer_end, check.mode)
     except FileNotFoundError as e:  # this validator cannot hold those layers: not a verdict on the stage
         return result(True, f"{UNVERIFIABLE}{e}", skipped=True)
-    from mesh402.engine.replay import replay
+    from mesh402.engine.replay import replay  # lazy: loads gguf, numpy, torch only when needed
 
     ids = fingerprint_ids(check.request_id, engine.config.vocab_size) if check.last else None
     r = replay(engine, check.decoded_inputs(), last=check.last, expected=base64.b64decode(check.expected),

@@ -237,7 +237,7 @@ class StageWorker:
             return
         from mesh402.engine import (
             EngineError,  # engine types only when a session really starts
-        )
+        )  # lazy: loads gguf, numpy, torch only when needed
 
         try:
             session = await self._run(engine.new_session, grant.max_len)
@@ -250,7 +250,7 @@ class StageWorker:
         try:
             sampler = None
             if engine.stages[-1].last:
-                from mesh402.engine.sampling import Sampler, SamplingParams
+                from mesh402.engine.sampling import Sampler, SamplingParams  # lazy: loads gguf, numpy, torch only when needed
 
                 sampler = Sampler(SamplingParams(**json.loads(grant.sampling)))
             if chain:
@@ -259,7 +259,7 @@ class StageWorker:
             await up.send(stage_frame(K.STAGE_KIND_RESULT, request_id=rid, plan_epoch=open_.plan_epoch))
             tally = None
             if grant.receipts:  # the entry wants a signed work receipt per stage
-                from mesh402.work.receipts import StageTally
+                from mesh402.work.receipts import StageTally  # lazy: kept off this module's import path
                 tally = StageTally(rid, open_.content_hash, open_.layer_start, open_.layer_end, keep=True)
                 tally.sampling = grant.sampling if sampler is not None else ""
             await self._serve_steps(up, down, engine, session, sampler, rid, chain[0].node if chain else "", tally)
@@ -280,7 +280,7 @@ class StageWorker:
                          history: list[int], tally: Any = None) -> None:
         """`store`: keep this session's rows [0, n) under the host's key (no reply). `restore`: put them
         into this still-empty session; the last stage answers whether every stage had them."""
-        from mesh402.engine.prefix import RowStore, copy_rows, load_rows, rows_nbytes
+        from mesh402.engine.prefix import RowStore, copy_rows, load_rows, rows_nbytes  # lazy: loads gguf, numpy, torch only when needed
 
         if self.prefix_rows is None:
             self.prefix_rows = RowStore(max_entries=16)
@@ -334,7 +334,7 @@ class StageWorker:
                 if self.on_receipt is not None and len(chain) > 1:
                     self.on_receipt(str(chain[0]["node_id"]))
                 if close.params.get("reveal", "") != "":
-                    from mesh402.engine.replay import device_signature
+                    from mesh402.engine.replay import device_signature  # lazy: loads gguf, numpy, torch only when needed
                     ev = reveal(tally, int(close.params["reveal"]), len(chain) - 1, self.signer.node_id_hex,
                                 engine.stages[0].mode,
                                 last=down is None, device=device_signature(engine.device))
@@ -371,7 +371,7 @@ class StageWorker:
 
     async def _serve_steps(self, up: Link, down: Link | None, engine: Any, session: Any, sampler: Any,
                            rid: str, next_node: str, tally: Any = None) -> None:
-        from mesh402.engine.activations import activation_hash, decode_activations
+        from mesh402.engine.activations import activation_hash, decode_activations  # lazy: loads gguf, numpy, torch only when needed
 
         history: list[int] = []
         # the last stage commits to a fingerprint of its logits per step (docs/verification.md)
@@ -450,13 +450,13 @@ def _step(session: Any, x: Any, position: int, n_real: int, sampler: Any, histor
     out = session.forward(x, position, n_real)
     fp = None
     if fp_ids is not None:
-        from mesh402.engine.replay import fingerprint
+        from mesh402.engine.replay import fingerprint  # lazy: loads gguf, numpy, torch only when needed
 
         fp = fingerprint(out, fp_ids)
     if sampler is not None:
         return int(sampler.sample(out, history, len(history))), None, None, fp
     if wire is not None:
-        from mesh402.engine.activations import encode_activations
+        from mesh402.engine.activations import encode_activations  # lazy: loads gguf, numpy, torch only when needed
 
         payload, shape = encode_activations(out, wire)
         return None, payload, shape, None

@@ -211,21 +211,21 @@ class EntryReceipts:
         if src is None:
             raise KeyError(f"no model file known for {model_hash[:16]}")
         if not hasattr(src, "n_layers"):
-            from mesh402.models.gguf_meta import read_gguf_meta
+            from mesh402.models.gguf_meta import read_gguf_meta  # lazy: loads gguf, numpy only when needed
             src = self._models[model_hash] = read_gguf_meta(src)
         return src
 
     def flops(self, model_hash: str, start: int, end: int) -> int:
         key = (model_hash, start, end)
         if key not in self._flops:
-            from mesh402.work.units import flops_per_token
+            from mesh402.work.units import flops_per_token  # lazy: kept off this module's import path
             self._flops[key] = flops_per_token(self._meta(model_hash), start, end)
         return self._flops[key]
 
     def expert_flops(self, model_hash: str) -> Any:
         """workunits.MoEFlops of a model (for expert receipts), memoised."""
         if model_hash not in self._moe:
-            from mesh402.work.units import moe_flops
+            from mesh402.work.units import moe_flops  # lazy: kept off this module's import path
             self._moe[model_hash] = moe_flops(self._meta(model_hash))
         return self._moe[model_hash]
 
