@@ -1,5 +1,5 @@
 """Dialling (mesh402.mesh.dialer) with a scripted connect and handshake on a fake clock: who is
-dialled when, and what joining reports."""
+dialled when, how failures back off through the health tracker, and what joining reports."""
 
 from __future__ import annotations
 
@@ -10,11 +10,14 @@ from typing import Optional
 import pytest
 
 from mesh402.mesh.announce import LocalInfo
+from mesh402.mesh.config import MeshConfig, MeshTimers
 from mesh402.mesh.conns import PeerConn
 from mesh402.mesh.dialer import Dialer
 from mesh402.mesh.errors import AdmissionRefused, JoinError
+from mesh402.mesh.health import Backoff, HealthTracker
 from mesh402.mesh.identity import NodeIdentity
 from mesh402.mesh.proto import mesh_pb2 as pb
+from mesh402.mesh.service import MeshService
 from tests.meshfakes import FakeConn, advance, make_node, settle, signed_announcement
 
 
@@ -26,8 +29,10 @@ class Rig:
         self.reachable = reachable
         self.refuse = refuse
         self.connects: list[tuple[bytes, float]] = []  # (node id, monotonic time)
+        t = self.ctx.timers
+        self.health: HealthTracker[bytes] = HealthTracker(self.clock, Backoff(t.reconnect_interval, t.redial_backoff_max))
         self.local = LocalInfo()
-        self.dialer = Dialer(self.ctx, self.local, self._connect, self._handshake, lambda nid: False)
+        self.dialer = Dialer(self.ctx, self.local, self._connect, self._handshake, self.health, lambda nid: False)
 
     async def _connect(self, nid: bytes, addrs: list[str], relay: str) -> FakeConn:
         self.connects.append((nid, self.clock.monotonic()))
@@ -92,6 +97,29 @@ def test_leaving_and_client_peers_are_not_dialled(tmp_path: Path) -> None:
     asyncio.run(go())
 
 
+def test_redials_back_off_exponentially_up_to_the_cap(tmp_path: Path) -> None:
+    async def go() -> None:
+        r = Rig(tmp_path)
+        t = r.ctx.timers
+        assert (t.reconnect_interval, t.redial_backoff_max) == (1.0, 4.0)
+        peer = r.learn()
+        loop = asyncio.ensure_future(r.dialer.reconnect_loop())
+        for _ in range(13):
+            await r.advance(t.reconnect_interval)
+        # one try a round at first, then every 2, then every 4 (the cap)
+        assert r.dialled() == [1.0, 2.0, 4.0, 8.0, 12.0]
+        assert r.health.failures(peer) == 5 and r.ctx.counters["dial.backoff"] == 8
+        r.dialer.maybe_dial(peer, immediate=True)  # fresh evidence it is up: no waiting
+        await settle()
+        assert r.dialled()[-1] == 13.0
+        r.reachable = True
+        await r.advance(4.0)
+        assert peer in r.ctx.conns and r.health.failures(peer) == 0
+        loop.cancel()
+
+    asyncio.run(go())
+
+
 def test_join_reports_one_line(tmp_path: Path) -> None:
     async def go() -> None:
         r = Rig(tmp_path)
@@ -117,3 +145,24 @@ def test_join_reports_one_line(tmp_path: Path) -> None:
         assert b"\x07" * 32 in r.ctx.conns
 
     asyncio.run(go())
+
+
+def test_rejoin_dials_remembered_peers_not_held_back(tmp_path: Path) -> None:
+    async def go() -> None:
+        r = Rig(tmp_path)
+        ok, failing = b"\x21" * 32, b"\x22" * 32
+        for nid in (ok, failing):
+            r.ctx.membership.remember_peer(nid.hex(), ["127.0.0.1:9"])
+        r.health.failed(failing)
+        await r.dialer.rejoin_known()
+        await settle()
+        assert [n for n, _ in r.connects] == [ok]
+
+    asyncio.run(go())
+
+
+def test_the_service_hands_one_tracker_to_its_collaborators(tmp_path: Path) -> None:
+    """MeshService.health is the tracker the redials use (replica retry and failover can share it)."""
+    s = MeshService(MeshConfig(home=tmp_path / "s", bind_ip="127.0.0.1", timers=MeshTimers.fast()))
+    assert s.dialer.health is s.health and s.watch.health is s.health
+    assert s.health.backoff == Backoff(base=1.0, cap=4.0)

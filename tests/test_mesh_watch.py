@@ -9,6 +9,7 @@ from typing import Optional
 
 from mesh402.mesh.conns import CLOSE_DOWN, CLOSE_LEAVING, PeerConn
 from mesh402.mesh.framing import FramedStream, StreamType, make_frame
+from mesh402.mesh.health import Backoff, HealthTracker
 from mesh402.mesh.identity import NodeIdentity
 from mesh402.mesh.liveness import PeerState
 from mesh402.mesh.proto import mesh_pb2 as pb
@@ -34,7 +35,8 @@ class Rig:
         self.dials: list[bytes] = []
         self.resigns: list[bool] = []
         self.dial_ok = dial_ok
-        self.watch = LivenessWatch(self.ctx, self._dial, self.resigns.append)
+        self.health: HealthTracker[bytes] = HealthTracker(self.clock, Backoff(base=1.0, cap=4.0))
+        self.watch = LivenessWatch(self.ctx, self._dial, self.resigns.append, self.health)
         self.events = self.ctx.events.subscribe()
 
     async def _dial(self, nid: bytes, addrs: list[str], relay: str, cred: Optional[pb.InviteCredential]) -> PeerConn:
@@ -174,6 +176,7 @@ def test_prune_forgets_down_peers_and_stale_ghosts(tmp_path: Path) -> None:
         r = Rig(tmp_path)
         t = r.ctx.timers
         p, pc, _ = r.peer()
+        r.health.failed(p.node_id)
         r.watch.declare_down(p.node_id, broadcast=False)
         assert pc.conn.closed_with == (CLOSE_DOWN, b"down")  # type: ignore[attr-defined]
         ghost = NodeIdentity.generate()  # learned second-hand, never connected
@@ -182,7 +185,7 @@ def test_prune_forgets_down_peers_and_stale_ghosts(tmp_path: Path) -> None:
         await r.advance(t.prune_after + 1)
         await r.advance(1)
         assert r.ctx.mesh_gossip.get(p.node_id) is None and r.ctx.liveness.get(p.node_id) is None
-        assert r.ctx.counters["liveness.pruned"] == 1
+        assert r.health.get(p.node_id) is None and r.ctx.counters["liveness.pruned"] == 1
         assert r.ctx.mesh_gossip.get(ghost.node_id) is not None  # still fresh
         await r.advance(t.stale_after)
         await r.advance(1)

@@ -3,7 +3,9 @@
 Newly learned peers are dialled directly, the smaller node id at once and the larger after
 ``transitive_dial_grace`` (so two nodes that learn of each other together rarely dial both ways),
 which makes the mesh a full mesh. Known peers we are not connected to are retried every
-``reconnect_interval``, peers believed down every fourth round.
+``reconnect_interval``, no sooner than the shared :class:`~mesh402.mesh.health.HealthTracker`
+allows: every dial's outcome is recorded there, so a peer that keeps failing is tried less and less
+often (up to ``redial_backoff_max``), and one success clears it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from mesh402.mesh.announce import LocalInfo
 from mesh402.mesh.context import MeshContext
 from mesh402.mesh.conns import CLOSE_PROTOCOL, Conn, PeerConn
 from mesh402.mesh.errors import AdmissionRefused, JoinError, PeerUnavailable
-from mesh402.mesh.health import Backoff
+from mesh402.mesh.health import Backoff, HealthTracker
 from mesh402.mesh.identity import short_id
 from mesh402.mesh.invite import InviteError
 from mesh402.mesh.liveness import PeerState
@@ -30,17 +32,28 @@ Target = tuple[bytes, list[str], str, Optional[pb.InviteCredential]]
 
 class Dialer:
     def __init__(self, ctx: MeshContext, local: LocalInfo, connect: Connect, handshake: Handshake,
-                 probing: Callable[[bytes], bool]) -> None:
+                 health: HealthTracker[bytes], probing: Callable[[bytes], bool]) -> None:
         self.ctx = ctx
         self.local = local
         self.connect = connect
         self.handshake = handshake  # Hello/Welcome; registers the connection on success
+        self.health = health
         self.probing = probing  # a probe is dialling the peer itself
         self.dialing: dict[bytes, asyncio.Task[None]] = {}
 
     async def dial(self, node_id: bytes, addrs: list[str], relay_url: str,
                    credential: Optional[pb.InviteCredential]) -> PeerConn:
-        """Connect and run the handshake (which registers the connection)."""
+        """Connect and run the handshake; the outcome goes into the health tracker."""
+        try:
+            pc = await self._dial(node_id, addrs, relay_url, credential)
+        except BaseException:  # a timeout cancels the dial: that is a failure too
+            self.health.failed(node_id)
+            raise
+        self.health.succeeded(node_id)
+        return pc
+
+    async def _dial(self, node_id: bytes, addrs: list[str], relay_url: str,
+                    credential: Optional[pb.InviteCredential]) -> PeerConn:
         ctx = self.ctx
         if not addrs and not relay_url:
             raise PeerUnavailable("no address")
@@ -116,14 +129,14 @@ class Dialer:
         ctx = self.ctx
         for hexid, info in list(ctx.membership.peers.items()):
             nid = bytes.fromhex(hexid)
-            if nid != ctx.node_id and nid not in ctx.conns:
+            if nid != ctx.node_id and nid not in ctx.conns and self.health.may_try(nid):
                 ctx.tasks.spawn(self.dial_quiet(nid, info.get("addrs", []), info.get("relay_url", "")))
 
     # ------------------------------------------------------------ keeping the mesh full
 
     def maybe_dial(self, node_id: bytes, immediate: bool = False) -> None:
-        """Dial a peer we learned of, unless connected or already dialling; ``immediate``: fresh
-        evidence it is up (no grace)."""
+        """Dial a peer we learned of, unless connected, already dialling, or held back by its
+        failures; ``immediate``: fresh evidence it is up (no grace, no backoff)."""
         ctx = self.ctx
         if ctx.stopping or ctx.gossip is None or node_id == ctx.node_id:
             return
@@ -133,6 +146,9 @@ class Dialer:
         if ann is None or ann.leaving:  # a newer non-leaving announcement means it came back
             return
         if not ctx.config.dial_client_peers and self.local.kind == "client" and ann.kind == pb.NODE_KIND_CLIENT:
+            return
+        if not immediate and not self.health.may_try(node_id):
+            ctx.counters["dial.backoff"] += 1
             return
         delay = 0.0 if (immediate or ctx.node_id < node_id) else ctx.timers.transitive_dial_grace
         self.dialing[node_id] = ctx.tasks.spawn(self._dial_later(node_id, delay))
@@ -156,18 +172,13 @@ class Dialer:
             self.dialing.pop(node_id, None)
 
     async def reconnect_loop(self) -> None:
-        """Retry peers we know of but are not connected to; down peers less often (until pruned);
-        remembered peers from mesh.json while we have no connection at all."""
+        """Retry peers we know of but are not connected to (each as its backoff allows, until
+        pruned); remembered peers from mesh.json while we have no connection at all."""
         ctx = self.ctx
-        rounds = 0
         while not ctx.stopping:
             await ctx.clock.sleep(ctx.timers.reconnect_interval)
-            rounds += 1
             for nid, e in list(ctx.mesh_gossip.peers().items()):
-                st = ctx.liveness.state(nid)
-                if nid in ctx.conns or st == PeerState.LEFT or e.ann.leaving:
-                    continue
-                if st == PeerState.DOWN and rounds % 4:
+                if nid in ctx.conns or ctx.liveness.state(nid) == PeerState.LEFT or e.ann.leaving:
                     continue
                 self.maybe_dial(nid)
             if not ctx.conns and ctx.membership.peers:

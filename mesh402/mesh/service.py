@@ -7,7 +7,7 @@ and keeps the API the layers above use. None of them imports this module:
 
 - admission.py: the Hello/Welcome handshake on a new connection, from both ends;
 - invites.py: the tokens this node mints, revokes and honours;
-- dialer.py: joining, rejoining, dialling learned peers, redialling lost ones;
+- dialer.py: joining, rejoining, dialling learned peers, redialling lost ones (paced by health.py);
 - conns.py: the connection table and the rule for two connections to one peer;
 - streams.py: the streams a peer opens, to the mesh's handlers or those registered from above;
 - gossip_push.py: push-pull gossip; effects.py decides what a merged announcement means, and
@@ -43,6 +43,7 @@ from mesh402.mesh.framing import FramedStream, StreamType
 from mesh402.mesh.gossip import GossipState, Outcome
 from mesh402.mesh.gossip_push import GossipPush
 from mesh402.mesh.hardware import default_hardware
+from mesh402.mesh.health import Backoff, HealthTracker
 from mesh402.mesh.identity import NodeIdentity, endpoint_id, ensure_home
 from mesh402.mesh.invites import InviteBook
 from mesh402.mesh.liveness import LivenessTable, PeerState
@@ -74,6 +75,10 @@ class MeshService:
         self.counters = ctx.counters
         self.tasks = ctx.tasks
         self.endpoint: Optional[Endpoint] = None
+        # One record of which peers keep failing: the redials ask it (backoff from one reconnect
+        # round up to redial_backoff_max), and replica retry and pipeline failover can share it.
+        self.health: HealthTracker[bytes] = HealthTracker(
+            config.clock, Backoff(base=config.timers.reconnect_interval, cap=config.timers.redial_backoff_max))
         self.local = LocalInfo(kind=config.kind, name=config.name, version=config.version, api_port=config.api_port,
                                console_port=config.console_port, hardware=default_hardware())
         self.saver = MembershipSaver(ctx.membership, ctx.tasks)
@@ -81,9 +86,9 @@ class MeshService:
         self.announcer = Announcer(ctx, self.local, self.local_addrs, self.saver.schedule, self.push.schedule)
         self.invites = InviteBook(ctx, self.local_addrs, self.announcer.spend)
         self.admission = Admission(ctx, self.invites.use, self._after_offer, self._register)
-        self.dialer = Dialer(ctx, self.local, self._connect, self.admission.client_handshake,
+        self.dialer = Dialer(ctx, self.local, self._connect, self.admission.client_handshake, self.health,
                              probing=lambda nid: nid in self.watch.probing)
-        self.watch = LivenessWatch(ctx, self.dialer.dial, self.announcer.resign)
+        self.watch = LivenessWatch(ctx, self.dialer.dial, self.announcer.resign, self.health)
         self.demand = DemandBook(ctx, lambda entries: self.update_local(demand=entries))
         self.streams = StreamRouter(ctx, {
             StreamType.GOSSIP: self.push.handle,
@@ -159,6 +164,7 @@ class MeshService:
         await self.watch.farewell(lambda: self.announcer.build(leaving=True))
         conns.close_all(self.conns, CLOSE_LEAVING, "leaving")
         self.ctx.liveness = LivenessTable(self.timers, self.clock)
+        self.health.clear()  # failures in the old mesh say nothing about the new one
         self.membership.peers = {}
         self.joined_at = None
         self._init_gossip(tok.mesh_id)
@@ -236,6 +242,7 @@ class MeshService:
         doubtful = self.liveness.state(nid) in (PeerState.SUSPECT, PeerState.DOWN, PeerState.LEFT)
         if not conns.place(self.conns, pc, self.node_id, doubtful, self.timers.duplicate_window, self.counters):
             return
+        self.health.succeeded(nid)
         was_new = self.liveness.connected(nid, pc.boot_id)
         ann = self.gossip.get(nid) if self.gossip else None
         if ann is not None:

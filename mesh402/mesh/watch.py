@@ -21,6 +21,7 @@ from mesh402.mesh.conns import CLOSE_DOWN, CLOSE_NORMAL, CLOSE_REPLACED, PeerCon
 from mesh402.mesh.errors import PeerUnavailable
 from mesh402.mesh.framing import FramedStream, StreamType, make_frame
 from mesh402.mesh.gossip import Entry
+from mesh402.mesh.health import HealthTracker
 from mesh402.mesh.identity import short_id
 from mesh402.mesh.liveness import PeerState
 from mesh402.mesh.proto import mesh_pb2 as pb
@@ -51,10 +52,12 @@ def stale_ghosts(entries: Iterable[tuple[bytes, Entry]], connected: Iterable[byt
 
 
 class LivenessWatch:
-    def __init__(self, ctx: MeshContext, dial: Dial, resign: Callable[[bool], None]) -> None:
+    def __init__(self, ctx: MeshContext, dial: Dial, resign: Callable[[bool], None],
+                 health: HealthTracker[bytes]) -> None:
         self.ctx = ctx
         self.dial = dial
         self.resign = resign  # re-sign our announcement (our peer set changed)
+        self.health = health
         self.probing: set[bytes] = set()
 
     # ------------------------------------------------------------ pings and heartbeats
@@ -305,6 +308,7 @@ class LivenessWatch:
     def _forget(self, node_id: bytes) -> None:
         self.ctx.mesh_gossip.forget(node_id)
         self.ctx.liveness.remove(node_id)
+        self.health.forget(node_id)
         self.ctx.events.emit("peer_pruned", node_id=node_id.hex())
 
     async def prune_loop(self) -> None:
