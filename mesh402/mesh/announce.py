@@ -32,7 +32,7 @@ class LocalInfo:
     labels: dict[str, str] = field(default_factory=dict)
 
 
-def kind_enum(kind: str) -> "pb.NodeKind.ValueType":
+def kind_enum(kind: str) -> pb.NodeKind:
     return pb.NODE_KIND_CLIENT if kind == "client" else pb.NODE_KIND_SERVING
 
 
