@@ -84,8 +84,8 @@ def test_abrupt_loss_is_detected_and_reported(tmp_path):
         await c.start(join=a.invite_token)
         await wait_for(lambda: full_mesh([a, b, c]))
         # c vanishes without a goodbye: drop its endpoint only
-        c._stopping = True
-        for t in list(c._tasks):
+        c.tasks.stopping = True
+        for t in list(c.tasks.running):
             t.cancel()
         await c.endpoint.close()
         t0 = time.perf_counter()
@@ -252,7 +252,7 @@ def test_single_use_and_revoked_tokens_are_refused_mesh_wide(tmp_path):
             await svc(tmp_path, "c2").start(join=invite.encode_token(edited))
         # a single-use token is honoured by its issuer alone
         with pytest.raises(InviteError, match="only by the member that minted it"):
-            b._use_invite(invite.decode_token(a.mint_invite(600, single_use=True)).credential)
+            b.invites.use(invite.decode_token(a.mint_invite(600, single_use=True)).credential)
 
         # b mints a reusable token; a revokes it; b learns it by gossip and refuses it
         by_b = b.mint_invite(600)

@@ -37,6 +37,7 @@ class MeshTimers:
     duplicate_window: float = 2.0  # two connections this close in time were a simultaneous dial
     down_report_ignore: float = 60.0  # repeat PeerDown from the same reporter ignored
     reconnect_interval: float = 15.0  # retry known-but-unconnected peers
+    redial_backoff_max: float = 60.0  # a peer failing again and again is redialled at most this seldom
     demand_announce_delay: float = 2.0  # coalesce demand updates into one re-announcement
     demand_ttl: float = 86400.0  # demand entries older than this are dropped
     join_attempts: int = 3
@@ -64,6 +65,7 @@ class MeshTimers:
             duplicate_window=1.0,
             down_report_ignore=2.0,
             reconnect_interval=1.0,
+            redial_backoff_max=4.0,
             join_attempts=3,
             join_backoff=0.3,
             demand_announce_delay=0.05,

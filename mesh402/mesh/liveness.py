@@ -1,6 +1,6 @@
 """Liveness bookkeeping: heartbeats, suspicion, probe-confirmed down, leave, prune.
 
-Pure state driven by :class:`mesh402.mesh.service.MeshService` and an
+Pure state driven by :class:`mesh402.mesh.watch.LivenessWatch` and an
 injectable clock (``MeshTimers`` holds every interval):
 
 - every ``heartbeat_interval`` the service pings each direct peer; a pong

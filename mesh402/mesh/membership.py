@@ -64,6 +64,9 @@ class Membership:
     def is_member(self) -> bool:
         return bool(self.mesh_id) and (self.policy == pb.ADMISSION_OPEN or self.secret is not None)
 
+    def member_of(self, mesh_id: str) -> bool:
+        return self.mesh_id == mesh_id and self.is_member
+
     @property
     def policy_name(self) -> str:
         return POLICY_NAMES.get(self.policy, "secret")
