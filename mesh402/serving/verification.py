@@ -237,7 +237,7 @@ class TrustServices:
             on = f" on {devices[0]} (fast-mode work is judged on the same kernels)" if devices else ""
             return {"error": f"no validator in the mesh (a node started with --validator){on}"}
         vnode, vaddr = v
-        text, h = self.statement(epoch, self.me, node, vaddr, [c.digest for c in checks])
+        text, h = statement(epoch, self.me, node, vaddr, [c.digest for c in checks])
         try:
             got = await self._ask(node, K.STAGE_KIND_VALIDATION_ASK, {"statement": text, "epoch": str(epoch)}, timeout)
             agent = int(got.params["agent_id"])
