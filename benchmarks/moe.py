@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 
-from tests._engine_util import add_attention_and_stub_vocab  # noqa: E402  (the tiny-GGUF header the tests use)
+from harness.tiny_gguf import add_attention_and_stub_vocab  # noqa: E402  (the tiny-GGUF header the tests use)
 
 
 def write_model(path: Path, *, layers: int, experts: int, used: int, hidden: int, ffe: int, vocab: int,

@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 
-from tests.chainutil import (decode_b64json, get_402, sign_payment, start_chain, start_facilitator,  # noqa: E402
-                             start_paid_node, x402_client)
-from tests.procs import MESH402, NodeProcess, free_port  # noqa: E402
+from harness.dev_chain import start_chain, start_facilitator, start_paid_node  # noqa: E402
+from harness.procs import MESH402, NodeProcess, free_port  # noqa: E402
+from harness.x402_payments import decode_b64json, get_402, sign_payment, x402_client  # noqa: E402
 
 CHAT = "/v1/chat/completions"
 

@@ -54,7 +54,7 @@ from mesh402.engine import Engine  # noqa: E402
 from mesh402.engine.replay import TOLERANCE, fingerprint, replay  # noqa: E402
 from mesh402.engine.activations import activation_hash, decode_activations, encode_activations  # noqa: E402
 from mesh402.models.catalog import bundled_model_path  # noqa: E402
-from tests.tamper import stage_outputs, tamper_engine, upstream_inputs  # noqa: E402
+from harness.tamper import stage_outputs, tamper_engine, upstream_inputs  # noqa: E402
 
 PATH = bundled_model_path()
 STAGES = {"last [15,30)": (15, 30), "middle [10,20)": (10, 20)}

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import NetnsPair, netns_pair  # noqa: F401
-from tests.procs import MESH402, NodeProcess, free_port
+from harness.procs import MESH402, NodeProcess, free_port
+from tests.support.netns import NetnsPair
 
 BROWSE = """
 import asyncio, json

@@ -18,9 +18,8 @@ import pytest
 
 from mesh402.discovery.listing import MeshListing
 from mesh402.discovery.nostr import fetch_listings
-from tests.meshutil import MeshNodes, mesh_nodes, wait_until  # noqa: F401
-from tests.procs import MESH402, REPO
-from tests.nostrutil import nostr_relay  # noqa: F401
+from harness.mesh_nodes import MeshNodes, wait_until
+from harness.procs import MESH402, REPO
 
 
 def listings(url: str) -> list[MeshListing]:

@@ -16,9 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.chainutil import (DevChain, decode_b64json, get_402, sign_payment, start_chain, start_facilitator,
-                             start_paid_node, x402_client)
-from tests.procs import MESH402, NodeProcess
+from harness.dev_chain import DevChain, start_chain, start_facilitator, start_paid_node
+from harness.procs import MESH402, NodeProcess
+from harness.x402_payments import decode_b64json, get_402, sign_payment, x402_client
 
 PRICE = 10_000  # 0.01 USDC per request
 RATE = 20_000  # 0.02 USDC per 1k tokens -> 20 atomic units per token

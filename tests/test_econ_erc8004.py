@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from web3.logs import DISCARD
 
-from tests.chainutil import DevChain, start_chain
+from harness.dev_chain import DevChain, start_chain
 
 # ---- the ERC-8004 interface (erc-8004-contracts b9e466c2), as canonical signatures --------------
 

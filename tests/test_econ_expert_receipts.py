@@ -41,7 +41,7 @@ from mesh402.serving.experts import MeshExpertTransport, ExpertService
 from mesh402.serving.generation import LocalModel  # noqa: E402
 from mesh402.serving.stage_link import MemoryLink  # noqa: E402
 
-from _moe_util import E, FFE, H, K, NL, SEQ, hf_moe, write_moe_gguf  # noqa: E402
+from tests.support.moe_models import E, FFE, H, K, NL, SEQ, hf_moe, write_moe_gguf  # noqa: E402
 
 HASH = "ab" * 32
 PROMPTS = (SEQ[:12], SEQ[20:27])  # two requests of different lengths

@@ -17,7 +17,7 @@ from mesh402.settings import NodeConfig, PaymentsConfig
 from mesh402.api.x402.gate import PaymentGate
 from mesh402.api.x402.stream import paid_sse
 from mesh402.serving.generation import Delta, Finished
-from tests.chainutil import decode_b64json, sign_payment
+from harness.x402_payments import decode_b64json, sign_payment
 
 TOKEN = "0x" + "ab" * 20
 PAY_TO = "0x" + "cd" * 20

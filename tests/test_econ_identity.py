@@ -14,9 +14,9 @@ import httpx
 import pytest
 from web3.logs import DISCARD
 
-from tests.chainutil import DevChain, start_chain
-from tests.meshutil import MeshNode, MeshNodes
-from tests.procs import MESH402
+from harness.dev_chain import DevChain, start_chain
+from harness.mesh_nodes import MeshNode, MeshNodes
+from harness.procs import MESH402
 
 
 @dataclass
@@ -161,7 +161,7 @@ def test_forged_bindings_are_rejected(env: Env) -> None:
 def test_peers_show_gossiped_claims_verified_and_a_false_claim_unverified(env: Env) -> None:
     import json
 
-    from tests.meshutil import wait_until
+    from harness.mesh_nodes import wait_until
     aid, bid = agent_of(env.a), agent_of(env.b)
     wait_until(lambda: (env.a.peers()[env.b.node_id]["announcement"]["labels"].get("erc8004", "")).endswith(f"/{bid}"),
                timeout=30, what="b's agent claim gossiped to a")

@@ -8,9 +8,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.chainutil import DevChain, start_chain, start_facilitator, x402_client
-from tests.meshutil import MeshNodes, wait_until
-from tests.procs import NodeProcess
+from harness.dev_chain import DevChain, start_chain, start_facilitator
+from harness.mesh_nodes import MeshNodes, wait_until
+from harness.procs import NodeProcess
+from harness.x402_payments import x402_client
 
 PRICE = 10_000  # 0.01 USDC
 

@@ -16,10 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.chainutil import DevChain, decode_b64json, start_chain, start_facilitator, x402_client
-from tests.hostile import EvilMember
-from tests.meshutil import MeshNode, MeshNodes, wait_until
-from tests.procs import NodeProcess
+from harness.dev_chain import DevChain, start_chain, start_facilitator
+from harness.mesh_nodes import MeshNode, MeshNodes, wait_until
+from harness.procs import NodeProcess
+from harness.x402_payments import decode_b64json, x402_client
+from tests.support.hostile import EvilMember
 
 MODEL = "smollm2-135m-instruct"
 HOST_PRICE, ENTRY_PRICE = 10_000, 2_000

@@ -13,7 +13,7 @@ from eth_account import Account
 from mesh402.api.schemas import ChatCompletionRequest
 from mesh402.api.x402.gate import PaymentGate
 from mesh402.api.x402.proxy import paid_proxy
-from tests.chainutil import decode_b64json, sign_payment
+from harness.x402_payments import decode_b64json, sign_payment
 from mesh402.api.errors import APIError
 from tests.test_econ_gate import FakeFacilitator, cfg, request
 

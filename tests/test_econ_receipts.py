@@ -44,7 +44,7 @@ def chain_for(rid: str, nodes: list[NodeIdentity], bounds: list[int], tokens: in
 
 def test_flops_per_token_from_the_tensor_table() -> None:
     from mesh402.models.gguf_meta import read_gguf_meta
-    from tests._engine_util import smollm2_gguf
+    from tests.support.engine import smollm2_gguf
     m = read_gguf_meta(smollm2_gguf())
     hdim, ffn, kv = m.hidden, m.ffn, m.n_kv_heads * m.head_dim
     per_layer = 2 * (3 * hdim * ffn + 2 * hdim * hdim + 2 * kv * hdim)  # q,o + k,v + gate,up,down
@@ -151,8 +151,8 @@ def test_epoch_distribution_over_a_two_node_split_matches_work_units(tmp_path: P
     from mesh402.economics.toolchain import tools_ready
     from mesh402.work.units import FlopsTable
     from mesh402.models.gguf_meta import read_gguf_meta
-    from tests._engine_util import smollm2_gguf
-    from tests.chainutil import start_chain
+    from harness.dev_chain import start_chain
+    from tests.support.engine import smollm2_gguf
     if not tools_ready():
         pytest.fail("the npm contract toolchain is missing: run bash scripts/setup-dev-extra.sh")
     meta = read_gguf_meta(smollm2_gguf())
@@ -228,8 +228,8 @@ def _entry_with_paid_epoch_5(tmp_path: Path) -> tuple[Path, NodeIdentity, NodeId
     from mesh402.economics.erc8004 import register_node
     from mesh402.economics.ledger import Ledger
     from mesh402.models.gguf_meta import read_gguf_meta
-    from tests._engine_util import smollm2_gguf
-    from tests.chainutil import start_chain
+    from harness.dev_chain import start_chain
+    from tests.support.engine import smollm2_gguf
     meta = read_gguf_meta(smollm2_gguf())
     home = tmp_path / "entry"
     home.mkdir()
@@ -263,7 +263,7 @@ def _entry_with_paid_epoch_5(tmp_path: Path) -> tuple[Path, NodeIdentity, NodeId
 
 def test_mesh402_payout_pays_an_epoch_to_registered_nodes_by_work_units(tmp_path: Path) -> None:
     from mesh402.cli.economics import earnings_status_lines
-    from tests.procs import MESH402
+    from harness.procs import MESH402
     home, s0, s1, meta, chain = _entry_with_paid_epoch_5(tmp_path)
     try:
         b0, b1 = chain.balance("node-0"), chain.balance("node-1")

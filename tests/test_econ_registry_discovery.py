@@ -10,9 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.chainutil import start_chain
-from tests.meshutil import MeshNodes, wait_until
-from tests.procs import MESH402
+from harness.dev_chain import start_chain
+from harness.mesh_nodes import MeshNodes, wait_until
+from harness.procs import MESH402
 
 
 def register(chain_dir: Path, home: Path, account: str) -> None:

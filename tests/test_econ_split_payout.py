@@ -8,10 +8,12 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.chainutil import buy_chat, entry_receipts, paid_chain
-from tests.meshutil import MeshNodes, wait_until
-from tests.procs import MESH402
-from tests.reference import ready_plan as plan_of
+from harness.dev_chain import entry_receipts
+from harness.mesh_nodes import MeshNodes, wait_until
+from harness.procs import MESH402
+from harness.reference import ready_plan as plan_of
+from harness.x402_payments import buy_chat
+from tests.support.chain import paid_chain
 from tests.test_split_nodes import SPLIT_ARGS
 
 MODEL = "smollm2-135m-instruct"

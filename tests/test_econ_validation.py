@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.chainutil import DevChain, start_chain
+from harness.dev_chain import DevChain, start_chain
 
 VALIDATOR, ENTRY_WALLET = "buyer-0", "buyer-1"  # roles for the chain's funded accounts
 EPOCH_S = 10**9  # one epoch spans the whole test run: epoch 1

@@ -2,7 +2,7 @@
 
 Three registered nodes serve a paid request as a 3-stage split: the entry A (stage 0), an honest B and a
 node C that cheats (1% activation perturbation or a skipped layer in exact mode, a substituted Q4_0
-quantization in fast mode; the test-only entry point tests.tamper_node: no user
+quantization in fast mode; the test-only entry point tests.support.tamper_node: no user
 flag does this), or, in the honest fast (bf16) case, does not. A fourth node V is the mesh's validator: it holds the model
 on disk but is too small to take a stage. The entry audits the request (each node's first request in an
 epoch always is). `mesh402 payout` runs the validation round (B and C request ERC-8004 validation of their
@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.chainutil import buy_chat, entry_receipts, paid_chain
-from tests.meshutil import MeshNodes, wait_until
-from tests.procs import MESH402
-from tests.reference import ready_plan
+from harness.dev_chain import entry_receipts
+from harness.mesh_nodes import MeshNodes, wait_until
+from harness.procs import MESH402
+from harness.reference import ready_plan
+from harness.x402_payments import buy_chat
+from tests.support.chain import paid_chain
 
 MODEL = "smollm2-135m-instruct"
 
@@ -50,7 +52,7 @@ def test_tampering_stage_is_caught_not_paid_and_recorded_on_chain(tmp_path: Path
         c = nodes.start("c", join=tok, no_model=False, wait=False,
                         extra=["--mode", mode, "--max-vram", "0.05", *owner("node-2")],
                         env={"MESH402_TAMPER": cheat} if cheat else None,
-                        launcher=[sys.executable, "-m", "tests.tamper_node"] if cheat else None)
+                        launcher=[sys.executable, "-m", "tests.support.tamper_node"] if cheat else None)
         v = nodes.start("v", join=tok, no_model=False, wait=False,
                         extra=["--mode", mode, "--max-vram", "0.0001", "--validator", *owner("node-3")])
         for n in (b, c, v):

@@ -15,7 +15,8 @@ torch.set_num_threads(1)
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-from tests._engine_util import add_attention_and_stub_vocab, add_weight, finish_gguf, our_logits, permute_qk  # noqa: E402
+from harness.tiny_gguf import add_attention_and_stub_vocab, add_weight, finish_gguf, permute_qk  # noqa: E402
+from tests.support.engine import our_logits  # noqa: E402
 
 V, H, FF, NH, NKV, HD, NL = 256, 64, 128, 4, 2, 16, 3
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -4,7 +4,7 @@ import torch
 
 from mesh402.engine import ContextTooLong, Engine, EngineError, EngineFull, Stage
 from mesh402.models.gguf_meta import read_gguf_meta
-from tests._engine_util import smollm2_gguf
+from tests.support.engine import smollm2_gguf
 
 torch.set_num_threads(1)
 

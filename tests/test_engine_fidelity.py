@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from tests._engine_util import smollm2_gguf
+from tests.support.engine import smollm2_gguf
 
 torch.set_num_threads(1)
 

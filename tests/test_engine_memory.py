@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from tests._engine_util import smollm2_gguf
+from tests.support.engine import smollm2_gguf
 
 SCRIPT = textwrap.dedent("""
     import json, sys, psutil, torch

@@ -17,8 +17,8 @@ gguf = pytest.importorskip("gguf")
 from mesh402.engine import Engine  # noqa: E402
 from mesh402.engine.weights import open_source  # noqa: E402
 
-from tests._engine_util import our_logits  # noqa: E402
-from _moe_util import ARCHS, FFE, FFS, SEQ, hf_moe, ref_logits, roundtrip_quant, write_moe_gguf  # noqa: E402
+from tests.support.engine import our_logits  # noqa: E402
+from tests.support.moe_models import ARCHS, FFE, FFS, SEQ, hf_moe, ref_logits, roundtrip_quant, write_moe_gguf  # noqa: E402
 
 N_PROMPT = 36
 
@@ -117,7 +117,7 @@ def test_qwen2moe_dense_mlp_layers(tmp_path):
     """qwen2moe's mlp_only_layers: a dense MLP layer between MoE layers."""
     from transformers import Qwen2MoeConfig
 
-    from _moe_util import E, H, K, NH, NKV, NL, V
+    from tests.support.moe_models import E, H, K, NH, NKV, NL, V
 
     cfg = Qwen2MoeConfig(vocab_size=V, hidden_size=H, num_hidden_layers=NL, num_attention_heads=NH,
                          num_key_value_heads=NKV, max_position_embeddings=256, rms_norm_eps=1e-5,

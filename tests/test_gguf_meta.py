@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mesh402.models.gguf_meta import file_fingerprint, read_gguf_meta, tensor_nbytes
-from tests._engine_util import smollm2_gguf
+from tests.support.engine import smollm2_gguf
 
 
 @pytest.fixture(scope="module")

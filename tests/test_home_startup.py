@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.meshutil import MeshNode, MeshNodes, mesh_nodes  # noqa: F401 (mesh_nodes: fixture)
-from tests.procs import MESH402, free_port
+from harness.mesh_nodes import MeshNode, MeshNodes
+from harness.procs import MESH402, free_port
 
 REFUSE_TIMEOUT_S = 30  # a refused start takes about a second; one that is not refused never ends
 
@@ -170,7 +170,8 @@ def test_a_paid_answers_receipt_survives_a_kill9_right_after_the_answer(tmp_path
     from mesh402.work.receipts import ReceiptStore
     from mesh402.economics.toolchain import tools_ready
     from mesh402.mesh.identity import NodeIdentity
-    from tests.chainutil import buy_chat, start_chain, start_facilitator, start_paid_node
+    from harness.dev_chain import start_chain, start_facilitator, start_paid_node
+    from harness.x402_payments import buy_chat
 
     if not tools_ready():
         pytest.fail("the npm contract toolchain is missing: run bash scripts/setup-dev-extra.sh")

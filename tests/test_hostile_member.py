@@ -19,9 +19,9 @@ import pytest
 
 from mesh402.mesh.proto import mesh_pb2 as pb
 from mesh402.serving.stage_link import K, Hop
-from tests.hostile import EvilMember, assign_frame, open_frame
-from tests.meshutil import MeshNode, MeshNodes, wait_until
-from tests.reference import ready_plan
+from harness.mesh_nodes import MeshNode, MeshNodes, wait_until
+from harness.reference import ready_plan
+from tests.support.hostile import EvilMember, assign_frame, open_frame
 
 MODEL = "smollm2-135m-instruct"
 SPLIT_ARGS = ["--mode", "exact", "--max-vram", "0.08"]  # the ~98 MB model needs both nodes

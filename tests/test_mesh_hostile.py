@@ -24,7 +24,7 @@ from mesh402.mesh.gossip import sign_announcement, signing_payload
 from mesh402.mesh.identity import NodeIdentity
 from mesh402.mesh.proto import mesh_pb2 as pb
 from mesh402.mesh.service import MeshService
-from tests.meshutil import MeshNodes, mesh_nodes, wait_until  # noqa: F401
+from harness.mesh_nodes import MeshNodes, wait_until
 
 from iroh import Endpoint, EndpointAddr, EndpointId, EndpointOptions, RelayMode, SecretKey, preset_minimal
 

@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from mesh402.mesh import invite
-from tests.meshutil import MeshNodes, mesh_nodes, wait_until  # noqa: F401
-from tests.procs import MESH402
+from harness.mesh_nodes import MeshNodes, wait_until
+from harness.procs import MESH402
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.meshutil import MeshNodes, mesh_nodes, wait_until  # noqa: F401
+from harness.mesh_nodes import MeshNodes, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -56,7 +56,7 @@ def test_wrong_tokens_refused_with_one_line(mesh_nodes: MeshNodes, tmp_path):
     import subprocess
 
     from mesh402.mesh import invite
-    from tests.procs import MESH402
+    from harness.procs import MESH402
 
     a = mesh_nodes.start("a")
     good = a.token()

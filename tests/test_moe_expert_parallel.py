@@ -18,8 +18,8 @@ from mesh402.models.gguf_meta import read_gguf_meta  # noqa: E402
 from mesh402.placement import ModelLayout, plan_experts  # noqa: E402
 from mesh402.engine.expert_parallel import ExpertShardWorker, ExpertUnavailable, LoopbackTransport, RemoteExperts, local_workers_for_plan, owners_from_plan
 
-from _moe_util import E, H, K, NL, SEQ, hf_moe, write_moe_gguf  # noqa: E402
-from _placement_util import full_mesh  # noqa: E402
+from tests.support.moe_models import E, H, K, NL, SEQ, hf_moe, write_moe_gguf  # noqa: E402
+from tests.support.placement import full_mesh  # noqa: E402
 
 PROMPT = SEQ[:20]
 N_GEN = 10

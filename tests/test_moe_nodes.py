@@ -15,10 +15,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests._engine_util import smollm2_gguf
-from tests._moe_util import write_chat_moe_gguf
-from tests.reference import greedy_text, ready_plan
-from tests.meshutil import MeshNodes, wait_until
+from harness.mesh_nodes import MeshNodes, wait_until
+from harness.reference import greedy_text, ready_plan
+from tests.support.engine import smollm2_gguf
+from tests.support.moe_models import write_chat_moe_gguf
 
 MESSAGES = [{"role": "user", "content": "Name three rivers in Europe."}]
 MAX_TOKENS = 24
@@ -135,7 +135,7 @@ def test_expert_frames_from_a_member_that_is_not_the_host_are_refused(mesh2, moe
     from mesh402.models.gguf_meta import file_fingerprint
     from mesh402.engine.expert_parallel import encode_request
     from mesh402.serving.stage_link import K, stage_frame
-    from tests.hostile import EvilMember
+    from tests.support.hostile import EvilMember
 
     _, (a, b) = mesh2
     plan = plan_of(a)

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import httpx
 
-from tests.chainutil import buy_chat, entry_receipts, paid_chain
-from tests.meshutil import MeshNodes, wait_until
-from tests.reference import ready_plan as plan_of
+from harness.dev_chain import entry_receipts
+from harness.mesh_nodes import MeshNodes, wait_until
+from harness.reference import ready_plan as plan_of
+from harness.x402_payments import buy_chat
+from tests.support.chain import paid_chain
 from tests.test_moe_nodes import BUDGET, MESSAGES, moe_model  # noqa: F401 - the module fixture
 
 MAX_TOKENS = 8

@@ -21,8 +21,8 @@ from mesh402.placement import (
     usable_bytes,
 )
 from mesh402.placement.capacity import fixed_stage_bytes, shared_machine_capacities
-from tests._engine_util import smollm2_gguf
-from tests._placement_util import KEY, MB, layout, mesh, node
+from tests.support.engine import smollm2_gguf
+from tests.support.placement import KEY, MB, layout, mesh, node
 
 # -- node capacity -------------------------------------------------------------
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import itertools
 
 from mesh402.placement import MeshSnapshot, elect_host, host_ranking
-from tests._placement_util import KEY, MB, mesh, node
+from tests.support.placement import KEY, MB, mesh, node
 
 
 def test_most_capacity_wins():

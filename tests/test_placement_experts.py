@@ -15,7 +15,7 @@ from mesh402.placement import (
     fits,
     plan_experts,
 )
-from tests._placement_util import KEY, MB, full_mesh, mesh, node
+from tests.support.placement import KEY, MB, full_mesh, mesh, node
 
 N_EXP, N_LAYERS, EXPERT = 8, 4, MB  # 8 experts of 1 MB in each of 4 layers: 32 MB of experts
 

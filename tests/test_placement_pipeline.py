@@ -17,7 +17,7 @@ from mesh402.placement import (
     split_peers,
     stage_bytes,
 )
-from tests._placement_util import KEY, MB, check_plan, full_mesh, layout, mesh, node, smollm2_layout
+from tests.support.placement import KEY, MB, check_plan, full_mesh, layout, mesh, node, smollm2_layout
 
 GB = 10**9
 

@@ -22,7 +22,7 @@ from mesh402.placement import (
     split_peers,
 )
 from mesh402.placement.types import StageAssignment
-from tests._placement_util import KEY, MB, check_plan
+from tests.support.placement import KEY, MB, check_plan
 
 IDS = ["a", "b", "c", "d", "e", "f"]
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.procs import REPO
+from harness.procs import REPO
 
 
 def readme_commands() -> list[str]:

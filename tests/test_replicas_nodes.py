@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from mesh402.routing.affinity import rendezvous
-from tests._router_util import make_variant
-from tests.meshutil import MeshNode, MeshNodes, wait_until
+from harness.mesh_nodes import MeshNode, MeshNodes, wait_until
+from tests.support.model_variants import make_variant
 
 MODEL = "smollm2-135m-instruct"
 SYSTEM = "You are a meticulous assistant who answers in one short sentence. " * 6

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests._router_util import make_variant
-from tests.meshutil import MeshNode, MeshNodes, wait_until
-from tests.nostrutil import RelayThread
+from harness.mesh_nodes import MeshNode, MeshNodes, wait_until
+from harness.nostr_relay import RelayThread
+from tests.support.model_variants import make_variant
 
 BUNDLED = "smollm2-135m-instruct"
 

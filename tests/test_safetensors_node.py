@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.meshutil import MeshNodes, wait_until
+from harness.mesh_nodes import MeshNodes, wait_until
 
 
 @pytest.fixture(scope="module")

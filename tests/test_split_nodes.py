@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.reference import greedy_text, ready_plan
-from tests.meshutil import MeshNode, MeshNodes, wait_until
+from harness.mesh_nodes import MeshNode, MeshNodes, wait_until
+from harness.reference import greedy_text, ready_plan
 
 MODEL = "smollm2-135m-instruct"
 MESSAGES = [{"role": "user", "content": "Write three sentences about the history of Paris."}]

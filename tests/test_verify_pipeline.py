@@ -15,7 +15,7 @@ from mesh402.work.evidence import Auditor, spot_checks
 from mesh402.engine import Engine
 from mesh402.models.catalog import bundled_model_path
 from mesh402.serving.spot_checks import PASS_SCORE, judge
-from tests.tamper import tamper_engine
+from harness.tamper import tamper_engine
 from tests.test_econ_receipts_pipeline import executor, prompt, run_with_receipts  # noqa: F401 (fixtures)
 
 PATH = bundled_model_path()

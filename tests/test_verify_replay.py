@@ -16,7 +16,7 @@ from mesh402.work.evidence import fingerprint_ids
 from mesh402.engine import Engine
 from mesh402.engine.replay import TOLERANCE, ReplayResult, replay
 from mesh402.models.catalog import bundled_model_path
-from tests.tamper import CHEATS, stage_outputs, tamper_engine, upstream_inputs
+from harness.tamper import CHEATS, stage_outputs, tamper_engine, upstream_inputs
 
 PATH = bundled_model_path()
 MID, LAST = (10, 16), (24, 30)  # short stages keep the file fast
@@ -166,7 +166,7 @@ def test_bad_expected_output_is_a_clear_failure(request_inputs, validators) -> N
 def test_install_tampers_every_engine_the_worker_loads(monkeypatch) -> None:
     from types import SimpleNamespace
 
-    from tests.tamper import install
+    from harness.tamper import install
 
     worker = SimpleNamespace(loader=lambda h, a, b: load((a, b), "exact"))
     monkeypatch.delenv("MESH402_TAMPER", raising=False)

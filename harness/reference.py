@@ -1,4 +1,5 @@
-"""Reference answers for multi-node tests: one in-process engine, exact mode, greedy."""
+"""Reference answers for multi-node tests: one in-process engine, exact mode, greedy; and the ready plan a
+node shows (any object with a `status()` of the management API)."""
 
 from __future__ import annotations
 

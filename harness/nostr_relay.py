@@ -1,12 +1,9 @@
-"""A nostr-sdk LocalRelay on loopback for discovery tests, run in a background thread."""
+"""A nostr-sdk LocalRelay on loopback for discovery tests and benchmarks, run in a background thread."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
-
-import pytest
 
 
 class RelayThread:
@@ -42,11 +39,3 @@ class RelayThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
 
-
-@pytest.fixture
-def nostr_relay() -> Iterator[RelayThread]:
-    r = RelayThread().start()
-    try:
-        yield r
-    finally:
-        r.stop()

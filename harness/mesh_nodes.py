@@ -1,8 +1,8 @@
-"""Multi-node test helpers: start `mesh402` node processes that form a mesh on loopback.
+"""Multi-node helpers: start `mesh402` node processes that form a mesh on loopback.
 
 Model-free nodes (`serve --no-model`, `client`) with temp homes, free ports and
 fast mesh timers; wait on the management API; kill everything at teardown.
-Later multi-node tests (distributed inference) reuse :func:`mesh_nodes`:
+Tests get a :class:`MeshNodes` from the `mesh_nodes` fixture (tests/support/nodes.py):
 
     def test_x(mesh_nodes):
         a = mesh_nodes.start("a")                       # serve --no-model, creates a mesh
@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
 import httpx
-import pytest
 
 from mesh402.home import Home
-from tests.procs import MESH402, NodeProcess, free_port
+from harness.procs import MESH402, NodeProcess, free_port
 
 
 class MeshNode:
@@ -113,7 +112,7 @@ class MeshNodes:
         launcher: Optional[list[str]] = None,
     ) -> MeshNode:
         """`launcher`: the command that runs the CLI (default `python -m mesh402.cli`; a test-only entry
-        point such as tests.tamper_node for a cheating node)."""
+        point such as tests.support.tamper_node for a cheating node)."""
         home = home or (self.root / name)
         api_port = api_port or free_port()
         console_port = console_port or free_port()
@@ -167,11 +166,3 @@ class MeshNodes:
             except Exception:
                 pass
 
-
-@pytest.fixture
-def mesh_nodes(tmp_path: Path) -> Iterator[MeshNodes]:
-    nodes = MeshNodes(tmp_path)
-    try:
-        yield nodes
-    finally:
-        nodes.stop_all()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tests._engine_util import add_attention_and_stub_vocab, add_weight, finish_gguf, permute_qk
+from harness.tiny_gguf import add_attention_and_stub_vocab, add_weight, finish_gguf, permute_qk
 
 V, H, NH, NKV, HD, NL = 128, 64, 4, 2, 16, 2
 E, K, FFE, FFS = 8, 2, 32, 64

@@ -1,6 +1,6 @@
 """Test-only entry point: a `mesh402` node process whose stage worker runs tampered engines (a cheating
-stage, `$MESH402_TAMPER`, see tests/tamper.py). The verification tests start it as
-`python -m tests.tamper_node serve ...` instead of `python -m mesh402.cli serve ...`; nothing in the
+stage, `$MESH402_TAMPER`, see harness/tamper.py). The verification tests start it as
+`python -m tests.support.tamper_node serve ...` instead of `python -m mesh402.cli serve ...`; nothing in the
 product reads a hook from the environment."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from mesh402.serving import distributed
-from tests.tamper import install
+from harness.tamper import install
 
 _init = distributed.DistributedRuntime.__init__
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from mesh402.placement import MeshSnapshot, ModelLayout, NodeSnapshot
-from tests._engine_util import smollm2_gguf
+from tests.support.engine import smollm2_gguf
 
 KEY = "m@0"
 MB = 10**6

@@ -1,4 +1,4 @@
-"""Start real mesh402 node processes for tests: free ports, temp homes, readiness waits, cleanup."""
+"""Start real mesh402 node processes for tests and benchmarks: free ports, temp homes, readiness waits, cleanup."""
 
 from __future__ import annotations
 

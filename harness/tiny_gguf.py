@@ -1,15 +1,6 @@
-"""Shared helpers for engine tests: the bundled model, tiny random-weight GGUFs (header, Q/K row order,
-tensors), and our engine's logits over a sequence."""
+"""Tiny random-weight GGUFs for engine tests and benchmarks: the header keys every tiny model shares, Q/K row
+order, tensors in a quantization type, and writing the file out."""
 from __future__ import annotations
-
-from pathlib import Path
-
-from mesh402.models.catalog import bundled_model_path
-
-
-def smollm2_gguf() -> Path:
-    """The bundled SmolLM2 GGUF; a missing package fails with the command that installs it."""
-    return bundled_model_path()
 
 
 def add_attention_and_stub_vocab(w, *, n_heads: int, n_kv_heads: int, head_dim: int, rope_base: float,
@@ -57,18 +48,3 @@ def finish_gguf(w) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-
-
-def our_logits(path, seq: list[int], n_prompt: int, mode: str = "exact"):
-    """(logits after the prefill of seq[:n_prompt] and after each decode of the rest, stacked; the engine)."""
-    import torch
-
-    from mesh402.engine import Engine
-
-    eng = Engine.load(path, mode=mode, load_tokenizer=False)
-    s = eng.new_session(len(seq) + 1)
-    out = [s.prefill(seq[:n_prompt])]
-    for t in seq[n_prompt:]:
-        out.append(s.decode(t))
-    s.close()
-    return torch.stack(out), eng

@@ -9,7 +9,7 @@
   cheaper quantization substituted for the published one. Exact mode dequantizes the Q4_0 blocks per
   matmul; fast mode packs them for the int4 kernel, like any Q4_0 model.
 
-``install(worker)`` is the node-process hook (installed by the test-only entry point tests/tamper_node.py): with
+``install(worker)`` is the node-process hook (installed by the test-only entry point tests/support/tamper_node.py): with
 ``MESH402_TAMPER=<cheat>`` (and optionally ``MESH402_TAMPER_SEED``) every engine the StageWorker loads
 is tampered.
 """
@@ -127,7 +127,7 @@ def _requant(engine: Any) -> None:
 
 
 # ---------------------------------------------------------------------------- recording a stage's run
-# Shared by tests/test_verify_replay.py and benchmarks/verify_tolerance.py: the evidence a stage reveals
+# Shared by the replay tests (tests/engine/test_replay.py) and benchmarks/verify_tolerance.py: the evidence a stage reveals
 # (its step inputs) and what it committed to per step, as StageWorker produces them.
 
 def request_steps(n_prompt: int, n_total: int, chunk: int) -> list[tuple[int, int]]:
