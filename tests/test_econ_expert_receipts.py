@@ -279,7 +279,7 @@ def test_a_node_that_does_not_answer_earns_nothing_and_the_rest_are_kept(gguf_pa
 def test_an_expert_parallel_answer_ends_only_after_its_receipts_are_committed(gguf_path, executor) -> None:
     """finish() (awaited by generate before Finished) returns once the host's and the expert nodes' receipts
     are committed, so the answer's end never goes out before them."""
-    from tests.test_econ_receipts_pipeline import SlowSink
+    from tests.support.pipeline_receipts import SlowSink
 
     async def main() -> bool:
         sink = SlowSink()

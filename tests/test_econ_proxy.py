@@ -15,7 +15,7 @@ from mesh402.api.x402.gate import PaymentGate
 from mesh402.api.x402.proxy import paid_proxy
 from harness.x402_payments import decode_b64json, sign_payment
 from mesh402.api.errors import APIError
-from tests.test_econ_gate import FakeFacilitator, cfg, request
+from tests.support.x402_fakes import FakeFacilitator, cfg, request
 
 
 def sse(*objs: Any) -> list[bytes]:

@@ -20,24 +20,8 @@ import pytest
 from mesh402.work.receipts import Receipt, ReceiptStore, chain_errors, sign_receipt
 from mesh402.work.units import flops_per_token, opow_weights, split_pro_rata
 from mesh402.mesh.identity import NodeIdentity
-
-MODEL = "ab" * 32
-
-
-def h(x: str) -> str:
-    return hashlib.sha256(x.encode()).hexdigest()
-
-
-def chain_for(rid: str, nodes: list[NodeIdentity], bounds: list[int], tokens: int) -> list[Receipt]:
-    out: list[Receipt] = []
-    inp = h(f"prompt:{rid}")
-    for i, node in enumerate(nodes):
-        r = sign_receipt(node, request_id=rid, stage=i, model_hash=MODEL, layer_start=bounds[i],
-                         layer_end=bounds[i + 1], tokens=tokens, input_hash=inp, output_hash=h(f"{rid}:{i}"),
-                         prev=out[-1].digest if out else "")
-        out.append(r)
-        inp = r.output_hash
-    return out
+from harness.procs import REPO
+from tests.support.receipts import MODEL, chain_for, h
 
 
 # ---- work units --------------------------------------------------------------------------------
@@ -108,7 +92,7 @@ def test_store_refuses_broken_chains_and_keeps_requests_atomic(tmp_path: Path) -
 WRITER = textwrap.dedent("""
     import sys, hashlib
     sys.path.insert(0, sys.argv[3])
-    from tests.test_econ_receipts import chain_for
+    from tests.support.receipts import chain_for
     from mesh402.work.receipts import ReceiptStore
     from mesh402.mesh.identity import NodeIdentity
     st = ReceiptStore(sys.argv[1])
@@ -122,7 +106,7 @@ WRITER = textwrap.dedent("""
 
 
 def test_crash_mid_epoch_loses_no_receipt(tmp_path: Path) -> None:
-    repo = str(Path(__file__).resolve().parents[1])
+    repo = str(REPO)
     db = tmp_path / "receipts.sqlite"
     p = subprocess.Popen([sys.executable, "-c", WRITER, str(db), "4", repo], stdout=subprocess.PIPE, text=True)
     acked = -1

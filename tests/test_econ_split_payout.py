@@ -14,7 +14,7 @@ from harness.procs import MESH402
 from harness.reference import ready_plan as plan_of
 from harness.x402_payments import buy_chat
 from tests.support.chain import paid_chain
-from tests.test_split_nodes import SPLIT_ARGS
+from tests.support.split_mesh import SPLIT_ARGS
 
 MODEL = "smollm2-135m-instruct"
 

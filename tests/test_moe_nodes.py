@@ -17,26 +17,15 @@ import pytest
 
 from harness.mesh_nodes import MeshNodes, wait_until
 from harness.reference import greedy_text, ready_plan
-from tests.support.engine import smollm2_gguf
-from tests.support.moe_models import write_chat_moe_gguf
+from tests.support.moe_mesh import BUDGET, HOT, MESSAGES
 
-MESSAGES = [{"role": "user", "content": "Name three rivers in Europe."}]
 MAX_TOKENS = 24
-BUDGET = {"a": 0.022, "b": 0.018}  # GB; the model needs 20.4 MB x 1.1 = 22.4 MB: fits neither
-HOT = 5  # every router prefers expert 5: skewed gate usage
 
 
 solo_text = greedy_text
 
 
 plan_of = ready_plan
-
-
-@pytest.fixture(scope="module")
-def moe_model(tmp_path_factory):
-    p = tmp_path_factory.mktemp("moe-model") / "tiny-moe.gguf"
-    write_chat_moe_gguf(p, smollm2_gguf(), hot=HOT)
-    return p
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,12 @@ from harness.mesh_nodes import MeshNodes, wait_until
 from harness.reference import ready_plan as plan_of
 from harness.x402_payments import buy_chat
 from tests.support.chain import paid_chain
-from tests.test_moe_nodes import BUDGET, MESSAGES, moe_model  # noqa: F401 - the module fixture
+from tests.support.moe_mesh import BUDGET, MESSAGES
 
 MAX_TOKENS = 8
 
 
-def test_paid_expert_parallel_request_keeps_a_receipt_per_node(tmp_path: Path, moe_model) -> None:  # noqa: F811
+def test_paid_expert_parallel_request_keeps_a_receipt_per_node(tmp_path: Path, moe_model) -> None:
     from mesh402.work.receipts import ExpertReceipt, expert_errors
     from mesh402.work.units import moe_flops
     from mesh402.models.gguf_meta import read_gguf_meta

@@ -10,7 +10,7 @@ import asyncio
 from mesh402.engine import Engine
 from mesh402.engine.sampling import SamplingParams
 from mesh402.serving.generation import Delta, Finished, GenerationRequest, LocalModel, generate
-from tests.test_pipeline_inprocess import build, executor, solo  # noqa: F401
+from tests.support.pipeline import build
 
 SYSTEM = "You are a careful assistant. Answer briefly and exactly. " * 8
 

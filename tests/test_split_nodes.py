@@ -15,12 +15,12 @@ import httpx
 import pytest
 
 from harness.mesh_nodes import MeshNode, MeshNodes, wait_until
+from tests.support.split_mesh import SPLIT_ARGS
 from harness.reference import greedy_text, ready_plan
 
 MODEL = "smollm2-135m-instruct"
 MESSAGES = [{"role": "user", "content": "Write three sentences about the history of Paris."}]
 MAX_TOKENS = 40
-SPLIT_ARGS = ["--mode", "exact", "--max-vram", "0.08"]  # ~98 MB model: no node can hold it alone
 
 
 def solo_text(messages: list[dict], max_tokens: int) -> str:

@@ -1,6 +1,6 @@
 """Commit–reveal over a real split (in-memory links, the real StageWorker and PipelineModel): the entry
 audits a request after it is done, every stage reveals the step, the reveal matches the signed receipts,
-and a validator's re-execution passes honest stages and fails a stage that cheats (tests/tamper.py)."""
+and a validator's re-execution passes honest stages and fails a stage that cheats (harness/tamper.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from mesh402.engine import Engine
 from mesh402.models.catalog import bundled_model_path
 from mesh402.serving.spot_checks import PASS_SCORE, judge
 from harness.tamper import tamper_engine
-from tests.test_econ_receipts_pipeline import executor, prompt, run_with_receipts  # noqa: F401 (fixtures)
+from tests.support.pipeline_receipts import run_with_receipts
 
 PATH = bundled_model_path()
 
