@@ -263,7 +263,7 @@ def test_mesh402_payout_pays_an_epoch_to_registered_nodes_by_work_units(tmp_path
         assert again.returncode != 0  # the epoch is already paid
         assert "already published" in again.stdout + again.stderr
         assert earnings_status_lines(home)[0].startswith("earnings epoch 5: ")
-        from mesh402.api.earnings import earnings
+        from mesh402.api.management.earnings import earnings
         e = earnings(home)
         assert e["epochs"] == [{"epoch": 5, "requests": 3, "receipts": 6, "units": 99 * flops_per_token(meta, 0, 30)}]
         assert {p["node_id"]: p["amount"] for p in e["payouts"]} == pay
