@@ -14,7 +14,7 @@ first and last prefill chunk and decode steps 1, 12, 24) and we record rel_err:
   (1) and with a different one (2); wire f32 / bf16 / f16; and a validator "on another CPU": a process
   with ATen's kernels and MKL forced down to AVX2, and to no SIMD (ATEN_CPU_CAPABILITY,
   MKL_ENABLE_INSTRUCTIONS), against the stage on this machine's native capability (AVX-512 here);
-- cheats (tests/tamper.py): the stage runs a tampered engine (skip_layer at its first, middle and last
+- cheats (harness/tamper.py): the stage runs a tampered engine (skip_layer at its first, middle and last
   layer, perturb 1%, requant to Q4_0), the validator an honest one; wire f32.
 Stages: [15, 30) (last stage) and [10, 20) (middle stage), exact and fast mode.
 

@@ -14,7 +14,4 @@ pytest_plugins = (
     "tests.support.api_node",  # api_node: one `mesh402 serve` per session
     "tests.support.nodes",  # mesh_nodes, nostr_relay
     "tests.support.netns",  # netns_pair
-    "tests.support.pipeline",  # executor, solo: the in-process pipeline split
-    "tests.support.pipeline_receipts",  # prompt: the receipts runs' prompt
-    "tests.support.moe_mesh",  # moe_model: the tiny chat MoE on real nodes
 )

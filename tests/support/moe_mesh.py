@@ -1,5 +1,5 @@
 """The tiny chat MoE that expert-parallel scenarios serve on real nodes: too big for either node's budget,
-so its experts are spread over both; the `moe_model` fixture is registered by tests/conftest.py."""
+so its experts are spread over both; the `moe_model` fixture is registered by tests/scenarios/conftest.py."""
 
 from __future__ import annotations
 

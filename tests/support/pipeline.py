@@ -1,6 +1,6 @@
 """An in-process pipeline split for serving tests: real StageWorkers and a PipelineModel over in-memory links
 (no QUIC, no processes), workers that can be 'killed', and failover to standbys; the `executor` and `solo`
-fixtures (module-scoped: one bundled-model engine per test module) are registered by tests/conftest.py."""
+fixtures (module-scoped: one bundled-model engine per test module) are registered by tests/serving/conftest.py."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Receipts over the in-process pipeline split (tests/support/pipeline.py): a run whose stages sign receipts
 the entry collects, tampered stages, a slow receipt sink, and the `prompt` fixture these tests share
-(registered by tests/conftest.py)."""
+(registered by tests/serving/conftest.py)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.procs import MESH402, NodeProcess, free_port
+from harness.procs import MESH402, REPO, NodeProcess, free_port
 from tests.support.netns import NetnsPair
 
 BROWSE = """
@@ -44,7 +44,7 @@ asyncio.run(main())
 
 def in_ns(pair: NetnsPair, i: int, code: str, timeout: float = 20) -> str:
     r = subprocess.run([*pair.prefix(i), sys.executable, "-c", code], capture_output=True, timeout=timeout,
-                       cwd=Path(__file__).resolve().parents[1])
+                       cwd=REPO)
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     return r.stdout.decode()
 
@@ -73,7 +73,7 @@ def wait(pred, timeout: float, what: str) -> float:
     raise AssertionError(f"{what} not reached in {timeout}s ({last!r})")
 
 
-def test_lan_open_mesh_join_and_private_mesh_not_leaked(netns_pair: NetnsPair, tmp_path: Path) -> None:  # noqa: F811
+def test_lan_open_mesh_join_and_private_mesh_not_leaked(netns_pair: NetnsPair, tmp_path: Path) -> None:
     pair = netns_pair
     a, ca = start(pair, 0, tmp_path / "a", "--mesh-policy", "open")
     procs = [a]

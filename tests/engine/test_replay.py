@@ -3,7 +3,7 @@
 A short request (chat prompt of two prefill chunks, then decode steps) runs through layers [0, 10) in exact
 mode, a middle stage [10, 16), layers [16, 24) and a last stage [24, 30), as StageWorkers run them; the
 validator replays
-the revealed inputs of steps 0..i* on a separately loaded engine. Cheats come from tests/tamper.py.
+the revealed inputs of steps 0..i* on a separately loaded engine. Cheats come from harness/tamper.py.
 """
 
 from __future__ import annotations

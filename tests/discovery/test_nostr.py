@@ -30,7 +30,7 @@ def relay_args(url: str, *more: str) -> list[str]:
     return ["--nostr-relay", url, "--nostr-refresh", "1", *more]
 
 
-def test_publish_then_auto_join_without_token(mesh_nodes: MeshNodes, nostr_relay) -> None:  # noqa: F811
+def test_publish_then_auto_join_without_token(mesh_nodes: MeshNodes, nostr_relay) -> None:
     url = nostr_relay.url
     a = mesh_nodes.start("a", extra=relay_args(url, "--publish", "--region", "eu-test"))
     wait_until(lambda: len(listings(url)) == 1, 15, what="A's listing")
@@ -74,7 +74,7 @@ def test_publish_then_auto_join_without_token(mesh_nodes: MeshNodes, nostr_relay
     wait_until(lambda: listings(url) == [], 5, what="listing withdrawn")
 
 
-def test_listing_expires_when_node_dies_and_private_has_no_invite(mesh_nodes: MeshNodes, nostr_relay) -> None:  # noqa: F811
+def test_listing_expires_when_node_dies_and_private_has_no_invite(mesh_nodes: MeshNodes, nostr_relay) -> None:
     url = nostr_relay.url
     a = mesh_nodes.start("a", extra=["--nostr-relay", url, "--publish", "--private", "--nostr-ttl", "3",
                                      "--nostr-refresh", "1"])
@@ -93,7 +93,7 @@ def test_listing_expires_when_node_dies_and_private_has_no_invite(mesh_nodes: Me
     assert time.monotonic() - t0 < 6
 
 
-def test_two_simultaneous_auto_nodes_merge(mesh_nodes: MeshNodes, nostr_relay) -> None:  # noqa: F811
+def test_two_simultaneous_auto_nodes_merge(mesh_nodes: MeshNodes, nostr_relay) -> None:
     url = nostr_relay.url
     args = relay_args(url, "--auto", "--auto-interval", "1", "--mesh-name", "race")
     a = mesh_nodes.start("a", extra=args, wait=False)

@@ -1,4 +1,4 @@
-"""Expert parallelism (mesh402.serving.experts) on tiny random MoE GGUFs, in process.
+"""Expert parallelism (mesh402.engine.expert_parallel) on tiny random MoE GGUFs, in process.
 
 The host runs the trunk and router; expert shards run experts on the rows routed to them and the
 host combines the results in solo order, so outputs are bit-identical to a single node holding

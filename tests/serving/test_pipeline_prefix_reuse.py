@@ -35,7 +35,7 @@ async def gen(model, ids: list[int], n: int = 10, kill=None) -> tuple[list[int],
     return out, cached
 
 
-def test_split_prefix_reuse_equals_cold(executor, solo) -> None:  # noqa: F811
+def test_split_prefix_reuse_equals_cold(executor, solo) -> None:
     a, b = prompt_for(solo, "Name a colour."), prompt_for(solo, "Name an animal that swims.")
 
     async def main():
@@ -59,7 +59,7 @@ def test_split_prefix_reuse_equals_cold(executor, solo) -> None:  # noqa: F811
     assert after_kill == ref_b and c4 > 0 and model.stats.failovers == 1
 
 
-def test_paid_warm_request_reveals_from_position_zero(executor, solo) -> None:  # noqa: F811
+def test_paid_warm_request_reveals_from_position_zero(executor, solo) -> None:
     """A paid (audited) request that restores a prompt prefix still reveals the steps that built it, so the
     validator replays from position 0 and an honest stage passes."""
     from mesh402.work.evidence import Auditor, spot_checks
