@@ -127,8 +127,8 @@ def _requant(engine: Any) -> None:
 
 
 # ---------------------------------------------------------------------------- recording a stage's run
-# Shared by the replay tests (tests/engine/test_replay.py) and benchmarks/verify_tolerance.py: the evidence a stage reveals
-# (its step inputs) and what it committed to per step, as StageWorker produces them.
+# Shared by the replay tests (tests/engine/test_replay.py) and benchmarks/verify_tolerance.py: the evidence a
+# stage reveals (its step inputs) and what it committed to per step, as StageWorker produces them.
 
 def request_steps(n_prompt: int, n_total: int, chunk: int) -> list[tuple[int, int]]:
     """(position, n_real) of each step of a request: fixed prefill chunks, then one decode row per step."""

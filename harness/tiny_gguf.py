@@ -2,6 +2,16 @@
 order, tensors in a quantization type, and writing the file out."""
 from __future__ import annotations
 
+# transformers' names of a llama-family block's norms and attention tensors -> llama.cpp's (after "blk.N.");
+# each architecture adds its MLP or expert tensors
+HF_ATTENTION_NAMES = {"input_layernorm.weight": "attn_norm.weight",
+                      "post_attention_layernorm.weight": "ffn_norm.weight",
+                      "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+                      "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+                      "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+                      "self_attn.v_proj.bias": "attn_v.bias", "self_attn.q_norm.weight": "attn_q_norm.weight",
+                      "self_attn.k_norm.weight": "attn_k_norm.weight"}
+
 
 def add_attention_and_stub_vocab(w, *, n_heads: int, n_kv_heads: int, head_dim: int, rope_base: float,
                                  rms_eps: float, vocab: int) -> None:

@@ -13,6 +13,7 @@ import pytest
 from mesh402.mesh import invite
 from harness.mesh_nodes import MeshNodes, wait_until
 from harness.procs import MESH402
+from harness.sse import json_events
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -30,13 +31,11 @@ def test_status_invite_and_events(mesh_nodes: MeshNodes):
     def listen() -> None:
         with httpx.stream("GET", f"{a.console}/api/events", timeout=30) as r:
             assert r.headers["content-type"].startswith("text/event-stream")
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    ev = json.loads(line[6:])
-                    events.append(ev)
-                    if ev["type"] == "peer_up":
-                        got_up.set()
-                        return
+            for ev in json_events(r):
+                events.append(ev)
+                if ev["type"] == "peer_up":
+                    got_up.set()
+                    return
 
     t = threading.Thread(target=listen, daemon=True)
     t.start()

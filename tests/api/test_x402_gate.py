@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from eth_account import Account
 
+from mesh402.api.bodies import sse
 from mesh402.api.errors import APIError
 from mesh402.settings import NodeConfig
 from mesh402.api.x402.gate import PaymentGate
@@ -85,10 +86,6 @@ def _chunk(delta: str | None, finish: str | None, first: bool) -> dict[str, Any]
     return {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": d, "finish_reason": finish}]}
 
 
-def _sse(obj: Any) -> bytes:
-    return f"data: {json.dumps(obj)}\n\n".encode()
-
-
 def _usage(f: Finished) -> dict[str, int]:
     return {"prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens}
 
@@ -112,7 +109,7 @@ def test_failure_mid_stream_settles_nothing(tmp_path: Path) -> None:
     fac = FakeFacilitator()
     gate = PaymentGate(cfg(tmp_path), tmp_path, facilitator=fac)
     charge, auth = _paid_charge(gate, BODY)
-    events = asyncio.run(_drain(paid_sse(gate, charge, _events(6, fail_after=2), _chunk, _sse, _usage, False, 10)))
+    events = asyncio.run(_drain(paid_sse(gate, charge, _events(6, fail_after=2), _chunk, sse, _usage, False, 10)))
     assert [e["choices"][0]["delta"].get("content") for e in events[1:3]] == ["t0 ", "t1 "]
     assert events[-1] == "[DONE]"
     assert events[-3]["error"]["type"] == "server_error"
@@ -130,7 +127,7 @@ def test_stream_settles_after_the_last_token_and_replays_on_retry(tmp_path: Path
 
     async def run() -> list[Any]:
         out = []
-        async for b in paid_sse(gate, charge, _events(5), _chunk, _sse, _usage, True, 10):
+        async for b in paid_sse(gate, charge, _events(5), _chunk, sse, _usage, True, 10):
             settled_at.append(len(fac.settled))
             out.append(b)
         return out
@@ -175,7 +172,7 @@ def test_metered_stream_cut_off_charges_exactly_the_tokens_delivered(tmp_path: P
     token = res.headers["X-Mesh402-Credit-Token"]
     # 700 left: a stream with a 2-token prompt can afford 5 completion tokens (2 + 5 = 7 tokens)
     c2 = asyncio.run(gate.authorize(request(BODY, {"X-Mesh402-Credit": token}), "m", 2, 50, True))
-    events = asyncio.run(_drain(paid_sse(gate, c2, _events(50), _chunk, _sse, _usage, True, 2)))
+    events = asyncio.run(_drain(paid_sse(gate, c2, _events(50), _chunk, sse, _usage, True, 2)))
     contents = [e for e in events if isinstance(e, dict) and e.get("choices") and e["choices"][0]["delta"].get("content")]
     assert len(contents) == 5
     assert any(isinstance(e, dict) and e.get("error", {}).get("code") == "insufficient_credit" for e in events)
@@ -197,7 +194,7 @@ def test_client_disconnect_mid_stream_charges_tokens_seen(tmp_path: Path) -> Non
 
     async def run() -> None:
         c2 = await gate.authorize(request(BODY, {"X-Mesh402-Credit": token}), "m", 2, 20, True)
-        agen = paid_sse(gate, c2, _events(20), _chunk, _sse, _usage, False, 2)
+        agen = paid_sse(gate, c2, _events(20), _chunk, sse, _usage, False, 2)
         for _ in range(4):  # role + 3 tokens, then the client goes away
             await agen.__anext__()
         await agen.aclose()

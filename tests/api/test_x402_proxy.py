@@ -13,13 +13,10 @@ from eth_account import Account
 from mesh402.api.schemas import ChatCompletionRequest
 from mesh402.api.x402.gate import PaymentGate
 from mesh402.api.x402.proxy import paid_proxy
+from harness.sse import body_events, sse_body
 from harness.x402_payments import decode_b64json, sign_payment
 from mesh402.api.errors import APIError
 from tests.support.x402_fakes import FakeFacilitator, cfg, request
-
-
-def sse(*objs: Any) -> list[bytes]:
-    return [f"data: {json.dumps(o)}\n\n".encode() for o in objs] + [b"data: [DONE]\n\n"]
 
 
 def chunk(text: str | None = None, finish: str | None = None) -> dict[str, Any]:
@@ -46,12 +43,7 @@ class Tunnel:
 
 
 async def collect(resp: Any) -> list[Any]:
-    raw = b"".join([c async for c in resp.body_iterator])
-    out = []
-    for ev in raw.decode().split("\n\n"):
-        if ev.startswith("data: "):
-            out.append(ev[6:] if ev[6:] == "[DONE]" else json.loads(ev[6:]))
-    return out
+    return body_events(b"".join([c async for c in resp.body_iterator]))
 
 
 def paid(gate: PaymentGate, body: dict[str, Any], tunnel: Tunnel, stream: bool = False) -> Any:
@@ -89,7 +81,7 @@ def test_host_failure_settles_nothing(tmp_path: Path) -> None:
     resp, _ = paid(gate, BODY, Tunnel(503, "application/json", [b'{"error": {"message": "busy"}}']))
     assert resp.status_code == 503 and fac.settled == []
     resp, events = paid(gate, {**BODY, "stream": True},
-                        Tunnel(200, "text/event-stream", sse(chunk("a"), chunk("b"), chunk("c")), fail_after=2),
+                        Tunnel(200, "text/event-stream", sse_body(chunk("a"), chunk("b"), chunk("c")), fail_after=2),
                         stream=True)
     assert [e for e in events if isinstance(e, dict) and "error" in e][0]["error"]["code"] == "host_lost"
     assert events[-2]["x402"]["released"] is True and fac.settled == []
@@ -100,7 +92,7 @@ def test_routed_stream_is_metered_from_the_hosts_usage(tmp_path: Path) -> None:
     gate = PaymentGate(cfg(tmp_path, price_per_request=0, price_per_1k_tokens=100_000, credit_topup=5_000),
                        tmp_path, facilitator=fac)  # 100 units per token
     usage = {"object": "chat.completion.chunk", "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3}}
-    tunnel = Tunnel(200, "text/event-stream", sse(chunk("a"), chunk("b"), chunk("c"), chunk(None, "stop"), usage))
+    tunnel = Tunnel(200, "text/event-stream", sse_body(chunk("a"), chunk("b"), chunk("c"), chunk(None, "stop"), usage))
     resp, events = paid(gate, {**BODY, "stream": True}, tunnel, stream=True)
     assert tunnel.bodies[0]["stream_options"] == {"include_usage": True}  # asked of the host...
     assert not any(isinstance(e, dict) and e.get("usage") for e in events)  # ...not passed to this client
@@ -117,7 +109,7 @@ def test_routed_stream_is_cut_when_credit_runs_out(tmp_path: Path) -> None:
     payer = Account.create().address
     gate.ledger.topup(payer, 4_000, "test")  # 40 tokens at 100 units: prompt estimate + a few
     token = gate.ledger.issue_token(payer)
-    tunnel = Tunnel(200, "text/event-stream", sse(*[chunk(f"t{i}") for i in range(40)]))
+    tunnel = Tunnel(200, "text/event-stream", sse_body(*[chunk(f"t{i}") for i in range(40)]))
     body = {**BODY, "stream": True, "max_tokens": 40}
 
     async def run() -> list[Any]:

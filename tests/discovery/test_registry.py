@@ -8,11 +8,11 @@ import subprocess
 from pathlib import Path
 
 import httpx
-import pytest
 
 from harness.dev_chain import start_chain
 from harness.mesh_nodes import MeshNodes, wait_until
 from harness.procs import MESH402
+from tests.support.chain import require_contract_toolchain
 
 
 def register(chain_dir: Path, home: Path, account: str) -> None:
@@ -22,9 +22,7 @@ def register(chain_dir: Path, home: Path, account: str) -> None:
 
 
 def test_discover_registry_joins_a_registered_open_mesh(tmp_path: Path) -> None:
-    from mesh402.economics.toolchain import tools_ready
-    if not tools_ready():
-        pytest.fail("the npm contract toolchain is missing: run bash scripts/setup-dev-extra.sh")
+    require_contract_toolchain()
     chain = start_chain(tmp_path, buyers=1)
     nodes = MeshNodes(tmp_path / "nodes")
     try:

@@ -12,6 +12,7 @@ import pytest
 from web3.logs import DISCARD
 
 from harness.dev_chain import DevChain, start_chain
+from tests.support.chain import require_contract_toolchain
 
 # ---- the ERC-8004 interface (erc-8004-contracts b9e466c2), as canonical signatures --------------
 
@@ -164,9 +165,7 @@ def reverts(env: Env, who: str, fn: Any, error: str) -> None:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    from mesh402.economics.toolchain import tools_ready
-    if not tools_ready():
-        pytest.fail("the npm contract toolchain is missing: run bash scripts/setup-dev-extra.sh")
+    require_contract_toolchain()
     chain = start_chain(tmp_path_factory.mktemp("erc8004"), buyers=2)
     try:
         yield Env(chain)

@@ -17,6 +17,7 @@ from web3.logs import DISCARD
 from harness.dev_chain import DevChain, start_chain
 from harness.mesh_nodes import MeshNode, MeshNodes
 from harness.procs import MESH402
+from tests.support.chain import require_contract_toolchain
 
 
 @dataclass
@@ -36,9 +37,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     from mesh402.economics.chain import contract_at
-    from mesh402.economics.toolchain import tools_ready
-    if not tools_ready():
-        pytest.fail("the npm contract toolchain is missing: run bash scripts/setup-dev-extra.sh")
+    require_contract_toolchain()
     tmp = tmp_path_factory.mktemp("identity")
     nodes = MeshNodes(tmp / "nodes")
     chain = None

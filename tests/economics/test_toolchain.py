@@ -8,11 +8,11 @@ import pytest
 
 from mesh402.economics import toolchain
 from mesh402.economics.contracts import compile_contracts
+from tests.support.chain import require_contract_toolchain
 
 
 def test_contracts_compile_from_source_and_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    if not toolchain.tools_ready():
-        pytest.fail("the npm contract toolchain is missing: run bash scripts/setup-dev-extra.sh")
+    require_contract_toolchain()
     arts = compile_contracts()
     tok = arts["MeshUSDC"]
     fns = [f["name"] for f in tok.abi if f["type"] == "function"]

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from harness.dev_chain import DevChain, start_chain
+from tests.support.chain import require_contract_toolchain
 
 VALIDATOR, ENTRY_WALLET = "buyer-0", "buyer-1"  # roles for the chain's funded accounts
 EPOCH_S = 10**9  # one epoch spans the whole test run: epoch 1
@@ -45,9 +46,7 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    from mesh402.economics.toolchain import tools_ready
-    if not tools_ready():
-        pytest.fail("the npm contract toolchain is missing: run bash scripts/setup-dev-extra.sh")
+    require_contract_toolchain()
     tmp = tmp_path_factory.mktemp("validation")
     chain = start_chain(tmp, buyers=2)
     try:

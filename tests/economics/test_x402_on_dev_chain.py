@@ -18,7 +18,9 @@ import pytest
 
 from harness.dev_chain import DevChain, start_chain, start_facilitator, start_paid_node
 from harness.procs import MESH402, NodeProcess
+from harness.sse import ajson_events, json_events
 from harness.x402_payments import decode_b64json, get_402, sign_payment, x402_client
+from tests.support.chain import require_contract_toolchain
 
 PRICE = 10_000  # 0.01 USDC per request
 RATE = 20_000  # 0.02 USDC per 1k tokens -> 20 atomic units per token
@@ -44,9 +46,7 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    from mesh402.economics.toolchain import tools_ready
-    if not tools_ready():  # tests never reach the internet: the toolchain is installed at setup time
-        pytest.fail("the npm contract toolchain is missing: run bash scripts/setup-dev-extra.sh")
+    require_contract_toolchain()  # tests never reach the internet: the toolchain is installed at setup time
     tmp = tmp_path_factory.mktemp("econ")
     procs: list[NodeProcess] = []
     try:
@@ -249,9 +249,8 @@ def test_paid_stream_arrives_incrementally_and_reports_settlement_in_band(env: E
     with httpx.stream("POST", env.paid + CHAT, json=req, headers={"PAYMENT-SIGNATURE": header}, timeout=120) as r:
         assert r.status_code == 200
         assert "PAYMENT-RESPONSE" not in r.headers  # not known yet: nothing is settled before the work is done
-        for line in r.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                arrivals.append((time.monotonic() - t0, json.loads(line[6:])))
+        for event in json_events(r):
+            arrivals.append((time.monotonic() - t0, event))
     content = [t for t, o in arrivals if o["choices"] and o["choices"][0]["delta"].get("content")]  # type: ignore[index]
     assert len(content) >= 10
     assert content[-1] - content[0] > 0.1  # tokens arrived over time, not in one buffered burst
@@ -439,9 +438,8 @@ def test_official_x402_client_streams_a_paid_completion(env: Env) -> None:
         async with x402HttpxClient(x402_client(ch.key("buyer-0"), ch.dep), timeout=120) as http:
             async with http.stream("POST", env.paid + CHAT, json=body("Count to five", max_tokens=10, stream=True)) as r:
                 assert r.status_code == 200
-                async for line in r.aiter_lines():
-                    if line.startswith("data: ") and line != "data: [DONE]":
-                        out.append(json.loads(line[6:]))
+                async for event in ajson_events(r):
+                    out.append(event)
         return out
     events = asyncio.run(run())
     assert any(e["choices"] and e["choices"][0]["delta"].get("content") for e in events)

@@ -15,7 +15,8 @@ torch.set_num_threads(1)
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-from harness.tiny_gguf import add_attention_and_stub_vocab, add_weight, finish_gguf, permute_qk  # noqa: E402
+from harness.tiny_gguf import (HF_ATTENTION_NAMES, add_attention_and_stub_vocab, add_weight, finish_gguf,  # noqa: E402
+                               permute_qk)
 from tests.support.engine import our_logits  # noqa: E402
 
 V, H, FF, NH, NKV, HD, NL = 256, 64, 128, 4, 2, 16, 3
@@ -100,13 +101,8 @@ def _write_gguf(m, arch: str, path, qtype, rope_freqs: bool = False):
     if rope_freqs:
         w.add_tensor("rope_freqs.weight", _llama3_rope_factors())
     sd = {k: v.detach().numpy() for k, v in m.state_dict().items()}
-    names = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-             "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-             "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-             "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
-             "self_attn.v_proj.bias": "attn_v.bias", "self_attn.q_norm.weight": "attn_q_norm.weight",
-             "self_attn.k_norm.weight": "attn_k_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
-             "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+    names = {**HF_ATTENTION_NAMES, "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+             "mlp.down_proj.weight": "ffn_down.weight"}
     for k, a in sd.items():
         if k == "model.embed_tokens.weight":
             name = "token_embd.weight"

@@ -8,6 +8,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as GT
 
 from mesh402.engine.quant import SUPPORTED_TYPES, from_raw, pack_fast
 from mesh402.models.gguf_meta import read_gguf_meta
+from harness.tiny_gguf import finish_gguf
 
 torch.set_num_threads(1)
 
@@ -37,10 +38,7 @@ def gguf_file(tmp_path_factory):
         w.add_tensor(f"t.{g.name}", _random_blocks(rng, g), raw_dtype=g)
     w.add_tensor("t.F32", rng.standard_normal((ROWS, COLS)).astype(np.float32))
     w.add_tensor("t.F16", rng.standard_normal((ROWS, COLS)).astype(np.float16))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w)
     return path
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from mesh402.engine.tokenizer import Tokenizer
+from harness.tiny_gguf import finish_gguf
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -118,10 +119,7 @@ def _write_gguf(path: Path, tokens: list[str], types: list[int], **kv) -> Path:
     for fn, value in kv.items():
         getattr(w, f"add_{fn}")(value)
     w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w)
     return path
 
 

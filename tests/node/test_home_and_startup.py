@@ -22,6 +22,7 @@ import pytest
 
 from harness.mesh_nodes import MeshNode, MeshNodes
 from harness.procs import MESH402, free_port
+from tests.support.chain import require_contract_toolchain
 
 REFUSE_TIMEOUT_S = 30  # a refused start takes about a second; one that is not refused never ends
 
@@ -168,13 +169,10 @@ def test_a_paid_answers_receipt_survives_a_kill9_right_after_the_answer(tmp_path
     this change it arrived at once, the write still pending); the node is killed with -9 the moment it does,
     and the store, reopened, holds the request's receipt."""
     from mesh402.work.receipts import ReceiptStore
-    from mesh402.economics.toolchain import tools_ready
     from mesh402.mesh.identity import NodeIdentity
     from harness.dev_chain import start_chain, start_facilitator, start_paid_node
     from harness.x402_payments import buy_chat
-
-    if not tools_ready():
-        pytest.fail("the npm contract toolchain is missing: run bash scripts/setup-dev-extra.sh")
+    require_contract_toolchain()
     chain = start_chain(tmp_path, buyers=1, nodes=1)
     procs = [chain.proc]
     try:

@@ -21,6 +21,7 @@ from mesh402.placement import (
     usable_bytes,
 )
 from mesh402.placement.capacity import fixed_stage_bytes, shared_machine_capacities
+from harness.tiny_gguf import finish_gguf
 from tests.support.engine import smollm2_gguf
 from tests.support.placement import KEY, MB, layout, mesh, node
 
@@ -206,10 +207,7 @@ def _write_moe_gguf(path, n_exp=4, hidden=8, ffn=16, vocab=32):
         w.add_tensor(f"blk.{i}.ffn_gate_exps.weight", np.zeros((n_exp, ffn, hidden), f32))
         w.add_tensor(f"blk.{i}.ffn_up_exps.weight", np.zeros((n_exp, ffn, hidden), f32))
         w.add_tensor(f"blk.{i}.ffn_down_exps.weight", np.zeros((n_exp, hidden, ffn), f32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w)
 
 
 def test_moe_layout_from_gguf(tmp_path):

@@ -12,16 +12,14 @@ from harness.dev_chain import DevChain, start_chain, start_facilitator
 from harness.mesh_nodes import MeshNodes, wait_until
 from harness.procs import NodeProcess
 from harness.x402_payments import x402_client
+from tests.support.chain import require_contract_toolchain
 
 PRICE = 10_000  # 0.01 USDC
 
 
 @pytest.fixture(scope="module")
 def paid_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DevChain, MeshNodes, object, object]]:
-    from mesh402.economics.toolchain import tools_ready
-
-    if not tools_ready():
-        pytest.fail("the npm contract toolchain is missing: run bash scripts/setup-dev-extra.sh")
+    require_contract_toolchain()
     tmp: Path = tmp_path_factory.mktemp("econ-mesh")
     procs: list[NodeProcess] = []
     nodes = MeshNodes(tmp / "nodes")

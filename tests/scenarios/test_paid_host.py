@@ -21,6 +21,7 @@ from harness.mesh_nodes import MeshNode, MeshNodes, wait_until
 from harness.procs import NodeProcess
 from harness.x402_payments import decode_b64json, x402_client
 from tests.support.hostile import EvilMember
+from tests.support.chain import require_contract_toolchain
 
 MODEL = "smollm2-135m-instruct"
 HOST_PRICE, ENTRY_PRICE = 10_000, 2_000
@@ -31,10 +32,7 @@ pytestmark = pytest.mark.timeout(400)
 
 @pytest.fixture(scope="module")
 def paid_host_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DevChain, dict[str, MeshNode]]]:
-    from mesh402.economics.toolchain import tools_ready
-
-    if not tools_ready():
-        pytest.fail("the npm contract toolchain is missing: run bash scripts/setup-dev-extra.sh")
+    require_contract_toolchain()
     tmp: Path = tmp_path_factory.mktemp("paid-host")
     procs: list[NodeProcess] = []
     nodes = MeshNodes(tmp / "nodes")

@@ -7,7 +7,6 @@ the host killed. A 3-node mesh checks the 3-stage split.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 
@@ -15,8 +14,9 @@ import httpx
 import pytest
 
 from harness.mesh_nodes import MeshNode, MeshNodes, wait_until
-from tests.support.split_mesh import SPLIT_ARGS
 from harness.reference import greedy_text, ready_plan
+from harness.sse import json_events
+from tests.support.split_mesh import SPLIT_ARGS
 
 MODEL = "smollm2-135m-instruct"
 MESSAGES = [{"role": "user", "content": "Write three sentences about the history of Paris."}]
@@ -46,6 +46,17 @@ def by_id(nodes: list[MeshNode], node_id: str) -> MeshNode:
     return next(n for n in nodes if n.node_id == node_id)
 
 
+def start_servers(nodes: MeshNodes, others: str, args: list[str]) -> tuple[MeshNode, list[MeshNode], str]:
+    """Node "a" creates the mesh; one node per letter of `others` joins it with a's token, all started at once
+    (loading the model is the slow part); returns a, the others, and the token."""
+    a = nodes.start("a", no_model=False, extra=args)
+    token = a.token()
+    rest = [nodes.start(n, join=token, no_model=False, extra=args, wait=False) for n in others]
+    for n in rest:
+        n.proc.wait_http(f"{n.console}/api/status", timeout=120)
+    return a, rest, token
+
+
 @pytest.fixture(scope="module")
 def reference() -> str:
     return solo_text(MESSAGES, MAX_TOKENS)
@@ -55,11 +66,7 @@ def reference() -> str:
 def mesh4(tmp_path_factory) -> Iterator[tuple[MeshNodes, list[MeshNode], MeshNode]]:
     nodes = MeshNodes(tmp_path_factory.mktemp("split4"))
     try:
-        a = nodes.start("a", no_model=False, extra=SPLIT_ARGS)
-        token = a.token()
-        rest = [nodes.start(n, join=token, no_model=False, extra=SPLIT_ARGS, wait=False) for n in "bcd"]
-        for n in rest:
-            n.proc.wait_http(f"{n.console}/api/status", timeout=120)
+        a, rest, token = start_servers(nodes, "bcd", SPLIT_ARGS)
         client = nodes.start("client", join=token, kind="client")
         servers = [a, *rest]
         t = wait_until(lambda: all(plan_of(n) is not None for n in servers + [client]), timeout=180,
@@ -133,10 +140,7 @@ def stream_tokens(node: MeshNode, on_chunk, max_tokens: int = MAX_TOKENS) -> tup
     with httpx.stream("POST", f"http://127.0.0.1:{node.api_port}/v1/chat/completions", json=body(True, max_tokens),
                       timeout=300) as r:
         assert r.status_code == 200, r.read()
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            ev = json.loads(line[6:])
+        for ev in json_events(r):
             events.append(ev)
             for ch in ev.get("choices", []):
                 if ch["delta"].get("content"):
@@ -201,11 +205,7 @@ def test_three_stage_split_equals_solo(tmp_path_factory, reference) -> None:
     nodes = MeshNodes(tmp_path_factory.mktemp("split3"))
     args = ["--mode", "exact", "--max-vram", "0.05"]
     try:
-        a = nodes.start("a", no_model=False, extra=args)
-        token = a.token()
-        rest = [nodes.start(n, join=token, no_model=False, extra=args, wait=False) for n in "bc"]
-        for n in rest:
-            n.proc.wait_http(f"{n.console}/api/status", timeout=120)
+        a, _, _ = start_servers(nodes, "bc", args)
         wait_until(lambda: plan_of(a) is not None, timeout=180, what="3-stage plan")
         plan = plan_of(a)
         assert len(plan["stages"]) == 3, plan

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from harness.tiny_gguf import add_attention_and_stub_vocab, add_weight, finish_gguf, permute_qk
+from harness.tiny_gguf import HF_ATTENTION_NAMES, add_attention_and_stub_vocab, add_weight, finish_gguf, permute_qk
 
 V, H, NH, NKV, HD, NL = 128, 64, 4, 2, 16, 2
 E, K, FFE, FFS = 8, 2, 32, 64
@@ -72,12 +72,7 @@ def state(m) -> dict[str, np.ndarray]:
     return {k: v.detach().float().numpy() for k, v in m.state_dict().items()}
 
 
-_NAMES = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-          "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-          "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-          "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
-          "self_attn.v_proj.bias": "attn_v.bias", "self_attn.q_norm.weight": "attn_q_norm.weight",
-          "self_attn.k_norm.weight": "attn_k_norm.weight", "mlp.gate.weight": "ffn_gate_inp.weight",
+_NAMES = {**HF_ATTENTION_NAMES, "mlp.gate.weight": "ffn_gate_inp.weight",
           "mlp.experts.down_proj": "ffn_down_exps.weight",
           "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
           "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
@@ -229,7 +224,4 @@ def write_chat_moe_gguf(path, tokenizer_gguf, *, hidden: int = 128, ffe: int = 1
         add(p + "ffn_up_shexp.weight", mat(ffe // 4, hidden))
         add(p + "ffn_down_shexp.weight", mat(hidden, ffe // 4))
         add(p + "ffn_gate_inp_shexp.weight", mat(hidden), False)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w)

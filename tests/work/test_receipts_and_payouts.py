@@ -22,6 +22,7 @@ from mesh402.work.units import flops_per_token, opow_weights, split_pro_rata
 from mesh402.mesh.identity import NodeIdentity
 from harness.procs import REPO
 from tests.support.receipts import MODEL, chain_for, h
+from tests.support.chain import require_contract_toolchain
 
 
 # ---- work units --------------------------------------------------------------------------------
@@ -132,13 +133,11 @@ def test_crash_mid_epoch_loses_no_receipt(tmp_path: Path) -> None:
 def test_epoch_distribution_over_a_two_node_split_matches_work_units(tmp_path: Path) -> None:
     from mesh402.economics.evm import revert_reason
     from mesh402.economics.rewards import claim, plan_epoch, publish_epoch
-    from mesh402.economics.toolchain import tools_ready
     from mesh402.work.units import FlopsTable
     from mesh402.models.gguf_meta import read_gguf_meta
     from harness.dev_chain import start_chain
     from tests.support.engine import smollm2_gguf
-    if not tools_ready():
-        pytest.fail("the npm contract toolchain is missing: run bash scripts/setup-dev-extra.sh")
+    require_contract_toolchain()
     meta = read_gguf_meta(smollm2_gguf())
     flops = FlopsTable()
     flops.add_model(MODEL, meta)
