@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def bench_join(rounds: int) -> dict:
-    from tests.meshutil import MeshNodes, wait_until
-    from tests.nostrutil import RelayThread
+    from harness.mesh_nodes import MeshNodes, wait_until
+    from harness.nostr_relay import RelayThread
 
     wall, fetch, dial = [], [], []
     for _ in range(rounds):

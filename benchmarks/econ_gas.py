@@ -38,7 +38,7 @@ def main() -> None:
     from mesh402.economics.erc8004 import register_node
     from mesh402.economics.rewards import EpochPayout, claim, publish_epoch
     from mesh402.mesh.identity import NodeIdentity
-    from tests.chainutil import start_chain
+    from harness.dev_chain import start_chain
 
     out: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -29,7 +29,6 @@ import json
 import platform
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,14 +45,9 @@ from mesh402.mesh.config import MeshConfig, MeshTimers  # noqa: E402
 from mesh402.mesh.framing import MAX_FRAME_SIZE, StreamType, make_frame  # noqa: E402
 from mesh402.mesh.proto import mesh_pb2 as pb  # noqa: E402
 from mesh402.mesh.service import MeshService  # noqa: E402
+from harness.procs import free_port  # noqa: E402
 
 PY = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pct(xs: list[float], p: float) -> float:

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 
-from tests._engine_util import add_attention_and_stub_vocab  # noqa: E402  (the tiny-GGUF header the tests use)
+from harness.tiny_gguf import add_attention_and_stub_vocab, finish_gguf  # noqa: E402  (the tiny-GGUF header the tests use)
 
 
 def write_model(path: Path, *, layers: int, experts: int, used: int, hidden: int, ffe: int, vocab: int,
@@ -75,10 +75,7 @@ def write_model(path: Path, *, layers: int, experts: int, used: int, hidden: int
         add(p + "ffn_gate_exps.weight", mat(experts, ffe, hidden))
         add(p + "ffn_up_exps.weight", mat(experts, ffe, hidden))
         add(p + "ffn_down_exps.weight", mat(experts, hidden, ffe))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w)
 
 
 def _shard_main(path: str, experts: list, threads: int, q: "mp.Queue", mode: str = "exact") -> None:

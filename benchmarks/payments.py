@@ -30,9 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 
-from tests.chainutil import (decode_b64json, get_402, sign_payment, start_chain, start_facilitator,  # noqa: E402
-                             start_paid_node, x402_client)
-from tests.procs import MESH402, NodeProcess, free_port  # noqa: E402
+from harness.dev_chain import start_chain, start_facilitator, start_paid_node  # noqa: E402
+from harness.procs import MESH402, NodeProcess, free_port  # noqa: E402
+from harness.sse import json_events  # noqa: E402
+from harness.x402_payments import decode_b64json, get_402, sign_payment, x402_client  # noqa: E402
 
 CHAT = "/v1/chat/completions"
 
@@ -48,10 +49,7 @@ def timed_stream(base: str, req: dict[str, Any], headers: dict[str, str]) -> tup
     last: dict[str, Any] = {}
     with httpx.stream("POST", base + CHAT, json=req, headers=headers, timeout=300) as r:
         assert r.status_code == 200, r.read()
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            obj = json.loads(line[6:])
+        for obj in json_events(r):
             if first is None and obj.get("choices") and obj["choices"][0]["delta"].get("content"):
                 first = time.perf_counter() - t0
             if "x402" in obj:

@@ -54,6 +54,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import httpx  # noqa: E402
 
 import netdelay  # noqa: E402
+from harness.procs import free_port  # noqa: E402
+from harness.reference import ready_plan  # noqa: E402
+from harness.sse import json_events  # noqa: E402
 
 PY = sys.executable
 MODEL = "smollm2-135m-instruct"
@@ -66,14 +69,6 @@ VRAM = {2: "0.08", 3: "0.05"}
 
 def med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ============================================================================ in-process
@@ -322,12 +317,6 @@ class Node:
         self._log.close()
 
 
-def ready_plan(n: Node) -> dict | None:
-    plans = n.status()["node"]["distributed"]["plans"]
-    ready = [p for p in plans.values() if p.get("ready")]
-    return ready[0] if ready else None
-
-
 def start_mesh(stages: int, mode: str, root: Path, net: netdelay.DelayNet | None = None,
                names: list[str] | None = None) -> tuple[list[Node], Node, dict | None]:
     """Nodes forming a solo (stages == 1) or split mesh; returns (nodes, host, plan)."""
@@ -365,10 +354,7 @@ def stream_once(port: int, max_tokens: int) -> dict:
     with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=300) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {r.read()[:300]!r}")
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            ev = json.loads(line[6:])
+        for ev in json_events(r):
             if "error" in ev:
                 raise RuntimeError(f"stream error: {ev['error']}")
             if ev.get("usage"):

@@ -14,7 +14,7 @@ first and last prefill chunk and decode steps 1, 12, 24) and we record rel_err:
   (1) and with a different one (2); wire f32 / bf16 / f16; and a validator "on another CPU": a process
   with ATen's kernels and MKL forced down to AVX2, and to no SIMD (ATEN_CPU_CAPABILITY,
   MKL_ENABLE_INSTRUCTIONS), against the stage on this machine's native capability (AVX-512 here);
-- cheats (tests/tamper.py): the stage runs a tampered engine (skip_layer at its first, middle and last
+- cheats (harness/tamper.py): the stage runs a tampered engine (skip_layer at its first, middle and last
   layer, perturb 1%, requant to Q4_0), the validator an honest one; wire f32.
 Stages: [15, 30) (last stage) and [10, 20) (middle stage), exact and fast mode.
 
@@ -54,7 +54,7 @@ from mesh402.engine import Engine  # noqa: E402
 from mesh402.engine.replay import TOLERANCE, fingerprint, replay  # noqa: E402
 from mesh402.engine.activations import activation_hash, decode_activations, encode_activations  # noqa: E402
 from mesh402.models.catalog import bundled_model_path  # noqa: E402
-from tests.tamper import stage_outputs, tamper_engine, upstream_inputs  # noqa: E402
+from harness.tamper import stage_outputs, tamper_engine, upstream_inputs  # noqa: E402
 
 PATH = bundled_model_path()
 STAGES = {"last [15,30)": (15, 30), "middle [10,20)": (10, 20)}

@@ -1,49 +1,17 @@
-"""Shared fixtures. Node processes are started once per session and reused across test files."""
+"""Wiring for the whole suite: the environment every node process and in-process engine inherits, and the
+fixture modules of tests/support (each folder's conftest.py adds that folder's own)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
-
-import pytest
-
-from tests.procs import MESH402, NodeProcess, free_port
 
 # Every node process and in-process engine uses one torch thread: the CI machine has 2 cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-API_KEY = "test-key-7f3a"
-
-
-@dataclass
-class ApiNode:
-    proc: NodeProcess
-    port: int
-    api_key: str
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"}
-
-
-@pytest.fixture(scope="session")
-def api_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiNode]:
-    """One `mesh402 serve` process on the bundled model, with an API key from the environment."""
-    home: Path = tmp_path_factory.mktemp("api-node")
-    port = free_port()
-    proc = NodeProcess([*MESH402, "serve", "--port", str(port), "--home", str(home)], home,
-                       env={"MESH402_API_KEY": API_KEY})
-    try:
-        waited = proc.wait_http(f"http://127.0.0.1:{port}/ready", timeout=180)
-        print(f"api node ready in {waited:.1f}s")
-        yield ApiNode(proc, port, API_KEY)
-    finally:
-        proc.stop()
+pytest_plugins = (
+    "tests.support.api_node",  # api_node: one `mesh402 serve` per session
+    "tests.support.nodes",  # mesh_nodes, nostr_relay
+    "tests.support.netns",  # netns_pair
+)

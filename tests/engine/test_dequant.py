@@ -1,0 +1,87 @@
+"""Our torch dequantization equals gguf-py's bit for bit, read from a synthetic GGUF file."""
+import numpy as np
+import pytest
+import torch
+
+import gguf
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as GT
+
+from mesh402.engine.quant import SUPPORTED_TYPES, from_raw, pack_fast
+from mesh402.models.gguf_meta import read_gguf_meta
+from harness.tiny_gguf import finish_gguf
+
+torch.set_num_threads(1)
+
+ROWS, COLS = 48, 512
+QUANTIZABLE = [GT.Q4_0, GT.Q4_1, GT.Q5_0, GT.Q5_1, GT.Q8_0, GT.BF16]  # gguf.quants.quantize supports these
+RANDOM_BLOCKS = {GT.Q4_K: (0, 2), GT.Q5_K: (0, 2), GT.Q6_K: (208,)}  # fp16 scale offsets in a block
+
+
+def _random_blocks(rng, g):
+    bs, ts = GGML_QUANT_SIZES[g]
+    raw = rng.integers(0, 256, (ROWS, COLS // bs, ts), dtype=np.uint8)
+    for off in RANDOM_BLOCKS[g]:  # keep the fp16 scales finite
+        d = rng.uniform(-0.05, 0.05, (ROWS, COLS // bs)).astype(np.float16)
+        raw[..., off:off + 2] = d.view(np.uint8).reshape(ROWS, COLS // bs, 2)
+    return raw.reshape(ROWS, -1)
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("q") / "types.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    for g in QUANTIZABLE:
+        a = rng.standard_normal((ROWS, COLS)).astype(np.float32)
+        w.add_tensor(f"t.{g.name}", gguf.quants.quantize(a, g), raw_dtype=g)
+    for g in RANDOM_BLOCKS:
+        w.add_tensor(f"t.{g.name}", _random_blocks(rng, g), raw_dtype=g)
+    w.add_tensor("t.F32", rng.standard_normal((ROWS, COLS)).astype(np.float32))
+    w.add_tensor("t.F16", rng.standard_normal((ROWS, COLS)).astype(np.float16))
+    finish_gguf(w)
+    return path
+
+
+def _ours(path, name):
+    meta = read_gguf_meta(path)
+    t = meta.tensor(name)
+    with open(path, "rb") as f:
+        f.seek(t.offset)
+        raw = torch.frombuffer(bytearray(f.read(t.n_bytes)), dtype=torch.uint8)
+    return from_raw(raw, t.ggml_type, t.shape)
+
+
+@pytest.mark.parametrize("g", QUANTIZABLE + list(RANDOM_BLOCKS) + [GT.F32, GT.F16])
+def test_dequant_bit_exact(gguf_file, g):
+    assert g in SUPPORTED_TYPES
+    r = gguf.GGUFReader(gguf_file)
+    t = next(x for x in r.tensors if x.name == f"t.{g.name}")
+    ref = gguf.quants.dequantize(t.data, t.tensor_type).reshape(ROWS, COLS).astype(np.float32)
+    qw = _ours(gguf_file, f"t.{g.name}")
+    out = qw.dequant().numpy()
+    assert out.shape == (ROWS, COLS)
+    assert np.array_equal(out.view(np.uint32), ref.view(np.uint32))
+    rows = torch.tensor([3, 0, 47, 3])  # row gather (embedding lookup) is exact too
+    assert np.array_equal(qw.dequant(rows).numpy().view(np.uint32), ref[rows.numpy()].view(np.uint32))
+    # raw blocks are kept quantized: memory equals the file's bytes (K-quant scales unpacked: +4 B/256)
+    assert qw.nbytes <= t.n_bytes * 1.03
+
+
+@pytest.mark.parametrize("g", [GT.Q4_0, GT.Q4_1, GT.Q4_K, GT.Q8_0, GT.Q6_K])
+def test_fast_pack_close(gguf_file, g):
+    qw = _ours(gguf_file, f"t.{g.name}")
+    fw = pack_fast(qw)
+    assert fw.kind == ("int4" if g in (GT.Q4_0, GT.Q4_1, GT.Q4_K) else "q8blocks" if g == GT.Q8_0 else "int8")
+    x = torch.randn(4, COLS)
+    ref = x @ qw.dequant().T
+    got = fw(x.to(fw.dtype)).float()
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert rel < 0.02, rel
+
+
+def test_q8_0_fast_rows_are_exact(gguf_file):
+    """A tied Q8_0 table serves as the embedding in fast mode: its looked-up rows must be exact."""
+    qw = _ours(gguf_file, "t.Q8_0")
+    fw = pack_fast(qw)
+    ids = torch.tensor([0, 3, 1])
+    assert torch.equal(fw.rows(ids), qw.dequant()[ids])

@@ -1,0 +1,1 @@
+"""Placement (mesh402.placement, pure): capacity, host election, pipeline and expert plans, plan epochs."""

@@ -1,0 +1,1 @@
+"""Routing (mesh402.routing, pure): classification, model scoring, affinity and stickiness."""

@@ -1,0 +1,3 @@
+"""Fixtures of the multi-node scenarios in this folder."""
+
+from tests.support.moe_mesh import moe_model  # noqa: F401  (fixture: the tiny chat MoE, one per module)

@@ -1,0 +1,239 @@
+"""A member that joined an open mesh with a valid token and turned hostile, against real node processes.
+
+It tries the tunnel as an SSRF (other servers, other paths), sends ASSIGN/OPEN to a split's stage without
+being the host (an epoch of 2^64-1 among them), and, where it is the elected host, opens a session and
+goes silent. Each is refused or timed out, and honest requests keep working during and after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+
+from mesh402.mesh.proto import mesh_pb2 as pb
+from mesh402.serving.stage_link import K, Hop
+from harness.mesh_nodes import MeshNode, MeshNodes, wait_until
+from harness.reference import ready_plan
+from tests.support.hostile import EvilMember, assign_frame, open_frame
+
+MODEL = "smollm2-135m-instruct"
+SPLIT_ARGS = ["--mode", "exact", "--max-vram", "0.08"]  # the ~98 MB model needs both nodes
+MESSAGES = [{"role": "user", "content": "Name the capital of Italy."}]
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def content_hash() -> str:
+    from mesh402.models.catalog import bundled_model_path
+    from mesh402.models.gguf_meta import file_fingerprint
+
+    return file_fingerprint(bundled_model_path())
+
+
+def ask(node: MeshNode) -> str:
+    r = httpx.post(f"http://127.0.0.1:{node.api_port}/v1/chat/completions", timeout=120,
+                   json={"model": MODEL, "messages": MESSAGES, "temperature": 0, "max_tokens": 8})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def stage_status(node: MeshNode) -> dict:
+    r = httpx.get(f"{node.console}/api/status", timeout=5)
+    return r.json()["node"]["distributed"]["stage"]
+
+
+@pytest.fixture(scope="module")
+def split2(tmp_path_factory) -> Iterator[tuple[MeshNode, MeshNode, str]]:
+    """Two node processes holding one split of the bundled model: (host, stage, reference answer)."""
+    nodes = MeshNodes(tmp_path_factory.mktemp("hostile-split"))
+    try:
+        a = nodes.start("a", no_model=False, extra=SPLIT_ARGS)
+        b = nodes.start("b", join=a.token(), no_model=False, extra=SPLIT_ARGS)
+        wait_until(lambda: ready_plan(a) is not None and ready_plan(b) is not None, timeout=180,
+                   what="a ready split plan")
+        plan = ready_plan(a)
+        host, stage = (a, b) if plan["host"] == a.node_id else (b, a)
+        yield host, stage, ask(host)
+    finally:
+        nodes.stop_all()
+
+
+class MetadataServer:
+    """A loopback HTTP server standing in for a cloud instance's metadata service: records every hit."""
+
+    def __init__(self) -> None:
+        hits = self.hits = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                hits.append((self.path, dict(self.headers)))
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"instance-credentials-SECRET")
+
+            do_POST = do_GET
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def test_tunnel_reaches_nothing_but_the_hosts_openai_routes(split2, tmp_path: Path) -> None:
+    host, _, reference = split2
+    meta = MetadataServer()
+    p = meta.port
+    attacks = [("GET", f"@127.0.0.1:{p}/latest/meta-data"), ("GET", f"//127.0.0.1:{p}/latest/meta-data"),
+               ("GET", f"http://127.0.0.1:{p}/latest/meta-data"), ("POST", f"/v1/chat/completions@127.0.0.1:{p}/x"),
+               ("GET", "/v1/models/../../latest/meta-data"), ("GET", "/v1/models?next=@127.0.0.1"),
+               ("GET", "/v1/%2e%2e/latest"), ("GET", "/api/status"), ("DELETE", "/v1/models"),
+               ("GET", "/v1\\models"), ("GET", "")]
+
+    async def attack() -> list[tuple[int, bytes]]:
+        async with EvilMember(tmp_path / "evil", host.token()) as evil:
+            await evil.wait_connected(host.node_id)
+            out = [(s, b) for s, _, b in [await evil.tunnel(host.node_id, m, path) for m, path in attacks]]
+            # the host's own OpenAI routes still answer a member (a free node: no payment needed)
+            status, _, models = await evil.tunnel(host.node_id, "GET", "/v1/models")
+            out.append((status, models))
+            status, _, chat = await evil.tunnel(host.node_id, "POST", "/v1/chat/completions", json.dumps(
+                {"model": MODEL, "messages": MESSAGES, "temperature": 0, "max_tokens": 8}).encode())
+            out.append((status, chat))
+            big = b'{"model":"' + b"x" * (9 * 1024 * 1024) + b'"}'  # over the 8 MiB request cap, in chunks
+            status, _, too_big = await evil.tunnel(host.node_id, "POST", "/v1/chat/completions", big)
+            out.append((status, too_big))
+            return out
+
+    try:
+        got = asyncio.run(attack())
+    finally:
+        meta.close()
+    assert meta.hits == [], f"the host called another server for a member: {meta.hits}"
+    for (method, path), (status, body) in zip(attacks, got):
+        assert status == 404 and b"route_not_allowed" in body, (method, path, status, body[:200])
+        assert b"SECRET" not in body
+    (ms, models), (cs, chat), (bs, big) = got[len(attacks):]
+    assert ms == 200 and MODEL in models.decode()
+    assert cs == 200 and json.loads(chat)["choices"][0]["message"]["content"] == reference
+    assert bs == 413 and b"body_too_large" in big
+    assert ask(host) == reference
+
+
+def test_assign_and_open_from_a_member_that_is_not_the_host_are_refused(split2, tmp_path: Path) -> None:
+    host, stage, reference = split2
+    ch = content_hash()
+    plan = ready_plan(host)
+    _, s_start, s_end, _ = next(s for s in plan["stages"] if s[0] == stage.node_id)
+    held = stage_status(stage)["held"]
+    before = stage_status(stage)
+
+    async def attack() -> dict[str, str]:
+        codes: dict[str, str] = {}
+        async with EvilMember(tmp_path / "evil", host.token()) as evil:
+            await evil.wait_connected(stage.node_id)
+            honest = asyncio.create_task(asyncio.to_thread(ask, host))  # served while the attack runs
+            for name, epoch in (("poison", 2**64 - 1), ("next", plan["epoch"] + 1)):
+                r = await evil.stage(stage.node_id, assign_frame(MODEL, ch, epoch, 0, 30))
+                codes[f"assign_{name}"] = r.params["code"] if r is not None and r.kind == K.STAGE_KIND_ERROR else "accepted"
+            r = await evil.stage(host.node_id, assign_frame(MODEL, ch, plan["epoch"] + 1, 0, 15))
+            codes["assign_host"] = r.params["code"] if r is not None and r.kind == K.STAGE_KIND_ERROR else "accepted"
+            # OPEN without a grant, and with a grant the member signed itself
+            r = await evil.stage(stage.node_id, open_frame(MODEL, ch, plan["epoch"], s_start, s_end,
+                                                           {"max_len": "64", "sampling": "{}", "chain": "[]"}))
+            codes["open_unsigned"] = r.params["code"] if r is not None and r.kind == K.STAGE_KIND_ERROR else "accepted"
+            grant = evil.grant(ch, plan["epoch"], [Hop(stage.node_id, s_start, s_end)])
+            r = await evil.stage(stage.node_id, open_frame(MODEL, ch, plan["epoch"], s_start, s_end, grant))
+            codes["open_self_signed"] = r.params["code"] if r is not None and r.kind == K.STAGE_KIND_ERROR else "accepted"
+            codes["honest"] = await honest
+        return codes
+
+    codes = asyncio.run(attack())
+    assert codes["assign_poison"] == codes["assign_next"] == codes["assign_host"] == "not_host", codes
+    assert codes["open_unsigned"] == "bad_grant" and codes["open_self_signed"] == "not_host", codes
+    assert codes["honest"] == reference
+    after = stage_status(stage)
+    assert after["held"] == held  # nothing was loaded for the member
+    assert after["assigns_refused"] >= before["assigns_refused"] + 2
+    assert after["opens_refused"] >= before["opens_refused"] + 2
+    assert ask(host) == reference  # the epoch was not poisoned: the real plan's sessions still open
+
+
+@pytest.fixture(scope="module")
+def lone(tmp_path_factory) -> Iterator[MeshNode]:
+    """A node whose budget cannot hold the model alone (so it hosts nothing), one session per stage engine,
+    and a 2 s session deadline."""
+    nodes = MeshNodes(tmp_path_factory.mktemp("hostile-lone"))
+    try:
+        yield nodes.start("v", no_model=False, extra=["--mode", "exact", "--max-vram", "0.08", "--max-sessions", "1",
+                                                      "--session-idle-timeout", "2"])
+    finally:
+        nodes.stop_all()
+
+
+def test_a_silent_session_is_closed_at_the_deadline_and_its_slot_comes_back(lone, tmp_path: Path) -> None:
+    """Here the member *is* the elected host (it claims more capacity and the model, and there is no
+    incumbent): it may assign layers within the node's budget and open sessions, but a session it then
+    leaves silent is closed after the deadline, and an epoch far ahead or a range over budget is refused."""
+    v = lone
+    ch = content_hash()
+
+    async def attack() -> dict[str, object]:
+        out: dict[str, object] = {}
+        async with EvilMember(tmp_path / "evil", v.token()) as evil:
+            await evil.wait_connected(v.node_id)
+            evil.svc.update_local(models=[pb.ModelEntry(model_id=MODEL, content_hash=ch)],
+                                  labels={"capacity_bytes": str(2**40)})
+            code = ""
+            for _ in range(150):  # until the node serves stage streams and has heard the member's claim
+                try:
+                    r = await evil.stage(v.node_id, assign_frame(MODEL, ch, 1, 15, 30))
+                    code = r.params.get("code", "") if r is not None and r.kind == K.STAGE_KIND_ERROR else "ready"
+                except Exception as e:  # no stage handler yet: the node is still starting its runtime
+                    code = type(e).__name__
+                if code == "ready" or code not in ("not_host", "not_held", "IrohError"):
+                    break
+                await asyncio.sleep(0.2)
+            out["assign"] = code
+            r = await evil.stage(v.node_id, assign_frame(MODEL, ch, 1, 0, 30))
+            out["over_budget"] = r.params.get("code") if r is not None else None
+            r = await evil.stage(v.node_id, assign_frame(MODEL, ch, 10**6, 15, 30))
+            out["far_epoch"] = r.params.get("code") if r is not None else None
+
+            hops = [Hop(v.node_id, 15, 30)]
+            first = evil.grant(ch, 1, hops)
+            silent = await evil.open(v.node_id)
+            await silent.send(open_frame(MODEL, ch, 1, 15, 30, first))
+            r = await silent.recv(15)
+            out["open"] = r.stage.kind == K.STAGE_KIND_RESULT
+            r = await evil.stage(v.node_id, open_frame(MODEL, ch, 1, 15, 30, evil.grant(ch, 1, hops)))
+            out["while_held"] = r.params.get("code") if r is not None else None
+            r = await evil.stage(v.node_id, open_frame(MODEL, ch, 1, 15, 30, first))
+            out["replay"] = r.params.get("code") if r is not None else None
+            out["open_during"] = (await asyncio.to_thread(stage_status, v))["sessions_open"]
+            await asyncio.to_thread(wait_until, lambda: stage_status(v)["sessions_idle_closed"] >= 1, 15, 0.2,
+                                    "the silent session closed")
+            out["open_after"] = (await asyncio.to_thread(stage_status, v))["sessions_open"]
+            r = await evil.stage(v.node_id, open_frame(MODEL, ch, 1, 15, 30, evil.grant(ch, 1, hops)))
+            out["slot_back"] = r is not None and r.kind == K.STAGE_KIND_RESULT
+            await silent.finish()
+        return out
+
+    out = asyncio.run(attack())
+    assert out["assign"] == "ready", out
+    assert out["over_budget"] == "over_budget" and out["far_epoch"] == "bad_epoch", out
+    assert out["open"] and out["open_during"] == 1, out
+    assert out["while_held"] == "stage_full" and out["replay"] == "duplicate_session", out
+    assert out["open_after"] == 0 and out["slot_back"], out
+    assert httpx.get(f"http://127.0.0.1:{v.api_port}/health", timeout=5).status_code == 200
