@@ -17,10 +17,10 @@ from typing import Any, Callable
 from mesh402.economics.chain import web3_for
 from mesh402.economics.erc8004 import identity_contract, registered_agents
 from mesh402.economics.evm import tx_hex
+from mesh402.economics import rewards as epoch_rewards
 from mesh402.economics.rewards import (
     EpochPayout,
     EpochPublished,
-    claim,
     epoch_revenue,
     plan_epoch,
     publish_epoch,
@@ -159,7 +159,9 @@ def _pay_epoch(home: Path, epoch: int, chain: PayoutChain, *, key: str | None, e
                 plan.tree, plan.tx = e.tree, publish_tx(w3, chain.rewards, e.tree.epoch_id)
                 warn(f"epoch {epoch} was published before (in {plan.tx}) but not recorded: finishing that payout")
             if push:  # only the accounts still unclaimed, so a retry after a failed claim sends the rest
-                receipts = [claim(w3, key, chain.rewards, plan.tree, a) for a in unclaimed(w3, chain.rewards, plan.tree)]
+                # through the module: each claim is its own transaction, and a stop between two is a real case
+                receipts = [epoch_rewards.claim(w3, key, chain.rewards, plan.tree, a)
+                            for a in unclaimed(w3, chain.rewards, plan.tree)]
                 result.gas["claims"] = sum(int(r["gasUsed"]) for r in receipts)
                 result.claim_txs = [tx_hex(r["transactionHash"]) for r in receipts]
         except AlreadyPaid:
