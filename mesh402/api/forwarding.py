@@ -62,6 +62,9 @@ async def open_tunnel(ctx: EdgeContext, sel: Selection, request: Request, route:
     if pay is not None:
         headers = {k: v for k, v in headers.items() if k.lower() not in PAYMENT_HEADERS}
     tries: list[tuple[str, Target]] = [(route.host, route)] + [(h, r) for h, r, _ in sel.replicas if h != route.host]
+    # replicas that just failed (for any retry policy: the mesh's shared health tracker) go last
+    health = dist.mesh.health
+    tries.sort(key=lambda t: not isinstance(t[1], ModelEntry) and not health.may_try(bytes.fromhex(t[0])))
     last: Exception | None = None
     for i, (host, target) in enumerate(tries):
         if isinstance(target, ModelEntry):
@@ -86,8 +89,10 @@ async def open_tunnel(ctx: EdgeContext, sel: Selection, request: Request, route:
         except Exception as e:
             log.warning("tunnel to %s failed: %s", host[:12], e)
             router.picker.table.forget_replica(host)
+            health.failed(bytes.fromhex(host))
             last = e
             continue
+        health.succeeded(bytes.fromhex(host))
         if i:
             sel.pick = "retry"
         return Opened(target, status, out, chunks)

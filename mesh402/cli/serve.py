@@ -45,7 +45,7 @@ from mesh402.home import read_secret_file, resolve_home
 from mesh402.mesh import invite
 from mesh402.mesh.invite import InviteError
 from mesh402.mesh.membership import Membership
-from mesh402.mesh.service import JoinError
+from mesh402.mesh.errors import JoinError
 from mesh402.models.catalog import BUNDLED_MODEL_ID, ModelNotFound, resolve_model
 from mesh402.node.mesh_runtime import ConsoleError
 from mesh402.node.node import Node

@@ -36,12 +36,6 @@ def ensure_home(home: Path) -> Path:
     return home
 
 
-def write_public(path: Path, data: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(data)
-    os.replace(tmp, path)
-
 
 class NodeIdentity:
     def __init__(self, secret_key: SecretKey):

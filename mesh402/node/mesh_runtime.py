@@ -137,7 +137,7 @@ class MeshRuntime:
                         self.discovery.choice = None
                         self.mesh.endpoint = None
                 if not join and self.settings.kind == "client" and not self.mesh.membership.is_member:
-                    from mesh402.mesh.service import JoinError  # lazy: kept off this module's import path
+                    from mesh402.mesh.errors import JoinError  # lazy: kept off this module's import path
 
                     raise JoinError("--auto found no open mesh to join (an API-only client cannot start one)")
                 if not join:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from mesh402.engine.expert_parallel import RemoteExperts, owners_from_plan
 from mesh402.mesh.framing import FramedStream, StreamType
 from mesh402.mesh.proto import mesh_pb2 as pb
-from mesh402.mesh.service import PeerUnavailable
+from mesh402.mesh.errors import PeerUnavailable
 from mesh402.placement import (
     ExpertPlan,
     MeshSnapshot,
@@ -669,11 +669,15 @@ class DistributedRuntime(Failover):
 
     # ---------------------------------------------------------------- Failover (used by PipelineModel)
     async def alive(self, node: str) -> bool:
+        """A probe of a stage; its outcome goes to the mesh's shared peer-health tracker."""
+        peer = bytes.fromhex(node)
         try:
-            await self.mesh.ping(bytes.fromhex(node), timeout=self.node.config.timers.stage_probe_s)
-            return True
+            await self.mesh.ping(peer, timeout=self.node.config.timers.stage_probe_s)
         except Exception:
+            self.mesh.health.failed(peer)
             return False
+        self.mesh.health.succeeded(peer)
+        return True
 
     async def replace(self, chain: Chain, dead: set[str]) -> Chain:
         """Give each dead stage's layer range to a live node that has the model and room for it."""
@@ -693,6 +697,8 @@ class DistributedRuntime(Failover):
             # The mesh already re-planned around the dead stage with the same host range: join that plan.
             return Chain(chain.model_id, chain.content_hash, plan.epoch, chain.local_end,
                          tuple(Hop(s.node_id, s.start, s.end) for s in plan.stages[1:]))
+        for node in dead:  # a dead stage is in backoff for every retry policy, not only this one
+            self.mesh.health.failed(bytes.fromhex(node))
         snap = self.snapshot().without(dead)
         used = {self.me} | {h.node for h in chain.hops if h.node not in dead}
         epoch = max(self._seen_epoch(key), chain.epoch) + 1
@@ -700,7 +706,8 @@ class DistributedRuntime(Failover):
         for h in chain.hops:
             if h.node in dead:
                 need = stage_bytes(hosted.layout, h.start, h.end)
-                cands = [n for n in snap.holders(key) if n not in used and fits(need, snap.capacity(n))]
+                cands = [n for n in snap.holders(key) if n not in used and fits(need, snap.capacity(n))
+                         and self.mesh.health.may_try(bytes.fromhex(n))]  # not a node that just failed
                 if not cands:
                     raise StageError(f"no live node can take layers [{h.start}, {h.end}) of {chain.model_id}",
                                      code="no_plan")
