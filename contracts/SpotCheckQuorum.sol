@@ -229,7 +229,7 @@ contract SpotCheckQuorum is AgentRegistryBase {
         if (staking.slashableOf(stageAgentId) == 0) revert NotStaked(stageAgentId);
         c.stageAgentId = stageAgentId;
         c.receiptHash = receiptHash;
-        c.device = device;
+        if (!exact) c.device = device; // only fast mode is matched on it (and an unused slot costs nothing)
         c.reporter = msg.sender;
         c.exact = exact;
         c.bond = _reportBond;

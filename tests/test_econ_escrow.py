@@ -10,9 +10,8 @@ import pytest
 from web3.logs import DISCARD
 
 from mesh402.economics.contractcall import BoundContract
-from tests.workutil import Actor, WorkEnv, reverts, work_env
+from tests.workutil import USDC, Actor, WorkEnv, reverts, work_env
 
-USDC = 1_000_000
 
 
 class VaultContract(BoundContract):

@@ -6,84 +6,28 @@ validators (9 on device A, 3 on device B)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import pytest
 from web3.logs import DISCARD
 
-from tests.workutil import Actor, WorkEnv, reverts, work_env
+from tests.workutil import STAGE_STAKE, USDC, QuorumEnv, reverts, work_env
 
-USDC = 1_000_000
 DEV_A = "cpu:avx512 torch-2.5.1"
 DEV_B = "cuda:NVIDIA H200 torch-2.5.1"
-VALIDATOR_STAKE = 20 * USDC
-STAGE_STAKE = 20 * USDC
-
-
-@dataclass
-class QEnv:
-    env: WorkEnv
-    validators: dict[int, Actor] = field(default_factory=dict)
-    devices: dict[int, str] = field(default_factory=dict)
-    reporter: Actor | None = None
-
-    def add_validator(self, device: str) -> Actor:
-        v = self.env.actor(VALIDATOR_STAKE, agent=True)
-        assert v.agent_id is not None
-        self.env.staking.stake(v.key, v.agent_id, VALIDATOR_STAKE)
-        self.env.record("registerValidator", self.env.quorum.register_validator(v.key, v.agent_id, device))
-        self.validators[v.agent_id], self.devices[v.agent_id] = v, device
-        return v
-
-    def stage(self, stake: int = STAGE_STAKE) -> Actor:
-        s = self.env.actor(stake, agent=True)
-        self.env.staking.stake(s.key, s.agent_id, stake)
-        return s
-
-    def open(self, stage: Actor, receipt: bytes | None = None, *, exact: bool = True, device: str = DEV_A) -> bytes:
-        import secrets
-        assert self.reporter is not None and stage.agent_id is not None
-        return self.env.quorum.open_check(self.reporter.key, stage.agent_id, receipt or secrets.token_bytes(32),
-                                          exact=exact, device=device)
-
-    def seat(self, check_id: bytes, name: str = "draw(3)") -> tuple[int, ...]:
-        """Mine past the seed block and draw; the seated agent ids."""
-        q = self.env.quorum
-        c = q.check(check_id)
-        behind = q.round(check_id, c.round).seed_block - self.env.block()
-        if behind >= 0:  # the draw is simulated on the latest block, which must be past the seed block
-            self.env.mine(behind + 1)
-        self.env.record(name, q.draw(self.reporter.key, check_id))  # type: ignore[union-attr]
-        return q.round(check_id, c.round).members
-
-    def vote(self, check_id: bytes, votes: dict[int, bool | None]) -> None:
-        """Every seated validator in `votes` commits (None: stays silent), then every committer reveals."""
-        q = self.env.quorum
-        sealed = {a: q.seal_vote(check_id, a, fail) for a, fail in votes.items() if fail is not None}
-        for a, s in sealed.items():
-            self.env.record("commitVote", q.commit(self.validators[a].key, check_id, a, s.commitment))
-        if len(sealed) < len(votes):
-            self.env.advance(q.params().commit_window + 1)
-        for a, s in sealed.items():
-            self.env.record("revealVote", q.reveal(self.validators[a].key, check_id, a, s.fail, s.salt))
-
-    def slashable(self, agent_id: int) -> int:
-        return self.env.staking.info(agent_id).slashable
 
 
 @pytest.fixture(scope="module")
-def qenv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QEnv]:
+def qenv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QuorumEnv]:
     with work_env(tmp_path_factory.mktemp("quorum")) as env:
-        q = QEnv(env)
+        q = QuorumEnv(env)
         for _ in range(9):
             q.add_validator(DEV_A)
         for _ in range(3):
             q.add_validator(DEV_B)
-        q.reporter = env.actor(100 * USDC)
         yield q
 
 
-def test_validator_registry_needs_stake_and_the_agents_operator(qenv: QEnv) -> None:
+def test_validator_registry_needs_stake_and_the_agents_operator(qenv: QuorumEnv) -> None:
     env = qenv.env
     poor = env.actor(5 * USDC, agent=True)
     env.staking.stake(poor.key, poor.agent_id, 5 * USDC)
@@ -99,12 +43,12 @@ def test_validator_registry_needs_stake_and_the_agents_operator(qenv: QEnv) -> N
     del qenv.validators[leaver.agent_id]
 
 
-def test_quorum_is_seated_by_a_later_block_hash_mixed_with_the_receipt(qenv: QEnv) -> None:
+def test_quorum_is_seated_by_a_later_block_hash_mixed_with_the_receipt(qenv: QuorumEnv) -> None:
     from mesh402.economics.quorum import quorum_seed, select_quorum
     env, q = qenv.env, qenv.env.quorum
     stage = qenv.stage()
     receipt = b"\x5a" * 32
-    check_id = qenv.open(stage, receipt)
+    check_id = qenv.open(stage, receipt, device=DEV_A)
     opened = q.logs("CheckOpened", from_block=env.block(), checkId=check_id)[0]
     assert opened["seedBlock"] == opened["blockNumber"] + q.params().seed_delay  # a block not yet made
     reverts("SeedNotReady", q.draw, qenv.reporter.key, check_id)
@@ -131,9 +75,9 @@ def test_quorum_is_seated_by_a_later_block_hash_mixed_with_the_receipt(qenv: QEn
     q.finalize(qenv.reporter.key, check_id)
 
 
-def test_a_seed_whose_block_hash_is_gone_is_rearmed_on_a_future_block(qenv: QEnv) -> None:
+def test_a_seed_whose_block_hash_is_gone_is_rearmed_on_a_future_block(qenv: QuorumEnv) -> None:
     env, q = qenv.env, qenv.env.quorum
-    check_id = qenv.open(qenv.stage())
+    check_id = qenv.open(qenv.stage(), device=DEV_A)
     first = q.round(check_id, 0).seed_block
     env.mine(256 + 2)  # past the 256 blocks BLOCKHASH can see
     rcpt = env.record("draw(seed re-armed)", q.draw(qenv.reporter.key, check_id))
@@ -143,7 +87,7 @@ def test_a_seed_whose_block_hash_is_gone_is_rearmed_on_a_future_block(qenv: QEnv
     assert len(qenv.seat(check_id)) == 3 and q.phase(check_id) == "commit"
 
 
-def test_fast_mode_checks_go_only_to_validators_with_the_stages_device(qenv: QEnv) -> None:
+def test_fast_mode_checks_go_only_to_validators_with_the_stages_device(qenv: QuorumEnv) -> None:
     env, q = qenv.env, qenv.env.quorum
     stage = qenv.stage()
     members = qenv.seat(qenv.open(stage, exact=False, device=DEV_B))
@@ -159,10 +103,10 @@ def test_fast_mode_checks_go_only_to_validators_with_the_stages_device(qenv: QEn
     assert env.staking.info(stage.agent_id).open_checks == 1  # only the DEV_B check still holds it
 
 
-def test_commit_reveal_hides_votes_and_binds_them_to_the_voter(qenv: QEnv) -> None:
+def test_commit_reveal_hides_votes_and_binds_them_to_the_voter(qenv: QuorumEnv) -> None:
     env, q = qenv.env, qenv.env.quorum
     stage = qenv.stage()
-    check_id = qenv.open(stage)
+    check_id = qenv.open(stage, device=DEV_A)
     m1, m2, m3 = qenv.seat(check_id)
     outsider = next(a for a in qenv.validators if a not in (m1, m2, m3) and a != stage.agent_id)
     key = {a: qenv.validators[a].key for a in (m1, m2, m3, outsider)}
@@ -199,11 +143,11 @@ def test_commit_reveal_hides_votes_and_binds_them_to_the_voter(qenv: QEnv) -> No
     assert qenv.slashable(stage.agent_id) == STAGE_STAKE
 
 
-def test_two_of_three_fail_a_cheating_stage_and_slash_it(qenv: QEnv) -> None:
+def test_two_of_three_fail_a_cheating_stage_and_slash_it(qenv: QuorumEnv) -> None:
     env, q = qenv.env, qenv.env.quorum
     stage = qenv.stage()
     rep = qenv.reporter
-    check_id = qenv.open(stage)
+    check_id = qenv.open(stage, device=DEV_A)
     env.staking.request_unstake(stage.key, stage.agent_id, STAGE_STAKE)  # trying to leave with the stake
     m1, m2, m3 = qenv.seat(check_id)
     qenv.vote(check_id, {m1: True, m2: True, m3: False})
@@ -232,10 +176,10 @@ def test_two_of_three_fail_a_cheating_stage_and_slash_it(qenv: QEnv) -> None:
     reverts("AlreadyExecuted", q.execute, rep.key, check_id)
 
 
-def test_one_dishonest_validator_cannot_fail_an_honest_stage(qenv: QEnv) -> None:
+def test_one_dishonest_validator_cannot_fail_an_honest_stage(qenv: QuorumEnv) -> None:
     env, q = qenv.env, qenv.env.quorum
     stage = qenv.stage()
-    check_id = qenv.open(stage)
+    check_id = qenv.open(stage, device=DEV_A)
     liar, h1, h2 = qenv.seat(check_id)
     qenv.vote(check_id, {liar: True, h1: False, h2: False})
     q.finalize(qenv.reporter.key, check_id)
@@ -256,11 +200,11 @@ def test_one_dishonest_validator_cannot_fail_an_honest_stage(qenv: QEnv) -> None
         assert env.balance(qenv.validators[a].address) == wallets[a] + bond // 2
 
 
-def test_an_appeal_to_a_larger_quorum_overturns_a_wrong_failure(qenv: QEnv) -> None:
+def test_an_appeal_to_a_larger_quorum_overturns_a_wrong_failure(qenv: QuorumEnv) -> None:
     env, q = qenv.env, qenv.env.quorum
     stage = qenv.stage()
     env.mint(stage.address, q.params().appeal_bond)
-    check_id = qenv.open(stage)
+    check_id = qenv.open(stage, device=DEV_A)
     c1, c2, honest = qenv.seat(check_id)
     qenv.vote(check_id, {c1: True, c2: True, honest: False})  # two colluders fail an honest stage
     q.finalize(qenv.reporter.key, check_id)

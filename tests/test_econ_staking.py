@@ -9,9 +9,8 @@ from typing import Any
 
 import pytest
 
-from tests.workutil import WorkEnv, reverts, work_env
+from tests.workutil import USDC, WorkEnv, reverts, work_env
 
-USDC = 1_000_000
 
 
 def refused(abi: list[dict[str, Any]], call: Callable[..., Any], *args: Any) -> tuple[str, dict[str, Any]]:
