@@ -88,7 +88,7 @@ def main() -> None:
     print("epoch payout   payees  approve+publish  claim(median)  total")
     for n, p in out["epoch_payout"].items():
         print(f"               {n:6d}  {p['approve_publish']:15d}  {p['claim_median']:13.0f}  {p['total']}")
-    print_work_contracts(out["work_contracts"], out["epoch_payout"])
+    print_work_contracts(out["work_contracts"], out["epoch_payout"])  # type: ignore[arg-type]
     res = ROOT / "benchmarks" / "results"
     res.mkdir(exist_ok=True)
     (res / "econ_gas.json").write_text(json.dumps(out, indent=1))
@@ -152,8 +152,9 @@ def escrow_gas(env: Any, workers: list[int]) -> None:
         env.advance(e.unlock_delay)
         env.record("escrow.finalizeUnlock", e.finalize_unlock(entry.key, w.address))
         nonce = e.channel(entry.address, w.address).release_nonce
-        sig = sign_release(w.key, e.chain_id, e.address, entry.address, USDC // 4, nonce)
-        env.record("escrow.release", e.release(entry.key, w.address, USDC // 4, sig))
+        deadline = env.now() + 600
+        sig = sign_release(w.key, e.chain_id, e.address, entry.address, USDC // 4, nonce, deadline)
+        env.record("escrow.release", e.release(entry.key, w.address, USDC // 4, deadline, sig))
         env.record("escrow.withdraw", e.withdraw(entry.key, USDC))
         env.mint(e.vault_of(entry.address), USDC)
         env.record("escrow.sweep(first: deploys the vault)", e.sweep(w.key, entry.address))

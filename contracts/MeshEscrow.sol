@@ -65,7 +65,7 @@ contract MeshEscrow is EIP712 {
     bytes32 public constant VOUCHER_TYPEHASH =
         keccak256("Voucher(address entry,address worker,uint256 cumulativeAmount)");
     bytes32 public constant RELEASE_TYPEHASH =
-        keccak256("Release(address entry,address worker,uint256 amount,uint256 nonce)");
+        keccak256("Release(address entry,address worker,uint256 amount,uint256 nonce,uint256 deadline)");
 
     IERC20 public immutable token;
     uint64 public immutable unlockDelay;
@@ -93,6 +93,7 @@ contract MeshEscrow is EIP712 {
     error InvalidSignature(address signer);
     error NoPendingUnlock(address entry, address worker);
     error UnlockNotReady(uint64 unlockAt);
+    error ReleaseExpired(uint256 deadline);
     error ZeroDelay();
 
     constructor(IERC20 token_, uint64 unlockDelay_) EIP712("mesh402 Escrow", "1") {
@@ -184,13 +185,14 @@ contract MeshEscrow is EIP712 {
     }
 
     /// @notice Take `amount` of a worker's channel back at once, with the worker's EIP-712 `Release` signature
-    ///         (the worker signs only what exceeds every voucher it holds). Each signature works once.
-    function release(address worker, uint256 amount, bytes calldata workerSignature) external {
+    ///         (the worker signs only what exceeds every voucher it holds, and counts it as gone until `deadline`).
+    ///         Each signature works once, and not after its deadline.
+    function release(address worker, uint256 amount, uint256 deadline, bytes calldata workerSignature) external {
         Channel storage c = _channels[msg.sender][worker];
         uint256 nonce = c.releaseNonce;
-        if (!SignatureChecker.isValidSignatureNow(worker, releaseDigest(msg.sender, worker, amount, nonce), workerSignature)) {
-            revert InvalidSignature(worker);
-        }
+        if (block.timestamp > deadline) revert ReleaseExpired(deadline);
+        bytes32 digest = releaseDigest(msg.sender, worker, amount, nonce, deadline);
+        if (!SignatureChecker.isValidSignatureNow(worker, digest, workerSignature)) revert InvalidSignature(worker);
         if (amount == 0) revert ZeroAmount();
         if (amount > c.balance) revert InsufficientEscrow(msg.sender, worker, c.balance, amount);
         c.balance -= uint128(amount);
@@ -250,8 +252,12 @@ contract MeshEscrow is EIP712 {
         return _hashTypedDataV4(keccak256(abi.encode(VOUCHER_TYPEHASH, entry, worker, cumulativeAmount)));
     }
 
-    function releaseDigest(address entry, address worker, uint256 amount, uint256 nonce) public view returns (bytes32) {
-        return _hashTypedDataV4(keccak256(abi.encode(RELEASE_TYPEHASH, entry, worker, amount, nonce)));
+    function releaseDigest(address entry, address worker, uint256 amount, uint256 nonce, uint256 deadline)
+        public
+        view
+        returns (bytes32)
+    {
+        return _hashTypedDataV4(keccak256(abi.encode(RELEASE_TYPEHASH, entry, worker, amount, nonce, deadline)));
     }
 
     function DOMAIN_SEPARATOR() external view returns (bytes32) {

@@ -157,13 +157,19 @@ def test_release_needs_the_workers_signature_once(env: WorkEnv) -> None:
     entry = funded_entry(env, 0, {worker.address: 20 * USDC})
     cid, addr = env.escrow.chain_id, env.escrow.address
     nonce = env.escrow.channel(entry.address, worker.address).release_nonce
-    sig = sign_release(worker.key, cid, addr, entry.address, 8 * USDC, nonce)
-    reverts("InvalidSignature", env.escrow.release, entry.key, worker.address, 9 * USDC, sig)
-    forged = sign_release(env.actor().key, cid, addr, entry.address, 8 * USDC, nonce)
-    reverts("InvalidSignature", env.escrow.release, entry.key, worker.address, 8 * USDC, forged)
-    env.record("release", env.escrow.release(entry.key, worker.address, 8 * USDC, sig))
+    deadline = env.now() + 600
+    sig = sign_release(worker.key, cid, addr, entry.address, 8 * USDC, nonce, deadline)
+    reverts("InvalidSignature", env.escrow.release, entry.key, worker.address, 9 * USDC, deadline, sig)
+    reverts("InvalidSignature", env.escrow.release, entry.key, worker.address, 8 * USDC, deadline + 1, sig)
+    forged = sign_release(env.actor().key, cid, addr, entry.address, 8 * USDC, nonce, deadline)
+    reverts("InvalidSignature", env.escrow.release, entry.key, worker.address, 8 * USDC, deadline, forged)
+    late = env.now() + 5
+    stale = sign_release(worker.key, cid, addr, entry.address, 8 * USDC, nonce, late)
+    env.advance(10)
+    reverts("ReleaseExpired", env.escrow.release, entry.key, worker.address, 8 * USDC, late, stale)
+    env.record("release", env.escrow.release(entry.key, worker.address, 8 * USDC, deadline, sig))
     assert env.escrow.free_balance(entry.address) == 8 * USDC
-    reverts("InvalidSignature", env.escrow.release, entry.key, worker.address, 8 * USDC, sig)  # nonce moved on
+    reverts("InvalidSignature", env.escrow.release, entry.key, worker.address, 8 * USDC, deadline, sig)  # used
     assert env.escrow.channel(entry.address, worker.address).balance == 12 * USDC
 
 

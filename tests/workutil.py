@@ -3,7 +3,7 @@ fresh funded accounts, ERC-8004 agents, and anvil's clock and miner."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +22,7 @@ STAGE_STAKE = 20 * USDC
 class Actor:
     key: str
     address: str
-    agent_id: int | None = None
+    agent_id: int = -1  # its ERC-8004 agent, when asked for one
 
 
 @dataclass
@@ -123,7 +123,6 @@ class QuorumEnv:
     def add_validator(self, device: str) -> Actor:
         """A fresh agent with VALIDATOR_STAKE staked, registered as a validator on `device`."""
         v = self.env.actor(VALIDATOR_STAKE, agent=True)
-        assert v.agent_id is not None
         self.env.staking.stake(v.key, v.agent_id, VALIDATOR_STAKE)
         self.env.record("registerValidator", self.env.quorum.register_validator(v.key, v.agent_id, device))
         self.validators[v.agent_id], self.devices[v.agent_id] = v, device
@@ -138,7 +137,6 @@ class QuorumEnv:
     def open(self, stage: Actor, receipt: bytes | None = None, *, exact: bool = True, device: str = "cpu") -> bytes:
         """Open a check of `stage` (random receipt hash unless given) from the reporter."""
         import secrets
-        assert stage.agent_id is not None
         return self.env.quorum.open_check(self.reporter.key, stage.agent_id, receipt or secrets.token_bytes(32),
                                           exact=exact, device=device)
 
@@ -152,7 +150,7 @@ class QuorumEnv:
         self.env.record(name, q.draw(self.reporter.key, check_id))
         return q.round(check_id, c.round).members
 
-    def vote(self, check_id: bytes, votes: dict[int, bool | None]) -> None:
+    def vote(self, check_id: bytes, votes: Mapping[int, bool | None]) -> None:
         """Every seated validator in `votes` commits (None: stays silent), then every committer reveals."""
         q = self.env.quorum
         sealed = {a: q.seal_vote(check_id, a, fail) for a, fail in votes.items() if fail is not None}

@@ -19,7 +19,8 @@ DOMAIN_NAME, DOMAIN_VERSION = "mesh402 Escrow", "1"
 VOUCHER_TYPES = {"Voucher": [{"name": "entry", "type": "address"}, {"name": "worker", "type": "address"},
                              {"name": "cumulativeAmount", "type": "uint256"}]}
 RELEASE_TYPES = {"Release": [{"name": "entry", "type": "address"}, {"name": "worker", "type": "address"},
-                             {"name": "amount", "type": "uint256"}, {"name": "nonce", "type": "uint256"}]}
+                             {"name": "amount", "type": "uint256"}, {"name": "nonce", "type": "uint256"},
+                             {"name": "deadline", "type": "uint256"}]}
 
 
 def _domain(chain_id: int, escrow: str) -> dict[str, Any]:
@@ -82,12 +83,15 @@ def voucher_signer(v: Voucher, chain_id: int, escrow: str) -> str | None:
         return None
 
 
-def sign_release(worker_key: str, chain_id: int, escrow: str, entry: str, amount: int, nonce: int) -> bytes:
+def sign_release(worker_key: str, chain_id: int, escrow: str, entry: str, amount: int, nonce: int,
+                 deadline: int) -> bytes:
     """The worker's consent to give `amount` of its channel back to `entry` at once (see MeshEscrow.release).
-    Sign only what exceeds every voucher still unredeemed."""
+    Sign only what exceeds every voucher still unredeemed, and until `deadline` (unix time) count the channel's
+    coverage as `amount` lower: the entry may submit it any time before then."""
     from eth_account import Account
     acct = Account.from_key(worker_key)
-    msg = {"entry": _checksum(entry), "worker": acct.address, "amount": int(amount), "nonce": int(nonce)}
+    msg = {"entry": _checksum(entry), "worker": acct.address, "amount": int(amount), "nonce": int(nonce),
+           "deadline": int(deadline)}
     return bytes(acct.sign_message(_typed(chain_id, _checksum(escrow), RELEASE_TYPES, msg)).signature)
 
 
@@ -148,8 +152,8 @@ class Escrow(BoundContract):
     def finalize_unlock(self, key: str, worker: str) -> Any:
         return self.send(key, self.fn.finalizeUnlock(_checksum(worker)))
 
-    def release(self, key: str, worker: str, amount: int, worker_signature: bytes) -> Any:
-        return self.send(key, self.fn.release(_checksum(worker), int(amount), bytes(worker_signature)))
+    def release(self, key: str, worker: str, amount: int, deadline: int, worker_signature: bytes) -> Any:
+        return self.send(key, self.fn.release(_checksum(worker), int(amount), int(deadline), bytes(worker_signature)))
 
     def sweep(self, key: str, entry: str) -> Any:
         """Move what `entry`'s vault received into its free balance (anyone may send this)."""
