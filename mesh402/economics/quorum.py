@@ -228,10 +228,11 @@ class Quorum(BoundContract):
             return "appeal-window" if now <= c.finalized_at + self.params().appeal_window else "execute"
         if not r.drawn:
             return "draw" if block > r.seed_block else "seed"
-        revealable = r.commits == r.size or now > r.commit_deadline
-        if (r.reveals == r.size or (now > r.commit_deadline and r.reveals == r.commits)) or now > r.reveal_deadline:
+        commits_closed = r.commits == r.size or now > r.commit_deadline  # the contract's rule for reveals
+        all_revealed = r.reveals == r.size or (now > r.commit_deadline and r.reveals == r.commits)
+        if all_revealed or now > r.reveal_deadline:  # the contract's rule for finalize
             return "finalize"
-        return "reveal" if revealable else "commit"
+        return "reveal" if commits_closed else "commit"
 
     def eligible(self, check_id: bytes, round_: int, *, block: int | str = "latest") -> list[int]:
         """The validators a round could seat, as the contract decides it, read at `block`."""
