@@ -3,6 +3,8 @@ pragma solidity ^0.8.24;
 
 interface IAgentIdentity {
     function isAuthorizedOrOwner(address spender, uint256 agentId) external view returns (bool);
+    function ownerOf(uint256 agentId) external view returns (address);
+    function getAgentWallet(uint256 agentId) external view returns (address);
 }
 
 /// @title AgentRegistryBase: what the ERC-8004 Reputation and Validation registries share: the Identity

@@ -112,6 +112,10 @@ def deploy_dev(rpc_url: str, out_dir: Path, spec: DevChainSpec | None = None) ->
     token = w3.eth.contract(address=token_addr, abi=tok.abi)
     w3.provider.make_request("anvil_setCode", [MULTICALL3_ADDRESS, arts["Multicall3Lite"].runtime])
     registries = deploy_registries(w3, arts, token_addr, send)
+    # Escrow, staking and the spot-check quorum (issue 14); the deployer (anvil account 0) is the treasury.
+    from mesh402.economics.workchain import deploy_work_contracts
+    registries.update(deploy_work_contracts(w3, arts, token_addr, registries["IdentityRegistry"], send,
+                                            treasury=deployer))
 
     keys_dir = out_dir / "keys"
     keys_dir.mkdir(parents=True, exist_ok=True)
