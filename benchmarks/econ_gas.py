@@ -121,7 +121,7 @@ USDC = 1_000_000
 
 def work_contracts_gas(chain: Any, workers: list[int], validator_sets: list[int]) -> dict[str, Any]:
     """Gas of every escrow, staking and quorum call, as the wrappers send them (medians where repeated)."""
-    from tests.workutil import WorkEnv
+    from harness.work_contracts import WorkEnv
     env = WorkEnv(chain)
     escrow_gas(env, workers)
     staking_gas(env)
@@ -189,7 +189,7 @@ def quorum_gas(env: Any) -> None:
     """Checks on a fresh quorum with 9 validators: a failed one (2 of 3), a passed one (1 dissent), and an
     appealed one (5 fresh validators overturn)."""
     from mesh402.economics.quorum import device_key
-    from tests.workutil import QuorumEnv
+    from harness.work_contracts import QuorumEnv
     qe = QuorumEnv(env.redeploy())
     for _ in range(9):
         qe.add_validator("cpu")
@@ -223,7 +223,7 @@ def quorum_gas(env: Any) -> None:
 
 def draw_gas(env: Any, validators: int) -> int:
     """Gas of seating 3 validators out of `validators` on a fresh deployment (the draw reads every one)."""
-    from tests.workutil import QuorumEnv
+    from harness.work_contracts import QuorumEnv
     qe = QuorumEnv(env.redeploy())
     for _ in range(validators):
         qe.add_validator("cpu")

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 from web3.logs import DISCARD
 
-from tests.workutil import STAGE_STAKE, USDC, QuorumEnv, reverts, work_env
+from tests.support.work_contracts import STAGE_STAKE, USDC, QuorumEnv, reverts, work_env
 
 DEV_A = "cpu:avx512 torch-2.5.1"
 DEV_B = "cuda:NVIDIA H200 torch-2.5.1"

@@ -1,17 +1,13 @@
-"""Helpers for the escrow, staking and quorum tests: one `mesh402 chain dev` chain with the contracts bound,
+"""The escrow, staking and quorum contracts on a dev chain (tests and the gas benchmark): one `mesh402 chain dev` chain with the contracts bound,
 fresh funded accounts, ERC-8004 agents, and anvil's clock and miner."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.chainutil import DevChain, start_chain
+from harness.dev_chain import DevChain
 
 USDC = 1_000_000
 VALIDATOR_STAKE = 20 * USDC
@@ -163,28 +159,3 @@ class QuorumEnv:
 
     def slashable(self, agent_id: int) -> int:
         return self.env.staking.info(agent_id).slashable
-
-
-def reverts(error: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run a wrapper call that must be refused with the contract's custom error `error`; the ChainCallError."""
-    from mesh402.economics.contractcall import ChainCallError
-    with pytest.raises(ChainCallError) as ei:
-        call(*args, **kwargs)
-    assert ei.value.error == error, str(ei.value)
-    return ei.value
-
-
-@contextmanager
-def work_env(tmp: Path) -> Iterator[WorkEnv]:
-    """A dev chain from `mesh402 chain dev` with the work contracts bound; prints the gas it recorded."""
-    from mesh402.economics.toolchain import tools_ready
-    if not tools_ready():
-        pytest.fail("the npm contract toolchain is missing: run bash scripts/setup-dev-extra.sh")
-    chain = start_chain(tmp, buyers=1)
-    env = WorkEnv(chain)
-    try:
-        yield env
-    finally:
-        chain.proc.stop()
-        if env.gas:
-            print("\ngas used:", ", ".join(f"{k}={v}" for k, v in sorted(env.gas.items())))

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.workutil import USDC, WorkEnv, reverts, work_env
+from tests.support.work_contracts import USDC, WorkEnv, reverts, work_env
 
 
 

@@ -10,7 +10,7 @@ import pytest
 from web3.logs import DISCARD
 
 from mesh402.economics.contractcall import BoundContract
-from tests.workutil import USDC, Actor, WorkEnv, reverts, work_env
+from tests.support.work_contracts import USDC, Actor, WorkEnv, reverts, work_env
 
 
 
@@ -174,7 +174,7 @@ def test_release_needs_the_workers_signature_once(env: WorkEnv) -> None:
 
 
 def test_revenue_paid_to_the_vault_lands_in_the_entrys_escrow(env: WorkEnv) -> None:
-    from tests.chainutil import decode_b64json, sign_payment
+    from harness.x402_payments import decode_b64json, sign_payment
     entry, buyer, sweeper = env.actor(), env.actor(3 * USDC), env.actor()
     vault = env.escrow.vault_of(entry.address)
     assert env.w3.eth.get_code(vault) == b""  # usable as payTo before it exists
