@@ -248,11 +248,13 @@ class Tokenizer:
         `parse_special=False` (use that for untrusted text that must not inject turn markers)."""
         backend = self._backend if parse_special else self._literal_backend()
         ids = backend.encode(text, add_special_tokens=False).ids
-        if add_special:
-            if self.add_bos and self.bos_id is not None:
-                ids.insert(0, self.bos_id)
-            if self.add_eos and self.eos_ids:
-                ids.append(self.eos_ids[0])
+        return self._add_bos_eos(ids) if add_special else ids
+
+    def _add_bos_eos(self, ids: list[int]) -> list[int]:
+        if self.add_bos and self.bos_id is not None:
+            ids.insert(0, self.bos_id)
+        if self.add_eos and self.eos_ids:
+            ids.append(self.eos_ids[0])
         return ids
 
     def encode_chat(self, segments: Iterable[tuple[str, bool]], add_special: bool = False) -> list[int]:
@@ -279,12 +281,7 @@ class Tokenizer:
             ids = []
             for t, tmpl in _merge_runs(parts):
                 ids += self.encode(t, add_special=False, parse_special=tmpl)
-        if add_special:
-            if self.add_bos and self.bos_id is not None:
-                ids.insert(0, self.bos_id)
-            if self.add_eos and self.eos_ids:
-                ids.append(self.eos_ids[0])
-        return ids
+        return self._add_bos_eos(ids) if add_special else ids
 
     def token_bytes(self, token_id: int) -> bytes:
         if not 0 <= token_id < len(self._pieces):
