@@ -47,3 +47,20 @@ def api_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiNode]:
         yield ApiNode(proc, port, API_KEY)
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """The bundled SmolLM2 tokenizer (our own, from the GGUF)."""
+    from mesh402.engine.tokenizer import Tokenizer
+    from mesh402.models.catalog import bundled_model_path
+
+    return Tokenizer.from_gguf(bundled_model_path())
+
+
+@pytest.fixture(scope="session")
+def smol_grammars(smol_tokenizer):
+    """One GrammarCompiler for the bundled vocabulary (building llguidance's tokenizer takes ~0.3 s)."""
+    from mesh402.engine.grammar import GrammarCompiler
+
+    return GrammarCompiler(smol_tokenizer)

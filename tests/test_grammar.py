@@ -10,7 +10,6 @@ import torch
 from mesh402.engine.grammar import GrammarCompiler, GrammarError
 from mesh402.engine.sampling import Sampler, SamplingParams
 from mesh402.engine.tokenizer import Tokenizer
-from mesh402.models.catalog import bundled_model_path
 
 torch.set_num_threads(1)
 
@@ -24,13 +23,13 @@ SCHEMA = {
 
 
 @pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer.from_gguf(bundled_model_path())
+def tok(smol_tokenizer: Tokenizer) -> Tokenizer:
+    return smol_tokenizer
 
 
 @pytest.fixture(scope="module")
-def gc(tok: Tokenizer) -> GrammarCompiler:
-    return GrammarCompiler(tok)
+def gc(smol_grammars: GrammarCompiler) -> GrammarCompiler:
+    return smol_grammars
 
 
 def ids(tok: Tokenizer, text: str) -> list[int]:

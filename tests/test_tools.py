@@ -40,13 +40,13 @@ MISTRAL_LIKE = ("{% if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_
 
 
 @pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer.from_gguf(bundled_model_path())
+def tok(smol_tokenizer: Tokenizer) -> Tokenizer:
+    return smol_tokenizer
 
 
 @pytest.fixture(scope="module")
-def gc(tok: Tokenizer) -> GrammarCompiler:
-    return GrammarCompiler(tok)
+def gc(smol_grammars: GrammarCompiler) -> GrammarCompiler:
+    return smol_grammars
 
 
 def test_detect_format(tok: Tokenizer) -> None:
