@@ -86,9 +86,11 @@ def _llama3_rope_factors() -> np.ndarray:
     return np.array(out, dtype=np.float32)
 
 
-def _write_gguf(m, arch: str, path, qtype, rope_freqs: bool = False):
+def _write_gguf(m, arch: str, path, qtype, rope_freqs: bool = False, uint32_kv: dict | None = None):
     gg_arch = "llama" if arch in ("llama", "mistral") else arch
     w = gguf.GGUFWriter(str(path), gg_arch)
+    for key, value in (uint32_kv or {}).items():  # extra metadata, e.g. an embedding model's pooling_type
+        w.add_uint32(key, value)
     w.add_block_count(NL)
     w.add_context_length(256)
     w.add_embedding_length(H)
