@@ -167,3 +167,36 @@ def test_constrained_sampling_always_valid_and_deterministic(gc: GrammarCompiler
         doc = json.loads(tok.decode(out))
         assert set(doc) == {"city", "unit", "days"} and doc["unit"] in ("c", "f") and 1 <= doc["days"] <= 7
         assert run(seed) == out
+
+
+def test_response_format_mapping(gc: GrammarCompiler, tok: Tokenizer) -> None:
+    assert gc.response_format(None) is None and gc.response_format({"type": "text"}) is None
+    assert gc.response_format({"type": "json_object"}).kind == "json_object"
+    chat = gc.response_format({"type": "json_schema", "json_schema": {"name": "w", "schema": SCHEMA, "strict": True}})
+    responses = gc.response_format({"type": "json_schema", "name": "w", "schema": SCHEMA, "strict": True})
+    assert chat is responses is gc.json_schema(SCHEMA)
+    loose = {"type": "array", "uniqueItems": True}
+    with pytest.raises(GrammarError):
+        gc.response_format({"type": "json_schema", "json_schema": {"name": "u", "schema": loose, "strict": True}})
+    assert gc.response_format({"type": "json_schema", "json_schema": {"name": "u", "schema": loose}}) is not None
+    with pytest.raises(GrammarError, match="unsupported"):
+        gc.response_format({"type": "yaml"})
+
+
+def test_verification_redraws_under_the_rebuilt_mask(gc: GrammarCompiler, tok: Tokenizer) -> None:
+    """A validator rebuilds the mask from (spec, generated tokens) and re-draws: honest tokens pass,
+    the unconstrained favourite that the grammar forbids is a fault."""
+    from mesh402.engine.verify import token_problem
+
+    g = gc.json_schema(SCHEMA)
+    prefix = ids(tok, '{"city": "Rome", "unit": ')
+    logits = torch.randn(tok.vocab_size, generator=torch.Generator().manual_seed(1))
+    free = int(logits.argmax())
+    allowed = gc.from_spec(g.spec).matcher(prefix).allowed()
+    assert not allowed[free]
+    sampling = {"temperature": 0.8, "seed": 5, "logit_bias": [[free, 3.0]]}
+    history = [7] * 10 + prefix  # prompt + generated
+    drawn = Sampler(SamplingParams(**sampling)).sample(logits, history, len(history), allowed=g.matcher(prefix).allowed())
+    assert token_problem(logits, drawn, sampling, history, allowed) == ""
+    assert "mask" in token_problem(logits, free, sampling, history, allowed)
+    assert token_problem(logits, free, {"temperature": 0}, history) == ""  # unconstrained: the argmax is fine

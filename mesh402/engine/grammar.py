@@ -235,6 +235,30 @@ class GrammarCompiler:
 
         return self._build("tool_calls", llg.LLMatcher.grammar_from_lark(lark_source))
 
+    def response_format(self, response_format: dict[str, Any] | None) -> Grammar | None:
+        """The grammar for an OpenAI `response_format` (chat) or Responses `text.format`; None for text.
+
+        {"type": "text"} -> None; {"type": "json_object"} -> any object; {"type": "json_schema",
+        "json_schema": {"name", "schema", "strict"}} (Responses API: the same fields at the top level).
+        Non-strict schemas are still enforced; keywords llguidance cannot enforce are then ignored
+        instead of refused."""
+        if not response_format:
+            return None
+        kind = response_format.get("type")
+        if kind in (None, "text"):
+            return None
+        if kind == "json_object":
+            return self.json_object()
+        if kind == "json_schema":
+            spec = response_format.get("json_schema", response_format)
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if schema is None:
+                schema = {"type": "object"}
+            if not isinstance(schema, dict):
+                raise GrammarError("json_schema.schema must be an object")
+            return self.json_schema(schema, strict=bool(spec.get("strict", False)))
+        raise GrammarError(f"unsupported response_format type {kind!r}")
+
     def from_spec(self, spec: str) -> Grammar:
         """The grammar a `Grammar.spec` describes (verification and failover replay)."""
         try:

@@ -107,20 +107,14 @@ def apply_bias(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def _check_mask(allowed: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+def _allowed_ids(allowed: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Ascending ids of the tokens `allowed` (bool [vocab]) lets through; refuses an empty mask."""
     if allowed.dtype != torch.bool or allowed.shape != logits.shape:
         raise ValueError(f"allowed must be a bool tensor of shape {tuple(logits.shape)}")
-    allowed = allowed.to(logits.device)
-    if not bool(allowed.any()):
+    ids = torch.nonzero(allowed.to(logits.device)).reshape(-1)
+    if ids.numel() == 0:
         raise ValueError("the token mask allows no token")
-    return allowed
-
-
-def apply_mask(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
-    """`logits` with every token outside `allowed` (bool [vocab]) set to -inf, in place."""
-    if allowed is None:
-        return logits
-    return logits.masked_fill_(~_check_mask(allowed, logits), float("-inf"))
+    return ids
 
 
 def apply_penalties(logits: torch.Tensor, history: Sequence[int], params: SamplingParams) -> torch.Tensor:
@@ -189,7 +183,7 @@ class Sampler:
         if allowed is not None:
             # Only allowed tokens stay candidates (ascending ids, as the ranking below needs): the
             # draw is the one over the -inf-masked row, without sorting tens of thousands of -infs.
-            ids = torch.nonzero(_check_mask(allowed, x)).reshape(-1)
+            ids = _allowed_ids(allowed, x)
             x = x[ids]
         if torch.isnan(x).any():
             raise ValueError("logits contain NaN")
