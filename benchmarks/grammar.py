@@ -380,6 +380,48 @@ def sampler_overhead(tok: Tokenizer, runs: int) -> dict[str, Any]:
     return out
 
 
+def end_to_end(tok: Tokenizer, runs: int, max_tokens: int = 192) -> dict[str, Any]:
+    """Decode tok/s on the bundled model (fast mode, greedy), with and without the realistic schema."""
+    from mesh402.engine import Engine
+    from mesh402.engine.grammar import GrammarCompiler
+    from mesh402.engine.sampling import Sampler, SamplingParams
+
+    eng = Engine.load(bundled_model_path(), mode="fast")
+    grammar = GrammarCompiler(tok).json_schema(SCHEMA)
+    prompt = tok.encode_chat(eng.chat_template.render_segments(
+        [{"role": "user", "content": "Describe Ada Lovelace as a JSON object."}]))
+    out: dict[str, Any] = {}
+    for label in ("unconstrained", "json_schema"):
+        rates, n_tokens = [], 0
+        for _ in range(max(1, min(3, runs))):
+            sampler, m, gen = Sampler(SamplingParams(temperature=0)), grammar.matcher(), []
+            with eng.new_session(len(prompt) + max_tokens + 1) as s:
+                logits = s.prefill(prompt)
+                t0 = time.perf_counter()
+                for _ in range(max_tokens):
+                    allowed = m.allowed() if label == "json_schema" else None
+                    t = sampler.sample(logits, prompt + gen, len(prompt) + len(gen), allowed=allowed)
+                    if allowed is not None:
+                        m.accept(t)
+                    if t in tok.eos_ids:
+                        break
+                    gen.append(t)
+                    logits = s.decode(t)
+                rates.append(len(gen) / (time.perf_counter() - t0))
+                n_tokens = len(gen)
+        out[label] = {"tok_s": statistics.median(rates), "tokens": n_tokens,
+                      "valid_json": _parses(tok.decode(gen))}
+    return out
+
+
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except ValueError:
+        return False
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
@@ -405,6 +447,7 @@ def main() -> None:
         result["libs"][name] = entry
         print(f"done {name}", file=sys.stderr)
     result["sampler"] = sampler_overhead(tok, runs)
+    result["end_to_end"] = end_to_end(tok, runs)
     print_tables(result)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "grammar.json").write_text(json.dumps(result, indent=2))
@@ -434,10 +477,15 @@ def print_tables(r: dict[str, Any]) -> None:
         print(f"{n:<14} {e['version']:<10} {e['installed_mb']:>6.1f} MB installed, deps: {', '.join(e['declared_deps']) or '-'}")
     print("\nSampler with the mask (engine path: matcher mask as bool [vocab] + masked draw + accept), "
           "realistic schema, model logits; µs per token")
-    print(f"{'sampling':<18}{'plain draw':>12}{'mask':>10}{'masked draw':>13}{'accept':>9}{'overhead':>10}{'p99':>8}")
+    cols = ("plain", "mask", "masked_draw", "accept", "overhead")
+    print(f"{'sampling':<18}{'stat':<6}" + "".join(f"{c:>13}" for c in cols))
     for label, s in r["sampler"].items():
-        print(f"{label:<18}{s['plain']['mean_us']:>12.1f}{s['mask']['mean_us']:>10.1f}{s['masked_draw']['mean_us']:>13.1f}"
-              f"{s['accept']['mean_us']:>9.1f}{s['overhead']['mean_us']:>10.1f}{s['overhead']['p99_us']:>8.1f}")
+        for stat in ("mean", "p50", "p99"):
+            print(f"{label:<18}{stat:<6}" + "".join(f"{s[c][stat + '_us']:>13.1f}" for c in cols))
+
+    print("\nEnd to end on the bundled model (fast mode, greedy, one thread; decode only, median of runs)")
+    for label, e in r["end_to_end"].items():
+        print(f"{label:<15}{e['tok_s']:>7.1f} tok/s  {e['tokens']:>3} tokens  output parses as JSON: {e['valid_json']}")
 
 
 if __name__ == "__main__":
