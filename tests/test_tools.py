@@ -229,6 +229,7 @@ def test_bundled_model_makes_a_valid_required_call(tok: Tokenizer, gc: GrammarCo
             out.append(t)
             logits = s.decode(t)
     assert m.finished, tok.decode(out)
+    assert not tok.decode(out).endswith("\n\n\n")  # at most a short separator before EOS
     r = T.parse_tool_calls(tok.decode(out), fmt)
     assert r.complete and r.tool_calls, tok.decode(out)
     for call in r.tool_calls:
@@ -236,3 +237,26 @@ def test_bundled_model_makes_a_valid_required_call(tok: Tokenizer, gc: GrammarCo
         assert call.name in ("get_weather", "add")
         if call.name == "get_weather":
             assert set(args) == {"city", "unit"} and args["unit"] in ("c", "f")
+
+
+def test_special_token_start_marker_is_matched_as_the_token(tmp_path) -> None:
+    """Mistral's [TOOL_CALLS] is a control token: the grammar wants that token, not its spelling."""
+    from mesh402.engine.tokenizer import _B2U
+    from tests.test_tokenizer import _write_gguf
+
+    tokens = ["<|end|>", "[TOOL_CALLS]", *[_B2U[b] for b in range(256)]]
+    path = _write_gguf(tmp_path / "mistralish.gguf", tokens, [3, 3] + [1] * 256, tokenizer_model="gpt2",
+                       tokenizer_pre="default", token_merges=[], eos_token_id=0)
+    small = Tokenizer.from_gguf(path)
+    grammar = GrammarCompiler(small).tool_calls(T.tool_grammar(T.MISTRAL, [ADD], "auto", tokenizer=small))
+    call = small.encode('[TOOL_CALLS][{"name": "add", "arguments": {"a": 1, "b": 2}}]', add_special=False)
+    assert call[0] == 1
+    m = grammar.matcher(call)
+    assert m.can_end and m.is_allowed(0)
+    spelled = small.encode('[TOOL_CALLS][{"name": "add"', add_special=False, parse_special=False)
+    assert 1 not in spelled and grammar.matcher(spelled).can_end  # the spelling is just text
+    bad = small.encode('[TOOL_CALLS][{"name": "rm"', add_special=False)
+    with pytest.raises(GrammarError):
+        grammar.matcher(bad)
+    r = T.parse_tool_calls(small.decode(call), T.MISTRAL)
+    assert [(c.name, json.loads(c.arguments)) for c in r.tool_calls] == [("add", {"a": 1, "b": 2})]

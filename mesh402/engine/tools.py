@@ -175,22 +175,25 @@ def tool_grammar(fmt: ToolFormat, tools: Sequence[dict[str, Any]], tool_choice: 
     start = _marker(fmt.start, tokenizer)
     end = f' WS "{fmt.end}"' if fmt.end else ""
     repeat = parallel and not fmt.list_body and bool(fmt.start)  # hermes: one block per call
-    blocks = f"block (WS block)*" if repeat else "block"
+    more = "(SEP block)* " if repeat else ""
+    # WS: inside a call; SEP: around and between call blocks, short so that after the last call the
+    # model reaches EOS instead of spending tokens on blank lines.
     lines = [
         "%llguidance {}",
         f"block: {start + ' WS ' if start else ''}{body}{end}",
         r"WS: /[ \t\r\n]{0,8}/",
+        r"SEP: /[ \t\r\n]{0,2}/",
     ]
     if mode == "required":
-        lines.insert(1, f"start: WS {blocks} WS")
+        lines.insert(1, f"start: SEP block {more}SEP")
     elif not fmt.start:  # llama3: a call is the whole answer, so text must not open like one
-        lines.insert(1, "start: TEXT | WS block WS")
+        lines.insert(1, "start: TEXT | SEP block SEP")
         lines.append(r"TEXT: /[ \t\r\n]{0,8}[^{ \t\r\n](.|\n)*/")
     elif start.startswith("<["):  # special-token marker: plain text can never contain it
-        lines.insert(1, f"start: TEXT | TEXT? {start} WS {body}{end} {'(WS block)*' if repeat else ''} WS")
+        lines.insert(1, f"start: TEXT | TEXT? {start} WS {body}{end} {more}SEP")
         lines.append(r"TEXT: /(.|\n)+/")
     else:  # text until the marker (lazy: the first occurrence starts the call), then calls
-        lines.insert(1, f"start: TEXT | trigger WS {body}{end} {'(WS block)*' if repeat else ''} WS")
+        lines.insert(1, f"start: TEXT | trigger WS {body}{end} {more}SEP")
         lines.append(f"trigger[lazy]: ANY {start}")
         lines.append(r"TEXT: /(.|\n)+/")
         lines.append(r"ANY: /(.|\n)*/")
