@@ -1,6 +1,6 @@
 """Constrained decoding on CPU: which grammar library, and what the mask costs per token (docs/structured-output.md).
 
-    .venv/bin/python benchmarks/grammar.py [--quick]
+    .venv/bin/python benchmarks/grammar.py [--quick]      (xgrammar, outlines-core: bash scripts/bench-deps.sh)
 
 Prints tables and writes benchmarks/results/grammar.json.
 
@@ -435,7 +435,11 @@ def main() -> None:
                               "vocab": tok.vocab_size, "runs": runs, "libs": {}}
     for name in args.libs.split(","):
         t0 = time.perf_counter()
-        lib = makers[name](tok)
+        try:
+            lib = makers[name](tok)
+        except ImportError:
+            print(f"skipping {name}: not installed (bash scripts/bench-deps.sh installs it)", file=sys.stderr)
+            continue
         entry: dict[str, Any] = {"tokenizer_setup_ms": (time.perf_counter() - t0) * 1e3, **install_weight(lib.package)}
         for label, schema, doc in (("json_object", None, OBJECT_DOC), ("schema", SCHEMA, SCHEMA_DOC)):
             try:
