@@ -1,6 +1,9 @@
 """Tiny random-weight GGUFs for engine tests and benchmarks: the header keys every tiny model shares, Q/K row
 order, tensors in a quantization type, and writing the file out."""
+
 from __future__ import annotations
+
+from pathlib import Path
 
 # transformers' names of a llama-family block's norms and attention tensors -> llama.cpp's (after "blk.N.");
 # each architecture adds its MLP or expert tensors
@@ -58,3 +61,22 @@ def finish_gguf(w) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def write_tokenizer_gguf(path: Path, tokens: list[str], types: list[int], **kv: object) -> Path:
+    """A one-layer GGUF that carries a tokenizer (`tokens`, their types, and `add_<key>` metadata in `kv`):
+    enough for the tokenizer tests, no real weights."""
+    import gguf  # as in the writers above: only tests that write files load gguf
+    import numpy as np
+    w = gguf.GGUFWriter(str(path), "llama")
+    for fn, value in [("block_count", 1), ("context_length", 64), ("embedding_length", 8),
+                      ("feed_forward_length", 16), ("head_count", 2), ("head_count_kv", 2),
+                      ("layer_norm_rms_eps", 1e-5), ("rope_dimension_count", 4)]:
+        getattr(w, f"add_{fn}")(value)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    for fn, value in kv.items():
+        getattr(w, f"add_{fn}")(value)
+    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), dtype=np.float32))
+    finish_gguf(w)
+    return path

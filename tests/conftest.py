@@ -14,4 +14,5 @@ pytest_plugins = (
     "tests.support.api_node",  # api_node: one `mesh402 serve` per session
     "tests.support.nodes",  # mesh_nodes, nostr_relay
     "tests.support.netns",  # netns_pair
+    "tests.support.grammar",  # smol_tokenizer, smol_grammars
 )

@@ -7,9 +7,11 @@ and every failure surfaces as `ChatTemplateError` (the API maps it to HTTP 400).
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import jinja2
 import jinja2.ext
@@ -136,11 +138,34 @@ class ChatTemplate:
         tools: list[dict[str, Any]] | None = None,
         **extra: Any,
     ) -> str:
-        if not isinstance(messages, list) or not all(isinstance(m, Mapping) for m in messages):
-            raise ChatTemplateError("messages must be a list of objects")
-        # None-valued keys are dropped (OpenAI clients send content=None, tool_calls=None), as
-        # transformers does: templates handle a missing key but often render "None".
-        chat = [{k: _plain(v) for k, v in m.items() if v is not None} for m in messages]
+        return self._render(_chat(messages), _plain(tools), add_generation_prompt, extra)
+
+    def render_segments(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        **extra: Any,
+    ) -> list[Segment]:
+        """The same text as `render`, cut into what the template wrote (`template=True`: its turn
+        markers may be special tokens) and what came from the caller's fields (message contents, names,
+        tool arguments and results, tool definitions: never special tokens). See `_segments`."""
+        chat, plain_tools = _chat(messages), _plain(tools)
+        text = self._render(chat, plain_tools, add_generation_prompt, extra)
+        fields: list[str] = []
+        nonce = secrets.token_hex(6)
+
+        def mark(value: str) -> str:
+            fields.append(value)
+            return f"{_SENTINEL_OPEN}{nonce}{len(fields) - 1:x}{_SENTINEL_CLOSE}"
+
+        marked = self._render(_replace_strings(chat, mark), _replace_strings(plain_tools, mark),
+                              add_generation_prompt, extra)
+        return _segments(text, marked, fields, nonce)
+
+    def _render(self, chat: list[dict[str, Any]], tools: Any, add_generation_prompt: bool,
+                extra: dict[str, Any]) -> str:
         context: dict[str, Any] = {
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
@@ -149,7 +174,7 @@ class ChatTemplate:
         }
         try:
             return self._template.render(
-                context, messages=chat, tools=_plain(tools), add_generation_prompt=add_generation_prompt
+                context, messages=chat, tools=tools, add_generation_prompt=add_generation_prompt
             )
         except jinja2.exceptions.SecurityError as exc:
             raise ChatTemplateError(f"chat template attempted a forbidden operation: {exc}") from exc
@@ -158,3 +183,77 @@ class ChatTemplate:
         except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError,
                 OverflowError, RecursionError) as exc:
             raise ChatTemplateError(f"chat template failed: {type(exc).__name__}: {exc}") from exc
+
+
+class Segment(NamedTuple):
+    text: str
+    template: bool  # True: written by the template (special tokens parsed); False: caller data (literal)
+
+
+def _chat(messages: Any) -> list[dict[str, Any]]:
+    if not isinstance(messages, list) or not all(isinstance(m, Mapping) for m in messages):
+        raise ChatTemplateError("messages must be a list of objects")
+    # None-valued keys are dropped (OpenAI clients send content=None, tool_calls=None), as
+    # transformers does: templates handle a missing key but often render "None".
+    return [{k: _plain(v) for k, v in m.items() if v is not None} for m in messages]
+
+
+# Sentinels stand in for caller strings in a second render; ASCII letters only, so tojson, escaping
+# and string filters leave them intact, with a per-render nonce so caller text cannot forge one.
+_SENTINEL_OPEN, _SENTINEL_CLOSE = "QmSeNtOpEn", "QmSeNtClOsE"
+# Values templates branch on (`message.role == 'user'`, `part.type == 'text'`) stay as they are.
+_STRUCTURAL_KEYS = frozenset({"role", "type"})
+
+
+def _replace_strings(value: Any, mark: Any, key: str | None = None) -> Any:
+    """Copy of `value` with every non-empty string leaf (except structural ones) replaced by mark(s).
+    Empty strings stay: templates test truthiness (`if message.content`)."""
+    if isinstance(value, str):
+        return mark(value) if value and key not in _STRUCTURAL_KEYS else value
+    if isinstance(value, dict):
+        return {k: _replace_strings(v, mark, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_replace_strings(v, mark, key) for v in value]
+    return value
+
+
+def _segments(text: str, marked: str, fields: list[str], nonce: str) -> list[Segment]:
+    """Align the real render `text` with the sentinel render `marked`.
+
+    The template pieces between sentinels must appear verbatim in `text`; each field shows up as the
+    caller's string or a piece of it (templates trim, strip, or split off reasoning). A template that
+    renders fields some other way cannot be split: the whole text is then one template segment, which
+    tokenizes as before (special tokens parsed everywhere).
+    """
+    pattern = re.compile(re.escape(_SENTINEL_OPEN + nonce) + "([0-9a-f]+)" + re.escape(_SENTINEL_CLOSE))
+    pieces = pattern.split(marked)  # template, field index, template, field index, ..., template
+    out: list[Segment] = []
+    pos = 0
+    for i in range(0, len(pieces), 2):
+        tmpl = pieces[i]
+        if not text.startswith(tmpl, pos):
+            return [Segment(text, True)]
+        if tmpl:
+            out.append(Segment(tmpl, True))
+        pos += len(tmpl)
+        if i + 1 == len(pieces):
+            break
+        field = fields[int(pieces[i + 1], 16)]
+        end = _field_end(text, pos, field, pieces[i + 2])
+        if end is None:
+            return [Segment(text, True)]
+        if end > pos:
+            out.append(Segment(text[pos:end], False))
+        pos = end
+    return out if pos == len(text) else [Segment(text, True)]
+
+
+def _field_end(text: str, pos: int, field: str, following: str) -> int | None:
+    """End of the rendered field starting at `pos`: the caller's string, else the longest substring of it
+    that the next template piece follows."""
+    if text.startswith(field + following, pos):
+        return pos + len(field)
+    for end in range(min(len(text), pos + len(field)), pos - 1, -1):
+        if text.startswith(following, end) and text[pos:end] in field:
+            return end
+    return None

@@ -287,13 +287,14 @@ class Stage:
 
     @torch.inference_mode()
     def forward(self, kv: KVCache, x: torch.Tensor, start_pos: int, *, n_real: int | None = None,
-                logits: Literal["last", "all"] = "last") -> torch.Tensor:
+                logits: Literal["last", "all", "hidden"] = "last") -> torch.Tensor:
         """Run rows ``x`` at positions [start_pos, start_pos+T).
 
         Rows at index >= ``n_real`` are padding: computed (so shapes stay fixed)
         and written to the KV cache, but the cache length afterwards is
         ``start_pos + n_real``. On the last stage returns fp32 logits of row
-        ``n_real-1`` (``[vocab]``), or of all rows (``[T, vocab]``).
+        ``n_real-1`` (``[vocab]``), or of all rows (``[T, vocab]``), or with ``"hidden"`` the final-normed
+        hidden states of all rows (``[T, hidden]``, no LM head: what embedding models pool).
         """
         T = x.shape[0]
         n_real = T if n_real is None else n_real
@@ -312,6 +313,8 @@ class Stage:
             kv.length = start_pos + n_real
             if not self.last:
                 return h
+            if logits == "hidden":
+                return _rms_norm(h, self.norm, self.eps)
             rows = h[n_real - 1:n_real] if logits == "last" else h
             out = self._head(_rms_norm(rows, self.norm, self.eps))
         return out[0] if logits == "last" else out

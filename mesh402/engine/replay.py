@@ -176,20 +176,27 @@ def _rel_err(got: np.ndarray, want: np.ndarray) -> float:
 TOKEN_TIE_MARGIN = 1e-3  # relative logit gap under which two tokens count as tied (cross-kernel noise is ~1e-5)
 
 
-def token_problem(logits: torch.Tensor, token: int, sampling: dict, history: list[int]) -> str:
+def token_problem(logits: torch.Tensor, token: int, sampling: dict, history: list[int],
+                  allowed: torch.Tensor | None = None) -> str:
     """Why `token` is not a draw these logits allow under the request's sampling ("" if it is). Same
     kernels: the (seed, position)-keyed draw reproduces it exactly. Otherwise an honest draw may differ
     only at a near-tie (greedy) or by the RNG landing on a neighbour of the candidate set (sampling), so
-    a token is accepted when it is a near-tied best or a candidate of the draw."""
+    a token is accepted when it is a near-tied best or a candidate of the draw. `allowed`: the grammar
+    mask at this position (rebuilt with `Grammar.matcher(generated tokens so far).allowed()`); a token
+    outside it is never a valid draw, and the near-tie is judged among allowed tokens."""
     try:
         sampler = Sampler(SamplingParams(**sampling))
-        if sampler.sample(logits, history, len(history)) == token:
+        if sampler.sample(logits, history, len(history), allowed=allowed) == token:
             return ""
-        ids, _ = sampler.candidates(logits, history)
+        ids, _ = sampler.candidates(logits, history, allowed)
     except (TypeError, ValueError) as e:
         return f"bad sampling evidence: {e}"
     if not 0 <= token < logits.numel():
         return f"token {token} outside the vocabulary"
+    if allowed is not None:
+        if not bool(allowed[token]):
+            return f"the drawn token {token} is outside the grammar's mask"
+        logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
     best = float(logits.max())
     if float(logits[token]) >= best - TOKEN_TIE_MARGIN * max(1.0, abs(best)):
         return ""

@@ -1,9 +1,20 @@
-"""Token sampling: penalties, temperature, top-k, top-p, min-p, and a position-keyed draw.
+"""Token sampling: penalties, logit bias, a grammar mask, temperature, top-k, top-p, min-p, and a
+position-keyed draw.
 
 The random variate for the token at `position` depends only on (seed, position). Any peer that
 resumes a generation (failover replay) therefore draws exactly the token the first one would
-have, given the same logits. All math after the logits runs on CPU in float64 with no
-order-dependent parallel reductions, so results do not depend on the thread count.
+have, given the same logits (and the same mask, which a grammar matcher rebuilds from the tokens so
+far). All math after the logits runs on CPU in float64 on one row with no order-dependent parallel
+reductions, so results do not depend on the thread count or on what else is in the batch.
+
+Order of operations on one row: penalties -> logit_bias -> mask (-inf outside it) -> greedy argmax, or
+temperature -> top-k -> top-p -> min-p -> draw. A request without bias and mask runs exactly the code
+it ran before those features existed.
+
+Logprobs (`token_logprobs`) describe the model's own distribution: log-softmax of the raw logits,
+before penalties, bias, mask, temperature and truncation, as OpenAI reports them (they do not move
+with temperature) and as vLLM does by default. They are then a pure function of the logits the last
+stage commits to, so verification can recompute them.
 """
 
 from __future__ import annotations
@@ -11,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +40,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI style, subtracted per occurrence
     presence_penalty: float = 0.0  # OpenAI style, subtracted once
     seed: int | None = None
+    # OpenAI logit_bias: ((token id, bias in [-100, 100]), ...) sorted by id; a dict is accepted and
+    # normalised, so the params stay hashable and serialise the same way on every peer.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> ValueError:
@@ -53,10 +67,54 @@ class SamplingParams:
                 raise bad(name, "in [-2, 2]")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise bad("seed", "an integer or None")
+        object.__setattr__(self, "logit_bias", _normalise_bias(self.logit_bias))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _normalise_bias(value: object) -> tuple[tuple[int, float], ...]:
+    """((id, bias), ...) sorted by id from a mapping (JSON keys may be strings) or pairs; validated."""
+    items = value.items() if isinstance(value, Mapping) else value
+    if not isinstance(items, Iterable) or isinstance(items, (str, bytes)):
+        raise ValueError(f"logit_bias must be a mapping of token id to bias, got {value!r}")
+    out: dict[int, float] = {}
+    for pair in items:
+        try:
+            key, bias = pair
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_bias entries must be (token id, bias) pairs, got {pair!r}") from None
+        try:
+            tid = int(key) if isinstance(key, (int, str)) and not isinstance(key, bool) else None
+        except ValueError:
+            tid = None
+        if tid is None or tid < 0:
+            raise ValueError(f"logit_bias keys must be token ids >= 0, got {key!r}")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {bias!r} for token {tid}")
+        out[tid] = float(bias)
+    return tuple(sorted(out.items()))
+
+
+def apply_bias(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """`logits` (float64, 1-D, owned by the caller) with the request's logit_bias added in place."""
+    if params.logit_bias:
+        ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.long)
+        if int(ids[-1]) >= logits.numel():
+            raise ValueError(f"logit_bias has token ids outside [0, {logits.numel()})")
+        logits[ids] += torch.tensor([b for _, b in params.logit_bias], dtype=torch.float64)
+    return logits
+
+
+def _allowed_ids(allowed: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Ascending ids of the tokens `allowed` (bool [vocab]) lets through; refuses an empty mask."""
+    if allowed.dtype != torch.bool or allowed.shape != logits.shape:
+        raise ValueError(f"allowed must be a bool tensor of shape {tuple(logits.shape)}")
+    ids = torch.nonzero(allowed.to(logits.device)).reshape(-1)
+    if ids.numel() == 0:
+        raise ValueError("the token mask allows no token")
+    return ids
 
 
 def apply_penalties(logits: torch.Tensor, history: Sequence[int], params: SamplingParams) -> torch.Tensor:
@@ -113,16 +171,27 @@ class Sampler:
         gen = torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "little") >> 1)
         return float(torch.rand((), generator=gen, dtype=torch.float64))
 
-    def candidates(self, logits: torch.Tensor, history: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids, probabilities) the draw chooses from, after penalties and all filters."""
+    def candidates(self, logits: torch.Tensor, history: Sequence[int] = (),
+                   allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, probabilities) the draw chooses from, after penalties, bias, the mask and all filters.
+
+        `allowed`: optional bool [vocab] (e.g. a grammar matcher's mask); tokens outside it cannot be drawn.
+        """
         p = self.params
-        x = apply_penalties(logits, history, p)
+        x = apply_bias(apply_penalties(logits, history, p), p)
+        ids = None
+        if allowed is not None:
+            # Only allowed tokens stay candidates (ascending ids, as the ranking below needs): the
+            # draw is the one over the -inf-masked row, without sorting tens of thousands of -infs.
+            ids = _allowed_ids(allowed, x)
+            x = x[ids]
         if torch.isnan(x).any():
             raise ValueError("logits contain NaN")
         if p.greedy:
-            return torch.tensor([_greedy(x)]), torch.ones(1, dtype=torch.float64)
+            best = _greedy(x)
+            return torch.tensor([best if ids is None else int(ids[best])]), torch.ones(1, dtype=torch.float64)
         x = x / p.temperature
-        ids = torch.arange(x.numel())
+        ids = torch.arange(x.numel()) if ids is None else ids
         if p.top_k:
             ids, x = _by_rank(ids, x, p.top_k)
         top = x.max()
@@ -149,12 +218,53 @@ class Sampler:
                 return r_ids[:n], r_x[:n]
             window = x.numel()  # nucleus did not fit in the window: rank everything
 
-    def sample(self, logits: torch.Tensor, history: Sequence[int], position: int) -> int:
-        """Token id for `position`; `history` is every id before it (prompt + generated)."""
+    def sample(self, logits: torch.Tensor, history: Sequence[int], position: int,
+               allowed: torch.Tensor | None = None) -> int:
+        """Token id for `position`; `history` is every id before it (prompt + generated); `allowed` as in
+        `candidates`. The variate is the same with or without a mask, so a mask only ever narrows the draw."""
         u = self.uniform(position)  # also validates position
-        ids, probs = self.candidates(logits, history)
+        ids, probs = self.candidates(logits, history, allowed)
         if ids.numel() == 1:
             return int(ids[0])
         cum = torch.cumsum(probs, 0)
         i = int(torch.searchsorted(cum, torch.tensor([u * float(cum[-1])], dtype=torch.float64), right=True)[0])
         return int(ids[min(i, ids.numel() - 1)])
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One position's logprob (OpenAI `logprobs.content[i]`): the chosen token and the `top` best."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (id, logprob) best first, ties by lower id
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top_n: int = 0) -> TokenLogprob:
+    """Logprob of `token` and the `top_n` best under the model's raw distribution (see module doc)."""
+    if not 0 <= top_n <= 20:
+        raise ValueError(f"top_logprobs must be in [0, 20], got {top_n}")
+    x = logits.detach().to("cpu", torch.float64).reshape(-1)
+    if not 0 <= token < x.numel():
+        raise ValueError(f"token {token} outside [0, {x.numel()})")
+    top = x.max()
+    # log-softmax with a sequential sum (thread-count independent, like _total)
+    lse = float(top) + math.log(_total(torch.exp(x - top)))
+    best: tuple[tuple[int, float], ...] = ()
+    if top_n:
+        ids, vals = _by_rank(torch.arange(x.numel()), x, top_n)
+        best = tuple((int(i), float(v) - lse) for i, v in zip(ids, vals))
+    return TokenLogprob(int(token), float(x[token]) - lse, best)
+
+
+def choice_seeds(seed: int, n: int) -> list[int]:
+    """Seeds for `n` independent choices of one request (OpenAI `n`): choice 0 keeps the request's seed,
+    so n=1 and the first of n choices give the same answer; choice i > 0 gets a 63-bit seed hashed from
+    (seed, i). Each choice is then its own (seed, position)-keyed stream, reproducible from the request."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    out = [seed]
+    for i in range(1, n):
+        digest = hashlib.blake2b(f"choice:{seed}:{i}".encode(), digest_size=8).digest()
+        out.append(int.from_bytes(digest, "little") >> 1)
+    return out

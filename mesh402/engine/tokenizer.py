@@ -248,12 +248,40 @@ class Tokenizer:
         `parse_special=False` (use that for untrusted text that must not inject turn markers)."""
         backend = self._backend if parse_special else self._literal_backend()
         ids = backend.encode(text, add_special_tokens=False).ids
-        if add_special:
-            if self.add_bos and self.bos_id is not None:
-                ids.insert(0, self.bos_id)
-            if self.add_eos and self.eos_ids:
-                ids.append(self.eos_ids[0])
+        return self._add_bos_eos(ids) if add_special else ids
+
+    def _add_bos_eos(self, ids: list[int]) -> list[int]:
+        if self.add_bos and self.bos_id is not None:
+            ids.insert(0, self.bos_id)
+        if self.add_eos and self.eos_ids:
+            ids.append(self.eos_ids[0])
         return ids
+
+    def encode_chat(self, segments: Iterable[tuple[str, bool]], add_special: bool = False) -> list[int]:
+        """Ids for a rendered chat cut into (text, written_by_template) segments (ChatTemplate.render_segments).
+
+        Tokenize by segment: special tokens count only where the template wrote them; caller text that
+        spells a role marker (`<|im_start|>system`) stays plain text. A chat whose fields hold no special
+        token gets exactly the ids of `encode(full text)` (one pass, so BPE merges across segment
+        boundaries are untouched); only a chat with an injected marker is tokenized piece by piece.
+        """
+        parts = [(str(t), bool(tmpl)) for t, tmpl in segments]
+        text = "".join(t for t, _ in parts)
+        enc = self._backend.encode(text, add_special_tokens=False)
+        fields, pos = [], 0
+        for t, tmpl in parts:
+            if not tmpl and t:
+                fields.append((pos, pos + len(t)))
+            pos += len(t)
+        injected = any(tid in self._special and any(a < fe and fs < b for fs, fe in fields)
+                       for tid, (a, b) in zip(enc.ids, enc.offsets))
+        if not injected:
+            ids = list(enc.ids)
+        else:
+            ids = []
+            for t, tmpl in _merge_runs(parts):
+                ids += self.encode(t, add_special=False, parse_special=tmpl)
+        return self._add_bos_eos(ids) if add_special else ids
 
     def token_bytes(self, token_id: int) -> bytes:
         if not 0 <= token_id < len(self._pieces):
@@ -307,6 +335,17 @@ class IncrementalDecoder:
     def flush(self) -> str:
         """Text for any trailing incomplete sequence (as U+FFFD), resetting the buffer."""
         return self._utf8.decode(b"", final=True)
+
+
+def _merge_runs(parts: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    """Adjacent segments of the same kind joined, so each run tokenizes in one pass."""
+    out: list[tuple[str, bool]] = []
+    for t, tmpl in parts:
+        if out and out[-1][1] == tmpl:
+            out[-1] = (out[-1][0] + t, tmpl)
+        elif t:
+            out.append((t, tmpl))
+    return out
 
 
 # ---- builders ---------------------------------------------------------------------------------

@@ -8,11 +8,10 @@ import random
 from pathlib import Path
 
 import gguf
-import numpy as np
 import pytest
 
 from mesh402.engine.tokenizer import Tokenizer
-from harness.tiny_gguf import finish_gguf
+from harness.tiny_gguf import write_tokenizer_gguf as _write_gguf  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -108,21 +107,6 @@ def test_from_path_and_hf_dir(smol: Tokenizer, hf_smol, tmp_path: Path) -> None:
 
 
 # ---- synthetic GGUFs ---------------------------------------------------------------------------
-def _write_gguf(path: Path, tokens: list[str], types: list[int], **kv) -> Path:
-    w = gguf.GGUFWriter(str(path), "llama")
-    for fn, value in [("block_count", 1), ("context_length", 64), ("embedding_length", 8),
-                      ("feed_forward_length", 16), ("head_count", 2), ("head_count_kv", 2),
-                      ("layer_norm_rms_eps", 1e-5), ("rope_dimension_count", 4)]:
-        getattr(w, f"add_{fn}")(value)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    for fn, value in kv.items():
-        getattr(w, f"add_{fn}")(value)
-    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), dtype=np.float32))
-    finish_gguf(w)
-    return path
-
-
 SPM_CHARS = list("▁abcdehlorwté")
 SPM_MERGED = ["▁h", "▁w", "he", "ll", "▁he", "▁hel", "▁hell", "▁hello", "or", "ld", "▁wor", "▁world", "▁▁", "ab", "▁ab", "abc"]
 SPM_TEXTS = ["hello world", "hello  world", "  hello", "héllo wörld 🙂", "abc", "<s>hello</s> world", "", "x\ny"]
