@@ -186,7 +186,7 @@ def test_response_format_mapping(gc: GrammarCompiler, tok: Tokenizer) -> None:
 def test_verification_redraws_under_the_rebuilt_mask(gc: GrammarCompiler, tok: Tokenizer) -> None:
     """A validator rebuilds the mask from (spec, generated tokens) and re-draws: honest tokens pass,
     the unconstrained favourite that the grammar forbids is a fault."""
-    from mesh402.engine.verify import token_problem
+    from mesh402.engine.replay import token_problem
 
     g = gc.json_schema(SCHEMA)
     prefix = ids(tok, '{"city": "Rome", "unit": ')
