@@ -136,10 +136,12 @@ def install_routes(app: FastAPI, ctx: EdgeContext) -> None:
         engine = local.engine
         try:
             template = engine.chat_template or ChatTemplate.default()
-            text = template.render(messages, add_generation_prompt=True, tools=req.tools)
+            segments = template.render_segments(messages, add_generation_prompt=True, tools=req.tools)
         except ChatTemplateError as e:
             raise bad_request(f"chat template failed: {e}", param="messages") from None
-        prompt_ids = engine.tokenizer.encode(text, add_special=False)
+        # Tokenized by segment: the template's own turn markers are special tokens, a role marker spelled
+        # inside a message (content, name, tool arguments or results) stays plain text.
+        prompt_ids = engine.tokenizer.encode_chat(segments)
 
         def choice(text: str | None, finish: str | None, first: bool, final: bool) -> dict[str, Any]:
             if final:
