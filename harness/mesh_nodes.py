@@ -49,8 +49,18 @@ class MeshNode:
             self._node_id = self.status()["node_id"]
         return self._node_id
 
+    @property
+    def console_headers(self) -> dict[str, str]:
+        """The console token the node wrote to its home (what the CLI presents): needed to mint or revoke
+        invites and to see the invite token in the status."""
+        from mesh402.node.mesh_runtime import read_console_token
+
+        tok = read_console_token(self.home)
+        return {"Authorization": f"Bearer {tok}"} if tok else {}
+
     def token(self, expires: str = "1h") -> str:
-        r = httpx.post(f"{self.console}/api/invite", json={"expires": expires}, timeout=5.0)
+        r = httpx.post(f"{self.console}/api/invite", json={"expires": expires}, headers=self.console_headers,
+                       timeout=5.0)
         r.raise_for_status()
         return r.json()["token"]
 

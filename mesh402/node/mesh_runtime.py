@@ -25,7 +25,7 @@ import uvicorn
 
 from mesh402 import __version__
 from mesh402.api.management import earnings, validation
-from mesh402.api.management.app import create_management_app
+from mesh402.api.management.app import LOOPBACK_NAMES, create_management_app
 from mesh402.api.router import MODEL_LABEL
 from mesh402.mesh.config import MeshConfig, MeshTimers
 from mesh402.mesh.hardware import default_hardware
@@ -256,14 +256,12 @@ class MeshRuntime:
     async def _start_console(self) -> None:
 
         s = self.settings
-        token = s.console_token
-        if s.console_listen_all and not token:
+        if s.console_listen_all and not s.console_token:
             raise ConsoleError("--console-listen-all needs a console token (--console-token-file or MESH402_CONSOLE_TOKEN)")
-        if token:
-            write_private(console_token_path(self.node.config.home), token + "\n")
-        else:
-            with contextlib.suppress(OSError):
-                console_token_path(self.node.config.home).unlink()
+        # Without an operator's token the node makes one for this run: the CLI reads it from the home, a web
+        # page cannot, so secrets (the invite token) and changes (POSTs) stay with the node's user.
+        token = s.console_token or new_console_token()
+        write_private(console_token_path(self.node.config.home), token + "\n")
         try:
             sock = self._bind_console(s.console_port)
         except OSError as e:
@@ -274,7 +272,9 @@ class MeshRuntime:
             sock = self._bind_console(0)
             log.warning("console port %d busy; using %d", s.console_port, sock.getsockname()[1])
         self.console_port = sock.getsockname()[1]
-        app = create_management_app(self.mesh, node_info=self._node_info, token=token)
+        app = create_management_app(self.mesh, node_info=self._node_info, token=token,
+                                    require_token=s.console_token is not None,
+                                    allowed_hosts=None if s.console_listen_all else LOOPBACK_NAMES)
         earnings.install(app, self.node.config.home)  # GET /api/earnings: epoch payouts per node
         validation.install(app, lambda: self.node.distributed)  # POST /api/epochs/{n}/validate: the validation round
         cfg = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=1)

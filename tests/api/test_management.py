@@ -92,11 +92,12 @@ def test_status_invite_and_events(mesh_nodes: MeshNodes):
     r = cli("invite", "--home", str(a.home), "--revoke", str(a.home / "missing.txt"))
     assert r.returncode == 2 and "cannot read" in r.stderr
     for bad in (b"not json", b'{"token": 5}', b'["m402"]'):
-        r = httpx.post(f"{a.console}/api/invite/revoke", content=bad, timeout=5)
+        r = httpx.post(f"{a.console}/api/invite/revoke", content=bad, headers=a.console_headers, timeout=5)
         assert r.status_code == 400 and "token" in r.json()["error"], r.text
-    r = httpx.post(f"{a.console}/api/invite/revoke", json={"token": "m402garbage!"}, timeout=5)
+    r = httpx.post(f"{a.console}/api/invite/revoke", json={"token": "m402garbage!"}, headers=a.console_headers,
+                   timeout=5)
     assert r.status_code == 400 and "garbled" in r.json()["error"], r.text
-    r = httpx.post(f"{a.console}/api/invite", json={"single_use": "yes"}, timeout=5)
+    r = httpx.post(f"{a.console}/api/invite", json={"single_use": "yes"}, headers=a.console_headers, timeout=5)
     assert r.status_code == 400 and "single_use" in r.json()["error"], r.text
     assert a.alive()
 
@@ -115,3 +116,34 @@ def test_console_listen_all_requires_token(mesh_nodes: MeshNodes, tmp_path):
     r = cli("status", "--home", str(a.home), "--json")  # the CLI reads the token from the home
     assert r.returncode == 0 and json.loads(r.stdout)["node_id"]
     assert (a.home / "console.token").stat().st_mode & 0o077 == 0
+
+
+def test_console_refuses_rebinding_and_cross_origin_and_hides_secrets_without_its_token(mesh_nodes: MeshNodes):
+    """A web page the user visits (DNS rebinding: a foreign Host name; a cross-site request: a foreign Origin)
+    gets nothing from the console, and without the console token (which the node writes to its home) the
+    status carries no invite token and nothing can be minted or revoked."""
+    a = mesh_nodes.start("a")
+    url, auth = f"{a.console}/api/status", a.console_headers
+    port = a.console_port
+    assert auth and (a.home / "console.token").stat().st_mode & 0o077 == 0
+    for headers in ({"Host": f"attacker.example:{port}"}, {"Host": f"127.0.0.1.nip.io:{port}", **auth},
+                    {"Origin": "http://attacker.example"}, {"Origin": f"http://localhost:{port + 1}", **auth},
+                    {"Origin": "null"}):
+        r = httpx.get(url, headers=headers, timeout=5)
+        assert r.status_code == 403 and "m402" not in r.text, (headers, r.status_code, r.text)
+    r = httpx.post(f"{a.console}/api/invite", json={}, headers={"Origin": "http://attacker.example", **auth}, timeout=5)
+    assert r.status_code == 403
+    plain = httpx.get(url, timeout=5)
+    assert plain.status_code == 200 and "invite_token" not in plain.json() and "m402" not in plain.text
+    with httpx.stream("GET", f"{a.console}/api/events", timeout=10) as r:
+        snapshot = next(json_events(r))
+    assert snapshot["type"] == "snapshot" and "invite_token" not in snapshot["status"]
+    for path, body in (("/api/invite", {}), ("/api/invite/revoke", {"token": a.token()})):
+        r = httpx.post(a.console + path, json=body, timeout=5)
+        assert r.status_code == 401 and "console token" in r.json()["error"], (path, r.text)
+    # the node's own user (its CLI, a same-origin page on the console's address) is served as before
+    same_origin = {"Origin": f"http://127.0.0.1:{port}", **auth}
+    full = httpx.get(url, headers=same_origin, timeout=5).json()
+    assert full["invite_token"].startswith("m402")
+    assert httpx.get(url, headers={"Host": f"localhost:{port}"}, timeout=5).status_code == 200
+    assert cli("invite", "--home", str(a.home)).stdout.strip().startswith("m402")

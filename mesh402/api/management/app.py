@@ -14,6 +14,12 @@
 It listens on loopback unless ``--console-listen-all``, which requires a
 console token; when a token is configured every request must carry
 ``Authorization: Bearer <token>``.
+
+A web page the user visits must not be able to use it (DNS rebinding, cross-site requests): on loopback
+only loopback ``Host`` names are served, and a request with an ``Origin`` is served only when that origin
+is the console itself. The node always has a console token (the operator's, or one it writes to
+``<home>/console.token`` at start, mode 0600, which the CLI reads): without it a request sees no secret
+(the invite token is left out of the status) and can change nothing (every POST needs it).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import hmac
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Optional
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -32,6 +39,25 @@ from mesh402.mesh.invite import InviteError, parse_duration
 from mesh402.mesh.service import MeshService
 
 KEEPALIVE_S = 15.0
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+SECRET_FIELDS = ("invite_token",)  # left out of the status unless the console token is presented
+
+
+def host_name(value: str) -> str:
+    """The host part of a Host header or an origin's netloc, lower-cased, without port or IPv6 brackets."""
+    try:
+        return (urlsplit("//" + value.strip()).hostname or "").lower()
+    except ValueError:
+        return ""
+
+
+def origin_allowed(origin: str, host: str) -> bool:
+    """A browser's Origin is served only when it is the console's own (same host and port as the request)."""
+    try:
+        parts = urlsplit(origin.strip())
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.netloc) and parts.netloc.lower() == host.strip().lower()
 
 
 def _sse(event: dict) -> bytes:
@@ -43,20 +69,41 @@ def create_management_app(
     *,
     node_info: Optional[Callable[[], dict[str, Any]]] = None,
     token: Optional[str] = None,
+    require_token: Optional[bool] = None,
+    allowed_hosts: Optional[frozenset[str]] = LOOPBACK_NAMES,
     keepalive_s: float = KEEPALIVE_S,
 ) -> FastAPI:
+    """`token`: the console token; `require_token` (default: whenever there is a token) makes every request
+    present it, otherwise reads are served without it but without secrets; `allowed_hosts`: the Host names
+    served (None: any, for a console listening on all interfaces, where the token is required)."""
     app = FastAPI(title="mesh402 management", docs_url=None, redoc_url=None, openapi_url=None)
+    must = token is not None if require_token is None else require_token
+
+    def presented(request: Request) -> bool:
+        got = request.headers.get("authorization", "")
+        return token is not None and hmac.compare_digest(got.encode(), f"Bearer {token}".encode())
 
     @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if token is not None:
-            got = request.headers.get("authorization", "")
-            if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
-                return JSONResponse({"error": "console token required (Authorization: Bearer ...)"}, status_code=401)
+    async def _guard(request: Request, call_next):
+        host = request.headers.get("host", "")
+        if allowed_hosts is not None and host_name(host) not in allowed_hosts:
+            return JSONResponse({"error": "this console answers only on its own address (Host not allowed)"},
+                                status_code=403)
+        origin = request.headers.get("origin")
+        if origin is not None and not origin_allowed(origin, host):
+            return JSONResponse({"error": "cross-origin requests are not served"}, status_code=403)
+        trusted = presented(request)
+        if (must or request.method not in ("GET", "HEAD")) and not trusted:
+            return JSONResponse({"error": "console token required (Authorization: Bearer ...; the CLI reads it "
+                                          "from <home>/console.token)"}, status_code=401)
+        request.state.trusted = trusted
         return await call_next(request)
 
-    def status() -> dict[str, Any]:
+    def status(trusted: bool) -> dict[str, Any]:
         out = mesh.status()
+        if not trusted:
+            for k in SECRET_FIELDS:
+                out.pop(k, None)
         if node_info is not None:
             try:
                 out["node"] = node_info()
@@ -65,8 +112,8 @@ def create_management_app(
         return out
 
     @app.get("/api/status")
-    async def get_status() -> JSONResponse:
-        return JSONResponse(status())
+    async def get_status(request: Request) -> JSONResponse:
+        return JSONResponse(status(request.state.trusted))
 
     @app.get("/api/events")
     async def get_events(request: Request) -> StreamingResponse:
@@ -74,7 +121,7 @@ def create_management_app(
 
         async def stream() -> AsyncIterator[bytes]:
             try:
-                yield _sse({"type": "snapshot", "ts": time.time(), "status": status()})
+                yield _sse({"type": "snapshot", "ts": time.time(), "status": status(request.state.trusted)})
                 while True:
                     try:
                         ev = await asyncio.wait_for(q.get(), keepalive_s)
