@@ -115,6 +115,10 @@ class TrustConfig:
     validator: bool = False  # re-execute other nodes' spot checks and answer their validation requests
     audit_rate: float = 0.1  # entry: share of paid split requests whose stages reveal a step (plus each
     #                           node's first request per epoch)
+    validator_ids: list[str] = field(default_factory=list)  # entry: the validators it trusts (--validator-id)
+    # --allow-host: the only peers that may host, hold layers of, or serve a model for this node (empty: any
+    # peer that proves it holds the model's tensors)
+    allow_hosts: list[str] = field(default_factory=list)
 
     @property
     def on_chain(self) -> bool:
