@@ -117,6 +117,7 @@ def serve(
     asset_name: Annotated[Optional[str], typer.Option(help="The token's EIP-712 domain name.", rich_help_panel="Payments")] = None,
     asset_version: Annotated[Optional[str], typer.Option(help="The token's EIP-712 domain version.", rich_help_panel="Payments")] = None,
     credit_topup: Annotated[Optional[str], typer.Option(help="Metered billing: smallest credit purchase in USDC (default 0.10).", rich_help_panel="Payments")] = None,
+    max_exposure: Annotated[Optional[str], typer.Option("--max-exposure", help="Most USDC one wallet may have authorized for requests in flight here (a stream's tokens go out before it settles; default: 4 requests' worth).", rich_help_panel="Payments")] = None,
     epoch_seconds: Annotated[int, typer.Option("--epoch-seconds", help="Payout epoch: the stages' work receipts of split requests are grouped (and paid, automatically with --payout-key-file, else with `mesh402 payout`) per this many seconds.", rich_help_panel="Payments")] = 3600,
     payout_key_file: Annotated[Optional[Path], typer.Option("--payout-key-file", help="File (0600) with the key of the --pay-to wallet (or env MESH402_PAYOUT_KEY): a paid entry then pays each epoch automatically once it ends (plus a grace of min(60 s, epoch/4)): validation round, Merkle root published, claims sent.", rich_help_panel="Payments")] = None,
     rewards: Annotated[Optional[str], typer.Option("--rewards", help="EpochRewards contract for automatic payouts (default: the deployment's).", rich_help_panel="Payments")] = None,
@@ -143,7 +144,8 @@ def serve(
         from mesh402.cli.payment_flags import payments_config  # lazy: kept off this module's import path
         payments = payments_config(price=price, price_per_1k=price_per_1k, pay_to=pay_to, facilitator=facilitator,
                                    network=network, deployment=deployment, asset=asset, asset_name=asset_name,
-                                   asset_version=asset_version, credit_topup=credit_topup)
+                                   asset_version=asset_version, credit_topup=credit_topup,
+                                   max_exposure=max_exposure)
         if epoch_seconds <= 0:
             raise ValueError("--epoch-seconds must be positive")
         payments.epoch_s = epoch_seconds
