@@ -71,10 +71,10 @@ class MeshNode:
         return self.status()["counters"]
 
     def ready_replicas(self, model: str) -> int:
-        """How many peers this node sees announcing a ready plan for `model`."""
-        return sum(1 for p in self.status()["peers"]
-                   for k, v in (p.get("announcement") or {}).get("labels", {}).items()
-                   if k.startswith("plan:" + model) and '"ready":true' in v)
+        """How many nodes this node would route `model` to: ready plans it believes (a claim alone is not
+        enough: the claimant proved it holds the model, or a host this node uses vouches for it)."""
+        dist = (self.status().get("node") or {}).get("distributed") or {}
+        return len((dist.get("replicas") or {}).get(model, []))
 
     def alive(self) -> bool:
         return self.proc.proc.poll() is None

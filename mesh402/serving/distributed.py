@@ -857,7 +857,11 @@ class DistributedRuntime(Failover):
         plans = {}
         for key, (host, plan, _) in self.published_plans().items():
             plans[key] = {**plan, "host": host}
+        from mesh402.serving.replicas import replica_routes  # lazy: kept off this module's import path
+
         return {"capacity_bytes": self.capacity, "plans": plans,
+                # model -> the hosts this node routes it to (ready claims it believes: proven or vouched for)
+                "replicas": {m: sorted(r.host for r in rs) for m, rs in replica_routes(self).items()},
                 "stage": {"sessions_opened": self.worker.stats.sessions_opened, "steps": self.worker.stats.steps,
                           "sessions_open": sum(self.worker.sessions.values()),
                           "sessions_idle_closed": self.worker.stats.sessions_idle_closed,
