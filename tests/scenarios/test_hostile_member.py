@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -350,3 +351,23 @@ def test_malformed_labels_and_a_fake_ready_plan_reach_no_one(solo_and_client, tm
     assert m["host"] == a.node_id, m
     for n in (a, c):
         assert "reconcile failed" not in n.log() and "Traceback" not in n.log(), n.log()[-3000:]
+
+
+def test_allow_host_routes_only_to_the_nodes_it_names(solo_and_client, tmp_path: Path) -> None:
+    """A client started with --allow-host sends its prompts only to the nodes it names: naming the host, it is
+    answered; naming some other node, the host (which serves the model) is never used for it."""
+    a, _, reference = solo_and_client
+    nodes = MeshNodes(tmp_path / "allow")
+    try:
+        ok = nodes.start("ok", join=a.token(), kind="client", extra=["--allow-host", a.node_id])
+        shut = nodes.start("shut", join=a.token(), kind="client", extra=["--allow-host", "0" * 64])
+        wait_until(lambda: ready_plan(ok) is not None, timeout=120, what="the allow-listed host's plan")
+        assert ask(ok) == reference
+        time.sleep(2)  # the same gossip reached the other client
+        assert ready_plan(shut) is None
+        r = httpx.post(f"http://127.0.0.1:{shut.api_port}/v1/chat/completions",
+                       json={"model": MODEL, "messages": MESSAGES, "max_tokens": 4}, timeout=60)
+        assert r.status_code >= 400, r.text
+        assert "x-mesh402-route" not in r.headers or a.node_id[:12] not in r.headers["x-mesh402-route"]
+    finally:
+        nodes.stop_all()
