@@ -84,6 +84,7 @@ class PaymentsConfig:
     # what one payer may have authorized for requests in flight here (atomic units; 0: 4 requests' worth): a
     # stream's tokens go out before its payment settles, so this is what a wallet that cannot pay can take
     max_exposure: int = 0
+    rpc_url: str | None = None  # the payment network's RPC: a payer's balance must cover its open authorizations
     window_base_s: int = 30  # authorization validity beyond the estimated generation time
     ledger_path: Path | None = None  # default: <home>/payments.sqlite
     epoch_s: int = 3600  # payout epoch: the stages' work receipts are grouped by this period

@@ -44,6 +44,8 @@ def payments_config(*, price: str | None, price_per_1k: str | None, pay_to: str 
     if not (pay_to.startswith("0x") and len(pay_to) == 42):
         raise ValueError(f"--pay-to must be a 0x address (40 hex digits), got {pay_to!r}")
     cfg.pay_to = pay_to
+    # where a payer's balance is read when it has several authorizations in flight here
+    cfg.rpc_url = dep.rpc_url if dep is not None else (NAMED[network].rpc_url if network in NAMED else None)
     if not facilitator:
         raise ValueError("a priced node needs --facilitator URL (e.g. a `mesh402 facilitator` or https://x402.org/facilitator)")
     cfg.facilitator_url = facilitator

@@ -299,6 +299,30 @@ def test_retried_request_pays_once(env: Env) -> None:
     assert r7.status_code == 402
 
 
+def test_a_wallet_cannot_authorize_more_in_flight_than_it_holds(env: Env) -> None:
+    """A wallet holding 1.5 requests' worth opens a stream (authorized, not yet settled) and signs a second
+    authorization while the first is in flight: each alone passes the facilitator's balance check, their sum
+    does not, so the second is refused before any work; the first is answered and settled."""
+    from eth_account import Account
+
+    ch = env.chain
+    wallet = Account.create()
+    ch.transfer("buyer-1", wallet.address, PRICE + PRICE // 2)
+    stream_req = body("Count from one to one hundred in words.", max_tokens=256, stream=True)
+    h1, _ = sign_payment(wallet.key.hex(), get_402(env.paid, CHAT, stream_req))
+    req2 = body("Other")
+    h2, _ = sign_payment(wallet.key.hex(), get_402(env.paid, CHAT, req2))
+    with httpx.stream("POST", env.paid + CHAT, json=stream_req, headers={"PAYMENT-SIGNATURE": h1}, timeout=120) as r:
+        assert r.status_code == 200
+        events = json_events(r)
+        next(events)  # the stream is under way: its authorization is in flight
+        r2 = httpx.post(env.paid + CHAT, json=req2, headers={"PAYMENT-SIGNATURE": h2}, timeout=60)
+        rest = list(events)
+    assert r2.status_code == 402 and r2.json()["error"]["code"] == "open_authorizations_exceed_balance", r2.text
+    assert rest[-1]["x402"]["settlement"]["success"] is True
+    assert ch.balance(wallet.address) == PRICE // 2
+
+
 # ---- metered credit --------------------------------------------------------------------------------
 
 def test_metered_credit_is_drawn_down_by_exact_usage(env: Env) -> None:

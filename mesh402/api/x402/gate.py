@@ -241,6 +241,8 @@ class PaymentGate(Pricing):
                 raise APIError(429, f"this wallet already has {self.asset.fmt(open_)} authorized for requests in "
                                f"flight here (at most {self.asset.fmt(cap)}); wait for them to settle",
                                type="rate_limit_error", code="exposure_limit", headers={"Retry-After": "5"})
+            if open_ and self.cfg.rpc_url:  # the facilitator checks each authorization alone, not their sum
+                await self._covers(request, reqs, auth["from"], open_ + amount)
             t0 = time.perf_counter()
             await self._verify(request, reqs, payload, auth, window)
             charge.timing["verify"] = round((time.perf_counter() - t0) * 1000, 1)
@@ -271,6 +273,22 @@ class PaymentGate(Pricing):
             raise APIError(409, "the same request (same Idempotency-Key or payment) is still in progress",
                            code="request_in_progress")
         return charge
+
+    async def _covers(self, request: Request, reqs: Any, payer: str, total: int) -> None:
+        """402 unless `payer`'s balance on chain covers `total` (its authorizations in flight here plus this
+        one). Asked only when it has some in flight; an unreachable RPC lets the request through (the
+        exposure cap still bounds what it can take)."""
+        from mesh402.economics.chain import erc20_balance  # lazy: web3 only on this path
+        try:
+            bal = await asyncio.to_thread(erc20_balance, self.cfg.rpc_url or "", self.asset.address, payer)
+        except Exception as e:
+            log.warning("balance check for %s failed: %s", payer, e)
+            return
+        if bal < total:
+            raise self.payment_required(
+                request, reqs, f"payment rejected: the wallet holds {self.asset.fmt(bal)}, less than the "
+                f"{self.asset.fmt(total)} it has authorized for requests in flight here (this one included)",
+                "open_authorizations_exceed_balance")
 
     def _decode(self, request: Request, reqs: Any, sig: str) -> tuple[Any, dict[str, Any]]:
         from x402.schemas import PaymentPayload
