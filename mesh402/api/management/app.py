@@ -13,13 +13,15 @@
 
 It listens on loopback unless ``--console-listen-all``, which requires a
 console token; when a token is configured every request must carry
-``Authorization: Bearer <token>``.
+``Authorization: Bearer <token>`` or the page's session cookie, and every
+request passes the Host/Origin checks (``access.py``). With a ``ticker`` the
+event stream also carries what it returns every ``tick_s`` (the web console's
+traffic and money figures, ``console.py``) when it changed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Optional
@@ -28,10 +30,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from mesh402.api.bodies import sse
+from mesh402.api.management.access import AccessGuard, ConsoleAccess
 from mesh402.mesh.invite import InviteError, parse_duration
 from mesh402.mesh.service import MeshService
 
 KEEPALIVE_S = 15.0
+TICK_S = 2.0
 
 
 def _sse(event: dict) -> bytes:
@@ -44,16 +48,11 @@ def create_management_app(
     node_info: Optional[Callable[[], dict[str, Any]]] = None,
     token: Optional[str] = None,
     keepalive_s: float = KEEPALIVE_S,
+    ticker: Optional[Callable[[], dict[str, Any]]] = None,
+    tick_s: float = TICK_S,
 ) -> FastAPI:
     app = FastAPI(title="mesh402 management", docs_url=None, redoc_url=None, openapi_url=None)
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if token is not None:
-            got = request.headers.get("authorization", "")
-            if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
-                return JSONResponse({"error": "console token required (Authorization: Bearer ...)"}, status_code=401)
-        return await call_next(request)
+    app.add_middleware(AccessGuard, access=ConsoleAccess(token))
 
     def status() -> dict[str, Any]:
         out = mesh.status()
@@ -73,15 +72,24 @@ def create_management_app(
         q = mesh.subscribe()
 
         async def stream() -> AsyncIterator[bytes]:
+            last_tick: dict[str, Any] | None = None
+            next_tick = time.monotonic() + tick_s  # ticks keep their pace however busy the mesh is
             try:
                 yield _sse({"type": "snapshot", "ts": time.time(), "status": status()})
                 while True:
+                    wait = keepalive_s if ticker is None else max(0.0, min(keepalive_s, next_tick - time.monotonic()))
                     try:
-                        ev = await asyncio.wait_for(q.get(), keepalive_s)
+                        ev = await asyncio.wait_for(q.get(), wait)
                     except asyncio.TimeoutError:
                         if await request.is_disconnected():
                             return
-                        yield b": keepalive\n\n"
+                        next_tick = time.monotonic() + tick_s
+                        tick = ticker() if ticker is not None else None
+                        if tick is not None and tick != last_tick:
+                            last_tick = tick
+                            yield _sse({**tick, "ts": time.time()})
+                        else:
+                            yield b": keepalive\n\n"
                         continue
                     yield _sse(ev)
             finally:
