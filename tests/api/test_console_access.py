@@ -87,3 +87,35 @@ def test_host_origin_token_and_cookie(mesh_nodes: MeshNodes) -> None:
     assert codes == [401] * 9 + [429]
     r = httpx.post(url + "/api/login", json={"token": TOKEN}, timeout=5)
     assert r.status_code == 429 and r.headers["retry-after"] == "60"
+
+
+def test_event_streams_are_capped(mesh_nodes: MeshNodes) -> None:
+    """A page left open in many tabs (or a client opening streams in a loop) holds at most MAX_EVENT_STREAMS
+    subscriptions; the next is refused until one closes."""
+    import asyncio
+    import contextlib
+
+    from mesh402.api.management.app import MAX_EVENT_STREAMS
+
+    n = mesh_nodes.start("streams")
+
+    async def run() -> tuple[int, int]:
+        async with contextlib.AsyncExitStack() as stack:
+            client = await stack.enter_async_context(httpx.AsyncClient(base_url=n.console, timeout=10, limits=httpx.Limits(max_connections=MAX_EVENT_STREAMS + 8)))
+            held = []  # (response, its byte iterator): dropping the iterator would close the stream
+            for _ in range(MAX_EVENT_STREAMS):
+                r = await stack.enter_async_context(client.stream("GET", "/api/events"))
+                assert r.status_code == 200
+                chunks = r.aiter_bytes()
+                await chunks.__anext__()  # the snapshot: the stream is open and subscribed
+                held.append((r, chunks))
+            async with client.stream("GET", "/api/events") as refused:
+                over = refused.status_code
+            await held.pop()[0].aclose()
+            await asyncio.sleep(0.3)
+            async with client.stream("GET", "/api/events") as again:
+                return over, again.status_code
+
+    over, again = asyncio.run(run())
+    assert (over, again) == (503, 200)
+    assert httpx.get(f"{n.console}/api/status", timeout=5).status_code == 200

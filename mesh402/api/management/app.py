@@ -36,6 +36,7 @@ from mesh402.mesh.service import MeshService
 
 KEEPALIVE_S = 15.0
 TICK_S = 2.0
+MAX_EVENT_STREAMS = 64  # browser tabs and CLI watchers together; each holds a queue of up to 1000 events
 
 
 def _sse(event: dict) -> bytes:
@@ -67,11 +68,17 @@ def create_management_app(
     async def get_status() -> JSONResponse:
         return JSONResponse(status())
 
-    @app.get("/api/events")
-    async def get_events(request: Request) -> StreamingResponse:
-        q = mesh.subscribe()
+    open_streams = [0]  # event streams now open (each holds a subscription queue): capped
+
+    @app.get("/api/events", response_model=None)
+    async def get_events(request: Request) -> StreamingResponse | JSONResponse:
+        if open_streams[0] >= MAX_EVENT_STREAMS:
+            return JSONResponse({"error": f"{MAX_EVENT_STREAMS} event streams are open already"}, status_code=503,
+                                headers={"Retry-After": "5"})
 
         async def stream() -> AsyncIterator[bytes]:
+            q = mesh.subscribe()  # here, not before: a stream never started holds no queue
+            open_streams[0] += 1
             last_tick: dict[str, Any] | None = None
             next_tick = time.monotonic() + tick_s  # ticks keep their pace however busy the mesh is
             try:
@@ -93,6 +100,7 @@ def create_management_app(
                         continue
                     yield _sse(ev)
             finally:
+                open_streams[0] -= 1
                 mesh.unsubscribe(q)
 
         return StreamingResponse(stream(), media_type="text/event-stream",
