@@ -34,16 +34,16 @@ async def paid_sse(gate: Any, charge: Any, events: AsyncIterator[Delta | Finishe
                    prompt_tokens: int) -> AsyncIterator[bytes]:
     sent: list[bytes] = []
 
-    def emit(obj: Any) -> bytes:
-        """The SSE bytes of what a chunk call gave (nothing, one event, or several)."""
-        out = b"".join(sse(o) for o in ([] if obj is None else obj if isinstance(obj, list) else [obj]))
-        if out:
-            sent.append(out)
+    def emit(obj: Any) -> list[bytes]:
+        """The SSE events of what a chunk call gave (nothing, one event, or several)."""
+        out = [sse(o) for o in ([] if obj is None else obj if isinstance(obj, list) else [obj])]
+        sent.extend(out)
         return out
     fin: Finished | None = None
     error: str | None = None
     try:
-        yield emit(chunk(None, None, True))
+        for out in emit(chunk(None, None, True)):
+            yield out
         try:
             async with contextlib.aclosing(events) as evs:  # type: ignore[type-var]
                 async for ev in evs:
@@ -51,7 +51,8 @@ async def paid_sse(gate: Any, charge: Any, events: AsyncIterator[Delta | Finishe
                         # every generated token is counted (tool-call tokens and tokens with no text yet
                         # included) before its text is sent, so a disconnect pays for it
                         more = all([charge.take_token() for _ in range(ev.tokens)])
-                        yield emit(chunk(ev, None, False))
+                        for out in emit(chunk(ev, None, False)):
+                            yield out
                         if not more:  # prepaid credit ran out: end cleanly
                             break
                     else:
@@ -60,14 +61,16 @@ async def paid_sse(gate: Any, charge: Any, events: AsyncIterator[Delta | Finishe
             log.exception("generation failed mid-stream")
             error = f"generation failed: {e}"
         if error is None:
-            yield emit(chunk(None, fin.reason if fin else "length", False))
+            for out in emit(chunk(None, fin.reason if fin else "length", False)):
+                yield out
             if include_usage:
                 last = _frame(chunk)
                 last["choices"] = []
                 last["usage"] = usage(fin) if fin else {
                     "prompt_tokens": prompt_tokens, "completion_tokens": charge.completion_seen,
                     "total_tokens": prompt_tokens + charge.completion_seen}
-                yield emit(last)
+                for out in emit(last):
+                    yield out
         # shielded: a client that hangs up now must not cut a settlement off halfway
         record = await asyncio.shield(gate.finish_stream(charge, fin, error))
         tail: list[bytes] = []
