@@ -24,8 +24,10 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import uvicorn
 
 from mesh402 import __version__
-from mesh402.api.management import earnings, validation
-from mesh402.api.management.app import LOOPBACK_NAMES, create_management_app
+from mesh402.api.management import console, earnings, validation
+from mesh402.api.management.app import create_management_app
+from mesh402.api.management.money import money_view
+from mesh402.api.management.playground import Playground
 from mesh402.api.router import MODEL_LABEL
 from mesh402.mesh.config import MeshConfig, MeshTimers
 from mesh402.mesh.hardware import default_hardware
@@ -256,12 +258,14 @@ class MeshRuntime:
     async def _start_console(self) -> None:
 
         s = self.settings
-        if s.console_listen_all and not s.console_token:
+        token = s.console_token
+        if s.console_listen_all and not token:
             raise ConsoleError("--console-listen-all needs a console token (--console-token-file or MESH402_CONSOLE_TOKEN)")
-        # Without an operator's token the node makes one for this run: the CLI reads it from the home, a web
-        # page cannot, so secrets (the invite token) and changes (POSTs) stay with the node's user.
-        token = s.console_token or new_console_token()
-        write_private(console_token_path(self.node.config.home), token + "\n")
+        if token:
+            write_private(console_token_path(self.node.config.home), token + "\n")
+        else:
+            with contextlib.suppress(OSError):
+                console_token_path(self.node.config.home).unlink()
         try:
             sock = self._bind_console(s.console_port)
         except OSError as e:
@@ -272,10 +276,17 @@ class MeshRuntime:
             sock = self._bind_console(0)
             log.warning("console port %d busy; using %d", s.console_port, sock.getsockname()[1])
         self.console_port = sock.getsockname()[1]
+        node = self.node
+        home = node.config.home
+
+        def money() -> dict[str, Any]:
+            return money_view(node.edge.payments, home)
+
         app = create_management_app(self.mesh, node_info=self._node_info, token=token,
-                                    require_token=s.console_token is not None,
-                                    allowed_hosts=None if s.console_listen_all else LOOPBACK_NAMES)
-        earnings.install(app, self.node.config.home)  # GET /api/earnings: epoch payouts per node
+                                    ticker=console.ticker(node.traffic, money))
+        console.install(app, traffic=node.traffic, money=money,  # the web page, traffic, money, playground
+                        pg=Playground(node.api_root(), node.config.api_key))
+        earnings.install(app, home)  # GET /api/earnings: epoch payouts per node
         validation.install(app, lambda: self.node.distributed)  # POST /api/epochs/{n}/validate: the validation round
         cfg = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=1)
         self.console_server = _ConsoleServer(cfg)
@@ -294,6 +305,8 @@ class MeshRuntime:
             "api_url": f"http://127.0.0.1:{node.config.port}/v1",
             "console_port": self.console_port,
             "models": {e.model_id: e.state for e in node.registry.all()},
+            # what a later version reports (escrow vouchers, stake, slashes): null = not reported (docs/console.md)
+            "economics": {"vouchers": None, "stake": None, "slashes": None},
         }
         dist = node.distributed
         if dist is not None:

@@ -13,51 +13,30 @@
 
 It listens on loopback unless ``--console-listen-all``, which requires a
 console token; when a token is configured every request must carry
-``Authorization: Bearer <token>``.
-
-A web page the user visits must not be able to use it (DNS rebinding, cross-site requests): on loopback
-only loopback ``Host`` names are served, and a request with an ``Origin`` is served only when that origin
-is the console itself. The node always has a console token (the operator's, or one it writes to
-``<home>/console.token`` at start, mode 0600, which the CLI reads): without it a request sees no secret
-(the invite token is left out of the status) and can change nothing (every POST needs it).
+``Authorization: Bearer <token>`` or the page's session cookie, and every
+request passes the Host/Origin checks (``access.py``). With a ``ticker`` the
+event stream also carries what it returns every ``tick_s`` (the web console's
+traffic and money figures, ``console.py``) when it changed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Optional
-from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from mesh402.api.bodies import sse
+from mesh402.api.management.access import AccessGuard, ConsoleAccess
 from mesh402.mesh.invite import InviteError, parse_duration
 from mesh402.mesh.service import MeshService
 
 KEEPALIVE_S = 15.0
-LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
-SECRET_FIELDS = ("invite_token",)  # left out of the status unless the console token is presented
-
-
-def host_name(value: str) -> str:
-    """The host part of a Host header or an origin's netloc, lower-cased, without port or IPv6 brackets."""
-    try:
-        return (urlsplit("//" + value.strip()).hostname or "").lower()
-    except ValueError:
-        return ""
-
-
-def origin_allowed(origin: str, host: str) -> bool:
-    """A browser's Origin is served only when it is the console's own (same host and port as the request)."""
-    try:
-        parts = urlsplit(origin.strip())
-    except ValueError:
-        return False
-    return parts.scheme in ("http", "https") and bool(parts.netloc) and parts.netloc.lower() == host.strip().lower()
+TICK_S = 2.0
+MAX_EVENT_STREAMS = 64  # browser tabs and CLI watchers together; each holds a queue of up to 1000 events
 
 
 def _sse(event: dict) -> bytes:
@@ -69,41 +48,15 @@ def create_management_app(
     *,
     node_info: Optional[Callable[[], dict[str, Any]]] = None,
     token: Optional[str] = None,
-    require_token: Optional[bool] = None,
-    allowed_hosts: Optional[frozenset[str]] = LOOPBACK_NAMES,
     keepalive_s: float = KEEPALIVE_S,
+    ticker: Optional[Callable[[], dict[str, Any]]] = None,
+    tick_s: float = TICK_S,
 ) -> FastAPI:
-    """`token`: the console token; `require_token` (default: whenever there is a token) makes every request
-    present it, otherwise reads are served without it but without secrets; `allowed_hosts`: the Host names
-    served (None: any, for a console listening on all interfaces, where the token is required)."""
     app = FastAPI(title="mesh402 management", docs_url=None, redoc_url=None, openapi_url=None)
-    must = token is not None if require_token is None else require_token
+    app.add_middleware(AccessGuard, access=ConsoleAccess(token))
 
-    def presented(request: Request) -> bool:
-        got = request.headers.get("authorization", "")
-        return token is not None and hmac.compare_digest(got.encode(), f"Bearer {token}".encode())
-
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        host = request.headers.get("host", "")
-        if allowed_hosts is not None and host_name(host) not in allowed_hosts:
-            return JSONResponse({"error": "this console answers only on its own address (Host not allowed)"},
-                                status_code=403)
-        origin = request.headers.get("origin")
-        if origin is not None and not origin_allowed(origin, host):
-            return JSONResponse({"error": "cross-origin requests are not served"}, status_code=403)
-        trusted = presented(request)
-        if (must or request.method not in ("GET", "HEAD")) and not trusted:
-            return JSONResponse({"error": "console token required (Authorization: Bearer ...; the CLI reads it "
-                                          "from <home>/console.token)"}, status_code=401)
-        request.state.trusted = trusted
-        return await call_next(request)
-
-    def status(trusted: bool) -> dict[str, Any]:
+    def status() -> dict[str, Any]:
         out = mesh.status()
-        if not trusted:
-            for k in SECRET_FIELDS:
-                out.pop(k, None)
         if node_info is not None:
             try:
                 out["node"] = node_info()
@@ -112,26 +65,42 @@ def create_management_app(
         return out
 
     @app.get("/api/status")
-    async def get_status(request: Request) -> JSONResponse:
-        return JSONResponse(status(request.state.trusted))
+    async def get_status() -> JSONResponse:
+        return JSONResponse(status())
 
-    @app.get("/api/events")
-    async def get_events(request: Request) -> StreamingResponse:
-        q = mesh.subscribe()
+    open_streams = [0]  # event streams now open (each holds a subscription queue): capped
+
+    @app.get("/api/events", response_model=None)
+    async def get_events(request: Request) -> StreamingResponse | JSONResponse:
+        if open_streams[0] >= MAX_EVENT_STREAMS:
+            return JSONResponse({"error": f"{MAX_EVENT_STREAMS} event streams are open already"}, status_code=503,
+                                headers={"Retry-After": "5"})
 
         async def stream() -> AsyncIterator[bytes]:
+            q = mesh.subscribe()  # here, not before: a stream never started holds no queue
+            open_streams[0] += 1
+            last_tick: dict[str, Any] | None = None
+            next_tick = time.monotonic() + tick_s  # ticks keep their pace however busy the mesh is
             try:
-                yield _sse({"type": "snapshot", "ts": time.time(), "status": status(request.state.trusted)})
+                yield _sse({"type": "snapshot", "ts": time.time(), "status": status()})
                 while True:
+                    wait = keepalive_s if ticker is None else max(0.0, min(keepalive_s, next_tick - time.monotonic()))
                     try:
-                        ev = await asyncio.wait_for(q.get(), keepalive_s)
+                        ev = await asyncio.wait_for(q.get(), wait)
                     except asyncio.TimeoutError:
                         if await request.is_disconnected():
                             return
-                        yield b": keepalive\n\n"
+                        next_tick = time.monotonic() + tick_s
+                        tick = ticker() if ticker is not None else None
+                        if tick is not None and tick != last_tick:
+                            last_tick = tick
+                            yield _sse({**tick, "ts": time.time()})
+                        else:
+                            yield b": keepalive\n\n"
                         continue
                     yield _sse(ev)
             finally:
+                open_streams[0] -= 1
                 mesh.unsubscribe(q)
 
         return StreamingResponse(stream(), media_type="text/event-stream",
