@@ -15,7 +15,7 @@ node runs, on the bundled SmolLM2-135M where a model is needed, timed over many 
 | x402 exposure | per paid request | one SQLite sum over the payer's payments in flight | none |
 | x402 staged answer | per paid request | answer stored + payment marked settling, one transaction | payment marked settling |
 | credit claim nonce | per claim | one SQLite insert | none |
-| console Host/Origin | per console request | `host_name` + `origin_allowed` | none |
+| console Host/Origin | per console request | `access._origin_refusal` (Host, Origin, Sec-Fetch-Site) | none |
 | holding proof | per peer, model and hour | challenge + answer over ~34 KiB (30 layers) of the file | none |
 """
 
@@ -28,6 +28,7 @@ import json
 import random
 import secrets
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))  # harness/ (signed test payments)
 
 
 def per_call(fn: Callable[[], Any], n: int, rounds: int = 5) -> float:
@@ -165,11 +167,12 @@ def x402(n: int, tmp: Path) -> dict[str, Any]:
 
 
 def console(n: int) -> dict[str, Any]:
-    from mesh402.api.management.app import host_name, origin_allowed
+    from mesh402.api.management.access import _origin_refusal  # the guard's whole Host/Origin decision
+
+    headers = {"host": "127.0.0.1:3131", "origin": "http://127.0.0.1:3131", "sec-fetch-site": "same-origin"}
 
     def check() -> None:
-        host_name("127.0.0.1:9338") in {"127.0.0.1", "localhost", "::1"}
-        origin_allowed("http://127.0.0.1:9338", "127.0.0.1:9338")
+        assert _origin_refusal({"path": "/api/status"}, headers) is None
     return {"with": per_call(check, n), "off": 0.0}
 
 
