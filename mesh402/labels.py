@@ -115,8 +115,8 @@ def plan_claim(raw: Optional[str], announcer: str) -> Optional[PlanClaim]:
     d = _json(raw)
     if not isinstance(d, dict):
         return None
-    try:
-        p = _PlanLabel.model_validate(d)
+    try:  # strict: "7" is not an epoch, 1.0 not a layer (the raw dict is handed on as the plan)
+        p = _PlanLabel.model_validate_json(raw or "", strict=True)
     except ValidationError:
         return None
     if p.host != announcer:
