@@ -21,7 +21,7 @@ from mesh402.mesh.conns import CLOSE_PROTOCOL, CLOSE_REJECTED, Conn, PeerConn
 from mesh402.mesh.errors import AdmissionRefused, JoinError
 from mesh402.mesh.framing import FrameError, FramedStream, StreamType, make_frame
 from mesh402.mesh.gossip import AnnouncementError, Outcome, open_announcement
-from mesh402.mesh.gossip_push import OnOffer, shareable
+from mesh402.mesh.gossip_push import OnOffer, pack, send_gossip, shareable
 from mesh402.mesh.invite import InviteError
 from mesh402.mesh.proto import mesh_pb2 as pb
 
@@ -51,8 +51,11 @@ class Admission:
 
     # ------------------------------------------------------------ acceptor
 
-    def admit(self, remote: bytes, hello: pb.Hello) -> tuple[pb.PeerAnnouncement, pb.Welcome]:
-        """Check a Hello from ``remote``. Raises InviteError(code) on refusal, having stored nothing."""
+    def admit(self, remote: bytes, hello: pb.Hello
+              ) -> tuple[pb.PeerAnnouncement, pb.Welcome, list[pb.SignedAnnouncement]]:
+        """Check a Hello from ``remote``. Raises InviteError(code) on refusal, having stored nothing.
+        Returns the peer's announcement, the Welcome and the announcements that did not fit in it
+        (they follow as Gossip frames)."""
         ctx = self.ctx
         g = ctx.mesh_gossip
         m = ctx.membership
@@ -60,7 +63,7 @@ class Admission:
             raise InviteError("this node belongs to a different mesh", "wrong_mesh")
         now = ctx.clock.time()
         try:
-            ann = open_announcement(hello.announcement, g.mesh_id, now, g.stale_after, g.max_skew)
+            ann = open_announcement(hello.announcement, g.mesh_id, now, g.stale_after, g.max_skew, g.limits)
         except AnnouncementError as e:
             code = "forged" if e.outcome == Outcome.FORGED else e.outcome.value
             raise InviteError(f"announcement rejected: {e}", code) from None
@@ -87,13 +90,18 @@ class Admission:
         ann_stored = g.get(remote)
         if outcome.accepted:
             self.on_offer(outcome, ann, remote, True)
-        welcome = pb.Welcome(mesh_id=g.mesh_id, policy=m.policy, announcements=shareable(ctx))
+        own = g.self_entry()
+        everything = shareable(ctx)
+        if own is not None:  # ours first: the joiner needs it from the Welcome itself
+            everything = [own.signed] + [sa for sa in everything if sa is not own.signed]
+        first, *rest = pack(everything)
+        welcome = pb.Welcome(mesh_id=g.mesh_id, policy=m.policy, announcements=first)
         if m.policy == pb.ADMISSION_SECRET:
             assert m.secret is not None  # the proof or credential above was checked against it
             welcome.member_proof = invite.member_ack(m.secret, g.mesh_id, ctx.node_id, remote)
             if admitted_by_invite and hello.want_secret:
                 welcome.mesh_secret = m.secret
-        return (ann_stored or ann), welcome
+        return (ann_stored or ann), welcome, [sa for group in rest for sa in group]
 
     async def accept_loop(self, listener: Listener) -> None:
         ctx = self.ctx
@@ -155,12 +163,13 @@ class Admission:
         if frame is None:
             raise framing.TruncatedFrame("stream closed before Hello")
         try:
-            ann, welcome = self.admit(remote, frame.hello)
+            ann, welcome, rest = self.admit(remote, frame.hello)
         except InviteError as e:
             ctx.counters[f"admission.rejected.{e.code}"] += 1
             await self.reject(conn, fs, e.code, str(e))
             return
         await fs.send(make_frame(welcome=welcome))
+        await send_gossip(fs, ctx.node_id, rest, reply=True)
         await fs.finish()
         ctx.counters["admission.accepted"] += 1
         self.register(PeerConn(remote, conn, False, ann.boot_id, ctx.clock.monotonic()))
@@ -224,8 +233,13 @@ class Admission:
         await fs.send(make_frame(hello=self.hello(mesh_id, node_id, credential)))
         await fs.finish()
         w = self.check_welcome(mesh_id, node_id, await fs.recv(expect=("welcome", "reject")), newcomer)
+        items = list(w.announcements)
+        frame = await fs.recv(expect=("gossip",))  # the announcements that did not fit in the Welcome
+        while frame is not None and bytes(frame.gossip.sender_id) == node_id:
+            items += frame.gossip.announcements
+            frame = None if len(items) > ctx.config.limits.max_origins else await fs.recv(expect=("gossip",))
         now = ctx.clock.time()
-        for sa in w.announcements:
+        for sa in items:
             outcome, ann = ctx.mesh_gossip.offer(sa, now, via=node_id)
             self.on_offer(outcome, ann, node_id, False)
         peer_ann = ctx.mesh_gossip.get(node_id)

@@ -200,7 +200,8 @@ class MeshService:
         return await self.endpoint.connect(EndpointAddr(endpoint_id(node_id), relay_url or None, list(addrs)), ALPN)
 
     def _init_gossip(self, mesh_id: str) -> None:
-        self.ctx.gossip = GossipState(mesh_id, self.node_id, self.timers.stale_after, self.timers.max_clock_skew)
+        self.ctx.gossip = GossipState(mesh_id, self.node_id, self.timers.stale_after, self.timers.max_clock_skew,
+                                      self.config.limits)
         self.announcer.resign(flush=False)
 
     async def stop(self, graceful: bool = True) -> None:

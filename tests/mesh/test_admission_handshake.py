@@ -47,7 +47,7 @@ def valid_hello(node: MeshService, kind: str, seq: int) -> pb.Hello:
 def admitted(node: MeshService, hello: pb.Hello, remote: bytes = JOINER.node_id):
     before = set(node.gossip.entries)
     try:
-        ann, welcome = node.admission.admit(remote, hello)
+        ann, welcome, _ = node.admission.admit(remote, hello)
     except InviteError as e:
         assert str(e) and "\n" not in str(e) and e.code
         assert set(node.gossip.entries) == before  # a refused Hello stores nothing
