@@ -40,10 +40,10 @@ class MeshLimits:
     max_streams: int = 256  # open at once, all types (QUIC stream credit: the peer cannot exceed it)
     streams_per_s: float = 100.0  # new streams, sustained; beyond the burst the peer waits for credit
     stream_burst: int = 400
-    frames_per_s: float = 500.0  # control traffic and anything not yet entitled (see quota.py)
-    frame_burst: int = 2000
-    bytes_per_s: float = 16 * MIB
-    byte_burst: int = 32 * MIB
+    frames_per_s: float = 200.0  # control traffic and anything not yet entitled (see quota.py)
+    frame_burst: int = 1000
+    bytes_per_s: float = 4 * MIB
+    byte_burst: int = 16 * MIB  # a tunnelled request body (8 MiB at most) fits
     work_frames_per_s: float = 20_000.0  # stage/expert streams a handler entitled (an authorized session)
     work_frame_burst: int = 40_000
     work_bytes_per_s: float = 1024 * MIB

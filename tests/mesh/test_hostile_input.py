@@ -19,7 +19,7 @@ import pytest
 
 from mesh402.mesh import ALPN, invite
 from mesh402.mesh.config import MeshConfig, MeshTimers
-from mesh402.mesh.framing import StreamType, encode_frame, make_frame
+from mesh402.mesh.framing import PROTOCOL_VERSION, StreamType, encode_frame, make_frame
 from mesh402.mesh.gossip import sign_announcement, signing_payload
 from mesh402.mesh.identity import NodeIdentity
 from mesh402.mesh.proto import mesh_pb2 as pb
@@ -54,11 +54,12 @@ async def send_raw(ep: Endpoint, target: pb.InviteToken, payload: bytes, wait: f
 
 
 def hello_frame(ident: NodeIdentity, mesh_id: str, *, seq: int = 1, proof: dict | None = None, gen: int = 1,
-                origin: NodeIdentity | None = None) -> bytes:
+                origin: NodeIdentity | None = None, version: int = PROTOCOL_VERSION) -> bytes:
     """A Hello as stream bytes (type byte + frame). ``origin`` signs the announcement (forgery if != ident)."""
     signer = origin or ident
     ann = pb.PeerAnnouncement(node_id=signer.node_id, seq=seq, issued_at_ms=int(time.time() * 1000), mesh_id=mesh_id)
-    hello = pb.Hello(mesh_id=mesh_id, announcement=sign_announcement(signer, mesh_id, ann), **(proof or {}))
+    hello = pb.Hello(mesh_id=mesh_id, announcement=sign_announcement(signer, mesh_id, ann), protocol_version=version,
+                     **(proof or {}))
     frame = pb.Frame(gen=gen, hello=hello)
     data = frame.SerializeToString()
     return bytes([StreamType.GOSSIP]) + struct.pack("<I", len(data)) + data

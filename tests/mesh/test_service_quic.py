@@ -223,7 +223,8 @@ def test_demand_signals_gossip(tmp_path):
         b.note_request("m1")
         b.note_request("m2", 5)
         a.note_request("auto")  # not a demand signal
-        await wait_for(lambda: a.demand_view().get("m1", {}).get("requests") == 4 and "m2" in a.demand_view())
+        for n in (a, b):  # each learns the other's signals by gossip, in its own time
+            await wait_for(lambda: n.demand_view().get("m1", {}).get("requests") == 4 and "m2" in n.demand_view())
         v = b.status()["demand"]
         assert v["m1"]["requests"] == 4 and v["m1"]["nodes"] == 2 and v["m2"]["requests"] == 5
         assert "auto" not in v
