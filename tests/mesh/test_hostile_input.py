@@ -65,12 +65,17 @@ def hello_frame(ident: NodeIdentity, mesh_id: str, *, seq: int = 1, proof: dict 
     return bytes([StreamType.GOSSIP]) + struct.pack("<I", len(data)) + data
 
 
-def reject_code(reply: bytes) -> str:
+def reject_of(reply: bytes) -> pb.Reject:
+    """The Reject in a reply (its code names the other body, if any; empty: nothing came back)."""
     if len(reply) < 4:
-        return ""
+        return pb.Reject()
     (n,) = struct.unpack_from("<I", reply)
     f = pb.Frame.FromString(reply[4 : 4 + n])
-    return f.reject.code if f.WhichOneof("body") == "reject" else f.WhichOneof("body") or ""
+    return f.reject if f.WhichOneof("body") == "reject" else pb.Reject(code=f.WhichOneof("body") or "")
+
+
+def reject_code(reply: bytes) -> str:
+    return reject_of(reply).code
 
 
 def test_hostile_inputs_rejected_counted_node_keeps_serving(mesh_nodes: MeshNodes, tmp_path):
@@ -107,6 +112,8 @@ def test_hostile_inputs_rejected_counted_node_keeps_serving(mesh_nodes: MeshNode
         results["no_credential"] = reject_code(await send_raw(ep, good, hello_frame(me, mesh_id)))
         results["bad_member_proof"] = reject_code(await send_raw(ep, good, hello_frame(me, mesh_id, proof={"member_proof": b"\x00" * 32})))
         results["wrong_mesh"] = reject_code(await send_raw(ep, good, hello_frame(me, "ff" * 16, proof={"invite": cred})))
+        old_software = reject_of(await send_raw(ep, good, hello_frame(me, mesh_id, proof={"invite": cred}, version=0)))
+        results["old_protocol"], results["old_protocol_reason"] = old_software.code, old_software.reason
         await ep.close()
 
         # --- an admitted member turning hostile ------------------------------------------------
@@ -161,6 +168,9 @@ def test_hostile_inputs_rejected_counted_node_keeps_serving(mesh_nodes: MeshNode
     assert results["no_credential"] == "no_credential"
     assert results["bad_member_proof"] == "bad_member_proof"
     assert results["wrong_mesh"] == "wrong_mesh"
+    # older software (no version in its Hello) is told both versions, in words a person can act on
+    assert results["old_protocol"] == "protocol_version"
+    assert "protocol 1 or older" in results["old_protocol_reason"] and f"protocol {PROTOCOL_VERSION}" in results["old_protocol_reason"]
 
     wait_until(lambda: a.counters().get("liveness.down_report_refuted", 0) >= 1, 10, what="down report refuted")
     c = a.counters()
@@ -174,6 +184,7 @@ def test_hostile_inputs_rejected_counted_node_keeps_serving(mesh_nodes: MeshNode
         "admission.rejected.no_credential": 1,
         "admission.rejected.bad_member_proof": 1,
         "admission.rejected.wrong_mesh": 1,
+        "admission.rejected.protocol_version": 1,
         "admission.rejected.unadmitted_stream": 1,
         "gossip.replayed": 1,
         "gossip.forged": 1,
