@@ -10,31 +10,30 @@ import time
 from pathlib import Path
 
 import pytest
+from iroh import (
+    Endpoint,
+    EndpointAddr,
+    EndpointId,
+    EndpointOptions,
+    RelayMode,
+    SecretKey,
+    preset_minimal,
+)
 
+from harness.flood import flood
+from harness.mesh_nodes import MeshNode, MeshNodes, wait_until
 from mesh402.mesh import ALPN, invite
-from mesh402.mesh.config import MeshConfig, MeshTimers
 from mesh402.mesh.framing import StreamType, make_frame
 from mesh402.mesh.gossip import sign_announcement
 from mesh402.mesh.identity import NodeIdentity
 from mesh402.mesh.proto import mesh_pb2 as pb
-from mesh402.mesh.service import MeshService
-from harness.flood import flood
-from harness.mesh_nodes import MeshNode, MeshNodes, wait_until
 from tests.support.hostile import EvilMember
-
-from iroh import Endpoint, EndpointAddr, EndpointId, EndpointOptions, RelayMode, SecretKey, preset_minimal
 
 pytestmark = pytest.mark.timeout(120)
 
 
 async def counters(node: MeshNode) -> dict[str, int]:
     return await asyncio.to_thread(node.counters)
-
-
-async def echo(svc: MeshService, target: bytes) -> bool:
-    """One honest round trip on a fresh ECHO stream."""
-    reply = await svc.request(target, StreamType.ECHO, make_frame(echo=pb.Echo(payload=b"honest")), timeout=10)
-    return reply is not None and reply.echo.payload == b"honest"
 
 
 def test_a_member_flooding_frames_is_refused_then_cut_off_while_honest_peers_are_served(
@@ -45,17 +44,15 @@ def test_a_member_flooding_frames_is_refused_then_cut_off_while_honest_peers_are
     a_id = bytes.fromhex(a.node_id)
 
     async def go() -> None:
-        good = MeshService(MeshConfig(home=tmp_path / "good", bind_ip="127.0.0.1", timers=MeshTimers.fast()))
-        await good.start(join=a.token())
-        async with EvilMember(tmp_path / "evil", a.token()) as evil:
+        async with EvilMember(tmp_path / "good", a.token()) as good, EvilMember(tmp_path / "evil", a.token()) as evil:
             await evil.wait_connected(a.node_id)
-            assert await echo(good, a_id)
+            assert await good.echo(a.node_id)
             stop = asyncio.Event()
             attack = asyncio.ensure_future(flood(evil.svc, a_id, seconds=20, streams=32, stop=stop))
             honest_ok = 0
             t0 = time.monotonic()
             while time.monotonic() - t0 < 20:  # honest round trips while the flood runs, until the ban
-                honest_ok += await echo(good, a_id)
+                honest_ok += await good.echo(a.node_id)
                 c = await counters(a)
                 if c.get("quota.banned", 0) >= 1:
                     break
@@ -70,10 +67,9 @@ def test_a_member_flooding_frames_is_refused_then_cut_off_while_honest_peers_are
             assert honest_ok >= 1
             assert a_id not in evil.svc.connected_peers()
             # after: the honest member and the honest process are served; the flooder stays refused
-            assert await echo(good, a_id)
+            assert await good.echo(a.node_id)
             await asyncio.sleep(1.0)
             assert a_id not in evil.svc.connected_peers()
-        await good.stop()
 
     asyncio.run(go())
     assert a.alive() and mesh_nodes.sees(a, b) and mesh_nodes.sees(b, a)
