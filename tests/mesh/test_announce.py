@@ -81,6 +81,9 @@ def test_demand_is_counted_published_once_and_summed_over_the_mesh(tmp_path: Pat
         n = make_node(tmp_path / "a")
         published: list[list[pb.DemandEntry]] = []
         book = DemandBook(n.ctx, published.append)
+        book.note("m1")  # no one has m1 yet: an API client may name anything, it is not demand
+        assert n.ctx.counters["demand.unknown_model"] == 1 and book.counts == {}
+        n.announcer.update_local(models=[pb.ModelEntry(model_id="m1", role=pb.MODEL_ROLE_ON_DISK)])
         book.note("m1")
         book.note("m1", 2)
         book.note("auto")

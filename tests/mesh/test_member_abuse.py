@@ -9,6 +9,7 @@ import contextlib
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from iroh import (
     Endpoint,
@@ -159,3 +160,17 @@ def test_a_handshake_flood_from_one_address_blocks_no_one_elses_join(mesh_nodes:
     assert c.get("admission.refused_busy_source", 0) >= 1
     assert c.get("admission.refused_busy", 0) == 0  # the flood never filled the node's pool
     assert c.get("internal.task_error", 0) == 0
+
+
+def test_made_up_model_names_from_an_api_client_never_reach_the_signed_announcement(mesh_nodes: MeshNodes) -> None:
+    a = mesh_nodes.start("a")
+    b = mesh_nodes.start("b", join=a.token(), kind="client")
+    mesh_nodes.wait_full_mesh([a, b])
+    with httpx.Client(base_url=f"http://127.0.0.1:{a.api_port}", timeout=10) as api:
+        for i in range(100):  # each name would have lived 24 h in a's demand and its announcement
+            api.post("/v1/chat/completions", json={"model": f"junk-{i}", "messages": [{"role": "user", "content": "x"}]})
+    c = a.counters()
+    assert c.get("demand.unknown_model", 0) >= 100
+    time.sleep(1.0)  # past the demand announce delay of the fast timers
+    assert a.status()["demand"] == {} and b.status()["demand"] == {}
+    assert b.peers()[a.node_id]["announcement"].get("demand", []) == []

@@ -218,6 +218,9 @@ def test_demand_signals_gossip(tmp_path):
         a, b = svc(tmp_path, "a"), svc(tmp_path, "b")
         await a.start()
         await b.start(join=a.invite_token)
+        a.update_local(models=[pb.ModelEntry(model_id="m1", role=pb.MODEL_ROLE_HOST)])
+        b.update_local(models=[pb.ModelEntry(model_id="m2", role=pb.MODEL_ROLE_ON_DISK)])
+        await wait_for(lambda: all(n.demand.in_mesh(m) for n in (a, b) for m in ("m1", "m2")))
         for _ in range(3):
             a.note_request("m1")
         b.note_request("m1")
