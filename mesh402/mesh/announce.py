@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from mesh402.mesh import framing, spent
+from mesh402.mesh import framing, identity, spent
 from mesh402.mesh.context import MeshContext
 from mesh402.mesh.gossip import sign_announcement
 from mesh402.mesh.limits import MeshLimits
@@ -114,6 +114,10 @@ class Announcer:
         labels = {k: v for k, v in self.local.labels.items() if k != spent.SPENT_LABEL}
         nonces = self.ctx.membership.spent
         spent.prune(nonces, now)
+        ctx = self.ctx
+        for n, r in list(nonces.items()):
+            if not r.sig:  # ours, from before entries were signed: vouch for it now
+                nonces[n] = spent.vouch(ctx.identity.sign, ctx.node_id, ctx.mesh_gossip.mesh_id, n, r.expires_at)
         if nonces:
             labels[spent.SPENT_LABEL] = spent.encode(nonces)
         return labels
@@ -144,10 +148,23 @@ class Announcer:
         return e.ann if e else None
 
     def spend(self, entries: dict[str, int]) -> bool:
-        """Merge spent or revoked invite nonces; re-announce (and persist) when the set grew."""
-        if not spent.merge(self.ctx.membership.spent, entries, self.ctx.clock.time()):
+        """Tokens this node spent or revoked (nonce -> expiry): vouch for them, merge, re-announce."""
+        ctx = self.ctx
+        mesh_id = ctx.mesh_gossip.mesh_id
+        return self.merge_spent({n: spent.vouch(ctx.identity.sign, ctx.node_id, mesh_id, n, e)
+                                 for n, e in entries.items()})
+
+    def merge_spent(self, entries: dict[str, spent.Revocation]) -> bool:
+        """Merge spent or revoked invite nonces (checking who vouches for each); re-announce (and persist)
+        when the set changed."""
+        ctx = self.ctx
+        changed, bad = spent.merge(ctx.membership.spent, entries, ctx.clock.time(), ctx.mesh_gossip.mesh_id,
+                                   identity.verify, ctx.node_id)
+        if bad:
+            ctx.counters["invites.spent_bad_signature"] += bad
+        if not changed:
             return False
-        self.ctx.counters["invites.spent_merged"] += 1
+        ctx.counters["invites.spent_merged"] += 1
         self.resign()
         return True
 

@@ -289,7 +289,7 @@ class MeshService:
                 case Dial(node_id, immediate):
                     self.dialer.maybe_dial(node_id, immediate)
                 case Spend(entries):
-                    self.announcer.spend(entries)
+                    self.announcer.merge_spent(entries)
                 case JumpSeq(seq):
                     self.announcer.jump_past(seq)
                 case Left(node_id):

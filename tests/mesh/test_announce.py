@@ -47,7 +47,8 @@ def test_spent_invites_ride_in_the_labels(tmp_path: Path) -> None:
     exp = int(n.clock.time()) + 600
     assert n.announcer.spend({nonce: exp}) and not n.announcer.spend({nonce: exp})
     own = n.announcer.own()
-    assert own is not None and spent.decode(own.labels[spent.SPENT_LABEL]) == {nonce: exp}
+    assert own is not None and spent.decode(own.labels[spent.SPENT_LABEL]) == {
+        nonce: spent.vouch(n.ctx.identity.sign, n.ctx.node_id, n.ctx.mesh_gossip.mesh_id, nonce, exp)}
     assert n.ctx.counters["invites.spent_merged"] == 1
 
 

@@ -23,7 +23,7 @@ from iroh import (
 
 from harness.flood import flood
 from harness.mesh_nodes import MeshNode, MeshNodes, wait_until
-from mesh402.mesh import ALPN, invite
+from mesh402.mesh import ALPN, invite, spent
 from mesh402.mesh.framing import StreamType, make_frame
 from mesh402.mesh.gossip import sign_announcement
 from mesh402.mesh.identity import NodeIdentity
@@ -174,3 +174,41 @@ def test_made_up_model_names_from_an_api_client_never_reach_the_signed_announcem
     time.sleep(1.0)  # past the demand announce delay of the fast timers
     assert a.status()["demand"] == {} and b.status()["demand"] == {}
     assert b.peers()[a.node_id]["announcement"].get("demand", []) == []
+
+
+def test_a_member_flooding_revocations_cannot_evict_a_real_one(mesh_nodes: MeshNodes, tmp_path: Path) -> None:
+    a = mesh_nodes.start("a")
+    b = mesh_nodes.start("b", join=a.token(), kind="client")
+    mesh_nodes.wait_full_mesh([a, b])
+    real = a.token()
+    r = httpx.post(f"{a.console}/api/invite/revoke", json={"token": real}, timeout=5)
+    assert r.status_code == 200, r.text
+    nonce = invite.decode_token(real).credential.nonce.hex()
+    mesh_id = a.status()["mesh_id"]
+
+    def carried(node: MeshNode, by: MeshNode) -> dict[str, spent.Revocation]:
+        return spent.decode(node.peers()[by.node_id]["announcement"]["labels"].get(spent.SPENT_LABEL, ""))
+
+    wait_until(lambda: nonce in carried(b, a), 10, what="the revocation reached b")
+
+    async def go() -> None:
+        async with EvilMember(tmp_path / "evil", a.token()) as evil:
+            await evil.wait_connected(a.node_id)
+            svc = evil.svc
+            far = int(time.time()) + 10**8  # far-off expiries: the old rule kept the latest ones first
+            junk = {f"{i:032x}": spent.vouch(svc.identity.sign, svc.node_id, mesh_id, f"{i:032x}", far + i)
+                    for i in range(300)}
+            svc.membership.spent.update(junk)  # past its own bound: a member running other software
+            svc.announcer.resign()
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(wait_until, lambda: a.counters().get("invites.spent_merged", 0) >= 2, 10,
+                                    what="a merged the junk")
+
+    asyncio.run(go())
+    for node, by in ((b, a), (a, b)):
+        wait_until(lambda: sum(r.by != bytes.fromhex(a.node_id) and r.by != bytes.fromhex(b.node_id)
+                               for r in carried(node, by).values()) == spent.MAX_PER_MEMBER, 10,
+                   what="the junk bounded to one member's share")
+        assert nonce in carried(node, by)  # the real revocation stays, everywhere
+    refused = mesh_nodes.start("refused", join=real, wait=False)
+    assert refused.proc.proc.wait(timeout=60) != 0 and "revoked" in refused.log()
