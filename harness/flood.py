@@ -22,6 +22,7 @@ class FloodStats:
     seconds: float = 0.0
     frames: int = 0  # written by the sender (QUIC took them)
     bytes: int = 0
+    replies: int = 0  # echoes back: frames the target accepted and handled
     resets: int = 0  # streams the target reset or stopped under us
     open_failures: int = 0  # a new stream could not be opened (e.g. the connection was closed)
 
@@ -36,20 +37,22 @@ def echo_bytes(payload: int) -> bytes:
 
 
 async def flood(svc: MeshService, target: bytes, seconds: float, streams: int = 64, payload: int = 64 * 1024,
-                stop: asyncio.Event | None = None) -> FloodStats:
-    """Flood ``target`` from ``svc`` for ``seconds`` (or until ``stop`` is set) on ``streams`` streams at once."""
+                stop: asyncio.Event | None = None, until_cut_off: bool = False) -> FloodStats:
+    """Flood ``target`` from ``svc`` for ``seconds`` (or until ``stop`` is set, or with ``until_cut_off``
+    until the target closes the connection) on ``streams`` streams at once."""
     data = echo_bytes(payload)
     st = FloodStats()
     t0 = time.monotonic()
     end = t0 + seconds
 
     def over() -> bool:
-        return time.monotonic() >= end or (stop is not None and stop.is_set())
+        return (time.monotonic() >= end or (stop is not None and stop.is_set())
+                or (until_cut_off and target not in svc.conns))
 
     async def drain(fs) -> None:  # read the small replies so the echo never blocks on us
         with contextlib.suppress(Exception):
             while await fs.recv(5.0) is not None:
-                pass
+                st.replies += 1
 
     async def one() -> None:
         while not over():

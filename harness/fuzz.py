@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import struct
 import time
 from dataclasses import dataclass, field
@@ -219,6 +220,13 @@ async def send_all(svc: MeshService, target: bytes, todo: list[Case], concurrenc
                     stats.replies += 1
             await fs.reset(0)
 
-    await asyncio.gather(*(one(c) for c in todo))
+    # The cyclic GC stays off while the streams churn: in iroh-ffi 1.2 a collection that runs an iroh
+    # object's __del__ while a uniffi continuation callback holds its handle map deadlocks the process
+    # (seen in this sender after a few thousand streams). Collected once, at the end.
+    gc.disable()
+    try:
+        await asyncio.gather(*(one(c) for c in todo))
+    finally:
+        gc.enable()
     stats.seconds = time.monotonic() - t0
     return stats
