@@ -130,7 +130,8 @@ def test_a_last_stage_that_returns_other_tokens_is_caught(executor, prompt, monk
     checks that token against the request's sampling (greedy here) on the replayed logits."""
     from mesh402.engine.sampling import Sampler
     honest = Sampler.sample
-    monkeypatch.setattr(Sampler, "sample", lambda self, logits, history, pos: (honest(self, logits, history, pos) + 1) % 49152)
+    monkeypatch.setattr(Sampler, "sample", lambda self, logits, history, pos, **kw: (
+        honest(self, logits, history, pos, **kw) + 1) % 49152)
     receipts, evidence, _ = asyncio.run(audited_run(executor, prompt, auditor=LastStep(1.0, 3600)))
     monkeypatch.setattr(Sampler, "sample", honest)
     checks = spot_checks(receipts, evidence)
