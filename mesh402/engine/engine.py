@@ -17,6 +17,7 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
+from .batch import batchable, forward_rows, rows_independent
 from .chunks import prefill_steps
 from .errors import ContextTooLong, EngineError, EngineFull
 from .kv import KVCache, kv_capacity
@@ -183,6 +184,7 @@ class Engine:
         self._lock = threading.Lock()
         self._sessions: set[Session] = set()
         self._reserved = 0
+        self._rows_batched: dict[int, bool] = {}  # decode width -> fast kernels proven row-independent
 
     # ------------------------------------------------------------------
     @classmethod
@@ -236,6 +238,40 @@ class Engine:
     @property
     def n_sessions(self) -> int:
         return len(self._sessions)
+
+    def rows_batched(self, width: int) -> bool:
+        """Whether a decode step of ``width`` rows may run each fast kernel once for all rows (probed once
+        per width: see engine.batch.rows_independent); otherwise the rows are multiplied one by one."""
+        if width not in self._rows_batched:
+            self._rows_batched[width] = all(rows_independent(st, width) for st in self.stages)
+        return self._rows_batched[width]
+
+    @torch.inference_mode()
+    def decode_batch(self, sessions: Sequence["Session"], tokens: Sequence[int]) -> torch.Tensor:
+        """One decode step for several sessions at once: fp32 logits ``[B, vocab]``, row ``i`` bit-identical
+        to ``sessions[i].decode(tokens[i])`` alone (engine.batch). Full-model engines only."""
+        if len(sessions) != len(tokens) or not sessions:
+            raise ValueError("one token per session, at least one session")
+        if len({id(s) for s in sessions}) != len(sessions):
+            raise ValueError("a session appears twice in one step")
+        for s in sessions:
+            if s.engine is not self:
+                raise EngineError("session of another engine")
+            s._check(1)
+        V = self.config.vocab_size
+        ids = [int(t) for t in tokens]
+        if min(ids) < 0 or max(ids) >= V:
+            raise ValueError(f"token id out of range [0, {V})")
+        if len(sessions) == 1 or not all(batchable(st) for st in self.stages):
+            return torch.stack([s.decode(t) for s, t in zip(sessions, ids)])
+        batched = self.rows_batched(len(sessions))
+        pos = [len(s) for s in sessions]
+        x = torch.tensor(ids, dtype=torch.long, device=self.device)
+        for j, st in enumerate(self.stages):
+            x = forward_rows(st, [s.kvs[j] for s in sessions], pos, x, batched=batched)
+        for s, p, t in zip(sessions, pos, ids):
+            s.tokens[p:] = [t]
+        return x
 
     def new_session(self, max_len: int) -> "Session":
         if max_len < 1:
