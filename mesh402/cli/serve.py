@@ -74,6 +74,8 @@ def serve(
     mode: Annotated[str, typer.Option(help="Numerics: 'fast' (packed quantized kernels) or 'exact' (fp32 dequantized).")] = "fast",
     threads: Annotated[int, typer.Option(help="Torch threads for this node.")] = 1,
     max_sessions: Annotated[int, typer.Option(help="Concurrent generations per model before 503.")] = 16,
+    max_batch: Annotated[int, typer.Option(help="Decode rows per batched step of a model served whole here (continuous batching; each row's answer is bit-identical to running alone). 1: requests take turns.")] = 8,
+    step_tokens: Annotated[int, typer.Option(help="Prompt tokens prefilled per batched step, between the running streams' decode rows (a long prompt never stalls them longer).")] = 128,
     max_vram: Annotated[Optional[float], typer.Option(help="Weight budget in GB (1e9 bytes, e.g. 0.08); a model larger than the budget is split across nodes.")] = None,
     max_split_rtt: Annotated[float, typer.Option(help="Peers with a higher RTT (ms) never hold a stage of a split.")] = 80.0,
     wire_dtype: Annotated[str, typer.Option(help="Activations between stages: f32 (bit-exact), f16 or bf16.")] = "f32",
@@ -155,6 +157,9 @@ def serve(
                         host="0.0.0.0" if listen_all else "127.0.0.1", port=port, api_key=api_key,
                         device=device, mode=mode, threads=threads, payments=payments, trust=trust)  # type: ignore[arg-type]
     config.limits.max_sessions = max_sessions
+    if max_batch < 1 or step_tokens < 1:
+        fail("--max-batch and --step-tokens must be >= 1")
+    config.limits.max_batch, config.limits.step_tokens = max_batch, step_tokens
     config.max_vram_gb, config.max_split_rtt_ms, config.wire_dtype = max_vram, max_split_rtt, wire_dtype  # type: ignore[assignment]
     config.standby = standby
     config.timers.stage_idle_s = session_idle_timeout

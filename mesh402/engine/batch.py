@@ -19,18 +19,23 @@ MoE stages are not batched here (the engine decodes their rows one by one).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .kv import KVCache
-from .model import Linear, Stage, _rms_norm
+from .model import (  # the same dequantization blocks, so the same M=1 matmuls
+    _WS_ELEMS,
+    Linear,
+    Stage,
+    _rms_norm,
+)
 from .quant import FAST_ACT_DTYPE, QWeight, Workspace
 
-__all__ = ["forward_rows", "rows_independent", "batchable"]
+__all__ = ["batchable", "forward_rows", "rows_independent"]
 
-_WS_ELEMS = 1 << 18  # as model._WS_ELEMS: the same dequantization blocks, so the same per-row matmuls
+
 
 
 def batchable(stage: Stage) -> bool:

@@ -77,7 +77,8 @@ class Node:
         engine = Engine.load(entry.source.path, mode=self.config.mode, device=self.config.device,
                              max_sessions=self.config.limits.max_sessions,
                              prefill_chunk=self.config.limits.prefill_chunk)
-        entry.local = LocalModel(engine, self.executor)
+        limits = self.config.limits
+        entry.local = LocalModel(engine, self.executor, max_batch=limits.max_batch, step_tokens=limits.step_tokens)
         entry.state = "ready"
         log.info("model %s ready in %.1fs", entry.model_id, time.perf_counter() - t0)
 

@@ -423,7 +423,9 @@ class DistributedRuntime(Failover):
             content_hash = key.rsplit("@", 1)[1]
             self.receipts.add_model(content_hash, entry.source.path)
             receipts = SoloReceipts(self.mesh.identity, self.receipts, content_hash, n_layers)
-        return LocalModel(engine, self.executor, receipts=receipts)
+        limits = self.node.config.limits
+        return LocalModel(engine, self.executor, receipts=receipts, max_batch=limits.max_batch,
+                          step_tokens=limits.step_tokens)
 
     # ---------------------------------------------------------------- MoE expert parallel
     async def _apply_experts(self, key: str, entry: ModelEntry, plan: ExpertPlan) -> Any:

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from mesh402.serving.scheduler import StepScheduler
 from mesh402.serving.stops import StopMatcher
 from mesh402.work.store import kept
 
@@ -108,12 +109,18 @@ class LocalModel:
     """A whole model loaded in this process, driven by the node's single engine thread."""
 
     def __init__(self, engine: Any, executor: ThreadPoolExecutor, prefix_cache: Any = "default",
-                 receipts: Any = None, step_hook: Callable[[str], None] | None = None) -> None:
+                 receipts: Any = None, step_hook: Callable[[str], None] | None = None,
+                 max_batch: int = 8, step_tokens: int = 128) -> None:
         """`receipts`: work.receipts.SoloReceipts (or serving.expert_receipts.ExpertHostReceipts) on a
         paid entry (signed receipts per request). `step_hook(request_id)`: called on the engine thread
-        before each step, so work done elsewhere for the step (MoE experts) is attributed to its request."""
+        before each step, so work done elsewhere for the step (MoE experts) is attributed to its request.
+        `max_batch` > 1: requests' steps are batched (serving.scheduler; a `step_hook` needs steps one
+        request at a time, so it turns batching off); `step_tokens`: prefill tokens per batched step."""
         self.engine = engine
         self.executor = executor
+        self.scheduler: StepScheduler | None = None
+        if max_batch > 1 and step_hook is None and hasattr(engine, "decode_batch"):
+            self.scheduler = StepScheduler(engine, executor, max_batch=max_batch, step_tokens=step_tokens)
         self.receipts = receipts
         self.step_hook = step_hook
         if prefix_cache == "default":  # KV prefix reuse (mesh402.engine.prefix); None turns it off
@@ -141,6 +148,7 @@ class LocalModel:
         session = await asyncio.get_running_loop().run_in_executor(self.executor, self.engine.new_session, max_len)
         stepper = LocalStepper(session, sampling, self.executor, self.prefix_cache)
         stepper.request_id, stepper.step_hook = uuid.uuid4().hex, self.step_hook
+        stepper.scheduler = self.scheduler
         if self.receipts is not None:
             stepper.receipts, stepper.tally = self.receipts, self.receipts.tally(stepper.request_id)
         return stepper
@@ -164,6 +172,7 @@ class LocalStepper:
         self.request_id = ""
         self.step_hook: Callable[[str], None] | None = None  # LocalModel.step_hook
         self._pending: Any = None  # the receipt write release() started
+        self.scheduler: StepScheduler | None = None  # LocalModel.scheduler: steps batched with other requests'
 
     def _tally(self, ids: list[int], token: int) -> int:
         if self.tally is not None:
@@ -178,27 +187,41 @@ class LocalStepper:
         if self.step_hook is not None:
             self.step_hook(self.request_id)
 
-    def _prefill(self, ids: list[int]) -> int:
+    def prefill_begin(self, ids: list[int]) -> list[int]:
+        """Engine thread: restore a cached prefix of the prompt; the ids still to prefill."""
         self._begin()
         cache = self.prefix_cache
         n = cache.restore(self.session, ids) if cache is not None and not self.history else 0
         self.cached_tokens += n
-        logits = self.session.prefill(ids[n:])
-        if cache is not None and not self.history:
-            cache.store(self.session, len(ids))
+        return ids[n:]
+
+    def prefill_end(self, ids: list[int], logits: Any) -> int:
+        """Engine thread: the prompt is in (`logits` of its last token); sample the first token."""
+        if self.prefix_cache is not None and not self.history:
+            self.prefix_cache.store(self.session, len(ids))
         self.history.extend(ids)
         return self._tally(ids, self.sampler.sample(logits, self.history, len(self.history)))
 
-    def _decode(self, token: int) -> int:
-        self._begin()
-        logits = self.session.decode(token)
+    def decode_end(self, token: int, logits: Any) -> int:
+        """Engine thread: `token` is in (`logits` after it); sample the next token."""
         self.history.append(token)
         return self._tally([token], self.sampler.sample(logits, self.history, len(self.history)))
 
+    def _prefill(self, ids: list[int]) -> int:
+        return self.prefill_end(ids, self.session.prefill(self.prefill_begin(ids)))
+
+    def _decode(self, token: int) -> int:
+        self._begin()
+        return self.decode_end(token, self.session.decode(token))
+
     async def prefill(self, ids: list[int]) -> int:
+        if self.scheduler is not None:  # continuous batching: chunks interleaved with others' decode steps
+            return await self.scheduler.prefill(self, ids)
         return await self._run(self._prefill, ids)
 
     async def decode(self, token: int) -> int:
+        if self.scheduler is not None:  # one row of the model's next batched step
+            return await self.scheduler.decode(self, token)
         return await self._run(self._decode, token)
 
     async def finish(self) -> None:
@@ -212,6 +235,8 @@ class LocalStepper:
         """Free the session and hand the request's receipt on; the write it started (see receipts.kept)."""
         if not self._released:
             self._released = True
+            if self.scheduler is not None:
+                self.scheduler.leave(self)
             # Not awaited: this must also run when the client went away and the task is cancelled.
             self._executor.submit(self.session.close)
             if self.tally is not None:
