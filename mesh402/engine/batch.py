@@ -12,7 +12,8 @@ step) are the ones a 1-row ``Session.decode`` gives, whatever else shares the st
   own on the CPUs we measured; :func:`rows_independent` probes that at load for every width up to the
   batch cap and, if any kernel disagrees, the stage falls back to row-by-row calls too.
 - attention runs per row against the row's own session KV, with the same ops and shapes as 1-row decode;
-- norms, RoPE and the elementwise ops act on each row alone (checked by the tests, bit for bit).
+- norms (a reduction over each row's own hidden vector), RoPE, the embedding lookup and the elementwise
+  ops act on each row alone, so they run on all rows at once (checked by the tests, bit for bit).
 
 MoE stages are not batched here (the engine decodes their rows one by one).
 """
@@ -128,7 +129,7 @@ def forward_rows(stage: Stage, kvs: Sequence[KVCache], pos: Sequence[int], x: to
         kv.ensure(p + 1)
     with stage._lock:
         if stage.first:
-            h = torch.cat([stage._embed(x[i:i + 1].to(device=stage.device, dtype=torch.long)) for i in range(B)])
+            h = stage._embed(x.to(device=stage.device, dtype=torch.long))
         else:
             h = x.to(device=stage.device, dtype=torch.float32)
         stage._n_real = 1
@@ -137,7 +138,7 @@ def forward_rows(stage: Stage, kvs: Sequence[KVCache], pos: Sequence[int], x: to
             kv.length = p + 1
         if not stage.last:
             return h
-        normed = torch.cat([_rms_norm(h[i:i + 1], stage.norm, stage.eps) for i in range(B)])
+        normed = _rms_norm(h, stage.norm, stage.eps)
         if not logits:
             return normed
         if stage.head_fast is not None:
@@ -160,17 +161,17 @@ def _exact_rows(stage: Stage, kvs: Sequence[KVCache], pos: Sequence[int], h: tor
     half = hd // 2
     ws = stage.ws
     for li, lw in enumerate(stage.blocks):
-        x = torch.cat([_rms_norm(h[i:i + 1], lw.attn_norm, eps) for i in range(B)])
+        x = _rms_norm(h, lw.attn_norm, eps)
         qkv = _linear_rows(lw.qkv, x, ws, batched)
         q = qkv[:, :qd].reshape(B, nh, hd)
         k = qkv[:, qd:qd + kd].reshape(B, nkv, hd)
         v = qkv[:, qd + kd:].reshape(B, nkv, hd)
         if lw.q_norm is not None and stage.config.qk_norm_full:
-            q = torch.cat([_rms_norm(qkv[i:i + 1, :qd], lw.q_norm, eps) for i in range(B)]).view(B, nh, hd)
-            k = torch.cat([_rms_norm(qkv[i:i + 1, qd:qd + kd], lw.k_norm, eps) for i in range(B)]).view(B, nkv, hd)
+            q = _rms_norm(qkv[:, :qd], lw.q_norm, eps).view(B, nh, hd)
+            k = _rms_norm(qkv[:, qd:qd + kd], lw.k_norm, eps).view(B, nkv, hd)
         elif lw.q_norm is not None:
-            q = torch.cat([_rms_norm(q[i:i + 1], lw.q_norm, eps) for i in range(B)])
-            k = torch.cat([_rms_norm(k[i:i + 1], lw.k_norm, eps) for i in range(B)])
+            q = _rms_norm(q, lw.q_norm, eps)
+            k = _rms_norm(k, lw.k_norm, eps)
         q = q * cos_q + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin_q
         k = k * cos_q + torch.cat((-k[..., half:], k[..., :half]), dim=-1) * sin_q
         outs = []
@@ -187,7 +188,7 @@ def _exact_rows(stage: Stage, kvs: Sequence[KVCache], pos: Sequence[int], h: tor
             pr = torch.softmax(s, dim=-1)
             outs.append(torch.bmm(pr, Vv).view(nkv, g, 1, hd).permute(2, 0, 1, 3).reshape(1, qd))
         h = h + _linear_rows(lw.wo, torch.cat(outs), ws, batched)
-        x = torch.cat([_rms_norm(h[i:i + 1], lw.ffn_norm, eps) for i in range(B)])
+        x = _rms_norm(h, lw.ffn_norm, eps)
         gu = _linear_rows(lw.gate_up, x, ws, batched)
         ff = gu.shape[-1] // 2
         h = h + _linear_rows(lw.down, F.silu(gu[:, :ff]) * gu[:, ff:], ws, batched)
@@ -212,7 +213,7 @@ def _fast_rows(stage: Stage, kvs: Sequence[KVCache], pos: Sequence[int], h: torc
     gqa = nkv != nh
 
     def rms(t: torch.Tensor, shape: tuple[int, ...], w: torch.Tensor) -> torch.Tensor:
-        return torch.cat([F.rms_norm(t[i:i + 1], shape, w, eps) for i in range(t.shape[0])])
+        return F.rms_norm(t, shape, w, eps)
 
     def mm(lin: Linear, t: torch.Tensor) -> torch.Tensor:
         k = lin.fast[0]
