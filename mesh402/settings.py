@@ -56,6 +56,7 @@ class Limits:
     prefill_chunk: int = 32  # fixed prefill chunk: same tokens always meet the same kernels
     max_batch: int = 8  # decode rows per batched step of a local model (1: requests take turns)
     step_tokens: int = 128  # prefill tokens run per batched step, between the running streams' decode rows
+    draft_tokens: int = 0  # speculative decoding: prompt-lookup drafts verified per step (0: off)
 
 
 @dataclass

@@ -65,8 +65,9 @@ def rows_independent(stage: Stage, widths: int) -> bool:
             y = k(x[:m])
             if not torch.equal(y[:1], one):
                 return False
+        full = k(x)
         for s in range(widths):
-            if not torch.equal(k(x[s:s + 1]), k(x)[s:s + 1]):
+            if not torch.equal(k(x[s:s + 1]), full[s:s + 1]):
                 return False
     return True
 
@@ -116,16 +117,21 @@ def _rope_rows(stage: Stage, pos: Sequence[int]) -> tuple[torch.Tensor, torch.Te
 @torch.inference_mode()
 def forward_rows(stage: Stage, kvs: Sequence[KVCache], pos: Sequence[int], x: torch.Tensor, *,
                  batched: bool, logits: bool = True) -> torch.Tensor:
-    """Row ``i`` of ``x`` (a token id on the first stage, an fp32 hidden row otherwise) is the next position
-    ``pos[i]`` of the session whose KV is ``kvs[i]``. Returns hidden rows ``[B, hidden]``, or on the last
+    """Row ``i`` of ``x`` (a token id on the first stage, an fp32 hidden row otherwise) is position ``pos[i]``
+    of the session whose KV is ``kvs[i]``; a session's rows may repeat, at consecutive positions (each row
+    attends to the ones before it, as successive 1-row decodes would). Returns hidden rows ``[B, hidden]``, or on the last
     stage fp32 logits ``[B, vocab]`` (``logits=False``: the final-normed hidden rows). ``batched``: the fast
     kernels may take all rows at once (see :func:`rows_independent`)."""
     B = x.shape[0]
     if not (len(kvs) == len(pos) == B):
         raise ValueError("one KV cache and one position per row")
+    nxt: dict[int, int] = {}  # a session's rows follow each other (speculative verification): p, p+1, ...
     for kv, p in zip(kvs, pos):
-        if p < 0 or p > kv.length:
+        if id(kv) in nxt and p != nxt[id(kv)]:
+            raise ValueError(f"rows of one session must take consecutive positions ({p} after {nxt[id(kv)] - 1})")
+        if p < 0 or p > nxt.get(id(kv), kv.length):
             raise ValueError(f"position {p} beyond KV length {kv.length}")
+        nxt[id(kv)] = p + 1
         kv.ensure(p + 1)
     with stage._lock:
         if stage.first:

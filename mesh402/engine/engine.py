@@ -242,6 +242,9 @@ class Engine:
     def rows_batched(self, width: int) -> bool:
         """Whether a decode step of ``width`` rows may run each fast kernel once for all rows (probed once
         per width: see engine.batch.rows_independent); otherwise the rows are multiplied one by one."""
+        proven = max((w for w, ok in self._rows_batched.items() if ok), default=0)
+        if width <= proven:  # a probe of width w covers every width up to w
+            return True
         if width not in self._rows_batched:
             self._rows_batched[width] = all(rows_independent(st, width) for st in self.stages)
         return self._rows_batched[width]
@@ -249,15 +252,18 @@ class Engine:
     @torch.inference_mode()
     def decode_batch(self, sessions: Sequence["Session"], tokens: Sequence[int]) -> torch.Tensor:
         """One decode step for several sessions at once: fp32 logits ``[B, vocab]``, row ``i`` bit-identical
-        to ``sessions[i].decode(tokens[i])`` alone (engine.batch). Full-model engines only."""
+        to ``sessions[i].decode(tokens[i])`` alone (engine.batch). A session may take several adjacent rows
+        (speculative verification): they are its next positions, each computed as successive 1-row decodes
+        would compute it. Full-model engines only."""
         if len(sessions) != len(tokens) or not sessions:
             raise ValueError("one token per session, at least one session")
-        if len({id(s) for s in sessions}) != len(sessions):
-            raise ValueError("a session appears twice in one step")
-        for s in sessions:
+        runs = [s for i, s in enumerate(sessions) if i == 0 or sessions[i - 1] is not s]
+        if len({id(s) for s in runs}) != len(runs):
+            raise ValueError("a session's rows must be adjacent in one step")
+        for s in runs:
             if s.engine is not self:
                 raise EngineError("session of another engine")
-            s._check(1)
+            s._check(sum(1 for t in sessions if t is s))
         V = self.config.vocab_size
         ids = [int(t) for t in tokens]
         if min(ids) < 0 or max(ids) >= V:
@@ -265,7 +271,9 @@ class Engine:
         if len(sessions) == 1 or not all(batchable(st) for st in self.stages):
             return torch.stack([s.decode(t) for s, t in zip(sessions, ids)])
         batched = self.rows_batched(len(sessions))
-        pos = [len(s) for s in sessions]
+        pos = []
+        for i, s in enumerate(sessions):
+            pos.append(pos[-1] + 1 if i and sessions[i - 1] is s else len(s))
         x = torch.tensor(ids, dtype=torch.long, device=self.device)
         for j, st in enumerate(self.stages):
             x = forward_rows(st, [s.kvs[j] for s in sessions], pos, x, batched=batched)

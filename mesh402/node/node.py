@@ -78,7 +78,8 @@ class Node:
                              max_sessions=self.config.limits.max_sessions,
                              prefill_chunk=self.config.limits.prefill_chunk)
         limits = self.config.limits
-        entry.local = LocalModel(engine, self.executor, max_batch=limits.max_batch, step_tokens=limits.step_tokens)
+        entry.local = LocalModel(engine, self.executor, max_batch=limits.max_batch, step_tokens=limits.step_tokens,
+                                 speculative_k=limits.draft_tokens)
         entry.state = "ready"
         log.info("model %s ready in %.1fs", entry.model_id, time.perf_counter() - t0)
 

@@ -425,7 +425,7 @@ class DistributedRuntime(Failover):
             receipts = SoloReceipts(self.mesh.identity, self.receipts, content_hash, n_layers)
         limits = self.node.config.limits
         return LocalModel(engine, self.executor, receipts=receipts, max_batch=limits.max_batch,
-                          step_tokens=limits.step_tokens)
+                          step_tokens=limits.step_tokens, speculative_k=limits.draft_tokens)
 
     # ---------------------------------------------------------------- MoE expert parallel
     async def _apply_experts(self, key: str, entry: ModelEntry, plan: ExpertPlan) -> Any:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from mesh402.serving.scheduler import StepScheduler
+from mesh402.serving.speculative import ngram_draft
 from mesh402.serving.stops import StopMatcher
 from mesh402.work.store import kept
 
@@ -110,12 +111,14 @@ class LocalModel:
 
     def __init__(self, engine: Any, executor: ThreadPoolExecutor, prefix_cache: Any = "default",
                  receipts: Any = None, step_hook: Callable[[str], None] | None = None,
-                 max_batch: int = 8, step_tokens: int = 128) -> None:
+                 max_batch: int = 8, step_tokens: int = 128, speculative_k: int = 0) -> None:
         """`receipts`: work.receipts.SoloReceipts (or serving.expert_receipts.ExpertHostReceipts) on a
         paid entry (signed receipts per request). `step_hook(request_id)`: called on the engine thread
         before each step, so work done elsewhere for the step (MoE experts) is attributed to its request.
         `max_batch` > 1: requests' steps are batched (serving.scheduler; a `step_hook` needs steps one
-        request at a time, so it turns batching off); `step_tokens`: prefill tokens per batched step."""
+        request at a time, so it turns batching off); `step_tokens`: prefill tokens per batched step.
+        `speculative_k` > 0: up to that many prompt-lookup drafts verified per step (serving/speculative.py)."""
+        self.speculative_k = speculative_k
         self.engine = engine
         self.executor = executor
         self.scheduler: StepScheduler | None = None
@@ -149,6 +152,7 @@ class LocalModel:
         stepper = LocalStepper(session, sampling, self.executor, self.prefix_cache)
         stepper.request_id, stepper.step_hook = uuid.uuid4().hex, self.step_hook
         stepper.scheduler = self.scheduler
+        stepper.speculative_k = self.speculative_k
         if self.receipts is not None:
             stepper.receipts, stepper.tally = self.receipts, self.receipts.tally(stepper.request_id)
         return stepper
@@ -173,6 +177,10 @@ class LocalStepper:
         self.step_hook: Callable[[str], None] | None = None  # LocalModel.step_hook
         self._pending: Any = None  # the receipt write release() started
         self.scheduler: StepScheduler | None = None  # LocalModel.scheduler: steps batched with other requests'
+        self.speculative_k = 0  # drafts verified per step (0: plain decoding)
+        self.drafted = 0  # drafts proposed / accepted so far (benchmarks)
+        self.accepted = 0
+        self._ahead: list[tuple[int, int]] = []  # (token sampled, token after it) verified ahead
 
     def _tally(self, ids: list[int], token: int) -> int:
         if self.tally is not None:
@@ -202,17 +210,38 @@ class LocalStepper:
         self.history.extend(ids)
         return self._tally(ids, self.sampler.sample(logits, self.history, len(self.history)))
 
-    def decode_end(self, token: int, logits: Any) -> int:
-        """Engine thread: `token` is in (`logits` after it); sample the next token."""
-        self.history.append(token)
-        return self._tally([token], self.sampler.sample(logits, self.history, len(self.history)))
+    def decode_end(self, rows: list[int], logits: Any) -> int:
+        """Engine thread: `rows` (the last sampled token, then any drafts) are in, `logits[i]` after row i;
+        sample each position as plain decoding would, accept drafts while the draws equal them, roll the KV
+        back past the first that differs (serving/speculative.py); the first sampled token."""
+        start = len(self.session) - len(rows)
+        out: list[int] = []
+        for i, fed in enumerate(rows):
+            self.history.append(fed)
+            out.append(self._tally([fed], self.sampler.sample(logits[i], self.history, len(self.history))))
+            if i + 1 == len(rows) or out[-1] != rows[i + 1]:
+                break
+        if len(out) < len(rows):
+            self.session.truncate(start + len(out))
+        self.drafted += len(rows) - 1
+        self.accepted += len(out) - 1
+        self._ahead = [(out[j], out[j + 1]) for j in range(len(out) - 1)]
+        return out[0]
+
+    def _rows(self, token: int) -> list[int]:
+        """The token to feed and, with speculation on, drafts of the tokens after it (as many as fit)."""
+        room = self.session.max_len - len(self.session) - 1
+        k = min(self.speculative_k, room)
+        return [token] + (ngram_draft(self.history + [token], k) if k > 0 else [])
 
     def _prefill(self, ids: list[int]) -> int:
         return self.prefill_end(ids, self.session.prefill(self.prefill_begin(ids)))
 
-    def _decode(self, token: int) -> int:
+    def _decode(self, rows: list[int]) -> int:
         self._begin()
-        return self.decode_end(token, self.session.decode(token))
+        s = self.session
+        logits = s.decode(rows[0])[None] if len(rows) == 1 else s.engine.decode_batch([s] * len(rows), rows)
+        return self.decode_end(rows, logits)
 
     async def prefill(self, ids: list[int]) -> int:
         if self.scheduler is not None:  # continuous batching: chunks interleaved with others' decode steps
@@ -220,9 +249,15 @@ class LocalStepper:
         return await self._run(self._prefill, ids)
 
     async def decode(self, token: int) -> int:
-        if self.scheduler is not None:  # one row of the model's next batched step
-            return await self.scheduler.decode(self, token)
-        return await self._run(self._decode, token)
+        if self._ahead:  # verified by an earlier speculative step: the token's KV row is already in
+            fed, nxt = self._ahead.pop(0)
+            if fed != token:
+                raise ValueError("decode of a token other than the one sampled")
+            return nxt
+        rows = self._rows(token)
+        if self.scheduler is not None:  # rows of the model's next batched step
+            return await self.scheduler.decode(self, rows)
+        return await self._run(self._decode, rows)
 
     async def finish(self) -> None:
 

@@ -40,8 +40,8 @@ class BatchedStep(Protocol):
     def prefill_end(self, ids: list[int], logits: Any) -> int:
         """Engine thread: the prompt is in; sample its first token."""
 
-    def decode_end(self, token: int, logits: Any) -> int:
-        """Engine thread: the token is in; sample the next one."""
+    def decode_end(self, rows: list[int], logits: Any) -> int:
+        """Engine thread: the rows (a token, then any speculative drafts) are in; sample the next token."""
 
 
 @dataclass
@@ -56,7 +56,7 @@ class _Prefill:
 @dataclass
 class _Decode:
     stepper: BatchedStep
-    token: int
+    rows: list[int]  # the token sampled last, then any drafts after it
     future: asyncio.Future
     t: float = field(default_factory=time.monotonic)
 
@@ -87,8 +87,8 @@ class StepScheduler:
         self._prefills.append(job)
         return await self._submit(job.future)
 
-    async def decode(self, stepper: BatchedStep, token: int) -> int:
-        job = _Decode(stepper, int(token), asyncio.get_running_loop().create_future())
+    async def decode(self, stepper: BatchedStep, rows: list[int]) -> int:
+        job = _Decode(stepper, [int(t) for t in rows], asyncio.get_running_loop().create_future())
         self._decodes.append(job)
         return await self._submit(job.future)
 
@@ -154,19 +154,22 @@ class StepScheduler:
             if j.future.cancelled():
                 continue
             s = j.stepper.session
-            if s.closed or len(s) + 1 > s.max_len:
+            if s.closed or len(s) + len(j.rows) > s.max_len:
                 _fail(j.future, self._check_error(s))
                 continue
             live.append(j)
         if not live:
             return
-        logits = self.engine.decode_batch([j.stepper.session for j in live], [j.token for j in live])
+        sessions = [j.stepper.session for j in live for _ in j.rows]
+        logits = self.engine.decode_batch(sessions, [t for j in live for t in j.rows])
         self.steps += 1
-        self.rows += len(live)
+        self.rows += len(sessions)
         self.widest = max(self.widest, len(live))
-        for j, lg in zip(live, logits):
+        a = 0
+        for j in live:
+            lg, a = logits[a:a + len(j.rows)], a + len(j.rows)
             try:
-                tok = j.stepper.decode_end(j.token, lg)
+                tok = j.stepper.decode_end(j.rows, lg)
             except Exception as e:  # noqa: BLE001 - this request's sampling failed; the others go on
                 _fail(j.future, e)
                 continue

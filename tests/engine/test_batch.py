@@ -93,3 +93,29 @@ def test_decode_batch_rejects_bad_input():
             eng.decode_batch([a, b], [1, 10 ** 9])
         with pytest.raises(ValueError):
             eng.decode_batch([a, b], [1])
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_adjacent_rows_of_one_session_equal_successive_decodes(mode):
+    """Speculative verification: a session's k rows in one step (beside another session's row) give the logits
+    of k successive 1-row decodes; after a rollback (truncate) decoding continues as if never drafted."""
+    eng = Engine.load(smollm2_gguf(), mode=mode, load_tokenizer=False)
+    prompt, drafts = list(range(20, 45)), [11, 12, 13, 14]
+    with eng.new_session(64) as s:
+        s.prefill(prompt)
+        ref = [s.decode(t).clone() for t in drafts]
+    with eng.new_session(64) as s:  # plain decoding of drafts[:2], then 99
+        s.prefill(prompt)
+        s.decode(drafts[0])
+        s.decode(drafts[1])
+        after = s.decode(99).clone()
+    with eng.new_session(64) as s, eng.new_session(64) as other:
+        s.prefill(prompt)
+        other.prefill([5, 6, 7])
+        lg = eng.decode_batch([other, s, s, s, s], [8, *drafts])
+        for k in range(4):
+            assert torch.equal(lg[1 + k], ref[k])
+        s.truncate(len(prompt) + 2)  # drafts 3 and 4 rejected
+        assert torch.equal(s.decode(99), after)
+        with pytest.raises(ValueError):
+            eng.decode_batch([s, other, s], [1, 2, 3])
