@@ -51,7 +51,7 @@ async def _stream(lm, ids: list[int], n: int, sampling) -> tuple[int, float, int
 
 def _pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
 def main() -> None:
@@ -84,7 +84,7 @@ def main() -> None:
         ids = [eng.tokenizer.encode(p) for p in PROMPTS]
         tok_n = n if mode == "fast" else max(4, n // 4)
 
-        async def run(max_batch: int, streams: int, spec: int = 0, prompts=None, tokens=tok_n):
+        async def run(max_batch: int, streams: int, spec: int = 0, prompts=None, tokens=tok_n, eng=eng, ids=ids):
             lm = LocalModel(eng, ex, prefix_cache=None, max_batch=max_batch, speculative_k=spec)
             ps = prompts or [ids[i % len(ids)] for i in range(streams)]
             await _stream(lm, ps[0], 2, greedy)  # warm-up (kernel set-up, rope tables, the width probe)
