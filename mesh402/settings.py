@@ -57,6 +57,7 @@ class Limits:
     max_batch: int = 8  # decode rows per batched step of a local model (1: requests take turns)
     step_tokens: int = 128  # prefill tokens run per batched step, between the running streams' decode rows
     draft_tokens: int = 0  # speculative decoding: prompt-lookup drafts verified per step (0: off)
+    max_kv_bytes: int | None = None  # KV of all sessions of one model; beyond it new sessions get 503 (None: no cap)
 
 
 @dataclass
