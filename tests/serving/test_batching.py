@@ -26,8 +26,9 @@ async def _run(lm: LocalModel, ids: list[int], params: SamplingParams, n: int) -
     return out
 
 
-@pytest.mark.parametrize("mode", ["exact", "fast"])
-def test_concurrent_requests_equal_alone(mode):
+@pytest.mark.parametrize("mode,max_batch", [("exact", 8), ("fast", 8), ("fast", 2)])
+def test_concurrent_requests_equal_alone(mode, max_batch):
+    """max_batch=2 with 6 requests: the step is full, the rest wait their turn (oldest first) and all finish."""
     n = 6 if mode == "exact" else 12
     eng = Engine.load(smollm2_gguf(), mode=mode)
     tok = eng.tokenizer
@@ -40,13 +41,13 @@ def test_concurrent_requests_equal_alone(mode):
         alone_lm = LocalModel(eng, ex, prefix_cache=None, max_batch=1)
         assert alone_lm.scheduler is None
         alone = [await _run(alone_lm, i, p, n) for i, p in zip(ids, params)]
-        lm = LocalModel(eng, ex, prefix_cache=None, max_batch=8, step_tokens=32)
+        lm = LocalModel(eng, ex, prefix_cache=None, max_batch=max_batch, step_tokens=32)
         together = await asyncio.gather(*(_run(lm, i, p, n) for i, p in zip(ids, params)))
         return alone, together, lm.scheduler
 
     alone, together, sched = asyncio.run(main())
     assert together == alone
-    assert sched.widest > 1, "no step batched more than one request"
+    assert 1 < sched.widest <= max_batch, "no step batched more than one request, or too many"
     assert sched.rows > sched.steps
 
 
