@@ -9,6 +9,7 @@ max_tokens, incremental text, usage.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -25,6 +26,26 @@ from mesh402.work.store import kept
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Constraints:
+    """What a request asks of the draw beyond its SamplingParams. `grammar` (an engine.grammar.Grammar) masks
+    every draw; `top_logprobs` asks for each token's logprob and that many alternatives (None: no logprobs)."""
+
+    grammar: Any = None
+    top_logprobs: int | None = None
+
+    def sampling_json(self, sampling: Any) -> str:
+        """The session's decoding as the last stage of a split gets it (in the OPEN grant) and as it goes into
+        the sampling evidence (engine.sampling.decoding_json)."""
+        from mesh402.engine.sampling import decoding_json  # lazy: loads gguf, numpy, torch only when needed
+
+        spec = self.grammar.spec if self.grammar is not None else ""
+        return json.dumps(decoding_json(sampling, spec, self.top_logprobs), separators=(",", ":"), sort_keys=True)
+
+
+NO_CONSTRAINTS = Constraints()
+
+
 @dataclass
 class GenerationRequest:
     prompt_ids: list[int]
@@ -32,12 +53,21 @@ class GenerationRequest:
     sampling: Any  # mesh402.engine.sampling.SamplingParams with a concrete seed
     stop: list[str] = field(default_factory=list)
     request_id: str = ""
+    constraints: Constraints = NO_CONSTRAINTS
 
 
 @dataclass
 class Delta:
+    """Text of the answer as it grows. `tokens`: generated tokens since the previous Delta (what metering
+    counts, tool-call tokens and tokens that decode to no text yet included); `logprobs`: their
+    engine.sampling.TokenLogprob when the request asked for them."""
+
     text: str
     token_id: int | None = None
+    tokens: int = 1
+    logprobs: list[Any] = field(default_factory=list)
+    index: int = 0  # the choice it belongs to (a request with n > 1)
+    finish: str | None = None  # set on a choice's last Delta: why it ended
 
 
 @dataclass
@@ -52,6 +82,9 @@ class Finished:
 
 class Stepper(Protocol):
     cached_tokens: int
+    # engine.sampling.TokenLogprob of the token prefill/decode returned last, when the request asked for
+    # logprobs (None otherwise)
+    logprob: Any
 
     async def prefill(self, ids: list[int]) -> int:
         """Feed the prompt; return the first sampled token."""
@@ -69,6 +102,9 @@ class Stepper(Protocol):
 
 async def generate(req: GenerationRequest, stepper: Stepper, tokenizer: Any,
                    eos_ids: list[int]) -> AsyncGenerator[Delta | Finished, None]:
+    """The answer's events. With a grammar the stepper draws under its mask, so EOS comes only where the
+    grammar may end; an answer cut short (max_tokens, or a stop string inside constrained output) ends
+    with reason "length", never "stop": a client never gets truncated JSON labelled complete."""
     eos = set(eos_ids)
     decoder = tokenizer.incremental_decoder()
     stops = StopMatcher(req.stop)
@@ -76,17 +112,24 @@ async def generate(req: GenerationRequest, stepper: Stepper, tokenizer: Any,
     ttft = 0.0
     produced = 0
     reason = "length"
+    pending, lps = 0, []  # tokens (and their logprobs) not yet carried by a Delta
+    shown: list[str] = []
     try:
         token = await stepper.prefill(req.prompt_ids)
         ttft = time.perf_counter() - t0
         while True:
             produced += 1
+            pending += 1
             if token in eos:
                 reason = "stop"
                 break
+            if req.constraints.top_logprobs is not None and stepper.logprob is not None:
+                lps.append(stepper.logprob)
             text = stops.push(decoder.push(token))
             if text:
-                yield Delta(text, token)
+                shown.append(text)
+                yield Delta(text, token, pending, lps)
+                pending, lps = 0, []
             if stops.stopped:
                 reason = "stop"
                 break
@@ -94,8 +137,11 @@ async def generate(req: GenerationRequest, stepper: Stepper, tokenizer: Any,
                 break
             token = await stepper.decode(token)
         tail = stops.push(decoder.flush()) + stops.flush()
-        if tail:
-            yield Delta(tail)
+        if tail or pending:
+            shown.append(tail)
+            yield Delta(tail, None, pending, lps)
+        if reason == "stop" and stops.stopped and not complete(req.constraints.grammar, "".join(shown), tokenizer):
+            reason = "length"  # a stop string cut constrained output short
         await stepper.finish()  # receipts durable before the caller sends the answer's end
         yield Finished(reason, len(req.prompt_ids), produced, stepper.cached_tokens, ttft,
                        time.perf_counter() - t0)
@@ -104,6 +150,14 @@ async def generate(req: GenerationRequest, stepper: Stepper, tokenizer: Any,
         raise
     finally:
         stepper.release()
+
+
+def complete(grammar: Any, text: str, tokenizer: Any) -> bool:
+    """Whether `text` is a whole sentence of `grammar` (True without one)."""
+    if grammar is None:
+        return True
+    m = grammar.matcher()
+    return all(m.accept(t) for t in tokenizer.encode(text, add_special=False, parse_special=False)) and m.can_end
 
 
 class LocalModel:
@@ -146,10 +200,10 @@ class LocalModel:
     def eos_ids(self) -> list[int]:
         return list(self.engine.eos_token_ids)
 
-    async def open(self, max_len: int, sampling: Any) -> "LocalStepper":
+    async def open(self, max_len: int, sampling: Any, constraints: Constraints = NO_CONSTRAINTS) -> "LocalStepper":
         """Reserve a KV session up front so capacity errors surface before any response is sent."""
         session = await asyncio.get_running_loop().run_in_executor(self.executor, self.engine.new_session, max_len)
-        stepper = LocalStepper(session, sampling, self.executor, self.prefix_cache)
+        stepper = LocalStepper(session, sampling, self.executor, self.prefix_cache, constraints)
         stepper.request_id, stepper.step_hook = uuid.uuid4().hex, self.step_hook
         stepper.scheduler = self.scheduler
         stepper.speculative_k = self.speculative_k
@@ -159,13 +213,17 @@ class LocalModel:
 
 
 class LocalStepper:
-    def __init__(self, session: Any, sampling: Any, executor: ThreadPoolExecutor, prefix_cache: Any = None) -> None:
+    def __init__(self, session: Any, sampling: Any, executor: ThreadPoolExecutor, prefix_cache: Any = None,
+                 constraints: Constraints = NO_CONSTRAINTS) -> None:
         from mesh402.engine.sampling import (
             Sampler,  # lazy: the API process path imports no torch
         )  # lazy: loads gguf, numpy, torch only when needed
 
         self.session = session
         self.sampler = Sampler(sampling)
+        self.matcher = constraints.grammar.matcher() if constraints.grammar is not None else None
+        self.top_logprobs = constraints.top_logprobs
+        self.logprob: Any = None
         self.history: list[int] = []
         self.cached_tokens = 0
         self._executor = executor
@@ -180,7 +238,7 @@ class LocalStepper:
         self.speculative_k = 0  # drafts verified per step (0: plain decoding)
         self.drafted = 0  # drafts proposed / accepted so far (benchmarks)
         self.accepted = 0
-        self._ahead: list[tuple[int, int]] = []  # (token sampled, token after it) verified ahead
+        self._ahead: list[tuple[int, int, Any]] = []  # (token sampled, token after it, its logprob) verified ahead
 
     def _tally(self, ids: list[int], token: int) -> int:
         if self.tally is not None:
@@ -208,7 +266,7 @@ class LocalStepper:
         if self.prefix_cache is not None and not self.history:
             self.prefix_cache.store(self.session, len(ids))
         self.history.extend(ids)
-        return self._tally(ids, self.sampler.sample(logits, self.history, len(self.history)))
+        return self._tally(ids, self._draw(logits))
 
     def decode_end(self, rows: list[int], logits: Any) -> int:
         """Engine thread: `rows` (the last sampled token, then any drafts) are in, `logits[i]` after row i;
@@ -216,22 +274,26 @@ class LocalStepper:
         back past the first that differs (serving/speculative.py); the first sampled token."""
         start = len(self.session) - len(rows)
         out: list[int] = []
-        for i, fed in enumerate(rows):
+        lps: list[Any] = []
+        for i, fed in enumerate(rows):  # every draw here is a token of the answer (the grammar takes each)
             self.history.append(fed)
-            out.append(self._tally([fed], self.sampler.sample(logits[i], self.history, len(self.history))))
+            out.append(self._tally([fed], self._draw(logits[i])))
+            lps.append(self.logprob)
             if i + 1 == len(rows) or out[-1] != rows[i + 1]:
                 break
         if len(out) < len(rows):
             self.session.truncate(start + len(out))
         self.drafted += len(rows) - 1
         self.accepted += len(out) - 1
-        self._ahead = [(out[j], out[j + 1]) for j in range(len(out) - 1)]
+        self._ahead = [(out[j], out[j + 1], lps[j + 1]) for j in range(len(out) - 1)]
+        self.logprob = lps[0]
         return out[0]
 
     def _rows(self, token: int) -> list[int]:
         """The token to feed and, with speculation on, drafts of the tokens after it (as many as fit)."""
         room = self.session.max_len - len(self.session) - 1
-        k = min(self.speculative_k, room)
+        # under a grammar, no drafts: a draft past the grammar's end would be drawn under a finished matcher
+        k = min(self.speculative_k, room) if self.matcher is None else 0
         return [token] + (ngram_draft(self.history + [token], k) if k > 0 else [])
 
     def _prefill(self, ids: list[int]) -> int:
@@ -243,6 +305,18 @@ class LocalStepper:
         logits = s.decode(rows[0])[None] if len(rows) == 1 else s.engine.decode_batch([s] * len(rows), rows)
         return self.decode_end(rows, logits)
 
+    def _draw(self, logits: Any) -> int:
+        """The next token, under the grammar's mask when there is one (the matcher then takes it)."""
+        allowed = self.matcher.allowed() if self.matcher is not None else None
+        token = self.sampler.sample(logits, self.history, len(self.history), allowed=allowed)
+        if self.matcher is not None and not self.matcher.accept(token):
+            raise RuntimeError(f"token {token} was drawn under the grammar's mask but the grammar refuses it")
+        if self.top_logprobs is not None:
+            from mesh402.engine.sampling import token_logprobs  # lazy: loads gguf, numpy, torch only when needed
+
+            self.logprob = token_logprobs(logits, token, self.top_logprobs)
+        return token
+
     async def prefill(self, ids: list[int]) -> int:
         if self.scheduler is not None:  # continuous batching: chunks interleaved with others' decode steps
             return await self.scheduler.prefill(self, ids)
@@ -250,7 +324,7 @@ class LocalStepper:
 
     async def decode(self, token: int) -> int:
         if self._ahead:  # verified by an earlier speculative step: the token's KV row is already in
-            fed, nxt = self._ahead.pop(0)
+            fed, nxt, self.logprob = self._ahead.pop(0)
             if fed != token:
                 raise ValueError("decode of a token other than the one sampled")
             return nxt
