@@ -88,7 +88,7 @@ def test_decode_batch_rejects_bad_input():
         a.prefill([1, 2])
         b.prefill([3])
         with pytest.raises(ValueError):
-            eng.decode_batch([a, a], [1, 2])
+            eng.decode_batch([a, b, a], [1, 2, 3])  # a session's rows must be adjacent
         with pytest.raises(ValueError):
             eng.decode_batch([a, b], [1, 10 ** 9])
         with pytest.raises(ValueError):
