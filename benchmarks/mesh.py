@@ -114,7 +114,11 @@ class Proc:
     def token(self) -> str:
         import httpx
 
-        return httpx.post(f"http://127.0.0.1:{self.console}/api/invite", json={"expires": "1h"}, timeout=5).json()["token"]
+        from mesh402.node.mesh_runtime import read_console_token
+
+        auth = {"Authorization": f"Bearer {read_console_token(self.home)}"}
+        return httpx.post(f"http://127.0.0.1:{self.console}/api/invite", json={"expires": "1h"}, headers=auth,
+                          timeout=5).json()["token"]
 
     def stop(self) -> None:
         if self.p.poll() is None:

@@ -284,7 +284,10 @@ class Node:
 
     def token(self) -> str:
         port = self.console_port
-        r = self.http(httpx.post, f"http://127.0.0.1:{port}/api/invite", json={"expires": "1h"}, timeout=5.0)
+        from mesh402.node.mesh_runtime import read_console_token
+
+        r = self.http(httpx.post, f"http://127.0.0.1:{port}/api/invite", json={"expires": "1h"}, timeout=5.0,
+                      headers={"Authorization": f"Bearer {read_console_token(self.home)}"})
         r.raise_for_status()
         return r.json()["token"]
 

@@ -54,7 +54,8 @@ class DevChain:
         from mesh402.economics.evm import send_tx
         w3 = self.w3()
         tok = token_contract(w3, self.dep.asset.address)
-        send_tx(w3, self.key(sender), tok.functions.transfer(w3.to_checksum_address(self.dep.address(to)), amount))
+        to = to if to.startswith("0x") else self.dep.address(to)
+        send_tx(w3, self.key(sender), tok.functions.transfer(w3.to_checksum_address(to), amount))
 
     def nonce_used(self, payer: str, nonce: str) -> bool:
         from mesh402.economics.chain import token_contract

@@ -49,8 +49,18 @@ class MeshNode:
             self._node_id = self.status()["node_id"]
         return self._node_id
 
+    @property
+    def console_headers(self) -> dict[str, str]:
+        """The console token the node wrote to its home (what the CLI presents): needed to mint or revoke
+        invites and to see the invite token in the status."""
+        from mesh402.node.mesh_runtime import read_console_token
+
+        tok = read_console_token(self.home)
+        return {"Authorization": f"Bearer {tok}"} if tok else {}
+
     def token(self, expires: str = "1h") -> str:
-        r = httpx.post(f"{self.console}/api/invite", json={"expires": expires}, timeout=5.0)
+        r = httpx.post(f"{self.console}/api/invite", json={"expires": expires}, headers=self.console_headers,
+                       timeout=5.0)
         r.raise_for_status()
         return r.json()["token"]
 
@@ -61,10 +71,10 @@ class MeshNode:
         return self.status()["counters"]
 
     def ready_replicas(self, model: str) -> int:
-        """How many peers this node sees announcing a ready plan for `model`."""
-        return sum(1 for p in self.status()["peers"]
-                   for k, v in (p.get("announcement") or {}).get("labels", {}).items()
-                   if k.startswith("plan:" + model) and '"ready":true' in v)
+        """How many nodes this node would route `model` to: ready plans it believes (a claim alone is not
+        enough: the claimant proved it holds the model, or a host this node uses vouches for it)."""
+        dist = (self.status().get("node") or {}).get("distributed") or {}
+        return len((dist.get("replicas") or {}).get(model, []))
 
     def alive(self) -> bool:
         return self.proc.proc.poll() is None

@@ -16,6 +16,12 @@
 ``install(worker)`` is the node-process hook (installed by the test-only entry point tests/support/tamper_node.py): with
 ``MESH402_TAMPER=<cheat>`` (and optionally ``MESH402_TAMPER_SEED``) every engine the StageWorker loads
 is tampered.
+
+A stage can also cheat on its work receipts (``MESH402_RECEIPT_CHEAT``, ``cheat_receipts``), answering the
+entry's CLOSE with a chain of its own making instead of passing CLOSE on:
+- ``claim_downstream``: it signs its receipt for every layer from its own to the model's last and drops the
+  receipts of the stages after it (they never see CLOSE);
+- ``forge``: a whole chain signed with throwaway keys (stage 0 included), each claiming 10^9 tokens.
 """
 
 from __future__ import annotations
@@ -46,8 +52,50 @@ def tamper_engine(engine: Any, cheat: str, seed: int = 0, *, layer: int | None =
     return engine
 
 
+RECEIPT_CHEATS = ("claim_downstream", "forge")
+FORGED_TOKENS = 10**9
+
+
+def cheat_receipts(worker: Any, how: str) -> None:
+    """Make ``worker`` (a StageWorker) answer CLOSE with a receipt chain of its own making (see above)."""
+    import json
+
+    from mesh402.mesh.identity import NodeIdentity
+    from mesh402.serving.stage_link import K, dump_json, stage_frame
+    from mesh402.work.receipts import Receipt, sign_receipt
+
+    if how not in RECEIPT_CHEATS:
+        raise ValueError(f"unknown receipt cheat {how!r}; one of {RECEIPT_CHEATS}")
+
+    async def close(up: Any, down: Any, frame: Any, tally: Any, engine: Any) -> None:
+        chain = list(json.loads(frame.params.get("receipts", "[]")))
+        n_layers = int(engine.info.n_layers)
+        if how == "claim_downstream":
+            tally.layer_end = n_layers
+            prev = Receipt.from_json(chain[-1]).digest if chain else ""
+            chain.append(tally.receipt(worker.signer, len(chain), prev).to_json())
+        else:
+            first = Receipt.from_json(chain[0]) if chain else None
+            cuts = [0, tally.layer_start, n_layers] if tally.layer_start else [0, n_layers]
+            chain, prev, h = [], "", "00" * 32
+            for stage, (a, b) in enumerate(zip(cuts, cuts[1:])):
+                r = sign_receipt(NodeIdentity.generate(), request_id=frame.request_id, stage=stage,
+                                 model_hash=first.model_hash if first else tally.model_hash, layer_start=a,
+                                 layer_end=b, tokens=FORGED_TOKENS, input_hash=h, output_hash="11" * 32, prev=prev)
+                chain.append(r.to_json())
+                prev, h = r.digest, r.output_hash
+        await up.send(stage_frame(K.STAGE_KIND_RESULT, request_id=frame.request_id,
+                                  params={"receipts": dump_json(chain), "evidence": "[]"}))
+
+    worker._close_receipts = close
+
+
 def install(worker: Any) -> None:
-    """Wrap ``worker.loader`` so every engine it loads is tampered with ``$MESH402_TAMPER`` (unset: no-op)."""
+    """Wrap ``worker.loader`` so every engine it loads is tampered with ``$MESH402_TAMPER``, and make its CLOSE
+    answer with ``$MESH402_RECEIPT_CHEAT``'s chain (either unset: no-op)."""
+    how = os.environ.get("MESH402_RECEIPT_CHEAT", "").strip()
+    if how:
+        cheat_receipts(worker, how)
     cheat = os.environ.get("MESH402_TAMPER", "").strip()
     if not cheat:
         return

@@ -85,6 +85,10 @@ class PaymentsConfig:
     asset_version: str | None = None
     asset_decimals: int = 6
     credit_topup: int = 0  # metered mode: smallest credit purchase (atomic units)
+    # what one payer may have authorized for requests in flight here (atomic units; 0: 4 requests' worth): a
+    # stream's tokens go out before its payment settles, so this is what a wallet that cannot pay can take
+    max_exposure: int = 0
+    rpc_url: str | None = None  # the payment network's RPC: a payer's balance must cover its open authorizations
     window_base_s: int = 30  # authorization validity beyond the estimated generation time
     ledger_path: Path | None = None  # default: <home>/payments.sqlite
     epoch_s: int = 3600  # payout epoch: the stages' work receipts are grouped by this period
@@ -119,6 +123,10 @@ class TrustConfig:
     validator: bool = False  # re-execute other nodes' spot checks and answer their validation requests
     audit_rate: float = 0.1  # entry: share of paid split requests whose stages reveal a step (plus each
     #                           node's first request per epoch)
+    validator_ids: list[str] = field(default_factory=list)  # entry: the validators it trusts (--validator-id)
+    # --allow-host: the only peers that may host, hold layers of, or serve a model for this node (empty: any
+    # peer that proves it holds the model's tensors)
+    allow_hosts: list[str] = field(default_factory=list)
 
     @property
     def on_chain(self) -> bool:

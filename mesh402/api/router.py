@@ -11,20 +11,18 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from mesh402 import labels as L
 from mesh402.routing.affinity import ReplicaPicker, prefix_key
 from mesh402.routing.classify import Classification, classify
 from mesh402.routing.models import Candidate, ModelFacts, ModelScore, rank_models
 
-MODEL_LABEL = "model:"  # announcement label: model:<id> -> {"ctx","params","tags","tools","tok_s"}
+MODEL_LABEL = L.MODEL_LABEL  # announcement label: model:<id> -> {"ctx","params","tags","tools","tok_s"}
 
 
 def facts_from_label(model_id: str, raw: Optional[str]) -> ModelFacts:
-    try:
-        d = json.loads(raw) if raw else {}
-    except ValueError:
-        d = {}
-    return ModelFacts(model_id, int(d.get("ctx", 0) or 0), int(d.get("params", 0) or 0),
-                      frozenset(str(t) for t in d.get("tags", []) or []), bool(d.get("tools", False)))
+    """A host's `model:*` label, parsed by its schema (a malformed one says nothing)."""
+    f = L.model_facts(raw)
+    return ModelFacts(model_id, f.ctx, f.params, frozenset(f.tags), f.tools)
 
 
 @dataclass
@@ -79,12 +77,8 @@ class Router:
         for model_id, host, raw in remote:
             if model_id in seen:
                 continue
-            tok_s = None
-            try:
-                tok_s = json.loads(raw).get("tok_s") if raw else None
-            except ValueError:
-                pass
-            out.append(Candidate(facts_from_label(model_id, raw), host, tok_s, self.inflight[(model_id, host)]))
+            out.append(Candidate(facts_from_label(model_id, raw), host, L.model_facts(raw).tok_s,
+                                 self.inflight[(model_id, host)]))
         return out
 
     def decide(self, messages: list[dict[str, Any]], tools: Any, cands: list[Candidate],

@@ -42,7 +42,22 @@ NostrRefreshOpt = Annotated[float, typer.Option("--nostr-refresh", hidden=True)]
 AutoIntervalOpt = Annotated[float, typer.Option("--auto-interval", hidden=True)]
 LanOpt = Annotated[bool, typer.Option("--discover-lan", help="Announce and find meshes on the local network (mDNS); never the invite secret.", rich_help_panel=DPANEL)]
 
-# the chain options `register` and `payout` share
+TPANEL = "Trust"
+AllowHostOpt = Annotated[Optional[list[str]], typer.Option("--allow-host", help="Node id (64 hex digits) allowed to host, hold layers or experts of, or serve a model for this node; repeatable. With any, requests are routed only to these nodes (and this one): nobody else sees this node's prompts or activations.", rich_help_panel=TPANEL)]
+ValidatorIdOpt = Annotated[Optional[list[str]], typer.Option("--validator-id", help="Node id of a validator this entry trusts to re-execute its stages' spot checks; repeatable. A node announcing the validator label is used only when named here.", rich_help_panel=TPANEL)]
+
+
+def node_ids(values: Optional[list[str]], flag: str) -> list[str]:
+    """Node ids from a repeatable flag, lower-cased; ValueError naming the flag for anything else."""
+    out = []
+    for v in values or []:
+        v = v.strip().lower()
+        if len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
+            raise ValueError(f"{flag} takes a node id (64 hex digits, see `mesh402 status`), got {v[:80]!r}")
+        out.append(v)
+    return out
+
+
 # the chain options `register` and `payout` share
 DeploymentOpt = Annotated[Optional[Path], typer.Option("--deployment", help="deployment.json from `mesh402 chain dev` (RPC URL, contracts, keys).")]
 NetworkOpt = Annotated[Optional[str], typer.Option("--network", help="base-sepolia, base or eip155:N (picks the ERC-8004 registries).")]

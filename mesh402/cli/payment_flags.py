@@ -20,7 +20,7 @@ DEFAULT_TOPUP = "0.10"  # metered mode: smallest credit purchase, in token units
 def payments_config(*, price: str | None, price_per_1k: str | None, pay_to: str | None,
                     facilitator: str | None, network: str | None, deployment: Path | None,
                     asset: str | None = None, asset_name: str | None = None, asset_version: str | None = None,
-                    credit_topup: str | None = None) -> PaymentsConfig:
+                    credit_topup: str | None = None, max_exposure: str | None = None) -> PaymentsConfig:
     """Free when no price is set. `pay_to` may name an account in the deployment file (e.g. node-0)."""
     if not price and not price_per_1k:
         if pay_to or facilitator:
@@ -33,6 +33,7 @@ def payments_config(*, price: str | None, price_per_1k: str | None, pay_to: str 
         price_per_1k_tokens=a.to_atomic(price_per_1k) if price_per_1k else 0,
         network=a.network, asset=a.address, asset_name=a.name, asset_version=a.version, asset_decimals=a.decimals,
         credit_topup=a.to_atomic(credit_topup or DEFAULT_TOPUP),
+        max_exposure=a.to_atomic(max_exposure) if max_exposure else 0,
     )
     if not cfg.enabled:
         return PaymentsConfig()
@@ -43,6 +44,8 @@ def payments_config(*, price: str | None, price_per_1k: str | None, pay_to: str 
     if not (pay_to.startswith("0x") and len(pay_to) == 42):
         raise ValueError(f"--pay-to must be a 0x address (40 hex digits), got {pay_to!r}")
     cfg.pay_to = pay_to
+    # where a payer's balance is read when it has several authorizations in flight here
+    cfg.rpc_url = dep.rpc_url if dep is not None else (NAMED[network].rpc_url if network in NAMED else None)
     if not facilitator:
         raise ValueError("a priced node needs --facilitator URL (e.g. a `mesh402 facilitator` or https://x402.org/facilitator)")
     cfg.facilitator_url = facilitator

@@ -17,6 +17,7 @@ from mesh402 import __version__
 from mesh402.cli.common import HomeOpt, console, err, fail, read_token_file
 from mesh402.cli.options import (
     DPANEL,
+    AllowHostOpt,
     AutoIntervalOpt,
     AutoOpt,
     BindIpOpt,
@@ -40,6 +41,8 @@ from mesh402.cli.options import (
     PublishOpt,
     RegionOpt,
     RelayOpt,
+    ValidatorIdOpt,
+    node_ids,
 )
 from mesh402.home import read_secret_file, resolve_home
 from mesh402.mesh import invite
@@ -119,12 +122,15 @@ def serve(
     asset_name: Annotated[Optional[str], typer.Option(help="The token's EIP-712 domain name.", rich_help_panel="Payments")] = None,
     asset_version: Annotated[Optional[str], typer.Option(help="The token's EIP-712 domain version.", rich_help_panel="Payments")] = None,
     credit_topup: Annotated[Optional[str], typer.Option(help="Metered billing: smallest credit purchase in USDC (default 0.10).", rich_help_panel="Payments")] = None,
+    max_exposure: Annotated[Optional[str], typer.Option("--max-exposure", help="Most USDC one wallet may have authorized for requests in flight here (a stream's tokens go out before it settles; default: 4 requests' worth).", rich_help_panel="Payments")] = None,
     epoch_seconds: Annotated[int, typer.Option("--epoch-seconds", help="Payout epoch: the stages' work receipts of split requests are grouped (and paid, automatically with --payout-key-file, else with `mesh402 payout`) per this many seconds.", rich_help_panel="Payments")] = 3600,
     payout_key_file: Annotated[Optional[Path], typer.Option("--payout-key-file", help="File (0600) with the key of the --pay-to wallet (or env MESH402_PAYOUT_KEY): a paid entry then pays each epoch automatically once it ends (plus a grace of min(60 s, epoch/4)): validation round, Merkle root published, claims sent.", rich_help_panel="Payments")] = None,
     rewards: Annotated[Optional[str], typer.Option("--rewards", help="EpochRewards contract for automatic payouts (default: the deployment's).", rich_help_panel="Payments")] = None,
     owner_key_file: Annotated[Optional[Path], typer.Option("--owner-key-file", help="File (0600) with this node's EVM owner key (the one `mesh402 register` used; or env MESH402_OWNER_KEY): lets the node request ERC-8004 validation of its own work, which payouts require.", rich_help_panel="Trust")] = None,
     validator: Annotated[bool, typer.Option("--validator", help="Re-execute other nodes' audited steps on this node's copy of the model and answer their validation requests on chain (needs --owner-key-file and --deployment/--network).", rich_help_panel="Trust")] = False,
     audit_rate: Annotated[float, typer.Option("--audit-rate", help="Entry: share of paid split requests whose stages must reveal a step for re-execution (each node's first request per epoch is always audited).", rich_help_panel="Trust")] = 0.1,
+    validator_id: ValidatorIdOpt = None,
+    allow_host: AllowHostOpt = None,
 ) -> None:
     """Start a node: load models and serve the OpenAI-compatible API."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
@@ -143,13 +149,16 @@ def serve(
         from mesh402.cli.payment_flags import payments_config  # lazy: kept off this module's import path
         payments = payments_config(price=price, price_per_1k=price_per_1k, pay_to=pay_to, facilitator=facilitator,
                                    network=network, deployment=deployment, asset=asset, asset_name=asset_name,
-                                   asset_version=asset_version, credit_topup=credit_topup)
+                                   asset_version=asset_version, credit_topup=credit_topup,
+                                   max_exposure=max_exposure)
         if epoch_seconds <= 0:
             raise ValueError("--epoch-seconds must be positive")
         payments.epoch_s = epoch_seconds
         from mesh402.cli.payment_flags import trust_config  # lazy: kept off this module's import path
         trust = trust_config(network=network, deployment=deployment, owner_key_file=owner_key_file,
                              validator=validator, audit_rate=audit_rate)
+        trust.validator_ids = node_ids(validator_id, "--validator-id")
+        trust.allow_hosts = node_ids(allow_host, "--allow-host")
         from mesh402.cli.payment_flags import auto_payout_config  # lazy: kept off this module's import path
         auto_payout_config(payments, trust, payout_key_file=payout_key_file, rewards=rewards, deployment=deployment)
     except (ModelNotFound, ValueError) as e:
@@ -222,11 +231,16 @@ def client_cmd(
     nostr_relay: NostrRelayOpt = None,
     mesh_name: MeshNameOpt = "",
     discover_lan: LanOpt = False,
+    allow_host: AllowHostOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Join a mesh as an API-only node that serves no model (--join TOKEN, or --auto to find one)."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        allowed = node_ids(allow_host, "--allow-host")
+    except ValueError as e:
+        fail(str(e))
 
     h = resolve_home(home)
     settings = settings_from_flags(home=h, kind="client", join=join, join_file=join_file, relay=relay,
@@ -236,6 +250,7 @@ def client_cmd(
                                    fast_timers=mesh_fast_timers, auto=auto, nostr_relays=nostr_relay,
                                    mesh_name=mesh_name, discover_lan=discover_lan)
     config = NodeConfig(home=h, models=[], host="127.0.0.1", port=port, mesh=settings)
+    config.trust.allow_hosts = allowed
     lock = preflight_or_fail(config, [])
 
     node = Node(config, [], home_lock=lock)

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
+from mesh402 import labels as L
 from mesh402.discovery.lan import txt_for
 from mesh402.discovery.listing import (
     MeshListing,
@@ -68,7 +69,7 @@ def mesh_view(mesh: Any) -> dict[str, Any]:
     demand = mesh.demand_view()
     wanted = sorted(k for k in demand if k not in serving)
     servers = [a for a in anns if a.kind != pb.NODE_KIND_CLIENT]
-    cap = sum(int(a.labels.get("capacity_bytes", "0") or 0) for a in servers)
+    cap = sum(L.capacity(a.labels) for a in servers)
     return {"serving": serving, "wanted": wanted, "on_disk": on_disk, "capacity": cap,
             "nodes": len(servers), "clients": len(anns) - len(servers)}
 

@@ -161,6 +161,17 @@ def token_contract(w3: Any, address: str) -> Any:
     return w3.eth.contract(address=w3.to_checksum_address(address), abi=arts["MeshUSDC"].abi)
 
 
+ERC20_BALANCE_ABI = [{"type": "function", "name": "balanceOf", "stateMutability": "view",
+                      "inputs": [{"name": "a", "type": "address"}], "outputs": [{"name": "", "type": "uint256"}]}]
+
+
+def erc20_balance(rpc_url: str, token: str, who: str, timeout: float = 5) -> int:
+    """`who`'s balance of `token` (any ERC-20: no compiled artifacts needed), with a short RPC timeout."""
+    w3 = web3_for(rpc_url, timeout)
+    c = w3.eth.contract(address=w3.to_checksum_address(token), abi=ERC20_BALANCE_ABI)
+    return int(c.functions.balanceOf(w3.to_checksum_address(who)).call())
+
+
 def balance_of(rpc_url: str, token: str, who: str) -> int:
     w3 = web3_for(rpc_url)
     return int(token_contract(w3, token).functions.balanceOf(w3.to_checksum_address(who)).call())

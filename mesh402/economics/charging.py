@@ -18,7 +18,8 @@ CREDIT_BALANCE_HEADER = "X-Mesh402-Credit-Balance"
 CREDIT_CHARGED_HEADER = "X-Mesh402-Credit-Charged"
 REPLAY_HEADER = "X-Mesh402-Replayed"
 BILLING_HEADER = "X-Mesh402-Billing"  # on 402s of a metered node: "metered" (credit can be claimed)
-CLAIM_WINDOW_S = 300  # a wallet-signed credit-token claim is good for this long
+CLAIM_WINDOW_S = 300  # a wallet-signed credit-token claim is good for this long (and once: its nonce)
+CLAIM_NONCE_RE = r"[0-9a-f]{32}"  # 16 random bytes, hex
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 # Generation speed assumed until this node has measured its own (tokens per second, per model).
@@ -33,9 +34,10 @@ MAX_PRICE = 10**18  # atomic units; a label beyond this is not a price anyone pa
 TEMPLATE_TOKENS = 256
 
 
-def credit_claim_message(pay_to: str, timestamp: int) -> str:
-    """What a wallet signs to claim a token for its credit at the node paid through `pay_to`."""
-    return f"mesh402 credit claim\nnode: {pay_to.lower()}\ntime: {timestamp}"
+def credit_claim_message(pay_to: str, timestamp: int, nonce: str) -> str:
+    """What a wallet signs to claim a token for its credit at the node paid through `pay_to`. The nonce
+    (fresh per claim, CLAIM_NONCE_RE) makes a claim good once: a copied claim is refused, not replayed."""
+    return f"mesh402 credit claim\nnode: {pay_to.lower()}\ntime: {timestamp}\nnonce: {nonce}"
 
 
 def b64json(obj: Any) -> str:

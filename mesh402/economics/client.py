@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import json
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -152,10 +153,11 @@ class PayingClient:
             pay_to = decode_payment_required_header(resp.headers["PAYMENT-REQUIRED"]).accepts[0].pay_to
         except Exception:
             return False
-        ts = int(time.time())
-        sig = self.account.sign_message(encode_defunct(text=credit_claim_message(pay_to, ts))).signature.hex()
+        ts, nonce = int(time.time()), secrets.token_hex(16)
+        sig = self.account.sign_message(encode_defunct(text=credit_claim_message(pay_to, ts, nonce))).signature.hex()
         r = await self._http.post("/v1/x402/credit/token", json={
-            "address": self.address, "timestamp": ts, "signature": sig if sig.startswith("0x") else "0x" + sig})
+            "address": self.address, "timestamp": ts, "nonce": nonce,
+            "signature": sig if sig.startswith("0x") else "0x" + sig})
         if r.status_code != 200 or int(r.json().get("balance", 0)) <= 0:
             return False
         self.credit_token = r.json()["token"]

@@ -247,7 +247,9 @@ def announcement_label(home: Path) -> dict[str, str]:
 
 
 def parse_label(value: str) -> tuple[int, str, int] | None:
-    """(chain id, registry, agent id) from an erc8004 label, or None if malformed."""
+    """(chain id, registry, agent id) from an erc8004 label, or None if malformed (a peer's label: bounded)."""
+    if not isinstance(value, str) or len(value) > 200:
+        return None
     try:
         reg, aid = value.rsplit("/", 1)
         ns, chain, addr = reg.split(":")

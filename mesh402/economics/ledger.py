@@ -6,8 +6,12 @@ Every state change is one transaction (WAL, synchronous=FULL), so a crash or res
 - credit balances move only through `credit_events` rows (top-up, usage, hold, release);
 - holds reserve credit for requests in flight; on start-up leftover holds are returned to their accounts
   (the buyer never pays for work that did not finish), and in-flight payments are released;
-- stored responses let a retried request (same Idempotency-Key or same authorization) be answered again
-  without paying or generating twice.
+- stored responses let a retried request (same Idempotency-Key of the same payer, or same authorization)
+  be answered again without paying or generating twice. An answer is staged (`settling`) before its
+  payment is settled and survives a crash: the retry gets the answer once the payment settled, or the
+  settlement's outcome, never "already settled" and nothing;
+- a metered top-up is settled, credited and its request's hold closed in one transaction;
+- wallet-signed credit claims are remembered by nonce while they are valid: each is good once.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ CREATE TABLE IF NOT EXISTS credit_events (
   ref TEXT, ts REAL);
 CREATE TABLE IF NOT EXISTS holds (hold_id TEXT PRIMARY KEY, payer TEXT NOT NULL, amount INTEGER NOT NULL,
   request_id TEXT, created REAL);
+CREATE TABLE IF NOT EXISTS claims (payer TEXT NOT NULL, nonce TEXT NOT NULL, ts REAL, PRIMARY KEY (payer, nonce));
 CREATE TABLE IF NOT EXISTS responses (
   key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, payer TEXT, state TEXT NOT NULL, status INTEGER,
   headers_json TEXT, body BLOB, created REAL);
@@ -62,7 +67,7 @@ class StoredResponse:
     key: str
     fingerprint: str
     payer: str | None
-    state: str  # running | done
+    state: str  # running | settling (answer staged, payment being settled) | done
     status: int | None
     headers: dict[str, str]
     body: bytes | None
@@ -105,6 +110,7 @@ class Ledger:
             for hold_id, payer, amount in holds:
                 self._credit(db, payer, amount, "hold_released", hold_id, now)
             db.execute("DELETE FROM holds")
+            # a staged answer (`settling`) stays: its payment is re-settled below and a retry gets it
             dropped = db.execute("DELETE FROM responses WHERE state = 'running'").rowcount
             released = db.execute(
                 "UPDATE payments SET state='released', reason='node restarted before the work finished', "
@@ -154,6 +160,35 @@ class Ledger:
     def mark_failed(self, auth_id: str, reason: str, settle_json: str | None) -> None:
         self._set_state(auth_id, "failed", reason=reason, settle_json=settle_json)
 
+    def exposure(self, payer: str) -> int:
+        """What `payer` has authorized for requests still in flight here (verified or settling): tokens
+        this node may hand out before the money is on chain."""
+        with self._lock:
+            r = self._db.execute("SELECT COALESCE(SUM(amount),0) FROM payments WHERE payer=? AND state IN (?,?)",
+                                 (payer.lower(), *IN_FLIGHT)).fetchone()
+        return int(r[0])
+
+    def settle_topup(self, auth_id: str, tx: str, settle_json: str, *, payer: str, amount: int, hold_id: str,
+                     cost: int, ref: str) -> tuple[int, int]:
+        """A metered top-up's settlement, in one transaction: the payment is settled, the bought credit goes
+        into the request's hold, and the hold is closed charging `cost`. -> (charged, balance after). A crash
+        leaves either all of it or none (the row stays `settling` and is finished on the next start)."""
+        payer = payer.lower()
+        now = time.time()
+        with self._tx() as db:
+            db.execute("UPDATE payments SET state='settled', updated=?, tx=?, settle_json=? WHERE auth_id=?",
+                       (now, tx, settle_json, auth_id))
+            if not self._topped_up(db, auth_id):
+                self._credit(db, payer, amount, "topup", auth_id, now)
+                self._credit(db, payer, -amount, "hold", hold_id, now)
+                db.execute("UPDATE holds SET amount = amount + ? WHERE hold_id=?", (amount, hold_id))
+            return self._close_hold(db, hold_id, cost, ref, now)
+
+    @staticmethod
+    def _topped_up(db: sqlite3.Connection, ref: str) -> bool:
+        return bool(ref) and db.execute("SELECT 1 FROM credit_events WHERE kind='topup' AND ref=? LIMIT 1",
+                                        (ref,)).fetchone() is not None
+
     def _set_state(self, auth_id: str, state: str, **fields: Any) -> None:
         sets = ", ".join(f"{k}=?" for k in fields)
         with self._tx() as db:
@@ -188,6 +223,9 @@ class Ledger:
         payer = payer.lower()
         now = time.time()
         with self._tx() as db:
+            if self._topped_up(db, ref):  # once per authorization, however often recovery retries it
+                r = db.execute("SELECT balance FROM accounts WHERE payer=?", (payer,)).fetchone()
+                return int(r[0]) if r else 0
             self._credit(db, payer, amount, "topup", ref, now)
             if into_hold is not None:
                 self._credit(db, payer, -amount, "hold", into_hold, now)
@@ -213,19 +251,33 @@ class Ledger:
     def close_hold(self, hold_id: str, charge: int, ref: str) -> tuple[int, int]:
         """Charge `charge` (capped at the hold) and return the rest; -> (charged, balance after)."""
         with self._tx() as db:
-            r = db.execute("SELECT payer, amount FROM holds WHERE hold_id=?", (hold_id,)).fetchone()
-            if r is None:
-                raise KeyError(f"no hold {hold_id}")
-            payer, amount = r[0], int(r[1])
-            charged = max(0, min(charge, amount))
-            now = time.time()
-            db.execute("DELETE FROM holds WHERE hold_id=?", (hold_id,))
-            if amount:
-                self._credit(db, payer, amount, "hold_released", hold_id, now)
-            if charged:
-                self._credit(db, payer, -charged, "usage", ref, now)
-            bal = int(db.execute("SELECT balance FROM accounts WHERE payer=?", (payer,)).fetchone()[0])
-            return charged, bal
+            return self._close_hold(db, hold_id, charge, ref, time.time())
+
+    def _close_hold(self, db: sqlite3.Connection, hold_id: str, charge: int, ref: str, now: float) -> tuple[int, int]:
+        r = db.execute("SELECT payer, amount FROM holds WHERE hold_id=?", (hold_id,)).fetchone()
+        if r is None:
+            raise KeyError(f"no hold {hold_id}")
+        payer, amount = r[0], int(r[1])
+        charged = max(0, min(charge, amount))
+        db.execute("DELETE FROM holds WHERE hold_id=?", (hold_id,))
+        if amount:
+            self._credit(db, payer, amount, "hold_released", hold_id, now)
+        if charged:
+            self._credit(db, payer, -charged, "usage", ref, now)
+        r = db.execute("SELECT balance FROM accounts WHERE payer=?", (payer,)).fetchone()
+        return charged, int(r[0]) if r else 0
+
+    def use_claim(self, payer: str, nonce: str, window_s: float) -> bool:
+        """Remember a credit claim's nonce; False if this wallet used it already. Nonces older than twice the
+        claim window are forgotten (such a claim is refused as stale anyway)."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute("DELETE FROM claims WHERE ts < ?", (now - 2 * window_s,))
+            try:
+                db.execute("INSERT INTO claims VALUES (?,?,?)", (payer.lower(), nonce, now))
+            except sqlite3.IntegrityError:
+                return False
+        return True
 
     @staticmethod
     def _credit(db: sqlite3.Connection, payer: str, delta: int, kind: str, ref: str | None, now: float) -> None:
@@ -259,16 +311,22 @@ class Ledger:
                 return None
         return self.response(k)
 
-    def finish_response(self, keys: list[str], status: int, headers: dict[str, str], body: bytes) -> None:
+    def finish_response(self, keys: list[str], status: int, headers: dict[str, str], body: bytes,
+                        state: str = "done", settling: str | None = None) -> None:
+        """Store the answer under its keys; state `settling` stages it before its payment is settled (kept
+        across a restart, replayed once the payment settled); `settling`: that payment is marked settling in
+        the same transaction."""
         with self._tx() as db:
+            if settling is not None:
+                db.execute("UPDATE payments SET state='settling', updated=? WHERE auth_id=?", (time.time(), settling))
             for k in keys:
-                db.execute("UPDATE responses SET state='done', status=?, headers_json=?, body=? WHERE key=?",
-                           (status, json.dumps(headers), body, k))
+                db.execute("UPDATE responses SET state=?, status=?, headers_json=?, body=? WHERE key=?",
+                           (state, status, json.dumps(headers), body, k))
 
     def drop_responses(self, keys: list[str]) -> None:
         with self._tx() as db:
             for k in keys:
-                db.execute("DELETE FROM responses WHERE key=? AND state='running'", (k,))
+                db.execute("DELETE FROM responses WHERE key=? AND state IN ('running','settling')", (k,))
 
     # ---- reporting ------------------------------------------------------------------------------
 

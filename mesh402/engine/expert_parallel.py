@@ -328,14 +328,16 @@ class RemoteExperts:
         """The engine thread is about to step ``request_id`` (LocalModel's step hook)."""
         self.request_id = request_id
 
-    def take(self, request_id: str) -> tuple[dict[ExpertId, int], set[str]]:
-        """(rows run locally per expert, nodes that got rows) for a finished request, forgotten here."""
+    def take(self, request_id: str) -> tuple[dict[ExpertId, int], dict[str, dict[ExpertId, int]]]:
+        """(rows run locally per expert, per node the rows it answered for per expert) for a finished
+        request, forgotten here. An expert node's receipt must claim exactly its rows here."""
         with self._work_lock:
             w = self._work.pop(request_id, None) or RequestWork()
-        return w.local_rows, w.nodes
+        return w.local_rows, w.remote_rows
 
     def _note(self, request_id: str, node: str | None = None, layer: int = 0,
-              local: Mapping[int, torch.Tensor] | None = None) -> None:
+              rows: Mapping[int, torch.Tensor] | None = None) -> None:
+        """Rows of `layer` run for `request_id`: on this node (node None), or answered by `node`."""
         if not request_id:
             return
         with self._work_lock:
@@ -344,10 +346,9 @@ class RemoteExperts:
                 while len(self._work) >= MAX_TRACKED_REQUESTS:  # requests never taken: drop the oldest
                     self._work.pop(next(iter(self._work)))
                 w = self._work[request_id] = RequestWork()
-            if node is not None:
-                w.nodes.add(node)
-            for e, rows in (local or {}).items():
-                w.local_rows[(layer, e)] = w.local_rows.get((layer, e), 0) + int(rows.numel())
+            into = w.local_rows if node is None else w.remote_rows.setdefault(node, {})
+            for e, r in (rows or {}).items():
+                into[(layer, e)] = into.get((layer, e), 0) + int(r.numel())
 
     def owner(self, layer: int, e: int) -> str:
         for n in self.owners.get((layer, e), ()):
@@ -366,7 +367,7 @@ class RemoteExperts:
         ys = decode_reply(reply)
         if set(ys) != set(groups) or any(ys[e].shape[0] != groups[e].numel() for e in groups):
             raise ExpertNodeDown(f"expert node {node} answered for the wrong experts")
-        self._note(rid, node)
+        self._note(rid, node, layer, groups)
         return ys
 
     def run_experts(self, layer, x, groups):
@@ -386,7 +387,7 @@ class RemoteExperts:
                 jobs[node] = self._pool.submit(self._remote, node, layer, x, g, rid) if par else None
             if local_g:
                 out.update({e: self.local.run(layer, e, x[rows]) for e, rows in local_g.items()})
-                self._note(rid, layer=layer, local=local_g)
+                self._note(rid, layer=layer, rows=local_g)
                 for e in local_g:
                     pending.pop(e)
             for node, fut in jobs.items():
@@ -410,9 +411,10 @@ class RemoteExperts:
 
 @dataclass
 class RequestWork:
-    """What a host's expert runner did for one request: rows of its local experts, nodes it sent rows to."""
+    """What a host's expert runner did for one request: rows of its local experts, and per node the rows it
+    sent there and got answers for."""
     local_rows: dict[ExpertId, int] = field(default_factory=dict)
-    nodes: set[str] = field(default_factory=set)
+    remote_rows: dict[str, dict[ExpertId, int]] = field(default_factory=dict)
 
 
 MAX_TRACKED_REQUESTS = 4096  # bounded even if a request's receipts are never collected

@@ -10,7 +10,6 @@ about routing lives in `routes()`: which node's API serves which model.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from mesh402 import labels as L
 from mesh402.engine.expert_parallel import RemoteExperts, owners_from_plan
 from mesh402.mesh.framing import FramedStream, StreamType
 from mesh402.mesh.proto import mesh_pb2 as pb
@@ -40,6 +40,7 @@ from mesh402.placement import (
 from mesh402.serving.expert_receipts import ExpertAccounts, ExpertHostReceipts
 from mesh402.serving.experts import ExpertService, MeshExpertTransport
 from mesh402.serving.generation import LocalModel
+from mesh402.serving.holdings import Holdings
 from mesh402.serving.pipeline import Chain, Failover, PipelineModel, StepTimer
 from mesh402.serving.registry import ModelEntry, ModelRegistry
 from mesh402.serving.stage_link import Hop, K, StageError, expect_stage, stage_frame
@@ -64,8 +65,11 @@ class ServingNode(Protocol):
 
 log = logging.getLogger(__name__)
 
-PLAN_LABEL = "plan:"  # announcement label prefix: the host publishes its plans for status and routing
-CAPACITY_LABEL = "capacity_bytes"
+PLAN_LABEL = L.PLAN_LABEL  # announcement label prefix: the host publishes its plans for status and routing
+CAPACITY_LABEL = L.CAPACITY_LABEL
+# Ready claims for a model that this node first saw within this long of each other count as simultaneous
+# (the election order settles them); a claim first seen later never displaces the incumbent.
+CLAIM_SETTLE_S = 10.0
 ASSIGN_TIMEOUT_S = 300.0
 ASSIGN_CONNECT_TRIES = 4
 ASSIGN_RETRY_S = 0.5
@@ -125,6 +129,14 @@ class DistributedRuntime(Failover):
         self.failovers: dict[str, int] = {}  # key -> stages replaced under running sessions
         self.keys: dict[str, ModelEntry] = {}  # local model key -> registry entry
         self.usage_seen: dict[str, dict] = {}  # key -> MoE gate usage of engines no longer hosted
+        # Who may host, hold layers of, or serve a model for this node (docs/security.md): the operator's
+        # allow-list (None: anyone who proves it), proofs of holding the tensors, and when each ready claim
+        # was first seen (key -> peer -> time), so a newcomer's claim never displaces an incumbent.
+        allow = node.config.trust.allow_hosts
+        self.allow_hosts: frozenset[str] | None = frozenset(allow) | {self.me} if allow else None
+        self.claim_since: dict[str, dict[str, float]] = {}
+        self.believed: dict[str, set[str]] = {}  # models this node does not hold: hosts it routes to
+        self.holdings = Holdings(self.me, self._connect, self._model_path, on_change=self.kick)
         self._task: asyncio.Task | None = None
         self._kick = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -140,8 +152,10 @@ class DistributedRuntime(Failover):
             self.receipts = EntryReceipts(node.config.home, node.config.payments.epoch_s)
             self.auditor = Auditor(node.config.trust.audit_rate, node.config.payments.epoch_s)
         self.trust = TrustServices(self.me, chain, self.executor, self._load_range, self._connect, self._peer_labels,
-                                   validator=node.config.trust.validator, device=node.config.device)
+                                   validator=node.config.trust.validator, device=node.config.device,
+                                   trusted_validators=node.config.trust.validator_ids)
         self.worker.services.update(self.trust.services())
+        self.worker.services[K.STAGE_KIND_HOLDING_PROOF] = self.holdings.on_challenge
         self.worker.on_receipt = self.trust.worked_for.add  # entries that may ask this node for validation
         mesh.register_handler(StreamType.STAGE, self._on_stage_stream)
         identity = getattr(mesh, "identity", None)
@@ -204,49 +218,96 @@ class DistributedRuntime(Failover):
         return out
 
     def snapshot(self) -> MeshSnapshot:
+        """The mesh as placement sees it. A peer counts as holding one of this node's models only once it
+        proved it holds the tensors (a proof is asked in the background when it announces one), and only
+        when the operator's allow-list (if any) names it; capacity is the label's bounded value."""
         nodes = []
         for ann in self._announcements():
             nid = bytes(ann.node_id).hex()
-            cap = int(ann.labels.get(CAPACITY_LABEL, "0") or 0)
             rtts = {bytes(r.node_id).hex(): float(r.rtt_ms) for r in ann.rtts}
             models = frozenset(make_model_key(m.model_id, m.content_hash) for m in ann.models if m.content_hash)
-            nodes.append(NodeSnapshot(nid, cap, rtts, models_on_disk=models,
+            if nid != self.me:
+                models = frozenset(k for k in models if self._holds(nid, k))
+            nodes.append(NodeSnapshot(nid, L.capacity(ann.labels), rtts, models_on_disk=models,
                                       is_client=ann.kind == pb.NODE_KIND_CLIENT))
         return MeshSnapshot(nodes)
 
+    def _model_path(self, content_hash: str) -> Path | None:
+        """This node's copy of a model (what holding proofs are checked against), None when it has none."""
+        key = next((k for k in self.keys if k.endswith("@" + content_hash)), None)
+        return Path(self.keys[key].source.path) if key is not None else None
+
+    def _allowed(self, peer: str) -> bool:
+        return self.allow_hosts is None or peer in self.allow_hosts
+
+    def _holds(self, peer: str, key: str) -> bool:
+        """Whether `peer` may host, hold layers of or serve `key` for this node: allowed, and proven to hold
+        it (asked now in the background if not). Only for models this node holds: it has nothing to check
+        a proof of any other against."""
+        if peer == self.me:
+            return True
+        if key not in self.keys or not self._allowed(peer):
+            return False
+        content_hash = key.rsplit("@", 1)[1]
+        self.holdings.want(peer, content_hash)
+        return self.holdings.proven(peer, content_hash)
+
+    def _claims(self, key: str, connected: bool = True) -> dict[str, tuple[L.PlanClaim, int]]:
+        """peer -> (its plan claim for `key`, its API port), for the claims this node believes. A claim is
+        parsed by its schema and counts only for the host it names (the announcer). On a node that holds the
+        model, the claimant must have proved it holds it too; a node without the model cannot check a proof,
+        so it believes the hosts it already uses and new ones that one of those vouches for (it saw them
+        prove it: their `verified:` label), trusting the first claims it sees when it believes none."""
+        found: dict[str, tuple[L.PlanClaim, int, frozenset[str]]] = {}
+        content_hash = key.rsplit("@", 1)[1]
+        for ann in self._announcements(connected):
+            nid = bytes(ann.node_id).hex()
+            claim = L.plan_claim(ann.labels.get(PLAN_LABEL + key), nid)
+            if claim is not None and self._allowed(nid):
+                found[nid] = (claim, ann.api_port, L.verified_holders(ann.labels, content_hash))
+        if key in self.keys:
+            return {p: (c, port) for p, (c, port, _) in found.items() if self._holds(p, key)}
+        ready = {p for p, (c, _, _) in found.items() if c.ready}
+        known = self.believed.setdefault(key, set())
+        known &= ready  # a host that stopped claiming is not believed again without a vouch
+        if not known:
+            known |= ready
+        vouched = {v for p in known for v in found[p][2]}
+        known |= ready & vouched
+        return {p: (c, port) for p, (c, port, _) in found.items() if p in known or p == self.me or not c.ready}
+
     def _incumbent(self, key: str, snap: MeshSnapshot) -> str | None:
-        """A live node already serving `key` keeps it (no churn when nodes join); if several claim
-        it during a transient, every node picks the same one by the election order."""
-        claims = [h for h, plans in self._ready_claims(key).items() if h in snap]
+        """The live host already serving `key`: a claim first seen later never displaces it (however much
+        capacity it announces). Claims first seen at about the same time (CLAIM_SETTLE_S) are settled by the
+        election order, so every node picks the same one."""
+        claims = [h for h in self._ready_claims(key) if h in snap]
         if not claims:
             return None
-        ranking = [n for n in host_ranking(key, snap) if n in claims]
-        return ranking[0] if ranking else max(claims)
+        now = self.mesh.clock.monotonic()
+        since = self.claim_since.setdefault(key, {})
+        for gone in set(since) - set(claims):
+            del since[gone]
+        for h in claims:
+            since.setdefault(h, now)
+        first = min(since.values())
+        group = [h for h in claims if since[h] - first <= CLAIM_SETTLE_S]
+        ranking = [n for n in host_ranking(key, snap) if n in group]
+        return ranking[0] if ranking else max(group)
 
     def _ready_claims(self, key: str) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        for ann in self._announcements():
-            value = ann.labels.get(PLAN_LABEL + key)
-            if value:
-                try:
-                    d = json.loads(value)
-                except ValueError:
-                    continue
-                if d.get("ready"):
-                    out[bytes(ann.node_id).hex()] = d
-        return out
+        return {p: c.data for p, (c, _) in self._claims(key).items() if c.ready}
 
     def _seen_epoch(self, key: str) -> int:
-        """The newest plan epoch anyone announced for `key`: a new host continues the count."""
+        """The newest plan epoch a believed holder announced for `key`: a new host continues the count.
+        (A peer that has not proved it holds the model cannot push the count out of a stage's window.)"""
         best = self.epochs.get(key, 0)
         content_hash = key.rsplit("@", 1)[1]
+        for p, (c, _) in self._claims(key).items():
+            best = max(best, c.epoch)
         for ann in self._announcements():
-            value = ann.labels.get(PLAN_LABEL + key)
-            if value:
-                try:
-                    best = max(best, int(json.loads(value).get("epoch", 0)))
-                except (ValueError, TypeError):
-                    pass
+            nid = bytes(ann.node_id).hex()
+            if nid != self.me and not self._holds(nid, key):
+                continue
             for m in ann.models:
                 if m.content_hash == content_hash:
                     best = max(best, int(m.plan_epoch))
@@ -255,26 +316,30 @@ class DistributedRuntime(Failover):
     def _peer_labels(self) -> dict[str, dict[str, str]]:
         return {bytes(a.node_id).hex(): dict(a.labels) for a in self._announcements() if bytes(a.node_id).hex() != self.me}
 
+    def claimed_keys(self, connected: bool = True) -> list[str]:
+        """Every model key some live node (this one included) announces a plan label for."""
+        keys: set[str] = set()
+        for ann in self._announcements(connected):
+            keys.update(k[len(PLAN_LABEL):] for k in ann.labels if k.startswith(PLAN_LABEL))
+        return sorted(keys)
+
     def published_plans(self) -> dict[str, tuple[str, dict[str, Any], int]]:
-        """key -> (host, plan dict, host api port): per model the incumbent's ready plan, else any claim."""
-        claims: dict[str, list[tuple[str, dict[str, Any], int]]] = {}
-        for ann in self._announcements():
-            for label, value in ann.labels.items():
-                if label.startswith(PLAN_LABEL):
-                    try:
-                        d = json.loads(value)
-                    except ValueError:
-                        continue
-                    claims.setdefault(label[len(PLAN_LABEL):], []).append((bytes(ann.node_id).hex(), d, ann.api_port))
+        """key -> (host, plan dict, host api port): per model the incumbent's ready plan, else any believed
+        claim (a waiting one)."""
         out = {}
-        snap = self.snapshot() if claims else None
-        for key, cs in claims.items():
-            ready = [c for c in cs if c[1].get("ready")]
-            if ready and snap is not None:
+        snap = None
+        for key in self.claimed_keys():
+            cs = {p: (c.data, port) for p, (c, port) in self._claims(key).items()}
+            if not cs:
+                continue
+            ready = [p for p, (d, _) in cs.items() if d.get("ready")]
+            if ready:
+                snap = snap or self.snapshot()
                 pick = self._incumbent(key, snap)
-                out[key] = next((c for c in ready if c[0] == pick), ready[0])
+                host = pick if pick in ready else ready[0]
             else:
-                out[key] = min(cs, key=lambda c: c[0])
+                host = min(cs)
+            out[key] = (host, cs[host][0], cs[host][1])
         return out
 
     def routes(self) -> dict[str, Route]:
@@ -638,11 +703,23 @@ class DistributedRuntime(Failover):
             return 0
         content_hash = key.rsplit("@", 1)[1]
         best = max((int(m.plan_epoch) for m in ann.models if m.content_hash == content_hash), default=0)
-        with contextlib.suppress(ValueError, TypeError, AttributeError):
-            best = max(best, int(json.loads(ann.labels.get(PLAN_LABEL + key, "{}")).get("epoch", 0)))
+        claim = L.plan_claim(ann.labels.get(PLAN_LABEL + key), node)
+        if claim is not None:
+            best = max(best, claim.epoch)
         return min(best, MAX_EPOCH)
 
-    def _may_assign(self, peer: str, sf: pb.StageFrame) -> tuple[str, str] | None:
+    async def _proved(self, peer: str, content_hash: str) -> None:
+        """Before judging a peer's ASSIGN: if it announces the model but has not proved it holds it yet, ask
+        now (the host may have planned before this node asked), so an honest host is not refused for a race."""
+        key = next((k for k in self.keys if k.endswith("@" + content_hash)), None)
+        if key is None or peer == self.me or not self._allowed(peer) or self.holdings.proven(peer, content_hash):
+            return
+        ann = next((a for a in self._announcements() if bytes(a.node_id).hex() == peer), None)
+        if ann is not None and any(m.content_hash == content_hash for m in ann.models):
+            await self.holdings.ensure(peer, content_hash)
+
+    async def _may_assign(self, peer: str, sf: pb.StageFrame) -> tuple[str, str] | None:
+        await self._proved(peer, sf.content_hash)
         refused, key = self._control_refusal(peer, sf.content_hash, int(sf.plan_epoch))
         if refused is not None:
             return refused
@@ -656,7 +733,9 @@ class DistributedRuntime(Failover):
                                    f"node's budget of {self.capacity / 1e6:.1f} MB")
         return None
 
-    def _may_assign_experts(self, peer: str, sf: pb.StageFrame, experts: list[tuple[int, int]]) -> tuple[str, str] | None:
+    async def _may_assign_experts(self, peer: str, sf: pb.StageFrame,
+                                  experts: list[tuple[int, int]]) -> tuple[str, str] | None:
+        await self._proved(peer, sf.content_hash)
         refused, key = self._control_refusal(peer, sf.content_hash, int(sf.plan_epoch))
         if refused is not None:
             return refused
@@ -736,8 +815,13 @@ class DistributedRuntime(Failover):
     def _publish(self) -> None:
         labels = dict(self.mesh.local.labels)
         labels[CAPACITY_LABEL] = str(self.capacity)
-        for k in [k for k in labels if k.startswith(PLAN_LABEL)]:
+        for k in [k for k in labels if k.startswith((PLAN_LABEL, L.VERIFIED_LABEL))]:
             del labels[k]
+        for key in self.keys:  # the peers that proved to this node they hold its models: its vouch
+            content_hash = key.rsplit("@", 1)[1]
+            held = self.holdings.holders(content_hash)[:L.MAX_VERIFIED]
+            if held:
+                labels[L.VERIFIED_LABEL + content_hash] = json.dumps(held, separators=(",", ":"))
         for key, h in self.hosted.items():
             d = _expert_plan_dict(h) if isinstance(h.plan, ExpertPlan) else h.plan.to_dict()
             d["ready"] = True
@@ -777,7 +861,11 @@ class DistributedRuntime(Failover):
         plans = {}
         for key, (host, plan, _) in self.published_plans().items():
             plans[key] = {**plan, "host": host}
+        from mesh402.serving.replicas import replica_routes  # lazy: kept off this module's import path
+
         return {"capacity_bytes": self.capacity, "plans": plans,
+                # model -> the hosts this node routes it to (ready claims it believes: proven or vouched for)
+                "replicas": {m: sorted(r.host for r in rs) for m, rs in replica_routes(self).items()},
                 "stage": {"sessions_opened": self.worker.stats.sessions_opened, "steps": self.worker.stats.steps,
                           "sessions_open": sum(self.worker.sessions.values()),
                           "sessions_idle_closed": self.worker.stats.sessions_idle_closed,
@@ -787,6 +875,7 @@ class DistributedRuntime(Failover):
                           "bytes_out_by_link": self.worker.stats.by_link,
                           "held": [[k.content_hash[:12], k.start, k.end, int(e.weight_bytes)]
                                    for k, e in self.worker.engines.items()]},
+                "holdings": self.holdings.status(),
                 "experts": {"held": {ch[:12]: len(ex) for ch, ex in self.expert_service.held().items()},
                             "requests": self.expert_service.requests, "refused": self.expert_service.refused,
                             "bytes_in": self.expert_service.bytes_in, "bytes_out": self.expert_service.bytes_out}}

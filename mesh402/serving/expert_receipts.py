@@ -58,6 +58,10 @@ def expert_rows(payload: bytes) -> dict[tuple[int, int], int]:
     return out
 
 
+def _total(rows: Any) -> int:
+    return sum(n for _, _, n in rows)
+
+
 class ExpertAccounts:
     """An expert node's side: what it ran for each (host, request id), and its signature on it."""
 
@@ -98,25 +102,30 @@ class ExpertHostReceipts:
     def finish(self, tally: StageTally) -> Future | None:
         """Called when the request is released: collect and keep its receipts in a task on the loop; the
         future is done once they are committed."""
-        local, nodes = self.runner.take(tally.request_id)
+        local, sent = self.runner.take(tally.request_id)
         if not tally.tokens:
             return None
-        fut = asyncio.run_coroutine_threadsafe(self.collect(tally, local, nodes), self.loop)
+        fut = asyncio.run_coroutine_threadsafe(self.collect(tally, local, sent), self.loop)
         self.pending.add(fut)  # a strong reference until done
         fut.add_done_callback(self.pending.discard)
         return fut
 
-    async def collect(self, tally: StageTally, local: dict[tuple[int, int], int], nodes: set[str]) -> list[ExpertReceipt]:
+    async def collect(self, tally: StageTally, local: dict[tuple[int, int], int],
+                      sent: dict[str, dict[tuple[int, int], int]]) -> list[ExpertReceipt]:
+        """`sent`: per expert node, the rows this host sent it (and got answers for) per (layer, expert)."""
         in_hash, out_hash = tally.digests()
         mine = sign_expert_receipt(self.signer, request_id=tally.request_id, stage=0, model_hash=self.content_hash,
                                    host=self.signer.node_id_hex, trunk_tokens=tally.tokens, rows=flat_rows(local),
                                    input_hash=in_hash, output_hash=out_hash)
-        asked = await asyncio.gather(*(self._ask(n, tally.request_id, i + 1) for i, n in enumerate(sorted(nodes))))
+        asked = await asyncio.gather(*(self._ask(n, tally.request_id, i + 1, flat_rows(sent[n]))
+                                       for i, n in enumerate(sorted(sent))))
         receipts = [mine] + [r for r in asked if r is not None]
         await kept(self.sink(receipts, None))  # committed before the answer's end goes out (LocalStepper.finish)
         return receipts
 
-    async def _ask(self, node: str, request_id: str, stage: int) -> ExpertReceipt | None:
+    async def _ask(self, node: str, request_id: str, stage: int, rows: Any) -> ExpertReceipt | None:
+        """The node's receipt for the request, kept only when it claims exactly `rows` (what this host sent
+        it): an expert node cannot claim rows, experts or layers it was never sent."""
         try:
             r = await asyncio.wait_for(self.transport.ask_receipt(node, request_id, stage), self.timeout_s)
         except Exception as e:  # noqa: BLE001 - a node that does not answer just earns nothing here
@@ -127,6 +136,8 @@ class ExpertHostReceipts:
         errs = expert_receipt_errors(r, request_id, self.content_hash, self.signer.node_id_hex, self.n_layers)
         if r.node_id != node or r.stage != stage:
             errs.append("signed by another node or for another stage")
+        if r.rows != rows:
+            errs.append(f"claims rows {_total(r.rows)} ran, this host sent {_total(rows)}")
         if errs:  # one bad receipt must not cost the others theirs: it is left out alone
             log.warning("expert receipt of %s for %s dropped: %s", node[:12], request_id, "; ".join(errs))
             return None

@@ -5,6 +5,7 @@ is :mod:`mesh402.engine.expert_parallel`; here only bytes cross.
 
 from __future__ import annotations
 
+import inspect
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -163,6 +164,8 @@ class ExpertService:
                         raise StageError(f"bad expert list: {e}", code="bad_range") from None
                     refused = ("not_allowed", "this node accepts no expert assignments") if self.may_assign is None \
                         else self.may_assign(peer, sf, experts)
+                    if inspect.isawaitable(refused):  # the policy may first ask the host to prove it holds the model
+                        refused = await refused
                     if refused is not None:  # checked before anything is loaded or stored
                         self.refused += 1
                         raise StageError(refused[1], code=refused[0])

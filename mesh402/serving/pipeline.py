@@ -35,7 +35,7 @@ from mesh402.serving.stage_link import (
     is_link_failure,
     stage_frame,
 )
-from mesh402.work.receipts import Receipt
+from mesh402.work.receipts import Receipt, bound_chain
 from mesh402.work.store import kept
 
 log = logging.getLogger(__name__)
@@ -448,13 +448,23 @@ class PipelineStepper:
         evidence: list[Any] = []
         try:
             rs = expect_stage(await link.recv(self.model.open_timeout), K.STAGE_KIND_RESULT, "receipts")
-            receipts = [Receipt.from_json(r) for r in json.loads(rs.params.get("receipts", "[]"))]
+            got = json.loads(rs.params.get("receipts", "[]"))
+            receipts = [Receipt.from_wire(r) for r in (got if isinstance(got, list) else [])]
             evidence = json.loads(rs.params.get("evidence", "[]")) if step is not None else []
         except Exception as e:
             log.info("request %s: no receipts from the stages: %s", self.request_id, e)
             receipts = [mine]
+        # Only what is bound to this request as this entry planned and fed it is stored: its own stage-0
+        # receipt, the planned hops' nodes and layers, the tokens it sent, this request id.
+        hops = [(h.node, h.start, h.end) for h in (chain.hops if chain else ())]
+        receipts, unbound = bound_chain(receipts, mine, hops)
+        if unbound:
+            log.warning("request %s: receipts from the stages refused (%s); keeping %d of %d stage(s)",
+                        self.request_id, "; ".join(unbound), len(receipts), len(hops) + 1)
+        # a reveal is judged against the whole chain only: a cut chain keeps its receipts, unaudited
+        audited = step is not None and len(receipts) == len(hops) + 1 and isinstance(evidence, list)
         try:  # committed before the answer's end goes out (finish awaits this)
-            await kept(self.model.receipt_sink(receipts, evidence if step is not None else None))
+            await kept(self.model.receipt_sink(receipts, evidence if audited else None))
         except Exception as e:  # a chain that does not verify is logged, never stored
             log.warning("request %s: receipts not kept: %s", self.request_id, e)
 

@@ -10,7 +10,6 @@ replicas of a model (:func:`replica_routes`).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -25,27 +24,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PLAN_LABEL = "plan:"
-
-
 def replica_routes(dist: "DistributedRuntime") -> dict[str, list["Route"]]:
-    """model id -> every node announcing a ready plan for it (solo replicas and split hosts)."""
+    """model id -> every node whose ready plan for it this node believes (solo replicas and split hosts):
+    self-named, and proven to hold the model where this node can check (DistributedRuntime._claims)."""
     from mesh402.serving.distributed import Route  # lazy: loads gguf, numpy, torch only when needed
 
     out: dict[str, list[Route]] = {}
-    for ann in dist._announcements(connected=False):
-        host = bytes(ann.node_id).hex()
-        for label, value in ann.labels.items():
-            if not label.startswith(PLAN_LABEL):
-                continue
-            try:
-                d = json.loads(value)
-            except ValueError:
-                continue
-            if d.get("ready"):
-                key = label[len(PLAN_LABEL):]
-                model_id = key.rsplit("@", 1)[0]
-                out.setdefault(model_id, []).append(Route(model_id, key, host, ann.api_port, True, d))
+    for key in dist.claimed_keys(connected=False):
+        model_id = key.rsplit("@", 1)[0]
+        for host, (claim, port) in sorted(dist._claims(key, connected=False).items()):
+            if claim.ready:
+                out.setdefault(model_id, []).append(Route(model_id, key, host, port, True, claim.data))
     return out
 
 

@@ -15,6 +15,7 @@ in that grant; every receive has a deadline, and each peer holds a bounded numbe
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import time
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 Connect = Callable[[str], Awaitable[Link]]  # node id hex -> a fresh STAGE stream to it
 Loader = Callable[[str, int, int], Any]  # (content_hash, start, end) -> partial Engine (runs in the engine thread)
 # (peer, ASSIGN frame) -> None to accept, else (code, reason) to refuse
-AssignPolicy = Callable[[str, pb.StageFrame], "tuple[str, str] | None"]
+AssignPolicy = Callable[[str, pb.StageFrame], "tuple[str, str] | None | Awaitable[tuple[str, str] | None]"]
 MAX_STREAMS_PER_PEER = 64  # STAGE streams one peer may hold open here at once (sessions + control)
 RECENT_REQUESTS = 4096  # grant nonces remembered: a grant opens one session, once
 
@@ -108,6 +109,8 @@ class StageWorker:
         key = StageKey(sf.content_hash, sf.layer_start, sf.layer_end)
         refused = ("not_allowed", "this node accepts no layer assignments") if self.may_assign is None \
             else self.may_assign(peer, sf)
+        if inspect.isawaitable(refused):  # the policy may first ask the host to prove it holds the model
+            refused = await refused
         if refused is not None:  # checked before anything is stored: a refused epoch poisons nothing
             self.stats.assigns_refused += 1
             log.info("ASSIGN from %s refused: %s", peer[:12], refused[1])

@@ -19,6 +19,7 @@ from collections import OrderedDict
 from functools import cached_property
 from typing import Any, Awaitable, Callable, Protocol
 
+from mesh402 import labels as L
 from mesh402.mesh.proto import mesh_pb2 as pb
 from mesh402.serving.spot_checks import judge
 from mesh402.serving.stage_link import (
@@ -33,8 +34,8 @@ from mesh402.work.evidence import SpotCheck, statement
 
 log = logging.getLogger(__name__)
 
-VALIDATOR_LABEL = "validator"  # announcement label: the validator's EVM address
-VALIDATOR_DEVICE_LABEL = "validator_device"  # ... and its device signature (engine.replay.device_signature)
+VALIDATOR_LABEL = L.VALIDATOR_LABEL  # announcement label: the validator's EVM address
+VALIDATOR_DEVICE_LABEL = L.VALIDATOR_DEVICE_LABEL  # ... and its device signature (engine.replay.device_signature)
 MAX_ASKS_PER_EPOCH = 3  # validation requests one entry may have this node send per epoch
 
 
@@ -72,10 +73,11 @@ class TrustServices:
     def __init__(self, node_id: str, chain: ValidationChain | None, executor: Any,
                  load_model: Callable[[str, int, int, str], Any], connect: Callable[[str], Awaitable[Link]],
                  peers: Callable[[], dict[str, dict[str, str]]], *, validator: bool = False,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", trusted_validators: Any = ()) -> None:
         """`chain`: None without an owner key and a chain; `validator`: answer VERIFY (--validator);
         `load_model(hash, start, end, mode)`: a partial engine from this node's disk (FileNotFoundError if it
-        has no such model); `peers()`: node id -> announcement labels."""
+        has no such model); `peers()`: node id -> announcement labels; `trusted_validators`: the node ids the
+        operator named (--validator-id): a validator label alone selects nobody."""
         self.me = node_id
         self.chain = chain
         self.validator = validator and chain is not None
@@ -83,6 +85,7 @@ class TrustServices:
         self.load_model = load_model
         self.connect = connect
         self.peers = peers
+        self.trusted_validators = frozenset(trusted_validators)
         self._engines: OrderedDict[tuple, Any] = OrderedDict()
         self._agent: int | None = None
         self.device = device
@@ -189,13 +192,16 @@ class TrustServices:
 
     # ------------------------------------------------------------------ entry
     def validator_for(self, node: str, device: str = "") -> tuple[str, str] | None:
-        """(validator node id, EVM address): a node announcing the validator role that is not `node` (this
-        node first, when it validates), on `device` when fast-mode checks need one."""
+        """(validator node id, EVM address): a validator the operator named (--validator-id) that announces
+        the role and is not `node` (this node first, when it validates), on `device` when fast-mode checks
+        need one. Announcing the validator label is not enough: anyone can, and a validator's verdict decides
+        who is paid."""
         if self.validator and node != self.me and device in ("", self.device_sig):
             return self.me, self.address
         for peer, labels in sorted(self.peers().items()):
-            addr = labels.get(VALIDATOR_LABEL, "")
-            if peer != node and addr.startswith("0x") and device in ("", labels.get(VALIDATOR_DEVICE_LABEL)):
+            addr = L.validator_address(labels)
+            if (peer in self.trusted_validators and peer != node and addr is not None
+                    and device in ("", L.validator_device(labels))):
                 return peer, addr
         return None
 
@@ -235,7 +241,8 @@ class TrustServices:
         v = self.validator_for(node, devices[0] if devices else "")
         if v is None:
             on = f" on {devices[0]} (fast-mode work is judged on the same kernels)" if devices else ""
-            return {"error": f"no validator in the mesh (a node started with --validator){on}"}
+            return {"error": f"no trusted validator in the mesh (a node started with --validator that this entry "
+                             f"names with --validator-id){on}"}
         vnode, vaddr = v
         text, h = statement(epoch, self.me, node, vaddr, [c.digest for c in checks])
         try:

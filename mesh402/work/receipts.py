@@ -70,6 +70,62 @@ class Receipt(_Signed):
     def from_json(cls, d: dict[str, Any]) -> "Receipt":
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
+    @classmethod
+    def from_wire(cls, d: Any) -> "Receipt":
+        """A receipt that arrived from a peer: every field typed and bounded (ValueError otherwise), so a
+        forged one fails here or on its signature, never deeper in the entry's accounting."""
+        if not isinstance(d, dict):
+            raise ValueError("a receipt must be a JSON object")
+        out: dict[str, Any] = {}
+        for name, kind in _WIRE_FIELDS.items():
+            v = d.get(name, "" if kind is str else 0)
+            if kind is int:
+                if type(v) is not int or not 0 <= v <= MAX_WIRE_INT:
+                    raise ValueError(f"receipt field {name} must be an integer in [0, {MAX_WIRE_INT}]")
+            elif not isinstance(v, str) or len(v) > MAX_WIRE_STR:
+                raise ValueError(f"receipt field {name} must be a string of at most {MAX_WIRE_STR} characters")
+            out[name] = v
+        return cls(**out)
+
+
+MAX_WIRE_INT = 2**53  # JSON-safe; any real token count, layer index or timestamp is far below
+MAX_WIRE_STR = 256  # hex ids, hashes and signatures are at most 128 characters
+_WIRE_FIELDS = {"request_id": str, "stage": int, "node_id": str, "model_hash": str, "layer_start": int,
+                "layer_end": int, "tokens": int, "input_hash": str, "output_hash": str, "prev": str,
+                "issued_at": int, "signature": str}
+
+
+def bound_chain(receipts: list[Receipt], mine: Receipt,
+                hops: Iterable[tuple[str, int, int]]) -> tuple[list[Receipt], list[str]]:
+    """What an entry keeps of the chain the first stage returned: the longest prefix that is this request's
+    chain as the entry planned and fed it, and why the rest is not ([] when all of it is).
+
+    Stage 0 must be the entry's own receipt (`mine`: its request id, its token count, its output hash);
+    stage k >= 1 must be signed by the node of the plan's hop k, for exactly that hop's layers, name the
+    same request, model and token count, and follow the receipt before it (prev and input hash). So a
+    middle stage cannot drop the stages after it and claim their layers, and a chain forged with throwaway
+    keys (any token count) is refused: nothing in it is signed by the planned nodes."""
+    hops = list(hops)
+    if not receipts or receipts[0].digest != mine.digest or receipts[0] != mine:
+        return [mine], ["stage 0 is not this entry's own receipt"]
+    kept: list[Receipt] = [mine]
+    for k, r in enumerate(receipts[1:], start=1):
+        if k > len(hops):
+            return kept, [f"{len(receipts) - k} receipt(s) beyond the plan's {len(hops)} remote stage(s)"]
+        node, start, end = hops[k - 1]
+        p = kept[-1]
+        why = ("stage number" if r.stage != k else
+               f"not signed by the planned node {node[:12]}" if r.node_id != node or not verify_receipt(r) else
+               f"layers [{r.layer_start}, {r.layer_end}) are not the planned [{start}, {end})"
+               if (r.layer_start, r.layer_end) != (start, end) else
+               "another request or model" if (r.request_id, r.model_hash) != (mine.request_id, mine.model_hash) else
+               f"{r.tokens} tokens, the entry sent {mine.tokens}" if r.tokens != mine.tokens else
+               "does not follow the receipt before it" if (r.prev, r.input_hash) != (p.digest, p.output_hash) else "")
+        if why:
+            return kept, [f"stage {k}: {why}"]
+        kept.append(r)
+    return kept, []
+
 
 ExpertRows = tuple[tuple[int, int, int], ...]  # (layer, expert, rows run), sorted
 

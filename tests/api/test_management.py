@@ -92,11 +92,12 @@ def test_status_invite_and_events(mesh_nodes: MeshNodes):
     r = cli("invite", "--home", str(a.home), "--revoke", str(a.home / "missing.txt"))
     assert r.returncode == 2 and "cannot read" in r.stderr
     for bad in (b"not json", b'{"token": 5}', b'["m402"]'):
-        r = httpx.post(f"{a.console}/api/invite/revoke", content=bad, timeout=5)
+        r = httpx.post(f"{a.console}/api/invite/revoke", content=bad, headers=a.console_headers, timeout=5)
         assert r.status_code == 400 and "token" in r.json()["error"], r.text
-    r = httpx.post(f"{a.console}/api/invite/revoke", json={"token": "m402garbage!"}, timeout=5)
+    r = httpx.post(f"{a.console}/api/invite/revoke", json={"token": "m402garbage!"}, headers=a.console_headers,
+                   timeout=5)
     assert r.status_code == 400 and "garbled" in r.json()["error"], r.text
-    r = httpx.post(f"{a.console}/api/invite", json={"single_use": "yes"}, timeout=5)
+    r = httpx.post(f"{a.console}/api/invite", json={"single_use": "yes"}, headers=a.console_headers, timeout=5)
     assert r.status_code == 400 and "single_use" in r.json()["error"], r.text
     assert a.alive()
 
@@ -115,3 +116,22 @@ def test_console_listen_all_requires_token(mesh_nodes: MeshNodes, tmp_path):
     r = cli("status", "--home", str(a.home), "--json")  # the CLI reads the token from the home
     assert r.returncode == 0 and json.loads(r.stdout)["node_id"]
     assert (a.home / "console.token").stat().st_mode & 0o077 == 0
+
+
+def test_console_refuses_rebinding_and_cross_origin_on_a_node_process(mesh_nodes: MeshNodes):
+    """A web page the user visits (DNS rebinding: a foreign Host name; a cross-site request: a foreign Origin)
+    gets nothing from a running node's console, not even the status with its invite token; the node's own
+    user (its CLI, a same-origin page on the console's address) is served as before."""
+    a = mesh_nodes.start("a")
+    url, port = f"{a.console}/api/status", a.console_port
+    for headers in ({"Host": f"attacker.example:{port}"}, {"Host": f"127.0.0.1.nip.io:{port}"},
+                    {"Origin": "http://attacker.example"}, {"Origin": f"http://localhost:{port + 1}"},
+                    {"Origin": "null"}):
+        r = httpx.get(url, headers=headers, timeout=5)
+        assert r.status_code == 403 and "m402" not in r.text, (headers, r.status_code, r.text)
+    r = httpx.post(f"{a.console}/api/invite", json={}, headers={"Origin": "http://attacker.example"}, timeout=5)
+    assert r.status_code == 403
+    same_origin = {"Origin": f"http://127.0.0.1:{port}"}
+    assert httpx.get(url, headers=same_origin, timeout=5).json()["invite_token"].startswith("m402")
+    assert httpx.get(url, headers={"Host": f"localhost:{port}"}, timeout=5).status_code == 200
+    assert cli("invite", "--home", str(a.home)).stdout.strip().startswith("m402")

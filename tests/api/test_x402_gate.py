@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,7 +18,9 @@ from mesh402.settings import NodeConfig
 from mesh402.api.x402.gate import PaymentGate
 from mesh402.api.x402.stream import paid_sse
 from mesh402.serving.generation import Delta, Finished
+from harness.sse import body_events
 from harness.x402_payments import decode_b64json, sign_payment
+from mesh402.economics.ledger import auth_id_for
 from tests.support.x402_fakes import FakeFacilitator, cfg, request
 
 
@@ -99,9 +102,10 @@ async def _drain(agen: AsyncIterator[bytes]) -> list[Any]:
     return out
 
 
-def _paid_charge(gate: PaymentGate, body: dict[str, Any], stream: bool = True, key: str | None = None) -> Any:
+def _paid_charge(gate: PaymentGate, body: dict[str, Any], stream: bool = True, key: str | None = None,
+                 wallet: str | None = None) -> Any:
     req = required_for(gate, body)
-    header, auth = sign_payment(Account.create().key.hex(), req)
+    header, auth = sign_payment(wallet or Account.create().key.hex(), req)
     headers = {"PAYMENT-SIGNATURE": header, **({"Idempotency-Key": key} if key else {})}
     return asyncio.run(gate.authorize(request(body, headers), "m", 10, 8, stream)), auth
 
@@ -123,7 +127,8 @@ def test_stream_settles_after_the_last_token_and_replays_on_retry(tmp_path: Path
     fac = FakeFacilitator()
     gate = PaymentGate(cfg(tmp_path), tmp_path, facilitator=fac)
     body = {**BODY, "stream": True}
-    charge, _ = _paid_charge(gate, body, key="k1")
+    wallet = Account.create().key.hex()
+    charge, _ = _paid_charge(gate, body, key="k1", wallet=wallet)
     settled_at: list[int] = []
 
     async def run() -> list[Any]:
@@ -137,10 +142,18 @@ def test_stream_settles_after_the_last_token_and_replays_on_retry(tmp_path: Path
     rec = json.loads(raw[-2].decode()[6:])
     assert rec["choices"] == [] and rec["x402"]["settlement"]["success"] is True
     assert len(fac.settled) == 1
-    # the same request again with the same key: replayed from the ledger, no new payment
-    again = asyncio.run(gate.authorize(request(body, {"Idempotency-Key": "k1"}), "m", 10, 8, True))
+    # the same request again with the same key, by the same wallet (a fresh signature): replayed from the
+    # ledger, nothing verified or settled
+    again, _ = _paid_charge(gate, body, key="k1", wallet=wallet)
     assert again.replay is not None and again.replay.body == b"".join(raw)
     assert len(fac.settled) == 1 and len(fac.verified) == 1
+    # the key alone (no payment) replays nothing: a key belongs to the payer that proved itself
+    with pytest.raises(APIError) as e:
+        asyncio.run(gate.authorize(request(body, {"Idempotency-Key": "k1"}), "m", 10, 8, True))
+    assert e.value.status == 402
+    # another wallet with the same key and body: its own request (verified, to be settled), not a replay
+    other, _ = _paid_charge(gate, body, key="k1")
+    assert other.replay is None and len(fac.verified) == 2
 
 
 def test_failed_settlement_withholds_the_answer(tmp_path: Path) -> None:
@@ -150,7 +163,7 @@ def test_failed_settlement_withholds_the_answer(tmp_path: Path) -> None:
     resp = asyncio.run(gate.respond(charge, fin(), {"choices": []}, {}))
     assert resp.status_code == 402
     assert decode_b64json(resp.headers["PAYMENT-RESPONSE"])["success"] is False
-    assert gate.ledger.response("idem:k2") is None
+    assert all(gate.ledger.response(k) is None for k in charge.keys)
     assert gate.ledger.payment(charge.auth_id).state == "failed"
 
 
@@ -264,3 +277,131 @@ def test_pending_settlement_is_retried_once_then_finished_on_the_next_start(tmp_
         await asyncio.sleep(0.05)
     asyncio.run(poke())
     assert len(fac2.settled) == 1 and gate2.ledger.payment(charge.auth_id).state == "settled"  # type: ignore[union-attr]
+
+
+# ---- trust: idempotency by payer, exposure cap, crash between settling and answering ------------------
+
+def test_a_forged_payer_gets_no_one_elses_answer(tmp_path: Path) -> None:
+    """A client that knows a victim's Idempotency-Key and body puts the victim's address in `from` of an
+    authorization it signs itself: refused before any lookup or facilitator call; nothing is replayed."""
+    fac = FakeFacilitator()
+    gate = PaymentGate(cfg(tmp_path), tmp_path, facilitator=fac)
+    victim = Account.create()
+    charge, _ = _paid_charge(gate, BODY, stream=False, key="secret-ish", wallet=victim.key.hex())
+    asyncio.run(gate.respond(charge, fin(), {"answer": "victim's"}, {}))
+    req = required_for(gate, BODY)
+    header, _ = sign_payment(Account.create().key.hex(), req)
+    data = json.loads(base64.b64decode(header))
+    data["payload"]["authorization"]["from"] = victim.address
+    forged = base64.b64encode(json.dumps(data).encode()).decode()
+    with pytest.raises(APIError) as e:
+        asyncio.run(gate.authorize(request(BODY, {"PAYMENT-SIGNATURE": forged, "Idempotency-Key": "secret-ish"}),
+                                   "m", 10, 8, False))
+    assert e.value.status == 402 and e.value.code == "invalid_exact_evm_payload_signature"
+    assert len(fac.verified) == 1 and len(fac.settled) == 1
+
+
+def test_a_payers_authorizations_in_flight_are_capped(tmp_path: Path) -> None:
+    """N authorizations a wallet cannot all cover buy at most max_exposure of streamed tokens: the one past
+    the cap is refused before the facilitator; once one settles, the wallet may start another."""
+    fac = FakeFacilitator()
+    gate = PaymentGate(cfg(tmp_path, max_exposure=30_000), tmp_path, facilitator=fac)  # 3 requests' worth
+    wallet = Account.create().key.hex()
+    body = {**BODY, "stream": True}
+    charges = [_paid_charge(gate, body, wallet=wallet)[0] for _ in range(3)]
+    with pytest.raises(APIError) as e:
+        _paid_charge(gate, body, wallet=wallet)
+    assert e.value.status == 429 and e.value.code == "exposure_limit"
+    assert len(fac.verified) == 3
+    _paid_charge(gate, body)  # another wallet is not held back
+    asyncio.run(_drain(paid_sse(gate, charges[0], _events(2), _chunk, sse, _usage, False, 10)))
+    assert _paid_charge(gate, body, wallet=wallet)[0].replay is None
+
+
+class StuckFacilitator(FakeFacilitator):
+    """Settlement that never answers: the node is killed while it waits."""
+    async def settle(self, payload: Any, req: Any) -> Any:
+        self.settled.append(payload)
+        await asyncio.Event().wait()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_kill_between_settling_and_answering_leaves_the_retry_its_answer(tmp_path: Path, stream: bool) -> None:
+    """The node dies after its payment went to settlement but before the client got the answer. On restart
+    the payment is settled; the client's retry (same authorization) gets the answer it paid for with the
+    settlement, generating nothing and paying nothing again; a retry while settlement is still running is
+    told to come back (409), never "already settled"."""
+    body = {**BODY, "stream": stream}
+    gate = PaymentGate(cfg(tmp_path), tmp_path, facilitator=StuckFacilitator())
+    req = required_for(gate, body)
+    header, auth = sign_payment(Account.create().key.hex(), req)
+    headers = {"PAYMENT-SIGNATURE": header}
+
+    async def first() -> None:
+        charge = await gate.authorize(request(body, headers), "m", 10, 8, stream)
+        if stream:
+            work = _drain(paid_sse(gate, charge, _events(3), _chunk, sse, _usage, False, 10))
+        else:
+            work = gate.respond(charge, fin(), {"answer": 42}, {})
+        task = asyncio.ensure_future(work)
+        while gate.ledger.payment(charge.auth_id or "").state != "settling":  # type: ignore[union-attr]
+            await asyncio.sleep(0.01)
+        task.cancel()  # the process dies here: nothing more runs, nothing reaches the client
+        with pytest.raises(BaseException):
+            await task
+    asyncio.run(first())
+    gate.ledger.close()
+
+    fac = FakeFacilitator()
+    gate2 = PaymentGate(cfg(tmp_path), tmp_path, facilitator=fac)  # the restart
+
+    async def retry() -> Any:
+        with pytest.raises(APIError) as e:  # recovery starts with this request; settlement is under way
+            await gate2.authorize(request(body, headers), "m", 10, 8, stream)
+        assert e.value.status == 409
+        await asyncio.sleep(0.05)
+        return await gate2.authorize(request(body, headers), "m", 10, 8, stream)
+    again = asyncio.run(retry())
+    assert again.replay is not None and again.replay.status_code == 200
+    assert decode_b64json(again.replay.headers["PAYMENT-RESPONSE"])["success"] is True
+    if stream:
+        events = body_events(again.replay.body)
+        assert [e["choices"][0]["delta"].get("content") for e in events[1:4]] == ["t0 ", "t1 ", "t2 "]
+        assert events[-2]["x402"]["settlement"]["success"] is True and events[-1] == "[DONE]"
+    else:
+        assert json.loads(again.replay.body) == {"answer": 42}
+    assert len(fac.settled) == 1 and fac.verified == []
+    row = gate2.ledger.payment(auth_id_for(req["accepts"][0]["network"], req["accepts"][0]["asset"], auth["from"],
+                                           auth["nonce"]))
+    assert row is not None and row.state == "settled"
+
+
+def test_a_metered_top_up_is_settled_credited_and_charged_in_one_transaction(tmp_path: Path) -> None:
+    """If recording the top-up fails halfway, none of it is kept: the payment stays `settling` (finished
+    on the next start, credited once), the balance has no half-credited top-up."""
+    fac = FakeFacilitator()
+    gate = PaymentGate(cfg(tmp_path, price_per_request=0, price_per_1k_tokens=100_000, credit_topup=2_000),
+                       tmp_path, facilitator=fac)
+    charge, _ = _paid_charge(gate, BODY, stream=False)
+    real = gate.ledger._close_hold
+
+    def broken(*a: Any, **k: Any) -> Any:
+        raise OSError("disk gone")
+    gate.ledger._close_hold = broken  # type: ignore[method-assign]
+    with pytest.raises(OSError):
+        asyncio.run(gate.respond(charge, fin(10, 3), {"x": 1}, {}))
+    gate.ledger._close_hold = real  # type: ignore[method-assign]
+    payer = charge.payer
+    assert gate.ledger.payment(charge.auth_id).state == "settling"  # type: ignore[union-attr]
+    assert gate.ledger.balance(payer) == 0  # no top-up credited without its settlement recorded
+    gate.ledger.close()
+    gate2 = PaymentGate(cfg(tmp_path, price_per_request=0, price_per_1k_tokens=100_000, credit_topup=2_000),
+                        tmp_path, facilitator=FakeFacilitator())
+
+    async def poke() -> None:
+        with pytest.raises(APIError):
+            await gate2.authorize(request(BODY), "m", 10, 8, False)
+        await asyncio.sleep(0.05)
+    asyncio.run(poke())
+    assert gate2.ledger.payment(charge.auth_id).state == "settled"  # type: ignore[union-attr]
+    assert gate2.ledger.balance(payer) == 2_000 and gate2.ledger.held(payer) == 0  # credited once, nothing lost

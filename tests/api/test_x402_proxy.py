@@ -125,3 +125,24 @@ def test_routed_stream_is_cut_when_credit_runs_out(tmp_path: Path) -> None:
     credit = events[-2]["x402"]["credit"]
     assert credit["exhausted"] is True and 0 <= int(credit["balance"]) < 100
     assert gate.ledger.balance(payer) == int(credit["balance"])
+
+
+def test_a_hosts_usage_is_bounded_by_what_the_entry_relayed(tmp_path: Path) -> None:
+    """A routed host that streams 3 tokens and reports 10^9 completion tokens (or a usage object that is not
+    numbers) is billed for what the entry relayed, not for its claim."""
+    for claimed, charged in (({"prompt_tokens": 7, "completion_tokens": 10**9}, "1100"),
+                             ({"prompt_tokens": "lots", "completion_tokens": [1]}, None)):
+        fac = FakeFacilitator()
+        home = tmp_path / str(len(charged or "x"))
+        gate = PaymentGate(cfg(home, price_per_request=0, price_per_1k_tokens=100_000, credit_topup=50_000),
+                           home, facilitator=fac)  # 100 units per token; plenty of credit
+        usage = {"object": "chat.completion.chunk", "choices": [], "usage": claimed}
+        tunnel = Tunnel(200, "text/event-stream",
+                        sse_body(chunk("a"), chunk("b"), chunk("c"), chunk(None, "stop"), usage))
+        resp, events = paid(gate, {**BODY, "stream": True, "max_tokens": 40}, tunnel, stream=True)
+        rec = events[-2]["x402"]
+        assert rec["settlement"]["success"] is True
+        # 4 chunks with choices relayed (3 tokens + the finish): completion at most 4, never 10^9
+        assert rec["credit"]["usage"]["completion_tokens"] <= 4, rec
+        if charged is not None:
+            assert rec["credit"]["charged"] == charged, rec  # (7 + 4) tokens at 100 units

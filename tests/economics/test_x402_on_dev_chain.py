@@ -293,8 +293,43 @@ def test_retried_request_pays_once(env: Env) -> None:
     assert decode_b64json(r4.headers["PAYMENT-RESPONSE"])["success"] is True
     assert ch.balance("buyer-3") == before - PRICE
     assert not ch.nonce_used(a2["from"], a2["nonce"])
-    r5 = httpx.post(env.paid + CHAT, json=body("Other"), headers={**key}, timeout=60)
+    h5, _ = sign_payment(ch.key("buyer-3"), required)
+    r5 = httpx.post(env.paid + CHAT, json=body("Other"), headers={"PAYMENT-SIGNATURE": h5, **key}, timeout=60)
     assert r5.status_code == 422  # a key is bound to its request
+    # another wallet with the same key and body is not answered from buyer-3's purchase: it pays for its own
+    other_before = ch.balance("buyer-2")
+    h6, _ = sign_payment(ch.key("buyer-2"), required)
+    r6 = httpx.post(env.paid + CHAT, json=req, headers={"PAYMENT-SIGNATURE": h6, **key}, timeout=60)
+    assert r6.status_code == 200 and r6.headers.get("X-Mesh402-Replayed") is None
+    assert decode_b64json(r6.headers["PAYMENT-RESPONSE"])["payer"].lower() == ch.dep.address("buyer-2").lower()
+    assert ch.balance("buyer-2") == other_before - PRICE
+    # the key alone, with no payment, replays nothing
+    r7 = httpx.post(env.paid + CHAT, json=req, headers={**key}, timeout=60)
+    assert r7.status_code == 402
+
+
+def test_a_wallet_cannot_authorize_more_in_flight_than_it_holds(env: Env) -> None:
+    """A wallet holding 1.5 requests' worth opens a stream (authorized, not yet settled) and signs a second
+    authorization while the first is in flight: each alone passes the facilitator's balance check, their sum
+    does not, so the second is refused before any work; the first is answered and settled."""
+    from eth_account import Account
+
+    ch = env.chain
+    wallet = Account.create()
+    ch.transfer("buyer-1", wallet.address, PRICE + PRICE // 2)
+    stream_req = body("Count from one to one hundred in words.", max_tokens=256, stream=True)
+    h1, _ = sign_payment(wallet.key.hex(), get_402(env.paid, CHAT, stream_req))
+    req2 = body("Other")
+    h2, _ = sign_payment(wallet.key.hex(), get_402(env.paid, CHAT, req2))
+    with httpx.stream("POST", env.paid + CHAT, json=stream_req, headers={"PAYMENT-SIGNATURE": h1}, timeout=120) as r:
+        assert r.status_code == 200
+        events = json_events(r)
+        next(events)  # the stream is under way: its authorization is in flight
+        r2 = httpx.post(env.paid + CHAT, json=req2, headers={"PAYMENT-SIGNATURE": h2}, timeout=60)
+        rest = list(events)
+    assert r2.status_code == 402 and r2.json()["error"]["code"] == "open_authorizations_exceed_balance", r2.text
+    assert rest[-1]["x402"]["settlement"]["success"] is True
+    assert ch.balance(wallet.address) == PRICE // 2
 
 
 # ---- metered credit --------------------------------------------------------------------------------
@@ -341,10 +376,21 @@ def test_credit_belongs_to_the_wallet_across_sessions(env: Env) -> None:
     from mesh402.economics.charging import credit_claim_message
     ts = int(time.time())
     other = Account.create()
-    sig = other.sign_message(encode_defunct(text=credit_claim_message(ch.dep.address("node-1"), ts))).signature.hex()
+    nonce = "ab" * 16
+    msg = encode_defunct(text=credit_claim_message(ch.dep.address("node-1"), ts, nonce))
+    sig = other.sign_message(msg).signature.hex()
     r = httpx.post(env.metered + "/v1/x402/credit/token", json={"address": ch.dep.address("buyer-0"), "timestamp": ts,
-                                                                 "signature": sig}, timeout=30)
+                                                                 "nonce": nonce, "signature": sig}, timeout=30)
     assert r.status_code == 401
+    # the wallet's own claim is good once: a copy of it (replayed within the window) gets nothing
+    own = Account.from_key(ch.key("buyer-0")).sign_message(msg).signature.hex()
+    claim = {"address": ch.dep.address("buyer-0"), "timestamp": ts, "nonce": nonce, "signature": own}
+    first = httpx.post(env.metered + "/v1/x402/credit/token", json=claim, timeout=30)
+    assert first.status_code == 200 and first.json()["token"].startswith("m402c_")
+    again = httpx.post(env.metered + "/v1/x402/credit/token", json=claim, timeout=30)
+    assert again.status_code == 401 and again.json()["error"]["code"] == "claim_replayed"
+    no_nonce = {k: v for k, v in claim.items() if k != "nonce"}
+    assert httpx.post(env.metered + "/v1/x402/credit/token", json=no_nonce, timeout=30).status_code == 400
 
 
 def test_official_client_pays_metered_node_and_keeps_the_change_as_credit(env: Env) -> None:

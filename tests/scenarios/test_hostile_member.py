@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -18,6 +19,7 @@ import httpx
 import pytest
 
 from mesh402.mesh.proto import mesh_pb2 as pb
+from mesh402.models.catalog import bundled_model_path
 from mesh402.serving.stage_link import K, Hop
 from harness.mesh_nodes import MeshNode, MeshNodes, wait_until
 from harness.reference import ready_plan
@@ -31,7 +33,6 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def content_hash() -> str:
-    from mesh402.models.catalog import bundled_model_path
     from mesh402.models.gguf_meta import file_fingerprint
 
     return file_fingerprint(bundled_model_path())
@@ -42,6 +43,11 @@ def ask(node: MeshNode) -> str:
                    json={"model": MODEL, "messages": MESSAGES, "temperature": 0, "max_tokens": 8})
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["message"]["content"]
+
+
+def holding_proofs(node: MeshNode) -> dict:
+    r = httpx.get(f"{node.console}/api/status", timeout=5)
+    return r.json()["node"]["distributed"]["holdings"]
 
 
 def stage_status(node: MeshNode) -> dict:
@@ -183,8 +189,8 @@ def lone(tmp_path_factory) -> Iterator[MeshNode]:
 
 
 def test_a_silent_session_is_closed_at_the_deadline_and_its_slot_comes_back(lone, tmp_path: Path) -> None:
-    """Here the member *is* the elected host (it claims more capacity and the model, and there is no
-    incumbent): it may assign layers within the node's budget and open sessions, but a session it then
+    """Here the member *is* the elected host (it claims more capacity and the model, proves it holds the
+    model's tensors, and there is no incumbent): it may assign layers within the node's budget and open sessions, but a session it then
     leaves silent is closed after the deadline, and an epoch far ahead or a range over budget is refused."""
     v = lone
     ch = content_hash()
@@ -193,6 +199,7 @@ def test_a_silent_session_is_closed_at_the_deadline_and_its_slot_comes_back(lone
         out: dict[str, object] = {}
         async with EvilMember(tmp_path / "evil", v.token()) as evil:
             await evil.wait_connected(v.node_id)
+            evil.answer_holding_proofs(bundled_model_path())  # it must prove it holds the tensors (it can)
             evil.svc.update_local(models=[pb.ModelEntry(model_id=MODEL, content_hash=ch)],
                                   labels={"capacity_bytes": str(2**40)})
             code = ""
@@ -237,3 +244,130 @@ def test_a_silent_session_is_closed_at_the_deadline_and_its_slot_comes_back(lone
     assert out["while_held"] == "stage_full" and out["replay"] == "duplicate_session", out
     assert out["open_after"] == 0 and out["slot_back"], out
     assert httpx.get(f"http://127.0.0.1:{v.api_port}/health", timeout=5).status_code == 200
+
+
+def test_a_member_claiming_huge_capacity_and_a_ready_plan_takes_over_nothing(split2, tmp_path: Path) -> None:
+    """A fresh member announces the model, capacity_bytes = 2^62 and a ready plan of its own at a far epoch
+    (and a plan label naming the real host): it cannot prove it holds the tensors, so neither node makes
+    it host, gives it layers or routes a prompt to it; once it does prove it (it has the file), its claim
+    still does not displace the incumbent host, whose plan keeps its epoch. Honest requests keep working."""
+    host, stage, reference = split2
+    ch = content_hash()
+    plan = ready_plan(host)
+    key = f"{MODEL}@{ch}"
+
+    async def attack() -> dict[str, object]:
+        out: dict[str, object] = {}
+        async with EvilMember(tmp_path / "evil", host.token()) as evil:
+            for n in (host, stage):
+                await evil.wait_connected(n.node_id)
+            evil.count_prompts()
+            evil.answer_holding_proofs(bundled_model_path(), honest=False)
+            forged = {**plan, "epoch": plan["epoch"] + 1, "stages": [[evil.node_id, 0, 30, 1]]}
+            evil.claim(MODEL, ch, **{f"plan:{MODEL}@{'0' * 64}": json.dumps(forged)})
+            await asyncio.to_thread(wait_until, lambda: evil.challenges >= 2, 30, 0.2, "both nodes challenged it")
+            out["answers"] = [await asyncio.to_thread(ask, n) for n in (host, stage, stage, host)]
+            out["plan"] = await asyncio.to_thread(ready_plan, host)
+            out["stage_plan"] = await asyncio.to_thread(ready_plan, stage)
+            out["prompts"] = evil.prompts
+            # now it proves it holds the model (it does): still no displacement of the incumbent
+            evil.answer_holding_proofs(bundled_model_path(), honest=True)
+            await asyncio.to_thread(wait_until, lambda: holding_proofs(host)["passed"] >= 1, 90, 0.5,
+                                    "the host saw the member prove it holds the model")
+            await asyncio.sleep(2)  # a few reconcile rounds with the member believed
+            out["after"] = [await asyncio.to_thread(ask, host)]
+            out["plan_after"] = await asyncio.to_thread(ready_plan, host)
+        return out
+
+    out = asyncio.run(attack())
+    assert out["answers"] == [reference] * 4 and out["after"] == [reference], out
+    assert out["prompts"] == 0, out
+    for p in (out["plan"], out["stage_plan"], out["plan_after"]):
+        assert p["host"] == host.node_id and p["epoch"] == plan["epoch"], p
+        assert {s[0] for s in p["stages"]} == {host.node_id, stage.node_id}, p
+    st = httpx.get(f"{host.console}/api/status", timeout=5).json()["node"]["distributed"]
+    assert st["plans"][key]["host"] == host.node_id
+
+
+@pytest.fixture(scope="module")
+def solo_and_client(tmp_path_factory) -> Iterator[tuple[MeshNode, MeshNode, str]]:
+    """A node serving the bundled model whole and an API-only client that joined it: (host, client, answer)."""
+    nodes = MeshNodes(tmp_path_factory.mktemp("hostile-claims"))
+    try:
+        a = nodes.start("a", no_model=False, extra=["--mode", "exact"])
+        c = nodes.start("c", join=a.token(), kind="client")
+        wait_until(lambda: ready_plan(c) is not None, timeout=120, what="the client sees the host's plan")
+        yield a, c, ask(a)
+    finally:
+        nodes.stop_all()
+
+
+MALFORMED = {"capacity_bytes": "lots", f"model:{MODEL}": json.dumps(["not", "an", "object"]),
+             "validator": "not-an-address", "validator_device": "x" * 5000, "erc8004": "eip155:1:0xzz/-1",
+             "x402": json.dumps({"network": [], "per_request": "free"})}
+
+
+def test_malformed_labels_and_a_fake_ready_plan_reach_no_one(solo_and_client, tmp_path: Path) -> None:
+    """A member announces labels that are not what their schemas say (capacity "lots", a model:* label that
+    is a JSON list, plan labels that are lists or name another host, garbage validator and x402 labels):
+    nothing breaks. Then it claims the model with capacity 2^62 and a ready plan it cannot back (it does not
+    prove it holds the tensors): the host does not believe it and the client, which cannot check a proof
+    itself, believes only hosts it already routes to or that one of them vouches for. No prompt reaches the
+    member; every honest request is answered by the host."""
+    a, c, reference = solo_and_client
+    ch = content_hash()
+
+    async def attack() -> dict[str, object]:
+        out: dict[str, object] = {}
+        async with EvilMember(tmp_path / "evil", a.token()) as evil:
+            await evil.wait_connected(a.node_id)
+            evil.count_prompts()
+            evil.answer_holding_proofs(bundled_model_path(), honest=False)
+            evil.claim(MODEL, ch, plan=["not", "a", "plan"], **MALFORMED,  # type: ignore[arg-type]
+                       **{f"plan:{MODEL}@{'1' * 64}": json.dumps({"host": a.node_id, "ready": True})})
+            await asyncio.sleep(3)  # several reconcile rounds on the malformed labels
+            out["during_malformed"] = [await asyncio.to_thread(ask, n) for n in (a, c)]
+            evil.claim(MODEL, ch)  # capacity 2^62 and a ready plan of its own at epoch 10^6
+            await asyncio.to_thread(wait_until, lambda: evil.challenges >= 1, 30, 0.2, "the host challenged it")
+            await asyncio.sleep(2)
+            answers = []
+            for i in range(6):  # different users: sticky keys spread over every replica the client believes
+                r = await asyncio.to_thread(httpx.post, f"http://127.0.0.1:{c.api_port}/v1/chat/completions",
+                                            json={"model": MODEL, "messages": MESSAGES, "temperature": 0,
+                                                  "max_tokens": 8, "user": f"u{i}"}, timeout=120)
+                answers.append((r.status_code, r.json()["choices"][0]["message"]["content"],
+                                r.headers.get("x-mesh402-route", "")))
+            out["answers"] = answers
+            out["models"] = (await asyncio.to_thread(httpx.get, f"http://127.0.0.1:{c.api_port}/v1/models",
+                                                     timeout=10)).json()["data"]
+            out["prompts"] = evil.prompts
+        return out
+
+    out = asyncio.run(attack())
+    assert out["during_malformed"] == [reference, reference], out
+    assert all(s == 200 and text == reference for s, text, _ in out["answers"]), out["answers"]
+    assert out["prompts"] == 0, out
+    (m,) = [m for m in out["models"] if m["id"] == MODEL]
+    assert m["host"] == a.node_id, m
+    for n in (a, c):
+        assert "reconcile failed" not in n.log() and "Traceback" not in n.log(), n.log()[-3000:]
+
+
+def test_allow_host_routes_only_to_the_nodes_it_names(solo_and_client, tmp_path: Path) -> None:
+    """A client started with --allow-host sends its prompts only to the nodes it names: naming the host, it is
+    answered; naming some other node, the host (which serves the model) is never used for it."""
+    a, _, reference = solo_and_client
+    nodes = MeshNodes(tmp_path / "allow")
+    try:
+        ok = nodes.start("ok", join=a.token(), kind="client", extra=["--allow-host", a.node_id])
+        shut = nodes.start("shut", join=a.token(), kind="client", extra=["--allow-host", "0" * 64])
+        wait_until(lambda: ready_plan(ok) is not None, timeout=120, what="the allow-listed host's plan")
+        assert ask(ok) == reference
+        time.sleep(2)  # the same gossip reached the other client
+        assert ready_plan(shut) is None
+        r = httpx.post(f"http://127.0.0.1:{shut.api_port}/v1/chat/completions",
+                       json={"model": MODEL, "messages": MESSAGES, "max_tokens": 4}, timeout=60)
+        assert r.status_code >= 400, r.text
+        assert "x-mesh402-route" not in r.headers or a.node_id[:12] not in r.headers["x-mesh402-route"]
+    finally:
+        nodes.stop_all()

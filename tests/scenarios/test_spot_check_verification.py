@@ -44,9 +44,13 @@ def test_tampering_stage_is_caught_not_paid_and_recorded_on_chain(tmp_path: Path
         return ["--owner-key-file", str(chain.dep.key_file(acct)), *dep]
 
     try:
+        # the entry trusts only validators its operator names: V's identity exists before A starts
+        from mesh402.mesh.identity import NodeIdentity
+        v_id = NodeIdentity.load_or_create(tmp_path / "nodes" / "v").node_id_hex
         # capacities: A hosts (largest), B and C take the other two stages, V can hold no stage at all
         a = nodes.start("a", no_model=False, extra=["--mode", mode, "--max-vram", "0.06", *paid,
-                                                    "--owner-key-file", str(chain.dep.key_file("node-0"))])
+                                                    "--owner-key-file", str(chain.dep.key_file("node-0")),
+                                                    "--validator-id", v_id])
         tok = a.token()
         b = nodes.start("b", join=tok, no_model=False, wait=False,
                         extra=["--mode", mode, "--max-vram", "0.05", *owner("node-1")])

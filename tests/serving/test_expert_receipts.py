@@ -314,3 +314,38 @@ def test_expert_frames_over_links_carry_the_request_and_its_receipt(gguf_path) -
     assert (r.request_id, r.stage, r.node_id, r.host, r.model_hash) == ("req-1", 2, node.node_id_hex, "host-id", HASH)
     assert r.rows == ((0, 1, 4), (0, 6, 6)) and r.trunk_tokens == 0
     assert expert_errors([r]) == ["no host receipt (stage 0)"]  # alone it is not a request's set
+
+
+class InflatingAccounts(ExpertAccounts):
+    """An expert node that signs receipts for 1,000 times the rows it ran, plus an expert it never ran."""
+
+    def receipt(self, host: str, request_id: str, stage: int) -> ExpertReceipt | None:
+        r = super().receipt(host, request_id, stage)
+        if r is None:
+            return None
+        rows = [(la, e, n * 1000) for la, e, n in r.rows] + [(0, max(e for _, e, _ in r.rows) + 1, 10**6)]
+        return sign_expert_receipt(self.signer, request_id=r.request_id, stage=r.stage, model_hash=r.model_hash,
+                                   host=r.host, trunk_tokens=0, rows=[x for x in rows if x[1] < E],
+                                   input_hash=r.input_hash, output_hash=r.output_hash)
+
+
+def test_an_expert_node_claiming_rows_it_was_not_sent_earns_nothing(gguf_path, executor, tmp_path) -> None:
+    """The host keeps an expert node's receipt only when it claims exactly the rows the host sent it and got
+    answers for: an inflated receipt is dropped (logged), the host's and the honest node's are kept."""
+    from mesh402.work.store import EntryReceipts
+    entry = EntryReceipts(tmp_path)
+    entry.add_model(HASH, gguf_path)
+
+    async def main():
+        model, tr, host, names = _host_model(gguf_path, executor, entry._record)
+        cheat = sorted(names)[0]
+        tr.accounts[cheat] = InflatingAccounts(tr.accounts[cheat].signer)
+        _, (a, b) = await _run(model, False)
+        a.release()
+        b.release()
+        await asyncio.gather(*(asyncio.wrap_future(f) for f in list(model.receipts.pending)))
+        return host, cheat, set(names) - {cheat}
+    host, cheat, honest = asyncio.run(main())
+    assert entry.kept == 2 and entry.rejected == 0
+    units = entry.store.work_units(entry.store.unpaid_epochs()[0])
+    assert cheat not in units and set(units) == {host.node_id_hex} | honest

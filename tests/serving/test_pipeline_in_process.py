@@ -11,7 +11,7 @@ from mesh402.engine.sampling import SamplingParams
 from mesh402.serving.generation import LocalModel
 from mesh402.serving.pipeline import Chain, PipelineModel
 from mesh402.serving.stage_link import Hop, StageError
-from mesh402.serving.stage_worker import StageKey, StageWorker
+from mesh402.serving.stage_worker import StageKey
 from tests.support.pipeline import HASH, PATH, Mesh, MeshFailover, build, run_gen
 
 
@@ -63,14 +63,11 @@ def test_no_replacement_is_a_clean_error(executor, prompt) -> None:
 def test_stage_refuses_sessions_beyond_its_memory(executor, prompt) -> None:
     async def main() -> None:
         mesh = Mesh(executor)
-        w = StageWorker("w0", executor, lambda h, a, b: Engine.load(PATH, mode="exact", layers=(a, b),
-                                                                     load_tokenizer=False, max_sessions=1),
-                        mesh.connect)
-        mesh.workers["w0"], mesh.tasks["w0"] = w, []
+        mesh.add("w0", max_sessions=1)
         await mesh.load("w0", StageKey(HASH, 15, 30))
         engine0 = await asyncio.get_running_loop().run_in_executor(
             executor, lambda: Engine.load(PATH, mode="exact", layers=(0, 15)))
-        model = PipelineModel(engine0, Chain("smollm2", HASH, 1, 15, (Hop("w0", 15, 30),)), mesh.connect,
+        model = PipelineModel(engine0, Chain("smollm2", HASH, 1, 15, (Hop(mesh.node("w0"), 15, 30),)), mesh.connect,
                               MeshFailover(mesh, []), executor, signer=mesh.host)
         sampling = SamplingParams(temperature=0, seed=1)
         first = await model.open(64, sampling)

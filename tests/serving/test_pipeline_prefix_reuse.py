@@ -63,15 +63,12 @@ def test_paid_warm_request_reveals_from_position_zero(executor, solo) -> None:
     """A paid (audited) request that restores a prompt prefix still reveals the steps that built it, so the
     validator replays from position 0 and an honest stage passes."""
     from mesh402.work.evidence import Auditor, spot_checks
-    from mesh402.mesh.identity import NodeIdentity
     from mesh402.serving.spot_checks import PASS_SCORE, judge
     a, b = prompt_for(solo, "Name a colour."), prompt_for(solo, "Name an animal that swims.")
     got: list = []
 
     async def main():
         model, mesh, _ = await build(executor, [0, 10, 20, 30])
-        for name, w in mesh.workers.items():
-            w.signer = NodeIdentity.generate()
         model.receipt_sink = lambda rs, ev=None: got.append((rs, ev))  # signed by the host that assigned the ranges
         model.auditor = Auditor(1.0, 3600)
         await gen(model, a)

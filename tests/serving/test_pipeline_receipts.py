@@ -8,11 +8,14 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from mesh402.work.receipts import chain_errors
 from mesh402.work.store import ReceiptStore
 from mesh402.mesh.identity import NodeIdentity
 from tests.support.pipeline import HASH, build, run_gen
 from tests.support.pipeline_receipts import N, SlowSink, run_with_receipts
+from harness.tamper import FORGED_TOKENS, RECEIPT_CHEATS, cheat_receipts
 
 
 def test_every_stage_signs_and_the_chain_verifies(executor, prompt, tmp_path: Path) -> None:
@@ -107,8 +110,6 @@ def test_a_split_answer_ends_only_after_its_receipts_are_committed(executor, pro
     answer ends, so a kill -9 of the entry right after an answer loses none of its work units."""
     async def main() -> bool:
         model, mesh, _ = await build(executor, [0, 15, 30])
-        for name, w in mesh.workers.items():
-            w.signer = NodeIdentity.generate()
         sink = SlowSink()
         model.receipt_sink = sink  # signed by the host that assigned the ranges
         return await committed_at_finish(model, prompt, sink)
@@ -127,3 +128,38 @@ def test_a_solo_answer_ends_only_after_its_receipt_is_committed(executor, prompt
         model = LocalModel(eng, executor, prefix_cache=None, receipts=SoloReceipts(NodeIdentity.generate(), sink, HASH, 30))
         return await committed_at_finish(model, prompt, sink)
     assert asyncio.run(main())
+
+
+@pytest.mark.parametrize("how", RECEIPT_CHEATS)
+def test_a_middle_stage_cheating_on_receipts_gets_nothing_stored(executor, prompt, tmp_path: Path, how: str) -> None:
+    """The middle stage of three answers CLOSE with a chain of its own: its receipt claiming the last stage's
+    layers too (that stage's receipt dropped), or a whole chain signed with throwaway keys claiming 10^9
+    tokens. The entry keeps only what is bound to the request as it planned and fed it (its own stage-0
+    receipt); the answer itself is unaffected."""
+    import time
+
+    from mesh402.models.catalog import bundled_model_path
+    from mesh402.work.store import EntryReceipts, epoch_of
+    entry = EntryReceipts(tmp_path, epoch_s=3600)
+    entry.add_model(HASH, bundled_model_path())
+
+    async def main() -> tuple[list[Any], list[int], Any]:
+        model, mesh, _ = await build(executor, [0, 10, 20, 30])
+        cheat_receipts(mesh.workers["w0"], how)
+        got: list[list[Any]] = []
+        model.receipt_sink = lambda rs, ev=None: (got.append(rs), entry(rs, ev))[1]
+        out = await run_gen(model, prompt, N)
+        for _ in range(200):
+            if entry.kept + entry.rejected:
+                break
+            await asyncio.sleep(0.02)
+        return got[0], out, model
+
+    receipts, out, model = asyncio.run(main())
+    honest, _, _ = asyncio.run(run_with_receipts(executor, prompt, [0, 10, 20, 30]))
+    assert [r.node_id for r in receipts] == [model.signer.node_id_hex] and receipts[0].layer_end == 10
+    units = entry.store.work_units(epoch_of(time.time(), 3600))
+    assert list(units) == [model.signer.node_id_hex]  # nothing for the cheat, nothing forged
+    stored = entry.store.receipts(receipts[0].request_id)
+    assert [(r.stage, r.tokens) for r in stored] == [(0, honest[0].tokens)] and FORGED_TOKENS not in {r.tokens for r in stored}
+    assert len(out) == N

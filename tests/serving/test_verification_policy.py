@@ -169,3 +169,18 @@ def test_a_node_requests_validation_only_for_entries_it_worked_for() -> None:
     t.worked_for.add("entry")
     t._asks[("entry", 5)] = MAX_ASKS_PER_EPOCH
     assert ask("entry").params["code"] == "too_many"
+
+
+def test_only_validators_the_operator_named_are_asked() -> None:
+    """Announcing the validator label selects nobody: a validator decides who is paid, so an entry asks only
+    the ones its operator named (--validator-id); a malformed address is never used either."""
+    from mesh402.serving.verification import TrustServices
+
+    named, self_declared, bad = "aa" * 32, "bb" * 32, "cc" * 32
+    labels = {self_declared: {"validator": "0x" + "11" * 20}, named: {"validator": "0x" + "22" * 20},
+              bad: {"validator": "not-an-address"}}
+    t = TrustServices("me", None, None, None, None, lambda: labels,  # type: ignore[arg-type]
+                      trusted_validators=[named, bad])
+    assert t.validator_for("stage") == (named, "0x" + "22" * 20)
+    assert t.validator_for(named) is None  # never the node under judgement
+    assert TrustServices("me", None, None, None, None, lambda: labels).validator_for("stage") is None  # type: ignore[arg-type]

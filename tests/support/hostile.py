@@ -61,6 +61,45 @@ class EvilMember:
         await fs.finish()
         return reply.stage if reply is not None and reply.WhichOneof("body") == "stage" else None
 
+    def answer_holding_proofs(self, model_path: Path, *, honest: bool = True) -> None:
+        """Answer holding challenges (STAGE streams) from `model_path`, as a node that has the file does
+        (honest=False: with a made-up proof, as a member without it must); every challenge is counted."""
+        from mesh402.serving.holdings import Holdings
+
+        prover = Holdings(self.node_id, self.open, lambda ch: Path(model_path))
+        self.challenges = 0
+
+        async def on_stage(peer: bytes, fs: Any) -> None:
+            frame = await fs.recv(10)
+            if frame is None or frame.stage.kind != K.STAGE_KIND_HOLDING_PROOF:
+                return
+            self.challenges += 1
+            reply = await prover.on_challenge(bytes(peer).hex(), frame.stage)
+            if not honest:
+                reply = stage_frame(K.STAGE_KIND_RESULT, params={"proof": "00" * 32})
+            await fs.send(reply)
+
+        self.svc.register_handler(StreamType.STAGE, on_stage)
+
+    def count_prompts(self) -> None:
+        """Count every HTTP_TUNNEL stream a node opens to this member (a prompt routed to it); answer none."""
+        self.prompts = 0
+
+        async def on_tunnel(peer: bytes, fs: Any) -> None:
+            self.prompts += 1
+
+        self.svc.register_handler(StreamType.HTTP_TUNNEL, on_tunnel)
+
+    def claim(self, model_id: str, content_hash: str, *, capacity: int = 2**62, plan: dict[str, Any] | None = None,
+              **labels: str) -> None:
+        """Announce the model on disk, a capacity, and a plan label of this member's making (a fake ready plan
+        by default: it claims to serve the whole model itself, at a high epoch)."""
+        key = f"{model_id}@{content_hash}"
+        plan = plan if plan is not None else {"kind": "plan", "model_key": key, "epoch": 10**6, "host": self.node_id,
+                                              "ready": True, "stages": [[self.node_id, 0, 30, 1]], "standbys": []}
+        self.svc.update_local(models=[pb.ModelEntry(model_id=model_id, content_hash=content_hash)],
+                              labels={"capacity_bytes": str(capacity), f"plan:{key}": json.dumps(plan), **labels})
+
     def grant(self, content_hash: str, epoch: int, hops: list[Hop], max_len: int = 64) -> dict[str, str]:
         """OPEN params carrying a grant this member signs itself (valid only where it is the host)."""
         sampling = json.dumps({"temperature": 0.0, "seed": 1})

@@ -37,40 +37,50 @@ def solo() -> Engine:
 
 
 class Mesh:
-    """Workers keyed by node id, reachable through in-memory links; nodes can be 'killed'. `host` is the
-    identity that assigns the ranges and signs the session grants; each link knows who opened it."""
+    """Workers keyed by name ("w0", "standby"), each with its own identity, whose hex id is the node id the
+    plan's hops name and the key its receipts are signed with; reachable through in-memory links, and can be
+    'killed'. `host` is the identity that assigns the ranges and signs the session grants; each link knows
+    who opened it."""
 
     def __init__(self, executor: ThreadPoolExecutor) -> None:
         self.executor = executor
         self.host = NodeIdentity.generate()
         self.workers: dict[str, StageWorker] = {}
+        self.ids: dict[str, NodeIdentity] = {}
+        self.names: dict[str, str] = {}  # node id hex -> name
         self.tasks: dict[str, list[asyncio.Task]] = {}
-        self.dead: set[str] = set()
+        self.dead: set[str] = set()  # node ids
 
-    def add(self, node: str) -> StageWorker:
+    def node(self, name: str) -> str:
+        return self.ids[name].node_id_hex
+
+    def add(self, name: str, **engine_kw: object) -> StageWorker:
+        """A worker; `engine_kw` go to every Engine.load of its ranges (e.g. max_sessions)."""
+        ident = self.ids[name] = NodeIdentity.generate()
+        node = ident.node_id_hex
         w = StageWorker(node, self.executor, lambda h, a, b: Engine.load(PATH, mode="exact", layers=(a, b),
-                                                                         load_tokenizer=False),
-                        lambda target, me=node: self.connect(target, caller=me))
-        self.workers[node] = w
-        self.tasks[node] = []
+                                                                         load_tokenizer=False, **engine_kw),
+                        lambda target, me=node: self.connect(target, caller=me), signer=ident)
+        self.workers[name], self.names[node], self.tasks[name] = w, name, []
         return w
 
     async def connect(self, node: str, caller: str | None = None) -> MemoryLink:
-        if node in self.dead or node not in self.workers:
+        name = self.names.get(node)
+        if node in self.dead or name is None:
             raise ConnectionError(f"no route to {node}")
         client, server = MemoryLink.pair()
         peer = caller or self.host.node_id_hex
-        self.tasks[node].append(asyncio.create_task(self.workers[node].handle(peer, server)))
+        self.tasks[name].append(asyncio.create_task(self.workers[name].handle(peer, server)))
         return client
 
-    async def load(self, node: str, key: StageKey) -> None:
+    async def load(self, name: str, key: StageKey) -> None:
         """As an ASSIGN from the host would: the range, and who may grant sessions on it."""
-        await self.workers[node].ensure_loaded(key, assigner=self.host.node_id_hex)
+        await self.workers[name].ensure_loaded(key, assigner=self.host.node_id_hex)
 
-    def kill(self, node: str) -> None:
+    def kill(self, name: str) -> None:
         """Like kill -9: the node's tasks stop and it never answers again."""
-        self.dead.add(node)
-        for t in self.tasks[node]:
+        self.dead.add(self.node(name))
+        for t in self.tasks[name]:
             t.cancel()
 
 
@@ -91,7 +101,7 @@ class MeshFailover(Failover):
                     raise StageError("no standby left", code="no_plan")
                 sb = self.standbys.pop(0)
                 await self.mesh.load(sb, StageKey(HASH, h.start, h.end))
-                h = Hop(sb, h.start, h.end)
+                h = Hop(self.mesh.node(sb), h.start, h.end)
             hops.append(h)
         self.epoch += 1
         return Chain(chain.model_id, chain.content_hash, self.epoch, chain.local_end, tuple(hops))
@@ -119,10 +129,10 @@ async def build(executor, splits: list[int], standbys: list[str] = ()) -> tuple[
     mesh = Mesh(executor)
     hops = []
     for i, (a, b) in enumerate(zip(splits[1:], splits[2:])):
-        node = f"w{i}"
-        mesh.add(node)
-        await mesh.load(node, StageKey(HASH, a, b))
-        hops.append(Hop(node, a, b))
+        name = f"w{i}"
+        mesh.add(name)
+        await mesh.load(name, StageKey(HASH, a, b))
+        hops.append(Hop(mesh.node(name), a, b))
     for sb in standbys:
         mesh.add(sb)
     engine0 = await asyncio.get_running_loop().run_in_executor(

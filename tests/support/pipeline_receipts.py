@@ -37,9 +37,7 @@ async def run_with_receipts(executor: Any, prompt: list[int], splits: list[int],
             fn(eng)  # in place: the layers it already holds
         load = mesh.workers[name].loader
         mesh.workers[name].loader = lambda h, a, b, load=load, fn=fn: fn(load(h, a, b))
-    ids = {"entry": model.signer, **{name: NodeIdentity.generate() for name in mesh.workers}}
-    for name, w in mesh.workers.items():
-        w.signer = ids[name]
+    ids = {"entry": model.signer, **mesh.ids}  # each worker signs with the identity its hop names
     got: list[list[Any]] = []
     def sink(rs: list[Any], evidence: Any = None) -> None:
         got.append(rs)

@@ -17,6 +17,12 @@ Streaming is never buffered: tokens flow as they are generated, settlement runs 
 and its outcome arrives in-band as a final SSE chunk (`"choices": []` plus an `x402` object) before
 `data: [DONE]`; the same record is kept in the ledger.
 
+Trust (docs/security.md): an `Idempotency-Key` belongs to the payer that proved itself (a locally checked
+EIP-3009 signature, or a credit token), so another client with the same key and body gets no one else's
+answer; a payer's authorizations in flight are capped (`max_exposure`), since a stream's tokens go out
+before its payment settles; an answer is staged in the ledger before its payment is settled, so a crash
+in between leaves the retry the answer (once settled) or the settlement's outcome.
+
 Requests that arrive through the mesh tunnel are charged like any client's: an admitted member is not
 trusted to have been paid by anyone (on an open mesh anyone is a member). An entry node that routes to
 a host that charges pays that host itself (api/x402/proxy.py) or lets its client pay it.
@@ -30,9 +36,11 @@ import hashlib
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +50,7 @@ from fastapi.responses import JSONResponse, Response
 from mesh402.api.errors import APIError
 from mesh402.economics.charging import (
     BILLING_HEADER,
+    CLAIM_NONCE_RE,
     CLAIM_WINDOW_S,
     CREDIT_BALANCE_HEADER,
     CREDIT_CHARGED_HEADER,
@@ -58,6 +67,10 @@ from mesh402.economics.networks import Asset
 from mesh402.settings import PaymentsConfig
 
 log = logging.getLogger(__name__)
+
+AUTH_HEADER = "x-mesh402-internal-auth"  # in a staged answer's stored headers: its payment (never sent)
+DEFAULT_EXPOSURE_REQUESTS = 4  # without --max-exposure: a payer may have this many requests' worth in flight
+
 
 @dataclass
 class Charge:
@@ -84,6 +97,7 @@ class Charge:
     timing: dict[str, float] = field(default_factory=dict)  # facilitator round trips, ms
     gate: "PaymentGate | None" = None
     extra: int = 0  # added to this request's price: what the entry pays the host it routes to
+    staged: bool = False  # its answer is in the ledger, its payment marked settling
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> int:
         assert self.gate is not None
@@ -161,16 +175,27 @@ class PaymentGate(Pricing):
                         gate=self, extra=extra)
 
         idem = request.headers.get(IDEMPOTENCY_HEADER)
-        if idem:
-            if len(idem) > 200:
-                raise APIError(400, "Idempotency-Key is longer than 200 characters", param=IDEMPOTENCY_HEADER)
-            charge.keys.append("idem:" + idem)
+        if idem and len(idem) > 200:
+            raise APIError(400, "Idempotency-Key is longer than 200 characters", param=IDEMPOTENCY_HEADER)
         sig = request.headers.get("PAYMENT-SIGNATURE") or request.headers.get("X-PAYMENT")
         payload = auth = None
+        payer: str | None = None  # an Idempotency-Key is kept and looked up under its payer only
+        signed = False  # whether the payer is the authorization's `from` (proven only when it matters)
         if sig:
             payload, auth = self._decode(request, reqs, sig)
             charge.auth_id = auth_id_for(payload.accepted.network, payload.accepted.asset, auth["from"],
                                          auth["nonce"])
+            payer, signed = str(auth["from"]).lower(), True
+        elif self.metered and request.headers.get(CREDIT_HEADER):
+            payer = self.ledger.account_for_token(request.headers[CREDIT_HEADER].strip())
+        if idem and payer:
+            idem_key = "idem:" + hashlib.sha256(f"{payer}\0{idem}".encode()).hexdigest()
+            # A key already stored under this payer is replayed only to that payer: the signature is checked
+            # here (a new key is stored only after the facilitator verified it, so this is the retry path).
+            if not (signed and self.ledger.response(idem_key) is not None
+                    and not self._signed_by_payer(request, reqs, payload, auth or {})):
+                charge.keys.append(idem_key)
+        if charge.auth_id:
             charge.keys.append("auth:" + charge.auth_id)
 
         # A retry of a request already answered: replay it, pay nothing, generate nothing.
@@ -186,6 +211,12 @@ class PaymentGate(Pricing):
                 raise self.payment_required(request, reqs, "this payment authorization was already used for "
                                             "another request; sign a new one", "authorization_already_used",
                                             settle=json.loads(row.settle_json) if row and row.settle_json else None)
+            if stored.state == "settling":  # answered, payment being settled (or a crash came in between)
+                replay = self._staged_replay(request, reqs, charge.keys, stored)
+                if replay is None:
+                    continue  # its payment was never settled: the answer was dropped, this is a new request
+                charge.replay = replay
+                return charge
             if stored.state != "done":
                 raise APIError(409, "the same request (same Idempotency-Key or payment) is still in progress",
                                code="request_in_progress")
@@ -204,6 +235,14 @@ class PaymentGate(Pricing):
                                             f"{' in ' + row.tx if row.tx else ''}; sign a new one",
                                             "authorization_already_used",
                                             settle=json.loads(row.settle_json) if row.settle_json else None)
+            cap = self.cfg.max_exposure or DEFAULT_EXPOSURE_REQUESTS * amount
+            open_ = self.ledger.exposure(auth["from"])
+            if open_ + amount > cap:  # checked before the facilitator: N signatures buy N * 0 tokens
+                raise APIError(429, f"this wallet already has {self.asset.fmt(open_)} authorized for requests in "
+                               f"flight here (at most {self.asset.fmt(cap)}); wait for them to settle",
+                               type="rate_limit_error", code="exposure_limit", headers={"Retry-After": "5"})
+            if open_ and self.cfg.rpc_url:  # the facilitator checks each authorization alone, not their sum
+                await self._covers(request, reqs, auth["from"], open_ + amount)
             t0 = time.perf_counter()
             await self._verify(request, reqs, payload, auth, window)
             charge.timing["verify"] = round((time.perf_counter() - t0) * 1000, 1)
@@ -235,6 +274,22 @@ class PaymentGate(Pricing):
                            code="request_in_progress")
         return charge
 
+    async def _covers(self, request: Request, reqs: Any, payer: str, total: int) -> None:
+        """402 unless `payer`'s balance on chain covers `total` (its authorizations in flight here plus this
+        one). Asked only when it has some in flight; an unreachable RPC lets the request through (the
+        exposure cap still bounds what it can take)."""
+        from mesh402.economics.chain import erc20_balance  # lazy: web3 only on this path
+        try:
+            bal = await asyncio.to_thread(erc20_balance, self.cfg.rpc_url or "", self.asset.address, payer)
+        except Exception as e:
+            log.warning("balance check for %s failed: %s", payer, e)
+            return
+        if bal < total:
+            raise self.payment_required(
+                request, reqs, f"payment rejected: the wallet holds {self.asset.fmt(bal)}, less than the "
+                f"{self.asset.fmt(total)} it has authorized for requests in flight here (this one included)",
+                "open_authorizations_exceed_balance")
+
     def _decode(self, request: Request, reqs: Any, sig: str) -> tuple[Any, dict[str, Any]]:
         from x402.schemas import PaymentPayload
         try:
@@ -248,6 +303,66 @@ class PaymentGate(Pricing):
             raise self.payment_required(request, reqs, f"malformed PAYMENT-SIGNATURE: {e}",
                                         "invalid_payload") from None
         return payload, auth
+
+    def _signed_by_payer(self, request: Request, reqs: Any, payload: Any, auth: dict[str, Any]) -> bool:
+        """Whether the authorization's EOA signature recovers to its `from` (checked here before an answer
+        stored under the payer's Idempotency-Key is replayed; ~20-70 ms of pure-Python secp256k1, so only
+        then). A bad EOA signature is refused; a contract wallet's (not 65 bytes) cannot be checked here:
+        its request goes on as a new one (the same authorization still replays its answer)."""
+        from x402.mechanisms.evm.eip712 import hash_eip3009_authorization
+        from x402.mechanisms.evm.types import ExactEIP3009Payload
+        from x402.mechanisms.evm.verify import verify_eoa_signature
+        try:
+            data = ExactEIP3009Payload.from_dict(payload.payload)
+            sig = bytes.fromhex(str(data.signature or "").removeprefix("0x"))
+        except (ValueError, TypeError, AttributeError):
+            sig = b""
+        if len(sig) != 65:
+            return False
+        try:
+            h = hash_eip3009_authorization(data.authorization, self.asset.chain_id, payload.accepted.asset,
+                                           self.asset.name, self.asset.version)
+            ok = verify_eoa_signature(h, sig, str(auth["from"]))
+        except Exception:
+            ok = False
+        if not ok:
+            raise self.payment_required(request, reqs, "payment rejected: the authorization is not signed by its "
+                                        "`from` wallet", "invalid_exact_evm_payload_signature")
+        return True
+
+    def _staged_replay(self, request: Request, reqs: Any, keys: list[str], stored: Any) -> Response | None:
+        """A retry of a request whose answer was staged before its payment settled: the answer once the
+        payment settled (or is pending on chain), its outcome if settlement failed, 409 while it is still
+        being settled, None (answer dropped) if it was never settled."""
+        headers = dict(stored.headers)
+        auth_id = headers.pop(AUTH_HEADER, "")
+        row = self.ledger.payment(auth_id) if auth_id else None
+        settle = json.loads(row.settle_json) if row is not None and row.settle_json else None
+        if row is None or row.state == "released":
+            self.ledger.drop_responses(keys)
+            return None
+        if row.state == "failed":
+            self.ledger.drop_responses(keys)
+            raise self.payment_required(request, reqs, f"settlement failed: {row.reason}", row.reason or
+                                        "settle_failed", settle=settle)
+        if row.state == "settling" and not row.tx:
+            raise APIError(409, "this request's payment is being settled; retry shortly", code="request_in_progress",
+                           headers={"Retry-After": "2"})
+        body = stored.body or b""
+        if headers.get("content-type", "").startswith("text/event-stream"):
+            record = {"object": "chat.completion.chunk", "choices": [], "x402": {"settlement": settle}}
+            body += b"data: " + json.dumps(record).encode() + b"\n\n" + b"data: [DONE]\n\n"
+        if settle is not None:
+            headers["PAYMENT-RESPONSE"] = b64json(settle)
+        return Response(body, status_code=stored.status or 200, headers={**headers, REPLAY_HEADER: "true"})
+
+    def stage(self, charge: Charge, headers: dict[str, str], body: bytes) -> None:
+        """Keep the answer before its payment is settled (see _staged_replay), in the same transaction that
+        marks the payment `settling`."""
+        if charge.keys and charge.auth_id and charge.payload is not None:
+            self.ledger.finish_response(charge.keys, 200, {**headers, AUTH_HEADER: charge.auth_id}, body,
+                                        state="settling", settling=charge.auth_id)
+            charge.staged = True
 
     async def _verify(self, request: Request, reqs: Any, payload: Any, auth: dict[str, Any], window: int) -> None:
         acc = payload.accepted
@@ -316,10 +431,12 @@ class PaymentGate(Pricing):
 
     # ---- settle / release -----------------------------------------------------------------------
 
-    async def _settle_payment(self, charge: Charge) -> dict[str, Any]:
-        """Settle the charge's authorization; -> the SettlementResponse JSON (success or not)."""
+    async def _settle_payment(self, charge: Charge, on_success: Any = None) -> dict[str, Any]:
+        """Settle the charge's authorization; -> the SettlementResponse JSON (success or not). `on_success(tx,
+        settle_json)` records a success (default: the payment row alone)."""
         assert charge.auth_id is not None
-        self.ledger.mark_settling(charge.auth_id)
+        if not charge.staged:  # (a staged answer was marked settling with it, in one transaction)
+            self.ledger.mark_settling(charge.auth_id)
         t0 = time.perf_counter()
         try:
             from x402.server_base import settle_with_pending_retry_async
@@ -332,7 +449,8 @@ class PaymentGate(Pricing):
         charge.timing["settle"] = round((time.perf_counter() - t0) * 1000, 1)
         if out.get("success"):
             out.setdefault("amount", str(charge.amount))
-            self.ledger.mark_settled(charge.auth_id, out.get("transaction", ""), json.dumps(out))
+            (on_success or partial(self.ledger.mark_settled, charge.auth_id))(out.get("transaction", ""),
+                                                                              json.dumps(out))
         elif out.get("errorReason") == "settlement_pending" and out.get("transaction"):
             # broadcast but not yet confirmed: the row stays `settling` and is finished on the next start;
             # the answer is delivered (the transfer is on its way) and the client sees the pending state
@@ -355,19 +473,31 @@ class PaymentGate(Pricing):
         headers = dict(charge.headers)
         info: dict[str, Any] = {}
         ok = True
+        closed: tuple[int, int] | None = None
         if charge.payload is not None:
-            settle = await self._settle_payment(charge)
+            hold_id = charge.hold_id
+            if hold_id:  # a top-up: settled, credited and its request charged in one ledger transaction
+
+                def record(tx: str, settle_json: str) -> None:
+                    nonlocal closed
+                    assert hold_id is not None
+                    closed = self.ledger.settle_topup(
+                        charge.auth_id or "", tx, settle_json, payer=charge.payer or "", amount=charge.amount,
+                        hold_id=hold_id, cost=charge.cost(prompt, completion), ref=charge.request_id)
+                settle = await self._settle_payment(charge, record)
+            else:
+                settle = await self._settle_payment(charge)
             headers["PAYMENT-RESPONSE"] = b64json(settle)
             info["settlement"] = settle
             ok = bool(settle.get("success") or settle.get("pending"))
-            if ok and charge.hold_id:
+            if ok and closed is None and charge.hold_id:  # pending on chain: credited now, once (by its ref)
                 self.ledger.topup(charge.payer or "", charge.amount, charge.auth_id or "", into_hold=charge.hold_id)
         if charge.timing:
             headers["Server-Timing"] = ", ".join(f"x402-{k};dur={v}" for k, v in charge.timing.items())
             info["timing_ms"] = dict(charge.timing)
         if charge.hold_id:
             cost = charge.cost(prompt, completion) if ok else 0
-            charged, bal = self.ledger.close_hold(charge.hold_id, cost, charge.request_id)
+            charged, bal = closed or self.ledger.close_hold(charge.hold_id, cost, charge.request_id)
             headers[CREDIT_CHARGED_HEADER] = str(charged)
             headers[CREDIT_BALANCE_HEADER] = str(bal)
             info["credit"] = {"charged": str(charged), "balance": str(bal), "asset": self.asset.address,
@@ -389,7 +519,12 @@ class PaymentGate(Pricing):
             self.ledger.drop_responses(charge.keys)
 
     async def respond(self, charge: Charge, fin: Any, body: dict[str, Any], headers: dict[str, str]) -> Response:
-        """Non-streaming success: settle, then answer with PAYMENT-RESPONSE (402 if settlement failed)."""
+        """Non-streaming success: stage the answer, settle, then answer with PAYMENT-RESPONSE (402 if
+        settlement failed)."""
+        if charge.keys:
+            staged = JSONResponse(body, headers=headers)
+            self.stage(charge, {k: v for k, v in headers.items() if k != CREDIT_TOKEN_HEADER}
+                       | {"content-type": "application/json"}, bytes(staged.body))
         res = await self.complete(charge, fin)
         if not res["ok"]:
             settle = res["x402"].get("settlement") or {}
@@ -421,6 +556,10 @@ class PaymentGate(Pricing):
             self.ledger.drop_responses(charge.keys)
             charge.keys = []
         return res["x402"]
+
+    def stage_stream(self, charge: Charge, transcript: bytes) -> None:
+        """Keep what a paid stream delivered before its payment is settled (a crash then loses no answer)."""
+        self.stage(charge, {"content-type": "text/event-stream"}, transcript)
 
     def store_stream(self, charge: Charge, transcript: bytes) -> None:
         """Keep the whole SSE body so a retry (same Idempotency-Key / authorization) is replayed."""
@@ -493,21 +632,27 @@ class PaymentGate(Pricing):
             try:
                 data = await request.json()
                 address, ts, sig = str(data["address"]), int(data["timestamp"]), str(data["signature"])
+                nonce = str(data["nonce"])
+                if not re.fullmatch(CLAIM_NONCE_RE, nonce) or len(address) > 64 or len(sig) > 200:
+                    raise ValueError(nonce)
             except Exception:
-                raise APIError(400, "body must be {address, timestamp, signature}") from None
+                raise APIError(400, "body must be {address, timestamp, nonce (32 hex digits), signature}") from None
             if abs(time.time() - ts) > CLAIM_WINDOW_S:
                 raise APIError(401, "claim timestamp is too old or in the future", type="authentication_error",
                                code="stale_claim")
             from eth_account import Account
             from eth_account.messages import encode_defunct
             try:
-                signer = Account.recover_message(encode_defunct(text=credit_claim_message(self.cfg.pay_to or "", ts)),
-                                                 signature=sig)
+                signer = Account.recover_message(
+                    encode_defunct(text=credit_claim_message(self.cfg.pay_to or "", ts, nonce)), signature=sig)
             except Exception:
                 signer = ""
             if signer.lower() != address.lower():
                 raise APIError(401, "signature does not match the address", type="authentication_error",
                                code="invalid_signature")
+            if not self.ledger.use_claim(address, nonce, CLAIM_WINDOW_S):
+                raise APIError(401, "this claim was used already; sign a new one (fresh nonce)",
+                               type="authentication_error", code="claim_replayed")
             bal = self.ledger.balance(address)
             return {"payer": address.lower(), "balance": str(bal), "token": self.ledger.issue_token(address)}
 

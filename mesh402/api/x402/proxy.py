@@ -6,7 +6,10 @@ request as coming from an admitted peer and does not charge again.
 
 The entry node has no tokenizer for a remote model, so usage comes from the host's own answer:
 the `usage` object of a JSON response, or, for a stream, the usage chunk (the forwarded request asks for
-it; it is passed on only if the client asked for it too). Streams are passed through unbuffered and
+it; it is passed on only if the client asked for it too). The host's count is not trusted beyond what the
+entry saw itself (`bounded_usage`): prompt tokens at most the bytes of the request it forwarded (plus the
+chat template's markers), completion tokens at most max_tokens and at most the bytes of the answer (JSON) or
+the chunks it relayed (stream); a malformed usage object counts as what the entry saw. Streams are passed through unbuffered and
 counted as they go, so prepaid credit can cut a stream off just as on a local model.
 """
 
@@ -34,11 +37,20 @@ log = logging.getLogger(__name__)
 Forward = Callable[[bytes], Awaitable[tuple[int, dict[str, str], AsyncIterator[bytes]]]]
 
 
-def _usage(u: dict[str, Any] | None) -> Any:
-    if not u:
+TEMPLATE_TOKENS = 256  # prompt tokens a chat template may add beyond one per byte of the request
+
+
+def bounded_usage(u: Any, prompt_cap: int, completion_cap: int) -> Any:
+    """The host's `usage`, each count clamped to what the entry can vouch for (a host claiming 10^9 tokens
+    bills the buyer for at most the caps); a missing or malformed object counts as the caps' floor: the
+    prompt cap and `completion_cap` (what the entry relayed). None when nothing at all is known."""
+    def count(key: str, cap: int) -> int:
+        v = u.get(key) if isinstance(u, dict) else None
+        return min(v, cap) if type(v) is int and v >= 0 else cap
+    if not isinstance(u, dict) and completion_cap <= 0:
         return None
-    return SimpleNamespace(prompt_tokens=int(u.get("prompt_tokens", 0)),
-                           completion_tokens=int(u.get("completion_tokens", 0)), ttft_s=0.0, total_s=0.0)
+    return SimpleNamespace(prompt_tokens=count("prompt_tokens", prompt_cap),
+                           completion_tokens=count("completion_tokens", completion_cap), ttft_s=0.0, total_s=0.0)
 
 
 async def paid_proxy(gate: "PaymentGate", request: Request, model_id: str, req: SamplingFields, default_max_tokens: int,
@@ -80,9 +92,12 @@ async def paid_proxy(gate: "PaymentGate", request: Request, model_id: str, req: 
             await gate.release(charge, "the model's host sent an unreadable answer")
             raise APIError(502, "the model's host sent an unreadable answer", type="server_error") from None
         keep = {k: v for k, v in headers.items() if k.lower() not in ("content-type", "content-length")}
-        return await gate.respond(charge, _usage(out.get("usage")), out, {**keep, **charge.headers})
-    return StreamingResponse(_meteredsse(gate, charge, chunks, client_wants_usage), status_code=status,
-                             headers={**headers, **charge.headers})
+        usage = out.get("usage") if isinstance(out, dict) else None
+        # a token is at least one byte of the answer it produced: the answer's size bounds the count
+        used = bounded_usage(usage, len(body) + TEMPLATE_TOKENS, min(max_tokens, len(raw)))
+        return await gate.respond(charge, used, out, {**keep, **charge.headers})
+    return StreamingResponse(_meteredsse(gate, charge, chunks, client_wants_usage, len(body) + TEMPLATE_TOKENS,
+                                         max_tokens), status_code=status, headers={**headers, **charge.headers})
 
 
 def _has_text(obj: dict[str, Any]) -> bool:
@@ -92,12 +107,14 @@ def _has_text(obj: dict[str, Any]) -> bool:
     return bool((ch.get("delta") or {}).get("content") or ch.get("text"))
 
 
-async def _meteredsse(gate: Any, charge: Any, chunks: AsyncIterator[bytes], pass_usage: bool) -> AsyncIterator[bytes]:
+async def _meteredsse(gate: Any, charge: Any, chunks: AsyncIterator[bytes], pass_usage: bool, prompt_cap: int,
+                      max_tokens: int) -> AsyncIterator[bytes]:
     sent: list[bytes] = []
     buf = b""
     usage: dict[str, Any] | None = None
     error: str | None = None
     cut = False
+    relayed = 0  # chunks with choices passed on: each carries at least one of the host's tokens (or a role)
     last: dict[str, Any] = {}
     try:
         try:
@@ -122,6 +139,7 @@ async def _meteredsse(gate: Any, charge: Any, chunks: AsyncIterator[bytes], pass
                             continue
                     if obj.get("choices"):
                         last = obj
+                        relayed += 1
                     more = charge.take_token() if _has_text(obj) else True
                     sent.append(event + b"\n\n")
                     yield sent[-1]
@@ -135,7 +153,10 @@ async def _meteredsse(gate: Any, charge: Any, chunks: AsyncIterator[bytes], pass
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:
                 await aclose()
-        record = await asyncio.shield(gate.finish_stream(charge, None if cut else _usage(usage), error))
+        if error is None:
+            gate.stage_stream(charge, b"".join(sent))
+        used = None if cut else bounded_usage(usage, prompt_cap, min(max_tokens, relayed))
+        record = await asyncio.shield(gate.finish_stream(charge, used, error))
         tail: list[bytes] = []
         if error is not None:
             tail.append(sse(APIError(502, error, type="server_error", code="host_lost").body()))

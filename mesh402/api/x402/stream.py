@@ -71,6 +71,8 @@ async def paid_sse(gate: Any, charge: Any, events: AsyncIterator[Delta | Finishe
                     "total_tokens": prompt_tokens + charge.completion_seen}
                 for out in emit(last):
                     yield out
+        if error is None:  # delivered: kept before settlement, so a crash during it loses no answer
+            gate.stage_stream(charge, b"".join(sent))
         # shielded: a client that hangs up now must not cut a settlement off halfway
         record = await asyncio.shield(gate.finish_stream(charge, fin, error))
         tail: list[bytes] = []

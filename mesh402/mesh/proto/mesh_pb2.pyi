@@ -46,6 +46,7 @@ class StageKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STAGE_KIND_VERIFY: _ClassVar[StageKind]
     STAGE_KIND_VALIDATION_ASK: _ClassVar[StageKind]
     STAGE_KIND_EXPERT_RECEIPT: _ClassVar[StageKind]
+    STAGE_KIND_HOLDING_PROOF: _ClassVar[StageKind]
 ADMISSION_UNSPECIFIED: AdmissionPolicy
 ADMISSION_SECRET: AdmissionPolicy
 ADMISSION_OPEN: AdmissionPolicy
@@ -74,6 +75,7 @@ STAGE_KIND_EXPERT_RESULT: StageKind
 STAGE_KIND_VERIFY: StageKind
 STAGE_KIND_VALIDATION_ASK: StageKind
 STAGE_KIND_EXPERT_RECEIPT: StageKind
+STAGE_KIND_HOLDING_PROOF: StageKind
 
 class Frame(_message.Message):
     __slots__ = ("gen", "hello", "welcome", "reject", "gossip", "ping", "pong", "peer_down", "peer_leaving", "stage", "http", "echo")
