@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import uvicorn
 
 from mesh402 import __version__
-from mesh402.api.management import earnings, validation
+from mesh402.api.management import board, earnings, validation
 from mesh402.api.management.app import create_management_app
 from mesh402.api.router import MODEL_LABEL
+from mesh402.mesh.board_sync import BoardSync
 from mesh402.mesh.config import MeshConfig, MeshTimers
 from mesh402.mesh.hardware import default_hardware
 from mesh402.mesh.identity import write_private
@@ -105,6 +106,7 @@ class MeshRuntime:
         self._signals_seen = 0
         self._old_handlers: dict[int, Any] = {}
         self.discovery: Discovery | None = None  # with --publish / --auto
+        self.board = BoardSync(self.mesh, self.mesh.home)  # the mesh blackboard, kept in <home>/board.json
 
     # ------------------------------------------------------------ lifecycle
 
@@ -151,6 +153,7 @@ class MeshRuntime:
         if not self.mesh.running:
             created_own = not join and not self.mesh.membership.mesh_id
             await self.mesh.start(join=join or None)  # InviteError / JoinError: one line
+        self.board.start()
         try:
             await self._start_console()
         except BaseException:
@@ -193,6 +196,7 @@ class MeshRuntime:
         if self.discovery is not None:
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(self.discovery.stop(), 5.0)
+        await self.board.stop()
         await self.mesh.stop(graceful=True)
         if self.console_server is not None:
             self.console_server.should_exit = True
@@ -275,6 +279,7 @@ class MeshRuntime:
             log.warning("console port %d busy; using %d", s.console_port, sock.getsockname()[1])
         self.console_port = sock.getsockname()[1]
         app = create_management_app(self.mesh, node_info=self._node_info, token=token)
+        board.install(app, self.board)  # /api/board: post, read, watch the mesh blackboard
         earnings.install(app, self.node.config.home)  # GET /api/earnings: epoch payouts per node
         validation.install(app, lambda: self.node.distributed)  # POST /api/epochs/{n}/validate: the validation round
         cfg = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=1)
