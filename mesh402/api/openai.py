@@ -23,6 +23,7 @@ from mesh402.api.forwarding import target
 from mesh402.api.payment_policy import X402Policy
 from mesh402.api.router import Router
 from mesh402.api.schemas import ChatCompletionRequest, CompletionRequest
+from mesh402.api.x402 import discovery as x402_discovery
 from mesh402.api.x402.gate import PaymentGate
 from mesh402.economics.upstream import UpstreamBuyer
 from mesh402.serving.registry import ModelRegistry
@@ -43,6 +44,7 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Pay
     if isinstance(ctx.payments, X402Policy):
         ctx.payments.gate.install_routes(app)
     well_known.install(app, config.home, live_listing, x402_support=ctx.payments.charges)
+    x402_discovery.install(app, ctx, app.state.payment_gate, lambda: model_list(ctx))  # /.well-known/x402
     install_error_handlers(app, config)
     install_routes(app, ctx)
     return app
