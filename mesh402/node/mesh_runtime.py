@@ -37,6 +37,7 @@ from mesh402.models.profile import model_profile
 from mesh402.settings import MeshSettings
 
 if TYPE_CHECKING:
+    from mesh402.api.mcp import MeshMcp
     from mesh402.discovery.auto import Discovery
     from mesh402.node.node import Node
 
@@ -98,6 +99,8 @@ class MeshRuntime:
         )
         self.console_server: Optional[_ConsoleServer] = None
         self.console_task: Optional[asyncio.Task] = None
+        self.mcp: Optional[MeshMcp] = None  # /mcp on the console, once its SDK is imported
+        self._mcp_task: Optional[asyncio.Task] = None
         self.console_port: Optional[int] = None
         self.console_host = "0.0.0.0" if settings.console_listen_all else "127.0.0.1"
         self._poll_task: Optional[asyncio.Task] = None
@@ -203,6 +206,10 @@ class MeshRuntime:
             if self.console_task is not None:
                 with contextlib.suppress(BaseException):
                     await asyncio.wait_for(self.console_task, 3.0)
+        if self._mcp_task is not None:
+            self._mcp_task.cancel()
+        if self.mcp is not None:
+            await self.mcp.stop()
         self._restore_signal_handlers()
 
     def state(self) -> dict[str, Any]:
@@ -280,6 +287,7 @@ class MeshRuntime:
         self.console_port = sock.getsockname()[1]
         app = create_management_app(self.mesh, node_info=self._node_info, token=token)
         board.install(app, self.board)  # /api/board: post, read, watch the mesh blackboard
+        self._mcp_task = asyncio.create_task(self._start_mcp(app))  # /mcp, behind the console token like the rest
         earnings.install(app, self.node.config.home)  # GET /api/earnings: epoch payouts per node
         validation.install(app, lambda: self.node.distributed)  # POST /api/epochs/{n}/validate: the validation round
         cfg = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=1)
@@ -289,6 +297,21 @@ class MeshRuntime:
             if self.console_server.started or self.console_task.done():
                 break
             await asyncio.sleep(0.01)
+
+    async def _start_mcp(self, app: Any) -> None:
+        """The MCP server (streamable HTTP at /mcp): its SDK takes seconds to import, so the console answers
+        first and /mcp joins it when ready (404 until then)."""
+        await asyncio.to_thread(_import_mcp)
+        from mesh402.api.mcp import MeshMcp  # lazy: the MCP SDK is slow to import (imported above, off the loop)
+
+        try:
+            mcp = MeshMcp(self.mesh, self.board, lambda: self.node.app, api_key=lambda: self.node.config.api_key,
+                          node_info=self._node_info, loopback=not self.settings.console_listen_all)
+            await mcp.start()
+            mcp.install(app)
+            self.mcp = mcp
+        except Exception:  # the console and the mesh keep working without it
+            log.exception("the MCP server did not start")
 
     def _node_info(self) -> dict[str, Any]:
         node = self.node
@@ -458,3 +481,8 @@ class MeshRuntime:
 
 def new_console_token() -> str:
     return secrets.token_urlsafe(24)
+
+
+def _import_mcp() -> None:
+    """Load the MCP SDK in a thread: the loop keeps answering meanwhile."""
+    import mesh402.api.mcp  # noqa: F401
