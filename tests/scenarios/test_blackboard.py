@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -50,10 +51,21 @@ def test_posts_reach_everyone_a_flood_is_capped_and_a_restart_keeps_the_board(tm
         c = nodes.start("c", join=a.token())
         nodes.wait_full_mesh([a, b, c], timeout=60)
 
-        post_id = cli(a, "post", "jobs", "who has a GPU free?", "--ttl", "600").strip()
-        assert len(post_id) == 32
-        for n in (a, b, c):
-            wait_until(lambda n=n: texts(n, "jobs") == ["who has a GPU free?"], 20, what=f"the post on {n.name}")
+        watch = subprocess.Popen([*MESH402, "board", "watch", "--topic", "jobs", "--home", str(c.home)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_until(lambda: httpx.get(f"{c.console}/api/status", timeout=5).status_code == 200, 10)
+            time.sleep(2.0)  # the watcher's CLI starts and subscribes
+            post_id = cli(a, "post", "jobs", "who has a GPU free?", "--ttl", "600").strip()
+            assert len(post_id) == 32
+            for n in (a, b, c):
+                wait_until(lambda n=n: texts(n, "jobs") == ["who has a GPU free?"], 20, what=f"the post on {n.name}")
+            assert watch.stdout is not None
+            line = watch.stdout.readline()  # c's watcher saw a's post arrive over the mesh
+            assert "[jobs]" in line and a.node_id[:12] in line and line.rstrip().endswith("who has a GPU free?"), line
+        finally:
+            watch.terminate()
+            watch.wait(10)
         [row] = json.loads(cli(c, "read", "--json", "--topic", "jobs"))
         assert row["author"] == a.node_id and row["id"] == post_id
         bad = httpx.post(f"{b.console}/api/board", json={"topic": "x", "text": ""}, timeout=5)
