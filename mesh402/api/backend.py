@@ -1,4 +1,4 @@
-"""A client for an operator's own OpenAI-compatible server (the groundwork of `serve --backend URL`).
+"""A client for an operator's own OpenAI-compatible server (`serve --backend URL`).
 
 Everything a backend answers is untrusted input, like a peer's: every call has a deadline (connect, first
 byte, and between stream events), every body a size cap, and every JSON a shape check; a backend that
@@ -7,8 +7,7 @@ unbounded read. Streams are parsed event by event and handed on as JSON objects,
 them (never relays raw bytes), and a stream asks for `stream_options.include_usage` so the node can count
 and charge tokens from the backend's `usage`.
 
-Not wired into the node yet: announcing backend models (unverified), routing to them and charging for
-them are the next step (see the report of issue 18).
+The node's side (probing, listing, answering through the edge) is mesh402.api.backends.
 """
 
 from __future__ import annotations

@@ -137,6 +137,12 @@ def install_routes(app: FastAPI, ctx: EdgeContext) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
+        if ctx.backends is not None:  # a backend's model: answered by the operator's own server
+            ctx.check_auth(request)
+            served_here = {m["id"] for m in model_list(ctx) if m.get("owned_by") != "backend"}
+            via_backend = await ctx.backends.answer(request, config.limits.max_request_bytes, served_here)
+            if via_backend is not None:
+                return via_backend
         got = await arrive(ctx, request, ChatCompletionRequest, fields.CHAT, "chat completions")
         if isinstance(got, Response):
             return got
@@ -184,4 +190,6 @@ def model_list(ctx: EdgeContext) -> list[dict[str, Any]]:
             continue
         data.append({"id": model_id, "object": "model", "created": 0, "owned_by": "mesh402",
                      "state": "ready" if r.ready else "waiting", "host": r.host})
+    if ctx.backends is not None:
+        data += ctx.backends.listing({d["id"] for d in data})
     return data

@@ -344,6 +344,8 @@ class MeshRuntime:
                 info["distributed"]["payouts"] = closer.status()
         if self.discovery is not None:
             info["discovery"] = self.discovery.status()
+        if node.edge.backends is not None:
+            info["backends"] = node.edge.backends.status()  # health of each --backend and its models
         return info
 
     # ------------------------------------------------------------ what this node serves

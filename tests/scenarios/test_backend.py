@@ -1,0 +1,80 @@
+"""`serve --backend URL` with another mesh402 node standing alone as the backend (its API, behind its API
+key, from a 0600 key file): the front node lists the backend's model unverified, answers it (plain and
+streamed, re-framed by its own edge, usage counted), reports the backend's health in its status, and once
+the backend is killed shows the model unavailable and answers 503s."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+
+from harness.mesh_nodes import MeshNodes, wait_until
+
+MODEL = "smollm2-135m-instruct"
+KEY = "backend-key-3e1f"
+ASK = {"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+       "max_tokens": 6, "temperature": 0}
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def models(port: int) -> dict[str, dict]:
+    return {m["id"]: m for m in httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"]}
+
+
+def test_a_node_in_front_of_a_backend(tmp_path: Path) -> None:
+    key_file = tmp_path / "backend.key"
+    key_file.write_text(KEY + "\n")
+    os.chmod(key_file, 0o600)
+    nodes = MeshNodes(tmp_path / "nodes")
+    try:
+        back = nodes.start("back", no_model=False, env={"MESH402_API_KEY": KEY})
+        wait_until(lambda: httpx.get(f"http://127.0.0.1:{back.api_port}/ready", timeout=5).status_code == 200, 180,
+                   what="the backend node's model")
+        front = nodes.start("front", extra=["--backend", f"http://127.0.0.1:{back.api_port}/v1",
+                                            "--backend-key-file", str(key_file)])
+        m = models(front.api_port)[MODEL]
+        assert m["owned_by"] == "backend" and m["verified"] is False and m["state"] == "ready" and m["context_length"]
+
+        direct = httpx.post(f"http://127.0.0.1:{back.api_port}/v1/chat/completions", json=ASK, timeout=120,
+                            headers={"Authorization": f"Bearer {KEY}"}).json()
+        r = httpx.post(f"http://127.0.0.1:{front.api_port}/v1/chat/completions", json=ASK, timeout=120)
+        assert r.status_code == 200, r.text
+        assert "via=backend" in r.headers["x-mesh402-route"]
+        text = r.json()["choices"][0]["message"]["content"]
+        assert text == direct["choices"][0]["message"]["content"] and r.json()["usage"]["completion_tokens"] > 0
+
+        events = []
+        with httpx.stream("POST", f"http://127.0.0.1:{front.api_port}/v1/chat/completions", timeout=120,
+                          json={**ASK, "stream": True, "stream_options": {"include_usage": True}}) as s:
+            assert s.status_code == 200
+            events = [ln[6:] for ln in s.iter_lines() if ln.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        streamed = "".join((c["choices"][0].get("delta") or {}).get("content") or "" for c in chunks if c.get("choices"))
+        assert streamed == text and chunks[-1]["usage"]["completion_tokens"] > 0
+
+        status = front.status()["node"]["backends"]
+        assert status[0]["healthy"] and status[0]["models"] == [MODEL]
+
+        nodes.kill9(back)
+        wait_until(lambda: models(front.api_port)[MODEL]["state"] == "unavailable", 30, what="the model unavailable")
+        dead = httpx.post(f"http://127.0.0.1:{front.api_port}/v1/chat/completions", json=ASK, timeout=30)
+        assert dead.status_code == 503 and dead.json()["error"]["code"] == "backend_unavailable"
+        assert "Retry-After" in dead.headers
+        assert not front.status()["node"]["backends"][0]["healthy"]
+    finally:
+        nodes.stop_all()
+
+
+def test_a_backend_key_file_others_can_read_is_refused(tmp_path: Path) -> None:
+    key_file = tmp_path / "open.key"
+    key_file.write_text(KEY)
+    os.chmod(key_file, 0o644)
+    nodes = MeshNodes(tmp_path / "nodes")
+    node = nodes.start("x", wait=False, extra=["--backend", "http://127.0.0.1:9/v1", "--backend-key-file", str(key_file)])
+    assert node.proc.proc.wait(60) == 2 and "readable by others" in node.proc.log()
