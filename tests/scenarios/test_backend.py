@@ -1,7 +1,8 @@
-"""`serve --backend URL` with another mesh402 node standing alone as the backend (its API, behind its API
-key, from a 0600 key file): the front node lists the backend's model unverified, answers it (plain and
-streamed, re-framed by its own edge, usage counted), reports the backend's health in its status, and once
-the backend is killed shows the model unavailable and answers 503s."""
+"""`serve --backend URL` with another mesh402 node standing alone (its API behind its API key, the key
+from a 0600 file) and with llama-cpp-python's server as the backend: the front node lists the backend's
+model unverified, answers it (plain and streamed, re-framed by its own edge, usage counted), reports the
+backend's health in its status, and once the backend is killed shows the model unavailable and answers
+503s."""
 
 from __future__ import annotations
 
@@ -78,3 +79,42 @@ def test_a_backend_key_file_others_can_read_is_refused(tmp_path: Path) -> None:
     nodes = MeshNodes(tmp_path / "nodes")
     node = nodes.start("x", wait=False, extra=["--backend", "http://127.0.0.1:9/v1", "--backend-key-file", str(key_file)])
     assert node.proc.proc.wait(60) == 2 and "readable by others" in node.proc.log()
+
+
+def test_a_node_in_front_of_llama_cpp_server(tmp_path: Path) -> None:
+    try:
+        import llama_cpp.server.app  # noqa: F401
+    except ImportError as e:  # a failure, never a skip: the package is part of the set-up
+        pytest.fail(f"llama-cpp-python's server is missing ({e}): run bash scripts/bench-deps.sh")
+    from harness.llama_server import start_llama_server
+    from mesh402.models.catalog import bundled_model_path
+
+    key_file = tmp_path / "backend.key"
+    key_file.write_text(KEY)
+    os.chmod(key_file, 0o600)
+    llama, base = start_llama_server(tmp_path / "llama", bundled_model_path(), alias="smollm2-llamacpp", api_key=KEY)
+    nodes = MeshNodes(tmp_path / "nodes")
+    try:
+        front = nodes.start("front", extra=["--backend", base, "--backend-key-file", str(key_file)])
+        m = models(front.api_port)["smollm2-llamacpp"]
+        assert m["owned_by"] == "backend" and m["verified"] is False and m["state"] == "ready"
+        ask = {**ASK, "model": "smollm2-llamacpp"}
+        r = httpx.post(f"http://127.0.0.1:{front.api_port}/v1/chat/completions", json=ask, timeout=120)
+        assert r.status_code == 200, r.text
+        text = r.json()["choices"][0]["message"]["content"]
+        assert text and r.json()["model"] == "smollm2-llamacpp" and r.json()["usage"]["completion_tokens"] == 6
+        with httpx.stream("POST", f"http://127.0.0.1:{front.api_port}/v1/chat/completions", timeout=120,
+                          json={**ask, "stream": True}) as s:
+            assert s.status_code == 200
+            events = [ln[6:] for ln in s.iter_lines() if ln.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert all(c["model"] == "smollm2-llamacpp" and "usage" not in c for c in chunks)  # not asked for
+        assert "".join((c["choices"][0].get("delta") or {}).get("content") or "" for c in chunks if c.get("choices")) == text
+        llama.stop()
+        wait_until(lambda: models(front.api_port)["smollm2-llamacpp"]["state"] == "unavailable", 30,
+                   what="the model unavailable")
+        assert httpx.post(f"http://127.0.0.1:{front.api_port}/v1/chat/completions", json=ask, timeout=30).status_code == 503
+    finally:
+        nodes.stop_all()
+        llama.stop()
