@@ -11,7 +11,8 @@ from pathlib import Path
 from harness.procs import NodeProcess, free_port
 
 
-def _no_repack() -> None:
+def no_repack() -> None:
+    """Default model params without the CPU weight repack (Llama() has no switch for it)."""
     import llama_cpp
 
     default = llama_cpp.llama_model_default_params
@@ -40,7 +41,7 @@ def start_llama_server(home: Path, model: str | Path, *, alias: str, n_ctx: int 
 
 
 if __name__ == "__main__":
-    _no_repack()
+    no_repack()
     from llama_cpp.server.__main__ import main
 
     main()
