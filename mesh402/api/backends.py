@@ -7,8 +7,11 @@ it: a plain answer is validated and passed on, a stream is parsed event by event
 edge (never raw bytes). A backend that is down, or one that breaks the client's rules (api/backend.py),
 gets the client a clean 503. Only this node calls the URL.
 
-Not yet: announcing backend models to the mesh (so peers route to them), `model: "auto"` opting in, and
-charging for them (a node with a price refuses --backend at start).
+A node that charges sells backend models like routed ones: the payment is verified before the backend is
+called and settled on the backend's `usage` once the answer is complete (api/x402/proxy.py; a stream asks
+the backend for `include_usage`). Not yet: announcing backend models to the mesh (so peers route to them)
+and `model: "auto"` opting in; a backend that sends no usage is settled as zero tokens (the per-request
+price still applies).
 """
 
 from __future__ import annotations
@@ -19,14 +22,19 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 
 from mesh402.api.backend import Backend, BackendError
-from mesh402.api.bodies import sse
+from mesh402.api import fields
+from mesh402.api.bodies import read_json, sse
 from mesh402.api.errors import APIError, bad_request, unavailable
+from mesh402.api.schemas import ChatCompletionRequest
+
+if TYPE_CHECKING:
+    from mesh402.api.context import EdgeContext
 
 log = logging.getLogger(__name__)
 
@@ -89,31 +97,42 @@ class BackendPool:
         return None
 
     # ---------------------------------------------------------------- answering
-    async def answer(self, request: Request, max_bytes: int, served_here: set[str]) -> Response | None:
-        """The response for a chat completion of a backend model, or None when the model is not one."""
+    async def answer(self, ctx: "EdgeContext", request: Request, served_here: set[str]) -> Response | None:
+        """The response for a chat completion of a backend model, or None when the model is not one. It goes
+        through the node's payment policy like a routed request: a node that charges verifies the payment
+        first and settles on the backend's `usage` after the answer (api/x402/proxy.py)."""
+        max_bytes = ctx.config.limits.max_request_bytes
         raw = await request.body()
         if len(raw) > max_bytes:
             return None  # the edge answers 413 itself
         try:
-            body = json.loads(raw)
+            peek = json.loads(raw)
         except ValueError:
             return None
-        model = body.get("model") if isinstance(body, dict) else None
+        model = peek.get("model") if isinstance(peek, dict) else None
         if not isinstance(model, str) or model in served_here:
             return None
         backend = self.owner(model)
         if backend is None:
             return None
-        headers = {ROUTE_HEADER: f"model={model}; via=backend; verified=false"}
-        if body.get("stream") is True:
-            return await self._stream(backend, body, headers)
-        try:
-            data = await backend.chat(body)
-        except BackendError as e:
-            raise self._error(e) from None
-        return JSONResponse({**data, "model": model}, headers=headers)
+        req = await read_json(request, ChatCompletionRequest, max_bytes, fields.CHAT, "chat completions")
 
-    async def _stream(self, backend: Backend, body: dict[str, Any], headers: dict[str, str]) -> Response:
+        async def forward(body: bytes) -> tuple[int, dict[str, str], AsyncIterator[bytes]]:
+            return await self._forward(backend, model, json.loads(body))
+
+        resp = await ctx.payments.routed(request, raw, model, req, ctx.config.limits.default_max_tokens, forward)
+        resp.headers[ROUTE_HEADER] = f"model={model}; via=backend; verified=false"
+        return resp
+
+    async def _forward(self, backend: Backend, model: str,
+                       body: dict[str, Any]) -> tuple[int, dict[str, str], AsyncIterator[bytes]]:
+        """The backend's answer as this edge frames it: (status, headers, body chunks)."""
+        if body.get("stream") is not True:
+            try:
+                data = await backend.chat(body)
+            except BackendError as e:
+                raise self._error(e) from None
+            return 200, {"content-type": "application/json"}, _once(json.dumps({**data, "model": model}).encode())
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         events = backend.stream_chat(body)
         try:
@@ -128,11 +147,11 @@ class BackendPool:
                 pending = [first] if first is not None else []
                 while True:
                     for ev in pending:
-                        if ev.get("usage") is not None and not ev.get("choices") and not include_usage:
-                            continue  # asked for our counting; the client did not ask for it
-                        if not include_usage:
+                        if not include_usage:  # asked for our counting only when the client asked too
                             ev.pop("usage", None)
-                        yield sse({**ev, "model": body["model"]})
+                            if not ev.get("choices"):
+                                continue
+                        yield sse({**ev, "model": model})
                     try:
                         pending = [await events.__anext__()]
                     except StopAsyncIteration:
@@ -141,10 +160,13 @@ class BackendPool:
                 yield sse({"error": {"message": str(e), "type": "server_error", "code": e.code}})
             yield b"data: [DONE]\n\n"
 
-        return StreamingResponse(frames(), media_type="text/event-stream",
-                                 headers={**headers, "Cache-Control": "no-cache"})
+        return 200, {"content-type": "text/event-stream", "cache-control": "no-cache"}, frames()
 
     def _error(self, e: BackendError) -> APIError:
         if e.status in (400, 404, 422):
             return bad_request(f"the backend refused the request: {e}")
         return unavailable(str(e), self.retry_after, code=e.code)
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data

@@ -140,7 +140,7 @@ def install_routes(app: FastAPI, ctx: EdgeContext) -> None:
         if ctx.backends is not None:  # a backend's model: answered by the operator's own server
             ctx.check_auth(request)
             served_here = {m["id"] for m in model_list(ctx) if m.get("owned_by") != "backend"}
-            via_backend = await ctx.backends.answer(request, config.limits.max_request_bytes, served_here)
+            via_backend = await ctx.backends.answer(ctx, request, served_here)
             if via_backend is not None:
                 return via_backend
         got = await arrive(ctx, request, ChatCompletionRequest, fields.CHAT, "chat completions")

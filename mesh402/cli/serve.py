@@ -150,8 +150,6 @@ def serve(
         from mesh402.cli.payment_flags import auto_payout_config  # lazy: kept off this module's import path
         auto_payout_config(payments, trust, payout_key_file=payout_key_file, rewards=rewards, deployment=deployment)
         backend_key = load_backend_key(backend, backend_key_file)
-        if backend and payments.enabled:
-            raise ValueError("--backend cannot be combined with a price yet: backend models are not sold")
     except (ModelNotFound, ValueError) as e:
         fail(str(e))
     if no_model:

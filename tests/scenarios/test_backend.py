@@ -118,3 +118,31 @@ def test_a_node_in_front_of_llama_cpp_server(tmp_path: Path) -> None:
     finally:
         nodes.stop_all()
         llama.stop()
+
+
+def test_a_paid_node_sells_a_backend_model(tmp_path: Path) -> None:
+    """x402 like any model: 402 first, then paid with the SDK's client and settled on chain after the answer."""
+    from harness.dev_chain import paid_mesh_env
+    from harness.llama_server import start_llama_server
+    from harness.x402_payments import buy_chat
+    from mesh402.models.catalog import bundled_model_path
+    from tests.support.chain import require_contract_toolchain
+
+    require_contract_toolchain()
+    llama, base = start_llama_server(tmp_path / "llama", bundled_model_path(), alias="smollm2-llamacpp")
+    try:
+        with paid_mesh_env(tmp_path / "chain", buyers=1, nodes=1) as (chain, fac_url, nodes):
+            front = nodes.start("front", extra=["--backend", base, "--price", "0.01", "--pay-to", "node-0",
+                                                "--deployment", str(chain.dir), "--facilitator", fac_url])
+            ask = {**ASK, "model": "smollm2-llamacpp"}
+            unpaid = httpx.post(f"http://127.0.0.1:{front.api_port}/v1/chat/completions", json=ask, timeout=60)
+            assert unpaid.status_code == 402
+            buyer, seller = chain.dep.address("buyer-0"), chain.dep.address("node-0")
+            b0, s0 = chain.balance(buyer), chain.balance(seller)
+            assert buy_chat(chain, front.api_port, ask) == 200
+            wait_until(lambda: chain.balance(seller) == s0 + 10_000, 30, what="the seller paid")
+            assert chain.balance(buyer) == b0 - 10_000
+            assert buy_chat(chain, front.api_port, {**ask, "stream": True}) == 200
+            wait_until(lambda: chain.balance(seller) == s0 + 20_000, 30, what="the streamed answer paid")
+    finally:
+        llama.stop()
