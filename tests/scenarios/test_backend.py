@@ -137,6 +137,9 @@ def test_a_paid_node_sells_a_backend_model(tmp_path: Path) -> None:
             ask = {**ASK, "model": "smollm2-llamacpp"}
             unpaid = httpx.post(f"http://127.0.0.1:{front.api_port}/v1/chat/completions", json=ask, timeout=60)
             assert unpaid.status_code == 402
+            listed = httpx.get(f"http://127.0.0.1:{front.api_port}/.well-known/x402", timeout=10).json()
+            [row] = [m for m in listed["items"][0]["metadata"]["models"] if m["id"] == "smollm2-llamacpp"]
+            assert row["verified"] is False and row["pricePerRequest"] == "10000"  # sold, unverified
             buyer, seller = chain.dep.address("buyer-0"), chain.dep.address("node-0")
             b0, s0 = chain.balance(buyer), chain.balance(seller)
             assert buy_chat(chain, front.api_port, ask) == 200

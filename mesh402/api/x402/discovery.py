@@ -44,7 +44,8 @@ def model_prices(ctx: "EdgeContext", gate: "PaymentGate", models: list[dict[str,
             if offer is not None and offer.charges:
                 per_request, per_1k = per_request + offer.per_request, per_1k + offer.per_1k
         rows.append({"id": m["id"], "state": m.get("state", ""), "pricePerRequest": str(per_request),
-                     "pricePer1kTokens": str(per_1k), "host": host or "self", "verified": True,
+                     "pricePer1kTokens": str(per_1k), "host": host or "self",
+                     "verified": m.get("verified", True),  # a --backend model: nobody can spot-check it
                      **({"contextLength": m["context_length"]} if "context_length" in m else {})})
     return rows
 
