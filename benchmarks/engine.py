@@ -118,18 +118,13 @@ def worker_membw(threads: int) -> dict:
 
 def worker_llamacpp(model: str, threads: int, n_prompt: int, n_decode: int, teacher: list[int] | None,
                     prompt: list[int], repack: bool) -> dict:
-    import llama_cpp
     import numpy as np
     from llama_cpp import Llama
 
-    if not repack:  # Llama() has no switch for the CPU weight repack: default model params without it
-        default = llama_cpp.llama_model_default_params
+    from harness.llama_server import no_repack
 
-        def no_repack() -> object:
-            p = default()
-            p.use_extra_bufts = False
-            return p
-        llama_cpp.llama_model_default_params = no_repack
+    if not repack:  # Llama() has no switch for the CPU weight repack: default model params without it
+        no_repack()
     batch = 1 if repack else 512  # the repack crashes on multi-token batches: one token per eval
     rss0 = psutil.Process().memory_info().rss
     t0 = time.perf_counter()

@@ -152,6 +152,8 @@ class NodeConfig:
     max_split_rtt_ms: float = 80.0  # peers farther than this never hold a stage
     wire_dtype: Literal["f32", "f16", "bf16"] = "f32"  # activations between stages; f32 is bit-exact
     standby: bool = False  # serve nothing until mesh demand asks for a model on disk (mesh402.serving.replicas)
+    backends: list[str] = field(default_factory=list)  # `--backend URL`: OpenAI-compatible servers (api/backends.py)
+    backend_key: str | None = None  # their API key, from --backend-key-file or MESH402_BACKEND_KEY
 
 
 def load_api_key(api_key_file: str | Path | None) -> str | None:

@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/python -c "import llama_cpp" 2>/dev/null || .venv/bin/python -m pip install -q llama-cpp-python==0.3.36
+# its OpenAI-compatible server (harness/llama_server.py, the --backend scenario) also needs starlette-context
+.venv/bin/python -c "import starlette_context" 2>/dev/null || .venv/bin/python -m pip install -q --no-deps starlette-context==0.5.1
 # The grammar libraries benchmarks/grammar.py compares with llguidance. xgrammar without its declared
 # dependencies: they include torch (pinned here) and triton (a 286 MB wheel a CPU build never uses);
 # the rest (pydantic, numpy, transformers) is already installed by setup.sh --dev.

@@ -19,6 +19,7 @@ from mesh402.serving.registry import ModelRegistry
 from mesh402.settings import NodeConfig
 
 if TYPE_CHECKING:  # the runtime pulls in the engine (torch): loaded only once the node is in a mesh
+    from mesh402.api.backends import BackendPool
     from mesh402.serving.distributed import DistributedRuntime, Route
 
 
@@ -30,6 +31,7 @@ class EdgeContext:
     payments: PaymentPolicy  # free, or x402 per request / metered
     buyer: UpstreamBuyer | None = None  # a paid entry's wallet, paying hosts that charge
     distributed: DistributedRuntime | None = None  # set by the node once it is in a mesh
+    backends: BackendPool | None = None  # `serve --backend URL`: the operator's own OpenAI-compatible servers
 
     @classmethod
     def free(cls, config: NodeConfig, registry: ModelRegistry) -> "EdgeContext":

@@ -30,6 +30,7 @@ from mesh402.api.router import Router
 from mesh402.api.schemas import ChatCompletionRequest, CompletionRequest
 from mesh402.api.text_completion import TextShaper, plan_text
 from mesh402.api.tunnel import MODEL_ID
+from mesh402.api.x402 import discovery as x402_discovery
 from mesh402.api.x402.gate import PaymentGate
 from mesh402.economics.upstream import UpstreamBuyer
 from mesh402.serving.registry import ModelRegistry
@@ -50,6 +51,7 @@ def create_app(config: NodeConfig, registry: ModelRegistry, *, payment_gate: Pay
     if isinstance(ctx.payments, X402Policy):
         ctx.payments.gate.install_routes(app)
     well_known.install(app, config.home, live_listing, x402_support=ctx.payments.charges)
+    x402_discovery.install(app, ctx, app.state.payment_gate, lambda: model_list(ctx))  # /.well-known/x402
     install_error_handlers(app, config)
     install_routes(app, ctx)
     return app
@@ -135,6 +137,12 @@ def install_routes(app: FastAPI, ctx: EdgeContext) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
+        if ctx.backends is not None:  # a backend's model: answered by the operator's own server
+            ctx.check_auth(request)
+            served_here = {m["id"] for m in model_list(ctx) if m.get("owned_by") != "backend"}
+            via_backend = await ctx.backends.answer(ctx, request, served_here)
+            if via_backend is not None:
+                return via_backend
         got = await arrive(ctx, request, ChatCompletionRequest, fields.CHAT, "chat completions")
         if isinstance(got, Response):
             return got
@@ -182,4 +190,6 @@ def model_list(ctx: EdgeContext) -> list[dict[str, Any]]:
             continue
         data.append({"id": model_id, "object": "model", "created": 0, "owned_by": "mesh402",
                      "state": "ready" if r.ready else "waiting", "host": r.host})
+    if ctx.backends is not None:
+        data += ctx.backends.listing({d["id"] for d in data})
     return data

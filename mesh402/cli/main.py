@@ -7,7 +7,7 @@ import sys
 import typer
 
 from mesh402 import __version__
-from mesh402.cli import economics, mesh, serve, status
+from mesh402.cli import board, economics, mesh, serve, status
 from mesh402.cli.common import console
 
 app = typer.Typer(help="mesh402: pool machines into one LLM inference mesh, and pay the ones doing the work.",
@@ -19,6 +19,7 @@ app.command("invite")(mesh.invite_cmd)
 app.command("status")(status.status_cmd)
 app.command("discover")(mesh.discover_cmd)
 app.add_typer(economics.chain_app, name="chain")
+app.add_typer(board.board_app, name="board")
 app.command("facilitator")(economics.facilitator_cmd)
 app.command("chat")(economics.chat_cmd)
 app.command("register")(economics.register_cmd)

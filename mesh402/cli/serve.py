@@ -128,6 +128,8 @@ def serve(
     rewards: Annotated[Optional[str], typer.Option("--rewards", help="EpochRewards contract for automatic payouts (default: the deployment's).", rich_help_panel="Payments")] = None,
     owner_key_file: Annotated[Optional[Path], typer.Option("--owner-key-file", help="File (0600) with this node's EVM owner key (the one `mesh402 register` used; or env MESH402_OWNER_KEY): lets the node request ERC-8004 validation of its own work, which payouts require.", rich_help_panel="Trust")] = None,
     validator: Annotated[bool, typer.Option("--validator", help="Re-execute other nodes' audited steps on this node's copy of the model and answer their validation requests on chain (needs --owner-key-file and --deployment/--network).", rich_help_panel="Trust")] = False,
+    backend: Annotated[Optional[list[str]], typer.Option("--backend", help="An OpenAI-compatible server (its base URL, e.g. http://127.0.0.1:8000/v1) whose models this node answers too, unverified. Repeatable.", rich_help_panel="Backends")] = None,
+    backend_key_file: Annotated[Optional[Path], typer.Option("--backend-key-file", help="File (mode 0600) holding the backends' API key; or set MESH402_BACKEND_KEY.", rich_help_panel="Backends")] = None,
     audit_rate: Annotated[float, typer.Option("--audit-rate", help="Entry: share of paid split requests whose stages must reveal a step for re-execution (each node's first request per epoch is always audited).", rich_help_panel="Trust")] = 0.1,
     validator_id: ValidatorIdOpt = None,
     allow_host: AllowHostOpt = None,
@@ -161,6 +163,7 @@ def serve(
         trust.allow_hosts = node_ids(allow_host, "--allow-host")
         from mesh402.cli.payment_flags import auto_payout_config  # lazy: kept off this module's import path
         auto_payout_config(payments, trust, payout_key_file=payout_key_file, rewards=rewards, deployment=deployment)
+        backend_key = load_backend_key(backend, backend_key_file)
     except (ModelNotFound, ValueError) as e:
         fail(str(e))
     if no_model:
@@ -181,6 +184,7 @@ def serve(
         config.limits.max_kv_bytes = int(max_kv_mb * 1e6)
     config.max_vram_gb, config.max_split_rtt_ms, config.wire_dtype = max_vram, max_split_rtt, wire_dtype  # type: ignore[assignment]
     config.standby = standby
+    config.backends, config.backend_key = list(backend or []), backend_key
     config.timers.stage_idle_s = session_idle_timeout
     config.mesh = settings_from_flags(
         home=config.home, kind="serving", join=join, join_file=join_file, relay=relay, console_port=console_port,
@@ -393,3 +397,13 @@ def run_node(node) -> None:
         pass
     except errors as e:
         fail(str(e))
+
+
+def load_backend_key(backends: list[str] | None, key_file: Path | None) -> str | None:
+    """The backends' API key: a 0600 file or MESH402_BACKEND_KEY, never argv; each URL must be http(s)."""
+    for url in backends or []:
+        if not url.startswith(("http://", "https://")) or len(url) > 2048:
+            raise ValueError(f"--backend {url!r}: give the server's http(s) base URL, e.g. http://127.0.0.1:8000/v1")
+    if key_file is not None:
+        return read_secret_file(key_file)
+    return os.environ.get("MESH402_BACKEND_KEY", "").strip() or None

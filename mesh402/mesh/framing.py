@@ -49,7 +49,7 @@ class StreamType(enum.IntEnum):
     PEER_DOWN = 0x05
     PEER_LEAVING = 0x06
     PING = 0x07  # heartbeat, probe, RTT
-    BLACKBOARD = 0x08  # reserved
+    BLACKBOARD = 0x08  # blackboard posts: BoardSync batches, one way (mesh/board_sync.py)
     PLUGIN = 0x09  # reserved
     EXPERT = 0x0A  # MoE expert parallel: token rows to the nodes holding their experts
     ECHO = 0x0F  # diagnostics: frame round trip and bulk throughput

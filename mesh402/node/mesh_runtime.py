@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import uvicorn
 
 from mesh402 import __version__
-from mesh402.api.management import console, earnings, validation
+from mesh402.api.management import board, console, earnings, validation
 from mesh402.api.management.app import create_management_app
 from mesh402.api.management.money import money_view
 from mesh402.api.management.playground import Playground
 from mesh402.api.router import MODEL_LABEL
+from mesh402.mesh.board_sync import BoardSync
 from mesh402.mesh.config import MeshConfig, MeshTimers
 from mesh402.mesh.hardware import default_hardware
 from mesh402.mesh.identity import write_private
@@ -38,6 +39,7 @@ from mesh402.models.profile import model_profile
 from mesh402.settings import MeshSettings
 
 if TYPE_CHECKING:
+    from mesh402.api.mcp import MeshMcp
     from mesh402.discovery.auto import Discovery
     from mesh402.node.node import Node
 
@@ -99,6 +101,8 @@ class MeshRuntime:
         )
         self.console_server: Optional[_ConsoleServer] = None
         self.console_task: Optional[asyncio.Task] = None
+        self.mcp: Optional[MeshMcp] = None  # /mcp on the console, once its SDK is imported
+        self._mcp_task: Optional[asyncio.Task] = None
         self.console_port: Optional[int] = None
         self.console_host = "0.0.0.0" if settings.console_listen_all else "127.0.0.1"
         self._poll_task: Optional[asyncio.Task] = None
@@ -107,6 +111,7 @@ class MeshRuntime:
         self._signals_seen = 0
         self._old_handlers: dict[int, Any] = {}
         self.discovery: Discovery | None = None  # with --publish / --auto
+        self.board = BoardSync(self.mesh, self.mesh.home)  # the mesh blackboard, kept in <home>/board.json
 
     # ------------------------------------------------------------ lifecycle
 
@@ -153,6 +158,7 @@ class MeshRuntime:
         if not self.mesh.running:
             created_own = not join and not self.mesh.membership.mesh_id
             await self.mesh.start(join=join or None)  # InviteError / JoinError: one line
+        self.board.start()
         try:
             await self._start_console()
         except BaseException:
@@ -195,12 +201,17 @@ class MeshRuntime:
         if self.discovery is not None:
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(self.discovery.stop(), 5.0)
+        await self.board.stop()
         await self.mesh.stop(graceful=True)
         if self.console_server is not None:
             self.console_server.should_exit = True
             if self.console_task is not None:
                 with contextlib.suppress(BaseException):
                     await asyncio.wait_for(self.console_task, 3.0)
+        if self._mcp_task is not None:
+            self._mcp_task.cancel()
+        if self.mcp is not None:
+            await self.mcp.stop()
         self._restore_signal_handlers()
 
     def state(self) -> dict[str, Any]:
@@ -286,6 +297,8 @@ class MeshRuntime:
                                     ticker=console.ticker(node.traffic, money))
         console.install(app, traffic=node.traffic, money=money,  # the web page, traffic, money, playground
                         pg=Playground(node.api_root(), node.config.api_key))
+        board.install(app, self.board)  # /api/board: post, read, watch the mesh blackboard
+        self._mcp_task = asyncio.create_task(self._start_mcp(app))  # /mcp, behind the console token like the rest
         earnings.install(app, home)  # GET /api/earnings: epoch payouts per node
         validation.install(app, lambda: self.node.distributed)  # POST /api/epochs/{n}/validate: the validation round
         cfg = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=1)
@@ -295,6 +308,21 @@ class MeshRuntime:
             if self.console_server.started or self.console_task.done():
                 break
             await asyncio.sleep(0.01)
+
+    async def _start_mcp(self, app: Any) -> None:
+        """The MCP server (streamable HTTP at /mcp): its SDK takes seconds to import, so the console answers
+        first and /mcp joins it when ready (404 until then)."""
+        await asyncio.to_thread(_import_mcp)
+        from mesh402.api.mcp import MeshMcp  # lazy: the MCP SDK is slow to import (imported above, off the loop)
+
+        try:
+            mcp = MeshMcp(self.mesh, self.board, lambda: self.node.app, api_key=lambda: self.node.config.api_key,
+                          node_info=self._node_info, loopback=not self.settings.console_listen_all)
+            await mcp.start()
+            mcp.install(app)
+            self.mcp = mcp
+        except Exception:  # the console and the mesh keep working without it
+            log.exception("the MCP server did not start")
 
     def _node_info(self) -> dict[str, Any]:
         node = self.node
@@ -316,6 +344,8 @@ class MeshRuntime:
                 info["distributed"]["payouts"] = closer.status()
         if self.discovery is not None:
             info["discovery"] = self.discovery.status()
+        if node.edge.backends is not None:
+            info["backends"] = node.edge.backends.status()  # health of each --backend and its models
         return info
 
     # ------------------------------------------------------------ what this node serves
@@ -466,3 +496,8 @@ class MeshRuntime:
 
 def new_console_token() -> str:
     return secrets.token_urlsafe(24)
+
+
+def _import_mcp() -> None:
+    """Load the MCP SDK in a thread: the loop keeps answering meanwhile."""
+    import mesh402.api.mcp  # noqa: F401

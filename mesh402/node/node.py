@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from mesh402 import __version__
+from mesh402.api.backend import Backend
+from mesh402.api.backends import BackendPool
 from mesh402.api.meter import TrafficMeter
 from mesh402.api.openai import create_app, edge_of
 from mesh402.api.traffic import Traffic
@@ -51,6 +53,9 @@ class Node:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.app = create_app(config, self.registry, live_listing=self._live_listing)
         self.edge = edge_of(self.app)  # what the API's handlers share: the node attaches its runtime to it
+        if config.backends:  # --backend URL: answered through this API, probed in the background
+            self.edge.backends = BackendPool([Backend(u, config.backend_key) for u in config.backends],
+                                             retry_after=config.timers.retry_after_s)
         self.traffic = Traffic()  # what the edge served, for the console (fed by the meter in front of the app)
         self.app.add_middleware(TrafficMeter, traffic=self.traffic)
         self.server: uvicorn.Server | None = None
@@ -121,6 +126,9 @@ class Node:
         uv = uvicorn.Config(self.app, host=self.config.host, port=self.config.port, log_level="warning",
                             lifespan="off", access_log=False, timeout_graceful_shutdown=int(self.config.timers.shutdown_grace_s))
         self.server = uvicorn.Server(uv)
+        if self.edge.backends is not None:
+            await self.edge.backends.probe_all()  # their models are known before the node announces itself
+            self.edge.backends.start()
         await self._start_mesh()
         if self.mesh_runtime is not None:
             loader = asyncio.create_task(self._start_distributed())
@@ -131,6 +139,8 @@ class Node:
             await self.server.serve()
         finally:
             loader.cancel()
+            if self.edge.backends is not None:
+                await self.edge.backends.stop()
             if self.closer is not None:
                 await self.closer.stop()
             if self.distributed is not None:

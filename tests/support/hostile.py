@@ -124,3 +124,15 @@ def open_frame(model_id: str, content_hash: str, epoch: int, start: int, end: in
     rid = request_id if request_id is not None else json.loads(params["grant"])["rid"] if "grant" in params else "x"
     return stage_frame(K.STAGE_KIND_OPEN, request_id=rid, model_id=model_id, content_hash=content_hash,
                        plan_epoch=epoch, layer_start=start, layer_end=end, params=params)
+
+
+def board_post(member: EvilMember, mesh_id: str, i: int, topic: str = "spam", text: str = "buy now") -> pb.BoardPost:
+    """A blackboard post the member signs itself (valid: the caps, not the signature, must stop a flood)."""
+    import time
+
+    from mesh402.mesh.board import signing_message
+
+    p = pb.BoardPost(author=member.svc.node_id, topic=topic, text=f"{text} {i}", created_ms=int(time.time() * 1000),
+                     ttl_s=600, nonce=i.to_bytes(8, "big"))
+    p.signature = member.svc.identity.sign(signing_message(mesh_id, p))
+    return p

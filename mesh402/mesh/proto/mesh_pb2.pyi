@@ -78,7 +78,7 @@ STAGE_KIND_EXPERT_RECEIPT: StageKind
 STAGE_KIND_HOLDING_PROOF: StageKind
 
 class Frame(_message.Message):
-    __slots__ = ("gen", "hello", "welcome", "reject", "gossip", "ping", "pong", "peer_down", "peer_leaving", "stage", "http", "echo")
+    __slots__ = ("gen", "hello", "welcome", "reject", "gossip", "ping", "pong", "peer_down", "peer_leaving", "stage", "http", "echo", "board")
     GEN_FIELD_NUMBER: _ClassVar[int]
     HELLO_FIELD_NUMBER: _ClassVar[int]
     WELCOME_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,7 @@ class Frame(_message.Message):
     STAGE_FIELD_NUMBER: _ClassVar[int]
     HTTP_FIELD_NUMBER: _ClassVar[int]
     ECHO_FIELD_NUMBER: _ClassVar[int]
+    BOARD_FIELD_NUMBER: _ClassVar[int]
     gen: int
     hello: Hello
     welcome: Welcome
@@ -103,7 +104,8 @@ class Frame(_message.Message):
     stage: StageFrame
     http: HttpTunnelFrame
     echo: Echo
-    def __init__(self, gen: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., reject: _Optional[_Union[Reject, _Mapping]] = ..., gossip: _Optional[_Union[Gossip, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., peer_down: _Optional[_Union[PeerDown, _Mapping]] = ..., peer_leaving: _Optional[_Union[PeerLeaving, _Mapping]] = ..., stage: _Optional[_Union[StageFrame, _Mapping]] = ..., http: _Optional[_Union[HttpTunnelFrame, _Mapping]] = ..., echo: _Optional[_Union[Echo, _Mapping]] = ...) -> None: ...
+    board: BoardSync
+    def __init__(self, gen: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., reject: _Optional[_Union[Reject, _Mapping]] = ..., gossip: _Optional[_Union[Gossip, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., peer_down: _Optional[_Union[PeerDown, _Mapping]] = ..., peer_leaving: _Optional[_Union[PeerLeaving, _Mapping]] = ..., stage: _Optional[_Union[StageFrame, _Mapping]] = ..., http: _Optional[_Union[HttpTunnelFrame, _Mapping]] = ..., echo: _Optional[_Union[Echo, _Mapping]] = ..., board: _Optional[_Union[BoardSync, _Mapping]] = ...) -> None: ...
 
 class InviteCredential(_message.Message):
     __slots__ = ("expires_at", "nonce", "mac", "issuer", "single_use")
@@ -443,3 +445,27 @@ class Echo(_message.Message):
     sent_at_us: int
     discard: bool
     def __init__(self, payload: _Optional[bytes] = ..., sent_at_us: _Optional[int] = ..., discard: _Optional[bool] = ...) -> None: ...
+
+class BoardPost(_message.Message):
+    __slots__ = ("author", "topic", "text", "created_ms", "ttl_s", "nonce", "signature")
+    AUTHOR_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_MS_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    author: bytes
+    topic: str
+    text: str
+    created_ms: int
+    ttl_s: int
+    nonce: bytes
+    signature: bytes
+    def __init__(self, author: _Optional[bytes] = ..., topic: _Optional[str] = ..., text: _Optional[str] = ..., created_ms: _Optional[int] = ..., ttl_s: _Optional[int] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class BoardSync(_message.Message):
+    __slots__ = ("posts",)
+    POSTS_FIELD_NUMBER: _ClassVar[int]
+    posts: _containers.RepeatedCompositeFieldContainer[BoardPost]
+    def __init__(self, posts: _Optional[_Iterable[_Union[BoardPost, _Mapping]]] = ...) -> None: ...

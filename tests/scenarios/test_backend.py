@@ -1,0 +1,151 @@
+"""`serve --backend URL` with another mesh402 node standing alone (its API behind its API key, the key
+from a 0600 file) and with llama-cpp-python's server as the backend: the front node lists the backend's
+model unverified, answers it (plain and streamed, re-framed by its own edge, usage counted), reports the
+backend's health in its status, and once the backend is killed shows the model unavailable and answers
+503s."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+
+from harness.mesh_nodes import MeshNodes, wait_until
+
+MODEL = "smollm2-135m-instruct"
+KEY = "backend-key-3e1f"
+ASK = {"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+       "max_tokens": 6, "temperature": 0}
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def models(port: int) -> dict[str, dict]:
+    return {m["id"]: m for m in httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"]}
+
+
+def test_a_node_in_front_of_a_backend(tmp_path: Path) -> None:
+    key_file = tmp_path / "backend.key"
+    key_file.write_text(KEY + "\n")
+    os.chmod(key_file, 0o600)
+    nodes = MeshNodes(tmp_path / "nodes")
+    try:
+        back = nodes.start("back", no_model=False, env={"MESH402_API_KEY": KEY})
+        wait_until(lambda: httpx.get(f"http://127.0.0.1:{back.api_port}/ready", timeout=5).status_code == 200, 180,
+                   what="the backend node's model")
+        front = nodes.start("front", extra=["--backend", f"http://127.0.0.1:{back.api_port}/v1",
+                                            "--backend-key-file", str(key_file)])
+        m = models(front.api_port)[MODEL]
+        assert m["owned_by"] == "backend" and m["verified"] is False and m["state"] == "ready" and m["context_length"]
+
+        direct = httpx.post(f"http://127.0.0.1:{back.api_port}/v1/chat/completions", json=ASK, timeout=120,
+                            headers={"Authorization": f"Bearer {KEY}"}).json()
+        r = httpx.post(f"http://127.0.0.1:{front.api_port}/v1/chat/completions", json=ASK, timeout=120)
+        assert r.status_code == 200, r.text
+        assert "via=backend" in r.headers["x-mesh402-route"]
+        text = r.json()["choices"][0]["message"]["content"]
+        assert text == direct["choices"][0]["message"]["content"] and r.json()["usage"]["completion_tokens"] > 0
+
+        events = []
+        with httpx.stream("POST", f"http://127.0.0.1:{front.api_port}/v1/chat/completions", timeout=120,
+                          json={**ASK, "stream": True, "stream_options": {"include_usage": True}}) as s:
+            assert s.status_code == 200
+            events = [ln[6:] for ln in s.iter_lines() if ln.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        streamed = "".join((c["choices"][0].get("delta") or {}).get("content") or "" for c in chunks if c.get("choices"))
+        assert streamed == text and chunks[-1]["usage"]["completion_tokens"] > 0
+
+        status = front.status()["node"]["backends"]
+        assert status[0]["healthy"] and status[0]["models"] == [MODEL]
+
+        nodes.kill9(back)
+        wait_until(lambda: models(front.api_port)[MODEL]["state"] == "unavailable", 30, what="the model unavailable")
+        dead = httpx.post(f"http://127.0.0.1:{front.api_port}/v1/chat/completions", json=ASK, timeout=30)
+        assert dead.status_code == 503 and dead.json()["error"]["code"] == "backend_unavailable"
+        assert "Retry-After" in dead.headers
+        assert not front.status()["node"]["backends"][0]["healthy"]
+    finally:
+        nodes.stop_all()
+
+
+def test_a_backend_key_file_others_can_read_is_refused(tmp_path: Path) -> None:
+    key_file = tmp_path / "open.key"
+    key_file.write_text(KEY)
+    os.chmod(key_file, 0o644)
+    nodes = MeshNodes(tmp_path / "nodes")
+    node = nodes.start("x", wait=False, extra=["--backend", "http://127.0.0.1:9/v1", "--backend-key-file", str(key_file)])
+    assert node.proc.proc.wait(60) == 2 and "readable by others" in node.proc.log()
+
+
+def test_a_node_in_front_of_llama_cpp_server(tmp_path: Path) -> None:
+    try:
+        import llama_cpp.server.app  # noqa: F401
+    except ImportError as e:  # a failure, never a skip: the package is part of the set-up
+        pytest.fail(f"llama-cpp-python's server is missing ({e}): run bash scripts/bench-deps.sh")
+    from harness.llama_server import start_llama_server
+    from mesh402.models.catalog import bundled_model_path
+
+    key_file = tmp_path / "backend.key"
+    key_file.write_text(KEY)
+    os.chmod(key_file, 0o600)
+    llama, base = start_llama_server(tmp_path / "llama", bundled_model_path(), alias="smollm2-llamacpp", api_key=KEY)
+    nodes = MeshNodes(tmp_path / "nodes")
+    try:
+        front = nodes.start("front", extra=["--backend", base, "--backend-key-file", str(key_file)])
+        m = models(front.api_port)["smollm2-llamacpp"]
+        assert m["owned_by"] == "backend" and m["verified"] is False and m["state"] == "ready"
+        ask = {**ASK, "model": "smollm2-llamacpp"}
+        r = httpx.post(f"http://127.0.0.1:{front.api_port}/v1/chat/completions", json=ask, timeout=120)
+        assert r.status_code == 200, r.text
+        text = r.json()["choices"][0]["message"]["content"]
+        assert text and r.json()["model"] == "smollm2-llamacpp" and r.json()["usage"]["completion_tokens"] == 6
+        with httpx.stream("POST", f"http://127.0.0.1:{front.api_port}/v1/chat/completions", timeout=120,
+                          json={**ask, "stream": True}) as s:
+            assert s.status_code == 200
+            events = [ln[6:] for ln in s.iter_lines() if ln.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert all(c["model"] == "smollm2-llamacpp" and "usage" not in c for c in chunks)  # not asked for
+        assert "".join((c["choices"][0].get("delta") or {}).get("content") or "" for c in chunks if c.get("choices")) == text
+        llama.stop()
+        wait_until(lambda: models(front.api_port)["smollm2-llamacpp"]["state"] == "unavailable", 30,
+                   what="the model unavailable")
+        assert httpx.post(f"http://127.0.0.1:{front.api_port}/v1/chat/completions", json=ask, timeout=30).status_code == 503
+    finally:
+        nodes.stop_all()
+        llama.stop()
+
+
+def test_a_paid_node_sells_a_backend_model(tmp_path: Path) -> None:
+    """x402 like any model: 402 first, then paid with the SDK's client and settled on chain after the answer."""
+    from harness.dev_chain import paid_mesh_env
+    from harness.llama_server import start_llama_server
+    from harness.x402_payments import buy_chat
+    from mesh402.models.catalog import bundled_model_path
+    from tests.support.chain import require_contract_toolchain
+
+    require_contract_toolchain()
+    llama, base = start_llama_server(tmp_path / "llama", bundled_model_path(), alias="smollm2-llamacpp")
+    try:
+        with paid_mesh_env(tmp_path / "chain", buyers=1, nodes=1) as (chain, fac_url, nodes):
+            front = nodes.start("front", extra=["--backend", base, "--price", "0.01", "--pay-to", "node-0",
+                                                "--deployment", str(chain.dir), "--facilitator", fac_url])
+            ask = {**ASK, "model": "smollm2-llamacpp"}
+            unpaid = httpx.post(f"http://127.0.0.1:{front.api_port}/v1/chat/completions", json=ask, timeout=60)
+            assert unpaid.status_code == 402
+            listed = httpx.get(f"http://127.0.0.1:{front.api_port}/.well-known/x402", timeout=10).json()
+            [row] = [m for m in listed["items"][0]["metadata"]["models"] if m["id"] == "smollm2-llamacpp"]
+            assert row["verified"] is False and row["pricePerRequest"] == "10000"  # sold, unverified
+            buyer, seller = chain.dep.address("buyer-0"), chain.dep.address("node-0")
+            b0, s0 = chain.balance(buyer), chain.balance(seller)
+            assert buy_chat(chain, front.api_port, ask) == 200
+            wait_until(lambda: chain.balance(seller) == s0 + 10_000, 30, what="the seller paid")
+            assert chain.balance(buyer) == b0 - 10_000
+            assert buy_chat(chain, front.api_port, {**ask, "stream": True}) == 200
+            wait_until(lambda: chain.balance(seller) == s0 + 20_000, 30, what="the streamed answer paid")
+    finally:
+        llama.stop()
