@@ -1,10 +1,19 @@
 """Engine benchmark: mesh402 (exact and fast modes) vs llama.cpp on the same GGUF, side by side.
 
-    .venv/bin/python benchmarks/engine.py [--model PATH] [--threads 1] [--prompt-tokens 128] [--decode-tokens 64]
+    .venv/bin/python benchmarks/engine.py [--model PATH | --synthetic Q4_K|Q8_0] [--threads 1]
+                                          [--prompt-tokens 128] [--decode-tokens 64] [--no-exact]
 
 Each engine runs in its own subprocess so resident memory is measured cleanly: RSS growth from
-loading, and the peak during decode. Prints a table and writes benchmarks/results/engine.json.
-llama.cpp comes from llama-cpp-python (`bash scripts/bench-deps.sh` installs it; a ~4 minute build).
+loading, and the peak during decode. Prints a table and writes benchmarks/results/engine[-NAME].json.
+llama.cpp comes from llama-cpp-python (`bash scripts/bench-deps.sh` installs it; a ~4 minute build), on two
+paths, both reported, each row naming its path:
+- `repack`: its CPU weight repack (AMX/AVX kernels) on, which in 0.3.36 crashes on multi-token batches on CPUs
+  with AMX, so prompt and decode are fed one token per eval (n_batch = n_ubatch = 1): its fastest decode here;
+- `no-repack`: the repack off (`use_extra_bufts = False`, patched into `llama_model_default_params`, which
+  `Llama()` has no switch for), so the prompt is one batched eval.
+mesh402's decode is compared with the faster of the two. `--synthetic` writes a ~1B llama-shaped model with
+random weights (harness/synthetic_gguf.py) where decode is bound by memory bandwidth: the table then shows GB/s
+of weights read per second of decode against the machine's measured read bandwidth.
 """
 
 from __future__ import annotations
@@ -92,20 +101,45 @@ def worker_mesh402(model: str, mode: str, threads: int, n_prompt: int, n_decode:
             "rss_peak_mb": (mem.peak - rss0) / 2**20, "tokens": out, "prompt": ids}
 
 
+def worker_membw(threads: int) -> dict:
+    """The machine's memory read bandwidth: a sum over 1 GiB (far beyond any cache), best of 5."""
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.ones(2**28, dtype=torch.float32)  # 1 GiB
+    x.sum()
+    best = 0.0
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.sum()
+        best = max(best, x.numel() * 4 / (time.perf_counter() - t0))
+    return {"read_gb_s": best / 1e9, "threads": threads}
+
+
 def worker_llamacpp(model: str, threads: int, n_prompt: int, n_decode: int, teacher: list[int] | None,
-                    prompt: list[int]) -> dict:
+                    prompt: list[int], repack: bool) -> dict:
+    import llama_cpp
     import numpy as np
     from llama_cpp import Llama
 
+    if not repack:  # Llama() has no switch for the CPU weight repack: default model params without it
+        default = llama_cpp.llama_model_default_params
+
+        def no_repack() -> object:
+            p = default()
+            p.use_extra_bufts = False
+            return p
+        llama_cpp.llama_model_default_params = no_repack
+    batch = 1 if repack else 512  # the repack crashes on multi-token batches: one token per eval
     rss0 = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
-    llm = Llama(model_path=model, n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=512,
-                verbose=False, logits_all=False)
+    llm = Llama(model_path=model, n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=batch,
+                n_ubatch=batch, verbose=False, logits_all=False)
     load_s = time.perf_counter() - t0
     rss_loaded = psutil.Process().memory_info().rss
     with PeakRSS() as mem:  # the peak while serving: prefill and decode
         ids = prompt[:n_prompt]
-        llm.eval(ids[:32])
+        llm.eval(ids[:4])
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(ids)
@@ -129,7 +163,7 @@ def worker_llamacpp(model: str, threads: int, n_prompt: int, n_decode: int, teac
                 hits += pred == t
                 llm.eval([t])
             agree = hits / len(teacher)
-    return {"engine": "llama.cpp", "load_s": load_s, "prefill_tok_s": len(ids) / ttft, "ttft_s": ttft,
+    return {"engine": f"llama.cpp {'repack' if repack else 'no-repack'}", "load_s": load_s, "prefill_tok_s": len(ids) / ttft, "ttft_s": ttft,
             "decode_tok_s": (n_decode - 1) / decode_s, "rss_load_mb": (rss_loaded - rss0) / 2**20,
             "rss_peak_mb": (mem.peak - rss0) / 2**20, "tokens": out, "top1_vs_exact": agree}
 
@@ -145,6 +179,10 @@ def run_worker(args: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="GGUF file (default: the bundled SmolLM2-135M Q4_1)")
+    ap.add_argument("--synthetic", choices=["Q4_K", "Q8_0"], default=None,
+                    help="benchmark a synthetic ~1B llama-shaped model in this quantization (written once into "
+                         "benchmarks/results/)")
+    ap.add_argument("--no-exact", action="store_true", help="skip mesh402's exact mode (slow on a 1B model)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=64)
@@ -152,56 +190,87 @@ def main() -> None:
     ap.add_argument("--teacher", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--prompt-ids", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.model is None and a.worker is None and a.synthetic:
+        from harness.synthetic_gguf import write_synthetic_llama
+        from mesh402.models.catalog import bundled_model_path
+
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        a.model = str(write_synthetic_llama(RESULTS / f"synthetic-llama-1b-{a.synthetic.lower()}.gguf",
+                                            bundled_model_path(), a.synthetic))
     if a.model is None:
         from mesh402.models.catalog import bundled_model_path
 
         a.model = str(bundled_model_path())
     if a.worker is not None:
         kind = a.worker[0]
-        if kind == "llamacpp":
+        if kind in ("llamacpp-repack", "llamacpp-norepack"):
             res = worker_llamacpp(a.model, a.threads, a.prompt_tokens, a.decode_tokens,
-                                  json.loads(a.teacher) if a.teacher else None, json.loads(a.prompt_ids))
+                                  json.loads(a.teacher) if a.teacher else None, json.loads(a.prompt_ids),
+                                  repack=kind == "llamacpp-repack")
+        elif kind == "membw":
+            res = worker_membw(a.threads)
         else:
             res = worker_mesh402(a.model, kind, a.threads, a.prompt_tokens, a.decode_tokens)
         print(json.dumps(res))
         return
     common = ["--model", a.model, "--threads", str(a.threads), "--prompt-tokens", str(a.prompt_tokens),
               "--decode-tokens", str(a.decode_tokens)]
-    rows = [run_worker(["exact", *common]), run_worker(["fast", *common])]
-    exact, fast = rows
-    fast["top1_vs_exact"] = sum(x == y for x, y in zip(exact["tokens"], fast["tokens"])) / len(exact["tokens"])
+    fast = run_worker(["fast", *common])
+    rows = [fast]
+    reference = fast  # whose tokens the others are compared with: exact mode's, when it runs
+    if not a.no_exact:
+        exact = run_worker(["exact", *common])
+        rows.insert(0, exact)
+        reference = exact
+        fast["top1_vs_exact"] = sum(x == y for x, y in zip(exact["tokens"], fast["tokens"])) / len(exact["tokens"])
     try:
         import llama_cpp  # noqa: F401
 
-        rows.append(run_worker(["llamacpp", *common, "--teacher", json.dumps(exact["tokens"]),
-                                "--prompt-ids", json.dumps(exact["prompt"])]))
+        for path in ("llamacpp-repack", "llamacpp-norepack"):
+            try:
+                rows.append(run_worker([path, *common, "--teacher", json.dumps(reference["tokens"]),
+                                        "--prompt-ids", json.dumps(reference["prompt"])]))
+            except RuntimeError as e:  # one path crashing (the repack on batches) must not lose the other
+                print(f"{path} failed: {str(e)[-300:]}")
     except ImportError:
-        print("llama-cpp-python is not installed: run `bash scripts/bench-deps.sh` for the side-by-side row")
+        print("llama-cpp-python is not installed: run `bash scripts/bench-deps.sh` for the side-by-side rows")
     file_mb = Path(a.model).stat().st_size / 2**20
-    ref = next((r for r in rows if r["engine"] == "llama.cpp"), None)
+    llama_rows = [r for r in rows if r["engine"].startswith("llama.cpp")]
+    ref = max(llama_rows, key=lambda r: r["decode_tok_s"]) if llama_rows else None  # llama.cpp's best path
+    from harness.synthetic_gguf import weight_bytes_per_token
+
+    per_token = weight_bytes_per_token(Path(a.model))
+    bw = run_worker(["membw", "--threads", str(a.threads), "--model", a.model])["read_gb_s"]
+    for r in rows:
+        r["weights_gb_s"] = per_token * r["decode_tok_s"] / 1e9
+        r["of_bandwidth"] = r["weights_gb_s"] / bw
     from rich.console import Console
     from rich.table import Table
 
     t = Table(title=f"engine benchmark: {Path(a.model).name} ({file_mb:.1f} MiB), {a.threads} thread(s), "
-                    f"prompt {a.prompt_tokens}, decode {a.decode_tokens}")
-    for col in ("engine", "prefill tok/s", "TTFT ms", "decode tok/s", "decode vs llama.cpp", "RSS load MiB",
-                "RSS peak MiB", "peak / file", "top-1 vs exact"):
+                    f"prompt {a.prompt_tokens}, decode {a.decode_tokens}; memory read {bw:.1f} GB/s, "
+                    f"{per_token / 1e6:.0f} MB of weights per token; vs llama.cpp's faster path")
+    for col in ("engine", "prefill tok/s", "TTFT ms", "decode tok/s", "decode vs llama.cpp", "weights GB/s",
+                "of bandwidth", "RSS load MiB", "RSS peak MiB", "peak / file", "top-1 vs ref"):
         t.add_column(col, justify="right")
     for r in rows:
         r["rss_peak_over_file"] = r["rss_peak_mb"] / file_mb
         r["decode_vs_llamacpp"] = r["decode_tok_s"] / ref["decode_tok_s"] if ref else None
         t.add_row(r["engine"], f"{r['prefill_tok_s']:.1f}", f"{r['ttft_s'] * 1000:.0f}", f"{r['decode_tok_s']:.1f}",
-                  f"{r['decode_vs_llamacpp']:.2f}x" if r["decode_vs_llamacpp"] else "-", f"{r['rss_load_mb']:.0f}",
+                  f"{r['decode_vs_llamacpp']:.2f}x" if r["decode_vs_llamacpp"] else "-", f"{r['weights_gb_s']:.2f}",
+                  f"{r['of_bandwidth']:.0%}", f"{r['rss_load_mb']:.0f}",
                   f"{r['rss_peak_mb']:.0f}", f"{r['rss_peak_over_file']:.2f}",
                   f"{r['top1_vs_exact']:.2f}" if r.get("top1_vs_exact") is not None else "-")
-    Console().print(t)
+    Console(width=200).print(t)
     RESULTS.mkdir(parents=True, exist_ok=True)
     for r in rows:
         r.pop("prompt", None)
     out = {"model": a.model, "file_mib": file_mb, "threads": a.threads, "prompt_tokens": a.prompt_tokens,
-           "decode_tokens": a.decode_tokens, "cpu": os.cpu_count(), "rows": rows, "time": time.time()}
-    (RESULTS / "engine.json").write_text(json.dumps(out, indent=2))
-    print(f"wrote {RESULTS / 'engine.json'}")
+           "decode_tokens": a.decode_tokens, "cpu": os.cpu_count(), "memory_read_gb_s": bw,
+           "weight_bytes_per_token": per_token, "rows": rows, "time": time.time()}
+    name = RESULTS / (f"engine-{a.synthetic.lower()}-t{a.threads}.json" if a.synthetic else f"engine-t{a.threads}.json")
+    name.write_text(json.dumps(out, indent=2))
+    print(f"wrote {name}")
 
 
 if __name__ == "__main__":
