@@ -93,12 +93,11 @@ def _tx(what: str, call: Any, *args: Any) -> Any:
 def escrow_status(deployment: DeploymentOpt = None, key_file: KeyFileOpt = None, account: AccountOpt = None,
                   worker: Annotated[Optional[list[str]], typer.Option("--worker", help="Also show this worker's channel (repeatable).")] = None) -> None:
     """The entry's free balance, vault and the channel of each given worker."""
-    from eth_account import Account  # lazy: loads eth_account only for this command
-
     from mesh402.economics.escrow import Escrow
+    from mesh402.economics.evm import account_of
 
     c = _chain(deployment)
-    me = Account.from_key(load_key(key_file, "MESH402_PAYOUT_KEY", "the entry's wallet", c.dep, account)).address
+    me = account_of(load_key(key_file, "MESH402_PAYOUT_KEY", "the entry's wallet", c.dep, account)).address
     esc = Escrow(c.w3, c.contract("MeshEscrow"))
     console.print(f"entry {me}: free {c.fmt(esc.free_balance(me))}, vault {esc.vault_of(me)}, "
                   f"unlock delay {esc.unlock_delay} s", highlight=False)

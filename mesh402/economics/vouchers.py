@@ -18,13 +18,16 @@ channel covers it.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from mesh402.economics.escrow import Voucher, sign_voucher, voucher_signer
+from mesh402.economics.escrow import Voucher, checksum_address, sign_voucher, voucher_signer
 
 VOUCHER_FILE = "vouchers.sqlite"
 _SCHEMA = """
@@ -35,7 +38,10 @@ CREATE TABLE IF NOT EXISTS held (entry TEXT PRIMARY KEY, worker TEXT NOT NULL, c
 CREATE TABLE IF NOT EXISTS owed (entry TEXT PRIMARY KEY, amount INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS redeemed (entry TEXT NOT NULL, cumulative INTEGER NOT NULL, tx TEXT NOT NULL,
                                      at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS session_paid (worker TEXT NOT NULL, key TEXT NOT NULL, amount INTEGER NOT NULL,
+                                         updated REAL NOT NULL, PRIMARY KEY (worker, key));
 """
+SESSION_ROWS_KEPT_S = 86400.0  # per-session running totals older than this are pruned (sessions end long before)
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,7 @@ class VoucherBook:
     """The node's voucher file: one connection, serialized (the event loop and chain threads share it)."""
 
     def __init__(self, home: Path) -> None:
+        Path(home).mkdir(parents=True, exist_ok=True)
         self.path = Path(home) / VOUCHER_FILE
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -96,6 +103,31 @@ class VoucherIssuer:
             self.book._db.execute("INSERT INTO issued VALUES (?,?,?,?) ON CONFLICT(worker) DO UPDATE SET "
                                   "cumulative=excluded.cumulative, signature=excluded.signature, "
                                   "updated=excluded.updated", (worker.lower(), total, v.signature, time.time()))
+        return v
+
+    def pay_to_total(self, worker: str, key: str, micro: int) -> Voucher:
+        """Raise `worker`'s cumulative voucher so that session `key` has paid ceil(micro / 1e6) in total (the
+        session's running total; serving.work_pay). Stored before it is returned."""
+        want = -(-int(micro) // 1_000_000)
+        w = worker.lower()
+        with self.book._lock:
+            row = self.book._db.execute("SELECT amount FROM session_paid WHERE worker=? AND key=?", (w, key)).fetchone()
+            paid = int(row[0]) if row else 0
+            cur = self.book._db.execute("SELECT cumulative, signature FROM issued WHERE worker=?", (w,)).fetchone()
+            total = int(cur[0]) if cur else 0
+            now = time.time()
+            if want <= paid and cur is not None:  # nothing new: the voucher already held covers it
+                return Voucher(self.address, checksum_address(worker), total, bytes(cur[1]))
+            total += max(0, want - paid)
+            v = sign_voucher(self.key, self.escrow.chain_id, self.escrow.address, worker, total)
+            self.book._db.execute("BEGIN")
+            self.book._db.execute("INSERT INTO issued VALUES (?,?,?,?) ON CONFLICT(worker) DO UPDATE SET "
+                                  "cumulative=excluded.cumulative, signature=excluded.signature, "
+                                  "updated=excluded.updated", (w, total, v.signature, now))
+            self.book._db.execute("INSERT INTO session_paid VALUES (?,?,?,?) ON CONFLICT(worker, key) DO UPDATE SET "
+                                  "amount=excluded.amount, updated=excluded.updated", (w, key, max(paid, want), now))
+            self.book._db.execute("DELETE FROM session_paid WHERE updated < ?", (now - SESSION_ROWS_KEPT_S,))
+            self.book._db.execute("COMMIT")
         return v
 
     def totals(self) -> dict[str, int]:
@@ -173,3 +205,68 @@ class VoucherWallet:
             owed = {e: int(a) for e, a in self.book._db.execute("SELECT entry, amount FROM owed")}
             held = {e: int(c) for e, c in self.book._db.execute("SELECT entry, cumulative FROM held")}
         return {e: {"owed": owed.get(e, 0), "vouchered": held.get(e, 0)} for e in sorted(set(owed) | set(held))}
+
+
+class WorkerLedger:
+    """A worker's book as serving sees it (serving.work_pay.WorkerBook): its wallet's vouchers, and whether
+    the escrow on chain covers them. Chain reads run in a thread and are cached for `coverage_ttl_s`
+    (coverage only drops after an unlock request's delay, which the redeemer watches)."""
+
+    def __init__(self, wallet: VoucherWallet, escrow: Any, *, coverage_ttl_s: float = 15.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.vouchers = wallet
+        self.escrow = escrow  # economics.escrow.Escrow
+        self.coverage_ttl_s = coverage_ttl_s
+        self.clock = clock
+        self._coverage: dict[str, tuple[int, float]] = {}  # entry -> (coverage, read at)
+
+    @property
+    def wallet(self) -> str:
+        return self.vouchers.worker
+
+    def held(self, entry: str) -> int:
+        v = self.vouchers.held(entry)
+        return v.cumulative if v is not None else 0
+
+    def owed(self, entry: str) -> int:
+        return self.vouchers.owed(entry)
+
+    def add_owed(self, entry: str, amount: int) -> None:
+        self.vouchers.work(entry, amount)
+
+    def forget_coverage(self, entry: str | None = None) -> None:
+        """Read coverage from the chain again next time (an unlock was requested)."""
+        if entry is None:
+            self._coverage.clear()
+        else:
+            self._coverage.pop(entry.lower(), None)
+
+    async def coverage(self, entry: str, *, at_least: int = 0) -> int:
+        """The channel's coverage for this worker; read again when the cached value is old or below
+        `at_least` (coverage may have grown since)."""
+        got = self._coverage.get(entry.lower())
+        if got is not None and self.clock() - got[1] < self.coverage_ttl_s and got[0] >= at_least:
+            return got[0]
+        value = int(await asyncio.to_thread(self.escrow.coverage, entry, self.wallet))
+        self._coverage[entry.lower()] = (value, self.clock())
+        return value
+
+    async def accept(self, entry: str, voucher: Any) -> str | None:
+        try:
+            v = Voucher.from_json(voucher) if not isinstance(voucher, Voucher) else voucher
+        except ValueError as e:
+            return str(e)
+        why = self.vouchers.check(v, entry)
+        if why is not None:
+            return why
+        if v.cumulative <= self.held(entry):
+            return None  # nothing new (a repeat, or an older one overtaken)
+        cover = await self.coverage(entry, at_least=v.cumulative)
+        if v.cumulative > cover:
+            return f"voucher {v.cumulative} exceeds what the escrow covers for this worker ({cover})"
+        self.vouchers.keep(v)
+        return None
+
+    async def headroom(self, entry: str) -> int:
+        held = self.held(entry)
+        return max(0, await self.coverage(entry) - held)
