@@ -119,6 +119,8 @@ def serve(
     rewards: Annotated[Optional[str], typer.Option("--rewards", help="EpochRewards contract for automatic payouts (default: the deployment's).", rich_help_panel="Payments")] = None,
     owner_key_file: Annotated[Optional[Path], typer.Option("--owner-key-file", help="File (0600) with this node's EVM owner key (the one `mesh402 register` used; or env MESH402_OWNER_KEY): lets the node request ERC-8004 validation of its own work, which payouts require.", rich_help_panel="Trust")] = None,
     validator: Annotated[bool, typer.Option("--validator", help="Re-execute other nodes' audited steps on this node's copy of the model and answer their validation requests on chain (needs --owner-key-file and --deployment/--network).", rich_help_panel="Trust")] = False,
+    escrow: Annotated[bool, typer.Option("--escrow", help="Pay the stages this node uses, and be paid for stage work, with escrow vouchers as the work is done (MeshEscrow of --deployment; needs --pay-to and --payout-key-file; epoch payouts stay off). A worker refuses (`unpaid`) an entry that falls behind or whose escrow does not cover it.", rich_help_panel="Payments")] = False,
+    redeem_every: Annotated[float, typer.Option("--redeem-every", help="With --escrow: seconds between redemptions of the vouchers held (sooner when an entry asks for its float back).", rich_help_panel="Payments")] = 300.0,
     audit_rate: Annotated[float, typer.Option("--audit-rate", help="Entry: share of paid split requests whose stages must reveal a step for re-execution (each node's first request per epoch is always audited).", rich_help_panel="Trust")] = 0.1,
 ) -> None:
     """Start a node: load models and serve the OpenAI-compatible API."""
@@ -136,7 +138,8 @@ def serve(
         sources = [resolve_model(m) for m in (model or [BUNDLED_MODEL_ID])]
         api_key = load_api_key(api_key_file)
         from mesh402.cli.payment_flags import payments_config  # lazy: kept off this module's import path
-        payments = payments_config(price=price, price_per_1k=price_per_1k, pay_to=pay_to, facilitator=facilitator,
+        payments = payments_config(price=price, price_per_1k=price_per_1k,
+                                   pay_to=pay_to if (price or price_per_1k or not escrow) else None, facilitator=facilitator,
                                    network=network, deployment=deployment, asset=asset, asset_name=asset_name,
                                    asset_version=asset_version, credit_topup=credit_topup)
         if epoch_seconds <= 0:
@@ -146,7 +149,12 @@ def serve(
         trust = trust_config(network=network, deployment=deployment, owner_key_file=owner_key_file,
                              validator=validator, audit_rate=audit_rate)
         from mesh402.cli.payment_flags import auto_payout_config  # lazy: kept off this module's import path
-        auto_payout_config(payments, trust, payout_key_file=payout_key_file, rewards=rewards, deployment=deployment)
+        if escrow:
+            from mesh402.cli.payment_flags import escrow_config  # lazy: kept off this module's import path
+            escrow_config(payments, pay_to=pay_to, payout_key_file=payout_key_file, deployment=deployment,
+                          redeem_every_s=redeem_every)
+        else:
+            auto_payout_config(payments, trust, payout_key_file=payout_key_file, rewards=rewards, deployment=deployment)
     except (ModelNotFound, ValueError) as e:
         fail(str(e))
     if no_model:
@@ -180,6 +188,8 @@ def serve(
                   f"  models: {', '.join(config.models)}  home: {config.home}", highlight=False)
     if api_key:
         console.print("API key required (Authorization: Bearer …)")
+    if payments.escrow:
+        console.print(f"escrow vouchers: wallet {payments.pay_to}, MeshEscrow {payments.escrow}", highlight=False)
     if payments.enabled:
         console.print(f"x402: {price or 0} USDC/request + {price_per_1k or 0} USDC/1k tokens on {payments.network}, "
                       f"pay to {payments.pay_to}, facilitator {payments.facilitator_url}", highlight=False)

@@ -100,6 +100,7 @@ class Redeemer(PeriodicJob):
         self.key = key  # pays the gas; the tokens go to the worker the vouchers name
         self.min_amount = min_amount
         self._unlock_block = 0
+        self.free_balance: int | None = None  # this wallet's own free escrow balance (as an entry), last read
 
     def _unlocks_pending(self) -> bool:
         """An entry asked one of this worker's channels for its float back: redeem before it completes."""
@@ -109,6 +110,7 @@ class Redeemer(PeriodicJob):
         return bool(got)
 
     def step(self) -> str:
+        self.free_balance = self.escrow.free_balance(self.wallet.worker)
         due = [(v, v.cumulative - self.escrow.channel(v.entry, v.worker).redeemed) for v in self.wallet.best()]
         due = [(v, amount) for v, amount in due if amount > 0]
         urgent = self._unlocks_pending()

@@ -23,6 +23,7 @@ economics).
 
 from __future__ import annotations
 
+import json
 import re
 from collections import deque
 from dataclasses import dataclass, field
@@ -79,6 +80,25 @@ def share_terms(payer: str, payee: str, share: Fraction, price_per_request: int,
     flat = int(price_per_request * share)  # floor for non-negative Fractions
     per_token_micro = int(Fraction(price_per_1k * MICRO, 1000) * share)
     return WorkTerms(payer, payee, flat, per_token_micro)
+
+
+PAY_MAP_LIMIT = 64 * 1024  # bytes of a frame's `pay` param (a voucher per stage of a long chain)
+
+
+def pay_map(raw: str | None) -> dict[str, Any] | None:
+    """A frame's `pay` param ({worker node id: voucher JSON}); None when absent. Bounded; the vouchers
+    themselves are checked by the worker's book."""
+    if not raw:
+        return None
+    if len(raw) > PAY_MAP_LIMIT:
+        raise ValueError("the pay param is too large")
+    try:
+        got = json.loads(raw)
+    except ValueError:
+        raise ValueError("the pay param is not JSON") from None
+    if not isinstance(got, dict) or len(got) > 64:
+        raise ValueError("the pay param must map at most 64 workers to vouchers")
+    return {str(k): v for k, v in got.items()}
 
 
 def micro_to_atomic(micro: int) -> int:
@@ -204,6 +224,8 @@ class WorkerPay:
         first window of work."""
         if terms.payee.lower() != self.book.wallet.lower():
             return self._refuse(f"the grant pays {terms.payee}, not this worker's wallet {self.book.wallet}")
+        if terms.flat == 0 and terms.per_token_micro == 0:
+            return self._refuse("the grant pays this worker nothing (the entry sells its requests for free)")
         entry = terms.payer
         if session in self.live:
             return self._refuse("this session is already open")
