@@ -97,6 +97,7 @@ class PaymentsConfig:
     escrow_rpc_url: str | None = None
     escrow_chain_id: int = 0
     redeem_every_s: float = 300.0
+    escrow_float: int = 0  # an entry keeps each worker's channel this far above what it vouchered (0: by hand)
 
     @property
     def enabled(self) -> bool:

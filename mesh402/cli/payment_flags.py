@@ -72,7 +72,7 @@ def trust_config(*, network: str | None, deployment: Path | None, owner_key_file
 
 
 def escrow_config(payments: PaymentsConfig, *, pay_to: str | None, payout_key_file: Path | None,
-                  deployment: Path | None, redeem_every_s: float) -> PaymentsConfig:
+                  deployment: Path | None, redeem_every_s: float, escrow_float: str | None = None) -> PaymentsConfig:
     """`--escrow`: this node's wallet (--pay-to, its key from --payout-key-file or MESH402_PAYOUT_KEY) pays
     the stages it uses with escrow vouchers (an entry) and is paid by them (a worker), on the chain and
     MeshEscrow of --deployment. Epoch payouts stay off: nothing is paid twice."""
@@ -102,6 +102,7 @@ def escrow_config(payments: PaymentsConfig, *, pay_to: str | None, payout_key_fi
     payments.pay_to, payments.payout_key = addr, key
     payments.escrow, payments.escrow_rpc_url, payments.escrow_chain_id = escrow, dep.rpc_url, dep.chain_id
     payments.redeem_every_s = redeem_every_s
+    payments.escrow_float = dep.asset.to_atomic(escrow_float) if escrow_float else 0
     return payments
 
 

@@ -208,6 +208,10 @@ class Escrow(BoundContract):
     def vault_of(self, entry: str) -> str:
         return str(self.fn.vaultOf(checksum_address(entry)).call())
 
+    def vault_balance(self, entry: str) -> int:
+        """What `entry`'s vault received and nobody swept yet (tokens at its address; 0 before it exists)."""
+        return int(self.token().functions.balanceOf(self.vault_of(entry)).call())
+
     def free_balance(self, entry: str) -> int:
         return int(self.fn.freeBalance(checksum_address(entry)).call())
 

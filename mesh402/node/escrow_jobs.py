@@ -142,7 +142,8 @@ class EscrowKeeper(PeriodicJob):
     def needs(self) -> dict[str, int]:
         """Top-ups per worker: what keeps coverage >= vouchered + the float."""
         out: dict[str, int] = {}
-        for w in sorted(self.workers() | set(self.issuer.totals())):
+        # one key per wallet: the issuer's book is lower-case, callers may pass checksummed addresses
+        for w in sorted({x.lower() for x in self.workers()} | set(self.issuer.totals())):
             ch = self.escrow.channel(self.issuer.address, w)
             short = self.issuer.issued(w) + self.float_amount - ch.coverage
             if short > self.float_amount // 2:  # top up in steps, not on every token
@@ -156,7 +157,7 @@ class EscrowKeeper(PeriodicJob):
         from mesh402.economics.evm import tx_hex  # lazy: web3 helpers, loaded with the escrow already
 
         me = self.issuer.address
-        if self.escrow.free_balance(me) < sum(need.values()):
+        if self.escrow.free_balance(me) < sum(need.values()) and self.escrow.vault_balance(me) > 0:
             self.escrow.sweep(self.key, me)  # the vault holds the revenue x402 settled to it
         free = self.escrow.free_balance(me)
         if free <= 0:

@@ -141,3 +141,29 @@ def test_ledger_counts_a_voucher_only_within_the_escrow(env: WorkEnv, tmp_path: 
     reverts("InsufficientEscrow", env.escrow.redeem, worker.key, beyond)
     env.escrow.redeem(worker.key, wallet.held(entry.address))
     assert env.balance(worker.address) == 12 * USDC
+
+
+def test_keeper_locks_each_workers_float_above_what_was_vouchered(env: WorkEnv, tmp_path: Path) -> None:
+    from mesh402.node.escrow_jobs import EscrowKeeper
+    w1, w2 = env.actor(), env.actor()
+    entry = funded_entry(env, {}, free=6 * USDC)
+    issuer = VoucherIssuer(VoucherBook(tmp_path), entry.key, ref(env))
+    keeper = EscrowKeeper(env.escrow, issuer, entry.key, lambda: {w1.address, w2.address}, float_amount=2 * USDC,
+                          every_s=3600)
+    asyncio.run(keeper.run_once())
+    assert keeper.state.last_error == ""
+    assert [env.escrow.coverage(entry.address, w) for w in (w1.address, w2.address)] == [2 * USDC, 2 * USDC]
+    issuer.pay(w1.address, 1_500_000)  # w1 worked: its float is topped up, w2's is left alone
+    asyncio.run(keeper.run_once())
+    assert env.escrow.coverage(entry.address, w1.address) == 3_500_000
+    assert env.escrow.coverage(entry.address, w2.address) == 2 * USDC
+    assert keeper.needs() == {}  # nothing short: no transaction on the next round
+    issuer.pay(w2.address, 4 * USDC)  # more than the free balance left (0.5): it locks what there is
+    asyncio.run(keeper.run_once())
+    assert env.escrow.coverage(entry.address, w2.address) == 2_500_000 and env.escrow.free_balance(entry.address) == 0
+    asyncio.run(keeper.run_once())  # empty, and nothing in the vault to sweep: a clear error, nothing sent
+    assert "empty" in keeper.state.last_error
+    # revenue settled to the entry's vault (x402 payTo) is swept in and locked on the next round
+    env.mint(env.escrow.vault_of(entry.address), 5 * USDC)
+    asyncio.run(keeper.run_once())
+    assert keeper.state.last_error == "" and env.escrow.coverage(entry.address, w2.address) == 6 * USDC
