@@ -169,3 +169,29 @@ def test_grant_for_another_wallet_and_foreign_vouchers_are_refused(tmp_path: Pat
         assert await worker.vouchers("s", {"w": {"junk": 1}}, "w") is not None
     asyncio.run(main())
     assert p.ledger.held(p.issuer.address) == 0
+
+
+def test_grant_terms_are_signed_with_the_grant() -> None:
+    import json
+
+    from mesh402.mesh.identity import NodeIdentity
+    from mesh402.serving.stage_link import Hop, OpenGrant, StageError
+    host = NodeIdentity.generate()
+    a, b = "0x" + "1" * 40, "0x" + "2" * 40
+    grant = OpenGrant("rid", "ch", 1, (Hop("w0", 0, 15),), 64, "{}", False, "n1", {"w0": WorkTerms(a, b, 5, 7)})
+    params = grant.sign(host)
+    got, signer = OpenGrant.verify(params)
+    assert got == grant and signer == host.node_id_hex
+    body = json.loads(params["grant"])
+    body["pay"]["w0"]["per_token_micro"] = 7_000_000  # a raise the host never signed
+    with pytest.raises(StageError) as e:
+        OpenGrant.verify({**params, "grant": json.dumps(body, separators=(",", ":"), sort_keys=True)})
+    assert e.value.code == "bad_grant"
+    # a grant without terms signs the same bytes as before terms existed (older hosts and workers agree)
+    plain = OpenGrant("rid", "ch", 1, (Hop("w0", 0, 15),), 64, "{}", False, "n1")
+    assert b'"pay"' not in plain.payload()
+    bad = json.loads(plain.payload())
+    bad["pay"] = {"w0": {"payer": a, "payee": b, "flat": -1}}
+    raw = json.dumps(bad, separators=(",", ":"), sort_keys=True).encode()
+    with pytest.raises(StageError):
+        OpenGrant.verify({"grant": raw.decode(), "host": host.node_id_hex, "sig": host.sign(raw).hex()})
