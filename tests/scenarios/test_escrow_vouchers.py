@@ -2,7 +2,9 @@
 a paid split request pays its stage with EIP-712 vouchers from the entry's escrow as the work is done.
 (a) the entry is killed right after the request: the worker still redeems everything it was vouchered, on
 chain; (b) an entry that stops raising its vouchers (a test-only entry point) gets one request's window of
-free work at most: its next request is refused `unpaid`, and the worker redeems what it holds."""
+free work at most: its next request is refused `unpaid`, and the worker redeems what it holds. The escrow is
+funded with `mesh402 escrow deposit` and the float locked with `mesh402 escrow lock` (a) or by the entry's
+keeper (`--escrow-float`, b)."""
 
 from __future__ import annotations
 
@@ -14,11 +16,10 @@ import pytest
 
 from harness.dev_chain import DevChain
 from harness.mesh_nodes import MeshNode, MeshNodes, wait_until
-from harness.procs import NodeProcess
 from harness.reference import ready_plan as plan_of
 from harness.x402_payments import buy_chat
 from tests.support.chain import paid_chain
-from tests.support.escrow_mesh import USDC, escrow_args, escrow_of, escrow_status, fund_escrow
+from tests.support.escrow_mesh import USDC, escrow_args, escrow_cli, escrow_of, escrow_status, fund_escrow
 from tests.support.split_mesh import SPLIT_ARGS
 
 MODEL = "smollm2-135m-instruct"
@@ -37,19 +38,26 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DevChain, st
         chain.proc.stop()
 
 
-def paid_split(nodes: MeshNodes, chain: DevChain, fac: str, accounts: tuple[str, str], launcher: list[str] | None = None
-               ) -> tuple[MeshNode, MeshNode, str, str]:
+def paid_split(nodes: MeshNodes, chain: DevChain, fac: str, accounts: tuple[str, str], launcher: list[str] | None = None,
+               keeper: bool = False) -> tuple[MeshNode, MeshNode, str, str]:
     """Two escrow nodes splitting the model; (host, worker, host account, worker account) once the host's
-    escrow covers the worker and the host sees the worker's escrow label."""
-    a = nodes.start("a", no_model=False, extra=[*SPLIT_ARGS, *escrow_args(chain, fac, accounts[0])], launcher=launcher)
-    b = nodes.start("b", join=a.token(), no_model=False, extra=[*SPLIT_ARGS, *escrow_args(chain, fac, accounts[1])],
-                    timeout=120, launcher=launcher)
+    escrow covers the worker (locked with `mesh402 escrow lock`, or by the host's keeper with `keeper`) and
+    the host sees the worker's escrow label."""
+    extra = ("--escrow-float", "0.5") if keeper else ()
+    a = nodes.start("a", no_model=False, extra=[*SPLIT_ARGS, *escrow_args(chain, fac, accounts[0], *extra)],
+                    launcher=launcher)
+    b = nodes.start("b", join=a.token(), no_model=False,
+                    extra=[*SPLIT_ARGS, *escrow_args(chain, fac, accounts[1], *extra)], timeout=120, launcher=launcher)
     wait_until(lambda: plan_of(a) is not None and plan_of(b) is not None, timeout=180, what="a ready split plan")
     plan = plan_of(a)
     assert len(plan["stages"]) == 2, plan
     host, worker = (a, b) if plan["host"] == a.node_id else (b, a)
     host_acct, worker_acct = (accounts[0], accounts[1]) if host is a else (accounts[1], accounts[0])
-    fund_escrow(chain, host_acct, worker_acct, 1 * USDC)
+    fund_escrow(chain, host_acct, 1 * USDC, lock_for=None if keeper else worker_acct)
+    if keeper:
+        esc, entry, wallet = escrow_of(chain), chain.dep.address(host_acct), chain.dep.address(worker_acct)
+        wait_until(lambda: esc.coverage(entry, wallet) >= USDC // 2, timeout=90, what="the keeper's float")
+    assert "free" in escrow_cli(chain, "status", "--account", host_acct, "--worker", chain.dep.address(worker_acct))
     wait_until(lambda: "escrow" in ((host.peers().get(worker.node_id, {}).get("announcement") or {}).get("labels")
                                     or {}), timeout=60,
                what="the worker's escrow label at the host")
@@ -88,7 +96,7 @@ def test_entry_that_stops_vouchering_is_refused_and_the_worker_redeems(dev, tmp_
     nodes = MeshNodes(tmp_path / "nodes")
     launcher = [sys.executable, "-m", "tests.support.stingy_entry_node"]
     try:
-        host, worker, host_acct, worker_acct = paid_split(nodes, chain, fac, ("node-2", "node-3"), launcher)
+        host, worker, host_acct, worker_acct = paid_split(nodes, chain, fac, ("node-2", "node-3"), launcher, keeper=True)
         assert buy_chat(chain, host.api_port, BODY) == 200  # vouchered (OPEN and first step)
         assert buy_chat(chain, host.api_port, BODY) == 200  # unvouchered, within the worker's window
         entry = chain.dep.address(host_acct).lower()
