@@ -3,14 +3,17 @@ the receipts a paid entry keeps. Hand-made payments are in harness/x402_payments
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mesh402.economics.networks import Deployment
 from mesh402.home import read_secret_file
+from harness.mesh_nodes import MeshNodes
 from harness.procs import MESH402, NodeProcess, free_port
 
 # Imported by benchmarks/payments.py too: its node processes run one torch thread each, like the tests'.
@@ -74,6 +77,24 @@ def start_facilitator(tmp: Path, chain: DevChain) -> tuple[NodeProcess, str]:
     url = f"http://127.0.0.1:{port}"
     proc.wait_http(url + "/supported", timeout=60)
     return proc, url
+
+
+@contextlib.contextmanager
+def paid_mesh_env(tmp: Path, *, buyers: int = 4, nodes: int = 2) -> Iterator[tuple[DevChain, str, MeshNodes]]:
+    """A dev chain, its facilitator and a MeshNodes under `tmp` for paid mesh scenarios: (chain, the
+    facilitator's URL, nodes); every node, the facilitator and the chain are stopped on exit."""
+    procs: list[NodeProcess] = []
+    mesh = MeshNodes(tmp / "nodes")
+    try:
+        chain = start_chain(tmp, buyers=buyers, nodes=nodes)
+        procs.append(chain.proc)
+        fac, fac_url = start_facilitator(tmp, chain)
+        procs.append(fac)
+        yield chain, fac_url, mesh
+    finally:
+        mesh.stop_all()
+        for p in reversed(procs):
+            p.stop()
 
 
 def start_paid_node(home: Path, chain: DevChain, facilitator: str, *extra: str, port: int | None = None

@@ -82,3 +82,42 @@ def buy_chat(chain: DevChain, api_port: int, body: dict[str, Any], buyer: str = 
             r = await client.post(f"http://127.0.0.1:{api_port}/v1/chat/completions", json=body)
             return r.status_code
     return asyncio.run(buy())
+
+
+class X402SyncTransport(httpx.BaseTransport):
+    """An httpx transport that pays a 402 with the official SDK's sync client and sends the request again
+    (what the SDK's requests adapter does), so a sync client such as `openai.OpenAI(http_client=...)`
+    buys from a paid node; streamed answers stay streamed."""
+
+    def __init__(self, key: str, dep: Deployment, cap: int = 1_000_000) -> None:
+        from eth_account import Account
+        from x402 import x402ClientSync
+        from x402.http.x402_http_client import x402HTTPClientSync
+        from x402.mechanisms.evm.exact import register_exact_evm_client
+
+        client = x402ClientSync()
+        register_exact_evm_client(client, Account.from_key(key))
+        client.set_spend_controls({"allowed_assets": [{"network": dep.network, "asset": dep.asset.address,
+                                                       "max_amount_per_payment": str(cap)}]})
+        self.client, self.http = client, x402HTTPClientSync(client)
+        self.inner = httpx.HTTPTransport()
+        self.paid = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self.inner.handle_request(request)
+        if response.status_code != 402:
+            return response
+        content = response.read()
+        response.close()
+        try:
+            body = json.loads(content)
+        except ValueError:
+            body = None
+        required = self.http.get_payment_required_response(response.headers.get, body)
+        payload = self.client.create_payment_payload(required)
+        request.headers.update(self.http.encode_payment_signature_header(payload))
+        self.paid += 1
+        return self.inner.handle_request(request)
+
+    def close(self) -> None:
+        self.inner.close()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Extra dev setup for payments: the pinned npm toolchain (solc, OpenZeppelin, anvil) and the
-# contracts compiled from contracts/*.sol. Idempotent; a no-op in about a second when already done.
+# Extra dev setup: the pinned npm packages (solc, OpenZeppelin, anvil for payments; axe-core for the
+# console's accessibility tests), the contracts compiled from contracts/*.sol, and the headless browser
+# of the console tests (scripts/setup-browser.sh). Idempotent; a no-op in about a second when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -18,3 +19,4 @@ ensure_tools(quiet=True)
 arts = compile_contracts()
 print("contracts ready:", ", ".join(sorted(arts)))
 PYEOF
+bash scripts/setup-browser.sh

@@ -15,4 +15,5 @@ pytest_plugins = (
     "tests.support.nodes",  # mesh_nodes, nostr_relay
     "tests.support.netns",  # netns_pair
     "tests.support.grammar",  # smol_tokenizer, smol_grammars
+    "tests.support.browser",  # browser: headless Chromium through Selenium
 )

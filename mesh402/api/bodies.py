@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from mesh402.api.errors import APIError, bad_request
+from mesh402.api.fields import Table, check
 
 Body = TypeVar("Body", bound=BaseModel)
 
@@ -23,8 +24,10 @@ def validation_message(err: ValidationError | RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-async def read_json(request: Request, model: type[Body], max_bytes: int) -> Body:
-    """The request body as `model`; 413 over `max_bytes`, 400 for anything malformed."""
+async def read_json(request: Request, model: type[Body], max_bytes: int, table: Table | None = None,
+                    endpoint: str = "") -> Body:
+    """The request body as `model`; 413 over `max_bytes`, 400 for anything malformed, and with a field
+    `table` (api/fields.py) 400 naming a refused or unknown field."""
     body = await request.body()
     if len(body) > max_bytes:
         raise APIError(413, f"request body over {max_bytes} bytes")
@@ -34,6 +37,8 @@ async def read_json(request: Request, model: type[Body], max_bytes: int) -> Body
         raise bad_request(f"malformed JSON body: {e}") from None
     if not isinstance(data, dict):
         raise bad_request("request body must be a JSON object")
+    if table is not None:
+        check(data, table, endpoint)
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -41,6 +46,9 @@ async def read_json(request: Request, model: type[Body], max_bytes: int) -> Body
 
 
 def sse(obj: Any, event: str | None = None) -> bytes:
-    """One server-sent event (`event:` line when named) carrying `obj` as JSON."""
+    """One server-sent event (`event:` line when named) carrying `obj` as JSON. A Responses event (a `type`
+    such as "response.output_text.delta") is named by its type, as OpenAI sends them."""
+    kind = obj.get("type") if isinstance(obj, dict) else None
+    event = event or (kind if isinstance(kind, str) and kind.startswith("response.") else None)
     head = f"event: {event}\n" if event else ""
     return f"{head}data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':') if event else None)}\n\n".encode()

@@ -13,13 +13,15 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic
 
 from fastapi import Request
 from fastapi.responses import Response
 
+from mesh402.api.bodies import Body, read_json
 from mesh402.api.context import EdgeContext
 from mesh402.api.errors import APIError, unavailable
+from mesh402.api.fields import Table
 from mesh402.api.schemas import SamplingFields
 from mesh402.api.selection import Selection, Target, pick_model, route_header
 from mesh402.api.tunnel import forward as tunnel_forward
@@ -184,3 +186,29 @@ async def target(ctx: EdgeContext, request: Request, req: SamplingFields) -> tup
             return resp
         entry = sel.local_replica()
     return entry, sel
+
+
+@dataclass
+class Arrived(Generic[Body]):
+    """A request to serve here: its body, the chat-shaped request it was routed as, the model entry and how
+    it was chosen."""
+
+    body: Body
+    routed: SamplingFields
+    entry: ModelEntry
+    sel: Selection
+
+
+async def arrive(ctx: EdgeContext, request: Request, model: type[Body], table: Table, endpoint: str,
+                 routed_as: Callable[[Body], SamplingFields] | None = None) -> Arrived[Body] | Response:
+    """Authenticate, read the body (api/fields.py: no field ignored) and route it: what to serve here, or the
+    answer of the node that served it. `routed_as`: the request as routing reads it (a Responses request
+    is routed as the chat request it becomes)."""
+    ctx.check_auth(request)
+    body = await read_json(request, model, ctx.config.limits.max_request_bytes, table, endpoint)
+    routed = routed_as(body) if routed_as is not None else body
+    assert isinstance(routed, SamplingFields)
+    chosen = await target(ctx, request, routed)
+    if isinstance(chosen, Response):
+        return chosen
+    return Arrived(body, routed, *chosen)

@@ -1,7 +1,10 @@
-"""The OpenAI-compatible edge: /v1/models, /v1/chat/completions, /v1/completions, /health, /ready.
+"""The OpenAI-compatible edge: /v1/models (and /v1/models/{id}), /v1/chat/completions, /v1/completions,
+/v1/responses, /v1/embeddings, /health, /ready.
 
-The pieces: `context` (what handlers share), `wire` (bodies in, SSE out), `selection` (which model
-and node), `forwarding` (the tunnel to other nodes), `completion` (one completion served here)."""
+The pieces: `context` (what handlers share), `bodies` (bodies in, SSE out), `fields` (what each request field
+does), `selection` (which model and node), `forwarding` (the tunnel to other nodes), `completion` (one
+completion served here: n choices, constraints), `chat` / `text_completion` / `responses` / `embeddings`
+(each endpoint's prompt and answer shape)."""
 
 from __future__ import annotations
 
@@ -15,14 +18,18 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mesh402.api import well_known
-from mesh402.api.bodies import read_json, validation_message
-from mesh402.api.completion import answer
+from mesh402.api import embeddings, fields, responses
+from mesh402.api.bodies import validation_message
+from mesh402.api.chat import ChatShaper, plan_chat
+from mesh402.api.completion import Plan, answer
 from mesh402.api.context import EdgeContext
 from mesh402.api.errors import APIError, bad_request, unavailable
-from mesh402.api.forwarding import target
+from mesh402.api.forwarding import arrive
 from mesh402.api.payment_policy import X402Policy
 from mesh402.api.router import Router
 from mesh402.api.schemas import ChatCompletionRequest, CompletionRequest
+from mesh402.api.text_completion import TextShaper, plan_text
+from mesh402.api.tunnel import MODEL_ID
 from mesh402.api.x402.gate import PaymentGate
 from mesh402.economics.upstream import UpstreamBuyer
 from mesh402.serving.registry import ModelRegistry
@@ -114,71 +121,46 @@ def install_routes(app: FastAPI, ctx: EdgeContext) -> None:
         ctx.check_auth(request)
         return {"object": "list", "data": model_list(ctx)}
 
+    @app.get("/v1/models/{model_id}")
+    async def get_model(request: Request, model_id: str) -> dict[str, Any]:
+        ctx.check_auth(request)
+        if not MODEL_ID.match(model_id):
+            raise APIError(404, "no such model: a model id is 1-128 of a-z, A-Z, 0-9 and . _ : - @",
+                           type="not_found_error", code="model_not_found", param="model")
+        found = next((m for m in model_list(ctx) if m["id"] == model_id), None)
+        if found is None:
+            raise APIError(404, f"model {model_id!r} is not served in this mesh; see GET /v1/models",
+                           type="not_found_error", code="model_not_found", param="model")
+        return found
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        ctx.check_auth(request)
-        req = await read_json(request, ChatCompletionRequest, config.limits.max_request_bytes)
-        chosen = await target(ctx, request, req)
-        if isinstance(chosen, Response):
-            return chosen
-        entry, sel = chosen
-        from mesh402.engine.chat_template import (  # a model is loaded: torch is in
-            ChatTemplate,
-            ChatTemplateError,
-        )  # lazy: loads gguf, numpy, torch only when needed
-
+        got = await arrive(ctx, request, ChatCompletionRequest, fields.CHAT, "chat completions")
+        if isinstance(got, Response):
+            return got
+        req, entry, sel = got.body, got.entry, got.sel
         local = entry.local
         assert local is not None
-        try:
-            messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in req.messages]
-        except ValueError as e:
-            raise bad_request(str(e), param="messages") from None
-        engine = local.engine
-        try:
-            template = engine.chat_template or ChatTemplate.default()
-            text = template.render(messages, add_generation_prompt=True, tools=req.tools)
-        except ChatTemplateError as e:
-            raise bad_request(f"chat template failed: {e}", param="messages") from None
-        prompt_ids = engine.tokenizer.encode(text, add_special=False)
-
-        def choice(text: str | None, finish: str | None, first: bool, final: bool) -> dict[str, Any]:
-            if final:
-                return {"index": 0, "message": {"role": "assistant", "content": text},
-                        "finish_reason": finish, "logprobs": None}
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else (
-                {"content": text} if text is not None else {})
-            return {"index": 0, "delta": delta, "finish_reason": finish}
-
-        return await answer(ctx, sel, request, req, entry, prompt_ids, prefix="chatcmpl",
-                            objects=("chat.completion.chunk", "chat.completion"), choice=choice)
+        plan = plan_chat(req, local.engine)
+        shaper = ChatShaper(plan, req.choices, local.tokenizer, bool(req.logprobs))
+        return await answer(ctx, sel, request, req, entry, Plan(plan.prompt_ids, plan.constraints, req.choices),
+                            prefix="chatcmpl", objects=("chat.completion.chunk", "chat.completion"), shaper=shaper)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        ctx.check_auth(request)
-        req = await read_json(request, CompletionRequest, config.limits.max_request_bytes)
-        chosen = await target(ctx, request, req)
-        if isinstance(chosen, Response):
-            return chosen
-        entry, sel = chosen
+        got = await arrive(ctx, request, CompletionRequest, fields.COMPLETIONS, "completions")
+        if isinstance(got, Response):
+            return got
+        req, entry, sel = got.body, got.entry, got.sel
         local = entry.local
         assert local is not None
-        prompt_text = ""
-        if isinstance(req.prompt, list) and (not req.prompt or isinstance(req.prompt[0], int)):
-            vocab = local.engine.info.vocab_size
-            if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in req.prompt):
-                raise bad_request(f"token ids must be integers in [0, {vocab})", param="prompt")
-            prompt_ids = [int(t) for t in req.prompt]
-        else:
-            prompt_text = req.prompt if isinstance(req.prompt, str) else str(req.prompt[0])
-            prompt_ids = local.engine.tokenizer.encode(prompt_text, add_special=True)
-        echo = prompt_text if req.echo else ""
+        tp = await plan_text(req, entry, local.executor)
+        return await answer(ctx, sel, request, req, entry, tp.plan, prefix="cmpl",
+                            objects=("text_completion", "text_completion"),
+                            shaper=TextShaper(tp, req, local.tokenizer))
 
-        def choice(text: str | None, finish: str | None, first: bool, final: bool) -> dict[str, Any]:
-            shown = echo + (text or "") if final else (echo if first else (text or ""))
-            return {"index": 0, "text": shown, "logprobs": None, "finish_reason": finish}
-
-        return await answer(ctx, sel, request, req, entry, prompt_ids, prefix="cmpl",
-                            objects=("text_completion", "text_completion"), choice=choice)
+    responses.install(app, ctx)
+    embeddings.install(app, ctx)
 
 
 def model_list(ctx: EdgeContext) -> list[dict[str, Any]]:

@@ -26,7 +26,21 @@ from mesh402.api.x402.stream import paid_sse
 from mesh402.economics.charging import HostOffer
 from mesh402.serving.generation import Delta, Finished
 
-Chunk = Callable[[str | None, str | None, bool], dict[str, Any]]  # (delta, finish, first) -> OpenAI chunk
+# (delta, finish, first) -> the OpenAI chunk(s) to send (a Responses stream may send several events for one
+# delta), None when there is nothing to send. (None, None, False) is the frame of the usage and x402
+# records (`record`); (None, reason, False) ends the answer (choices still open end with `reason`).
+Chunk = Callable[[Delta | None, str | None, bool], "dict[str, Any] | list[dict[str, Any]] | None"]
+
+
+def frames(out: dict[str, Any] | list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """What a Chunk call gave, as a list of events to send."""
+    return [] if out is None else out if isinstance(out, list) else [out]
+
+
+def record(chunk: Chunk) -> dict[str, Any]:
+    """The frame a usage or x402 record goes out in."""
+    out = frames(chunk(None, None, False))
+    return dict(out[0]) if out else {}
 Forward = Callable[[bytes], Awaitable[tuple[int, dict[str, str], AsyncIterator[bytes]]]]  # body -> host's answer
 
 
@@ -94,17 +108,16 @@ class FreePolicy:
         import logging
 
         try:
-            yield sse_bytes(chunk(None, None, True))
+            for c in frames(chunk(None, None, True)):
+                yield sse_bytes(c)
             async for ev in events:
-                if isinstance(ev, Delta):
-                    yield sse_bytes(chunk(ev.text, None, False))
-                else:
-                    yield sse_bytes(chunk(None, ev.reason, False))
-                    if include_usage:
-                        last = chunk(None, None, False)
-                        last["choices"] = []
-                        last["usage"] = usage(ev)
-                        yield sse_bytes(last)
+                for c in frames(chunk(ev, None, False) if isinstance(ev, Delta) else chunk(None, ev.reason, False)):
+                    yield sse_bytes(c)
+                if isinstance(ev, Finished) and include_usage:
+                    last = record(chunk)
+                    last["choices"] = []
+                    last["usage"] = usage(ev)
+                    yield sse_bytes(last)
         except Exception as e:  # the status line is gone; report in-band and end cleanly
             logging.getLogger(__name__).exception("generation failed mid-stream")
             yield sse_bytes(APIError(500, f"generation failed: {e}", type="server_error").body())

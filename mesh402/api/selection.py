@@ -83,9 +83,7 @@ def choose_replica(ctx: EdgeContext, sel: Selection, request: Request, req: Samp
         reps[me] = local
     if not reps:
         return None
-    extra = req.model_extra or {}
-    sticky = str(req.user or request.headers.get("x-session-id") or extra.get("session_id")
-                 or extra.get("prompt_cache_key") or "")
+    sticky = req.user or request.headers.get("x-session-id") or req.sticky_key
     prefix = router.prefix(model_id, request_messages(req), tools_of(req))
     load = {h: (r.local.engine.n_sessions if isinstance(r, ModelEntry) and r.local is not None
                 else router.inflight[(model_id, h)]) for h, r in reps.items()}

@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import posixpath
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,12 +33,17 @@ log = logging.getLogger(__name__)
 
 ROUTE_HEADER = "x-mesh402-route"
 PEER_SCOPE_KEY = "mesh402.peer"  # ASGI scope key: the admitted peer a tunnelled request came from
-# The host's own OpenAI routes, and nothing else, may be reached through the tunnel.
+# The host's own OpenAI routes, and nothing else, may be reached through the tunnel. `{id}` matches one
+# model id of MODEL_ID's strict charset (no slash, no dot segment, no escapes).
 TUNNEL_ROUTES: frozenset[tuple[str, str]] = frozenset({
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
+    ("POST", "/v1/responses"),
+    ("POST", "/v1/embeddings"),
     ("GET", "/v1/models"),
+    ("GET", "/v1/models/{id}"),
 })
+MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 MAX_PATH = 256
 # Only these request headers cross the mesh (credentials for the entry node stay there; payment headers
 # travel so that a buyer can pay a host that charges).
@@ -79,7 +85,11 @@ def tunnel_route(method: str, path: str) -> str | None:
         return None
     if posixpath.normpath(path) != path:  # "/v1/../x", "/v1/./models", trailing slashes
         return None
-    return path if (method.upper(), path) in TUNNEL_ROUTES else None
+    head, _, last = path.rpartition("/")
+    templated = f"{head}/{{id}}" if MODEL_ID.match(last) and not set(last) <= {"."} else None
+    if (method.upper(), path) in TUNNEL_ROUTES or (templated and (method.upper(), templated) in TUNNEL_ROUTES):
+        return path
+    return None
 
 
 def _clean_request_headers(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:

@@ -359,7 +359,7 @@ def print_ready(rt) -> None:
     what = f"joined mesh {mesh.mesh_id[:12]} ({peers} peer{'s' if peers != 1 else ''})" if mesh.joined_at else f"mesh {mesh.mesh_id[:12]}"
     console.print(
         f"node {mesh.node_id.hex()[:12]}: {what}, policy {mesh.membership.policy_name}; "
-        f"console http://{rt.console_host}:{rt.console_port}",
+        f"console http://{rt.console_host}:{rt.console_port}/",
         highlight=False, soft_wrap=True,
     )
     console.print("invite token (share it to let another machine join):", highlight=False)

@@ -289,6 +289,23 @@ class Ledger:
                 "failed_settlements": int(failed), "in_flight": int(inflight)}
 
 
+    def recent_payments(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The latest payments (newest first), for the console: who paid what, its state and tx hash."""
+        with self._lock:
+            rows = self._db.execute("SELECT auth_id, payer, amount, kind, state, tx, reason, updated FROM payments "
+                                    "ORDER BY updated DESC LIMIT ?", (int(limit),)).fetchall()
+        return [{"auth_id": a, "payer": p, "amount": int(m), "kind": k, "state": st, "tx": tx, "reason": r, "updated": u}
+                for a, p, m, k, st, tx, r, u in rows]
+
+    def accounts(self, limit: int = 50) -> list[dict[str, Any]]:
+        """Prepaid credit accounts (largest balance first), with what each has held for requests in flight."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT a.payer, a.balance, COALESCE((SELECT SUM(h.amount) FROM holds h WHERE h.payer = a.payer), 0), "
+                "a.updated FROM accounts a ORDER BY a.balance DESC LIMIT ?", (int(limit),)).fetchall()
+        return [{"payer": p, "balance": int(b), "held": int(h), "updated": u} for p, b, h, u in rows]
+
+
 _PCOLS = ("auth_id, payer, amount, kind, state, request_id, tx, reason, settle_json, payload_json, "
           "requirements_json")
 

@@ -49,14 +49,22 @@ class Network:
     network: str
     rpc_url: str
     asset: Asset
+    explorer: str = ""  # a block explorer's base URL (transactions at <explorer>/tx/<hash>)
 
 
 NAMED: dict[str, Network] = {
     "base-sepolia": Network("base-sepolia", "eip155:84532", "https://sepolia.base.org",
-                            Asset("eip155:84532", "0x036CbD53842c5426634e7929541eC2318f3dCF7e", "USDC", "2")),
+                            Asset("eip155:84532", "0x036CbD53842c5426634e7929541eC2318f3dCF7e", "USDC", "2"),
+                            "https://sepolia.basescan.org"),
     "base": Network("base", "eip155:8453", "https://mainnet.base.org",
-                    Asset("eip155:8453", "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913", "USD Coin", "2")),
+                    Asset("eip155:8453", "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913", "USD Coin", "2"),
+                    "https://basescan.org"),
 }
+
+
+def explorer_for(network: str | None) -> str:
+    """The block explorer of a CAIP-2 network ("" for a local chain or one this table does not name)."""
+    return next((n.explorer for n in NAMED.values() if n.network == network), "")
 DEFAULT_NETWORK = "base-sepolia"
 
 # ERC-8004 registries at their CREATE2 addresses (the same on every mainnet, and on every testnet).

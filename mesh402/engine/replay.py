@@ -25,7 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from mesh402.engine.sampling import Sampler, SamplingParams
+from mesh402.engine.sampling import (
+    MAX_TOP_LOGPROBS,
+    Sampler,
+    logprob_from_record,
+    parse_decoding,
+    token_logprobs,
+)
 
 from .activations import WIRE_DTYPES, decode_activations, encode_activations
 from .errors import EngineError, EngineFull
@@ -185,7 +191,8 @@ def token_problem(logits: torch.Tensor, token: int, sampling: dict, history: lis
     mask at this position (rebuilt with `Grammar.matcher(generated tokens so far).allowed()`); a token
     outside it is never a valid draw, and the near-tie is judged among allowed tokens."""
     try:
-        sampler = Sampler(SamplingParams(**sampling))
+        params, _, _ = parse_decoding(sampling)
+        sampler = Sampler(params)
         if sampler.sample(logits, history, len(history), allowed=allowed) == token:
             return ""
         ids, _ = sampler.candidates(logits, history, allowed)
@@ -205,9 +212,44 @@ def token_problem(logits: torch.Tensor, token: int, sampling: dict, history: lis
     return f"the drawn token {token} is not one the logits allow (best logit {best:.4g}, its {float(logits[token]):.4g})"
 
 
+LOGPROB_TOLERANCE = 1e-3  # absolute; honest logprobs differ across kernels by ~1e-5
+
+
+def grammar_mask(engine: Any, sampling: dict, generated: list[int]) -> torch.Tensor | None:
+    """The grammar mask the last stage drew under, rebuilt from the sampling evidence's grammar spec and the
+    tokens generated before the step (None when the request had no grammar). ValueError: a spec this
+    validator cannot rebuild (another library version or vocabulary) or tokens the grammar refuses."""
+    _, spec, _ = parse_decoding(sampling)
+    if not spec:
+        return None
+    return engine.grammar_compiler().from_spec(spec).matcher(generated).allowed()
+
+
+def logprobs_problem(logits: torch.Tensor, token: int, sampling: dict, claimed: str) -> str:
+    """Why the logprobs the stage returned (`claimed`, its committed JSON) are not these logits' ("" if they
+    are): the drawn token's and each named alternative's within LOGPROB_TOLERANCE, the alternatives the best."""
+    import json
+
+    try:
+        _, _, top = parse_decoding(sampling)
+        got = logprob_from_record(json.loads(claimed), logits.numel(), top if top is not None else MAX_TOP_LOGPROBS + 1)
+    except ValueError as e:
+        return f"bad logprobs: {e}"
+    want = token_logprobs(logits, token, len(got.top))
+    full = torch.log_softmax(logits.detach().double().reshape(-1), 0)
+    if got.token != token or abs(got.logprob - want.logprob) > LOGPROB_TOLERANCE:
+        return f"the returned logprob of token {token} is {got.logprob:.6g}, the logits give {want.logprob:.6g}"
+    floor = want.top[-1][1] if want.top else 0.0
+    for i, v in got.top:
+        if abs(float(full[i]) - v) > LOGPROB_TOLERANCE or float(full[i]) < floor - LOGPROB_TOLERANCE:
+            return f"the returned top logprob of token {i} ({v:.6g}) is not the logits' ({float(full[i]):.6g})"
+    return ""
+
+
 def replay(engine: Any, inputs: list[dict], *, last: bool, expected: bytes, expected_dtype: str = "f32",
            expected_shape: list[int] | None = None, fp_ids: list[int] | None = None,
-           mode: str | None = None, token: int = -1, sampling: dict | None = None) -> ReplayResult:
+           mode: str | None = None, token: int = -1, sampling: dict | None = None,
+           generated: list[int] | None = None, logprobs: str = "") -> ReplayResult:
     """Re-run a stage's revealed steps 0..i* on ``engine`` (its layer range, declared mode) and compare
     step i*'s output with ``expected``.
 
@@ -216,7 +258,9 @@ def replay(engine: Any, inputs: list[dict], *, last: bool, expected: bytes, expe
     n_real rows after rounding the computed output to that dtype. Last stage: ``expected`` is the
     fingerprint (fp32 logits at ``fp_ids``; ``None``: the whole row). With ``token`` >= 0 and
     ``sampling``, the last stage's drawn token is checked too (``token_problem``; the history is the
-    revealed steps' ``tokens``).
+    revealed steps' ``tokens``). With a grammar in ``sampling`` the token is judged under the mask rebuilt
+    from ``generated`` (the tokens generated before the step); ``logprobs``: what the stage returned at the
+    step (it committed to them), checked against the replayed logits.
     """
     mode = mode or engine.mode
     tol = TOLERANCE.get(mode)
@@ -244,7 +288,13 @@ def replay(engine: Any, inputs: list[dict], *, last: bool, expected: bytes, expe
     detail = f"step {len(steps) - 1}: rel_err {err:.3g} {verdict} tolerance {tol:g} ({mode})"
     if ok and last and token >= 0 and sampling is not None:
         history = [int(t) for r in inputs for t in r.get("tokens", [])]
-        problem = token_problem(out, int(token), sampling, history)
+        try:
+            allowed = grammar_mask(engine, sampling, [int(t) for t in generated or []])
+        except ValueError as e:  # GrammarError too: the validator cannot rebuild the stage's mask
+            return ReplayResult(err, tol, True, f"{detail}; token not judged: {e}")
+        problem = token_problem(out, int(token), sampling, history, allowed)
+        if not problem and logprobs:
+            problem = logprobs_problem(out, int(token), sampling, logprobs)
         if problem:
             return ReplayResult(err, tol, False, f"{detail}; {problem}")
     return ReplayResult(err, tol, ok, detail)

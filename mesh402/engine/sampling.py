@@ -20,10 +20,11 @@ stage commits to, so verification can recompute them.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -268,3 +269,68 @@ def choice_seeds(seed: int, n: int) -> list[int]:
         digest = hashlib.blake2b(f"choice:{seed}:{i}".encode(), digest_size=8).digest()
         out.append(int.from_bytes(digest, "little") >> 1)
     return out
+
+
+# ---- what a sampling stage is told, and what it answers ------------------------------------------
+# A session's decoding goes to the last stage of a split (in the host's signed OPEN grant) and into the
+# sampling evidence as one JSON object: the SamplingParams fields, plus "grammar" (a Grammar.spec: the
+# draw is masked by it) and "top_logprobs" (the stage returns logprobs) only when the request uses them,
+# so an unconstrained request's evidence is what it was before either existed.
+MAX_TOP_LOGPROBS = 20
+MAX_GRAMMAR_SPEC = 1024 * 1024  # fits a stage's OPEN grant (2 MiB)
+
+
+def decoding_json(params: SamplingParams, grammar: str = "", top_logprobs: int | None = None) -> dict[str, object]:
+    """The JSON object of a session's decoding (see above)."""
+    out: dict[str, object] = {**asdict(params), "logit_bias": [list(p) for p in params.logit_bias]}
+    if grammar:
+        out["grammar"] = grammar
+    if top_logprobs is not None:
+        out["top_logprobs"] = int(top_logprobs)
+    return out
+
+
+def parse_decoding(d: Mapping[str, object]) -> tuple[SamplingParams, str, int | None]:
+    """(params, grammar spec or "", top_logprobs or None) from `decoding_json`'s object; ValueError if malformed."""
+    if not isinstance(d, Mapping):
+        raise ValueError("sampling must be a JSON object")
+    rest = dict(d)
+    grammar = rest.pop("grammar", "") or ""
+    top = rest.pop("top_logprobs", None)
+    if not isinstance(grammar, str) or len(grammar) > MAX_GRAMMAR_SPEC:
+        raise ValueError("grammar must be a spec string of at most 1 MiB")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS):
+        raise ValueError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}]")
+    try:
+        params = SamplingParams(**rest)  # type: ignore[arg-type]
+    except TypeError as e:
+        raise ValueError(f"bad sampling parameters: {e}") from None
+    return params, grammar, top
+
+
+
+def logprob_record(lp: TokenLogprob) -> list[object]:
+    """A TokenLogprob as compact JSON ([token, logprob, [[id, logprob], ...]]): what the last stage returns
+    and commits to (`logprob_bytes`)."""
+    return [lp.token, lp.logprob, [[i, v] for i, v in lp.top]]
+
+
+def logprob_bytes(lp: TokenLogprob) -> bytes:
+    """Canonical bytes of a TokenLogprob (floats as repr), for the last stage's per-step commitment."""
+    return json.dumps(logprob_record(lp), separators=(",", ":")).encode()
+
+
+def logprob_from_record(rec: object, vocab_size: int, top_n: int) -> TokenLogprob:
+    """A TokenLogprob from a peer's `logprob_record` (untrusted: shape, ids, counts and values checked)."""
+    try:
+        token, value, top = rec  # type: ignore[misc]
+        pairs = [(int(i), float(v)) for i, v in top]
+        token, value = int(token), float(value)
+    except (TypeError, ValueError):
+        raise ValueError("malformed logprobs") from None
+    if len(pairs) != top_n or not 0 <= token < vocab_size:
+        raise ValueError(f"logprobs must name {top_n} top tokens and a token in the vocabulary")
+    for i, v in [(token, value), *pairs]:
+        if not 0 <= i < vocab_size or not (math.isfinite(v) or v == -math.inf) or v > 1e-6:
+            raise ValueError("logprobs must be finite values <= 0 for tokens in the vocabulary")
+    return TokenLogprob(token, value, tuple(pairs))

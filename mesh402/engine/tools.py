@@ -147,11 +147,14 @@ def _function(tool: dict[str, Any]) -> dict[str, Any]:
 
 # ---- grammar -----------------------------------------------------------------------------------
 def tool_grammar(fmt: ToolFormat, tools: Sequence[dict[str, Any]], tool_choice: Any = "auto", *,
-                 parallel: bool = True, tokenizer: Tokenizer | None = None) -> str | None:
+                 parallel: bool = True, tokenizer: Tokenizer | None = None,
+                 text_schema: dict[str, Any] | None = None, strict_text: bool = True) -> str | None:
     """Lark source (llguidance) constraining the answer to the tool-call format, or None (`none`).
 
     `tool_choice`: "auto" | "required" | "none" | {"type": "function", "function": {"name": ...}}.
     `tokenizer` lets a start marker that is a special token (Mistral's [TOOL_CALLS]) be matched as that token.
+    `text_schema` (with "auto"): an answer that is not a call must be JSON fitting this schema (a request
+    with both tools and a JSON `response_format`) instead of free text.
     """
     if tool_choice == "none" or not tools:
         return None
@@ -176,16 +179,20 @@ def tool_grammar(fmt: ToolFormat, tools: Sequence[dict[str, Any]], tool_choice: 
     end = f' WS "{fmt.end}"' if fmt.end else ""
     repeat = parallel and not fmt.list_body and bool(fmt.start)  # hermes: one block per call
     more = "(SEP block)* " if repeat else ""
-    # WS: inside a call; SEP: around and between call blocks, short so that after the last call the
-    # model reaches EOS instead of spending tokens on blank lines.
+    # WS: inside a call; SEP: around and between call blocks; one space or newline at most, so that the
+    # model spends no tokens on blank lines and reaches EOS after the last call.
     lines = [
         "%llguidance {}",
         f"block: {start + ' WS ' if start else ''}{body}{end}",
-        r"WS: /[ \t\r\n]{0,8}/",
-        r"SEP: /[ \t\r\n]{0,2}/",
+        r"WS: /[ \n]{0,1}/",
+        r"SEP: /[ \n]{0,1}/",
     ]
     if mode == "required":
         lines.insert(1, f"start: SEP block {more}SEP")
+    elif text_schema is not None:  # a JSON answer, or calls
+        lines.insert(1, f"start: answer | SEP block {more}SEP")
+        opts = {"whitespace_pattern": JSON_WHITESPACE, "lenient": not strict_text}
+        lines.append("answer: %json " + json.dumps({**text_schema, "x-guidance": opts}, ensure_ascii=False))
     elif not fmt.start:  # llama3: a call is the whole answer, so text must not open like one
         lines.insert(1, "start: TEXT | SEP block SEP")
         lines.append(r"TEXT: /[ \t\r\n]{0,8}[^{ \t\r\n](.|\n)*/")

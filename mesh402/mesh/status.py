@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 from typing import Any, Optional
 
+from mesh402.mesh.conns import PeerConn
 from mesh402.mesh.context import MeshContext
 from mesh402.mesh.gossip import GossipState
 from mesh402.mesh.proto import mesh_pb2 as pb
@@ -18,6 +19,19 @@ def all_counters(counters: collections.Counter[str], gossip: Optional[GossipStat
         for k, v in gossip.counters.items():
             out[f"gossip.{k}"] = v
     return dict(sorted(out.items()))
+
+
+def conn_path(pc: Optional[PeerConn]) -> Optional[str]:
+    """How the live connection reaches the peer now: "direct" (UDP to its address) or "relay" (through the
+    relay server); None when there is no connection or it cannot say."""
+    paths = getattr(pc.conn, "paths", None) if pc is not None and not pc.closed else None
+    if paths is None:
+        return None
+    try:
+        selected = next((p for p in paths() if p.is_selected), None)
+    except Exception:  # a closing connection may refuse: the next status asks again
+        return None
+    return None if selected is None else ("relay" if selected.is_relay else "direct")
 
 
 def peer_rows(ctx: MeshContext) -> list[dict[str, object]]:
@@ -35,6 +49,7 @@ def peer_rows(ctx: MeshContext) -> list[dict[str, object]]:
             "state": (lv.state.value if lv else "learned"),
             "connected": pc is not None and not pc.closed,
             "initiator": (pc.initiator if pc else None),
+            "path": conn_path(pc),
             "rtt_ms": (round(lv.rtt_ms, 3) if lv and lv.rtt_ms is not None else None),
             "last_seen_s": (round(now_mono - lv.last_seen, 3) if lv else None),
             "via": (e.via.hex() if e and e.via else None),

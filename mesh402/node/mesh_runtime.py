@@ -24,8 +24,10 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import uvicorn
 
 from mesh402 import __version__
-from mesh402.api.management import earnings, validation
+from mesh402.api.management import console, earnings, validation
 from mesh402.api.management.app import create_management_app
+from mesh402.api.management.money import money_view
+from mesh402.api.management.playground import Playground
 from mesh402.api.router import MODEL_LABEL
 from mesh402.mesh.config import MeshConfig, MeshTimers
 from mesh402.mesh.hardware import default_hardware
@@ -274,8 +276,17 @@ class MeshRuntime:
             sock = self._bind_console(0)
             log.warning("console port %d busy; using %d", s.console_port, sock.getsockname()[1])
         self.console_port = sock.getsockname()[1]
-        app = create_management_app(self.mesh, node_info=self._node_info, token=token)
-        earnings.install(app, self.node.config.home)  # GET /api/earnings: epoch payouts per node
+        node = self.node
+        home = node.config.home
+
+        def money() -> dict[str, Any]:
+            return money_view(node.edge.payments, home)
+
+        app = create_management_app(self.mesh, node_info=self._node_info, token=token,
+                                    ticker=console.ticker(node.traffic, money))
+        console.install(app, traffic=node.traffic, money=money,  # the web page, traffic, money, playground
+                        pg=Playground(node.api_root(), node.config.api_key))
+        earnings.install(app, home)  # GET /api/earnings: epoch payouts per node
         validation.install(app, lambda: self.node.distributed)  # POST /api/epochs/{n}/validate: the validation round
         cfg = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=1)
         self.console_server = _ConsoleServer(cfg)
@@ -294,6 +305,8 @@ class MeshRuntime:
             "api_url": f"http://127.0.0.1:{node.config.port}/v1",
             "console_port": self.console_port,
             "models": {e.model_id: e.state for e in node.registry.all()},
+            # what a later version reports (escrow vouchers, stake, slashes): null = not reported (docs/console.md)
+            "economics": {"vouchers": None, "stake": None, "slashes": None},
         }
         dist = node.distributed
         if dist is not None:

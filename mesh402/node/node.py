@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from mesh402 import __version__
+from mesh402.api.meter import TrafficMeter
 from mesh402.api.openai import create_app, edge_of
+from mesh402.api.traffic import Traffic
 from mesh402.api.tunnel import TunnelLimits, make_handler
 from mesh402.discovery.registry import live_listing
 from mesh402.economics.validation_registry import RegistryValidation
@@ -50,6 +52,8 @@ class Node:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.app = create_app(config, self.registry, live_listing=self._live_listing)
         self.edge = edge_of(self.app)  # what the API's handlers share: the node attaches its runtime to it
+        self.traffic = Traffic()  # what the edge served, for the console (fed by the meter in front of the app)
+        self.app.add_middleware(TrafficMeter, traffic=self.traffic)
         self.server: uvicorn.Server | None = None
         self.started_at = time.time()
         self.mesh_runtime: MeshRuntime | None = None  # when config.mesh is set
@@ -97,15 +101,17 @@ class Node:
         return {
             "pid": os.getpid(),
             "version": __version__,
-            "api_url": f"http://{self._client_host()}:{self.config.port}",
+            "api_url": self.api_root(),
             "api_port": self.config.port,
             "models": {e.model_id: e.state for e in self.registry.all()},
             "started_at": self.started_at,
             **self._mesh_state(),
         }
 
-    def _client_host(self) -> str:
-        return "127.0.0.1" if self.config.host in ("0.0.0.0", "::", "") else self.config.host
+    def api_root(self) -> str:
+        """Where a local client reaches this node's API (loopback when it listens on every address)."""
+        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "::", "") else self.config.host
+        return f"http://{host}:{self.config.port}"
 
     def _write_state(self) -> None:
         self.home.write_state(self.state())

@@ -42,7 +42,8 @@ class Classification:
         return f"{self.category}/{self.complexity}"
 
 
-def _text(content: Any) -> str:
+def content_text(content: Any) -> str:
+    """A chat message's content as text: the string, or the text parts of a list of parts."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -55,11 +56,11 @@ def _count(text: str, words: Iterable[str]) -> int:
 
 
 def classify(messages: list[dict[str, Any]], tools: list[Any] | None = None) -> Classification:
-    users = [_text(m.get("content")) for m in messages if m.get("role") == "user"]
-    system = " ".join(_text(m.get("content")) for m in messages if m.get("role") in ("system", "developer")).lower()
-    last = users[-1] if users else (_text(messages[-1].get("content")) if messages else "")
+    users = [content_text(m.get("content")) for m in messages if m.get("role") == "user"]
+    system = " ".join(content_text(m.get("content")) for m in messages if m.get("role") in ("system", "developer")).lower()
+    last = users[-1] if users else (content_text(messages[-1].get("content")) if messages else "")
     text = last.lower()
-    total = sum(len(_text(m.get("content"))) for m in messages)
+    total = sum(len(content_text(m.get("content"))) for m in messages)
     code = _count(text, _CODE) + len(_CODE_RE.findall(last))
     reason = _count(text, _REASON)
     creative = _count(text, _CREATIVE)

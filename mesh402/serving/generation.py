@@ -9,6 +9,7 @@ max_tokens, incremental text, usage.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -23,6 +24,26 @@ from mesh402.work.store import kept
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Constraints:
+    """What a request asks of the draw beyond its SamplingParams. `grammar` (an engine.grammar.Grammar) masks
+    every draw; `top_logprobs` asks for each token's logprob and that many alternatives (None: no logprobs)."""
+
+    grammar: Any = None
+    top_logprobs: int | None = None
+
+    def sampling_json(self, sampling: Any) -> str:
+        """The session's decoding as the last stage of a split gets it (in the OPEN grant) and as it goes into
+        the sampling evidence (engine.sampling.decoding_json)."""
+        from mesh402.engine.sampling import decoding_json  # lazy: loads gguf, numpy, torch only when needed
+
+        spec = self.grammar.spec if self.grammar is not None else ""
+        return json.dumps(decoding_json(sampling, spec, self.top_logprobs), separators=(",", ":"), sort_keys=True)
+
+
+NO_CONSTRAINTS = Constraints()
+
+
 @dataclass
 class GenerationRequest:
     prompt_ids: list[int]
@@ -30,12 +51,21 @@ class GenerationRequest:
     sampling: Any  # mesh402.engine.sampling.SamplingParams with a concrete seed
     stop: list[str] = field(default_factory=list)
     request_id: str = ""
+    constraints: Constraints = NO_CONSTRAINTS
 
 
 @dataclass
 class Delta:
+    """Text of the answer as it grows. `tokens`: generated tokens since the previous Delta (what metering
+    counts, tool-call tokens and tokens that decode to no text yet included); `logprobs`: their
+    engine.sampling.TokenLogprob when the request asked for them."""
+
     text: str
     token_id: int | None = None
+    tokens: int = 1
+    logprobs: list[Any] = field(default_factory=list)
+    index: int = 0  # the choice it belongs to (a request with n > 1)
+    finish: str | None = None  # set on a choice's last Delta: why it ended
 
 
 @dataclass
@@ -50,6 +80,9 @@ class Finished:
 
 class Stepper(Protocol):
     cached_tokens: int
+    # engine.sampling.TokenLogprob of the token prefill/decode returned last, when the request asked for
+    # logprobs (None otherwise)
+    logprob: Any
 
     async def prefill(self, ids: list[int]) -> int:
         """Feed the prompt; return the first sampled token."""
@@ -67,6 +100,9 @@ class Stepper(Protocol):
 
 async def generate(req: GenerationRequest, stepper: Stepper, tokenizer: Any,
                    eos_ids: list[int]) -> AsyncGenerator[Delta | Finished, None]:
+    """The answer's events. With a grammar the stepper draws under its mask, so EOS comes only where the
+    grammar may end; an answer cut short (max_tokens, or a stop string inside constrained output) ends
+    with reason "length", never "stop": a client never gets truncated JSON labelled complete."""
     eos = set(eos_ids)
     decoder = tokenizer.incremental_decoder()
     stops = StopMatcher(req.stop)
@@ -74,17 +110,24 @@ async def generate(req: GenerationRequest, stepper: Stepper, tokenizer: Any,
     ttft = 0.0
     produced = 0
     reason = "length"
+    pending, lps = 0, []  # tokens (and their logprobs) not yet carried by a Delta
+    shown: list[str] = []
     try:
         token = await stepper.prefill(req.prompt_ids)
         ttft = time.perf_counter() - t0
         while True:
             produced += 1
+            pending += 1
             if token in eos:
                 reason = "stop"
                 break
+            if req.constraints.top_logprobs is not None and stepper.logprob is not None:
+                lps.append(stepper.logprob)
             text = stops.push(decoder.push(token))
             if text:
-                yield Delta(text, token)
+                shown.append(text)
+                yield Delta(text, token, pending, lps)
+                pending, lps = 0, []
             if stops.stopped:
                 reason = "stop"
                 break
@@ -92,8 +135,11 @@ async def generate(req: GenerationRequest, stepper: Stepper, tokenizer: Any,
                 break
             token = await stepper.decode(token)
         tail = stops.push(decoder.flush()) + stops.flush()
-        if tail:
-            yield Delta(tail)
+        if tail or pending:
+            shown.append(tail)
+            yield Delta(tail, None, pending, lps)
+        if reason == "stop" and stops.stopped and not complete(req.constraints.grammar, "".join(shown), tokenizer):
+            reason = "length"  # a stop string cut constrained output short
         await stepper.finish()  # receipts durable before the caller sends the answer's end
         yield Finished(reason, len(req.prompt_ids), produced, stepper.cached_tokens, ttft,
                        time.perf_counter() - t0)
@@ -102,6 +148,14 @@ async def generate(req: GenerationRequest, stepper: Stepper, tokenizer: Any,
         raise
     finally:
         stepper.release()
+
+
+def complete(grammar: Any, text: str, tokenizer: Any) -> bool:
+    """Whether `text` is a whole sentence of `grammar` (True without one)."""
+    if grammar is None:
+        return True
+    m = grammar.matcher()
+    return all(m.accept(t) for t in tokenizer.encode(text, add_special=False, parse_special=False)) and m.can_end
 
 
 class LocalModel:
@@ -136,10 +190,10 @@ class LocalModel:
     def eos_ids(self) -> list[int]:
         return list(self.engine.eos_token_ids)
 
-    async def open(self, max_len: int, sampling: Any) -> "LocalStepper":
+    async def open(self, max_len: int, sampling: Any, constraints: Constraints = NO_CONSTRAINTS) -> "LocalStepper":
         """Reserve a KV session up front so capacity errors surface before any response is sent."""
         session = await asyncio.get_running_loop().run_in_executor(self.executor, self.engine.new_session, max_len)
-        stepper = LocalStepper(session, sampling, self.executor, self.prefix_cache)
+        stepper = LocalStepper(session, sampling, self.executor, self.prefix_cache, constraints)
         stepper.request_id, stepper.step_hook = uuid.uuid4().hex, self.step_hook
         if self.receipts is not None:
             stepper.receipts, stepper.tally = self.receipts, self.receipts.tally(stepper.request_id)
@@ -147,13 +201,17 @@ class LocalModel:
 
 
 class LocalStepper:
-    def __init__(self, session: Any, sampling: Any, executor: ThreadPoolExecutor, prefix_cache: Any = None) -> None:
+    def __init__(self, session: Any, sampling: Any, executor: ThreadPoolExecutor, prefix_cache: Any = None,
+                 constraints: Constraints = NO_CONSTRAINTS) -> None:
         from mesh402.engine.sampling import (
             Sampler,  # lazy: the API process path imports no torch
         )  # lazy: loads gguf, numpy, torch only when needed
 
         self.session = session
         self.sampler = Sampler(sampling)
+        self.matcher = constraints.grammar.matcher() if constraints.grammar is not None else None
+        self.top_logprobs = constraints.top_logprobs
+        self.logprob: Any = None
         self.history: list[int] = []
         self.cached_tokens = 0
         self._executor = executor
@@ -187,13 +245,25 @@ class LocalStepper:
         if cache is not None and not self.history:
             cache.store(self.session, len(ids))
         self.history.extend(ids)
-        return self._tally(ids, self.sampler.sample(logits, self.history, len(self.history)))
+        return self._tally(ids, self._draw(logits))
 
     def _decode(self, token: int) -> int:
         self._begin()
         logits = self.session.decode(token)
         self.history.append(token)
-        return self._tally([token], self.sampler.sample(logits, self.history, len(self.history)))
+        return self._tally([token], self._draw(logits))
+
+    def _draw(self, logits: Any) -> int:
+        """The next token, under the grammar's mask when there is one (the matcher then takes it)."""
+        allowed = self.matcher.allowed() if self.matcher is not None else None
+        token = self.sampler.sample(logits, self.history, len(self.history), allowed=allowed)
+        if self.matcher is not None and not self.matcher.accept(token):
+            raise RuntimeError(f"token {token} was drawn under the grammar's mask but the grammar refuses it")
+        if self.top_logprobs is not None:
+            from mesh402.engine.sampling import token_logprobs  # lazy: loads gguf, numpy, torch only when needed
+
+            self.logprob = token_logprobs(logits, token, self.top_logprobs)
+        return token
 
     async def prefill(self, ids: list[int]) -> int:
         return await self._run(self._prefill, ids)

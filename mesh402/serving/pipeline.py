@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from mesh402.serving.generation import NO_CONSTRAINTS, Constraints
 from mesh402.serving.stage_link import (
     RECOVERABLE_CODES,
     Hop,
@@ -141,10 +142,14 @@ class PipelineModel:
     def eos_ids(self) -> list[int]:
         return list(self.engine0.eos_token_ids)
 
-    async def open(self, max_len: int, sampling: Any, request_id: str = "") -> "PipelineStepper":
+    async def open(self, max_len: int, sampling: Any, request_id: str = "",
+                   constraints: Constraints = NO_CONSTRAINTS) -> "PipelineStepper":
         loop = asyncio.get_running_loop()
         session = await loop.run_in_executor(self.executor, self.engine0.new_session, max_len)
-        stepper = PipelineStepper(self, session, sampling, max_len, request_id or uuid.uuid4().hex)
+        stepper = PipelineStepper(self, session, sampling, max_len, request_id or uuid.uuid4().hex,
+                                  constraints=constraints)
+        if constraints.grammar is not None:  # the host's own matcher, in step with the tokens the last stage draws
+            stepper.matcher = constraints.grammar.matcher()
         if self.signer is not None and self.receipt_sink is not None:
             from mesh402.work.receipts import StageTally  # lazy: kept off this module's import path
             stepper.tally = StageTally(stepper.request_id, self.chain.content_hash, 0, self.chain.hops[0].start)
@@ -181,6 +186,9 @@ class PipelineStepper:
     link: Link | None = None
     sent: list[_Sent] = field(default_factory=list)
     tally: Any = None  # work.receipts.StageTally of the local stage, when receipts are on
+    constraints: Constraints = NO_CONSTRAINTS
+    matcher: Any = None  # engine.grammar.Matcher over the tokens accepted from the last stage
+    logprob: Any = None  # engine.sampling.TokenLogprob of the token returned last (logprobs asked)
     steps_done: int = 0  # steps the current chain processed for this request (what a reveal may name)
     _released: bool = False
     _closing: asyncio.Task | None = None  # closing the chain, receipts included (release)
@@ -201,7 +209,7 @@ class PipelineStepper:
             self.pay.terms = terms
         link = await self.model.connect(first.node)
         grant = OpenGrant(self.request_id, chain.content_hash, chain.epoch, chain.hops, self.max_len,
-                          dump_json(dataclasses.asdict(self.sampling)), self.tally is not None, secrets.token_hex(12),
+                          self.constraints.sampling_json(self.sampling), self.tally is not None, secrets.token_hex(12),
                           terms)
         params = grant.sign(self.model.signer)
         opening = self.pay.opening() if self.pay is not None else None
@@ -223,8 +231,9 @@ class PipelineStepper:
         hint = getattr(cause, "node", "")
         probes = await asyncio.gather(*(model.failover.alive(h.node) for h in self.chain.hops))
         dead = {h.node for h, ok in zip(self.chain.hops, probes) if not ok}
-        if hint and hint in {h.node for h in self.chain.hops} and getattr(cause, "code", "") in ("unreachable", "timeout"):
-            dead.add(hint)
+        if hint and hint in {h.node for h in self.chain.hops} and getattr(cause, "code", "") in (
+                "unreachable", "timeout", "bad_output"):
+            dead.add(hint)  # bad_output: it answers probes, but it is the stage at fault
         if not dead:
             raise StageError(f"pipeline step failed but every stage answers a probe: {cause}", code="stage_error")
         log.warning("request %s: stage(s) %s down (%s); re-planning", self.request_id,
@@ -291,6 +300,7 @@ class PipelineStepper:
                     raise StageError("the pipeline step did not complete although every stage is alive",
                                      code="stuck")
                 rs = expect_stage(reply, K.STAGE_KIND_RESULT, "pipeline")
+                token = self._drawn(rs) if s.sample else None
             except StageError as e:
                 if e.code not in RECOVERABLE_CODES:
                     raise
@@ -310,7 +320,35 @@ class PipelineStepper:
                 from mesh402.work.receipts import token_step_hash  # lazy: kept off this module's import path
                 self.tally.step(s.n_real, token_step_hash(s.tokens[:s.n_real]), activation_hash(s.payload))
                 self.steps_done += 1
-            return int(rs.tokens[0]) if s.sample else None
+            return token
+
+    def _drawn(self, rs: Any) -> int:
+        """The token (and logprobs) the last stage returned, checked before anything uses them: in the
+        vocabulary, allowed by the grammar (the host's matcher takes it), logprobs well formed. Anything
+        else is the last stage's fault (`bad_output`): the step fails over to a replacement, which redraws
+        it under the same mask (the matcher is unchanged by a refused token)."""
+        from mesh402.engine.sampling import logprob_from_record  # lazy: loads gguf, numpy, torch only when needed
+
+        assert self.chain is not None
+        last = self.chain.hops[-1].node
+        vocab = int(self.model.engine0.info.vocab_size)
+        if len(rs.tokens) != 1 or not 0 <= int(rs.tokens[0]) < vocab:
+            raise StageError("the last stage returned no token in the vocabulary", node=last, code="bad_output")
+        token = int(rs.tokens[0])
+        top = self.constraints.top_logprobs
+        logprob = None
+        if top is not None:
+            try:
+                logprob = logprob_from_record(json.loads(rs.params.get("lp", "")), vocab, top)
+            except ValueError as e:
+                raise StageError(f"the last stage returned bad logprobs: {e}", node=last, code="bad_output") from None
+            if logprob.token != token:
+                raise StageError("the last stage's logprobs are for another token", node=last, code="bad_output")
+        if self.matcher is not None and not self.matcher.accept(token):
+            raise StageError(f"the last stage drew token {token}, which the grammar forbids", node=last,
+                             code="bad_output")
+        self.logprob = logprob
+        return token
 
     # ---------------------------------------------------------------- Stepper
     async def _local(self, chunk: list[int], pos: int, pad_to: int) -> tuple[bytes, list[int]]:

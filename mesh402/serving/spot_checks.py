@@ -13,6 +13,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+from mesh402.serving.stage_link import K
 from mesh402.work.evidence import (
     PASS_SCORE,
     UNVERIFIABLE,
@@ -79,9 +80,13 @@ def run_check(check: SpotCheck, engine_for: EngineFor, device: str = "") -> Chec
     from mesh402.engine.replay import replay  # lazy: loads gguf, numpy, torch only when needed
 
     ids = fingerprint_ids(check.request_id, engine.config.vocab_size) if check.last else None
-    r = replay(engine, check.decoded_inputs(), last=check.last, expected=base64.b64decode(check.expected),
+    inputs = check.decoded_inputs()
+    # the tokens generated before the step (the inputs of decode steps): the grammar state it drew under
+    generated = [int(t) for r in inputs if r.get("kind") == K.STAGE_KIND_DECODE for t in r.get("tokens", [])]
+    r = replay(engine, inputs, last=check.last, expected=base64.b64decode(check.expected),
                expected_dtype=check.expected_dtype, expected_shape=check.expected_shape or None, fp_ids=ids,
-               mode=check.mode, token=check.token, sampling=check.sampling)
+               mode=check.mode, token=check.token, sampling=check.sampling, generated=generated,
+               logprobs=check.logprobs)
     return result(r.ok, r.detail, r.rel_err, r.tolerance)
 
 

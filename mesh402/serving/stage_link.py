@@ -33,7 +33,10 @@ class StageError(Exception):
 
 
 # Stage failures that a replacement stage can cure (others are the request's own fault).
-RECOVERABLE_CODES = frozenset({"timeout", "unreachable", "closed", "stage_error"})
+# "bad_output": the last stage returned what it cannot have drawn honestly (a token the grammar forbids,
+# outside the vocabulary, malformed logprobs): a fault of that stage, which a replacement does not share.
+RECOVERABLE_CODES = frozenset({"timeout", "unreachable", "closed", "stage_error", "bad_output"})
+MAX_GRANT_BYTES = 2 * 1024 * 1024  # a grant carries the session's grammar (a compiled JSON schema or tool list)
 
 
 def is_link_failure(e: BaseException) -> bool:
@@ -136,7 +139,7 @@ class OpenGrant:
 
         try:
             body, host, sig = params["grant"].encode(), str(params["host"]), bytes.fromhex(params["sig"])
-            if len(body) > 64 * 1024 or not verify(bytes.fromhex(host), body, sig):
+            if len(body) > MAX_GRANT_BYTES or not verify(bytes.fromhex(host), body, sig):
                 raise ValueError("bad signature")
             d = json.loads(body)
             pay = d.get("pay", {})

@@ -253,11 +253,9 @@ class StageWorker:
         self.sessions[key] = self.sessions.get(key, 0) + 1
         down: Link | None = None
         try:
-            sampler = None
+            draw = None
             if engine.stages[-1].last:
-                from mesh402.engine.sampling import Sampler, SamplingParams  # lazy: loads gguf, numpy, torch only when needed
-
-                sampler = Sampler(SamplingParams(**json.loads(grant.sampling)))
+                draw = await self._draw(engine, grant.sampling)
             if chain:
                 down = await self._open_next(open_, chain[0])
             self.stats.sessions_opened += 1
@@ -266,8 +264,8 @@ class StageWorker:
             if grant.receipts:  # the entry wants a signed work receipt per stage
                 from mesh402.work.receipts import StageTally  # lazy: kept off this module's import path
                 tally = StageTally(rid, open_.content_hash, open_.layer_start, open_.layer_end, keep=True)
-                tally.sampling = grant.sampling if sampler is not None else ""
-            await self._serve_steps(up, down, engine, session, sampler, rid, chain[0].node if chain else "", tally,
+                tally.sampling = grant.sampling if draw is not None else ""
+            await self._serve_steps(up, down, engine, session, draw, rid, chain[0].node if chain else "", tally,
                                     pay_key)
         except StageError as e:
             await up.send(error_frame(rid, str(e), e.node or self.node_id, e.code))
@@ -316,6 +314,24 @@ class StageWorker:
             why = self.pay.step(pay_key, n_real)
         if why is not None:
             raise StageError(why, node=self.node_id, code="unpaid")
+
+    async def _draw(self, engine: Any, sampling: str) -> "Draw":
+        """How this (last) stage draws the session's tokens, from the grant's sampling JSON: the sampler, a
+        grammar matcher (compiled here from the spec, on the engine thread) and the logprobs to return."""
+        from mesh402.engine.grammar import GrammarError  # lazy: loads gguf, numpy, torch only when needed
+        from mesh402.engine.sampling import Sampler, parse_decoding  # lazy: loads gguf, numpy, torch only when needed
+
+        try:
+            params, spec, top = parse_decoding(json.loads(sampling))
+        except ValueError as e:
+            raise StageError(f"bad sampling in the grant: {e}", code="bad_grant") from None
+        matcher = None
+        if spec:
+            try:
+                matcher = await self._run(lambda: engine.grammar_compiler().from_spec(spec).matcher())
+            except (GrammarError, OSError) as e:
+                raise StageError(f"cannot build the session's grammar: {e}", code="bad_grammar") from None
+        return Draw(Sampler(params), matcher, top)
 
     async def _prefix_op(self, up: Link, down: Link | None, engine: Any, session: Any, sf: pb.StageFrame,
                          history: list[int], tally: Any = None) -> None:
@@ -412,7 +428,7 @@ class StageWorker:
             raise StageError(f"next stage {nxt.node[:12]} did not answer OPEN", node=nxt.node, code="timeout") from None
         return down
 
-    async def _serve_steps(self, up: Link, down: Link | None, engine: Any, session: Any, sampler: Any,
+    async def _serve_steps(self, up: Link, down: Link | None, engine: Any, session: Any, draw: "Draw | None",
                            rid: str, next_node: str, tally: Any = None, pay_key: str = "") -> None:
         from mesh402.engine.activations import activation_hash, decode_activations  # lazy: loads gguf, numpy, torch only when needed
 
@@ -453,21 +469,26 @@ class StageWorker:
                 raise StageError(str(e), node=self.node_id, code="bad_activations") from None
             if down is None:
                 history.extend(sf.tokens[:n_real])
-            sample = sampler if down is None and sf.params.get("sample") == "1" else None
+                if draw is not None and draw.matcher is not None and sf.kind == K.STAGE_KIND_DECODE:
+                    # a decode step's input is the token generated last: the grammar state follows them
+                    for t in sf.tokens[:n_real]:
+                        if not draw.matcher.accept(int(t)):
+                            raise StageError(f"the host sent token {int(t)}, which the grammar forbids", code="protocol")
+            sample = draw if down is None and sf.params.get("sample") == "1" else None
             # One engine-thread call per step (forward, then sample or encode): every extra hand-off
             # between the loop and the engine thread is a thread wake-up on the per-token path.
-            token, payload, shape, fp = await self._run(_step, session, x, sf.position, n_real, sample, history,
-                                                        None if down is None else sf.dtype, fp_ids)
+            token, payload, shape, fp, lp = await self._run(_step, session, x, sf.position, n_real, sample, history,
+                                                            None if down is None else sf.dtype, fp_ids)
             self.stats.steps += 1
             in_hash = activation_hash(sf.activations)
             if tally is not None:
                 record = {"kind": int(sf.kind), "pos": int(sf.position), "n_real": n_real, "dtype": sf.dtype,
                           "shape": list(sf.shape), "data": sf.activations, "tokens": [int(t) for t in sf.tokens[:n_real]]}
-                out = activation_hash(payload) if payload is not None else last_step_hash(token, fp or b"")
-                tally.step(n_real, in_hash, out, record, fp, token)
+                out = activation_hash(payload) if payload is not None else last_step_hash(token, fp or b"", lp)
+                tally.step(n_real, in_hash, out, record, fp, token, lp)
             if down is None:
                 reply = stage_frame(K.STAGE_KIND_RESULT, request_id=rid, plan_epoch=sf.plan_epoch,
-                                    position=sf.position, input_hash=in_hash)
+                                    position=sf.position, input_hash=in_hash, params={"lp": lp.decode()} if lp else None)
                 if token is not None:
                     reply.stage.tokens.append(token)
                 await up.send(reply)
@@ -496,23 +517,40 @@ def _pass_pay(sf: pb.StageFrame) -> dict[str, str]:
     return {PAY_PARAM: sf.params[PAY_PARAM]} if PAY_PARAM in sf.params else {}
 
 
-def _step(session: Any, x: Any, position: int, n_real: int, sampler: Any, history: list[int],
+@dataclass
+class Draw:
+    """How the last stage draws a session's tokens: its sampler, the grammar matcher that masks the draw
+    (advanced by the generated tokens the host sends back as decode inputs) and the logprobs to return
+    (None: none; else this many alternatives)."""
+
+    sampler: Any  # engine.sampling.Sampler
+    matcher: Any = None  # engine.grammar.Matcher
+    top_logprobs: int | None = None
+
+
+def _step(session: Any, x: Any, position: int, n_real: int, draw: Draw | None, history: list[int],
           wire: str | None, fp_ids: list[int] | None = None
-          ) -> tuple[int | None, bytes | None, list[int] | None, bytes | None]:
-    """One stage step on the engine thread: (sampled token, None, None, fp) on the last stage when asked
-    to sample, (None, payload, shape, None) on a middle stage, else (None, None, None, fp). `fp` is the
-    logits fingerprint the last stage commits to when `fp_ids` is given."""
+          ) -> tuple[int | None, bytes | None, list[int] | None, bytes | None, bytes]:
+    """One stage step on the engine thread: (sampled token, None, None, fp, logprobs) on the last stage when
+    asked to sample, (None, payload, shape, None, b"") on a middle stage, else (None, None, None, fp, b"").
+    `fp` is the logits fingerprint the last stage commits to when `fp_ids` is given; `logprobs` the
+    canonical JSON of the drawn token's logprobs when the session asks for them (b"" otherwise)."""
     out = session.forward(x, position, n_real)
     fp = None
     if fp_ids is not None:
         from mesh402.engine.replay import fingerprint  # lazy: loads gguf, numpy, torch only when needed
 
         fp = fingerprint(out, fp_ids)
-    if sampler is not None:
-        return int(sampler.sample(out, history, len(history))), None, None, fp
+    if draw is not None:
+        from mesh402.engine.sampling import logprob_bytes, token_logprobs  # lazy: loads gguf, numpy, torch only when needed
+
+        allowed = draw.matcher.allowed() if draw.matcher is not None else None
+        token = int(draw.sampler.sample(out, history, len(history), allowed=allowed))
+        lp = logprob_bytes(token_logprobs(out, token, draw.top_logprobs)) if draw.top_logprobs is not None else b""
+        return token, None, None, fp, lp
     if wire is not None:
         from mesh402.engine.activations import encode_activations  # lazy: loads gguf, numpy, torch only when needed
 
         payload, shape = encode_activations(out, wire)
-        return None, payload, shape, None
-    return None, None, None, fp
+        return None, payload, shape, None, b""
+    return None, None, None, fp, b""

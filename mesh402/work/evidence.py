@@ -39,10 +39,12 @@ def fingerprint_ids(request_id: str, vocab_size: int, n: int = FP_SIZE) -> list[
     return sorted(out)
 
 
-def last_step_hash(token: int | None, fingerprint: bytes) -> bytes:
-    """The last stage's per-step output hash: the token it drew (-1: none) and its logits fingerprint."""
+def last_step_hash(token: int | None, fingerprint: bytes, logprobs: bytes = b"") -> bytes:
+    """The last stage's per-step output hash: the token it drew (-1: none), its logits fingerprint and, when
+    the request asked for them, the logprobs it returned (canonical JSON): its receipt covers them."""
     t = -1 if token is None else int(token)
-    return hashlib.sha256(LAST_STEP_DOMAIN + struct.pack("<q", t) + bytes(fingerprint)).digest()
+    tail = b"\0logprobs\0" + bytes(logprobs) if logprobs else b""
+    return hashlib.sha256(LAST_STEP_DOMAIN + struct.pack("<q", t) + bytes(fingerprint) + tail).digest()
 
 
 # ---------------------------------------------------------------- the stage's reveal
@@ -65,6 +67,8 @@ def reveal(tally: Any, step: int, stage: int, node_id: str, mode: str, last: boo
     if last:
         ev["fp"], ev["token"] = _b64(tally.fingerprints[step]), tally.tokens_out[step]
         ev["sampling"] = json.loads(tally.sampling) if tally.sampling else None
+        if tally.logprobs and tally.logprobs[step]:
+            ev["logprobs"] = tally.logprobs[step].decode()
     return ev
 
 
@@ -100,7 +104,8 @@ class SpotCheck:
     reveal: dict[str, Any] | None = None
     device: str = ""
     signature: str = ""  # the stage's signature over its reveal (signed_reveal_of rebuilds what it covers)
-    sampling: dict[str, Any] | None = None  # last stage: the request's sampling parameters (token check)  # the stage's device signature: fast-mode work is judged only on the same one
+    sampling: dict[str, Any] | None = None  # last stage: the request's sampling parameters (token check)
+    logprobs: str = ""  # last stage: the logprobs it returned at the step (JSON), when the request asked
 
     @property
     def needs_device(self) -> str:
@@ -167,7 +172,8 @@ def _reveal_errors(r: Any, ev: dict[str, Any] | None, last: bool) -> tuple[str, 
     own = inputs[len(inputs) - step - 1:]
     if any(activation_hash(x["data"]) != ins[j] for j, x in enumerate(own)):
         return "a revealed input is not what the stage received", []
-    if last and last_step_hash(ev.get("token"), fp) != outs[step]:  # its inputs still pin the stage before
+    lp = str(ev.get("logprobs") or "").encode() if last else b""
+    if last and last_step_hash(ev.get("token"), fp, lp) != outs[step]:  # its inputs still pin the stage before
         return "the revealed fingerprint is not the committed one", inputs
     return "", inputs
 
@@ -200,7 +206,8 @@ def spot_checks(receipts: list[Any], evidence: list[dict[str, Any]]) -> list[Spo
                              int(ev.get("token", -1) if last and not fault else -1),
                              ev if own_fault and ev else None, str(ev.get("device", "")),
                              "" if fault else str(ev.get("signature", "")),
-                             ev.get("sampling") if last and not fault else None))
+                             ev.get("sampling") if last and not fault else None,
+                             str(ev.get("logprobs") or "") if last and not fault else ""))
     return out
 
 
@@ -211,6 +218,8 @@ def signed_reveal_of(check: SpotCheck) -> dict[str, Any]:
                           "in_hashes": check.in_hashes, "out_hashes": check.out_hashes, "signature": check.signature}
     if check.last:
         ev["fp"], ev["token"], ev["sampling"] = check.expected, check.token, check.sampling
+        if check.logprobs:
+            ev["logprobs"] = check.logprobs
     return ev
 
 

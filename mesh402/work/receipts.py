@@ -247,9 +247,10 @@ class StageTally:
         self.fingerprints: list[bytes] = []  # last stage: per-step logits fingerprint
         self.tokens_out: list[int] = []  # last stage: per-step token (-1: none drawn)
         self.sampling = ""  # last stage: the session's sampling parameters (JSON), revealed with a step
+        self.logprobs: list[bytes] = []  # last stage: per-step logprobs returned (canonical JSON; b"": none)
 
     def step(self, n_tokens: int, input_hash: bytes, output_hash: bytes, record: dict[str, Any] | None = None,
-             fingerprint: bytes | None = None, token: int | None = None) -> None:
+             fingerprint: bytes | None = None, token: int | None = None, logprobs: bytes = b"") -> None:
         self.tokens += int(n_tokens)
         self._in.update(bytes(input_hash))
         self._out.update(bytes(output_hash))
@@ -261,6 +262,7 @@ class StageTally:
             if fingerprint is not None:
                 self.fingerprints.append(fingerprint)
                 self.tokens_out.append(-1 if token is None else int(token))
+                self.logprobs.append(bytes(logprobs))
 
     def digests(self) -> tuple[str, str]:
         """The running input and output hashes so far (hex)."""

@@ -81,8 +81,9 @@ def _events(n: int, fail_after: int | None = None) -> AsyncIterator[Delta | Fini
     return gen()
 
 
-def _chunk(delta: str | None, finish: str | None, first: bool) -> dict[str, Any]:
-    d: dict[str, Any] = {"role": "assistant", "content": ""} if first else ({"content": delta} if delta else {})
+def _chunk(delta: Delta | None, finish: str | None, first: bool) -> dict[str, Any]:
+    text = delta.text if delta is not None else None
+    d: dict[str, Any] = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
     return {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": d, "finish_reason": finish}]}
 
 

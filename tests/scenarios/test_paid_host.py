@@ -16,9 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from harness.dev_chain import DevChain, start_chain, start_facilitator
-from harness.mesh_nodes import MeshNode, MeshNodes, wait_until
-from harness.procs import NodeProcess
+from harness.dev_chain import DevChain, paid_mesh_env
+from harness.mesh_nodes import MeshNode, wait_until
 from harness.x402_payments import decode_b64json, x402_client
 from tests.support.hostile import EvilMember
 from tests.support.chain import require_contract_toolchain
@@ -33,14 +32,7 @@ pytestmark = pytest.mark.timeout(400)
 @pytest.fixture(scope="module")
 def paid_host_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DevChain, dict[str, MeshNode]]]:
     require_contract_toolchain()
-    tmp: Path = tmp_path_factory.mktemp("paid-host")
-    procs: list[NodeProcess] = []
-    nodes = MeshNodes(tmp / "nodes")
-    try:
-        chain = start_chain(tmp, buyers=2, nodes=3)
-        procs.append(chain.proc)
-        fac, fac_url = start_facilitator(tmp, chain)
-        procs.append(fac)
+    with paid_mesh_env(tmp_path_factory.mktemp("paid-host"), buyers=2, nodes=3) as (chain, fac_url, nodes):
         pay = ["--deployment", str(chain.dir), "--facilitator", fac_url]
         host = nodes.start("host", no_model=False, extra=["--price", "0.01", "--pay-to", "node-0", *pay])
         token = host.token()
@@ -56,10 +48,6 @@ def paid_host_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[D
             wait_until(lambda n=n: "x402" in n.peers()[host.node_id]["announcement"]["labels"], timeout=30,
                        what=f"{n.name} knows the host's price")
         yield chain, {"host": host, **entries}
-    finally:
-        nodes.stop_all()
-        for p in reversed(procs):
-            p.stop()
 
 
 def buy(chain: DevChain, node: MeshNode, buyer: str) -> httpx.Response:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from harness.dev_chain import entry_receipts
@@ -106,6 +107,12 @@ def test_tampering_stage_is_caught_not_paid_and_recorded_on_chain(tmp_path: Path
         assert f"{c.node_id[:12]} not paid (failed spot check" in text
         assert f"{b.node_id[:12]} {pay[b.node_id] / 1e6:.6f}" in text
         print(status.stdout)
+        # the console's Money and trust view: each node's spot checks and the validator's verdict
+        money = httpx.get(f"{a.console}/api/money", timeout=10).json()
+        seen = {row["node_id"]: row for row in money["spot_checks"] if row["epoch"] == epoch}
+        assert seen[b.node_id]["score"] == 100 and seen[b.node_id]["failed"] == 0 and seen[b.node_id]["checks"] >= 1
+        assert seen[c.node_id]["score"] == 0 and seen[c.node_id]["failed"] >= 1
+        assert any(p_["epoch"] == epoch and p_["node_id"] == c.node_id and not p_["paid"] for p_ in money["payouts"])
     finally:
         nodes.stop_all()
         fac.stop()

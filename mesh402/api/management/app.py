@@ -13,13 +13,15 @@
 
 It listens on loopback unless ``--console-listen-all``, which requires a
 console token; when a token is configured every request must carry
-``Authorization: Bearer <token>``.
+``Authorization: Bearer <token>`` or the page's session cookie, and every
+request passes the Host/Origin checks (``access.py``). With a ``ticker`` the
+event stream also carries what it returns every ``tick_s`` (the web console's
+traffic and money figures, ``console.py``) when it changed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Optional
@@ -28,10 +30,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from mesh402.api.bodies import sse
+from mesh402.api.management.access import AccessGuard, ConsoleAccess
 from mesh402.mesh.invite import InviteError, parse_duration
 from mesh402.mesh.service import MeshService
 
 KEEPALIVE_S = 15.0
+TICK_S = 2.0
+MAX_EVENT_STREAMS = 64  # browser tabs and CLI watchers together; each holds a queue of up to 1000 events
 
 
 def _sse(event: dict) -> bytes:
@@ -44,16 +49,11 @@ def create_management_app(
     node_info: Optional[Callable[[], dict[str, Any]]] = None,
     token: Optional[str] = None,
     keepalive_s: float = KEEPALIVE_S,
+    ticker: Optional[Callable[[], dict[str, Any]]] = None,
+    tick_s: float = TICK_S,
 ) -> FastAPI:
     app = FastAPI(title="mesh402 management", docs_url=None, redoc_url=None, openapi_url=None)
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if token is not None:
-            got = request.headers.get("authorization", "")
-            if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
-                return JSONResponse({"error": "console token required (Authorization: Bearer ...)"}, status_code=401)
-        return await call_next(request)
+    app.add_middleware(AccessGuard, access=ConsoleAccess(token))
 
     def status() -> dict[str, Any]:
         out = mesh.status()
@@ -68,23 +68,39 @@ def create_management_app(
     async def get_status() -> JSONResponse:
         return JSONResponse(status())
 
-    @app.get("/api/events")
-    async def get_events(request: Request) -> StreamingResponse:
-        q = mesh.subscribe()
+    open_streams = [0]  # event streams now open (each holds a subscription queue): capped
+
+    @app.get("/api/events", response_model=None)
+    async def get_events(request: Request) -> StreamingResponse | JSONResponse:
+        if open_streams[0] >= MAX_EVENT_STREAMS:
+            return JSONResponse({"error": f"{MAX_EVENT_STREAMS} event streams are open already"}, status_code=503,
+                                headers={"Retry-After": "5"})
 
         async def stream() -> AsyncIterator[bytes]:
+            q = mesh.subscribe()  # here, not before: a stream never started holds no queue
+            open_streams[0] += 1
+            last_tick: dict[str, Any] | None = None
+            next_tick = time.monotonic() + tick_s  # ticks keep their pace however busy the mesh is
             try:
                 yield _sse({"type": "snapshot", "ts": time.time(), "status": status()})
                 while True:
+                    wait = keepalive_s if ticker is None else max(0.0, min(keepalive_s, next_tick - time.monotonic()))
                     try:
-                        ev = await asyncio.wait_for(q.get(), keepalive_s)
+                        ev = await asyncio.wait_for(q.get(), wait)
                     except asyncio.TimeoutError:
                         if await request.is_disconnected():
                             return
-                        yield b": keepalive\n\n"
+                        next_tick = time.monotonic() + tick_s
+                        tick = ticker() if ticker is not None else None
+                        if tick is not None and tick != last_tick:
+                            last_tick = tick
+                            yield _sse({**tick, "ts": time.time()})
+                        else:
+                            yield b": keepalive\n\n"
                         continue
                     yield _sse(ev)
             finally:
+                open_streams[0] -= 1
                 mesh.unsubscribe(q)
 
         return StreamingResponse(stream(), media_type="text/event-stream",

@@ -22,24 +22,37 @@ from mesh402.serving.generation import Delta, Finished
 log = logging.getLogger(__name__)
 
 
-async def paid_sse(gate: Any, charge: Any, events: AsyncIterator[Delta | Finished], chunk: Callable[..., dict],
+def _frame(chunk: Callable[..., Any]) -> dict[str, Any]:
+    """The frame a usage or x402 record goes out in (the endpoint's chunk for no delta)."""
+    out = chunk(None, None, False)
+    out = out[0] if isinstance(out, list) and out else out
+    return dict(out) if isinstance(out, dict) else {}
+
+
+async def paid_sse(gate: Any, charge: Any, events: AsyncIterator[Delta | Finished], chunk: Callable[..., Any],
                    sse: Callable[[Any], bytes], usage: Callable[[Finished], dict], include_usage: bool,
                    prompt_tokens: int) -> AsyncIterator[bytes]:
     sent: list[bytes] = []
 
-    def emit(obj: Any) -> bytes:
-        sent.append(sse(obj))
-        return sent[-1]
+    def emit(obj: Any) -> list[bytes]:
+        """The SSE events of what a chunk call gave (nothing, one event, or several)."""
+        out = [sse(o) for o in ([] if obj is None else obj if isinstance(obj, list) else [obj])]
+        sent.extend(out)
+        return out
     fin: Finished | None = None
     error: str | None = None
     try:
-        yield emit(chunk(None, None, True))
+        for out in emit(chunk(None, None, True)):
+            yield out
         try:
             async with contextlib.aclosing(events) as evs:  # type: ignore[type-var]
                 async for ev in evs:
                     if isinstance(ev, Delta):
-                        more = charge.take_token()  # counted before it is sent, so a disconnect pays for it
-                        yield emit(chunk(ev.text, None, False))
+                        # every generated token is counted (tool-call tokens and tokens with no text yet
+                        # included) before its text is sent, so a disconnect pays for it
+                        more = all([charge.take_token() for _ in range(ev.tokens)])
+                        for out in emit(chunk(ev, None, False)):
+                            yield out
                         if not more:  # prepaid credit ran out: end cleanly
                             break
                     else:
@@ -48,14 +61,16 @@ async def paid_sse(gate: Any, charge: Any, events: AsyncIterator[Delta | Finishe
             log.exception("generation failed mid-stream")
             error = f"generation failed: {e}"
         if error is None:
-            yield emit(chunk(None, fin.reason if fin else "length", False))
+            for out in emit(chunk(None, fin.reason if fin else "length", False)):
+                yield out
             if include_usage:
-                last = chunk(None, None, False)
+                last = _frame(chunk)
                 last["choices"] = []
                 last["usage"] = usage(fin) if fin else {
                     "prompt_tokens": prompt_tokens, "completion_tokens": charge.completion_seen,
                     "total_tokens": prompt_tokens + charge.completion_seen}
-                yield emit(last)
+                for out in emit(last):
+                    yield out
         # shielded: a client that hangs up now must not cut a settlement off halfway
         record = await asyncio.shield(gate.finish_stream(charge, fin, error))
         tail: list[bytes] = []
@@ -66,7 +81,7 @@ async def paid_sse(gate: Any, charge: Any, events: AsyncIterator[Delta | Finishe
                                      "top up to continue", type="payment_required",
                                      code="insufficient_credit").body()))
         if record is not None:
-            last = chunk(None, None, False)
+            last = _frame(chunk)
             last["choices"] = []
             last["x402"] = record
             tail.append(sse(last))
