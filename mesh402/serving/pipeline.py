@@ -212,7 +212,7 @@ class PipelineStepper:
                           self.constraints.sampling_json(self.sampling), self.tally is not None, secrets.token_hex(12),
                           terms)
         params = grant.sign(self.model.signer)
-        opening = self.pay.opening() if self.pay is not None else None
+        opening = await asyncio.to_thread(self.pay.opening) if self.pay is not None else None
         if opening:  # each stage's current voucher: it sees this entry is not behind
             params[PAY_PARAM] = dump_json(opening)
         await link.send(stage_frame(K.STAGE_KIND_OPEN, request_id=self.request_id, plan_epoch=chain.epoch,
@@ -248,7 +248,7 @@ class PipelineStepper:
         assert self.link is not None
         t0 = time.monotonic()
         for s in self.sent:  # pipelined: the stages answer in order (and are paid for the replay)
-            await self.link.send(self._frame(s, self._pay_step(s)))
+            await self.link.send(self._frame(s, await self._pay_step(s)))
         for s in self.sent:
             expect_stage(await self.link.recv(self.model.open_timeout), K.STAGE_KIND_RESULT, "replay")
         model.stats.failovers += 1
@@ -258,9 +258,12 @@ class PipelineStepper:
         log.warning("request %s: replayed %d steps (%d tokens) onto epoch %d in %.2fs", self.request_id,
                     len(self.sent), replayed_tokens, model.chain.epoch, time.monotonic() - t0)
 
-    def _pay_step(self, s: _Sent) -> str | None:
-        """Account one step sent to the stages; the vouchers that ride on it (JSON), if any are due."""
-        due = self.pay.step(s.n_real) if self.pay is not None else None
+    async def _pay_step(self, s: _Sent) -> str | None:
+        """Account one step sent to the stages; the vouchers that ride on it (JSON), if any are due. Signing
+        (an EIP-712 signature and an fsync'd write per stage) runs off the loop."""
+        if self.pay is None or not self.pay.accrue(s.n_real):
+            return None
+        due = await asyncio.to_thread(self.pay.vouchers)
         return dump_json(due) if due else None
 
     def _frame(self, s: _Sent, pay: str | None = None) -> Any:
@@ -274,14 +277,14 @@ class PipelineStepper:
                            tokens=s.tokens, dtype=self.model.wire_dtype, shape=s.shape, activations=s.payload,
                            input_hash=activation_hash(s.payload), params=params)
 
-    def _close_params(self) -> dict[str, str]:
-        """CLOSE's final vouchers: everything this request owes each stage."""
-        final = self.pay.vouchers() if self.pay is not None else None
+    async def _close_params(self) -> dict[str, str]:
+        """CLOSE's final vouchers: everything this request owes each stage (signed off the loop)."""
+        final = await asyncio.to_thread(self.pay.vouchers) if self.pay is not None else None
         return {PAY_PARAM: dump_json(final)} if final else {}
 
     async def _exchange(self, s: _Sent) -> int | None:
         """Send one step and wait for its reply, failing over as often as stages die."""
-        pay = self._pay_step(s)
+        pay = await self._pay_step(s)
         while True:
             assert self.link is not None
             t0 = time.monotonic()
@@ -467,7 +470,7 @@ class PipelineStepper:
     async def _collect_receipts(self, link: Link) -> None:
         """CLOSE carrying this node's stage-0 receipt; the stages add theirs and the chain comes back."""
         mine = self.tally.receipt(self.model.signer, 0)
-        params = {"receipts": dump_json([mine.to_json()]), **self._close_params()}
+        params = {"receipts": dump_json([mine.to_json()]), **(await self._close_params())}
         auditor, chain = self.model.auditor, self.chain
         step = auditor.pick([h.node for h in chain.hops], self.steps_done, [len(x.payload) for x in self.sent]) \
             if auditor and chain else None
@@ -520,7 +523,7 @@ class PipelineStepper:
                 await self._collect_receipts(link)
             else:
                 await link.send(stage_frame(K.STAGE_KIND_CLOSE, request_id=self.request_id,
-                                            params=self._close_params()))
+                                            params=await self._close_params()))
             await link.finish()
         except Exception:
             pass

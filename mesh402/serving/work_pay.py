@@ -128,14 +128,18 @@ class EntrySessionPay:
     accrued: dict[str, int] = field(default_factory=dict)  # worker node -> micro owed so far
     steps: int = 0
 
-    def step(self, tokens: int) -> dict[str, Any] | None:
-        """Account for a step of `tokens` rows through every worker; the vouchers to attach to it (every
-        VOUCHER_EVERY steps, the first included), else None."""
+    def accrue(self, tokens: int) -> bool:
+        """Account for a step of `tokens` rows through every worker; whether vouchers are due on it (every
+        VOUCHER_EVERY steps, the first included)."""
         first = self.steps == 0
         for node, t in self.terms.items():
             self.accrued[node] = self.accrued.get(node, 0) + t.step_micro(tokens, first)
         self.steps += 1
-        return self.vouchers() if first or self.steps % VOUCHER_EVERY == 0 else None
+        return first or self.steps % VOUCHER_EVERY == 0
+
+    def step(self, tokens: int) -> dict[str, Any] | None:
+        """accrue(), and the vouchers to attach to the step when they are due, else None."""
+        return self.vouchers() if self.accrue(tokens) else None
 
     def opening(self) -> dict[str, Any] | None:
         """The OPEN's vouchers: each worker's current cumulative voucher from this entry, so a worker that
