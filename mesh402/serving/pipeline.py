@@ -205,8 +205,8 @@ class PipelineStepper:
         if terms and self.pay is None:
             assert self.model.voucher_signer is not None
             self.pay = EntrySessionPay(self.model.voucher_signer, terms, self.request_id)
-        elif self.pay is not None:  # a replacement chain: what the request owes carries on, per stage
-            self.pay.terms = terms
+        elif self.pay is not None:  # new stage sessions: the old ones are vouchered in full, new ones start
+            await asyncio.to_thread(self.pay.reopen, terms)
         link = await self.model.connect(first.node)
         grant = OpenGrant(self.request_id, chain.content_hash, chain.epoch, chain.hops, self.max_len,
                           self.constraints.sampling_json(self.sampling), self.tally is not None, secrets.token_hex(12),
@@ -284,9 +284,9 @@ class PipelineStepper:
 
     async def _exchange(self, s: _Sent) -> int | None:
         """Send one step and wait for its reply, failing over as often as stages die."""
-        pay = await self._pay_step(s)
         while True:
             assert self.link is not None
+            pay = await self._pay_step(s)  # again after a failover: the new stage sessions count this step too
             t0 = time.monotonic()
             try:
                 await self.link.send(self._frame(s, pay))

@@ -124,9 +124,24 @@ class EntrySessionPay:
 
     signer: VoucherSigner
     terms: dict[str, WorkTerms]  # worker node id -> terms (workers without terms work unpaid)
-    key: str  # the session's request id: the issuer keeps one running total per (worker, key)
-    accrued: dict[str, int] = field(default_factory=dict)  # worker node -> micro owed so far
+    key: str  # the request id: the issuer keeps one running total per (worker, key, chain session)
+    accrued: dict[str, int] = field(default_factory=dict)  # worker node -> micro owed this chain session
     steps: int = 0
+    session: int = 0  # chain sessions of this request so far (a failover or a cold restart opens new ones)
+
+    @property
+    def total_key(self) -> str:
+        return f"{self.key}#{self.session}"
+
+    def reopen(self, terms: dict[str, WorkTerms]) -> None:
+        """The request moves to new stage sessions (a replacement chain): the old ones are vouchered in full
+        now (delivered by the next OPEN's vouchers, `opening`), and the new ones count from zero, flat share
+        included, as each worker counts its own sessions. Signs: call it off the event loop."""
+        for node, t in self.terms.items():
+            if self.accrued.get(node):
+                self.signer.pay_to_total(t.payee, self.total_key, self.accrued[node])
+        self.session += 1
+        self.accrued, self.steps, self.terms = {}, 0, terms
 
     def accrue(self, tokens: int) -> bool:
         """Account for a step of `tokens` rows through every worker; whether vouchers are due on it (every
@@ -146,13 +161,14 @@ class EntrySessionPay:
         missed an earlier session's final voucher (a lost CLOSE) sees the entry is not behind."""
         if not self.terms:
             return None
-        return {node: self.signer.pay_to_total(t.payee, self.key, 0).to_json() for node, t in self.terms.items()}
+        return {node: self.signer.pay_to_total(t.payee, self.total_key, 0).to_json()
+                for node, t in self.terms.items()}
 
     def vouchers(self) -> dict[str, Any] | None:
         """A voucher per worker covering everything this session owes it now (what CLOSE carries)."""
         if not self.terms:
             return None
-        return {node: self.signer.pay_to_total(t.payee, self.key, self.accrued.get(node, 0)).to_json()
+        return {node: self.signer.pay_to_total(t.payee, self.total_key, self.accrued.get(node, 0)).to_json()
                 for node, t in self.terms.items()}
 
 
@@ -216,6 +232,10 @@ class WorkerPay:
         owed = self.book.owed(entry) * MICRO + sum(s.micro for s in live)
         allowance = sum(sum(s.recent) for s in live)
         return owed - self.book.held(entry) * MICRO, allowance
+
+    def unvouchered(self, entry: str) -> int:
+        """Work for `entry`, finished and in live sessions, that no voucher covers (micro units; <= 0: paid up)."""
+        return self._behind(entry)[0]
 
     def _refuse(self, why: str) -> str:
         self.stats.paused += 1

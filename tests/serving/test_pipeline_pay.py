@@ -98,3 +98,26 @@ def test_stage_refuses_unpaid_grants_and_uncovered_escrow(executor, tmp_path: Pa
     e1, e2 = asyncio.run(main())
     assert e1.code == "unpaid" and "no pay terms" in str(e1)
     assert e2.code == "unpaid" and "lock a float" in str(e2)
+
+
+def test_a_stage_killed_mid_request_the_others_and_its_replacement_are_paid_for_the_replay(executor, prompt,
+                                                                                          solo_tokens,
+                                                                                          tmp_path: Path) -> None:
+    async def main():
+        model, mesh, _ = await build(executor, [0, 10, 20, 30], standbys=["standby"])
+        paid = pay_split(tmp_path, model, mesh.workers, 10**9)
+        out = await run_gen(model, prompt, N, kill_after=VOUCHER_EVERY + 3, on_kill=lambda: mesh.kill("w1"))
+        # the survivor's old session waits on the dead stage (in memory, no stream error ends it): count it live
+        for _ in range(400):
+            if not paid.pays["standby"].live and len(paid.pays["w0"].live) <= 1:
+                break
+            await asyncio.sleep(0.05)
+        return out, paid, model
+
+    out, paid, model = asyncio.run(main())
+    assert out == solo_tokens and model.stats.failovers == 1
+    entry = paid.issuer.address
+    for node in ("w0", "standby"):  # the survivor redid the replayed steps, the standby did them first
+        assert paid.pays[node].stats.sessions_paid >= 1 and paid.pays[node].stats.paused == 0, node
+        assert paid.pays[node].unvouchered(entry) <= 0, node  # every session, old and new, vouchered in full
+    assert paid.pays["w0"].stats.sessions_paid == 2
