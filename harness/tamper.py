@@ -9,6 +9,10 @@
   cheaper quantization substituted for the published one. Exact mode dequantizes the Q4_0 blocks per
   matmul; fast mode packs them for the int4 kernel, like any Q4_0 model.
 
+- ``grammar_escape`` (a worker cheat, not an engine one): as the last stage of a split, the stage draws
+  every token unconstrained, whatever grammar the session's grant carries (a hostile last stage that
+  answers structured-output requests with free text).
+
 ``install(worker)`` is the node-process hook (installed by the test-only entry point tests/support/tamper_node.py): with
 ``MESH402_TAMPER=<cheat>`` (and optionally ``MESH402_TAMPER_SEED``) every engine the StageWorker loads
 is tampered.
@@ -24,7 +28,7 @@ import torch
 
 from mesh402.engine.quant import QWeight, pack_fast
 
-CHEATS = ("skip_layer", "perturb", "requant")
+CHEATS = ("skip_layer", "perturb", "requant", "grammar_escape")
 PERTURB_SCALE = 0.01
 
 
@@ -49,6 +53,9 @@ def install(worker: Any) -> None:
         return
     if cheat not in CHEATS:
         raise ValueError(f"MESH402_TAMPER={cheat!r}; one of {CHEATS}")
+    if cheat == "grammar_escape":
+        escape_grammar(worker)
+        return
     seed = int(os.environ.get("MESH402_TAMPER_SEED", "0"))
     load = worker.loader
 
@@ -59,6 +66,19 @@ def install(worker: Any) -> None:
 
 
 # ---------------------------------------------------------------------------- cheats
+
+def escape_grammar(worker: Any) -> None:
+    """The worker's last-stage draws drop the session's grammar matcher (tokens come from the whole
+    vocabulary)."""
+    honest = worker._draw
+
+    async def unconstrained(engine: Any, sampling: str) -> Any:
+        draw = await honest(engine, sampling)
+        draw.matcher = None
+        return draw
+
+    worker._draw = unconstrained
+
 
 def _skip_layer(engine: Any, seed: int, layer: int | None) -> None:
     a, b = engine.layers

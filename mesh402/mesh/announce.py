@@ -8,13 +8,18 @@ the caller says otherwise, pushed to the peers.
 
 from __future__ import annotations
 
+import collections
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from mesh402.mesh import framing, spent
+from mesh402.mesh import framing, identity, spent
 from mesh402.mesh.context import MeshContext
 from mesh402.mesh.gossip import sign_announcement
+from mesh402.mesh.limits import MeshLimits
 from mesh402.mesh.proto import mesh_pb2 as pb
+
+log = logging.getLogger("mesh402.mesh")
 
 
 @dataclass
@@ -43,6 +48,21 @@ def rtts_moved(rtts: dict[bytes, float], sent: dict[bytes, float]) -> bool:
     )
 
 
+def fit_labels(ann: pb.PeerAnnouncement, lim: MeshLimits, counters: collections.Counter[str]) -> None:
+    """Drop the labels that would make peers refuse the whole announcement (an over-long label, then
+    the largest ones until it fits), counted and logged: a bug above must not cut this node off."""
+    def dropped(key: str, why: str) -> None:
+        del ann.labels[key]
+        counters["announce.label_dropped"] += 1
+        log.warning("label %r left out of this node's announcement: %s", key[:60], why)
+
+    for k in [k for k, v in ann.labels.items() if len(k) > lim.max_label_key or len(v) > lim.max_label_value]:
+        dropped(k, "over the label size limit")
+    while ann.labels and (len(ann.labels) > lim.max_labels or ann.ByteSize() > lim.max_announcement_bytes):
+        k = max(ann.labels, key=lambda k: (len(ann.labels[k]), k) if k != spent.SPENT_LABEL else (-1, k))
+        dropped(k, "the announcement is over its size limit")
+
+
 class Announcer:
     def __init__(self, ctx: MeshContext, local: LocalInfo, addrs: Callable[[], list[str]],
                  save: Callable[[], None], push: Callable[[], None]) -> None:
@@ -60,7 +80,10 @@ class Announcer:
         gossip = ctx.mesh_gossip
         now = ctx.clock.time()
         loc = self.local
-        rtts = ctx.liveness.rtts()
+        lim = ctx.config.limits
+        # within our own limits, so no peer refuses it: the freshest demand, the nearest peers
+        rtts = dict(sorted(ctx.liveness.rtts().items(), key=lambda kv: kv[1])[:lim.max_rtts])
+        demand = sorted(loc.demand, key=lambda d: -d.last_active_ms)[:lim.max_demand]
         ann = pb.PeerAnnouncement(
             node_id=ctx.node_id,
             seq=ctx.membership.next_seq(now),
@@ -75,7 +98,7 @@ class Announcer:
             relay_url=ctx.config.relay_url or "",
             hardware=loc.hardware,
             models=list(loc.models),
-            demand=list(loc.demand),
+            demand=sorted(demand, key=lambda d: d.model_id),
             rtts=[pb.PeerRtt(node_id=k, rtt_ms=v) for k, v in sorted(rtts.items())],
             protocol_gen=framing.PROTOCOL_GENERATION,
             leaving=leaving,
@@ -83,6 +106,7 @@ class Announcer:
             labels=self.labels(now),
         )
         self.sent_rtts = dict(rtts)
+        fit_labels(ann, lim, ctx.counters)
         return sign_announcement(ctx.identity, gossip.mesh_id, ann)
 
     def labels(self, now: float) -> dict[str, str]:
@@ -90,6 +114,10 @@ class Announcer:
         labels = {k: v for k, v in self.local.labels.items() if k != spent.SPENT_LABEL}
         nonces = self.ctx.membership.spent
         spent.prune(nonces, now)
+        ctx = self.ctx
+        for n, r in list(nonces.items()):
+            if not r.sig:  # ours, from before entries were signed: vouch for it now
+                nonces[n] = spent.vouch(ctx.identity.sign, ctx.node_id, ctx.mesh_gossip.mesh_id, n, r.expires_at)
         if nonces:
             labels[spent.SPENT_LABEL] = spent.encode(nonces)
         return labels
@@ -120,10 +148,23 @@ class Announcer:
         return e.ann if e else None
 
     def spend(self, entries: dict[str, int]) -> bool:
-        """Merge spent or revoked invite nonces; re-announce (and persist) when the set grew."""
-        if not spent.merge(self.ctx.membership.spent, entries, self.ctx.clock.time()):
+        """Tokens this node spent or revoked (nonce -> expiry): vouch for them, merge, re-announce."""
+        ctx = self.ctx
+        mesh_id = ctx.mesh_gossip.mesh_id
+        return self.merge_spent({n: spent.vouch(ctx.identity.sign, ctx.node_id, mesh_id, n, e)
+                                 for n, e in entries.items()})
+
+    def merge_spent(self, entries: dict[str, spent.Revocation]) -> bool:
+        """Merge spent or revoked invite nonces (checking who vouches for each); re-announce (and persist)
+        when the set changed."""
+        ctx = self.ctx
+        changed, bad = spent.merge(ctx.membership.spent, entries, ctx.clock.time(), ctx.mesh_gossip.mesh_id,
+                                   identity.verify, ctx.node_id)
+        if bad:
+            ctx.counters["invites.spent_bad_signature"] += bad
+        if not changed:
             return False
-        self.ctx.counters["invites.spent_merged"] += 1
+        ctx.counters["invites.spent_merged"] += 1
         self.resign()
         return True
 

@@ -13,6 +13,7 @@ from typing import Optional
 
 # The project's injectable clock (wall time, monotonic time, sleep).
 from mesh402.clock import Clock, FakeClock, SystemClock  # noqa: F401
+from mesh402.mesh.limits import MeshLimits
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class MeshConfig:
     version: str = ""
     invite_expires: float = 24 * 3600.0  # the token `serve` prints
     timers: MeshTimers = field(default_factory=MeshTimers)
+    limits: MeshLimits = field(default_factory=MeshLimits)  # what one peer may send or make us keep
     clock: Clock = field(default_factory=SystemClock)
     # Extra addresses to put in tokens/announcements (e.g. a public ip:port).
     external_addrs: list[str] = field(default_factory=list)

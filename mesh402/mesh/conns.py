@@ -25,8 +25,7 @@ CLOSE_REPLACED = 3
 CLOSE_LEAVING = 4
 CLOSE_DOWN = 5
 CLOSE_PROTOCOL = 6
-
-MAX_BI_STREAMS = 1024  # per connection: stage, tunnel and expert traffic all open streams
+CLOSE_ABUSE = 7  # the peer kept exceeding its quotas (mesh402.mesh.quota)
 
 
 class BiStream(Protocol):
@@ -121,9 +120,10 @@ def new_conn_wins(self_id: bytes, existing: PeerConn, new: PeerConn, peer_doubtf
 
 
 def place(conns: MutableMapping[bytes, PeerConn], pc: PeerConn, self_id: bytes, peer_doubtful: bool,
-          window: float, counters: collections.Counter[str]) -> bool:
+          window: float, counters: collections.Counter[str], max_streams: int = 256) -> bool:
     """Put ``pc`` in the table, closing the connection it replaces; False if an existing one wins
-    (``pc`` is closed then)."""
+    (``pc`` is closed then). ``max_streams``: how many streams the peer may have open here at once
+    (stage, tunnel, expert and control alike; QUIC holds it to that)."""
     existing = conns.get(pc.node_id)
     if existing is not None and not existing.closed and existing is not pc:
         keep_new, simultaneous = new_conn_wins(self_id, existing, pc, peer_doubtful, window)
@@ -134,7 +134,7 @@ def place(conns: MutableMapping[bytes, PeerConn], pc: PeerConn, self_id: bytes, 
             return False
         existing.close(CLOSE_DUPLICATE if existing.boot_id == pc.boot_id else CLOSE_REPLACED, "replaced")
     with contextlib.suppress(Exception):
-        pc.conn.set_max_concurrent_bi_streams(MAX_BI_STREAMS)
+        pc.conn.set_max_concurrent_bi_streams(max_streams)
     conns[pc.node_id] = pc
     return True
 

@@ -20,6 +20,7 @@ from mesh402.mesh.gossip import GossipState
 from mesh402.mesh.identity import NodeIdentity
 from mesh402.mesh.liveness import LivenessTable
 from mesh402.mesh.membership import Membership
+from mesh402.mesh.quota import QuotaBook
 from mesh402.mesh.tasks import TaskGroup
 
 
@@ -33,6 +34,7 @@ class MeshContext:
     events: EventBus
     tasks: TaskGroup
     liveness: LivenessTable
+    quotas: QuotaBook  # per-peer allowances on the streams peers open here, and peers refused for abuse
     gossip: Optional[GossipState] = None  # None until the node is in a mesh
     conns: dict[bytes, PeerConn] = field(default_factory=dict)
 
@@ -48,6 +50,7 @@ class MeshContext:
             events=EventBus(config.clock, counters),
             tasks=TaskGroup(counters),
             liveness=LivenessTable(config.timers, config.clock),
+            quotas=QuotaBook(config.limits, config.clock),
         )
 
     @property

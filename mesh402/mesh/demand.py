@@ -1,6 +1,11 @@
 """Demand signals: requests per model that this node served or proxied, gossiped in its own signed
 announcement (debounced), and summed over the mesh. Each origin signs only its own counts, so no
-peer can inflate another's."""
+peer can inflate another's.
+
+Only models that exist in the mesh (some announcement lists them, in any role: held, on disk, ...) are
+counted: any API client may name any model, and a count per made-up name would grow this table and our
+signed announcement with each one (entries live ``demand_ttl``, 24 h) and push real demand out of it.
+The table is capped at ``max_demand`` models besides (the least recently active go first)."""
 
 from __future__ import annotations
 
@@ -41,10 +46,19 @@ class DemandBook:
     def _cutoff_ms(self) -> int:
         return int((self.ctx.clock.time() - self.ctx.timers.demand_ttl) * 1000)
 
+    def in_mesh(self, model_id: str) -> bool:
+        g = self.ctx.gossip
+        return g is not None and any(m.model_id == model_id for e in g.entries.values() for m in e.ann.models)
+
     def note(self, model_id: str, count: int = 1) -> None:
         if not model_id or model_id == "auto":
             return
+        if model_id not in self.counts and not self.in_mesh(model_id):
+            self.ctx.counters["demand.unknown_model"] += 1
+            return
         _, n = self.counts.get(model_id, (0, 0))
+        if model_id not in self.counts and len(self.counts) >= self.ctx.config.limits.max_demand:
+            del self.counts[min(self.counts, key=lambda k: self.counts[k][0])]
         self.counts[model_id] = (int(self.ctx.clock.time() * 1000), n + count)
         if self.ctx.gossip is not None:
             self._soon()

@@ -57,6 +57,8 @@ class Dialer:
         ctx = self.ctx
         if not addrs and not relay_url:
             raise PeerUnavailable("no address")
+        if ctx.quotas.ban_left(node_id) is not None:
+            raise PeerUnavailable(f"{short_id(node_id)} is refused for exceeding its quotas")
         try:
             conn = await asyncio.wait_for(self.connect(node_id, addrs, relay_url), ctx.timers.connect_timeout)
         except asyncio.TimeoutError:
@@ -141,6 +143,8 @@ class Dialer:
         if ctx.stopping or ctx.gossip is None or node_id == ctx.node_id:
             return
         if node_id in ctx.conns or node_id in self.dialing or self.probing(node_id):
+            return
+        if ctx.quotas.ban_left(node_id) is not None:
             return
         ann = ctx.gossip.get(node_id)
         if ann is None or ann.leaving:  # a newer non-leaving announcement means it came back

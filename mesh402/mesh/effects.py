@@ -36,7 +36,7 @@ class Dial:
 class Spend:
     """Merge the mesh's spent or revoked invite nonces a peer carries."""
 
-    entries: dict[str, int]
+    entries: dict[str, spent.Revocation]
 
 
 @dataclass(frozen=True)

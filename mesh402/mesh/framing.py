@@ -17,14 +17,18 @@ from __future__ import annotations
 import asyncio
 import enum
 import struct
-from typing import Optional
+from typing import Callable, Optional
 
 from google.protobuf.message import DecodeError
 
 from mesh402.mesh import iroh_fastcopy  # noqa: F401  (must precede iroh use)
 from mesh402.mesh.proto import mesh_pb2 as pb
 
-PROTOCOL_GENERATION = 1
+PROTOCOL_GENERATION = 1  # of the frame envelope (Frame.gen)
+# Of the mesh protocol as a whole: which messages and rules a peer follows. Exchanged in Hello/Welcome;
+# a peer speaking another version is refused with a message naming both. 2: bounded announcements,
+# gossip in several frames, per-peer quotas (1: the software before versions, which sends none).
+PROTOCOL_VERSION = 2
 HEADER = struct.Struct("<I")
 # Hard ceiling for any frame; stage traffic (activations) may use it all.
 MAX_FRAME_SIZE = 64 * 1024 * 1024
@@ -84,6 +88,10 @@ class BadGeneration(FrameError):
 
 class UnexpectedFrame(FrameError):
     code = "unexpected_frame"
+
+
+def version_name(v: int) -> str:
+    return str(v) if v else "1 or older (no version in its handshake)"
 
 
 def parse_stream_type(b: int) -> StreamType:
@@ -181,6 +189,15 @@ class FramedStream:
         self._rbuf = bytearray()  # bytes read from iroh but not yet consumed as frames
         self.bytes_in = 0
         self.bytes_out = 0
+        # On a stream the peer opened: charges each frame (size, entitled) to the peer's quota before its
+        # body is read, raising a FrameError when it is over (mesh402.mesh.quota).
+        self.meter: Optional[Callable[[int, bool], None]] = None
+        self.entitled = False
+
+    def entitle(self) -> None:
+        """The handler authorized this stream's traffic (a session with the host's grant, the host's
+        expert traffic): its frames count against the peer's large work allowance from now on."""
+        self.entitled = True
 
     @classmethod
     def opened(cls, bi, stream_type: StreamType, max_frame: Optional[int] = None) -> "FramedStream":
@@ -241,6 +258,8 @@ class FramedStream:
             return None
         (n,) = HEADER.unpack(bytes(self._rbuf[:HEADER.size]))
         check_length(n, self.max_frame)
+        if self.meter is not None:
+            self.meter(HEADER.size + n, self.entitled)
         if not await self._fill(HEADER.size + n):
             raise TruncatedFrame("stream ended inside a frame")
         self._take(HEADER.size)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from mesh402.mesh import spent
 from mesh402.mesh.identity import ensure_home, write_private
 from mesh402.mesh.invite import (
     POLICY_BY_NAME,
@@ -27,6 +28,14 @@ SECRET_FILE = "mesh.secret"
 MAX_REMEMBERED_PEERS = 64
 
 
+def load_revocation(v: object) -> spent.Revocation:
+    """``[expiry, member hex, signature hex]``, or a bare expiry (files from before entries were signed:
+    the announcer vouches for those itself)."""
+    if isinstance(v, list) and len(v) == 3:
+        return spent.Revocation(int(v[0]), bytes.fromhex(str(v[1])), bytes.fromhex(str(v[2])))
+    return spent.Revocation(int(v))  # type: ignore[call-overload]
+
+
 class Membership:
     def __init__(self, home: Path):
         self.home = ensure_home(home)
@@ -35,7 +44,7 @@ class Membership:
         self.secret: Optional[bytes] = None
         self.seq: int = 0
         self.peers: dict[str, dict] = {}  # hex id -> {addrs, relay_url, last_seen}
-        self.spent: dict[str, int] = {}  # invite nonce hex -> its expiry (single-use and used, or revoked)
+        self.spent: dict[str, spent.Revocation] = {}  # invite nonce hex -> expiry and voucher (used or revoked)
 
     @classmethod
     def load(cls, home: Path) -> "Membership":
@@ -48,7 +57,7 @@ class Membership:
                 m.policy = POLICY_BY_NAME.get(d.get("policy", "secret"), pb.ADMISSION_SECRET)
                 m.seq = int(d.get("seq", 0))
                 m.peers = dict(d.get("peers", {}))
-                m.spent = {str(k): int(v) for k, v in dict(d.get("spent", {})).items()}
+                m.spent = {str(k): load_revocation(v) for k, v in dict(d.get("spent", {})).items()}
             except (ValueError, OSError, TypeError):
                 pass  # unreadable state: start afresh, the key (identity) is separate
         s = m.home / SECRET_FILE
@@ -105,7 +114,7 @@ class Membership:
 
     def save(self) -> None:
         d = {"mesh_id": self.mesh_id, "policy": self.policy_name, "seq": self.seq, "peers": self.peers,
-             "spent": self.spent}
+             "spent": {n: [r.expires_at, r.by.hex(), r.sig.hex()] for n, r in self.spent.items()}}
         write_private(self.home / MESH_FILE, json.dumps(d, indent=1) + "\n")
         secret_path = self.home / SECRET_FILE
         if self.secret is not None:

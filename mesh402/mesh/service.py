@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import Any, Iterable, Optional
 
 
@@ -32,7 +33,7 @@ from mesh402.mesh import status as status_report
 from mesh402.mesh.admission import Admission
 from mesh402.mesh.announce import Announcer, LocalInfo
 from mesh402.mesh.config import MeshConfig
-from mesh402.mesh.conns import CLOSE_LEAVING, CLOSE_NORMAL, Conn, PeerConn
+from mesh402.mesh.conns import CLOSE_ABUSE, CLOSE_LEAVING, CLOSE_NORMAL, Conn, PeerConn
 from mesh402.mesh.context import MeshContext
 from mesh402.mesh.demand import DemandBook
 from mesh402.mesh.dialer import Dialer
@@ -44,7 +45,7 @@ from mesh402.mesh.gossip import GossipState, Outcome
 from mesh402.mesh.gossip_push import GossipPush
 from mesh402.mesh.hardware import default_hardware
 from mesh402.mesh.health import Backoff, HealthTracker
-from mesh402.mesh.identity import NodeIdentity, endpoint_id, ensure_home
+from mesh402.mesh.identity import NodeIdentity, endpoint_id, ensure_home, short_id
 from mesh402.mesh.invites import InviteBook
 from mesh402.mesh.liveness import LivenessTable, PeerState
 from mesh402.mesh.membership import Membership
@@ -54,6 +55,8 @@ from mesh402.mesh.streams import Handler, StreamRouter
 from mesh402.mesh.watch import LivenessWatch
 
 from iroh import Endpoint, EndpointAddr, EndpointOptions, RelayMode, preset_minimal
+
+log = logging.getLogger("mesh402.mesh")
 
 # Importers of this module name these; they live with the collaborators now.
 __all__ = ["AdmissionRefused", "Handler", "JoinError", "LocalInfo", "MeshService", "PeerConn", "PeerUnavailable"]
@@ -95,7 +98,7 @@ class MeshService:
             StreamType.PING: self.watch.handle_ping,
             StreamType.PEER_DOWN: self.watch.handle_peer_down,
             StreamType.PEER_LEAVING: self.watch.handle_leaving,
-        }, self.watch.conn_lost)
+        }, self.watch.conn_lost, self._abuse)
         self._started_mono = config.clock.monotonic()
         self.started_at = config.clock.time()
         self.joined_at: Optional[float] = None
@@ -200,7 +203,8 @@ class MeshService:
         return await self.endpoint.connect(EndpointAddr(endpoint_id(node_id), relay_url or None, list(addrs)), ALPN)
 
     def _init_gossip(self, mesh_id: str) -> None:
-        self.ctx.gossip = GossipState(mesh_id, self.node_id, self.timers.stale_after, self.timers.max_clock_skew)
+        self.ctx.gossip = GossipState(mesh_id, self.node_id, self.timers.stale_after, self.timers.max_clock_skew,
+                                      self.config.limits)
         self.announcer.resign(flush=False)
 
     async def stop(self, graceful: bool = True) -> None:
@@ -240,7 +244,8 @@ class MeshService:
         """An admitted connection (either end): keep it unless a duplicate wins, then serve it."""
         ctx, nid = self.ctx, pc.node_id
         doubtful = self.liveness.state(nid) in (PeerState.SUSPECT, PeerState.DOWN, PeerState.LEFT)
-        if not conns.place(self.conns, pc, self.node_id, doubtful, self.timers.duplicate_window, self.counters):
+        if not conns.place(self.conns, pc, self.node_id, doubtful, self.timers.duplicate_window, self.counters,
+                           self.config.limits.max_streams):
             return
         self.health.succeeded(nid)
         was_new = self.liveness.connected(nid, pc.boot_id)
@@ -255,6 +260,19 @@ class MeshService:
             ctx.events.emit("peer_up", node_id=nid.hex())
             self.announcer.resign(flush=False)  # our RTT table / peer set changed
         self.push.schedule()
+
+    def _abuse(self, pc: PeerConn) -> None:
+        """The peer kept going over its quotas: close its connection and refuse it for a while (no
+        handshake, no dial from here; the others are not told: each node judges for itself)."""
+        nid = pc.node_id
+        self.ctx.quotas.ban(nid)
+        self.counters["quota.banned"] += 1
+        log.warning("peer %s exceeded its quotas again and again: refused for %.0f s", short_id(nid),
+                    self.config.limits.abuse_ban)
+        if self.conns.get(nid) is pc:
+            self.conns.pop(nid)
+        pc.close(CLOSE_ABUSE, "over quota")
+        self.watch.declare_down(nid, broadcast=False)
 
     def _after_offer(self, outcome: Outcome, ann: Optional[pb.PeerAnnouncement], via: Optional[bytes],
                      from_hello: bool) -> None:
@@ -271,7 +289,7 @@ class MeshService:
                 case Dial(node_id, immediate):
                     self.dialer.maybe_dial(node_id, immediate)
                 case Spend(entries):
-                    self.announcer.spend(entries)
+                    self.announcer.merge_spent(entries)
                 case JumpSeq(seq):
                     self.announcer.jump_past(seq)
                 case Left(node_id):

@@ -2,8 +2,12 @@
 
 Each stream starts with one byte naming its type (mesh402.mesh.framing.StreamType). Control streams
 go to the mesh's own handlers; the others to handlers registered by the layers above (stage, tunnel,
-expert, ...). A stream that breaks the wire rules or times out is reset and counted; the connection
-stays. When the connection's accept loop ends, ``on_lost`` hears why.
+expert, ...). A stream that breaks the wire rules, times out or goes over the peer's quota is reset and
+counted; the connection stays, unless the peer keeps going over its quota (``on_abuse``). When the
+connection's accept loop ends, ``on_lost`` hears why.
+
+The peer's stream credit is spent before each stream is accepted, and every frame on it is charged to the
+peer's quota before its body is read (mesh402.mesh.quota).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from mesh402.mesh.context import MeshContext
 from mesh402.mesh.conns import BiStream, PeerConn
 from mesh402.mesh.framing import FrameError, FramedStream, StreamType
 from mesh402.mesh.identity import short_id
+from mesh402.mesh.quota import PeerQuota, QuotaExceeded
 
 log = logging.getLogger("mesh402.mesh")
 
@@ -31,10 +36,11 @@ ControlHandler = Callable[[PeerConn, FramedStream], Awaitable[None]]
 
 class StreamRouter:
     def __init__(self, ctx: MeshContext, control: Mapping[StreamType, ControlHandler],
-                 on_lost: Callable[[PeerConn, str], None]) -> None:
+                 on_lost: Callable[[PeerConn, str], None], on_abuse: Callable[[PeerConn], None]) -> None:
         self.ctx = ctx
         self.control = dict(control)
         self.on_lost = on_lost
+        self.on_abuse = on_abuse  # the peer kept going over its quota
         self.handlers: dict[StreamType, Handler] = {StreamType.ECHO: self._echo}
 
     def register(self, stream_type: StreamType, handler: Handler) -> None:
@@ -45,10 +51,18 @@ class StreamRouter:
     async def serve(self, pc: PeerConn) -> None:
         """Accept the peer's streams until the connection ends."""
         reason = "closed"
+        ctx = self.ctx
+        quota = ctx.quotas.of(pc.node_id)
         try:
             while not pc.closed:
+                wait = quota.streams.wait(1, ctx.clock.monotonic())
+                if wait > 0:  # out of stream credit: accept nothing, QUIC holds the peer back meanwhile
+                    quota.streams_delayed += 1
+                    ctx.counters["quota.streams_delayed"] += 1
+                    await ctx.clock.sleep(wait)
+                quota.streams.take(1, ctx.clock.monotonic())
                 bi = await pc.conn.accept_bi()
-                self.ctx.tasks.spawn(self.handle(pc, bi))
+                ctx.tasks.spawn(self.handle(pc, bi))
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -56,6 +70,14 @@ class StreamRouter:
         self.on_lost(pc, reason)
 
     async def handle(self, pc: PeerConn, bi: BiStream) -> None:
+        quota = self.ctx.quotas.of(pc.node_id)
+        quota.open_streams += 1
+        try:
+            await self._handle(pc, bi, quota)
+        finally:
+            quota.open_streams -= 1
+
+    async def _handle(self, pc: PeerConn, bi: BiStream, quota: PeerQuota) -> None:
         ctx = self.ctx
         recv = bi.recv()
         try:
@@ -67,6 +89,7 @@ class StreamRouter:
         except Exception:
             return
         fs = FramedStream(bi.send(), recv, stype)
+        fs.meter = lambda n, entitled: quota.charge(n, entitled, ctx.clock.monotonic())
         try:
             own = self.control.get(stype)
             if own is not None:
@@ -81,6 +104,11 @@ class StreamRouter:
                 await handler(pc.node_id, fs)
                 with contextlib.suppress(Exception):
                     await fs.finish()
+        except QuotaExceeded:
+            ctx.counters["quota.frames_refused"] += 1
+            await fs.reset(6)
+            if quota.abusive(ctx.clock.monotonic()) and not pc.closed:
+                self.on_abuse(pc)
         except FrameError as e:
             ctx.counters[f"frame.{e.code}"] += 1
             await fs.reset(2)

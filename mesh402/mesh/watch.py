@@ -323,3 +323,4 @@ class LivenessWatch:
                                     ctx.timers.stale_after):
                 ctx.counters["liveness.pruned_stale"] += 1
                 self._forget(nid)
+            ctx.counters["gossip.high_water_pruned"] += ctx.mesh_gossip.prune(ctx.clock.time())

@@ -146,6 +146,8 @@ class ExpertService:
 
         loop = asyncio.get_running_loop()
         while True:
+            if peer in self.assigners.values():
+                fs.entitle()  # the host of experts held here: its token rows are work, not chatter
             try:
                 frame = await fs.recv(self.idle_timeout)
             except asyncio.TimeoutError:

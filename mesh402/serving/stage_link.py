@@ -49,6 +49,7 @@ class Link(Protocol):
     async def recv(self, timeout: float | None = None, expect: tuple[str, ...] | None = None) -> pb.Frame | None: ...
     async def finish(self) -> None: ...
     async def reset(self, code: int = 1) -> None: ...
+    def entitle(self) -> None: ...  # authorized traffic: the peer's large work allowance (mesh402.mesh.quota)
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,9 @@ class MemoryLink:
 
     async def finish(self) -> None:
         await self._out.put(None)
+
+    def entitle(self) -> None:
+        """No quota in memory."""
 
     async def reset(self, code: int = 1) -> None:
         await self._out.put(ConnectionResetError(f"stream reset ({code})"))

@@ -240,6 +240,7 @@ class StageWorker:
             log.info("OPEN from %s refused: %s", peer[:12], e)
             await up.send(error_frame(rid, str(e), self.node_id, e.code))
             return
+        up.entitle()  # a session of the elected host's: its activations are work, not chatter
         from mesh402.engine import (
             EngineError,  # engine types only when a session really starts
         )  # lazy: loads gguf, numpy, torch only when needed

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,7 @@ import openai
 import pytest
 import torch
 
+from harness.mesh_nodes import MeshNodes, wait_until
 from harness.procs import MESH402, NodeProcess, free_port
 from tests.support.api_node import API_KEY
 from tests.support.dense_models import SEQ, _hf_model, _write_gguf
@@ -29,11 +31,19 @@ def _reference(m: Any, seq: list[int]) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def embed_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[openai.OpenAI, str, Any]]:
+def embed_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """A tiny qwen3 embedding GGUF (last-token pooling) and the transformers model it was written from."""
     torch.manual_seed(0)
     m = _hf_model("qwen3")
     path = tmp_path_factory.mktemp("embed-model") / "tiny-qwen3-embed.gguf"
     _write_gguf(m, "qwen3", path, gguf.GGMLQuantizationType.F32, uint32_kv={"qwen3.pooling_type": LAST})
+    return path, m
+
+
+@pytest.fixture(scope="module")
+def embed_node(tmp_path_factory: pytest.TempPathFactory,
+               embed_model: tuple[Path, Any]) -> Iterator[tuple[openai.OpenAI, str, Any]]:
+    path, m = embed_model
     home = tmp_path_factory.mktemp("embed-node")
     port = free_port()
     proc = NodeProcess([*MESH402, "serve", "--port", str(port), "--home", str(home), "--model", str(path),
@@ -84,3 +94,24 @@ def test_unknown_model_is_404(embed_node: tuple[openai.OpenAI, str, Any]) -> Non
     c, _, _ = embed_node
     with pytest.raises(openai.NotFoundError):
         c.embeddings.create(model="no-such-embedder", input=[SEQ[:3]])
+
+
+def test_routed_to_the_host_over_the_mesh(embed_node: tuple[openai.OpenAI, str, Any], embed_model: tuple[Path, Any],
+                                          tmp_path: Path) -> None:
+    """An API-only member serves the embedding model its host holds: the request crosses the tunnel and
+    the vectors are the host's."""
+    direct, model_id, _ = embed_node
+    nodes = MeshNodes(tmp_path / "mesh")
+    try:
+        host = nodes.start("host", no_model=False, extra=["--model", str(embed_model[0]), "--mode", "exact"])
+        host.proc.wait_http(f"http://127.0.0.1:{host.api_port}/ready", timeout=180)
+        member = nodes.start("member", join=host.token(), kind="client")
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{member.api_port}/v1", api_key="x", max_retries=0, timeout=120)
+        wait_until(lambda: any(m.id == model_id for m in c.models.list().data), timeout=60,
+                   what="the member sees the host's embedding model")
+        assert c.models.retrieve(model_id).id == model_id
+        routed = c.embeddings.create(model=model_id, input=[SEQ[:9], SEQ[:4]])
+        local = direct.embeddings.create(model=model_id, input=[SEQ[:9], SEQ[:4]])
+        assert [d.embedding for d in routed.data] == [d.embedding for d in local.data]
+    finally:
+        nodes.stop_all()

@@ -9,7 +9,9 @@ from mesh402.api.tunnel import _clean_request_headers, response_headers, tunnel_
 
 
 @pytest.mark.parametrize("method,path", [("POST", "/v1/chat/completions"), ("post", "/v1/completions"),
-                                         ("GET", "/v1/models")])
+                                         ("GET", "/v1/models"), ("POST", "/v1/responses"),
+                                         ("POST", "/v1/embeddings"), ("GET", "/v1/models/smollm2-135m-instruct"),
+                                         ("GET", "/v1/models/org:model-v1.2_q4-K")])
 def test_the_hosts_openai_routes_are_reachable(method: str, path: str) -> None:
     assert tunnel_route(method, path) == path
 
@@ -20,6 +22,9 @@ def test_the_hosts_openai_routes_are_reachable(method: str, path: str) -> None:
     ("GET", "/v1/models/"), ("GET", "/v1/./models"), ("GET", "/v1/models/../models"), ("GET", "/v1/%6dodels"),
     ("GET", "/v1\\models"), ("GET", "/v1/models;x"), ("GET", "v1/models"), ("GET", ""), ("GET", "/v1/models\n"),
     ("DELETE", "/v1/models"), ("GET", "/v1/chat/completions"), ("POST", "/api/status"), ("GET", "/" + "a" * 300),
+    ("GET", "/v1/models/.."), ("GET", "/v1/models/a/b"), ("GET", "/v1/models/%2e%2e"), ("GET", "/v1/models/-x"),
+    ("GET", "/v1/models/" + "m" * 129), ("POST", "/v1/models/x"), ("GET", "/v1/responses"),
+    ("GET", "/v1/embeddings"), ("GET", "/v1/models/a b"),
 ])
 def test_anything_else_is_refused(method: str, path: str) -> None:
     assert tunnel_route(method, path) is None

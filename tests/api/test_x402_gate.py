@@ -205,6 +205,37 @@ def test_client_disconnect_mid_stream_charges_tokens_seen(tmp_path: Path) -> Non
     assert gate.ledger.held(payer) == 0
 
 
+def test_metered_stream_counts_tokens_that_show_no_text(tmp_path: Path) -> None:
+    """Tool-call tokens (held back by the call parser) and tokens that decode to no text yet are generated
+    work: a Delta carries how many tokens it covers, and every one is charged before its text is sent."""
+    gate = PaymentGate(cfg(tmp_path, price_per_request=0, price_per_1k_tokens=100_000, credit_topup=5_000),
+                       tmp_path, facilitator=FakeFacilitator())
+    charge, _ = _paid_charge(gate, BODY, stream=False)
+    token = asyncio.run(gate.respond(charge, fin(10, 3), {}, {})).headers["X-Mesh402-Credit-Token"]
+    payer = charge.payer
+
+    async def hidden() -> AsyncIterator[Delta | Finished]:
+        yield Delta("", None, tokens=4)  # e.g. a tool call's opening marker and name, not yet shown
+        yield Delta('{"city": "Paris"}', 7, tokens=6)
+        yield fin(2, 10)
+
+    async def run(hang_up: bool) -> None:
+        c2 = await gate.authorize(request(BODY, {"X-Mesh402-Credit": token}), "m", 2, 20, True)
+        agen = paid_sse(gate, c2, hidden(), _chunk, sse, _usage, True, 2)
+        if not hang_up:
+            assert (await _drain(agen))[-1] == "[DONE]"
+            return
+        for _ in range(2):  # role, then the chunk of the 4 hidden tokens; then the client goes away
+            await agen.__anext__()
+        await agen.aclose()
+        await asyncio.sleep(0.05)  # the settlement task runs detached from the closed response
+    asyncio.run(run(hang_up=True))
+    assert gate.ledger.balance(payer) == 5_000 - 1_300 - (2 + 4) * 100
+    asyncio.run(run(hang_up=False))
+    assert gate.ledger.balance(payer) == 5_000 - 1_300 - (2 + 4) * 100 - (2 + 10) * 100
+    assert gate.ledger.held(payer) == 0
+
+
 class PendingFacilitator(FakeFacilitator):
     async def settle(self, payload: Any, req: Any) -> Any:
         from x402.schemas import SettleResponse

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import types
 from pathlib import Path
 from typing import Optional
 
 import pytest
 
 from mesh402.mesh import invite
-from mesh402.mesh.admission import MAX_PENDING_HANDSHAKES, Admission
+from mesh402.mesh.admission import Admission
 from mesh402.mesh.conns import CLOSE_PROTOCOL, CLOSE_REJECTED, PeerConn
 from mesh402.mesh.errors import AdmissionRefused
 from mesh402.mesh.framing import FramedStream, StreamType, make_frame
@@ -130,9 +131,21 @@ def test_spent_and_single_use_tokens(tmp_path: Path) -> None:
 
 
 class Incoming:
-    def __init__(self, conn: Optional[FakeConn]) -> None:
+    def __init__(self, conn: Optional[FakeConn], ip: str = "10.0.0.1", validated: bool = True) -> None:
         self.conn = conn
         self.refused = False
+        self.retried = False
+        self.ip = ip
+        self.validated = validated
+
+    async def remote_addr(self) -> object:
+        return types.SimpleNamespace(addr=f"{self.ip}:4433")
+
+    async def remote_addr_validated(self) -> bool:
+        return self.validated
+
+    async def retry(self) -> None:
+        self.retried = True
 
     async def accept(self) -> "Incoming":
         if self.conn is None:
@@ -162,9 +175,31 @@ def test_accept_loop_counts_failures_and_refuses_when_busy(tmp_path: Path) -> No
         await a.adm.accept_loop(Listener([broken]))
         await settle()
         assert a.node.ctx.counters["admission.handshake_failed"] == 1 and a.adm.pending == 0
-        a.adm.pending = MAX_PENDING_HANDSHAKES
+        lim = a.node.ctx.config.limits
+        a.adm.pending = lim.max_pending
         extra = Incoming(None)
         await a.adm.accept_loop(Listener([extra]))
         assert extra.refused and a.node.ctx.counters["admission.refused_busy"] == 1
+
+    asyncio.run(go())
+
+
+def test_one_address_holds_at_most_its_share_of_pending_handshakes(tmp_path: Path) -> None:
+    async def go() -> None:
+        a = Side(make_node(tmp_path / "a"))
+        lim = a.node.ctx.config.limits
+        a.adm.pending = lim.max_pending_per_addr
+        a.adm.pending_by_source["10.0.0.66"] = lim.max_pending_per_addr  # a flood from one address
+        flood, other = Incoming(None, "10.0.0.66"), Incoming(None, "10.0.0.7")
+        await a.adm.accept_loop(Listener([flood, other]))
+        await settle()
+        assert flood.refused and not other.refused  # the other address got its handshake (it failed: no conn)
+        assert a.node.ctx.counters["admission.refused_busy_source"] == 1
+        assert a.node.ctx.counters["admission.handshake_failed"] == 1
+        # under load, an address QUIC has not validated is asked to prove it first (no spoofed slots)
+        a.adm.pending = lim.max_pending // 2
+        spoofed = Incoming(None, "10.0.0.7", validated=False)
+        await a.adm.accept_loop(Listener([spoofed]))
+        assert spoofed.retried and not spoofed.refused and a.node.ctx.counters["admission.retry"] == 1
 
     asyncio.run(go())

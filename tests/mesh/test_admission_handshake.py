@@ -14,6 +14,7 @@ from mesh402.mesh.config import MeshConfig
 from mesh402.mesh.gossip import sign_announcement
 from mesh402.mesh.identity import NodeIdentity
 from mesh402.mesh.invite import InviteError
+from mesh402.mesh.framing import PROTOCOL_VERSION
 from mesh402.mesh.proto import mesh_pb2 as pb
 from mesh402.mesh.service import MeshService
 
@@ -34,7 +35,7 @@ JOINER = NodeIdentity.generate()
 def valid_hello(node: MeshService, kind: str, seq: int) -> pb.Hello:
     mesh_id = node.mesh_id
     ann = pb.PeerAnnouncement(node_id=JOINER.node_id, seq=seq, issued_at_ms=int(time.time() * 1000), mesh_id=mesh_id)
-    h = pb.Hello(mesh_id=mesh_id, announcement=sign_announcement(JOINER, mesh_id, ann))
+    h = pb.Hello(mesh_id=mesh_id, announcement=sign_announcement(JOINER, mesh_id, ann), protocol_version=PROTOCOL_VERSION)
     if kind == "invite":
         cred = invite.make_credential(node.membership.secret, mesh_id, node.node_id, int(time.time()) + 3600, pb.ADMISSION_SECRET)
         h.invite.CopyFrom(cred)
@@ -47,7 +48,7 @@ def valid_hello(node: MeshService, kind: str, seq: int) -> pb.Hello:
 def admitted(node: MeshService, hello: pb.Hello, remote: bytes = JOINER.node_id):
     before = set(node.gossip.entries)
     try:
-        ann, welcome = node.admission.admit(remote, hello)
+        ann, welcome, _ = node.admission.admit(remote, hello)
     except InviteError as e:
         assert str(e) and "\n" not in str(e) and e.code
         assert set(node.gossip.entries) == before  # a refused Hello stores nothing

@@ -47,7 +47,8 @@ def test_spent_invites_ride_in_the_labels(tmp_path: Path) -> None:
     exp = int(n.clock.time()) + 600
     assert n.announcer.spend({nonce: exp}) and not n.announcer.spend({nonce: exp})
     own = n.announcer.own()
-    assert own is not None and spent.decode(own.labels[spent.SPENT_LABEL]) == {nonce: exp}
+    assert own is not None and spent.decode(own.labels[spent.SPENT_LABEL]) == {
+        nonce: spent.vouch(n.ctx.identity.sign, n.ctx.node_id, n.ctx.mesh_gossip.mesh_id, nonce, exp)}
     assert n.ctx.counters["invites.spent_merged"] == 1
 
 
@@ -81,6 +82,9 @@ def test_demand_is_counted_published_once_and_summed_over_the_mesh(tmp_path: Pat
         n = make_node(tmp_path / "a")
         published: list[list[pb.DemandEntry]] = []
         book = DemandBook(n.ctx, published.append)
+        book.note("m1")  # no one has m1 yet: an API client may name anything, it is not demand
+        assert n.ctx.counters["demand.unknown_model"] == 1 and book.counts == {}
+        n.announcer.update_local(models=[pb.ModelEntry(model_id="m1", role=pb.MODEL_ROLE_ON_DISK)])
         book.note("m1")
         book.note("m1", 2)
         book.note("auto")

@@ -12,6 +12,7 @@ from mesh402.mesh import conns
 from mesh402.mesh.conns import CLOSE_DUPLICATE, CLOSE_LEAVING, CLOSE_REPLACED, PeerConn
 from mesh402.mesh.errors import PeerUnavailable
 from mesh402.mesh.framing import FramedStream, StreamType, make_frame
+from mesh402.mesh.limits import MeshLimits
 from mesh402.mesh.proto import mesh_pb2 as pb
 from mesh402.mesh.streams import StreamRouter
 from tests.support.mesh_fakes import FakeConn, conn_pair, make_node, settle
@@ -45,7 +46,7 @@ def test_place_closes_the_loser() -> None:
     counters: collections.Counter[str] = collections.Counter()
     first = pc(HI, True)
     assert conns.place(table, first, LO, False, 1.0, counters) and table[HI] is first
-    assert first.conn.max_bi == conns.MAX_BI_STREAMS  # type: ignore[attr-defined]
+    assert first.conn.max_bi == MeshLimits().max_streams  # type: ignore[attr-defined]
     theirs = pc(HI, False, created=0.1)
     assert not conns.place(table, theirs, LO, False, 1.0, counters)
     assert theirs.closed and theirs.conn.closed_with == (CLOSE_DUPLICATE, b"duplicate")  # type: ignore[attr-defined]
@@ -89,7 +90,7 @@ def test_streams_go_to_their_handlers_and_bad_ones_are_reset(tmp_path: Path) -> 
             seen_by_control.append(p.node_id)
             await fs.finish()
 
-        router = StreamRouter(ctx, {StreamType.GOSSIP: on_gossip}, lambda p, reason: lost.append(reason))
+        router = StreamRouter(ctx, {StreamType.GOSSIP: on_gossip}, lambda p, reason: lost.append(reason), lambda p: None)
         with pytest.raises(ValueError):
             router.register(StreamType.PING, on_gossip)  # type: ignore[arg-type]
 

@@ -46,9 +46,10 @@ def test_a_leaving_announcement_marks_the_peer_left() -> None:
 
 def test_spent_invites_travel_with_any_accepted_announcement() -> None:
     nonce = "ab" * 16
-    a = ann(labels={spent.SPENT_LABEL: f"{nonce}:2000000000"})
+    r = spent.Revocation(2_000_000_000, b"\x01" * 32, b"\x02" * 64)  # checked when merged, not here
+    a = ann(labels={spent.SPENT_LABEL: spent.encode({nonce: r})})
     out = decide(Outcome.NEW, a)
-    assert out[0] == Spend({nonce: 2_000_000_000}) and out[-1] == Push()
+    assert out[0] == Spend({nonce: r}) and out[-1] == Push()
 
 
 def test_dropped_and_duplicate_announcements_change_nothing() -> None:

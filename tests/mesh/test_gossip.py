@@ -126,3 +126,87 @@ def test_arbitrary_signed_announcements_never_crash(a, s):
     g = state()
     out, _ = g.offer(pb.SignedAnnouncement(announcement=a, signature=s), NOW)
     assert out in (Outcome.MALFORMED, Outcome.FORGED, Outcome.WRONG_MESH, Outcome.STALE)
+
+
+def test_copies_and_older_announcements_are_dropped_before_the_signature_check():
+    g = state()
+    a = IDS[0]
+    first, newer = ann(a, 5), ann(a, 6, port=1)
+    g.offer(first, NOW)
+    g.offer(newer, NOW)
+    checks = g.counters["sig_checks"]
+    for _ in range(50):
+        assert g.offer(newer, NOW)[0] == Outcome.DUPLICATE
+        assert g.offer(first, NOW, via=IDS[1].node_id)[0] == Outcome.OUTDATED
+    assert g.counters["sig_checks"] == checks and g.counters["deduped"] == 100
+    # a forgery is checked once; its repeats are recognised without a second check
+    forged = pb.SignedAnnouncement(announcement=ann(a, 7).announcement, signature=bytes(64))
+    for _ in range(20):
+        assert g.offer(forged, NOW)[0] == Outcome.FORGED
+    assert g.counters["sig_checks"] == checks + 1 and g.counters["forged"] == 20
+    assert g.get(a.node_id).api_port == 1
+
+
+def test_oversize_announcements_are_refused_before_anything_else():
+    from mesh402.mesh.limits import MeshLimits
+
+    lim = MeshLimits()
+    g = state()
+    cases = {
+        "bytes": dict(labels={"junk": "x" * (lim.max_announcement_bytes + 10)}),
+        "labels": dict(labels={f"k{i}": "v" for i in range(lim.max_labels + 1)}),
+        "value": dict(labels={"k": "v" * (lim.max_label_value + 1)}),
+        "models": dict(models=[pb.ModelEntry(model_id=f"m{i}") for i in range(lim.max_models + 1)]),
+        "demand": dict(demand=[pb.DemandEntry(model_id=f"m{i}") for i in range(lim.max_demand + 1)]),
+        "text": dict(name="n" * (lim.max_text + 1)),
+    }
+    for i, (what, fields) in enumerate(cases.items()):
+        who = NodeIdentity.generate()
+        a = pb.PeerAnnouncement(node_id=who.node_id, seq=1, issued_at_ms=int(NOW * 1000), mesh_id=MESH, **fields)
+        assert g.offer(sign_announcement(who, MESH, a), NOW)[0] == Outcome.OVERSIZE, what
+        assert g.get(who.node_id) is None
+    assert g.counters["oversize"] == len(cases) and g.counters["sig_checks"] == 0
+
+
+def test_the_table_is_bounded_and_a_connecting_peer_displaces_second_hand_junk():
+    from mesh402.mesh.limits import MeshLimits
+
+    g = GossipState(MESH, ME.node_id, stale_after=600, max_skew=300, limits=MeshLimits(max_origins=8))
+    relay = IDS[0]
+    sybils = [NodeIdentity.generate() for _ in range(12)]
+    outcomes = [g.offer(ann(s, 1, at=NOW - 100 + i), NOW, via=relay.node_id)[0] for i, s in enumerate(sybils)]
+    assert outcomes.count(Outcome.NEW) == 8 and outcomes.count(Outcome.TABLE_FULL) == 4
+    newcomer = IDS[1]
+    assert g.offer(ann(newcomer, 1), NOW, via=newcomer.node_id)[0] == Outcome.NEW
+    assert len(g.entries) == 8 and g.get(sybils[0].node_id) is None  # the stalest second-hand one went
+    assert g.counters["evicted"] == 1
+
+
+def test_high_water_marks_are_pruned_once_a_replay_would_be_stale_anyway():
+    from mesh402.mesh.limits import MeshLimits
+
+    g = GossipState(MESH, ME.node_id, stale_after=600, max_skew=300, limits=MeshLimits(max_high_water=5))
+    old = [NodeIdentity.generate() for _ in range(10)]
+    for i, o in enumerate(old):
+        g.offer(ann(o, 3, at=NOW - 50 + i), NOW)
+        g.forget(o.node_id)
+    assert len(g.high_water) == 10
+    assert g.prune(NOW) == 5 and len(g.high_water) == 5  # the cap: the oldest go first
+    assert g.offer(ann(old[-1], 3, at=NOW - 41), NOW)[0] == Outcome.REPLAYED  # still remembered
+    assert g.prune(NOW + 700) == 5 and g.high_water == {}
+    # what a replay of the forgotten origin would carry is stale by now
+    assert g.offer(ann(old[-1], 3, at=NOW - 41), NOW + 700)[0] == Outcome.STALE
+
+
+def test_gossip_packs_into_frames_under_the_control_limit():
+    from mesh402.mesh.framing import CONTROL_MAX_FRAME, encode_frame, make_frame
+    from mesh402.mesh.gossip_push import pack
+
+    big = [sign_announcement(i, MESH, pb.PeerAnnouncement(node_id=i.node_id, seq=1, mesh_id=MESH,
+                                                          labels={"x": "y" * 90_000}))
+           for i in [NodeIdentity.generate() for _ in range(30)]]
+    groups = pack(big)
+    assert len(groups) > 1 and [sa for g in groups for sa in g] == big
+    for group in groups:
+        encode_frame(make_frame(gossip=pb.Gossip(sender_id=ME.node_id, announcements=group)), CONTROL_MAX_FRAME)
+    assert pack([]) == [[]]

@@ -19,7 +19,7 @@ import pytest
 
 from mesh402.mesh import ALPN, invite
 from mesh402.mesh.config import MeshConfig, MeshTimers
-from mesh402.mesh.framing import StreamType, encode_frame, make_frame
+from mesh402.mesh.framing import PROTOCOL_VERSION, StreamType, encode_frame, make_frame
 from mesh402.mesh.gossip import sign_announcement, signing_payload
 from mesh402.mesh.identity import NodeIdentity
 from mesh402.mesh.proto import mesh_pb2 as pb
@@ -54,22 +54,28 @@ async def send_raw(ep: Endpoint, target: pb.InviteToken, payload: bytes, wait: f
 
 
 def hello_frame(ident: NodeIdentity, mesh_id: str, *, seq: int = 1, proof: dict | None = None, gen: int = 1,
-                origin: NodeIdentity | None = None) -> bytes:
+                origin: NodeIdentity | None = None, version: int = PROTOCOL_VERSION) -> bytes:
     """A Hello as stream bytes (type byte + frame). ``origin`` signs the announcement (forgery if != ident)."""
     signer = origin or ident
     ann = pb.PeerAnnouncement(node_id=signer.node_id, seq=seq, issued_at_ms=int(time.time() * 1000), mesh_id=mesh_id)
-    hello = pb.Hello(mesh_id=mesh_id, announcement=sign_announcement(signer, mesh_id, ann), **(proof or {}))
+    hello = pb.Hello(mesh_id=mesh_id, announcement=sign_announcement(signer, mesh_id, ann), protocol_version=version,
+                     **(proof or {}))
     frame = pb.Frame(gen=gen, hello=hello)
     data = frame.SerializeToString()
     return bytes([StreamType.GOSSIP]) + struct.pack("<I", len(data)) + data
 
 
-def reject_code(reply: bytes) -> str:
+def reject_of(reply: bytes) -> pb.Reject:
+    """The Reject in a reply (its code names the other body, if any; empty: nothing came back)."""
     if len(reply) < 4:
-        return ""
+        return pb.Reject()
     (n,) = struct.unpack_from("<I", reply)
     f = pb.Frame.FromString(reply[4 : 4 + n])
-    return f.reject.code if f.WhichOneof("body") == "reject" else f.WhichOneof("body") or ""
+    return f.reject if f.WhichOneof("body") == "reject" else pb.Reject(code=f.WhichOneof("body") or "")
+
+
+def reject_code(reply: bytes) -> str:
+    return reject_of(reply).code
 
 
 def test_hostile_inputs_rejected_counted_node_keeps_serving(mesh_nodes: MeshNodes, tmp_path):
@@ -106,6 +112,8 @@ def test_hostile_inputs_rejected_counted_node_keeps_serving(mesh_nodes: MeshNode
         results["no_credential"] = reject_code(await send_raw(ep, good, hello_frame(me, mesh_id)))
         results["bad_member_proof"] = reject_code(await send_raw(ep, good, hello_frame(me, mesh_id, proof={"member_proof": b"\x00" * 32})))
         results["wrong_mesh"] = reject_code(await send_raw(ep, good, hello_frame(me, "ff" * 16, proof={"invite": cred})))
+        old_software = reject_of(await send_raw(ep, good, hello_frame(me, mesh_id, proof={"invite": cred}, version=0)))
+        results["old_protocol"], results["old_protocol_reason"] = old_software.code, old_software.reason
         await ep.close()
 
         # --- an admitted member turning hostile ------------------------------------------------
@@ -160,6 +168,9 @@ def test_hostile_inputs_rejected_counted_node_keeps_serving(mesh_nodes: MeshNode
     assert results["no_credential"] == "no_credential"
     assert results["bad_member_proof"] == "bad_member_proof"
     assert results["wrong_mesh"] == "wrong_mesh"
+    # older software (no version in its Hello) is told both versions, in words a person can act on
+    assert results["old_protocol"] == "protocol_version"
+    assert "protocol 1 or older" in results["old_protocol_reason"] and f"protocol {PROTOCOL_VERSION}" in results["old_protocol_reason"]
 
     wait_until(lambda: a.counters().get("liveness.down_report_refuted", 0) >= 1, 10, what="down report refuted")
     c = a.counters()
@@ -173,6 +184,7 @@ def test_hostile_inputs_rejected_counted_node_keeps_serving(mesh_nodes: MeshNode
         "admission.rejected.no_credential": 1,
         "admission.rejected.bad_member_proof": 1,
         "admission.rejected.wrong_mesh": 1,
+        "admission.rejected.protocol_version": 1,
         "admission.rejected.unadmitted_stream": 1,
         "gossip.replayed": 1,
         "gossip.forged": 1,

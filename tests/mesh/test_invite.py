@@ -201,14 +201,41 @@ def test_single_use_flag_is_under_the_mac():
 
 def test_spent_set_encodes_merges_prunes_and_ignores_junk():
     from mesh402.mesh import spent
+    from mesh402.mesh.identity import NodeIdentity, verify
+
+    me, other = NodeIdentity.generate(), NodeIdentity.generate()
+
+    def v(ident: NodeIdentity, n: str, e: int) -> spent.Revocation:
+        return spent.vouch(ident.sign, ident.node_id, MESH, n, e)
+
     a, b, c = "a" * 32, "b" * 32, "c" * 32
-    s = {a: 100, b: 200}
+    s = {a: v(me, a, 100), b: v(me, b, 200)}
     assert spent.decode(spent.encode(s)) == s
-    assert spent.decode("zz:1,%s:x,%s:300,,%s" % (a, c, b)) == {c: 300}
-    assert spent.merge(s, {c: 300, a: 50}, now=150) is True  # a expired (100 <= 150): pruned; c added
-    assert s == {b: 200, c: 300}
-    assert spent.merge(s, {b: 200}, now=150) is False
-    big = {f"{i:032x}": 1000 + i for i in range(spent.MAX_SPENT + 5)}
-    t: dict[str, int] = {}
-    spent.merge(t, big, now=0)
-    assert len(t) == spent.MAX_SPENT and min(t.values()) == 1005  # the soonest to expire go first
+    good_c = spent.encode({c: v(me, c, 300)})
+    assert spent.decode(f"zz:1,{a}:x,{good_c},,{b}") == {c: v(me, c, 300)}
+    assert spent.merge(s, {c: v(me, c, 300), a: v(me, a, 50)}, 150, MESH, verify) == (True, 0)  # a expired: pruned
+    assert set(s) == {b, c}
+    assert spent.merge(s, {b: v(other, b, 900)}, 150, MESH, verify) == (False, 0)  # already spent
+    forged = spent.Revocation(500, other.node_id, me.sign(spent.payload(MESH, "d" * 32, 500)))
+    assert spent.merge(s, {"d" * 32: forged}, 150, MESH, verify) == (False, 1)  # vouched for by someone else's key
+    assert spent.merge(s, {"e" * 32: v(me, "e" * 32, 500)}, 150, "other-mesh", verify) == (False, 1)
+
+
+def test_one_member_cannot_evict_the_others_revocations():
+    from mesh402.mesh import spent
+    from mesh402.mesh.identity import NodeIdentity, verify
+
+    honest, evil = NodeIdentity.generate(), NodeIdentity.generate()
+    t: dict[str, spent.Revocation] = {}
+    mine = {f"{i:032x}": spent.vouch(honest.sign, honest.node_id, MESH, f"{i:032x}", 1000 + i) for i in range(10)}
+    spent.merge(t, mine, 0, MESH, verify)
+    junk = {f"{i:032x}": spent.vouch(evil.sign, evil.node_id, MESH, f"{i:032x}", 10**9 + i)
+            for i in range(100, 100 + 4 * spent.MAX_SPENT)}  # far-off expiries: the old rule kept these first
+    spent.merge(t, junk, 0, MESH, verify)
+    assert set(mine) <= set(t)  # every honest revocation stays
+    assert sum(r.by == evil.node_id for r in t.values()) == spent.MAX_PER_MEMBER
+    many = [NodeIdentity.generate() for _ in range(6)]
+    for k, m in enumerate(many):  # the whole set stays bounded; the biggest voucher gives way first
+        spent.merge(t, {f"{k:08x}{i:024x}": spent.vouch(m.sign, m.node_id, MESH, f"{k:08x}{i:024x}", 5000 + i)
+                        for i in range(spent.MAX_PER_MEMBER)}, 0, MESH, verify)
+    assert len(t) == spent.MAX_SPENT and set(mine) <= set(t)

@@ -218,12 +218,16 @@ def test_demand_signals_gossip(tmp_path):
         a, b = svc(tmp_path, "a"), svc(tmp_path, "b")
         await a.start()
         await b.start(join=a.invite_token)
+        a.update_local(models=[pb.ModelEntry(model_id="m1", role=pb.MODEL_ROLE_HOST)])
+        b.update_local(models=[pb.ModelEntry(model_id="m2", role=pb.MODEL_ROLE_ON_DISK)])
+        await wait_for(lambda: all(n.demand.in_mesh(m) for n in (a, b) for m in ("m1", "m2")))
         for _ in range(3):
             a.note_request("m1")
         b.note_request("m1")
         b.note_request("m2", 5)
         a.note_request("auto")  # not a demand signal
-        await wait_for(lambda: a.demand_view().get("m1", {}).get("requests") == 4 and "m2" in a.demand_view())
+        for n in (a, b):  # each learns the other's signals by gossip, in its own time
+            await wait_for(lambda: n.demand_view().get("m1", {}).get("requests") == 4 and "m2" in n.demand_view())
         v = b.status()["demand"]
         assert v["m1"]["requests"] == 4 and v["m1"]["nodes"] == 2 and v["m2"]["requests"] == 5
         assert "auto" not in v

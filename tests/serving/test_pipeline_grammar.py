@@ -23,6 +23,7 @@ from mesh402.serving.generation import (
 )
 from mesh402.serving.pipeline import PipelineModel
 from mesh402.serving.stage_link import StageError
+from harness.tamper import escape_grammar
 from tests.support.pipeline import build
 
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
@@ -100,22 +101,10 @@ def test_stage_killed_mid_answer_replays_the_grammar(executor, prompt, constrain
     assert (tokens, text, reason) == (solo_answer[0], solo_answer[2], solo_answer[3])
 
 
-def _drop_grammar(worker: Any) -> None:
-    """A hostile last stage: it draws every token unconstrained, whatever the grant's grammar says."""
-    honest = worker._draw
-
-    async def hostile(engine: Any, sampling: str) -> Any:
-        draw = await honest(engine, sampling)
-        draw.matcher = None
-        return draw
-
-    worker._draw = hostile
-
-
 def test_hostile_last_stage_escaping_the_grammar_is_failed_over(executor, prompt, constraints, solo_answer) -> None:
     async def main() -> tuple[tuple[list[int], list[Any], str, str], PipelineModel]:
         model, mesh, _ = await build(executor, [0, 15, 30], standbys=["standby"])
-        _drop_grammar(mesh.workers["w0"])
+        escape_grammar(mesh.workers["w0"])  # a hostile last stage: it draws unconstrained
         out = await run(model, prompt, constraints)
         return out, model
 
@@ -127,7 +116,7 @@ def test_hostile_last_stage_escaping_the_grammar_is_failed_over(executor, prompt
 def test_hostile_last_stage_without_replacement_is_an_error(executor, prompt, constraints) -> None:
     async def main() -> None:
         model, mesh, _ = await build(executor, [0, 15, 30])
-        _drop_grammar(mesh.workers["w0"])
+        escape_grammar(mesh.workers["w0"])  # a hostile last stage: it draws unconstrained
         await run(model, prompt, constraints)
 
     with pytest.raises(StageError):

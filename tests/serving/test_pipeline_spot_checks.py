@@ -33,7 +33,7 @@ class LastStep(Auditor):
 
 
 async def audited_run(executor: Any, prompt: list[int], cheat: str | None = None, cheater: str = "w1",
-                      auditor: Auditor | None = None) -> tuple[list[Any], list[dict], dict]:
+                      auditor: Auditor | None = None, constraints: Any = None) -> tuple[list[Any], list[dict], dict]:
     """A 3-stage split where the entry audits every request; `cheater`'s engines are tampered with."""
     got: list[tuple[list[Any], Any]] = []
 
@@ -42,7 +42,8 @@ async def audited_run(executor: Any, prompt: list[int], cheat: str | None = None
 
     tamper = {cheater: lambda e: tamper_engine(e, cheat, seed=1)} if cheat else None
     _, ids, _ = await run_with_receipts(executor, prompt, [0, 10, 20, 30], also=also,
-                                        auditor=auditor or Auditor(1.0, 3600), tamper=tamper)
+                                        auditor=auditor or Auditor(1.0, 3600), tamper=tamper,
+                                        constraints=constraints)
     rs, evidence = got[0]
     return rs, evidence, ids
 
@@ -130,10 +131,27 @@ def test_a_last_stage_that_returns_other_tokens_is_caught(executor, prompt, monk
     checks that token against the request's sampling (greedy here) on the replayed logits."""
     from mesh402.engine.sampling import Sampler
     honest = Sampler.sample
-    monkeypatch.setattr(Sampler, "sample", lambda self, logits, history, pos: (honest(self, logits, history, pos) + 1) % 49152)
+    monkeypatch.setattr(Sampler, "sample", lambda self, logits, history, pos, **kw: (
+        honest(self, logits, history, pos, **kw) + 1) % 49152)
     receipts, evidence, _ = asyncio.run(audited_run(executor, prompt, auditor=LastStep(1.0, 3600)))
     monkeypatch.setattr(Sampler, "sample", honest)
     checks = spot_checks(receipts, evidence)
     assert checks[1].token >= 0 and checks[1].sampling and checks[1].sampling["temperature"] == 0
     v = judge(checks, honest_engine)
     assert [r.stage for r in v.failed] == [2] and "drawn token" in v.failed[0].detail, v.to_json()
+
+
+def test_a_constrained_draw_is_judged_under_the_same_grammar(executor, prompt) -> None:
+    """The grammar spec is in the sampling evidence: the validator redraws the audited token under the
+    same mask, so an honest constrained draw passes (an unmasked greedy redraw would differ: the bundled
+    model answers "Name a colour." in prose, not JSON)."""
+    from mesh402.serving.generation import Constraints
+    grammar = Engine.load(PATH, mode="exact", layers=(0, 1)).grammar_compiler().json_schema(
+        {"type": "object", "properties": {"colour": {"type": "string", "maxLength": 12}}, "required": ["colour"],
+         "additionalProperties": False})
+    receipts, evidence, _ = asyncio.run(audited_run(executor, prompt, auditor=LastStep(1.0, 3600),
+                                                    constraints=Constraints(grammar, None)))
+    checks = spot_checks(receipts, evidence)
+    assert checks[1].last and checks[1].sampling["grammar"] == grammar.spec
+    v = judge(checks, honest_engine)
+    assert v.score == PASS_SCORE and v.checked == 2, v.to_json()

@@ -12,13 +12,15 @@ from typing import Any
 
 from mesh402.api.tunnel import forward
 from mesh402.mesh.config import MeshConfig, MeshTimers
-from mesh402.mesh.framing import StreamType
+from mesh402.mesh.framing import StreamType, make_frame
 from mesh402.mesh.proto import mesh_pb2 as pb
 from mesh402.mesh.service import MeshService
 from mesh402.serving.stage_link import K, Hop, OpenGrant, stage_frame
 
 
 class EvilMember:
+    """A member joined with a valid token (tests also use one as the honest member beside the attacker)."""
+
     def __init__(self, home: Path, token: str) -> None:
         self.svc = MeshService(MeshConfig(home=home, bind_ip="127.0.0.1", timers=MeshTimers.fast()))
         self.token = token
@@ -40,6 +42,12 @@ class EvilMember:
                 return
             await asyncio.sleep(0.1)
         raise AssertionError(f"never connected to {node[:12]}")
+
+    async def echo(self, node: str) -> bool:
+        """One round trip on a fresh ECHO stream (what an honest member checks it is still served with)."""
+        reply = await self.svc.request(bytes.fromhex(node), StreamType.ECHO,
+                                       make_frame(echo=pb.Echo(payload=b"honest")), timeout=10)
+        return reply is not None and reply.echo.payload == b"honest"
 
     async def open(self, node: str, stype: StreamType = StreamType.STAGE) -> Any:
         return await self.svc.open_stream(bytes.fromhex(node), stype)

@@ -174,7 +174,8 @@ def make_node(home: Path, *, clock: Optional[FakeClock] = None, mesh_of: Optiona
     announcer = Announcer(ctx, LocalInfo(), lambda: ["127.0.0.1:1"], lambda: saves.append(1),
                           lambda: pushes.append(1))
     assert mesh_id is not None
-    ctx.gossip = GossipState(mesh_id, ctx.node_id, config.timers.stale_after, config.timers.max_clock_skew)
+    ctx.gossip = GossipState(mesh_id, ctx.node_id, config.timers.stale_after, config.timers.max_clock_skew,
+                             config.limits)
     announcer.resign(flush=False)
     return Node(ctx, announcer, clock, saves, pushes)
 

@@ -13,7 +13,7 @@ from mesh402.engine import Engine
 from mesh402.engine.sampling import SamplingParams
 from mesh402.mesh.identity import NodeIdentity
 from mesh402.models.catalog import bundled_model_path
-from mesh402.serving.generation import Delta, Finished, GenerationRequest, generate
+from mesh402.serving.generation import NO_CONSTRAINTS, Constraints, Delta, Finished, GenerationRequest, generate
 from mesh402.serving.pipeline import Chain, Failover, PipelineModel, StepTimer
 from mesh402.serving.stage_link import Hop, MemoryLink, StageError
 from mesh402.serving.stage_worker import StageKey, StageWorker
@@ -97,21 +97,21 @@ class MeshFailover(Failover):
         return Chain(chain.model_id, chain.content_hash, self.epoch, chain.local_end, tuple(hops))
 
 
-async def run_gen(model, prompt: list[int], n: int, kill_after: int | None = None, on_kill=None) -> list[int]:
+async def run_gen(model, prompt: list[int], n: int, kill_after: int | None = None, on_kill=None,
+                  constraints: Constraints = NO_CONSTRAINTS) -> list[int]:
+    """Greedy tokens; without constraints no EOS (always n tokens), with a grammar up to its end."""
     sampling = SamplingParams(temperature=0, seed=1)
-    req = GenerationRequest(prompt, n, sampling)
-    if isinstance(model, PipelineModel):
-        stepper = await model.open(len(prompt) + n, sampling)
-    else:
-        stepper = await model.open(len(prompt) + n, sampling)
+    req = GenerationRequest(prompt, n, sampling, constraints=constraints)
+    stepper = await model.open(len(prompt) + n, sampling, constraints=constraints)
+    eos = model.eos_ids if constraints.grammar is not None else []
     out: list[int] = []
-    async for ev in generate(req, stepper, model.tokenizer, []):  # no eos: always n tokens
+    async for ev in generate(req, stepper, model.tokenizer, eos):
         if isinstance(ev, Delta) and ev.token_id is not None:
             out.append(ev.token_id)
             if kill_after is not None and len(out) == kill_after:
                 on_kill()
         elif isinstance(ev, Finished):
-            assert ev.completion_tokens == n
+            assert ev.completion_tokens == n or eos
     return out
 
 

@@ -26,9 +26,10 @@ def prompt() -> list[int]:
 
 async def run_with_receipts(executor: Any, prompt: list[int], splits: list[int], *, kill: str | None = None,
                             standbys: tuple[str, ...] = (), also: Any = None, auditor: Any = None,
-                            tamper: dict[str, Any] | None = None) -> tuple[list[Any], dict[str, NodeIdentity], Any]:
+                            tamper: dict[str, Any] | None = None, constraints: Any = None
+                            ) -> tuple[list[Any], dict[str, NodeIdentity], Any]:
     """`auditor`: the entry's audit policy (economics.verification.Auditor); `tamper`: worker name -> a function
-    applied to every engine that worker loads (a cheating stage)."""
+    applied to every engine that worker loads (a cheating stage); `constraints`: the request's grammar."""
     model, mesh, _ = await build(executor, splits, standbys=list(standbys))
     model.auditor = auditor
     for name, fn in (tamper or {}).items():
@@ -45,10 +46,11 @@ async def run_with_receipts(executor: Any, prompt: list[int], splits: list[int],
         if also is not None:
             also(rs, evidence)
     model.signer, model.receipt_sink = ids["entry"], sink
+    extra = {"constraints": constraints} if constraints is not None else {}
     if kill:
-        await run_gen(model, prompt, N, kill_after=3, on_kill=lambda: mesh.kill(kill))
+        await run_gen(model, prompt, N, kill_after=3, on_kill=lambda: mesh.kill(kill), **extra)
     else:
-        await run_gen(model, prompt, N)
+        await run_gen(model, prompt, N, **extra)
     for _ in range(200):
         if got:
             break

@@ -136,42 +136,48 @@ class InviteToken(_message.Message):
     def __init__(self, version: _Optional[int] = ..., mesh_id: _Optional[str] = ..., node_id: _Optional[bytes] = ..., addrs: _Optional[_Iterable[str]] = ..., relay_url: _Optional[str] = ..., policy: _Optional[_Union[AdmissionPolicy, str]] = ..., credential: _Optional[_Union[InviteCredential, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("mesh_id", "announcement", "invite", "member_proof", "want_secret", "software_version")
+    __slots__ = ("mesh_id", "announcement", "invite", "member_proof", "want_secret", "software_version", "protocol_version")
     MESH_ID_FIELD_NUMBER: _ClassVar[int]
     ANNOUNCEMENT_FIELD_NUMBER: _ClassVar[int]
     INVITE_FIELD_NUMBER: _ClassVar[int]
     MEMBER_PROOF_FIELD_NUMBER: _ClassVar[int]
     WANT_SECRET_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     mesh_id: str
     announcement: SignedAnnouncement
     invite: InviteCredential
     member_proof: bytes
     want_secret: bool
     software_version: str
-    def __init__(self, mesh_id: _Optional[str] = ..., announcement: _Optional[_Union[SignedAnnouncement, _Mapping]] = ..., invite: _Optional[_Union[InviteCredential, _Mapping]] = ..., member_proof: _Optional[bytes] = ..., want_secret: _Optional[bool] = ..., software_version: _Optional[str] = ...) -> None: ...
+    protocol_version: int
+    def __init__(self, mesh_id: _Optional[str] = ..., announcement: _Optional[_Union[SignedAnnouncement, _Mapping]] = ..., invite: _Optional[_Union[InviteCredential, _Mapping]] = ..., member_proof: _Optional[bytes] = ..., want_secret: _Optional[bool] = ..., software_version: _Optional[str] = ..., protocol_version: _Optional[int] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("mesh_id", "policy", "mesh_secret", "member_proof", "announcements")
+    __slots__ = ("mesh_id", "policy", "mesh_secret", "member_proof", "announcements", "protocol_version")
     MESH_ID_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     MESH_SECRET_FIELD_NUMBER: _ClassVar[int]
     MEMBER_PROOF_FIELD_NUMBER: _ClassVar[int]
     ANNOUNCEMENTS_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     mesh_id: str
     policy: AdmissionPolicy
     mesh_secret: bytes
     member_proof: bytes
     announcements: _containers.RepeatedCompositeFieldContainer[SignedAnnouncement]
-    def __init__(self, mesh_id: _Optional[str] = ..., policy: _Optional[_Union[AdmissionPolicy, str]] = ..., mesh_secret: _Optional[bytes] = ..., member_proof: _Optional[bytes] = ..., announcements: _Optional[_Iterable[_Union[SignedAnnouncement, _Mapping]]] = ...) -> None: ...
+    protocol_version: int
+    def __init__(self, mesh_id: _Optional[str] = ..., policy: _Optional[_Union[AdmissionPolicy, str]] = ..., mesh_secret: _Optional[bytes] = ..., member_proof: _Optional[bytes] = ..., announcements: _Optional[_Iterable[_Union[SignedAnnouncement, _Mapping]]] = ..., protocol_version: _Optional[int] = ...) -> None: ...
 
 class Reject(_message.Message):
-    __slots__ = ("reason", "code")
+    __slots__ = ("reason", "code", "protocol_version")
     REASON_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     reason: str
     code: str
-    def __init__(self, reason: _Optional[str] = ..., code: _Optional[str] = ...) -> None: ...
+    protocol_version: int
+    def __init__(self, reason: _Optional[str] = ..., code: _Optional[str] = ..., protocol_version: _Optional[int] = ...) -> None: ...
 
 class Hardware(_message.Message):
     __slots__ = ("device_kind", "vram_bytes", "ram_bytes", "mem_bandwidth_gbps", "compute_tflops", "gpu_name", "gpu_count", "cpu_cores")

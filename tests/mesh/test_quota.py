@@ -1,0 +1,64 @@
+"""Per-peer quotas, pure: token buckets, the frame/byte allowance and its work tier, abuse and bans."""
+
+from __future__ import annotations
+
+import pytest
+
+from mesh402.clock import FakeClock
+from mesh402.mesh.limits import MeshLimits
+from mesh402.mesh.quota import PeerQuota, QuotaBook, QuotaExceeded, TokenBucket
+
+
+def test_token_bucket_starts_full_refills_at_its_rate_and_says_how_long_to_wait() -> None:
+    b = TokenBucket(rate=10, burst=5)
+    assert all(b.take(1, 0.0) for _ in range(5)) and not b.take(1, 0.0)
+    assert b.wait(1, 0.0) == pytest.approx(0.1)
+    assert b.take(1, 0.1) and not b.take(1, 0.1)
+    assert b.take(5, 10.0) and b.wait(50, 10.0) == pytest.approx(0.5)  # never waits for more than a full bucket
+
+
+def test_frames_over_the_allowance_are_refused_and_entitled_streams_have_their_own() -> None:
+    lim = MeshLimits(frames_per_s=10, frame_burst=20, bytes_per_s=1000, byte_burst=4000, abuse_refusals=5)
+    q = PeerQuota.of(lim)
+    for _ in range(20):
+        q.charge(100, False, 0.0)
+    with pytest.raises(QuotaExceeded):
+        q.charge(100, False, 0.0)
+    for _ in range(100):  # an authorized session's activations do not touch the chatter allowance
+        q.charge(10_000, True, 0.0)
+    with pytest.raises(QuotaExceeded, match="byte"):
+        q.charge(3500, False, 1.0)  # a second later: 10 frames back, but 2000 + 1000 bytes only
+    assert q.frames.tokens == 10  # the frame was not taken for a refused byte charge
+    q2 = PeerQuota.of(lim)
+    with pytest.raises(QuotaExceeded):
+        q2.charge(5000, False, 0.0)  # one frame larger than the whole byte burst
+    assert q2.frames.tokens == 20  # nothing taken for a refused frame
+    assert (q.frames_in, q.frames_refused) == (120, 2)
+
+
+def test_sustained_refusals_make_a_peer_abusive_and_a_ban_runs_out() -> None:
+    clock = FakeClock()
+    lim = MeshLimits(frames_per_s=1, frame_burst=1, abuse_refusals=3, abuse_window=10, abuse_ban=60)
+    book = QuotaBook(lim, clock)
+    q = book.of(b"p" * 32)
+    q.charge(10, False, 0.0)
+    for t in (1.5, 1.6):
+        with pytest.raises(QuotaExceeded):
+            q.charge(10, False, t - 1.0)
+    assert not q.abusive(1.0)
+    with pytest.raises(QuotaExceeded):
+        q.charge(10, False, 0.7)
+    assert q.abusive(1.0) and not q.abusive(30.0)  # three within the window; long ago they do not count
+    book.ban(b"p" * 32)
+    assert book.ban_left(b"p" * 32) == pytest.approx(60)
+    clock.advance(61)
+    assert book.ban_left(b"p" * 32) is None and book.banned == {}
+
+
+def test_the_book_is_bounded_and_keeps_peers_with_open_streams() -> None:
+    book = QuotaBook(MeshLimits(max_origins=2), FakeClock())
+    busy = book.of(b"b" * 32)
+    busy.open_streams = 1
+    for i in range(10):
+        book.of(bytes([i]) * 32)
+    assert len(book.peers) == 4 and b"b" * 32 in book.peers
