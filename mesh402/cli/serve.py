@@ -74,6 +74,11 @@ def serve(
     mode: Annotated[str, typer.Option(help="Numerics: 'fast' (packed quantized kernels) or 'exact' (fp32 dequantized).")] = "fast",
     threads: Annotated[int, typer.Option(help="Torch threads for this node.")] = 1,
     max_sessions: Annotated[int, typer.Option(help="Concurrent generations per model before 503.")] = 16,
+    max_batch: Annotated[int, typer.Option(help="Decode rows per batched step of a model served whole here (continuous batching; each row's answer is bit-identical to running alone). 1: requests take turns.")] = 8,
+    max_kv_mb: Annotated[Optional[float], typer.Option(help="KV memory of all sessions of a model, in MB (1e6 bytes); a request whose prompt + max_tokens would pass it gets 503 + Retry-After instead of memory (default: no cap beyond --max-sessions).")] = None,
+    speculative: Annotated[str, typer.Option(help="Speculative decoding of a model served whole here: 'ngram' (prompt-lookup drafts, verified in one step; the output equals plain decoding token for token) or 'none'.")] = "none",
+    draft_tokens: Annotated[int, typer.Option(help="With --speculative ngram: drafts verified per step.")] = 4,
+    step_tokens: Annotated[int, typer.Option(help="Prompt tokens prefilled per batched step, between the running streams' decode rows (a long prompt never stalls them longer).")] = 128,
     max_vram: Annotated[Optional[float], typer.Option(help="Weight budget in GB (1e9 bytes, e.g. 0.08); a model larger than the budget is split across nodes.")] = None,
     max_split_rtt: Annotated[float, typer.Option(help="Peers with a higher RTT (ms) never hold a stage of a split.")] = 80.0,
     wire_dtype: Annotated[str, typer.Option(help="Activations between stages: f32 (bit-exact), f16 or bf16.")] = "f32",
@@ -164,6 +169,16 @@ def serve(
                         host="0.0.0.0" if listen_all else "127.0.0.1", port=port, api_key=api_key,
                         device=device, mode=mode, threads=threads, payments=payments, trust=trust)  # type: ignore[arg-type]
     config.limits.max_sessions = max_sessions
+    if max_batch < 1 or step_tokens < 1:
+        fail("--max-batch and --step-tokens must be >= 1")
+    config.limits.max_batch, config.limits.step_tokens = max_batch, step_tokens
+    if speculative not in ("none", "ngram") or not 1 <= draft_tokens <= 16:
+        fail("--speculative is 'ngram' or 'none'; --draft-tokens in [1, 16]")
+    config.limits.draft_tokens = draft_tokens if speculative == "ngram" else 0
+    if max_kv_mb is not None:
+        if max_kv_mb <= 0:
+            fail("--max-kv-mb must be > 0")
+        config.limits.max_kv_bytes = int(max_kv_mb * 1e6)
     config.max_vram_gb, config.max_split_rtt_ms, config.wire_dtype = max_vram, max_split_rtt, wire_dtype  # type: ignore[assignment]
     config.standby = standby
     config.timers.stage_idle_s = session_idle_timeout

@@ -17,6 +17,7 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
+from .batch import batchable, forward_rows, rows_independent
 from .chunks import prefill_steps
 from .errors import ContextTooLong, EngineError, EngineFull
 from .grammar import GrammarCompiler
@@ -185,6 +186,7 @@ class Engine:
         self._lock = threading.Lock()
         self._sessions: set[Session] = set()
         self._reserved = 0
+        self._rows_batched: dict[int, bool] = {}  # decode width -> fast kernels proven row-independent
         self._grammars: GrammarCompiler | None = None  # GrammarCompiler, built on first use (grammar_compiler)
 
     # ------------------------------------------------------------------
@@ -251,6 +253,48 @@ class Engine:
     @property
     def n_sessions(self) -> int:
         return len(self._sessions)
+
+    def rows_batched(self, width: int) -> bool:
+        """Whether a decode step of ``width`` rows may run each fast kernel once for all rows (probed once
+        per width: see engine.batch.rows_independent); otherwise the rows are multiplied one by one."""
+        proven = max((w for w, ok in self._rows_batched.items() if ok), default=0)
+        if width <= proven:  # a probe of width w covers every width up to w
+            return True
+        if width not in self._rows_batched:
+            self._rows_batched[width] = all(rows_independent(st, width) for st in self.stages)
+        return self._rows_batched[width]
+
+    @torch.inference_mode()
+    def decode_batch(self, sessions: Sequence["Session"], tokens: Sequence[int]) -> torch.Tensor:
+        """One decode step for several sessions at once: fp32 logits ``[B, vocab]``, row ``i`` bit-identical
+        to ``sessions[i].decode(tokens[i])`` alone (engine.batch). A session may take several adjacent rows
+        (speculative verification): they are its next positions, each computed as successive 1-row decodes
+        would compute it. Full-model engines only."""
+        if len(sessions) != len(tokens) or not sessions:
+            raise ValueError("one token per session, at least one session")
+        runs = [s for i, s in enumerate(sessions) if i == 0 or sessions[i - 1] is not s]
+        if len({id(s) for s in runs}) != len(runs):
+            raise ValueError("a session's rows must be adjacent in one step")
+        for s in runs:
+            if s.engine is not self:
+                raise EngineError("session of another engine")
+            s._check(sum(1 for t in sessions if t is s))
+        V = self.config.vocab_size
+        ids = [int(t) for t in tokens]
+        if min(ids) < 0 or max(ids) >= V:
+            raise ValueError(f"token id out of range [0, {V})")
+        if len(sessions) == 1 or not all(batchable(st) for st in self.stages):
+            return torch.stack([s.decode(t) for s, t in zip(sessions, ids)])
+        batched = self.rows_batched(len(sessions))
+        pos = []
+        for i, s in enumerate(sessions):
+            pos.append(pos[-1] + 1 if i and sessions[i - 1] is s else len(s))
+        x = torch.tensor(ids, dtype=torch.long, device=self.device)
+        for j, st in enumerate(self.stages):
+            x = forward_rows(st, [s.kvs[j] for s in sessions], pos, x, batched=batched)
+        for s, p, t in zip(sessions, pos, ids):
+            s.tokens[p:] = [t]
+        return x
 
     def new_session(self, max_len: int) -> "Session":
         if max_len < 1:

@@ -82,8 +82,11 @@ class Node:
         t0 = time.perf_counter()
         engine = Engine.load(entry.source.path, mode=self.config.mode, device=self.config.device,
                              max_sessions=self.config.limits.max_sessions,
-                             prefill_chunk=self.config.limits.prefill_chunk)
-        entry.local = LocalModel(engine, self.executor)
+                             prefill_chunk=self.config.limits.prefill_chunk,
+                             max_kv_bytes=self.config.limits.max_kv_bytes)
+        limits = self.config.limits
+        entry.local = LocalModel(engine, self.executor, max_batch=limits.max_batch, step_tokens=limits.step_tokens,
+                                 speculative_k=limits.draft_tokens)
         entry.state = "ready"
         log.info("model %s ready in %.1fs", entry.model_id, time.perf_counter() - t0)
 

@@ -434,7 +434,9 @@ class DistributedRuntime(Failover):
             content_hash = key.rsplit("@", 1)[1]
             self.receipts.add_model(content_hash, entry.source.path)
             receipts = SoloReceipts(self.mesh.identity, self.receipts, content_hash, n_layers)
-        return LocalModel(engine, self.executor, receipts=receipts)
+        limits = self.node.config.limits
+        return LocalModel(engine, self.executor, receipts=receipts, max_batch=limits.max_batch,
+                          step_tokens=limits.step_tokens, speculative_k=limits.draft_tokens)
 
     # ---------------------------------------------------------------- MoE expert parallel
     async def _apply_experts(self, key: str, entry: ModelEntry, plan: ExpertPlan) -> Any:
@@ -474,7 +476,8 @@ class DistributedRuntime(Failover):
             if local_experts else None
         runner = RemoteExperts(owners, transport, local=bank, local_node=self.me)
         return Engine.load(entry.source.path, mode=cfg.mode, device=cfg.device, experts=runner,
-                           max_sessions=cfg.limits.max_sessions, prefill_chunk=cfg.limits.prefill_chunk)
+                           max_sessions=cfg.limits.max_sessions, prefill_chunk=cfg.limits.prefill_chunk,
+                           max_kv_bytes=cfg.limits.max_kv_bytes)
 
     def _load_experts(self, content_hash: str, experts: list, reuse: Any = None) -> Any:
         from mesh402.engine.expert_parallel import ExpertShardWorker  # lazy: kept off this module's import path
@@ -566,7 +569,8 @@ class DistributedRuntime(Failover):
         cfg = self.node.config
         configure_torch(cfg.threads)
         return Engine.load(entry.source.path, mode=cfg.mode, device=cfg.device, layers=layers,
-                           max_sessions=cfg.limits.max_sessions, prefill_chunk=cfg.limits.prefill_chunk)
+                           max_sessions=cfg.limits.max_sessions, prefill_chunk=cfg.limits.prefill_chunk,
+                           max_kv_bytes=cfg.limits.max_kv_bytes)
 
     def _load_stage(self, content_hash: str, start: int, end: int) -> Any:
         return self._load_range(content_hash, start, end, self.node.config.mode)
@@ -581,7 +585,7 @@ class DistributedRuntime(Failover):
                 cfg = self.node.config
                 return Engine.load(entry.source.path, mode=mode, device=cfg.device, layers=(start, end),
                                    max_sessions=cfg.limits.max_sessions, prefill_chunk=cfg.limits.prefill_chunk,
-                                   load_tokenizer=False)
+                                   max_kv_bytes=cfg.limits.max_kv_bytes, load_tokenizer=False)
         raise FileNotFoundError(f"no local model file with content hash {content_hash[:16]}")
 
     # ---------------------------------------------------------------- stage streams

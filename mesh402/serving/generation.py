@@ -18,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from mesh402.serving.scheduler import StepScheduler
+from mesh402.serving.speculative import ngram_draft
 from mesh402.serving.stops import StopMatcher
 from mesh402.work.store import kept
 
@@ -162,12 +164,20 @@ class LocalModel:
     """A whole model loaded in this process, driven by the node's single engine thread."""
 
     def __init__(self, engine: Any, executor: ThreadPoolExecutor, prefix_cache: Any = "default",
-                 receipts: Any = None, step_hook: Callable[[str], None] | None = None) -> None:
+                 receipts: Any = None, step_hook: Callable[[str], None] | None = None,
+                 max_batch: int = 8, step_tokens: int = 128, speculative_k: int = 0) -> None:
         """`receipts`: work.receipts.SoloReceipts (or serving.expert_receipts.ExpertHostReceipts) on a
         paid entry (signed receipts per request). `step_hook(request_id)`: called on the engine thread
-        before each step, so work done elsewhere for the step (MoE experts) is attributed to its request."""
+        before each step, so work done elsewhere for the step (MoE experts) is attributed to its request.
+        `max_batch` > 1: requests' steps are batched (serving.scheduler; a `step_hook` needs steps one
+        request at a time, so it turns batching off); `step_tokens`: prefill tokens per batched step.
+        `speculative_k` > 0: up to that many prompt-lookup drafts verified per step (serving/speculative.py)."""
+        self.speculative_k = speculative_k
         self.engine = engine
         self.executor = executor
+        self.scheduler: StepScheduler | None = None
+        if max_batch > 1 and step_hook is None and hasattr(engine, "decode_batch"):
+            self.scheduler = StepScheduler(engine, executor, max_batch=max_batch, step_tokens=step_tokens)
         self.receipts = receipts
         self.step_hook = step_hook
         if prefix_cache == "default":  # KV prefix reuse (mesh402.engine.prefix); None turns it off
@@ -195,6 +205,8 @@ class LocalModel:
         session = await asyncio.get_running_loop().run_in_executor(self.executor, self.engine.new_session, max_len)
         stepper = LocalStepper(session, sampling, self.executor, self.prefix_cache, constraints)
         stepper.request_id, stepper.step_hook = uuid.uuid4().hex, self.step_hook
+        stepper.scheduler = self.scheduler
+        stepper.speculative_k = self.speculative_k
         if self.receipts is not None:
             stepper.receipts, stepper.tally = self.receipts, self.receipts.tally(stepper.request_id)
         return stepper
@@ -222,6 +234,11 @@ class LocalStepper:
         self.request_id = ""
         self.step_hook: Callable[[str], None] | None = None  # LocalModel.step_hook
         self._pending: Any = None  # the receipt write release() started
+        self.scheduler: StepScheduler | None = None  # LocalModel.scheduler: steps batched with other requests'
+        self.speculative_k = 0  # drafts verified per step (0: plain decoding)
+        self.drafted = 0  # drafts proposed / accepted so far (benchmarks)
+        self.accepted = 0
+        self._ahead: list[tuple[int, int, Any]] = []  # (token sampled, token after it, its logprob) verified ahead
 
     def _tally(self, ids: list[int], token: int) -> int:
         if self.tally is not None:
@@ -236,22 +253,57 @@ class LocalStepper:
         if self.step_hook is not None:
             self.step_hook(self.request_id)
 
-    def _prefill(self, ids: list[int]) -> int:
+    def prefill_begin(self, ids: list[int]) -> list[int]:
+        """Engine thread: restore a cached prefix of the prompt; the ids still to prefill."""
         self._begin()
         cache = self.prefix_cache
         n = cache.restore(self.session, ids) if cache is not None and not self.history else 0
         self.cached_tokens += n
-        logits = self.session.prefill(ids[n:])
-        if cache is not None and not self.history:
-            cache.store(self.session, len(ids))
+        return ids[n:]
+
+    def prefill_end(self, ids: list[int], logits: Any) -> int:
+        """Engine thread: the prompt is in (`logits` of its last token); sample the first token."""
+        if self.prefix_cache is not None and not self.history:
+            self.prefix_cache.store(self.session, len(ids))
         self.history.extend(ids)
         return self._tally(ids, self._draw(logits))
 
-    def _decode(self, token: int) -> int:
+    def decode_end(self, rows: list[int], logits: Any) -> int:
+        """Engine thread: `rows` (the last sampled token, then any drafts) are in, `logits[i]` after row i;
+        sample each position as plain decoding would, accept drafts while the draws equal them, roll the KV
+        back past the first that differs (serving/speculative.py); the first sampled token."""
+        start = len(self.session) - len(rows)
+        out: list[int] = []
+        lps: list[Any] = []
+        for i, fed in enumerate(rows):  # every draw here is a token of the answer (the grammar takes each)
+            self.history.append(fed)
+            out.append(self._tally([fed], self._draw(logits[i])))
+            lps.append(self.logprob)
+            if i + 1 == len(rows) or out[-1] != rows[i + 1]:
+                break
+        if len(out) < len(rows):
+            self.session.truncate(start + len(out))
+        self.drafted += len(rows) - 1
+        self.accepted += len(out) - 1
+        self._ahead = [(out[j], out[j + 1], lps[j + 1]) for j in range(len(out) - 1)]
+        self.logprob = lps[0]
+        return out[0]
+
+    def _rows(self, token: int) -> list[int]:
+        """The token to feed and, with speculation on, drafts of the tokens after it (as many as fit)."""
+        room = self.session.max_len - len(self.session) - 1
+        # under a grammar, no drafts: a draft past the grammar's end would be drawn under a finished matcher
+        k = min(self.speculative_k, room) if self.matcher is None else 0
+        return [token] + (ngram_draft(self.history + [token], k) if k > 0 else [])
+
+    def _prefill(self, ids: list[int]) -> int:
+        return self.prefill_end(ids, self.session.prefill(self.prefill_begin(ids)))
+
+    def _decode(self, rows: list[int]) -> int:
         self._begin()
-        logits = self.session.decode(token)
-        self.history.append(token)
-        return self._tally([token], self._draw(logits))
+        s = self.session
+        logits = s.decode(rows[0])[None] if len(rows) == 1 else s.engine.decode_batch([s] * len(rows), rows)
+        return self.decode_end(rows, logits)
 
     def _draw(self, logits: Any) -> int:
         """The next token, under the grammar's mask when there is one (the matcher then takes it)."""
@@ -266,10 +318,20 @@ class LocalStepper:
         return token
 
     async def prefill(self, ids: list[int]) -> int:
+        if self.scheduler is not None:  # continuous batching: chunks interleaved with others' decode steps
+            return await self.scheduler.prefill(self, ids)
         return await self._run(self._prefill, ids)
 
     async def decode(self, token: int) -> int:
-        return await self._run(self._decode, token)
+        if self._ahead:  # verified by an earlier speculative step: the token's KV row is already in
+            fed, nxt, self.logprob = self._ahead.pop(0)
+            if fed != token:
+                raise ValueError("decode of a token other than the one sampled")
+            return nxt
+        rows = self._rows(token)
+        if self.scheduler is not None:  # rows of the model's next batched step
+            return await self.scheduler.decode(self, rows)
+        return await self._run(self._decode, rows)
 
     async def finish(self) -> None:
 
@@ -282,6 +344,8 @@ class LocalStepper:
         """Free the session and hand the request's receipt on; the write it started (see receipts.kept)."""
         if not self._released:
             self._released = True
+            if self.scheduler is not None:
+                self.scheduler.leave(self)
             # Not awaited: this must also run when the client went away and the task is cancelled.
             self._executor.submit(self.session.close)
             if self.tally is not None:

@@ -1,0 +1,121 @@
+"""Continuous batching and speculative decoding on the bundled model, in-process serving loop.
+
+For each mode and 1, 2, 4, 8, 16 concurrent streams (each a different prompt, `--tokens` tokens greedy):
+aggregate tok/s and per-stream TTFT p50/p99, with batching off (`max_batch=1`: requests take turns, the
+unbatched step path of main) and on (`max_batch=16`), side by side in one run. Then speculative decoding
+(prompt-lookup drafts) against plain decoding on one stream: tok/s and the draft acceptance rate.
+
+What it drives is `serving.generation.generate` over `LocalModel` (the loop `mesh402 serve` runs per model),
+not HTTP, and not a 2-stage split (stage workers do not batch yet). Prints a table and writes
+benchmarks/results/batching.json.
+
+    .venv/bin/python benchmarks/batching.py [--quick] [--threads 2] [--modes fast,exact]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results"
+PROMPTS = ["Tell me a story about a dragon.", "The capital of France is", "Write a haiku about the sea.",
+           "1, 2, 3, 4,", "def fib(n):", "Explain photosynthesis simply.", "Once upon a time",
+           "List three colors:", "What is 7 times 8?", "The best way to learn is", "Hello, my name is",
+           "Describe a sunset.", "Why is the sky blue?", "Give me a recipe for pancakes.", "import numpy as np\n",
+           "Q: Who wrote Hamlet?\nA:"]
+SPEC_PROMPT = ("Repeat this list exactly: apple, banana, cherry, date, elderberry, fig, grape. "
+               "Again: apple, banana, cherry, date, elderberry, fig, grape. Again:")
+
+
+async def _stream(lm, ids: list[int], n: int, sampling) -> tuple[int, float, int]:
+    from mesh402.serving.generation import Finished, GenerationRequest, generate
+
+    st = await lm.open(len(ids) + n + 1, sampling)
+    t0 = time.perf_counter()
+    ttft = 0.0
+    k = 0
+    async for ev in generate(GenerationRequest(ids, n, sampling), st, lm.tokenizer, []):
+        if isinstance(ev, Finished):
+            k, ttft = ev.completion_tokens, ev.ttft_s
+    del t0
+    return k, ttft, st.accepted
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer tokens, streams 1/4/8, fast mode only")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--modes", default="fast,exact")
+    a = ap.parse_args()
+
+    import torch
+
+    from mesh402.engine import Engine
+    from mesh402.engine.runtime_env import configure_torch
+    from mesh402.engine.sampling import SamplingParams
+    from mesh402.models.catalog import bundled_model_path
+    from mesh402.serving.generation import LocalModel
+
+    configure_torch(a.threads)
+    streams_list = [1, 4, 8] if a.quick else [1, 2, 4, 8, 16]
+    modes = ["fast"] if a.quick else a.modes.split(",")
+    n = 16 if a.quick else a.tokens
+    greedy = SamplingParams(temperature=0, seed=0)
+    rows: list[dict] = []
+    ex = ThreadPoolExecutor(max_workers=1)
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[0]
+    for mode in modes:
+        eng = Engine.load(bundled_model_path(), mode=mode, max_sessions=32)
+        ids = [eng.tokenizer.encode(p) for p in PROMPTS]
+        tok_n = n if mode == "fast" else max(4, n // 4)
+
+        async def run(max_batch: int, streams: int, spec: int = 0, prompts=None, tokens=tok_n, eng=eng, ids=ids):
+            lm = LocalModel(eng, ex, prefix_cache=None, max_batch=max_batch, speculative_k=spec)
+            ps = prompts or [ids[i % len(ids)] for i in range(streams)]
+            await _stream(lm, ps[0], 2, greedy)  # warm-up (kernel set-up, rope tables, the width probe)
+            t0 = time.perf_counter()
+            res = await asyncio.gather(*(_stream(lm, p, tokens, greedy) for p in ps))
+            dt = time.perf_counter() - t0
+            total = sum(r[0] for r in res)
+            return {"tok_s": total / dt, "ttft_p50_s": statistics.median(r[1] for r in res),
+                    "ttft_p99_s": _pct([r[1] for r in res], 0.99), "tokens": total, "accepted": sum(r[2] for r in res),
+                    "steps": lm.scheduler.steps if lm.scheduler else None}
+
+        for streams in streams_list:
+            for mb in (1, 16):
+                r = asyncio.run(run(mb, streams))
+                rows.append({"what": "streams", "mode": mode, "streams": streams, "max_batch": mb, **r})
+                print(f"{mode:5} streams={streams:2} max_batch={mb:2}  {r['tok_s']:7.1f} tok/s  "
+                      f"TTFT p50 {r['ttft_p50_s'] * 1000:7.0f} ms  p99 {r['ttft_p99_s'] * 1000:7.0f} ms", flush=True)
+        spec_ids = [eng.tokenizer.encode(SPEC_PROMPT)]
+        for k in (0, 4):
+            r = asyncio.run(run(1 if k == 0 else 16, 1, spec=k, prompts=spec_ids, tokens=2 * tok_n))
+            drafted_steps = r["tokens"] - r["accepted"]
+            rows.append({"what": "speculative", "mode": mode, "draft_tokens": k, **r})
+            print(f"{mode:5} speculative k={k}  {r['tok_s']:7.1f} tok/s  accepted {r['accepted']}/{r['tokens']} tokens "
+                  f"({drafted_steps} forwards)", flush=True)
+        del eng
+    out = {"threads": a.threads, "torch": torch.__version__, "loadavg_at_start": load, "rows": rows,
+           "note": "in-process serving loop (LocalModel + generate), greedy; max_batch=1 is the unbatched path"}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "batching.json").write_text(json.dumps(out, indent=2))
+    print(f"wrote {RESULTS / 'batching.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Batched decode changes no answer: a session's logits in a batched step are bit-identical to its 1-row decode
+alone, whatever other sessions share the step (different prompts, lengths, join and leave times), in exact and
+fast mode, whole model and split into stages in one process, and for tiny models with q/k norms and biases."""
+from __future__ import annotations
+
+import gguf
+import pytest
+import torch
+
+from mesh402.engine import Engine
+from tests.support.dense_models import _hf_model, _write_gguf
+from tests.support.engine import smollm2_gguf
+
+PROMPTS = [[1, 2, 3, 4, 5], list(range(10, 50)), [7, 8], list(range(100, 133)), [42] * 20, list(range(300, 364))]
+STEPS = 3
+
+
+def _solo(eng: Engine, prompt: list[int], steps: int) -> list[torch.Tensor]:
+    """Greedy decode alone, one row per step: the logits of each decode step."""
+    with eng.new_session(160) as s:
+        tok = int(s.prefill(prompt).argmax())
+        out = []
+        for _ in range(steps):
+            lg = s.decode(tok)
+            out.append(lg.clone())
+            tok = int(lg.argmax())
+    return out
+
+
+def _batched(eng: Engine, prompts: list[list[int]], steps: int, join: list[int]) -> list[list[torch.Tensor]]:
+    """Every session decodes `steps` tokens; session i joins the running batch at step join[i] (so batch
+    widths and each row's slot change from step to step)."""
+    sessions = [eng.new_session(160) for _ in prompts]
+    toks: list[int | None] = [None] * len(prompts)
+    out: list[list[torch.Tensor]] = [[] for _ in prompts]
+    step = 0
+    while any(len(o) < steps for o in out):
+        for i, p in enumerate(prompts):
+            if join[i] == step:
+                toks[i] = int(sessions[i].prefill(p).argmax())
+        live = [i for i in range(len(prompts)) if toks[i] is not None and len(out[i]) < steps]
+        lg = eng.decode_batch([sessions[i] for i in live], [toks[i] for i in live])
+        for r, i in enumerate(live):
+            out[i].append(lg[r].clone())
+            toks[i] = int(lg[r].argmax())
+        step += 1
+    for s in sessions:
+        s.close()
+    return out
+
+
+def _check(eng: Engine, prompts: list[list[int]], steps: int = STEPS) -> None:
+    ref = [_solo(eng, p, steps) for p in prompts]
+    join = [0, 0, 1, 0, 2, 1][:len(prompts)]
+    got = _batched(eng, prompts, steps, join)
+    for i in range(len(prompts)):
+        for k in range(steps):
+            assert torch.equal(got[i][k], ref[i][k]), f"session {i} step {k}: batched logits differ from solo"
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("splits", [None, [0, 13, 30]])
+def test_batched_decode_equals_solo(mode, splits):
+    eng = Engine.load(smollm2_gguf(), mode=mode, splits=splits, load_tokenizer=False)
+    _check(eng, PROMPTS if mode == "fast" else PROMPTS[:4])
+
+
+def test_fast_kernels_probed_row_independent():
+    """The probe that lets fast mode run its packed kernels once for all rows holds here (if a CPU's kernels
+    were not row-independent, the rows would be multiplied one by one and the test above still holds)."""
+    eng = Engine.load(smollm2_gguf(), mode="fast", load_tokenizer=False)
+    assert eng.rows_batched(8)
+    assert not Engine.load(smollm2_gguf(), mode="exact", load_tokenizer=False).rows_batched(8)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])  # q/k/v biases; per-head q/k norms
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_batched_decode_tiny_archs(tmp_path, arch, mode):
+    p = tmp_path / f"{arch}.gguf"
+    _write_gguf(_hf_model(arch), arch, p, gguf.GGMLQuantizationType.Q8_0)
+    eng = Engine.load(p, mode=mode, load_tokenizer=False)
+    _check(eng, [[1, 2, 3], list(range(5, 45)), [9] * 7])
+
+
+def test_decode_batch_rejects_bad_input():
+    eng = Engine.load(smollm2_gguf(), mode="fast", load_tokenizer=False)
+    with eng.new_session(16) as a, eng.new_session(16) as b:
+        a.prefill([1, 2])
+        b.prefill([3])
+        with pytest.raises(ValueError):
+            eng.decode_batch([a, b, a], [1, 2, 3])  # a session's rows must be adjacent
+        with pytest.raises(ValueError):
+            eng.decode_batch([a, b], [1, 10 ** 9])
+        with pytest.raises(ValueError):
+            eng.decode_batch([a, b], [1])
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_adjacent_rows_of_one_session_equal_successive_decodes(mode):
+    """Speculative verification: a session's k rows in one step (beside another session's row) give the logits
+    of k successive 1-row decodes; after a rollback (truncate) decoding continues as if never drafted."""
+    eng = Engine.load(smollm2_gguf(), mode=mode, load_tokenizer=False)
+    prompt, drafts = list(range(20, 45)), [11, 12, 13, 14]
+    with eng.new_session(64) as s:
+        s.prefill(prompt)
+        ref = [s.decode(t).clone() for t in drafts]
+    with eng.new_session(64) as s:  # plain decoding of drafts[:2], then 99
+        s.prefill(prompt)
+        s.decode(drafts[0])
+        s.decode(drafts[1])
+        after = s.decode(99).clone()
+    with eng.new_session(64) as s, eng.new_session(64) as other:
+        s.prefill(prompt)
+        other.prefill([5, 6, 7])
+        lg = eng.decode_batch([other, s, s, s, s], [8, *drafts])
+        for k in range(4):
+            assert torch.equal(lg[1 + k], ref[k])
+        s.truncate(len(prompt) + 2)  # drafts 3 and 4 rejected
+        assert torch.equal(s.decode(99), after)
+        with pytest.raises(ValueError):
+            eng.decode_batch([s, other, s], [1, 2, 3])
