@@ -99,6 +99,13 @@ class PaymentsConfig:
     payout_grace_s: float | None = None  # after an epoch ends, before paying it; None: min(60 s, epoch_s / 4)
     payout_retry_s: float = 300.0  # a failed payout is tried again after this long (or at the next epoch's end)
     payout_require_validation: bool = True  # pay a stage node only when its spot checks passed on chain
+    # escrow vouchers (docs/payments.md): the MeshEscrow address, with payout_key as the wallet's key; an
+    # entry pays its stages with vouchers as they work and a worker redeems them every redeem_every_s
+    escrow: str | None = None
+    escrow_rpc_url: str | None = None
+    escrow_chain_id: int = 0
+    redeem_every_s: float = 300.0
+    escrow_float: int = 0  # an entry keeps each worker's channel this far above what it vouchered (0: by hand)
 
     @property
     def enabled(self) -> bool:
@@ -106,7 +113,8 @@ class PaymentsConfig:
 
     @property
     def auto_payout(self) -> bool:
-        return self.enabled and bool(self.payout_key)
+        """Epoch payouts: off when the stages are paid by escrow vouchers (never paid twice)."""
+        return self.enabled and bool(self.payout_key) and not self.escrow
 
     @property
     def grace_s(self) -> float:

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from mesh402 import __version__
-from mesh402.cli import board, economics, mesh, serve, status
+from mesh402.cli import board, economics, mesh, serve, status, work_money
 from mesh402.cli.common import console
 
 app = typer.Typer(help="mesh402: pool machines into one LLM inference mesh, and pay the ones doing the work.",
@@ -24,6 +24,10 @@ app.command("facilitator")(economics.facilitator_cmd)
 app.command("chat")(economics.chat_cmd)
 app.command("register")(economics.register_cmd)
 app.command("payout")(economics.payout_cmd)
+app.add_typer(work_money.escrow_app, name="escrow")
+app.add_typer(work_money.stake_app, name="stake")
+app.add_typer(work_money.validator_app, name="validator")
+app.command("redeem")(work_money.redeem_cmd)
 
 
 @app.command()

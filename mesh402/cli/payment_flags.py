@@ -74,6 +74,41 @@ def trust_config(*, network: str | None, deployment: Path | None, owner_key_file
     return cfg
 
 
+def escrow_config(payments: PaymentsConfig, *, pay_to: str | None, payout_key_file: Path | None,
+                  deployment: Path | None, redeem_every_s: float, escrow_float: str | None = None) -> PaymentsConfig:
+    """`--escrow`: this node's wallet (--pay-to, its key from --payout-key-file or MESH402_PAYOUT_KEY) pays
+    the stages it uses with escrow vouchers (an entry) and is paid by them (a worker), on the chain and
+    MeshEscrow of --deployment. Epoch payouts stay off: nothing is paid twice."""
+    import os
+
+    if deployment is None:
+        raise ValueError("--escrow needs --deployment (the chain and its MeshEscrow)")
+    dep = Deployment.load(deployment)
+    escrow = dep.contracts.get("MeshEscrow")
+    if not escrow:
+        raise ValueError(f"{deployment} has no MeshEscrow: redeploy with `mesh402 chain dev`")
+    if not pay_to:
+        raise ValueError("--escrow needs --pay-to (the wallet vouchers pay and are signed by)")
+    if not pay_to.startswith("0x"):
+        pay_to = dep.address(pay_to)
+    key = read_secret_file(payout_key_file) if payout_key_file else (os.environ.get("MESH402_PAYOUT_KEY", "").strip() or None)
+    if not key:
+        raise ValueError("--escrow needs --payout-key-file (the --pay-to wallet's key: it signs vouchers and redeems)")
+    try:
+        addr = account_of(key).address
+    except Exception:
+        raise ValueError("the payout key is not an EVM private key (64 hex digits)") from None
+    if addr.lower() != pay_to.lower():
+        raise ValueError(f"the payout key is the key of {addr}, not of --pay-to {pay_to}")
+    if redeem_every_s <= 0:
+        raise ValueError("--redeem-every must be a positive number of seconds")
+    payments.pay_to, payments.payout_key = addr, key
+    payments.escrow, payments.escrow_rpc_url, payments.escrow_chain_id = escrow, dep.rpc_url, dep.chain_id
+    payments.redeem_every_s = redeem_every_s
+    payments.escrow_float = dep.asset.to_atomic(escrow_float) if escrow_float else 0
+    return payments
+
+
 def auto_payout_config(payments: PaymentsConfig, trust: TrustConfig, *, payout_key_file: Path | None,
                        rewards: str | None, deployment: Path | None) -> PaymentsConfig:
     """Turn on automatic epoch payouts (node.payouts) when the pay-to wallet's key is given: from a 0600

@@ -130,6 +130,9 @@ def serve(
     validator: Annotated[bool, typer.Option("--validator", help="Re-execute other nodes' audited steps on this node's copy of the model and answer their validation requests on chain (needs --owner-key-file and --deployment/--network).", rich_help_panel="Trust")] = False,
     backend: Annotated[Optional[list[str]], typer.Option("--backend", help="An OpenAI-compatible server (its base URL, e.g. http://127.0.0.1:8000/v1) whose models this node answers too, unverified. Repeatable.", rich_help_panel="Backends")] = None,
     backend_key_file: Annotated[Optional[Path], typer.Option("--backend-key-file", help="File (mode 0600) holding the backends' API key; or set MESH402_BACKEND_KEY.", rich_help_panel="Backends")] = None,
+    escrow: Annotated[bool, typer.Option("--escrow", help="Pay the stages this node uses, and be paid for stage work, with escrow vouchers as the work is done (MeshEscrow of --deployment; needs --pay-to and --payout-key-file; epoch payouts stay off). A worker refuses (`unpaid`) an entry that falls behind or whose escrow does not cover it.", rich_help_panel="Payments")] = False,
+    escrow_float: Annotated[Optional[str], typer.Option("--escrow-float", help="With --escrow, as an entry: keep each worker's escrow channel this many USDC above what it vouchered, locking top-ups from the escrow account's free balance (fund it with `mesh402 escrow deposit`); without it, floats are locked by hand (`mesh402 escrow lock`).", rich_help_panel="Payments")] = None,
+    redeem_every: Annotated[float, typer.Option("--redeem-every", help="With --escrow: seconds between redemptions of the vouchers held (sooner when an entry asks for its float back).", rich_help_panel="Payments")] = 300.0,
     audit_rate: Annotated[float, typer.Option("--audit-rate", help="Entry: share of paid split requests whose stages must reveal a step for re-execution (each node's first request per epoch is always audited).", rich_help_panel="Trust")] = 0.1,
     validator_id: ValidatorIdOpt = None,
     allow_host: AllowHostOpt = None,
@@ -149,7 +152,8 @@ def serve(
         sources = [resolve_model(m) for m in (model or [BUNDLED_MODEL_ID])]
         api_key = load_api_key(api_key_file)
         from mesh402.cli.payment_flags import payments_config  # lazy: kept off this module's import path
-        payments = payments_config(price=price, price_per_1k=price_per_1k, pay_to=pay_to, facilitator=facilitator,
+        payments = payments_config(price=price, price_per_1k=price_per_1k,
+                                   pay_to=pay_to if (price or price_per_1k or not escrow) else None, facilitator=facilitator,
                                    network=network, deployment=deployment, asset=asset, asset_name=asset_name,
                                    asset_version=asset_version, credit_topup=credit_topup,
                                    max_exposure=max_exposure)
@@ -162,7 +166,12 @@ def serve(
         trust.validator_ids = node_ids(validator_id, "--validator-id")
         trust.allow_hosts = node_ids(allow_host, "--allow-host")
         from mesh402.cli.payment_flags import auto_payout_config  # lazy: kept off this module's import path
-        auto_payout_config(payments, trust, payout_key_file=payout_key_file, rewards=rewards, deployment=deployment)
+        if escrow:
+            from mesh402.cli.payment_flags import escrow_config  # lazy: kept off this module's import path
+            escrow_config(payments, pay_to=pay_to, payout_key_file=payout_key_file, deployment=deployment,
+                          redeem_every_s=redeem_every, escrow_float=escrow_float)
+        else:
+            auto_payout_config(payments, trust, payout_key_file=payout_key_file, rewards=rewards, deployment=deployment)
         backend_key = load_backend_key(backend, backend_key_file)
     except (ModelNotFound, ValueError) as e:
         fail(str(e))
@@ -208,6 +217,8 @@ def serve(
                   f"  models: {', '.join(config.models)}  home: {config.home}", highlight=False)
     if api_key:
         console.print("API key required (Authorization: Bearer …)")
+    if payments.escrow:
+        console.print(f"escrow vouchers: wallet {payments.pay_to}, MeshEscrow {payments.escrow}", highlight=False)
     if payments.enabled:
         console.print(f"x402: {price or 0} USDC/request + {price_per_1k or 0} USDC/1k tokens on {payments.network}, "
                       f"pay to {payments.pay_to}, facilitator {payments.facilitator_url}", highlight=False)

@@ -142,6 +142,8 @@ def status_cmd(
         print(json.dumps(st, indent=1))
         return
     render_status(st)
+    for line in escrow_status_lines(st):
+        console.print(line, highlight=False)
     try:  # payments revenue, when the economics layer is present
         from mesh402.cli.status import payments_status_lines  # lazy: kept off this module's import path
     except Exception:
@@ -149,6 +151,27 @@ def status_cmd(
 
     for line in payments_status_lines(resolve_home(home), st):
         console.print(line, highlight=False)
+
+
+def escrow_status_lines(st: dict) -> list[str]:
+    """--escrow: this wallet's escrow balance, vouchers held (and the work behind them) per entry, redeemed,
+    and what it vouchered to the stages it used."""
+    e = ((st.get("node") or {}).get("distributed") or {}).get("escrow")
+    if not e:
+        return []
+    usdc = lambda a: "?" if a is None else f"{int(a) / 1e6:.6f}"  # noqa: E731
+    red, wk = e.get("redeemer") or {}, e.get("worker") or {}
+    lines = [f"escrow: wallet {e.get('wallet')} on MeshEscrow {e.get('escrow')}, free balance "
+             f"{usdc(e.get('escrow_free'))} USDC; redeemed {usdc(red.get('total', 0))} USDC since start"
+             + (f" (last {red['last_tx']})" if red.get("last_tx") else "")
+             + (f"; redeem error: {red['last_error']}" if red.get("last_error") else "")]
+    for entry, v in sorted((e.get("held") or {}).items()):
+        lines.append(f"  vouchers held from {entry}: {usdc(v.get('vouchered'))} USDC for {usdc(v.get('owed'))} of work")
+    for worker, total in sorted((e.get("issued") or {}).items()):
+        lines.append(f"  vouchered to {worker}: {usdc(total)} USDC")
+    if wk.get("paused"):
+        lines.append(f"  paused entries {wk['paused']} time(s): {wk.get('last_refusal', '')}")
+    return lines
 
 
 def payments_status_lines(home: Path, status: Optional[dict[str, Any]] = None) -> list[str]:

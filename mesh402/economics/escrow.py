@@ -32,7 +32,7 @@ def _typed(chain_id: int, escrow: str, types: dict[str, Any], message: dict[str,
     return encode_typed_data(domain_data=_domain(chain_id, escrow), message_types=types, message_data=message)
 
 
-def _checksum(addr: str) -> str:
+def checksum_address(addr: str) -> str:
     from eth_utils import to_checksum_address
     return to_checksum_address(addr)
 
@@ -56,7 +56,7 @@ class Voucher:
     def from_json(cls, d: Mapping[str, Any]) -> "Voucher":
         try:
             sig = str(d["signature"])
-            return cls(_checksum(str(d["entry"])), _checksum(str(d["worker"])), int(d["cumulativeAmount"]),
+            return cls(checksum_address(str(d["entry"])), checksum_address(str(d["worker"])), int(d["cumulativeAmount"]),
                        bytes.fromhex(sig[2:] if sig.startswith("0x") else sig))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"not a voucher: {e}") from None
@@ -68,9 +68,9 @@ def sign_voucher(entry_key: str, chain_id: int, escrow: str, worker: str, cumula
     if cumulative < 0:
         raise ValueError("a voucher's cumulative amount cannot be negative")
     acct = Account.from_key(entry_key)
-    msg = {"entry": acct.address, "worker": _checksum(worker), "cumulativeAmount": int(cumulative)}
-    sig = acct.sign_message(_typed(chain_id, _checksum(escrow), VOUCHER_TYPES, msg)).signature
-    return Voucher(acct.address, _checksum(worker), int(cumulative), bytes(sig))
+    msg = {"entry": acct.address, "worker": checksum_address(worker), "cumulativeAmount": int(cumulative)}
+    sig = acct.sign_message(_typed(chain_id, checksum_address(escrow), VOUCHER_TYPES, msg)).signature
+    return Voucher(acct.address, checksum_address(worker), int(cumulative), bytes(sig))
 
 
 def voucher_signer(v: Voucher, chain_id: int, escrow: str) -> str | None:
@@ -78,7 +78,7 @@ def voucher_signer(v: Voucher, chain_id: int, escrow: str) -> str | None:
     from eth_account import Account
     msg = {"entry": v.entry, "worker": v.worker, "cumulativeAmount": int(v.cumulative)}
     try:
-        return Account.recover_message(_typed(chain_id, _checksum(escrow), VOUCHER_TYPES, msg), signature=v.signature)
+        return Account.recover_message(_typed(chain_id, checksum_address(escrow), VOUCHER_TYPES, msg), signature=v.signature)
     except Exception:
         return None
 
@@ -90,9 +90,9 @@ def sign_release(worker_key: str, chain_id: int, escrow: str, entry: str, amount
     coverage as `amount` lower: the entry may submit it any time before then."""
     from eth_account import Account
     acct = Account.from_key(worker_key)
-    msg = {"entry": _checksum(entry), "worker": acct.address, "amount": int(amount), "nonce": int(nonce),
+    msg = {"entry": checksum_address(entry), "worker": acct.address, "amount": int(amount), "nonce": int(nonce),
            "deadline": int(deadline)}
-    return bytes(acct.sign_message(_typed(chain_id, _checksum(escrow), RELEASE_TYPES, msg)).signature)
+    return bytes(acct.sign_message(_typed(chain_id, checksum_address(escrow), RELEASE_TYPES, msg)).signature)
 
 
 @dataclass(frozen=True)
@@ -133,31 +133,31 @@ class Escrow(BoundContract):
         """Approve (if needed) and deposit into `entry`'s free balance (default: the key's own account)."""
         from mesh402.economics.evm import account_of
         self.approve(key, amount)
-        return self.send(key, self.fn.deposit(_checksum(entry or account_of(key).address), int(amount)))
+        return self.send(key, self.fn.deposit(checksum_address(entry or account_of(key).address), int(amount)))
 
     def withdraw(self, key: str, amount: int) -> Any:
         return self.send(key, self.fn.withdraw(int(amount)))
 
     def lock(self, key: str, amounts: Mapping[str, int]) -> Any:
         """Lock free balance per worker: {worker address: amount}, one transaction."""
-        workers = [_checksum(w) for w in amounts]
+        workers = [checksum_address(w) for w in amounts]
         return self.send(key, self.fn.lock(workers, [int(a) for a in amounts.values()]))
 
     def request_unlock(self, key: str, worker: str, amount: int) -> Any:
-        return self.send(key, self.fn.requestUnlock(_checksum(worker), int(amount)))
+        return self.send(key, self.fn.requestUnlock(checksum_address(worker), int(amount)))
 
     def cancel_unlock(self, key: str, worker: str) -> Any:
-        return self.send(key, self.fn.cancelUnlock(_checksum(worker)))
+        return self.send(key, self.fn.cancelUnlock(checksum_address(worker)))
 
     def finalize_unlock(self, key: str, worker: str) -> Any:
-        return self.send(key, self.fn.finalizeUnlock(_checksum(worker)))
+        return self.send(key, self.fn.finalizeUnlock(checksum_address(worker)))
 
     def release(self, key: str, worker: str, amount: int, deadline: int, worker_signature: bytes) -> Any:
-        return self.send(key, self.fn.release(_checksum(worker), int(amount), int(deadline), bytes(worker_signature)))
+        return self.send(key, self.fn.release(checksum_address(worker), int(amount), int(deadline), bytes(worker_signature)))
 
     def sweep(self, key: str, entry: str) -> Any:
         """Move what `entry`'s vault received into its free balance (anyone may send this)."""
-        return self.send(key, self.fn.sweep(_checksum(entry)))
+        return self.send(key, self.fn.sweep(checksum_address(entry)))
 
     def sign(self, entry_key: str, worker: str, cumulative: int) -> Voucher:
         return sign_voucher(entry_key, self.chain_id, self.address, worker, cumulative)
@@ -176,8 +176,8 @@ class Escrow(BoundContract):
     def check_voucher(self, v: Voucher, *, worker: str | None = None) -> VoucherCheck:
         """Whether a worker may rely on `v`: signed by its entry for this chain and escrow, for `worker`, above
         what was redeemed, and within the channel's coverage. A worker refuses work the answer does not cover."""
-        if worker is not None and _checksum(worker) != v.worker:
-            return VoucherCheck(False, f"voucher is for {v.worker}, not {_checksum(worker)}")
+        if worker is not None and checksum_address(worker) != v.worker:
+            return VoucherCheck(False, f"voucher is for {v.worker}, not {checksum_address(worker)}")
         if voucher_signer(v, self.chain_id, self.address) != v.entry:
             return VoucherCheck(False, "voucher signature is not the entry's")
         ch = self.channel(v.entry, v.worker)
@@ -191,7 +191,7 @@ class Escrow(BoundContract):
 
     def unlock_requests(self, worker: str, *, from_block: int = 0) -> list[dict[str, Any]]:
         """UnlockRequested events on `worker`'s channels: redeem before each one's `unlockAt`."""
-        return self.logs("UnlockRequested", from_block=from_block, worker=_checksum(worker))
+        return self.logs("UnlockRequested", from_block=from_block, worker=checksum_address(worker))
 
     # ---- views --------------------------------------------------------------------------------
 
@@ -206,13 +206,17 @@ class Escrow(BoundContract):
         return int(self.fn.unlockDelay().call())
 
     def vault_of(self, entry: str) -> str:
-        return str(self.fn.vaultOf(_checksum(entry)).call())
+        return str(self.fn.vaultOf(checksum_address(entry)).call())
+
+    def vault_balance(self, entry: str) -> int:
+        """What `entry`'s vault received and nobody swept yet (tokens at its address; 0 before it exists)."""
+        return int(self.token().functions.balanceOf(self.vault_of(entry)).call())
 
     def free_balance(self, entry: str) -> int:
-        return int(self.fn.freeBalance(_checksum(entry)).call())
+        return int(self.fn.freeBalance(checksum_address(entry)).call())
 
     def channel(self, entry: str, worker: str) -> ChannelState:
-        return ChannelState(*(int(x) for x in self.fn.channel(_checksum(entry), _checksum(worker)).call()))
+        return ChannelState(*(int(x) for x in self.fn.channel(checksum_address(entry), checksum_address(worker)).call()))
 
     def coverage(self, entry: str, worker: str) -> int:
-        return int(self.fn.coverage(_checksum(entry), _checksum(worker)).call())
+        return int(self.fn.coverage(checksum_address(entry), checksum_address(worker)).call())

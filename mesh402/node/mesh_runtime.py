@@ -342,6 +342,8 @@ class MeshRuntime:
             closer = node.closer
             if closer is not None:
                 info["distributed"]["payouts"] = closer.status()
+            if node.escrow is not None:
+                info["distributed"]["escrow"] = node.escrow.status()
         if self.discovery is not None:
             info["discovery"] = self.discovery.status()
         if node.edge.backends is not None:
@@ -470,6 +472,7 @@ class MeshRuntime:
         dist = self.node.distributed
         if dist is not None:  # a --validator announces itself: entries send it their spot checks
             labels.update(dist.trust.labels)
+            labels.update(dist.pay_labels)  # --escrow: the wallet entries pay this node's stage work to
         return labels
 
     def _model_entries(self, hash_files: bool) -> list[pb.ModelEntry]:
@@ -487,7 +490,7 @@ class MeshRuntime:
                 entries = self._model_entries(hash_files=False)
             labels = self._model_labels()
             sig = [m.SerializeToString(deterministic=True) for m in entries] + sorted(
-                kv for kv in labels.items() if kv[0].startswith(("model:", "erc8004", "validator", "x402")))
+                kv for kv in labels.items() if kv[0].startswith(("model:", "erc8004", "validator", "x402", "escrow")))
             if sig != last:
                 last = sig
                 self.mesh.update_local(models=entries, labels=labels)

@@ -33,6 +33,7 @@ from mesh402.settings import NodeConfig
 
 if TYPE_CHECKING:
     from mesh402.node.mesh_runtime import MeshRuntime
+    from mesh402.node.escrow_pay import EscrowPay
     from mesh402.node.payouts import EpochCloser
     from mesh402.serving.distributed import DistributedRuntime
     from mesh402.serving.verification import ValidationChain
@@ -63,6 +64,7 @@ class Node:
         self.mesh_runtime: MeshRuntime | None = None  # when config.mesh is set
         self.distributed: DistributedRuntime | None = None  # plans and stage serving, when in a mesh
         self.closer: EpochCloser | None = None  # automatic epoch payouts of a paid entry
+        self.escrow: EscrowPay | None = None  # escrow vouchers (--escrow): paying stages and being paid
         self.on_mesh_ready = None  # callback(MeshRuntime), e.g. the CLI printing the invite token
 
     def fingerprint(self, path: Path) -> str:
@@ -143,6 +145,8 @@ class Node:
                 await self.edge.backends.stop()
             if self.closer is not None:
                 await self.closer.stop()
+            if self.escrow is not None:
+                await self.escrow.stop()
             if self.distributed is not None:
                 await self.distributed.stop()
             await self._stop_mesh()
@@ -180,8 +184,19 @@ class Node:
         # Tunnelled requests run through this node's own app in-process (never over a socket or a URL).
         self.mesh_runtime.mesh.register_handler(
             StreamType.HTTP_TUNNEL, make_handler(self.app, TunnelLimits(max_body_bytes=cfg.limits.max_request_bytes)))
+        self._start_escrow()
         self.distributed.start()
         self._start_payouts()
+
+    def _start_escrow(self) -> None:
+        """--escrow: the stages this node uses are paid with vouchers, and its stage work is paid by them."""
+        if not self.config.payments.escrow or self.distributed is None:
+            return
+        from mesh402.node.escrow_pay import EscrowPay  # lazy: web3 only on a node that pays with vouchers
+
+        self.escrow = EscrowPay(self.config.payments, self.home.path)
+        self.escrow.attach(self.distributed)
+        self.escrow.start()
 
     def _validation_chain(self) -> ValidationChain | None:
         """This node's side of the ERC-8004 ValidationRegistry, when it has an owner key and a chain."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,6 +146,11 @@ class DistributedRuntime(Failover):
                                   signer=getattr(mesh, "identity", None),  # signs work receipts when asked
                                   may_assign=self._may_assign)
         self.receipts = None  # work.receipts.EntryReceipts: a paid entry keeps the stages' receipts
+        # Escrow vouchers (serving.work_pay), set by a node with --escrow: the entry's signer, the pay terms
+        # of a chain's hops (chain, model layer count), and the label that lets entries pay this node.
+        self.voucher_signer: Any = None
+        self.pay_terms_for: Callable[[Chain, int], dict[str, Any]] | None = None
+        self.pay_labels: dict[str, str] = {}
         self.auditor = None  # work.evidence.Auditor: which paid requests the stages must reveal
         if node.config.payments.enabled:
             from mesh402.work.evidence import Auditor  # lazy: kept off this module's import path
@@ -475,10 +481,15 @@ class DistributedRuntime(Failover):
         chain = Chain(entry.model_id, key.rsplit("@", 1)[1], plan.epoch, host.end, hops)
         if self.receipts is not None and entry.source.format == "gguf":
             self.receipts.add_model(chain.content_hash, entry.source.path)  # work units from its tensor table
-        return PipelineModel(engine0, chain, self._connect, self, self.executor, wire_dtype=self.wire_dtype,
-                             timer=StepTimer(floor_s=self.node.config.timers.stage_step_floor_s),
-                             signer=getattr(self.mesh, "identity", None), receipt_sink=self.receipts,
-                             auditor=self.auditor)
+        model = PipelineModel(engine0, chain, self._connect, self, self.executor, wire_dtype=self.wire_dtype,
+                              timer=StepTimer(floor_s=self.node.config.timers.stage_step_floor_s),
+                              signer=getattr(self.mesh, "identity", None), receipt_sink=self.receipts,
+                              auditor=self.auditor)
+        terms_for, n_layers = self.pay_terms_for, layout.n_layers
+        if terms_for is not None and self.voucher_signer is not None:
+            model.voucher_signer = self.voucher_signer
+            model.pay_terms = lambda c: terms_for(c, n_layers)
+        return model
 
     def local_model(self, engine: Any, key: str, entry: ModelEntry, n_layers: int) -> LocalModel:
         """A model served whole here; on a paid entry each request gets a receipt (all layers) too."""

@@ -35,6 +35,7 @@ from mesh402.serving.stage_link import (
     is_link_failure,
     stage_frame,
 )
+from mesh402.serving.work_pay import PAY_PARAM, EntrySessionPay, VoucherSigner, WorkTerms
 from mesh402.work.receipts import Receipt, bound_chain
 from mesh402.work.store import kept
 
@@ -104,6 +105,10 @@ class PipelineModel:
         self.signer = signer
         self.receipt_sink = receipt_sink
         self.auditor = auditor  # work.evidence.Auditor: which requests' steps the stages reveal
+        # Escrow vouchers (serving.work_pay), set by a node that pays its stages from escrow: the terms per
+        # remote stage of a chain (stages without terms are not paid by vouchers) and the issuer that signs.
+        self.pay_terms: Callable[[Chain], dict[str, WorkTerms]] | None = None
+        self.voucher_signer: VoucherSigner | None = None
         self.chain = chain
         self.connect = connect
         self.failover = failover
@@ -188,6 +193,7 @@ class PipelineStepper:
     _released: bool = False
     _closing: asyncio.Task | None = None  # closing the chain, receipts included (release)
     _store: tuple | None = None  # (aligned prompt tokens, n): kept for later requests on release
+    pay: EntrySessionPay | None = None  # what this request owes its stages, and the vouchers for it
 
     # ---------------------------------------------------------------- chain management
     async def connect_chain(self) -> None:
@@ -195,10 +201,20 @@ class PipelineStepper:
         first = chain.hops[0]
         if self.model.signer is None:
             raise StageError("a split needs the host's identity to grant sessions to its stages", code="no_plan")
+        terms = self.model.pay_terms(chain) if self.model.pay_terms and self.model.voucher_signer else {}
+        if terms and self.pay is None:
+            assert self.model.voucher_signer is not None
+            self.pay = EntrySessionPay(self.model.voucher_signer, terms, self.request_id)
+        elif self.pay is not None:  # new stage sessions: the old ones are vouchered in full, new ones start
+            await asyncio.to_thread(self.pay.reopen, terms)
         link = await self.model.connect(first.node)
         grant = OpenGrant(self.request_id, chain.content_hash, chain.epoch, chain.hops, self.max_len,
-                          self.constraints.sampling_json(self.sampling), self.tally is not None, secrets.token_hex(12))
+                          self.constraints.sampling_json(self.sampling), self.tally is not None, secrets.token_hex(12),
+                          terms)
         params = grant.sign(self.model.signer)
+        opening = await asyncio.to_thread(self.pay.opening) if self.pay is not None else None
+        if opening:  # each stage's current voucher: it sees this entry is not behind
+            params[PAY_PARAM] = dump_json(opening)
         await link.send(stage_frame(K.STAGE_KIND_OPEN, request_id=self.request_id, plan_epoch=chain.epoch,
                                     model_id=chain.model_id, content_hash=chain.content_hash,
                                     layer_start=first.start, layer_end=first.end, params=params))
@@ -231,8 +247,8 @@ class PipelineStepper:
         await self.connect_chain()
         assert self.link is not None
         t0 = time.monotonic()
-        for s in self.sent:  # pipelined: the stages answer in order
-            await self.link.send(self._frame(s))
+        for s in self.sent:  # pipelined: the stages answer in order (and are paid for the replay)
+            await self.link.send(self._frame(s, await self._pay_step(s)))
         for s in self.sent:
             expect_stage(await self.link.recv(self.model.open_timeout), K.STAGE_KIND_RESULT, "replay")
         model.stats.failovers += 1
@@ -242,22 +258,38 @@ class PipelineStepper:
         log.warning("request %s: replayed %d steps (%d tokens) onto epoch %d in %.2fs", self.request_id,
                     len(self.sent), replayed_tokens, model.chain.epoch, time.monotonic() - t0)
 
-    def _frame(self, s: _Sent) -> Any:
+    async def _pay_step(self, s: _Sent) -> str | None:
+        """Account one step sent to the stages; the vouchers that ride on it (JSON), if any are due. Signing
+        (an EIP-712 signature and an fsync'd write per stage) runs off the loop."""
+        if self.pay is None or not self.pay.accrue(s.n_real):
+            return None
+        due = await asyncio.to_thread(self.pay.vouchers)
+        return dump_json(due) if due else None
+
+    def _frame(self, s: _Sent, pay: str | None = None) -> Any:
         from mesh402.engine.activations import activation_hash  # lazy: loads gguf, numpy, torch only when needed
 
         assert self.chain is not None
+        params = {"n_real": s.n_real, "sample": "1" if s.sample else "0"}
+        if pay:
+            params[PAY_PARAM] = pay
         return stage_frame(s.kind, request_id=self.request_id, plan_epoch=self.chain.epoch, position=s.position,
                            tokens=s.tokens, dtype=self.model.wire_dtype, shape=s.shape, activations=s.payload,
-                           input_hash=activation_hash(s.payload),
-                           params={"n_real": s.n_real, "sample": "1" if s.sample else "0"})
+                           input_hash=activation_hash(s.payload), params=params)
+
+    async def _close_params(self) -> dict[str, str]:
+        """CLOSE's final vouchers: everything this request owes each stage (signed off the loop)."""
+        final = await asyncio.to_thread(self.pay.vouchers) if self.pay is not None else None
+        return {PAY_PARAM: dump_json(final)} if final else {}
 
     async def _exchange(self, s: _Sent) -> int | None:
         """Send one step and wait for its reply, failing over as often as stages die."""
         while True:
             assert self.link is not None
+            pay = await self._pay_step(s)  # again after a failover: the new stage sessions count this step too
             t0 = time.monotonic()
             try:
-                await self.link.send(self._frame(s))
+                await self.link.send(self._frame(s, pay))
                 for _ in range(MAX_SLOW_EXTENSIONS):
                     try:
                         reply = await self.link.recv(self.model.timer.deadline)
@@ -438,7 +470,7 @@ class PipelineStepper:
     async def _collect_receipts(self, link: Link) -> None:
         """CLOSE carrying this node's stage-0 receipt; the stages add theirs and the chain comes back."""
         mine = self.tally.receipt(self.model.signer, 0)
-        params = {"receipts": dump_json([mine.to_json()])}
+        params = {"receipts": dump_json([mine.to_json()]), **(await self._close_params())}
         auditor, chain = self.model.auditor, self.chain
         step = auditor.pick([h.node for h in chain.hops], self.steps_done, [len(x.payload) for x in self.sent]) \
             if auditor and chain else None
@@ -500,7 +532,8 @@ class PipelineStepper:
             if self.tally is not None and self.sent:
                 await self._collect_receipts(link)
             else:
-                await link.send(stage_frame(K.STAGE_KIND_CLOSE, request_id=self.request_id))
+                await link.send(stage_frame(K.STAGE_KIND_CLOSE, request_id=self.request_id,
+                                            params=await self._close_params()))
             await link.finish()
         except Exception:
             pass

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from mesh402.mesh.framing import FrameError, make_frame
 from mesh402.mesh.identity import verify
 from mesh402.mesh.proto import mesh_pb2 as pb
+from mesh402.serving.work_pay import WorkTerms
 
 K = pb.StageKind
 
@@ -117,11 +118,16 @@ class OpenGrant:
     sampling: str  # the session's SamplingParams as JSON (the last stage samples with them)
     receipts: bool  # the entry wants a signed work receipt per stage
     nonce: str  # fresh per OPEN the host sends: one grant opens one session, once
+    # node id -> how the entry pays that stage with escrow vouchers (serving.work_pay); empty: no vouchers
+    pay: dict[str, WorkTerms] = field(default_factory=dict)
 
     def payload(self) -> bytes:
-        return dump_json({"rid": self.request_id, "ch": self.content_hash, "epoch": self.epoch,
-                          "hops": [h.to_json() for h in self.hops], "max_len": self.max_len,
-                          "sampling": self.sampling, "receipts": self.receipts, "nonce": self.nonce}).encode()
+        body: dict[str, Any] = {"rid": self.request_id, "ch": self.content_hash, "epoch": self.epoch,
+                                "hops": [h.to_json() for h in self.hops], "max_len": self.max_len,
+                                "sampling": self.sampling, "receipts": self.receipts, "nonce": self.nonce}
+        if self.pay:
+            body["pay"] = {node: t.to_json() for node, t in self.pay.items()}
+        return dump_json(body).encode()
 
     def sign(self, signer: Any) -> dict[str, str]:
         """OPEN params: the grant, the host's id and its signature over the grant."""
@@ -137,8 +143,12 @@ class OpenGrant:
             if len(body) > MAX_GRANT_BYTES or not verify(bytes.fromhex(host), body, sig):
                 raise ValueError("bad signature")
             d = json.loads(body)
+            pay = d.get("pay", {})
+            if not isinstance(pay, dict) or len(pay) > 64:
+                raise ValueError("pay terms must map at most 64 stages")
             grant = cls(str(d["rid"]), str(d["ch"]), int(d["epoch"]), tuple(Hop.from_json(h) for h in d["hops"]),
-                        int(d["max_len"]), str(d["sampling"]), bool(d["receipts"]), str(d["nonce"])[:64])
+                        int(d["max_len"]), str(d["sampling"]), bool(d["receipts"]), str(d["nonce"])[:64],
+                        {str(node): WorkTerms.from_json(t) for node, t in pay.items()})
         except (KeyError, ValueError, TypeError, AttributeError) as e:
             raise StageError(f"OPEN without a valid grant from the host: {e}", code="bad_grant") from None
         if not 0 < len(grant.hops) <= 64 or not 0 < grant.max_len <= 1 << 24:

@@ -37,6 +37,7 @@ from mesh402.serving.stage_link import (
     stage_body,
     stage_frame,
 )
+from mesh402.serving.work_pay import PAY_PARAM, WorkerPay, pay_map
 from mesh402.work.evidence import fingerprint_ids, last_step_hash, reveal, sign_reveal
 from mesh402.work.receipts import Receipt
 
@@ -100,6 +101,9 @@ class StageWorker:
         # VALIDATION_ASK: request ERC-8004 validation of this node's work (a node with an owner key).
         self.services: dict[int, Callable[[str, pb.StageFrame], Awaitable[pb.Frame]]] = {}
         self.on_receipt: Callable[[str], None] | None = None  # called with the entry's node id per signed receipt
+        # Escrow vouchers (serving.work_pay), set by the node that is paid by them: every session must carry
+        # pay terms for this stage in its grant, and the entry must keep its vouchers up (else `unpaid`).
+        self.pay: WorkerPay | None = None
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -233,6 +237,7 @@ class StageWorker:
             return
         try:
             grant, chain = self._check_open(peer, open_, key)
+            pay_key = await self._admit_pay(grant, open_)
         except StageError as e:
             self.stats.opens_refused += 1
             log.info("OPEN from %s refused: %s", peer[:12], e)
@@ -264,19 +269,55 @@ class StageWorker:
                 from mesh402.work.receipts import StageTally  # lazy: kept off this module's import path
                 tally = StageTally(rid, open_.content_hash, open_.layer_start, open_.layer_end, keep=True)
                 tally.sampling = grant.sampling if draw is not None else ""
-            await self._serve_steps(up, down, engine, session, draw, rid, chain[0].node if chain else "", tally)
+            await self._serve_steps(up, down, engine, session, draw, rid, chain[0].node if chain else "", tally,
+                                    pay_key)
         except StageError as e:
             await up.send(error_frame(rid, str(e), e.node or self.node_id, e.code))
         except (ConnectionError, asyncio.TimeoutError, OSError, ValueError, TypeError) as e:
             log.info("session %s ended: %s", rid, e)
         finally:
             self.sessions[key] -= 1
+            if pay_key and self.pay is not None:
+                self.pay.close(pay_key)
             self.executor.submit(session.close)
             if down is not None:
                 try:
                     await down.finish()
                 except Exception:
                     pass
+
+    async def _admit_pay(self, grant: OpenGrant, open_: pb.StageFrame) -> str:
+        """The session's key in the worker's pay book ('' when this stage is not paid by vouchers); raises
+        StageError `unpaid` when the grant names no terms for this stage or the entry cannot pay now."""
+        if self.pay is None:
+            return ""
+        terms = grant.pay.get(self.node_id)
+        if terms is None:
+            raise StageError("this stage is paid by escrow vouchers: the grant names no pay terms for it",
+                             code="unpaid")
+        try:
+            mine = (pay_map(open_.params.get(PAY_PARAM)) or {}).get(self.node_id)
+        except ValueError as e:
+            raise StageError(str(e), code="unpaid") from None
+        why = await self.pay.open(grant.nonce, terms, mine)
+        if why is not None:
+            raise StageError(why, node=self.node_id, code="unpaid")
+        return grant.nonce
+
+    async def _take_pay(self, pay_key: str, sf: pb.StageFrame, n_real: int | None) -> None:
+        """Keep this stage's voucher from a frame and account a step of `n_real` rows (None: CLOSE, no
+        step); StageError `unpaid` when the entry fell behind."""
+        if not pay_key or self.pay is None:
+            return
+        try:
+            got = pay_map(sf.params.get(PAY_PARAM))
+        except ValueError as e:
+            raise StageError(str(e), node=self.node_id, code="unpaid") from None
+        why = await self.pay.vouchers(pay_key, got, self.node_id)
+        if why is None and n_real is not None:
+            why = self.pay.step(pay_key, n_real)
+        if why is not None:
+            raise StageError(why, node=self.node_id, code="unpaid")
 
     async def _draw(self, engine: Any, sampling: str) -> "Draw":
         """How this (last) stage draws the session's tokens, from the grant's sampling JSON: the sampler, a
@@ -366,7 +407,8 @@ class StageWorker:
         if down is not None:
             try:
                 await down.send(stage_frame(K.STAGE_KIND_CLOSE, request_id=rid,
-                                            params={**params, "reveal": close.params.get("reveal", "")}))
+                                            params={**params, "reveal": close.params.get("reveal", ""),
+                                                    **_pass_pay(close)}))
                 rs = expect_stage(await down.recv(self.open_timeout), K.STAGE_KIND_RESULT, "receipts")
                 if json.loads(rs.params.get("receipts", "[]")):
                     params = {"receipts": rs.params["receipts"], "evidence": rs.params.get("evidence", "[]")}
@@ -380,6 +422,7 @@ class StageWorker:
         except Exception as e:
             raise StageError(f"cannot reach next stage {nxt.node[:12]}: {e}", node=nxt.node, code="unreachable") from None
         fwd = {k: open_.params[k] for k in ("grant", "host", "sig")}  # the host's grant, passed on as signed
+        fwd.update(_pass_pay(open_))
         await down.send(stage_frame(K.STAGE_KIND_OPEN, request_id=open_.request_id, plan_epoch=open_.plan_epoch,
                                     model_id=open_.model_id, content_hash=open_.content_hash,
                                     layer_start=nxt.start, layer_end=nxt.end, params=fwd))
@@ -390,7 +433,7 @@ class StageWorker:
         return down
 
     async def _serve_steps(self, up: Link, down: Link | None, engine: Any, session: Any, draw: "Draw | None",
-                           rid: str, next_node: str, tally: Any = None) -> None:
+                           rid: str, next_node: str, tally: Any = None, pay_key: str = "") -> None:
         from mesh402.engine.activations import activation_hash, decode_activations  # lazy: loads gguf, numpy, torch only when needed
 
         history: list[int] = []
@@ -407,8 +450,14 @@ class StageWorker:
                 return
             sf = stage_body(frame, "upstream")
             if sf.kind == K.STAGE_KIND_CLOSE:
+                try:  # the final voucher: a refusal only means the entry stays behind (the next OPEN sees it)
+                    await self._take_pay(pay_key, sf, None)
+                except StageError as e:
+                    log.info("session %s: final voucher refused: %s", rid, e)
                 if tally is not None:
                     await self._close_receipts(up, down, sf, tally, engine)
+                elif down is not None and PAY_PARAM in sf.params:  # the next stages' final vouchers
+                    await down.send(stage_frame(K.STAGE_KIND_CLOSE, request_id=rid, params=_pass_pay(sf)))
                 return
             if sf.kind not in (K.STAGE_KIND_PREFILL, K.STAGE_KIND_DECODE):
                 raise StageError(f"unexpected stage kind {sf.kind} in a session", code="protocol")
@@ -416,6 +465,7 @@ class StageWorker:
                 await self._prefix_op(up, down, engine, session, sf, history, tally)
                 continue
             n_real = int(sf.params.get("n_real", len(sf.tokens)))
+            await self._take_pay(pay_key, sf, n_real)
             self.stats.bytes_in += len(sf.activations)
             try:
                 x = decode_activations(sf.activations, list(sf.shape), sf.dtype)
@@ -464,6 +514,11 @@ class StageWorker:
             rs.activation_hashes.append(in_hash)  # chain of commitments, nearest stage last
             log.debug("hop %s took %.2f ms", next_node[:8], (time.monotonic() - t0) * 1000)
             await up.send(reply)
+
+
+def _pass_pay(sf: pb.StageFrame) -> dict[str, str]:
+    """The `pay` param to pass on to the next stage (the entry's vouchers for the stages after this one)."""
+    return {PAY_PARAM: sf.params[PAY_PARAM]} if PAY_PARAM in sf.params else {}
 
 
 @dataclass

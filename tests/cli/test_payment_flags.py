@@ -53,3 +53,39 @@ def test_bad_flags_are_explained(kw: dict, msg: str) -> None:
                 deployment=None)
     with pytest.raises(ValueError, match=msg):
         payments_config(**{**args, **kw})
+
+
+def _escrow_deployment(tmp: Path, key: str, address: str, escrow: bool = True) -> Path:
+    (tmp / "keys").mkdir(exist_ok=True)
+    kf = tmp / "keys" / "node-0.key"
+    kf.write_text(key)
+    kf.chmod(0o600)
+    (tmp / "deployment.json").write_text(json.dumps({
+        "network": "eip155:31337", "chainId": 31337, "rpcUrl": "http://127.0.0.1:8545",
+        "asset": {"network": "eip155:31337", "address": "0x" + "a" * 40, "name": "Mesh Test USDC", "version": "2",
+                  "decimals": 6, "symbol": "USDC"},
+        "contracts": {"MeshEscrow": "0x" + "e" * 40} if escrow else {},
+        "accounts": {"node-0": {"address": address, "keyFile": "keys/node-0.key"}}}))
+    return kf
+
+
+def test_escrow_flags_bind_the_wallet_its_key_and_the_deployments_escrow(tmp_path: Path) -> None:
+    from eth_account import Account
+
+    from mesh402.cli.payment_flags import escrow_config
+    from mesh402.settings import PaymentsConfig
+    acct, other = Account.create(), Account.create()
+    kf = _escrow_deployment(tmp_path, acct.key.hex(), acct.address)
+    cfg = escrow_config(PaymentsConfig(), pay_to="node-0", payout_key_file=kf, deployment=tmp_path, redeem_every_s=5)
+    assert (cfg.pay_to, cfg.escrow, cfg.escrow_chain_id, cfg.redeem_every_s) == (acct.address, "0x" + "e" * 40,
+                                                                                 31337, 5)
+    cfg.price_per_request, cfg.payout_key = 1, acct.key.hex()
+    assert not cfg.auto_payout  # voucher-paid work is never paid again by the epoch payout
+    for kw, msg in (({"deployment": None}, "--deployment"), ({"pay_to": None}, "--pay-to"),
+                    ({"pay_to": other.address}, "not of --pay-to"), ({"redeem_every_s": 0}, "--redeem-every")):
+        args = dict(pay_to="node-0", payout_key_file=kf, deployment=tmp_path, redeem_every_s=5.0)
+        with pytest.raises(ValueError, match=msg):
+            escrow_config(PaymentsConfig(), **{**args, **kw})  # type: ignore[arg-type]
+    _escrow_deployment(tmp_path, acct.key.hex(), acct.address, escrow=False)
+    with pytest.raises(ValueError, match="no MeshEscrow"):
+        escrow_config(PaymentsConfig(), pay_to="node-0", payout_key_file=kf, deployment=tmp_path, redeem_every_s=5)

@@ -1,0 +1,150 @@
+"""Escrow vouchers on a node (`mesh402 serve --escrow`; docs/payments.md).
+
+One wallet (--pay-to, its key from --payout-key-file) plays both parts:
+- as an entry, it pays the remote stages of its split requests: each hop whose node announces an `escrow`
+  label for the same MeshEscrow and chain gets signed pay terms in the OPEN grant (its layer share of this
+  node's prices) and cumulative vouchers from the entry's VoucherIssuer as the work is done;
+- as a worker, its StageWorker requires those terms and vouchers (serving.work_pay.WorkerPay over the
+  WorkerLedger: vouchers checked and kept in vouchers.sqlite, coverage read on chain), and the Redeemer turns
+  the best vouchers into tokens every --redeem-every seconds.
+
+Serving never imports economics: this module hands it the Protocol implementations.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Callable
+
+from mesh402.economics.vouchers import EscrowRef, VoucherBook, VoucherIssuer, VoucherWallet, WorkerLedger
+from mesh402.node.escrow_jobs import EscrowKeeper, Redeemer
+from mesh402.serving.work_pay import WorkerPay, WorkTerms, is_address, share_terms
+from mesh402.settings import PaymentsConfig
+
+ESCROW_LABEL = "escrow"
+LABEL_LIMIT = 512  # bytes of an announced escrow label
+MAX_PAID_WORKERS = 1024  # worker wallets whose floats the keeper tends (the most recently paid)
+KEEPER_EVERY_S = 15.0  # the keeper's rounds: chain reads only, a transaction when a float runs low
+
+
+@dataclass(frozen=True)
+class EscrowLabel:
+    """What a node announces so entries can pay it: its wallet, and the escrow and chain its vouchers bind to."""
+
+    wallet: str
+    escrow: str
+    chain: int
+
+    def to_label(self) -> str:
+        return json.dumps({"wallet": self.wallet, "escrow": self.escrow, "chain": self.chain}, separators=(",", ":"))
+
+    @classmethod
+    def parse(cls, raw: Any) -> "EscrowLabel | None":
+        """A peer's label (untrusted gossip): None unless it is small, JSON and typed."""
+        if not isinstance(raw, str) or len(raw) > LABEL_LIMIT:
+            return None
+        try:
+            d = json.loads(raw)
+        except ValueError:
+            return None
+        if not isinstance(d, dict) or not is_address(d.get("wallet")) or not is_address(d.get("escrow")):
+            return None
+        chain = d.get("chain")
+        if type(chain) is not int or not 0 < chain < 1 << 64:
+            return None
+        return cls(str(d["wallet"]), str(d["escrow"]), chain)
+
+    def same_escrow(self, other: "EscrowLabel") -> bool:
+        return self.escrow.lower() == other.escrow.lower() and self.chain == other.chain
+
+
+class EscrowPay:
+    """This node's voucher book, its worker rule and its redeemer, wired into the distributed runtime."""
+
+    def __init__(self, payments: PaymentsConfig, home: Path) -> None:
+        from mesh402.economics.chain import web3_for  # lazy: web3 only on a node that pays with vouchers
+        from mesh402.economics.escrow import Escrow
+
+        assert payments.escrow and payments.escrow_rpc_url and payments.payout_key and payments.pay_to
+        self.payments = payments
+        self.escrow = Escrow(web3_for(payments.escrow_rpc_url), payments.escrow)
+        ref = EscrowRef(payments.escrow_chain_id, self.escrow.address)
+        book = VoucherBook(home)
+        self.issuer = VoucherIssuer(book, payments.payout_key, ref)
+        self.wallet = VoucherWallet(book, self.issuer.address, ref)
+        self.ledger = WorkerLedger(self.wallet, self.escrow)
+        self.worker_pay = WorkerPay(self.ledger)
+        self.redeemer = Redeemer(self.escrow, self.wallet, payments.payout_key, every_s=payments.redeem_every_s)
+        self.label = EscrowLabel(self.issuer.address, self.escrow.address, ref.chain_id)
+        self.peer_labels: Callable[[], dict[str, dict[str, str]]] = dict
+        self.paid: dict[str, None] = {}  # worker wallets this entry gave terms to, oldest first (bounded)
+        self.keeper: EscrowKeeper | None = None
+        if payments.escrow_float > 0:
+            self.keeper = EscrowKeeper(self.escrow, self.issuer, payments.payout_key, self.workers,
+                                       float_amount=payments.escrow_float, every_s=KEEPER_EVERY_S)
+        self.hosted: Callable[[], dict[str, Any]] = dict
+
+    def attach(self, dist: Any) -> None:
+        """Hand the distributed runtime (serving) what it needs: the worker rule, the entry's signer and terms."""
+        dist.worker.pay = self.worker_pay
+        dist.voucher_signer = self.issuer
+        dist.pay_terms_for = self.terms
+        dist.pay_labels = {ESCROW_LABEL: self.label.to_label()}
+        self.peer_labels = dist._peer_labels
+        self.hosted = lambda: dist.hosted
+
+    def _wallet_of(self, peers: dict[str, dict[str, str]], node: str) -> str | None:
+        theirs = EscrowLabel.parse(peers.get(node, {}).get(ESCROW_LABEL))
+        return theirs.wallet if theirs is not None and theirs.same_escrow(self.label) else None
+
+    def workers(self) -> set[str]:
+        """The wallets whose floats the keeper tends: the stages of the chains this node hosts now (so a
+        float is locked before their first request) and every worker it paid recently."""
+        peers = self.peer_labels()
+        out = set(self.paid)
+        for h in list(self.hosted().values()):
+            for hop in getattr(getattr(h.serving, "chain", None), "hops", ()):
+                wallet = self._wallet_of(peers, hop.node)
+                if wallet is not None:
+                    out.add(wallet.lower())
+        return out
+
+    def terms(self, chain: Any, n_layers: int) -> dict[str, WorkTerms]:
+        """Pay terms for every hop of `chain` whose node announces a wallet on this escrow: its layer share of
+        this node's prices (a hop without a valid label is not paid by vouchers)."""
+        peers = self.peer_labels()
+        out: dict[str, WorkTerms] = {}
+        for h in chain.hops:
+            wallet = self._wallet_of(peers, h.node)
+            if wallet is None or n_layers <= 0:
+                continue
+            out[h.node] = share_terms(self.label.wallet, wallet, Fraction(h.end - h.start, n_layers),
+                                      self.payments.price_per_request, self.payments.price_per_1k_tokens)
+            if wallet.lower() not in self.paid:
+                self.paid[wallet.lower()] = None
+                while len(self.paid) > MAX_PAID_WORKERS:
+                    del self.paid[next(iter(self.paid))]
+                if self.keeper is not None:
+                    self.keeper.kick()  # a new worker: lock its float before its OPEN needs it
+        return out
+
+    def start(self) -> None:
+        self.redeemer.start()
+        if self.keeper is not None:
+            self.keeper.start()
+
+    async def stop(self) -> None:
+        await self.redeemer.stop()
+        if self.keeper is not None:
+            await self.keeper.stop()
+
+    def status(self) -> dict[str, Any]:
+        """For `mesh402 status`: vouchers held and owed per entry, issued per worker, redemptions."""
+        return {"wallet": self.label.wallet, "escrow": self.label.escrow, "chain": self.label.chain,
+                "held": self.wallet.summary(), "issued": self.issuer.totals(),
+                "redeemer": self.redeemer.status(), "escrow_free": self.redeemer.free_balance,
+                "worker": self.worker_pay.status(),
+                "keeper": self.keeper.status() if self.keeper is not None else None}

@@ -1,0 +1,113 @@
+"""Issue 14 (escrow vouchers) on real node processes, real QUIC and a real local chain (anvil + facilitator):
+a paid split request pays its stage with EIP-712 vouchers from the entry's escrow as the work is done.
+(a) the entry is killed right after the request: the worker still redeems everything it was vouchered, on
+chain; (b) an entry that stops raising its vouchers (a test-only entry point) gets one request's window of
+free work at most: its next request is refused `unpaid`, and the worker redeems what it holds. The escrow is
+funded with `mesh402 escrow deposit` and the float locked with `mesh402 escrow lock` (a) or by the entry's
+keeper (`--escrow-float`, b)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harness.dev_chain import DevChain
+from harness.mesh_nodes import MeshNode, MeshNodes, wait_until
+from harness.reference import ready_plan as plan_of
+from harness.x402_payments import buy_chat
+from tests.support.chain import paid_chain
+from tests.support.escrow_mesh import USDC, escrow_args, escrow_cli, escrow_of, escrow_status, fund_escrow
+from tests.support.split_mesh import SPLIT_ARGS
+
+MODEL = "smollm2-135m-instruct"
+PRICE = 10_000  # 0.01 USDC per request (escrow_args)
+BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 6, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DevChain, str]]:
+    tmp = tmp_path_factory.mktemp("escrow-chain")
+    chain, fac, paid = paid_chain(tmp, nodes=4)
+    try:
+        yield chain, paid[paid.index("--facilitator") + 1]
+    finally:
+        fac.stop()
+        chain.proc.stop()
+
+
+def paid_split(nodes: MeshNodes, chain: DevChain, fac: str, accounts: tuple[str, str], launcher: list[str] | None = None,
+               keeper: bool = False) -> tuple[MeshNode, MeshNode, str, str]:
+    """Two escrow nodes splitting the model; (host, worker, host account, worker account) once the host's
+    escrow covers the worker (locked with `mesh402 escrow lock`, or by the host's keeper with `keeper`) and
+    the host sees the worker's escrow label."""
+    extra = ("--escrow-float", "0.5") if keeper else ()
+    a = nodes.start("a", no_model=False, extra=[*SPLIT_ARGS, *escrow_args(chain, fac, accounts[0], *extra)],
+                    launcher=launcher)
+    b = nodes.start("b", join=a.token(), no_model=False,
+                    extra=[*SPLIT_ARGS, *escrow_args(chain, fac, accounts[1], *extra)], timeout=120, launcher=launcher)
+    wait_until(lambda: plan_of(a) is not None and plan_of(b) is not None, timeout=180, what="a ready split plan")
+    plan = plan_of(a)
+    assert len(plan["stages"]) == 2, plan
+    host, worker = (a, b) if plan["host"] == a.node_id else (b, a)
+    host_acct, worker_acct = (accounts[0], accounts[1]) if host is a else (accounts[1], accounts[0])
+    fund_escrow(chain, host_acct, 1 * USDC, lock_for=None if keeper else worker_acct)
+    if keeper:
+        esc, entry, wallet = escrow_of(chain), chain.dep.address(host_acct), chain.dep.address(worker_acct)
+        wait_until(lambda: esc.coverage(entry, wallet) >= USDC // 2, timeout=90, what="the keeper's float")
+    assert "free" in escrow_cli(chain, "status", "--account", host_acct, "--worker", chain.dep.address(worker_acct))
+    wait_until(lambda: "escrow" in ((host.peers().get(worker.node_id, {}).get("announcement") or {}).get("labels")
+                                    or {}), timeout=60,
+               what="the worker's escrow label at the host")
+    return host, worker, host_acct, worker_acct
+
+
+def redeemed(chain: DevChain, host_acct: str, worker_acct: str) -> int:
+    return escrow_of(chain).channel(chain.dep.address(host_acct), chain.dep.address(worker_acct)).redeemed
+
+
+def test_entry_killed_after_a_paid_request_worker_redeems_everything(dev, tmp_path: Path) -> None:
+    chain, fac = dev
+    nodes = MeshNodes(tmp_path / "nodes")
+    try:
+        host, worker, host_acct, worker_acct = paid_split(nodes, chain, fac, ("node-0", "node-1"))
+        before = chain.balance(worker_acct)
+        assert buy_chat(chain, host.api_port, BODY) == 200
+        MeshNodes.kill9(host)  # right after the answer: no goodbye, maybe no CLOSE
+        wallet = chain.dep.address(worker_acct)
+        entry = chain.dep.address(host_acct).lower()
+        held = lambda: (escrow_status(worker).get("held") or {}).get(entry, {})  # noqa: E731
+        wait_until(lambda: held().get("vouchered", 0) > 0 and held().get("owed", 0) > 0, timeout=60,
+                   what="the worker's voucher and its work recorded")
+        vouchered = held()["vouchered"]
+        assert vouchered >= held()["owed"]  # the entry vouchered all the work it got before it died
+        wait_until(lambda: redeemed(chain, host_acct, worker_acct) == vouchered, timeout=60,
+                   what="the worker's redemption on chain")
+        assert chain.balance(wallet) - before == vouchered
+        assert 0 < vouchered <= PRICE  # its layer share of the request's price, never more than the entry sold
+    finally:
+        nodes.stop_all()
+
+
+def test_entry_that_stops_vouchering_is_refused_and_the_worker_redeems(dev, tmp_path: Path) -> None:
+    chain, fac = dev
+    nodes = MeshNodes(tmp_path / "nodes")
+    launcher = [sys.executable, "-m", "tests.support.stingy_entry_node"]
+    try:
+        host, worker, host_acct, worker_acct = paid_split(nodes, chain, fac, ("node-2", "node-3"), launcher, keeper=True)
+        assert buy_chat(chain, host.api_port, BODY) == 200  # vouchered (OPEN and first step)
+        assert buy_chat(chain, host.api_port, BODY) == 200  # unvouchered, within the worker's window
+        entry = chain.dep.address(host_acct).lower()
+        held = lambda: (escrow_status(worker).get("held") or {}).get(entry, {})  # noqa: E731
+        wait_until(lambda: held().get("owed", 0) > held().get("vouchered", 0) > 0, timeout=60,
+                   what="the worker behind on vouchers")
+        assert buy_chat(chain, host.api_port, BODY) != 200  # refused: the entry is behind
+        refusal = (escrow_status(worker).get("worker") or {}).get("last_refusal", "")
+        assert "behind on vouchers" in refusal, refusal
+        vouchered = held()["vouchered"]
+        wait_until(lambda: redeemed(chain, host_acct, worker_acct) == vouchered, timeout=60,
+                   what="the worker's redemption on chain")
+    finally:
+        nodes.stop_all()
