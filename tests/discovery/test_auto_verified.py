@@ -1,0 +1,54 @@
+"""`--auto` follows counts it verified, not a listing's self-reported node count (issue 13).
+
+A hostile publisher re-lists its real one-node mesh claiming 10,000 nodes (a real nostr-sdk
+LocalRelay, real node processes). An `--auto` node probes the candidates, joins the honest
+two-node mesh, and its merge loop never moves it to the inflated one."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from mesh402.discovery.listing import MeshListing
+from mesh402.discovery.nostr import fetch_listings
+from harness.mesh_nodes import MeshNodes, wait_until
+from tests.support.hostile_listing import publish_inflated
+
+
+def listings(url: str) -> list[MeshListing]:
+    return asyncio.run(fetch_listings([url], 2.0))
+
+
+def test_auto_ignores_an_inflated_node_count(mesh_nodes: MeshNodes, nostr_relay) -> None:
+    url = nostr_relay.url
+    pub = ["--nostr-relay", url, "--nostr-refresh", "1", "--publish"]
+    a = mesh_nodes.start("a", extra=pub)
+    b = mesh_nodes.start("b", join=a.token())
+    mesh_nodes.wait_full_mesh([a, b], timeout=20)
+    honest = a.status()["mesh_id"]
+    wait_until(lambda: any(x.mesh_id == honest and x.node_count == 2 for x in listings(url)), 15,
+               what="honest listing of 2 nodes")
+
+    h = mesh_nodes.start("h", extra=pub)  # the attacker's mesh: really one node
+    evil = h.status()["mesh_id"]
+    wait_until(lambda: any(x.mesh_id == evil for x in listings(url)), 15, what="attacker's own listing")
+    real = next(x for x in listings(url) if x.mesh_id == evil)
+    publish_inflated(url, real, node_count=10_000)
+    wait_until(lambda: any(x.mesh_id == evil and x.node_count == 10_000 for x in listings(url)), 10,
+               what="inflated listing")
+
+    c = mesh_nodes.start("c", extra=["--nostr-relay", url, "--nostr-refresh", "1", "--auto",
+                                     "--auto-interval", "1"])
+    mesh_nodes.wait_full_mesh([a, b, c], timeout=30)
+    st = c.status()
+    assert st["mesh_id"] == honest
+    # several merge rounds later it has not moved, and the attacker's mesh never held it
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 5:
+        assert c.status()["mesh_id"] == honest
+        assert c.node_id not in h.peers()
+        time.sleep(0.5)
+    disc = c.status()["node"]["discovery"]
+    assert disc["merged_into"] is None
+    assert disc["verified_nodes"].get(evil) == 1  # probed: one node behind the 10,000 claim
+    assert disc["verified_nodes"].get(honest, 2) >= 2
