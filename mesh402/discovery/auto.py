@@ -111,6 +111,7 @@ class Discovery:
         self.probes: dict[str, int] = {}  # mesh id -> verified serving nodes of the latest probe
         self._rejected: dict[str, float] = {}  # mesh id -> monotonic time it may be probed again
         self._switched_at = -SWITCH_COOLDOWN_S
+        self.probe_s: Optional[float] = None  # how long the latest probe took
 
     # ------------------------------------------------------------ before the mesh starts
 
@@ -154,7 +155,9 @@ class Discovery:
         return choose_mesh(checked, me)
 
     async def _probe(self, lst: MeshListing) -> ProbeResult:
+        t0 = time.perf_counter()
         r = await probe_mesh(self.rt.mesh.config, lst.mesh_id, lst.invite)
+        self.probe_s = time.perf_counter() - t0
         self.probes[lst.mesh_id] = r.verified_nodes
         log.info("--auto: mesh %s claims %d nodes, verified %d%s", lst.mesh_id[:12], lst.node_count,
                  r.verified_nodes, f" ({r.error})" if r.error else "")
@@ -320,6 +323,6 @@ class Discovery:
             "chosen_score": (self.choice.score if self.choice else None),
             "chosen_reasons": list(self.choice.reasons) if self.choice else [],
             "fetch_s": self.fetch_s, "join_s": self.join_s, "merged_into": self.merged_into,
-            "verified_nodes": dict(self.probes),
+            "verified_nodes": dict(self.probes), "probe_s": self.probe_s,
             "last_error": self.last_error,
         }

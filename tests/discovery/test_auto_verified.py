@@ -37,11 +37,15 @@ def test_auto_ignores_an_inflated_node_count(mesh_nodes: MeshNodes, nostr_relay)
     wait_until(lambda: any(x.mesh_id == evil and x.node_count == 10_000 for x in listings(url)), 10,
                what="inflated listing")
 
+    t0 = time.monotonic()
     c = mesh_nodes.start("c", extra=["--nostr-relay", url, "--nostr-refresh", "1", "--auto",
                                      "--auto-interval", "1"])
     mesh_nodes.wait_full_mesh([a, b, c], timeout=30)
     st = c.status()
     assert st["mesh_id"] == honest
+    d = st["node"]["discovery"]
+    print(f"\n--auto with probes: process start -> full mesh {time.monotonic() - t0:.2f}s; "
+          f"join_s {d['join_s']:.2f}s, latest probe {d['probe_s']:.2f}s")
     # several merge rounds later it has not moved, and the attacker's mesh never held it
     t0 = time.monotonic()
     while time.monotonic() - t0 < 5:
