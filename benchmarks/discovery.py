@@ -8,7 +8,8 @@ mesh timers). Prints a table and writes benchmarks/results/discovery.json.
 
 - join: node A `serve --no-model --publish`; node B `serve --no-model --auto`. Measured from B's
   process start until both see each other alive (includes Python start-up and imports), and
-  B's own fetch (relay query) and fetch+dial times from its /api/status.
+  B's own fetch (relay query), fetch+probe+dial and probe (joining A's invite with a throwaway
+  identity to count its members) times from its /api/status.
 - ttft: the bundled model in-process (fast mode, one thread): a ~300-token system prompt with a
   new user question each round; cold = prefix cache off, warm = prefix cache on and filled.
 - router: classify + score 2 and 8 candidate models, microseconds per request.
@@ -34,7 +35,7 @@ def bench_join(rounds: int) -> dict:
     from harness.mesh_nodes import MeshNodes, wait_until
     from harness.nostr_relay import RelayThread
 
-    wall, fetch, dial = [], [], []
+    wall, fetch, dial, probe = [], [], [], []
     for _ in range(rounds):
         relay = RelayThread().start()
         with tempfile.TemporaryDirectory() as d:
@@ -51,11 +52,12 @@ def bench_join(rounds: int) -> dict:
                 disc = b.status()["node"]["discovery"]
                 fetch.append(disc["fetch_s"] * 1000)
                 dial.append(disc["join_s"] * 1000)
+                probe.append((disc.get("probe_s") or 0.0) * 1000)
             finally:
                 nodes.stop_all()
                 relay.stop()
     return {"process_start_to_full_mesh_s": statistics.median(wall), "relay_fetch_ms": statistics.median(fetch),
-            "fetch_plus_dial_ms": statistics.median(dial), "rounds": rounds}
+            "fetch_plus_dial_ms": statistics.median(dial), "probe_ms": statistics.median(probe), "rounds": rounds}
 
 
 def bench_ttft(rounds: int) -> dict:
@@ -133,7 +135,8 @@ def main() -> None:
     out.write_text(json.dumps(res, indent=1))
     j, t, r = res["join"], res["ttft"], res["router"]
     print(f"discovery-to-join (B process start -> full mesh): {j['process_start_to_full_mesh_s']:.2f} s "
-          f"(relay fetch {j['relay_fetch_ms']:.0f} ms, fetch+dial {j['fetch_plus_dial_ms']:.0f} ms), median of {j['rounds']}")
+          f"(relay fetch {j['relay_fetch_ms']:.0f} ms, fetch+probe+dial {j['fetch_plus_dial_ms']:.0f} ms, "
+          f"of which the probe {j['probe_ms']:.0f} ms), median of {j['rounds']}")
     print(f"TTFT, {t['prompt_tokens']}-token prompt: cold {t['cold_ttft_ms']:.0f} ms, warm prefix {t['warm_ttft_ms']:.0f} ms "
           f"({t['cached_tokens']:.0f} cached tokens), median of {t['rounds']}")
     print(f"router decision: {r['decide_us_2_models']:.0f} us (2 models), {r['decide_us_8_models']:.0f} us (8 models)")

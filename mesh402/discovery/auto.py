@@ -4,15 +4,20 @@
   (:func:`mesh402.discovery.listing.choose_mesh`), or starts its own open mesh and publishes it.
 - `--publish` (or an `--auto` node that started its own mesh) keeps a listing on the relays,
   refreshed every `nostr_refresh` seconds and whenever the mesh changes, withdrawn on leave.
-- An `--auto` node keeps reading the listings: when another open mesh orders above its own
-  (:func:`merge_target`: more nodes; equal size, larger id), it leaves its mesh and joins that
-  one, so two `--auto` nodes that started at once end in one mesh.
+- An `--auto` node keeps reading the listings. A listing's node count is only a claim, so it
+  never decides a move: the node probes the candidates (:mod:`mesh402.discovery.probe`: joins
+  the invite with a throwaway identity and counts the serving members it reaches) and moves only
+  when a verified count beats its own mesh's (:func:`mesh402.discovery.probe.beats`: more nodes;
+  two lone nodes, the larger id), at most once per ``SWITCH_COOLDOWN_S``. Meshes that verified
+  too small are not probed again for ``REJECT_TTL_S``. Two `--auto` nodes that started at once
+  end in one mesh; a stranger's inflated listing pulls nobody.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -25,10 +30,11 @@ from mesh402.discovery.listing import (
     ScoredMesh,
     Seeker,
     choose_mesh,
-    merge_target,
+    by_mesh,
     named_mesh_id,
 )
 from mesh402.discovery.nostr import NostrDirectory, load_or_create_keys
+from mesh402.discovery.probe import ProbeResult, beats, probe_mesh, rank_verified
 from mesh402.mesh.proto import mesh_pb2 as pb
 from mesh402.mesh.service import MeshService
 from mesh402.settings import MeshSettings
@@ -50,6 +56,10 @@ class DiscoveryHost(Protocol):
     def after_switch(self) -> None: ...
 
 log = logging.getLogger(__name__)
+
+MAX_PROBES = 3  # candidates probed per round (highest claims first): bounds what junk listings cost
+SWITCH_COOLDOWN_S = 60.0  # after a move, no other move this long: meshes settle instead of flapping
+REJECT_TTL_S = 300.0  # a mesh that verified too small (or failed its probe) is not probed again this long
 
 
 def mesh_view(mesh: Any) -> dict[str, Any]:
@@ -98,6 +108,10 @@ class Discovery:
         self._kick = asyncio.Event()
         self._last_sig: Any = None
         self.last_error = ""
+        self.probes: dict[str, int] = {}  # mesh id -> verified serving nodes of the latest probe
+        self._rejected: dict[str, float] = {}  # mesh id -> monotonic time it may be probed again
+        self._switched_at = -SWITCH_COOLDOWN_S
+        self.probe_s: Optional[float] = None  # how long the latest probe took
 
     # ------------------------------------------------------------ before the mesh starts
 
@@ -112,11 +126,42 @@ class Discovery:
         t0 = time.perf_counter()
         listings = await self.fetch_all()
         self.fetch_s = time.perf_counter() - t0
-        self.choice = choose_mesh(listings, self.seeker(last_mesh_id))
+        self.choice = await self._choose_verified(listings, self.seeker(last_mesh_id))
         if self.choice:
             log.info("--auto: mesh %s scored %.0f (%s)", self.choice.listing.mesh_id[:12], self.choice.score,
                      ", ".join(self.choice.reasons))
         return self.choice
+
+    async def _choose_verified(self, listings: list[MeshListing], me: Seeker) -> Optional[ScoredMesh]:
+        """The best mesh once the node counts of the best-scored ones are replaced by probed counts.
+
+        A candidate whose probe reaches nobody is dropped; one remembered from last time is kept
+        (this home was a member, and its members may simply not be up yet)."""
+        left = list(by_mesh(listings).values())
+        checked: list[MeshListing] = []
+        for _ in range(MAX_PROBES):
+            # which to probe first ignores the claimed counts, so inflated claims cannot crowd out the rest
+            top = choose_mesh([dataclasses.replace(x, node_count=1) for x in left], me)
+            if top is None:
+                break
+            lst = next(x for x in left if x.mesh_id == top.listing.mesh_id)
+            left = [x for x in left if x.mesh_id != lst.mesh_id]
+            if lst.mesh_id == me.last_mesh_id:
+                checked.append(lst)
+                continue
+            r = await self._probe(lst)
+            if r.verified_nodes > 0:
+                checked.append(dataclasses.replace(lst, node_count=r.verified_nodes))
+        return choose_mesh(checked, me)
+
+    async def _probe(self, lst: MeshListing) -> ProbeResult:
+        t0 = time.perf_counter()
+        r = await probe_mesh(self.rt.mesh.config, lst.mesh_id, lst.invite)
+        self.probe_s = time.perf_counter() - t0
+        self.probes[lst.mesh_id] = r.verified_nodes
+        log.info("--auto: mesh %s claims %d nodes, verified %d%s", lst.mesh_id[:12], lst.node_count,
+                 r.verified_nodes, f" ({r.error})" if r.error else "")
+        return r
 
     async def fetch_all(self) -> list[MeshListing]:
         """Listings from the Nostr relays and/or the LAN (failures are logged, not raised)."""
@@ -219,30 +264,57 @@ class Discovery:
         await self.lan.update(txt_for(lst, mesh.node_id.hex(), addrs, token), ips, port)
 
     async def _merge_loop(self) -> None:
-        mesh = self.rt.mesh
         while True:
             await asyncio.sleep(self.settings.auto_interval)
-            listings = await self.fetch_all()
-            if self.settings.mesh_name:
-                listings = [x for x in listings if x.name == self.settings.mesh_name]
-            mine = (mesh_view(mesh)["nodes"], mesh.mesh_id or "")
-            target = merge_target(mine, listings)
-            if target is None:
+            await self.merge_once()
+
+    async def merge_target(self) -> Optional[MeshListing]:
+        """The listed mesh this node should move to, by probed (verified) counts, or None."""
+        mesh = self.rt.mesh
+        now = time.monotonic()
+        if now - self._switched_at < SWITCH_COOLDOWN_S:
+            return None
+        listings = await self.fetch_all()
+        if self.settings.mesh_name:
+            listings = [x for x in listings if x.name == self.settings.mesh_name]
+        mine = (mesh_view(mesh)["nodes"], mesh.mesh_id or "")
+        self._rejected = {k: t for k, t in self._rejected.items() if t > now}
+        # a claim only decides which candidates are worth a probe (and a claim below ours, none)
+        cands = sorted((x for x in by_mesh(listings).values()
+                        if x.is_open and x.mesh_id != mine[1] and x.mesh_id not in self._rejected
+                        and beats((x.node_count, x.mesh_id), mine)),
+                       key=lambda x: (-x.node_count, x.mesh_id))[:MAX_PROBES]
+        results = []
+        for lst in cands:
+            r = await self._probe(lst)
+            if not beats((r.verified_nodes, lst.mesh_id), mine):
+                self._rejected[lst.mesh_id] = time.monotonic() + REJECT_TTL_S
                 continue
-            log.info("--auto: merging mesh %s (%d nodes) into %s (%d nodes)", mine[1][:12], mine[0],
-                     target.mesh_id[:12], target.node_count)
-            was_publishing = self.publishing
-            if was_publishing:
-                await self.directory.withdraw()
-                self.publishing = False
-            try:
-                await mesh.switch_mesh(target.invite)
-                self.merged_into = target.mesh_id
-                self.rt.after_switch()
-            except Exception as e:
-                self.last_error = f"merge into {target.mesh_id[:12]} failed: {e}"
-                log.warning("%s", self.last_error)
-                self.publishing = was_publishing
+            results.append(r)
+        best = rank_verified(results)
+        return next((x for x in cands if best is not None and x.mesh_id == best.mesh_id), None)
+
+    async def merge_once(self) -> None:
+        mesh = self.rt.mesh
+        target = await self.merge_target()
+        if target is None:
+            return
+        mine = (mesh_view(mesh)["nodes"], mesh.mesh_id or "")
+        log.info("--auto: merging mesh %s (%d nodes) into %s (%d verified nodes)", mine[1][:12], mine[0],
+                 target.mesh_id[:12], self.probes.get(target.mesh_id, 0))
+        was_publishing = self.publishing
+        if was_publishing:
+            await self.directory.withdraw()
+            self.publishing = False
+        self._switched_at = time.monotonic()
+        try:
+            await mesh.switch_mesh(target.invite)
+            self.merged_into = target.mesh_id
+            self.rt.after_switch()
+        except Exception as e:
+            self.last_error = f"merge into {target.mesh_id[:12]} failed: {e}"
+            log.warning("%s", self.last_error)
+            self.publishing = was_publishing
 
     def status(self) -> dict[str, Any]:
         return {
@@ -251,5 +323,6 @@ class Discovery:
             "chosen_score": (self.choice.score if self.choice else None),
             "chosen_reasons": list(self.choice.reasons) if self.choice else [],
             "fetch_s": self.fetch_s, "join_s": self.join_s, "merged_into": self.merged_into,
+            "verified_nodes": dict(self.probes), "probe_s": self.probe_s,
             "last_error": self.last_error,
         }

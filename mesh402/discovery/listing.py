@@ -170,22 +170,3 @@ def choose_mesh(listings: Iterable[MeshListing], me: Seeker, exclude_mesh: str =
     if not scored:
         return None
     return max(scored, key=lambda s: (s.score, s.listing.node_count, s.listing.mesh_id))
-
-
-def merge_key(node_count: int, mesh_id: str) -> tuple[int, str]:
-    """Merge order of two meshes: more nodes wins; equal size, the larger mesh id wins."""
-    return (node_count, mesh_id)
-
-
-def merge_target(mine: tuple[int, str], listings: Iterable[MeshListing]) -> Optional[MeshListing]:
-    """An open listed mesh this node's (smaller) mesh should merge into, or None.
-
-    Both sides compute the same order, so of two meshes exactly one moves."""
-    best: Optional[MeshListing] = None
-    for lst in by_mesh(listings).values():
-        if lst.mesh_id == mine[1] or not lst.is_open:
-            continue
-        if merge_key(lst.node_count, lst.mesh_id) > merge_key(*mine):
-            if best is None or merge_key(lst.node_count, lst.mesh_id) > merge_key(best.node_count, best.mesh_id):
-                best = lst
-    return best

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from mesh402.discovery.lan import listing_from_txt, token_fingerprint, txt_for
-from mesh402.discovery.listing import (MeshListing, Seeker, by_mesh, choose_mesh, matches, merge_target,
+from mesh402.discovery.probe import beats
+from mesh402.discovery.listing import (MeshListing, Seeker, by_mesh, choose_mesh, matches,
                                        named_mesh_id, newest_per_author, score_mesh)
 
 
@@ -46,12 +47,11 @@ def test_auto_score_fit_size_demand_last_and_private() -> None:
     assert score_mesh(L("full", client_count=5, max_clients=5), me) is None
 
 
-def test_merge_order_is_antisymmetric() -> None:
-    a, b = L("aaaa", node_count=1), L("bbbb", node_count=1)
-    assert merge_target((1, "aaaa"), [a, b]).mesh_id == "bbbb"  # equal size: the larger id wins
-    assert merge_target((1, "bbbb"), [a, b]) is None
-    assert merge_target((3, "aaaa"), [L("zzzz", node_count=2)]) is None  # the larger mesh stays
-    assert merge_target((1, "aaaa"), [L("cccc", node_count=2, policy="private")]) is None
+def test_merge_order_is_antisymmetric_with_hysteresis() -> None:
+    assert beats((1, "bbbb"), (1, "aaaa")) and not beats((1, "aaaa"), (1, "bbbb"))  # lone nodes: larger id
+    assert not beats((2, "zzzz"), (3, "aaaa"))  # the larger mesh stays
+    assert beats((3, "aaaa"), (2, "zzzz"))
+    assert not beats((2, "zzzz"), (2, "aaaa")) and not beats((2, "aaaa"), (2, "zzzz"))  # equal meshes stay put
 
 
 def test_discover_filters_and_one_listing_per_mesh() -> None:
