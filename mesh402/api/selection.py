@@ -104,7 +104,7 @@ def route_auto(ctx: EdgeContext, sel: Selection, req: SamplingFields) -> Target 
                 local.append((e.model_id, model_profile(str(e.source.path), e.source.format)))
             except Exception:
                 local.append((e.model_id, {}))
-    table = {k: r for k, r in ctx.routes().items() if r.ready}
+    table = {k: r for k, r in ctx.routes().items() if r.ready and (ctx.config.auto_backends or not r.backend)}
     remote = [(k, r.host, model_label(ctx, r.host, k)) for k, r in sorted(table.items())]
     messages = request_messages(req)
     router = ctx.router
@@ -143,9 +143,12 @@ def pick_model(ctx: EdgeContext, sel: Selection, name: str | None, request: Requ
         table = ctx.routes()
         route = table.get(entry.model_id if entry else name or "") if not auto or entry else None
         if route is None and auto:
-            route = next((r for r in table.values() if r.ready), None)
+            route = next((r for r in table.values() if r.ready and (ctx.config.auto_backends or not r.backend)), None)
         if route is not None and route.ready:
             return route
+        if route is not None and route.backend:  # its node is up but its backend is not: unavailable, not unknown
+            raise unavailable(f"the backend serving {route.model_id} on node {route.host[:16]} is unavailable",
+                              ctx.retry_after, code="backend_unavailable")
     raise not_servable(ctx, name, entry, auto=auto, tunnelled=tunnelled)
 
 
