@@ -463,7 +463,9 @@ class MeshRuntime:
             labels[MODEL_LABEL + e.model_id] = router.label_for(e.model_id, prof) if router else json.dumps(prof)
         backends = self.node.edge.backends
         if backends is not None:  # `--backend` models, so peers route to them (health re-announced on change)
-            for m in backends.listing({e.model_id for e in self.node.registry.all()}):
+            listed = backends.listing({e.model_id for e in self.node.registry.all()})
+            listed.sort(key=lambda m: m["state"] != "ready")  # ready first: the rest would not fit the announcement
+            for m in listed[:L.MAX_BACKEND_MODELS]:
                 labels[MODEL_LABEL + m["id"]] = L.backend_label(m["state"] == "ready", m.get("context_length", 0))
         offer = self.node.edge.payments.offer()
         if offer is not None:  # what this node sells: an entry routing here prices its requests by it
