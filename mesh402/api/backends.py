@@ -15,7 +15,8 @@ price still applies).
 The node announces its backend models (`model:<id>` labels with `backend: true`, node/mesh_runtime.py), so
 peers list them and route requests naming them here through the tunnel (serving/distributed.py
 `backend_routes`); the tunnel dispatches in process to this app, which answers them here. `model: "auto"`
-picks another node's backend model only with `serve --auto-backends` (api/selection.py).
+picks another node's backend model only when the client (`x-mesh402-auto-backends: true`) or the operator
+(`serve --auto-backends`) opts in (api/selection.py).
 """
 
 from __future__ import annotations

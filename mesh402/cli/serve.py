@@ -130,7 +130,7 @@ def serve(
     validator: Annotated[bool, typer.Option("--validator", help="Re-execute other nodes' audited steps on this node's copy of the model and answer their validation requests on chain (needs --owner-key-file and --deployment/--network).", rich_help_panel="Trust")] = False,
     backend: Annotated[Optional[list[str]], typer.Option("--backend", help="An OpenAI-compatible server (its base URL, e.g. http://127.0.0.1:8000/v1) whose models this node answers too, unverified. Repeatable.", rich_help_panel="Backends")] = None,
     backend_key_file: Annotated[Optional[Path], typer.Option("--backend-key-file", help="File (mode 0600) holding the backends' API key; or set MESH402_BACKEND_KEY.", rich_help_panel="Backends")] = None,
-    auto_backends: Annotated[bool, typer.Option("--auto-backends", help="Let model \"auto\" on this node pick backend models of other nodes (unverified: nobody can spot-check them). Off by default; naming a backend model always routes to it.", rich_help_panel="Backends")] = False,
+    auto_backends: Annotated[bool, typer.Option("--auto-backends", help="Let model \"auto\" on this node pick backend models of other nodes (unverified: nobody can spot-check them). Off by default (a client may opt in per request with the header x-mesh402-auto-backends: true); naming a backend model always routes to it.", rich_help_panel="Backends")] = False,
     audit_rate: Annotated[float, typer.Option("--audit-rate", help="Entry: share of paid split requests whose stages must reveal a step for re-execution (each node's first request per epoch is always audited).", rich_help_panel="Trust")] = 0.1,
     validator_id: ValidatorIdOpt = None,
     allow_host: AllowHostOpt = None,

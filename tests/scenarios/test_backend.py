@@ -165,7 +165,8 @@ def test_a_paid_node_sells_a_backend_model(tmp_path: Path) -> None:
 def test_another_node_answers_a_backend_model_through_the_mesh(tmp_path: Path) -> None:
     """Node A fronts a backend and announces its model (`model:<id>` with `backend: true`); node B, which joined
     A's mesh and serves nothing, lists it unverified and answers it through the tunnel, plain and streamed.
-    `model: auto` on B leaves it alone unless B's operator opts in (--auto-backends, node C). Once the backend
+    `model: auto` on B leaves it alone unless the client opts in (x-mesh402-auto-backends: true) or B's operator
+    does (--auto-backends, node C). Once the backend
     dies, B lists the model unavailable and answers a clean 503."""
     nodes = MeshNodes(tmp_path / "nodes")
     try:
@@ -193,7 +194,10 @@ def test_another_node_answers_a_backend_model_through_the_mesh(tmp_path: Path) -
 
         auto = {**ASK, "model": "auto"}  # unverified models are not picked for a client who named none...
         assert httpx.post(f"http://127.0.0.1:{peer.api_port}/v1/chat/completions", json=auto, timeout=60).status_code == 503
-        opted = nodes.start("opted", join=front.token(), extra=["--auto-backends"])  # ...unless the operator opts in
+        asked = httpx.post(f"http://127.0.0.1:{peer.api_port}/v1/chat/completions", json=auto, timeout=120,
+                           headers={"x-mesh402-auto-backends": "true"})  # ...unless the client opts in...
+        assert asked.status_code == 200 and asked.json()["choices"][0]["message"]["content"] == text, asked.text
+        opted = nodes.start("opted", join=front.token(), extra=["--auto-backends"])  # ...or its operator does
         wait_until(lambda: models(opted.api_port).get(MODEL, {}).get("state") == "ready", 60,
                    what="the backend model listed on the opted-in node")
         picked = httpx.post(f"http://127.0.0.1:{opted.api_port}/v1/chat/completions", json=auto, timeout=120)
