@@ -12,6 +12,7 @@ named them.
 |---|---|---|
 | `capacity_bytes` | decimal integer, 0..MAX_CAPACITY | `capacity` |
 | `model:<id>` | JSON object: ctx, params, tags, tools, tok_s | `model_facts` |
+| `model:<id>` with `backend: true` | JSON object: backend, verified (false), ready, ctx | `backend_models` |
 | `plan:<model>@<hash>` | JSON object: host, ready, epoch, stages, ... | `plan_claim` |
 | `verified:<hash>` | JSON list of node ids this node saw prove they hold the model | `verified_holders` |
 | `validator`, `validator_device` | EVM address; device signature | `validator_address`, `validator_device` |
@@ -41,8 +42,10 @@ MAX_EPOCH = 2**62
 MAX_JSON = 256 * 1024  # a label value longer than this is not parsed at all
 MAX_STAGES = 1024
 MAX_VERIFIED = 64  # node ids one verified: label lists
+MAX_BACKEND_MODELS = 16  # backend models one node announces and peers read from it (an announcement holds 64 labels)
 _NODE_ID = re.compile(r"[0-9a-f]{64}")
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,127}")  # a backend's ids may hold "/" (org/name)
 
 
 def node_id_ok(value: Any) -> bool:
@@ -75,6 +78,45 @@ class ModelFactsLabel(BaseModel):
     tags: list[str] = Field(default_factory=list, max_length=32)
     tools: bool = False
     tok_s: Optional[float] = Field(None, ge=0, le=1e6)
+
+
+class BackendModelLabel(BaseModel):
+    """`model:<id>` of a model the announcer answers through its own OpenAI-compatible server
+    (`serve --backend`): no layers, no plan, nobody can spot-check it, so it is always `verified: false`."""
+    model_config = ConfigDict(extra="ignore", strict=True)
+    backend: bool
+    verified: bool = False
+    ready: bool = False  # the backend answered its last health probe
+    ctx: int = Field(0, ge=0, le=2**31)
+
+
+def backend_label(ready: bool, context_length: int = 0) -> str:
+    """The `model:<id>` label value a node announces for one of its backend models."""
+    d: dict[str, Any] = {"backend": True, "verified": False, "ready": ready}
+    if context_length:
+        d["ctx"] = context_length
+    return json.dumps(d, separators=(",", ":"))
+
+
+def backend_models(labels: Mapping[str, str]) -> dict[str, BackendModelLabel]:
+    """model id -> what the announcer says about a backend model it fronts (a label that is not a
+    well-formed backend claim, or names a malformed id, is skipped; at most MAX_BACKEND_MODELS)."""
+    out: dict[str, BackendModelLabel] = {}
+    for label, value in labels.items():
+        if len(out) >= MAX_BACKEND_MODELS:
+            break
+        model_id = label[len(MODEL_LABEL):]
+        if not label.startswith(MODEL_LABEL) or _MODEL_ID.fullmatch(model_id) is None:
+            continue
+        if not isinstance(value, str) or len(value) > 1024 or '"backend"' not in value:
+            continue
+        try:
+            b = BackendModelLabel.model_validate_json(value)
+        except ValidationError:
+            continue
+        if b.backend and not b.verified:  # a "verified backend" is a contradiction: not believed
+            out[model_id] = b
+    return out
 
 
 def model_facts(raw: Optional[str]) -> ModelFactsLabel:

@@ -162,6 +162,7 @@ class NodeConfig:
     standby: bool = False  # serve nothing until mesh demand asks for a model on disk (mesh402.serving.replicas)
     backends: list[str] = field(default_factory=list)  # `--backend URL`: OpenAI-compatible servers (api/backends.py)
     backend_key: str | None = None  # their API key, from --backend-key-file or MESH402_BACKEND_KEY
+    auto_backends: bool = False  # `--auto-backends`: model "auto" may pick the mesh's (unverified) backend models
 
 
 def load_api_key(api_key_file: str | Path | None) -> str | None:

@@ -9,9 +9,14 @@ gets the client a clean 503. Only this node calls the URL.
 
 A node that charges sells backend models like routed ones: the payment is verified before the backend is
 called and settled on the backend's `usage` once the answer is complete (api/x402/proxy.py; a stream asks
-the backend for `include_usage`). Not yet: announcing backend models to the mesh (so peers route to them)
-and `model: "auto"` opting in; a backend that sends no usage is settled as zero tokens (the per-request
+the backend for `include_usage`); a backend that sends no usage is settled as zero tokens (the per-request
 price still applies).
+
+The node announces its backend models (`model:<id>` labels with `backend: true`, node/mesh_runtime.py), so
+peers list them and route requests naming them here through the tunnel (serving/distributed.py
+`backend_routes`); the tunnel dispatches in process to this app, which answers them here. `model: "auto"`
+picks another node's backend model only when the client (`x-mesh402-auto-backends: true`) or the operator
+(`serve --auto-backends`) opts in (api/selection.py).
 """
 
 from __future__ import annotations

@@ -171,7 +171,8 @@ async def proxy(ctx: EdgeContext, sel: Selection, request: Request, route: Route
     target = served[-1].target if served else route
     if sel.prefix:
         ctx.router.picker.served(sel.prefix, target.host, time.monotonic())
-    resp.headers.update(route_header(sel, target.model_id, target.host, "mesh"))
+    via = "mesh; backend; verified=false" if not isinstance(target, ModelEntry) and target.backend else "mesh"
+    resp.headers.update(route_header(sel, target.model_id, target.host, via))
     return resp
 
 

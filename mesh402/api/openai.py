@@ -185,8 +185,15 @@ def model_list(ctx: EdgeContext) -> list[dict[str, Any]]:
     seen = {d["id"] for d in data}
     for model_id, r in sorted(ctx.routes().items()):
         if model_id in seen:
-            if r.ready:  # served elsewhere in the mesh while this node holds it on standby
+            if r.ready and not r.backend:  # served elsewhere in the mesh while this node holds it on standby
                 next(d for d in data if d["id"] == model_id).update(state="ready", host=r.host)
+            continue
+        if r.backend:  # another node's `--backend` model: unverified, unavailable while its backend is down
+            item = {"id": model_id, "object": "model", "created": 0, "owned_by": "backend",
+                    "state": "ready" if r.ready else "unavailable", "host": r.host, "verified": False}
+            if r.context_length:
+                item["context_length"] = r.context_length
+            data.append(item)
             continue
         data.append({"id": model_id, "object": "model", "created": 0, "owned_by": "mesh402",
                      "state": "ready" if r.ready else "waiting", "host": r.host})

@@ -94,7 +94,16 @@ def choose_replica(ctx: EdgeContext, sel: Selection, request: Request, req: Samp
     return reps[order[0].replica]
 
 
-def route_auto(ctx: EdgeContext, sel: Selection, req: SamplingFields) -> Target | None:
+AUTO_BACKENDS_HEADER = "x-mesh402-auto-backends"  # a client's opt-in: "true" lets model "auto" pick backend models
+
+
+def backends_allowed(ctx: EdgeContext, request: Request) -> bool:
+    """Whether model "auto" may pick other nodes' (unverified) backend models for this request: the operator
+    opted in (`serve --auto-backends`) or the client did (`x-mesh402-auto-backends: true`)."""
+    return ctx.config.auto_backends or request.headers.get(AUTO_BACKENDS_HEADER, "").strip().lower() == "true"
+
+
+def route_auto(ctx: EdgeContext, sel: Selection, req: SamplingFields, backends: bool = False) -> Target | None:
     """model "auto": classify the request and score the mesh's models (x-mesh402-route says why)."""
 
     local = []
@@ -104,7 +113,7 @@ def route_auto(ctx: EdgeContext, sel: Selection, req: SamplingFields) -> Target 
                 local.append((e.model_id, model_profile(str(e.source.path), e.source.format)))
             except Exception:
                 local.append((e.model_id, {}))
-    table = {k: r for k, r in ctx.routes().items() if r.ready}
+    table = {k: r for k, r in ctx.routes().items() if r.ready and (backends or not r.backend)}
     remote = [(k, r.host, model_label(ctx, r.host, k)) for k, r in sorted(table.items())]
     messages = request_messages(req)
     router = ctx.router
@@ -127,7 +136,7 @@ def pick_model(ctx: EdgeContext, sel: Selection, name: str | None, request: Requ
         if name is not None and not auto:
             dist.mesh.note_request(name)  # demand, counted where the request enters the mesh
     if auto and req is not None and not tunnelled:
-        picked = route_auto(ctx, sel, req)
+        picked = route_auto(ctx, sel, req, backends_allowed(ctx, request))
         if picked is not None:
             if dist is not None:
                 dist.mesh.note_request(picked.model_id)
@@ -143,9 +152,13 @@ def pick_model(ctx: EdgeContext, sel: Selection, name: str | None, request: Requ
         table = ctx.routes()
         route = table.get(entry.model_id if entry else name or "") if not auto or entry else None
         if route is None and auto:
-            route = next((r for r in table.values() if r.ready), None)
+            allowed = backends_allowed(ctx, request)
+            route = next((r for r in table.values() if r.ready and (allowed or not r.backend)), None)
         if route is not None and route.ready:
             return route
+        if route is not None and route.backend:  # its node is up but its backend is not: unavailable, not unknown
+            raise unavailable(f"the backend serving {route.model_id} on node {route.host[:16]} is unavailable",
+                              ctx.retry_after, code="backend_unavailable")
     raise not_servable(ctx, name, entry, auto=auto, tunnelled=tunnelled)
 
 

@@ -133,6 +133,7 @@ def serve(
     escrow: Annotated[bool, typer.Option("--escrow", help="Pay the stages this node uses, and be paid for stage work, with escrow vouchers as the work is done (MeshEscrow of --deployment; needs --pay-to and --payout-key-file; epoch payouts stay off). A worker refuses (`unpaid`) an entry that falls behind or whose escrow does not cover it.", rich_help_panel="Payments")] = False,
     escrow_float: Annotated[Optional[str], typer.Option("--escrow-float", help="With --escrow, as an entry: keep each worker's escrow channel this many USDC above what it vouchered, locking top-ups from the escrow account's free balance (fund it with `mesh402 escrow deposit`); without it, floats are locked by hand (`mesh402 escrow lock`).", rich_help_panel="Payments")] = None,
     redeem_every: Annotated[float, typer.Option("--redeem-every", help="With --escrow: seconds between redemptions of the vouchers held (sooner when an entry asks for its float back).", rich_help_panel="Payments")] = 300.0,
+    auto_backends: Annotated[bool, typer.Option("--auto-backends", help="Let model \"auto\" on this node pick backend models of other nodes (unverified: nobody can spot-check them). Off by default (a client may opt in per request with the header x-mesh402-auto-backends: true); naming a backend model always routes to it.", rich_help_panel="Backends")] = False,
     audit_rate: Annotated[float, typer.Option("--audit-rate", help="Entry: share of paid split requests whose stages must reveal a step for re-execution (each node's first request per epoch is always audited).", rich_help_panel="Trust")] = 0.1,
     validator_id: ValidatorIdOpt = None,
     allow_host: AllowHostOpt = None,
@@ -194,6 +195,7 @@ def serve(
     config.max_vram_gb, config.max_split_rtt_ms, config.wire_dtype = max_vram, max_split_rtt, wire_dtype  # type: ignore[assignment]
     config.standby = standby
     config.backends, config.backend_key = list(backend or []), backend_key
+    config.auto_backends = auto_backends
     config.timers.stage_idle_s = session_idle_timeout
     config.mesh = settings_from_flags(
         home=config.home, kind="serving", join=join, join_file=join_file, relay=relay, console_port=console_port,

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import uvicorn
 
 from mesh402 import __version__
+from mesh402 import labels as L
 from mesh402.api.management import board, console, earnings, validation
 from mesh402.api.management.app import create_management_app
 from mesh402.api.management.money import money_view
@@ -462,6 +463,12 @@ class MeshRuntime:
             except Exception:
                 continue
             labels[MODEL_LABEL + e.model_id] = router.label_for(e.model_id, prof) if router else json.dumps(prof)
+        backends = self.node.edge.backends
+        if backends is not None:  # `--backend` models, so peers route to them (health re-announced on change)
+            listed = backends.listing({e.model_id for e in self.node.registry.all()})
+            listed.sort(key=lambda m: m["state"] != "ready")  # ready first: the rest would not fit the announcement
+            for m in listed[:L.MAX_BACKEND_MODELS]:
+                labels[MODEL_LABEL + m["id"]] = L.backend_label(m["state"] == "ready", m.get("context_length", 0))
         offer = self.node.edge.payments.offer()
         if offer is not None:  # what this node sells: an entry routing here prices its requests by it
             from mesh402.economics.charging import OFFER_LABEL  # lazy: kept off this module's import path

@@ -101,6 +101,8 @@ class Route:
     api_port: int
     ready: bool
     plan: dict[str, Any] | None = None
+    backend: bool = False  # the host answers it through its own OpenAI-compatible server: unverified, no plan
+    context_length: int = 0  # when the host's backend says it
 
 
 @dataclass
@@ -356,6 +358,22 @@ class DistributedRuntime(Failover):
             r = Route(model_id, key, host, port, bool(plan.get("ready")), plan)
             if model_id not in out or (r.ready and not out[model_id].ready) or host == self.me:
                 out[model_id] = r
+        for r in self.backend_routes():  # a model the mesh hosts itself wins over an unverified backend
+            if r.model_id not in out or (r.ready and not out[r.model_id].ready and out[r.model_id].backend):
+                out[r.model_id] = r
+        return out
+
+    def backend_routes(self) -> list[Route]:
+        """Peers' backend models (`serve --backend` on their side): routed to through the tunnel like any
+        hosted model, never planned or split (they have no layers). This node's own are answered by its API."""
+        out = []
+        for ann in self._announcements(connected=False):
+            nid = bytes(ann.node_id).hex()
+            if nid == self.me or not self._allowed(nid):
+                continue
+            for model_id, b in sorted(L.backend_models(ann.labels).items()):
+                out.append(Route(model_id, f"{model_id}@backend", nid, ann.api_port, b.ready, None,
+                                 backend=True, context_length=b.ctx))
         return out
 
     # ---------------------------------------------------------------- reconcile

@@ -45,3 +45,19 @@ def test_vouches_validators_and_node_ids_are_well_formed_or_ignored() -> None:
     assert L.validator_address({"validator": "not-an-address"}) is None
     assert L.validator_device({"validator_device": "x" * 5000}) == ""
     assert L.node_id_ok(ME) and not L.node_id_ok(ME.upper()) and not L.node_id_ok(ME[:-1])
+
+
+def test_backend_models_are_unverified_typed_claims_with_bounded_ids() -> None:
+    labels = {"model:org/llama-3": L.backend_label(True, 8192), "model:down": L.backend_label(False),
+              "model:hosted": json.dumps({"ctx": 2048, "params": 135}),  # a hosted model's facts: not a backend
+              "model:liar": json.dumps({"backend": True, "verified": True, "ready": True}),  # not believed
+              "model:typed": json.dumps({"backend": True, "ready": "yes"}),
+              "model:" + "x" * 200: L.backend_label(True), "model:bad id": L.backend_label(True),
+              "plan:x": L.backend_label(True)}
+    got = L.backend_models(labels)
+    assert set(got) == {"org/llama-3", "down"}
+    assert got["org/llama-3"].ready and got["org/llama-3"].ctx == 8192 and not got["down"].ready
+    assert json.loads(L.backend_label(True, 8192)) == {"backend": True, "verified": False, "ready": True, "ctx": 8192}
+    many = {f"model:m{i}": L.backend_label(True) for i in range(L.MAX_BACKEND_MODELS + 10)}
+    assert len(L.backend_models(many)) == L.MAX_BACKEND_MODELS
+    assert L.model_facts(L.backend_label(True, 4096)).ctx == 4096  # the router reads the same label's facts

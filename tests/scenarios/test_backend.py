@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -25,6 +26,30 @@ pytestmark = pytest.mark.timeout(300)
 
 def models(port: int) -> dict[str, dict]:
     return {m["id"]: m for m in httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"]}
+
+
+def stream_chat(port: int, ask: dict) -> tuple[str, list[dict]]:
+    """A streamed chat completion: its text and its chunks (the stream must end with [DONE])."""
+    with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120,
+                      json={**ask, "stream": True}) as s:
+        assert s.status_code == 200
+        events = [ln[6:] for ln in s.iter_lines() if ln.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    return "".join((c["choices"][0].get("delta") or {}).get("content") or "" for c in chunks if c.get("choices")), chunks
+
+
+def buy_plain_and_streamed(chain: Any, port: int, ask: dict) -> None:
+    """Buy `ask` plain, then streamed, with the SDK's client; each settles 0.01 USDC from buyer-0 to node-0."""
+    from harness.x402_payments import buy_chat
+
+    buyer, seller = chain.dep.address("buyer-0"), chain.dep.address("node-0")
+    b0, s0 = chain.balance(buyer), chain.balance(seller)
+    assert buy_chat(chain, port, ask) == 200
+    wait_until(lambda: chain.balance(seller) == s0 + 10_000, 30, what="the seller paid")
+    assert chain.balance(buyer) == b0 - 10_000
+    assert buy_chat(chain, port, {**ask, "stream": True}) == 200
+    wait_until(lambda: chain.balance(seller) == s0 + 20_000, 30, what="the streamed answer paid")
 
 
 def test_a_node_in_front_of_a_backend(tmp_path: Path) -> None:
@@ -49,14 +74,7 @@ def test_a_node_in_front_of_a_backend(tmp_path: Path) -> None:
         text = r.json()["choices"][0]["message"]["content"]
         assert text == direct["choices"][0]["message"]["content"] and r.json()["usage"]["completion_tokens"] > 0
 
-        events = []
-        with httpx.stream("POST", f"http://127.0.0.1:{front.api_port}/v1/chat/completions", timeout=120,
-                          json={**ASK, "stream": True, "stream_options": {"include_usage": True}}) as s:
-            assert s.status_code == 200
-            events = [ln[6:] for ln in s.iter_lines() if ln.startswith("data: ")]
-        assert events[-1] == "[DONE]"
-        chunks = [json.loads(e) for e in events[:-1]]
-        streamed = "".join((c["choices"][0].get("delta") or {}).get("content") or "" for c in chunks if c.get("choices"))
+        streamed, chunks = stream_chat(front.api_port, {**ASK, "stream_options": {"include_usage": True}})
         assert streamed == text and chunks[-1]["usage"]["completion_tokens"] > 0
 
         status = front.status()["node"]["backends"]
@@ -124,7 +142,6 @@ def test_a_paid_node_sells_a_backend_model(tmp_path: Path) -> None:
     """x402 like any model: 402 first, then paid with the SDK's client and settled on chain after the answer."""
     from harness.dev_chain import paid_mesh_env
     from harness.llama_server import start_llama_server
-    from harness.x402_payments import buy_chat
     from mesh402.models.catalog import bundled_model_path
     from tests.support.chain import require_contract_toolchain
 
@@ -140,12 +157,78 @@ def test_a_paid_node_sells_a_backend_model(tmp_path: Path) -> None:
             listed = httpx.get(f"http://127.0.0.1:{front.api_port}/.well-known/x402", timeout=10).json()
             [row] = [m for m in listed["items"][0]["metadata"]["models"] if m["id"] == "smollm2-llamacpp"]
             assert row["verified"] is False and row["pricePerRequest"] == "10000"  # sold, unverified
-            buyer, seller = chain.dep.address("buyer-0"), chain.dep.address("node-0")
-            b0, s0 = chain.balance(buyer), chain.balance(seller)
-            assert buy_chat(chain, front.api_port, ask) == 200
-            wait_until(lambda: chain.balance(seller) == s0 + 10_000, 30, what="the seller paid")
-            assert chain.balance(buyer) == b0 - 10_000
-            assert buy_chat(chain, front.api_port, {**ask, "stream": True}) == 200
-            wait_until(lambda: chain.balance(seller) == s0 + 20_000, 30, what="the streamed answer paid")
+            buy_plain_and_streamed(chain, front.api_port, ask)
     finally:
         llama.stop()
+
+
+def test_another_node_answers_a_backend_model_through_the_mesh(tmp_path: Path) -> None:
+    """Node A fronts a backend and announces its model (`model:<id>` with `backend: true`); node B, which joined
+    A's mesh and serves nothing, lists it unverified and answers it through the tunnel, plain and streamed.
+    `model: auto` on B leaves it alone unless the client opts in (x-mesh402-auto-backends: true) or B's operator
+    does (--auto-backends, node C). Once the backend
+    dies, B lists the model unavailable and answers a clean 503."""
+    nodes = MeshNodes(tmp_path / "nodes")
+    try:
+        back = nodes.start("back", no_model=False)
+        wait_until(lambda: httpx.get(f"http://127.0.0.1:{back.api_port}/ready", timeout=5).status_code == 200, 180,
+                   what="the backend node's model")
+        front = nodes.start("front", extra=["--backend", f"http://127.0.0.1:{back.api_port}/v1"])
+        peer = nodes.start("peer", join=front.token())
+        wait_until(lambda: models(peer.api_port).get(MODEL, {}).get("state") == "ready", 60,
+                   what="the backend model listed on the peer")
+        m = models(peer.api_port)[MODEL]
+        assert m["owned_by"] == "backend" and m["verified"] is False and m["host"] == front.node_id
+        assert m["context_length"]
+
+        direct = httpx.post(f"http://127.0.0.1:{back.api_port}/v1/chat/completions", json=ASK, timeout=120).json()
+        r = httpx.post(f"http://127.0.0.1:{peer.api_port}/v1/chat/completions", json=ASK, timeout=120)
+        assert r.status_code == 200, r.text
+        assert f"node={front.node_id[:16]}; via=mesh; backend; verified=false" in r.headers["x-mesh402-route"]
+        text = r.json()["choices"][0]["message"]["content"]
+        assert text == direct["choices"][0]["message"]["content"] and r.json()["model"] == MODEL
+        assert r.json()["usage"]["completion_tokens"] > 0
+
+        streamed, chunks = stream_chat(peer.api_port, {**ASK, "stream_options": {"include_usage": True}})
+        assert streamed == text and chunks[-1]["usage"]["completion_tokens"] > 0
+
+        auto = {**ASK, "model": "auto"}  # unverified models are not picked for a client who named none...
+        assert httpx.post(f"http://127.0.0.1:{peer.api_port}/v1/chat/completions", json=auto, timeout=60).status_code == 503
+        asked = httpx.post(f"http://127.0.0.1:{peer.api_port}/v1/chat/completions", json=auto, timeout=120,
+                           headers={"x-mesh402-auto-backends": "true"})  # ...unless the client opts in...
+        assert asked.status_code == 200 and asked.json()["choices"][0]["message"]["content"] == text, asked.text
+        opted = nodes.start("opted", join=front.token(), extra=["--auto-backends"])  # ...or its operator does
+        wait_until(lambda: models(opted.api_port).get(MODEL, {}).get("state") == "ready", 60,
+                   what="the backend model listed on the opted-in node")
+        picked = httpx.post(f"http://127.0.0.1:{opted.api_port}/v1/chat/completions", json=auto, timeout=120)
+        assert picked.status_code == 200, picked.text
+        assert picked.json()["choices"][0]["message"]["content"] == text
+
+        nodes.kill9(back)
+        wait_until(lambda: models(peer.api_port)[MODEL]["state"] == "unavailable", 30, what="the model unavailable")
+        dead = httpx.post(f"http://127.0.0.1:{peer.api_port}/v1/chat/completions", json=ASK, timeout=30)
+        assert dead.status_code == 503 and dead.json()["error"]["code"] == "backend_unavailable"
+        assert "Retry-After" in dead.headers
+    finally:
+        nodes.stop_all()
+
+
+def test_a_paid_entry_sells_another_nodes_backend_model(tmp_path: Path) -> None:
+    """x402 at the edge for a backend model fronted by another node: B charges the client (402, then paid
+    with the SDK's client and settled on chain) and answers through A's backend over the mesh."""
+    from harness.dev_chain import paid_mesh_env
+    from tests.support.chain import require_contract_toolchain
+
+    require_contract_toolchain()
+    with paid_mesh_env(tmp_path / "chain", buyers=1, nodes=1) as (chain, fac_url, nodes):
+        back = nodes.start("back", no_model=False)
+        wait_until(lambda: httpx.get(f"http://127.0.0.1:{back.api_port}/ready", timeout=5).status_code == 200, 180,
+                   what="the backend node's model")
+        front = nodes.start("front", extra=["--backend", f"http://127.0.0.1:{back.api_port}/v1"])
+        entry = nodes.start("entry", join=front.token(), extra=["--price", "0.01", "--pay-to", "node-0",
+                                                                "--deployment", str(chain.dir), "--facilitator", fac_url])
+        wait_until(lambda: models(entry.api_port).get(MODEL, {}).get("state") == "ready", 60,
+                   what="the backend model listed on the paid entry")
+        unpaid = httpx.post(f"http://127.0.0.1:{entry.api_port}/v1/chat/completions", json=ASK, timeout=60)
+        assert unpaid.status_code == 402
+        buy_plain_and_streamed(chain, entry.api_port, ASK)

@@ -353,6 +353,53 @@ def test_malformed_labels_and_a_fake_ready_plan_reach_no_one(solo_and_client, tm
         assert "reconcile failed" not in n.log() and "Traceback" not in n.log(), n.log()[-3000:]
 
 
+def test_a_members_backend_claims_hijack_nothing_and_are_capped(solo_and_client, tmp_path: Path) -> None:
+    """A member announces `model:<id>` backend claims (serve --backend on its side): one for the model the
+    mesh hosts (a plan wins: every request still goes to the host), one that calls itself verified (not
+    believed), one with a ready that is not a bool, and a flood of 50 more (at most 16 are listed). The
+    client lists the rest unverified, and `model: auto` (not opted in) never routes to them."""
+    from mesh402 import labels as L
+
+    a, c, reference = solo_and_client
+
+    async def attack() -> dict[str, object]:
+        out: dict[str, object] = {}
+        async with EvilMember(tmp_path / "evil-backend", a.token()) as evil:
+            await evil.wait_connected(a.node_id)
+            evil.count_prompts()
+            flood = {f"model:evil-{i}": L.backend_label(True, 2**20) for i in range(50)}
+            evil.svc.update_local(labels={f"model:{MODEL}": L.backend_label(True), **flood,
+                                          "model:liar": json.dumps({"backend": True, "verified": True, "ready": True}),
+                                          "model:typed": json.dumps({"backend": True, "ready": "yes"})})
+            models_url = f"http://127.0.0.1:{c.api_port}/v1/models"
+
+            def listed() -> list[dict]:
+                return httpx.get(models_url, timeout=10).json()["data"]
+
+            await asyncio.to_thread(wait_until, lambda: any(m["id"].startswith("evil-") for m in listed()), 30, 0.2,
+                                    "the member's backend models listed")
+            out["models"] = await asyncio.to_thread(listed)
+            out["named"] = [await asyncio.to_thread(ask, n) for n in (a, c)]
+            auto = await asyncio.to_thread(httpx.post, f"http://127.0.0.1:{c.api_port}/v1/chat/completions",
+                                           json={"model": "auto", "messages": MESSAGES, "temperature": 0,
+                                                 "max_tokens": 8}, timeout=120)
+            out["auto"] = (auto.status_code, auto.json()["choices"][0]["message"]["content"])
+            out["prompts"] = evil.prompts
+        return out
+
+    out = asyncio.run(attack())
+    assert out["named"] == [reference, reference] and out["auto"] == (200, reference), out
+    assert out["prompts"] == 0, out
+    models = {m["id"]: m for m in out["models"]}  # type: ignore[attr-defined]
+    assert models[MODEL]["host"] == a.node_id and models[MODEL]["owned_by"] == "mesh402", models[MODEL]
+    evil = [m for i, m in models.items() if i.startswith("evil-")]
+    assert 0 < len(evil) <= L.MAX_BACKEND_MODELS
+    assert all(m["owned_by"] == "backend" and m["verified"] is False for m in evil)
+    assert "liar" not in models and "typed" not in models
+    for n in (a, c):
+        assert "Traceback" not in n.log(), n.log()[-3000:]
+
+
 def test_allow_host_routes_only_to_the_nodes_it_names(solo_and_client, tmp_path: Path) -> None:
     """A client started with --allow-host sends its prompts only to the nodes it names: naming the host, it is
     answered; naming some other node, the host (which serves the model) is never used for it."""
