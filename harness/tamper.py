@@ -34,7 +34,8 @@ import torch
 
 from mesh402.engine.quant import QWeight, pack_fast
 
-CHEATS = ("skip_layer", "perturb", "requant", "grammar_escape")
+CHEATS = ("skip_layer", "perturb", "requant")  # engine cheats: what tamper_engine applies
+WORKER_CHEATS = ("grammar_escape",)  # cheats of the stage worker, not of its engine
 PERTURB_SCALE = 0.01
 
 
@@ -99,8 +100,8 @@ def install(worker: Any) -> None:
     cheat = os.environ.get("MESH402_TAMPER", "").strip()
     if not cheat:
         return
-    if cheat not in CHEATS:
-        raise ValueError(f"MESH402_TAMPER={cheat!r}; one of {CHEATS}")
+    if cheat not in CHEATS + WORKER_CHEATS:
+        raise ValueError(f"MESH402_TAMPER={cheat!r}; one of {CHEATS + WORKER_CHEATS}")
     if cheat == "grammar_escape":
         escape_grammar(worker)
         return
