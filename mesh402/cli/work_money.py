@@ -164,16 +164,22 @@ def escrow_withdraw(amount: AmountArg, deployment: DeploymentOpt = None, key_fil
 
 # ---- stake (a worker or validator) ------------------------------------------------------------------------
 
+def _owner_staking(home: Optional[Path], agent_id: Optional[int], deployment: Optional[Path],
+                   key_file: Optional[Path], account: Optional[str]) -> tuple[Any, Any, str, int]:
+    """What every stake command that sends a transaction needs: the chain, MeshStaking, the agent owner's key
+    and this node's agent id."""
+    from mesh402.economics.staking import Staking  # lazy: web3 stays unloaded for other commands
+
+    c = _chain(deployment)
+    key = load_key(key_file, "MESH402_OWNER_KEY", "the agent owner's key", c.dep, account)
+    return c, Staking(c.w3, c.contract("MeshStaking")), key, _agent_id(home, agent_id)
+
+
 @stake_app.command("add")
 def stake_add(amount: AmountArg, home: HomeOpt = None, agent_id: Annotated[Optional[int], typer.Option("--agent-id")] = None,
               deployment: DeploymentOpt = None, key_file: KeyFileOpt = None, account: AccountOpt = None) -> None:
     """Stake tokens for this node's agent (the owner's key pays)."""
-    from mesh402.economics.staking import Staking
-
-    c = _chain(deployment)
-    key = load_key(key_file, "MESH402_OWNER_KEY", "the agent owner's key", c.dep, account)
-    agent = _agent_id(home, agent_id)
-    st = Staking(c.w3, c.contract("MeshStaking"))
+    c, st, key, agent = _owner_staking(home, agent_id, deployment, key_file, account)
     _tx("stake", st.stake, key, agent, c.atomic(amount))
     console.print(f"agent {agent} stakes {c.fmt(st.stake_of(agent))}", highlight=False)
 
@@ -182,12 +188,7 @@ def stake_add(amount: AmountArg, home: HomeOpt = None, agent_id: Annotated[Optio
 def stake_unstake(amount: AmountArg, home: HomeOpt = None, agent_id: Annotated[Optional[int], typer.Option("--agent-id")] = None,
                   deployment: DeploymentOpt = None, key_file: KeyFileOpt = None, account: AccountOpt = None) -> None:
     """Start unbonding (withdrawable after the unbonding delay, slashable until then)."""
-    from mesh402.economics.staking import Staking
-
-    c = _chain(deployment)
-    key = load_key(key_file, "MESH402_OWNER_KEY", "the agent owner's key", c.dep, account)
-    agent = _agent_id(home, agent_id)
-    st = Staking(c.w3, c.contract("MeshStaking"))
+    c, st, key, agent = _owner_staking(home, agent_id, deployment, key_file, account)
     _tx("unstake", st.request_unstake, key, agent, c.atomic(amount))
     console.print(f"unbonding {amount}; withdraw after {st.unbonding_delay} s", highlight=False)
 
@@ -196,11 +197,8 @@ def stake_unstake(amount: AmountArg, home: HomeOpt = None, agent_id: Annotated[O
 def stake_withdraw(home: HomeOpt = None, agent_id: Annotated[Optional[int], typer.Option("--agent-id")] = None,
                    deployment: DeploymentOpt = None, key_file: KeyFileOpt = None, account: AccountOpt = None) -> None:
     """Withdraw stake whose unbonding delay has passed."""
-    from mesh402.economics.staking import Staking
-
-    c = _chain(deployment)
-    key = load_key(key_file, "MESH402_OWNER_KEY", "the agent owner's key", c.dep, account)
-    _tx("withdraw", Staking(c.w3, c.contract("MeshStaking")).withdraw, key, _agent_id(home, agent_id))
+    _, st, key, agent = _owner_staking(home, agent_id, deployment, key_file, account)
+    _tx("withdraw", st.withdraw, key, agent)
     console.print("withdrawn", highlight=False)
 
 
