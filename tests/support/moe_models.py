@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from harness.synthetic_gguf import copy_tokenizer
 from harness.tiny_gguf import HF_ATTENTION_NAMES, add_attention_and_stub_vocab, add_weight, finish_gguf, permute_qk
 
 V, H, NH, NKV, HD, NL = 128, 64, 4, 2, 16, 2
@@ -154,9 +155,6 @@ def write_chat_moe_gguf(path, tokenizer_gguf, *, hidden: int = 128, ffe: int = 1
     layer's router prefers that expert (skewed gate usage)."""
     import gguf
 
-    rd = gguf.GGUFReader(str(tokenizer_gguf))
-    tok = {k: f.contents() for k, f in rd.fields.items() if k.startswith("tokenizer.")}
-    vocab = len(tok["tokenizer.ggml.tokens"])
     rng = np.random.default_rng(seed)
     nh, hd = hidden // 32, 32
     nkv = max(1, nh // 2)
@@ -175,19 +173,7 @@ def write_chat_moe_gguf(path, tokenizer_gguf, *, hidden: int = 128, ffe: int = 1
     w.add_rope_freq_base(1e6)
     w.add_layer_norm_rms_eps(1e-6)
     w.add_file_type(7)
-    w.add_tokenizer_model(tok["tokenizer.ggml.model"])
-    if "tokenizer.ggml.pre" in tok:
-        w.add_tokenizer_pre(tok["tokenizer.ggml.pre"])
-    w.add_token_list(tok["tokenizer.ggml.tokens"])
-    w.add_token_types(tok["tokenizer.ggml.token_type"])
-    if "tokenizer.ggml.merges" in tok:
-        w.add_token_merges(tok["tokenizer.ggml.merges"])
-    for k, fn in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("padding", w.add_pad_token_id),
-                  ("unknown", w.add_unk_token_id)):
-        if f"tokenizer.ggml.{k}_token_id" in tok:
-            fn(int(tok[f"tokenizer.ggml.{k}_token_id"]))
-    if "tokenizer.chat_template" in tok:
-        w.add_chat_template(tok["tokenizer.chat_template"])
+    vocab = copy_tokenizer(w, tokenizer_gguf)
 
     def mat(*shape, scale=None):
         return (rng.standard_normal(shape, dtype=np.float32) * (scale or 1.0 / np.sqrt(shape[-1]))).astype(np.float32)
