@@ -70,6 +70,11 @@ class MeshNode:
     def counters(self) -> dict[str, int]:
         return self.status()["counters"]
 
+    def distributed_up(self) -> bool:
+        """Whether the node's serving side is running: a node joins the mesh first and imports torch and
+        starts serving after (seconds on a loaded machine); until then requests get no mesh routing."""
+        return bool((self.status().get("node") or {}).get("distributed"))
+
     def ready_replicas(self, model: str) -> int:
         """How many nodes this node would route `model` to: ready plans it believes (a claim alone is not
         enough: the claimant proved it holds the model, or a host this node uses vouches for it)."""

@@ -166,6 +166,7 @@ def test_made_up_model_names_from_an_api_client_never_reach_the_signed_announcem
     a = mesh_nodes.start("a")
     b = mesh_nodes.start("b", join=a.token(), kind="client")
     mesh_nodes.wait_full_mesh([a, b])
+    wait_until(a.distributed_up, 60, what="a's serving side")  # demand is counted from then on
     with httpx.Client(base_url=f"http://127.0.0.1:{a.api_port}", timeout=10) as api:
         for i in range(100):  # each name would have lived 24 h in a's demand and its announcement
             api.post("/v1/chat/completions", json={"model": f"junk-{i}", "messages": [{"role": "user", "content": "x"}]})

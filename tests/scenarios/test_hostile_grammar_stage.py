@@ -50,6 +50,8 @@ def test_grammar_escape_is_failed_over_and_the_answer_fits(hostile_split) -> Non
                                                                 "schema": CITY_SCHEMA}})
     assert r.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(r.choices[0].message.content), CITY_SCHEMA)
+    # the failover answered at once; the re-plan that drops the cheat follows (seconds on a loaded machine)
+    wait_until(lambda: (p := ready_plan(a)) is not None and evil.node_id not in {s[0] for s in p["stages"]},
+               timeout=120, what="a ready plan without the hostile node")
     plan = ready_plan(a)
-    assert plan is not None and evil.node_id not in {s[0] for s in plan["stages"]}
-    assert honest.node_id in {s[0] for s in plan["stages"]}
+    assert plan is not None and honest.node_id in {s[0] for s in plan["stages"]}
