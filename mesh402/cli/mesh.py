@@ -109,7 +109,7 @@ def discover_cmd(
         return
     t = Table(title=f"Meshes ({len(found)})", title_justify="left")
     for col in ("mesh", "name", "region", "admission", "nodes", "clients", "capacity", "serving", "wanted",
-                "x402 prices (atomic units: per request + per 1k tokens)"):
+                "prices (x402, atomic: request + 1k tokens)"):
         t.add_column(col)
     for x in found:
         prices = ", ".join(f"{p['model']}: {p['per_request']} + {p['per_1k']}/1k" for p in x.prices)
