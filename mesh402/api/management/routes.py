@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 def console_app(mesh: MeshService, *, token: str, node_info: Callable[[], dict[str, Any]], traffic: Traffic,
                 money: console.Money, pg: Playground, board_sync: BoardSync, home: Path,
-                runtime: Callable[[], "DistributedRuntime | None"]) -> FastAPI:
+                runtime: Callable[[], DistributedRuntime | None]) -> FastAPI:
     app = create_management_app(mesh, node_info=node_info, token=token, ticker=console.ticker(traffic, money))
     console.install(app, traffic=traffic, money=money, pg=pg)  # the web page, traffic, money, playground
     board.install(app, board_sync)  # /api/board: post, read, watch the mesh blackboard
