@@ -13,10 +13,12 @@ import os
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import pytest
 from starlette.routing import Mount
+from starlette.testclient import TestClient
 
 from harness.mesh_nodes import MeshNodes
 from harness.procs import MESH402
@@ -34,11 +36,16 @@ OPEN = {("GET", "/"), ("GET", "/static/console.js"), ("GET", "/api/session"), ("
         ("POST", "/api/logout"), ("GET", "/api/status")}
 
 
+def app_of(home: Path, token: str = "x") -> Any:
+    """The console app a node builds, with stand-ins for the node's parts (only its routes are used)."""
+    return console_app(None, token=token, node_info=dict, traffic=Traffic(), money=dict,  # type: ignore[arg-type]
+                       pg=Playground("http://127.0.0.1:9", None), board_sync=SimpleNamespace(board=None),  # type: ignore[arg-type]
+                       home=home, runtime=lambda: None)
+
+
 def routes(home: Path) -> list[tuple[str, str]]:
     """(method, path) of every route of the console app a node serves, plus the guard's own endpoints."""
-    app = console_app(None, token="x", node_info=dict, traffic=Traffic(), money=dict,  # type: ignore[arg-type]
-                      pg=Playground("http://127.0.0.1:9", None), board_sync=SimpleNamespace(board=None),  # type: ignore[arg-type]
-                      home=home, runtime=lambda: None)
+    app = app_of(home)
     out = [("GET", "/api/session"), ("POST", "/api/login"), ("POST", "/api/logout"), ("POST", MCP_PATH)]
     for r in app.routes:
         if isinstance(r, Mount):
@@ -103,3 +110,13 @@ def test_default_console_token_keeps_every_secret_route_closed(mesh_nodes: MeshN
     a2 = mesh_nodes.restart(a)
     assert (a2.home / "console.token").read_text().strip() == token
     assert httpx.get(f"{url}/api/money", cookies=login.cookies, timeout=5).status_code == 200
+
+
+def test_the_open_status_is_open_to_loopback_only(tmp_path: Path) -> None:
+    """With --console-listen-all a client from another machine gets nothing without the token, not even the
+    status; the guard answers before the app runs (in process: the client address is the point here)."""
+    app = app_of(tmp_path, token="t0k")
+    for client in (("203.0.113.5", 4242), ("::ffff:10.0.0.2", 4242), ("testclient", 1)):
+        with TestClient(app, base_url="http://127.0.0.1", client=client) as c:
+            assert c.get("/api/status").status_code == 401, client
+            assert c.post("/api/invite", json={}).status_code == 401
