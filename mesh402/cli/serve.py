@@ -50,7 +50,7 @@ from mesh402.mesh.invite import InviteError
 from mesh402.mesh.membership import Membership
 from mesh402.mesh.errors import JoinError
 from mesh402.models.catalog import BUNDLED_MODEL_ID, ModelNotFound, resolve_model
-from mesh402.node.mesh_runtime import ConsoleError
+from mesh402.node.mesh_runtime import ConsoleError, console_token_path
 from mesh402.node.node import Node
 from mesh402.node.startup import StartupError, preflight
 from mesh402.settings import (
@@ -395,7 +395,8 @@ def print_ready(rt) -> None:
     what = f"joined mesh {mesh.mesh_id[:12]} ({peers} peer{'s' if peers != 1 else ''})" if mesh.joined_at else f"mesh {mesh.mesh_id[:12]}"
     console.print(
         f"node {mesh.node_id.hex()[:12]}: {what}, policy {mesh.membership.policy_name}; "
-        f"console http://{rt.console_host}:{rt.console_port}/",
+        f"console http://{rt.console_host}:{rt.console_port}/ (log in with the token in "
+        f"{console_token_path(rt.node.config.home)})",
         highlight=False, soft_wrap=True,
     )
     console.print("invite token (share it to let another machine join):", highlight=False)

@@ -109,7 +109,7 @@ def test_tampering_stage_is_caught_not_paid_and_recorded_on_chain(tmp_path: Path
         assert f"{b.node_id[:12]} {pay[b.node_id] / 1e6:.6f}" in text
         print(status.stdout)
         # the console's Money and trust view: each node's spot checks and the validator's verdict
-        money = httpx.get(f"{a.console}/api/money", timeout=10).json()
+        money = httpx.get(f"{a.console}/api/money", headers=a.console_headers, timeout=10).json()
         seen = {row["node_id"]: row for row in money["spot_checks"] if row["epoch"] == epoch}
         assert seen[b.node_id]["score"] == 100 and seen[b.node_id]["failed"] == 0 and seen[b.node_id]["checks"] >= 1
         assert seen[c.node_id]["score"] == 0 and seen[c.node_id]["failed"] >= 1
