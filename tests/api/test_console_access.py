@@ -13,7 +13,7 @@ import pytest
 
 from harness.mesh_nodes import MeshNode, MeshNodes
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(300)  # a hang guard, with room for a loaded 2-worker run
 
 TOKEN = "access-test-console-token-42"
 API_KEY = "access-test-api-key-42"

@@ -26,7 +26,7 @@ from mesh402.api.management.playground import Playground
 from mesh402.api.management.routes import console_app
 from mesh402.api.traffic import Traffic
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(300)  # a hang guard, with room for a loaded 2-worker run
 
 API_KEY = "secrets-test-api-key-77"
 MCP_PATH = "/mcp"  # mesh402.api.mcp.MCP_PATH: the node adds it once the MCP SDK has loaded

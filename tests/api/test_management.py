@@ -15,7 +15,7 @@ from harness.mesh_nodes import MeshNodes, wait_until
 from harness.procs import MESH402
 from harness.sse import json_events
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(300)  # a hang guard, with room for a loaded 2-worker run
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

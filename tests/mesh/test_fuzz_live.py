@@ -14,7 +14,7 @@ from harness.fuzz import generate, send_all
 from harness.mesh_nodes import MeshNodes
 from tests.support.hostile import EvilMember
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(300)  # a hang guard, with room for a loaded 2-worker run
 
 CASES = 1000
 

@@ -28,7 +28,7 @@ from harness.mesh_nodes import MeshNodes, wait_until
 
 from iroh import Endpoint, EndpointAddr, EndpointId, EndpointOptions, RelayMode, SecretKey, preset_minimal
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(300)  # a hang guard, with room for a loaded 2-worker run
 
 
 async def raw_endpoint(key: SecretKey | None = None) -> Endpoint:

@@ -30,7 +30,7 @@ from mesh402.mesh.identity import NodeIdentity
 from mesh402.mesh.proto import mesh_pb2 as pb
 from tests.support.hostile import EvilMember
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(300)  # a hang guard, with room for a loaded 2-worker run
 
 
 async def counters(node: MeshNode) -> dict[str, int]:

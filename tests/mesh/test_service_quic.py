@@ -16,7 +16,7 @@ from mesh402.mesh.liveness import PeerState
 from mesh402.mesh.proto import mesh_pb2 as pb
 from mesh402.mesh.service import JoinError, MeshService
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(300)  # a hang guard, with room for a loaded 2-worker run
 
 
 def svc(tmp: Path, name: str, **kw) -> MeshService:

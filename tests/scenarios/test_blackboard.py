@@ -21,7 +21,7 @@ from mesh402.mesh.framing import StreamType, make_frame
 from mesh402.mesh.proto import mesh_pb2 as pb
 from tests.support.hostile import EvilMember, board_post
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(400)
 SHARE = BoardLimits().author_posts
 
 

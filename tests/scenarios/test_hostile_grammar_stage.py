@@ -36,6 +36,9 @@ def hostile_split(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Me
         # the honest standby joins once the hostile node holds the last stage
         honest = nodes.start("honest", join=token, no_model=False, extra=SPLIT_ARGS, wait=False)
         honest.proc.wait_http(f"{honest.console}/api/status", timeout=120)
+        # a standby only once everyone knows it and its serving side runs (seconds on a loaded machine)
+        nodes.wait_full_mesh([a, evil, honest], timeout=60)
+        wait_until(honest.distributed_up, 120, what="the standby's serving side")
         yield a, evil, honest
     finally:
         nodes.stop_all()
