@@ -50,7 +50,8 @@ class MeshLimits:
     work_byte_burst: int = 2048 * MIB
     abuse_refusals: int = 200  # frames refused within abuse_window: the connection is closed ...
     abuse_window: float = 10.0
-    abuse_ban: float = 60.0  # ... and the peer refused for this long
+    abuse_ban: float = 60.0  # ... and the peer refused for this long, its address marked as long
+    rejoin_interval: float = 5.0  # from a marked address: at most one new connection this often
     # ---- handshakes (before admission)
     max_pending: int = 256  # handshakes in progress at once, from everyone
     max_pending_per_addr: int = 8  # from one IP address: a flood from one place blocks no one else
