@@ -48,7 +48,7 @@ class MeshLimits:
     work_frame_burst: int = 40_000
     work_bytes_per_s: float = 1024 * MIB
     work_byte_burst: int = 2048 * MIB
-    abuse_refusals: int = 200  # frames refused within abuse_window: the connection is closed ...
+    abuse_refusals: int = 100  # frames refused within abuse_window: the connection is closed ...
     abuse_window: float = 10.0
     abuse_ban: float = 60.0  # ... and the peer refused for this long, its address marked as long
     rejoin_interval: float = 5.0  # from a marked address: at most one new connection this often

@@ -19,8 +19,10 @@ Each peer (by node id, so reconnecting starts no fresh allowance) has token buck
   refuse it for ``abuse_ban`` seconds (its handshake gets ``Reject{banned}``, nobody here dials it).
 - **fresh identities**: a node id costs nothing, so a ban also marks the address the peer connected from
   for ``abuse_ban`` seconds. From a marked address the node takes at most one new connection per
-  ``rejoin_interval`` (the others are refused before the QUIC handshake), and an identity admitted from
-  it starts with empty buckets: it gets the sustained rates, never a fresh burst.
+  ``rejoin_interval``, doubling with every further ban from there up to ``abuse_ban`` (the others are
+  refused before the QUIC handshake: no crypto, no Python beyond the triage), and an identity admitted
+  from it starts with empty buckets (the sustained rates, never a fresh burst) and is cut off after a
+  tenth of the refusals.
 
 A token bucket is a few lines over the injectable clock; no library is worth a dependency for it.
 """
@@ -95,10 +97,12 @@ class PeerQuota:
 
     @classmethod
     def lean(cls, lim: MeshLimits) -> "PeerQuota":
-        """For an identity admitted from an address marked for abuse: the same rates, no burst to spend."""
+        """For an identity admitted from an address marked for abuse: the same rates, no burst to spend, and
+        cut off after a tenth of the refusals."""
         q = cls.of(lim)
         for b in (q.streams, q.frames, q.bytes):
             b.tokens = 0.0
+        q.refusals = collections.deque(maxlen=max(1, lim.abuse_refusals // 10))
         return q
 
     def out_of_allowance(self, entitled: bool, now: float) -> bool:
@@ -152,6 +156,7 @@ class QuotaBook:
         # address a banned peer connected from -> monotonic time the mark ends; at most max_pending entries
         self.marked: collections.OrderedDict[str, float] = collections.OrderedDict()
         self.next_from: dict[str, float] = {}  # marked address -> when it may connect again
+        self.strikes: dict[str, int] = {}  # marked address -> peers from it banned while it was marked
 
     def of(self, node_id: bytes) -> PeerQuota:
         q = self.peers.get(node_id)
@@ -184,16 +189,25 @@ class QuotaBook:
         if source and source != "?":
             self.marked[source] = now + self.lim.abuse_ban
             self.marked.move_to_end(source)
-            self.next_from[source] = max(self.next_from.get(source, 0.0), now + self.lim.rejoin_interval)
+            self.strikes[source] = self.strikes.get(source, 0) + 1
+            self.next_from[source] = max(self.next_from.get(source, 0.0), now + self._interval(source))
             while len(self.marked) > self.lim.max_pending:
                 old, _ = self.marked.popitem(last=False)
-                self.next_from.pop(old, None)
+                self._unmark(old)
+
+    def _interval(self, source: str) -> float:
+        """Between two connections from a marked address: doubling with each ban from it, up to the ban."""
+        return min(self.lim.abuse_ban, self.lim.rejoin_interval * 2 ** (self.strikes.get(source, 1) - 1))
+
+    def _unmark(self, source: str) -> None:
+        self.next_from.pop(source, None)
+        self.strikes.pop(source, None)
 
     def mark_left(self, source: str) -> Optional[float]:
         """Seconds ``source`` stays marked for abuse, or None."""
         left = self._left(self.marked, source)
         if left is None:
-            self.next_from.pop(source, None)
+            self._unmark(source)
         return left
 
     def may_connect(self, source: str) -> bool:
@@ -204,7 +218,7 @@ class QuotaBook:
         now = self.clock.monotonic()
         if now < self.next_from.get(source, 0.0):
             return False
-        self.next_from[source] = now + self.lim.rejoin_interval
+        self.next_from[source] = now + self._interval(source)
         return True
 
     def ban_left(self, node_id: bytes) -> Optional[float]:

@@ -78,8 +78,14 @@ def test_a_ban_marks_the_address_fresh_identities_from_it_are_paced_and_start_wi
     now = clock.monotonic()
     assert fresh.out_of_allowance(False, now) and fresh.refill_wait(now) > 0  # no burst to spend
     assert not fresh.out_of_allowance(True, now)  # authorized work is not held back
+    assert fresh.refusals.maxlen == lim.abuse_refusals // 10  # cut off sooner
     book.admitted(b"c" * 32, "10.0.0.2")
     assert not book.of(b"c" * 32).out_of_allowance(False, now)  # an unmarked address: the full burst
+    book.ban(b"b" * 32, "10.0.0.1")  # a second ban from there: the interval doubles
+    clock.advance(9)
+    assert not book.may_connect("10.0.0.1")
+    clock.advance(1)
+    assert book.may_connect("10.0.0.1")
     clock.advance(61)
     assert book.mark_left("10.0.0.1") is None and book.may_connect("10.0.0.1") and book.may_connect("10.0.0.1")
 
