@@ -42,7 +42,7 @@ class MeshLimits:
     stream_burst: int = 400
     frames_per_s: float = 200.0  # control traffic and anything not yet entitled (see quota.py)
     frame_burst: int = 1000
-    bytes_per_s: float = 4 * MIB
+    bytes_per_s: float = 1 * MIB  # what any member may make the node read for ever: a flood costs CPU
     byte_burst: int = 16 * MIB  # a tunnelled request body (8 MiB at most) fits
     work_frames_per_s: float = 20_000.0  # stage/expert streams a handler entitled (an authorized session)
     work_frame_burst: int = 40_000
