@@ -193,9 +193,6 @@ class FramedStream:
         # On a stream the peer opened: charges each frame (size, entitled) to the peer's quota before its
         # body is read, raising a FrameError when it is over (mesh402.mesh.quota).
         self.meter: Optional[Callable[[int, bool], None]] = None
-        # Called (entitled) before anything of the next frame is read: raises when the peer is already out
-        # of allowance, so a refused stream costs no read at all.
-        self.gate: Optional[Callable[[bool], None]] = None
         self.entitled = False
 
     def entitle(self) -> None:
@@ -225,18 +222,18 @@ class FramedStream:
             await self.write_raw(b"")
         await self.send_stream.finish()
 
-    async def _fill(self, n: int, first: int = READ_CHUNK) -> bool:
+    async def _fill(self, n: int) -> bool:
         """Buffer at least n bytes. A frame's first read takes whatever has arrived (usually a small frame
         whole: one call into iroh, not one for the header and one for the body); the rest of a frame is
         read in one call that returns when it is all there (a read returns whatever has arrived, and a
         large frame arriving in packets would otherwise cost a call into iroh per few kilobytes). False
-        on a clean end of stream with nothing buffered. ``first``: how much that first read may take."""
+        on a clean end of stream with nothing buffered."""
         while len(self._rbuf) < n:
             try:
                 if self._rbuf or self._reading is not None:
                     chunk = await self._read_rest(n - len(self._rbuf))
                 else:
-                    chunk = await self.recv_stream.read(max(first, n))
+                    chunk = await self.recv_stream.read(max(READ_CHUNK, n))
             except Exception as e:  # IrohError: FinishedEarly / Reset / ConnectionLost
                 if not self._rbuf:
                     raise
@@ -276,12 +273,7 @@ class FramedStream:
         return await self._recv(expect)
 
     async def _recv(self, expect) -> Optional[pb.Frame]:
-        first = READ_CHUNK
-        if self.gate is not None and len(self._rbuf) < HEADER.size:
-            self.gate(self.entitled)
-            if not self.entitled:  # the header alone first: a frame over the allowance costs no body read
-                first = HEADER.size
-        if not await self._fill(HEADER.size, first):
+        if not await self._fill(HEADER.size):
             return None
         (n,) = HEADER.unpack(bytes(self._rbuf[:HEADER.size]))
         check_length(n, self.max_frame)

@@ -7,8 +7,7 @@ Each peer (by node id, so reconnecting starts no fresh allowance) has token buck
   peer's streams until one refills. QUIC stream credit then holds the peer back at its own end, so a
   stream flood costs this node nothing. How many may be open at once is QUIC's own stream limit
   (``max_streams``), set on every connection.
-- **frames and bytes**: every frame read from a peer's stream is charged before its body is read, and a
-  stream whose peer is already out of allowance is refused before anything more is read from it. Control
+- **frames and bytes**: every frame read from a peer's stream is charged before its body is read. Control
   traffic and anything a handler has not *entitled* share one modest allowance; a stage or expert stream
   that a handler authorized (a session opened with the elected host's grant, the host's expert traffic)
   is charged to a large one, so honest activations never hit it. A frame over the allowance raises
@@ -105,18 +104,10 @@ class PeerQuota:
         q.refusals = collections.deque(maxlen=max(1, lim.abuse_refusals // 10))
         return q
 
-    def out_of_allowance(self, entitled: bool, now: float) -> bool:
-        """Not even one more frame would be taken: refuse without reading anything."""
-        frames, byts = (self.work_frames, self.work_bytes) if entitled else (self.frames, self.bytes)
-        return frames.wait(1, now) > 0 or byts.wait(1, now) > 0
-
     def refill_wait(self, now: float) -> float:
         """Seconds until the peer may open a stream again: stream credit, and the unentitled allowance a new
         stream's first frame is charged to (none of its streams is accepted while that is spent)."""
         return max(self.streams.wait(1, now), self.frames.wait(1, now), self.bytes.wait(1, now))
-
-    def refuse_unread(self, now: float) -> None:
-        self._refuse(now)
 
     def charge(self, nbytes: int, entitled: bool, now: float) -> None:
         """One frame of ``nbytes`` read from this peer; QuotaExceeded when it is over the allowance."""

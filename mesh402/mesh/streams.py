@@ -8,7 +8,7 @@ connection's accept loop ends, ``on_lost`` hears why.
 
 The peer's stream credit is spent before each stream is accepted, and every frame on it is charged to the
 peer's quota before its body is read (mesh402.mesh.quota). A peer out of allowance gets none of its new
-streams accepted until it refills, and a stream of its that waits for its next frame is refused unread.
+streams accepted until it refills.
 """
 
 from __future__ import annotations
@@ -94,7 +94,6 @@ class StreamRouter:
             return
         fs = FramedStream(bi.send(), recv, stype)
         fs.meter = lambda n, entitled: quota.charge(n, entitled, ctx.clock.monotonic())
-        fs.gate = lambda entitled: self._gate(quota, entitled)
         try:
             own = self.control.get(stype)
             if own is not None:
@@ -126,14 +125,6 @@ class StreamRouter:
             ctx.counters["stream.error"] += 1
             log.debug("stream %s from %s failed: %s", stype.name, short_id(pc.node_id), framing.iroh_error_text(e))
             await fs.reset(5)
-
-    def _gate(self, quota: PeerQuota, entitled: bool) -> None:
-        """Before the next frame of a peer's stream is read: refused unread when the peer has no allowance left."""
-        now = self.ctx.clock.monotonic()
-        if quota.out_of_allowance(entitled, now):
-            quota.refuse_unread(now)
-            self.ctx.counters["quota.refused_unread"] += 1
-            raise QuotaExceeded("out of the peer's allowance")
 
     async def _echo(self, peer_id: bytes, fs: FramedStream) -> None:
         """Diagnostics: send every frame back (without its payload when asked to discard it)."""

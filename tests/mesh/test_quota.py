@@ -76,11 +76,11 @@ def test_a_ban_marks_the_address_fresh_identities_from_it_are_paced_and_start_wi
     book.admitted(b"b" * 32, "10.0.0.1")
     fresh = book.of(b"b" * 32)
     now = clock.monotonic()
-    assert fresh.out_of_allowance(False, now) and fresh.refill_wait(now) > 0  # no burst to spend
-    assert not fresh.out_of_allowance(True, now)  # authorized work is not held back
+    assert fresh.refill_wait(now) > 0 and fresh.frames.wait(1, now) > 0  # no burst to spend
+    assert fresh.work_frames.wait(1, now) == 0  # authorized work is not held back
     assert fresh.refusals.maxlen == lim.abuse_refusals // 10  # cut off sooner
     book.admitted(b"c" * 32, "10.0.0.2")
-    assert not book.of(b"c" * 32).out_of_allowance(False, now)  # an unmarked address: the full burst
+    assert book.of(b"c" * 32).refill_wait(now) == 0  # an unmarked address: the full burst
     book.ban(b"b" * 32, "10.0.0.1")  # a second ban from there: the interval doubles
     clock.advance(9)
     assert not book.may_connect("10.0.0.1")
@@ -95,5 +95,5 @@ def test_a_peer_out_of_allowance_waits_for_its_refill_before_any_stream_is_accep
     q = PeerQuota.of(lim)
     q.charge(500, False, 0.0)
     q.charge(500, False, 0.0)
-    assert q.out_of_allowance(False, 0.0) and q.refill_wait(0.0) == pytest.approx(0.1)
-    assert not q.out_of_allowance(False, 0.1)
+    assert q.refill_wait(0.0) == pytest.approx(0.1)
+    assert q.refill_wait(0.1) == 0
