@@ -1,15 +1,22 @@
 """Flood benchmark: one peer floods a serving node; how much honest decode throughput is left.
 
-    .venv/bin/python benchmarks/flood.py [--seconds 20] [--streams 64] [--kib 64] [--max-tokens 48]
+    .venv/bin/python benchmarks/flood.py [--seconds 20] [--streams 64] [--kib 64] [--max-tokens 48] [--batch 4]
 
 The honest node (`mesh402 serve`, the default model, `--threads 1`) runs pinned to one core
 (taskset); the attacker runs in its own process pinned to the other core (``os.sched_setaffinity``)
 and floods the node with 64 KiB ECHO frames on 64 streams (harness/flood.py). When the node cuts it
 off for abuse, it joins again with a fresh identity (the reusable token allows it) and goes on, so
 the flood lasts the whole measurement. Honest chat completions go to the node's API one after the
-other, first without the flood, then with it, in the same run. Reported: the frames the attacker
-offered (written, measured at the sender) and that the node accepted (echoed back) per second, the
-identities it burnt, and the honest decode tokens/s in both phases. Prints a table and writes
+other: without the flood, with it, and without it again, in the same run (the quiet rate is the mean
+of the two quiet phases, so a machine whose load drifts during the run does not pass for the flood).
+
+What the attacker can offer is measured first, against a sink that takes everything (a member with the
+quotas off that reads and drops every byte, on the node's core before the node starts): frames/s
+written by the sender, the same sender and streams as the flood. Under the flood the node's flow
+control decides how much the sender gets written. Reported: the sender's rate against the sink, the
+frames it wrote and that the node accepted (echoed back) per second under the flood, the identities
+it used (and how often the node refused it before the handshake), and the honest decode tokens/s
+(wall, and per CPU-second the node process got) in each phase. Prints a table and writes
 benchmarks/results/flood.json.
 """
 
@@ -38,7 +45,36 @@ RESULTS = ROOT / "benchmarks" / "results"
 NODE_CORE, ATTACK_CORE = 1, 0
 
 
-def attacker(token: str, target_hex: str, seconds: float, streams: int, kib: int, home: Path) -> dict:
+def sink(seconds: float, home: Path) -> None:
+    """Run in the sink process: a member with the quotas off whose ECHO streams read and drop everything.
+    Prints its invite token and node id, then how many bytes it took."""
+    os.sched_setaffinity(0, {NODE_CORE})
+    from mesh402.mesh.config import MeshConfig, MeshTimers
+    from mesh402.mesh.framing import StreamType
+    from mesh402.mesh.limits import MeshLimits
+    from mesh402.mesh.service import MeshService
+
+    async def go() -> None:
+        svc = MeshService(MeshConfig(home=home, bind_ip="127.0.0.1", timers=MeshTimers.fast(),
+                                     limits=MeshLimits.unlimited()))
+        took = 0
+
+        async def drain(peer: bytes, fs) -> None:
+            nonlocal took
+            while chunk := await fs.recv_stream.read(4 << 20):
+                took += len(chunk)
+
+        svc.register_handler(StreamType.ECHO, drain)
+        await svc.start()
+        print(json.dumps({"token": svc.mint_invite(), "node_id": svc.node_id.hex()}), flush=True)
+        await asyncio.sleep(seconds)
+        print(json.dumps({"took_mib": round(took / 2**20, 1)}), flush=True)
+        await svc.stop(graceful=False)
+
+    asyncio.run(go())
+
+
+def attacker(token: str, target_hex: str, seconds: float, streams: int, kib: int, home: Path, batch: int) -> dict:
     """Run in the attacker process: flood until ``seconds`` are up, rejoining as a fresh member when cut off."""
     os.sched_setaffinity(0, {ATTACK_CORE})
     from harness.flood import FloodStats, flood
@@ -47,14 +83,16 @@ def attacker(token: str, target_hex: str, seconds: float, streams: int, kib: int
 
     async def go() -> dict:
         target = bytes.fromhex(target_hex)
-        total, identities, t0 = FloodStats(), 0, time.monotonic()
+        total, identities, admitted, t0 = FloodStats(), 0, 0, time.monotonic()
         end = t0 + seconds
         while time.monotonic() < end - 0.5:
             svc = MeshService(MeshConfig(home=home / f"m{identities}", bind_ip="127.0.0.1", timers=MeshTimers.fast()))
             identities += 1
             try:
                 await asyncio.wait_for(svc.start(join=token), 10)
-                st = await flood(svc, target, end - time.monotonic(), streams, kib * 1024, until_cut_off=True)
+                admitted += 1
+                st = await flood(svc, target, end - time.monotonic(), streams, kib * 1024, until_cut_off=True,
+                                 batch=batch)
                 for f in ("frames", "bytes", "replies", "resets", "open_failures"):
                     setattr(total, f, getattr(total, f) + getattr(st, f))
             except Exception:
@@ -66,7 +104,7 @@ def attacker(token: str, target_hex: str, seconds: float, streams: int, kib: int
                 "offered_frames_per_s": round(total.frames / total.seconds, 1),
                 "accepted_frames_per_s": round(total.replies / total.seconds, 1),
                 "offered_mib_per_s": round(total.bytes / total.seconds / 2**20, 1),
-                "streams_reset": total.resets, "identities": identities}
+                "streams_reset": total.resets, "identities": identities, "admitted": admitted}
 
     return asyncio.run(go())
 
@@ -102,22 +140,50 @@ def decode_rate(api: str, model: str, seconds: float, max_tokens: int, pid: int 
             "node_cpu_s": round(cpu, 2), "tok_per_node_cpu_s": round(tokens / cpu, 2) if cpu else 0.0}
 
 
+def spawn(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def last_json(proc: subprocess.Popen, timeout: float) -> dict:
+    out, _ = proc.communicate(timeout=timeout)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def calibrate(args: argparse.Namespace, root: Path) -> dict:
+    """The sender against a sink that takes everything: what it can offer."""
+    secs = 6.0
+    snk = spawn(["--sink", str(secs + 12), str(root / "sink")])
+    assert snk.stdout is not None
+    info = json.loads(snk.stdout.readline())
+    att = last_json(spawn(["--streams", str(args.streams), "--kib", str(args.kib), "--batch", str(args.batch),
+                           "--attacker", info["token"], info["node_id"], str(secs), str(root / "calib")]), 120)
+    took = last_json(snk, 60)
+    return {**att, **took}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
     ap.add_argument("--streams", type=int, default=64)
     ap.add_argument("--kib", type=int, default=64, help="frame payload")
+    ap.add_argument("--batch", type=int, default=4, help="frames the sender hands QUIC per write")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--attacker", nargs=4, metavar=("TOKEN", "NODE", "SECONDS", "HOME"), help=argparse.SUPPRESS)
+    ap.add_argument("--sink", nargs=2, metavar=("SECONDS", "HOME"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.attacker:
         token, node, secs, home = args.attacker
-        print(json.dumps(attacker(token, node, float(secs), args.streams, args.kib, Path(home))))
+        print(json.dumps(attacker(token, node, float(secs), args.streams, args.kib, Path(home), args.batch)))
+        return
+    if args.sink:
+        sink(float(args.sink[0]), Path(args.sink[1]))
         return
     if len(os.sched_getaffinity(0)) < 2:
         sys.exit("needs two cores: one for the node, one for the attacker")
+    load = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        capacity = calibrate(args, root)
         nodes = MeshNodes(root)
         try:
             node = nodes.start("honest", no_model=False, fast=True, extra=["--threads", "1"], timeout=300,
@@ -128,31 +194,37 @@ def main() -> None:
                        what="the model loaded (503 while it loads)")
             decode_rate(api, model, 3, args.max_tokens)  # warm-up
             pid = node.proc.proc.pid
-            quiet = decode_rate(api, model, args.seconds, args.max_tokens, pid)
-            proc = subprocess.Popen([sys.executable, __file__, "--streams", str(args.streams), "--kib", str(args.kib),
-                                     "--attacker", node.token(), node.node_id, str(args.seconds + 4), str(root / "attacker")],
-                                    stdout=subprocess.PIPE, text=True, cwd=ROOT)
+            quiet1 = decode_rate(api, model, args.seconds, args.max_tokens, pid)
+            proc = spawn(["--streams", str(args.streams), "--kib", str(args.kib), "--batch", str(args.batch),
+                          "--attacker", node.token(), node.node_id, str(args.seconds + 4), str(root / "attacker")])
             time.sleep(3)  # the attacker joins and its flood is on
             flooded = decode_rate(api, model, args.seconds, args.max_tokens, pid)
-            out, _ = proc.communicate(timeout=120)
-            attack = json.loads(out.strip().splitlines()[-1])
+            attack = last_json(proc, 120)
+            quiet2 = decode_rate(api, model, args.seconds, args.max_tokens, pid)
             counters = node.counters()
         finally:
             nodes.stop_all()
+    load = tuple(round(max(a, b), 2) for a, b in zip(load, os.getloadavg()))
+    quiet = {k: round((quiet1[k] + quiet2[k]) / 2, 2) for k in ("tok_per_s", "tok_per_node_cpu_s")}
     ratio = round(flooded["tok_per_s"] / quiet["tok_per_s"], 3) if quiet["tok_per_s"] else 0.0
     cpu_ratio = (round(flooded["tok_per_node_cpu_s"] / quiet["tok_per_node_cpu_s"], 3)
                  if quiet["tok_per_node_cpu_s"] else 0.0)
-    res = {"model": model, "node_threads": 1, "streams": args.streams, "frame_kib": args.kib, "quiet": quiet,
-           "flooded": flooded, "ratio": ratio, "cpu_ratio": cpu_ratio, "attack": attack,
+    res = {"model": model, "node_threads": 1, "streams": args.streams, "frame_kib": args.kib, "batch": args.batch,
+           "load_avg_max": load, "sender_capacity": capacity, "quiet_before": quiet1, "flooded": flooded,
+           "quiet_after": quiet2, "quiet_mean": quiet, "ratio": ratio, "cpu_ratio": cpu_ratio, "attack": attack,
            "node_counters": {k: v for k, v in counters.items() if k.startswith(("quota.", "admission."))}}
-    print(f"{'phase':<10} {'honest tok/s':>13} {'tok/node-CPU-s':>15} {'requests':>9} {'offered frames/s':>17} "
-          f"{'accepted frames/s':>18} {'offered MiB/s':>14} {'identities':>11}")
-    print(f"{'quiet':<10} {quiet['tok_per_s']:>13.2f} {quiet['tok_per_node_cpu_s']:>15.2f} {quiet['requests']:>9} {'-':>17} "
-          f"{'-':>18} {'-':>14} {'-':>11}")
-    print(f"{'flooded':<10} {flooded['tok_per_s']:>13.2f} {flooded['tok_per_node_cpu_s']:>15.2f} {flooded['requests']:>9} "
-          f"{attack['offered_frames_per_s']:>17.0f} {attack['accepted_frames_per_s']:>18.0f} "
-          f"{attack['offered_mib_per_s']:>14.0f} {attack['identities']:>11}")
-    print(f"flooded / quiet: {ratio:.2f}x tok/s, {cpu_ratio:.2f}x tok per node CPU second (target >= 0.8x); node: "
+    print(f"sender against a sink that takes everything: {capacity['offered_frames_per_s']:.0f} frames/s of "
+          f"{args.kib} KiB on {args.streams} streams ({capacity['offered_mib_per_s']:.0f} MiB/s; the sink took "
+          f"{capacity['took_mib']:.0f} MiB)")
+    print(f"{'phase':<13} {'honest tok/s':>13} {'tok/node-CPU-s':>15} {'requests':>9} {'written frames/s':>17} "
+          f"{'accepted frames/s':>18} {'written MiB/s':>14} {'identities':>11}")
+    for name, ph in (("quiet before", quiet1), ("flooded", flooded), ("quiet after", quiet2)):
+        cols = ((f"{attack['offered_frames_per_s']:>17.0f} {attack['accepted_frames_per_s']:>18.0f} "
+                 f"{attack['offered_mib_per_s']:>14.0f} {attack['admitted']:>5}/{attack['identities']:<5}")
+                if ph is flooded else f"{'-':>17} {'-':>18} {'-':>14} {'-':>11}")
+        print(f"{name:<13} {ph['tok_per_s']:>13.2f} {ph['tok_per_node_cpu_s']:>15.2f} {ph['requests']:>9} {cols}")
+    print(f"flooded / quiet: {ratio:.2f}x tok/s, {cpu_ratio:.2f}x tok per node CPU second (target >= 0.8x); "
+          f"load average up to {load[0]:.1f}; node: "
           + ", ".join(f"{k}={v}" for k, v in sorted(res["node_counters"].items())))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "flood.json").write_text(json.dumps(res, indent=1))

@@ -151,7 +151,8 @@ class Admission:
     async def triage(self, incoming: Incoming) -> None:
         """Start the handshake, or refuse before the QUIC handshake (no work for a flood): past
         ``max_pending`` in all, or ``max_pending_per_addr`` from the source's address, so a flood from
-        one address never holds the slots other nodes' joins and redials need. Under load, an address
+        one address never holds the slots other nodes' joins and redials need; from an address a banned peer
+        came from, one connection per ``rejoin_interval`` (fresh identities cost nothing). Under load, an address
         QUIC has not validated must first prove it receives (a retry), so a spoofed source cannot use
         up someone else's slots."""
         ctx, lim = self.ctx, self.ctx.config.limits
@@ -166,6 +167,9 @@ class Admission:
                 await incoming.refuse()
             elif self.pending_by_source[source] >= lim.max_pending_per_addr:
                 ctx.counters["admission.refused_busy_source"] += 1
+                await incoming.refuse()
+            elif not ctx.quotas.may_connect(source):  # a peer from there was banned: one try per interval
+                ctx.counters["admission.refused_marked_source"] += 1
                 await incoming.refuse()
             else:
                 ctx.tasks.spawn(self.handle_incoming(incoming, source))
@@ -184,7 +188,7 @@ class Admission:
                 ctx.counters["admission.handshake_failed"] += 1
                 return
             try:
-                await asyncio.wait_for(self.server_handshake(conn), ctx.timers.hello_timeout)
+                await asyncio.wait_for(self.server_handshake(conn, source), ctx.timers.hello_timeout)
             except asyncio.TimeoutError:
                 ctx.counters["admission.rejected.timeout"] += 1
                 conn.close(CLOSE_PROTOCOL, b"hello timeout")
@@ -202,7 +206,7 @@ class Admission:
             if self.pending_by_source[source] <= 0:
                 del self.pending_by_source[source]
 
-    async def server_handshake(self, conn: Conn) -> None:
+    async def server_handshake(self, conn: Conn, source: str = "?") -> None:
         ctx = self.ctx
         remote = conn.remote_id().to_bytes()
         bi = await conn.accept_bi()
@@ -226,7 +230,8 @@ class Admission:
         await send_gossip(fs, ctx.node_id, rest, reply=True)
         await fs.finish()
         ctx.counters["admission.accepted"] += 1
-        self.register(PeerConn(remote, conn, False, ann.boot_id, ctx.clock.monotonic()))
+        ctx.quotas.admitted(remote, source)
+        self.register(PeerConn(remote, conn, False, ann.boot_id, ctx.clock.monotonic(), source=source))
 
     async def reject(self, conn: Conn, fs: FramedStream, code: str, reason: str) -> None:
         with contextlib.suppress(Exception):

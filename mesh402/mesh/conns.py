@@ -60,6 +60,7 @@ class PeerConn:
     boot_id: int  # the peer's incarnation when it was admitted
     created: float  # monotonic
     closed: bool = False  # closed or dropped by us, or lost
+    source: str = "?"  # the address a connection we accepted came from (mesh402.mesh.admission.source_of)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def close(self, code: int, reason: str) -> None:

@@ -187,6 +187,7 @@ class FramedStream:
         self.max_frame = max_frame if max_frame is not None else max_frame_for(stream_type)
         self._header_pending = False
         self._rbuf = bytearray()  # bytes read from iroh but not yet consumed as frames
+        self._reading: Optional[asyncio.Future[bytes]] = None  # the rest of a frame, being read (_read_rest)
         self.bytes_in = 0
         self.bytes_out = 0
         # On a stream the peer opened: charges each frame (size, entitled) to the peer's quota before its
@@ -222,12 +223,17 @@ class FramedStream:
         await self.send_stream.finish()
 
     async def _fill(self, n: int) -> bool:
-        """Buffer at least n bytes, reading whatever has arrived (usually a whole frame in one call
-        into iroh, instead of one for the header and one for the body). False on a clean end of
-        stream with nothing buffered."""
+        """Buffer at least n bytes. A frame's first read takes whatever has arrived (usually a small frame
+        whole: one call into iroh, not one for the header and one for the body); the rest of a frame is
+        read in one call that returns when it is all there (a read returns whatever has arrived, and a
+        large frame arriving in packets would otherwise cost a call into iroh per few kilobytes). False
+        on a clean end of stream with nothing buffered."""
         while len(self._rbuf) < n:
             try:
-                chunk = await self.recv_stream.read(max(READ_CHUNK, n - len(self._rbuf)))
+                if self._rbuf or self._reading is not None:
+                    chunk = await self._read_rest(n - len(self._rbuf))
+                else:
+                    chunk = await self.recv_stream.read(max(READ_CHUNK, n))
             except Exception as e:  # IrohError: FinishedEarly / Reset / ConnectionLost
                 if not self._rbuf:
                     raise
@@ -238,6 +244,19 @@ class FramedStream:
                 raise TruncatedFrame(f"stream ended inside a frame ({len(self._rbuf)} of {n} bytes)")
             self._rbuf += chunk
         return True
+
+    async def _read_rest(self, k: int) -> bytes:
+        """Exactly ``k`` more bytes. iroh's read_exact loses what it has read if cancelled, so it runs as its
+        own task: a caller's timeout leaves it running and the next call takes its bytes."""
+        t = self._reading
+        if t is None:
+            t = self._reading = asyncio.ensure_future(self.recv_stream.read_exact(k))
+            t.add_done_callback(_retrieve)
+        try:
+            return await asyncio.shield(t)
+        finally:
+            if t.done():
+                self._reading = None
 
     def _take(self, n: int) -> bytes:
         out = bytes(self._rbuf[:n])
@@ -268,6 +287,9 @@ class FramedStream:
         return decode_body(body, expect)
 
     async def reset(self, code: int = 1) -> None:
+        if self._reading is not None:
+            self._reading.cancel()
+            self._reading = None
         try:
             await self.send_stream.reset(code)
         except Exception:
@@ -276,6 +298,12 @@ class FramedStream:
             await self.recv_stream.stop(code)
         except Exception:
             pass
+
+
+def _retrieve(t: "asyncio.Future[bytes]") -> None:
+    """A read left running by a timeout may fail once its stream is abandoned: nobody needs to hear it."""
+    if not t.cancelled():
+        t.exception()
 
 
 async def read_stream_type(recv, timeout: float) -> StreamType:

@@ -42,15 +42,16 @@ class MeshLimits:
     stream_burst: int = 400
     frames_per_s: float = 200.0  # control traffic and anything not yet entitled (see quota.py)
     frame_burst: int = 1000
-    bytes_per_s: float = 4 * MIB
+    bytes_per_s: float = 1 * MIB  # what any member may make the node read for ever: a flood costs CPU
     byte_burst: int = 16 * MIB  # a tunnelled request body (8 MiB at most) fits
     work_frames_per_s: float = 20_000.0  # stage/expert streams a handler entitled (an authorized session)
     work_frame_burst: int = 40_000
     work_bytes_per_s: float = 1024 * MIB
     work_byte_burst: int = 2048 * MIB
-    abuse_refusals: int = 200  # frames refused within abuse_window: the connection is closed ...
+    abuse_refusals: int = 100  # frames refused within abuse_window: the connection is closed ...
     abuse_window: float = 10.0
-    abuse_ban: float = 60.0  # ... and the peer refused for this long
+    abuse_ban: float = 60.0  # ... and the peer refused for this long, its address marked as long
+    rejoin_interval: float = 5.0  # from a marked address: at most one new connection this often
     # ---- handshakes (before admission)
     max_pending: int = 256  # handshakes in progress at once, from everyone
     max_pending_per_addr: int = 8  # from one IP address: a flood from one place blocks no one else

@@ -12,9 +12,16 @@ Each peer (by node id, so reconnecting starts no fresh allowance) has token buck
   that a handler authorized (a session opened with the elected host's grant, the host's expert traffic)
   is charged to a large one, so honest activations never hit it. A frame over the allowance raises
   :class:`QuotaExceeded`: the stream is reset (QUIC stops the sender; the rest never reaches Python)
-  and the refusal counted.
+  and the refusal counted; until the allowance refills the node accepts none of the peer's new streams
+  (QUIC stream credit holds it back at its own end), so a flood turns into a trickle of refusals.
 - **abuse**: ``abuse_refusals`` refusals within ``abuse_window`` seconds close the peer's connection and
   refuse it for ``abuse_ban`` seconds (its handshake gets ``Reject{banned}``, nobody here dials it).
+- **fresh identities**: a node id costs nothing, so a ban also marks the address the peer connected from
+  for ``abuse_ban`` seconds. From a marked address the node takes at most one new connection per
+  ``rejoin_interval``, doubling with every further ban from there up to ``abuse_ban`` (the others are
+  refused before the QUIC handshake: no crypto, no Python beyond the triage), and an identity admitted
+  from it starts with empty buckets (the sustained rates, never a fresh burst) and is cut off after a
+  tenth of the refusals.
 
 A token bucket is a few lines over the injectable clock; no library is worth a dependency for it.
 """
@@ -23,11 +30,13 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import MutableMapping, Optional, TypeVar
 
 from mesh402.clock import Clock
 from mesh402.mesh.framing import FrameError
 from mesh402.mesh.limits import MeshLimits
+
+K = TypeVar("K", bytes, str)
 
 
 class QuotaExceeded(FrameError):
@@ -85,6 +94,21 @@ class PeerQuota:
                    TokenBucket(lim.work_bytes_per_s, lim.work_byte_burst),
                    collections.deque(maxlen=max(1, lim.abuse_refusals)))
 
+    @classmethod
+    def lean(cls, lim: MeshLimits) -> "PeerQuota":
+        """For an identity admitted from an address marked for abuse: the same rates, no burst to spend, and
+        cut off after a tenth of the refusals."""
+        q = cls.of(lim)
+        for b in (q.streams, q.frames, q.bytes):
+            b.tokens = 0.0
+        q.refusals = collections.deque(maxlen=max(1, lim.abuse_refusals // 10))
+        return q
+
+    def refill_wait(self, now: float) -> float:
+        """Seconds until the peer may open a stream again: stream credit, and the unentitled allowance a new
+        stream's first frame is charged to (none of its streams is accepted while that is spent)."""
+        return max(self.streams.wait(1, now), self.frames.wait(1, now), self.bytes.wait(1, now))
+
     def charge(self, nbytes: int, entitled: bool, now: float) -> None:
         """One frame of ``nbytes`` read from this peer; QuotaExceeded when it is over the allowance."""
         frames, byts = (self.work_frames, self.work_bytes) if entitled else (self.frames, self.bytes)
@@ -120,32 +144,85 @@ class QuotaBook:
         self.clock = clock
         self.peers: collections.OrderedDict[bytes, PeerQuota] = collections.OrderedDict()
         self.banned: dict[bytes, float] = {}  # node id -> monotonic time the ban ends
+        # address a banned peer connected from -> monotonic time the mark ends; at most max_pending entries
+        self.marked: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self.next_from: dict[str, float] = {}  # marked address -> when it may connect again
+        self.strikes: dict[str, int] = {}  # marked address -> peers from it banned while it was marked
 
     def of(self, node_id: bytes) -> PeerQuota:
         q = self.peers.get(node_id)
         if q is None:
-            q = self.peers[node_id] = PeerQuota.of(self.lim)
-            while len(self.peers) > 2 * self.lim.max_origins:  # the least recently used idle one goes
-                idle = next((k for k, v in self.peers.items() if v.open_streams == 0), None)
-                if idle is None:
-                    break
-                del self.peers[idle]
+            q = self._add(node_id, PeerQuota.of(self.lim))
         self.peers.move_to_end(node_id)
         return q
 
-    def ban(self, node_id: bytes) -> None:
-        self.banned[node_id] = self.clock.monotonic() + self.lim.abuse_ban
+    def admitted(self, node_id: bytes, source: str) -> None:
+        """``node_id`` was admitted from ``source``: from an address marked for abuse it starts lean."""
+        if self.mark_left(source) is not None and node_id not in self.peers:
+            self._add(node_id, PeerQuota.lean(self.lim))
+
+    def _add(self, node_id: bytes, q: PeerQuota) -> PeerQuota:
+        self.peers[node_id] = q
+        while len(self.peers) > 2 * self.lim.max_origins:  # the least recently used idle one goes
+            idle = next((k for k, v in self.peers.items() if v.open_streams == 0), None)
+            if idle is None:
+                break
+            del self.peers[idle]
+        return q
+
+    def ban(self, node_id: bytes, source: Optional[str] = None) -> None:
+        """Refuse ``node_id`` for ``abuse_ban`` seconds and mark the address it connected from."""
+        now = self.clock.monotonic()
+        self.banned[node_id] = now + self.lim.abuse_ban
         q = self.peers.get(node_id)
         if q is not None:
             q.refusals.clear()
+        if source and source != "?":
+            self.marked[source] = now + self.lim.abuse_ban
+            self.marked.move_to_end(source)
+            self.strikes[source] = self.strikes.get(source, 0) + 1
+            self.next_from[source] = max(self.next_from.get(source, 0.0), now + self._interval(source))
+            while len(self.marked) > self.lim.max_pending:
+                old, _ = self.marked.popitem(last=False)
+                self._unmark(old)
+
+    def _interval(self, source: str) -> float:
+        """Between two connections from a marked address: doubling with each ban from it, up to the ban."""
+        return min(self.lim.abuse_ban, self.lim.rejoin_interval * 2 ** (self.strikes.get(source, 1) - 1))
+
+    def _unmark(self, source: str) -> None:
+        self.next_from.pop(source, None)
+        self.strikes.pop(source, None)
+
+    def mark_left(self, source: str) -> Optional[float]:
+        """Seconds ``source`` stays marked for abuse, or None."""
+        left = self._left(self.marked, source)
+        if left is None:
+            self._unmark(source)
+        return left
+
+    def may_connect(self, source: str) -> bool:
+        """Whether a new connection from ``source`` may start its handshake: always, unless the address is
+        marked for abuse; then one per ``rejoin_interval``."""
+        if self.mark_left(source) is None:
+            return True
+        now = self.clock.monotonic()
+        if now < self.next_from.get(source, 0.0):
+            return False
+        self.next_from[source] = now + self._interval(source)
+        return True
 
     def ban_left(self, node_id: bytes) -> Optional[float]:
         """Seconds the peer stays refused, or None."""
-        until = self.banned.get(node_id)
+        return self._left(self.banned, node_id)
+
+    def _left(self, table: MutableMapping[K, float], key: K) -> Optional[float]:
+        """Seconds until ``table[key]`` (a monotonic time) runs out; an expired entry is dropped."""
+        until = table.get(key)
         if until is None:
             return None
         left = until - self.clock.monotonic()
         if left <= 0:
-            del self.banned[node_id]
+            del table[key]
             return None
         return left

@@ -265,7 +265,7 @@ class MeshService:
         """The peer kept going over its quotas: close its connection and refuse it for a while (no
         handshake, no dial from here; the others are not told: each node judges for itself)."""
         nid = pc.node_id
-        self.ctx.quotas.ban(nid)
+        self.ctx.quotas.ban(nid, pc.source)
         self.counters["quota.banned"] += 1
         log.warning("peer %s exceeded its quotas again and again: refused for %.0f s", short_id(nid),
                     self.config.limits.abuse_ban)

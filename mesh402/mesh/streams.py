@@ -7,7 +7,8 @@ counted; the connection stays, unless the peer keeps going over its quota (``on_
 connection's accept loop ends, ``on_lost`` hears why.
 
 The peer's stream credit is spent before each stream is accepted, and every frame on it is charged to the
-peer's quota before its body is read (mesh402.mesh.quota).
+peer's quota before its body is read (mesh402.mesh.quota). A peer out of allowance gets none of its new
+streams accepted until it refills.
 """
 
 from __future__ import annotations
@@ -55,11 +56,14 @@ class StreamRouter:
         quota = ctx.quotas.of(pc.node_id)
         try:
             while not pc.closed:
-                wait = quota.streams.wait(1, ctx.clock.monotonic())
-                if wait > 0:  # out of stream credit: accept nothing, QUIC holds the peer back meanwhile
+                # Out of stream credit, or out of the allowance a new stream's first frame is charged to:
+                # accept nothing, QUIC holds the peer back at its own end meanwhile.
+                wait = quota.refill_wait(ctx.clock.monotonic())
+                if wait > 0:
                     quota.streams_delayed += 1
                     ctx.counters["quota.streams_delayed"] += 1
                     await ctx.clock.sleep(wait)
+                    continue
                 quota.streams.take(1, ctx.clock.monotonic())
                 bi = await pc.conn.accept_bi()
                 ctx.tasks.spawn(self.handle(pc, bi))

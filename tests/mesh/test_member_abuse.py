@@ -71,6 +71,19 @@ def test_a_member_flooding_frames_is_refused_then_cut_off_while_honest_peers_are
             assert await good.echo(a.node_id)
             await asyncio.sleep(1.0)
             assert a_id not in evil.svc.connected_peers()
+            # a fresh identity (free to make) from the flooder's address is refused before its QUIC
+            # handshake (one try per rejoin interval gets through, with no burst to spend); a newcomer from
+            # another address joins as usual
+            before = (await counters(a)).get("admission.refused_marked_source", 0)
+            again = EvilMember(tmp_path / "evil2", a.token())
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(again.svc.start(join=again.token), 3.0)
+            await again.svc.stop(graceful=False)
+            after = (await counters(a)).get("admission.refused_marked_source", 0)
+            assert after > before
+            async with EvilMember(tmp_path / "other", a.token(), bind_ip="127.0.0.2") as other:
+                await other.wait_connected(a.node_id)
+                assert await other.echo(a.node_id)
 
     asyncio.run(go())
     assert a.alive() and mesh_nodes.sees(a, b) and mesh_nodes.sees(b, a)

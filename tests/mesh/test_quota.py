@@ -62,3 +62,38 @@ def test_the_book_is_bounded_and_keeps_peers_with_open_streams() -> None:
     for i in range(10):
         book.of(bytes([i]) * 32)
     assert len(book.peers) == 4 and b"b" * 32 in book.peers
+
+
+def test_a_ban_marks_the_address_fresh_identities_from_it_are_paced_and_start_without_a_burst() -> None:
+    clock = FakeClock()
+    lim = MeshLimits(frames_per_s=10, frame_burst=100, abuse_ban=60, rejoin_interval=5)
+    book = QuotaBook(lim, clock)
+    assert book.may_connect("10.0.0.1") and book.may_connect("10.0.0.1")  # unmarked: no pacing
+    book.ban(b"a" * 32, "10.0.0.1")
+    assert not book.may_connect("10.0.0.1") and book.may_connect("10.0.0.2")  # others are not held back
+    clock.advance(5)
+    assert book.may_connect("10.0.0.1") and not book.may_connect("10.0.0.1")  # one per interval
+    book.admitted(b"b" * 32, "10.0.0.1")
+    fresh = book.of(b"b" * 32)
+    now = clock.monotonic()
+    assert fresh.refill_wait(now) > 0 and fresh.frames.wait(1, now) > 0  # no burst to spend
+    assert fresh.work_frames.wait(1, now) == 0  # authorized work is not held back
+    assert fresh.refusals.maxlen == lim.abuse_refusals // 10  # cut off sooner
+    book.admitted(b"c" * 32, "10.0.0.2")
+    assert book.of(b"c" * 32).refill_wait(now) == 0  # an unmarked address: the full burst
+    book.ban(b"b" * 32, "10.0.0.1")  # a second ban from there: the interval doubles
+    clock.advance(9)
+    assert not book.may_connect("10.0.0.1")
+    clock.advance(1)
+    assert book.may_connect("10.0.0.1")
+    clock.advance(61)
+    assert book.mark_left("10.0.0.1") is None and book.may_connect("10.0.0.1") and book.may_connect("10.0.0.1")
+
+
+def test_a_peer_out_of_allowance_waits_for_its_refill_before_any_stream_is_accepted() -> None:
+    lim = MeshLimits(frames_per_s=10, frame_burst=2, bytes_per_s=1000, byte_burst=1000)
+    q = PeerQuota.of(lim)
+    q.charge(500, False, 0.0)
+    q.charge(500, False, 0.0)
+    assert q.refill_wait(0.0) == pytest.approx(0.1)
+    assert q.refill_wait(0.1) == 0

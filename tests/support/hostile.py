@@ -21,8 +21,8 @@ from mesh402.serving.stage_link import K, Hop, OpenGrant, stage_frame
 class EvilMember:
     """A member joined with a valid token (tests also use one as the honest member beside the attacker)."""
 
-    def __init__(self, home: Path, token: str) -> None:
-        self.svc = MeshService(MeshConfig(home=home, bind_ip="127.0.0.1", timers=MeshTimers.fast()))
+    def __init__(self, home: Path, token: str, bind_ip: str = "127.0.0.1") -> None:
+        self.svc = MeshService(MeshConfig(home=home, bind_ip=bind_ip, timers=MeshTimers.fast()))
         self.token = token
 
     async def __aenter__(self) -> "EvilMember":
