@@ -28,6 +28,7 @@ from mesh402.economics.rewards import (
     unclaimed,
     withhold,
 )
+from mesh402.economics.quorum_checks import QUORUM_PREFIX, quorum_status
 from mesh402.economics.validation_registry import (
     RegistryError,
     payout_condition,
@@ -215,8 +216,12 @@ def _gate_on_validation(w3: Any, validation_registry: str, store: Any, plan: Epo
     """Withhold every stage node without a passed spot check (validation.payout_condition); the nodes
     whose check failed, with their on-chain status."""
     rows = store.validations(plan.epoch)
-    statuses = {n: validation_status(w3, validation_registry, rows[n]["request_hash"]) if n in rows else None
-                for n in plan.units if n != entry}
+
+    def status(row: dict[str, Any]) -> Any:
+        if row["validator"].startswith(QUORUM_PREFIX):  # decided by the validator quorum (serve --quorum)
+            return quorum_status(w3, row["validator"], row["request_hash"], row["agent_id"])
+        return validation_status(w3, validation_registry, row["request_hash"])
+    statuses = {n: status(rows[n]) if n in rows else None for n in plan.units if n != entry}
     validators = {n: r["validator"] for n, r in rows.items()}
     _, reasons = payout_condition(plan.units, entry, statuses, validators=validators)
     withhold(plan, reasons)
