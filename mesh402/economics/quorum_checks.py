@@ -145,6 +145,16 @@ class QuorumChecks:
             self.q.reveal(self.key, as_bytes32(check_id), agent, fail, as_bytes32(salt))
 
 
+def quorum_running(w3: Any, validator: str, check_id: str) -> bool:
+    """True while a quorum check exists and is not executed yet: its outcome is still to come."""
+    if not check_id:
+        return False
+    try:
+        return not Quorum(w3, validator[len(QUORUM_PREFIX):]).check(as_bytes32(check_id)).executed
+    except Exception:  # no such check
+        return False
+
+
 def quorum_status(w3: Any, validator: str, check_id: str, agent_id: int | None) -> ValidationStatus:
     """A quorum check's outcome as a ValidationStatus (`validator`: the row's "quorum:<address>"): answered once
     executed, PASS_SCORE when the quorum passed the stage, 0 when it failed it. An inconclusive check (no

@@ -154,6 +154,12 @@ def quorum_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QuorumMesh
         lap("paid request served and audited")
         assert {ch.node_id for ch in st.spot_checks(epoch)} == {b.node_id, c.node_id}
 
+        # while the checks run, a payout would keep the stages' shares for good: it refuses and says why
+        first = httpx.post(f"{a.console}/api/epochs/{epoch}/validate", headers=a.console_headers, timeout=300).json()
+        assert len(first["nodes"]) == 2 and all("pending" in v for v in first["nodes"].values()), first
+        early = subprocess.run([*MESH402, "payout", "--home", str(a.home), "--epoch", str(epoch), "--deployment",
+                                str(chain.dir), "--account", "node-0", "--push"], capture_output=True, text=True, timeout=180)
+        assert early.returncode != 0 and "quorum checks still running" in early.stdout + early.stderr, early.stdout
         m = QuorumMesh(chain, named, agents, epoch, st, {}, {}, chain.balance("node-0"))
         m.stake_before = {k: m.stake(k) for k in named}
         m.rounds = _drive(a, chain, epoch, m.quorum().params().appeal_window)
