@@ -3,8 +3,8 @@
 - **entry**: for each stage node paid in an epoch it opens a check on chain (SpotCheckQuorum) on the node's
   statement, sends the statement and the spot checks to every validator in the mesh, and pushes the check
   along as the chain allows (draw, finalize, execute): `QuorumEntry.step`.
-- **validator** (`--validator --quorum`): keeps the evidence of checks that exist on chain
-  (`QuorumVoter.on_evidence`) and watches them: once the contract seats it, it re-executes the audited steps
+- **validator** (`--validator --quorum`): keeps the evidence of checks that exist on chain, in memory and on
+  disk (`QuorumVoter.on_evidence`), and watches them: once the contract seats it, it re-executes the audited steps
   (serving.spot_checks.judge, the single-validator flow's code), writes its sealed vote (vote and salt) to
   disk, then commits it; after the commit phase it reveals it, from disk, so a restart between the two still
   reveals (`QuorumVoter.run`).
@@ -154,8 +154,12 @@ class QuorumVoter:
         if await call(self.chain.agent_of_node, st["node"]) != view.stage_agent_id:
             return error_frame(sf.request_id, "the check's agent is not the statement's node", self.me, "bad_checks")
         if not view.executed:
-            if cid not in self.pending and len(self.pending) >= MAX_PENDING:
+            if cid not in self.pending and len(self.watched()) >= MAX_PENDING:
                 return error_frame(sf.request_id, "too many quorum checks pending", self.me, "busy")
+            # on disk too: a validator restarted before it committed still judges the check
+            self.votes_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            write_atomic(self._evidence_path(cid), json.dumps({k: sf.params[k] for k in ("check_id", "statement", "checks")
+                                                                if k in sf.params}), mode=0o600)
             self.pending[cid] = Pending(cid, st["node"], checks)
             self.kick()
         return stage_frame(K.STAGE_KIND_RESULT, request_id=sf.request_id, params={"accepted": "1", "phase": view.phase})
@@ -166,8 +170,9 @@ class QuorumVoter:
             self._wake.set()
 
     def watched(self) -> list[str]:
-        """Checks with evidence here, and checks this validator holds a sealed vote for (after a restart)."""
-        on_disk = [p.name.split("-")[0] for p in self.votes_dir.glob("0x*-*.json")] if self.votes_dir.exists() else []
+        """Checks with evidence here, and checks this validator holds evidence or a sealed vote for on disk
+        (after a restart)."""
+        on_disk = [p.name.split("-")[0].split(".")[0] for p in self.votes_dir.glob("0x*.json")] if self.votes_dir.exists() else []
         return list(dict.fromkeys([*self.pending, *on_disk]))
 
     async def run(self) -> None:
@@ -204,7 +209,7 @@ class QuorumVoter:
         vote = self._load_vote(cid, v.round)
         if v.phase == "commit" and v.vote == 0:
             if vote is None:
-                p = self.pending.get(cid)
+                p = self.pending.get(cid) or self._load_evidence(cid)
                 if p is None:  # no evidence here (yet): the entry sends it
                     return
                 fail = await asyncio.get_running_loop().run_in_executor(self.executor, self.decide, p.checks)
@@ -236,9 +241,21 @@ class QuorumVoter:
         except (OSError, ValueError):
             return None
 
+    def _evidence_path(self, cid: str) -> Path:
+        return self.votes_dir / f"{cid}.evidence.json"
+
+    def _load_evidence(self, cid: str) -> Pending | None:
+        """Evidence kept on disk by this validator before a restart (it was checked when it came)."""
+        try:
+            _, st, _, checks = parse_evidence(json.loads(self._evidence_path(cid).read_text()))
+        except (OSError, KeyError, ValueError, TypeError):
+            return None
+        self.pending[cid] = Pending(cid, st["node"], checks)
+        return self.pending[cid]
+
     def _forget(self, cid: str) -> None:
         self.pending.pop(cid, None)
-        for p in self.votes_dir.glob(f"{cid}-*.json") if self.votes_dir.exists() else []:
+        for p in self.votes_dir.glob(f"{cid}[-.]*json") if self.votes_dir.exists() else []:
             p.unlink(missing_ok=True)
 
 

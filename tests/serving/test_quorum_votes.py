@@ -28,9 +28,17 @@ class FixedVoter(QuorumVoter):
         return self.fail
 
 
+class StageChecks(QuorumChecks):
+    """QuorumChecks whose node -> agent lookup knows the test's stage (it has no node binding on chain)."""
+    stages: dict[str, int] = {}
+
+    def agent_of_node(self, node_id_hex: str) -> int | None:
+        return self.stages.get(node_id_hex)
+
+
 def _voter(q: QuorumEnv, agent: int, votes: Path, fail: bool) -> FixedVoter:
     env = q.env
-    chain = QuorumChecks(env.chain.dep.rpc_url, q.validators[agent].key, env.quorum.address, env.chain.dep.contracts)
+    chain = StageChecks(env.chain.dep.rpc_url, q.validators[agent].key, env.quorum.address, env.chain.dep.contracts)
     v = FixedVoter(f"node-{agent}", chain, None, lambda *a: None, "", votes)
     v.agent, v.fail = agent, fail
     return v
@@ -82,6 +90,34 @@ def test_validator_commits_when_seated_and_reveals_after_a_restart(qenv: QuorumE
     for a in ids:  # executed: the vote files go
         asyncio.run(fresh[a].step(cid))
         assert fresh[a].watched() == []
+
+
+def test_validator_restarted_before_committing_judges_from_the_evidence_on_disk(qenv: QuorumEnv, tmp_path: Path) -> None:
+    q, env = qenv, qenv.env
+    stage = q.stage()
+    StageChecks.stages["stage-node"] = stage.agent_id
+    text, h = statement(7, "entry", "stage-node", "quorum:x", [])
+    cid_b = q.open(stage, bytes.fromhex(h[2:]))
+    cid = "0x" + cid_b.hex()
+    a = next(iter(q.validators))
+    v = _voter(q, a, tmp_path / "votes", True)
+    sf = pb.StageFrame(kind=K.STAGE_KIND_VERIFY, request_id="r",
+                       params={"check_id": cid, "statement": text, "checks": json.dumps([])})
+    got = asyncio.run(v.on_evidence("entry", sf))
+    assert got.stage.kind == K.STAGE_KIND_RESULT, got
+    # another node's statement against this stage's check: refused
+    other, _ = statement(7, "entry", "other-node", "quorum:x", [])
+    bad = pb.StageFrame(kind=K.STAGE_KIND_VERIFY, request_id="r",
+                        params={"check_id": cid, "statement": other, "checks": json.dumps([])})
+    assert asyncio.run(v.on_evidence("entry", bad)).stage.kind == K.STAGE_KIND_ERROR
+
+    fresh = _voter(q, a, tmp_path / "votes", True)  # restarted before the quorum was even seated
+    assert fresh.pending == {} and fresh.watched() == [cid]
+    env.mine(3)
+    asyncio.run(fresh.step(cid))  # seats the quorum
+    asyncio.run(fresh.step(cid))  # judges from the evidence on disk and commits
+    assert a in env.quorum.round(cid_b, 0).members and env.quorum.vote(cid_b, 0, a)[0] == 1
+    assert (tmp_path / "votes" / f"{cid}-0.json").exists()
 
 
 def test_evidence_for_a_check_not_on_chain_is_refused(qenv: QuorumEnv, tmp_path: Path) -> None:
