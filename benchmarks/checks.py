@@ -39,17 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))  # harness/ (signed test payments)
 
-
-def per_call(fn: Callable[[], Any], n: int, rounds: int = 5) -> float:
-    """Median over `rounds` of the mean seconds per call of `fn` over `n` calls."""
-    fn()
-    out = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        out.append((time.perf_counter() - t0) / n)
-    return statistics.median(out)
+from harness.timing import per_call  # noqa: E402
 
 
 def receipts(n: int) -> dict[str, Any]:

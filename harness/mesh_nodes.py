@@ -39,7 +39,8 @@ class MeshNode:
         return f"http://127.0.0.1:{self.console_port}"
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
-        r = httpx.get(f"{self.console}/api/status", timeout=timeout)
+        """The full status (with the console token: the invite token is in it)."""
+        r = httpx.get(f"{self.console}/api/status", headers=self.console_headers, timeout=timeout)
         r.raise_for_status()
         return r.json()
 
@@ -51,8 +52,8 @@ class MeshNode:
 
     @property
     def console_headers(self) -> dict[str, str]:
-        """The console token the node wrote to its home (what the CLI presents): needed to mint or revoke
-        invites and to see the invite token in the status."""
+        """The console token the node wrote to its home (what the CLI presents): every console route but the
+        open status (which leaves the invite token out) needs it."""
         from mesh402.node.mesh_runtime import read_console_token
 
         tok = read_console_token(self.home)

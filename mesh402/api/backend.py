@@ -76,6 +76,9 @@ class Backend:
     models: list[BackendModel] = field(default_factory=list)
     last_error: str | None = None
     checked_at: float = 0.0
+    answers: int = 0  # completions answered through this backend
+    usage_estimated: int = 0  # ... of which the node counted the tokens (the backend sent no usage)
+    usage_count_s: float = 0.0  # time spent counting them
 
     def _headers(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}

@@ -130,19 +130,22 @@ def _calls(m: ChatMessage, i: int) -> list[dict[str, Any]]:
     return calls
 
 
-def plan_chat(req: ChatCompletionRequest, engine: Any) -> ChatPlan:
-    """The prompt ids and the grammar for a chat request on `engine` (the serving node's model)."""
-    from mesh402.engine.chat_template import (  # lazy: loads gguf, numpy, torch only when needed
-        ChatTemplate,
-        ChatTemplateError,
-    )
-    from mesh402.engine.grammar import GrammarError  # lazy: loads gguf, numpy, torch only when needed
-    from mesh402.engine.tools import (  # lazy: loads gguf, numpy, torch only when needed
-        GENERIC,
-        detect_format,
-        render_with_tools,
-        tool_grammar,
-    )
+@dataclass
+class ChatPrompt:
+    """A chat request rendered by a chat template: the prompt's segments (Tokenizer.encode_chat) and the
+    tool calling it allows."""
+
+    segments: list[Any]  # engine.chat_template.Segment
+    fmt: Any  # engine.tools.ToolFormat
+    usable: list[dict[str, Any]]
+    choice: Any
+    active: bool  # the answer may hold tool calls
+
+
+def render_chat(req: ChatCompletionRequest, template: Any) -> ChatPrompt:
+    """The prompt `template` (an engine.chat_template.ChatTemplate) makes of a chat request; 400 when it fails."""
+    from mesh402.engine.chat_template import ChatTemplateError  # lazy: loads gguf, numpy, torch only when needed
+    from mesh402.engine.tools import GENERIC, detect_format, render_with_tools  # lazy: as above
 
     if req.modalities and "audio" in req.modalities:
         raise bad_request("modalities: audio output is not supported: this node serves text models",
@@ -150,7 +153,6 @@ def plan_chat(req: ChatCompletionRequest, engine: Any) -> ChatPlan:
     tools = function_tools(req)
     choice, usable = tool_choice(req, tools)
     messages = message_dicts(req)
-    template = engine.chat_template or ChatTemplate.default()
     history_calls = any(m.get("tool_calls") or m["role"] in ("tool", "function") for m in messages)
     fmt = detect_format(template) if tools or history_calls else GENERIC
     active = bool(usable) and choice != "none"
@@ -162,6 +164,18 @@ def plan_chat(req: ChatCompletionRequest, engine: Any) -> ChatPlan:
         segments = render_with_tools(template, messages, usable if active else None, fmt, **extra)
     except ChatTemplateError as e:
         raise bad_request(f"chat template failed: {e}", param="messages") from None
+    return ChatPrompt(segments, fmt, usable, choice, active)
+
+
+def plan_chat(req: ChatCompletionRequest, engine: Any) -> ChatPlan:
+    """The prompt ids and the grammar for a chat request on `engine` (the serving node's model)."""
+    from mesh402.engine.chat_template import ChatTemplate  # lazy: loads gguf, numpy, torch only when needed
+    from mesh402.engine.grammar import GrammarError  # lazy: loads gguf, numpy, torch only when needed
+    from mesh402.engine.tools import tool_grammar  # lazy: loads gguf, numpy, torch only when needed
+
+    rendered = render_chat(req, engine.chat_template or ChatTemplate.default())
+    segments, fmt, usable, choice, active = (rendered.segments, rendered.fmt, rendered.usable, rendered.choice,
+                                             rendered.active)
     prompt_ids = engine.tokenizer.encode_chat(segments)
     compiler = engine.grammar_compiler()
     rf = req.response_format

@@ -1,8 +1,8 @@
 """The MCP server at the console's `/mcp` (streamable HTTP, the official `mcp` SDK): an agent can chat with
 any mesh model, list models and nodes, read the node's status, and post to and read the blackboard.
 
-It is a route of the management app, so the console token check covers it (without a configured token the
-console, and with it /mcp, answers only on loopback). The SDK's own Host/Origin check is on for a loopback
+It is a route of the management app, so the console token check covers it (a node always has one: given,
+or generated into its home). The SDK's own Host/Origin check is on for a loopback
 console (DNS rebinding). Sessions are stateless JSON: each tool call stands alone, nothing to expire.
 
 Chat and model listing go through the node's own OpenAI app in process (no socket, no URL): routing,

@@ -80,8 +80,9 @@ class PaymentPolicy(Protocol):
         ...
 
     async def routed(self, request: Request, body: bytes, model_id: str, req: SamplingFields, default_max_tokens: int,
-                     forward: Forward, extra: int = 0) -> Response:
-        """An answer another node produces for `body` (`forward(body)`), charged here where this node sells."""
+                     forward: Forward, extra: int = 0, prompt_tokens: int | None = None) -> Response:
+        """An answer another node produces for `body` (`forward(body)`), charged here where this node sells.
+        `prompt_tokens`: the prompt's size where this node can count it (sizes the credit hold)."""
         ...
 
 
@@ -124,7 +125,7 @@ class FreePolicy:
         yield b"data: [DONE]\n\n"
 
     async def routed(self, request: Request, body: bytes, model_id: str, req: SamplingFields, default_max_tokens: int,
-                     forward: Forward, extra: int = 0) -> Response:
+                     forward: Forward, extra: int = 0, prompt_tokens: int | None = None) -> Response:
         import logging
 
         status, headers, chunks = await forward(body)
@@ -176,6 +177,7 @@ class X402Policy:
         return paid_sse(self.gate, charge, events, chunk, sse_bytes, usage, include_usage, prompt_tokens)
 
     async def routed(self, request: Request, body: bytes, model_id: str, req: SamplingFields, default_max_tokens: int,
-                     forward: Forward, extra: int = 0) -> Response:
+                     forward: Forward, extra: int = 0, prompt_tokens: int | None = None) -> Response:
 
-        return await paid_proxy(self.gate, request, model_id, req, default_max_tokens, forward, extra=extra, body=body)
+        return await paid_proxy(self.gate, request, model_id, req, default_max_tokens, forward, extra=extra, body=body,
+                                prompt_tokens=prompt_tokens)

@@ -103,8 +103,14 @@ def backends_allowed(ctx: EdgeContext, request: Request) -> bool:
     return ctx.config.auto_backends or request.headers.get(AUTO_BACKENDS_HEADER, "").strip().lower() == "true"
 
 
-def route_auto(ctx: EdgeContext, sel: Selection, req: SamplingFields, backends: bool = False) -> Target | None:
-    """model "auto": classify the request and score the mesh's models (x-mesh402-route says why)."""
+OWN_BACKEND = "backend"  # the host of a Route to one of this node's own `--backend` models (api/backends.py)
+
+
+def route_auto(ctx: EdgeContext, sel: Selection, req: SamplingFields, backends: bool = False,
+               own_backends: list[dict[str, Any]] | None = None) -> Target | None:
+    """model "auto": classify the request and score the mesh's models (x-mesh402-route says why).
+    `backends`: other nodes' backend models are candidates; `own_backends`: this node's own ready backend
+    models (BackendPool.ready_models, a chat completion only), picked as a Route whose host is OWN_BACKEND."""
 
     local = []
     for e in ctx.registry.all():
@@ -115,6 +121,16 @@ def route_auto(ctx: EdgeContext, sel: Selection, req: SamplingFields, backends: 
                 local.append((e.model_id, {}))
     table = {k: r for k, r in ctx.routes().items() if r.ready and (backends or not r.backend)}
     remote = [(k, r.host, model_label(ctx, r.host, k)) for k, r in sorted(table.items())]
+    if own_backends:
+        from mesh402.serving.distributed import Route  # lazy: kept off this module's import path
+
+        dist = ctx.distributed
+        me = dist.mesh.node_id.hex() if dist is not None else ""
+        for m in own_backends:
+            if m["id"] not in table:  # a model hosted elsewhere wins over this node's backend (as in listings)
+                table[m["id"]] = Route(m["id"], m["id"], OWN_BACKEND, 0, True, backend=True,
+                                       context_length=int(m.get("context_length") or 0))
+                remote.append((m["id"], OWN_BACKEND, model_label(ctx, me, m["id"]) if me else None))
     messages = request_messages(req)
     router = ctx.router
     d = router.decide(messages, tools_of(req), router.candidates(local, remote))
@@ -136,7 +152,11 @@ def pick_model(ctx: EdgeContext, sel: Selection, name: str | None, request: Requ
         if name is not None and not auto:
             dist.mesh.note_request(name)  # demand, counted where the request enters the mesh
     if auto and req is not None and not tunnelled:
-        picked = route_auto(ctx, sel, req, backends_allowed(ctx, request))
+        earlier = getattr(request.state, "auto_pick", None)  # decided already (BackendPool.answer)
+        if earlier is not None:
+            sel.route, picked = earlier[0].route, earlier[1]
+        else:
+            picked = route_auto(ctx, sel, req, backends_allowed(ctx, request))
         if picked is not None:
             if dist is not None:
                 dist.mesh.note_request(picked.model_id)

@@ -108,10 +108,12 @@ def discover_cmd(
         console.print("no meshes found", highlight=False)
         return
     t = Table(title=f"Meshes ({len(found)})", title_justify="left")
-    for col in ("mesh", "name", "region", "admission", "nodes", "clients", "capacity", "serving", "wanted"):
+    for col in ("mesh", "name", "region", "admission", "nodes", "clients", "capacity", "serving", "wanted",
+                "prices (x402, atomic: request + 1k tokens)"):
         t.add_column(col)
     for x in found:
+        prices = ", ".join(f"{p['model']}: {p['per_request']} + {p['per_1k']}/1k" for p in x.prices)
         t.add_row(x.mesh_id[:16], x.name, x.region, "open" if x.is_open else "private (token needed)",
                   str(x.node_count), str(x.client_count), fmt_bytes(x.total_capacity_bytes),
-                  ", ".join(x.serving) or "-", ", ".join(x.wanted) or "-")
+                  ", ".join(x.serving) or "-", ", ".join(x.wanted) or "-", prices or "free")
     console.print(t)

@@ -21,7 +21,7 @@ JoinFileOpt = Annotated[Optional[Path], typer.Option("--join-file", help="File h
 RelayOpt = Annotated[Optional[str], typer.Option("--relay", help="iroh relay URL (online meshes); default: no relay, direct addresses only.", rich_help_panel=PANEL)]
 ConsoleOpt = Annotated[Optional[int], typer.Option("--console", help=f"Management API and web console port (default {DEFAULT_CONSOLE_PORT}; open http://127.0.0.1:PORT/).", rich_help_panel=PANEL)]
 ConsoleAllOpt = Annotated[bool, typer.Option("--console-listen-all", help="Serve the management API and web console on all interfaces (needs a console token).", rich_help_panel=PANEL)]
-ConsoleTokenOpt = Annotated[Optional[Path], typer.Option("--console-token-file", help="File (0600) with the console token; or set MESH402_CONSOLE_TOKEN.", rich_help_panel=PANEL)]
+ConsoleTokenOpt = Annotated[Optional[Path], typer.Option("--console-token-file", help="File (0600) with the console token; or set MESH402_CONSOLE_TOKEN (default: one generated into <home>/console.token, which the CLI reads).", rich_help_panel=PANEL)]
 BindIpOpt = Annotated[str, typer.Option("--bind-ip", help="Mesh (QUIC/UDP) bind address.", rich_help_panel=PANEL)]
 BindPortOpt = Annotated[int, typer.Option("--bind-port", help="Mesh (QUIC/UDP) port; 0 = ephemeral.", rich_help_panel=PANEL)]
 PolicyOpt = Annotated[str, typer.Option("--mesh-policy", help="Admission for a new mesh: 'secret' (invite tokens) or 'open' (public).", rich_help_panel=PANEL)]

@@ -50,7 +50,7 @@ from mesh402.mesh.invite import InviteError
 from mesh402.mesh.membership import Membership
 from mesh402.mesh.errors import JoinError
 from mesh402.models.catalog import BUNDLED_MODEL_ID, ModelNotFound, resolve_model
-from mesh402.node.mesh_runtime import ConsoleError
+from mesh402.node.mesh_runtime import ConsoleError, console_token_path
 from mesh402.node.node import Node
 from mesh402.node.startup import StartupError, preflight
 from mesh402.settings import (
@@ -133,7 +133,7 @@ def serve(
     escrow: Annotated[bool, typer.Option("--escrow", help="Pay the stages this node uses, and be paid for stage work, with escrow vouchers as the work is done (MeshEscrow of --deployment; needs --pay-to and --payout-key-file; epoch payouts stay off). A worker refuses (`unpaid`) an entry that falls behind or whose escrow does not cover it.", rich_help_panel="Payments")] = False,
     escrow_float: Annotated[Optional[str], typer.Option("--escrow-float", help="With --escrow, as an entry: keep each worker's escrow channel this many USDC above what it vouchered, locking top-ups from the escrow account's free balance (fund it with `mesh402 escrow deposit`); without it, floats are locked by hand (`mesh402 escrow lock`).", rich_help_panel="Payments")] = None,
     redeem_every: Annotated[float, typer.Option("--redeem-every", help="With --escrow: seconds between redemptions of the vouchers held (sooner when an entry asks for its float back).", rich_help_panel="Payments")] = 300.0,
-    auto_backends: Annotated[bool, typer.Option("--auto-backends", help="Let model \"auto\" on this node pick backend models of other nodes (unverified: nobody can spot-check them). Off by default (a client may opt in per request with the header x-mesh402-auto-backends: true); naming a backend model always routes to it.", rich_help_panel="Backends")] = False,
+    auto_backends: Annotated[bool, typer.Option("--auto-backends", help="Let model \"auto\" on this node pick backend models (unverified: nobody can spot-check them): other nodes' and, for chat completions, this node's own --backend models. Off by default (a client may opt in per request with the header x-mesh402-auto-backends: true); naming a backend model always routes to it.", rich_help_panel="Backends")] = False,
     quorum: Annotated[bool, typer.Option("--quorum", help="Spot checks are decided by the staked validator quorum (SpotCheckQuorum of --deployment) instead of one named validator: an entry opens a check per paid stage node and epoch (its report bond is paid from the owner key); with --validator, this node votes on the checks it is drawn for (its agent must be staked and registered with `mesh402 validator register`). A failed check slashes the stage's stake.", rich_help_panel="Trust")] = False,
     audit_rate: Annotated[float, typer.Option("--audit-rate", help="Entry: share of paid split requests whose stages must reveal a step for re-execution (each node's first request per epoch is always audited).", rich_help_panel="Trust")] = 0.1,
     validator_id: ValidatorIdOpt = None,
@@ -396,7 +396,8 @@ def print_ready(rt) -> None:
     what = f"joined mesh {mesh.mesh_id[:12]} ({peers} peer{'s' if peers != 1 else ''})" if mesh.joined_at else f"mesh {mesh.mesh_id[:12]}"
     console.print(
         f"node {mesh.node_id.hex()[:12]}: {what}, policy {mesh.membership.policy_name}; "
-        f"console http://{rt.console_host}:{rt.console_port}/",
+        f"console http://{rt.console_host}:{rt.console_port}/ (log in with the token in "
+        f"{console_token_path(rt.node.config.home)})",
         highlight=False, soft_wrap=True,
     )
     console.print("invite token (share it to let another machine join):", highlight=False)

@@ -32,8 +32,10 @@ from mesh402.discovery.listing import (
     choose_mesh,
     by_mesh,
     named_mesh_id,
+    valid_prices,
 )
 from mesh402.discovery.nostr import NostrDirectory, load_or_create_keys
+from mesh402.economics.charging import OFFER_LABEL, HostOffer
 from mesh402.discovery.probe import ProbeResult, beats, probe_mesh, rank_verified
 from mesh402.mesh.proto import mesh_pb2 as pb
 from mesh402.mesh.service import MeshService
@@ -81,7 +83,30 @@ def mesh_view(mesh: Any) -> dict[str, Any]:
     servers = [a for a in anns if a.kind != pb.NODE_KIND_CLIENT]
     cap = sum(L.capacity(a.labels) for a in servers)
     return {"serving": serving, "wanted": wanted, "on_disk": on_disk, "capacity": cap,
-            "nodes": len(servers), "clients": len(anns) - len(servers)}
+            "nodes": len(servers), "clients": len(anns) - len(servers), "prices": mesh_prices(anns)}
+
+
+def mesh_prices(anns: list[Any]) -> list[dict[str, Any]]:
+    """What the mesh's selling nodes charge for the models they answer themselves (hosted, or their own
+    `--backend` models, unverified): the lowest price per (model, network, asset), per request first. Offers
+    and backend claims are peers' labels, read through their validating parsers."""
+    best: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for a in anns:
+        offer = HostOffer.from_label(a.labels.get(OFFER_LABEL))
+        if offer is None or not offer.charges:
+            continue
+        own = {m.model_id: True for m in a.models if m.ready and m.role == pb.MODEL_ROLE_HOST}
+        for model_id, b in L.backend_models(a.labels).items():
+            if b.ready:
+                own.setdefault(model_id, False)
+        for model_id, verified in own.items():
+            row = {"model": model_id, "network": offer.network, "asset": offer.asset,
+                   "per_request": str(offer.per_request), "per_1k": str(offer.per_1k), "verified": verified}
+            key = (model_id, offer.network, offer.asset)
+            price = (offer.per_request, offer.per_1k)
+            if key not in best or price < (int(best[key]["per_request"]), int(best[key]["per_1k"])):
+                best[key] = row
+    return valid_prices([best[k] for k in sorted(best)])
 
 
 class Discovery:
@@ -228,7 +253,8 @@ class Discovery:
             policy="open" if open_ else "private",
             invite=mesh.mint_invite(max(self.settings.nostr_ttl * 4, 3600.0)) if open_ else "",
             serving=v["serving"], wanted=v["wanted"], total_capacity_bytes=v["capacity"], node_count=v["nodes"],
-            client_count=v["clients"], version=mesh.local.version, publisher_node=mesh.node_id.hex())
+            client_count=v["clients"], version=mesh.local.version, publisher_node=mesh.node_id.hex(),
+            prices=v["prices"])
 
     async def _publish_loop(self) -> None:
         while True:
@@ -241,7 +267,8 @@ class Discovery:
             if self.publishing and self.use_nostr:
                 try:
                     lst = self.listing()
-                    sig = (lst.mesh_id, lst.serving, lst.wanted, lst.node_count, lst.client_count, lst.policy)
+                    sig = (lst.mesh_id, lst.serving, lst.wanted, lst.node_count, lst.client_count, lst.policy,
+                           lst.prices)
                     due = time.time() - self.directory.published_at >= self.settings.nostr_refresh
                     if sig != self._last_sig or due:
                         if await self.directory.publish(lst, self.settings.nostr_ttl):

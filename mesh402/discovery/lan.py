@@ -16,7 +16,7 @@ import logging
 import socket
 from typing import Any, Optional
 
-from mesh402.discovery.listing import MeshListing
+from mesh402.discovery.listing import MAX_PRICES, MeshListing, valid_prices
 from mesh402.mesh import invite
 from mesh402.mesh.proto import mesh_pb2 as pb
 
@@ -40,7 +40,38 @@ def txt_for(listing: MeshListing, node_id: str, addrs: list[str], token: str) ->
         "nodes": str(listing.node_count), "clients": str(listing.client_count),
         "capacity": str(listing.total_capacity_bytes), "version": listing.version[:32],
         "tok_fp": token_fingerprint(token) if token else "",
+        **prices_txt(listing.prices),
     }
+
+
+def prices_txt(prices: list[dict[str, Any]]) -> dict[str, str]:
+    """The price rows of the first network and asset as TXT values: `x402` = "network,asset", `prices` =
+    "model=per_request/per_1k/verified,..." (whole rows only, within MAX_TXT)."""
+    if not prices:
+        return {}
+    net, asset = prices[0]["network"], prices[0]["asset"]
+    rows: list[str] = []
+    for p in prices:
+        if (p["network"], p["asset"]) != (net, asset):
+            continue
+        row = f"{p['model']}={p['per_request']}/{p['per_1k']}/{int(bool(p['verified']))}"
+        if len(",".join([*rows, row])) > MAX_TXT:
+            break
+        rows.append(row)
+    return {"x402": f"{net},{asset}", "prices": ",".join(rows)}
+
+
+def prices_from_txt(props: dict[str, str]) -> list[dict[str, Any]]:
+    """`prices_txt` read back, each row validated (listing.valid_prices)."""
+    net, _, asset = props.get("x402", "").partition(",")
+    rows = []
+    for item in props.get("prices", "").split(",")[:MAX_PRICES]:
+        model, _, price = item.partition("=")
+        parts = price.split("/")
+        if len(parts) == 3:
+            rows.append({"model": model, "network": net, "asset": asset, "per_request": parts[0],
+                         "per_1k": parts[1], "verified": parts[2] != "0"})
+    return valid_prices(rows)
 
 
 def listing_from_txt(props: dict[str, str], now: float) -> Optional[MeshListing]:
@@ -56,7 +87,7 @@ def listing_from_txt(props: dict[str, str], now: float) -> Optional[MeshListing]
                       wanted=[x for x in props.get("wanted", "").split(",") if x],
                       node_count=int(props.get("nodes", "1") or 1), client_count=int(props.get("clients", "0") or 0),
                       total_capacity_bytes=int(props.get("capacity", "0") or 0), version=props.get("version", ""),
-                      publisher_node=node, author="lan:" + node, created_at=int(now))
+                      publisher_node=node, author="lan:" + node, created_at=int(now), prices=prices_from_txt(props))
     if lst.policy == "open" and addrs:
         lst.invite = invite.mint_token(mesh_id=mesh_id, secret=None, policy=pb.ADMISSION_OPEN,
                                        node_id=bytes.fromhex(node), addrs=addrs, expires_in=3600, now=now)

@@ -1,14 +1,17 @@
 """The public description of a mesh, and the pure decisions made from listings.
 
-A listing says what a mesh offers (models served, models wanted, capacity, size) and, for an
-open mesh only, carries a public invite token. A private mesh's listing carries no invite and
-never its secret: joining it still needs a token from a member.
+A listing says what a mesh offers (models served, models wanted, capacity, size, and what its selling
+nodes charge for each model: `prices`, x402 per request and per 1k tokens on a network and asset) and, for
+an open mesh only, carries a public invite token. A private mesh's listing carries no invite and never its
+secret: joining it still needs a token from a member. Everything read from a listing is untrusted:
+`from_json` bounds and type-checks each field (`valid_prices` for the price table).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Optional
 
@@ -17,6 +20,36 @@ LISTING_D_TAG = "mesh402"
 LISTING_K_TAG = "mesh402"
 LISTING_VERSION = 1
 MESH_NAME_PREFIX = b"mesh402-mesh-name-v1\0"
+MAX_PRICES = 64  # price rows a listing carries (and a reader keeps)
+MAX_PRICE = 10**18  # atomic units; beyond this is not a price anyone pays (economics.charging.MAX_PRICE)
+_MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,127}")
+_NETWORK = re.compile(r"[-a-z0-9]{3,8}:[-_a-zA-Z0-9]{1,32}")  # CAIP-2, e.g. eip155:8453
+_ASSET = re.compile(r"0x[0-9a-fA-F]{40}")
+
+
+def valid_prices(raw: Any) -> list[dict[str, Any]]:
+    """A listing's price rows, untrusted: each {model, network, asset, per_request, per_1k, verified} with a
+    model id, a CAIP-2 network, a token address and integer prices in 0..MAX_PRICE (atomic units; the prices
+    travel as decimal strings); a malformed row is dropped, at most MAX_PRICES are kept."""
+    out: list[dict[str, Any]] = []
+    for r in raw if isinstance(raw, list) else []:
+        if len(out) >= MAX_PRICES:
+            break
+        if not isinstance(r, dict):
+            continue
+        model, network, asset = r.get("model"), r.get("network"), r.get("asset")
+        if not (isinstance(model, str) and _MODEL.fullmatch(model) and isinstance(network, str)
+                and _NETWORK.fullmatch(network) and isinstance(asset, str) and _ASSET.fullmatch(asset)):
+            continue
+        try:
+            prices = [int(str(r.get(k, "0"))) for k in ("per_request", "per_1k")]
+        except ValueError:
+            continue
+        if not all(0 <= p <= MAX_PRICE for p in prices) or not isinstance(r.get("verified", True), bool):
+            continue
+        out.append({"model": model, "network": network, "asset": asset, "per_request": str(prices[0]),
+                    "per_1k": str(prices[1]), "verified": r.get("verified", True)})
+    return out
 
 
 @dataclass
@@ -34,6 +67,8 @@ class MeshListing:
     max_clients: int = 0
     version: str = ""
     publisher_node: str = ""  # node id (hex) of the mesh node that published
+    # what selling nodes charge (x402): the lowest price per (model, network, asset); see valid_prices
+    prices: list[dict[str, Any]] = field(default_factory=list)
     v: int = LISTING_VERSION
     # filled by the reader, not published
     author: str = ""  # Nostr public key (hex) that signed the event
@@ -58,6 +93,7 @@ class MeshListing:
         lst = cls(**kw)
         lst.serving = [str(x) for x in lst.serving][:256]
         lst.wanted = [str(x) for x in lst.wanted][:256]
+        lst.prices = valid_prices(lst.prices)
         lst.node_count, lst.client_count = int(lst.node_count), int(lst.client_count)
         lst.total_capacity_bytes = int(lst.total_capacity_bytes)
         if lst.policy != "open":

@@ -25,11 +25,11 @@ import uvicorn
 
 from mesh402 import __version__
 from mesh402 import labels as L
-from mesh402.api.management import board, console, earnings, validation
-from mesh402.api.management.app import create_management_app
 from mesh402.api.management.money import money_view
 from mesh402.api.management.playground import Playground
+from mesh402.api.management.routes import console_app
 from mesh402.api.router import MODEL_LABEL
+from mesh402.home import read_secret_file
 from mesh402.mesh.board_sync import BoardSync
 from mesh402.mesh.config import MeshConfig, MeshTimers
 from mesh402.mesh.hardware import default_hardware
@@ -76,6 +76,15 @@ def read_console_token(home: Path) -> Optional[str]:
         return p.read_text().strip() or None
     except OSError:
         return None
+
+
+def home_console_token(home: Path) -> str:
+    """The token kept in the home (0600) from an earlier start, so a logged-in page stays logged in across
+    restarts; a new one when there is none or the file is readable by others (then it may have leaked)."""
+    try:
+        return read_secret_file(console_token_path(home))
+    except (ValueError, OSError):
+        return new_console_token()
 
 
 class MeshRuntime:
@@ -224,7 +233,7 @@ class MeshRuntime:
             "kind": self.settings.kind,
             "console_port": self.console_port,
             "console_url": f"http://{host}:{self.console_port}" if self.console_port else None,
-            "console_auth": self.settings.console_token is not None,
+            "console_auth": True,  # a console always has a token (home_console_token)
             "mesh_addrs": self.mesh.local_addrs(),
         }
 
@@ -270,14 +279,11 @@ class MeshRuntime:
     async def _start_console(self) -> None:
 
         s = self.settings
-        token = s.console_token
-        if s.console_listen_all and not token:
+        if s.console_listen_all and not s.console_token:
             raise ConsoleError("--console-listen-all needs a console token (--console-token-file or MESH402_CONSOLE_TOKEN)")
-        if token:
-            write_private(console_token_path(self.node.config.home), token + "\n")
-        else:
-            with contextlib.suppress(OSError):
-                console_token_path(self.node.config.home).unlink()
+        # Always a token: without one any local process could read the invite token and mint invites.
+        token = s.console_token or home_console_token(self.node.config.home)
+        write_private(console_token_path(self.node.config.home), token + "\n")  # what the CLI presents
         try:
             sock = self._bind_console(s.console_port)
         except OSError as e:
@@ -294,14 +300,10 @@ class MeshRuntime:
         def money() -> dict[str, Any]:
             return money_view(node.edge.payments, home)
 
-        app = create_management_app(self.mesh, node_info=self._node_info, token=token,
-                                    ticker=console.ticker(node.traffic, money))
-        console.install(app, traffic=node.traffic, money=money,  # the web page, traffic, money, playground
-                        pg=Playground(node.api_root(), node.config.api_key))
-        board.install(app, self.board)  # /api/board: post, read, watch the mesh blackboard
+        app = console_app(self.mesh, token=token, node_info=self._node_info, traffic=node.traffic, money=money,
+                          pg=Playground(node.api_root(), node.config.api_key), board_sync=self.board, home=home,
+                          runtime=lambda: self.node.distributed)
         self._mcp_task = asyncio.create_task(self._start_mcp(app))  # /mcp, behind the console token like the rest
-        earnings.install(app, home)  # GET /api/earnings: epoch payouts per node
-        validation.install(app, lambda: self.node.distributed)  # POST /api/epochs/{n}/validate: the validation round
         cfg = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=1)
         self.console_server = _ConsoleServer(cfg)
         self.console_task = asyncio.create_task(self.console_server.serve(sockets=[sock]))

@@ -132,7 +132,7 @@ class Node:
         self.server = uvicorn.Server(uv)
         if self.edge.backends is not None:
             await self.edge.backends.probe_all()  # their models are known before the node announces itself
-            self.edge.backends.start()
+            self.edge.backends.start(self.registry if self.edge.payments.charges else None)
         await self._start_mesh()
         if self.mesh_runtime is not None:
             loader = asyncio.create_task(self._start_distributed())

@@ -1,10 +1,12 @@
 """Who may use the console, against a real node process with a console token and an API key: forged
 Host (DNS rebinding) and cross-origin requests are refused even with the token; the page and its files
-answer without the token but say nothing about the node; the login sets an HttpOnly, SameSite=Strict
+answer without the token but say nothing about the node (the open status leaves out the invite token); the login sets an HttpOnly, SameSite=Strict
 cookie that is not the token; wrong tokens are throttled; the playground reaches the API with the
 node's key without the page ever holding it."""
 
 from __future__ import annotations
+
+import json
 
 import httpx
 import pytest
@@ -53,8 +55,10 @@ def test_host_origin_token_and_cookie(mesh_nodes: MeshNodes) -> None:
     page = httpx.get(url + "/", timeout=5)
     assert page.status_code == 200 and "default-src 'none'" in page.headers["content-security-policy"]
     assert node_id not in page.text and node_id[:12] not in page.text
-    for path in ("/api/status", "/api/events", "/api/traffic", "/api/money", "/api/earnings", "/api/playground/models"):
+    for path in ("/api/events", "/api/traffic", "/api/money", "/api/earnings", "/api/playground/models"):
         assert httpx.get(url + path, timeout=5).status_code == 401, path
+    st = httpx.get(url + "/api/status", timeout=5).json()  # the open status: no invite token in it
+    assert st["invite_token"] is None and "m402" not in json.dumps(st)
     assert httpx.get(url + "/api/session", timeout=5).json() == {"auth_required": True, "authenticated": False}
 
     # login: a cookie that is not the token, HttpOnly and SameSite=Strict; it opens the API and the stream
@@ -101,7 +105,7 @@ def test_event_streams_are_capped(mesh_nodes: MeshNodes) -> None:
 
     async def run() -> tuple[int, int]:
         async with contextlib.AsyncExitStack() as stack:
-            client = await stack.enter_async_context(httpx.AsyncClient(base_url=n.console, timeout=10, limits=httpx.Limits(max_connections=MAX_EVENT_STREAMS + 8)))
+            client = await stack.enter_async_context(httpx.AsyncClient(base_url=n.console, timeout=10, headers=n.console_headers, limits=httpx.Limits(max_connections=MAX_EVENT_STREAMS + 8)))
             held = []  # (response, its byte iterator): dropping the iterator would close the stream
             for _ in range(MAX_EVENT_STREAMS):
                 r = await stack.enter_async_context(client.stream("GET", "/api/events"))

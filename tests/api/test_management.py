@@ -29,7 +29,7 @@ def test_status_invite_and_events(mesh_nodes: MeshNodes):
     got_up = threading.Event()
 
     def listen() -> None:
-        with httpx.stream("GET", f"{a.console}/api/events", timeout=30) as r:
+        with httpx.stream("GET", f"{a.console}/api/events", headers=a.console_headers, timeout=30) as r:
             assert r.headers["content-type"].startswith("text/event-stream")
             for ev in json_events(r):
                 events.append(ev)
@@ -109,10 +109,10 @@ def test_console_listen_all_requires_token(mesh_nodes: MeshNodes, tmp_path):
     tok_file.write_text("s3cret-console-token\n")
     tok_file.chmod(0o600)
     a = mesh_nodes.start("a", extra=["--console-listen-all", "--console-token-file", str(tok_file)], wait=False)
-    wait_until(lambda: httpx.get(f"{a.console}/api/status", timeout=2).status_code == 401, 60, what="console up")
-    ok = httpx.get(f"{a.console}/api/status", headers={"Authorization": "Bearer s3cret-console-token"}, timeout=5)
+    wait_until(lambda: httpx.get(f"{a.console}/api/traffic", timeout=2).status_code == 401, 60, what="console up")
+    ok = httpx.get(f"{a.console}/api/traffic", headers={"Authorization": "Bearer s3cret-console-token"}, timeout=5)
     assert ok.status_code == 200
-    assert httpx.get(f"{a.console}/api/status", headers={"Authorization": "Bearer wrong"}, timeout=5).status_code == 401
+    assert httpx.get(f"{a.console}/api/traffic", headers={"Authorization": "Bearer wrong"}, timeout=5).status_code == 401
     r = cli("status", "--home", str(a.home), "--json")  # the CLI reads the token from the home
     assert r.returncode == 0 and json.loads(r.stdout)["node_id"]
     assert (a.home / "console.token").stat().st_mode & 0o077 == 0
@@ -132,6 +132,6 @@ def test_console_refuses_rebinding_and_cross_origin_on_a_node_process(mesh_nodes
     r = httpx.post(f"{a.console}/api/invite", json={}, headers={"Origin": "http://attacker.example"}, timeout=5)
     assert r.status_code == 403
     same_origin = {"Origin": f"http://127.0.0.1:{port}"}
-    assert httpx.get(url, headers=same_origin, timeout=5).json()["invite_token"].startswith("m402")
+    assert httpx.get(url, headers={**same_origin, **a.console_headers}, timeout=5).json()["invite_token"].startswith("m402")
     assert httpx.get(url, headers={"Host": f"localhost:{port}"}, timeout=5).status_code == 200
     assert cli("invite", "--home", str(a.home)).stdout.strip().startswith("m402")

@@ -71,3 +71,68 @@ def test_lan_txt_has_fingerprint_not_token() -> None:
     assert back is not None and back.is_open and back.invite.startswith("m402") and back.invite != tok
     priv = listing_from_txt({**txt, "policy": "private"}, now=1000.0)
     assert priv is not None and priv.invite == "" and not priv.is_open
+
+
+ASSET = "0x" + "ab" * 20
+ROW = {"model": "qwen", "network": "eip155:8453", "asset": ASSET, "per_request": "10000", "per_1k": "500",
+       "verified": True}
+
+
+def test_a_listing_carries_prices_validated_on_read() -> None:
+    """The price table (x402 discovery in listings): kept through JSON; hostile rows are dropped, the table
+    is capped, prices are integers in range and travel as strings."""
+    import json
+
+    from mesh402.discovery.listing import MAX_PRICES
+
+    lst = L("m1", prices=[ROW, {**ROW, "model": "llama", "verified": False}])
+    assert MeshListing.from_json(lst.to_json()).prices == lst.prices
+    hostile = [ROW, {**ROW, "model": "bad id with spaces"}, {**ROW, "per_request": "-1"},
+               {**ROW, "per_1k": str(10**19)}, {**ROW, "asset": "0xnothex"}, {**ROW, "network": "x" * 100},
+               {**ROW, "verified": "yes"}, {**ROW, "per_request": "1e3"}, "not a row", None,
+               *[{**ROW, "model": f"m{i}", "per_request": 7} for i in range(200)]]
+    d = json.loads(lst.to_json()) | {"prices": hostile}
+    back = MeshListing.from_json(json.dumps(d))
+    assert back.prices[0] == ROW and len(back.prices) == MAX_PRICES
+    assert all(p["model"].startswith("m") and p["per_request"] == "7" for p in back.prices[1:])
+    assert MeshListing.from_json(json.dumps(d | {"prices": "qwen=1"})).prices == []
+
+
+def test_lan_txt_carries_the_prices_of_one_network_within_the_txt_cap() -> None:
+    from mesh402.discovery.lan import MAX_TXT
+
+    rows = [{**ROW, "model": f"model-{i:02d}"} for i in range(30)] + [{**ROW, "network": "eip155:1"}]
+    lst = L("m1", policy="open", prices=rows)
+    txt = txt_for(lst, "ab" * 32, ["10.0.0.2:7000"], "m402tok")
+    assert txt["x402"] == f"eip155:8453,{ASSET}" and 0 < len(txt["prices"]) <= MAX_TXT
+    got = listing_from_txt(txt, now=100.0)
+    assert got is not None and got.prices == rows[: len(got.prices)] and len(got.prices) >= 5
+    hostile = {**txt, "prices": "qwen=1/2/1,bad model=1/2/1,x=-5/0/1,y=1/2,z=1/2/0", "x402": "eip155:8453,0xzz"}
+    assert listing_from_txt(hostile, now=100.0).prices == []  # type: ignore[union-attr]
+    ok = listing_from_txt({**hostile, "x402": f"eip155:8453,{ASSET}"}, now=100.0)
+    assert ok is not None and [(p["model"], p["verified"]) for p in ok.prices] == [("qwen", True), ("z", False)]
+
+
+def test_mesh_prices_are_the_lowest_offer_per_model_from_sellers_labels() -> None:
+    """What a mesh's listing says its sellers charge: each seller's announced offer for the models it answers
+    itself (hosted, or its own backend's, unverified); a malformed offer or backend claim is ignored."""
+    from types import SimpleNamespace
+
+    from mesh402.discovery.auto import mesh_prices
+    from mesh402.economics.charging import OFFER_LABEL, HostOffer
+    from mesh402.labels import MODEL_LABEL, backend_label
+    from mesh402.mesh.proto import mesh_pb2 as pb
+
+    def ann(offer: str | None, hosted: list[str], labels: dict[str, str] | None = None) -> SimpleNamespace:
+        return SimpleNamespace(labels={**({OFFER_LABEL: offer} if offer else {}), **(labels or {})},
+                               models=[SimpleNamespace(model_id=m, ready=True, role=pb.MODEL_ROLE_HOST) for m in hosted])
+
+    def offer(per_request: int, per_1k: int = 0) -> str:
+        return HostOffer("eip155:8453", ASSET, "0x" + "11" * 20, per_request, per_1k).to_label()
+
+    rows = mesh_prices([ann(offer(300), ["qwen"]), ann(offer(200, 5), ["qwen", "llama"]),
+                        ann(offer(1), ["qwen"], {MODEL_LABEL + "org/back": backend_label(True, 0)}),
+                        ann(None, ["free-model"]), ann('{"network":"x","per_request":-4}', ["qwen"]),
+                        ann(offer(0), ["qwen"])])  # a free node sells nothing
+    got = {r["model"]: (r["per_request"], r["per_1k"], r["verified"]) for r in rows}
+    assert got == {"qwen": ("1", "0", True), "llama": ("200", "5", True), "org/back": ("1", "0", False)}

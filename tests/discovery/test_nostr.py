@@ -13,6 +13,7 @@ import os
 import subprocess
 import stat
 import time
+from pathlib import Path
 
 import pytest
 
@@ -107,3 +108,45 @@ def test_two_simultaneous_auto_nodes_merge(mesh_nodes: MeshNodes, nostr_relay) -
     assert len(merged) <= 1
     wait_until(lambda: [x.node_count for x in listings(url)] == [2], 10, what="one listing of 2 nodes")
     print(f"\nmerge: one mesh {time.monotonic() - t0:.2f}s after both were up")
+
+
+def test_a_listing_carries_the_sellers_prices_and_drops_hostile_ones(mesh_nodes: MeshNodes, nostr_relay,
+                                                                    tmp_path: Path) -> None:
+    """x402 discovery in the listing: a member that sells (its signed `x402` offer label) a model it hosts and
+    one behind its own backend shows up in the publisher's listing with its price per model, network and
+    asset (the backend one unverified); a second member whose offer is malformed (a negative price) and one
+    whose backend claim is not one add nothing. Read back through the relay, every row is validated."""
+    from mesh402.economics.charging import OFFER_LABEL, HostOffer
+    from mesh402.labels import MODEL_LABEL, backend_label
+    from mesh402.mesh.proto import mesh_pb2 as pb
+    from tests.support.hostile import EvilMember
+
+    url = nostr_relay.url
+    a = mesh_nodes.start("a", extra=relay_args(url, "--publish"))
+    asset = "0x" + "ab" * 20
+    offer = HostOffer("eip155:84532", asset, "0x" + "11" * 20, per_request=10_000, per_1k=500).to_label()
+
+    async def run() -> list[MeshListing]:
+        async with EvilMember(tmp_path / "seller", a.token()) as seller, \
+                EvilMember(tmp_path / "liar", a.token()) as liar:
+            seller.svc.update_local(
+                models=[pb.ModelEntry(model_id="sold-model", role=pb.MODEL_ROLE_HOST, ready=True)],
+                labels={OFFER_LABEL: offer, MODEL_LABEL + "org/backend-model": backend_label(True, 4096)})
+            liar.svc.update_local(
+                models=[pb.ModelEntry(model_id="liar-model", role=pb.MODEL_ROLE_HOST, ready=True)],
+                labels={OFFER_LABEL: offer.replace('"per_request":10000', '"per_request":-1'),
+                        MODEL_LABEL + "liar-backend": '{"backend": "yes"}'})
+            deadline = time.monotonic() + 45
+            while time.monotonic() < deadline:
+                got = await fetch_listings([url], 2.0)
+                if got and got[0].prices and got[0].node_count + got[0].client_count >= 3:  # both members seen
+                    return got
+                await asyncio.sleep(0.2)
+            raise AssertionError("no prices in the listing")
+
+    (lst,) = asyncio.run(run())
+    rows = {p["model"]: p for p in lst.prices}
+    assert set(rows) == {"sold-model", "org/backend-model"}, lst.prices
+    assert rows["sold-model"] == {"model": "sold-model", "network": "eip155:84532", "asset": asset,
+                                  "per_request": "10000", "per_1k": "500", "verified": True}
+    assert rows["org/backend-model"]["verified"] is False

@@ -91,7 +91,7 @@ def test_register_serves_the_registration_file_and_binds_the_node_key(env: Env) 
     again = register(env, env.a, "node-0")
     assert agent_of(env.a) == aid and "gas:" not in again.stdout
     # the management API serves the node's earnings (none yet)
-    assert httpx.get(f"{env.a.console}/api/earnings", timeout=10).json() == {"epochs": [], "payouts": [], "spot_checks": []}
+    assert httpx.get(f"{env.a.console}/api/earnings", headers=env.a.console_headers, timeout=10).json() == {"epochs": [], "payouts": [], "spot_checks": []}
     # a node that never registered answers 404 on the well-known path
     assert httpx.get(f"http://127.0.0.1:{env.b.api_port}/.well-known/agent-registration.json").status_code == 404
 

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from mesh402.home import Home
+from mesh402.node.mesh_runtime import read_console_token
 from harness.dev_chain import DevChain, start_chain, start_facilitator, start_paid_node
 from harness.procs import MESH402, NodeProcess
 from harness.sse import ajson_events, json_events
@@ -156,7 +157,8 @@ def test_official_x402_client_buys_a_completion_and_status_shows_revenue(env: En
     assert "revenue 0.01" in out.stdout or "revenue 0.02" in out.stdout, out.stdout
     # the console's Money view lists the settlement with its transaction hash
     console = (Home(env.paid_home).read_state() or {})["mesh"]["console_url"]
-    money = httpx.get(f"{console}/api/money", timeout=10).json()
+    money = httpx.get(f"{console}/api/money", headers={"Authorization": f"Bearer {read_console_token(env.paid_home)}"},
+                      timeout=10).json()
     assert money["mode"] == "per_request" and money["offer"]["per_request"] == PRICE
     assert money["asset"]["network"] == "eip155:31337" and money["explorer"] == ""  # a local chain: no explorer
     row = next(p for p in money["settlements"] if p["tx"] == settle["transaction"])

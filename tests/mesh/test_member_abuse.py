@@ -182,7 +182,7 @@ def test_a_member_flooding_revocations_cannot_evict_a_real_one(mesh_nodes: MeshN
     b = mesh_nodes.start("b", join=a.token(), kind="client")
     mesh_nodes.wait_full_mesh([a, b])
     real = a.token()
-    r = httpx.post(f"{a.console}/api/invite/revoke", json={"token": real}, timeout=5)
+    r = httpx.post(f"{a.console}/api/invite/revoke", json={"token": real}, headers=a.console_headers, timeout=5)
     assert r.status_code == 200, r.text
     nonce = invite.decode_token(real).credential.nonce.hex()
     mesh_id = a.status()["mesh_id"]

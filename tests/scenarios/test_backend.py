@@ -2,12 +2,15 @@
 from a 0600 file) and with llama-cpp-python's server as the backend: the front node lists the backend's
 model unverified, answers it (plain and streamed, re-framed by its own edge, usage counted), reports the
 backend's health in its status, and once the backend is killed shows the model unavailable and answers
-503s."""
+503s. A backend that sends no usage (tests/support/usage_stripper.py, a process in front of a real node) is
+counted by the front node itself, free and paid per 1k tokens, plain and streamed."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ import pytest
 from harness.mesh_nodes import MeshNodes, wait_until
 
 MODEL = "smollm2-135m-instruct"
+NOUSAGE = "smollm2-no-usage"  # the same model behind tests/support/usage_stripper.py: answers without usage
 KEY = "backend-key-3e1f"
 ASK = {"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}],
        "max_tokens": 6, "temperature": 0}
@@ -171,18 +175,30 @@ def test_a_paid_node_sells_a_backend_model(tmp_path: Path) -> None:
         llama.stop()
 
 
+def same_counts(usage: dict, direct: dict) -> None:
+    """The node's own count of an answer without usage: the backend node's exact count (the front node counts
+    with the bundled SmolLM2 tokenizer and chat template, the model behind the backend), marked estimated."""
+    assert usage["estimated"] is True and usage["tokenizer"] == MODEL
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (direct["prompt_tokens"], direct["completion_tokens"])
+
+
 def test_another_node_answers_a_backend_model_through_the_mesh(tmp_path: Path) -> None:
     """Node A fronts a backend and announces its model (`model:<id>` with `backend: true`); node B, which joined
     A's mesh and serves nothing, lists it unverified and answers it through the tunnel, plain and streamed.
     `model: auto` on B leaves it alone unless the client opts in (x-mesh402-auto-backends: true) or B's operator
-    does (--auto-backends, node C). Once the backend
-    dies, B lists the model unavailable and answers a clean 503."""
+    does (--auto-backends, node C); on A itself `auto` picks A's own backend models only with the opt-in too.
+    A second backend of A sends no usage (tests/support/usage_stripper.py): A counts the tokens itself, plain
+    and streamed, and says so. Once the backend dies, B lists the model unavailable and answers a clean 503."""
+    from tests.support.usage_stripper import start_usage_stripper
+
     nodes = MeshNodes(tmp_path / "nodes")
+    stripper = None
     try:
         back = nodes.start("back", no_model=False)
         wait_until(lambda: httpx.get(f"http://127.0.0.1:{back.api_port}/ready", timeout=5).status_code == 200, 180,
                    what="the backend node's model")
-        front = nodes.start("front", extra=["--backend", f"http://127.0.0.1:{back.api_port}/v1"])
+        stripper, stripped = start_usage_stripper(tmp_path / "stripper", f"http://127.0.0.1:{back.api_port}/v1", NOUSAGE)
+        front = nodes.start("front", extra=["--backend", f"http://127.0.0.1:{back.api_port}/v1", "--backend", stripped])
         peer = nodes.start("peer", join=front.token())
         wait_until(lambda: models(peer.api_port).get(MODEL, {}).get("state") == "ready", 60,
                    what="the backend model listed on the peer")
@@ -201,11 +217,40 @@ def test_another_node_answers_a_backend_model_through_the_mesh(tmp_path: Path) -
         streamed, chunks = stream_chat(peer.api_port, {**ASK, "stream_options": {"include_usage": True}})
         assert streamed == text and chunks[-1]["usage"]["completion_tokens"] > 0
 
+        # a backend that sends no usage: the front node counts prompt and completion itself, and says so
+        bare = {**ASK, "model": NOUSAGE}
+        r = httpx.post(f"http://127.0.0.1:{front.api_port}/v1/chat/completions", json=bare, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == text and r.json()["model"] == NOUSAGE
+        same_counts(r.json()["usage"], direct["usage"])
+        assert r.headers["x-mesh402-usage"] == f"estimated; tokenizer={MODEL}"
+        streamed, chunks = stream_chat(front.api_port, {**bare, "stream_options": {"include_usage": True}})
+        assert streamed == text and chunks[-1]["choices"] == []
+        same_counts(chunks[-1]["usage"], direct["usage"])
+        streamed, chunks = stream_chat(front.api_port, bare)  # not asked for: no usage chunk
+        assert streamed == text and all("usage" not in c for c in chunks)
+        wait_until(lambda: models(peer.api_port).get(NOUSAGE, {}).get("state") == "ready", 60,
+                   what="the usage-less backend model listed on the peer")
+        streamed, chunks = stream_chat(peer.api_port, {**bare, "stream_options": {"include_usage": True}})
+        assert streamed == text  # through the mesh: the front node's count reaches the peer's client
+        same_counts(chunks[-1]["usage"], direct["usage"])
+        [counted] = [b for b in front.status()["node"]["backends"] if b["models"] == [NOUSAGE]]
+        assert counted["usage_estimated"] == 3 and counted["answers"] == 4
+
         auto = {**ASK, "model": "auto"}  # unverified models are not picked for a client who named none...
         assert httpx.post(f"http://127.0.0.1:{peer.api_port}/v1/chat/completions", json=auto, timeout=60).status_code == 503
         asked = httpx.post(f"http://127.0.0.1:{peer.api_port}/v1/chat/completions", json=auto, timeout=120,
                            headers={"x-mesh402-auto-backends": "true"})  # ...unless the client opts in...
         assert asked.status_code == 200 and asked.json()["choices"][0]["message"]["content"] == text, asked.text
+        # ...also on the node that fronts them: its own backend models, only with the opt-in
+        own = httpx.post(f"http://127.0.0.1:{front.api_port}/v1/chat/completions", json=auto, timeout=60)
+        assert own.status_code == 503 and own.json()["error"]["code"] == "no_model", own.text
+        own = httpx.post(f"http://127.0.0.1:{front.api_port}/v1/chat/completions", json=auto, timeout=120,
+                         headers={"x-mesh402-auto-backends": "true"})
+        assert own.status_code == 200, own.text
+        assert own.json()["model"] in (MODEL, NOUSAGE) and own.json()["choices"][0]["message"]["content"] == text
+        route = own.headers["x-mesh402-route"]
+        assert f"model={own.json()['model']}; via=backend; verified=false" in route and "class=" in route, route
         opted = nodes.start("opted", join=front.token(), extra=["--auto-backends"])  # ...or its operator does
         wait_until(lambda: models(opted.api_port).get(MODEL, {}).get("state") == "ready", 60,
                    what="the backend model listed on the opted-in node")
@@ -220,24 +265,87 @@ def test_another_node_answers_a_backend_model_through_the_mesh(tmp_path: Path) -
         assert "Retry-After" in dead.headers
     finally:
         nodes.stop_all()
+        if stripper is not None:
+            stripper.stop()
 
 
-def test_a_paid_entry_sells_another_nodes_backend_model(tmp_path: Path) -> None:
-    """x402 at the edge for a backend model fronted by another node: B charges the client (402, then paid
-    with the SDK's client and settled on chain) and answers through A's backend over the mesh."""
+@dataclass
+class PaidBackend:
+    chain: Any
+    fac_url: str
+    nodes: MeshNodes
+    back: Any  # a mesh402 node serving MODEL: the backend
+    stripped: str  # the same model without usage (tests/support/usage_stripper.py), its base URL
+
+
+@pytest.fixture(scope="module")
+def paid_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PaidBackend]:
+    """A dev chain, its facilitator, a backend node and the usage stripper in front of it, shared by the paid
+    tests below (each starts its own selling nodes)."""
     from harness.dev_chain import paid_mesh_env
     from tests.support.chain import require_contract_toolchain
+    from tests.support.usage_stripper import start_usage_stripper
 
     require_contract_toolchain()
-    with paid_mesh_env(tmp_path / "chain", buyers=1, nodes=1) as (chain, fac_url, nodes):
+    tmp = tmp_path_factory.mktemp("paid-backend")
+    with paid_mesh_env(tmp / "chain", buyers=2, nodes=2) as (chain, fac_url, nodes):
         back = nodes.start("back", no_model=False)
         wait_until(lambda: httpx.get(f"http://127.0.0.1:{back.api_port}/ready", timeout=5).status_code == 200, 180,
                    what="the backend node's model")
-        front = nodes.start("front", extra=["--backend", f"http://127.0.0.1:{back.api_port}/v1"])
-        entry = nodes.start("entry", join=front.token(), extra=["--price", "0.01", "--pay-to", "node-0",
-                                                                "--deployment", str(chain.dir), "--facilitator", fac_url])
-        wait_until(lambda: models(entry.api_port).get(MODEL, {}).get("state") == "ready", 60,
-                   what="the backend model listed on the paid entry")
-        unpaid = httpx.post(f"http://127.0.0.1:{entry.api_port}/v1/chat/completions", json=ASK, timeout=60)
-        assert unpaid.status_code == 402
-        buy_plain_and_streamed(chain, entry.api_port, ASK)
+        stripper, stripped = start_usage_stripper(tmp / "stripper", f"http://127.0.0.1:{back.api_port}/v1", NOUSAGE)
+        try:
+            yield PaidBackend(chain, fac_url, nodes, back, stripped)
+        finally:
+            stripper.stop()
+
+
+def test_a_paid_entry_sells_another_nodes_backend_model(paid_backend: PaidBackend) -> None:
+    """x402 at the edge for a backend model fronted by another node: B charges the client (402, then paid
+    with the SDK's client and settled on chain) and answers through A's backend over the mesh."""
+    chain, fac_url, nodes, back = paid_backend.chain, paid_backend.fac_url, paid_backend.nodes, paid_backend.back
+    front = nodes.start("front", extra=["--backend", f"http://127.0.0.1:{back.api_port}/v1"])
+    entry = nodes.start("entry", join=front.token(), extra=["--price", "0.01", "--pay-to", "node-0",
+                                                            "--deployment", str(chain.dir), "--facilitator", fac_url])
+    wait_until(lambda: models(entry.api_port).get(MODEL, {}).get("state") == "ready", 60,
+               what="the backend model listed on the paid entry")
+    unpaid = httpx.post(f"http://127.0.0.1:{entry.api_port}/v1/chat/completions", json=ASK, timeout=60)
+    assert unpaid.status_code == 402
+    buy_plain_and_streamed(chain, entry.api_port, ASK)
+
+
+def test_a_metered_node_charges_its_own_count_when_the_backend_sends_no_usage(paid_backend: PaidBackend) -> None:
+    """A node sells a backend that sends no usage per 1k tokens: it charges the buyer's credit on its own
+    count (the bundled tokenizer's, equal to the backend node's exact count here), plain and streamed, and the
+    ledger's balance shows exactly that."""
+    import asyncio
+    import math
+
+    from mesh402.economics.client import PayingClient
+
+    chain, nodes, back = paid_backend.chain, paid_backend.nodes, paid_backend.back
+    rate, topup = 20_000, 2_000  # --price-per-1k 0.02, --credit-topup 0.002 (atomic units, 6 decimals)
+    front = nodes.start("metered", extra=["--backend", paid_backend.stripped, "--price-per-1k", "0.02",
+                                          "--credit-topup", "0.002", "--pay-to", "node-1", "--deployment",
+                                          str(chain.dir), "--facilitator", paid_backend.fac_url])
+    base = f"http://127.0.0.1:{front.api_port}"
+    direct = httpx.post(f"http://127.0.0.1:{back.api_port}/v1/chat/completions", json=ASK, timeout=120).json()
+    cost = math.ceil(direct["usage"]["total_tokens"] * rate / 1000)
+    seller = chain.balance(chain.dep.address("node-1"))
+
+    async def buy() -> tuple[dict, int, dict, int]:
+        async with PayingClient(base, chain.key("buyer-1"), max_per_request=50_000) as c:
+            def balance() -> int:
+                return int(httpx.get(base + "/v1/x402/credit", timeout=30,
+                                     headers={"X-Mesh402-Credit": c.credit_token or ""}).json()["balance"])
+            plain = await c.chat(ASK["messages"], model=NOUSAGE, max_tokens=6, temperature=0)
+            after_plain = balance()
+            streamed = await c.chat(ASK["messages"], model=NOUSAGE, max_tokens=6, temperature=0, stream=True)
+            return plain, after_plain, streamed, balance()
+
+    plain, after_plain, streamed, after_stream = asyncio.run(buy())
+    same_counts(plain["usage"], direct["usage"])
+    assert after_plain == topup - cost
+    credit = streamed["x402"]["credit"]
+    assert credit["usage"] == {k: direct["usage"][k] for k in ("prompt_tokens", "completion_tokens")}
+    assert int(credit["charged"]) == cost and after_stream == topup - 2 * cost
+    wait_until(lambda: chain.balance(chain.dep.address("node-1")) == seller + topup, 30, what="the top-up paid")

@@ -26,13 +26,15 @@ SHARE = BoardLimits().author_posts
 
 
 def texts(node: MeshNode, topic: str | None = None) -> list[str]:
-    r = httpx.get(f"{node.console}/api/board", params={"topic": topic} if topic else {}, timeout=5)
+    r = httpx.get(f"{node.console}/api/board", params={"topic": topic} if topic else {}, headers=node.console_headers,
+                  timeout=5)
     r.raise_for_status()
     return [p["text"] for p in r.json()["posts"]]
 
 
 def by_author(node: MeshNode, author: str) -> int:
-    r = httpx.get(f"{node.console}/api/board", params={"author": author, "limit": 1024}, timeout=5)
+    r = httpx.get(f"{node.console}/api/board", params={"author": author, "limit": 1024}, headers=node.console_headers,
+                  timeout=5)
     return len(r.json()["posts"])
 
 
@@ -68,7 +70,7 @@ def test_posts_reach_everyone_a_flood_is_capped_and_a_restart_keeps_the_board(tm
             watch.wait(10)
         [row] = json.loads(cli(c, "read", "--json", "--topic", "jobs"))
         assert row["author"] == a.node_id and row["id"] == post_id
-        bad = httpx.post(f"{b.console}/api/board", json={"topic": "x", "text": ""}, timeout=5)
+        bad = httpx.post(f"{b.console}/api/board", json={"topic": "x", "text": ""}, headers=b.console_headers, timeout=5)
         assert bad.status_code == 400
 
         mesh_id = a.status()["mesh_id"]
@@ -92,7 +94,8 @@ def test_posts_reach_everyone_a_flood_is_capped_and_a_restart_keeps_the_board(tm
                 await fs.send(make_frame(board=pb.BoardSync(posts=[board_post(evil, mesh_id, 5000 + i) for i in range(65)])))
                 await fs.finish()
                 # honest members still post during the flood
-                r = httpx.post(f"{b.console}/api/board", json={"topic": "jobs", "text": "b: I have one"}, timeout=5)
+                r = httpx.post(f"{b.console}/api/board", json={"topic": "jobs", "text": "b: I have one"},
+                               headers=b.console_headers, timeout=5)
                 assert r.status_code == 201, r.text
                 for n in (a, b, c):
                     wait_until(lambda n=n: "b: I have one" in texts(n, "jobs"), 20, what=f"b's post on {n.name}")
@@ -103,9 +106,9 @@ def test_posts_reach_everyone_a_flood_is_capped_and_a_restart_keeps_the_board(tm
         for n in (a, b, c):
             assert by_author(n, evil_id) == SHARE  # never more than one author's share, anywhere
             assert "b says: send me your keys" not in texts(n, "jobs")
-        counters = httpx.get(f"{a.console}/api/board", timeout=5).json()["board"]["counters"]
+        counters = httpx.get(f"{a.console}/api/board", headers=a.console_headers, timeout=5).json()["board"]["counters"]
         assert counters["board.author_full"] + counters.get("board.rate_limited", 0) >= 256 - SHARE
-        cboard = httpx.get(f"{c.console}/api/board", timeout=5).json()["board"]["counters"]
+        cboard = httpx.get(f"{c.console}/api/board", headers=c.console_headers, timeout=5).json()["board"]["counters"]
         assert cboard["board.bad_signature"] >= 1 and cboard["board.frame_too_many"] == 1
 
         # c goes away; a posts meanwhile; c comes back with its board and catches up

@@ -19,7 +19,8 @@ import pytest
 from harness.mesh_nodes import MeshNode, MeshNodes, wait_until
 from harness.reference import ready_plan
 from mesh402.mesh.config import MeshTimers
-from tests.support.browser import LAPTOP, PHONE, axe_serious, screenshot, wait_js
+from mesh402.node.mesh_runtime import read_console_token
+from tests.support.browser import LAPTOP, PHONE, axe_serious, log_in, screenshot, wait_js
 from tests.support.split_mesh import SPLIT_ARGS
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -65,7 +66,7 @@ def test_console_shows_the_mesh_streams_a_chat_and_sees_a_node_die(mesh3, browse
     standby = next(n for n in servers if n.node_id not in stage_nodes)
     entry = next(n for n in servers if n.node_id == plan["host"])
 
-    browser.get(f"{entry.console}/")
+    log_in(browser, entry.console, read_console_token(entry.home) or "")
     # Mesh: all three nodes, each peer alive and directly connected, with an RTT
     wait_js(browser, f"document.querySelectorAll('#nodes tr[data-node-id]').length === 3", 20, "three nodes")
     shown = set(browser.execute_script(
@@ -169,7 +170,7 @@ TOKEN = "console-test-token-0123456789"
 
 def test_console_token_page_asks_for_it_and_shows_nothing_before(mesh_nodes: MeshNodes, browser) -> None:
     t = mesh_nodes.start("t", wait=False, env={"MESH402_CONSOLE_TOKEN": TOKEN})
-    t.proc.wait_http(f"{t.console}/api/status", timeout=60, ok=(401,))
+    t.proc.wait_http(f"{t.console}/api/traffic", timeout=60, ok=(401,))
     node_id = httpx.get(f"{t.console}/api/status", headers={"authorization": f"Bearer {TOKEN}"}, timeout=5).json()["node_id"]
 
     browser.get(f"{t.console}/")
@@ -179,7 +180,7 @@ def test_console_token_page_asks_for_it_and_shows_nothing_before(mesh_nodes: Mes
     assert node_id not in page and node_id[:12] not in page and "m402" not in page.replace("m402…", "")
     # the page's own fetches get nothing without the token
     assert browser.execute_script(
-        "const r = new XMLHttpRequest(); r.open('GET', '/api/status', false); r.send(); return r.status") == 401
+        "const r = new XMLHttpRequest(); r.open('GET', '/api/traffic', false); r.send(); return r.status") == 401
     assert axe_serious(browser) == []
     screenshot(browser, "login-laptop", LAPTOP)
 
@@ -202,4 +203,4 @@ def test_console_token_page_asks_for_it_and_shows_nothing_before(mesh_nodes: Mes
     browser.find_element("id", "logout").click()
     wait_js(browser, "!document.getElementById('login').hidden", 10, "the login form after logging out")
     assert browser.execute_script(
-        "const r = new XMLHttpRequest(); r.open('GET', '/api/status', false); r.send(); return r.status") == 401
+        "const r = new XMLHttpRequest(); r.open('GET', '/api/traffic', false); r.send(); return r.status") == 401

@@ -1,23 +1,26 @@
 """Issue 14 (escrow vouchers) on real node processes, real QUIC and a real local chain (anvil + facilitator):
 a paid split request pays its stage with EIP-712 vouchers from the entry's escrow as the work is done.
-(a) the entry is killed right after the request: the worker still redeems everything it was vouchered, on
-chain; (b) an entry that stops raising its vouchers (a test-only entry point) gets one request's window of
+(a) the entry is killed right after the request, or in the middle of a streamed one: the worker still
+redeems everything it was vouchered, on chain, and loses at most the unvouchered window (32 steps); (b) an entry that stops raising its vouchers (a test-only entry point) gets one request's window of
 free work at most: its next request is refused `unpaid`, and the worker redeems what it holds. The escrow is
 funded with `mesh402 escrow deposit` and the float locked with `mesh402 escrow lock` (a) or by the entry's
 keeper (`--escrow-float`, b)."""
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from harness.dev_chain import DevChain
 from harness.mesh_nodes import MeshNode, MeshNodes, wait_until
 from harness.reference import ready_plan as plan_of
-from harness.x402_payments import buy_chat
+from harness.x402_payments import X402SyncTransport, buy_chat
+from mesh402.serving.work_pay import MAX_PREPAID_STEPS
 from tests.support.chain import paid_chain
 from tests.support.escrow_mesh import USDC, escrow_args, escrow_cli, escrow_of, escrow_status, fund_escrow
 from tests.support.split_mesh import SPLIT_ARGS
@@ -30,7 +33,7 @@ BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Say hi"}], "ma
 @pytest.fixture(scope="module")
 def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DevChain, str]]:
     tmp = tmp_path_factory.mktemp("escrow-chain")
-    chain, fac, paid = paid_chain(tmp, nodes=4)
+    chain, fac, paid = paid_chain(tmp, nodes=6)
     try:
         yield chain, paid[paid.index("--facilitator") + 1]
     finally:
@@ -39,11 +42,11 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DevChain, st
 
 
 def paid_split(nodes: MeshNodes, chain: DevChain, fac: str, accounts: tuple[str, str], launcher: list[str] | None = None,
-               keeper: bool = False) -> tuple[MeshNode, MeshNode, str, str]:
+               keeper: bool = False, price: tuple[str, ...] = (), fund: int = USDC) -> tuple[MeshNode, MeshNode, str, str]:
     """Two escrow nodes splitting the model; (host, worker, host account, worker account) once the host's
     escrow covers the worker (locked with `mesh402 escrow lock`, or by the host's keeper with `keeper`) and
     the host sees the worker's escrow label."""
-    extra = ("--escrow-float", "0.5") if keeper else ()
+    extra = (*price, *(("--escrow-float", "0.5") if keeper else ()))
     a = nodes.start("a", no_model=False, extra=[*SPLIT_ARGS, *escrow_args(chain, fac, accounts[0], *extra)],
                     launcher=launcher)
     b = nodes.start("b", join=a.token(), no_model=False,
@@ -53,7 +56,7 @@ def paid_split(nodes: MeshNodes, chain: DevChain, fac: str, accounts: tuple[str,
     assert len(plan["stages"]) == 2, plan
     host, worker = (a, b) if plan["host"] == a.node_id else (b, a)
     host_acct, worker_acct = (accounts[0], accounts[1]) if host is a else (accounts[1], accounts[0])
-    fund_escrow(chain, host_acct, 1 * USDC, lock_for=None if keeper else worker_acct)
+    fund_escrow(chain, host_acct, fund, lock_for=None if keeper else worker_acct)
     if keeper:
         esc, entry, wallet = escrow_of(chain), chain.dep.address(host_acct), chain.dep.address(worker_acct)
         wait_until(lambda: esc.coverage(entry, wallet) >= USDC // 2, timeout=90, what="the keeper's float")
@@ -87,6 +90,52 @@ def test_entry_killed_after_a_paid_request_worker_redeems_everything(dev, tmp_pa
                    what="the worker's redemption on chain")
         assert chain.balance(wallet) - before == vouchered
         assert 0 < vouchered <= PRICE  # its layer share of the request's price, never more than the entry sold
+    finally:
+        nodes.stop_all()
+
+
+PER_1K = 5  # USDC per 1k tokens on top of the per-request price: a step is worth enough to see the window
+KILL_AT = 40  # streamed chunks before the kill: past the vouchers of steps 16 and 32
+
+
+def test_entry_killed_mid_stream_worker_redeems_all_vouchered_and_loses_at_most_the_window(dev, tmp_path: Path) -> None:
+    chain, fac = dev
+    nodes = MeshNodes(tmp_path / "nodes")
+    try:
+        host, worker, host_acct, worker_acct = paid_split(nodes, chain, fac, ("node-4", "node-5"),
+                                                          price=("--price-per-1k", str(PER_1K)), fund=10 * USDC)
+        wallet = chain.dep.address(worker_acct)
+        before = chain.balance(wallet)
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
+                "max_tokens": 200, "temperature": 0, "stream": True}
+        chunks = 0
+        pay = X402SyncTransport(chain.key("buyer-0"), chain.dep, cap=5 * USDC)
+        with httpx.Client(transport=pay, timeout=180) as c, \
+                c.stream("POST", f"http://127.0.0.1:{host.api_port}/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200, r.read()
+            for line in r.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                delta = json.loads(line[6:])["choices"][0].get("delta") or {}
+                chunks += bool(delta.get("content"))
+                if chunks == KILL_AT:
+                    MeshNodes.kill9(host)  # mid-stream: no CLOSE, no last voucher
+                    break
+        assert chunks == KILL_AT, f"the answer ended after {chunks} chunks, before the kill"
+        entry = chain.dep.address(host_acct).lower()
+        held = lambda: (escrow_status(worker).get("held") or {}).get(entry, {})  # noqa: E731
+        # the worker's session ends (the entry is gone) and its work joins what the entry owes
+        wait_until(lambda: held().get("owed", 0) >= held().get("vouchered", 0) > PRICE, timeout=60,
+                   what="the worker's mid-stream vouchers and its work recorded")
+        vouchered, owed = held()["vouchered"], held()["owed"]
+        wait_until(lambda: redeemed(chain, host_acct, worker_acct) == vouchered, timeout=60,
+                   what="the worker's redemption on chain")
+        assert chain.balance(wallet) - before == vouchered  # everything vouchered, on chain
+        per_token = PER_1K * USDC // 1000  # the whole price of a token: more than the worker's share of it
+        lost = owed - vouchered
+        print(f"killed after {chunks} chunks: vouchered {vouchered}, owed {owed}, lost {lost} "
+              f"(window bound {MAX_PREPAID_STEPS * per_token})")
+        assert 0 <= lost <= MAX_PREPAID_STEPS * per_token  # at most the unvouchered window of 32 decode steps
     finally:
         nodes.stop_all()
 

@@ -1,9 +1,8 @@
 """Issue 8's verification, tried as a user would, on real node processes and a real local chain.
 
 Three registered nodes serve a paid request as a 3-stage split: the entry A (stage 0), an honest B and a
-node C that cheats (1% activation perturbation or a skipped layer in exact mode, a substituted Q4_0
-quantization in fast mode; the test-only entry point tests.support.tamper_node: no user
-flag does this), or, in the honest fast (bf16) case, does not. A fourth node V is the mesh's validator: it holds the model
+node C that cheats (1% activation perturbation in exact mode, a substituted Q4_0 quantization in fast
+mode; the test-only entry point tests.support.tamper_node: no user flag does this). A fourth node V is the mesh's validator: it holds the model
 on disk but is too small to take a stage. The entry audits the request (each node's first request in an
 epoch always is). `mesh402 payout` runs the validation round (B and C request ERC-8004 validation of their
 work, V re-executes their audited step and answers on chain) and pays by work units: A and B in
@@ -29,11 +28,14 @@ from tests.support.chain import paid_chain
 MODEL = "smollm2-135m-instruct"
 
 
-CASES = [("exact", "perturb"), ("exact", "skip_layer"), ("fast", "requant"), ("fast", None)]
+# One cheat per mode: the path from the audit to the chain and the payout is the same for every cheat, and
+# tests/engine/test_replay.py catches each cheat of harness.tamper in both modes in-process. An honest run
+# needs no case of its own: B is an honest stage in each case and must pass its check and be paid.
+CASES = [("exact", "perturb"), ("fast", "requant")]
 
 
-@pytest.mark.parametrize("mode,cheat", CASES, ids=[f"{m}-{c or 'honest'}" for m, c in CASES])
-def test_tampering_stage_is_caught_not_paid_and_recorded_on_chain(tmp_path: Path, mode: str, cheat: str | None) -> None:
+@pytest.mark.parametrize("mode,cheat", CASES, ids=[f"{m}-{c}" for m, c in CASES])
+def test_tampering_stage_is_caught_not_paid_and_recorded_on_chain(tmp_path: Path, mode: str, cheat: str) -> None:
     from mesh402.economics.validation_registry import validation_status
     from mesh402.work.units import split_pro_rata
     chain, fac, paid = paid_chain(tmp_path, nodes=4)
@@ -56,8 +58,7 @@ def test_tampering_stage_is_caught_not_paid_and_recorded_on_chain(tmp_path: Path
                         extra=["--mode", mode, "--max-vram", "0.05", *owner("node-1")])
         c = nodes.start("c", join=tok, no_model=False, wait=False,
                         extra=["--mode", mode, "--max-vram", "0.05", *owner("node-2")],
-                        env={"MESH402_TAMPER": cheat} if cheat else None,
-                        launcher=[sys.executable, "-m", "tests.support.tamper_node"] if cheat else None)
+                        env={"MESH402_TAMPER": cheat}, launcher=[sys.executable, "-m", "tests.support.tamper_node"])
         v = nodes.start("v", join=tok, no_model=False, wait=False,
                         extra=["--mode", mode, "--max-vram", "0.0001", "--validator", *owner("node-3")])
         for n in (b, c, v):
@@ -96,10 +97,6 @@ def test_tampering_stage_is_caught_not_paid_and_recorded_on_chain(tmp_path: Path
         from mesh402.economics.chain import contract_at
         rep = contract_at(w3, "ReputationRegistry", chain.dep.contracts["ReputationRegistry"])
         assert rep.functions.getLastIndex(rows[b.node_id]["agent_id"], chain.dep.address("node-0")).call() == 0
-        if cheat is None:  # an honest run is never flagged: everyone paid by work units
-            assert sc.answered and sc.response == 100
-            assert chain.balance("node-2") - before["node-2"] == pay[c.node_id] > 0
-            return
         assert chain.balance("node-2") == before["node-2"]  # C: nothing
         # the entry pays its own stage's share to itself and keeps C's: the revenue wallet loses only B's
         assert before["node-0"] - chain.balance("node-0") == pay[b.node_id]
@@ -112,7 +109,7 @@ def test_tampering_stage_is_caught_not_paid_and_recorded_on_chain(tmp_path: Path
         assert f"{b.node_id[:12]} {pay[b.node_id] / 1e6:.6f}" in text
         print(status.stdout)
         # the console's Money and trust view: each node's spot checks and the validator's verdict
-        money = httpx.get(f"{a.console}/api/money", timeout=10).json()
+        money = httpx.get(f"{a.console}/api/money", headers=a.console_headers, timeout=10).json()
         seen = {row["node_id"]: row for row in money["spot_checks"] if row["epoch"] == epoch}
         assert seen[b.node_id]["score"] == 100 and seen[b.node_id]["failed"] == 0 and seen[b.node_id]["checks"] >= 1
         assert seen[c.node_id]["score"] == 0 and seen[c.node_id]["failed"] >= 1

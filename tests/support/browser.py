@@ -108,3 +108,14 @@ def wait_js(driver: Any, script: str, timeout: float, what: str) -> Any:
             return last
         time.sleep(0.1)
     raise AssertionError(f"{what}: not seen in the page within {timeout}s (last: {last!r})")
+
+
+def log_in(driver: Any, console: str, token: str) -> None:
+    """Open the console page and log in the way the operator does: type the node's console token (from
+    <home>/console.token) into the login form; the page then holds an HttpOnly session cookie."""
+    driver.get(f"{console}/")
+    wait_js(driver, "!document.getElementById('login').hidden", 15, "the login form")
+    driver.find_element("id", "token").send_keys(token)
+    driver.find_element("css selector", "#login-form button").click()
+    wait_js(driver, "document.getElementById('login').hidden && !document.getElementById('app').hidden", 15,
+            "the console after login")

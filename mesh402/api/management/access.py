@@ -7,11 +7,14 @@
   fetch) must come from the console's own origin; a browser that says the request is cross-site or
   same-site (``Sec-Fetch-Site``) cannot read or change anything under ``/api/``. Tools such as the CLI send
   neither header and pass.
-- **Console token** (when one is configured): ``Authorization: Bearer <token>`` (the CLI), or the
+- **Console token** (always: the node generates one into ``<home>/console.token``, 0600, when the operator
+  gives none): ``Authorization: Bearer <token>`` (the CLI reads it from the home), or the
   ``mesh402_console`` cookie the page gets from ``POST /api/login`` after the operator types the token.
   The cookie is HttpOnly and SameSite=Strict and holds an HMAC of the token, never the token, and never
   travels in a URL (EventSource cannot send headers; cookies it does send). Without it only the page's
-  own files and ``/api/session``, ``/api/login``, ``/api/logout`` answer: nothing about the node.
+  own files, ``/api/session``, ``/api/login``, ``/api/logout`` and the ``OPEN_READS`` answer, the latter
+  to loopback clients only and with no secret in them (the app redacts them: ``authenticated(request)``
+  is false). Any other route, including every route added later, needs the token: closed by default.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 COOKIE = "mesh402_console"
 PUBLIC = ("/", "/favicon.ico", "/api/session", "/api/login", "/api/logout")  # no token needed (no data)
 PUBLIC_PREFIX = "/static/"
+# Read-only views open without the token to a client on this machine; their handlers drop every secret
+# (the invite token) unless authenticated(). Nothing that mints, revokes, pays, posts or acts as the node.
+OPEN_READS = frozenset({("GET", "/api/status")})
+AUTH_STATE = "console_authenticated"  # set in the ASGI scope's state for the handlers
 LOGIN_FAILURES = 10  # wrong tokens allowed per LOGIN_WINDOW_S before logins are refused for a while
 LOGIN_WINDOW_S = 60.0
 MAX_LOGIN_BYTES = 4096
@@ -62,18 +69,31 @@ def session_value(token: str) -> str:
     return hmac.new(token.encode(), b"mesh402 console session v1", hashlib.sha256).hexdigest()
 
 
+def loopback_client(scope: Scope) -> bool:
+    client = scope.get("client")
+    if not client:
+        return False
+    try:
+        return ipaddress.ip_address(str(client[0])).is_loopback
+    except ValueError:
+        return False
+
+
+def authenticated(request: object) -> bool:
+    """Whether the guard saw the console token (or the page's session) on this request."""
+    return bool(getattr(getattr(request, "state", None), AUTH_STATE, False))
+
+
 @dataclass
 class ConsoleAccess:
-    token: str | None
+    token: str
     failures: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=LOGIN_FAILURES))
 
     @property
     def required(self) -> bool:
-        return self.token is not None
+        return True  # kept in /api/session for the page: a console always has a token
 
     def authenticated(self, headers: dict[str, str]) -> bool:
-        if self.token is None:
-            return True
         got = headers.get("authorization", "")
         if hmac.compare_digest(got.encode(), f"Bearer {self.token}".encode()):
             return True
@@ -87,8 +107,6 @@ class ConsoleAccess:
 
     def login(self, offered: str, now: float) -> tuple[int, dict[str, object], list[tuple[bytes, bytes]]]:
         """(status, body, extra headers) for a login attempt."""
-        if self.token is None:
-            return 200, {"authenticated": True, "auth_required": False}, []
         if len(self.failures) == LOGIN_FAILURES and now - self.failures[0] < LOGIN_WINDOW_S:
             return 429, {"error": "too many wrong tokens; wait a minute"}, [(b"retry-after", b"60")]
         if not hmac.compare_digest(offered.strip().encode(), self.token.encode()):
@@ -170,9 +188,12 @@ class AccessGuard:
                           [(b"set-cookie", f"{COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0".encode())])
             return
         public = path in PUBLIC or path.startswith(PUBLIC_PREFIX)
-        if not public and not access.authenticated(headers):
-            await _answer(send, 401, {"error": "console token required (Authorization: Bearer ..., or log in on the page)"})
+        authed = access.authenticated(headers)
+        if not public and not authed and not ((method, path) in OPEN_READS and loopback_client(scope)):
+            await _answer(send, 401, {"error": "console token required (Authorization: Bearer ..., or log in on "
+                                               "the page; the token is in the node's home: console.token)"})
             return
+        scope = {**scope, "state": {**scope.get("state", {}), AUTH_STATE: authed}}
 
         async def secured(message: Message) -> None:
             if message["type"] == "http.response.start":

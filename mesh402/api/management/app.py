@@ -12,9 +12,11 @@
   from admitting anyone, mesh-wide (members it admitted stay).
 
 It listens on loopback unless ``--console-listen-all``, which requires a
-console token; when a token is configured every request must carry
-``Authorization: Bearer <token>`` or the page's session cookie, and every
-request passes the Host/Origin checks (``access.py``). With a ``ticker`` the
+console token the operator gives; otherwise the node keeps a generated one in
+its home. Every request must carry ``Authorization: Bearer <token>`` or the
+page's session cookie, except ``GET /api/status`` from loopback, which then
+leaves out the invite token; and every request passes the Host/Origin checks
+(``access.py``). With a ``ticker`` the
 event stream also carries what it returns every ``tick_s`` (the web console's
 traffic and money figures, ``console.py``) when it changed.
 """
@@ -30,7 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from mesh402.api.bodies import sse
-from mesh402.api.management.access import AccessGuard, ConsoleAccess
+from mesh402.api.management.access import AccessGuard, ConsoleAccess, authenticated
 from mesh402.mesh.invite import InviteError, parse_duration
 from mesh402.mesh.service import MeshService
 
@@ -47,7 +49,7 @@ def create_management_app(
     mesh: MeshService,
     *,
     node_info: Optional[Callable[[], dict[str, Any]]] = None,
-    token: Optional[str] = None,
+    token: str,
     keepalive_s: float = KEEPALIVE_S,
     ticker: Optional[Callable[[], dict[str, Any]]] = None,
     tick_s: float = TICK_S,
@@ -65,8 +67,11 @@ def create_management_app(
         return out
 
     @app.get("/api/status")
-    async def get_status() -> JSONResponse:
-        return JSONResponse(status())
+    async def get_status(request: Request) -> JSONResponse:
+        out = status()
+        if not authenticated(request):  # an open read (access.OPEN_READS): no secret in it
+            out["invite_token"] = None
+        return JSONResponse(out)
 
     open_streams = [0]  # event streams now open (each holds a subscription queue): capped
 

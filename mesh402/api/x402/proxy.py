@@ -54,14 +54,17 @@ def bounded_usage(u: Any, prompt_cap: int, completion_cap: int) -> Any:
 
 
 async def paid_proxy(gate: "PaymentGate", request: Request, model_id: str, req: SamplingFields, default_max_tokens: int,
-                     forward: Forward, extra: int = 0, *, body: bytes | None = None) -> Response:
+                     forward: Forward, extra: int = 0, *, body: bytes | None = None,
+                     prompt_tokens: int | None = None) -> Response:
     """`extra`: what the host charges the entry for this request, passed on in the entry's price; `body`: what
-    the host gets (default: the client's request as it came)."""
+    the host gets (default: the client's request as it came); `prompt_tokens`: the prompt's size where the
+    entry can count it (a `--backend` model: api/token_count.py), else a guess from the body's size."""
     if body is None:
         body = await request.body()
     stream = bool(req.stream)
     max_tokens = req.requested_max_tokens() or default_max_tokens
-    est_prompt = max(1, len(body) // 4)  # sizing only (window, credit hold); billing uses the host's usage
+    # sizing only (window, credit hold); billing uses the host's usage
+    est_prompt = prompt_tokens if prompt_tokens is not None else max(1, len(body) // 4)
     charge = await gate.authorize(request, model_id, est_prompt, max_tokens, stream, extra=extra)
     if charge.replay is not None:
         return charge.replay
