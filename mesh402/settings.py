@@ -132,6 +132,7 @@ class TrustConfig:
     audit_rate: float = 0.1  # entry: share of paid split requests whose stages reveal a step (plus each
     #                           node's first request per epoch)
     validator_ids: list[str] = field(default_factory=list)  # entry: the validators it trusts (--validator-id)
+    quorum: str | None = None  # SpotCheckQuorum address: spot checks decided by the staked validator quorum
     # --allow-host: the only peers that may host, hold layers of, or serve a model for this node (empty: any
     # peer that proves it holds the model's tensors)
     allow_hosts: list[str] = field(default_factory=list)

@@ -53,7 +53,7 @@ def payments_config(*, price: str | None, price_per_1k: str | None, pay_to: str 
 
 
 def trust_config(*, network: str | None, deployment: Path | None, owner_key_file: Path | None, validator: bool,
-                 audit_rate: float) -> TrustConfig:
+                 audit_rate: float, quorum: bool = False) -> TrustConfig:
     """The chain a node acts on for ERC-8004 (its deployment's or the network's registries) and its owner key.
     Without --deployment/--network and a key, the node takes no part on chain (it can still be audited)."""
     import os
@@ -71,6 +71,11 @@ def trust_config(*, network: str | None, deployment: Path | None, owner_key_file
         cfg.registries = erc8004_registries(network if dep is None else None, dep)
     if validator and not (key and cfg.rpc_url):
         raise ValueError("--validator needs an owner key (--owner-key-file or MESH402_OWNER_KEY) and --deployment or --network")
+    if quorum:
+        cfg.quorum = dep.contracts.get("SpotCheckQuorum") if dep is not None else None
+        if not (cfg.quorum and key):
+            raise ValueError("--quorum needs --deployment with a SpotCheckQuorum (redeploy with `mesh402 chain dev`) "
+                             "and an owner key (--owner-key-file or MESH402_OWNER_KEY)")
     return cfg
 
 

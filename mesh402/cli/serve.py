@@ -134,6 +134,7 @@ def serve(
     escrow_float: Annotated[Optional[str], typer.Option("--escrow-float", help="With --escrow, as an entry: keep each worker's escrow channel this many USDC above what it vouchered, locking top-ups from the escrow account's free balance (fund it with `mesh402 escrow deposit`); without it, floats are locked by hand (`mesh402 escrow lock`).", rich_help_panel="Payments")] = None,
     redeem_every: Annotated[float, typer.Option("--redeem-every", help="With --escrow: seconds between redemptions of the vouchers held (sooner when an entry asks for its float back).", rich_help_panel="Payments")] = 300.0,
     auto_backends: Annotated[bool, typer.Option("--auto-backends", help="Let model \"auto\" on this node pick backend models (unverified: nobody can spot-check them): other nodes' and, for chat completions, this node's own --backend models. Off by default (a client may opt in per request with the header x-mesh402-auto-backends: true); naming a backend model always routes to it.", rich_help_panel="Backends")] = False,
+    quorum: Annotated[bool, typer.Option("--quorum", help="Spot checks are decided by the staked validator quorum (SpotCheckQuorum of --deployment) instead of one named validator: an entry opens a check per paid stage node and epoch (its report bond is paid from the owner key); with --validator, this node votes on the checks it is drawn for (its agent must be staked and registered with `mesh402 validator register`). A failed check slashes the stage's stake.", rich_help_panel="Trust")] = False,
     audit_rate: Annotated[float, typer.Option("--audit-rate", help="Entry: share of paid split requests whose stages must reveal a step for re-execution (each node's first request per epoch is always audited).", rich_help_panel="Trust")] = 0.1,
     validator_id: ValidatorIdOpt = None,
     allow_host: AllowHostOpt = None,
@@ -163,7 +164,7 @@ def serve(
         payments.epoch_s = epoch_seconds
         from mesh402.cli.payment_flags import trust_config  # lazy: kept off this module's import path
         trust = trust_config(network=network, deployment=deployment, owner_key_file=owner_key_file,
-                             validator=validator, audit_rate=audit_rate)
+                             validator=validator, audit_rate=audit_rate, quorum=quorum)
         trust.validator_ids = node_ids(validator_id, "--validator-id")
         trust.allow_hosts = node_ids(allow_host, "--allow-host")
         from mesh402.cli.payment_flags import auto_payout_config  # lazy: kept off this module's import path

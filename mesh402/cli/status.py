@@ -142,7 +142,7 @@ def status_cmd(
         print(json.dumps(st, indent=1))
         return
     render_status(st)
-    for line in escrow_status_lines(st):
+    for line in [*escrow_status_lines(st), *stake_status_lines(st)]:
         console.print(line, highlight=False)
     try:  # payments revenue, when the economics layer is present
         from mesh402.cli.status import payments_status_lines  # lazy: kept off this module's import path
@@ -172,6 +172,18 @@ def escrow_status_lines(st: dict) -> list[str]:
     if wk.get("paused"):
         lines.append(f"  paused entries {wk['paused']} time(s): {wk.get('last_refusal', '')}")
     return lines
+
+
+def stake_status_lines(st: dict) -> list[str]:
+    """--quorum: this node's agent's stake and what quorum checks slashed from it."""
+    econ = (st.get("node") or {}).get("economics") or {}
+    stake, slashes = econ.get("stake"), econ.get("slashes") or {}
+    if not stake:
+        return []
+    usdc = lambda a: f"{int(a or 0) / 1e6:.6f}"  # noqa: E731
+    return [f"stake: agent {stake.get('agent_id')} active {usdc(stake.get('active'))} USDC, unbonding "
+            f"{usdc(stake.get('unbonding'))} USDC, {stake.get('open_checks', 0)} open check(s); slashed "
+            f"{usdc(slashes.get('as_stage'))} USDC as a stage, {usdc(slashes.get('as_validator'))} USDC as a validator"]
 
 
 def payments_status_lines(home: Path, status: Optional[dict[str, Any]] = None) -> list[str]:

@@ -28,6 +28,7 @@ from mesh402.economics.rewards import (
     unclaimed,
     withhold,
 )
+from mesh402.economics.quorum_checks import QUORUM_PREFIX, quorum_running, quorum_status
 from mesh402.economics.validation_registry import (
     RegistryError,
     payout_condition,
@@ -46,6 +47,10 @@ Log = Callable[[str], None]
 
 class PayoutError(RuntimeError):
     """Why an epoch was not paid, in one line."""
+
+
+class QuorumPending(PayoutError):
+    """Some stage's quorum check is not executed yet (serve --quorum): the epoch is paid after it is."""
 
 
 class NoReceipts(PayoutError):
@@ -132,6 +137,8 @@ def _pay_epoch(home: Path, epoch: int, chain: PayoutChain, *, key: str | None, e
             vreg = chain.registry("ValidationRegistry")
             try:
                 result.failed = _gate_on_validation(w3, vreg, store, plan, _entry_node(home, store, epoch))
+            except QuorumPending:
+                raise
             except Exception as e:  # RPC down, wrong address
                 raise PayoutError(f"cannot read the spot checks' validations from {vreg}: {e}") from e
         for line in plan_lines(plan):
@@ -215,8 +222,17 @@ def _gate_on_validation(w3: Any, validation_registry: str, store: Any, plan: Epo
     """Withhold every stage node without a passed spot check (validation.payout_condition); the nodes
     whose check failed, with their on-chain status."""
     rows = store.validations(plan.epoch)
-    statuses = {n: validation_status(w3, validation_registry, rows[n]["request_hash"]) if n in rows else None
-                for n in plan.units if n != entry}
+    running = sorted(n for n, r in rows.items() if n in plan.units and r["validator"].startswith(QUORUM_PREFIX)
+                     and quorum_running(w3, r["validator"], r["request_hash"]))
+    if running:  # publishing now would keep their shares for good: wait for the quorum (an automatic payout retries)
+        raise QuorumPending(f"epoch {plan.epoch}: quorum checks still running for "
+                            f"{', '.join(n[:12] for n in running)}; pay once they are executed")
+
+    def status(row: dict[str, Any]) -> Any:
+        if row["validator"].startswith(QUORUM_PREFIX):  # decided by the validator quorum (serve --quorum)
+            return quorum_status(w3, row["validator"], row["request_hash"], row["agent_id"])
+        return validation_status(w3, validation_registry, row["request_hash"])
+    statuses = {n: status(rows[n]) if n in rows else None for n in plan.units if n != entry}
     validators = {n: r["validator"] for n, r in rows.items()}
     _, reasons = payout_condition(plan.units, entry, statuses, validators=validators)
     withhold(plan, reasons)

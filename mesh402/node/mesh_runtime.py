@@ -342,6 +342,10 @@ class MeshRuntime:
         dist = node.distributed
         if dist is not None:
             info["distributed"] = dist.status()
+            staked = dist.trust.stake_status  # --quorum: this node's agent's stake and slashes (atomic USDC)
+            if staked:
+                info["economics"].update(stake={"agent_id": staked["agent_id"], **staked["stake"]},
+                                         slashes=staked["slashes"])
             closer = node.closer
             if closer is not None:
                 info["distributed"]["payouts"] = closer.status()

@@ -20,6 +20,7 @@ from mesh402.api.openai import create_app, edge_of
 from mesh402.api.traffic import Traffic
 from mesh402.api.tunnel import TunnelLimits, make_handler
 from mesh402.discovery.registry import live_listing
+from mesh402.economics.quorum_checks import QuorumChecks
 from mesh402.economics.validation_registry import RegistryValidation
 from mesh402.home import Home, HomeLock
 from mesh402.mesh.framing import StreamType
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from mesh402.node.escrow_pay import EscrowPay
     from mesh402.node.payouts import EpochCloser
     from mesh402.serving.distributed import DistributedRuntime
+    from mesh402.serving.quorum_votes import QuorumChain
     from mesh402.serving.verification import ValidationChain
 
 log = logging.getLogger(__name__)
@@ -178,7 +180,7 @@ class Node:
         capacity = node_capacity(cfg.max_vram_gb, detected)
         self.distributed = DistributedRuntime(self, self.mesh_runtime.mesh, capacity,
                                               max_split_rtt_ms=cfg.max_split_rtt_ms, wire_dtype=cfg.wire_dtype,
-                                              chain=self._validation_chain())
+                                              chain=self._validation_chain(), quorum=self._quorum_chain())
         self.edge.distributed = self.distributed
 
         # Tunnelled requests run through this node's own app in-process (never over a socket or a URL).
@@ -205,6 +207,14 @@ class Node:
             return None
 
         return RegistryValidation(trust.rpc_url, trust.owner_key, trust.registries)
+
+    def _quorum_chain(self) -> QuorumChain | None:
+        """This node's side of SpotCheckQuorum (--quorum): its owner key opens checks (an entry) and votes
+        (a validator)."""
+        trust = self.config.trust
+        if not (trust.quorum and trust.owner_key and trust.rpc_url):
+            return None
+        return QuorumChecks(trust.rpc_url, trust.owner_key, trust.quorum, trust.registries)
 
     def _start_payouts(self) -> None:
         """A paid entry with --payout-key-file pays each epoch after it ends."""

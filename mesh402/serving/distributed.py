@@ -46,6 +46,7 @@ from mesh402.serving.pipeline import Chain, Failover, PipelineModel, StepTimer
 from mesh402.serving.registry import ModelEntry, ModelRegistry
 from mesh402.serving.stage_link import Hop, K, StageError, expect_stage, stage_frame
 from mesh402.serving.stage_worker import StageWorker
+from mesh402.serving.quorum_votes import QuorumChain
 from mesh402.serving.verification import TrustServices, ValidationChain
 from mesh402.settings import NodeConfig
 
@@ -114,8 +115,10 @@ class Roles:
 
 class DistributedRuntime(Failover):
     def __init__(self, node: ServingNode, mesh: "MeshService", capacity_bytes: int, *, max_split_rtt_ms: float = 80.0,
-                 wire_dtype: str = "f32", reconcile_s: float = 0.5, chain: ValidationChain | None = None) -> None:
-        """`chain`: this node's side of the ValidationRegistry (an owner key and a chain), for spot checks."""
+                 wire_dtype: str = "f32", reconcile_s: float = 0.5, chain: ValidationChain | None = None,
+                 quorum: QuorumChain | None = None) -> None:
+        """`chain`: this node's side of the ValidationRegistry (an owner key and a chain), for spot checks;
+        `quorum`: its side of SpotCheckQuorum, when spot checks are decided by the validator quorum (--quorum)."""
         self.node = node
         self.mesh = mesh
         self.me = mesh.node_id.hex()
@@ -161,7 +164,8 @@ class DistributedRuntime(Failover):
             self.auditor = Auditor(node.config.trust.audit_rate, node.config.payments.epoch_s)
         self.trust = TrustServices(self.me, chain, self.executor, self._load_range, self._connect, self._peer_labels,
                                    validator=node.config.trust.validator, device=node.config.device,
-                                   trusted_validators=node.config.trust.validator_ids)
+                                   trusted_validators=node.config.trust.validator_ids, quorum=quorum,
+                                   votes_dir=node.config.home / "quorum-votes")
         self.worker.services.update(self.trust.services())
         self.worker.services[K.STAGE_KIND_HOLDING_PROOF] = self.holdings.on_challenge
         self.worker.on_receipt = self.trust.worked_for.add  # entries that may ask this node for validation
@@ -176,10 +180,12 @@ class DistributedRuntime(Failover):
     def start(self) -> None:
         self._publish()  # the capacity label first: stages check who the host is from the same gossip
         self._task = asyncio.create_task(self._loop())
+        self.trust.start()
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        await self.trust.stop()
 
     def kick(self) -> None:
         self._kick.set()

@@ -21,6 +21,7 @@ from typing import Any, Awaitable, Callable, Protocol
 
 from mesh402 import labels as L
 from mesh402.mesh.proto import mesh_pb2 as pb
+from mesh402.serving.quorum_votes import QuorumChain, QuorumEntry, QuorumVoter, call, statement_checks
 from mesh402.serving.spot_checks import judge
 from mesh402.serving.stage_link import (
     K,
@@ -30,7 +31,7 @@ from mesh402.serving.stage_link import (
     expect_stage,
     stage_frame,
 )
-from mesh402.work.evidence import SpotCheck, statement
+from mesh402.work.evidence import statement
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,11 @@ class TrustServices:
     def __init__(self, node_id: str, chain: ValidationChain | None, executor: Any,
                  load_model: Callable[[str, int, int, str], Any], connect: Callable[[str], Awaitable[Link]],
                  peers: Callable[[], dict[str, dict[str, str]]], *, validator: bool = False,
-                 device: str = "cpu", trusted_validators: Any = ()) -> None:
+                 device: str = "cpu", trusted_validators: Any = (), quorum: QuorumChain | None = None,
+                 votes_dir: Any = None) -> None:
         """`chain`: None without an owner key and a chain; `validator`: answer VERIFY (--validator);
+        `quorum`: spot checks are decided by the staked validator quorum (--quorum; a validator keeps its
+        sealed votes in `votes_dir`);
         `load_model(hash, start, end, mode)`: a partial engine from this node's disk (FileNotFoundError if it
         has no such model); `peers()`: node id -> announcement labels; `trusted_validators`: the node ids the
         operator named (--validator-id): a validator label alone selects nobody."""
@@ -93,6 +97,44 @@ class TrustServices:
         # a request costs gas, so only entries it worked for may ask, a few times per epoch (retried rounds).
         self.worked_for: set[str] = set()
         self._asks: dict[tuple[str, int], int] = {}
+        self.quorum = quorum
+        self.voter: QuorumVoter | None = None
+        self.quorum_entry: QuorumEntry | None = None
+        if quorum is not None:
+            self.quorum_entry = QuorumEntry(node_id, quorum, self._send_evidence, self._quorum_validators)
+            if self.validator:
+                self.voter = QuorumVoter(node_id, quorum, executor, self._engine_for, self.device_sig, votes_dir)
+        self._tasks: list[asyncio.Task] = []
+        # --quorum: this node's agent, its stake and what checks took from it (status), refreshed in the background
+        self.stake_status: dict[str, Any] = {}
+
+    def start(self) -> None:
+        """A quorum validator watches the checks it holds evidence or a sealed vote for; a --quorum node keeps
+        its stake for status."""
+        if self.quorum is not None and not self._tasks:
+            self._tasks.append(asyncio.create_task(self._stake_loop()))
+            if self.voter is not None:
+                self._tasks.append(asyncio.create_task(self.voter.run()))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+
+    async def _stake_loop(self, every_s: float = 5.0) -> None:
+        assert self.quorum is not None
+        quorum = self.quorum
+        while True:
+            try:
+                agent = await call(quorum.agent_of_node, self.me)
+                if agent is not None:
+                    self.stake_status = {"agent_id": agent, "stake": await call(quorum.stake, agent),
+                                         "slashes": await call(quorum.slashes, agent),
+                                         "votes": dict(self.voter.voted) if self.voter is not None else {}}
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # RPC down: keep what was last seen
+                log.debug("stake status: %s", e)
+            await asyncio.sleep(every_s)
 
     @cached_property
     def device_sig(self) -> str:
@@ -166,15 +208,18 @@ class TrustServices:
     async def on_verify(self, peer: str, sf: pb.StageFrame) -> pb.Frame:
         """Re-execute the spot checks of a statement and answer its validation request on chain."""
         assert self.chain is not None
+        if "check_id" in sf.params:  # evidence of a quorum check (--quorum)
+            if self.voter is None:
+                return error_frame(sf.request_id, "this validator takes no part in quorum checks", self.me,
+                                   "not_validator")
+            return await self.voter.on_evidence(peer, sf)
         chain = self.chain
-        st = json.loads(sf.params["statement"])
-        text, h = statement(st["epoch"], st["entry"], st["node"], st["validator"], st["checks"])
+        try:
+            st, h, checks = statement_checks(sf.params)
+        except ValueError as e:
+            return error_frame(sf.request_id, str(e), self.me, "bad_checks")
         if st["validator"].lower() != self.address.lower():
             return error_frame(sf.request_id, "the statement names another validator", self.me, "not_validator")
-        checks = [SpotCheck.from_json(c) for c in json.loads(sf.params.get("checks", "[]"))]
-        if [c.digest for c in checks] != list(st["checks"]) or any(c.node_id != st["node"] for c in checks):
-            return error_frame(sf.request_id, "the spot checks are not the ones the statement names", self.me,
-                               "bad_checks")
         other = sorted({c.needs_device for c in checks} - {"", self.device_sig})
         if other:  # judging fast-mode work on other kernels would flag honest noise: let a matching validator do it
             return error_frame(sf.request_id, f"declined: fast-mode checks on {', '.join(other)}, this validator runs "
@@ -222,7 +267,9 @@ class TrustServices:
 
     async def run_round(self, store: Any, epoch: int, *, timeout: float = 600.0) -> dict[str, dict[str, Any]]:
         """For every stage node paid in `epoch`: a validation request by the node naming the mesh's validator,
-        then the validator's verdict. Idempotent: nodes with a verdict on record are skipped."""
+        then the validator's verdict; with a quorum (--quorum), a step of the node's quorum check (open it,
+        send its evidence, draw, finalize, execute: call again until it is executed). Idempotent: nodes with
+        a verdict on record are skipped."""
         done = store.validations(epoch)
         out: dict[str, dict[str, Any]] = {}
         for node in sorted(n for n in store.work_units(epoch) if n != self.me):
@@ -230,8 +277,23 @@ class TrustServices:
             if prior and prior.get("verdict"):
                 out[node] = {"request_hash": prior["request_hash"], **json.loads(prior["verdict"])}
                 continue
+            if self.quorum_entry is not None:
+                try:
+                    out[node] = await self.quorum_entry.step(store, epoch, node)
+                except Exception as e:  # RPC down, not enough bond: the next round tries again
+                    out[node] = {"error": f"quorum check: {e}"}
+                continue
             out[node] = await self._validate_node(store, epoch, node, timeout)
         return out
+
+    def _quorum_validators(self) -> list[str]:
+        """Every node in the mesh that announces the validator role (this one first): the contract, not this
+        entry, decides which of them sit on a check, so none is trusted or left out here."""
+        peers = [p for p, labels in sorted(self.peers().items()) if L.validator_address(labels) is not None and p != self.me]
+        return ([self.me] if self.voter is not None else []) + peers
+
+    async def _send_evidence(self, node: str, params: dict[str, str]) -> None:
+        await self._ask(node, K.STAGE_KIND_VERIFY, params, 60.0)
 
     async def _validate_node(self, store: Any, epoch: int, node: str, timeout: float) -> dict[str, Any]:
         checks = store.spot_checks(epoch, node)

@@ -89,3 +89,27 @@ def test_escrow_flags_bind_the_wallet_its_key_and_the_deployments_escrow(tmp_pat
     _escrow_deployment(tmp_path, acct.key.hex(), acct.address, escrow=False)
     with pytest.raises(ValueError, match="no MeshEscrow"):
         escrow_config(PaymentsConfig(), pay_to="node-0", payout_key_file=kf, deployment=tmp_path, redeem_every_s=5)
+
+
+def test_quorum_flag_takes_the_deployments_quorum_and_needs_an_owner_key(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from eth_account import Account
+
+    from mesh402.cli.payment_flags import trust_config
+    acct = Account.create()
+    kf = _escrow_deployment(tmp_path, acct.key.hex(), acct.address)
+    dep = json.loads((tmp_path / "deployment.json").read_text())
+    registries = {n: "0x" + c * 40 for n, c in (("IdentityRegistry", "1"), ("ReputationRegistry", "2"),
+                                                ("ValidationRegistry", "3"))}
+    dep["contracts"] = {**registries, "SpotCheckQuorum": "0x" + "4" * 40}
+    (tmp_path / "deployment.json").write_text(json.dumps(dep))
+    monkeypatch.delenv("MESH402_OWNER_KEY", raising=False)
+    args = dict(network=None, deployment=tmp_path, owner_key_file=kf, validator=True, audit_rate=0.1)
+    assert trust_config(**args, quorum=True).quorum == "0x" + "4" * 40  # type: ignore[arg-type]
+    assert trust_config(**args).quorum is None  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="--quorum needs"):
+        trust_config(**{**args, "owner_key_file": None, "validator": False}, quorum=True)  # type: ignore[arg-type]
+    dep["contracts"] = registries
+    (tmp_path / "deployment.json").write_text(json.dumps(dep))
+    with pytest.raises(ValueError, match="SpotCheckQuorum"):
+        trust_config(**args, quorum=True)  # type: ignore[arg-type]
