@@ -15,6 +15,7 @@ import pytest
 
 from harness.mesh_nodes import MeshNode, MeshNodes, wait_until
 from harness.reference import ready_plan
+from mesh402.labels import VERIFIED_LABEL
 from tests.support.openai_checks import CITY_SCHEMA, MODEL
 from tests.support.split_mesh import SPLIT_ARGS
 
@@ -39,6 +40,12 @@ def hostile_split(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Me
         # a standby only once everyone knows it and its serving side runs (seconds on a loaded machine)
         nodes.wait_full_mesh([a, evil, honest], timeout=60)
         wait_until(honest.distributed_up, 120, what="the standby's serving side")
+
+        def vouched() -> bool:  # a counts a holder only once it proved it holds the tensors (in the background)
+            labels = honest.peers()[a.node_id]["announcement"]["labels"]
+            return any(k.startswith(VERIFIED_LABEL) and honest.node_id in v for k, v in labels.items())
+
+        wait_until(vouched, 120, what="the host's vouch for the standby's copy of the model")
         yield a, evil, honest
     finally:
         nodes.stop_all()
@@ -53,8 +60,8 @@ def test_grammar_escape_is_failed_over_and_the_answer_fits(hostile_split) -> Non
                                                                 "schema": CITY_SCHEMA}})
     assert r.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(r.choices[0].message.content), CITY_SCHEMA)
-    # the failover answered at once; the re-plan that drops the cheat follows (seconds on a loaded machine)
-    wait_until(lambda: (p := ready_plan(a)) is not None and evil.node_id not in {s[0] for s in p["stages"]},
-               timeout=120, what="a ready plan without the hostile node")
-    plan = ready_plan(a)
-    assert plan is not None and honest.node_id in {s[0] for s in plan["stages"]}
+    # the host replaced the cheating last stage under the running session and replayed the steps (its log says
+    # so); the plan is not checked for the cheat's absence: bad_output puts the cheat in backoff, not out of the
+    # mesh, so a later re-plan on a slow machine may pick it again (its next grammar escape is failed over too)
+    wait_until(lambda: f"stage(s) {evil.node_id[:12]} down" in a.proc.log() and "replayed" in a.proc.log(),
+               timeout=30, what="the host's log of the failover off the cheating stage")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -81,11 +82,13 @@ def test_split_output_equals_solo_from_every_entry_node(mesh4, reference) -> Non
     _, servers, client = mesh4
     plan = plan_of(servers[0])
     assert len(plan["stages"]) == 2, plan
-    for n in [*servers, client]:
-        t0 = time.monotonic()
-        text = ask(n)
-        print(f"entry {n.name}: {time.monotonic() - t0:.1f}s")
-        assert text == reference
+    entries = [*servers, client]
+    t0 = time.monotonic()
+    # all entries at once: the host's stage batches their rows, and each answer must still be the solo one
+    with ThreadPoolExecutor(len(entries)) as pool:
+        texts = list(pool.map(ask, entries))
+    print(f"{len(entries)} entries at once: {time.monotonic() - t0:.1f}s")
+    assert texts == [reference] * len(entries), [n.name for n, t in zip(entries, texts) if t != reference]
 
 
 def test_status_shows_the_split_and_no_stage_holds_the_whole_model(mesh4) -> None:
