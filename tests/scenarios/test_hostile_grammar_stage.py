@@ -53,6 +53,10 @@ def hostile_split(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Me
 
 def test_grammar_escape_is_failed_over_and_the_answer_fits(hostile_split) -> None:
     a, evil, honest = hostile_split
+    # the fixture put the cheat on the last stage; on a loaded machine the host may re-plan onto the vouched
+    # standby before the request: then there is no escape to fail over, and only the answer is checked
+    plan = ready_plan(a)
+    cheat_serving = plan is not None and evil.node_id in {s[0] for s in plan["stages"]}
     c = openai.OpenAI(base_url=f"http://127.0.0.1:{a.api_port}/v1", api_key="x", max_retries=0, timeout=300)
     r = c.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Tell me about Paris."}], temperature=0, max_tokens=120,
@@ -63,5 +67,6 @@ def test_grammar_escape_is_failed_over_and_the_answer_fits(hostile_split) -> Non
     # the host replaced the cheating last stage under the running session and replayed the steps (its log says
     # so); the plan is not checked for the cheat's absence: bad_output puts the cheat in backoff, not out of the
     # mesh, so a later re-plan on a slow machine may pick it again (its next grammar escape is failed over too)
-    wait_until(lambda: f"stage(s) {evil.node_id[:12]} down" in a.proc.log() and "replayed" in a.proc.log(),
-               timeout=30, what="the host's log of the failover off the cheating stage")
+    if cheat_serving:
+        wait_until(lambda: f"stage(s) {evil.node_id[:12]} down" in a.proc.log() and "replayed" in a.proc.log(),
+                   timeout=30, what="the host's log of the failover off the cheating stage")
