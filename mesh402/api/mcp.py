@@ -22,11 +22,11 @@ import httpx
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 
+from mesh402.api.management.access import MCP_PATH
 from mesh402.mesh.board import BoardError
 from mesh402.mesh.board_sync import BoardSync
 from mesh402.mesh.service import MeshService
 
-MCP_PATH = "/mcp"
 CHAT_TIMEOUT_S = 300.0
 MAX_TOKENS_CAP = 4096
 MAX_PROMPT_CHARS = 64 * 1024
@@ -58,10 +58,6 @@ class MeshMcp:
         self._task: asyncio.Task[None] | None = None
 
     # ---------------------------------------------------------------- lifecycle
-    def install(self, app: Any) -> None:
-        """Add /mcp to the management app (its middleware, the console token check, covers it)."""
-        app.router.routes.extend(self.starlette.routes)
-
     async def start(self) -> None:
         ready = asyncio.Event()
 

@@ -12,6 +12,8 @@ Shapes in :class:`TensorInfo` are in numpy/torch order (outermost first), i.e.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import os
 import re
@@ -242,22 +244,44 @@ class _Buf:
         return self.unpack(fmt)
 
     def _string_array(self, count: int) -> list[str]:
-        out = []
+        # A tokenizer's vocabulary and merges: ~100k short strings, so the loop stays lean (locals only, the
+        # buffer refilled only when a string could cross its end).
+        out: list[str] = []
+        append = out.append
         unpack_from = struct.unpack_from
+        buf, pos = self.buf, self.pos
         for _ in range(count):
-            self._need(8)
-            (n,) = unpack_from("<Q", self.buf, self.pos)
-            self.pos += 8
-            self._need(n)
-            out.append(self.buf[self.pos:self.pos + n].decode("utf-8", errors="replace"))
-            self.pos += n
+            if pos + 8 > len(buf):
+                self.pos = pos
+                self._need(8)
+                buf, pos = self.buf, self.pos
+            (n,) = unpack_from("<Q", buf, pos)
+            pos += 8
+            if pos + n > len(buf):
+                self.pos = pos
+                self._need(n)
+                buf, pos = self.buf, self.pos
+            append(buf[pos:pos + n].decode("utf-8", errors="replace"))
+            pos += n
+        self.pos = pos
         return out
 
 
 def read_gguf_meta(path: str | os.PathLike) -> GGUFMeta:
-    """Parse the header of a GGUF file into a :class:`GGUFMeta`."""
-    path = Path(path)
-    file_size = path.stat().st_size
+    """Parse the header of a GGUF file into a :class:`GGUFMeta`.
+
+    A node reads the same header from its start-up checks, its profile, its listing, the engine and the
+    tokenizer; the parse (~0.1 s, mostly the vocabulary) is kept for the same file version (path, size,
+    mtime). Each caller gets its own ``fields`` dict (the engine drops the vocabulary from its copy once the
+    tokenizer owns it); the values in it are shared and read-only."""
+    path = Path(path).resolve()
+    st = path.stat()
+    meta = _read_cached(path, st.st_size, st.st_mtime_ns)
+    return dataclasses.replace(meta, fields=dict(meta.fields))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_cached(path: Path, file_size: int, mtime_ns: int) -> GGUFMeta:
     with open(path, "rb") as f:
         r = _Buf(f)
         if r.bytes(4) != GGUF_MAGIC:

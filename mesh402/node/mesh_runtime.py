@@ -17,14 +17,17 @@ import secrets
 import signal
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import uvicorn
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
 
 from mesh402 import __version__
 from mesh402 import labels as L
+from mesh402.api.management.access import MCP_PATH
 from mesh402.api.management.money import money_view
 from mesh402.api.management.playground import Playground
 from mesh402.api.management.routes import console_app
@@ -112,7 +115,8 @@ class MeshRuntime:
         self.console_server: Optional[_ConsoleServer] = None
         self.console_task: Optional[asyncio.Task] = None
         self.mcp: Optional[MeshMcp] = None  # /mcp on the console, once its SDK is imported
-        self._mcp_task: Optional[asyncio.Task] = None
+        self._mcp_lock = asyncio.Lock()
+        self._mcp_failed = False
         self.console_port: Optional[int] = None
         self.console_host = "0.0.0.0" if settings.console_listen_all else "127.0.0.1"
         self._poll_task: Optional[asyncio.Task] = None
@@ -218,8 +222,6 @@ class MeshRuntime:
             if self.console_task is not None:
                 with contextlib.suppress(BaseException):
                     await asyncio.wait_for(self.console_task, 3.0)
-        if self._mcp_task is not None:
-            self._mcp_task.cancel()
         if self.mcp is not None:
             await self.mcp.stop()
         self._restore_signal_handlers()
@@ -303,7 +305,7 @@ class MeshRuntime:
         app = console_app(self.mesh, token=token, node_info=self._node_info, traffic=node.traffic, money=money,
                           pg=Playground(node.api_root(), node.config.api_key), board_sync=self.board, home=home,
                           runtime=lambda: self.node.distributed)
-        self._mcp_task = asyncio.create_task(self._start_mcp(app))  # /mcp, behind the console token like the rest
+        app.router.routes.append(Route(MCP_PATH, _LazyMcp(self._mcp_server), methods=["GET", "POST", "DELETE"]))
         cfg = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=1)
         self.console_server = _ConsoleServer(cfg)
         self.console_task = asyncio.create_task(self.console_server.serve(sockets=[sock]))
@@ -312,20 +314,24 @@ class MeshRuntime:
                 break
             await asyncio.sleep(0.01)
 
-    async def _start_mcp(self, app: Any) -> None:
-        """The MCP server (streamable HTTP at /mcp): its SDK takes seconds to import, so the console answers
-        first and /mcp joins it when ready (404 until then)."""
-        await asyncio.to_thread(_import_mcp)
-        from mesh402.api.mcp import MeshMcp  # lazy: the MCP SDK is slow to import (imported above, off the loop)
+    async def _mcp_server(self) -> Optional[MeshMcp]:
+        """The MCP server behind /mcp, started on its first request (the SDK costs about a second of CPU to
+        import, more than the rest of a node's start, and most nodes never serve an MCP client)."""
+        async with self._mcp_lock:
+            if self.mcp is None and not self._mcp_failed:
+                await asyncio.to_thread(_import_mcp)  # off the loop: the console keeps answering meanwhile
+                from mesh402.api.mcp import MeshMcp  # lazy: imported just above, in the thread
 
-        try:
-            mcp = MeshMcp(self.mesh, self.board, lambda: self.node.app, api_key=lambda: self.node.config.api_key,
-                          node_info=self._node_info, loopback=not self.settings.console_listen_all)
-            await mcp.start()
-            mcp.install(app)
-            self.mcp = mcp
-        except Exception:  # the console and the mesh keep working without it
-            log.exception("the MCP server did not start")
+                try:
+                    mcp = MeshMcp(self.mesh, self.board, lambda: self.node.app,
+                                  api_key=lambda: self.node.config.api_key, node_info=self._node_info,
+                                  loopback=not self.settings.console_listen_all)
+                    await mcp.start()
+                    self.mcp = mcp
+                except Exception:  # the console and the mesh keep working without it
+                    self._mcp_failed = True
+                    log.exception("the MCP server did not start")
+        return self.mcp
 
     def _node_info(self) -> dict[str, Any]:
         node = self.node
@@ -512,6 +518,21 @@ class MeshRuntime:
 
 def new_console_token() -> str:
     return secrets.token_urlsafe(24)
+
+
+class _LazyMcp:
+    """The ASGI endpoint of /mcp: starts the MCP server on the first request, then hands every request to it.
+    It sits in the console app from the start, so the console's token check covers it like every route."""
+
+    def __init__(self, server: Callable[[], Awaitable[Optional[MeshMcp]]]) -> None:
+        self._server = server
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        mcp = await self._server()
+        if mcp is None:
+            await PlainTextResponse("the MCP server did not start (see the node's log)", 503)(scope, receive, send)
+            return
+        await mcp.starlette(scope, receive, send)
 
 
 def _import_mcp() -> None:

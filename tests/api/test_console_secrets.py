@@ -29,7 +29,7 @@ from mesh402.api.traffic import Traffic
 pytestmark = pytest.mark.timeout(300)  # a hang guard, with room for a loaded 2-worker run
 
 API_KEY = "secrets-test-api-key-77"
-MCP_PATH = "/mcp"  # mesh402.api.mcp.MCP_PATH: the node adds it once the MCP SDK has loaded
+MCP_PATH = "/mcp"  # mesh402.api.management.access.MCP_PATH: the node adds it to the console app
 # What answers without the token, each for a reason: the page and its files (no data), the session
 # endpoints (the login itself), and the status with the invite token left out.
 OPEN = {("GET", "/"), ("GET", "/static/console.js"), ("GET", "/api/session"), ("POST", "/api/login"),

@@ -17,7 +17,6 @@ from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
 from mesh402.api.mcp import tool_text
-from harness.mesh_nodes import wait_until
 from harness.procs import MESH402, NodeProcess, free_port
 
 MODEL = "smollm2-135m-instruct"
@@ -35,10 +34,10 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, int]]:
                        env={"MESH402_CONSOLE_TOKEN": CONSOLE_TOKEN, "MESH402_API_KEY": API_KEY})
     try:
         proc.wait_http(f"http://127.0.0.1:{port}/ready", timeout=180)
-        # /mcp joins the console once the SDK is imported (404 until then)
-        wait_until(lambda: httpx.post(f"http://127.0.0.1:{console}/mcp", json={}, timeout=5,
-                                      headers={"Authorization": f"Bearer {CONSOLE_TOKEN}"}).status_code != 404,
-                   60, what="/mcp on the console")
+        # /mcp starts the MCP server on its first request (the SDK is imported then, not at the node's start)
+        first = httpx.post(f"http://127.0.0.1:{console}/mcp", json={}, timeout=60,
+                           headers={"Authorization": f"Bearer {CONSOLE_TOKEN}"})
+        assert first.status_code not in (404, 503), first.text
         yield port, console
     finally:
         proc.stop()

@@ -36,6 +36,8 @@ PUBLIC = ("/", "/favicon.ico", "/api/session", "/api/login", "/api/logout")  # n
 PUBLIC_PREFIX = "/static/"
 # Read-only views open without the token to a client on this machine; their handlers drop every secret
 # (the invite token) unless authenticated(). Nothing that mints, revokes, pays, posts or acts as the node.
+MCP_PATH = "/mcp"  # the MCP server (streamable HTTP), a console route like the others
+
 OPEN_READS = frozenset({("GET", "/api/status")})
 AUTH_STATE = "console_authenticated"  # set in the ASGI scope's state for the handlers
 LOGIN_FAILURES = 10  # wrong tokens allowed per LOGIN_WINDOW_S before logins are refused for a while
