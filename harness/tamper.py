@@ -35,7 +35,8 @@ import torch
 from mesh402.engine.quant import QWeight, pack_fast
 
 CHEATS = ("skip_layer", "perturb", "requant")  # engine cheats: what tamper_engine applies
-WORKER_CHEATS = ("grammar_escape",)  # cheats of the stage worker, not of its engine
+WORKER_CHEATS = ("grammar_escape",)
+ESCAPED = "tamper: grammar_escape drew a constrained token from the whole vocabulary"  # in the cheat's log  # cheats of the stage worker, not of its engine
 PERTURB_SCALE = 0.01
 
 
@@ -123,6 +124,8 @@ def escape_grammar(worker: Any) -> None:
 
     async def unconstrained(engine: Any, sampling: str) -> Any:
         draw = await honest(engine, sampling)
+        if draw.matcher is not None:  # a constrained draw escaped: the test checks the host failed it over
+            print(ESCAPED, flush=True)
         draw.matcher = None
         return draw
 

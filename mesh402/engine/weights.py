@@ -160,7 +160,7 @@ def _unpermute_rows(x: torch.Tensor, n_head: int) -> torch.Tensor:
 class GGUFSource(WeightSource):
     def __init__(self, path: str | Path, meta: GGUFMeta | None = None):
         self.path = Path(path)
-        self.meta = meta or read_gguf_meta(self.path)
+        self.meta = meta or read_gguf_meta(self.path, vocabulary=True)  # the engine builds its tokenizer from it
         m = self.meta
         arch = m.architecture
         if arch not in SUPPORTED_ARCHS:

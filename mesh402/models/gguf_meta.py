@@ -267,21 +267,31 @@ class _Buf:
         return out
 
 
-def read_gguf_meta(path: str | os.PathLike) -> GGUFMeta:
+def read_gguf_meta(path: str | os.PathLike, *, vocabulary: bool = False) -> GGUFMeta:
     """Parse the header of a GGUF file into a :class:`GGUFMeta`.
 
-    A node reads the same header from its start-up checks, its profile, its listing, the engine and the
-    tokenizer; the parse (~0.1 s, mostly the vocabulary) is kept for the same file version (path, size,
-    mtime). Each caller gets its own ``fields`` dict (the engine drops the vocabulary from its copy once the
-    tokenizer owns it); the values in it are shared and read-only."""
+    A node reads the same header from its start-up checks, its profile, its listing, the engine's layout and
+    the work store; the parse (~0.1 s, mostly the vocabulary) is kept per file version (path, size, mtime)
+    without the tokenizer's arrays (vocabulary, merges, scores: megabytes nobody but the tokenizer reads), so
+    those callers share it. ``vocabulary=True`` parses the file again and keeps everything, for the tokenizer.
+    Each caller gets its own ``fields`` dict; the values in it are shared and read-only."""
     path = Path(path).resolve()
     st = path.stat()
-    meta = _read_cached(path, st.st_size, st.st_mtime_ns)
+    if vocabulary:
+        return _parse(path, st.st_size)
+    meta = _read_light(path, st.st_size, st.st_mtime_ns)
     return dataclasses.replace(meta, fields=dict(meta.fields))
 
 
-@functools.lru_cache(maxsize=4)
-def _read_cached(path: Path, file_size: int, mtime_ns: int) -> GGUFMeta:
+@functools.lru_cache(maxsize=8)
+def _read_light(path: Path, file_size: int, mtime_ns: int) -> GGUFMeta:
+    meta = _parse(path, file_size)
+    light = {k: v for k, v in meta.fields.items()
+             if not (k.startswith("tokenizer.ggml.") and isinstance(v, (list, np.ndarray)))}
+    return dataclasses.replace(meta, fields=light)
+
+
+def _parse(path: Path, file_size: int) -> GGUFMeta:
     with open(path, "rb") as f:
         r = _Buf(f)
         if r.bytes(4) != GGUF_MAGIC:

@@ -1,10 +1,11 @@
 import hashlib
+from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 
-from mesh402.models.gguf_meta import file_fingerprint, read_gguf_meta, tensor_nbytes
+from mesh402.models.gguf_meta import GGUFFormatError, file_fingerprint, read_gguf_meta, tensor_nbytes
 from tests.support.engine import smollm2_gguf
 
 
@@ -31,7 +32,26 @@ def test_hparams(meta, path):
     assert meta.quant_counts == {"Q8_0": 1, "F32": 61, "Q4_1": 210}
     assert meta.tied_embeddings
     assert meta.get("tokenizer.ggml.eos_token_id") == 2
-    assert len(meta.get("tokenizer.ggml.tokens")) == 49152
+    assert len(read_gguf_meta(path, vocabulary=True).get("tokenizer.ggml.tokens")) == 49152
+
+
+def test_shared_parse_leaves_out_the_vocabulary_and_follows_the_file(path, tmp_path):
+    """Callers other than the tokenizer share one parse per file version, without the tokenizer's arrays."""
+    a, b = read_gguf_meta(path), read_gguf_meta(path)
+    assert a.tensors is b.tensors  # one parse
+    assert a.fields is not b.fields  # each caller its own dict
+    assert "tokenizer.ggml.tokens" not in a.fields and a.vocab_size == 49152
+    assert a.get("tokenizer.ggml.eos_token_id") == 2 and a.get("tokenizer.chat_template")
+    full = read_gguf_meta(path, vocabulary=True)
+    assert full.tensors is not a.tensors and len(full.get("tokenizer.ggml.merges")) == 48900
+    # a file rewritten in place is parsed again
+    copy = tmp_path / "m.gguf"
+    copy.write_bytes(Path(path).read_bytes())
+    first = read_gguf_meta(copy)
+    copy.write_bytes(b"GGUF" + b"\x09" * 64)
+    with pytest.raises(GGUFFormatError):
+        read_gguf_meta(copy)
+    assert first.n_layers == 30
 
 
 def test_tensor_table_matches_gguf_reader(meta, path):

@@ -15,6 +15,7 @@ import pytest
 
 from harness.mesh_nodes import MeshNode, MeshNodes, wait_until
 from harness.reference import ready_plan
+from harness.tamper import ESCAPED
 from mesh402.labels import VERIFIED_LABEL
 from tests.support.openai_checks import CITY_SCHEMA, MODEL
 from tests.support.split_mesh import SPLIT_ARGS
@@ -53,20 +54,22 @@ def hostile_split(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Me
 
 def test_grammar_escape_is_failed_over_and_the_answer_fits(hostile_split) -> None:
     a, evil, honest = hostile_split
-    # the fixture put the cheat on the last stage; on a loaded machine the host may re-plan onto the vouched
-    # standby before the request: then there is no escape to fail over, and only the answer is checked
-    plan = ready_plan(a)
-    cheat_serving = plan is not None and evil.node_id in {s[0] for s in plan["stages"]}
     c = openai.OpenAI(base_url=f"http://127.0.0.1:{a.api_port}/v1", api_key="x", max_retries=0, timeout=300)
-    r = c.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Tell me about Paris."}], temperature=0, max_tokens=120,
-        response_format={"type": "json_schema", "json_schema": {"name": "city", "strict": True,
-                                                                "schema": CITY_SCHEMA}})
-    assert r.choices[0].finish_reason == "stop"
-    jsonschema.validate(json.loads(r.choices[0].message.content), CITY_SCHEMA)
-    # the host replaced the cheating last stage under the running session and replayed the steps (its log says
-    # so); the plan is not checked for the cheat's absence: bad_output puts the cheat in backoff, not out of the
-    # mesh, so a later re-plan on a slow machine may pick it again (its next grammar escape is failed over too)
-    if cheat_serving:
-        wait_until(lambda: f"stage(s) {evil.node_id[:12]} down" in a.proc.log() and "replayed" in a.proc.log(),
-                   timeout=30, what="the host's log of the failover off the cheating stage")
+    # the fixture put the cheat on the last stage, but on a loaded machine the host may re-plan onto the vouched
+    # standby first: a request the cheat never drew for proves nothing, so ask again (each answer is checked)
+    for attempt in range(3):
+        r = c.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"Tell me about Paris ({attempt})."}],
+            temperature=0, max_tokens=120,
+            response_format={"type": "json_schema", "json_schema": {"name": "city", "strict": True,
+                                                                    "schema": CITY_SCHEMA}})
+        assert r.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(r.choices[0].message.content), CITY_SCHEMA)
+        if ESCAPED in evil.proc.log():
+            break
+    else:
+        pytest.skip("the host never planned the cheat for a request: no escape to fail over (loaded machine)")
+    # the cheat escaped the grammar: the host refused its token (bad_output), replaced the cheating last stage
+    # under the running session and replayed the steps (its log says so), and the answer above fits the schema
+    wait_until(lambda: f"stage(s) {evil.node_id[:12]} down" in a.proc.log() and "replayed" in a.proc.log(),
+               timeout=30, what="the host's log of the failover off the cheating stage")
