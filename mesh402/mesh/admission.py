@@ -230,7 +230,9 @@ class Admission:
         await send_gossip(fs, ctx.node_id, rest, reply=True)
         await fs.finish()
         ctx.counters["admission.accepted"] += 1
-        ctx.quotas.admitted(remote, source)
+        start = ctx.quotas.admitted(remote, source)
+        if start is not None:
+            ctx.counters[f"quota.start_{start}"] += 1  # lean / earning: no burst for this identity
         self.register(PeerConn(remote, conn, False, ann.boot_id, ctx.clock.monotonic(), source=source))
 
     async def reject(self, conn: Conn, fs: FramedStream, code: str, reason: str) -> None:

@@ -52,6 +52,10 @@ class MeshLimits:
     abuse_window: float = 10.0
     abuse_ban: float = 60.0  # ... and the peer refused for this long, its address marked as long
     rejoin_interval: float = 5.0  # from a marked address: at most one new connection this often
+    # new identities with a burst to spend, from everywhere: a Sybil with many addresses gets no burst per
+    # address; an identity beyond the pool starts with empty buckets and earns its burst at the sustained rates
+    newcomer_burst: int = 16
+    newcomers_per_s: float = 0.5
     # ---- handshakes (before admission)
     max_pending: int = 256  # handshakes in progress at once, from everyone
     max_pending_per_addr: int = 8  # from one IP address: a flood from one place blocks no one else

@@ -22,6 +22,11 @@ Each peer (by node id, so reconnecting starts no fresh allowance) has token buck
   refused before the QUIC handshake: no crypto, no Python beyond the triage), and an identity admitted
   from it starts with empty buckets (the sustained rates, never a fresh burst) and is cut off after a
   tenth of the refusals.
+- **many addresses**: a Sybil with addresses to spare escapes the marks, so the burst itself is rationed:
+  new identities draw it from one pool shared by everyone (``newcomer_burst``, refilled at
+  ``newcomers_per_s``). Beyond the pool a newcomer starts with empty buckets and earns its burst at the
+  sustained rates (a tunnelled 8 MiB body waits ~8 s); a wave of fresh identities so gets the sustained
+  rates each, never a burst each, and honest members already known keep theirs.
 
 A token bucket is a few lines over the injectable clock; no library is worth a dependency for it.
 """
@@ -95,12 +100,18 @@ class PeerQuota:
                    collections.deque(maxlen=max(1, lim.abuse_refusals)))
 
     @classmethod
-    def lean(cls, lim: MeshLimits) -> "PeerQuota":
-        """For an identity admitted from an address marked for abuse: the same rates, no burst to spend, and
-        cut off after a tenth of the refusals."""
+    def earning(cls, lim: MeshLimits) -> "PeerQuota":
+        """For a newcomer when the shared burst pool is spent: the same rates, with the burst still to earn."""
         q = cls.of(lim)
         for b in (q.streams, q.frames, q.bytes):
             b.tokens = 0.0
+        return q
+
+    @classmethod
+    def lean(cls, lim: MeshLimits) -> "PeerQuota":
+        """For an identity admitted from an address marked for abuse: the same rates, no burst to spend, and
+        cut off after a tenth of the refusals."""
+        q = cls.earning(lim)
         q.refusals = collections.deque(maxlen=max(1, lim.abuse_refusals // 10))
         return q
 
@@ -148,18 +159,32 @@ class QuotaBook:
         self.marked: collections.OrderedDict[str, float] = collections.OrderedDict()
         self.next_from: dict[str, float] = {}  # marked address -> when it may connect again
         self.strikes: dict[str, int] = {}  # marked address -> peers from it banned while it was marked
+        self.newcomers = TokenBucket(lim.newcomers_per_s, lim.newcomer_burst)  # bursts left for new identities
 
     def of(self, node_id: bytes) -> PeerQuota:
         q = self.peers.get(node_id)
         if q is None:
-            q = self._add(node_id, PeerQuota.of(self.lim))
+            q = self._add(node_id, self._newcomer()[1])
         self.peers.move_to_end(node_id)
         return q
 
-    def admitted(self, node_id: bytes, source: str) -> None:
-        """``node_id`` was admitted from ``source``: from an address marked for abuse it starts lean."""
-        if self.mark_left(source) is not None and node_id not in self.peers:
+    def admitted(self, node_id: bytes, source: str) -> Optional[str]:
+        """``node_id`` was admitted from ``source``: from an address marked for abuse it starts ``lean``;
+        otherwise a new identity takes a burst from the shared pool (``burst``) or starts ``earning`` it.
+        None: a peer already known keeps its quota."""
+        if node_id in self.peers:
+            return None
+        if self.mark_left(source) is not None:
             self._add(node_id, PeerQuota.lean(self.lim))
+            return "lean"
+        kind, q = self._newcomer()
+        self._add(node_id, q)
+        return kind
+
+    def _newcomer(self) -> tuple[str, PeerQuota]:
+        if self.newcomers.take(1, self.clock.monotonic()):
+            return "burst", PeerQuota.of(self.lim)
+        return "earning", PeerQuota.earning(self.lim)
 
     def _add(self, node_id: bytes, q: PeerQuota) -> PeerQuota:
         self.peers[node_id] = q

@@ -97,3 +97,22 @@ def test_a_peer_out_of_allowance_waits_for_its_refill_before_any_stream_is_accep
     q.charge(500, False, 0.0)
     assert q.refill_wait(0.0) == pytest.approx(0.1)
     assert q.refill_wait(0.1) == 0
+
+
+def test_new_identities_share_one_burst_pool_beyond_it_they_earn_their_burst() -> None:
+    """A Sybil with many addresses: each fresh identity from a fresh address, none of them marked."""
+    clock = FakeClock()
+    lim = MeshLimits(frames_per_s=10, frame_burst=100, newcomer_burst=3, newcomers_per_s=0.5)
+    book = QuotaBook(lim, clock)
+    starts = [book.admitted(bytes([i]) * 32, f"10.0.{i}.1") for i in range(6)]
+    assert starts == ["burst"] * 3 + ["earning"] * 3
+    now = clock.monotonic()
+    full, late = book.of(bytes([0]) * 32), book.of(bytes([5]) * 32)
+    assert full.refill_wait(now) == 0 and late.refill_wait(now) > 0  # the late one has no burst to spend
+    assert late.refusals.maxlen == lim.abuse_refusals  # but it is no suspect: the usual patience
+    assert late.work_frames.wait(1, now) == 0  # nor is authorized work held back
+    clock.advance(2.0)  # it earns at the sustained rate: 20 frames in 2 s, never the 100 of a burst
+    assert sum(late.frames.take(1, clock.monotonic()) for _ in range(100)) == 20
+    assert book.admitted(bytes([0]) * 32, "10.0.0.1") is None  # a known peer keeps what it has
+    assert book.admitted(bytes([9]) * 32, "10.0.9.1") == "burst"  # the pool refilled one in 2 s
+    assert book.of(b"z" * 32).refill_wait(clock.monotonic()) > 0  # first seen on a stream: same pool
