@@ -285,15 +285,49 @@ class Engine:
             raise ValueError(f"token id out of range [0, {V})")
         if len(sessions) == 1 or not all(batchable(st) for st in self.stages):
             return torch.stack([s.decode(t) for s, t in zip(sessions, ids)])
-        batched = self.rows_batched(len(sessions))
         pos = []
         for i, s in enumerate(sessions):
             pos.append(pos[-1] + 1 if i and sessions[i - 1] is s else len(s))
-        x = torch.tensor(ids, dtype=torch.long, device=self.device)
-        for j, st in enumerate(self.stages):
-            x = forward_rows(st, [s.kvs[j] for s in sessions], pos, x, batched=batched)
+        x = self._rows(sessions, pos, torch.tensor(ids, dtype=torch.long, device=self.device))
         for s, p, t in zip(sessions, pos, ids):
             s.tokens[p:] = [t]
+        return x
+
+    @torch.inference_mode()
+    def forward_batch(self, sessions: Sequence["Session"], x: torch.Tensor) -> list[torch.Tensor]:
+        """One decode step of a partial engine (a pipeline stage) for several sessions at once: row ``i`` of
+        ``x`` (a token id on the first stage, an fp32 hidden row otherwise) is the next position of
+        ``sessions[i]`` (one row per session). Returns, per row, exactly what ``sessions[i].forward(x[i:i+1],
+        len(sessions[i]))`` alone returns, bit for bit (engine.batch): a hidden row ``[1, hidden]``, or on the
+        last stage fp32 logits ``[vocab]``."""
+        B = len(sessions)
+        if B < 1 or x.shape[0] != B or len({id(s) for s in sessions}) != B:
+            raise ValueError("one row per session, at least one session, each session once")
+        for s in sessions:
+            if s.engine is not self:
+                raise EngineError("session of another engine")
+            if s.closed:
+                raise EngineError("session is closed")
+            if len(s) + 1 > s.max_len:
+                raise ContextTooLong(f"position {len(s) + 1} exceeds session max_len {s.max_len}")
+        tokens = x.dtype == torch.long and x.dim() == 1
+        if tokens and (int(x.min()) < 0 or int(x.max()) >= self.config.vocab_size):
+            raise ValueError(f"token id out of range [0, {self.config.vocab_size})")
+        if B == 1 or not all(batchable(st) for st in self.stages):
+            return [s.forward(x[i:i + 1], len(s), 1) for i, s in enumerate(sessions)]
+        out = self._rows(sessions, [len(s) for s in sessions], x)
+        for i, s in enumerate(sessions):  # as Session.forward keeps them: token inputs only
+            if tokens:
+                s.tokens[len(s) - 1:] = [int(x[i])]
+            else:
+                del s.tokens[len(s) - 1:]
+        return [out[i] if self.stages[-1].last else out[i:i + 1] for i in range(B)]
+
+    def _rows(self, sessions: Sequence["Session"], pos: list[int], x: torch.Tensor) -> torch.Tensor:
+        """engine.batch.forward_rows through every stage of this engine."""
+        batched = self.rows_batched(len(sessions))
+        for j, st in enumerate(self.stages):
+            x = forward_rows(st, [s.kvs[j] for s in sessions], pos, x, batched=batched)
         return x
 
     def new_session(self, max_len: int) -> "Session":
