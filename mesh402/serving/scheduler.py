@@ -197,8 +197,9 @@ class StepScheduler:
         return RuntimeError("session cannot decode")
 
 
-async def gather(wake: asyncio.Event, ready: Callable[[], bool], seconds: float) -> None:
-    """Wait until `ready()` (checked whenever `wake` is set) or `seconds` have passed."""
+async def gather(wake: asyncio.Event, ready: Callable[[], bool], seconds: float, quiet: float | None = None) -> None:
+    """Wait until `ready()` (checked whenever `wake` is set) or `seconds` have passed, or (`quiet`) until
+    `wake` stays unset that long: the burst of arrivals is over."""
     deadline = time.monotonic() + seconds
     while not ready():
         left = deadline - time.monotonic()
@@ -206,7 +207,7 @@ async def gather(wake: asyncio.Event, ready: Callable[[], bool], seconds: float)
             return
         wake.clear()
         try:
-            await asyncio.wait_for(wake.wait(), left)
+            await asyncio.wait_for(wake.wait(), left if quiet is None else min(left, quiet))
         except TimeoutError:
             return
 

@@ -35,13 +35,17 @@ class _Row:
 
 
 class RowBatcher:
-    def __init__(self, engine: Any, executor: Executor, *, max_batch: int = 8, gather_s: float = 0.003) -> None:
+    def __init__(self, engine: Any, executor: Executor, *, max_batch: int = 8, gather_s: float = 0.003,
+                 quiet_s: float = 0.0005) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.engine = engine
         self.executor = executor
         self.max_batch = max_batch
         self.gather_s = gather_s
+        # rows reach a stage in bursts (the previous stage's batch answered at once): a gap this long ends
+        # the wait, so a session whose next row is a round trip away costs the others little
+        self.quiet_s = quiet_s
         self._rows: deque[_Row] = deque()
         self._active: set[int] = set()  # sessions of the last batch that have not left
         self._wake = asyncio.Event()
@@ -71,7 +75,7 @@ class RowBatcher:
     async def _drive(self) -> None:
         loop = asyncio.get_running_loop()
         while self._rows:
-            await gather(self._wake, self._ready, self.gather_s)
+            await gather(self._wake, self._ready, self.gather_s, self.quiet_s)
             batch: list[_Row] = []
             seen: set[int] = set()
             for r in list(self._rows):  # a session's next row waits for the next batch (one row each)
