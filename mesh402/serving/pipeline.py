@@ -469,12 +469,9 @@ class PipelineStepper:
         pos = len(self.session)
         rows, wire = self.model.rows, self.model.wire_dtype
         if rows is not None:  # one row of the host's batched step: the bytes a 1-row forward gives
-            import torch  # lazy: the host's engine is loaded, torch is already in
-
             from mesh402.engine.activations import encode_activations  # lazy: loads gguf, numpy, torch only when needed
 
-            payload, shape = await rows.step(self.session, torch.tensor([int(token)]),
-                                             lambda out: encode_activations(out, wire))
+            payload, shape = await rows.step(self.session, [int(token)], lambda out: encode_activations(out, wire))
         else:
             payload, shape = await self._local([token], pos, 1)
         nxt = await self._exchange(_Sent(K.STAGE_KIND_DECODE, pos, [token], 1, payload, shape, True))

@@ -29,7 +29,7 @@ __all__ = ["RowBatcher"]
 @dataclass
 class _Row:
     session: Any
-    x: Any  # torch.Tensor: one row (a token id on a first stage, an fp32 hidden row [1, hidden] otherwise)
+    x: Any  # one row: token ids on a first stage (a list), an fp32 hidden row [1, hidden] otherwise
     finish: Callable[[Any], Any]  # engine thread: the row's output -> what the session's step answers
     future: asyncio.Future
 
@@ -93,39 +93,20 @@ class RowBatcher:
                     raise
             self._active = {id(r.session) for r in batch if not r.session.closed}
 
-    def _fits(self, r: _Row, torch: Any) -> bool:
-        """Whether a row may share the batch: an open session with room, one well-formed row (anything an
-        upstream could get wrong is kept out, so one session's bad frame never fails another's step)."""
-        s, x, cfg = r.session, r.x, self.engine.config
-        if s.closed or len(s) + 1 > s.max_len:
-            return False
-        if self.engine.stages[0].first:
-            return x.dtype == torch.long and tuple(x.shape) == (1,) and 0 <= int(x[0]) < cfg.vocab_size
-        return x.dtype == torch.float32 and tuple(x.shape) == (1, cfg.hidden)
-
     def _run(self, batch: list[_Row]) -> None:
-        """Engine thread: one forward for the rows that can still step; each row finished on its own."""
-        import torch  # lazy: the engine is loaded here, torch is already in
-
-        live: list[_Row] = []
-        for r in batch:
-            if r.future.cancelled():
-                continue
-            if not self._fits(r, torch):
-                # run alone: the session's own step reports why (the engine's error), failing no other row
-                try:
-                    _resolve(r.future, r.finish(r.session.forward(r.x, len(r.session), 1)))
-                except Exception as e:  # noqa: BLE001 - this session's step failed; the others go on
-                    _fail(r.future, e)
-                continue
-            live.append(r)
+        """Engine thread: one forward for the rows of the batch (a row that cannot share it runs alone and
+        fails only its own session, see Engine.forward_batch); each row finished on its own."""
+        live = [r for r in batch if not r.future.cancelled()]
         if not live:
             return
-        outs = self.engine.forward_batch([r.session for r in live], torch.cat([r.x for r in live]))
+        outs = self.engine.forward_batch([r.session for r in live], [r.x for r in live])
         self.batches += 1
         self.rows += len(live)
         self.widths[len(live)] += 1
         for r, out in zip(live, outs):
+            if isinstance(out, Exception):
+                _fail(r.future, out)
+                continue
             try:
                 _resolve(r.future, r.finish(out))
             except Exception as e:  # noqa: BLE001 - this row's sampling or encoding failed; the others go on
