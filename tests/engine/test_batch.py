@@ -129,7 +129,7 @@ def test_stage_forward_batch_equals_each_row_alone_and_isolates_a_bad_row(mode):
     send) in the same batch fails only its own session."""
     first = Engine.load(smollm2_gguf(), mode=mode, layers=(0, 10), load_tokenizer=False)
     mid = Engine.load(smollm2_gguf(), mode=mode, layers=(10, 20), load_tokenizer=False)
-    rows = [_rows_of(first, p + [99]) for p in PROMPTS[:3]]  # the prompt, then one decode step's row
+    rows = [_rows_of(first, p + [99]) for p in ([1, 2, 3, 4, 5], [7, 8], [42] * 6)]  # a prompt, then a decode row
     ref = []
     for r in rows:  # each session alone: one row at a time
         with mid.new_session(128) as s:

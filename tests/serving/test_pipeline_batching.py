@@ -18,7 +18,7 @@ from mesh402.serving.generation import GenerationRequest, LocalModel, generate
 from mesh402.serving.pipeline import PipelineModel
 from tests.support.pipeline import build
 
-N = 10
+N = 8
 PROMPTS = [list(range(20, 45)), [7, 8, 9], list(range(300, 340)), [42] * 12, list(range(1000, 1017))]
 SAMPLINGS = [SamplingParams(temperature=0, seed=1), SamplingParams(temperature=0.8, seed=5),
              SamplingParams(temperature=0, seed=1), SamplingParams(temperature=0.9, top_p=0.9, seed=11),
