@@ -46,7 +46,7 @@ async def _stream(lm, ids: list[int], n: int, sampling) -> tuple[int, float, int
         if isinstance(ev, Finished):
             k, ttft = ev.completion_tokens, ev.ttft_s
     del t0
-    return k, ttft, st.accepted
+    return k, ttft, getattr(st, "accepted", 0)  # drafts accepted (a split does not draft)
 
 
 def _pct(xs: list[float], q: float) -> float:

@@ -89,8 +89,11 @@ class _Failover:
 
 
 def build_inproc(mode: str, stages: int, ex: ThreadPoolExecutor, wire: str = "f32",
-                 engines: dict | None = None) -> Any:
-    """A LocalModel (stages == 1) or a PipelineModel whose remote stages are StageWorkers over MemoryLink."""
+                 engines: dict | None = None, max_batch: int = 8,
+                 stage_ex: list[ThreadPoolExecutor] | None = None) -> Any:
+    """A LocalModel (stages == 1) or a PipelineModel whose remote stages are StageWorkers over MemoryLink.
+    `max_batch`: decode rows per engine call (1: each request's step alone); `stage_ex`: an engine thread per
+    remote stage, as separate nodes have (default: every stage on `ex`)."""
     from mesh402.serving.generation import LocalModel
     from mesh402.serving.pipeline import Chain, PipelineModel
     from mesh402.serving.stage_link import Hop, MemoryLink
@@ -105,7 +108,7 @@ def build_inproc(mode: str, stages: int, ex: ThreadPoolExecutor, wire: str = "f3
         return engines[(mode, a, b)]
 
     if stages == 1:
-        return LocalModel(eng(0, 30), ex)
+        return LocalModel(eng(0, 30), ex, max_batch=max_batch)
     from mesh402.mesh.identity import NodeIdentity
 
     workers: dict[str, StageWorker] = {}
@@ -119,14 +122,17 @@ def build_inproc(mode: str, stages: int, ex: ThreadPoolExecutor, wire: str = "f3
     hops = []
     for i, (a, b) in enumerate(zip(sp[1:], sp[2:])):
         node = f"w{i}"
-        w = StageWorker(node, ex, lambda h, a, b: eng(a, b), lambda t, me=node: connect(t, me))
+        w = StageWorker(node, stage_ex[i] if stage_ex else ex, lambda h, a, b: eng(a, b),
+                        lambda t, me=node: connect(t, me), max_batch=max_batch)
         w.engines[StageKey("h", a, b)] = eng(a, b)
         w.assigners[StageKey("h", a, b)] = host.node_id_hex
         workers[node] = w
         hops.append(Hop(node, a, b))
     chain = Chain(MODEL, "h", 1, sp[1], tuple(hops))
-    return PipelineModel(eng(0, sp[1]), chain, connect, _Failover(), ex, wire_dtype=wire,  # type: ignore[arg-type]
-                         signer=host)
+    model = PipelineModel(eng(0, sp[1]), chain, connect, _Failover(), ex, wire_dtype=wire,  # type: ignore[arg-type]
+                          signer=host, max_batch=max_batch)
+    model.bench_workers = workers  # type: ignore[attr-defined]  # the stages' counters, for the report
+    return model
 
 
 async def _timed_run(model: Any, ids: list[int], n: int) -> tuple[float, list[float]]:

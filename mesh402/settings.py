@@ -54,7 +54,7 @@ class Limits:
     default_max_tokens: int = 512  # when a request gives none (bounded by the context window)
     max_request_bytes: int = 8 * 1024 * 1024
     prefill_chunk: int = 32  # fixed prefill chunk: same tokens always meet the same kernels
-    max_batch: int = 8  # decode rows per batched step of a local model (1: requests take turns)
+    max_batch: int = 8  # decode rows per batched step of a local model or a pipeline stage (1: requests take turns)
     step_tokens: int = 128  # prefill tokens run per batched step, between the running streams' decode rows
     draft_tokens: int = 0  # speculative decoding: prompt-lookup drafts verified per step (0: off)
     max_kv_bytes: int | None = None  # KV of all sessions of one model; beyond it new sessions get 503 (None: no cap)

@@ -77,7 +77,7 @@ def serve(
     mode: Annotated[str, typer.Option(help="Numerics: 'fast' (packed quantized kernels) or 'exact' (fp32 dequantized).")] = "fast",
     threads: Annotated[int, typer.Option(help="Torch threads for this node.")] = 1,
     max_sessions: Annotated[int, typer.Option(help="Concurrent generations per model before 503.")] = 16,
-    max_batch: Annotated[int, typer.Option(help="Decode rows per batched step of a model served whole here (continuous batching; each row's answer is bit-identical to running alone). 1: requests take turns.")] = 8,
+    max_batch: Annotated[int, typer.Option(help="Decode rows per batched step of a model served whole here (continuous batching), and per engine call on a pipeline stage this node hosts or runs (the sessions' rows of a split); each row's answer is bit-identical to running alone. 1: requests take turns.")] = 8,
     max_kv_mb: Annotated[Optional[float], typer.Option(help="KV memory of all sessions of a model, in MB (1e6 bytes); a request whose prompt + max_tokens would pass it gets 503 + Retry-After instead of memory (default: no cap beyond --max-sessions).")] = None,
     speculative: Annotated[str, typer.Option(help="Speculative decoding of a model served whole here: 'ngram' (prompt-lookup drafts, verified in one step; the output equals plain decoding token for token) or 'none'.")] = "none",
     draft_tokens: Annotated[int, typer.Option(help="With --speculative ngram: drafts verified per step.")] = 4,

@@ -285,15 +285,60 @@ class Engine:
             raise ValueError(f"token id out of range [0, {V})")
         if len(sessions) == 1 or not all(batchable(st) for st in self.stages):
             return torch.stack([s.decode(t) for s, t in zip(sessions, ids)])
-        batched = self.rows_batched(len(sessions))
         pos = []
         for i, s in enumerate(sessions):
             pos.append(pos[-1] + 1 if i and sessions[i - 1] is s else len(s))
-        x = torch.tensor(ids, dtype=torch.long, device=self.device)
-        for j, st in enumerate(self.stages):
-            x = forward_rows(st, [s.kvs[j] for s in sessions], pos, x, batched=batched)
+        x = self._rows(sessions, pos, torch.tensor(ids, dtype=torch.long, device=self.device))
         for s, p, t in zip(sessions, pos, ids):
             s.tokens[p:] = [t]
+        return x
+
+    @torch.inference_mode()
+    def forward_batch(self, sessions: Sequence["Session"], xs: Sequence[torch.Tensor | Sequence[int]]
+                      ) -> list[torch.Tensor | Exception]:
+        """One decode step of a partial engine (a pipeline stage) for several sessions at once: ``xs[i]`` is
+        the next row of ``sessions[i]`` (one row per session): token ids on the first stage (a list, or a long
+        tensor ``[1]``), an fp32 hidden row ``[1, hidden]`` otherwise. Returns, per row, exactly what
+        ``sessions[i].forward(xs[i], len(sessions[i]))`` alone returns, bit for bit (engine.batch): a hidden
+        row ``[1, hidden]``, on the last stage fp32 logits ``[vocab]``; or the exception that forward raised.
+        Rows that are not one well-formed row of an open session with room (what a peer could get wrong) run
+        alone, so they fail only their own session."""
+        if len(sessions) != len(xs) or len({id(s) for s in sessions}) != len(sessions):
+            raise ValueError("one row per session, each session once")
+        rows = [x if isinstance(x, torch.Tensor) else torch.tensor([int(t) for t in x], dtype=torch.long) for x in xs]
+        out: list[torch.Tensor | Exception | None] = [None] * len(rows)
+        fit = [i for i, (s, x) in enumerate(zip(sessions, rows)) if self._row_fits(s, x)]
+        if len(fit) > 1 and all(batchable(st) for st in self.stages):
+            ss = [sessions[i] for i in fit]
+            y = self._rows(ss, [len(s) for s in ss], torch.cat([rows[i] for i in fit]))
+            for r, i in enumerate(fit):
+                s = sessions[i]  # its tokens as Session.forward keeps them: token inputs only
+                if self.stages[0].first:
+                    s.tokens[len(s) - 1:] = [int(rows[i][0])]
+                else:
+                    del s.tokens[len(s) - 1:]
+                out[i] = y[r] if self.stages[-1].last else y[r:r + 1]
+        for i, (s, x) in enumerate(zip(sessions, rows)):
+            if out[i] is None:
+                try:
+                    out[i] = s.forward(x, len(s), 1)
+                except Exception as e:  # noqa: BLE001 - this row's own error; the other rows stand
+                    out[i] = e
+        return [o for o in out if o is not None]
+
+    def _row_fits(self, s: "Session", x: torch.Tensor) -> bool:
+        """One well-formed decode row of an open session of this engine with room for it."""
+        if s.engine is not self or s.closed or len(s) + 1 > s.max_len:
+            return False
+        if self.stages[0].first:
+            return x.dtype == torch.long and tuple(x.shape) == (1,) and 0 <= int(x[0]) < self.config.vocab_size
+        return x.dtype == torch.float32 and tuple(x.shape) == (1, self.config.hidden)
+
+    def _rows(self, sessions: Sequence["Session"], pos: list[int], x: torch.Tensor) -> torch.Tensor:
+        """engine.batch.forward_rows through every stage of this engine."""
+        batched = self.rows_batched(len(sessions))
+        for j, st in enumerate(self.stages):
+            x = forward_rows(st, [s.kvs[j] for s in sessions], pos, x, batched=batched)
         return x
 
     def new_session(self, max_len: int) -> "Session":

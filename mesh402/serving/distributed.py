@@ -149,7 +149,7 @@ class DistributedRuntime(Failover):
         self.worker = StageWorker(self.me, self.executor, self._load_stage, self._connect,
                                   idle_timeout=node.config.timers.stage_idle_s,
                                   signer=getattr(mesh, "identity", None),  # signs work receipts when asked
-                                  may_assign=self._may_assign)
+                                  may_assign=self._may_assign, max_batch=node.config.limits.max_batch)
         self.receipts = None  # work.receipts.EntryReceipts: a paid entry keeps the stages' receipts
         # Escrow vouchers (serving.work_pay), set by a node with --escrow: the entry's signer, the pay terms
         # of a chain's hops (chain, model layer count), and the label that lets entries pay this node.
@@ -508,7 +508,7 @@ class DistributedRuntime(Failover):
         model = PipelineModel(engine0, chain, self._connect, self, self.executor, wire_dtype=self.wire_dtype,
                               timer=StepTimer(floor_s=self.node.config.timers.stage_step_floor_s),
                               signer=getattr(self.mesh, "identity", None), receipt_sink=self.receipts,
-                              auditor=self.auditor)
+                              auditor=self.auditor, max_batch=self.node.config.limits.max_batch)
         terms_for, n_layers = self.pay_terms_for, layout.n_layers
         if terms_for is not None and self.voucher_signer is not None:
             model.voucher_signer = self.voucher_signer

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mesh402.serving.generation import NO_CONSTRAINTS, Constraints
+from mesh402.serving.stage_batch import RowBatcher
 from mesh402.serving.stage_link import (
     RECOVERABLE_CODES,
     Hop,
@@ -98,8 +99,12 @@ class PipelineModel:
     def __init__(self, engine0: Any, chain: Chain, connect: Callable[[str], Awaitable[Link]], failover: Failover,
                  executor: ThreadPoolExecutor, *, wire_dtype: str = "f32", open_timeout: float = 60.0,
                  timer: StepTimer | None = None, signer: Any = None,
-                 receipt_sink: Callable[..., Any] | None = None, auditor: Any = None) -> None:
+                 receipt_sink: Callable[..., Any] | None = None, auditor: Any = None, max_batch: int = 8) -> None:
         self.engine0 = engine0
+        # Requests' decode rows on the host's stage run as one forward (serving.stage_batch), so they leave
+        # for the next stage together and the stages batch them too; 1: each request's step alone.
+        self.rows = RowBatcher(engine0, executor, max_batch=max_batch) \
+            if max_batch > 1 and hasattr(engine0, "forward_batch") else None
         # Work receipts: with a signer (this node's NodeIdentity) and a sink, every stage signs a receipt per
         # request and the chain of them is handed to receipt_sink (mesh402.work.receipts) on release.
         self.signer = signer
@@ -462,7 +467,13 @@ class PipelineStepper:
 
     async def decode(self, token: int) -> int:
         pos = len(self.session)
-        payload, shape = await self._local([token], pos, 1)
+        rows, wire = self.model.rows, self.model.wire_dtype
+        if rows is not None:  # one row of the host's batched step: the bytes a 1-row forward gives
+            from mesh402.engine.activations import encode_activations  # lazy: loads gguf, numpy, torch only when needed
+
+            payload, shape = await rows.step(self.session, [int(token)], lambda out: encode_activations(out, wire))
+        else:
+            payload, shape = await self._local([token], pos, 1)
         nxt = await self._exchange(_Sent(K.STAGE_KIND_DECODE, pos, [token], 1, payload, shape, True))
         assert nxt is not None
         return nxt
@@ -513,6 +524,8 @@ class PipelineStepper:
             return self._closing
         self._released = True
         self._store_frame = None
+        if self.model.rows is not None:
+            self.model.rows.leave(self.session)
         try:
             self._keep_prefix()
         except Exception as e:  # reuse is an optimisation: never fail a release over it

@@ -22,11 +22,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-__all__ = ["BatchedStep", "StepScheduler"]
+__all__ = ["BatchedStep", "StepScheduler", "gather"]
 
 
 class BatchedStep(Protocol):
@@ -106,19 +107,11 @@ class StepScheduler:
     # ------------------------------------------------------------------ the step loop
     async def _gather(self) -> None:
         """Wait (at most gather_s) until every stream of the last step has handed in its next token."""
-        deadline = time.monotonic() + self.gather_s
-        while not self._prefills:
+        def ready() -> bool:
             waiting = {id(j.stepper) for j in self._decodes}
-            if len(waiting) >= self.max_batch or self._decoding <= waiting:
-                return
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), left)
-            except TimeoutError:
-                return
+            return bool(self._prefills) or len(waiting) >= self.max_batch or self._decoding <= waiting
+
+        await gather(self._wake, ready, self.gather_s)
 
     async def _drive(self) -> None:
         loop = asyncio.get_running_loop()
@@ -202,6 +195,21 @@ class StepScheduler:
         except Exception as e:  # noqa: BLE001 - the engine's own error (closed, context too long)
             return e
         return RuntimeError("session cannot decode")
+
+
+async def gather(wake: asyncio.Event, ready: Callable[[], bool], seconds: float, quiet: float | None = None) -> None:
+    """Wait until `ready()` (checked whenever `wake` is set) or `seconds` have passed, or (`quiet`) until
+    `wake` stays unset that long: the burst of arrivals is over."""
+    deadline = time.monotonic() + seconds
+    while not ready():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        wake.clear()
+        try:
+            await asyncio.wait_for(wake.wait(), left if quiet is None else min(left, quiet))
+        except TimeoutError:
+            return
 
 
 def _resolve(fut: asyncio.Future, value: int) -> None:

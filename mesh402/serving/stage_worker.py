@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mesh402.mesh.proto import mesh_pb2 as pb
+from mesh402.serving.stage_batch import RowBatcher
 from mesh402.serving.stage_link import (
     Hop,
     K,
@@ -76,8 +77,11 @@ class StageStats:
 class StageWorker:
     def __init__(self, node_id: str, executor: ThreadPoolExecutor, loader: Loader, connect: Connect,
                  *, open_timeout: float = 30.0, step_timeout: float = 300.0, idle_timeout: float = 120.0,
-                 signer: Any = None, may_assign: AssignPolicy | None = None) -> None:
+                 signer: Any = None, may_assign: AssignPolicy | None = None, max_batch: int = 8) -> None:
         self.node_id = node_id
+        # decode rows of this many sessions per engine call on a range (stage_batch); 1: one call per step
+        self.max_batch = max_batch
+        self.batchers: dict[StageKey, RowBatcher] = {}
         # None: no peer may assign layers here (in-process harnesses load ranges with ensure_loaded)
         self.may_assign = may_assign
         self.idle_timeout = idle_timeout  # an upstream silent this long mid-session loses the session
@@ -158,6 +162,7 @@ class StageWorker:
 
     def drop(self, key: StageKey) -> None:
         self.engines.pop(key, None)
+        self.batchers.pop(key, None)
         self.assigners.pop(key, None)
 
     # ---------------------------------------------------------------- streams
@@ -270,13 +275,15 @@ class StageWorker:
                 tally = StageTally(rid, open_.content_hash, open_.layer_start, open_.layer_end, keep=True)
                 tally.sampling = grant.sampling if draw is not None else ""
             await self._serve_steps(up, down, engine, session, draw, rid, chain[0].node if chain else "", tally,
-                                    pay_key)
+                                    pay_key, self._batcher(key, engine))
         except StageError as e:
             await up.send(error_frame(rid, str(e), e.node or self.node_id, e.code))
         except (ConnectionError, asyncio.TimeoutError, OSError, ValueError, TypeError) as e:
             log.info("session %s ended: %s", rid, e)
         finally:
             self.sessions[key] -= 1
+            if key in self.batchers:
+                self.batchers[key].leave(session)
             if pay_key and self.pay is not None:
                 self.pay.close(pay_key)
             self.executor.submit(session.close)
@@ -432,8 +439,17 @@ class StageWorker:
             raise StageError(f"next stage {nxt.node[:12]} did not answer OPEN", node=nxt.node, code="timeout") from None
         return down
 
+    def _batcher(self, key: StageKey, engine: Any) -> RowBatcher | None:
+        """The range's row batcher (None: batching off, or an engine without batched forwards)."""
+        if self.max_batch < 2 or not hasattr(engine, "forward_batch"):
+            return None
+        if key not in self.batchers:
+            self.batchers[key] = RowBatcher(engine, self.executor, max_batch=self.max_batch)
+        return self.batchers[key]
+
     async def _serve_steps(self, up: Link, down: Link | None, engine: Any, session: Any, draw: "Draw | None",
-                           rid: str, next_node: str, tally: Any = None, pay_key: str = "") -> None:
+                           rid: str, next_node: str, tally: Any = None, pay_key: str = "",
+                           rows: RowBatcher | None = None) -> None:
         from mesh402.engine.activations import activation_hash, decode_activations  # lazy: loads gguf, numpy, torch only when needed
 
         history: list[int] = []
@@ -481,8 +497,16 @@ class StageWorker:
             sample = draw if down is None and sf.params.get("sample") == "1" else None
             # One engine-thread call per step (forward, then sample or encode): every extra hand-off
             # between the loop and the engine thread is a thread wake-up on the per-token path.
-            token, payload, shape, fp, lp = await self._run(_step, session, x, sf.position, n_real, sample, history,
-                                                            None if down is None else sf.dtype, fp_ids)
+            wire = None if down is None else sf.dtype
+            if rows is not None and sf.kind == K.STAGE_KIND_DECODE and n_real == 1 and x.shape[0] == 1 \
+                    and sf.position == len(session):
+                # a decode row: shares one forward with the other sessions' rows waiting here (each row's
+                # output bit-identical to this forward alone), then finished for this session only
+                token, payload, shape, fp, lp = await rows.step(
+                    session, x, lambda out: _finish(out, sample, history, wire, fp_ids))
+            else:
+                token, payload, shape, fp, lp = await self._run(_step, session, x, sf.position, n_real, sample,
+                                                                history, wire, fp_ids)
             self.stats.steps += 1
             in_hash = activation_hash(sf.activations)
             if tally is not None:
@@ -539,7 +563,12 @@ def _step(session: Any, x: Any, position: int, n_real: int, draw: Draw | None, h
     asked to sample, (None, payload, shape, None, b"") on a middle stage, else (None, None, None, fp, b"").
     `fp` is the logits fingerprint the last stage commits to when `fp_ids` is given; `logprobs` the
     canonical JSON of the drawn token's logprobs when the session asks for them (b"" otherwise)."""
-    out = session.forward(x, position, n_real)
+    return _finish(session.forward(x, position, n_real), draw, history, wire, fp_ids)
+
+
+def _finish(out: Any, draw: Draw | None, history: list[int], wire: str | None, fp_ids: list[int] | None
+            ) -> tuple[int | None, bytes | None, list[int] | None, bytes | None, bytes]:
+    """A step's output made into its answer (see _step), on the engine thread."""
     fp = None
     if fp_ids is not None:
         from mesh402.engine.replay import fingerprint  # lazy: loads gguf, numpy, torch only when needed

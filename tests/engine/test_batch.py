@@ -119,3 +119,41 @@ def test_adjacent_rows_of_one_session_equal_successive_decodes(mode):
         assert torch.equal(s.decode(99), after)
         with pytest.raises(ValueError):
             eng.decode_batch([s, other, s], [1, 2, 3])
+
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_stage_forward_batch_equals_each_row_alone_and_isolates_a_bad_row(mode):
+    """A pipeline stage's batched forward (layers [10, 20) of 30: hidden rows in, hidden rows out) gives every
+    session the bits its 1-row forward gives alone; a malformed row (wrong width, as a hostile upstream could
+    send) in the same batch fails only its own session."""
+    first = Engine.load(smollm2_gguf(), mode=mode, layers=(0, 10), load_tokenizer=False)
+    mid = Engine.load(smollm2_gguf(), mode=mode, layers=(10, 20), load_tokenizer=False)
+    rows = [_rows_of(first, p + [99]) for p in ([1, 2, 3, 4, 5], [7, 8], [42] * 6)]  # a prompt, then a decode row
+    ref = []
+    for r in rows:  # each session alone: one row at a time
+        with mid.new_session(128) as s:
+            for i, x in enumerate(r):
+                out = s.forward(x, i, 1)
+            ref.append(out.clone())
+    sessions = []
+    for r in rows:
+        s = mid.new_session(128)
+        for i, x in enumerate(r[:-1]):
+            s.forward(x, i, 1)
+        sessions.append(s)
+    bad = mid.new_session(128)
+    outs = mid.forward_batch([sessions[0], bad, sessions[1], sessions[2]],
+                             [rows[0][-1], torch.zeros(1, 7), rows[1][-1], rows[2][-1]])
+    assert isinstance(outs[1], Exception)
+    for k, o in zip((0, 1, 2), (outs[0], outs[2], outs[3])):
+        assert torch.equal(o, ref[k]), f"session {k}: batched stage rows differ from its forward alone"
+    assert [len(s) for s in sessions] == [len(r) for r in rows]
+    for s in [*sessions, bad]:
+        s.close()
+
+
+def _rows_of(first: Engine, prompt: list[int]) -> list[torch.Tensor]:
+    """The first stage's hidden row for each token (1-row forwards, as decode steps would send them)."""
+    with first.new_session(128) as s:
+        return [s.forward(torch.tensor([t]), i, 1).clone() for i, t in enumerate(prompt)]

@@ -42,8 +42,9 @@ class Mesh:
     'killed'. `host` is the identity that assigns the ranges and signs the session grants; each link knows
     who opened it."""
 
-    def __init__(self, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, executor: ThreadPoolExecutor, mode: str = "exact", max_batch: int = 8) -> None:
         self.executor = executor
+        self.mode, self.max_batch = mode, max_batch  # the workers' numerics and decode rows per engine call
         self.host = NodeIdentity.generate()
         self.workers: dict[str, StageWorker] = {}
         self.ids: dict[str, NodeIdentity] = {}
@@ -58,9 +59,10 @@ class Mesh:
         """A worker; `engine_kw` go to every Engine.load of its ranges (e.g. max_sessions)."""
         ident = self.ids[name] = NodeIdentity.generate()
         node = ident.node_id_hex
-        w = StageWorker(node, self.executor, lambda h, a, b: Engine.load(PATH, mode="exact", layers=(a, b),
+        w = StageWorker(node, self.executor, lambda h, a, b: Engine.load(PATH, mode=self.mode, layers=(a, b),
                                                                          load_tokenizer=False, **engine_kw),
-                        lambda target, me=node: self.connect(target, caller=me), signer=ident)
+                        lambda target, me=node: self.connect(target, caller=me), signer=ident,
+                        max_batch=self.max_batch)
         self.workers[name], self.names[node], self.tasks[name] = w, name, []
         return w
 
@@ -125,8 +127,11 @@ async def run_gen(model, prompt: list[int], n: int, kill_after: int | None = Non
     return out
 
 
-async def build(executor, splits: list[int], standbys: list[str] = ()) -> tuple[PipelineModel, Mesh, MeshFailover]:
-    mesh = Mesh(executor)
+async def build(executor, splits: list[int], standbys: list[str] = (), *, mode: str = "exact",
+                max_batch: int = 8) -> tuple[PipelineModel, Mesh, MeshFailover]:
+    """`mode`: every stage's numerics; `max_batch`: decode rows per engine call on every stage (1: each session's
+    step alone)."""
+    mesh = Mesh(executor, mode, max_batch)
     hops = []
     for i, (a, b) in enumerate(zip(splits[1:], splits[2:])):
         name = f"w{i}"
@@ -136,8 +141,9 @@ async def build(executor, splits: list[int], standbys: list[str] = ()) -> tuple[
     for sb in standbys:
         mesh.add(sb)
     engine0 = await asyncio.get_running_loop().run_in_executor(
-        executor, lambda: Engine.load(PATH, mode="exact", layers=(0, splits[1])))
+        executor, lambda: Engine.load(PATH, mode=mode, layers=(0, splits[1])))
     fo = MeshFailover(mesh, list(standbys))
     chain = Chain("smollm2", HASH, 1, splits[1], tuple(hops))
-    return (PipelineModel(engine0, chain, mesh.connect, fo, executor, timer=StepTimer(floor_s=0.5), signer=mesh.host),
+    return (PipelineModel(engine0, chain, mesh.connect, fo, executor, timer=StepTimer(floor_s=0.5), signer=mesh.host,
+                          max_batch=max_batch),
             mesh, fo)
