@@ -33,6 +33,9 @@ class NodeProcess:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO,
                                      start_new_session=True)
+        if os.environ.get("MESH402_CPU_REPORT"):  # tests/support/cpu_report.py: node starts per test
+            with open(os.environ["MESH402_CPU_REPORT"] + ".nodes", "a") as f:
+                f.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?')}\t{' '.join(args[3:5])}\n")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
