@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from harness.procs import MESH402, REPO
 from mesh402.economics.vouchers import EscrowRef, VoucherBook, VoucherIssuer, VoucherWallet, WorkerLedger
 from mesh402.node.escrow_jobs import Redeemer
 from tests.support.work_contracts import USDC, Actor, WorkEnv, reverts, work_env
@@ -167,3 +170,44 @@ def test_keeper_locks_each_workers_float_above_what_was_vouchered(env: WorkEnv, 
     env.mint(env.escrow.vault_of(entry.address), 5 * USDC)
     asyncio.run(keeper.run_once())
     assert keeper.state.last_error == "" and env.escrow.coverage(entry.address, w2.address) == 6 * USDC
+
+
+def test_the_redeem_command_redeems_what_the_home_holds_once_and_fails_cleanly(env: WorkEnv, tmp_path: Path) -> None:
+    """`mesh402 redeem` as a worker's operator runs it: every held voucher in one transaction, paid to the
+    worker whoever pays the gas; a second run sends nothing; bad input is one line and no transaction."""
+    worker, relayer, other = env.actor(), env.actor(), env.actor()
+    entry = funded_entry(env, {worker.address: 20 * USDC})
+    entry2 = funded_entry(env, {worker.address: 5 * USDC})
+    home = tmp_path / "worker"
+    wallet = VoucherWallet(VoucherBook(home), worker.address, ref(env))
+    for e, amount in ((entry, 7 * USDC), (entry2, 2 * USDC)):
+        assert wallet.keep(VoucherIssuer(VoucherBook(tmp_path / e.address), e.key, ref(env)).pay(worker.address, amount))
+    other_entry = funded_entry(env, {other.address: 1 * USDC})  # in the book but redeemed already: not sent
+    theirs = VoucherIssuer(VoucherBook(tmp_path / "o"), other_entry.key, ref(env)).pay(other.address, 1 * USDC)
+    env.escrow.redeem(other.key, theirs)
+    assert wallet.keep(theirs)
+    wallet.book.close()
+    key_file = tmp_path / "gas.key"
+    key_file.write_text(relayer.key)
+    key_file.chmod(0o600)
+    env_vars = {k: v for k, v in os.environ.items() if k != "MESH402_OWNER_KEY"}
+
+    def redeem(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*MESH402, "redeem", *args], capture_output=True, text=True, timeout=180, cwd=REPO,
+                              env=env_vars)
+
+    ok = ("--home", str(home), "--deployment", str(env.chain.dir), "--key-file", str(key_file))
+    r = redeem(*ok)
+    assert r.returncode == 0 and "redeemed 2 voucher(s)" in r.stdout, r.stdout + r.stderr
+    assert env.balance(worker.address) == 9 * USDC and env.balance(relayer.address) == 0
+    r = redeem(*ok)
+    assert r.returncode == 0 and "nothing to redeem" in r.stdout, r.stdout + r.stderr
+    assert env.balance(worker.address) == 9 * USDC  # nothing paid twice
+    for args, says in (
+            (("--home", str(tmp_path / "empty"), *ok[2:]), "no vouchers in"),
+            ((*ok[:2], "--deployment", str(tmp_path / "missing.json"), *ok[4:]), "missing.json"),
+            (ok[:4], "--key-file")):
+        r = redeem(*args)
+        lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
+        assert r.returncode != 0 and len(lines) == 1 and says in lines[0], (args, r.stdout, r.stderr)
+    assert env.balance(worker.address) == 9 * USDC
