@@ -230,7 +230,7 @@ def test_a_member_flooding_revocations_cannot_evict_a_real_one(mesh_nodes: MeshN
 
 def test_a_sybil_wave_of_fresh_identities_from_fresh_addresses_gets_no_burst_each(
         mesh_nodes: MeshNodes, tmp_path: Path) -> None:
-    """24 identities from 24 addresses (none marked for abuse) join at once: the node's shared pool hands out
+    """24 identities from 24 addresses (none marked for abuse) join in a wave: the node's shared pool hands out
     16 bursts (MeshLimits.newcomer_burst); the rest start with empty buckets. A member already known keeps
     its allowance, and an honest newcomer after the wave, with the pool spent, joins and is served."""
     a = mesh_nodes.start("a")
@@ -240,18 +240,24 @@ def test_a_sybil_wave_of_fresh_identities_from_fresh_addresses_gets_no_burst_eac
             await known.wait_connected(a.node_id)
             base = await counters(a)
             wave = [EvilMember(tmp_path / f"sybil{i}", a.token(), bind_ip=f"127.0.1.{i + 1}") for i in range(24)]
-            try:
-                for i in range(0, len(wave), 6):  # six handshakes at a time: a join has a deadline
-                    await asyncio.gather(*(m.svc.start(join=m.token) for m in wave[i:i + 6]))
-                c = await counters(a)
-                burst = c.get("quota.start_burst", 0) - base.get("quota.start_burst", 0)
-                earning = c.get("quota.start_earning", 0) - base.get("quota.start_earning", 0)
-                print(f"\nsybil wave: {burst} identities with a burst, {earning} earning it")
-                assert burst + earning == 24 and burst <= 20 and earning >= 4  # the known member took one; refill 0.5/s
-                # what an identity without a burst may then read is the pure test's (tests/mesh/test_quota.py)
-                assert await known.echo(a.node_id)  # a member already known keeps its allowance
-            finally:
-                await asyncio.gather(*(m.svc.stop(graceful=False) for m in wave), return_exceptions=True)
+            t0 = time.monotonic()
+            # six at a time, each gone once admitted: the node keeps its quota entry (what is measured), and the
+            # test process does not carry 24 members gossiping with each other
+            for i in range(0, len(wave), 6):
+                batch = wave[i:i + 6]
+                try:
+                    await asyncio.gather(*(m.svc.start(join=m.token) for m in batch))
+                finally:
+                    await asyncio.gather(*(m.svc.stop(graceful=False) for m in batch), return_exceptions=True)
+            c = await counters(a)
+            burst = c.get("quota.start_burst", 0) - base.get("quota.start_burst", 0)
+            earning = c.get("quota.start_earning", 0) - base.get("quota.start_earning", 0)
+            took = time.monotonic() - t0
+            pool = 16 + int(0.5 * took) + 1  # the pool, what it refilled (0.5/s) while the wave came in, rounding
+            print(f"\nsybil wave in {took:.1f} s: {burst} identities with a burst, {earning} earning it")
+            assert burst + earning == 24 and burst <= pool, (burst, earning, took)
+            # what an identity without a burst may then read is the pure test's (tests/mesh/test_quota.py)
+            assert await known.echo(a.node_id)  # a member already known keeps its allowance
             # the pool is spent for a while: an honest newcomer now starts without a burst and is still served
             async with EvilMember(tmp_path / "new", a.token(), bind_ip="127.0.2.1") as new:
                 await new.wait_connected(a.node_id)
