@@ -136,6 +136,10 @@ class TrustConfig:
     # --allow-host: the only peers that may host, hold layers of, or serve a model for this node (empty: any
     # peer that proves it holds the model's tensors)
     allow_hosts: list[str] = field(default_factory=list)
+    # --min-stake: paid work (layers, experts, routed requests) only for peers whose ERC-8004 agent has at least
+    # this much active stake in MeshStaking (atomic units; 0: off), and at least the mesh's on-chain minimum
+    min_stake: int = 0
+    staking: str | None = None  # MeshStaking address (from --deployment)
 
     @property
     def on_chain(self) -> bool:

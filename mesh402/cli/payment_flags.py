@@ -53,7 +53,7 @@ def payments_config(*, price: str | None, price_per_1k: str | None, pay_to: str 
 
 
 def trust_config(*, network: str | None, deployment: Path | None, owner_key_file: Path | None, validator: bool,
-                 audit_rate: float, quorum: bool = False) -> TrustConfig:
+                 audit_rate: float, quorum: bool = False, min_stake: str | None = None) -> TrustConfig:
     """The chain a node acts on for ERC-8004 (its deployment's or the network's registries) and its owner key.
     Without --deployment/--network and a key, the node takes no part on chain (it can still be audited)."""
     import os
@@ -76,6 +76,14 @@ def trust_config(*, network: str | None, deployment: Path | None, owner_key_file
         if not (cfg.quorum and key):
             raise ValueError("--quorum needs --deployment with a SpotCheckQuorum (redeploy with `mesh402 chain dev`) "
                              "and an owner key (--owner-key-file or MESH402_OWNER_KEY)")
+    if min_stake is not None:
+        staking = dep.contracts.get("MeshStaking") if dep is not None else None
+        if dep is None or not staking or not cfg.registries.get("IdentityRegistry"):
+            raise ValueError("--min-stake needs --deployment with MeshStaking and an IdentityRegistry "
+                             "(redeploy with `mesh402 chain dev`)")
+        cfg.min_stake, cfg.staking = dep.asset.to_atomic(min_stake), staking
+        if cfg.min_stake <= 0:
+            raise ValueError("--min-stake must be a positive amount of USDC")
     return cfg
 
 

@@ -8,6 +8,9 @@ the stake it may slash. Pure chain-side: no HTTP, no node code.
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,3 +81,55 @@ class Staking(BoundContract):
     @property
     def unbonding_delay(self) -> int:
         return int(self.fn.unbondingDelay().call())
+
+
+@dataclass(frozen=True)
+class Standing:
+    """A node's stake as an entry with a minimum sees it (serving.stake_filter.StakeVerdict)."""
+    ok: bool
+    reason: str  # why not, or "staked"
+    agent: int | None = None
+    stake: int = 0  # active stake, atomic units
+    minimum: int = 0
+
+
+class StakeRequirement:
+    """`serve --min-stake`: whether a peer's agent has at least the minimum at risk, read on chain for an entry's
+    serving.stake_filter.StakeFilter (a blocking call; the node runs it in a thread). The minimum is the larger
+    of the operator's `--min-stake` and the mesh's own on-chain minimum (MeshStaking.minStakeFor, the contract's
+    floor for a mesh nobody created), so an operator can ask more than the mesh but never less. The peer's agent
+    is the one whose node binding on the IdentityRegistry verifies for its node id (the newest, if several)."""
+
+    AGENTS_TTL_S = 10.0  # one scan of the registry serves every peer read within this many seconds
+
+    def __init__(self, w3: Any, staking: str, identity_registry: str, min_stake: int,
+                 mesh_id: Callable[[], str | None]) -> None:
+        from mesh402.economics.erc8004 import registered_agents
+
+        self.staking = Staking(w3, staking)
+        self.w3, self.identity, self.min_stake, self.mesh_id = w3, identity_registry, int(min_stake), mesh_id
+        self._scan = registered_agents
+        self._agents: tuple[float, list[Any]] | None = None
+        self._lock = threading.Lock()
+
+    def _agents_now(self) -> list[Any]:
+        with self._lock:
+            now = time.monotonic()
+            if self._agents is None or now - self._agents[0] >= self.AGENTS_TTL_S:
+                self._agents = (now, self._scan(self.w3, self.w3.to_checksum_address(self.identity)))
+            return self._agents[1]
+
+    def minimum(self) -> int:
+        mesh = self.mesh_id()
+        return max(self.min_stake, self.staking.min_stake(mesh) if mesh else 0)
+
+    def __call__(self, node_id_hex: str) -> Standing:
+        minimum = self.minimum()
+        ids = [a.agent_id for a in self._agents_now() if a.node_id == node_id_hex.lower()]
+        if not ids:
+            return Standing(False, "no ERC-8004 agent bound to this node", minimum=minimum)
+        agent = max(ids)
+        stake = self.staking.stake_of(agent)
+        if stake <= 0 or stake < minimum:
+            return Standing(False, f"stake {stake} below the minimum {minimum}", agent, stake, minimum)
+        return Standing(True, "staked", agent, stake, minimum)

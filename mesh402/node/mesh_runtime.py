@@ -357,6 +357,9 @@ class MeshRuntime:
                 info["distributed"]["payouts"] = closer.status()
             if node.escrow is not None:
                 info["distributed"]["escrow"] = node.escrow.status()
+            if dist.stake_filter is not None:  # --min-stake: which peers' stake was read, and the verdicts
+                info["distributed"]["min_stake"] = {"required": node.config.trust.min_stake,
+                                                    **dist.stake_filter.status()}
         if self.discovery is not None:
             info["discovery"] = self.discovery.status()
         if node.edge.backends is not None:

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from mesh402.node.payouts import EpochCloser
     from mesh402.serving.distributed import DistributedRuntime
     from mesh402.serving.quorum_votes import QuorumChain
+    from mesh402.serving.stake_filter import StakeFilter
     from mesh402.serving.verification import ValidationChain
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,7 @@ class Node:
                                               max_split_rtt_ms=cfg.max_split_rtt_ms, wire_dtype=cfg.wire_dtype,
                                               chain=self._validation_chain(), quorum=self._quorum_chain())
         self.edge.distributed = self.distributed
+        self.distributed.stake_filter = self._stake_filter()
 
         # Tunnelled requests run through this node's own app in-process (never over a socket or a URL).
         self.mesh_runtime.mesh.register_handler(
@@ -199,6 +201,22 @@ class Node:
         self.escrow = EscrowPay(self.config.payments, self.home.path)
         self.escrow.attach(self.distributed)
         self.escrow.start()
+
+    def _stake_filter(self) -> StakeFilter | None:
+        """--min-stake: paid work only for peers whose agent has the minimum staked (read on chain, cached)."""
+        trust = self.config.trust
+        if not trust.min_stake or self.distributed is None or self.mesh_runtime is None:
+            return None
+        if not (trust.rpc_url and trust.staking and trust.registries.get("IdentityRegistry")):
+            raise ValueError("--min-stake needs --deployment with MeshStaking and an IdentityRegistry")
+        from mesh402.economics.chain import web3_for  # lazy: web3 only on a node that checks stake
+        from mesh402.economics.staking import StakeRequirement
+        from mesh402.serving.stake_filter import StakeFilter
+
+        mesh = self.mesh_runtime.mesh
+        lookup = StakeRequirement(web3_for(trust.rpc_url), trust.staking, trust.registries["IdentityRegistry"],
+                                  trust.min_stake, lambda: mesh.mesh_id)
+        return StakeFilter(mesh.node_id.hex(), lookup, self.executor, on_change=self.distributed.kick)
 
     def _validation_chain(self) -> ValidationChain | None:
         """This node's side of the ERC-8004 ValidationRegistry, when it has an owner key and a chain."""

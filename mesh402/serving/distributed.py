@@ -47,6 +47,7 @@ from mesh402.serving.registry import ModelEntry, ModelRegistry
 from mesh402.serving.stage_link import Hop, K, StageError, expect_stage, stage_frame
 from mesh402.serving.stage_worker import StageWorker
 from mesh402.serving.quorum_votes import QuorumChain
+from mesh402.serving.stake_filter import StakeFilter
 from mesh402.serving.verification import TrustServices, ValidationChain
 from mesh402.settings import NodeConfig
 
@@ -141,6 +142,7 @@ class DistributedRuntime(Failover):
         allow = node.config.trust.allow_hosts
         self.allow_hosts: frozenset[str] | None = frozenset(allow) | {self.me} if allow else None
         self.claim_since: dict[str, dict[str, float]] = {}
+        self.stake_filter: StakeFilter | None = None  # --min-stake: set by the node (it knows the chain)
         self.believed: dict[str, set[str]] = {}  # models this node does not hold: hosts it routes to
         self.holdings = Holdings(self.me, self._connect, self._model_path, on_change=self.kick)
         self._task: asyncio.Task | None = None
@@ -252,7 +254,10 @@ class DistributedRuntime(Failover):
         return Path(self.keys[key].source.path) if key is not None else None
 
     def _allowed(self, peer: str) -> bool:
-        return self.allow_hosts is None or peer in self.allow_hosts
+        """The operator's allow-list, and with --min-stake the peer's stake read on chain (serving.stake_filter)."""
+        if self.allow_hosts is not None and peer not in self.allow_hosts:
+            return False
+        return self.stake_filter is None or self.stake_filter.allows(peer)
 
     def _holds(self, peer: str, key: str) -> bool:
         """Whether `peer` may host, hold layers of or serve `key` for this node: allowed, and proven to hold
