@@ -140,6 +140,7 @@ class TrustConfig:
     # this much active stake in MeshStaking (atomic units; 0: off), and at least the mesh's on-chain minimum
     min_stake: int = 0
     staking: str | None = None  # MeshStaking address (from --deployment)
+    stake_recheck_s: float = 60.0  # --stake-recheck: how often a staked peer's stake is read again
 
     @property
     def on_chain(self) -> bool:

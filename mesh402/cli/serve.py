@@ -138,7 +138,8 @@ def serve(
     audit_rate: Annotated[float, typer.Option("--audit-rate", help="Entry: share of paid split requests whose stages must reveal a step for re-execution (each node's first request per epoch is always audited).", rich_help_panel="Trust")] = 0.1,
     validator_id: ValidatorIdOpt = None,
     allow_host: AllowHostOpt = None,
-    min_stake: Annotated[Optional[str], typer.Option("--min-stake", help="Give layers, experts and routed requests only to peers whose ERC-8004 agent (bound to the node with `mesh402 register`) has at least this many USDC staked in MeshStaking of --deployment (`mesh402 stake add`), and at least the mesh's own on-chain minimum: a node with nothing at risk gets no paid work. Stake is read on chain in the background: a peer not read yet waits (about 10 s), and one that unstakes loses new work within a minute.", rich_help_panel="Trust")] = None,
+    min_stake: Annotated[Optional[str], typer.Option("--min-stake", help="Give layers, experts and routed requests only to peers whose ERC-8004 agent (bound to the node with `mesh402 register`) has at least this many USDC staked in MeshStaking of --deployment (`mesh402 stake add`), and at least the mesh's own on-chain minimum: a node with nothing at risk gets no paid work. Stake is read on chain in the background: a peer not read yet waits (about 10 s), and one that unstakes loses its work within --stake-recheck.", rich_help_panel="Trust")] = None,
+    stake_recheck: Annotated[float, typer.Option("--stake-recheck", help="With --min-stake: seconds between reads of a staked peer's stake (a peer that unstakes loses its layers, experts and routes within this time; unbonding stake stays slashable meanwhile).", rich_help_panel="Trust")] = 60.0,
 ) -> None:
     """Start a node: load models and serve the OpenAI-compatible API."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
@@ -166,6 +167,9 @@ def serve(
         from mesh402.cli.payment_flags import trust_config  # lazy: kept off this module's import path
         trust = trust_config(network=network, deployment=deployment, owner_key_file=owner_key_file,
                              validator=validator, audit_rate=audit_rate, quorum=quorum, min_stake=min_stake)
+        if stake_recheck <= 0:
+            raise ValueError("--stake-recheck must be a positive number of seconds")
+        trust.stake_recheck_s = stake_recheck
         trust.validator_ids = node_ids(validator_id, "--validator-id")
         trust.allow_hosts = node_ids(allow_host, "--allow-host")
         from mesh402.cli.payment_flags import auto_payout_config  # lazy: kept off this module's import path

@@ -216,7 +216,8 @@ class Node:
         mesh = self.mesh_runtime.mesh
         lookup = StakeRequirement(web3_for(trust.rpc_url), trust.staking, trust.registries["IdentityRegistry"],
                                   trust.min_stake, lambda: mesh.mesh_id)
-        return StakeFilter(mesh.node_id.hex(), lookup, self.executor, on_change=self.distributed.kick)
+        return StakeFilter(mesh.node_id.hex(), lookup, self.executor, on_change=self.distributed.kick,
+                           ok_ttl_s=trust.stake_recheck_s, bad_ttl_s=min(10.0, trust.stake_recheck_s))
 
     def _validation_chain(self) -> ValidationChain | None:
         """This node's side of the ERC-8004 ValidationRegistry, when it has an owner key and a chain."""

@@ -446,7 +446,8 @@ class DistributedRuntime(Failover):
         layout = await asyncio.to_thread(self._layout, key, entry)
         cur = self.hosted.get(key)
         live = None  # a working expert split re-placed by gate usage: it serves until the new one is ready
-        if cur is not None and all(n in snap for n in cur.plan.nodes) and not _experts_down(cur):
+        # a node that is gone, or may no longer work for this one (its stake fell under --min-stake), ends the plan
+        if cur is not None and all(n in snap and self._allowed(n) for n in cur.plan.nodes) and not _experts_down(cur):
             if not self._hot_experts_need_copies(key, cur, layout, snap):
                 return  # an incumbent plan that still works is kept
             live = cur

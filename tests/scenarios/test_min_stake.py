@@ -1,7 +1,8 @@
 """Issue 14, property 4: serving paid work needs stake. An entry started with `--min-stake` gives no layers to a
 peer whose ERC-8004 agent has less than the minimum staked in MeshStaking, on a real chain with real node
 processes: first the peer has no agent, then an agent with too little stake, and the model waits for a node
-it may use; once the peer's operator stakes enough, the entry splits the model over it and serves.
+it may use; once the peer's operator stakes enough, the entry splits the model over it and serves; when the
+operator unstakes, the entry takes the layers back at its next read of the stake (`--stake-recheck`).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def test_an_entry_with_min_stake_gives_no_layers_to_an_unstaked_peer_until_it_st
         chain.transfer("buyer-0", "node-1", 10 * USDC)  # the peer's operator will stake from it
         # ~98 MB model: neither node holds it alone; the entry has the larger budget, so it is the host
         a = nodes.start("a", no_model=False, timeout=120,
-                        extra=["--mode", "exact", "--max-vram", "0.09", "--min-stake", "5", "--deployment", str(chain.dir)])
+                        extra=["--mode", "exact", "--max-vram", "0.09", "--min-stake", "5", "--stake-recheck", "3",
+                               "--deployment", str(chain.dir)])
         b = nodes.start("b", join=a.token(), no_model=False, timeout=120, extra=["--mode", "exact", "--max-vram", "0.08"])
 
         wait_until(lambda: (v := _verdict(a, b)) is not None and "no ERC-8004 agent" in v["reason"], timeout=90,
@@ -79,6 +81,18 @@ def test_an_entry_with_min_stake_gives_no_layers_to_an_unstaked_peer_until_it_st
         resp = httpx.post(f"http://127.0.0.1:{a.api_port}/v1/chat/completions", json=body, timeout=120)
         assert resp.status_code == 200, resp.text
         assert resp.json()["usage"]["completion_tokens"] >= 1
+
+        staking.request_unstake(chain.key("node-1"), agent, 1 * USDC)  # active 4: under the minimum again
+        wait_until(lambda: ready_plan(a) is None and "below the minimum" in (_verdict(a, b) or {}).get("reason", ""),
+                   timeout=60, what="the entry to drop the split once the peer's stake fell under the minimum")
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:  # the peer may keep its copy loaded a while; it gets no work from the entry
+            assert ready_plan(a) is None
+            time.sleep(0.5)
+        steps = b.status()["node"]["distributed"]["stage"]["steps"]
+        resp = httpx.post(f"http://127.0.0.1:{a.api_port}/v1/chat/completions", json=body, timeout=120)
+        assert resp.status_code == 503, resp.text
+        assert b.status()["node"]["distributed"]["stage"]["steps"] == steps
     finally:
         nodes.stop_all()
         chain.proc.stop()
