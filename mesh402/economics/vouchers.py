@@ -179,7 +179,10 @@ class VoucherWallet:
         return None
 
     def keep(self, v: Voucher) -> bool:
-        """Hold `v` if it raises the amount held from its entry (a checked voucher); True if it did."""
+        """Hold `v` if it raises the amount held from its entry (a checked voucher); True if it did. A voucher for
+        another worker is never held, whoever skipped `check` (a redemption would pay that worker, not this one)."""
+        if v.worker.lower() != self.worker.lower():
+            return False
         with self.book._lock:
             row = self.book._db.execute("SELECT cumulative FROM held WHERE entry=?", (v.entry.lower(),)).fetchone()
             if row is not None and int(row[0]) >= v.cumulative:

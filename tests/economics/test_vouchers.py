@@ -182,10 +182,12 @@ def test_the_redeem_command_redeems_what_the_home_holds_once_and_fails_cleanly(e
     wallet = VoucherWallet(VoucherBook(home), worker.address, ref(env))
     for e, amount in ((entry, 7 * USDC), (entry2, 2 * USDC)):
         assert wallet.keep(VoucherIssuer(VoucherBook(tmp_path / e.address), e.key, ref(env)).pay(worker.address, amount))
-    other_entry = funded_entry(env, {other.address: 1 * USDC})  # in the book but redeemed already: not sent
-    theirs = VoucherIssuer(VoucherBook(tmp_path / "o"), other_entry.key, ref(env)).pay(other.address, 1 * USDC)
-    env.escrow.redeem(other.key, theirs)
-    assert wallet.keep(theirs)
+    other_entry = funded_entry(env, {worker.address: 1 * USDC})  # in the book but redeemed already: not sent
+    spent = VoucherIssuer(VoucherBook(tmp_path / "o"), other_entry.key, ref(env)).pay(worker.address, 1 * USDC)
+    env.escrow.redeem(other.key, spent)  # anyone may submit it; the worker was paid
+    assert wallet.keep(spent)
+    theirs = VoucherIssuer(VoucherBook(tmp_path / "o2"), other_entry.key, ref(env)).pay(other.address, 1)
+    assert not wallet.keep(theirs)  # another worker's voucher is never held, checked or not
     wallet.book.close()
     key_file = tmp_path / "gas.key"
     key_file.write_text(relayer.key)
@@ -199,10 +201,10 @@ def test_the_redeem_command_redeems_what_the_home_holds_once_and_fails_cleanly(e
     ok = ("--home", str(home), "--deployment", str(env.chain.dir), "--key-file", str(key_file))
     r = redeem(*ok)
     assert r.returncode == 0 and "redeemed 2 voucher(s)" in r.stdout, r.stdout + r.stderr
-    assert env.balance(worker.address) == 9 * USDC and env.balance(relayer.address) == 0
+    assert env.balance(worker.address) == 10 * USDC and env.balance(relayer.address) == 0
     r = redeem(*ok)
     assert r.returncode == 0 and "nothing to redeem" in r.stdout, r.stdout + r.stderr
-    assert env.balance(worker.address) == 9 * USDC  # nothing paid twice
+    assert env.balance(worker.address) == 10 * USDC  # nothing paid twice
     for args, says in (
             (("--home", str(tmp_path / "empty"), *ok[2:]), "no vouchers in"),
             ((*ok[:2], "--deployment", str(tmp_path / "missing.json"), *ok[4:]), "missing.json"),
@@ -210,4 +212,4 @@ def test_the_redeem_command_redeems_what_the_home_holds_once_and_fails_cleanly(e
         r = redeem(*args)
         lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
         assert r.returncode != 0 and len(lines) == 1 and says in lines[0], (args, r.stdout, r.stderr)
-    assert env.balance(worker.address) == 9 * USDC
+    assert env.balance(worker.address) == 10 * USDC
