@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 # Headers that pay the entry node: a paid entry consumed them, so they never travel on to the host.
-PAYMENT_HEADERS = ("payment-signature", "x-payment", "x-mesh402-credit", "idempotency-key")
+PAYMENT_HEADERS = ("payment-signature", "x-payment", "x-mesh402-credit", "x-mesh402-voucher", "idempotency-key")
 Pay = Callable[[str, Send], Awaitable[Reply]]  # (host, send) -> the host's reply, paid if it charges
 
 
@@ -124,8 +124,9 @@ def upstream_pay(ctx: EdgeContext, route: Route, body: bytes, req: SamplingField
     if (offer.network, offer.asset.lower()) != (buyer.network, buyer.asset):
         raise unavailable(f"the host of {route.model_id} takes {offer.asset} on {offer.network}, which this node "
                           "does not pay with", ctx.retry_after, code="host_asset_mismatch")
-    cap = offer.cap(len(body), req.requested_max_tokens() or ctx.config.limits.default_max_tokens)
-    return cap, lambda host, send: buyer.send(host, send, cap)
+    max_tokens = req.requested_max_tokens() or ctx.config.limits.default_max_tokens
+    cap, most = offer.cap(len(body), max_tokens), offer.most(len(body), max_tokens)
+    return cap, lambda host, send: buyer.send(host, send, cap, voucher_cap=most)
 
 
 def host_offer(ctx: EdgeContext, host: str) -> HostOffer | None:

@@ -48,14 +48,14 @@ MAX_PATH = 256
 # Only these request headers cross the mesh (credentials for the entry node stay there; payment headers
 # travel so that a buyer can pay a host that charges).
 FORWARD_REQUEST = ("content-type", "accept", "x-request-id", "idempotency-key", "user-agent",
-                   "payment-signature", "x-payment", "x-mesh402-credit")
+                   "payment-signature", "x-payment", "x-mesh402-credit", "x-mesh402-voucher")
 MAX_HEADER_VALUE = 8192
 # Response headers an entry passes on from a host; anything else (cookies, hop-by-hop headers, a hostile
 # host's inventions) is dropped.
 PASS_RESPONSE = frozenset({
     "content-type", "cache-control", "retry-after", "x-request-id", "payment-required", "payment-response",
     "x-mesh402-credit-token", "x-mesh402-credit-balance", "x-mesh402-credit-charged", "x-mesh402-replayed",
-    "x-mesh402-billing", "server-timing",
+    "x-mesh402-billing", "server-timing", "x-mesh402-voucher-earned",
 })
 MAX_RESPONSE_HEADERS = 32
 CHUNK = 256 * 1024  # body bytes per frame, both ways (tunnel frames are capped at 1 MiB)

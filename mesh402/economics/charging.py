@@ -17,6 +17,8 @@ CREDIT_TOKEN_HEADER = "X-Mesh402-Credit-Token"  # response: token for the credit
 CREDIT_BALANCE_HEADER = "X-Mesh402-Credit-Balance"
 CREDIT_CHARGED_HEADER = "X-Mesh402-Credit-Charged"
 REPLAY_HEADER = "X-Mesh402-Replayed"
+VOUCHER_HEADER = "X-Mesh402-Voucher"  # tunnelled request: an escrow voucher paying the host (entry and host --escrow)
+VOUCHER_EARNED_HEADER = "X-Mesh402-Voucher-Earned"  # response: what the host earned from the entry's routed requests
 BILLING_HEADER = "X-Mesh402-Billing"  # on 402s of a metered node: "metered" (credit can be claimed)
 CLAIM_WINDOW_S = 300  # a wallet-signed credit-token claim is good for this long (and once: its nonce)
 CLAIM_NONCE_RE = r"[0-9a-f]{32}"  # 16 random bytes, hex
@@ -60,9 +62,13 @@ class HostOffer:
     def cost(self, prompt_tokens: int, completion_tokens: int) -> int:
         return self.per_request + -(-(prompt_tokens + completion_tokens) * self.per_1k // 1000)
 
+    def most(self, body_bytes: int, max_tokens: int) -> int:
+        """The most one request of this size can cost at this host (what a voucher prepays)."""
+        return self.cost(body_bytes + TEMPLATE_TOKENS, max_tokens)
+
     def cap(self, body_bytes: int, max_tokens: int) -> int:
         """The most this host can ask for one request of this size (what the entry prices in)."""
-        cost = self.cost(body_bytes + TEMPLATE_TOKENS, max_tokens)
+        cost = self.most(body_bytes, max_tokens)
         return max(cost, self.topup) if self.per_1k else cost
 
     def to_label(self) -> str:

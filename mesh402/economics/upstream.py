@@ -5,7 +5,12 @@ entry passes that 402 to its client, who then pays the host directly (the paymen
 tunnel). A paid entry charges its client its own price plus the host's (`HostOffer`, from the host's
 signed announcement) and pays the host itself from the wallet that receives its revenue
 (`--payout-key-file`), never more than the offer it priced the request with: a host that asks for more
-than it announced is refused. (Per-pair payment channels replace this in the economics of a later wave.)
+than it announced is refused.
+
+When both nodes run with `--escrow` on the same MeshEscrow, the entry pays with an escrow voucher instead
+(`RoutedVouchers`, node/escrow_pay.py): the tunnelled request carries one covering the most it can cost, the
+host serves it without an x402 payment and redeems its vouchers with its stage work's. A host that refuses the
+voucher (402 `voucher_refused`) is paid with x402 `exact` as above.
 """
 
 from __future__ import annotations
@@ -14,11 +19,14 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol
 
 from mesh402.economics.charging import (
     CREDIT_HEADER,
     CREDIT_TOKEN_HEADER,
     IDEMPOTENCY_HEADER,
+    VOUCHER_EARNED_HEADER,
+    VOUCHER_HEADER,
 )
 
 log = logging.getLogger(__name__)
@@ -43,6 +51,27 @@ def _message(body: bytes) -> str:
         return body[:300].decode(errors="replace")
 
 
+class RoutedVoucherSource(Protocol):
+    """The entry's escrow side for routed requests (node.escrow_pay.RoutedVouchers)."""
+
+    def voucher(self, host: str, most: int) -> tuple[str, Callable[[], None]] | None:
+        """The voucher header for a request to `host` that can cost at most `most`, and what to call when the
+        request is over; None when `host` is not paid with vouchers (no escrow label on the same escrow)."""
+        ...
+
+    def earned(self, host: str, reported: str) -> None:
+        """The host's report of what it earned from this entry's routed requests (untrusted)."""
+        ...
+
+
+async def _then(chunks: AsyncIterator[bytes], done: Callable[[], None]) -> AsyncIterator[bytes]:
+    try:
+        async for c in chunks:
+            yield c
+    finally:
+        done()
+
+
 class UpstreamBuyer:
     """The entry's wallet paying hosts with x402 `exact`, with a credit token kept per metered host."""
 
@@ -58,9 +87,30 @@ class UpstreamBuyer:
         self._x402.set_spend_controls(False)  # the cap per request is checked here, before anything is sent
         self.credit: dict[str, str] = {}  # host node id -> credit token at that host
         self.paid = 0  # atomic units authorized to hosts since start
+        self.vouchers: RoutedVoucherSource | None = None  # --escrow: hosts on the same escrow take vouchers
+        self.vouchered = 0  # routed requests paid with a voucher since start
 
-    async def send(self, host: str, send: Send, cap: int) -> Reply:
-        """The host's reply to the request, paying it (at most `cap`) if it asks to be paid."""
+    async def send(self, host: str, send: Send, cap: int, voucher_cap: int | None = None) -> Reply:
+        """The host's reply to the request, paying it (at most `cap`) if it asks to be paid: with an escrow
+        voucher for at most `voucher_cap` when the host takes them, else (or when it refuses it) x402."""
+        routed = self.vouchers.voucher(host, cap if voucher_cap is None else voucher_cap) \
+            if self.vouchers is not None and cap > 0 else None
+        if routed is not None:
+            header, done = routed
+            try:
+                status, headers, chunks = await send({IDEMPOTENCY_HEADER: uuid.uuid4().hex, VOUCHER_HEADER: header})
+            except BaseException:
+                done()
+                raise
+            earned = headers.pop(VOUCHER_EARNED_HEADER.lower(), None)  # for this node, not its client
+            if earned is not None and self.vouchers is not None:
+                self.vouchers.earned(host, earned)
+            if status != 402:
+                self.vouchered += 1
+                return status, headers, _then(chunks, done)
+            done()
+            await _drain(chunks)
+            log.info("host %s refused this node's escrow voucher: paying it with x402", host[:12])
         extra = {IDEMPOTENCY_HEADER: uuid.uuid4().hex}
         token = self.credit.get(host)
         if token:

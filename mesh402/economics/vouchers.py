@@ -40,6 +40,8 @@ CREATE TABLE IF NOT EXISTS redeemed (entry TEXT NOT NULL, cumulative INTEGER NOT
                                      at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS session_paid (worker TEXT NOT NULL, key TEXT NOT NULL, amount INTEGER NOT NULL,
                                          updated REAL NOT NULL, PRIMARY KEY (worker, key));
+CREATE TABLE IF NOT EXISTS routed (worker TEXT PRIMARY KEY, confirmed INTEGER NOT NULL, high INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS routed_owed (entry TEXT PRIMARY KEY, amount INTEGER NOT NULL);
 """
 SESSION_ROWS_KEPT_S = 86400.0  # per-session running totals older than this are pruned (sessions end long before)
 
@@ -134,6 +136,48 @@ class VoucherIssuer:
         with self.book._lock:
             return {w: int(c) for w, c in self.book._db.execute("SELECT worker, cumulative FROM issued")}
 
+    # ---- routed requests: a host paid up front, netted against what it reports it earned ----------------
+
+    def routed(self, worker: str, cap: int) -> Voucher:
+        """The voucher a routed request to host `worker` carries: it covers everything the host confirmed it
+        earned from this entry plus `cap`, the most this request can cost (the host's offer; what this entry
+        charged its own client for the host's part). Only the part above the previous high-water mark is new
+        money, so a host is prepaid at most about one request's `cap` beyond what it earned. Durable first."""
+        if cap < 0:
+            raise ValueError("a request's cost is never negative")
+        w = worker.lower()
+        with self.book._lock:
+            row = self.book._db.execute("SELECT confirmed, high FROM routed WHERE worker=?", (w,)).fetchone()
+            confirmed, high = (int(row[0]), int(row[1])) if row else (0, 0)
+            cur = self.book._db.execute("SELECT cumulative, signature FROM issued WHERE worker=?", (w,)).fetchone()
+            total = int(cur[0]) if cur else 0
+            want = confirmed + int(cap)
+            if want <= high and cur is not None:
+                return Voucher(self.address, checksum_address(worker), total, bytes(cur[1]))
+            total += max(0, want - high)
+            v = sign_voucher(self.key, self.escrow.chain_id, self.escrow.address, worker, total)
+            self.book._db.execute("BEGIN")
+            self.book._db.execute("INSERT INTO issued VALUES (?,?,?,?) ON CONFLICT(worker) DO UPDATE SET "
+                                  "cumulative=excluded.cumulative, signature=excluded.signature, "
+                                  "updated=excluded.updated", (w, total, v.signature, time.time()))
+            self.book._db.execute("INSERT INTO routed VALUES (?,?,?) ON CONFLICT(worker) DO UPDATE SET "
+                                  "high=excluded.high", (w, confirmed, max(high, want)))
+            self.book._db.execute("COMMIT")
+        return v
+
+    def routed_earned(self, worker: str, reported: int) -> int:
+        """The host says it earned `reported` in total from this entry's routed requests: netted into the next
+        voucher, never above what this entry already vouchered it (a host that overstates gains nothing beyond
+        the caps it was prepaid) and never lowered. -> what counts as confirmed now."""
+        w = worker.lower()
+        with self.book._lock:
+            row = self.book._db.execute("SELECT confirmed, high FROM routed WHERE worker=?", (w,)).fetchone()
+            if row is None:
+                return 0
+            confirmed = max(int(row[0]), min(int(reported), int(row[1])))
+            self.book._db.execute("UPDATE routed SET confirmed=? WHERE worker=?", (confirmed, w))
+        return confirmed
+
 
 class VoucherWallet:
     """The worker's side: the best voucher per entry, and the work each entry owes it."""
@@ -165,6 +209,22 @@ class VoucherWallet:
             return
         self.book._exec("INSERT INTO owed VALUES (?, ?) ON CONFLICT(entry) DO UPDATE SET amount = amount + ?",
                         entry.lower(), int(amount), int(amount))
+
+    def routed_work(self, entry: str, amount: int) -> None:
+        """Record a routed request served for `entry` (its cost): owed like any work, and counted on its own as
+        what this host reports it earned from the entry's routed requests (the entry nets its prepayment by it)."""
+        if amount <= 0:
+            return
+        with self.book._lock:
+            self.book._db.execute("BEGIN")
+            for table in ("owed", "routed_owed"):
+                self.book._db.execute(f"INSERT INTO {table} VALUES (?, ?) ON CONFLICT(entry) DO UPDATE SET "
+                                      "amount = amount + ?", (entry.lower(), int(amount), int(amount)))
+            self.book._db.execute("COMMIT")
+
+    def routed_owed(self, entry: str) -> int:
+        row = self.book._one("SELECT amount FROM routed_owed WHERE entry=?", entry.lower())
+        return int(row[0]) if row else 0
 
     def check(self, v: Voucher, entry: str) -> str | None:
         """Why `v` is not a voucher this worker can hold from `entry` (None: it is; coverage is checked on
@@ -236,6 +296,12 @@ class WorkerLedger:
 
     def add_owed(self, entry: str, amount: int) -> None:
         self.vouchers.work(entry, amount)
+
+    def add_routed(self, entry: str, amount: int) -> None:
+        self.vouchers.routed_work(entry, amount)
+
+    def routed_owed(self, entry: str) -> int:
+        return self.vouchers.routed_owed(entry)
 
     def forget_coverage(self, entry: str | None = None) -> None:
         """Read coverage from the chain again next time (an unlock was requested)."""

@@ -123,13 +123,22 @@ class EscrowPay:
                 continue
             out[h.node] = share_terms(self.label.wallet, wallet, Fraction(h.end - h.start, n_layers),
                                       self.payments.price_per_request, self.payments.price_per_1k_tokens)
-            if wallet.lower() not in self.paid:
-                self.paid[wallet.lower()] = None
-                while len(self.paid) > MAX_PAID_WORKERS:
-                    del self.paid[next(iter(self.paid))]
-                if self.keeper is not None:
-                    self.keeper.kick()  # a new worker: lock its float before its OPEN needs it
+            self._mark_paid(wallet)
         return out
+
+    def routed_vouchers(self) -> "RoutedVouchers":
+        """The entry's side of routed requests to hosts on the same escrow (economics.upstream.UpstreamBuyer)."""
+        return RoutedVouchers(self)
+
+    def _mark_paid(self, wallet: str) -> None:
+        """A worker this node pays: the keeper tends its float (the most recently paid MAX_PAID_WORKERS)."""
+        if wallet.lower() in self.paid:
+            return
+        self.paid[wallet.lower()] = None
+        while len(self.paid) > MAX_PAID_WORKERS:
+            del self.paid[next(iter(self.paid))]
+        if self.keeper is not None:
+            self.keeper.kick()  # a new worker: lock its float before its next request needs it
 
     def start(self) -> None:
         self.redeemer.start()
@@ -148,3 +157,55 @@ class EscrowPay:
                 "redeemer": self.redeemer.status(), "escrow_free": self.redeemer.free_balance,
                 "worker": self.worker_pay.status(),
                 "keeper": self.keeper.status() if self.keeper is not None else None}
+
+
+EARNED_LIMIT = 1 << 64
+
+
+class RoutedVouchers:
+    """An entry paying the hosts it routes requests to with escrow vouchers (economics.upstream.RoutedVoucherSource):
+    each request carries a voucher covering what the host confirmed it earned, the most the requests in flight to
+    it can cost, and this one's most (VoucherIssuer.routed); the host's report of what it earned nets the
+    prepayment into later vouchers."""
+
+    def __init__(self, pay: EscrowPay) -> None:
+        self.pay = pay
+        self.inflight: dict[str, int] = {}  # host wallet -> the most its requests in flight can cost
+
+    def _wallet(self, host: str) -> str | None:
+        return self.pay._wallet_of(self.pay.peer_labels(), host)
+
+    def voucher(self, host: str, most: int) -> tuple[str, Callable[[], None]] | None:
+        wallet = self._wallet(host)
+        if wallet is None or most <= 0:
+            return None
+        w = wallet.lower()
+        self.inflight[w] = self.inflight.get(w, 0) + int(most)
+        try:
+            v = self.pay.issuer.routed(wallet, self.inflight[w])
+        except BaseException:
+            self._done(w, most)
+            raise
+        self.pay._mark_paid(wallet)
+        ended = [False]
+
+        def done() -> None:
+            if not ended[0]:
+                ended[0] = True
+                self._done(w, most)
+        return json.dumps(v.to_json(), separators=(",", ":")), done
+
+    def _done(self, wallet: str, most: int) -> None:
+        left = self.inflight.get(wallet, 0) - int(most)
+        if left > 0:
+            self.inflight[wallet] = left
+        else:
+            self.inflight.pop(wallet, None)
+
+    def earned(self, host: str, reported: str) -> None:
+        wallet = self._wallet(host)
+        if wallet is None or not isinstance(reported, str) or not reported.isdigit() or len(reported) > 20:
+            return
+        value = int(reported)
+        if value < EARNED_LIMIT:
+            self.pay.issuer.routed_earned(wallet, value)

@@ -200,6 +200,13 @@ class Node:
 
         self.escrow = EscrowPay(self.config.payments, self.home.path)
         self.escrow.attach(self.distributed)
+        if self.edge.buyer is not None:  # routed requests to hosts on the same escrow: paid with vouchers
+            self.edge.buyer.vouchers = self.escrow.routed_vouchers()
+        gate = self.app.state.payment_gate
+        if gate is not None:  # and routed requests to this node, from entries on it, are taken with vouchers
+            from mesh402.serving.work_pay import RoutedPay
+
+            gate.routed = RoutedPay(self.escrow.ledger)
         self.escrow.start()
 
     def _stake_filter(self) -> StakeFilter | None:

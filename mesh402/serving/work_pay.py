@@ -188,6 +188,12 @@ class WorkerBook(Protocol):
 
     def add_owed(self, entry: str, amount: int) -> None: ...
 
+    def add_routed(self, entry: str, amount: int) -> None:
+        """A routed request's cost: owed, and counted as what the entry's routed requests earned."""
+        ...
+
+    def routed_owed(self, entry: str) -> int: ...
+
     async def accept(self, entry: str, voucher: Any) -> str | None:
         """Check and keep a voucher (signed by `entry` for this worker, within the escrow's coverage on
         chain); None when kept or not higher than what is held, else why it was refused."""
@@ -306,3 +312,85 @@ class WorkerPay:
 
     def status(self) -> dict[str, Any]:
         return {"live_sessions": len(self.live), **self.stats.__dict__}
+
+
+VOUCHER_JSON_LIMIT = 2048  # bytes of a routed request's voucher header
+MAX_ROUTED_LIVE = 1024  # routed requests admitted on vouchers and not finished yet
+
+
+@dataclass
+class RoutedPayStats:
+    admitted: int = 0
+    refused: int = 0
+    last_refusal: str = ""
+
+
+class RoutedPay:
+    """A host's rule for requests an entry routes to it and pays with an escrow voucher instead of x402.
+
+    The entry pays up front: the voucher a request carries must cover, beyond everything this host already
+    earned from that entry (stage work included) and the most its other requests in flight can cost, the most
+    this request can cost (`max_cost`, by the host's own prices). So the host never works unvouchered; it
+    records the request's real cost when it ends (`done`), which it reports back (`earned`) so the entry nets
+    its prepayment into the next voucher (economics.vouchers.VoucherIssuer.routed)."""
+
+    def __init__(self, book: WorkerBook) -> None:
+        self.book = book
+        self.live: dict[str, tuple[str, int]] = {}  # request id -> (entry, max cost)
+        self.inflight: dict[str, int] = {}  # entry -> max cost of its requests in flight
+        self.stats = RoutedPayStats()
+
+    def _refuse(self, why: str) -> tuple[None, str]:
+        self.stats.refused += 1
+        self.stats.last_refusal = why
+        return None, why
+
+    async def admit(self, request_id: str, raw: str, max_cost: int) -> tuple[str | None, str | None]:
+        """(the paying entry's wallet, None) when the voucher covers this request, else (None, why)."""
+        if not isinstance(raw, str) or len(raw) > VOUCHER_JSON_LIMIT:
+            return self._refuse("the voucher header is missing or too large")
+        try:
+            voucher = json.loads(raw)
+        except ValueError:
+            return self._refuse("the voucher is not JSON")
+        entry = voucher.get("entry") if isinstance(voucher, dict) else None
+        if not is_address(entry):
+            return self._refuse("the voucher names no entry address")
+        if len(self.live) >= MAX_ROUTED_LIVE or request_id in self.live:
+            return self._refuse("too many routed requests in flight here")
+        why = await self.book.accept(str(entry), voucher)
+        if why is not None:
+            return self._refuse(f"voucher refused: {why}")
+        entry = str(entry).lower()
+        need = self.book.owed(entry) + self.inflight.get(entry, 0) + int(max_cost)
+        held = self.book.held(entry)
+        if held < need:
+            return self._refuse(f"the voucher covers {held}, this request needs {need} vouchered in total")
+        self.live[request_id] = (entry, int(max_cost))
+        self.inflight[entry] = self.inflight.get(entry, 0) + int(max_cost)
+        self.stats.admitted += 1
+        return entry, None
+
+    def done(self, request_id: str, cost: int) -> None:
+        """The request ended: its cost (at most what was admitted; 0 when the work failed) is owed."""
+        got = self.live.pop(request_id, None)
+        if got is None:
+            return
+        entry, cap = got
+        left = self.inflight.get(entry, 0) - cap
+        if left > 0:
+            self.inflight[entry] = left
+        else:
+            self.inflight.pop(entry, None)
+        amount = min(max(int(cost), 0), cap)
+        if amount:
+            self.book.add_routed(entry, amount)
+
+    def earned(self, entry: str) -> int:
+        """What this host claims from `entry`'s routed requests so far: their recorded costs, and the most its
+        requests in flight (this one included) can cost. Reported to the entry at the start of each answer so
+        its next voucher builds on it; an in-flight request that costs less than its most is netted later."""
+        return self.book.routed_owed(entry) + self.inflight.get(entry.lower(), 0)
+
+    def status(self) -> dict[str, Any]:
+        return {"live": len(self.live), **self.stats.__dict__}

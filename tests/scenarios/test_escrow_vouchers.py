@@ -4,7 +4,9 @@ a paid split request pays its stage with EIP-712 vouchers from the entry's escro
 redeems everything it was vouchered, on chain, and loses at most the unvouchered window (32 steps); (b) an entry that stops raising its vouchers (a test-only entry point) gets one request's window of
 free work at most: its next request is refused `unpaid`, and the worker redeems what it holds. The escrow is
 funded with `mesh402 escrow deposit` and the float locked with `mesh402 escrow lock` (a) or by the entry's
-keeper (`--escrow-float`, b)."""
+keeper (`--escrow-float`, b). Property 6: a paid entry that routes a request to another member's paid host
+pays it with a voucher from the same escrow, not with x402; forged and inflated vouchers from a hostile member
+are refused and buy nothing."""
 
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Say hi"}], "ma
 @pytest.fixture(scope="module")
 def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DevChain, str]]:
     tmp = tmp_path_factory.mktemp("escrow-chain")
-    chain, fac, paid = paid_chain(tmp, nodes=6)
+    chain, fac, paid = paid_chain(tmp, nodes=8)
     try:
         yield chain, paid[paid.index("--facilitator") + 1]
     finally:
@@ -158,5 +160,69 @@ def test_entry_that_stops_vouchering_is_refused_and_the_worker_redeems(dev, tmp_
         vouchered = held()["vouchered"]
         wait_until(lambda: redeemed(chain, host_acct, worker_acct) == vouchered, timeout=60,
                    what="the worker's redemption on chain")
+    finally:
+        nodes.stop_all()
+
+
+def test_a_routed_request_to_a_paid_host_is_paid_with_a_voucher_and_forged_ones_buy_nothing(dev, tmp_path: Path
+                                                                                            ) -> None:
+    import asyncio
+
+    from mesh402.economics.escrow import sign_voucher
+    from tests.support.hostile import EvilMember
+    chain, fac = dev
+    nodes = MeshNodes(tmp_path / "nodes")
+    try:
+        host = nodes.start("host", no_model=False, extra=escrow_args(chain, fac, "node-6"), timeout=120)
+        entry = nodes.start("entry", join=host.token(), extra=escrow_args(chain, fac, "node-7"), timeout=120)
+        fund_escrow(chain, "node-7", USDC, lock_for="node-6")  # the entry's float for the host
+        wait_until(lambda: any(m.get("state") == "ready" for m in httpx.get(
+            f"http://127.0.0.1:{entry.api_port}/v1/models", timeout=5).json()["data"]), timeout=120,
+            what="the entry sees the host's model")
+        wait_until(lambda: {"escrow", "x402"} <= set((entry.peers().get(host.node_id, {}).get("announcement") or {})
+                                                       .get("labels") or {}), timeout=60,
+                   what="the host's price and escrow label at the entry")
+        host_wallet, entry_wallet = chain.dep.address("node-6"), chain.dep.address("node-7")
+        before = chain.balance("node-6")
+
+        assert buy_chat(chain, entry.api_port, BODY) == 200  # the client pays the entry (its price + the host's)
+        held = (escrow_status(host).get("held") or {}).get(entry_wallet.lower(), {})
+        assert held == {"owed": PRICE, "vouchered": PRICE}, held  # paid up front, exactly its price
+        wait_until(lambda: escrow_of(chain).channel(entry_wallet, host_wallet).redeemed == PRICE, timeout=60,
+                   what="the host's redemption")
+        assert chain.balance("node-6") == before + PRICE  # the redemption, and no x402 payment besides
+
+        # a second request nets against what the host reported: still exactly one price per request
+        assert buy_chat(chain, entry.api_port, BODY) == 200
+        held = (escrow_status(host).get("held") or {}).get(entry_wallet.lower(), {})
+        assert held == {"owed": 2 * PRICE, "vouchered": 2 * PRICE}, held
+        wait_until(lambda: escrow_of(chain).channel(entry_wallet, host_wallet).redeemed == 2 * PRICE, timeout=60,
+                   what="the host's second redemption")
+        assert chain.balance("node-6") == before + 2 * PRICE
+
+        esc = escrow_of(chain)
+        chain_id = chain.w3().eth.chain_id
+        # the entry's real voucher raised 50x, signed by someone else (the host itself), named as the entry's
+        inflated = {**sign_voucher(chain.key("node-6"), chain_id, esc.address, host_wallet, 50 * PRICE).to_json(),
+                    "entry": entry_wallet}
+        # a voucher from a wallet with no escrow for this host (properly signed by its own key)
+        uncovered = sign_voucher(chain.key("buyer-0"), chain_id, esc.address, host_wallet, PRICE).to_json()
+
+        async def attack(voucher: dict) -> tuple[int, dict[str, str], bytes]:
+            async with EvilMember(tmp_path / "evil", host.token()) as evil:
+                await evil.wait_connected(host.node_id)
+                return await evil.tunnel(host.node_id, "POST", "/v1/chat/completions", json.dumps(BODY).encode(),
+                                         {"x-mesh402-voucher": json.dumps(voucher)})
+        for bad in (inflated, uncovered):
+            status, headers, body = asyncio.run(attack(bad))
+            assert status == 402 and b"voucher_refused" in body and b"choices" not in body, (status, body[:300])
+        # a valid, covered voucher of the entry's, sent by a direct HTTP client: only the mesh tunnel's
+        # requests may pay with vouchers, so it is the usual 402 and nothing is kept
+        valid = sign_voucher(chain.key("node-7"), chain_id, esc.address, host_wallet, 3 * PRICE).to_json()
+        r = httpx.post(f"http://127.0.0.1:{host.api_port}/v1/chat/completions", json=BODY, timeout=60,
+                       headers={"x-mesh402-voucher": json.dumps(valid)})
+        assert r.status_code == 402 and r.json()["error"]["code"] == "payment_required", r.text
+        held = (escrow_status(host).get("held") or {}).get(entry_wallet.lower(), {})
+        assert held == {"owed": 2 * PRICE, "vouchered": 2 * PRICE}, held  # nothing served, nothing kept
     finally:
         nodes.stop_all()

@@ -195,3 +195,48 @@ def test_grant_terms_are_signed_with_the_grant() -> None:
     raw = json.dumps(bad, separators=(",", ":"), sort_keys=True).encode()
     with pytest.raises(StageError):
         OpenGrant.verify({"grant": raw.decode(), "host": host.node_id_hex, "sig": host.sign(raw).hex()})
+
+
+def test_routed_requests_are_prepaid_netted_and_never_admitted_beyond_the_voucher(tmp_path: Path) -> None:
+    """A routed host (RoutedPay) with the entry's issuer (VoucherIssuer.routed): each request's voucher covers
+    what the host earned plus the most the requests in flight can cost; the host's report nets the prepayment;
+    an uncovered, inflated, malformed or concurrent-beyond-cover request is refused before any work."""
+    import json
+
+    from mesh402.serving.work_pay import MAX_ROUTED_LIVE, RoutedPay
+    p = pay_pair(tmp_path, coverage=1_000)
+    host = RoutedPay(p.ledger)
+    w = p.wallet.worker
+    hdr = lambda v: json.dumps(v.to_json())  # noqa: E731
+
+    async def go() -> None:
+        v1 = p.issuer.routed(w, 100)  # the most request 1 can cost
+        entry, why = await host.admit("r1", hdr(v1), 100)
+        assert why is None and entry == p.issuer.address.lower()
+        assert host.earned(entry) == 100  # in flight at its most
+        # a second request in flight with a voucher that does not add its own most is refused
+        _, why = await host.admit("r2", hdr(v1), 50)
+        assert why is not None and "needs 150" in why
+        host.done("r1", 60)  # it cost less than its most
+        assert p.ledger.owed(entry) == 60 and host.earned(entry) == 60
+        p.issuer.routed_earned(w, host.earned(entry))
+        v2 = p.issuer.routed(w, 100)  # netted: 60 earned + 100 at most, above the 100 vouchered before
+        assert v2.cumulative == 160
+        assert (await host.admit("r3", hdr(v2), 100))[1] is None
+        host.done("r3", 500)  # a cost above what was admitted is capped at it
+        assert p.ledger.owed(entry) == 160
+        # the host overstating what it earned gets no more than the entry already vouchered
+        assert p.issuer.routed_earned(w, 10**9) == 160 and p.issuer.routed(w, 0).cumulative == 160
+        # bad input: refused, nothing admitted
+        for raw in ("{", "x" * 5000, json.dumps({"entry": "nobody"}), json.dumps([1])):
+            assert (await host.admit("bad", raw, 1))[1] is not None
+        inflated = {**v2.to_json(), "cumulativeAmount": str(10_000)}
+        assert "voucher refused" in ((await host.admit("bad", json.dumps(inflated), 1))[1] or "")
+        p.chain.set(p.issuer.address, w, 200)  # the escrow covers less than a new voucher would ask
+        v3 = p.issuer.routed(w, 100)
+        assert "escrow covers" in ((await host.admit("r4", hdr(v3), 100))[1] or "")
+        assert host.live == {} and host.stats.admitted == 2
+        host.done("unknown", 5)  # an id never admitted changes nothing
+        assert p.ledger.owed(entry) == 160
+        assert MAX_ROUTED_LIVE >= 64
+    asyncio.run(go())

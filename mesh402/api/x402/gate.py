@@ -48,6 +48,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from mesh402.api.errors import APIError
+from mesh402.api.tunnel import PEER_SCOPE_KEY
 from mesh402.economics.charging import (
     BILLING_HEADER,
     CLAIM_NONCE_RE,
@@ -56,6 +57,8 @@ from mesh402.economics.charging import (
     CREDIT_CHARGED_HEADER,
     CREDIT_HEADER,
     CREDIT_TOKEN_HEADER,
+    VOUCHER_EARNED_HEADER,
+    VOUCHER_HEADER,
     IDEMPOTENCY_HEADER,
     REPLAY_HEADER,
     Pricing,
@@ -75,7 +78,7 @@ DEFAULT_EXPOSURE_REQUESTS = 4  # without --max-exposure: a payer may have this m
 @dataclass
 class Charge:
     """One request's payment state between authorize() and respond()/finish_stream()/release()."""
-    mode: str  # exact | credit
+    mode: str  # exact | credit | voucher (a routed request an entry paid with an escrow voucher)
     request_id: str
     model_id: str = ""
     prompt_tokens: int = 0
@@ -133,6 +136,8 @@ class PaymentGate(Pricing):
         self._recovered = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self.recovery = self.ledger.recover()
+        # --escrow: routed requests an entry pays with an escrow voucher (serving.work_pay.RoutedPay; set by the node)
+        self.routed: Any = None
 
     def requirements(self, amount: int, timeout_s: int) -> Any:
         from x402.schemas import PaymentRequirements
@@ -173,6 +178,9 @@ class PaymentGate(Pricing):
         reqs = self.requirements(amount, math.ceil(window * 1.2) + 10)
         charge = Charge("credit" if self.metered else "exact", rid, model_id, prompt_tokens, max_tokens, stream,
                         gate=self, extra=extra)
+
+        if self.routed is not None and request.headers.get(VOUCHER_HEADER) and request.scope.get(PEER_SCOPE_KEY):
+            return await self._voucher_charge(request, charge, reqs)
 
         idem = request.headers.get(IDEMPOTENCY_HEADER)
         if idem and len(idem) > 200:
@@ -272,6 +280,19 @@ class PaymentGate(Pricing):
             await self.release(charge, "a concurrent retry took this request")
             raise APIError(409, "the same request (same Idempotency-Key or payment) is still in progress",
                            code="request_in_progress")
+        return charge
+
+    async def _voucher_charge(self, request: Request, charge: Charge, reqs: Any) -> Charge:
+        """A request an entry routed here through the mesh tunnel (never a direct client: only the tunnel sets
+        the peer scope key) paying with an escrow voucher: it must cover the most this request can cost on top
+        of what the entry owes this node; else 402 (the entry may then pay with x402). Nothing is settled:
+        the request's cost is recorded as owed when it ends (`complete`), and redeemed with the vouchers."""
+        most = charge.cost(charge.prompt_tokens, charge.max_tokens)
+        entry, why = await self.routed.admit(charge.request_id, request.headers[VOUCHER_HEADER], most)
+        if entry is None:
+            raise self.payment_required(request, reqs, f"escrow voucher not accepted: {why}", "voucher_refused")
+        charge.mode, charge.payer, charge.amount, charge.available = "voucher", entry, most, most
+        charge.headers[VOUCHER_EARNED_HEADER] = str(self.routed.earned(entry))
         return charge
 
     async def _covers(self, request: Request, reqs: Any, payer: str, total: int) -> None:
@@ -472,6 +493,11 @@ class PaymentGate(Pricing):
             completion, prompt = charge.completion_seen, charge.prompt_tokens
         headers = dict(charge.headers)
         info: dict[str, Any] = {}
+        if charge.mode == "voucher":  # paid up front by the entry's voucher: the cost is owed, nothing settles
+            cost = min(charge.cost(prompt, completion), charge.amount)
+            self.routed.done(charge.request_id, cost)
+            info["voucher"] = {"entry": charge.payer, "charged": str(cost)}
+            return {"ok": True, "headers": headers, "x402": info}
         ok = True
         closed: tuple[int, int] | None = None
         if charge.payload is not None:
@@ -511,6 +537,8 @@ class PaymentGate(Pricing):
         if charge.finished:
             return
         charge.finished = True
+        if charge.mode == "voucher":
+            self.routed.done(charge.request_id, 0)
         if charge.auth_id and charge.payload is not None:
             self.ledger.mark_released(charge.auth_id, reason[:300])
         if charge.hold_id:
@@ -659,4 +687,4 @@ class PaymentGate(Pricing):
     def status(self) -> dict[str, Any]:
         return {"asset": self.asset.address, "network": self.asset.network, "pay_to": self.cfg.pay_to,
                 "price_per_request": self.cfg.price_per_request, "price_per_1k_tokens": self.cfg.price_per_1k_tokens,
-                **self.ledger.summary()}
+                **self.ledger.summary(), **({"routed_vouchers": self.routed.status()} if self.routed else {})}
