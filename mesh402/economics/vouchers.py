@@ -337,6 +337,8 @@ class WorkerLedger:
         await asyncio.to_thread(self.vouchers.keep, v)
         return None
 
-    async def headroom(self, entry: str) -> int:
+    async def headroom(self, entry: str, at_least: int = 0) -> int:
+        """Coverage beyond the best voucher held from `entry`; read on chain again when the cached value gives
+        less than `at_least` (an entry that just locked a float is not refused for a stale read)."""
         held = self.held(entry)
-        return max(0, await self.coverage(entry) - held)
+        return max(0, await self.coverage(entry, at_least=held + at_least) - held)

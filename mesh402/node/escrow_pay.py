@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from mesh402.economics.vouchers import EscrowRef, VoucherBook, VoucherIssuer, VoucherWallet, WorkerLedger
 from mesh402.node.escrow_jobs import EscrowKeeper, Redeemer
-from mesh402.serving.work_pay import WorkerPay, WorkTerms, is_address, share_terms
+from mesh402.serving.work_pay import MICRO, WorkerPay, WorkTerms, is_address, share_terms
 from mesh402.settings import PaymentsConfig
 
 ESCROW_LABEL = "escrow"
@@ -92,6 +92,8 @@ class EscrowPay:
         dist.worker.pay = self.worker_pay
         dist.voucher_signer = self.issuer
         dist.pay_terms_for = self.terms
+        dist.expert_terms_for = self.expert_terms
+        dist.expert_service.pay = self.worker_pay  # expert work is paid like stage work
         dist.pay_labels = {ESCROW_LABEL: self.label.to_label()}
         self.peer_labels = dist._peer_labels
         self.hosted = lambda: dist.hosted
@@ -123,6 +125,31 @@ class EscrowPay:
                 continue
             out[h.node] = share_terms(self.label.wallet, wallet, Fraction(h.end - h.start, n_layers),
                                       self.payments.price_per_request, self.payments.price_per_1k_tokens)
+            self._mark_paid(wallet)
+        return out
+
+    def expert_terms(self, plan: Any, model_path: str) -> dict[str, WorkTerms]:
+        """Pay terms for every expert node of `plan` that announces a wallet on this escrow: the expected share of
+        this node's per-request price its experts compute, and its per-1k price per row it runs
+        (work.units.expert_pay_shares; an expert held by several nodes is split between them)."""
+        from mesh402.models.gguf_meta import read_gguf_meta
+        from mesh402.work.units import expert_pay_shares
+
+        meta = read_gguf_meta(model_path)
+        copies: dict[tuple[int, int], int] = {}
+        for shard in plan.shards:
+            for ex in shard.experts:
+                copies[(int(ex[0]), int(ex[1]))] = copies.get((int(ex[0]), int(ex[1])), 0) + 1
+        peers = self.peer_labels()
+        out: dict[str, WorkTerms] = {}
+        for shard in plan.shards:
+            wallet = self._wallet_of(peers, shard.node_id)
+            if wallet is None or shard.node_id == plan.host:
+                continue
+            share, per_row = expert_pay_shares(meta, [(int(e[0]), int(e[1])) for e in shard.experts], copies)
+            flat = int(self.payments.price_per_request * share)
+            rate = int(Fraction(self.payments.price_per_1k_tokens * MICRO, 1000) * per_row)
+            out[shard.node_id] = WorkTerms(self.label.wallet, wallet, flat, rate)
             self._mark_paid(wallet)
         return out
 

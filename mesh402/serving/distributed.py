@@ -39,7 +39,7 @@ from mesh402.placement import (
     stage_bytes,
 )
 from mesh402.serving.expert_receipts import ExpertAccounts, ExpertHostReceipts
-from mesh402.serving.experts import ExpertService, MeshExpertTransport
+from mesh402.serving.experts import ExpertPayer, ExpertService, MeshExpertTransport
 from mesh402.serving.generation import LocalModel
 from mesh402.serving.holdings import Holdings
 from mesh402.serving.pipeline import Chain, Failover, PipelineModel, StepTimer
@@ -157,6 +157,7 @@ class DistributedRuntime(Failover):
         # of a chain's hops (chain, model layer count), and the label that lets entries pay this node.
         self.voucher_signer: Any = None
         self.pay_terms_for: Callable[[Chain, int], dict[str, Any]] | None = None
+        self.expert_terms_for: Callable[[ExpertPlan, str], dict[str, Any]] | None = None  # (plan, model path)
         self.pay_labels: dict[str, str] = {}
         self.auditor = None  # work.evidence.Auditor: which paid requests the stages must reveal
         if node.config.payments.enabled:
@@ -175,7 +176,7 @@ class DistributedRuntime(Failover):
         identity = getattr(mesh, "identity", None)
         self.expert_service = ExpertService(  # signs a receipt per host request when the host asks
             self._load_experts, accounts=ExpertAccounts(identity) if identity is not None else None,
-            may_assign=self._may_assign_experts, idle_timeout=node.config.timers.stage_idle_s)
+            may_assign=self._may_assign_experts, idle_timeout=node.config.timers.stage_idle_s, me=self.me)
         mesh.register_handler(StreamType.EXPERT, self._on_expert_stream)
 
     # ---------------------------------------------------------------- lifecycle
@@ -539,6 +540,9 @@ class DistributedRuntime(Failover):
         await asyncio.gather(*(self._assign_experts(key, entry.model_id, s.node_id, s.experts, plan.epoch)
                                for s in plan.shards if s.node_id != self.me))
         transport = MeshExpertTransport(self._connect_expert, asyncio.get_running_loop(), content_hash, plan.epoch)
+        if self.voucher_signer is not None and self.expert_terms_for is not None and self.receipts is not None:
+            # a paid host with --escrow pays its expert nodes with vouchers (the final one rides the receipt ask)
+            transport.pay = ExpertPayer(self.voucher_signer, self.expert_terms_for(plan, str(entry.source.path)))
         mine = plan.shard_of(self.me)
         engine = await self._run(self._load_expert_host, entry, owners_from_plan(plan), transport,
                                  list(mine.experts) if mine is not None else [])

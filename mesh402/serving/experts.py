@@ -6,11 +6,13 @@ is :mod:`mesh402.engine.expert_parallel`; here only bytes cross.
 from __future__ import annotations
 
 import inspect
+from struct import error as struct_error
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from mesh402.engine.expert_parallel import (
     ExpertNodeDown,
+    ExpertUnavailable,
     ExpertShardWorker,
     _WireCounters,
 )
@@ -22,6 +24,7 @@ from mesh402.serving.stage_link import (
     stage_body,
     stage_frame,
 )
+from mesh402.serving.work_pay import PAY_PARAM, EntrySessionPay, VoucherSigner, WorkerPay, WorkTerms, pay_map
 from mesh402.work.receipts import ExpertReceipt
 
 if TYPE_CHECKING:
@@ -30,6 +33,69 @@ if TYPE_CHECKING:
 
 # ---------------------------------------------------------------------------
 # over the mesh (EXPERT streams; frames are StageFrames of the EXPERT_* kinds)
+
+TERMS_PARAM = "terms"  # EXPERT_RUN param: the host's pay terms for this node (JSON WorkTerms), on a request's first run
+TERMS_LIMIT_BYTES = 1024
+MAX_PAID_REQUESTS = 4096  # (request, node) vouchering states a host keeps (the oldest are over)
+
+
+def _rows(payload: bytes) -> int:
+    from mesh402.serving.expert_receipts import expert_rows  # the request's layout, read without torch
+
+    return sum(expert_rows(payload).values())
+
+
+class ExpertPayer:
+    """The host's side of paying its expert nodes with escrow vouchers (serving.work_pay): per (request, node) an
+    EntrySessionPay whose 'tokens' are the rows the node runs. The first run of a request to a node carries its
+    terms; a run is accrued once its answer came back (a refused or lost run is never vouchered), and the next
+    run carries the node's cumulative voucher when one is due (after the first run and every VOUCHER_EVERY-th);
+    the request's receipt ask carries the final one. The node works at most its window ahead of them."""
+
+    def __init__(self, signer: VoucherSigner, terms: dict[str, WorkTerms]) -> None:
+        from collections import OrderedDict
+
+        self.signer = signer
+        self.terms = terms  # expert node id -> its terms (nodes without terms work unpaid)
+        self.sessions: OrderedDict[tuple[str, str], tuple[EntrySessionPay, list[bool]]] = OrderedDict()
+
+    def run_params(self, node: str, request_id: str) -> dict[str, str]:
+        """Params for one EXPERT_RUN (engine thread: signing and the voucher file's write happen here)."""
+        import json
+
+        t = self.terms.get(node)
+        if t is None or not request_id:
+            return {}
+        key = (request_id, node)
+        params: dict[str, str] = {}
+        got = self.sessions.get(key)
+        if got is None:
+            got = self.sessions[key] = (EntrySessionPay(self.signer, {node: t}, f"x:{request_id}"), [False])
+            while len(self.sessions) > MAX_PAID_REQUESTS:
+                self.sessions.popitem(last=False)
+            params[TERMS_PARAM] = json.dumps(t.to_json(), separators=(",", ":"))
+        s, due = got
+        if due[0]:
+            vouchers = s.vouchers()
+            due[0] = False
+            if vouchers:
+                params[PAY_PARAM] = json.dumps(vouchers, separators=(",", ":"))
+        return params
+
+    def ran(self, node: str, request_id: str, payload: bytes) -> None:
+        """The node answered a run: account for its rows (a voucher is due on the next run when it is time)."""
+        got = self.sessions.get((request_id, node))
+        if got is not None and got[0].accrue(_rows(payload)):
+            got[1][0] = True
+
+    def close_params(self, node: str, request_id: str) -> dict[str, str]:
+        """The final voucher of the request for `node` (what its receipt ask carries)."""
+        import json
+
+        got = self.sessions.pop((request_id, node), None)
+        due = got[0].vouchers() if got is not None else None
+        return {PAY_PARAM: json.dumps(due, separators=(",", ":"))} if due else {}
+
 
 class MeshExpertTransport(_WireCounters):
     """:class:`ExpertTransport` over mesh EXPERT streams, one persistent stream per node.
@@ -49,29 +115,33 @@ class MeshExpertTransport(_WireCounters):
         self._streams: dict[str, object] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.by_node: dict[str, int] = {}
+        self.pay: ExpertPayer | None = None  # --escrow on a paid host: its expert nodes are paid with vouchers
         super().__init__()
 
     def call(self, node: str, payload: bytes, request_id: str = "") -> bytes:
         import asyncio
 
-        fut = asyncio.run_coroutine_threadsafe(self._call(node, payload, request_id), self.loop)
+        params = self.pay.run_params(node, request_id) if self.pay is not None else {}
+        fut = asyncio.run_coroutine_threadsafe(self._call(node, payload, request_id, params), self.loop)
         try:
             reply = fut.result(self.timeout + 5)
-        except ExpertNodeDown:
+        except (ExpertNodeDown, ExpertUnavailable):
             raise
         except Exception as e:  # timeouts, resets, protocol errors: the node is not usable
             fut.cancel()
             raise ExpertNodeDown(f"expert node {node[:12]}: {e}") from e
+        if self.pay is not None:
+            self.pay.ran(node, request_id, payload)
         self.bytes_sent += len(payload)
         self.bytes_received += len(reply)
         self.by_node[node] = self.by_node.get(node, 0) + len(payload) + len(reply)
         self.calls += 1
         return reply
 
-    async def _call(self, node: str, payload: bytes, request_id: str = "") -> bytes:
-
+    async def _call(self, node: str, payload: bytes, request_id: str = "", params: dict[str, str] | None = None
+                    ) -> bytes:
         sf = await self._exchange(node, K.STAGE_KIND_EXPERT_RUN, K.STAGE_KIND_EXPERT_RESULT,
-                                  request_id=request_id, activations=payload)
+                                  request_id=request_id, activations=payload, params=params or {})
         return bytes(sf.activations)
 
     async def ask_receipt(self, node: str, request_id: str, stage: int) -> "ExpertReceipt":
@@ -79,8 +149,9 @@ class MeshExpertTransport(_WireCounters):
         import json
 
 
+        final = self.pay.close_params(node, request_id) if self.pay is not None else {}
         sf = await self._exchange(node, K.STAGE_KIND_EXPERT_RECEIPT, K.STAGE_KIND_RESULT, request_id=request_id,
-                                  params={"stage": str(int(stage))})
+                                  params={"stage": str(int(stage)), **final})
         return ExpertReceipt.from_json(json.loads(sf.params["receipt"]))
 
     async def _exchange(self, node: str, kind: int, want: int, **fields):
@@ -100,6 +171,11 @@ class MeshExpertTransport(_WireCounters):
                         self._streams[node] = fs
                     await fs.send(stage_frame(kind, content_hash=self.content_hash, plan_epoch=self.epoch, **fields))
                     return expect_stage(await fs.recv(self.timeout), want, f"expert node {node[:12]}")
+                except StageError as e:
+                    if e.code == "unpaid":  # alive and well, but it will not work unpaid: the request fails,
+                        raise ExpertUnavailable(f"expert node {node[:12]} refused the work: {e}") from e  # not the node
+                    self._streams.pop(node, None)
+                    raise ExpertNodeDown(f"expert node {node[:12]}: {e}") from e
                 except Exception as e:
                     self._streams.pop(node, None)
                     # an idle stream the expert node closed: one retry on a fresh stream before calling it down
@@ -119,7 +195,7 @@ class ExpertService:
     """
 
     def __init__(self, loader, executor=None, accounts: "ExpertAccounts | None" = None, *,
-                 may_assign=None, idle_timeout: float = 120.0):
+                 may_assign=None, idle_timeout: float = 120.0, me: str = ""):
         self.loader = loader
         # may_assign(peer, frame, experts) -> None or (code, reason). None: no peer may assign experts here.
         self.may_assign = may_assign
@@ -132,6 +208,9 @@ class ExpertService:
         self.requests = 0
         self.bytes_in = 0
         self.bytes_out = 0
+        self.me = me  # this node's id: the key of its voucher in a run's pay map
+        self.pay: WorkerPay | None = None  # --escrow: expert work is paid with vouchers, else refused (`unpaid`)
+        self._paid_seen: dict[str, float] = {}  # paid session -> last run (silent ones are closed)
 
     def latest(self, content_hash: str) -> ExpertShardWorker | None:
         by_epoch = self.shards.get(content_hash) or {}
@@ -192,6 +271,11 @@ class ExpertService:
                     for old in [ep for ep in by_epoch if ep < int(sf.plan_epoch)]:
                         del by_epoch[old]  # the host moved on to a newer plan
                     payload = bytes(sf.activations)
+                    if self.pay is not None:
+                        why = await self._paid(peer, sf, payload)
+                        if why is not None:  # checked before any work is done
+                            self.refused += 1
+                            raise StageError(why, code="unpaid")
                     reply = await loop.run_in_executor(self.executor, self._run, peer, sf.request_id,
                                                        sf.content_hash, worker, payload)
                     self.requests += 1
@@ -199,11 +283,48 @@ class ExpertService:
                     self.bytes_out += len(reply)
                     await fs.send(stage_frame(K.STAGE_KIND_EXPERT_RESULT, activations=reply))
                 elif sf.kind == K.STAGE_KIND_EXPERT_RECEIPT:
+                    if self.pay is not None:  # the request is over: its final voucher, then its work is owed
+                        session = f"x:{peer}:{sf.request_id}"
+                        await self.pay.vouchers(session, pay_map(sf.params.get(PAY_PARAM)), self.me)
+                        self.pay.close(session)
+                        self._paid_seen.pop(session, None)
                     await fs.send(self._receipt_frame(peer, sf))
                 else:
                     raise StageError(f"unexpected stage kind {sf.kind} on an expert stream", code="protocol")
             except Exception as e:  # noqa: BLE001 - answered as an ERROR frame; the stream stays usable
                 await fs.send(error_frame("", str(e), "", getattr(e, "code", "expert_error")))
+
+    async def _paid(self, host: str, sf, payload: bytes) -> str | None:
+        """The voucher rule for one run (serving.work_pay.WorkerPay, as a stage applies it per step): the host's
+        terms on a request's first run, its vouchers, and the rows about to run. None to run it, else why not."""
+        import json
+        import time
+
+        assert self.pay is not None
+        if not sf.request_id:
+            return "this node is paid with escrow vouchers: a run needs a request id and pay terms"
+        session = f"x:{host}:{sf.request_id}"
+        now = time.monotonic()
+        for old, seen in list(self._paid_seen.items()):  # a host that never asked its receipt: the work is owed
+            if now - seen > self.idle_timeout:
+                self.pay.close(old)
+                del self._paid_seen[old]
+        if session not in self._paid_seen and len(self._paid_seen) >= MAX_PAID_REQUESTS:
+            return "too many paid expert requests in flight here"
+        try:
+            rows = _rows(payload)
+            if session not in self.pay.live:
+                raw = sf.params.get(TERMS_PARAM, "")
+                if not raw or len(raw) > TERMS_LIMIT_BYTES:
+                    return "this node is paid with escrow vouchers: the run carries no pay terms"
+                why = await self.pay.open(session, WorkTerms.from_json(json.loads(raw)))
+                if why is not None:
+                    return why
+            self._paid_seen[session] = now
+            why = await self.pay.vouchers(session, pay_map(sf.params.get(PAY_PARAM)), self.me)
+        except (ValueError, TypeError, struct_error) as e:
+            return f"bad pay params: {e}"
+        return why or self.pay.step(session, rows)
 
     def _run(self, host: str, request_id: str, content_hash: str, worker: ExpertShardWorker, payload: bytes) -> bytes:
         """Expert thread: answer one EXPERT_RUN and tally it for the host's request."""

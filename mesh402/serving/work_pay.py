@@ -199,8 +199,9 @@ class WorkerBook(Protocol):
         chain); None when kept or not higher than what is held, else why it was refused."""
         ...
 
-    async def headroom(self, entry: str) -> int:
-        """How much the escrow covers beyond the best voucher held from `entry` (atomic units)."""
+    async def headroom(self, entry: str, at_least: int = 0) -> int:
+        """How much the escrow covers beyond the best voucher held from `entry` (atomic units), read on chain
+        again when a cached value gives less than `at_least`."""
         ...
 
 
@@ -269,7 +270,7 @@ class WorkerPay:
         if behind > allowance:
             return self._refuse(f"entry {entry} is {micro_to_atomic(behind)} behind on vouchers: paused")
         need = micro_to_atomic(terms.step_micro(self.window_steps * self.rows_per_step, True))
-        room = await self.book.headroom(entry)
+        room = await self.book.headroom(entry, micro_to_atomic(behind) + need)
         if room < micro_to_atomic(behind) + need:
             return self._refuse(f"the escrow of {entry} covers {room} more for this worker, "
                                 f"{micro_to_atomic(behind) + need} needed: lock a float for it")

@@ -154,3 +154,23 @@ def opow_weights(shares: dict[str, dict[str, float]], *, imbalance_multiplier: f
         raw[node] = avg * math.exp(-imbalance_multiplier * imb)
     z = sum(raw.values())
     return {k: (v / z if z > 0 else 0.0) for k, v in raw.items()}
+
+
+def expert_pay_shares(meta: Any, experts: Iterable[tuple[int, int]],
+                      copies: dict[tuple[int, int], int] | None = None) -> tuple[Fraction, Fraction]:
+    """What an expert node earns of a request's price, as fractions of the whole model's work per token:
+    (expected share: its experts' routed FLOPs under uniform routing, each expert held by `copies` nodes split
+    between them; per-row share: one row of the cheapest MoE layer's expert). Summed over the nodes of a split,
+    the expected shares never exceed the routed experts' part of a token, and k rows per MoE layer at the
+    per-row share never exceed it either, so an entry paying every expert node by them never pays out more
+    than the request earned."""
+    total = flops_per_token(meta, 0, meta.n_layers)
+    if total <= 0 or meta.expert_count <= 0:
+        return Fraction(0), Fraction(0)
+    k, n = meta.expert_used_count, meta.expert_count
+    share = Fraction(0)
+    for la, e in experts:
+        row = expert_flops_per_row(meta, int(la))
+        share += Fraction(row * k, n * max(1, (copies or {}).get((int(la), int(e)), 1)))
+    rows = [f for la in range(meta.n_layers) if (f := expert_flops_per_row(meta, la))]
+    return share / total, Fraction(min(rows), total) if rows else Fraction(0)

@@ -55,3 +55,56 @@ def test_paid_expert_parallel_request_keeps_a_receipt_per_node(tmp_path: Path, m
         nodes.stop_all()
         fac.stop()
         chain.proc.stop()
+
+
+def test_expert_node_is_paid_by_escrow_vouchers_and_refuses_an_uncovered_host(tmp_path: Path, moe_model) -> None:
+    """Issue 14, property 6: with --escrow on both nodes, the expert node of a paid MoE split is paid like a
+    stage: terms on a request's first run, cumulative vouchers on its runs and the final one with the receipt
+    ask, redeemed on chain; before the host's escrow covers it, the expert node refuses the work (`unpaid`)
+    and the buyer is charged nothing."""
+    from tests.support.escrow_mesh import USDC, escrow_args, escrow_of, escrow_status, fund_escrow
+    chain, fac, paid = paid_chain(tmp_path)
+    fac_url = paid[paid.index("--facilitator") + 1]
+    nodes = MeshNodes(tmp_path / "nodes")
+    accounts = {"a": "node-0", "b": "node-1"}
+
+    def extra(name: str) -> list[str]:
+        return ["--model", str(moe_model), "--mode", "exact", "--max-vram", str(BUDGET[name]),
+                *escrow_args(chain, fac_url, accounts[name])]
+
+    try:
+        a = nodes.start("a", no_model=False, extra=extra("a"), timeout=120)
+        b = nodes.start("b", join=a.token(), no_model=False, extra=extra("b"), timeout=120)
+        wait_until(lambda: all((plan_of(n) or {}).get("kind") == "experts" for n in (a, b)), timeout=180,
+                   what="an expert-parallel plan")
+        plan = plan_of(a)
+        host, worker = (a, b) if plan["host"] == a.node_id else (b, a)
+        host_acct, worker_acct = (accounts["a"], accounts["b"]) if host is a else (accounts["b"], accounts["a"])
+        wait_until(lambda: "escrow" in ((host.peers().get(worker.node_id, {}).get("announcement") or {})
+                                        .get("labels") or {}), timeout=60, what="the expert node's escrow label")
+        model = httpx.get(f"http://127.0.0.1:{host.api_port}/v1/models", timeout=10).json()["data"][0]["id"]
+        body = {"model": model, "messages": MESSAGES, "max_tokens": MAX_TOKENS, "temperature": 0}
+
+        buyer_before = chain.balance("buyer-0")
+        assert buy_chat(chain, host.api_port, body) != 200  # the host's escrow covers nothing for the expert node
+        refusal = (escrow_status(worker).get("worker") or {}).get("last_refusal", "")
+        assert "escrow" in refusal and "covers" in refusal, refusal
+        assert chain.balance("buyer-0") == buyer_before  # nothing settled for work not done
+
+        fund_escrow(chain, host_acct, USDC, lock_for=worker_acct)
+        wait_until(lambda: (plan_of(host) or {}).get("kind") == "experts", timeout=120, what="the plan, still ready")
+        before = chain.balance(worker_acct)
+        assert buy_chat(chain, host.api_port, body) == 200
+        entry_wallet, worker_wallet = chain.dep.address(host_acct), chain.dep.address(worker_acct)
+        held = lambda: (escrow_status(worker).get("held") or {}).get(entry_wallet.lower(), {})  # noqa: E731
+        wait_until(lambda: held().get("owed", 0) > 0, timeout=30, what="the expert node's work recorded")
+        assert held()["vouchered"] == held()["owed"], held()  # the final voucher covers every row it ran
+        vouchered = held()["vouchered"]
+        wait_until(lambda: escrow_of(chain).channel(entry_wallet, worker_wallet).redeemed == vouchered, timeout=60,
+                   what="the expert node's redemption")
+        assert chain.balance(worker_acct) == before + vouchered
+        assert vouchered < 10_000  # a share of the 0.01 USDC request: the host keeps the trunk's part
+    finally:
+        nodes.stop_all()
+        fac.stop()
+        chain.proc.stop()

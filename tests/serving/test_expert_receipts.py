@@ -6,6 +6,7 @@ store, and the whole protocol in process (LoopbackTransport, and EXPERT frames o
 from __future__ import annotations
 
 import asyncio
+from fractions import Fraction
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -349,3 +350,59 @@ def test_an_expert_node_claiming_rows_it_was_not_sent_earns_nothing(gguf_path, e
     assert entry.kept == 2 and entry.rejected == 0
     units = entry.store.work_units(entry.store.unpaid_epochs()[0])
     assert cheat not in units and set(units) == {host.node_id_hex} | honest
+
+
+def test_expert_runs_paid_by_vouchers_over_links_and_refused_without_terms_or_cover(gguf_path, meta, tmp_path
+                                                                                    ) -> None:
+    """Issue 14, property 6 in process: a paid host's ExpertPayer and an expert node's ExpertService with the
+    voucher rule (WorkerPay over the real issuer and ledger): terms on the first run, a voucher once a run is
+    answered, the final one with the receipt ask; the node's owed work equals what it was vouchered. A run
+    without terms, or from a host whose escrow does not cover the node, is refused (`unpaid`) before any work,
+    and the host never vouchers a refused run. The shares of all expert nodes stay within the request's price."""
+    from mesh402.engine.expert_parallel import ExpertUnavailable
+    from mesh402.serving.experts import ExpertPayer
+    from mesh402.serving.work_pay import WorkerPay, WorkTerms
+    from mesh402.work.units import expert_pay_shares
+    from tests.support.work_pay import pay_pair
+    node = NodeIdentity.generate()
+    worker = ExpertShardWorker(gguf_path, [(0, e) for e in range(E)])
+    p = pay_pair(tmp_path, coverage=0)
+    terms = WorkTerms(p.issuer.address, p.wallet.worker, flat=30, per_token_micro=500_000)
+
+    async def main() -> tuple[int, int]:
+        here, there = MemoryLink.pair()
+        svc = ExpertService(lambda *a: worker, accounts=ExpertAccounts(node), me="n1")
+        svc.pay = WorkerPay(p.ledger)
+        svc.shards[HASH] = {1: worker}
+        svc.assigners[HASH] = "host-id"
+        task = asyncio.create_task(svc.handle("host-id", there))
+
+        async def connect(n):
+            return here
+        loop = asyncio.get_running_loop()
+        tr = MeshExpertTransport(connect, loop, HASH, epoch=1, timeout=10)
+        payload = encode_request(0, torch.randn(4, H), {1: [0, 3], 6: [1, 2, 3]})  # 5 rows
+        with pytest.raises(ExpertUnavailable, match="no pay terms"):  # an unpaid host: nothing runs
+            await loop.run_in_executor(None, tr.call, "n1", payload, "req-0")
+        tr.pay = ExpertPayer(p.issuer, {"n1": terms})
+        with pytest.raises(ExpertUnavailable, match="escrow"):  # no float locked for this node yet
+            await loop.run_in_executor(None, tr.call, "n1", payload, "req-1")
+        assert p.issuer.issued(p.wallet.worker) == 0  # the refused run was never vouchered
+        p.chain.set(p.issuer.address, p.wallet.worker, 10_000)
+        for _ in range(20):  # more than VOUCHER_EVERY runs
+            await loop.run_in_executor(None, tr.call, "n1", payload, "req-2")
+        await tr.ask_receipt("n1", "req-2", 1)
+        task.cancel()
+        return p.ledger.owed(p.issuer.address), p.ledger.held(p.issuer.address)
+    owed, held = asyncio.run(main())
+    assert owed == 30 + -(-20 * 5 * 500_000 // 1_000_000) == held  # flat + 100 rows at half a unit, all vouchered
+
+    # every expert once, spread over three nodes with one expert held twice: the shares never add up past 1
+    experts = [(la, e) for la in range(NL) for e in range(E)]
+    copies = {experts[0]: 2}
+    parts = [experts[0::3] + [experts[0]], experts[1::3], experts[2::3]]
+    shares = [expert_pay_shares(meta, part, copies) for part in parts]
+    routed = Fraction(flops_per_token(meta, 0, NL) - trunk_flops_per_token(meta), flops_per_token(meta, 0, NL))
+    assert sum(s for s, _ in shares) == routed < 1
+    per_row = shares[0][1]
+    assert per_row * K * NL == routed  # k rows per MoE layer per token at the per-row share: the routed part
