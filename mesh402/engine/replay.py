@@ -102,8 +102,19 @@ def _f32(data: bytes, what: str) -> np.ndarray:
     return np.frombuffer(bytes(data), dtype="<f4").astype(np.float64)
 
 
-def _parse_steps(inputs: list[dict], hidden: int, n_ctx: int) -> list[_Step]:
-    """Decode and check the revealed inputs: shapes, byte counts, positions a session can take in order."""
+def _first_stage_x(rec: dict, T: int, n_real: int, vocab: int) -> torch.Tensor:
+    """A first stage's step input: its token ids, padded to the step's row count with 0 as the host pads them
+    (engine.activations.forward_tokens), so the replay meets the same kernel shapes."""
+    tokens = rec.get("tokens")
+    if not isinstance(tokens, list) or len(tokens) != n_real or not all(
+            type(t) is int and 0 <= t < vocab for t in tokens):
+        raise _BadEvidence(f"first-stage step needs {n_real} token ids in [0, {vocab})")
+    return torch.tensor(tokens + [0] * (T - n_real), dtype=torch.long)
+
+
+def _parse_steps(inputs: list[dict], hidden: int, n_ctx: int, first_vocab: int = 0) -> list[_Step]:
+    """Decode and check the revealed inputs: shapes, byte counts, positions a session can take in order.
+    `first_vocab` > 0: the stage is the first one (token ids in, `shape` the rows of what it sent)."""
     if not inputs:
         raise _BadEvidence("no step inputs revealed")
     steps: list[_Step] = []
@@ -128,6 +139,11 @@ def _parse_steps(inputs: list[dict], hidden: int, n_ctx: int) -> list[_Step]:
             raise _BadEvidence(f"step {i}: positions [{pos}, {pos + T}) beyond the model context {n_ctx}")
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise _BadEvidence(f"step {i}: payload is {type(data).__name__}, not bytes")
+        if first_vocab:
+            x = _first_stage_x(rec, T, n_real, first_vocab)
+            steps.append(_Step(pos, n_real, x))
+            length = pos + n_real
+            continue
         try:
             x = decode_activations(bytes(data), shape, dtype)
         except ValueError as e:
@@ -269,8 +285,9 @@ def replay(engine: Any, inputs: list[dict], *, last: bool, expected: bytes, expe
     if engine.stages[-1].last != bool(last):
         return ReplayResult(math.inf, tol, False, f"engine layers {engine.layers} but last={last}")
     cfg = engine.config
+    first = bool(engine.stages[0].first)
     try:
-        steps = _parse_steps(inputs, cfg.hidden, cfg.n_ctx)
+        steps = _parse_steps(inputs, cfg.hidden, cfg.n_ctx, cfg.vocab_size if first else 0)
         try:
             out, n_real = _run(engine, steps)
         except EngineFull:

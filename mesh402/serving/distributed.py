@@ -168,10 +168,13 @@ class DistributedRuntime(Failover):
         self.trust = TrustServices(self.me, chain, self.executor, self._load_range, self._connect, self._peer_labels,
                                    validator=node.config.trust.validator, device=node.config.device,
                                    trusted_validators=node.config.trust.validator_ids, quorum=quorum,
-                                   votes_dir=node.config.home / "quorum-votes")
+                                   votes_dir=node.config.home / "quorum-votes",
+                                   audit_rate=node.config.trust.audit_rate, epoch_s=node.config.payments.epoch_s)
         self.worker.services.update(self.trust.services())
         self.worker.services[K.STAGE_KIND_HOLDING_PROOF] = self.holdings.on_challenge
         self.worker.on_receipt = self.trust.worked_for.add  # entries that may ask this node for validation
+        if self.trust.first_stage is not None:
+            self.worker.on_first_stage = self.trust.first_stage.on_close
         mesh.register_handler(StreamType.STAGE, self._on_stage_stream)
         identity = getattr(mesh, "identity", None)
         self.expert_service = ExpertService(  # signs a receipt per host request when the host asks
@@ -921,6 +924,7 @@ class DistributedRuntime(Failover):
                           "held": [[k.content_hash[:12], k.start, k.end, int(e.weight_bytes)]
                                    for k, e in self.worker.engines.items()]},
                 "holdings": self.holdings.status(),
+                "first_stage_audits": self.trust.first_stage.status() if self.trust.first_stage else None,
                 "experts": {"held": {ch[:12]: len(ex) for ch, ex in self.expert_service.held().items()},
                             "requests": self.expert_service.requests, "refused": self.expert_service.refused,
                             "bytes_in": self.expert_service.bytes_in, "bytes_out": self.expert_service.bytes_out}}

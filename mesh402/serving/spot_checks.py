@@ -66,6 +66,8 @@ def run_check(check: SpotCheck, engine_for: EngineFor, device: str = "") -> Chec
     def result(ok: bool, detail: str, err: float = float("inf"), tol: float = 0.0, skipped: bool = False) -> CheckResult:
         return CheckResult(check.request_id, check.stage, ok, skipped, err, tol, detail)
 
+    if check.first != (check.layer_start == 0):  # a first stage takes token ids, any other activations
+        return result(True, f"{UNVERIFIABLE}layers from {check.layer_start} do not match the check's kind", skipped=True)
     problem, at_fault = commitment_errors(check)
     if at_fault:
         return result(False, problem)

@@ -21,6 +21,7 @@ from typing import Any, Awaitable, Callable, Protocol
 
 from mesh402 import labels as L
 from mesh402.mesh.proto import mesh_pb2 as pb
+from mesh402.serving.first_stage_audit import FirstStageAuditor
 from mesh402.serving.quorum_votes import QuorumChain, QuorumEntry, QuorumVoter, call, statement_checks
 from mesh402.serving.spot_checks import judge
 from mesh402.serving.stage_link import (
@@ -75,7 +76,7 @@ class TrustServices:
                  load_model: Callable[[str, int, int, str], Any], connect: Callable[[str], Awaitable[Link]],
                  peers: Callable[[], dict[str, dict[str, str]]], *, validator: bool = False,
                  device: str = "cpu", trusted_validators: Any = (), quorum: QuorumChain | None = None,
-                 votes_dir: Any = None) -> None:
+                 votes_dir: Any = None, audit_rate: float = 0.1, epoch_s: int = 3600) -> None:
         """`chain`: None without an owner key and a chain; `validator`: answer VERIFY (--validator);
         `quorum`: spot checks are decided by the staked validator quorum (--quorum; a validator keeps its
         sealed votes in `votes_dir`);
@@ -100,8 +101,11 @@ class TrustServices:
         self.quorum = quorum
         self.voter: QuorumVoter | None = None
         self.quorum_entry: QuorumEntry | None = None
+        self.first_stage: FirstStageAuditor | None = None
         if quorum is not None:
             self.quorum_entry = QuorumEntry(node_id, quorum, self._send_evidence, self._quorum_validators)
+            # as the first remote stage of a split, this node audits the entry's own stage 0 and reports it
+            self.first_stage = FirstStageAuditor(node_id, self.quorum_entry, audit_rate, epoch_s)
             if self.validator:
                 self.voter = QuorumVoter(node_id, quorum, executor, self._engine_for, self.device_sig, votes_dir)
         self._tasks: list[asyncio.Task] = []
@@ -119,6 +123,8 @@ class TrustServices:
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
+        if self.first_stage is not None:
+            await self.first_stage.stop()
 
     async def _stake_loop(self, every_s: float = 5.0) -> None:
         assert self.quorum is not None

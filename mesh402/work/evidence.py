@@ -15,7 +15,7 @@ from typing import Any
 
 from mesh402.commitment import activation_hash
 from mesh402.mesh.identity import verify
-from mesh402.work.receipts import Receipt, running_hash, verify_receipt
+from mesh402.work.receipts import Receipt, running_hash, token_step_hash, verify_receipt
 
 FP_SIZE = 256  # logits the last stage commits to per step
 REVEAL_BUDGET = 24 * 1024 * 1024  # bytes of step inputs one reveal may carry (frames are limited to 64 MiB)
@@ -106,6 +106,10 @@ class SpotCheck:
     signature: str = ""  # the stage's signature over its reveal (signed_reveal_of rebuilds what it covers)
     sampling: dict[str, Any] | None = None  # last stage: the request's sampling parameters (token check)
     logprobs: str = ""  # last stage: the logprobs it returned at the step (JSON), when the request asked
+    # the entry's own stage 0, audited by the first remote stage from what it received (first_stage_check):
+    # inputs are token ids, the expected output the payload that stage received, `reporter` who built it
+    first: bool = False
+    reporter: str = ""
 
     @property
     def needs_device(self) -> str:
@@ -223,11 +227,59 @@ def signed_reveal_of(check: SpotCheck) -> dict[str, Any]:
     return ev
 
 
+def first_stage_check(receipt: dict[str, Any], records: list[dict[str, Any]], step: int, mode: str,
+                      reporter: str) -> SpotCheck:
+    """The first remote stage's spot check of the entry's own stage 0: the entry's signed stage-0 receipt (it
+    came with CLOSE), and what this stage received per step (token ids, positions, the payloads stage 0 sent).
+    The receipt commits to every step's tokens and payload hash, so nothing here is the reporter's word."""
+    r = Receipt.from_json(receipt)
+    if not 0 <= step < len(records):
+        raise ValueError(f"no step {step} to audit ({len(records)} received)")
+    x = records[step]
+    return SpotCheck(r.request_id, 0, r.node_id, r.model_hash, r.layer_start, r.layer_end, mode, step, False,
+                     [{**rec, "data": _b64(rec["data"])} for rec in records[:step + 1]], _b64(x["data"]),
+                     str(x["dtype"]), list(x["shape"]), receipt=r.to_json(),
+                     in_hashes=[token_step_hash(rec["tokens"]).hex() for rec in records],
+                     out_hashes=[activation_hash(rec["data"]).hex() for rec in records], first=True, reporter=reporter)
+
+
+def _first_stage_errors(check: SpotCheck, r: Receipt) -> str:
+    """Why a stage-0 check is not backed by the entry's own signed receipt ("" when it is): every step's tokens
+    and payload run to the receipt's commitments, the positions follow from the token counts (no gaps, no
+    restored prefix), and the expected output is the step's committed payload. Evidence a reporter edited
+    never matches, so it cannot frame an honest entry: such a check is skipped, never failed."""
+    if r.stage != 0 or r.layer_start != 0:
+        return "not a receipt of the entry's stage 0"
+    try:
+        ins = [bytes.fromhex(h) for h in check.in_hashes]
+        outs = [bytes.fromhex(h) for h in check.out_hashes]
+        inputs = check.decoded_inputs()
+        expected = base64.b64decode(check.expected)
+    except (ValueError, TypeError, KeyError) as e:
+        return f"malformed evidence: {e}"
+    if running_hash(ins) != r.input_hash or running_hash(outs) != r.output_hash:
+        return "the per-step hashes do not run to the entry's signed receipt"
+    if not (0 <= check.step < len(ins) == len(outs)) or len(inputs) != check.step + 1:
+        return f"evidence of step {check.step} is incomplete"
+    pos = 0
+    for j, x in enumerate(inputs):
+        tokens = [int(t) for t in x.get("tokens", [])]
+        if token_step_hash(tokens) != ins[j] or activation_hash(x["data"]) != outs[j]:
+            return f"step {j} is not what the entry committed to"
+        if int(x.get("pos", -1)) != pos or int(x.get("n_real", -1)) != len(tokens):
+            return f"step {j}: position or length is not the one its tokens give"
+        pos += len(tokens)
+    if activation_hash(expected) != outs[check.step]:
+        return "the expected output is not the payload the entry committed to"
+    return ""
+
+
 def commitment_errors(check: SpotCheck) -> tuple[str, bool]:
     """What the validator checks before any compute: (problem, the stage is at fault). ("", False): the
     evidence is the stage's own signed reveal and matches its signed receipt, so re-execution decides.
     (p, True): the stage's signed reveal contradicts its signed receipt. (p, False): the entry's evidence
-    is not backed by the stage's signatures, so it proves nothing against the stage (skipped)."""
+    is not backed by the stage's signatures, so it proves nothing against the stage (skipped). A stage-0
+    check (`first`) is backed by the entry's own signed receipt instead of a reveal."""
     try:
         r = Receipt.from_json(check.receipt)
     except (TypeError, KeyError):
@@ -235,6 +287,9 @@ def commitment_errors(check: SpotCheck) -> tuple[str, bool]:
     if not verify_receipt(r) or (r.node_id, r.request_id, r.model_hash, r.layer_start, r.layer_end) != (
             check.node_id, check.request_id, check.model_hash, check.layer_start, check.layer_end):
         return UNVERIFIABLE + "the receipt is not the stage's signed receipt for this check", False
+    if check.first:
+        problem = _first_stage_errors(check, r)
+        return (UNVERIFIABLE + problem, False) if problem else ("", False)
     if check.fault.startswith(UNVERIFIABLE):
         return check.fault, False
     ev = check.reveal if check.fault else signed_reveal_of(check)

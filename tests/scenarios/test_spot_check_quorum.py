@@ -12,6 +12,10 @@ A, C and D. After the appeal window the checks execute:
 (d) C's check fails (every seated validator re-executed the perturbed step), C loses half its stake, the
     entry (the reporter) gets half of that, and `mesh402 payout` pays C nothing; B keeps its stake;
 (e) B's check passes 2 to 1: B is not slashed, D (the minority) loses 10% of its stake.
+(g) the entry A's own stage 0 perturbs its activations too (the test-only `MESH402_TAMPER_HOST`): B, the first
+    remote stage, audits it from what it received and A's signed stage-0 receipt, opens a quorum check on A's
+    agent as the reporter, and the quorum (B, C and D; never A) fails it: A loses half its stake, B gets the
+    reporter's share.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class QuorumMesh:
     rounds: dict[str, dict[str, Any]]  # node id -> the entry's last round result
     stake_before: dict[str, int]
     entry_before: int  # the entry's wallet before the checks executed (it is the reporter)
+    first_stage: dict[str, Any] | None = None  # B's result for its check of A's stage 0 (test g)
 
     def quorum(self) -> Any:
         from mesh402.economics.quorum import Quorum
@@ -108,6 +113,23 @@ def _drive(a: MeshNode, chain: DevChain, epoch: int, appeal_window: int, timeout
         time.sleep(0.3)
 
 
+def _drive_first_stage(b: MeshNode, chain: DevChain, appeal_window: int, timeout: float = 120.0) -> dict[str, Any]:
+    """B drives its check of A's stage 0 by itself (every 2 s); the test mines blocks and moves the clock past
+    the appeal window once the check waits in it. B's last result for the check."""
+    w3 = chain.w3()
+    t0 = time.monotonic()
+    while True:
+        audits = (b.status()["node"]["distributed"].get("first_stage_audits") or {}).get("checks") or {}
+        res = next(iter(audits.values()), {})
+        if "score" in res:
+            return res
+        assert time.monotonic() - t0 < timeout, f"B's check of the entry's stage 0 not executed: {audits}"
+        if (res.get("quorum") or {}).get("phase") == "appeal-window":
+            w3.provider.make_request("evm_increaseTime", [appeal_window + 1])
+        w3.provider.make_request("anvil_mine", ["0x1"])
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def quorum_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QuorumMesh]:
     tmp: Path = tmp_path_factory.mktemp("quorum")
@@ -127,7 +149,8 @@ def quorum_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QuorumMesh
         for acct in ACCOUNTS.values():  # stake and report bonds
             chain.transfer("buyer-0", acct, 30 * USDC)
         a = nodes.start("a", no_model=False, extra=[*quorum, "--max-vram", "0.06", *paid, "--owner-key-file",
-                                                    str(chain.dep.key_file("node-0"))])
+                                                    str(chain.dep.key_file("node-0"))],
+                        env={"MESH402_TAMPER_HOST": "perturb"}, launcher=[sys.executable, "-m", "tests.support.tamper_node"])
         tok = a.token()
         b = nodes.start("b", join=tok, no_model=False, wait=False, extra=[*quorum, "--max-vram", "0.05", *owner("node-1")])
         c = nodes.start("c", join=tok, no_model=False, wait=False, extra=[*quorum, "--max-vram", "0.05", *owner("node-2")],
@@ -164,6 +187,8 @@ def quorum_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QuorumMesh
         m.stake_before = {k: m.stake(k) for k in named}
         m.rounds = _drive(a, chain, epoch, m.quorum().params().appeal_window)
         lap("both quorum checks executed")
+        m.first_stage = _drive_first_stage(b, chain, m.quorum().params().appeal_window)
+        lap("the entry's stage-0 check executed")
         yield m
     finally:
         nodes.stop_all()
@@ -186,8 +211,8 @@ def test_d_perturbing_stage_is_failed_by_the_quorum_slashed_and_not_paid(quorum_
     params = q.params()
     slashed = m.stake_before["c"] * params.stage_slash_bps // 10_000
     assert m.stake("c") == m.stake_before["c"] - slashed
-    assert m.stake("b") == m.stake_before["b"]  # the honest stage keeps its stake...
-    assert m.stake("a") == m.stake_before["a"]  # ...and so do the validators who voted with the majority
+    assert m.stake("b") == m.stake_before["b"]  # the honest stage keeps its stake (and so do A and D as this
+    # check's validators, who voted with the majority: A's stake changes only by its own check, test g)
     # the reporter (the entry) got this check's bond back and its share of the slash (B's bond, a check that
     # passed, went to the validators who passed B: A among them)
     assert m.chain.balance("node-0") >= m.entry_before - params.report_bond + slashed * params.reporter_share_bps // 10_000
@@ -226,3 +251,23 @@ def test_e_dishonest_validator_cannot_slash_an_honest_stage_and_loses_stake(quor
     penalty = m.stake_before["d"] * q.params().validator_slash_bps // 10_000
     assert m.stake("d") == m.stake_before["d"] - penalty > 0
     assert m.stake("c") == m.stake_before["c"] - m.stake_before["c"] * q.params().stage_slash_bps // 10_000  # (d) only
+
+
+def test_g_the_entrys_own_stage_0_is_audited_by_the_first_stage_and_slashed(quorum_mesh: QuorumMesh) -> None:
+    from mesh402.economics.quorum import Outcome
+    m = quorum_mesh
+    b = m.nodes["b"]
+    q = m.quorum()
+    res = m.first_stage
+    assert res is not None and res["score"] == 0 and res["quorum"]["final"] == "failed", res
+    cid = bytes.fromhex(res["request_hash"][2:])
+    r0 = q.round(cid, 0)
+    assert set(r0.members) == {m.agents["b"], m.agents["c"], m.agents["d"]}  # never the entry itself
+    assert r0.fail_votes >= 2 and r0.outcome == Outcome.FAILED
+    assert res["agent_id"] == m.agents["a"]
+    params = q.params()
+    slashed = m.stake_before["a"] * params.stage_slash_bps // 10_000
+    assert m.stake("a") == m.stake_before["a"] - slashed  # the cheating entry lost half its stake
+    assert m.stake("b") == m.stake_before["b"]  # the reporter and honest validators keep theirs
+    audits = b.status()["node"]["distributed"]["first_stage_audits"]
+    assert audits["driving"] == 0
