@@ -19,6 +19,7 @@ session (retry later; the stage is not at fault).
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -316,3 +317,28 @@ def replay(engine: Any, inputs: list[dict], *, last: bool, expected: bytes, expe
             return ReplayResult(err, tol, False, f"{detail}; {problem}")
     return ReplayResult(err, tol, ok, detail)
 
+
+
+def replay_expert(worker: Any, payload: bytes, expected: bytes, mode: str) -> ReplayResult:
+    """Re-run one EXPERT_RUN on ``worker`` (an ExpertShardWorker holding the run's experts, in the node's mode)
+    and compare its reply with the one the node sent, over every expert's rows."""
+    from mesh402.engine.expert_parallel import decode_reply
+
+    tol = TOLERANCE.get(mode)
+    if tol is None:
+        return ReplayResult(math.inf, math.nan, False, f"unknown mode {mode!r}; one of {sorted(TOLERANCE)}")
+    try:
+        got = decode_reply(worker.handle(bytes(payload)))
+        want = decode_reply(bytes(expected))
+    except (ValueError, KeyError, RuntimeError, struct.error) as e:
+        return ReplayResult(math.inf, tol, False, f"bad evidence: {type(e).__name__}: {e}")
+    if sorted(got) != sorted(want) or any(got[e].shape != want[e].shape for e in got):
+        return ReplayResult(math.inf, tol, False, "the reply does not answer the run's experts and rows")
+    if not got:
+        return ReplayResult(0.0, tol, True, "a run with no rows")
+    g = np.concatenate([got[e].double().numpy().reshape(-1) for e in sorted(got)])
+    w = np.concatenate([want[e].double().numpy().reshape(-1) for e in sorted(want)])
+    err = _rel_err(g, w)
+    ok = err <= tol
+    return ReplayResult(err, tol, ok, f"expert run: rel_err {err:.3g} {'within' if ok else 'exceeds'} tolerance "
+                                      f"{tol:g} ({mode})")

@@ -23,6 +23,7 @@ from mesh402.work.evidence import (
 )
 
 EngineFor = Callable[[str, int, int, str], Any]  # (model hash, start, end, mode) -> partial Engine
+ExpertsFor = Callable[[str, list[tuple[int, int]], str], Any]  # (model hash, experts, mode) -> ExpertShardWorker
 
 
 @dataclass(frozen=True)
@@ -60,11 +61,23 @@ class Verdict:
         return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True, default=str).encode()).digest()
 
 
-def run_check(check: SpotCheck, engine_for: EngineFor, device: str = "") -> CheckResult:
+def expert_ids(payload: bytes) -> list[tuple[int, int]]:
+    """The (layer, expert) pairs one EXPERT_RUN payload asks for (its header only)."""
+    from mesh402.serving.expert_receipts import expert_rows
+
+    return sorted(expert_rows(payload))
+
+
+def run_check(check: SpotCheck, engine_for: EngineFor, device: str = "",
+              experts_for: ExpertsFor | None = None) -> CheckResult:
     """One spot check: a signed reveal that broke the stage's own commitments fails without compute; evidence
-    the stage's signatures do not back (or that nothing pins) is skipped; any other is re-executed."""
+    the stage's signatures do not back (or that nothing pins) is skipped; any other is re-executed. An expert
+    node's run is re-executed on `experts_for(model hash, its experts, mode)`."""
     def result(ok: bool, detail: str, err: float = float("inf"), tol: float = 0.0, skipped: bool = False) -> CheckResult:
         return CheckResult(check.request_id, check.stage, ok, skipped, err, tol, detail)
+
+    if check.expert:
+        return _run_expert_check(check, experts_for, device, result)
 
     if check.first != (check.layer_start == 0):  # a first stage takes token ids, any other activations
         return result(True, f"{UNVERIFIABLE}layers from {check.layer_start} do not match the check's kind", skipped=True)
@@ -92,6 +105,27 @@ def run_check(check: SpotCheck, engine_for: EngineFor, device: str = "") -> Chec
     return result(r.ok, r.detail, r.rel_err, r.tolerance)
 
 
-def judge(checks: list[SpotCheck], engine_for: EngineFor, device: str = "") -> Verdict:
+def _run_expert_check(check: SpotCheck, experts_for: ExpertsFor | None, device: str,
+                      result: Callable[..., CheckResult]) -> CheckResult:
+    problem, _ = commitment_errors(check)
+    if problem:  # evidence the node's own receipt does not back proves nothing against it
+        return result(True, problem, skipped=True)
+    if check.needs_device and device and check.needs_device != device:
+        return result(True, f"{UNVERIFIABLE}fast-mode work on {check.device} is not judged on {device}", skipped=True)
+    if experts_for is None:
+        return result(True, f"{UNVERIFIABLE}this validator does not run expert shards", skipped=True)
+    payload = base64.b64decode(check.inputs[0]["data"])
+    try:
+        worker = experts_for(check.model_hash, expert_ids(payload), check.mode)
+    except (FileNotFoundError, ValueError) as e:
+        return result(True, f"{UNVERIFIABLE}{e}", skipped=True)
+    from mesh402.engine.replay import replay_expert  # lazy: loads gguf, numpy, torch only when needed
+
+    r = replay_expert(worker, payload, base64.b64decode(check.expected), check.mode)
+    return result(r.ok, r.detail, r.rel_err, r.tolerance)
+
+
+def judge(checks: list[SpotCheck], engine_for: EngineFor, device: str = "",
+          experts_for: ExpertsFor | None = None) -> Verdict:
     """`device`: this validator's device signature (fast-mode checks on another one are skipped)."""
-    return Verdict([run_check(c, engine_for, device) for c in checks])
+    return Verdict([run_check(c, engine_for, device, experts_for) for c in checks])

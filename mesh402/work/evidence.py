@@ -110,6 +110,9 @@ class SpotCheck:
     # inputs are token ids, the expected output the payload that stage received, `reporter` who built it
     first: bool = False
     reporter: str = ""
+    # one EXPERT_RUN of an MoE expert node (expert_check): `inputs` holds its request payload, `expected` the
+    # reply it sent, `receipt` its signed ExpertReceipt, the hash lists the per-run hashes its receipt runs over
+    expert: bool = False
 
     @property
     def needs_device(self) -> str:
@@ -243,6 +246,40 @@ def first_stage_check(receipt: dict[str, Any], records: list[dict[str, Any]], st
                      out_hashes=[activation_hash(rec["data"]).hex() for rec in records], first=True, reporter=reporter)
 
 
+def expert_check(receipt: Any, in_hashes: list[bytes], out_hashes: list[bytes], step: int, payload: bytes,
+                 reply: bytes, mode: str) -> SpotCheck:
+    """The host's spot check of one run of an expert node: the run's request payload and the reply the node sent,
+    with the per-run hashes the node's signed receipt commits to (sha256 of every payload and reply)."""
+    return SpotCheck(receipt.request_id, receipt.stage, receipt.node_id, receipt.model_hash, 0, 0, mode, step, False,
+                     [{"data": _b64(payload)}], _b64(reply), receipt=receipt.to_json(),
+                     in_hashes=[h.hex() for h in in_hashes], out_hashes=[h.hex() for h in out_hashes], expert=True)
+
+
+def _expert_errors(check: SpotCheck) -> str:
+    """Why an expert check is not backed by the node's own signed receipt ("" when it is): its per-run hashes
+    run to the receipt's, and the audited run's payload and reply are the ones they name."""
+    from mesh402.work.receipts import ExpertReceipt
+
+    try:
+        r = ExpertReceipt.from_json(check.receipt)
+        ins = [bytes.fromhex(h) for h in check.in_hashes]
+        outs = [bytes.fromhex(h) for h in check.out_hashes]
+        payload = base64.b64decode(check.inputs[0]["data"])
+        reply = base64.b64decode(check.expected)
+    except (ValueError, TypeError, KeyError, IndexError) as e:
+        return f"malformed evidence: {e}"
+    if not verify_receipt(r) or (r.node_id, r.request_id, r.model_hash, r.stage) != (
+            check.node_id, check.request_id, check.model_hash, check.stage) or r.stage < 1:
+        return "the receipt is not the expert node's signed receipt for this check"
+    if running_hash(ins) != r.input_hash or running_hash(outs) != r.output_hash:
+        return "the per-run hashes do not run to the node's signed receipt"
+    if not 0 <= check.step < len(ins) == len(outs):
+        return f"no run {check.step} in the receipt's {len(ins)}"
+    if hashlib.sha256(payload).digest() != ins[check.step] or hashlib.sha256(reply).digest() != outs[check.step]:
+        return "the audited run is not the one the node committed to"
+    return ""
+
+
 def _first_stage_errors(check: SpotCheck, r: Receipt) -> str:
     """Why a stage-0 check is not backed by the entry's own signed receipt ("" when it is): every step's tokens
     and payload run to the receipt's commitments, the positions follow from the token counts (no gaps, no
@@ -280,6 +317,9 @@ def commitment_errors(check: SpotCheck) -> tuple[str, bool]:
     (p, True): the stage's signed reveal contradicts its signed receipt. (p, False): the entry's evidence
     is not backed by the stage's signatures, so it proves nothing against the stage (skipped). A stage-0
     check (`first`) is backed by the entry's own signed receipt instead of a reveal."""
+    if check.expert:  # backed by the expert node's signed receipt; a wrong reply is for the replay to find
+        problem = _expert_errors(check)
+        return (UNVERIFIABLE + problem, False) if problem else ("", False)
     try:
         r = Receipt.from_json(check.receipt)
     except (TypeError, KeyError):

@@ -235,7 +235,8 @@ def sign_receipt(identity: Any, **fields: Any) -> Receipt:
     return replace(r, signature=identity.sign(r.body()).hex())
 
 
-def verify_receipt(r: Receipt) -> bool:
+def verify_receipt(r: Receipt | ExpertReceipt) -> bool:
+    """Whether the receipt (a stage's or an expert node's) is signed by the node it names."""
     try:
         return verify(bytes.fromhex(r.node_id), r.body(), bytes.fromhex(r.signature))
     except ValueError:

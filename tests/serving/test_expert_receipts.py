@@ -406,3 +406,52 @@ def test_expert_runs_paid_by_vouchers_over_links_and_refused_without_terms_or_co
     assert sum(s for s, _ in shares) == routed < 1
     per_row = shares[0][1]
     assert per_row * K * NL == routed  # k rows per MoE layer per token at the per-row share: the routed part
+
+
+def test_an_expert_nodes_run_is_spot_checked_against_its_own_receipt(gguf_path) -> None:
+    """Issue 14, property 5 for expert work: one audited run of an expert node, re-executed on the validator's
+    own expert shard, passes bit-exact when the node computed it and fails when the node sent a wrong reply;
+    evidence the host edited (payload, reply, hash lists) is not backed by the node's receipt and is skipped."""
+    import hashlib
+
+    from mesh402.engine.expert_parallel import decode_reply, encode_reply
+    from mesh402.serving.spot_checks import run_check
+    from mesh402.work.evidence import UNVERIFIABLE, expert_check
+    node = NodeIdentity.generate()
+    experts = [(la, e) for la in range(NL) for e in range(E)]
+    honest = ExpertShardWorker(gguf_path, experts)
+    experts_for = lambda h, ex, mode: ExpertShardWorker(gguf_path, ex, mode=mode)  # noqa: E731
+    gen = torch.Generator().manual_seed(3)
+
+    def serve(cheat: bool) -> tuple[Any, list[bytes], list[bytes], list[bytes], list[bytes]]:
+        accounts = ExpertAccounts(node)
+        payloads, replies = [], []
+        for la in range(NL):
+            payload = encode_request(la, torch.randn(5, H, generator=gen), {1: [0, 3], 6: [1, 2, 4]})
+            reply = honest.handle(payload)
+            if cheat and la == NL - 1:  # the node returns something cheaper than the experts' output
+                reply = encode_reply({e: y * 1.01 for e, y in decode_reply(reply).items()})
+            accounts.record("host-id", "req-1", HASH, payload, reply)
+            payloads.append(payload)
+            replies.append(reply)
+        r = accounts.receipt("host-id", "req-1", 1)
+        return (r, [hashlib.sha256(p).digest() for p in payloads], [hashlib.sha256(y).digest() for y in replies],
+                payloads, replies)
+
+    r, ins, outs, payloads, replies = serve(cheat=False)
+    for step in range(NL):
+        res = run_check(expert_check(r, ins, outs, step, payloads[step], replies[step], "exact"), None, "", experts_for)
+        assert res.ok and not res.skipped and res.rel_err == 0.0, res
+    res = run_check(expert_check(r, ins, outs, 0, payloads[0], replies[0], "exact"), None)  # no expert loader
+    assert res.skipped
+    bad = encode_reply({e: y * 0.5 for e, y in decode_reply(replies[0]).items()})
+    for c in (expert_check(r, ins, outs, 0, payloads[0], bad, "exact"),  # the host edits the reply
+              expert_check(r, ins, outs, 0, payloads[1], replies[0], "exact"),  # or the payload
+              expert_check(r, ins[:-1], outs[:-1], 0, payloads[0], replies[0], "exact")):  # or drops a run
+        res = run_check(c, None, "", experts_for)
+        assert res.ok and res.skipped and res.detail.startswith(UNVERIFIABLE), res
+
+    r, ins, outs, payloads, replies = serve(cheat=True)
+    step = NL - 1
+    res = run_check(expert_check(r, ins, outs, step, payloads[step], replies[step], "exact"), None, "", experts_for)
+    assert not res.ok and not res.skipped and res.rel_err > res.tolerance, res
