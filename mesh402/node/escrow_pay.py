@@ -94,6 +94,7 @@ class EscrowPay:
         dist.pay_terms_for = self.terms
         dist.expert_terms_for = self.expert_terms
         dist.expert_service.pay = self.worker_pay  # expert work is paid like stage work
+        dist.expert_service.payer_of = lambda host: self._wallet_of(self.peer_labels(), host)
         dist.pay_labels = {ESCROW_LABEL: self.label.to_label()}
         self.peer_labels = dist._peer_labels
         self.hosted = lambda: dist.hosted

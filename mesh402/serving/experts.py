@@ -12,7 +12,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from struct import error as struct_error
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from mesh402.engine.expert_parallel import (
     ExpertNodeDown,
@@ -239,6 +239,9 @@ class ExpertService:
         self.bytes_out = 0
         self.me = me  # this node's id: the key of its voucher in a run's pay map
         self.pay: WorkerPay | None = None  # --escrow: expert work is paid with vouchers, else refused (`unpaid`)
+        # --escrow: the wallet a host peer announces on this node's escrow (None: none). Terms naming another payer
+        # are refused: a host must not run work on another entry's float and leave that entry behind here.
+        self.payer_of: Callable[[str], str | None] | None = None
         self._paid_seen: dict[str, float] = {}  # paid session -> last run (silent ones are closed)
 
     def latest(self, content_hash: str) -> ExpertShardWorker | None:
@@ -347,7 +350,12 @@ class ExpertService:
                 raw = sf.params.get(TERMS_PARAM, "")
                 if not raw or len(raw) > TERMS_LIMIT_BYTES:
                     return "this node is paid with escrow vouchers: the run carries no pay terms"
-                why = await self.pay.open(session, WorkTerms.from_json(json.loads(raw)), (pay or {}).get(self.me))
+                terms = WorkTerms.from_json(json.loads(raw))
+                wallet = self.payer_of(host) if self.payer_of is not None else terms.payer
+                if wallet is None or wallet.lower() != terms.payer.lower():
+                    return (f"the terms name payer {terms.payer}; host {host[:12]} announces "
+                            f"{wallet or 'no wallet on this escrow'}")
+                why = await self.pay.open(session, terms, (pay or {}).get(self.me))
             else:
                 why = await self.pay.vouchers(session, pay, self.me)
             if why is not None:

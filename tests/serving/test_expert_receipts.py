@@ -418,8 +418,9 @@ def test_expert_pay_survives_requests_without_receipt_asks_and_refuses_bad_pay_p
     """The host accrues a run as it sends it, so it and the node count the same work: a request that ends
     without a receipt ask (no token came out) is settled by the host and its final voucher rides the node's next
     first run, so the next request is not refused as behind, and the node ends holding exactly what it is owed.
-    Pay params from the wire are bounded and typed: oversized or malformed terms, terms for another wallet and a
-    malformed voucher map are refused (`unpaid`) before any work."""
+    Pay params from the wire are bounded and typed: oversized or malformed terms, terms for another wallet, terms
+    naming a payer other than the host's announced wallet and a malformed voucher map are refused (`unpaid`)
+    before any work."""
     import json
 
     from mesh402.engine.expert_parallel import ExpertUnavailable
@@ -441,7 +442,11 @@ def test_expert_pay_survives_requests_without_receipt_asks_and_refuses_bad_pay_p
                             ({"terms": json.dumps({**terms.to_json(), "payee": p.issuer.address})}, "not this worker")):
             with pytest.raises(ExpertUnavailable, match=why):
                 await tr._call("n1", payload, "req-bad", params)
+        svc.payer_of = {"host-id": "0x" + "11" * 20}.get  # the wallet the host announces on this escrow
+        with pytest.raises(ExpertUnavailable, match="the terms name payer"):  # another entry's float: refused
+            await tr._call("n1", payload, "req-bad", {"terms": json.dumps(terms.to_json())})
         assert svc.pay.live == {} and svc.requests == 0  # nothing opened, nothing ran
+        svc.payer_of = {"host-id": p.issuer.address}.get
 
         tr.pay = ExpertPayer(p.issuer, {"n1": terms})
         await run("req-a")
