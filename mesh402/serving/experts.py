@@ -242,7 +242,8 @@ class ExpertService:
         # --escrow: the wallet a host peer announces on this node's escrow (None: none). Terms naming another payer
         # are refused: a host must not run work on another entry's float and leave that entry behind here.
         self.payer_of: Callable[[str], str | None] | None = None
-        self._paid_seen: dict[str, float] = {}  # paid session -> last run (silent ones are closed)
+        # paid session -> last run, least recent first (silent ones are closed, oldest first)
+        self._paid_seen: OrderedDict[str, float] = OrderedDict()
 
     def latest(self, content_hash: str) -> ExpertShardWorker | None:
         by_epoch = self.shards.get(content_hash) or {}
@@ -329,7 +330,6 @@ class ExpertService:
     async def _paid(self, host: str, sf, payload: bytes) -> str | None:
         """The voucher rule for one run (serving.work_pay.WorkerPay, as a stage applies it per step): the host's
         terms on a request's first run, its vouchers, and the rows about to run. None to run it, else why not."""
-        import json
         import time
 
         assert self.pay is not None
@@ -337,10 +337,12 @@ class ExpertService:
             return "this node is paid with escrow vouchers: a run needs a request id and pay terms"
         session = f"x:{host}:{sf.request_id}"
         now = time.monotonic()
-        for old, seen in list(self._paid_seen.items()):  # a host that never asked its receipt: the work is owed
-            if now - seen > self.idle_timeout:
-                self.pay.close(old)
-                del self._paid_seen[old]
+        while self._paid_seen:  # a host that never asked its receipt: the work is owed
+            old, seen = next(iter(self._paid_seen.items()))
+            if now - seen <= self.idle_timeout:
+                break
+            self.pay.close(old)
+            del self._paid_seen[old]
         if session not in self._paid_seen and len(self._paid_seen) >= MAX_PAID_REQUESTS:
             return "too many paid expert requests in flight here"
         try:
@@ -361,6 +363,7 @@ class ExpertService:
             if why is not None:
                 return why
             self._paid_seen[session] = now
+            self._paid_seen.move_to_end(session)
         except (ValueError, TypeError, struct_error) as e:
             return f"bad pay params: {e}"
         return self.pay.step(session, rows)
