@@ -465,3 +465,28 @@ def test_expert_pay_survives_requests_without_receipt_asks_and_refuses_bad_pay_p
     asyncio.run(main())
     owed = p.ledger.owed(p.issuer.address)
     assert owed == 2 * (30 + -(-3 * 5 * 500_000 // 1_000_000)) == p.ledger.held(p.issuer.address)  # per request
+
+
+def test_a_paid_request_that_ends_before_its_first_token_settles_its_expert_runs(gguf_path, tmp_path) -> None:
+    """ExpertHostReceipts.finish on a request that produced no token (it failed in prefill): no receipt is asked,
+    but the runs its expert nodes were sent are vouchered in full (ExpertPayer.settle), so the node's next first
+    run carries a voucher covering them."""
+    from types import SimpleNamespace
+
+    from mesh402.serving.experts import ExpertPayer
+    from mesh402.serving.work_pay import WorkTerms
+    from tests.support.work_pay import pay_pair
+    p = pay_pair(tmp_path, coverage=10_000)
+    payer = ExpertPayer(p.issuer, {"n1": WorkTerms(p.issuer.address, p.wallet.worker, flat=30, per_token_micro=0)})
+    payload = encode_request(0, torch.randn(4, H), {1: [0, 3]})
+    assert "terms" in payer.run_params("n1", "req-0", payload)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        runner = SimpleNamespace(take=lambda rid: ({}, {}))
+        hr = ExpertHostReceipts(NodeIdentity.generate(), None, HASH, NL, runner, SimpleNamespace(pay=payer), loop)
+        assert hr.finish(hr.tally("req-0")) is None  # no token: no receipts
+        while hr.pending:
+            await asyncio.sleep(0.01)
+    asyncio.run(main())
+    assert payer.sessions == {} and p.issuer.issued(p.wallet.worker) == 30
