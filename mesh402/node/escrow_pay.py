@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from mesh402.economics.vouchers import EscrowRef, VoucherBook, VoucherIssuer, VoucherWallet, WorkerLedger
 from mesh402.node.escrow_jobs import EscrowKeeper, Redeemer
-from mesh402.serving.work_pay import MICRO, WorkerPay, WorkTerms, is_address, share_terms
+from mesh402.serving.work_pay import WorkerPay, WorkTerms, is_address, share_terms
 from mesh402.settings import PaymentsConfig
 
 ESCROW_LABEL = "escrow"
@@ -94,6 +94,7 @@ class EscrowPay:
         dist.pay_terms_for = self.terms
         dist.expert_terms_for = self.expert_terms
         dist.expert_service.pay = self.worker_pay  # expert work is paid like stage work
+        dist.expert_service.payer_of = lambda host: self._wallet_of(self.peer_labels(), host)
         dist.pay_labels = {ESCROW_LABEL: self.label.to_label()}
         self.peer_labels = dist._peer_labels
         self.hosted = lambda: dist.hosted
@@ -147,9 +148,8 @@ class EscrowPay:
             if wallet is None or shard.node_id == plan.host:
                 continue
             share, per_row = expert_pay_shares(meta, [(int(e[0]), int(e[1])) for e in shard.experts], copies)
-            flat = int(self.payments.price_per_request * share)
-            rate = int(Fraction(self.payments.price_per_1k_tokens * MICRO, 1000) * per_row)
-            out[shard.node_id] = WorkTerms(self.label.wallet, wallet, flat, rate)
+            out[shard.node_id] = share_terms(self.label.wallet, wallet, share, self.payments.price_per_request,
+                                             self.payments.price_per_1k_tokens, per_token_share=per_row)
             self._mark_paid(wallet)
         return out
 

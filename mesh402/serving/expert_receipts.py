@@ -103,7 +103,11 @@ class ExpertHostReceipts:
         """Called when the request is released: collect and keep its receipts in a task on the loop; the
         future is done once they are committed."""
         local, sent = self.runner.take(tally.request_id)
-        if not tally.tokens:
+        if not tally.tokens:  # no receipts, but the runs sent are vouchered (--escrow)
+            if getattr(self.transport, "pay", None) is not None:
+                fut = asyncio.run_coroutine_threadsafe(self._settle(tally.request_id), self.loop)
+                self.pending.add(fut)
+                fut.add_done_callback(self.pending.discard)
             return None
         fut = asyncio.run_coroutine_threadsafe(self.collect(tally, local, sent), self.loop)
         self.pending.add(fut)  # a strong reference until done
@@ -120,8 +124,16 @@ class ExpertHostReceipts:
         asked = await asyncio.gather(*(self._ask(n, tally.request_id, i + 1, flat_rows(sent[n]))
                                        for i, n in enumerate(sorted(sent))))
         receipts = [mine] + [r for r in asked if r is not None]
+        await self._settle(tally.request_id)  # nodes whose receipt ask did not carry their final voucher
         await kept(self.sink(receipts, None))  # committed before the answer's end goes out (LocalStepper.finish)
         return receipts
+
+    async def _settle(self, request_id: str) -> None:
+        """With --escrow (the transport's ExpertPayer): sign the request's final vouchers no receipt ask
+        carried (a node that never answered, a request that produced no token)."""
+        pay = getattr(self.transport, "pay", None)
+        if pay is not None:
+            await asyncio.to_thread(pay.settle, request_id)
 
     async def _ask(self, node: str, request_id: str, stage: int, rows: Any) -> ExpertReceipt | None:
         """The node's receipt for the request, kept only when it claims exactly `rows` (what this host sent

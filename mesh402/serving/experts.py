@@ -6,9 +6,13 @@ is :mod:`mesh402.engine.expert_parallel`; here only bytes cross.
 from __future__ import annotations
 
 import inspect
-from struct import error as struct_error
+import json
+import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from struct import error as struct_error
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from mesh402.engine.expert_parallel import (
     ExpertNodeDown,
@@ -45,56 +49,79 @@ def _rows(payload: bytes) -> int:
     return sum(expert_rows(payload).values())
 
 
+@dataclass
+class _PaidRun:
+    """The host's pay state of one (request, expert node)."""
+
+    pay: EntrySessionPay
+    deferred: bool = True  # the first run's voucher rides the second run: the first may be refused at open
+
+
 class ExpertPayer:
-    """The host's side of paying its expert nodes with escrow vouchers (serving.work_pay): per (request, node) an
-    EntrySessionPay whose 'tokens' are the rows the node runs. The first run of a request to a node carries its
-    terms; a run is accrued once its answer came back (a refused or lost run is never vouchered), and the next
-    run carries the node's cumulative voucher when one is due (after the first run and every VOUCHER_EVERY-th);
-    the request's receipt ask carries the final one. The node works at most its window ahead of them."""
+    """The host's side of paying its expert nodes with escrow vouchers (serving.work_pay), a stage's rule with
+    runs for steps: per (request, node) an EntrySessionPay whose 'tokens' are the rows the node runs, accrued
+    as each run is sent (as an entry accrues a step), so the host and the node count the same runs. The first
+    run of a request to a node carries its terms and the node's current cumulative voucher (as a stage's OPEN
+    does: one lost final voucher never leaves the host behind); the second run carries a voucher covering
+    both, and every VOUCHER_EVERY-th run one covering it; the request's receipt ask carries the final one. A
+    first run the node refused (`unpaid`: nothing was opened there) is forgotten, never vouchered. A request
+    that ends without a receipt ask (no token came out, or a node never answered) is vouchered in full by
+    `settle`, delivered with that node's next first run."""
 
     def __init__(self, signer: VoucherSigner, terms: dict[str, WorkTerms]) -> None:
-        from collections import OrderedDict
-
         self.signer = signer
         self.terms = terms  # expert node id -> its terms (nodes without terms work unpaid)
-        self.sessions: OrderedDict[tuple[str, str], tuple[EntrySessionPay, list[bool]]] = OrderedDict()
+        self.sessions: OrderedDict[tuple[str, str], _PaidRun] = OrderedDict()
+        self._lock = threading.Lock()  # runs to different nodes are sent from several engine threads
 
-    def run_params(self, node: str, request_id: str) -> dict[str, str]:
-        """Params for one EXPERT_RUN (engine thread: signing and the voucher file's write happen here)."""
-        import json
-
+    def run_params(self, node: str, request_id: str, payload: bytes) -> dict[str, str]:
+        """Params for one EXPERT_RUN about to be sent (engine thread: signing and the voucher file's write)."""
         t = self.terms.get(node)
         if t is None or not request_id:
             return {}
-        key = (request_id, node)
+        rows = _rows(payload)
         params: dict[str, str] = {}
-        got = self.sessions.get(key)
-        if got is None:
-            got = self.sessions[key] = (EntrySessionPay(self.signer, {node: t}, f"x:{request_id}"), [False])
-            while len(self.sessions) > MAX_PAID_REQUESTS:
-                self.sessions.popitem(last=False)
-            params[TERMS_PARAM] = json.dumps(t.to_json(), separators=(",", ":"))
-        s, due = got
-        if due[0]:
-            vouchers = s.vouchers()
-            due[0] = False
-            if vouchers:
-                params[PAY_PARAM] = json.dumps(vouchers, separators=(",", ":"))
+        with self._lock:
+            got = self.sessions.get((request_id, node))
+            if got is None:
+                got = self.sessions[(request_id, node)] = _PaidRun(EntrySessionPay(self.signer, {node: t},
+                                                                                    f"x:{request_id}"))
+                params[TERMS_PARAM] = json.dumps(t.to_json(), separators=(",", ":"))
+                vouchers = got.pay.opening()
+                got.pay.accrue(rows)
+                while len(self.sessions) > MAX_PAID_REQUESTS:  # the oldest request is over: vouchered in full
+                    self.sessions.popitem(last=False)[1].pay.vouchers()
+            else:
+                due = got.pay.accrue(rows) or got.deferred
+                got.deferred = False
+                vouchers = got.pay.vouchers() if due else None
+        if vouchers:
+            params[PAY_PARAM] = json.dumps(vouchers, separators=(",", ":"))
         return params
 
-    def ran(self, node: str, request_id: str, payload: bytes) -> None:
-        """The node answered a run: account for its rows (a voucher is due on the next run when it is time)."""
-        got = self.sessions.get((request_id, node))
-        if got is not None and got[0].accrue(_rows(payload)):
-            got[1][0] = True
+    def refused(self, node: str, request_id: str, params: Mapping[str, str]) -> None:
+        """The node refused a run (`unpaid`): a request's first run opened nothing there, so it is forgotten;
+        a later one was counted by the node as by this host (a stage's refused step is too)."""
+        if TERMS_PARAM in params:
+            with self._lock:
+                self.sessions.pop((request_id, node), None)
 
     def close_params(self, node: str, request_id: str) -> dict[str, str]:
         """The final voucher of the request for `node` (what its receipt ask carries)."""
-        import json
-
-        got = self.sessions.pop((request_id, node), None)
-        due = got[0].vouchers() if got is not None else None
+        with self._lock:
+            got = self.sessions.pop((request_id, node), None)
+        due = got.pay.vouchers() if got is not None else None
         return {PAY_PARAM: json.dumps(due, separators=(",", ":"))} if due else {}
+
+    def settle(self, request_id: str) -> int:
+        """The request ended: sign the final vouchers its receipt asks did not carry (kept by the issuer and
+        delivered with each node's next first run). How many were signed."""
+        with self._lock:
+            ended = [k for k in self.sessions if k[0] == request_id]
+            left = [self.sessions.pop(k) for k in ended]
+        for got in left:
+            got.pay.vouchers()
+        return len(left)
 
 
 class MeshExpertTransport(_WireCounters):
@@ -121,17 +148,19 @@ class MeshExpertTransport(_WireCounters):
     def call(self, node: str, payload: bytes, request_id: str = "") -> bytes:
         import asyncio
 
-        params = self.pay.run_params(node, request_id) if self.pay is not None else {}
+        params = self.pay.run_params(node, request_id, payload) if self.pay is not None else {}
         fut = asyncio.run_coroutine_threadsafe(self._call(node, payload, request_id, params), self.loop)
         try:
             reply = fut.result(self.timeout + 5)
-        except (ExpertNodeDown, ExpertUnavailable):
+        except ExpertUnavailable:
+            if self.pay is not None:
+                self.pay.refused(node, request_id, params)
+            raise
+        except ExpertNodeDown:  # a lost run stays accrued: the node may have run it (never vouchered short)
             raise
         except Exception as e:  # timeouts, resets, protocol errors: the node is not usable
             fut.cancel()
             raise ExpertNodeDown(f"expert node {node[:12]}: {e}") from e
-        if self.pay is not None:
-            self.pay.ran(node, request_id, payload)
         self.bytes_sent += len(payload)
         self.bytes_received += len(reply)
         self.by_node[node] = self.by_node.get(node, 0) + len(payload) + len(reply)
@@ -210,7 +239,11 @@ class ExpertService:
         self.bytes_out = 0
         self.me = me  # this node's id: the key of its voucher in a run's pay map
         self.pay: WorkerPay | None = None  # --escrow: expert work is paid with vouchers, else refused (`unpaid`)
-        self._paid_seen: dict[str, float] = {}  # paid session -> last run (silent ones are closed)
+        # --escrow: the wallet a host peer announces on this node's escrow (None: none). Terms naming another payer
+        # are refused: a host must not run work on another entry's float and leave that entry behind here.
+        self.payer_of: Callable[[str], str | None] | None = None
+        # paid session -> last run, least recent first (silent ones are closed, oldest first)
+        self._paid_seen: OrderedDict[str, float] = OrderedDict()
 
     def latest(self, content_hash: str) -> ExpertShardWorker | None:
         by_epoch = self.shards.get(content_hash) or {}
@@ -297,7 +330,6 @@ class ExpertService:
     async def _paid(self, host: str, sf, payload: bytes) -> str | None:
         """The voucher rule for one run (serving.work_pay.WorkerPay, as a stage applies it per step): the host's
         terms on a request's first run, its vouchers, and the rows about to run. None to run it, else why not."""
-        import json
         import time
 
         assert self.pay is not None
@@ -305,26 +337,36 @@ class ExpertService:
             return "this node is paid with escrow vouchers: a run needs a request id and pay terms"
         session = f"x:{host}:{sf.request_id}"
         now = time.monotonic()
-        for old, seen in list(self._paid_seen.items()):  # a host that never asked its receipt: the work is owed
-            if now - seen > self.idle_timeout:
-                self.pay.close(old)
-                del self._paid_seen[old]
+        while self._paid_seen:  # a host that never asked its receipt: the work is owed
+            old, seen = next(iter(self._paid_seen.items()))
+            if now - seen <= self.idle_timeout:
+                break
+            self.pay.close(old)
+            del self._paid_seen[old]
         if session not in self._paid_seen and len(self._paid_seen) >= MAX_PAID_REQUESTS:
             return "too many paid expert requests in flight here"
         try:
             rows = _rows(payload)
-            if session not in self.pay.live:
+            pay = pay_map(sf.params.get(PAY_PARAM))
+            if session not in self.pay.live:  # a request's first run here: the host's terms, its cumulative voucher
                 raw = sf.params.get(TERMS_PARAM, "")
                 if not raw or len(raw) > TERMS_LIMIT_BYTES:
                     return "this node is paid with escrow vouchers: the run carries no pay terms"
-                why = await self.pay.open(session, WorkTerms.from_json(json.loads(raw)))
-                if why is not None:
-                    return why
+                terms = WorkTerms.from_json(json.loads(raw))
+                wallet = self.payer_of(host) if self.payer_of is not None else terms.payer
+                if wallet is None or wallet.lower() != terms.payer.lower():
+                    return (f"the terms name payer {terms.payer}; host {host[:12]} announces "
+                            f"{wallet or 'no wallet on this escrow'}")
+                why = await self.pay.open(session, terms, (pay or {}).get(self.me))
+            else:
+                why = await self.pay.vouchers(session, pay, self.me)
+            if why is not None:
+                return why
             self._paid_seen[session] = now
-            why = await self.pay.vouchers(session, pay_map(sf.params.get(PAY_PARAM)), self.me)
+            self._paid_seen.move_to_end(session)
         except (ValueError, TypeError, struct_error) as e:
             return f"bad pay params: {e}"
-        return why or self.pay.step(session, rows)
+        return self.pay.step(session, rows)
 
     def _run(self, host: str, request_id: str, content_hash: str, worker: ExpertShardWorker, payload: bytes) -> bytes:
         """Expert thread: answer one EXPERT_RUN and tally it for the host's request."""

@@ -72,13 +72,17 @@ class WorkTerms:
         return cls(str(payer), str(payee), int(flat), int(rate))
 
 
-def share_terms(payer: str, payee: str, share: Fraction, price_per_request: int, price_per_1k: int) -> WorkTerms:
+def share_terms(payer: str, payee: str, share: Fraction, price_per_request: int, price_per_1k: int,
+                per_token_share: Fraction | None = None) -> WorkTerms:
     """A worker's terms for a FLOPs `share` of a request priced `price_per_request` + `price_per_1k` per 1000
-    tokens. Rounded down: the shares of all workers never add up to more than the request earns."""
-    if not 0 <= share <= 1:
+    tokens; `per_token_share` (default `share`) is the share of a token's price one of its counted units
+    earns (a stage counts tokens; an expert node counts rows, each a smaller share). Rounded down: the shares
+    of all workers never add up to more than the request earns."""
+    per_token_share = share if per_token_share is None else per_token_share
+    if not (0 <= share <= 1 and 0 <= per_token_share <= 1):
         raise ValueError("a worker's share is a fraction of the request")
     flat = int(price_per_request * share)  # floor for non-negative Fractions
-    per_token_micro = int(Fraction(price_per_1k * MICRO, 1000) * share)
+    per_token_micro = int(Fraction(price_per_1k * MICRO, 1000) * per_token_share)
     return WorkTerms(payer, payee, flat, per_token_micro)
 
 

@@ -82,6 +82,8 @@ def test_expert_node_is_paid_by_escrow_vouchers_and_refuses_an_uncovered_host(tm
         host_acct, worker_acct = (accounts["a"], accounts["b"]) if host is a else (accounts["b"], accounts["a"])
         wait_until(lambda: "escrow" in ((host.peers().get(worker.node_id, {}).get("announcement") or {})
                                         .get("labels") or {}), timeout=60, what="the expert node's escrow label")
+        wait_until(lambda: "escrow" in ((worker.peers().get(host.node_id, {}).get("announcement") or {})
+                                        .get("labels") or {}), timeout=60, what="the host's escrow label (its payer)")
         model = httpx.get(f"http://127.0.0.1:{host.api_port}/v1/models", timeout=10).json()["data"][0]["id"]
         body = {"model": model, "messages": MESSAGES, "max_tokens": MAX_TOKENS, "temperature": 0}
 

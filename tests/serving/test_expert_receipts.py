@@ -352,35 +352,41 @@ def test_an_expert_node_claiming_rows_it_was_not_sent_earns_nothing(gguf_path, e
     assert cheat not in units and set(units) == {host.node_id_hex} | honest
 
 
+def _paid_expert_link(worker: Any, ledger: Any) -> tuple[ExpertService, MeshExpertTransport, "asyncio.Task[Any]"]:
+    """An expert node "n1" holding `worker`'s experts for host "host-id", paid by vouchers kept in `ledger`
+    (WorkerPay), and the host's transport to it over an in-memory link (call inside a running loop)."""
+    from mesh402.serving.work_pay import WorkerPay
+    here, there = MemoryLink.pair()
+    svc = ExpertService(lambda *a: worker, accounts=ExpertAccounts(NodeIdentity.generate()), me="n1")
+    svc.pay = WorkerPay(ledger)
+    svc.shards[HASH] = {1: worker}
+    svc.assigners[HASH] = "host-id"
+    task = asyncio.create_task(svc.handle("host-id", there))
+
+    async def connect(n):
+        return here
+    return svc, MeshExpertTransport(connect, asyncio.get_running_loop(), HASH, epoch=1, timeout=10), task
+
+
 def test_expert_runs_paid_by_vouchers_over_links_and_refused_without_terms_or_cover(gguf_path, meta, tmp_path
                                                                                     ) -> None:
     """Issue 14, property 6 in process: a paid host's ExpertPayer and an expert node's ExpertService with the
-    voucher rule (WorkerPay over the real issuer and ledger): terms on the first run, a voucher once a run is
-    answered, the final one with the receipt ask; the node's owed work equals what it was vouchered. A run
+    voucher rule (WorkerPay over the real issuer and ledger): terms on the first run, vouchers on the second
+    and every 16th, the final one with the receipt ask; the node's owed work equals what it was vouchered. A run
     without terms, or from a host whose escrow does not cover the node, is refused (`unpaid`) before any work,
     and the host never vouchers a refused run. The shares of all expert nodes stay within the request's price."""
     from mesh402.engine.expert_parallel import ExpertUnavailable
     from mesh402.serving.experts import ExpertPayer
-    from mesh402.serving.work_pay import WorkerPay, WorkTerms
+    from mesh402.serving.work_pay import WorkTerms
     from mesh402.work.units import expert_pay_shares
     from tests.support.work_pay import pay_pair
-    node = NodeIdentity.generate()
     worker = ExpertShardWorker(gguf_path, [(0, e) for e in range(E)])
     p = pay_pair(tmp_path, coverage=0)
     terms = WorkTerms(p.issuer.address, p.wallet.worker, flat=30, per_token_micro=500_000)
 
     async def main() -> tuple[int, int]:
-        here, there = MemoryLink.pair()
-        svc = ExpertService(lambda *a: worker, accounts=ExpertAccounts(node), me="n1")
-        svc.pay = WorkerPay(p.ledger)
-        svc.shards[HASH] = {1: worker}
-        svc.assigners[HASH] = "host-id"
-        task = asyncio.create_task(svc.handle("host-id", there))
-
-        async def connect(n):
-            return here
+        svc, tr, task = _paid_expert_link(worker, p.ledger)
         loop = asyncio.get_running_loop()
-        tr = MeshExpertTransport(connect, loop, HASH, epoch=1, timeout=10)
         payload = encode_request(0, torch.randn(4, H), {1: [0, 3], 6: [1, 2, 3]})  # 5 rows
         with pytest.raises(ExpertUnavailable, match="no pay terms"):  # an unpaid host: nothing runs
             await loop.run_in_executor(None, tr.call, "n1", payload, "req-0")
@@ -455,3 +461,81 @@ def test_an_expert_nodes_run_is_spot_checked_against_its_own_receipt(gguf_path) 
     step = NL - 1
     res = run_check(expert_check(r, ins, outs, step, payloads[step], replies[step], "exact"), None, "", experts_for)
     assert not res.ok and not res.skipped and res.rel_err > res.tolerance, res
+
+
+def test_expert_pay_survives_requests_without_receipt_asks_and_refuses_bad_pay_params(gguf_path, tmp_path) -> None:
+    """The host accrues a run as it sends it, so it and the node count the same work: a request that ends
+    without a receipt ask (no token came out) is settled by the host and its final voucher rides the node's next
+    first run, so the next request is not refused as behind, and the node ends holding exactly what it is owed.
+    Pay params from the wire are bounded and typed: oversized or malformed terms, terms for another wallet, terms
+    naming a payer other than the host's announced wallet and a malformed voucher map are refused (`unpaid`)
+    before any work."""
+    import json
+
+    from mesh402.engine.expert_parallel import ExpertUnavailable
+    from mesh402.serving.experts import ExpertPayer
+    from mesh402.serving.work_pay import WorkTerms
+    from tests.support.work_pay import pay_pair
+    worker = ExpertShardWorker(gguf_path, [(0, e) for e in range(E)])
+    p = pay_pair(tmp_path, coverage=10_000)
+    terms = WorkTerms(p.issuer.address, p.wallet.worker, flat=30, per_token_micro=500_000)
+
+    async def main() -> None:
+        svc, tr, task = _paid_expert_link(worker, p.ledger)
+        loop = asyncio.get_running_loop()
+        payload = encode_request(0, torch.randn(4, H), {1: [0, 3], 6: [1, 2, 3]})  # 5 rows
+        run = lambda rid: loop.run_in_executor(None, tr.call, "n1", payload, rid)  # noqa: E731
+        bad = {"terms": "{" * 2000, "terms ": "x"}
+        for params, why in ((bad, "no pay terms"), ({"terms": "[1]"}, "bad pay params"),
+                            ({"terms": json.dumps({**terms.to_json(), "flat": -1})}, "bad pay params"),
+                            ({"terms": json.dumps({**terms.to_json(), "payee": p.issuer.address})}, "not this worker")):
+            with pytest.raises(ExpertUnavailable, match=why):
+                await tr._call("n1", payload, "req-bad", params)
+        svc.payer_of = {"host-id": "0x" + "11" * 20}.get  # the wallet the host announces on this escrow
+        with pytest.raises(ExpertUnavailable, match="the terms name payer"):  # another entry's float: refused
+            await tr._call("n1", payload, "req-bad", {"terms": json.dumps(terms.to_json())})
+        assert svc.pay.live == {} and svc.requests == 0  # nothing opened, nothing ran
+        svc.payer_of = {"host-id": p.issuer.address}.get
+
+        tr.pay = ExpertPayer(p.issuer, {"n1": terms})
+        await run("req-a")
+        with pytest.raises(ExpertUnavailable, match="bad pay params"):  # a malformed voucher map: nothing runs
+            await tr._call("n1", payload, "req-a", {"pay": "not json"})
+        for _ in range(2):
+            await run("req-a")
+        assert tr.pay.settle("req-a") == 1  # the request ended with no receipt ask
+        assert tr.pay.sessions == {}
+        svc.pay.close("x:host-id:req-a")  # as the node does to a silent session: its work is owed
+        assert p.ledger.held(p.issuer.address) < p.ledger.owed(p.issuer.address)  # the last run: not yet delivered
+        for _ in range(3):  # the next request's first run re-delivers the settled voucher: not behind
+            await run("req-b")
+        await tr.ask_receipt("n1", "req-b", 1)
+        task.cancel()
+    asyncio.run(main())
+    owed = p.ledger.owed(p.issuer.address)
+    assert owed == 2 * (30 + -(-3 * 5 * 500_000 // 1_000_000)) == p.ledger.held(p.issuer.address)  # per request
+
+
+def test_a_paid_request_that_ends_before_its_first_token_settles_its_expert_runs(gguf_path, tmp_path) -> None:
+    """ExpertHostReceipts.finish on a request that produced no token (it failed in prefill): no receipt is asked,
+    but the runs its expert nodes were sent are vouchered in full (ExpertPayer.settle), so the node's next first
+    run carries a voucher covering them."""
+    from types import SimpleNamespace
+
+    from mesh402.serving.experts import ExpertPayer
+    from mesh402.serving.work_pay import WorkTerms
+    from tests.support.work_pay import pay_pair
+    p = pay_pair(tmp_path, coverage=10_000)
+    payer = ExpertPayer(p.issuer, {"n1": WorkTerms(p.issuer.address, p.wallet.worker, flat=30, per_token_micro=0)})
+    payload = encode_request(0, torch.randn(4, H), {1: [0, 3]})
+    assert "terms" in payer.run_params("n1", "req-0", payload)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        runner = SimpleNamespace(take=lambda rid: ({}, {}))
+        hr = ExpertHostReceipts(NodeIdentity.generate(), None, HASH, NL, runner, SimpleNamespace(pay=payer), loop)
+        assert hr.finish(hr.tally("req-0")) is None  # no token: no receipts
+        while hr.pending:
+            await asyncio.sleep(0.01)
+    asyncio.run(main())
+    assert payer.sessions == {} and p.issuer.issued(p.wallet.worker) == 30
