@@ -32,7 +32,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -198,6 +198,8 @@ class LoopbackTransport(_WireCounters):
         self.host, self.content_hash = host, content_hash
         self.delay_s = delay_s
         self.dead: set[str] = set()
+        # (node, request id, payload, reply) per answered run: the host's audit log (serving.expert_receipts)
+        self.on_run: Callable[[str, str, bytes, bytes], None] | None = None
         super().__init__()
 
     def kill(self, node: str) -> None:
@@ -214,6 +216,8 @@ class LoopbackTransport(_WireCounters):
         reply = self.workers[node].handle(payload)
         if node in self.accounts:
             self.accounts[node].record(self.host, request_id, self.content_hash, payload, reply)
+        if self.on_run is not None:
+            self.on_run(node, request_id, payload, reply)
         with self._lock:
             self.bytes_received += len(reply)
         return reply

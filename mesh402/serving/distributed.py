@@ -169,7 +169,8 @@ class DistributedRuntime(Failover):
                                    validator=node.config.trust.validator, device=node.config.device,
                                    trusted_validators=node.config.trust.validator_ids, quorum=quorum,
                                    votes_dir=node.config.home / "quorum-votes",
-                                   audit_rate=node.config.trust.audit_rate, epoch_s=node.config.payments.epoch_s)
+                                   audit_rate=node.config.trust.audit_rate, epoch_s=node.config.payments.epoch_s,
+                                   load_experts=self._validator_experts)
         self.worker.services.update(self.trust.services())
         self.worker.services[K.STAGE_KIND_HOLDING_PROOF] = self.holdings.on_challenge
         self.worker.on_receipt = self.trust.worked_for.add  # entries that may ask this node for validation
@@ -564,7 +565,8 @@ class DistributedRuntime(Failover):
         content_hash = key.rsplit("@", 1)[1]
         self.receipts.add_model(content_hash, entry.source.path)
         return ExpertHostReceipts(self.mesh.identity, self.receipts, content_hash, int(engine.info.n_layers),
-                                  runner, transport, asyncio.get_running_loop())
+                                  runner, transport, asyncio.get_running_loop(), auditor=self.auditor,
+                                  mode=self.node.config.mode)
 
     def _load_expert_host(self, entry: ModelEntry, owners: dict, transport: Any, local_experts: list) -> Any:
         from mesh402.engine import Engine  # lazy: kept off this module's import path
@@ -580,6 +582,15 @@ class DistributedRuntime(Failover):
         return Engine.load(entry.source.path, mode=cfg.mode, device=cfg.device, experts=runner,
                            max_sessions=cfg.limits.max_sessions, prefill_chunk=cfg.limits.prefill_chunk,
                            max_kv_bytes=cfg.limits.max_kv_bytes)
+
+    def _validator_experts(self, content_hash: str, experts: list, mode: str) -> Any:
+        """A validator's own copy of an expert node's experts (to re-execute an audited run), in the node's mode."""
+        from mesh402.engine.expert_parallel import ExpertShardWorker  # lazy: kept off this module's import path
+
+        for key, entry in self.keys.items():
+            if key.endswith("@" + content_hash):
+                return ExpertShardWorker(entry.source.path, experts, mode=mode, device=self.node.config.device)
+        raise FileNotFoundError(f"no local model file with content hash {content_hash[:16]}")
 
     def _load_experts(self, content_hash: str, experts: list, reuse: Any = None) -> Any:
         from mesh402.engine.expert_parallel import ExpertShardWorker  # lazy: kept off this module's import path

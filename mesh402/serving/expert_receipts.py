@@ -80,6 +80,63 @@ class ExpertAccounts:
         return tally.receipt(self.signer, stage) if tally is not None else None
 
 
+MAX_LOGGED_RUNS = 1 << 16  # runs per (request, node) the host keeps hashes of for an audit; beyond: not audited
+MAX_LOGGED_REQUESTS = 256  # requests the run log holds at once (finished ones are taken at once)
+
+
+@dataclass
+class RunSample:
+    """What the host keeps of its runs on one expert node for one request: every run's payload and reply
+    hashes (what the node's receipt runs over) and one run, drawn uniformly as they come (reservoir sampling
+    with the host's own randomness, so the node cannot tell which run will be audited)."""
+    in_hashes: list[bytes] = field(default_factory=list)
+    out_hashes: list[bytes] = field(default_factory=list)
+    step: int = -1
+    payload: bytes = b""
+    reply: bytes = b""
+
+    def add(self, payload: bytes, reply: bytes, rng: Any) -> None:
+        n = len(self.in_hashes)
+        self.in_hashes.append(hashlib.sha256(payload).digest())
+        self.out_hashes.append(hashlib.sha256(reply).digest())
+        if rng.randrange(n + 1) == 0:
+            self.step, self.payload, self.reply = n, bytes(payload), bytes(reply)
+
+
+class RunLog:
+    """The host's audit log of expert runs (the transport's `on_run`; called from engine threads)."""
+
+    def __init__(self) -> None:
+        import secrets
+        import threading
+        from collections import OrderedDict
+
+        self._rng = secrets.SystemRandom()
+        self._lock = threading.Lock()
+        self.runs: OrderedDict[str, dict[str, RunSample | None]] = OrderedDict()
+
+    def __call__(self, node: str, request_id: str, payload: bytes, reply: bytes) -> None:
+        if not request_id:
+            return
+        with self._lock:
+            per = self.runs.setdefault(request_id, {})
+            while len(self.runs) > MAX_LOGGED_REQUESTS:
+                self.runs.popitem(last=False)
+            if node not in per:
+                per[node] = RunSample()
+            sample = per[node]
+            if sample is None:
+                return
+            if len(sample.in_hashes) >= MAX_LOGGED_RUNS:
+                per[node] = None  # too long to keep: this request's runs on the node go unaudited
+                return
+            sample.add(payload, reply, self._rng)
+
+    def take(self, request_id: str) -> dict[str, RunSample | None]:
+        with self._lock:
+            return self.runs.pop(request_id, {})
+
+
 @dataclass
 class ExpertHostReceipts:
     """The `receipts` of an expert-parallel host's LocalModel on a paid entry (like SoloReceipts).
@@ -95,6 +152,15 @@ class ExpertHostReceipts:
     loop: asyncio.AbstractEventLoop
     timeout_s: float = RECEIPT_TIMEOUT_S
     pending: set = field(default_factory=set)
+    # the entry's audit policy (work.evidence.Auditor) and the mode the nodes run: expert runs are spot-checked
+    auditor: Any = None
+    mode: str = "exact"
+    runs: RunLog | None = None
+
+    def __post_init__(self) -> None:
+        if self.auditor is not None and self.runs is None:
+            self.runs = RunLog()
+            self.transport.on_run = self.runs
 
     def tally(self, request_id: str) -> StageTally:
         return StageTally(request_id, self.content_hash, 0, self.n_layers)
@@ -125,8 +191,28 @@ class ExpertHostReceipts:
                                        for i, n in enumerate(sorted(sent))))
         receipts = [mine] + [r for r in asked if r is not None]
         await self._settle(tally.request_id)  # nodes whose receipt ask did not carry their final voucher
-        await kept(self.sink(receipts, None))  # committed before the answer's end goes out (LocalStepper.finish)
+        checks = self._audit(tally.request_id, receipts[1:])
+        await kept(self.sink(receipts, checks or None))  # committed before the answer's end goes out
         return receipts
+
+    def _audit(self, request_id: str, receipts: list[ExpertReceipt]) -> list[Any]:
+        """Spot checks of the expert nodes the entry's auditor picks (each node's first request per epoch, others
+        at the audit rate): the sampled run of each, backed by the node's own receipt (work.evidence.expert_check)."""
+        if self.runs is None:
+            return []
+        from mesh402.work.evidence import expert_check  # lazy: kept off this module's import path
+
+        logged = self.runs.take(request_id)
+        out = []
+        for r in receipts:
+            sample = logged.get(r.node_id)
+            if sample is None or sample.step < 0:
+                continue
+            if self.auditor.pick([r.node_id], len(sample.in_hashes)) is None:
+                continue
+            out.append(expert_check(r, sample.in_hashes, sample.out_hashes, sample.step, sample.payload, sample.reply,
+                                    self.mode))
+        return out
 
     async def _settle(self, request_id: str) -> None:
         """With --escrow (the transport's ExpertPayer): sign the request's final vouchers no receipt ask

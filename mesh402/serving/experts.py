@@ -143,6 +143,8 @@ class MeshExpertTransport(_WireCounters):
         self._locks: dict[str, asyncio.Lock] = {}
         self.by_node: dict[str, int] = {}
         self.pay: ExpertPayer | None = None  # --escrow on a paid host: its expert nodes are paid with vouchers
+        # (node, request id, payload, reply) per answered run: the host's audit log (serving.expert_receipts)
+        self.on_run: Callable[[str, str, bytes, bytes], None] | None = None
         super().__init__()
 
     def call(self, node: str, payload: bytes, request_id: str = "") -> bytes:
@@ -161,6 +163,8 @@ class MeshExpertTransport(_WireCounters):
         except Exception as e:  # timeouts, resets, protocol errors: the node is not usable
             fut.cancel()
             raise ExpertNodeDown(f"expert node {node[:12]}: {e}") from e
+        if self.on_run is not None:
+            self.on_run(node, request_id, payload, reply)
         self.bytes_sent += len(payload)
         self.bytes_received += len(reply)
         self.by_node[node] = self.by_node.get(node, 0) + len(payload) + len(reply)

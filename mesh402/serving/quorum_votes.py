@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from mesh402.home import write_atomic
 from mesh402.mesh.proto import mesh_pb2 as pb
-from mesh402.serving.spot_checks import EngineFor, judge
+from mesh402.serving.spot_checks import ExpertsFor, EngineFor, judge
 from mesh402.serving.stage_link import K, error_frame, stage_frame
 from mesh402.work.evidence import SpotCheck, statement
 
@@ -121,8 +121,9 @@ class QuorumVoter:
     """A validator's votes on quorum checks. `votes_dir` holds each sealed vote until its check is executed."""
 
     def __init__(self, me: str, chain: QuorumChain, executor: Any, engine_for: EngineFor, device_sig: str,
-                 votes_dir: Path, *, poll_s: float = POLL_S) -> None:
+                 votes_dir: Path, *, poll_s: float = POLL_S, experts_for: ExpertsFor | None = None) -> None:
         self.me = me
+        self.experts_for = experts_for
         self.chain = chain
         self.executor = executor
         self.engine_for = engine_for
@@ -137,7 +138,7 @@ class QuorumVoter:
     # ---- the decision (tests/support/dishonest_validator_node.py replaces it) ----------------------------
     def decide(self, checks: list[SpotCheck]) -> bool:
         """True to vote "fail": some check that could be judged did not hold."""
-        return bool(judge(checks, self.engine_for, self.device_sig).failed)
+        return bool(judge(checks, self.engine_for, self.device_sig, self.experts_for).failed)
 
     # ---- evidence from an entry -----------------------------------------------------------------------
     async def on_evidence(self, peer: str, sf: pb.StageFrame) -> pb.Frame:

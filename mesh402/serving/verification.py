@@ -76,7 +76,8 @@ class TrustServices:
                  load_model: Callable[[str, int, int, str], Any], connect: Callable[[str], Awaitable[Link]],
                  peers: Callable[[], dict[str, dict[str, str]]], *, validator: bool = False,
                  device: str = "cpu", trusted_validators: Any = (), quorum: QuorumChain | None = None,
-                 votes_dir: Any = None, audit_rate: float = 0.1, epoch_s: int = 3600) -> None:
+                 votes_dir: Any = None, audit_rate: float = 0.1, epoch_s: int = 3600,
+                 load_experts: Callable[[str, list, str], Any] | None = None) -> None:
         """`chain`: None without an owner key and a chain; `validator`: answer VERIFY (--validator);
         `quorum`: spot checks are decided by the staked validator quorum (--quorum; a validator keeps its
         sealed votes in `votes_dir`);
@@ -102,12 +103,15 @@ class TrustServices:
         self.voter: QuorumVoter | None = None
         self.quorum_entry: QuorumEntry | None = None
         self.first_stage: FirstStageAuditor | None = None
+        self.load_experts = load_experts
+        self._expert_shard: tuple[Any, Any] | None = None
         if quorum is not None:
             self.quorum_entry = QuorumEntry(node_id, quorum, self._send_evidence, self._quorum_validators)
             # as the first remote stage of a split, this node audits the entry's own stage 0 and reports it
             self.first_stage = FirstStageAuditor(node_id, self.quorum_entry, audit_rate, epoch_s)
             if self.validator:
-                self.voter = QuorumVoter(node_id, quorum, executor, self._engine_for, self.device_sig, votes_dir)
+                self.voter = QuorumVoter(node_id, quorum, executor, self._engine_for, self.device_sig, votes_dir,
+                                         experts_for=self._experts_for)
         self._tasks: list[asyncio.Task] = []
         # --quorum: this node's agent, its stake and what checks took from it (status), refreshed in the background
         self.stake_status: dict[str, Any] = {}
@@ -211,6 +215,15 @@ class TrustServices:
         self._engines.move_to_end(key)
         return self._engines[key]
 
+    def _experts_for(self, model_hash: str, experts: list, mode: str) -> Any:
+        """The experts of an audited run, from this validator's own copy of the model (the last one is kept)."""
+        if self.load_experts is None:
+            raise FileNotFoundError("this node cannot load expert shards")
+        key = (model_hash, tuple(map(tuple, experts)), mode)
+        if self._expert_shard is None or self._expert_shard[0] != key:
+            self._expert_shard = (key, self.load_experts(model_hash, list(experts), mode))
+        return self._expert_shard[1]
+
     async def on_verify(self, peer: str, sf: pb.StageFrame) -> pb.Frame:
         """Re-execute the spot checks of a statement and answer its validation request on chain."""
         assert self.chain is not None
@@ -234,7 +247,8 @@ class TrustServices:
         if not status.exists:
             return error_frame(sf.request_id, f"no validation request {h} on chain", self.me, "not_requested")
         loop = asyncio.get_running_loop()
-        verdict = await loop.run_in_executor(self.executor, judge, checks, self._engine_for, self.device_sig)
+        verdict = await loop.run_in_executor(self.executor, judge, checks, self._engine_for, self.device_sig,
+                                             self._experts_for)
         tx = await self._chain(chain.respond, h, verdict.score, verdict.digest)
         log.info("validated %s epoch %s: score %d over %d checks", st["node"][:12], st["epoch"], verdict.score,
                  verdict.checked)

@@ -234,7 +234,10 @@ class EntryReceipts:
 
         try:
             known = bool(receipts) and receipts[0].model_hash in self._models
-            checks = spot_checks(receipts, evidence) if evidence is not None and not receipt_errors(receipts) else []
+            if evidence and all(isinstance(e, SpotCheck) for e in evidence):  # built by the host (expert runs)
+                checks = list(evidence) if not receipt_errors(receipts) else []
+            else:
+                checks = spot_checks(receipts, evidence) if evidence is not None and not receipt_errors(receipts) else []
             silent = [c.stage for c in checks if c.fault == NO_REVEAL]  # audited, revealed nothing: not paid for it
             self.store.record(receipts, revenue=0, epoch=epoch_of(time.time(), self.epoch_s),
                               flops=self.flops if known else None, expert_flops=self.expert_flops if known else None,

@@ -539,3 +539,53 @@ def test_a_paid_request_that_ends_before_its_first_token_settles_its_expert_runs
             await asyncio.sleep(0.01)
     asyncio.run(main())
     assert payer.sessions == {} and p.issuer.issued(p.wallet.worker) == 30
+
+
+class _CheatingShard:
+    """An expert node that returns its experts' output scaled by 1.01 (and signs receipts over that reply)."""
+
+    def __init__(self, worker: ExpertShardWorker) -> None:
+        self.worker = worker
+
+    def handle(self, payload: bytes) -> bytes:
+        from mesh402.engine.expert_parallel import decode_reply, encode_reply
+        return encode_reply({e: y * 1.01 for e, y in decode_reply(self.worker.handle(payload)).items()})
+
+
+@pytest.mark.parametrize("cheat", [False, True], ids=["honest", "cheating-node"])
+def test_the_host_audits_its_expert_nodes_runs_and_a_validator_judges_them(gguf_path, executor, cheat) -> None:
+    """The host samples one run per expert node and request (its own randomness), and its auditor turns it into a
+    spot check stored with the receipts; a validator's replay passes an honest node's run and fails a node that
+    returned wrong outputs, while the host's other node passes."""
+    from mesh402.serving.spot_checks import judge
+    from mesh402.work.evidence import Auditor
+    kept_checks: dict[str, list[Any]] = {}
+
+    def sink(rs, evidence=None):
+        kept_checks[rs[0].request_id] = list(evidence or [])
+
+    async def main():
+        model, tr, host, names = _host_model(gguf_path, executor, sink)
+        model.receipts.auditor = Auditor(1.0, 3600)  # every request audited
+        model.receipts.__post_init__()
+        cheater = sorted(names)[0]
+        if cheat:
+            tr.workers[cheater] = _CheatingShard(tr.workers[cheater])
+        _, steppers = await _run(model, False)
+        for s in steppers:
+            s.release()
+        await asyncio.gather(*(asyncio.wrap_future(f) for f in list(model.receipts.pending)))
+        return cheater
+    cheater = asyncio.run(main())
+    experts_for = lambda h, ex, mode: ExpertShardWorker(gguf_path, ex, mode=mode)  # noqa: E731
+    checks = [c for cs in kept_checks.values() for c in cs]
+    assert len(checks) == 4 and all(c.expert and c.step >= 0 for c in checks)  # 2 requests x 2 nodes
+    verdict = judge(checks, lambda *a: None, "", experts_for)
+    failed = {r.request_id for r in verdict.failed}
+    by_node = {(c.request_id, c.node_id) for c in checks}
+    if not cheat:
+        assert verdict.failed == [] and verdict.checked == 4
+    else:
+        bad = [c for c in checks if c.node_id == cheater]
+        assert {c.request_id for c in bad} == failed and len(verdict.failed) == 2, verdict.to_json()
+        assert verdict.checked == 4 and len(by_node) == 4
