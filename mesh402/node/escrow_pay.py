@@ -94,7 +94,7 @@ class EscrowPay:
         dist.pay_terms_for = self.terms
         dist.expert_terms_for = self.expert_terms
         dist.expert_service.pay = self.worker_pay  # expert work is paid like stage work
-        dist.expert_service.payer_of = lambda host: self._wallet_of(self.peer_labels(), host)
+        dist.expert_service.payer_of = self.wallet_of
         dist.pay_labels = {ESCROW_LABEL: self.label.to_label()}
         self.peer_labels = dist._peer_labels
         self.hosted = lambda: dist.hosted
@@ -102,6 +102,10 @@ class EscrowPay:
     def _wallet_of(self, peers: dict[str, dict[str, str]], node: str) -> str | None:
         theirs = EscrowLabel.parse(peers.get(node, {}).get(ESCROW_LABEL))
         return theirs.wallet if theirs is not None and theirs.same_escrow(self.label) else None
+
+    def wallet_of(self, node: str) -> str | None:
+        """The wallet peer `node` announces on this node's escrow (None: none): who may pay from it here."""
+        return self._wallet_of(self.peer_labels(), node)
 
     def workers(self) -> set[str]:
         """The wallets whose floats the keeper tends: the stages of the chains this node hosts now (so a

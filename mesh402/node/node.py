@@ -206,7 +206,7 @@ class Node:
         if gate is not None:  # and routed requests to this node, from entries on it, are taken with vouchers
             from mesh402.serving.work_pay import RoutedPay
 
-            gate.routed = RoutedPay(self.escrow.ledger)
+            gate.routed = RoutedPay(self.escrow.ledger, payer_of=self.escrow.wallet_of)
         self.escrow.start()
 
     def _stake_filter(self) -> StakeFilter | None:

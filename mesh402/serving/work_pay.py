@@ -28,7 +28,7 @@ import re
 from collections import deque
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 VOUCHER_EVERY = 16  # steps between the vouchers an entry sends each worker of a session
 MICRO = 1_000_000  # per_token_micro is in millionths of an atomic unit
@@ -337,10 +337,16 @@ class RoutedPay:
     earned from that entry (stage work included) and the most its other requests in flight can cost, the most
     this request can cost (`max_cost`, by the host's own prices). So the host never works unvouchered; it
     records the request's real cost when it ends (`done`), which it reports back (`earned`) so the entry nets
-    its prepayment into the next voucher (economics.vouchers.VoucherIssuer.routed)."""
+    its prepayment into the next voucher (economics.vouchers.VoucherIssuer.routed).
 
-    def __init__(self, book: WorkerBook) -> None:
+    `payer_of` (set by the node) maps the tunnel peer a request came from to the wallet it announces on this
+    node's escrow: the voucher's entry must be that wallet. A voucher is public once redeemed (its signature is
+    calldata), so without this any member could replay an entry's latest voucher and spend, in its name, the
+    part of its prepayment its requests did not use."""
+
+    def __init__(self, book: WorkerBook, payer_of: Callable[[str], str | None] | None = None) -> None:
         self.book = book
+        self.payer_of = payer_of
         self.live: dict[str, tuple[str, int]] = {}  # request id -> (entry, max cost)
         self.inflight: dict[str, int] = {}  # entry -> max cost of its requests in flight
         self.stats = RoutedPayStats()
@@ -350,8 +356,9 @@ class RoutedPay:
         self.stats.last_refusal = why
         return None, why
 
-    async def admit(self, request_id: str, raw: str, max_cost: int) -> tuple[str | None, str | None]:
-        """(the paying entry's wallet, None) when the voucher covers this request, else (None, why)."""
+    async def admit(self, request_id: str, raw: str, max_cost: int, peer: str = "") -> tuple[str | None, str | None]:
+        """(the paying entry's wallet, None) when the voucher, sent by tunnel peer `peer`, covers this request,
+        else (None, why)."""
         if not isinstance(raw, str) or len(raw) > VOUCHER_JSON_LIMIT:
             return self._refuse("the voucher header is missing or too large")
         try:
@@ -361,6 +368,11 @@ class RoutedPay:
         entry = voucher.get("entry") if isinstance(voucher, dict) else None
         if not is_address(entry):
             return self._refuse("the voucher names no entry address")
+        if self.payer_of is not None:
+            announced = self.payer_of(peer) if isinstance(peer, str) and peer else None
+            if announced is None or announced.lower() != str(entry).lower():
+                return self._refuse(f"the voucher names entry {entry}; the member that sent it announces "
+                                    f"{announced or 'no wallet on this escrow'}")
         if len(self.live) >= MAX_ROUTED_LIVE or request_id in self.live:
             return self._refuse("too many routed requests in flight here")
         why = await self.book.accept(str(entry), voucher)

@@ -213,12 +213,14 @@ def test_a_routed_request_to_a_paid_host_is_paid_with_a_voucher_and_forged_ones_
                 await evil.wait_connected(host.node_id)
                 return await evil.tunnel(host.node_id, "POST", "/v1/chat/completions", json.dumps(BODY).encode(),
                                          {"x-mesh402-voucher": json.dumps(voucher)})
-        for bad in (inflated, uncovered):
+        # a valid voucher of the entry's with room for one more request (as a redeemed one is public, with
+        # whatever prepayment the entry's requests did not use): only the member announcing its wallet may use it
+        valid = sign_voucher(chain.key("node-7"), chain_id, esc.address, host_wallet, 3 * PRICE).to_json()
+        for bad in (inflated, uncovered, valid):
             status, headers, body = asyncio.run(attack(bad))
             assert status == 402 and b"voucher_refused" in body and b"choices" not in body, (status, body[:300])
-        # a valid, covered voucher of the entry's, sent by a direct HTTP client: only the mesh tunnel's
-        # requests may pay with vouchers, so it is the usual 402 and nothing is kept
-        valid = sign_voucher(chain.key("node-7"), chain_id, esc.address, host_wallet, 3 * PRICE).to_json()
+        # the same, sent by a direct HTTP client: only the mesh tunnel's requests may pay with vouchers, so it is
+        # the usual 402 and nothing is kept
         r = httpx.post(f"http://127.0.0.1:{host.api_port}/v1/chat/completions", json=BODY, timeout=60,
                        headers={"x-mesh402-voucher": json.dumps(valid)})
         assert r.status_code == 402 and r.json()["error"]["code"] == "payment_required", r.text

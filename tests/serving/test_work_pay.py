@@ -240,3 +240,28 @@ def test_routed_requests_are_prepaid_netted_and_never_admitted_beyond_the_vouche
         assert p.ledger.owed(entry) == 160
         assert MAX_ROUTED_LIVE >= 64
     asyncio.run(go())
+
+
+def test_a_routed_voucher_is_taken_only_from_the_member_that_announces_its_entry_wallet(tmp_path: Path) -> None:
+    """A voucher is public once redeemed: replayed through the tunnel by another member (or by a member that
+    announces no wallet on this escrow) it buys nothing, even where the entry's prepayment has room for it."""
+    import json
+
+    from mesh402.serving.work_pay import RoutedPay
+    p = pay_pair(tmp_path, coverage=1_000)
+    entry = p.issuer.address.lower()
+    announced = {"entry-node": p.issuer.address, "evil-node": "0x" + "ee" * 20}
+    host = RoutedPay(p.ledger, payer_of=announced.get)
+    raw = json.dumps(p.issuer.routed(p.wallet.worker, 100).to_json())
+
+    async def go() -> None:
+        for peer in ("evil-node", "unknown-node", ""):
+            got, why = await host.admit("r-" + peer, raw, 10, peer)
+            assert got is None and why is not None and "announces" in why, why
+        assert host.live == {} and p.ledger.held(entry) == 0  # nothing kept from a refused sender
+        got, why = await host.admit("r1", raw, 10, "entry-node")
+        assert why is None and got == entry
+        host.done("r1", 10)  # 90 of the prepayment left unused: still only the entry's own member may use it
+        assert (await host.admit("r2", raw, 10, "evil-node"))[0] is None
+        assert (await host.admit("r3", raw, 10, "entry-node"))[1] is None
+    asyncio.run(go())

@@ -288,7 +288,8 @@ class PaymentGate(Pricing):
         of what the entry owes this node; else 402 (the entry may then pay with x402). Nothing is settled:
         the request's cost is recorded as owed when it ends (`complete`), and redeemed with the vouchers."""
         most = charge.cost(charge.prompt_tokens, charge.max_tokens)
-        entry, why = await self.routed.admit(charge.request_id, request.headers[VOUCHER_HEADER], most)
+        entry, why = await self.routed.admit(charge.request_id, request.headers[VOUCHER_HEADER], most,
+                                             str(request.scope.get(PEER_SCOPE_KEY) or ""))
         if entry is None:
             raise self.payment_required(request, reqs, f"escrow voucher not accepted: {why}", "voucher_refused")
         charge.mode, charge.payer, charge.amount, charge.available = "voucher", entry, most, most
