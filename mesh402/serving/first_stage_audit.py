@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from mesh402.commitment import activation_hash
 from mesh402.serving.quorum_votes import QuorumEntry
-from mesh402.work.evidence import Auditor, SpotCheck, first_stage_check
+from mesh402.work.evidence import Auditor, SpotCheck, first_stage_check, stage0_terms_errors
 from mesh402.work.receipts import Receipt, running_hash, verify_receipt
 
 log = logging.getLogger(__name__)
@@ -65,21 +65,30 @@ class FirstStageAuditor:
         self.reports = FirstStageReports()
         self.results: dict[str, dict[str, Any]] = {}  # "epoch:entry" -> the last step's result (status)
         self._tasks: dict[tuple[int, str], asyncio.Task] = {}
+        self.unsigned = 0  # CLOSEs whose entry signed no stage-0 terms: its stage 0 cannot be judged
 
-    def on_close(self, receipt: dict[str, Any], records: list[dict[str, Any]], mode: str, restored: bool) -> None:
-        """Stage 1's CLOSE: the entry's signed stage-0 receipt and the steps this stage received. Decides (its own
-        randomness) whether to audit, and starts the quorum check in the background. Never raises."""
+    def on_close(self, receipt: dict[str, Any], terms: str, records: list[dict[str, Any]], restored: bool) -> None:
+        """Stage 1's CLOSE: the entry's signed stage-0 receipt and terms, and the steps this stage received.
+        Decides (its own randomness) whether to audit, and starts the quorum check in the background. Never
+        raises. An entry that signs no terms cannot be judged: its stage-0 work is counted (`unsigned`)."""
         try:
-            self._on_close(receipt, records, mode, restored)
+            self._on_close(receipt, terms, records, restored)
         except Exception as e:  # an audit is never worth failing a CLOSE over
             log.warning("stage-0 audit not started: %s", e)
 
-    def _on_close(self, receipt: dict[str, Any], records: list[dict[str, Any]], mode: str, restored: bool) -> None:
-        if mode != "exact" or restored or not records:
-            return  # fast mode is judged only on the same kernels; a restored prefix has no records from 0
+    def _on_close(self, receipt: dict[str, Any], raw_terms: str, records: list[dict[str, Any]],
+                  restored: bool) -> None:
+        if restored or not records:
+            return  # a restored prefix has no records from position 0
         r = Receipt.from_json(receipt)
         if r.stage != 0 or r.layer_start != 0 or not verify_receipt(r):
             return
+        terms = json.loads(raw_terms) if raw_terms and len(raw_terms) <= 4096 else None
+        if not isinstance(terms, dict) or stage0_terms_errors(terms, r):
+            self.unsigned += 1
+            return
+        if terms.get("mode") != "exact" or any(x.get("dtype") != terms.get("dtype") for x in records):
+            return  # fast-mode work is judged only on the same kernels (the entry's device is its own claim)
         if running_hash([activation_hash(x["data"]) for x in records]) != r.output_hash:
             log.info("request %s: the entry's stage-0 receipt is not what this stage received: not audited",
                      r.request_id)
@@ -91,7 +100,7 @@ class FirstStageAuditor:
         step = self.auditor.pick([r.node_id], len(records), [len(x["data"]) for x in records])
         if step is None:
             return
-        self.reports.checks[key] = [first_stage_check(receipt, records, step, mode, self.me)]
+        self.reports.checks[key] = [first_stage_check(receipt, terms, records, step, self.me)]
         while len(self.reports.checks) > MAX_REPORTS * 4:
             self.reports.checks.popitem(last=False)
         self._tasks[key] = asyncio.get_running_loop().create_task(self._drive(epoch, r.node_id))
@@ -118,5 +127,5 @@ class FirstStageAuditor:
             t.cancel()
 
     def status(self) -> dict[str, Any]:
-        return {"driving": len(self._tasks), "checks": {k: json.loads(json.dumps(v, default=str))
+        return {"driving": len(self._tasks), "unsigned": self.unsigned, "checks": {k: json.loads(json.dumps(v, default=str))
                                                         for k, v in list(self.results.items())[-16:]}}

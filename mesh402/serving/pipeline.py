@@ -480,8 +480,12 @@ class PipelineStepper:
 
     async def _collect_receipts(self, link: Link) -> None:
         """CLOSE carrying this node's stage-0 receipt; the stages add theirs and the chain comes back."""
+        from mesh402.work.evidence import sign_stage0_terms  # lazy: kept off this module's import path
+
         mine = self.tally.receipt(self.model.signer, 0)
-        params = {"receipts": dump_json([mine.to_json()]), **(await self._close_params())}
+        terms = sign_stage0_terms(self.model.signer, mine, mode=self.model.engine0.mode, dtype=self.model.wire_dtype)
+        params = {"receipts": dump_json([mine.to_json()]), "stage0_terms": dump_json(terms),
+                  **(await self._close_params())}
         auditor, chain = self.model.auditor, self.chain
         step = auditor.pick([h.node for h in chain.hops], self.steps_done, [len(x.payload) for x in self.sent]) \
             if auditor and chain else None

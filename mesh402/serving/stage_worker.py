@@ -106,8 +106,9 @@ class StageWorker:
         self.services: dict[int, Callable[[str, pb.StageFrame], Awaitable[pb.Frame]]] = {}
         self.on_receipt: Callable[[str], None] | None = None  # called with the entry's node id per signed receipt
         # the first remote stage's audit of the entry's stage 0 (serving.first_stage_audit), set under --quorum:
-        # (the entry's stage-0 receipt, the steps received, the mode, whether a prefix was restored)
-        self.on_first_stage: Callable[[dict[str, Any], list[dict[str, Any]], str, bool], None] | None = None
+        # (the entry's stage-0 receipt, its signed stage-0 terms (JSON), the steps received, whether a prefix was
+        # restored)
+        self.on_first_stage: Callable[[dict[str, Any], str, list[dict[str, Any]], bool], None] | None = None
         # Escrow vouchers (serving.work_pay), set by the node that is paid by them: every session must carry
         # pay terms for this stage in its grant, and the entry must keep its vouchers up (else `unpaid`).
         self.pay: WorkerPay | None = None
@@ -401,7 +402,8 @@ class StageWorker:
             evidence = list(json.loads(close.params.get("evidence", "[]")))
             if self.on_first_stage is not None and len(chain) == 1 and tally is not None:
                 # the first remote stage: the entry's own stage 0 is audited from what arrived here
-                self.on_first_stage(chain[0], list(tally.records), engine.stages[0].mode, bool(tally.prefix_records))
+                self.on_first_stage(chain[0], close.params.get("stage0_terms", ""), list(tally.records),
+                                    bool(tally.prefix_records))
             if self.signer is not None:
                 prev = Receipt.from_json(chain[-1]).digest if chain else ""
                 chain.append(tally.receipt(self.signer, len(chain), prev).to_json())

@@ -230,7 +230,34 @@ def signed_reveal_of(check: SpotCheck) -> dict[str, Any]:
     return ev
 
 
-def first_stage_check(receipt: dict[str, Any], records: list[dict[str, Any]], step: int, mode: str,
+STAGE0_TERMS_DOMAIN = b"mesh402 stage-0 terms v1\n"
+
+
+def _terms_body(terms: dict[str, Any]) -> bytes:
+    return STAGE0_TERMS_DOMAIN + json.dumps({k: v for k, v in terms.items() if k != "signature"}, sort_keys=True,
+                                            separators=(",", ":")).encode()
+
+
+def sign_stage0_terms(identity: Any, receipt: Receipt, *, mode: str, dtype: str) -> dict[str, Any]:
+    """What the entry signs at CLOSE next to its stage-0 receipt: the mode its stage 0 ran and the wire dtype of
+    what it sent. Replay needs both and the receipt does not say them (f16 and bf16 payloads have the same
+    size), so without this signature a first remote stage could frame an honest entry by misstating them."""
+    terms = {"request_id": receipt.request_id, "receipt": receipt.digest, "mode": str(mode), "dtype": str(dtype)}
+    return {**terms, "signature": identity.sign(_terms_body(terms)).hex()}
+
+
+def stage0_terms_errors(terms: Any, r: Receipt) -> str:
+    """Why `terms` are not the entry's signed terms for receipt `r` ("" when they are)."""
+    try:
+        ok = verify(bytes.fromhex(r.node_id), _terms_body(terms), bytes.fromhex(str(terms["signature"])))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        ok = False
+    if not ok or terms.get("receipt") != r.digest or terms.get("request_id") != r.request_id:
+        return "the stage-0 terms are not the entry's, for this receipt"
+    return ""
+
+
+def first_stage_check(receipt: dict[str, Any], terms: dict[str, Any], records: list[dict[str, Any]], step: int,
                       reporter: str) -> SpotCheck:
     """The first remote stage's spot check of the entry's own stage 0: the entry's signed stage-0 receipt (it
     came with CLOSE), and what this stage received per step (token ids, positions, the payloads stage 0 sent).
@@ -239,11 +266,13 @@ def first_stage_check(receipt: dict[str, Any], records: list[dict[str, Any]], st
     if not 0 <= step < len(records):
         raise ValueError(f"no step {step} to audit ({len(records)} received)")
     x = records[step]
-    return SpotCheck(r.request_id, 0, r.node_id, r.model_hash, r.layer_start, r.layer_end, mode, step, False,
+    return SpotCheck(r.request_id, 0, r.node_id, r.model_hash, r.layer_start, r.layer_end, str(terms.get("mode", "")),
+                     step, False,
                      [{**rec, "data": _b64(rec["data"])} for rec in records[:step + 1]], _b64(x["data"]),
                      str(x["dtype"]), list(x["shape"]), receipt=r.to_json(),
                      in_hashes=[token_step_hash(rec["tokens"]).hex() for rec in records],
-                     out_hashes=[activation_hash(rec["data"]).hex() for rec in records], first=True, reporter=reporter)
+                     out_hashes=[activation_hash(rec["data"]).hex() for rec in records], reveal=dict(terms),
+                     first=True, reporter=reporter)
 
 
 def expert_check(receipt: Any, in_hashes: list[bytes], out_hashes: list[bytes], step: int, payload: bytes,
@@ -287,6 +316,13 @@ def _first_stage_errors(check: SpotCheck, r: Receipt) -> str:
     never matches, so it cannot frame an honest entry: such a check is skipped, never failed."""
     if r.stage != 0 or r.layer_start != 0:
         return "not a receipt of the entry's stage 0"
+    terms = check.reveal or {}
+    problem = stage0_terms_errors(terms, r)
+    if problem:
+        return problem
+    if check.mode != terms.get("mode") or check.expected_dtype != terms.get("dtype") or any(
+            x.get("dtype") != terms.get("dtype") for x in check.inputs):
+        return "the mode or wire dtype is not the one the entry signed"
     try:
         ins = [bytes.fromhex(h) for h in check.in_hashes]
         outs = [bytes.fromhex(h) for h in check.out_hashes]

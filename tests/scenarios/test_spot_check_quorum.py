@@ -12,10 +12,10 @@ A, C and D. After the appeal window the checks execute:
 (d) C's check fails (every seated validator re-executed the perturbed step), C loses half its stake, the
     entry (the reporter) gets half of that, and `mesh402 payout` pays C nothing; B keeps its stake;
 (e) B's check passes 2 to 1: B is not slashed, D (the minority) loses 10% of its stake.
-(g) the entry A's own stage 0 perturbs its activations too (the test-only `MESH402_TAMPER_HOST`): B, the first
-    remote stage, audits it from what it received and A's signed stage-0 receipt, opens a quorum check on A's
-    agent as the reporter, and the quorum (B, C and D; never A) fails it: A loses half its stake, B gets the
-    reporter's share.
+(g) the entry A's own stage 0 perturbs its activations too (the test-only `MESH402_TAMPER_HOST`): the first
+    remote stage (B or C) audits it from what it received and A's signed stage-0 receipt and terms, opens a
+    quorum check on A's agent as the reporter, and the quorum (B, C and D; never A) fails it: A loses half its
+    stake.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ class QuorumMesh:
     rounds: dict[str, dict[str, Any]]  # node id -> the entry's last round result
     stake_before: dict[str, int]
     entry_before: int  # the entry's wallet before the checks executed (it is the reporter)
-    first_stage: dict[str, Any] | None = None  # B's result for its check of A's stage 0 (test g)
+    first_stage: dict[str, Any] | None = None  # the reporter's result for its check of A's stage 0 (test g)
+    reporter: str = ""  # "b" or "c": the first remote stage
 
     def quorum(self) -> Any:
         from mesh402.economics.quorum import Quorum
@@ -114,8 +115,8 @@ def _drive(a: MeshNode, chain: DevChain, epoch: int, appeal_window: int, timeout
 
 
 def _drive_first_stage(b: MeshNode, chain: DevChain, appeal_window: int, timeout: float = 120.0) -> dict[str, Any]:
-    """B drives its check of A's stage 0 by itself (every 2 s); the test mines blocks and moves the clock past
-    the appeal window once the check waits in it. B's last result for the check."""
+    """The first remote stage `b` drives its check of A's stage 0 by itself (every 2 s); the test mines blocks and
+    moves the clock past the appeal window once the check waits in it. Its last result for the check."""
     w3 = chain.w3()
     t0 = time.monotonic()
     while True:
@@ -123,7 +124,7 @@ def _drive_first_stage(b: MeshNode, chain: DevChain, appeal_window: int, timeout
         res = next(iter(audits.values()), {})
         if "score" in res:
             return res
-        assert time.monotonic() - t0 < timeout, f"B's check of the entry's stage 0 not executed: {audits}"
+        assert time.monotonic() - t0 < timeout, f"the check of the entry's stage 0 not executed: {audits}"
         if (res.get("quorum") or {}).get("phase") == "appeal-window":
             w3.provider.make_request("evm_increaseTime", [appeal_window + 1])
         w3.provider.make_request("anvil_mine", ["0x1"])
@@ -187,7 +188,10 @@ def quorum_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QuorumMesh
         m.stake_before = {k: m.stake(k) for k in named}
         m.rounds = _drive(a, chain, epoch, m.quorum().params().appeal_window)
         lap("both quorum checks executed")
-        m.first_stage = _drive_first_stage(b, chain, m.quorum().params().appeal_window)
+        # the first remote stage (B or C, as placement ordered them) audits the entry's stage 0
+        reporter = min((st for st in plan["stages"] if st[0] != a.node_id), key=lambda st: st[1])[0]
+        m.reporter = next(k for k, n in named.items() if n.node_id == reporter)
+        m.first_stage = _drive_first_stage(named[m.reporter], chain, m.quorum().params().appeal_window)
         lap("the entry's stage-0 check executed")
         yield m
     finally:
@@ -256,7 +260,7 @@ def test_e_dishonest_validator_cannot_slash_an_honest_stage_and_loses_stake(quor
 def test_g_the_entrys_own_stage_0_is_audited_by_the_first_stage_and_slashed(quorum_mesh: QuorumMesh) -> None:
     from mesh402.economics.quorum import Outcome
     m = quorum_mesh
-    b = m.nodes["b"]
+    reporter = m.nodes[m.reporter]
     q = m.quorum()
     res = m.first_stage
     assert res is not None and res["score"] == 0 and res["quorum"]["final"] == "failed", res
@@ -268,6 +272,6 @@ def test_g_the_entrys_own_stage_0_is_audited_by_the_first_stage_and_slashed(quor
     params = q.params()
     slashed = m.stake_before["a"] * params.stage_slash_bps // 10_000
     assert m.stake("a") == m.stake_before["a"] - slashed  # the cheating entry lost half its stake
-    assert m.stake("b") == m.stake_before["b"]  # the reporter and honest validators keep theirs
-    audits = b.status()["node"]["distributed"]["first_stage_audits"]
-    assert audits["driving"] == 0
+    assert m.stake("b") == m.stake_before["b"]  # B, honest stage and validator, keeps its stake
+    audits = reporter.status()["node"]["distributed"]["first_stage_audits"]
+    assert audits["driving"] == 0 and audits["unsigned"] == 0
