@@ -120,16 +120,22 @@ class VoucherIssuer:
             now = time.time()
             if want <= paid and cur is not None:  # nothing new: the voucher already held covers it
                 return Voucher(self.address, checksum_address(worker), total, bytes(cur[1]))
-            total += max(0, want - paid)
-            v = sign_voucher(self.key, self.escrow.chain_id, self.escrow.address, worker, total)
-            self.book._db.execute("BEGIN")
-            self.book._db.execute("INSERT INTO issued VALUES (?,?,?,?) ON CONFLICT(worker) DO UPDATE SET "
-                                  "cumulative=excluded.cumulative, signature=excluded.signature, "
-                                  "updated=excluded.updated", (w, total, v.signature, now))
-            self.book._db.execute("INSERT INTO session_paid VALUES (?,?,?,?) ON CONFLICT(worker, key) DO UPDATE SET "
-                                  "amount=excluded.amount, updated=excluded.updated", (w, key, max(paid, want), now))
-            self.book._db.execute("DELETE FROM session_paid WHERE updated < ?", (now - SESSION_ROWS_KEPT_S,))
-            self.book._db.execute("COMMIT")
+            return self._raise_locked(worker, total + max(0, want - paid), [
+                ("INSERT INTO session_paid VALUES (?,?,?,?) ON CONFLICT(worker, key) DO UPDATE SET "
+                 "amount=excluded.amount, updated=excluded.updated", (w, key, max(paid, want), now)),
+                ("DELETE FROM session_paid WHERE updated < ?", (now - SESSION_ROWS_KEPT_S,))])
+
+    def _raise_locked(self, worker: str, total: int, also: list[tuple[str, tuple]]) -> Voucher:
+        """Sign `worker`'s cumulative voucher at `total` and store it with the `also` rows in one transaction (the
+        book's lock held by the caller): a voucher counts only once it is on disk with what it accounts for."""
+        v = sign_voucher(self.key, self.escrow.chain_id, self.escrow.address, worker, total)
+        self.book._db.execute("BEGIN")
+        self.book._db.execute("INSERT INTO issued VALUES (?,?,?,?) ON CONFLICT(worker) DO UPDATE SET "
+                              "cumulative=excluded.cumulative, signature=excluded.signature, "
+                              "updated=excluded.updated", (worker.lower(), total, v.signature, time.time()))
+        for sql, args in also:
+            self.book._db.execute(sql, args)
+        self.book._db.execute("COMMIT")
         return v
 
     def totals(self) -> dict[str, int]:
@@ -154,16 +160,9 @@ class VoucherIssuer:
             want = confirmed + int(cap)
             if want <= high and cur is not None:
                 return Voucher(self.address, checksum_address(worker), total, bytes(cur[1]))
-            total += max(0, want - high)
-            v = sign_voucher(self.key, self.escrow.chain_id, self.escrow.address, worker, total)
-            self.book._db.execute("BEGIN")
-            self.book._db.execute("INSERT INTO issued VALUES (?,?,?,?) ON CONFLICT(worker) DO UPDATE SET "
-                                  "cumulative=excluded.cumulative, signature=excluded.signature, "
-                                  "updated=excluded.updated", (w, total, v.signature, time.time()))
-            self.book._db.execute("INSERT INTO routed VALUES (?,?,?) ON CONFLICT(worker) DO UPDATE SET "
-                                  "high=excluded.high", (w, confirmed, max(high, want)))
-            self.book._db.execute("COMMIT")
-        return v
+            return self._raise_locked(worker, total + max(0, want - high), [
+                ("INSERT INTO routed VALUES (?,?,?) ON CONFLICT(worker) DO UPDATE SET high=excluded.high",
+                 (w, confirmed, max(high, want)))])
 
     def routed_earned(self, worker: str, reported: int) -> int:
         """The host says it earned `reported` in total from this entry's routed requests: netted into the next

@@ -5,6 +5,7 @@ node's (the rows it ran), each with the work units of what it computed."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -18,6 +19,20 @@ from tests.support.moe_mesh import BUDGET, MESSAGES
 MAX_TOKENS = 8
 
 
+def moe_split(nodes: MeshNodes, moe_model: Path, flags: dict[str, list[str]]) -> tuple[Any, Any, dict, Any, Any]:
+    """Nodes a and b (each with its `flags`) holding the tiny MoE split by experts: (a, b, plan, host, worker)."""
+    def extra(name: str) -> list[str]:
+        return ["--model", str(moe_model), "--mode", "exact", "--max-vram", str(BUDGET[name]), *flags[name]]
+
+    a = nodes.start("a", no_model=False, extra=extra("a"), timeout=120)
+    b = nodes.start("b", join=a.token(), no_model=False, extra=extra("b"), timeout=120)
+    wait_until(lambda: all((plan_of(n) or {}).get("kind") == "experts" for n in (a, b)), timeout=180,
+               what="an expert-parallel plan")
+    plan = plan_of(a)
+    host, worker = (a, b) if plan["host"] == a.node_id else (b, a)
+    return a, b, plan, host, worker
+
+
 def test_paid_expert_parallel_request_keeps_a_receipt_per_node(tmp_path: Path, moe_model) -> None:
     from mesh402.work.receipts import ExpertReceipt, expert_errors
     from mesh402.work.units import moe_flops
@@ -25,16 +40,8 @@ def test_paid_expert_parallel_request_keeps_a_receipt_per_node(tmp_path: Path, m
     chain, fac, paid = paid_chain(tmp_path)
     nodes = MeshNodes(tmp_path / "nodes")
 
-    def extra(name: str) -> list[str]:
-        return ["--model", str(moe_model), "--mode", "exact", "--max-vram", str(BUDGET[name]), *paid]
-
     try:
-        a = nodes.start("a", no_model=False, extra=extra("a"), timeout=120)
-        b = nodes.start("b", join=a.token(), no_model=False, extra=extra("b"), timeout=120)
-        wait_until(lambda: all((plan_of(n) or {}).get("kind") == "experts" for n in (a, b)), timeout=180,
-                   what="an expert-parallel plan")
-        plan = plan_of(a)
-        host, worker = (a, b) if plan["host"] == a.node_id else (b, a)
+        a, b, plan, host, worker = moe_split(nodes, moe_model, {n: paid for n in BUDGET})
         model = httpx.get(f"http://127.0.0.1:{host.api_port}/v1/models", timeout=10).json()["data"][0]["id"]
         body = {"model": model, "messages": MESSAGES, "max_tokens": MAX_TOKENS, "temperature": 0}
         assert buy_chat(chain, host.api_port, body) == 200
@@ -68,17 +75,9 @@ def test_expert_node_is_paid_by_escrow_vouchers_and_refuses_an_uncovered_host(tm
     nodes = MeshNodes(tmp_path / "nodes")
     accounts = {"a": "node-0", "b": "node-1"}
 
-    def extra(name: str) -> list[str]:
-        return ["--model", str(moe_model), "--mode", "exact", "--max-vram", str(BUDGET[name]),
-                *escrow_args(chain, fac_url, accounts[name])]
-
     try:
-        a = nodes.start("a", no_model=False, extra=extra("a"), timeout=120)
-        b = nodes.start("b", join=a.token(), no_model=False, extra=extra("b"), timeout=120)
-        wait_until(lambda: all((plan_of(n) or {}).get("kind") == "experts" for n in (a, b)), timeout=180,
-                   what="an expert-parallel plan")
-        plan = plan_of(a)
-        host, worker = (a, b) if plan["host"] == a.node_id else (b, a)
+        a, b, plan, host, worker = moe_split(nodes, moe_model,
+                                             {n: escrow_args(chain, fac_url, accounts[n]) for n in BUDGET})
         host_acct, worker_acct = (accounts["a"], accounts["b"]) if host is a else (accounts["b"], accounts["a"])
         wait_until(lambda: "escrow" in ((host.peers().get(worker.node_id, {}).get("announcement") or {})
                                         .get("labels") or {}), timeout=60, what="the expert node's escrow label")
