@@ -95,6 +95,7 @@ class EscrowPay:
         dist.expert_terms_for = self.expert_terms
         dist.expert_service.pay = self.worker_pay  # expert work is paid like stage work
         dist.expert_service.payer_of = self.wallet_of
+        dist.worker.payer_of = self.wallet_of  # a stage's terms must name the wallet its host announces
         dist.pay_labels = {ESCROW_LABEL: self.label.to_label()}
         self.peer_labels = dist._peer_labels
         self.hosted = lambda: dist.hosted

@@ -181,6 +181,7 @@ class DistributedRuntime(Failover):
         self.expert_service = ExpertService(  # signs a receipt per host request when the host asks
             self._load_experts, accounts=ExpertAccounts(identity) if identity is not None else None,
             may_assign=self._may_assign_experts, idle_timeout=node.config.timers.stage_idle_s, me=self.me)
+        self.expert_service.on_receipt = self.trust.worked_for.add  # expert work may be validated like a stage's
         mesh.register_handler(StreamType.EXPERT, self._on_expert_stream)
 
     # ---------------------------------------------------------------- lifecycle

@@ -242,6 +242,7 @@ class ExpertService:
         self.bytes_in = 0
         self.bytes_out = 0
         self.me = me  # this node's id: the key of its voucher in a run's pay map
+        self.on_receipt: Callable[[str], None] | None = None  # called with the host's node id per signed receipt
         self.pay: WorkerPay | None = None  # --escrow: expert work is paid with vouchers, else refused (`unpaid`)
         # --escrow: the wallet a host peer announces on this node's escrow (None: none). Terms naming another payer
         # are refused: a host must not run work on another entry's float and leave that entry behind here.
@@ -386,5 +387,7 @@ class ExpertService:
         got = self.accounts.receipt(host, sf.request_id, int(sf.params.get("stage", "1"))) if self.accounts else None
         if got is None:
             raise StageError(f"no expert work of request {sf.request_id} held here", code="no_receipt")
+        if self.on_receipt is not None:
+            self.on_receipt(host)  # a host this node signed work for may ask it to request validation of it
         return stage_frame(K.STAGE_KIND_RESULT, request_id=sf.request_id,
                            params={"receipt": json.dumps(got.to_json(), separators=(",", ":"))})

@@ -112,6 +112,7 @@ class StageWorker:
         # Escrow vouchers (serving.work_pay), set by the node that is paid by them: every session must carry
         # pay terms for this stage in its grant, and the entry must keep its vouchers up (else `unpaid`).
         self.pay: WorkerPay | None = None
+        self.payer_of: Callable[[str], str | None] | None = None  # host node id -> the wallet it announces
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -246,7 +247,7 @@ class StageWorker:
             return
         try:
             grant, chain = self._check_open(peer, open_, key)
-            pay_key = await self._admit_pay(grant, open_)
+            pay_key = await self._admit_pay(grant, open_, self.assigners.get(key, peer))
         except StageError as e:
             self.stats.opens_refused += 1
             log.info("OPEN from %s refused: %s", peer[:12], e)
@@ -297,15 +298,22 @@ class StageWorker:
                 except Exception:
                     pass
 
-    async def _admit_pay(self, grant: OpenGrant, open_: pb.StageFrame) -> str:
+    async def _admit_pay(self, grant: OpenGrant, open_: pb.StageFrame, host: str) -> str:
         """The session's key in the worker's pay book ('' when this stage is not paid by vouchers); raises
-        StageError `unpaid` when the grant names no terms for this stage or the entry cannot pay now."""
+        StageError `unpaid` when the grant names no terms for this stage, names a payer other than the wallet its
+        host announces (a host could otherwise run work on another entry's float and leave that entry behind
+        here), or the entry cannot pay now."""
         if self.pay is None:
             return ""
         terms = grant.pay.get(self.node_id)
         if terms is None:
             raise StageError("this stage is paid by escrow vouchers: the grant names no pay terms for it",
                              code="unpaid")
+        if self.payer_of is not None:
+            wallet = self.payer_of(host)
+            if wallet is None or wallet.lower() != terms.payer.lower():
+                raise StageError(f"the grant names payer {terms.payer}; host {host[:12]} announces "
+                                 f"{wallet or 'no wallet on this escrow'}", node=self.node_id, code="unpaid")
         try:
             mine = (pay_map(open_.params.get(PAY_PARAM)) or {}).get(self.node_id)
         except ValueError as e:

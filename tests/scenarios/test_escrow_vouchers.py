@@ -66,6 +66,9 @@ def paid_split(nodes: MeshNodes, chain: DevChain, fac: str, accounts: tuple[str,
     wait_until(lambda: "escrow" in ((host.peers().get(worker.node_id, {}).get("announcement") or {}).get("labels")
                                     or {}), timeout=60,
                what="the worker's escrow label at the host")
+    wait_until(lambda: "escrow" in ((worker.peers().get(host.node_id, {}).get("announcement") or {}).get("labels")
+                                    or {}), timeout=60,
+               what="the host's escrow label at the worker (its grants must name that wallet as the payer)")
     return host, worker, host_acct, worker_acct
 
 

@@ -19,13 +19,15 @@ from tests.support.moe_mesh import BUDGET, MESSAGES
 MAX_TOKENS = 8
 
 
-def moe_split(nodes: MeshNodes, moe_model: Path, flags: dict[str, list[str]]) -> tuple[Any, Any, dict, Any, Any]:
-    """Nodes a and b (each with its `flags`) holding the tiny MoE split by experts: (a, b, plan, host, worker)."""
+def moe_split(nodes: MeshNodes, moe_model: Path, flags: dict[str, list[str]], **b_proc: Any
+              ) -> tuple[Any, Any, dict, Any, Any]:
+    """Nodes a and b (each with its `flags`; `b_proc`: b's env/launcher) holding the tiny MoE split by experts:
+    (a, b, plan, host, worker)."""
     def extra(name: str) -> list[str]:
         return ["--model", str(moe_model), "--mode", "exact", "--max-vram", str(BUDGET[name]), *flags[name]]
 
     a = nodes.start("a", no_model=False, extra=extra("a"), timeout=120)
-    b = nodes.start("b", join=a.token(), no_model=False, extra=extra("b"), timeout=120)
+    b = nodes.start("b", join=a.token(), no_model=False, extra=extra("b"), timeout=120, **b_proc)
     wait_until(lambda: all((plan_of(n) or {}).get("kind") == "experts" for n in (a, b)), timeout=180,
                what="an expert-parallel plan")
     plan = plan_of(a)
@@ -34,14 +36,29 @@ def moe_split(nodes: MeshNodes, moe_model: Path, flags: dict[str, list[str]]) ->
 
 
 def test_paid_expert_parallel_request_keeps_a_receipt_per_node(tmp_path: Path, moe_model) -> None:
+    """... and (issue 14, property 5 for expert work) an expert node b that returns its experts' outputs scaled
+    by 1.01 (test-only `MESH402_TAMPER_EXPERTS`; its receipts stay well formed) fails its spot check on chain: the
+    host, which validates (--validator), audits b's first request of the epoch from one sampled run; in the
+    validation round b requests ERC-8004 validation of its work, the host re-executes the run on its own copy
+    of those experts and answers 0."""
+    import subprocess
+    import sys
+
+    from harness.procs import MESH402
+    from mesh402.economics.validation_registry import validation_status
     from mesh402.work.receipts import ExpertReceipt, expert_errors
     from mesh402.work.units import moe_flops
     from mesh402.models.gguf_meta import read_gguf_meta
     chain, fac, paid = paid_chain(tmp_path)
     nodes = MeshNodes(tmp_path / "nodes")
+    owner = {n: ["--owner-key-file", str(chain.dep.key_file(acct)), "--deployment", str(chain.dir)]
+             for n, acct in (("a", "node-0"), ("b", "node-1"))}
 
     try:
-        a, b, plan, host, worker = moe_split(nodes, moe_model, {n: paid for n in BUDGET})
+        a, b, plan, host, worker = moe_split(
+            nodes, moe_model, {"a": [*paid, *owner["a"], "--validator"], "b": owner["b"]},
+            env={"MESH402_TAMPER_EXPERTS": "scale"}, launcher=[sys.executable, "-m", "tests.support.tamper_node"])
+        assert (host, worker) == (a, b), plan  # a has the larger budget: it hosts (and pays, and validates)
         model = httpx.get(f"http://127.0.0.1:{host.api_port}/v1/models", timeout=10).json()["data"][0]["id"]
         body = {"model": model, "messages": MESSAGES, "max_tokens": MAX_TOKENS, "temperature": 0}
         assert buy_chat(chain, host.api_port, body) == 200
@@ -58,6 +75,19 @@ def test_paid_expert_parallel_request_keeps_a_receipt_per_node(tmp_path: Path, m
         want = {r.node_id: table.units(r.trunk_tokens, r.rows) for r in receipts}
         assert st.work_units(epoch) == want and all(u > 0 for u in want.values())
         print(f"\nunits: host {want[host.node_id]:.4g}, expert node {want[worker.node_id]:.4g}")
+
+        checks = st.spot_checks(epoch)
+        assert [(c.node_id, c.expert) for c in checks] == [(b.node_id, True)], checks
+        for n, acct in ((a, "node-0"), (b, "node-1")):
+            r = subprocess.run([*MESH402, "register", "--home", str(n.home), "--deployment", str(chain.dir),
+                                "--account", acct], capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0 and "binding verified" in r.stdout, r.stdout + r.stderr
+        r = httpx.post(f"{a.console}/api/epochs/{epoch}/validate", headers=a.console_headers, timeout=300)
+        assert r.status_code == 200, r.text
+        res = r.json()["nodes"][b.node_id]
+        assert res.get("score") == 0, res
+        vs = validation_status(chain.w3(), chain.dep.contracts["ValidationRegistry"], res["request_hash"])
+        assert vs.answered and vs.response == 0 and vs.validator.lower() == chain.dep.address("node-0").lower()
     finally:
         nodes.stop_all()
         fac.stop()
@@ -109,3 +139,4 @@ def test_expert_node_is_paid_by_escrow_vouchers_and_refuses_an_uncovered_host(tm
         nodes.stop_all()
         fac.stop()
         chain.proc.stop()
+

@@ -100,6 +100,24 @@ def test_stage_refuses_unpaid_grants_and_uncovered_escrow(executor, tmp_path: Pa
     assert e2.code == "unpaid" and "lock a float" in str(e2)
 
 
+def test_stage_refuses_terms_naming_a_payer_its_host_does_not_announce(executor, tmp_path: Path) -> None:
+    """A host that names another entry's wallet as the payer (to run work on that entry's float) is refused
+    before any work; the host's own announced wallet is taken."""
+    async def main():
+        model, mesh, _ = await build(executor, [0, 15, 30])
+        paid = pay_split(tmp_path, model, mesh.workers, 10**9)
+        worker = next(iter(mesh.workers.values()))
+        worker.payer_of = lambda host: "0x" + "ab" * 20  # what the host announces: not the grant's payer
+        with pytest.raises(StageError) as e:
+            await model.open(64, _sampling())
+        worker.payer_of = lambda host: paid.issuer.address
+        s = await model.open(64, _sampling())
+        s.release()
+        return e.value
+    e = asyncio.run(main())
+    assert e.code == "unpaid" and "announces" in str(e)
+
+
 def test_a_stage_killed_mid_request_the_others_and_its_replacement_are_paid_for_the_replay(executor, prompt,
                                                                                           solo_tokens,
                                                                                           tmp_path: Path) -> None:
