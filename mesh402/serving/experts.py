@@ -28,7 +28,16 @@ from mesh402.serving.stage_link import (
     stage_body,
     stage_frame,
 )
-from mesh402.serving.work_pay import PAY_PARAM, EntrySessionPay, VoucherSigner, WorkerPay, WorkTerms, pay_map
+from mesh402.serving.work_pay import (
+    PAY_PARAM,
+    EntrySessionPay,
+    PayerOf,
+    VoucherSigner,
+    WorkerPay,
+    WorkTerms,
+    pay_map,
+    payer_refusal,
+)
 from mesh402.work.receipts import ExpertReceipt
 
 if TYPE_CHECKING:
@@ -246,7 +255,7 @@ class ExpertService:
         self.pay: WorkerPay | None = None  # --escrow: expert work is paid with vouchers, else refused (`unpaid`)
         # --escrow: the wallet a host peer announces on this node's escrow (None: none). Terms naming another payer
         # are refused: a host must not run work on another entry's float and leave that entry behind here.
-        self.payer_of: Callable[[str], str | None] | None = None
+        self.payer_of: PayerOf | None = None
         # paid session -> last run, least recent first (silent ones are closed, oldest first)
         self._paid_seen: OrderedDict[str, float] = OrderedDict()
 
@@ -358,10 +367,9 @@ class ExpertService:
                 if not raw or len(raw) > TERMS_LIMIT_BYTES:
                     return "this node is paid with escrow vouchers: the run carries no pay terms"
                 terms = WorkTerms.from_json(json.loads(raw))
-                wallet = self.payer_of(host) if self.payer_of is not None else terms.payer
-                if wallet is None or wallet.lower() != terms.payer.lower():
-                    return (f"the terms name payer {terms.payer}; host {host[:12]} announces "
-                            f"{wallet or 'no wallet on this escrow'}")
+                why = payer_refusal(self.payer_of, host, terms.payer, "the terms name payer")
+                if why is not None:
+                    return why
                 why = await self.pay.open(session, terms, (pay or {}).get(self.me))
             else:
                 why = await self.pay.vouchers(session, pay, self.me)

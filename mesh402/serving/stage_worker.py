@@ -38,7 +38,7 @@ from mesh402.serving.stage_link import (
     stage_body,
     stage_frame,
 )
-from mesh402.serving.work_pay import PAY_PARAM, WorkerPay, pay_map
+from mesh402.serving.work_pay import PAY_PARAM, PayerOf, WorkerPay, pay_map, payer_refusal
 from mesh402.work.evidence import fingerprint_ids, last_step_hash, reveal, sign_reveal
 from mesh402.work.receipts import Receipt
 
@@ -112,7 +112,7 @@ class StageWorker:
         # Escrow vouchers (serving.work_pay), set by the node that is paid by them: every session must carry
         # pay terms for this stage in its grant, and the entry must keep its vouchers up (else `unpaid`).
         self.pay: WorkerPay | None = None
-        self.payer_of: Callable[[str], str | None] | None = None  # host node id -> the wallet it announces
+        self.payer_of: PayerOf | None = None  # host node id -> the wallet it announces on this escrow
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -309,11 +309,9 @@ class StageWorker:
         if terms is None:
             raise StageError("this stage is paid by escrow vouchers: the grant names no pay terms for it",
                              code="unpaid")
-        if self.payer_of is not None:
-            wallet = self.payer_of(host)
-            if wallet is None or wallet.lower() != terms.payer.lower():
-                raise StageError(f"the grant names payer {terms.payer}; host {host[:12]} announces "
-                                 f"{wallet or 'no wallet on this escrow'}", node=self.node_id, code="unpaid")
+        why = payer_refusal(self.payer_of, host, terms.payer, "the grant names payer")
+        if why is not None:
+            raise StageError(why, node=self.node_id, code="unpaid")
         try:
             mine = (pay_map(open_.params.get(PAY_PARAM)) or {}).get(self.node_id)
         except ValueError as e:

@@ -105,6 +105,21 @@ def pay_map(raw: str | None) -> dict[str, Any] | None:
     return {str(k): v for k, v in got.items()}
 
 
+PayerOf = Callable[[str], "str | None"]  # peer node id -> the wallet it announces on this node's escrow (None: none)
+
+
+def payer_refusal(payer_of: PayerOf | None, peer: str, payer: str, what: str) -> str | None:
+    """Why `payer` (the wallet some terms or a voucher name, `what` says which) may not pay work for `peer`: it
+    must be the wallet that peer announces on this node's escrow, or a peer could run work on another entry's
+    float (and leave that entry behind here) or replay its public vouchers. None when it is (or no check is set)."""
+    if payer_of is None:
+        return None
+    announced = payer_of(peer) if isinstance(peer, str) and peer else None
+    if announced is None or announced.lower() != str(payer).lower():
+        return f"{what} {payer}; {peer[:12] or 'the sender'} announces {announced or 'no wallet on this escrow'}"
+    return None
+
+
 def micro_to_atomic(micro: int) -> int:
     """Atomic units that pay `micro` millionths (rounded up: a worker is never vouchered less than it did)."""
     return -(-int(micro) // MICRO)
@@ -344,7 +359,7 @@ class RoutedPay:
     calldata), so without this any member could replay an entry's latest voucher and spend, in its name, the
     part of its prepayment its requests did not use."""
 
-    def __init__(self, book: WorkerBook, payer_of: Callable[[str], str | None] | None = None) -> None:
+    def __init__(self, book: WorkerBook, payer_of: PayerOf | None = None) -> None:
         self.book = book
         self.payer_of = payer_of
         self.live: dict[str, tuple[str, int]] = {}  # request id -> (entry, max cost)
@@ -368,11 +383,9 @@ class RoutedPay:
         entry = voucher.get("entry") if isinstance(voucher, dict) else None
         if not is_address(entry):
             return self._refuse("the voucher names no entry address")
-        if self.payer_of is not None:
-            announced = self.payer_of(peer) if isinstance(peer, str) and peer else None
-            if announced is None or announced.lower() != str(entry).lower():
-                return self._refuse(f"the voucher names entry {entry}; the member that sent it announces "
-                                    f"{announced or 'no wallet on this escrow'}")
+        why = payer_refusal(self.payer_of, peer, str(entry), "the voucher names entry")
+        if why is not None:
+            return self._refuse(why)
         if len(self.live) >= MAX_ROUTED_LIVE or request_id in self.live:
             return self._refuse("too many routed requests in flight here")
         why = await self.book.accept(str(entry), voucher)
