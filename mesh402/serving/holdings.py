@@ -4,7 +4,9 @@ node's answers to such challenges.
 A node believes a peer holds a model (so it may elect it host, give it layers or experts, or route to it
 as a replica) only after the peer answered a fresh challenge over random slices of the model from its own
 copy, checked against this node's copy. Proofs are asked in the background as soon as a peer announces a
-model this node holds, cached for `ttl_s`, and a failed one is asked again only after `retry_s`. A node
+model this node holds, cached for `ttl_s`; a failed one is asked again after a backoff that starts at
+`first_retry_s` and doubles up to `retry_s` (a peer that just joined often cannot answer yet: its serving
+side starts after it joins, and a flat 30 s wait left a new split unformed that long). A node
 answers a bounded number of challenges per peer and minute (each one reads ~n_layers KiB from disk).
 """
 
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 
 PROOF_TTL_S = 3600.0
 RETRY_S = 30.0
+FIRST_RETRY_S = 1.0
 TIMEOUT_S = 15.0
 MAX_PENDING = 16  # proofs this node asks at once
 ANSWERS_PER_MINUTE = 30  # challenges one peer may have this node answer per minute
@@ -36,14 +39,15 @@ MAX_TRACKED = 4096  # (peer, model) proofs remembered
 class Holdings:
     def __init__(self, me: str, connect: Callable[[str], Awaitable[Link]], path_of: Callable[[str], Path | None],
                  *, clock: Callable[[], float] = time.monotonic, ttl_s: float = PROOF_TTL_S,
-                 retry_s: float = RETRY_S, timeout_s: float = TIMEOUT_S,
+                 retry_s: float = RETRY_S, first_retry_s: float = FIRST_RETRY_S, timeout_s: float = TIMEOUT_S,
                  on_change: Callable[[], None] | None = None) -> None:
         """`path_of(content_hash)`: this node's copy of a model (None when it holds none)."""
         self.me, self.connect, self.path_of, self.clock = me, connect, path_of, clock
-        self.ttl_s, self.retry_s, self.timeout_s = ttl_s, retry_s, timeout_s
+        self.ttl_s, self.retry_s, self.first_retry_s, self.timeout_s = ttl_s, retry_s, first_retry_s, timeout_s
         self.on_change = on_change
         self._proven: dict[tuple[str, str], float] = {}  # (peer, content hash) -> proven at
         self._failed: dict[tuple[str, str], float] = {}  # -> failed at
+        self._fails: dict[tuple[str, str], int] = {}  # -> failures in a row (sets the backoff)
         self._pending: dict[tuple[str, str], asyncio.Task[bool]] = {}
         self._answered: dict[str, list[float]] = {}  # peer -> times this node answered it (last minute)
         self.asked = self.passed = self.refused = self.answered = 0
@@ -63,7 +67,7 @@ class Holdings:
         if self.proven(*key) or key in self._pending or len(self._pending) >= MAX_PENDING:
             return
         failed = self._failed.get(key)
-        if failed is not None and self.clock() - failed < self.retry_s:
+        if failed is not None and self.clock() - failed < self.backoff(key):
             return
         if self.path_of(content_hash) is None:
             return
@@ -73,6 +77,11 @@ class Holdings:
             return
         self._pending[key] = task
         task.add_done_callback(lambda _t, k=key: self._pending.pop(k, None))
+
+    def backoff(self, key: tuple[str, str]) -> float:
+        """How long after its last failure a proof is asked again: 1, 2, 4 ... seconds, at most `retry_s`."""
+        fails = self._fails.get(key, 1)
+        return min(self.retry_s, self.first_retry_s * 2 ** min(fails - 1, 16))
 
     async def ensure(self, peer: str, content_hash: str) -> bool:
         """Whether `peer` holds the model, asking it now (or joining the proof under way) if need be."""
@@ -122,7 +131,11 @@ class Holdings:
         was = self.proven(*key)
         (self._proven if ok else self._failed)[key] = self.clock()
         (self._failed if ok else self._proven).pop(key, None)
-        for table in (self._proven, self._failed):
+        if ok:
+            self._fails.pop(key, None)
+        else:
+            self._fails[key] = self._fails.get(key, 0) + 1
+        for table in (self._proven, self._failed, self._fails):
             while len(table) > MAX_TRACKED:
                 table.pop(next(iter(table)))
         if ok != was and self.on_change is not None:
@@ -130,7 +143,7 @@ class Holdings:
 
     def forget(self, peer: str) -> None:
         """A peer that left: its proofs go (a node that comes back proves again)."""
-        for table in (self._proven, self._failed):
+        for table in (self._proven, self._failed, self._fails):
             for key in [k for k in table if k[0] == peer]:
                 del table[key]
 
