@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx
 
+from harness import zygote
+
 REPO = Path(__file__).resolve().parents[1]
 MESH402 = [sys.executable, "-m", "mesh402.cli"]
 
@@ -31,8 +33,12 @@ class NodeProcess:
         self.log_path = home / "node.log"
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO,
-                                     start_new_session=True)
+        self.proc: subprocess.Popen[bytes] | zygote.ZygoteChild
+        if args[:2] == [sys.executable, "-m"] and zygote.enabled(full_env):  # forked with torch already imported
+            self.proc = zygote.shared().spawn(args, full_env, self.log_path)
+        else:
+            self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO,
+                                         start_new_session=True)
         if os.environ.get("MESH402_CPU_REPORT"):  # tests/support/cpu_report.py: node starts per test
             with open(os.environ["MESH402_CPU_REPORT"] + ".nodes", "a") as f:
                 f.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?')}\t{' '.join(args[3:5])}\n")
@@ -63,7 +69,10 @@ class NodeProcess:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
                 self.proc.wait(5)
         self._log.close()
         return self.proc.returncode
