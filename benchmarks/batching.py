@@ -3,10 +3,13 @@
 For each mode and 1, 2, 4, 8, 16 concurrent streams (each a different prompt, `--tokens` tokens greedy):
 aggregate tok/s and per-stream TTFT p50/p99, with batching off (`max_batch=1`: requests take turns, the
 unbatched step path of main) and on (`max_batch=16`), side by side in one run. Then speculative decoding
-(prompt-lookup drafts) against plain decoding on one stream: tok/s and the draft acceptance rate.
+(prompt-lookup drafts) against plain decoding on one stream: tok/s and the draft acceptance rate. First,
+the engine alone: one batched decode step (`Engine.decode_batch`) at widths 1, 2, 4, 8, 16 (ms per step and
+rows per second), the ceiling the serving loop's own work (prefill, sampling, scheduling) is measured against.
 
 What it drives is `serving.generation.generate` over `LocalModel` (the loop `mesh402 serve` runs per model),
-not HTTP, and not a 2-stage split (stage workers do not batch yet). Prints a table and writes
+not HTTP, and not a 2-stage split (benchmarks/split_batching.py). All torch work runs on one engine thread,
+as in a node. Prints a table and writes
 benchmarks/results/batching.json.
 
     .venv/bin/python benchmarks/batching.py [--quick] [--threads 2] [--modes fast,exact]
@@ -49,6 +52,22 @@ async def _stream(lm, ids: list[int], n: int, sampling) -> tuple[int, float, int
     return k, ttft, getattr(st, "accepted", 0)  # drafts accepted (a split does not draft)
 
 
+def _step_ms(eng, prompt: list[int], width: int, n: int) -> float:
+    """ms per batched decode step of `width` sessions (engine thread)."""
+    ss = [eng.new_session(len(prompt) + n + 8) for _ in range(width)]
+    try:
+        for s in ss:
+            s.prefill(prompt)
+        eng.decode_batch(ss, [42] * width)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            eng.decode_batch(ss, [42] * width)
+        return (time.perf_counter() - t0) / n * 1000
+    finally:
+        for s in ss:
+            s.close()
+
+
 def _pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
@@ -70,19 +89,26 @@ def main() -> None:
     from mesh402.models.catalog import bundled_model_path
     from mesh402.serving.generation import LocalModel
 
-    configure_torch(a.threads)
+    # Every torch op on one thread, as in a node (node.py loads and steps on its one engine thread): a second
+    # thread running torch ops gets its own OpenMP team, and two teams on 2 cores made each 1-row step ~2x
+    # slower (7.5 -> 15-20 ms, measured), for the thread that loaded the model as well.
+    ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+    ex.submit(configure_torch, a.threads).result()
     streams_list = [1, 4, 8] if a.quick else [1, 2, 4, 8, 16]
     modes = ["fast"] if a.quick else a.modes.split(",")
     n = 16 if a.quick else a.tokens
     greedy = SamplingParams(temperature=0, seed=0)
     rows: list[dict] = []
-    ex = ThreadPoolExecutor(max_workers=1)
     with open("/proc/loadavg") as f:
         load = f.read().split()[0]
     for mode in modes:
-        eng = Engine.load(bundled_model_path(), mode=mode, max_sessions=32)
+        eng = ex.submit(Engine.load, bundled_model_path(), mode=mode, max_sessions=32).result()
         ids = [eng.tokenizer.encode(p) for p in PROMPTS]
         tok_n = n if mode == "fast" else max(4, n // 4)
+        for width in ([1, 8] if a.quick else [1, 2, 4, 8, 16]):
+            ms = ex.submit(_step_ms, eng, ids[0], width, 10 if mode == "fast" else 3).result()
+            rows.append({"what": "engine_step", "mode": mode, "width": width, "step_ms": ms, "rows_s": width * 1000 / ms})
+            print(f"{mode:5} engine step width={width:2}  {ms:7.2f} ms  {width * 1000 / ms:7.1f} rows/s", flush=True)
 
         async def run(max_batch: int, streams: int, spec: int = 0, prompts=None, tokens=tok_n, eng=eng, ids=ids):
             lm = LocalModel(eng, ex, prefix_cache=None, max_batch=max_batch, speculative_k=spec)

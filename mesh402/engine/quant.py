@@ -250,6 +250,10 @@ def from_raw(raw: torch.Tensor, gtype: int, shape: tuple[int, int]) -> QWeight:
 # Activations of the packed kernels: torch's CPU int4/int8 kernels are only fast in bf16 (fp32 runs a
 # reference path ~50x slower), so fast mode trades activation precision for speed.
 FAST_ACT_DTYPE = torch.bfloat16
+# The fast kernel set, named in the device signature the verification evidence carries (engine.replay):
+# int4 group-32 layers, Q8_0 layers block-exact, a per-row int8 LM head; each row computed on its own at
+# every batch width (engine.batch.rows_independent). Bump it whenever fast mode's numbers change.
+FAST_KERNELS = "k2-int4g32-q8blk-int8head"
 
 
 @dataclass
@@ -327,12 +331,14 @@ def _int4_parts(qw: QWeight, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tens
     raise NotImplementedError(g.name)
 
 
-def pack_fast(qw: QWeight, device: torch.device | str = "cpu", row_chunk: int = 4096) -> FastLinearWeight | None:
+def pack_fast(qw: QWeight, device: torch.device | str = "cpu", row_chunk: int = 4096, *,
+              block_exact: bool = True) -> FastLinearWeight | None:
     """Pack a weight for fast mode.
 
     Q4_0 / Q4_1 / Q4_K map exactly onto torch's int4 group-32 packed format
-    (scales/zeros rounded to bf16). Other quantized types are requantized to
-    per-row int8; dense weights become bf16. All use bf16 activations.
+    (scales/zeros rounded to bf16). Q8_0 keeps its block scales (`q8blocks`) unless `block_exact` is
+    False. Other quantized types (and Q8_0 then) are requantized to per-row int8; dense weights become
+    bf16. All use bf16 activations.
     """
     device = torch.device(device)
     rows, cols = qw.shape
@@ -345,9 +351,9 @@ def pack_fast(qw: QWeight, device: torch.device | str = "cpu", row_chunk: int = 
             sz.append(torch.stack((s, z), dim=-1).transpose(0, 1).to(FAST_ACT_DTYPE))  # [cols/32, n, 2]
         return FastLinearWeight("int4", (rows, cols), torch.cat(packed, 0), torch.cat(sz, 1).contiguous(),
                                 FAST_ACT_DTYPE)
-    if qw.gtype == GT.Q8_0 and device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm"):
+    if qw.gtype == GT.Q8_0 and block_exact and device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm"):
         # Q8_0 is already int8: keep its per-32 block scales instead of requantizing per row, so the
-        # rows stay exact (a tied table then also serves as the embedding with no loss).
+        # rows stay exact (one int8 call per block column, each row on its own).
         qs, d = qw.parts["qs"], qw.parts["d"]
         blocks = qs.permute(1, 0, 2).contiguous()  # [cols/32, rows, 32]
         w = FastLinearWeight("q8blocks", (rows, cols), blocks, d.t().contiguous().to(FAST_ACT_DTYPE))

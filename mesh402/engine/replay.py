@@ -36,6 +36,7 @@ from mesh402.engine.sampling import (
 
 from .activations import WIRE_DTYPES, decode_activations, encode_activations
 from .errors import EngineError, EngineFull
+from .quant import FAST_KERNELS
 
 __all__ = ["TOLERANCE", "ReplayResult", "cpu_capability", "device_signature", "fingerprint", "replay"]
 
@@ -82,11 +83,12 @@ def cpu_capability() -> str:
 
 
 def device_signature(device: str | torch.device = "cpu") -> str:
-    """What fast-mode numbers depend on: device kind, CPU kernel level (or GPU name) and torch version. A
-    validator judges fast-mode work only on the same signature (see TOLERANCE)."""
+    """What fast-mode numbers depend on: device kind, CPU kernel level (or GPU name), torch version and the
+    engine's fast kernel set (quant.FAST_KERNELS). A validator judges fast-mode work only on the same
+    signature (see TOLERANCE)."""
     dev = torch.device(device)
     what = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_capability()
-    return f"{dev.type}:{what}:torch-{torch.__version__}"
+    return f"{dev.type}:{what}:torch-{torch.__version__}:{FAST_KERNELS}"
 
 
 def fingerprint(logits: torch.Tensor, ids: list[int]) -> bytes:

@@ -67,11 +67,13 @@ def test_dequant_bit_exact(gguf_file, g):
     assert qw.nbytes <= t.n_bytes * 1.03
 
 
+@pytest.mark.parametrize("block_exact", [True, False])  # False: the LM head's packing (one per-row int8 call)
 @pytest.mark.parametrize("g", [GT.Q4_0, GT.Q4_1, GT.Q4_K, GT.Q8_0, GT.Q6_K])
-def test_fast_pack_close(gguf_file, g):
+def test_fast_pack_close(gguf_file, g, block_exact):
     qw = _ours(gguf_file, f"t.{g.name}")
-    fw = pack_fast(qw)
-    assert fw.kind == ("int4" if g in (GT.Q4_0, GT.Q4_1, GT.Q4_K) else "q8blocks" if g == GT.Q8_0 else "int8")
+    fw = pack_fast(qw, block_exact=block_exact)
+    q8 = "q8blocks" if block_exact else "int8"
+    assert fw.kind == ("int4" if g in (GT.Q4_0, GT.Q4_1, GT.Q4_K) else q8 if g == GT.Q8_0 else "int8")
     x = torch.randn(4, COLS)
     ref = x @ qw.dequant().T
     got = fw(x.to(fw.dtype)).float()

@@ -173,3 +173,16 @@ def test_bad_inputs() -> None:
         s.sample(torch.full((3,), float("-inf")), [], 0)
     masked = torch.tensor([float("-inf"), 1.0, float("-inf")])
     assert set(draws(SamplingParams(seed=0), masked, range(20))) == {1}
+
+
+def test_plain_greedy_without_the_float64_copy_draws_what_the_full_path_draws() -> None:
+    """Plain greedy skips the float64 copy; widening fp32 is exact, so the token is the same (ties: lowest
+    id), and the full path (a zero bias forces it) agrees on rows full of near-ties."""
+    g = torch.Generator().manual_seed(3)
+    plain = Sampler(SamplingParams(temperature=0, seed=1))
+    full = Sampler(SamplingParams(temperature=0, seed=1, logit_bias={5: 0.0}))
+    for _ in range(50):
+        row = (torch.randn(4096, generator=g) * 4).round() / 4  # many exact ties
+        assert plain.sample(row, [], 0) == full.sample(row, [], 0) == int(torch.nonzero(row == row.max())[0, 0])
+    with pytest.raises(ValueError, match="NaN"):
+        plain.sample(torch.tensor([0.0, float("nan")]), [], 0)
