@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS session_paid (worker TEXT NOT NULL, key TEXT NOT NULL
 CREATE TABLE IF NOT EXISTS routed (worker TEXT PRIMARY KEY, confirmed INTEGER NOT NULL, high INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS routed_owed (entry TEXT PRIMARY KEY, amount INTEGER NOT NULL);
 """
+MAX_COVERAGE_CACHED = 4096  # entries whose coverage a worker keeps in memory (oldest read dropped first)
 SESSION_ROWS_KEPT_S = 86400.0  # per-session running totals older than this are pruned (sessions end long before)
 
 
@@ -316,7 +317,12 @@ class WorkerLedger:
         if got is not None and self.clock() - got[1] < self.coverage_ttl_s and got[0] >= at_least:
             return got[0]
         value = int(await asyncio.to_thread(self.escrow.coverage, entry, self.wallet))
+        # Anyone may ask for work as a fresh entry address (each costs this node a chain read): the cache is
+        # capped, the oldest read dropped first; rows in the book exist only for entries with escrow coverage.
+        self._coverage.pop(entry.lower(), None)
         self._coverage[entry.lower()] = (value, self.clock())
+        while len(self._coverage) > MAX_COVERAGE_CACHED:
+            self._coverage.pop(next(iter(self._coverage)))
         return value
 
     async def accept(self, entry: str, voucher: Any) -> str | None:

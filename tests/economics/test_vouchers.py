@@ -213,3 +213,33 @@ def test_the_redeem_command_redeems_what_the_home_holds_once_and_fails_cleanly(e
         lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
         assert r.returncode != 0 and len(lines) == 1 and says in lines[0], (args, r.stdout, r.stderr)
     assert env.balance(worker.address) == 10 * USDC
+
+
+def test_coverage_reads_of_a_flood_of_fresh_entry_addresses_stay_capped(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Anyone may ask a worker for work as a new entry address, and each asks for a chain read of its
+    coverage: the worker's cache of those reads is capped (oldest dropped), so a flood of addresses cannot
+    grow it; a recent entry's read is still served from the cache."""
+    from mesh402.economics import vouchers
+
+    monkeypatch.setattr(vouchers, "MAX_COVERAGE_CACHED", 64)
+    reads: list[str] = []
+
+    class Chain:  # no escrow for anyone: what a flood of unfunded addresses gets
+        def coverage(self, entry: str, worker: str) -> int:
+            reads.append(entry)
+            return 0
+
+    worker = "0x" + "11" * 20
+    ledger = WorkerLedger(VoucherWallet(VoucherBook(tmp_path), worker, EscrowRef(31337, "0x" + "22" * 20)), Chain(),
+                          coverage_ttl_s=3600)
+
+    async def run() -> None:
+        for i in range(1000):
+            assert await ledger.headroom(f"0x{i:040x}") == 0
+        assert len(ledger._coverage) == 64
+        n = len(reads)
+        assert await ledger.headroom(f"0x{999:040x}") == 0 and len(reads) == n  # recent: cached
+        assert await ledger.headroom(f"0x{0:040x}") == 0 and len(reads) == n + 1  # evicted: read again
+
+    asyncio.run(run())
