@@ -240,16 +240,17 @@ def _fast_rows(stage: Stage, kvs: Sequence[KVCache], pos: Sequence[int], h: torc
         rot = torch.cat((qk[..., half:].neg(), qk[..., :half]), dim=-1)
         qk = qk * cos + rot * sin
         vv = qkv[:, qd + kd:].view(B, nkv, hd)
+        # Per row: the 1-row decode's KV write and attention, on the same values and shapes; the views are
+        # cut once for all rows (Python per row is a fifth of a wide step on 2 cores).
+        knew, vnew = qk[:, nh:].unbind(0), vv.unbind(0)  # B x [nkv, hd]
+        qs = qk[:, :nh].unsqueeze(2).split(1)  # B x [1, nh, 1, hd]
         outs = []
         for i, (kv, p) in enumerate(zip(kvs, pos)):
-            L = p + 1
-            kc, vc = kv.k[li], kv.v[li]
-            kc[:, p:L].copy_(qk[i:i + 1, nh:].transpose(0, 1))
-            vc[:, p:L].copy_(vv[i:i + 1].transpose(0, 1))
-            q = qk[i:i + 1, :nh].transpose(0, 1).unsqueeze(0)
-            o = sdpa(q, kc[None, :, :L], vc[None, :, :L], attn_mask=masks[i], enable_gqa=gqa)
-            outs.append(o[0].transpose(0, 1).reshape(1, qd))
-        h += mm(lw.wo, torch.cat(outs).to(bf))
+            kv.k[li, :, p].copy_(knew[i])
+            kv.v[li, :, p].copy_(vnew[i])
+            outs.append(sdpa(qs[i], kv.k[li:li + 1, :, :p + 1], kv.v[li:li + 1, :, :p + 1], attn_mask=masks[i],
+                             enable_gqa=gqa))
+        h += mm(lw.wo, torch.cat(outs).transpose(1, 2).reshape(B, qd).to(bf))
         x = rms(h, (H,), lw.ffn_norm).to(bf)
         gu = mm(lw.gate_up, x)
         ff = gu.shape[-1] // 2
