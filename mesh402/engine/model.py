@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .kv import KVCache
 from .moe import ExpertBank, ExpertRunner, LocalExperts, MoEFFN
 from .quant import FAST_ACT_DTYPE, FastLinearWeight, QWeight, Workspace, pack_fast
-from .weights import ModelConfig, WeightSource, open_source
+from .weights import MappedRows, ModelConfig, WeightSource, open_source
 
 __all__ = ["Stage", "Linear"]
 
@@ -181,18 +181,14 @@ class Stage:
             experts = LocalExperts(self.expert_bank)
         self.experts: ExpertRunner | None = experts
         self._n_real = 0
-        self.embed: QWeight | None = None
+        self.embed: QWeight | MappedRows | None = None
         self.norm: torch.Tensor | None = None
         self.head_exact: QWeight | None = None
         self.head_fast: FastLinearWeight | None = None
-        if self.first:
-            self.embed = source.load("embed").to(dev)
+        tied = cfg.tied or not source.has("head")
         if self.last:
             self.norm = vec("norm")
-            if cfg.tied or not source.has("head"):
-                head = self.embed if self.embed is not None else source.load("embed").to(dev)
-            else:
-                head = source.load("head").to(dev)
+            head = source.load("embed" if tied else "head").to(dev)
             if mode == "fast":
                 # The head is the widest matmul (a row per vocabulary entry): one per-row int8 call, not
                 # Q8_0's 18 block calls with fp32 sums, whose cost grows with every row a batched step
@@ -200,10 +196,17 @@ class Stage:
                 self.head_fast = pack_fast(head, dev, block_exact=False)
             if self.head_fast is None:
                 self.head_exact = head
-            elif head is self.embed and self.head_fast.kind in ("int8", "q8blocks"):
-                # tied: look embeddings up in the packed head instead of keeping a second copy
-                self.embed = None
             del head
+        if self.first:
+            if tied and self.head_exact is not None:
+                self.embed = self.head_exact  # one table serves both
+            elif tied and self.head_fast is not None and self.head_fast.kind == "q8blocks":
+                pass  # the packed head's rows are exact: it doubles as the embedding table
+            else:
+                # Lookups touch a few rows per token: read them from the file's pages rather than hold the
+                # table (a requantized int8 head is not exact, so the embedding never comes from it: the
+                # first stage of a split must embed exactly as a solo node does).
+                self.embed = source.map_rows("embed", dev) or source.load("embed").to(dev)
         rf = source.load_vector("rope_freqs") if source.has("rope_freqs") else None
         self.inv_freq = cfg.inv_freq(rf).to(dev)
         self._rope_cos: list[torch.Tensor] = []

@@ -27,9 +27,10 @@ import torch
 
 from mesh402.models.gguf_meta import GGUFMeta, TensorInfo, read_gguf_meta
 
-from .quant import QWeight, from_dense, from_raw
+from .quant import GGML_QUANT_SIZES, SUPPORTED_TYPES, QWeight, from_dense, from_raw
 
-__all__ = ["ModelConfig", "WeightSource", "GGUFSource", "HFSource", "open_source", "SUPPORTED_ARCHS"]
+__all__ = ["ModelConfig", "WeightSource", "GGUFSource", "HFSource", "MappedRows", "open_source",
+           "SUPPORTED_ARCHS"]
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2moe", "qwen3moe", "olmoe")
 # Hugging Face model_type -> our arch name
@@ -124,6 +125,41 @@ class WeightSource:
 
     def stage_bytes(self, start: int, end: int) -> int:
         raise NotImplementedError
+
+    def map_rows(self, name: str, device: torch.device | str = "cpu") -> "MappedRows | None":
+        """A 2-D table whose rows are read from the file's pages when looked up (None: not mappable)."""
+        return None
+
+
+class MappedRows:
+    """A ``[rows, cols]`` ggml table looked up row by row straight from the model file (mmap).
+
+    An embedding lookup touches a few rows per token, so the table need not sit in the process's own
+    memory: the pages it touches are the kernel's page cache, shared and reclaimable. Rows are dequantized
+    by the same code a loaded :class:`QWeight` uses, so a lookup is bit-identical to ``load(name).dequant(ids)``.
+    ``nbytes`` is the whole table (the most it can occupy), as memory planning (``stage_bytes``) counts it.
+    """
+
+    def __init__(self, path: Path, t: TensorInfo, device: torch.device | str = "cpu"):
+        if t.ggml_type not in SUPPORTED_TYPES or len(t.shape) != 2:
+            raise ValueError(f"{t.name}: not a mappable table")
+        self.gtype = t.ggml_type
+        self.shape = (int(t.shape[0]), int(t.shape[1]))
+        bs, ts = GGML_QUANT_SIZES[self.gtype]
+        row_bytes = self.shape[1] // bs * ts
+        if row_bytes * self.shape[0] != t.n_bytes:
+            raise ValueError(f"{t.name}: {t.n_bytes} bytes is not {self.shape[0]} rows of {row_bytes}")
+        self.nbytes = t.n_bytes
+        self.device = torch.device(device)
+        self._rows = np.memmap(path, dtype=np.uint8, mode="r", offset=t.offset, shape=(self.shape[0], row_bytes))
+
+    def dequant(self, ids: torch.Tensor) -> torch.Tensor:
+        """fp32 ``[len(ids), cols]`` of the rows ``ids`` (1-D integer tensor), on this table's device."""
+        idx = ids.detach().reshape(-1).to("cpu", torch.int64).numpy()
+        if idx.size and (idx.min() < 0 or idx.max() >= self.shape[0]):
+            raise IndexError(f"row id out of range [0, {self.shape[0]})")
+        raw = torch.from_numpy(np.ascontiguousarray(self._rows[idx]))  # a copy of just these rows
+        return from_raw(raw, self.gtype, (idx.size, self.shape[1])).dequant().to(self.device)
 
 
 # ---------------------------------------------------------------------------
@@ -245,6 +281,15 @@ class GGUFSource(WeightSource):
 
     def stage_bytes(self, start: int, end: int) -> int:
         return self.meta.stage_bytes(start, end)
+
+    def map_rows(self, name: str, device: torch.device | str = "cpu") -> MappedRows | None:
+        t = self.meta.tensor(_gguf_name(name))
+        if t is None or (self._permuted and name.split(".", 1)[-1] in ("wq", "wk")):
+            return None  # absent, or its rows are reordered while loading
+        try:
+            return MappedRows(self.path, t, device)
+        except ValueError:
+            return None
 
 
 # ---------------------------------------------------------------------------

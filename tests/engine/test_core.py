@@ -165,6 +165,15 @@ def test_fast_whole_vs_cached_prefix_bit_identical(fast):
     s2.close()
 
 
+def test_fast_stage_split_bit_identical(fast, path):
+    """Fast mode splits too: the first stage of a split embeds as a solo node does, even though a
+    solo node's (tied) LM head is a requantized per-row int8 copy of the same table."""
+    ref = _run(fast, PROMPT, 3)
+    eng = Engine.load(path, mode="fast", load_tokenizer=False, splits=[0, 15, 30])
+    got = _run(eng, PROMPT, 3)
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+
+
 def test_fast_mode_agreement(exact, fast, path):
     assert fast.weight_bytes < 1.5 * read_gguf_meta(path).file_size
     n = 64

@@ -7,6 +7,7 @@ import gguf
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as GT
 
 from mesh402.engine.quant import SUPPORTED_TYPES, from_raw, pack_fast
+from mesh402.engine.weights import MappedRows
 from mesh402.models.gguf_meta import read_gguf_meta
 from harness.tiny_gguf import finish_gguf
 
@@ -65,6 +66,11 @@ def test_dequant_bit_exact(gguf_file, g):
     assert np.array_equal(qw.dequant(rows).numpy().view(np.uint32), ref[rows.numpy()].view(np.uint32))
     # raw blocks are kept quantized: memory equals the file's bytes (K-quant scales unpacked: +4 B/256)
     assert qw.nbytes <= t.n_bytes * 1.03
+    # the same rows looked up from the file's pages (an embedding table that is not held) are bit-identical
+    mapped = MappedRows(gguf_file, read_gguf_meta(gguf_file).tensor(f"t.{g.name}"))
+    assert torch.equal(mapped.dequant(rows).view(torch.int32), qw.dequant(rows).view(torch.int32))
+    with pytest.raises(IndexError):
+        mapped.dequant(torch.tensor([0, ROWS]))
 
 
 @pytest.mark.parametrize("block_exact", [True, False])  # False: the LM head's packing (one per-row int8 call)
