@@ -18,10 +18,22 @@ REPO = Path(__file__).resolve().parents[1]
 MESH402 = [sys.executable, "-m", "mesh402.cli"]
 
 
+_HANDED_OUT: set[int] = set()  # ports this process has handed out (the kernel may offer a freed one again)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback TCP port nobody holds now and this process has not handed out before.
+
+    The kernel can offer the port it just freed on the next bind to port 0, so `free_port(), free_port()`
+    could name one port twice (a node then fails to bind its console on its own API port)."""
+    for _ in range(64):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no fresh loopback port")
 
 
 class NodeProcess:

@@ -53,3 +53,4 @@ def test_startup_environment_differences_are_exec_not_forked(tmp_path: Path) -> 
     assert not isinstance(node.proc, zygote.ZygoteChild)
     t0 = time.monotonic()
     assert node.proc.wait(60) == 0 and time.monotonic() - t0 < 60
+
