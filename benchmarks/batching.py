@@ -38,7 +38,7 @@ SPEC_PROMPT = ("Repeat this list exactly: apple, banana, cherry, date, elderberr
                "Again: apple, banana, cherry, date, elderberry, fig, grape. Again:")
 
 
-async def _stream(lm, ids: list[int], n: int, sampling) -> tuple[int, float, int]:
+async def _stream(lm, ids: list[int], n: int, sampling) -> tuple[int, float, int, int]:
     from mesh402.serving.generation import Finished, GenerationRequest, generate
 
     st = await lm.open(len(ids) + n + 1, sampling)
@@ -49,7 +49,7 @@ async def _stream(lm, ids: list[int], n: int, sampling) -> tuple[int, float, int
         if isinstance(ev, Finished):
             k, ttft = ev.completion_tokens, ev.ttft_s
     del t0
-    return k, ttft, getattr(st, "accepted", 0)  # drafts accepted (a split does not draft)
+    return k, ttft, getattr(st, "accepted", 0), getattr(st, "drafted", 0)  # drafts (a split does not draft)
 
 
 def _step_ms(eng, prompt: list[int], width: int, n: int) -> float:
@@ -110,8 +110,10 @@ def main() -> None:
             rows.append({"what": "engine_step", "mode": mode, "width": width, "step_ms": ms, "rows_s": width * 1000 / ms})
             print(f"{mode:5} engine step width={width:2}  {ms:7.2f} ms  {width * 1000 / ms:7.1f} rows/s", flush=True)
 
-        async def run(max_batch: int, streams: int, spec: int = 0, prompts=None, tokens=tok_n, eng=eng, ids=ids):
-            lm = LocalModel(eng, ex, prefix_cache=None, max_batch=max_batch, speculative_k=spec)
+        async def run(max_batch: int, streams: int, spec: int = 0, prompts=None, tokens=tok_n, eng=eng, ids=ids,
+                      row_cost=None):
+            lm = LocalModel(eng, ex, prefix_cache=None, max_batch=max_batch, speculative_k=spec,
+                            draft_row_cost=row_cost)
             ps = prompts or [ids[i % len(ids)] for i in range(streams)]
             await _stream(lm, ps[0], 2, greedy)  # warm-up (kernel set-up, rope tables, the width probe)
             t0 = time.perf_counter()
@@ -120,6 +122,7 @@ def main() -> None:
             total = sum(r[0] for r in res)
             return {"tok_s": total / dt, "ttft_p50_s": statistics.median(r[1] for r in res),
                     "ttft_p99_s": _pct([r[1] for r in res], 0.99), "tokens": total, "accepted": sum(r[2] for r in res),
+                    "drafted": sum(r[3] for r in res),
                     "steps": lm.scheduler.steps if lm.scheduler else None}
 
         for streams in streams_list:
@@ -128,13 +131,17 @@ def main() -> None:
                 rows.append({"what": "streams", "mode": mode, "streams": streams, "max_batch": mb, **r})
                 print(f"{mode:5} streams={streams:2} max_batch={mb:2}  {r['tok_s']:7.1f} tok/s  "
                       f"TTFT p50 {r['ttft_p50_s'] * 1000:7.0f} ms  p99 {r['ttft_p99_s'] * 1000:7.0f} ms", flush=True)
-        spec_ids = [eng.tokenizer.encode(SPEC_PROMPT)]
-        for k in (0, 4):
-            r = asyncio.run(run(1 if k == 0 else 16, 1, spec=k, prompts=spec_ids, tokens=2 * tok_n))
-            drafted_steps = r["tokens"] - r["accepted"]
-            rows.append({"what": "speculative", "mode": mode, "draft_tokens": k, **r})
-            print(f"{mode:5} speculative k={k}  {r['tok_s']:7.1f} tok/s  accepted {r['accepted']}/{r['tokens']} tokens "
-                  f"({drafted_steps} forwards)", flush=True)
+        # plain; every n-gram draft verified (draft_row_cost=0); as many as pay (the default policy);
+        # on a prompt that repeats itself and on one that does not
+        for which, text in (("repetitive", SPEC_PROMPT), ("story", PROMPTS[0])):
+            for label, k, cost in (("plain", 0, None), ("fixed k=4", 4, 0.0), ("adaptive k<=4", 4, None)):
+                r = asyncio.run(run(1 if k == 0 else 16, 1, spec=k, prompts=[eng.tokenizer.encode(text)],
+                                    tokens=2 * tok_n, row_cost=cost))
+                rows.append({"what": "speculative", "mode": mode, "prompt": which, "policy": label,
+                             "draft_tokens": k, **r})
+                print(f"{mode:5} speculative {which:10} {label:13} {r['tok_s']:7.1f} tok/s  accepted "
+                      f"{r['accepted']}/{r['drafted']} drafts ({r['tokens'] - r['accepted']} forwards for "
+                      f"{r['tokens']} tokens)", flush=True)
         del eng
     out = {"threads": a.threads, "torch": torch.__version__, "loadavg_at_start": load, "rows": rows,
            "note": "in-process serving loop (LocalModel + generate), greedy; max_batch=1 is the unbatched path"}

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from mesh402.serving.scheduler import StepScheduler
-from mesh402.serving.speculative import ngram_draft
+from mesh402.serving.speculative import DraftPolicy, default_row_cost, ngram_draft
 from mesh402.serving.stops import StopMatcher
 from mesh402.work.store import kept
 
@@ -165,14 +165,20 @@ class LocalModel:
 
     def __init__(self, engine: Any, executor: ThreadPoolExecutor, prefix_cache: Any = "default",
                  receipts: Any = None, step_hook: Callable[[str], None] | None = None,
-                 max_batch: int = 8, step_tokens: int = 128, speculative_k: int = 0) -> None:
+                 max_batch: int = 8, step_tokens: int = 128, speculative_k: int = 0,
+                 draft_row_cost: float | None = None) -> None:
         """`receipts`: work.receipts.SoloReceipts (or serving.expert_receipts.ExpertHostReceipts) on a
         paid entry (signed receipts per request). `step_hook(request_id)`: called on the engine thread
         before each step, so work done elsewhere for the step (MoE experts) is attributed to its request.
         `max_batch` > 1: requests' steps are batched (serving.scheduler; a `step_hook` needs steps one
         request at a time, so it turns batching off); `step_tokens`: prefill tokens per batched step.
-        `speculative_k` > 0: up to that many prompt-lookup drafts verified per step (serving/speculative.py)."""
+        `speculative_k` > 0: up to that many prompt-lookup drafts verified per step (serving/speculative.py),
+        as many as pay for their rows (`draft_row_cost`: a verify row's cost in 1-row steps; default by device
+        and mode)."""
         self.speculative_k = speculative_k
+        device = getattr(getattr(engine, "device", None), "type", "cpu")
+        self.draft_row_cost = draft_row_cost if draft_row_cost is not None else \
+            default_row_cost(device, str(getattr(engine, "mode", "fast")))
         self.engine = engine
         self.executor = executor
         self.scheduler: StepScheduler | None = None
@@ -206,7 +212,8 @@ class LocalModel:
         stepper = LocalStepper(session, sampling, self.executor, self.prefix_cache, constraints)
         stepper.request_id, stepper.step_hook = uuid.uuid4().hex, self.step_hook
         stepper.scheduler = self.scheduler
-        stepper.speculative_k = self.speculative_k
+        if self.speculative_k > 0:
+            stepper.drafts = DraftPolicy(self.speculative_k, self.draft_row_cost)
         if self.receipts is not None:
             stepper.receipts, stepper.tally = self.receipts, self.receipts.tally(stepper.request_id)
         return stepper
@@ -235,7 +242,8 @@ class LocalStepper:
         self.step_hook: Callable[[str], None] | None = None  # LocalModel.step_hook
         self._pending: Any = None  # the receipt write release() started
         self.scheduler: StepScheduler | None = None  # LocalModel.scheduler: steps batched with other requests'
-        self.speculative_k = 0  # drafts verified per step (0: plain decoding)
+        self.drafts: DraftPolicy | None = None  # speculation on: how many drafts pay (LocalModel.open sets it)
+        self._shadow: int | None = None  # the draft not verified this step, checked against the token drawn
         self.drafted = 0  # drafts proposed / accepted so far (benchmarks)
         self.accepted = 0
         self._ahead: list[tuple[int, int, Any]] = []  # (token sampled, token after it, its logprob) verified ahead
@@ -285,16 +293,28 @@ class LocalStepper:
             self.session.truncate(start + len(out))
         self.drafted += len(rows) - 1
         self.accepted += len(out) - 1
+        if self.drafts is not None:
+            if len(rows) > 1:
+                self.drafts.observe(len(rows) - 1, len(out) - 1)
+            elif self._shadow is not None:  # not drafting: would the draft have been accepted?
+                self.drafts.observe(1, int(out[0] == self._shadow))
+            self._shadow = None
         self._ahead = [(out[j], out[j + 1], lps[j + 1]) for j in range(len(out) - 1)]
         self.logprob = lps[0]
         return out[0]
 
     def _rows(self, token: int) -> list[int]:
-        """The token to feed and, with speculation on, drafts of the tokens after it (as many as fit)."""
-        room = self.session.max_len - len(self.session) - 1
+        """The token to feed and, with speculation on, drafts of the tokens after it (as many as pay and fit)."""
         # under a grammar, no drafts: a draft past the grammar's end would be drawn under a finished matcher
-        k = min(self.speculative_k, room) if self.matcher is None else 0
-        return [token] + (ngram_draft(self.history + [token], k) if k > 0 else [])
+        if self.drafts is None or self.matcher is not None:
+            return [token]
+        room = self.session.max_len - len(self.session) - 1
+        k = min(self.drafts.k(), room)
+        if k > 0:
+            return [token] + ngram_draft(self.history + [token], k)
+        shadow = ngram_draft(self.history + [token], 1)  # free evidence while drafting does not pay
+        self._shadow = shadow[0] if shadow else None
+        return [token]
 
     def _prefill(self, ids: list[int]) -> int:
         return self.prefill_end(ids, self.session.prefill(self.prefill_begin(ids)))

@@ -9,13 +9,75 @@ decoding's, token for token, greedy or sampled; only the number of forwards chan
 
 Drafts here: prompt lookup (n-gram): the continuation of the latest earlier occurrence of the history's last
 n tokens (no second model).
+
+How many drafts to verify is adaptive (:class:`DraftPolicy`): a verify row is not free (on 2 CPU cores a
+5-row step costs ~2.2 one-row steps), so drafts that are mostly refused make decoding slower than plain. Each
+request estimates its own acceptance rate from the drafts it verified, and from a shadow draft checked against
+the token drawn while it is not drafting, and drafts the number with the most expected tokens per unit of
+step cost (zero when none pays).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-__all__ = ["ngram_draft"]
+__all__ = ["DraftPolicy", "best_draft_len", "default_row_cost", "ngram_draft"]
+
+# Extra cost of one more row in a decode step, as a fraction of a 1-row step (measured with
+# benchmarks/batching.py's engine-step rows, bundled model, 2 threads): fast mode's packed kernels are
+# compute-bound from ~4 rows (W=8 ~3.1x W=1); exact mode shares the dequantization that dominates its step
+# (W=8 ~1.7x W=1); a GPU decode step is bound by reading the weights, so rows are nearly free.
+_ROW_COST = {("cpu", "fast"): 0.3, ("cpu", "exact"): 0.1}
+_ROW_COST_GPU = 0.05
+
+
+def default_row_cost(device: str, mode: str) -> float:
+    """The marginal cost of a verify row on this kind of device and mode (see _ROW_COST)."""
+    return _ROW_COST.get((device, mode), 0.3) if device == "cpu" else _ROW_COST_GPU
+
+
+def best_draft_len(acceptance: float, row_cost: float, k_max: int) -> int:
+    """The draft count k in [0, k_max] with the most expected tokens per step cost: a step of k drafts yields
+    1 + a + ... + a^k tokens (each draft accepted with probability a once the one before it was) and costs
+    1 + row_cost * k one-row steps. 0 when no k beats plain decoding."""
+    a = min(max(acceptance, 0.0), 1.0)
+    best, best_rate = 0, 1.0
+    for k in range(1, k_max + 1):
+        tokens = float(k + 1) if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
+        rate = tokens / (1.0 + row_cost * k)
+        if rate > best_rate * (1.0 + 1e-9):
+            best, best_rate = k, rate
+    return best
+
+
+@dataclass
+class DraftPolicy:
+    """One request's draft length: its acceptance rate as a decaying count of draft trials (a draft is a
+    trial while every draft before it in its step was accepted), the count :func:`best_draft_len` picks.
+    The prior (2 accepted, 1 refused) makes a new request try drafting."""
+
+    k_max: int
+    row_cost: float
+    decay: float = 0.9  # per trial: the estimate follows the last ~10 trials (text changes character)
+    hits: float = 2.0
+    misses: float = 1.0
+
+    @property
+    def acceptance(self) -> float:
+        return self.hits / (self.hits + self.misses)
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        """`accepted` of `drafted` drafts were accepted, in order (a shadow draft: drafted = 1)."""
+        if drafted <= 0 or not 0 <= accepted <= drafted:
+            return
+        missed = 1 if accepted < drafted else 0
+        w = self.decay ** (accepted + missed)
+        self.hits = self.hits * w + accepted
+        self.misses = self.misses * w + missed
+
+    def k(self) -> int:
+        return best_draft_len(self.acceptance, self.row_cost, self.k_max) if self.k_max > 0 else 0
 
 
 def ngram_draft(history: Sequence[int], k: int, max_n: int = 3, window: int = 4096) -> list[int]:

@@ -11,7 +11,7 @@ import pytest
 from mesh402.engine import Engine
 from mesh402.engine.sampling import SamplingParams
 from mesh402.serving.generation import Finished, GenerationRequest, LocalModel, generate
-from mesh402.serving.speculative import ngram_draft
+from mesh402.serving.speculative import DraftPolicy, best_draft_len, ngram_draft
 from tests.support.engine import smollm2_gguf
 
 PROMPTS = ["Repeat after me: the quick brown fox jumps over the lazy dog. The quick brown fox",
@@ -27,13 +27,43 @@ def test_ngram_draft():
     assert ngram_draft([1], 3) == [] and ngram_draft([1, 1, 1], 0) == []
 
 
+def test_best_draft_len_drafts_only_what_pays():
+    assert best_draft_len(0.0, 0.3, 4) == 0  # nothing accepted: plain decoding
+    assert best_draft_len(1.0, 0.3, 4) == 4  # everything accepted: as many as allowed
+    assert best_draft_len(0.5, 0.0, 4) == 4  # free rows: any acceptance pays
+    assert best_draft_len(0.42, 0.3, 4) == 1  # benchmarks/batching.py's acceptance on 2 CPU cores
+    assert best_draft_len(0.2, 0.3, 4) == 0
+    assert best_draft_len(0.9, 0.1, 8) == 8 and best_draft_len(0.9, 1.0, 8) == 0
+    assert best_draft_len(0.9, 0.3, 0) == 0
+
+
+def test_draft_policy_follows_the_acceptance_it_sees():
+    p = DraftPolicy(k_max=4, row_cost=0.3)
+    assert p.k() > 0  # the prior tries drafting
+    for _ in range(6):
+        p.observe(p.k() or 1, 0)  # every draft refused
+    assert p.k() == 0 and p.acceptance < 0.2
+    for _ in range(12):
+        p.observe(1, 1)  # shadow drafts that would have been accepted
+    assert p.k() >= 3
+    before = (p.hits, p.misses)
+    p.observe(0, 0)
+    p.observe(2, 3)  # impossible counts change nothing
+    assert (p.hits, p.misses) == before
+
+
 async def _run(lm: LocalModel, ids: list[int], params: SamplingParams, n: int) -> tuple[list[int], int]:
+    out, st = await _run_stepper(lm, ids, params, n)
+    return out, st.accepted
+
+
+async def _run_stepper(lm: LocalModel, ids: list[int], params: SamplingParams, n: int):
     st = await lm.open(len(ids) + n + 1, params)
     out: list[int] = []
     async for ev in generate(GenerationRequest(ids, n, params), st, lm.tokenizer, lm.eos_ids):
         if not isinstance(ev, Finished) and ev.token_id is not None:
             out.append(ev.token_id)
-    return out, st.accepted
+    return out, st
 
 
 @pytest.mark.parametrize("mode", ["exact", "fast"])
@@ -56,3 +86,25 @@ def test_speculative_equals_plain(mode, max_batch):
     ref, got = asyncio.run(main())
     assert [g[0] for g in got] == ref
     assert sum(g[1] for g in got) > 0, "no draft was ever accepted"
+
+
+def test_drafts_that_do_not_pay_are_not_verified():
+    """A verify row costing ten 1-row steps never pays: no draft is verified, the shadow drafts still teach the
+    policy, and the output is plain decoding's. Free rows: every n-gram draft is verified."""
+    eng = Engine.load(smollm2_gguf(), mode="fast")
+    ids = eng.tokenizer.encode(PROMPTS[0])
+    params = SamplingParams(temperature=0, seed=0)
+    ex = ThreadPoolExecutor(max_workers=1)
+
+    async def main():
+        plain, _ = await _run_stepper(LocalModel(eng, ex, prefix_cache=None, max_batch=1), ids, params, 16)
+        costly = await _run_stepper(LocalModel(eng, ex, prefix_cache=None, speculative_k=4, draft_row_cost=10),
+                                    ids, params, 16)
+        free = await _run_stepper(LocalModel(eng, ex, prefix_cache=None, speculative_k=4, draft_row_cost=0),
+                                  ids, params, 16)
+        return plain, costly, free
+
+    plain, (out_c, st_c), (out_f, st_f) = asyncio.run(main())
+    assert out_c == plain and out_f == plain
+    assert st_c.drafted == 0 and st_c.drafts.hits + st_c.drafts.misses != 3.0  # shadows were observed
+    assert st_f.drafted > 0 and st_f.accepted > 0
