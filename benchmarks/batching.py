@@ -8,7 +8,9 @@ the engine alone: one batched decode step (`Engine.decode_batch`) at widths 1, 2
 rows per second), the ceiling the serving loop's own work (prefill, sampling, scheduling) is measured against.
 
 What it drives is `serving.generation.generate` over `LocalModel` (the loop `mesh402 serve` runs per model),
-not HTTP, and not a 2-stage split (benchmarks/split_batching.py). All torch work runs on one engine thread,
+not HTTP, and not a 2-stage split (benchmarks/split_batching.py). Last, llama.cpp side by side when
+llama-cpp-python is installed (`bash scripts/bench-deps.sh`): the same token ids and token counts, N sequences
+decoded as one batch per step through its low-level API, weight repack off (the path that can batch). All torch work runs on one engine thread,
 as in a node. Prints a table and writes
 benchmarks/results/batching.json.
 
@@ -68,6 +70,79 @@ def _step_ms(eng, prompt: list[int], width: int, n: int) -> float:
             s.close()
 
 
+def _llamacpp_worker(spec: dict) -> list[dict]:
+    """llama.cpp decoding N sequences batched (llama-cpp-python's low-level API: one `llama_decode` per step
+    with a row per sequence, as llama-server's --parallel N does), greedy, the same token ids. The prompts go
+    in as one batch; the weight repack is off (in 0.3.36 it crashes on multi-token batches)."""
+    import numpy as np
+
+    import llama_cpp as L
+    from harness.llama_server import no_repack
+
+    no_repack()
+    L.llama_backend_init()
+    model = L.llama_model_load_from_file(spec["model"].encode(), L.llama_model_default_params())
+    n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+    prompts, n, threads = spec["prompts"], spec["tokens"], spec["threads"]
+    out = []
+    for streams in spec["streams"]:
+        ps = [prompts[i % len(prompts)] for i in range(streams)]
+        per_seq = (max(len(p) for p in ps) + n + 8 + 255) // 256 * 256
+        cp = L.llama_context_default_params()
+        cp.n_ctx, cp.n_seq_max, cp.kv_unified = per_seq * streams, streams, False
+        cp.n_batch = cp.n_ubatch = max(512, sum(len(p) for p in ps))
+        cp.n_threads = cp.n_threads_batch = threads
+        ctx = L.llama_init_from_model(model, cp)
+        batch = L.llama_batch_init(cp.n_batch, 0, 1)
+
+        def submit(entries: list[tuple[int, int, int, bool]]) -> None:
+            for i, (tok, pos, seq, logits) in enumerate(entries):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos, 1
+                batch.seq_id[i][0], batch.logits[i] = seq, logits
+            batch.n_tokens = len(entries)
+            if L.llama_decode(ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed")
+
+        def argmax(i: int) -> int:
+            return int(np.argmax(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(n_vocab,))))
+
+        submit([(ps[0][0], 0, 0, True)])  # warm-up, then a clean memory
+        L.llama_memory_clear(L.llama_get_memory(ctx), True)
+        t0 = time.perf_counter()
+        entries = [(t, j, s, j == len(p) - 1) for s, p in enumerate(ps) for j, t in enumerate(p)]
+        submit(entries)
+        last = [i for i, e in enumerate(entries) if e[3]]
+        toks = [argmax(i) for i in last]
+        ttft = time.perf_counter() - t0
+        pos = [len(p) for p in ps]
+        for _ in range(n - 1):
+            submit([(toks[s], pos[s], s, True) for s in range(streams)])
+            toks = [argmax(s) for s in range(streams)]
+            pos = [q + 1 for q in pos]
+        dt = time.perf_counter() - t0
+        out.append({"what": "llamacpp_streams", "engine": "llama.cpp no-repack, batched", "streams": streams,
+                    "tok_s": streams * n / dt, "ttft_s": ttft, "tokens": streams * n})
+        L.llama_batch_free(batch)
+        L.llama_free(ctx)
+    L.llama_model_free(model)
+    return out
+
+
+def _llamacpp_rows(model: str, prompts: list[list[int]], tokens: int, threads: int, streams: list[int]) -> list[dict]:
+    """_llamacpp_worker in its own process (its thread pool apart from torch's); [] when not installed."""
+    import subprocess
+
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("llama-cpp-python is not installed: run `bash scripts/bench-deps.sh` for the llama.cpp rows")
+        return []
+    spec = {"model": model, "prompts": prompts, "tokens": tokens, "threads": threads, "streams": streams}
+    r = subprocess.run([sys.executable, __file__, "--llamacpp-worker"], input=json.dumps(spec), text=True,
+                       capture_output=True, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def _pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
@@ -79,7 +154,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--modes", default="fast,exact")
+    ap.add_argument("--llamacpp-worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.llamacpp_worker:
+        print(json.dumps(_llamacpp_worker(json.loads(sys.stdin.read()))))
+        return
 
     import torch
 
@@ -143,6 +222,11 @@ def main() -> None:
                       f"{r['accepted']}/{r['drafted']} drafts ({r['tokens'] - r['accepted']} forwards for "
                       f"{r['tokens']} tokens)", flush=True)
         del eng
+    # llama.cpp side by side: the same prompts' token ids, the same number of greedy tokens per stream
+    for r in _llamacpp_rows(str(bundled_model_path()), ids, n, a.threads, streams_list):  # ids: one vocabulary
+        rows.append(r)
+        print(f"llama.cpp streams={r['streams']:2} batched  {r['tok_s']:7.1f} tok/s  TTFT {r['ttft_s'] * 1000:7.0f} ms",
+              flush=True)
     out = {"threads": a.threads, "torch": torch.__version__, "loadavg_at_start": load, "rows": rows,
            "note": "in-process serving loop (LocalModel + generate), greedy; max_batch=1 is the unbatched path"}
     RESULTS.mkdir(parents=True, exist_ok=True)
