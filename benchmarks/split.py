@@ -327,10 +327,11 @@ class Node:
 
 
 def start_mesh(stages: int, mode: str, root: Path, net: netdelay.DelayNet | None = None,
-               names: list[str] | None = None) -> tuple[list[Node], Node, dict | None]:
-    """Nodes forming a solo (stages == 1) or split mesh; returns (nodes, host, plan)."""
+               names: list[str] | None = None, extra: list[str] | None = None) -> tuple[list[Node], Node, dict | None]:
+    """Nodes forming a solo (stages == 1) or split mesh (`extra`: more `mesh402 serve` flags for every node);
+    returns (nodes, host, plan)."""
     names = names or [chr(ord("a") + i) for i in range(stages)]
-    args = ["--mode", mode] + (["--max-vram", VRAM[stages]] if stages > 1 else [])
+    args = ["--mode", mode] + (["--max-vram", VRAM[stages]] if stages > 1 else []) + list(extra or [])
     first = Node(names[0], root, args, net)
     nodes = [first]
     try:

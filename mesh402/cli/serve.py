@@ -79,7 +79,7 @@ def serve(
     max_sessions: Annotated[int, typer.Option(help="Concurrent generations per model before 503.")] = 16,
     max_batch: Annotated[int, typer.Option(help="Decode rows per batched step of a model served whole here (continuous batching), and per engine call on a pipeline stage this node hosts or runs (the sessions' rows of a split); each row's answer is bit-identical to running alone. 1: requests take turns.")] = 8,
     max_kv_mb: Annotated[Optional[float], typer.Option(help="KV memory of all sessions of a model, in MB (1e6 bytes); a request whose prompt + max_tokens would pass it gets 503 + Retry-After instead of memory (default: no cap beyond --max-sessions).")] = None,
-    speculative: Annotated[str, typer.Option(help="Speculative decoding of a model served whole here: 'ngram' (prompt-lookup drafts, verified in one step; the output equals plain decoding token for token) or 'none'.")] = "none",
+    speculative: Annotated[str, typer.Option(help="Speculative decoding: 'ngram' (prompt-lookup drafts verified in one step, on a split in one round trip through the stages; the output equals plain decoding token for token) or 'none'.")] = "none",
     draft_tokens: Annotated[int, typer.Option(help="With --speculative ngram: at most this many drafts verified per step (each request drafts as many as its acceptance rate pays for, none when none pays).")] = 4,
     step_tokens: Annotated[int, typer.Option(help="Prompt tokens prefilled per batched step, between the running streams' decode rows (a long prompt never stalls them longer).")] = 128,
     max_vram: Annotated[Optional[float], typer.Option(help="Weight budget in GB (1e9 bytes, e.g. 0.08); a model larger than the budget is split across nodes.")] = None,

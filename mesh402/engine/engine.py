@@ -326,6 +326,39 @@ class Engine:
                     out[i] = e
         return [o for o in out if o is not None]
 
+    @torch.inference_mode()
+    def forward_session_rows(self, session: "Session", x: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """The next ``n`` rows of one session through this (partial) engine, as ``n`` successive 1-row forwards
+        compute them, bit for bit (engine.batch): speculative verification on a pipeline stage. ``x``: token ids
+        ``[n]`` on the first stage, fp32 hidden rows ``[n, hidden]`` otherwise. Returns hidden rows
+        ``[n, hidden]``, on the last stage fp32 logits ``[n, vocab]``."""
+        if not isinstance(x, torch.Tensor):
+            x = torch.tensor([int(t) for t in x], dtype=torch.long)
+        if session.engine is not self:
+            raise EngineError("session of another engine")
+        n = int(x.shape[0]) if x.dim() >= 1 else 0
+        first = self.stages[0].first
+        ok = x.dtype == torch.long and x.dim() == 1 if first else \
+            x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] == self.config.hidden
+        if n < 1 or not ok:
+            raise ValueError("rows must be token ids [n] on a first stage, fp32 [n, hidden] otherwise")
+        if first and (int(x.min()) < 0 or int(x.max()) >= self.config.vocab_size):
+            raise ValueError(f"token id out of range [0, {self.config.vocab_size})")
+        if session.closed:
+            raise EngineError("session is closed")
+        if len(session) + n > session.max_len:
+            raise ContextTooLong(f"{len(session)} + {n} rows exceed session max_len {session.max_len}")
+        p0 = len(session)
+        if n == 1 or not all(batchable(st) for st in self.stages):
+            outs = [session.forward(x[i:i + 1], p0 + i, 1) for i in range(n)]
+            return torch.stack(outs) if self.stages[-1].last else torch.cat(outs)
+        y = self._rows([session] * n, [p0 + i for i in range(n)], x.to(self.device))
+        if first:
+            session.tokens[p0:] = [int(t) for t in x.tolist()]
+        else:
+            del session.tokens[p0:]
+        return y
+
     def _row_fits(self, s: "Session", x: torch.Tensor) -> bool:
         """One well-formed decode row of an open session of this engine with room for it."""
         if s.engine is not self or s.closed or len(s) + 1 > s.max_len:

@@ -520,7 +520,8 @@ class DistributedRuntime(Failover):
         model = PipelineModel(engine0, chain, self._connect, self, self.executor, wire_dtype=self.wire_dtype,
                               timer=StepTimer(floor_s=self.node.config.timers.stage_step_floor_s),
                               signer=getattr(self.mesh, "identity", None), receipt_sink=self.receipts,
-                              auditor=self.auditor, max_batch=self.node.config.limits.max_batch)
+                              auditor=self.auditor, max_batch=self.node.config.limits.max_batch,
+                              speculative_k=self.node.config.limits.draft_tokens)
         terms_for, n_layers = self.pay_terms_for, layout.n_layers
         if terms_for is not None and self.voucher_signer is not None:
             model.voucher_signer = self.voucher_signer

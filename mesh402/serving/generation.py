@@ -308,7 +308,7 @@ class LocalStepper:
         # under a grammar, no drafts: a draft past the grammar's end would be drawn under a finished matcher
         if self.drafts is None or self.matcher is not None:
             return [token]
-        room = self.session.max_len - len(self.session) - 1
+        room = self.session.max_len - len(self.session) - 2  # plain decoding never feeds the last token
         k = min(self.drafts.k(), room)
         if k > 0:
             return [token] + ngram_draft(self.history + [token], k)

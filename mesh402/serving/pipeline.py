@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mesh402.serving.generation import NO_CONSTRAINTS, Constraints
+from mesh402.serving.speculative import DraftPolicy, default_row_cost, ngram_draft
 from mesh402.serving.stage_batch import RowBatcher
 from mesh402.serving.stage_link import (
     RECOVERABLE_CODES,
@@ -91,6 +92,8 @@ class PipelineStats:
     replayed_steps: int = 0
     replayed_tokens: int = 0
     bytes_sent: int = 0
+    drafted: int = 0  # speculative drafts sent through the chain, and accepted
+    accepted: int = 0
 
 
 class PipelineModel:
@@ -99,8 +102,12 @@ class PipelineModel:
     def __init__(self, engine0: Any, chain: Chain, connect: Callable[[str], Awaitable[Link]], failover: Failover,
                  executor: ThreadPoolExecutor, *, wire_dtype: str = "f32", open_timeout: float = 60.0,
                  timer: StepTimer | None = None, signer: Any = None,
-                 receipt_sink: Callable[..., Any] | None = None, auditor: Any = None, max_batch: int = 8) -> None:
+                 receipt_sink: Callable[..., Any] | None = None, auditor: Any = None, max_batch: int = 8,
+                 speculative_k: int = 0) -> None:
         self.engine0 = engine0
+        # Speculative decoding through the chain: up to this many prompt-lookup drafts ride each decode step
+        # as extra rows, so one round trip through the stages can yield several tokens (PipelineStepper._draft).
+        self.speculative_k = speculative_k
         # Requests' decode rows on the host's stage run as one forward (serving.stage_batch), so they leave
         # for the next stage together and the stages batch them too; 1: each request's step alone.
         self.rows = RowBatcher(engine0, executor, max_batch=max_batch) \
@@ -155,6 +162,9 @@ class PipelineModel:
                                   constraints=constraints)
         if constraints.grammar is not None:  # the host's own matcher, in step with the tokens the last stage draws
             stepper.matcher = constraints.grammar.matcher()
+        elif self.speculative_k > 0 and constraints.top_logprobs is None:  # drafts: plain sampled sessions only
+            device = getattr(getattr(self.engine0, "device", None), "type", "cpu")
+            stepper.drafts = DraftPolicy(self.speculative_k, default_row_cost(device, str(self.engine0.mode)))
         if self.signer is not None and self.receipt_sink is not None:
             from mesh402.work.receipts import StageTally  # lazy: kept off this module's import path
             stepper.tally = StageTally(stepper.request_id, self.chain.content_hash, 0, self.chain.hops[0].start)
@@ -177,6 +187,7 @@ class _Sent:
     payload: bytes
     shape: list[int]
     sample: bool
+    draft: bool = False  # the token and its drafts as adjacent rows (never kept in `sent`: its kept rows are)
 
 
 @dataclass
@@ -199,6 +210,12 @@ class PipelineStepper:
     _closing: asyncio.Task | None = None  # closing the chain, receipts included (release)
     _store: tuple | None = None  # (aligned prompt tokens, n): kept for later requests on release
     pay: EntrySessionPay | None = None  # what this request owes its stages, and the vouchers for it
+    drafts: DraftPolicy | None = None  # speculative decoding on: how many drafts ride a step
+    history: list[int] = field(default_factory=list)  # prompt and fed tokens: where drafts are looked up
+    drafted: int = 0  # drafts sent / accepted (benchmarks)
+    accepted: int = 0
+    _ahead: list[tuple[int, int]] = field(default_factory=list)  # (token, the one drawn after it) already verified
+    _shadow: int | None = None  # the draft not sent this step, checked against the token drawn
 
     # ---------------------------------------------------------------- chain management
     async def connect_chain(self) -> None:
@@ -276,6 +293,8 @@ class PipelineStepper:
 
         assert self.chain is not None
         params = {"n_real": s.n_real, "sample": "1" if s.sample else "0"}
+        if s.draft:
+            params["draft"] = "1"
         if pay:
             params[PAY_PARAM] = pay
         return stage_frame(s.kind, request_id=self.request_id, plan_epoch=self.chain.epoch, position=s.position,
@@ -289,6 +308,13 @@ class PipelineStepper:
 
     async def _exchange(self, s: _Sent) -> int | None:
         """Send one step and wait for its reply, failing over as often as stages die."""
+        token = await self._round_trip(s, self._drawn if s.sample else (lambda rs: None))
+        self._commit(s)
+        return token
+
+    async def _round_trip(self, s: _Sent, answer: Callable[[Any], Any]) -> Any:
+        """`answer(reply)` of one step sent through the chain; a stage that dies or answers badly (`answer`
+        raises a recoverable StageError) is replaced and the steps sent so far replayed, as often as needed."""
         while True:
             assert self.link is not None
             pay = await self._pay_step(s)  # again after a failover: the new stage sessions count this step too
@@ -308,7 +334,7 @@ class PipelineStepper:
                     raise StageError("the pipeline step did not complete although every stage is alive",
                                      code="stuck")
                 rs = expect_stage(reply, K.STAGE_KIND_RESULT, "pipeline")
-                token = self._drawn(rs) if s.sample else None
+                value = answer(rs)
             except StageError as e:
                 if e.code not in RECOVERABLE_CODES:
                     raise
@@ -320,15 +346,32 @@ class PipelineStepper:
                 await self._fail_over(e)
                 continue
             self.model.timer.observe(time.monotonic() - t0)
-            self.model.stats.steps += 1
-            self.model.stats.bytes_sent += len(s.payload)
-            self.sent.append(s)
-            if self.tally is not None:
-                from mesh402.engine.activations import activation_hash  # lazy: loads gguf, numpy, torch only when needed
-                from mesh402.work.receipts import token_step_hash  # lazy: kept off this module's import path
-                self.tally.step(s.n_real, token_step_hash(s.tokens[:s.n_real]), activation_hash(s.payload))
-                self.steps_done += 1
-            return token
+            return value
+
+    def _commit(self, s: _Sent) -> None:
+        """A step the chain has done and keeps: replayed after a failover, counted in the receipt."""
+        self.model.stats.steps += 1
+        self.model.stats.bytes_sent += len(s.payload)
+        self.sent.append(s)
+        if self.tally is not None:
+            from mesh402.engine.activations import activation_hash  # lazy: loads gguf, numpy, torch only when needed
+            from mesh402.work.receipts import token_step_hash  # lazy: kept off this module's import path
+            self.tally.step(s.n_real, token_step_hash(s.tokens[:s.n_real]), activation_hash(s.payload))
+            self.steps_done += 1
+
+    def _drawn_rows(self, rs: Any, rows: list[int]) -> list[int]:
+        """The tokens the last stage drew for a draft step, checked: 1..len(rows) of them, in the vocabulary,
+        and every one but the last equal to the draft after it (that is what accepting a draft means)."""
+        assert self.chain is not None
+        last = self.chain.hops[-1].node
+        vocab = int(self.model.engine0.info.vocab_size)
+        toks = [int(t) for t in rs.tokens]
+        if not 1 <= len(toks) <= len(rows) or not all(0 <= t < vocab for t in toks):
+            raise StageError(f"the last stage answered {len(rows)} draft rows with {len(toks)} tokens", node=last,
+                             code="bad_output")
+        if any(toks[i] != rows[i + 1] for i in range(len(toks) - 1)):
+            raise StageError("the last stage accepted a draft it did not draw", node=last, code="bad_output")
+        return toks
 
     def _drawn(self, rs: Any) -> int:
         """The token (and logprobs) the last stage returned, checked before anything uses them: in the
@@ -451,6 +494,7 @@ class PipelineStepper:
         C = self.model.engine0.prefill_chunk
         token: int | None = None
         prompt = list(ids)
+        self.history.extend(prompt)
         ids = await self._try_prefix(prompt, C)
         n_al = len(prompt) // C * C
         if n_al >= C and n_al > self.cached_tokens:
@@ -466,17 +510,79 @@ class PipelineStepper:
         return token
 
     async def decode(self, token: int) -> int:
+        if self._ahead:  # verified by an earlier draft step: the token's rows are in on every stage
+            fed, nxt = self._ahead.pop(0)
+            if fed != token:
+                raise ValueError("decode of a token other than the one drawn")
+            self.history.append(token)
+            return nxt
+        rows = self._draft_rows(token)
+        self.history.append(token)
+        t0 = time.monotonic()
+        nxt = await (self._draft(rows) if len(rows) > 1 else self._decode_one(token))
+        if self.drafts is not None:  # the whole step as the request waits for it: stage 0 here, the round trip
+            self.drafts.timed(len(rows), time.monotonic() - t0)
+        return nxt
+
+    async def _decode_one(self, token: int) -> int:
         pos = len(self.session)
-        rows, wire = self.model.rows, self.model.wire_dtype
-        if rows is not None:  # one row of the host's batched step: the bytes a 1-row forward gives
+        rows_b, wire = self.model.rows, self.model.wire_dtype
+        if rows_b is not None:  # one row of the host's batched step: the bytes a 1-row forward gives
             from mesh402.engine.activations import encode_activations  # lazy: loads gguf, numpy, torch only when needed
 
-            payload, shape = await rows.step(self.session, [int(token)], lambda out: encode_activations(out, wire))
+            payload, shape = await rows_b.step(self.session, [int(token)], lambda out: encode_activations(out, wire))
         else:
             payload, shape = await self._local([token], pos, 1)
         nxt = await self._exchange(_Sent(K.STAGE_KIND_DECODE, pos, [token], 1, payload, shape, True))
         assert nxt is not None
+        if self.drafts is not None and self._shadow is not None:  # not drafting: would the draft have been right?
+            self.drafts.observe(1, int(nxt == self._shadow))
+        self._shadow = None
         return nxt
+
+    def _draft_rows(self, token: int) -> list[int]:
+        """The token to feed and the drafts that ride with it (as many as pay and fit; none under a grammar)."""
+        if self.drafts is None:
+            return [token]
+        # the last row at most at max_len - 2: plain decoding never feeds the answer's last token
+        k = min(self.drafts.k(), self.max_len - len(self.session) - 2)
+        if k > 0:
+            return [token] + ngram_draft(self.history + [token], k)
+        shadow = ngram_draft(self.history + [token], 1)
+        self._shadow = shadow[0] if shadow else None
+        return [token]
+
+    async def _draft(self, rows: list[int]) -> int:
+        """One round trip for the token and its drafts: every stage runs them as adjacent rows (each as its 1-row
+        decode computes it), the last stage draws each position as plain decoding would and accepts drafts while
+        its draws equal them. The kept rows become ordinary 1-row steps here (replayed after a failover,
+        counted in the receipt); the host's own KV past them is rolled back as the stages roll theirs."""
+        from mesh402.engine.activations import encode_activations  # lazy: loads gguf, numpy, torch only when needed
+
+        n, pos, wire = len(rows), len(self.session), self.model.wire_dtype
+
+        def stage0() -> tuple[bytes, list[int]]:
+            return encode_activations(self.session.engine.forward_session_rows(self.session, rows), wire)
+
+        loop = asyncio.get_running_loop()
+        payload, shape = await loop.run_in_executor(self.model.executor, stage0)
+        drawn = await self._round_trip(_Sent(K.STAGE_KIND_DECODE, pos, list(rows), n, payload, shape, True, True),
+                                       lambda rs: self._drawn_rows(rs, rows))
+        kept = len(drawn)
+        if kept < n:
+            await loop.run_in_executor(self.model.executor, self.session.truncate, pos + kept)
+        w = len(payload) // n
+        for i in range(kept):
+            self._commit(_Sent(K.STAGE_KIND_DECODE, pos + i, [rows[i]], 1, payload[i * w:(i + 1) * w], [1, shape[1]],
+                               True))
+        assert self.drafts is not None
+        self.drafts.observe(n - 1, kept - 1)
+        self.drafted += n - 1
+        self.accepted += kept - 1
+        self.model.stats.drafted += n - 1
+        self.model.stats.accepted += kept - 1
+        self._ahead = [(drawn[j], drawn[j + 1]) for j in range(kept - 1)]
+        return drawn[0]
 
     async def _collect_receipts(self, link: Link) -> None:
         """CLOSE carrying this node's stage-0 receipt; the stages add theirs and the chain comes back."""
@@ -527,6 +633,9 @@ class PipelineStepper:
         if self._released:
             return self._closing
         self._released = True
+        if self.drafted:
+            log.info("request %s: %d of %d drafts accepted in %d steps", self.request_id, self.accepted, self.drafted,
+                     self.steps_done)
         self._store_frame = None
         if self.model.rows is not None:
             self.model.rows.leave(self.session)

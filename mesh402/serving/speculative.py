@@ -62,6 +62,7 @@ class DraftPolicy:
     decay: float = 0.9  # per trial: the estimate follows the last ~10 trials (text changes character)
     hits: float = 2.0
     misses: float = 1.0
+    one_row_s: float | None = None  # a 1-row step's time, when steps are timed (timed)
 
     @property
     def acceptance(self) -> float:
@@ -75,6 +76,17 @@ class DraftPolicy:
         w = self.decay ** (accepted + missed)
         self.hits = self.hits * w + accepted
         self.misses = self.misses * w + missed
+
+    def timed(self, rows: int, seconds: float) -> None:
+        """A step of `rows` rows took `seconds` (a round trip through a split's stages): the row cost follows
+        what the steps cost here, where a fixed network delay makes an extra row relatively cheaper."""
+        if rows < 1 or not seconds > 0:
+            return
+        if rows == 1:
+            self.one_row_s = seconds if self.one_row_s is None else 0.8 * self.one_row_s + 0.2 * seconds
+        elif self.one_row_s is not None:
+            cost = min(max((seconds / self.one_row_s - 1.0) / (rows - 1), 0.0), 4.0)
+            self.row_cost = 0.8 * self.row_cost + 0.2 * cost
 
     def k(self) -> int:
         return best_draft_len(self.acceptance, self.row_cost, self.k_max) if self.k_max > 0 else 0

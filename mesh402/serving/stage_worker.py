@@ -50,6 +50,7 @@ Loader = Callable[[str, int, int], Any]  # (content_hash, start, end) -> partial
 AssignPolicy = Callable[[str, pb.StageFrame], "tuple[str, str] | None | Awaitable[tuple[str, str] | None]"]
 MAX_STREAMS_PER_PEER = 64  # STAGE streams one peer may hold open here at once (sessions + control)
 RECENT_REQUESTS = 4096  # grant nonces remembered: a grant opens one session, once
+MAX_DRAFT_ROWS = 17  # rows of one speculative step: the sampled token and up to 16 drafts (--draft-tokens)
 
 
 @dataclass(frozen=True)
@@ -501,6 +502,9 @@ class StageWorker:
                 x = decode_activations(sf.activations, list(sf.shape), sf.dtype)
             except ValueError as e:
                 raise StageError(str(e), node=self.node_id, code="bad_activations") from None
+            if sf.kind == K.STAGE_KIND_DECODE and sf.params.get("draft") == "1":
+                await self._draft_step(up, down, engine, session, draw, rid, next_node, tally, sf, x, history, fp_ids)
+                continue
             if down is None:
                 history.extend(sf.tokens[:n_real])
                 if draw is not None and draw.matcher is not None and sf.kind == K.STAGE_KIND_DECODE:
@@ -535,23 +539,111 @@ class StageWorker:
                     reply.stage.tokens.append(token)
                 await up.send(reply)
                 continue
-            fwd = stage_frame(sf.kind, request_id=rid, plan_epoch=sf.plan_epoch, position=sf.position,
-                              tokens=list(sf.tokens), dtype=sf.dtype, shape=shape, activations=payload,
-                              input_hash=activation_hash(payload), params=dict(sf.params))
-            self.stats.bytes_out += len(payload)
-            self.stats.by_link[next_node] = self.stats.by_link.get(next_node, 0) + len(payload)
             t0 = time.monotonic()
-            await down.send(fwd)
-            try:
-                reply = await down.recv(self.step_timeout)
-            except asyncio.TimeoutError:
-                raise StageError(f"next stage {next_node[:12]} timed out", node=next_node, code="timeout") from None
-            except Exception as e:
-                raise StageError(f"next stage {next_node[:12]} failed: {e}", node=next_node, code="unreachable") from None
-            rs = expect_stage(reply, K.STAGE_KIND_RESULT, f"stage {next_node[:12]}")
+            reply, rs = await self._pass_down(down, next_node, rid, sf, payload, shape)
             rs.activation_hashes.append(in_hash)  # chain of commitments, nearest stage last
             log.debug("hop %s took %.2f ms", next_node[:8], (time.monotonic() - t0) * 1000)
             await up.send(reply)
+
+    async def _pass_down(self, down: Link, next_node: str, rid: str, sf: pb.StageFrame, payload: bytes,
+                         shape: list[int]) -> tuple[pb.Frame, pb.StageFrame]:
+        """Send this stage's output of step `sf` to the next stage, under the session's own request id `rid`;
+        its RESULT (frame, stage body)."""
+        from mesh402.engine.activations import activation_hash  # lazy: loads gguf, numpy, torch only when needed
+
+        fwd = stage_frame(sf.kind, request_id=rid, plan_epoch=sf.plan_epoch, position=sf.position,
+                          tokens=list(sf.tokens), dtype=sf.dtype, shape=shape, activations=payload,
+                          input_hash=activation_hash(payload), params=dict(sf.params))
+        self.stats.bytes_out += len(payload)
+        self.stats.by_link[next_node] = self.stats.by_link.get(next_node, 0) + len(payload)
+        await down.send(fwd)
+        try:
+            reply = await down.recv(self.step_timeout)
+        except asyncio.TimeoutError:
+            raise StageError(f"next stage {next_node[:12]} timed out", node=next_node, code="timeout") from None
+        except Exception as e:
+            raise StageError(f"next stage {next_node[:12]} failed: {e}", node=next_node, code="unreachable") from None
+        return reply, expect_stage(reply, K.STAGE_KIND_RESULT, f"stage {next_node[:12]}")
+
+
+    async def _draft_step(self, up: Link, down: Link | None, engine: Any, session: Any, draw: "Draw | None",
+                          rid: str, next_node: str, tally: Any, sf: pb.StageFrame, x: Any, history: list[int],
+                          fp_ids: list[int] | None) -> None:
+        """A speculative step: the sampled token and its drafts as adjacent rows of this session, each computed
+        as a 1-row decode computes it (Engine.forward_session_rows). The last stage draws each position as plain
+        decoding would and stops at the first draw that differs from the next draft; its reply names the
+        tokens drawn, and every stage keeps only the rows before that point: its KV is rolled back and its
+        tally records one 1-row decode step per kept row, the very steps (inputs, outputs, tokens) plain
+        decoding would have recorded, so receipts, reveals and replays see no difference."""
+        from mesh402.engine.activations import activation_hash, encode_activations  # lazy: loads gguf, numpy, torch only when needed
+
+        tokens = [int(t) for t in sf.tokens]
+        n = len(tokens)
+        pos = int(sf.position)
+        if not (2 <= n <= MAX_DRAFT_ROWS and int(sf.params.get("n_real", n)) == n and x.shape[0] == n
+                and pos == len(session)):
+            raise StageError(f"a draft step is 2..{MAX_DRAFT_ROWS} rows, one token each, at the session's next "
+                             f"position {len(session)}", code="protocol")
+        if down is None and (draw is None or draw.matcher is not None or draw.top_logprobs is not None):
+            raise StageError("draft rows need a sampled session without grammar or logprobs", code="protocol")
+        ins = _rows_of(sf.activations, n)
+        try:
+            out = await self._run(engine.forward_session_rows, session, x)
+        except ValueError as e:
+            raise StageError(str(e), node=self.node_id, code="bad_activations") from None
+        self.stats.steps += 1
+        hidden = [1, int(sf.shape[1])]
+
+        def record(i: int) -> dict[str, Any]:
+            return {"kind": int(sf.kind), "pos": pos + i, "n_real": 1, "dtype": sf.dtype, "shape": hidden,
+                    "data": ins[i], "tokens": [tokens[i]]}
+
+        if down is None:
+            drawn = await self._run(_draw_rows, out, draw, history, tokens, fp_ids)
+            await self._run(session.truncate, pos + len(drawn))
+            for i, (token, fp) in enumerate(drawn):
+                if tally is not None:
+                    tally.step(1, activation_hash(ins[i]), last_step_hash(token, fp or b"", b""), record(i), fp, token,
+                               b"")
+            reply = stage_frame(K.STAGE_KIND_RESULT, request_id=rid, plan_epoch=sf.plan_epoch, position=pos,
+                                input_hash=activation_hash(sf.activations))
+            reply.stage.tokens.extend(t for t, _ in drawn)
+            await up.send(reply)
+            return
+        payload, shape = await self._run(encode_activations, out, sf.dtype)
+        reply, rs = await self._pass_down(down, next_node, rid, sf, payload, shape)
+        kept = len(rs.tokens)
+        if not 1 <= kept <= n:
+            raise StageError(f"next stage {next_node[:12]} answered a {n}-row draft step with {kept} tokens",
+                             node=next_node, code="bad_output")
+        await self._run(session.truncate, pos + kept)
+        outs = _rows_of(payload, n)
+        if tally is not None:
+            for i in range(kept):
+                tally.step(1, activation_hash(ins[i]), activation_hash(outs[i]), record(i))
+        rs.activation_hashes.append(activation_hash(sf.activations))
+        await up.send(reply)
+
+
+def _rows_of(payload: bytes, n: int) -> list[bytes]:
+    """A wire payload of n rows cut into the payloads of its rows (row-major: a row's bytes are its encoding)."""
+    w = len(payload) // n
+    return [payload[i * w:(i + 1) * w] for i in range(n)]
+
+
+def _draw_rows(out: Any, draw: "Draw", history: list[int], tokens: list[int], fp_ids: list[int] | None
+               ) -> list[tuple[int, bytes | None]]:
+    """Engine thread: draw each draft row's position as plain decoding draws it (the fed token joins the
+    history first), up to the first draw that differs from the next draft; (token, fingerprint) per kept row."""
+    drawn: list[tuple[int, bytes | None]] = []
+    for i, fed in enumerate(tokens):
+        history.append(fed)
+        token, _, _, fp, _ = _finish(out[i], draw, history, None, fp_ids)
+        assert token is not None
+        drawn.append((token, fp))
+        if i + 1 == len(tokens) or token != tokens[i + 1]:
+            break
+    return drawn
 
 
 def _pass_pay(sf: pb.StageFrame) -> dict[str, str]:

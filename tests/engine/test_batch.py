@@ -157,3 +157,34 @@ def _rows_of(first: Engine, prompt: list[int]) -> list[torch.Tensor]:
     """The first stage's hidden row for each token (1-row forwards, as decode steps would send them)."""
     with first.new_session(128) as s:
         return [s.forward(torch.tensor([t]), i, 1).clone() for i, t in enumerate(prompt)]
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_a_stage_runs_a_sessions_draft_rows_as_successive_forwards(mode):
+    """Speculative verification on a split: every stage (first: token ids, middle: hidden rows, last: logits)
+    runs a session's next n rows in one call with the bits n successive 1-row forwards give; bad rows are
+    refused before any KV is written."""
+    path = smollm2_gguf()
+    engines = [Engine.load(path, mode=mode, layers=r, load_tokenizer=False) for r in ((0, 10), (10, 20), (20, 30))]
+    prompt, drafts = [1, 9690, 198, 2683], [359, 253, 5356, 5646]
+    for eng in engines:
+        ref_s, got_s = eng.new_session(64), eng.new_session(64)
+        if eng.stages[0].first:
+            xs = [torch.tensor([t]) for t in prompt + drafts]
+        else:
+            xs = [torch.randn(1, eng.config.hidden, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+        ref = [ref_s.forward(x, i, 1).clone() for i, x in enumerate(xs)]
+        for i, x in enumerate(xs[:4]):
+            got_s.forward(x, i, 1)
+        got = eng.forward_session_rows(got_s, torch.cat(xs[4:]))
+        want = torch.stack(ref[4:]) if eng.stages[-1].last else torch.cat(ref[4:])
+        assert torch.equal(got, want) and len(got_s) == 8
+        got_s.truncate(5)  # the first draft refused: the session goes on from there
+        again = eng.forward_session_rows(got_s, torch.cat(xs[5:6]))
+        assert torch.equal(again, want[1:2])
+        bad = torch.tensor([0, eng.config.vocab_size]) if eng.stages[0].first else torch.zeros(2, 7)
+        with pytest.raises(ValueError):
+            eng.forward_session_rows(got_s, bad)
+        assert len(got_s) == 6
+        ref_s.close()
+        got_s.close()

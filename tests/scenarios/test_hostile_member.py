@@ -418,3 +418,74 @@ def test_allow_host_routes_only_to_the_nodes_it_names(solo_and_client, tmp_path:
         assert "x-mesh402-route" not in r.headers or a.node_id[:12] not in r.headers["x-mesh402-route"]
     finally:
         nodes.stop_all()
+
+
+def test_malformed_speculative_draft_steps_are_refused_and_a_valid_one_is_served(lone, tmp_path: Path) -> None:
+    """Where the member is the elected host it may send speculative draft steps (the token and its drafts as
+    adjacent rows): one of more rows than a draft step may have (17) and one at a position its session is not
+    at are refused with a protocol error that ends only that session; a well-formed one is answered with 1..n
+    tokens; the node keeps serving."""
+    import numpy as np
+
+    from mesh402.serving.stage_link import stage_frame
+
+    v = lone
+    ch = content_hash()
+    hidden = 576
+
+    def step(kind: int, pos: int, tokens: list[int], draft: bool) -> pb.Frame:
+        x = (np.random.default_rng(pos).standard_normal((len(tokens), hidden)) * 0.5).astype("<f4")
+        params = {"n_real": str(len(tokens)), "sample": "1", **({"draft": "1"} if draft else {})}
+        return stage_frame(kind, request_id="r", plan_epoch=1, position=pos, tokens=tokens, dtype="f32",
+                           shape=[len(tokens), hidden], activations=x.tobytes(), params=params)
+
+    async def attack() -> dict[str, object]:
+        out: dict[str, object] = {}
+        async with EvilMember(tmp_path / "evil", v.token()) as evil:
+            await evil.wait_connected(v.node_id)
+            evil.answer_holding_proofs(bundled_model_path())
+            evil.svc.update_local(models=[pb.ModelEntry(model_id=MODEL, content_hash=ch)],
+                                  labels={"capacity_bytes": str(2**41)})
+            code = ""
+            for _ in range(150):
+                try:
+                    r = await evil.stage(v.node_id, assign_frame(MODEL, ch, 1, 15, 30))
+                    code = r.params.get("code", "") if r is not None and r.kind == K.STAGE_KIND_ERROR else "ready"
+                except Exception as e:  # noqa: BLE001 - the node is still starting its runtime
+                    code = type(e).__name__
+                if code == "ready" or code not in ("not_host", "not_held", "IrohError"):
+                    break
+                await asyncio.sleep(0.2)
+            out["assign"] = code
+            hops = [Hop(v.node_id, 15, 30)]
+
+            async def session(draft_pos: int, rows: int) -> pb.StageFrame:
+                for _ in range(50):  # one session slot: the previous session may still be closing
+                    link = await evil.open(v.node_id)
+                    await link.send(open_frame(MODEL, ch, 1, 15, 30, evil.grant(ch, 1, hops)))
+                    r = await link.recv(15)
+                    if r.stage.kind == K.STAGE_KIND_RESULT:
+                        break
+                    await link.finish()
+                    await asyncio.sleep(0.2)
+                await link.send(step(K.STAGE_KIND_PREFILL, 0, [1, 2, 3, 4], False))
+                first = await link.recv(30)
+                assert first.stage.kind == K.STAGE_KIND_RESULT and len(first.stage.tokens) == 1
+                await link.send(step(K.STAGE_KIND_DECODE, draft_pos, [5 + i for i in range(rows)], True))
+                r = await link.recv(30)
+                await link.finish()
+                return r.stage
+
+            r = await session(4, 20)
+            out["oversized"] = r.params.get("code") if r.kind == K.STAGE_KIND_ERROR else list(r.tokens)
+            r = await session(7, 3)
+            out["misplaced"] = r.params.get("code") if r.kind == K.STAGE_KIND_ERROR else list(r.tokens)
+            r = await session(4, 3)
+            out["valid"] = list(r.tokens) if r.kind == K.STAGE_KIND_RESULT else r.params.get("code")
+        return out
+
+    out = asyncio.run(attack())
+    assert out["assign"] == "ready", out
+    assert out["oversized"] == "protocol" and out["misplaced"] == "protocol", out
+    assert isinstance(out["valid"], list) and 1 <= len(out["valid"]) <= 3, out
+    assert httpx.get(f"http://127.0.0.1:{v.api_port}/health", timeout=5).status_code == 200
