@@ -42,7 +42,8 @@ async def _gen(model: PipelineModel, i: int, kill=None) -> tuple[list[int], Any]
 
 
 async def _run(executor: Any, splits: list[int], mode: str, draft_tokens: int, *, kill: str | None = None,
-               standbys: tuple[str, ...] = ()) -> tuple[list[list[int]], dict[str, list[tuple]], list[Any]]:
+               standbys: tuple[str, ...] = (), together: bool = False
+               ) -> tuple[list[list[int]], dict[str, list[tuple]], list[Any]]:
     model, mesh, _ = await build(executor, splits, list(standbys), mode=mode)
     if not PROMPTS:
         PROMPTS.extend(model.tokenizer.encode(t) for t in TEXTS)
@@ -55,7 +56,10 @@ async def _run(executor: Any, splits: list[int], mode: str, draft_tokens: int, *
                                       for r in rs]
     model.receipt_sink = sink
     tokens, steppers = [], []
-    for i in range(len(PROMPTS)):
+    if together:  # all sessions at once: draft steps beside other sessions' batched rows on every stage
+        done = await asyncio.gather(*(_gen(model, i) for i in range(len(PROMPTS))))
+        tokens, steppers = [d[0] for d in done], [d[1] for d in done]
+    for i in range(0 if together else len(PROMPTS)):
         out, st = await _gen(model, i, (lambda: mesh.kill(kill)) if kill and i == 0 else None)
         tokens.append(out)
         steppers.append(st)
@@ -76,6 +80,17 @@ def test_drafts_through_a_split_equal_plain_decoding_and_its_receipts(executor, 
         assert sum(s.accepted for s in steppers) > 0, "no draft was ever accepted: the test proves nothing"
         assert len(plain_receipts) == len(PROMPTS)
         assert got_receipts == plain_receipts, "a stage's receipt differs from plain decoding's"
+    asyncio.run(main())
+
+
+def test_concurrent_sessions_drafting_on_a_split_equal_plain_decoding(executor) -> None:
+    async def main() -> None:
+        plain, plain_receipts, _ = await _run(executor, [0, 15, 30], "fast", 0)
+        t0 = asyncio.get_running_loop().time()
+        got, got_receipts, steppers = await _run(executor, [0, 15, 30], "fast", 4, together=True)
+        assert got == plain and got_receipts == plain_receipts
+        assert sum(s.accepted for s in steppers) > 0
+        assert asyncio.get_running_loop().time() - t0 < 60
     asyncio.run(main())
 
 
