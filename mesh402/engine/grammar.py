@@ -180,6 +180,11 @@ class Matcher:
         return self._ended or self._m.is_accepting()
 
     @property
+    def ended(self) -> bool:
+        """EOS was accepted: nothing may follow."""
+        return self._ended
+
+    @property
     def finished(self) -> bool:
         """Nothing but EOS may follow (e.g. the JSON object is closed), or EOS was accepted."""
         return self._ended or self._m.is_stopped()

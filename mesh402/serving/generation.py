@@ -287,7 +287,8 @@ class LocalStepper:
             self.history.append(fed)
             out.append(self._tally([fed], self._draw(logits[i])))
             lps.append(self.logprob)
-            if i + 1 == len(rows) or out[-1] != rows[i + 1]:
+            # a draw that ends the grammar ends the step: plain decoding draws nothing after it
+            if i + 1 == len(rows) or out[-1] != rows[i + 1] or (self.matcher is not None and self.matcher.ended):
                 break
         if len(out) < len(rows):
             self.session.truncate(start + len(out))
@@ -305,8 +306,7 @@ class LocalStepper:
 
     def _rows(self, token: int) -> list[int]:
         """The token to feed and, with speculation on, drafts of the tokens after it (as many as pay and fit)."""
-        # under a grammar, no drafts: a draft past the grammar's end would be drawn under a finished matcher
-        if self.drafts is None or self.matcher is not None:
+        if self.drafts is None:
             return [token]
         room = self.session.max_len - len(self.session) - 2  # plain decoding never feeds the last token
         k = min(self.drafts.k(), room)

@@ -162,7 +162,7 @@ class PipelineModel:
                                   constraints=constraints)
         if constraints.grammar is not None:  # the host's own matcher, in step with the tokens the last stage draws
             stepper.matcher = constraints.grammar.matcher()
-        elif self.speculative_k > 0 and constraints.top_logprobs is None:  # drafts: plain sampled sessions only
+        if self.speculative_k > 0 and constraints.top_logprobs is None:  # drafts: not with logprobs
             device = getattr(getattr(self.engine0, "device", None), "type", "cpu")
             stepper.drafts = DraftPolicy(self.speculative_k, default_row_cost(device, str(self.engine0.mode)))
         if self.signer is not None and self.receipt_sink is not None:
@@ -371,6 +371,12 @@ class PipelineStepper:
                              code="bad_output")
         if any(toks[i] != rows[i + 1] for i in range(len(toks) - 1)):
             raise StageError("the last stage accepted a draft it did not draw", node=last, code="bad_output")
+        if self.matcher is not None:  # each drawn token must be one the grammar allows, in order
+            for j, t in enumerate(toks):
+                if not self.matcher.accept(t):
+                    self.matcher.rollback(j)  # unchanged for the replacement's redraw
+                    raise StageError(f"the last stage drew token {t}, which the grammar forbids", node=last,
+                                     code="bad_output")
         return toks
 
     def _drawn(self, rs: Any) -> int:
@@ -541,7 +547,7 @@ class PipelineStepper:
         return nxt
 
     def _draft_rows(self, token: int) -> list[int]:
-        """The token to feed and the drafts that ride with it (as many as pay and fit; none under a grammar)."""
+        """The token to feed and the drafts that ride with it (as many as pay and fit)."""
         if self.drafts is None:
             return [token]
         # the last row at most at max_len - 2: plain decoding never feeds the answer's last token

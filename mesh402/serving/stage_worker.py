@@ -584,8 +584,8 @@ class StageWorker:
                 and pos == len(session)):
             raise StageError(f"a draft step is 2..{MAX_DRAFT_ROWS} rows, one token each, at the session's next "
                              f"position {len(session)}", code="protocol")
-        if down is None and (draw is None or draw.matcher is not None or draw.top_logprobs is not None):
-            raise StageError("draft rows need a sampled session without grammar or logprobs", code="protocol")
+        if down is None and (draw is None or draw.top_logprobs is not None):
+            raise StageError("draft rows need a sampled session without logprobs", code="protocol")
         ins = _rows_of(sf.activations, n)
         try:
             out = await self._run(engine.forward_session_rows, session, x)
@@ -634,14 +634,18 @@ def _rows_of(payload: bytes, n: int) -> list[bytes]:
 def _draw_rows(out: Any, draw: "Draw", history: list[int], tokens: list[int], fp_ids: list[int] | None
                ) -> list[tuple[int, bytes | None]]:
     """Engine thread: draw each draft row's position as plain decoding draws it (the fed token joins the
-    history first), up to the first draw that differs from the next draft; (token, fingerprint) per kept row."""
+    history, and the grammar's state, first), up to the first draw that differs from the next draft or ends
+    the grammar; (token, fingerprint) per kept row."""
     drawn: list[tuple[int, bytes | None]] = []
+    m = draw.matcher
     for i, fed in enumerate(tokens):
+        if m is not None and not m.accept(fed):
+            raise StageError(f"the host sent token {fed}, which the grammar forbids", code="protocol")
         history.append(fed)
         token, _, _, fp, _ = _finish(out[i], draw, history, None, fp_ids)
         assert token is not None
         drawn.append((token, fp))
-        if i + 1 == len(tokens) or token != tokens[i + 1]:
+        if i + 1 == len(tokens) or token != tokens[i + 1] or (m is not None and token in m.grammar.eos_ids):
             break
     return drawn
 

@@ -135,3 +135,36 @@ def test_a_last_stage_claiming_a_draft_it_did_not_draw_is_failed_over(executor, 
         assert out == plain[0]
         assert model.stats.failovers >= 1 and model.chain.hops[-1].node == mesh.node("standby")
     asyncio.run(main())
+
+
+def test_drafts_under_a_grammar_through_a_split_equal_plain_decoding(executor) -> None:
+    """A JSON-schema session on a split: the last stage's grammar follows the fed tokens row by row, each
+    position is drawn under its mask, the step ends at the draw that ends the grammar; the host's matcher takes
+    every drawn token in order. Tokens equal plain decoding's, drafts accepted."""
+    from mesh402.serving.generation import Constraints
+
+    schema = {"type": "array", "minItems": 4, "maxItems": 4, "items": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                         "country": {"type": "string", "maxLength": 12}},
+        "required": ["city", "country"], "additionalProperties": False}}
+
+    async def one(k: int) -> tuple[list[int], int]:
+        model, _, _ = await build(executor, [0, 15, 30], mode="fast")
+        model.prefix = None
+        model.speculative_k = k
+        ids = model.tokenizer.encode("<|im_start|>user\nName four cities and their countries as JSON.<|im_end|>\n"
+                                     "<|im_start|>assistant\n")
+        c = Constraints(model.engine0.grammar_compiler().json_schema(schema), None)
+        params = SamplingParams(temperature=0, seed=0)
+        st = await model.open(len(ids) + 121, params, constraints=c)
+        out = [ev.token_id async for ev in generate(GenerationRequest(ids, 120, params, constraints=c), st,
+                                                     model.tokenizer, model.eos_ids)
+               if getattr(ev, "token_id", None) is not None]
+        st.release()
+        return out, st.accepted
+
+    async def main() -> None:
+        plain, _ = await one(0)
+        got, accepted = await one(4)
+        assert got == plain and accepted > 0
+    asyncio.run(main())

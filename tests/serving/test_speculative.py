@@ -108,3 +108,42 @@ def test_drafts_that_do_not_pay_are_not_verified():
     assert out_c == plain and out_f == plain
     assert st_c.drafted == 0 and st_c.drafts.hits + st_c.drafts.misses != 3.0  # shadows were observed
     assert st_f.drafted > 0 and st_f.accepted > 0
+
+
+def test_speculative_under_a_grammar_equals_plain(smol_grammars):
+    """Drafts under a JSON schema: every position is drawn under the grammar's mask as plain decoding draws it,
+    the step ends at the draw that ends the grammar, and the answer (a list of objects repeating their keys, so
+    n-gram drafts are often right) equals plain decoding's, drafts accepted."""
+    from mesh402.serving.generation import Constraints
+
+    schema = {"type": "array", "minItems": 4, "maxItems": 4, "items": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                         "country": {"type": "string", "maxLength": 12}},
+        "required": ["city", "country"], "additionalProperties": False}}
+    eng = Engine.load(smollm2_gguf(), mode="fast")
+    ids = eng.tokenizer.encode("<|im_start|>user\nName four cities and their countries as JSON.<|im_end|>\n"
+                               "<|im_start|>assistant\n")
+    ex = ThreadPoolExecutor(max_workers=1)
+
+    async def one(k: int, params: SamplingParams) -> tuple[list[int], int]:
+        lm = LocalModel(eng, ex, prefix_cache=None, max_batch=4, speculative_k=k)
+        c = Constraints(smol_grammars.json_schema(schema), None)
+        st = await lm.open(len(ids) + 121, params, c)
+        out: list[int] = []
+        async for ev in generate(GenerationRequest(ids, 120, params, constraints=c), st, lm.tokenizer, lm.eos_ids):
+            if not isinstance(ev, Finished) and ev.token_id is not None:
+                out.append(ev.token_id)
+        return out, st.accepted
+
+    async def main():
+        res = []
+        for params in (SamplingParams(temperature=0, seed=0), SamplingParams(temperature=0.8, seed=7)):
+            plain, _ = await one(0, params)
+            spec, accepted = await one(4, params)
+            res.append((plain, spec, accepted))
+        return res
+
+    for plain, spec, accepted in asyncio.run(main()):
+        assert spec == plain
+        assert accepted > 0
+    assert eng.tokenizer.decode(plain).lstrip().startswith("[")
