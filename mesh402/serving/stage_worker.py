@@ -284,6 +284,8 @@ class StageWorker:
                                     pay_key, self._batcher(key, engine))
         except StageError as e:
             await up.send(error_frame(rid, str(e), e.node or self.node_id, e.code))
+        except EngineError as e:  # a step the session cannot take (past its max_len, closed): the sender's error
+            await up.send(error_frame(rid, f"stage cannot run the step: {e}", self.node_id, "protocol"))
         except (ConnectionError, asyncio.TimeoutError, OSError, ValueError, TypeError) as e:
             log.info("session %s ended: %s", rid, e)
         finally:

@@ -422,8 +422,9 @@ def test_allow_host_routes_only_to_the_nodes_it_names(solo_and_client, tmp_path:
 
 def test_malformed_speculative_draft_steps_are_refused_and_a_valid_one_is_served(lone, tmp_path: Path) -> None:
     """Where the member is the elected host it may send speculative draft steps (the token and its drafts as
-    adjacent rows): one of more rows than a draft step may have (17) and one at a position its session is not
-    at are refused with a protocol error that ends only that session; a well-formed one is answered with 1..n
+    adjacent rows): one of more rows than a draft step may have (17), one at a position its session is not
+    at and one running past the session's max_len are refused with a protocol error that ends only that
+    session; a well-formed one is answered with 1..n
     tokens; the node keeps serving."""
     import numpy as np
 
@@ -459,7 +460,7 @@ def test_malformed_speculative_draft_steps_are_refused_and_a_valid_one_is_served
             out["assign"] = code
             hops = [Hop(v.node_id, 15, 30)]
 
-            async def session(draft_pos: int, rows: int) -> pb.StageFrame:
+            async def session(draft_pos: int, rows: int, prompt: int = 4) -> pb.StageFrame:
                 for _ in range(50):  # one session slot: the previous session may still be closing
                     link = await evil.open(v.node_id)
                     await link.send(open_frame(MODEL, ch, 1, 15, 30, evil.grant(ch, 1, hops)))
@@ -468,7 +469,7 @@ def test_malformed_speculative_draft_steps_are_refused_and_a_valid_one_is_served
                         break
                     await link.finish()
                     await asyncio.sleep(0.2)
-                await link.send(step(K.STAGE_KIND_PREFILL, 0, [1, 2, 3, 4], False))
+                await link.send(step(K.STAGE_KIND_PREFILL, 0, list(range(1, prompt + 1)), False))
                 first = await link.recv(30)
                 assert first.stage.kind == K.STAGE_KIND_RESULT and len(first.stage.tokens) == 1
                 await link.send(step(K.STAGE_KIND_DECODE, draft_pos, [5 + i for i in range(rows)], True))
@@ -480,6 +481,8 @@ def test_malformed_speculative_draft_steps_are_refused_and_a_valid_one_is_served
             out["oversized"] = r.params.get("code") if r.kind == K.STAGE_KIND_ERROR else list(r.tokens)
             r = await session(7, 3)
             out["misplaced"] = r.params.get("code") if r.kind == K.STAGE_KIND_ERROR else list(r.tokens)
+            r = await session(56, 17, prompt=56)  # past the session's max_len (64)
+            out["past_max_len"] = r.params.get("code") if r.kind == K.STAGE_KIND_ERROR else list(r.tokens)
             r = await session(4, 3)
             out["valid"] = list(r.tokens) if r.kind == K.STAGE_KIND_RESULT else r.params.get("code")
         return out
@@ -487,5 +490,6 @@ def test_malformed_speculative_draft_steps_are_refused_and_a_valid_one_is_served
     out = asyncio.run(attack())
     assert out["assign"] == "ready", out
     assert out["oversized"] == "protocol" and out["misplaced"] == "protocol", out
+    assert out["past_max_len"] == "protocol", out
     assert isinstance(out["valid"], list) and 1 <= len(out["valid"]) <= 3, out
     assert httpx.get(f"http://127.0.0.1:{v.api_port}/health", timeout=5).status_code == 200
