@@ -162,7 +162,7 @@ class PipelineModel:
                                   constraints=constraints)
         if constraints.grammar is not None:  # the host's own matcher, in step with the tokens the last stage draws
             stepper.matcher = constraints.grammar.matcher()
-        if self.speculative_k > 0 and constraints.top_logprobs is None:  # drafts: not with logprobs
+        if self.speculative_k > 0:
             device = getattr(getattr(self.engine0, "device", None), "type", "cpu")
             stepper.drafts = DraftPolicy(self.speculative_k, default_row_cost(device, str(self.engine0.mode)))
         if self.signer is not None and self.receipt_sink is not None:
@@ -214,7 +214,8 @@ class PipelineStepper:
     history: list[int] = field(default_factory=list)  # prompt and fed tokens: where drafts are looked up
     drafted: int = 0  # drafts sent / accepted (benchmarks)
     accepted: int = 0
-    _ahead: list[tuple[int, int]] = field(default_factory=list)  # (token, the one drawn after it) already verified
+    _ahead: list[tuple[int, int, Any]] = field(default_factory=list)  # (token, the one drawn after it, its
+    # logprob) already verified
     _shadow: int | None = None  # the draft not sent this step, checked against the token drawn
 
     # ---------------------------------------------------------------- chain management
@@ -359,9 +360,13 @@ class PipelineStepper:
             self.tally.step(s.n_real, token_step_hash(s.tokens[:s.n_real]), activation_hash(s.payload))
             self.steps_done += 1
 
-    def _drawn_rows(self, rs: Any, rows: list[int]) -> list[int]:
+    def _drawn_rows(self, rs: Any, rows: list[int]) -> tuple[list[int], list[Any]]:
         """The tokens the last stage drew for a draft step, checked: 1..len(rows) of them, in the vocabulary,
-        and every one but the last equal to the draft after it (that is what accepting a draft means)."""
+        every one but the last equal to the draft after it (that is what accepting a draft means), allowed by
+        the grammar in order, each with well-formed logprobs of itself when the session asks for them; with
+        the logprobs (None each when not asked)."""
+        from mesh402.engine.sampling import logprob_from_record  # lazy: loads gguf, numpy, torch only when needed
+
         assert self.chain is not None
         last = self.chain.hops[-1].node
         vocab = int(self.model.engine0.info.vocab_size)
@@ -371,13 +376,25 @@ class PipelineStepper:
                              code="bad_output")
         if any(toks[i] != rows[i + 1] for i in range(len(toks) - 1)):
             raise StageError("the last stage accepted a draft it did not draw", node=last, code="bad_output")
+        top = self.constraints.top_logprobs
+        lps: list[Any] = [None] * len(toks)
+        if top is not None:
+            try:
+                recs = json.loads(rs.params.get("lps", ""))
+                if not isinstance(recs, list) or len(recs) != len(toks):
+                    raise ValueError(f"{len(toks)} tokens, logprobs of {len(recs) if isinstance(recs, list) else 0}")
+                lps = [logprob_from_record(r, vocab, top) for r in recs]
+            except ValueError as e:
+                raise StageError(f"the last stage returned bad logprobs: {e}", node=last, code="bad_output") from None
+            if any(lp.token != t for lp, t in zip(lps, toks)):
+                raise StageError("the last stage's logprobs are for other tokens", node=last, code="bad_output")
         if self.matcher is not None:  # each drawn token must be one the grammar allows, in order
             for j, t in enumerate(toks):
                 if not self.matcher.accept(t):
                     self.matcher.rollback(j)  # unchanged for the replacement's redraw
                     raise StageError(f"the last stage drew token {t}, which the grammar forbids", node=last,
                                      code="bad_output")
-        return toks
+        return toks, lps
 
     def _drawn(self, rs: Any) -> int:
         """The token (and logprobs) the last stage returned, checked before anything uses them: in the
@@ -517,7 +534,7 @@ class PipelineStepper:
 
     async def decode(self, token: int) -> int:
         if self._ahead:  # verified by an earlier draft step: the token's rows are in on every stage
-            fed, nxt = self._ahead.pop(0)
+            fed, nxt, self.logprob = self._ahead.pop(0)
             if fed != token:
                 raise ValueError("decode of a token other than the one drawn")
             self.history.append(token)
@@ -572,8 +589,9 @@ class PipelineStepper:
 
         loop = asyncio.get_running_loop()
         payload, shape = await loop.run_in_executor(self.model.executor, stage0)
-        drawn = await self._round_trip(_Sent(K.STAGE_KIND_DECODE, pos, list(rows), n, payload, shape, True, True),
-                                       lambda rs: self._drawn_rows(rs, rows))
+        drawn, lps = await self._round_trip(
+            _Sent(K.STAGE_KIND_DECODE, pos, list(rows), n, payload, shape, True, True),
+            lambda rs: self._drawn_rows(rs, rows))
         kept = len(drawn)
         if kept < n:
             await loop.run_in_executor(self.model.executor, self.session.truncate, pos + kept)
@@ -587,7 +605,8 @@ class PipelineStepper:
         self.accepted += kept - 1
         self.model.stats.drafted += n - 1
         self.model.stats.accepted += kept - 1
-        self._ahead = [(drawn[j], drawn[j + 1]) for j in range(kept - 1)]
+        self._ahead = [(drawn[j], drawn[j + 1], lps[j + 1]) for j in range(kept - 1)]
+        self.logprob = lps[0]
         return drawn[0]
 
     async def _collect_receipts(self, link: Link) -> None:

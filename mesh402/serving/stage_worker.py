@@ -586,8 +586,8 @@ class StageWorker:
                 and pos == len(session)):
             raise StageError(f"a draft step is 2..{MAX_DRAFT_ROWS} rows, one token each, at the session's next "
                              f"position {len(session)}", code="protocol")
-        if down is None and (draw is None or draw.top_logprobs is not None):
-            raise StageError("draft rows need a sampled session without logprobs", code="protocol")
+        if down is None and draw is None:
+            raise StageError("draft rows need a sampled session", code="protocol")
         ins = _rows_of(sf.activations, n)
         try:
             out = await self._run(engine.forward_session_rows, session, x)
@@ -603,13 +603,15 @@ class StageWorker:
         if down is None:
             drawn = await self._run(_draw_rows, out, draw, history, tokens, fp_ids)
             await self._run(session.truncate, pos + len(drawn))
-            for i, (token, fp) in enumerate(drawn):
+            for i, (token, fp, lp) in enumerate(drawn):
                 if tally is not None:
-                    tally.step(1, activation_hash(ins[i]), last_step_hash(token, fp or b"", b""), record(i), fp, token,
-                               b"")
+                    tally.step(1, activation_hash(ins[i]), last_step_hash(token, fp or b"", lp), record(i), fp, token,
+                               lp)
+            lps = [lp.decode() for _, _, lp in drawn]  # each kept row's logprobs (JSON), when the session asks
             reply = stage_frame(K.STAGE_KIND_RESULT, request_id=rid, plan_epoch=sf.plan_epoch, position=pos,
-                                input_hash=activation_hash(sf.activations))
-            reply.stage.tokens.extend(t for t, _ in drawn)
+                                input_hash=activation_hash(sf.activations),
+                                params={"lps": "[" + ",".join(lps) + "]"} if any(lps) else None)
+            reply.stage.tokens.extend(t for t, _, _ in drawn)
             await up.send(reply)
             return
         payload, shape = await self._run(encode_activations, out, sf.dtype)
@@ -634,19 +636,19 @@ def _rows_of(payload: bytes, n: int) -> list[bytes]:
 
 
 def _draw_rows(out: Any, draw: "Draw", history: list[int], tokens: list[int], fp_ids: list[int] | None
-               ) -> list[tuple[int, bytes | None]]:
+               ) -> list[tuple[int, bytes | None, bytes]]:
     """Engine thread: draw each draft row's position as plain decoding draws it (the fed token joins the
     history, and the grammar's state, first), up to the first draw that differs from the next draft or ends
-    the grammar; (token, fingerprint) per kept row."""
-    drawn: list[tuple[int, bytes | None]] = []
+    the grammar; (token, fingerprint, logprobs JSON or b"") per kept row."""
+    drawn: list[tuple[int, bytes | None, bytes]] = []
     m = draw.matcher
     for i, fed in enumerate(tokens):
         if m is not None and not m.accept(fed):
             raise StageError(f"the host sent token {fed}, which the grammar forbids", code="protocol")
         history.append(fed)
-        token, _, _, fp, _ = _finish(out[i], draw, history, None, fp_ids)
+        token, _, _, fp, lp = _finish(out[i], draw, history, None, fp_ids)
         assert token is not None
-        drawn.append((token, fp))
+        drawn.append((token, fp, lp))
         if i + 1 == len(tokens) or token != tokens[i + 1] or (m is not None and token in m.grammar.eos_ids):
             break
     return drawn

@@ -137,6 +137,24 @@ def test_a_last_stage_claiming_a_draft_it_did_not_draw_is_failed_over(executor, 
     asyncio.run(main())
 
 
+async def _constrained(executor: Any, k: int, text: str, constraints: Any, params: SamplingParams, n: int,
+                       stop_at_eos: bool) -> tuple[list[tuple[int, list[Any]]], int]:
+    """One session on a fresh fast 2-stage split with `k` drafts at most: (token, logprobs) per Delta, and the
+    drafts accepted."""
+    model, _, _ = await build(executor, [0, 15, 30], mode="fast")
+    model.prefix = None
+    model.speculative_k = k
+    ids = model.tokenizer.encode(text)
+    c = constraints(model) if callable(constraints) else constraints
+    st = await model.open(len(ids) + n + 1, params, constraints=c)
+    out = [(ev.token_id, list(ev.logprobs)) async for ev in generate(GenerationRequest(ids, n, params, constraints=c),
+                                                                      st, model.tokenizer,
+                                                                      model.eos_ids if stop_at_eos else [])
+           if getattr(ev, "token_id", None) is not None]
+    st.release()
+    return out, st.accepted
+
+
 def test_drafts_under_a_grammar_through_a_split_equal_plain_decoding(executor) -> None:
     """A JSON-schema session on a split: the last stage's grammar follows the fed tokens row by row, each
     position is drawn under its mask, the step ends at the draw that ends the grammar; the host's matcher takes
@@ -147,24 +165,28 @@ def test_drafts_under_a_grammar_through_a_split_equal_plain_decoding(executor) -
         "type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
                                          "country": {"type": "string", "maxLength": 12}},
         "required": ["city", "country"], "additionalProperties": False}}
+    text = "<|im_start|>user\nName four cities and their countries as JSON.<|im_end|>\n<|im_start|>assistant\n"
 
-    async def one(k: int) -> tuple[list[int], int]:
-        model, _, _ = await build(executor, [0, 15, 30], mode="fast")
-        model.prefix = None
-        model.speculative_k = k
-        ids = model.tokenizer.encode("<|im_start|>user\nName four cities and their countries as JSON.<|im_end|>\n"
-                                     "<|im_start|>assistant\n")
-        c = Constraints(model.engine0.grammar_compiler().json_schema(schema), None)
-        params = SamplingParams(temperature=0, seed=0)
-        st = await model.open(len(ids) + 121, params, constraints=c)
-        out = [ev.token_id async for ev in generate(GenerationRequest(ids, 120, params, constraints=c), st,
-                                                     model.tokenizer, model.eos_ids)
-               if getattr(ev, "token_id", None) is not None]
-        st.release()
-        return out, st.accepted
+    def json_schema(model: PipelineModel) -> Constraints:
+        return Constraints(model.engine0.grammar_compiler().json_schema(schema), None)
 
     async def main() -> None:
-        plain, _ = await one(0)
-        got, accepted = await one(4)
+        params = SamplingParams(temperature=0, seed=0)
+        plain, _ = await _constrained(executor, 0, text, json_schema, params, 120, True)
+        got, accepted = await _constrained(executor, 4, text, json_schema, params, 120, True)
         assert got == plain and accepted > 0
+    asyncio.run(main())
+
+
+def test_drafts_with_logprobs_through_a_split_equal_plain_decoding(executor) -> None:
+    """Logprobs asked: the last stage returns each kept row's logprobs with the tokens; the host checks each is
+    of its token and hands them out in order. Tokens and logprobs equal plain decoding's (sampled)."""
+    from mesh402.serving.generation import Constraints
+
+    async def main() -> None:
+        params = SamplingParams(temperature=0.7, seed=3)
+        plain, _ = await _constrained(executor, 0, TEXTS[0], Constraints(None, 2), params, 24, False)
+        got, accepted = await _constrained(executor, 4, TEXTS[0], Constraints(None, 2), params, 24, False)
+        assert got == plain and all(lp for _, lp in plain)
+        assert accepted > 0
     asyncio.run(main())
