@@ -361,68 +361,61 @@ class PipelineStepper:
             self.steps_done += 1
 
     def _drawn_rows(self, rs: Any, rows: list[int]) -> tuple[list[int], list[Any]]:
-        """The tokens the last stage drew for a draft step, checked: 1..len(rows) of them, in the vocabulary,
-        every one but the last equal to the draft after it (that is what accepting a draft means), allowed by
-        the grammar in order, each with well-formed logprobs of itself when the session asks for them; with
-        the logprobs (None each when not asked)."""
+        """The tokens the last stage drew for a draft step, checked: 1..len(rows) of them, every one but the
+        last equal to the draft after it (that is what accepting a draft means), then as `_draws` checks them;
+        with their logprobs."""
+        toks = [int(t) for t in rs.tokens]
+        if not 1 <= len(toks) <= len(rows):
+            raise StageError(f"the last stage answered {len(rows)} draft rows with {len(toks)} tokens",
+                             node=self._last(), code="bad_output")
+        if any(toks[i] != rows[i + 1] for i in range(len(toks) - 1)):
+            raise StageError("the last stage accepted a draft it did not draw", node=self._last(), code="bad_output")
+        return toks, self._draws(toks, rs.params.get("lps", ""), many=True)
+
+    def _drawn(self, rs: Any) -> int:
+        """The token (and logprobs) the last stage returned for a plain step, checked as `_draws` checks."""
+        if len(rs.tokens) != 1:
+            raise StageError("the last stage returned no token in the vocabulary", node=self._last(),
+                             code="bad_output")
+        token = int(rs.tokens[0])
+        self.logprob = self._draws([token], rs.params.get("lp", ""), many=False)[0]
+        return token
+
+    def _last(self) -> str:
+        assert self.chain is not None
+        return self.chain.hops[-1].node
+
+    def _draws(self, toks: list[int], lp_json: str, *, many: bool) -> list[Any]:
+        """Tokens the last stage drew, checked before anything uses them: in the vocabulary, with well-formed
+        logprobs of themselves when the session asks for them (`lp_json`: one record, or a list of them when
+        `many`), allowed by the grammar in order (the host's matcher takes them). Anything else is the last
+        stage's fault (`bad_output`): the step fails over to a replacement, which redraws under the same mask
+        (a refusal leaves the matcher as it was). Returns each token's logprobs (None when not asked)."""
         from mesh402.engine.sampling import logprob_from_record  # lazy: loads gguf, numpy, torch only when needed
 
-        assert self.chain is not None
-        last = self.chain.hops[-1].node
+        last = self._last()
         vocab = int(self.model.engine0.info.vocab_size)
-        toks = [int(t) for t in rs.tokens]
-        if not 1 <= len(toks) <= len(rows) or not all(0 <= t < vocab for t in toks):
-            raise StageError(f"the last stage answered {len(rows)} draft rows with {len(toks)} tokens", node=last,
-                             code="bad_output")
-        if any(toks[i] != rows[i + 1] for i in range(len(toks) - 1)):
-            raise StageError("the last stage accepted a draft it did not draw", node=last, code="bad_output")
+        if not all(0 <= t < vocab for t in toks):
+            raise StageError("the last stage returned no token in the vocabulary", node=last, code="bad_output")
         top = self.constraints.top_logprobs
         lps: list[Any] = [None] * len(toks)
         if top is not None:
             try:
-                recs = json.loads(rs.params.get("lps", ""))
+                recs = json.loads(lp_json) if many else [json.loads(lp_json)]
                 if not isinstance(recs, list) or len(recs) != len(toks):
                     raise ValueError(f"{len(toks)} tokens, logprobs of {len(recs) if isinstance(recs, list) else 0}")
                 lps = [logprob_from_record(r, vocab, top) for r in recs]
             except ValueError as e:
                 raise StageError(f"the last stage returned bad logprobs: {e}", node=last, code="bad_output") from None
             if any(lp.token != t for lp, t in zip(lps, toks)):
-                raise StageError("the last stage's logprobs are for other tokens", node=last, code="bad_output")
-        if self.matcher is not None:  # each drawn token must be one the grammar allows, in order
+                raise StageError("the last stage's logprobs are for another token", node=last, code="bad_output")
+        if self.matcher is not None:
             for j, t in enumerate(toks):
                 if not self.matcher.accept(t):
-                    self.matcher.rollback(j)  # unchanged for the replacement's redraw
+                    self.matcher.rollback(j)
                     raise StageError(f"the last stage drew token {t}, which the grammar forbids", node=last,
                                      code="bad_output")
-        return toks, lps
-
-    def _drawn(self, rs: Any) -> int:
-        """The token (and logprobs) the last stage returned, checked before anything uses them: in the
-        vocabulary, allowed by the grammar (the host's matcher takes it), logprobs well formed. Anything
-        else is the last stage's fault (`bad_output`): the step fails over to a replacement, which redraws
-        it under the same mask (the matcher is unchanged by a refused token)."""
-        from mesh402.engine.sampling import logprob_from_record  # lazy: loads gguf, numpy, torch only when needed
-
-        assert self.chain is not None
-        last = self.chain.hops[-1].node
-        vocab = int(self.model.engine0.info.vocab_size)
-        if len(rs.tokens) != 1 or not 0 <= int(rs.tokens[0]) < vocab:
-            raise StageError("the last stage returned no token in the vocabulary", node=last, code="bad_output")
-        token = int(rs.tokens[0])
-        top = self.constraints.top_logprobs
-        logprob = None
-        if top is not None:
-            try:
-                logprob = logprob_from_record(json.loads(rs.params.get("lp", "")), vocab, top)
-            except ValueError as e:
-                raise StageError(f"the last stage returned bad logprobs: {e}", node=last, code="bad_output") from None
-            if logprob.token != token:
-                raise StageError("the last stage's logprobs are for another token", node=last, code="bad_output")
-        if self.matcher is not None and not self.matcher.accept(token):
-            raise StageError(f"the last stage drew token {token}, which the grammar forbids", node=last,
-                             code="bad_output")
-        self.logprob = logprob
-        return token
+        return lps
 
     # ---------------------------------------------------------------- Stepper
     async def _local(self, chunk: list[int], pos: int, pad_to: int) -> tuple[bytes, list[int]]:
