@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from mesh402.serving.scheduler import StepScheduler
-from mesh402.serving.speculative import DraftPolicy, default_row_cost, ngram_draft
+from mesh402.serving.speculative import DraftPolicy
 from mesh402.serving.stops import StopMatcher
 from mesh402.work.store import kept
 
@@ -176,9 +176,7 @@ class LocalModel:
         as many as pay for their rows (`draft_row_cost`: a verify row's cost in 1-row steps; default by device
         and mode)."""
         self.speculative_k = speculative_k
-        device = getattr(getattr(engine, "device", None), "type", "cpu")
-        self.draft_row_cost = draft_row_cost if draft_row_cost is not None else \
-            default_row_cost(device, str(getattr(engine, "mode", "fast")))
+        self.draft_row_cost = draft_row_cost
         self.engine = engine
         self.executor = executor
         self.scheduler: StepScheduler | None = None
@@ -213,7 +211,7 @@ class LocalModel:
         stepper.request_id, stepper.step_hook = uuid.uuid4().hex, self.step_hook
         stepper.scheduler = self.scheduler
         if self.speculative_k > 0:
-            stepper.drafts = DraftPolicy(self.speculative_k, self.draft_row_cost)
+            stepper.drafts = DraftPolicy.for_engine(self.speculative_k, self.engine, self.draft_row_cost)
         if self.receipts is not None:
             stepper.receipts, stepper.tally = self.receipts, self.receipts.tally(stepper.request_id)
         return stepper
@@ -243,7 +241,6 @@ class LocalStepper:
         self._pending: Any = None  # the receipt write release() started
         self.scheduler: StepScheduler | None = None  # LocalModel.scheduler: steps batched with other requests'
         self.drafts: DraftPolicy | None = None  # speculation on: how many drafts pay (LocalModel.open sets it)
-        self._shadow: int | None = None  # the draft not verified this step, checked against the token drawn
         self.drafted = 0  # drafts proposed / accepted so far (benchmarks)
         self.accepted = 0
         self._ahead: list[tuple[int, int, Any]] = []  # (token sampled, token after it, its logprob) verified ahead
@@ -295,11 +292,7 @@ class LocalStepper:
         self.drafted += len(rows) - 1
         self.accepted += len(out) - 1
         if self.drafts is not None:
-            if len(rows) > 1:
-                self.drafts.observe(len(rows) - 1, len(out) - 1)
-            elif self._shadow is not None:  # not drafting: would the draft have been accepted?
-                self.drafts.observe(1, int(out[0] == self._shadow))
-            self._shadow = None
+            self.drafts.settle(len(rows) - 1, len(out) - 1, out[0])
         self._ahead = [(out[j], out[j + 1], lps[j + 1]) for j in range(len(out) - 1)]
         self.logprob = lps[0]
         return out[0]
@@ -309,12 +302,7 @@ class LocalStepper:
         if self.drafts is None:
             return [token]
         room = self.session.max_len - len(self.session) - 2  # plain decoding never feeds the last token
-        k = min(self.drafts.k(), room)
-        if k > 0:
-            return [token] + ngram_draft(self.history + [token], k)
-        shadow = ngram_draft(self.history + [token], 1)  # free evidence while drafting does not pay
-        self._shadow = shadow[0] if shadow else None
-        return [token]
+        return [token] + self.drafts.propose(self.history + [token], room)
 
     def _prefill(self, ids: list[int]) -> int:
         return self.prefill_end(ids, self.session.prefill(self.prefill_begin(ids)))

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mesh402.serving.generation import NO_CONSTRAINTS, Constraints
-from mesh402.serving.speculative import DraftPolicy, default_row_cost, ngram_draft
+from mesh402.serving.speculative import DraftPolicy
 from mesh402.serving.stage_batch import RowBatcher
 from mesh402.serving.stage_link import (
     RECOVERABLE_CODES,
@@ -163,8 +163,7 @@ class PipelineModel:
         if constraints.grammar is not None:  # the host's own matcher, in step with the tokens the last stage draws
             stepper.matcher = constraints.grammar.matcher()
         if self.speculative_k > 0:
-            device = getattr(getattr(self.engine0, "device", None), "type", "cpu")
-            stepper.drafts = DraftPolicy(self.speculative_k, default_row_cost(device, str(self.engine0.mode)))
+            stepper.drafts = DraftPolicy.for_engine(self.speculative_k, self.engine0)
         if self.signer is not None and self.receipt_sink is not None:
             from mesh402.work.receipts import StageTally  # lazy: kept off this module's import path
             stepper.tally = StageTally(stepper.request_id, self.chain.content_hash, 0, self.chain.hops[0].start)
@@ -216,7 +215,6 @@ class PipelineStepper:
     accepted: int = 0
     _ahead: list[tuple[int, int, Any]] = field(default_factory=list)  # (token, the one drawn after it, its
     # logprob) already verified
-    _shadow: int | None = None  # the draft not sent this step, checked against the token drawn
 
     # ---------------------------------------------------------------- chain management
     async def connect_chain(self) -> None:
@@ -551,9 +549,8 @@ class PipelineStepper:
             payload, shape = await self._local([token], pos, 1)
         nxt = await self._exchange(_Sent(K.STAGE_KIND_DECODE, pos, [token], 1, payload, shape, True))
         assert nxt is not None
-        if self.drafts is not None and self._shadow is not None:  # not drafting: would the draft have been right?
-            self.drafts.observe(1, int(nxt == self._shadow))
-        self._shadow = None
+        if self.drafts is not None:
+            self.drafts.settle(0, 0, nxt)
         return nxt
 
     def _draft_rows(self, token: int) -> list[int]:
@@ -561,12 +558,7 @@ class PipelineStepper:
         if self.drafts is None:
             return [token]
         # the last row at most at max_len - 2: plain decoding never feeds the answer's last token
-        k = min(self.drafts.k(), self.max_len - len(self.session) - 2)
-        if k > 0:
-            return [token] + ngram_draft(self.history + [token], k)
-        shadow = ngram_draft(self.history + [token], 1)
-        self._shadow = shadow[0] if shadow else None
-        return [token]
+        return [token] + self.drafts.propose(self.history + [token], self.max_len - len(self.session) - 2)
 
     async def _draft(self, rows: list[int]) -> int:
         """One round trip for the token and its drafts: every stage runs them as adjacent rows (each as its 1-row
@@ -593,7 +585,7 @@ class PipelineStepper:
             self._commit(_Sent(K.STAGE_KIND_DECODE, pos + i, [rows[i]], 1, payload[i * w:(i + 1) * w], [1, shape[1]],
                                True))
         assert self.drafts is not None
-        self.drafts.observe(n - 1, kept - 1)
+        self.drafts.settle(n - 1, kept - 1, drawn[0])
         self.drafted += n - 1
         self.accepted += kept - 1
         self.model.stats.drafted += n - 1

@@ -63,6 +63,34 @@ class DraftPolicy:
     hits: float = 2.0
     misses: float = 1.0
     one_row_s: float | None = None  # a 1-row step's time, when steps are timed (timed)
+    shadow: int | None = None  # the one-token draft of a step that sent none, checked against the draw
+
+    @classmethod
+    def for_engine(cls, k_max: int, engine: object, row_cost: float | None = None) -> "DraftPolicy":
+        """A request's policy on `engine`, the row cost by its device and mode unless given."""
+        device = getattr(getattr(engine, "device", None), "type", "cpu")
+        cost = row_cost if row_cost is not None else default_row_cost(device, str(getattr(engine, "mode", "fast")))
+        return cls(k_max, cost)
+
+    def propose(self, history: Sequence[int], room: int) -> list[int]:
+        """The drafts to send after `history` (which ends with the token to feed), at most `room`: as many as
+        pay, by prompt lookup. When none pay, a one-token shadow draft is kept to learn from (settle)."""
+        k = min(self.k(), room)
+        if k > 0:
+            self.shadow = None
+            return ngram_draft(history, k)
+        shadow = ngram_draft(history, 1)
+        self.shadow = shadow[0] if shadow else None
+        return []
+
+    def settle(self, drafted: int, accepted: int, drawn: int) -> None:
+        """A step ended: `accepted` of its `drafted` drafts kept, `drawn` the first token drawn (which a
+        shadow draft is checked against)."""
+        if drafted:
+            self.observe(drafted, accepted)
+        elif self.shadow is not None:
+            self.observe(1, int(drawn == self.shadow))
+        self.shadow = None
 
     @property
     def acceptance(self) -> float:

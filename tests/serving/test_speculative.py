@@ -52,6 +52,22 @@ def test_draft_policy_follows_the_acceptance_it_sees():
     assert (p.hits, p.misses) == before
 
 
+def test_draft_policy_proposes_what_pays_and_learns_from_shadows():
+    history = [1, 2, 3, 9, 1, 2, 3]
+    free = DraftPolicy(k_max=3, row_cost=0.0)
+    assert free.propose(history, room=8) == [9, 1, 2] and free.shadow is None
+    assert free.propose(history, room=1) == [9]  # no more than fit
+    costly = DraftPolicy(k_max=3, row_cost=10.0)
+    assert costly.propose(history, room=8) == [] and costly.shadow == 9
+    before = costly.hits
+    costly.settle(0, 0, 9)  # the shadow draft would have been accepted
+    assert costly.hits > before * costly.decay and costly.shadow is None
+    costly.propose(history, room=8)
+    misses = costly.misses
+    costly.settle(0, 0, 4)  # ... and now it would not
+    assert costly.misses > misses * costly.decay
+
+
 async def _run(lm: LocalModel, ids: list[int], params: SamplingParams, n: int) -> tuple[list[int], int]:
     out, st = await _run_stepper(lm, ids, params, n)
     return out, st.accepted
