@@ -200,12 +200,10 @@ class Stage:
         if self.first:
             if tied and self.head_exact is not None:
                 self.embed = self.head_exact  # one table serves both
-            elif tied and self.head_fast is not None and self.head_fast.kind == "q8blocks":
-                pass  # the packed head's rows are exact: it doubles as the embedding table
             else:
                 # Lookups touch a few rows per token: read them from the file's pages rather than hold the
-                # table (a requantized int8 head is not exact, so the embedding never comes from it: the
-                # first stage of a split must embed exactly as a solo node does).
+                # table (a packed fast head is requantized, not exact, so the embedding never comes from it:
+                # the first stage of a split must embed exactly as a solo node does).
                 self.embed = source.map_rows("embed", dev) or source.load("embed").to(dev)
         rf = source.load_vector("rope_freqs") if source.has("rope_freqs") else None
         self.inv_freq = cfg.inv_freq(rf).to(dev)
@@ -326,9 +324,8 @@ class Stage:
         return out[0] if logits == "last" else out
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.embed is not None:
-            return self.embed.dequant(ids)
-        return self.head_fast.rows(ids)  # the tied packed head doubles as the embedding table
+        assert self.embed is not None  # every first stage has its table
+        return self.embed.dequant(ids)
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         if self.head_fast is not None:

@@ -271,24 +271,12 @@ class FastLinearWeight:
     w: torch.Tensor
     scales: torch.Tensor | None = None
     dtype: torch.dtype = torch.bfloat16
-    exact_scales: torch.Tensor | None = None  # q8blocks: the original f16 block scales
-
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """fp32 rows `ids` (an embedding lookup): exact for q8blocks, per-row scaled for int8."""
-        if self.kind == "q8blocks":
-            q = self.w[:, ids, :].float()  # [blocks, n, 32]
-            d = self.exact_scales[:, ids].float().unsqueeze(-1)
-            return (q * d).permute(1, 0, 2).reshape(ids.shape[0], -1)
-        if self.kind == "int8":
-            return self.w[ids].float() * self.scales[ids].float().unsqueeze(-1)
-        raise NotImplementedError(self.kind)
 
     @property
     def nbytes(self) -> int:
         n = self.w.numel() * self.w.element_size()
-        for t in (self.scales, self.exact_scales):
-            if t is not None:
-                n += t.numel() * t.element_size()
+        if self.scales is not None:
+            n += self.scales.numel() * self.scales.element_size()
         return n
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -356,9 +344,7 @@ def pack_fast(qw: QWeight, device: torch.device | str = "cpu", row_chunk: int = 
         # rows stay exact (one int8 call per block column, each row on its own).
         qs, d = qw.parts["qs"], qw.parts["d"]
         blocks = qs.permute(1, 0, 2).contiguous()  # [cols/32, rows, 32]
-        w = FastLinearWeight("q8blocks", (rows, cols), blocks, d.t().contiguous().to(FAST_ACT_DTYPE))
-        w.exact_scales = d.t().contiguous()  # f16 [cols/32, rows]: exact dequant of looked-up rows
-        return w
+        return FastLinearWeight("q8blocks", (rows, cols), blocks, d.t().contiguous().to(FAST_ACT_DTYPE))
     if not qw.is_dense and device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm"):
         ws, ss = [], []
         for r0 in range(0, rows, row_chunk):

@@ -86,10 +86,3 @@ def test_fast_pack_close(gguf_file, g, block_exact):
     rel = ((got - ref).norm() / ref.norm()).item()
     assert rel < 0.02, rel
 
-
-def test_q8_0_fast_rows_are_exact(gguf_file):
-    """A tied Q8_0 table serves as the embedding in fast mode: its looked-up rows must be exact."""
-    qw = _ours(gguf_file, "t.Q8_0")
-    fw = pack_fast(qw)
-    ids = torch.tensor([0, 3, 1])
-    assert torch.equal(fw.rows(ids), qw.dequant()[ids])
