@@ -92,8 +92,6 @@ class PipelineStats:
     replayed_steps: int = 0
     replayed_tokens: int = 0
     bytes_sent: int = 0
-    drafted: int = 0  # speculative drafts sent through the chain, and accepted
-    accepted: int = 0
 
 
 class PipelineModel:
@@ -588,8 +586,6 @@ class PipelineStepper:
         self.drafts.settle(n - 1, kept - 1, drawn[0])
         self.drafted += n - 1
         self.accepted += kept - 1
-        self.model.stats.drafted += n - 1
-        self.model.stats.accepted += kept - 1
         self._ahead = [(drawn[j], drawn[j + 1], lps[j + 1]) for j in range(kept - 1)]
         self.logprob = lps[0]
         return drawn[0]
