@@ -509,11 +509,9 @@ class StageWorker:
                 continue
             if down is None:
                 history.extend(sf.tokens[:n_real])
-                if draw is not None and draw.matcher is not None and sf.kind == K.STAGE_KIND_DECODE:
-                    # a decode step's input is the token generated last: the grammar state follows them
+                if draw is not None and sf.kind == K.STAGE_KIND_DECODE:
                     for t in sf.tokens[:n_real]:
-                        if not draw.matcher.accept(int(t)):
-                            raise StageError(f"the host sent token {int(t)}, which the grammar forbids", code="protocol")
+                        draw.take(int(t))
             sample = draw if down is None and sf.params.get("sample") == "1" else None
             # One engine-thread call per step (forward, then sample or encode): every extra hand-off
             # between the loop and the engine thread is a thread wake-up on the per-token path.
@@ -643,8 +641,7 @@ def _draw_rows(out: Any, draw: "Draw", history: list[int], tokens: list[int], fp
     drawn: list[tuple[int, bytes | None, bytes]] = []
     m = draw.matcher
     for i, fed in enumerate(tokens):
-        if m is not None and not m.accept(fed):
-            raise StageError(f"the host sent token {fed}, which the grammar forbids", code="protocol")
+        draw.take(fed)
         history.append(fed)
         token, _, _, fp, lp = _finish(out[i], draw, history, None, fp_ids)
         assert token is not None
@@ -668,6 +665,12 @@ class Draw:
     sampler: Any  # engine.sampling.Sampler
     matcher: Any = None  # engine.grammar.Matcher
     top_logprobs: int | None = None
+
+    def take(self, token: int) -> None:
+        """A decode step's input, the token generated last: the grammar state follows it (a token the grammar
+        forbids is the host's error)."""
+        if self.matcher is not None and not self.matcher.accept(token):
+            raise StageError(f"the host sent token {token}, which the grammar forbids", code="protocol")
 
 
 def _step(session: Any, x: Any, position: int, n_real: int, draw: Draw | None, history: list[int],
