@@ -565,7 +565,6 @@ class StageWorker:
             raise StageError(f"next stage {next_node[:12]} failed: {e}", node=next_node, code="unreachable") from None
         return reply, expect_stage(reply, K.STAGE_KIND_RESULT, f"stage {next_node[:12]}")
 
-
     async def _draft_step(self, up: Link, down: Link | None, engine: Any, session: Any, draw: "Draw | None",
                           rid: str, next_node: str, tally: Any, sf: pb.StageFrame, x: Any, history: list[int],
                           fp_ids: list[int] | None) -> None:
@@ -581,9 +580,9 @@ class StageWorker:
         n = len(tokens)
         pos = int(sf.position)
         if not (2 <= n <= MAX_DRAFT_ROWS and int(sf.params.get("n_real", n)) == n and x.shape[0] == n
-                and pos == len(session)):
-            raise StageError(f"a draft step is 2..{MAX_DRAFT_ROWS} rows, one token each, at the session's next "
-                             f"position {len(session)}", code="protocol")
+                and pos == len(session) and sf.params.get("sample") == "1"):
+            raise StageError(f"a draft step is 2..{MAX_DRAFT_ROWS} rows, one token each, sampled, at the session's "
+                             f"next position {len(session)}", code="protocol")
         if down is None and draw is None:
             raise StageError("draft rows need a sampled session", code="protocol")
         ins = _rows_of(sf.activations, n)
