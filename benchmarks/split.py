@@ -354,9 +354,9 @@ def start_mesh(stages: int, mode: str, root: Path, net: netdelay.DelayNet | None
         raise
 
 
-def stream_once(port: int, max_tokens: int) -> dict:
+def stream_once(port: int, max_tokens: int, prompt: str = PROMPT) -> dict:
     """One streaming chat completion, timed client-side."""
-    body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "temperature": 0,
+    body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
             "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
     times: list[float] = []
     usage = None

@@ -40,11 +40,6 @@ SPEC = ["--speculative", "ngram", "--draft-tokens", "4"]
 DRAFTS = re.compile(r"(\d+) of (\d+) drafts accepted")
 
 
-def _stream(port: int, prompt: str, max_tokens: int) -> dict:
-    split.PROMPT = prompt  # stream_once sends split.PROMPT
-    return split.stream_once(port, max_tokens)
-
-
 def run(delay_ms: float | None, spec: bool, max_tokens: int, reps: int) -> list[dict]:
     root = Path(tempfile.mkdtemp(prefix="split-spec-"))
     names = ["a", "b"]
@@ -57,8 +52,8 @@ def run(delay_ms: float | None, spec: bool, max_tokens: int, reps: int) -> list[
         nodes, host, _ = split.start_mesh(2, "fast", root, net=net, names=names, extra=extra)
         try:
             for which, prompt in PROMPTS.items():
-                host.http(_stream, host.api_port, prompt, 8)  # warm-up
-                runs = [host.http(_stream, host.api_port, prompt, max_tokens) for _ in range(reps)]
+                host.http(split.stream_once, host.api_port, 8, prompt)  # warm-up
+                runs = [host.http(split.stream_once, host.api_port, max_tokens, prompt) for _ in range(reps)]
                 step = statistics.median(r["step_s"] for r in runs)
                 rows.append({"rtt_ms": rtt, "delay_one_way_ms": delay_ms or 0.0, "speculative": spec,
                              "prompt": which, "decode_tok_s": 1 / step, "step_ms": step * 1000,

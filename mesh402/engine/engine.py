@@ -312,11 +312,8 @@ class Engine:
             ss = [sessions[i] for i in fit]
             y = self._rows(ss, [len(s) for s in ss], torch.cat([rows[i] for i in fit]))
             for r, i in enumerate(fit):
-                s = sessions[i]  # its tokens as Session.forward keeps them: token inputs only
-                if self.stages[0].first:
-                    s.tokens[len(s) - 1:] = [int(rows[i][0])]
-                else:
-                    del s.tokens[len(s) - 1:]
+                s = sessions[i]
+                self._keep_tokens(s, len(s) - 1, rows[i])
                 out[i] = y[r] if self.stages[-1].last else y[r:r + 1]
         for i, (s, x) in enumerate(zip(sessions, rows)):
             if out[i] is None:
@@ -353,11 +350,16 @@ class Engine:
             outs = [session.forward(x[i:i + 1], p0 + i, 1) for i in range(n)]
             return torch.stack(outs) if self.stages[-1].last else torch.cat(outs)
         y = self._rows([session] * n, [p0 + i for i in range(n)], x.to(self.device))
-        if first:
-            session.tokens[p0:] = [int(t) for t in x.tolist()]
-        else:
-            del session.tokens[p0:]
+        self._keep_tokens(session, p0, x)
         return y
+
+    def _keep_tokens(self, s: "Session", p0: int, x: torch.Tensor) -> None:
+        """A session's tokens from position p0 after rows `x` ran, as Session.forward keeps them: token inputs
+        only (a first stage's), nothing past p0 otherwise."""
+        if self.stages[0].first:
+            s.tokens[p0:] = [int(t) for t in x.reshape(-1).tolist()]
+        else:
+            del s.tokens[p0:]
 
     def _row_fits(self, s: "Session", x: torch.Tensor) -> bool:
         """One well-formed decode row of an open session of this engine with room for it."""
