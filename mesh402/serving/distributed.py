@@ -827,9 +827,7 @@ class DistributedRuntime(Failover):
         """Give each dead stage's layer range to a live node that has the model and room for it."""
         key = make_model_key(chain.model_id, chain.content_hash)
         async with self._lock:
-            new_chain = await self._replace_locked(key, chain, dead)
-        self.failovers[key] = self.failovers.get(key, 0) + 1
-        return new_chain
+            return await self._replace_locked(key, chain, dead)
 
     async def _replace_locked(self, key: str, chain: Chain, dead: set[str]) -> Chain:
         hosted = self.hosted.get(key)
@@ -839,6 +837,7 @@ class DistributedRuntime(Failover):
         if (plan.epoch > chain.epoch and not dead & set(plan.nodes) and plan.stages[0].end == chain.local_end
                 and len(plan.stages) > 1):
             # The mesh already re-planned around the dead stage with the same host range: join that plan.
+            self._count_failover(key)
             return Chain(chain.model_id, chain.content_hash, plan.epoch, chain.local_end,
                          tuple(Hop(s.node_id, s.start, s.end) for s in plan.stages[1:]))
         for node in dead:  # a dead stage is in backoff for every retry policy, not only this one
@@ -869,8 +868,14 @@ class DistributedRuntime(Failover):
         self.roles.by_key[key] = (pb.MODEL_ROLE_HOST, stages[0].start, stages[0].end, epoch)
         if isinstance(hosted.serving, PipelineModel):
             hosted.serving.chain = new_chain  # new sessions use the repaired chain too
-        self._publish()
+        self._count_failover(key)
         return new_chain
+
+    def _count_failover(self, key: str) -> None:
+        # Counted before the announcement goes out, so a published plan never shows a repaired chain
+        # with the failover that repaired it missing (a reader of the plan label would see both at once).
+        self.failovers[key] = self.failovers.get(key, 0) + 1
+        self._publish()
 
     # ---------------------------------------------------------------- announcement
     def _publish(self) -> None:
