@@ -139,6 +139,7 @@ def _skip_layer(engine: Any, seed: int, layer: int | None) -> None:
         s0, s1 = st.layers
         if s0 <= li < s1:
             del st.blocks[li - s0]  # the KV cache still has s1 - s0 layers: block j keeps using kv.k[j]
+            st.repacked()
             return
     raise ValueError(f"layer {li} is not in the engine's layers [{a}, {b})")
 
@@ -196,6 +197,7 @@ def _requant(engine: Any) -> None:
             _requant_linear(L.wo, [load("wo")], st.device)
             _requant_linear(L.gate_up, [load("w_gate"), load("w_up")], st.device)
             _requant_linear(L.down, [load("w_down")], st.device)
+        st.repacked()
 
 
 # ---------------------------------------------------------------------------- recording a stage's run

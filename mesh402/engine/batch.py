@@ -32,7 +32,7 @@ from .model import (  # the same dequantization blocks, so the same M=1 matmuls
     Stage,
     _rms_norm,
 )
-from .quant import FAST_ACT_DTYPE, QWeight, Workspace
+from .quant import QWeight, Workspace
 
 __all__ = ["batchable", "forward_rows", "rows_independent"]
 
@@ -203,56 +203,12 @@ def _exact_rows(stage: Stage, kvs: Sequence[KVCache], pos: Sequence[int], h: tor
 
 def _fast_rows(stage: Stage, kvs: Sequence[KVCache], pos: Sequence[int], h: torch.Tensor,
                batched: bool) -> torch.Tensor:
-    """Model._layers_fast for B one-row steps at once (its T=1 case, op for op)."""
-    nh, nkv, hd = stage.n_heads, stage.n_kv_heads, stage.head_dim
-    qd, kd = nh * hd, nkv * hd
-    eps = stage.eps
-    B = h.shape[0]
+    """Model._layers_fast for B one-row steps at once (its T=1 case, op for op), in the stage's
+    TorchScript loop: per row, the 1-row decode's KV write and attention on the same values and shapes
+    (Python per row per layer was a fifth of a wide step on 2 cores)."""
     cos, sin = _rope_rows(stage, pos)
     cos, sin = cos[:, None, :], sin[:, None, :]
     masks = [stage._mask(p, 1) for p in pos]
     masks = [m[None] if m is not None else None for m in masks]
-    half = hd // 2
-    H = h.shape[-1]
-    bf = FAST_ACT_DTYPE
-    sdpa = F.scaled_dot_product_attention
-    gqa = nkv != nh
-
-    def rms(t: torch.Tensor, shape: tuple[int, ...], w: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(t, shape, w, eps)
-
-    def mm(lin: Linear, t: torch.Tensor) -> torch.Tensor:
-        k = lin.fast[0]
-        return k(t) if batched else torch.cat([k(t[i:i + 1]) for i in range(t.shape[0])])
-
-    h = h.clone()
-    for li, lw in enumerate(stage.blocks):
-        x = rms(h, (H,), lw.attn_norm).to(bf)
-        qkv = mm(lw.qkv, x).float()
-        if lw.qkv.bias is not None:
-            qkv += lw.qkv.bias
-        qk = qkv[:, :qd + kd].view(B, nh + nkv, hd)
-        if lw.q_norm is not None and stage.config.qk_norm_full:
-            qk = torch.cat((rms(qkv[:, :qd], (qd,), lw.q_norm),
-                            rms(qkv[:, qd:qd + kd], (kd,), lw.k_norm)), 1).view(B, nh + nkv, hd)
-        elif lw.q_norm is not None:
-            qk = torch.cat((rms(qk[:, :nh], (hd,), lw.q_norm), rms(qk[:, nh:], (hd,), lw.k_norm)), 1)
-        rot = torch.cat((qk[..., half:].neg(), qk[..., :half]), dim=-1)
-        qk = qk * cos + rot * sin
-        vv = qkv[:, qd + kd:].view(B, nkv, hd)
-        # Per row: the 1-row decode's KV write and attention, on the same values and shapes; the views are
-        # cut once for all rows (Python per row is a fifth of a wide step on 2 cores).
-        knew, vnew = qk[:, nh:].unbind(0), vv.unbind(0)  # B x [nkv, hd]
-        qs = qk[:, :nh].unsqueeze(2).split(1)  # B x [1, nh, 1, hd]
-        outs = []
-        for i, (kv, p) in enumerate(zip(kvs, pos)):
-            kv.k[li, :, p].copy_(knew[i])
-            kv.v[li, :, p].copy_(vnew[i])
-            outs.append(sdpa(qs[i], kv.k[li:li + 1, :, :p + 1], kv.v[li:li + 1, :, :p + 1], attn_mask=masks[i],
-                             enable_gqa=gqa))
-        h += mm(lw.wo, torch.cat(outs).transpose(1, 2).reshape(B, qd).to(bf))
-        x = rms(h, (H,), lw.ffn_norm).to(bf)
-        gu = mm(lw.gate_up, x)
-        ff = gu.shape[-1] // 2
-        h += mm(lw.down, F.silu(gu[:, :ff]) * gu[:, ff:])
-    return h
+    ks, vs = [kv.k for kv in kvs], [kv.v for kv in kvs]
+    return stage.fast_loop().rows_all(h, ks, vs, list(pos), cos, sin, masks, batched)

@@ -21,11 +21,12 @@ from __future__ import annotations
 import math
 import threading
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
+from .fast_loop import FastLoop
 from .kv import KVCache
 from .moe import ExpertBank, ExpertRunner, LocalExperts, MoEFFN
 from .quant import FAST_ACT_DTYPE, FastLinearWeight, QWeight, Workspace, pack_fast
@@ -209,6 +210,7 @@ class Stage:
         self.inv_freq = cfg.inv_freq(rf).to(dev)
         self._rope_cos: list[torch.Tensor] = []
         self._lock = threading.Lock()
+        self._fast_loop: Any = None
         self._all_fast = mode == "fast" and all(
             lin.fast is not None and len(lin.fast) == 1 for L in self.blocks
             for lin in ((L.qkv, L.wo, L.gate_up, L.down) if L.moe is None else (L.qkv, L.wo)))
@@ -378,47 +380,31 @@ class Stage:
         return h
 
     def _layers_fast(self, kv: KVCache, h: torch.Tensor, start: int, T: int) -> torch.Tensor:
-        """Fast-mode layer loop: packed low-precision matmuls, fused norms, SDPA, few dtype casts."""
-        nh, nkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        qd, kd = nh * hd, nkv * hd
-        eps = self.eps
-        L = start + T
+        """Fast-mode layer loop: packed low-precision matmuls, fused norms, SDPA, few dtype casts, run by
+        the stage's TorchScript loop (engine.fast_loop); MoE layers call their experts from Python."""
         cos, sin = self._rope(start, T)
         cos, sin = cos[:, None, :], sin[:, None, :]
         mask = self._mask(start, T)
         if mask is not None:
             mask = mask[None]
-        half = hd // 2
-        H = h.shape[-1]
-        bf = FAST_ACT_DTYPE  # activation dtype of the packed kernels
-        rms = F.rms_norm
-        sdpa = F.scaled_dot_product_attention
-        gqa = nkv != nh
+        loop = self.fast_loop()
+        if not self.moe_layers:
+            return loop.chunk(h, kv.k, kv.v, start, cos, sin, mask)
         h = h.clone()
         for li, lw in enumerate(self.blocks):
-            x = rms(h, (H,), lw.attn_norm, eps).to(bf)
-            qkv = lw.qkv.fast[0](x).float()
-            if lw.qkv.bias is not None:
-                qkv += lw.qkv.bias
-            qk = qkv[:, :qd + kd].view(T, nh + nkv, hd)
-            if lw.q_norm is not None and self.config.qk_norm_full:
-                qk = torch.cat((rms(qkv[:, :qd], (qd,), lw.q_norm, eps),
-                                rms(qkv[:, qd:qd + kd], (kd,), lw.k_norm, eps)), 1).view(T, nh + nkv, hd)
-            elif lw.q_norm is not None:
-                qk = torch.cat((rms(qk[:, :nh], (hd,), lw.q_norm, eps), rms(qk[:, nh:], (hd,), lw.k_norm, eps)), 1)
-            rot = torch.cat((qk[..., half:].neg(), qk[..., :half]), dim=-1)
-            qk = qk * cos + rot * sin
-            kc, vc = kv.k[li], kv.v[li]
-            kc[:, start:L].copy_(qk[:, nh:].transpose(0, 1))
-            vc[:, start:L].copy_(qkv[:, qd + kd:].view(T, nkv, hd).transpose(0, 1))
-            q = qk[:, :nh].transpose(0, 1).unsqueeze(0)
-            o = sdpa(q, kc[None, :, :L], vc[None, :, :L], attn_mask=mask, enable_gqa=gqa)
-            h += lw.wo.fast[0](o[0].transpose(0, 1).reshape(T, qd).to(bf))
+            h = loop.attention(li, h, kv.k, kv.v, start, cos, sin, mask)
             if lw.moe is not None:
-                h += lw.moe(rms(h, (H,), lw.ffn_norm, eps), self.experts, None, self._n_real)
-                continue
-            x = rms(h, (H,), lw.ffn_norm, eps).to(bf)
-            gu = lw.gate_up.fast[0](x)
-            ff = gu.shape[-1] // 2
-            h += lw.down.fast[0](F.silu(gu[:, :ff]) * gu[:, ff:])
+                h += lw.moe(F.rms_norm(h, (h.shape[-1],), lw.ffn_norm, self.eps), self.experts, None, self._n_real)
+            else:
+                h = loop.ffn(li, h, True)
         return h
+
+    def fast_loop(self) -> Any:
+        """The scripted fast-mode layer loop over this stage's packed weights (built on first use)."""
+        if self._fast_loop is None:
+            self._fast_loop = FastLoop.of(self)
+        return self._fast_loop
+
+    def repacked(self) -> None:
+        """Call after changing blocks or packed weights in place: the scripted loop holds the old ones."""
+        self._fast_loop = None

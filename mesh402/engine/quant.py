@@ -12,6 +12,7 @@ Fast mode packs weights for low-precision kernels (see :func:`pack_fast`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from gguf.constants import GGML_QUANT_SIZES
@@ -279,18 +280,32 @@ class FastLinearWeight:
             n += self.scales.numel() * self.scales.element_size()
         return n
 
+    @property
+    def kind_id(self) -> int:
+        return _KIND_IDS[self.kind]
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, cols] in self.dtype -> [T, rows] in self.dtype."""
-        if self.kind == "int4":
-            return torch._weight_int4pack_mm_for_cpu(x, self.w, 32, self.scales)
-        if self.kind == "int8":
-            return torch._weight_int8pack_mm(x, self.w, self.scales)
-        if self.kind == "q8blocks":
-            y = torch.zeros((x.shape[0], self.shape[0]), dtype=torch.float32, device=x.device)
-            for b in range(self.w.shape[0]):
-                y += torch._weight_int8pack_mm(x[:, b * 32:(b + 1) * 32].contiguous(), self.w[b], self.scales[b])
-            return y.to(x.dtype)
-        return torch.nn.functional.linear(x, self.w)
+        return fast_mm(self.kind_id, x, self.w, self.scales, self.shape[0])
+
+
+_KIND_IDS = {"int4": 0, "int8": 1, "q8blocks": 2, "dense": 3}
+
+
+def fast_mm(kind: int, x: torch.Tensor, w: torch.Tensor, scales: Optional[torch.Tensor],  # noqa: UP045
+            rows: int) -> torch.Tensor:
+    """A packed weight's matmul (kind: _KIND_IDS). Plain Python for eager callers; TorchScript compiles it
+    where fast mode's scripted layer loop (engine.fast_loop) calls it: one definition for both."""
+    if kind == 3 or scales is None:
+        return torch.nn.functional.linear(x, w)
+    if kind == 0:
+        return torch._weight_int4pack_mm_for_cpu(x, w, 32, scales)
+    if kind == 1:
+        return torch._weight_int8pack_mm(x, w, scales)
+    y = torch.zeros((x.shape[0], rows), dtype=torch.float32, device=x.device)
+    for b in range(w.shape[0]):
+        y += torch._weight_int8pack_mm(x[:, b * 32:(b + 1) * 32].contiguous(), w[b], scales[b])
+    return y.to(x.dtype)
 
 
 def _int4_kernels_ok(device: torch.device) -> bool:
