@@ -25,11 +25,27 @@ from .quant import FAST_ACT_DTYPE, fast_mm
 if TYPE_CHECKING:
     from .model import Stage
 
-__all__ = ["FastLoop"]
+__all__ = ["FastLoop", "script"]
 
 log = logging.getLogger(__name__)
 
 _NO_WEIGHT = -1  # the FFN slots of an MoE layer (its experts run in Python)
+
+
+def script(obj: Any) -> Any:
+    """``torch.jit.script(obj)``, or ``obj`` itself (run as Python) where TorchScript is unavailable."""
+    # No profiling executor, no fusion: each op stays the aten kernel eager mode runs (the same bits).
+    # Process-wide, and this engine is the process's only TorchScript user.
+    torch._C._set_graph_executor_optimize(False)
+    try:
+        with warnings.catch_warnings():
+            # torch 2.13 marks TorchScript deprecated (for torch.compile / torch.export, which fuse ops and
+            # so change bits); the pinned torch has it, and without it the same code runs as Python.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.script(obj)
+    except Exception as e:  # noqa: BLE001 - a torch without TorchScript: same ops, more Python
+        log.warning("fast layer loop runs as plain Python (TorchScript unavailable: %s)", e)
+        return obj
 
 
 class FastLoop(torch.nn.Module):
@@ -71,19 +87,7 @@ class FastLoop(torch.nn.Module):
     @staticmethod
     def of(stage: "Stage") -> Any:
         """The scripted loop of a stage's current blocks (every dense linear packed)."""
-        # No profiling executor, no fusion: each op stays the aten kernel eager mode runs (the same bits).
-        # Process-wide, and this engine is the process's only TorchScript user.
-        torch._C._set_graph_executor_optimize(False)
-        loop = FastLoop(stage)
-        try:
-            with warnings.catch_warnings():
-                # torch 2.13 marks TorchScript deprecated (for torch.compile / torch.export, which fuse ops
-                # and so change bits); the pinned torch has it, and without it the same loop runs as Python.
-                warnings.simplefilter("ignore", DeprecationWarning)
-                return torch.jit.script(loop)
-        except Exception as e:  # noqa: BLE001 - a torch without TorchScript: same ops, more Python
-            log.warning("fast layer loop runs as plain Python (TorchScript unavailable: %s)", e)
-            return loop
+        return script(FastLoop(stage))
 
     def _mm(self, j: int, x: torch.Tensor, batched: bool) -> torch.Tensor:
         """Slot j's packed matmul; ``batched`` False: each row on its own (kernels not row-independent)."""

@@ -48,3 +48,7 @@ def warm_up() -> None:
     q = torch.randn(1, 2, 4, 16)
     F.scaled_dot_product_attention(q, q, q)
     F.rms_norm(x, (64,))
+    from .fast_loop import script
+    from .quant import fast_mm
+
+    script(fast_mm)  # TorchScript's one-off set-up (~3 MiB), which fast mode's first stage would otherwise pay

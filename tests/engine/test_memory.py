@@ -1,4 +1,5 @@
-"""Resident memory of a loaded SmolLM2 (subprocess): RSS growth from load + decode <= 1.5x file size."""
+"""Resident memory of a loaded SmolLM2 (subprocess): RSS growth from load + decode <= 1.5x file size, from a
+baseline taken after the libraries' one-off set-up (runtime_env.warm_up), as benchmarks/engine.py measures."""
 import json
 import subprocess
 import sys
@@ -12,8 +13,9 @@ SCRIPT = textwrap.dedent("""
     import json, sys, psutil, torch
     torch.set_num_threads(1)
     from mesh402.engine import Engine
+    from mesh402.engine.runtime_env import warm_up
     import mesh402.engine.tokenizer, mesh402.engine.chat_template  # code, not model memory
-    torch.ones(8) @ torch.ones(8)
+    warm_up()  # the libraries' one-off set-up (oneDNN, packed kernels, TorchScript), as benchmarks/engine.py does
     proc = psutil.Process()
     base = proc.memory_info().rss
     eng = Engine.load(sys.argv[1], mode=sys.argv[2])
