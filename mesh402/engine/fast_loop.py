@@ -139,11 +139,13 @@ class FastLoop(torch.nn.Module):
         return h
 
     @torch.jit.export
-    def attention_rows(self, li: int, h: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor],
-                       pos: list[int], cos: torch.Tensor, sin: torch.Tensor,
+    def attention_rows(self, li: int, h: torch.Tensor, kr: list[torch.Tensor], vr: list[torch.Tensor],
+                       kw: list[torch.Tensor], vw: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
                        masks: list[Optional[torch.Tensor]], batched: bool) -> torch.Tensor:  # noqa: UP045
-        """Layer li's attention half for B one-row steps: row i at pos[i] of the session whose KV is
-        ks[i] / vs[i], with the KV write and attention a 1-row step makes (same values and shapes)."""
+        """Layer li's attention half for B one-row steps, row i at position p of its session, with the KV
+        write and attention a 1-row step makes (same values and shapes). The views are cut once per step
+        (:meth:`rows_all`): kr[i] / vr[i] the session's K / V rows [layers, nkv, p + 1, hd], kw[i] / vw[i]
+        its position-p slots [layers, nkv, hd]."""
         nh, nkv, hd = self.nh, self.nkv, self.hd
         qd, kd = nh * hd, nkv * hd
         B = h.shape[0]
@@ -152,12 +154,10 @@ class FastLoop(torch.nn.Module):
         qs = qk[:, :nh].unsqueeze(2).split(1)  # B x [1, nh, 1, hd]
         outs: list[torch.Tensor] = []
         for i in range(B):
-            p = pos[i]
-            ks[i][li, :, p].copy_(knew[i])
-            vs[i][li, :, p].copy_(vnew[i])
-            outs.append(F.scaled_dot_product_attention(qs[i], ks[i][li:li + 1, :, :p + 1],
-                                                       vs[i][li:li + 1, :, :p + 1], attn_mask=masks[i],
-                                                       enable_gqa=self.gqa))
+            kw[i][li].copy_(knew[i])
+            vw[i][li].copy_(vnew[i])
+            outs.append(F.scaled_dot_product_attention(qs[i], kr[i][li:li + 1], vr[i][li:li + 1],
+                                                       attn_mask=masks[i], enable_gqa=self.gqa))
         h += self._mm(4 * li + 1, torch.cat(outs).transpose(1, 2).reshape(B, qd).to(self.act_dtype), batched)
         return h
 
@@ -184,9 +184,14 @@ class FastLoop(torch.nn.Module):
     def rows_all(self, h: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor], pos: list[int],
                  cos: torch.Tensor, sin: torch.Tensor, masks: list[Optional[torch.Tensor]],  # noqa: UP045
                  batched: bool) -> torch.Tensor:
-        """Every layer (all dense) for B one-row steps of any sessions (see :meth:`attention_rows`)."""
+        """Every layer (all dense) for B one-row steps of any sessions: row i at pos[i] of the session whose
+        KV is ks[i] / vs[i] (see :meth:`attention_rows`)."""
         h = h.clone()
+        kr = [ks[i][:, :, :pos[i] + 1] for i in range(len(pos))]
+        vr = [vs[i][:, :, :pos[i] + 1] for i in range(len(pos))]
+        kw = [ks[i][:, :, pos[i]] for i in range(len(pos))]
+        vw = [vs[i][:, :, pos[i]] for i in range(len(pos))]
         for li in range(len(self.attn_norm)):
-            h = self.attention_rows(li, h, ks, vs, pos, cos, sin, masks, batched)
+            h = self.attention_rows(li, h, kr, vr, kw, vw, cos, sin, masks, batched)
             h = self.ffn(li, h, batched)
         return h
