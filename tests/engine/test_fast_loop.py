@@ -91,3 +91,26 @@ def test_repacked_stage_rebuilds_its_loop() -> None:
     st.repacked()
     after = _run(eng, ids * 12)[0]
     assert not torch.equal(before, after)
+
+
+def test_row_by_row_fallback_equals_batched_rows() -> None:
+    """Where the packed kernels are not row-independent the loop multiplies row by row (batched=False); on
+    a CPU where they are, both ways give the same bits, so the fallback computes what a batch computes."""
+    from mesh402.engine.batch import forward_rows
+
+    eng = Engine.load(smollm2_gguf(), mode="fast", max_sessions=8, load_tokenizer=False)
+    st = eng.stages[0]
+    assert eng.rows_batched(3)
+
+    def step(batched: bool) -> torch.Tensor:
+        ss = [eng.new_session(64) for _ in range(3)]
+        try:
+            for i, s in enumerate(ss):
+                s.prefill([5 + i, 17, 300 + i, 9][: i + 2])
+            kvs = [s.kvs[0] for s in ss]
+            return forward_rows(st, kvs, [len(s) for s in ss], torch.tensor([11, 12, 13]), batched=batched)
+        finally:
+            for s in ss:
+                s.close()
+
+    assert torch.equal(step(True), step(False))
