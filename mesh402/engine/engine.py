@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal, Sequence, overload
 
 import numpy as np
 import torch
@@ -431,14 +431,24 @@ class Session:
         if len(self) + n_new > self.max_len:
             raise ContextTooLong(f"{len(self)} + {n_new} tokens exceed session max_len {self.max_len}")
 
-    def _run(self, x: torch.Tensor, start: int, n_real: int) -> torch.Tensor:
-        for st, kv in zip(self.engine.stages, self.kvs):
-            x = st.forward(kv, x, start, n_real=n_real)
+    def _run(self, x: torch.Tensor, start: int, n_real: int, logits: bool = True) -> torch.Tensor:
+        """The stages over rows at [start, start + T); ``logits`` False: the last stage stops at its final
+        norm (no LM head: the widest matmul, and in exact mode a dequantization of the whole table)."""
+        last = len(self.engine.stages) - 1
+        for i, (st, kv) in enumerate(zip(self.engine.stages, self.kvs)):
+            x = st.forward(kv, x, start, n_real=n_real, logits="last" if logits or i < last else "hidden")
         return x
 
+    @overload
+    def prefill(self, token_ids: Sequence[int]) -> torch.Tensor: ...
+    @overload
+    def prefill(self, token_ids: Sequence[int], logits: bool) -> torch.Tensor | None: ...
+
     @torch.inference_mode()
-    def prefill(self, token_ids: Sequence[int]) -> torch.Tensor:
-        """Append tokens; returns fp32 logits [vocab] of the last one."""
+    def prefill(self, token_ids: Sequence[int], logits: bool = True) -> torch.Tensor | None:
+        """Append tokens; returns fp32 logits [vocab] of the last one (``logits`` False: None, and no LM
+        head runs, for a prompt prefilled in pieces whose last piece is still to come). Only the last
+        chunk's head runs either way: the logits of earlier chunks were never used."""
         ids = [int(t) for t in token_ids]
         if not ids:
             raise ValueError("prefill needs at least one token")
@@ -449,13 +459,15 @@ class Session:
         C = self.engine.prefill_chunk
         dev = self.engine.device
         pos = len(self)
-        logits = None
-        for i, n in prefill_steps(pos, len(ids), C):     # boundaries on multiples of C
+        out = None
+        steps = prefill_steps(pos, len(ids), C)          # boundaries on multiples of C
+        for j, (i, n) in enumerate(steps):
             chunk = ids[i:i + n] + [0] * (C - n)         # every step padded to C rows
-            logits = self._run(torch.tensor(chunk, dtype=torch.long, device=dev), pos, n)
+            out = self._run(torch.tensor(chunk, dtype=torch.long, device=dev), pos, n,
+                            logits=logits and j == len(steps) - 1)
             self.tokens[pos:] = ids[i:i + n]
             pos += n
-        return logits
+        return out if logits else None
 
     @torch.inference_mode()
     def decode(self, token_id: int) -> torch.Tensor:

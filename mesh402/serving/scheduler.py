@@ -179,7 +179,7 @@ class StepScheduler:
             C = self.chunk
             while p.rest and budget > 0:
                 n = min(len(p.rest), C - len(s) % C)  # up to the next chunk boundary: the engine's own chunks
-                p.logits = s.prefill(p.rest[:n])
+                p.logits = s.prefill(p.rest[:n], logits=n == len(p.rest))  # only the prompt's last chunk's head
                 p.rest = p.rest[n:]
                 budget -= C
             if not p.rest:

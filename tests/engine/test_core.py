@@ -165,6 +165,23 @@ def test_fast_whole_vs_cached_prefix_bit_identical(fast):
     s2.close()
 
 
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_prefill_without_logits_leaves_the_same_state(mode, exact, fast):
+    """A prompt prefilled in pieces (the batching scheduler's chunks) skips the LM head of all but the last:
+    the pieces give no logits, and the state after them is the state a whole prefill leaves."""
+    eng = exact if mode == "exact" else fast
+    s1 = eng.new_session(80)
+    whole = s1.prefill(PROMPT)
+    d1 = s1.decode(7)
+    s1.close()
+    s2 = eng.new_session(80)
+    assert s2.prefill(PROMPT[:32], logits=False) is None
+    assert len(s2) == 32 and s2.tokens == PROMPT[:32]
+    last = s2.prefill(PROMPT[32:], logits=True)
+    assert torch.equal(whole, last) and torch.equal(d1, s2.decode(7))
+    s2.close()
+
+
 def test_fast_stage_split_bit_identical(fast, path):
     """Fast mode splits too: the first stage of a split embeds as a solo node does, even though a
     solo node's (tied) LM head is a requantized per-row int8 copy of the same table."""
