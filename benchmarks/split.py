@@ -1,6 +1,6 @@
 """Pipeline split benchmark: solo vs 2- and 3-stage, loopback and with delay between nodes.
 
-    .venv/bin/python benchmarks/split.py [--quick] [--no-procs] [--no-delay]
+    .venv/bin/python benchmarks/split.py [--quick] [--no-procs] [--no-delay] [--no-wire] [--trace]
 
 Prints a table and writes benchmarks/results/split.json. Everything runs on this machine; nothing
 reaches the network (delay rows run in private network namespaces with no route out).
@@ -21,6 +21,9 @@ reaches the network (delay rows run in private network namespaces with no route 
   announce only their namespace address (`--bind-ip`), so they dial each other through the delay.
   Bound = 1 / (solo step time + (stages - 1) x measured RTT); the solo step comes from a solo node
   on loopback whose requests alternate with the delayed ones (same minutes of machine load).
+- trace (`--trace`): a 2-stage fast split on loopback with `serve --trace-hops` on both nodes; each
+  decode step's hand-offs (host send -> stage arrival -> engine call -> engine done -> reply sent ->
+  host arrival) timed on the machine's one monotonic clock, medians over every traced step.
 - wire dtype: teacher-forced agreement of f16 / bf16 activations against f32 (every step fed the
   f32 trajectory): greedy-token agreement and max |dlogit|, plus the free-running identical
   prefix through the real pipeline over MemoryLink.
@@ -414,6 +417,37 @@ def bench_procs(modes: list[str], max_tokens: dict[str, int], reps: int) -> list
     return rows
 
 
+def bench_trace(mode: str, max_tokens: int, reps: int) -> dict:
+    """A 2-stage loopback split with `--trace-hops` on both nodes: each decode step's hand-offs timed on the
+    machine's one monotonic clock (serving/hop_trace.py), medians over every complete step of `reps` answers."""
+    from mesh402.serving.hop_trace import breakdown
+
+    root = Path(tempfile.mkdtemp(prefix=f"split-trace-{mode}-"))
+    traces = {n: root / f"{n}.trace" for n in ("ta", "tb")}
+    nodes: list[Node] = []
+    try:
+        first = Node("ta", root, ["--mode", mode, "--max-vram", VRAM[2], "--trace-hops", str(traces["ta"])])
+        nodes.append(first)
+        first.wait(lambda: first.get("/api/status").status_code == 200, 120, "console up")
+        nodes.append(Node("tb", root, ["--mode", mode, "--max-vram", VRAM[2], "--trace-hops", str(traces["tb"]),
+                                       "--join", first.token()]))
+        for n in nodes:
+            n.wait(lambda n=n: ready_plan(n) is not None, 240, "a ready 2-stage plan")
+        plan = ready_plan(first)
+        assert plan is not None
+        host = next(n for n in nodes if n.node_id == plan["host"])
+        stage = next(n for n in nodes if n is not host)
+        host.wait(lambda: host.get("/ready", api=True).status_code == 200, 120, "host ready")
+        stream_once(host.api_port, 8)  # warm-up
+        for _ in range(reps):
+            stream_once(host.api_port, max_tokens)
+        return breakdown(traces[host.name].read_text().splitlines(), traces[stage.name].read_text().splitlines())
+    finally:
+        for n in nodes:
+            n.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def bench_transport(n: int) -> dict:
     """Frame round trip carrying one token's f32 activations (2304 B) to a node process over QUIC:
     the transport's share of a hop, without any model work."""
@@ -560,6 +594,8 @@ def main() -> None:
     ap.add_argument("--no-procs", action="store_true", help="skip node processes (in-process rows only)")
     ap.add_argument("--no-delay", action="store_true", help="skip the network-namespace delay rows")
     ap.add_argument("--no-wire", action="store_true", help="skip wire dtype agreement")
+    ap.add_argument("--trace", action="store_true",
+                    help="also time each hand-off of a 2-stage loopback split's steps (`serve --trace-hops`)")
     args = ap.parse_args()
     q = args.quick
     modes = ["fast"] if q else ["fast", "exact"]
@@ -568,6 +604,7 @@ def main() -> None:
     wire: list[dict] = []
     notes: list[str] = []
     transport: dict = {}
+    trace: dict = {}
     print("in-process pipelines over MemoryLink ...", flush=True)
     rows += bench_inproc(modes, n=16 if q else 24, reps=3)
     if not args.no_wire:
@@ -578,6 +615,9 @@ def main() -> None:
         rows += bench_procs(modes, max_tokens={"fast": 40 if q else 64, "exact": 24}, reps=3 if q else 5)
         print("QUIC frame round trip to a node process ...", flush=True)
         transport = bench_transport(200 if q else 500)
+        if args.trace:
+            print("hand-offs of a 2-stage split, traced ...", flush=True)
+            trace = bench_trace("fast", max_tokens=64, reps=3)
         if not args.no_delay:
             why = netdelay.can_create()
             if why:
@@ -592,6 +632,11 @@ def main() -> None:
     for k, v in transport.items():
         print(f"QUIC frame round trip to a node process, {k[5:-3]} Echo on one stream: median {v['median']:.3f} ms, "
               f"p90 {v['p90']:.3f} ms")
+    if trace:
+        steps = int(trace.pop("steps"))
+        print(f"hand-offs of a 2-stage fast split on loopback, median ms over {steps} traced steps: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in trace.items()))
+        trace["steps"] = steps
     for n in notes:
         print(n)
     took = time.monotonic() - t_start
@@ -608,7 +653,7 @@ def main() -> None:
                                     "per_hop_best_ms uses the fastest run of each setting instead of the median",
                       "bound": "1 / (solo step + (stages - 1) x measured UDP RTT), the solo step from a loopback "
                                 "solo node measured interleaved with the delayed runs"},
-           "rows": rows, "wire": wire, "transport": transport, "notes": notes}
+           "rows": rows, "wire": wire, "transport": transport, "trace_ms": trace, "notes": notes}
     (RESULTS / "split.json").write_text(json.dumps(out, indent=2, default=str))
     print(f"wrote {RESULTS / 'split.json'}")
 

@@ -88,6 +88,7 @@ def serve(
     standby: Annotated[bool, typer.Option("--standby", help="Serve no model until the mesh's demand asks for one on this node's disk.")] = False,
     session_idle_timeout: Annotated[float, typer.Option("--session-idle-timeout", help="Seconds a stage of a split (or an expert node) waits for the next step of an open session before it closes the session and frees its memory.")] = 120.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    trace_hops: Annotated[Optional[Path], typer.Option("--trace-hops", help="Append a timestamp line to this file at each hand-off of each split step this node hosts or serves (send, arrival, engine call, reply): where a hop's time goes (benchmarks/split.py --trace).")] = None,
     join: JoinOpt = None,
     join_file: JoinFileOpt = None,
     relay: RelayOpt = None,
@@ -144,6 +145,10 @@ def serve(
     """Start a node: load models and serve the OpenAI-compatible API."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if trace_hops is not None:
+        from mesh402.serving.hop_trace import enable  # lazy: keeps `mesh402 --help` light
+
+        enable(trace_hops)
     if mode not in ("fast", "exact"):
         fail("--mode must be 'fast' or 'exact'")
     if wire_dtype not in ("f32", "f16", "bf16"):

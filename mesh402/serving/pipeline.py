@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mesh402.serving.generation import NO_CONSTRAINTS, Constraints
+from mesh402.serving.hop_trace import HOST_RECV, HOST_SEND, mark
 from mesh402.serving.speculative import DraftPolicy
 from mesh402.serving.stage_batch import RowBatcher
 from mesh402.serving.stage_link import (
@@ -316,6 +317,7 @@ class PipelineStepper:
             assert self.link is not None
             pay = await self._pay_step(s)  # again after a failover: the new stage sessions count this step too
             t0 = time.monotonic()
+            mark(HOST_SEND, self.request_id, s.position)
             try:
                 await self.link.send(self._frame(s, pay))
                 for _ in range(MAX_SLOW_EXTENSIONS):
@@ -330,6 +332,7 @@ class PipelineStepper:
                 else:  # every stage answers pings but the step never completes: give up, never hang
                     raise StageError("the pipeline step did not complete although every stage is alive",
                                      code="stuck")
+                mark(HOST_RECV, self.request_id, s.position)
                 rs = expect_stage(reply, K.STAGE_KIND_RESULT, "pipeline")
                 value = answer(rs)
             except StageError as e:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mesh402.mesh.proto import mesh_pb2 as pb
+from mesh402.serving.hop_trace import STAGE_DONE, STAGE_RECV, STAGE_RUN, STAGE_SEND, mark
 from mesh402.serving.stage_batch import RowBatcher
 from mesh402.serving.stage_link import (
     Hop,
@@ -482,6 +483,7 @@ class StageWorker:
             if frame is None:
                 return
             sf = stage_body(frame, "upstream")
+            mark(STAGE_RECV, rid, sf.position)
             if sf.kind == K.STAGE_KIND_CLOSE:
                 try:  # the final voucher: a refusal only means the entry stays behind (the next OPEN sees it)
                     await self._take_pay(pay_key, sf, None)
@@ -516,6 +518,7 @@ class StageWorker:
             # One engine-thread call per step (forward, then sample or encode): every extra hand-off
             # between the loop and the engine thread is a thread wake-up on the per-token path.
             wire = None if down is None else sf.dtype
+            mark(STAGE_RUN, rid, sf.position)
             if rows is not None and sf.kind == K.STAGE_KIND_DECODE and n_real == 1 and x.shape[0] == 1 \
                     and sf.position == len(session):
                 # a decode row: shares one forward with the other sessions' rows waiting here (each row's
@@ -525,6 +528,7 @@ class StageWorker:
             else:
                 token, payload, shape, fp, lp = await self._run(_step, session, x, sf.position, n_real, sample,
                                                                 history, wire, fp_ids)
+            mark(STAGE_DONE, rid, sf.position)
             self.stats.steps += 1
             in_hash = activation_hash(sf.activations)
             if tally is not None:
@@ -537,12 +541,14 @@ class StageWorker:
                                     position=sf.position, input_hash=in_hash, params={"lp": lp.decode()} if lp else None)
                 if token is not None:
                     reply.stage.tokens.append(token)
+                mark(STAGE_SEND, rid, sf.position)
                 await up.send(reply)
                 continue
             t0 = time.monotonic()
             reply, rs = await self._pass_down(down, next_node, rid, sf, payload, shape)
             rs.activation_hashes.append(in_hash)  # chain of commitments, nearest stage last
             log.debug("hop %s took %.2f ms", next_node[:8], (time.monotonic() - t0) * 1000)
+            mark(STAGE_SEND, rid, sf.position)
             await up.send(reply)
 
     async def _pass_down(self, down: Link, next_node: str, rid: str, sf: pb.StageFrame, payload: bytes,
