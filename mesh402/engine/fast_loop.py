@@ -82,7 +82,9 @@ class FastLoop(torch.nn.Module):
         self.eps = float(stage.eps)
         self.qk_full = bool(stage.config.qk_norm_full)
         self.gqa = stage.n_kv_heads != stage.n_heads
-        self.act_dtype = FAST_ACT_DTYPE  # activation dtype of the packed kernels
+        # activation dtype of the packed kernels: bf16 on CPU; a dense weight on an accelerator is fp16 (pack_fast)
+        first = stage.blocks[0].qkv.fast if stage.blocks else None
+        self.act_dtype = first[0].dtype if first else FAST_ACT_DTYPE
 
     @staticmethod
     def of(stage: "Stage") -> Any:

@@ -114,3 +114,24 @@ def test_row_by_row_fallback_equals_batched_rows() -> None:
                 s.close()
 
     assert torch.equal(step(True), step(False))
+
+
+def test_dense_fp16_weights_take_fp16_activations(tmp_path) -> None:
+    """On an accelerator pack_fast keeps dense weights in fp16 (bf16 on CPU); the loop feeds each kernel its
+    weights' dtype. The CPU twin: a tiny dense model's packed weights turned fp16 decode close to bf16's."""
+    m = _hf_model("qwen3", rope_scaling=False)
+    p = tmp_path / "tiny-qwen3.gguf"
+    _write_gguf(m, "qwen3", p, gguf.GGMLQuantizationType.F32)
+    eng = Engine.load(p, mode="fast", load_tokenizer=False)
+    bf16 = _run(eng, SEQ)
+    for st in eng.stages:
+        for L in st.blocks:
+            for lin in (L.qkv, L.wo, L.gate_up, L.down):
+                k = lin.fast[0]
+                k.w, k.dtype = k.w.to(torch.float16), torch.float16
+                lin.fast_dtype = torch.float16
+        st.repacked()
+    fp16 = _run(eng, SEQ)  # a bf16 activation against an fp16 weight would raise here
+    assert not torch.equal(bf16[0], fp16[0])
+    for a, b in zip(bf16, fp16):
+        assert torch.allclose(a, b, atol=0.15, rtol=0.05)
