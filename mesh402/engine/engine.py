@@ -145,7 +145,7 @@ def _trim_heap() -> None:
     not lower: a step's temporaries (a 32-row prefill chunk's activations, a batched step's logits rows)
     stay below it and reuse heap pages. At 64 KiB each was a fresh mmap, page-faulted on every step: on
     the engine thread a prefill chunk took 46-59 ms instead of 26-28, an 8-row decode step 15.4-16.4 ms
-    instead of 13.7-14.6, for +0.01 of peak RSS / file (tests/engine/test_memory.py: 1.47 fast).
+    instead of 13.7-14.6, for about +0.01 of peak RSS / file (tests/engine/test_memory.py).
     """
     try:
         import ctypes

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .fast_loop import FastLoop
 from .kv import KVCache
 from .moe import ExpertBank, ExpertRunner, LocalExperts, MoEFFN
-from .quant import FAST_ACT_DTYPE, FastLinearWeight, QWeight, Workspace, pack_fast
+from .quant import FastLinearWeight, QWeight, Workspace, pack_fast
 from .weights import MappedRows, ModelConfig, WeightSource, open_source
 
 __all__ = ["Stage", "Linear"]
