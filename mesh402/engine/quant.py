@@ -18,6 +18,8 @@ import torch
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as GT
 
+from . import qkernels
+
 __all__ = ["Workspace", "QWeight", "SUPPORTED_TYPES", "from_raw", "from_dense", "FastLinearWeight", "pack_fast"]
 
 QK_K = 256
@@ -251,10 +253,10 @@ def from_raw(raw: torch.Tensor, gtype: int, shape: tuple[int, int]) -> QWeight:
 # Activations of the packed kernels: torch's CPU int4/int8 kernels are only fast in bf16 (fp32 runs a
 # reference path ~50x slower), so fast mode trades activation precision for speed.
 FAST_ACT_DTYPE = torch.bfloat16
-# The fast kernel set, named in the device signature the verification evidence carries (engine.replay):
-# int4 group-32 layers, Q8_0 layers block-exact, a per-row int8 LM head; each row computed on its own at
-# every batch width (engine.batch.rows_independent). Bump it whenever fast mode's numbers change.
-FAST_KERNELS = "k2-int4g32-q8blk-int8head"
+# The fast kernel set is named in the device signature the verification evidence carries (engine.replay):
+# qkernels.kernel_set() says which set this process runs (the VNNI block kernels, or torch's int4 group-32
+# layers, Q8_0 layers block-exact and a per-row int8 LM head); each row is computed on its own at every
+# batch width (engine.batch.rows_independent). Bump the names there whenever fast mode's numbers change.
 
 
 @dataclass
@@ -264,7 +266,10 @@ class FastLinearWeight:
     kind: "int4" (torch int4pack, group 32, bf16 activations), "int8" (per-row
     int8, bf16 activations), "q8blocks" (Q8_0 kept block-exact: int8 quants laid
     out [blocks, rows, 32] with per-block scales; one int8 kernel call per block
-    column), "dense" (bf16/f32 matmul).
+    column), "dense" (bf16/f32 matmul); with the VNNI kernels (engine.qkernels):
+    "q4x8" (4-bit blocks: each row its nibbles then fp16 scales and offsets, qkernels.pack_q4) and "q8x8"
+    (8-bit blocks: each row its quants + 128 then fp16 scales, qkernels.pack_q8), both with fp32
+    activations quantized to int8 per block of 32 inside the kernel; no separate scales.
     """
 
     kind: str
@@ -289,15 +294,20 @@ class FastLinearWeight:
         return fast_mm(self.kind_id, x, self.w, self.scales, self.shape[0])
 
 
-_KIND_IDS = {"int4": 0, "int8": 1, "q8blocks": 2, "dense": 3}
+_KIND_IDS = {"int4": 0, "int8": 1, "q8blocks": 2, "dense": 3, "q4x8": 4, "q8x8": 5}
 
 
 def fast_mm(kind: int, x: torch.Tensor, w: torch.Tensor, scales: Optional[torch.Tensor],  # noqa: UP045
             rows: int) -> torch.Tensor:
     """A packed weight's matmul (kind: _KIND_IDS). Plain Python for eager callers; TorchScript compiles it
     where fast mode's scripted layer loop (engine.fast_loop) calls it: one definition for both."""
+    if kind == 4:
+        return torch.ops.mesh402.q4q8_mm(x.float().contiguous(), w)
+    if kind == 5:
+        return torch.ops.mesh402.q8q8_mm(x.float().contiguous(), w)
     if kind == 3 or scales is None:
-        return torch.nn.functional.linear(x, w)
+        return torch.nn.functional.linear(x.to(w.dtype), w)
+    x = x.to(scales.dtype)
     if kind == 0:
         return torch._weight_int4pack_mm_for_cpu(x, w, 32, scales)
     if kind == 1:
@@ -314,37 +324,76 @@ def _int4_kernels_ok(device: torch.device) -> bool:
     return hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(torch, "_convert_weight_to_int4pack_for_cpu")
 
 
-def _int4_parts(qw: QWeight, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Integer quants q in [0,16) [n, cols] and (scale, zero) fp32 [n, cols/32] such that
-    w = scale * (q - 8) + zero exactly (in fp32 before rounding the scales)."""
+def _q4_affine(qw: QWeight, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integer quants q in [0,16) [n, cols] (uint8) and per-32-block fp32 (a, b) [n, cols/32] with
+    w = a * q + b exactly (in fp32)."""
     p = {k: v[r0:r1] for k, v in qw.parts.items()}
     n = r1 - r0
     g = qw.gtype
     if g in (GT.Q4_0, GT.Q4_1):
         q = _u8_nibbles(p["qs"]).reshape(n, -1)
         d = p["d"].float()
-        zero = torch.zeros_like(d) if g == GT.Q4_0 else p["m"].float() + 8 * d
-        return q, d, zero
+        return q, d, -8 * d if g == GT.Q4_0 else p["m"].float()
     if g == GT.Q4_K:
         nb = p["qs"].shape[1]
         q = _u8_nibbles(p["qs"].reshape(n, nb, 4, 32)).reshape(n, -1)
         s = (p["d"].float().unsqueeze(-1) * p["sc"].float()).reshape(n, -1)
         dm = (p["dmin"].float().unsqueeze(-1) * p["mn"].float()).reshape(n, -1)
-        return q, s, 8 * s - dm
+        return q, s, -dm
     raise NotImplementedError(g.name)
+
+
+def _int4_parts(qw: QWeight, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integer quants q in [0,16) [n, cols] and (scale, zero) fp32 [n, cols/32] such that
+    w = scale * (q - 8) + zero exactly (in fp32 before rounding the scales): torch's int4pack form."""
+    q, a, b = _q4_affine(qw, r0, r1)
+    if qw.gtype == GT.Q4_0:
+        return q, a, torch.zeros_like(a)
+    return q, a, b + 8 * a
+
+
+def _pack_q4x8(qw: QWeight, row_chunk: int) -> FastLinearWeight:
+    """4-bit blocks for qkernels.q4q8_mm (quants exact; scale and offset as fp16)."""
+    rows, cols = qw.shape
+    parts = [qkernels.pack_q4(*_q4_affine(qw, r0, min(rows, r0 + row_chunk))) for r0 in range(0, rows, row_chunk)]
+    return FastLinearWeight("q4x8", (rows, cols), torch.cat(parts), None, torch.float32)
+
+
+def _pack_q8x8(qw: QWeight, row_chunk: int) -> FastLinearWeight:
+    """8-bit blocks for qkernels.q8q8_mm: Q8_0 as it is; other types requantized per block of 32."""
+    rows, cols = qw.shape
+    if qw.gtype == GT.Q8_0:
+        w = qkernels.pack_q8(qw.parts["qs"].reshape(rows, cols), qw.parts["d"])
+        return FastLinearWeight("q8x8", (rows, cols), w, None, torch.float32)
+    parts = []
+    for r0 in range(0, rows, row_chunk):
+        r1 = min(rows, r0 + row_chunk)
+        w = qw.dequant(slice(r0, r1)).reshape(r1 - r0, cols // 32, 32)
+        d = (w.abs().amax(dim=-1) / 127.0).half()
+        inv = torch.where(d > 0, 1.0 / d.float(), torch.zeros_like(d, dtype=torch.float32))
+        q = torch.round(w * inv.unsqueeze(-1)).clamp_(-127, 127).reshape(r1 - r0, cols)
+        parts.append(qkernels.pack_q8(q, d))
+    return FastLinearWeight("q8x8", (rows, cols), torch.cat(parts), None, torch.float32)
 
 
 def pack_fast(qw: QWeight, device: torch.device | str = "cpu", row_chunk: int = 4096, *,
               block_exact: bool = True) -> FastLinearWeight | None:
     """Pack a weight for fast mode.
 
-    Q4_0 / Q4_1 / Q4_K map exactly onto torch's int4 group-32 packed format
+    With the VNNI kernels (engine.qkernels, CPU): Q4_0 / Q4_1 / Q4_K keep their blocks ("q4x8": quants
+    exact, scale and offset rounded to fp16, exact for Q4_0/Q4_1); Q8_0 stays as it is and other quantized
+    types are requantized to 8-bit blocks of 32 ("q8x8"), heads included (`block_exact` is moot there).
+    Without them: Q4_0 / Q4_1 / Q4_K map exactly onto torch's int4 group-32 packed format
     (scales/zeros rounded to bf16). Q8_0 keeps its block scales (`q8blocks`) unless `block_exact` is
-    False. Other quantized types (and Q8_0 then) are requantized to per-row int8; dense weights become
-    bf16. All use bf16 activations.
+    False. Other quantized types (and Q8_0 then) are requantized to per-row int8. Dense weights become
+    bf16 (fp16 on an accelerator). All but the VNNI kinds use bf16 activations.
     """
     device = torch.device(device)
     rows, cols = qw.shape
+    if device.type == "cpu" and not qw.is_dense and cols % 32 == 0 and qkernels.available():
+        if qw.gtype in (GT.Q4_0, GT.Q4_1, GT.Q4_K):
+            return _pack_q4x8(qw, row_chunk)
+        return _pack_q8x8(qw, row_chunk)  # Q8_0 block-exact; 5/6-bit types to 8-bit blocks (closer than per row)
     if qw.gtype in (GT.Q4_0, GT.Q4_1, GT.Q4_K) and cols % 32 == 0 and _int4_kernels_ok(device):
         packed, sz = [], []
         for r0 in range(0, rows, row_chunk):

@@ -36,7 +36,7 @@ from mesh402.engine.sampling import (
 
 from .activations import WIRE_DTYPES, decode_activations, encode_activations
 from .errors import EngineError, EngineFull
-from .quant import FAST_KERNELS
+from .qkernels import kernel_set
 
 __all__ = ["TOLERANCE", "ReplayResult", "cpu_capability", "device_signature", "fingerprint", "replay"]
 
@@ -84,11 +84,11 @@ def cpu_capability() -> str:
 
 def device_signature(device: str | torch.device = "cpu") -> str:
     """What fast-mode numbers depend on: device kind, CPU kernel level (or GPU name), torch version and the
-    engine's fast kernel set (quant.FAST_KERNELS). A validator judges fast-mode work only on the same
+    engine's fast kernel set (qkernels.kernel_set: the native VNNI set or torch's kernels). A validator judges fast-mode work only on the same
     signature (see TOLERANCE)."""
     dev = torch.device(device)
     what = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_capability()
-    return f"{dev.type}:{what}:torch-{torch.__version__}:{FAST_KERNELS}"
+    return f"{dev.type}:{what}:torch-{torch.__version__}:{kernel_set(dev.type)}"
 
 
 def fingerprint(logits: torch.Tensor, ids: list[int]) -> bytes:

@@ -6,7 +6,8 @@ import torch
 import gguf
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as GT
 
-from mesh402.engine.quant import SUPPORTED_TYPES, from_raw, pack_fast
+from mesh402.engine import qkernels
+from mesh402.engine.quant import SUPPORTED_TYPES, _q4_affine, from_raw, pack_fast
 from mesh402.engine.weights import MappedRows
 from mesh402.models.gguf_meta import read_gguf_meta
 from harness.tiny_gguf import finish_gguf
@@ -78,11 +79,51 @@ def test_dequant_bit_exact(gguf_file, g):
 def test_fast_pack_close(gguf_file, g, block_exact):
     qw = _ours(gguf_file, f"t.{g.name}")
     fw = pack_fast(qw, block_exact=block_exact)
-    q8 = "q8blocks" if block_exact else "int8"
-    assert fw.kind == ("int4" if g in (GT.Q4_0, GT.Q4_1, GT.Q4_K) else q8 if g == GT.Q8_0 else "int8")
+    q4 = g in (GT.Q4_0, GT.Q4_1, GT.Q4_K)
+    if qkernels.available():  # the native kernels keep blocks: 4-bit as they are, others as 8-bit blocks
+        assert fw.kind == ("q4x8" if q4 else "q8x8")
+    else:
+        q8 = "q8blocks" if block_exact else "int8"
+        assert fw.kind == ("int4" if q4 else q8 if g == GT.Q8_0 else "int8")
     x = torch.randn(4, COLS)
     ref = x @ qw.dequant().T
     got = fw(x.to(fw.dtype)).float()
     rel = ((got - ref).norm() / ref.norm()).item()
     assert rel < 0.02, rel
 
+
+
+@pytest.mark.parametrize("g", [GT.Q4_0, GT.Q4_1, GT.Q4_K])
+def test_q4_blocks_packed_for_the_native_kernel_are_the_file_weight(gguf_file, g):
+    """a * q + c of the native kernel's packed blocks is the GGUF weight: Q4_0 / Q4_1 exactly, Q4_K with
+    its scale and offset products rounded to fp16."""
+    qw = _ours(gguf_file, f"t.{g.name}")
+    q, a, c = _q4_affine(qw, 0, ROWS)
+    deq = qw.dequant()
+    assert torch.equal((a.unsqueeze(-1) * q.reshape(ROWS, -1, 32).float() + c.unsqueeze(-1)).reshape(ROWS, COLS), deq)
+    uq, ua, uc = qkernels._unpack_q4(qkernels.pack_q4(q, a, c))
+    packed = (ua.float().unsqueeze(-1) * uq.float() + uc.float().unsqueeze(-1)).reshape(ROWS, COLS)
+    if g == GT.Q4_K:  # each of a and c off by at most half an fp16 ulp (2^-11 relative)
+        bound = (2.0 ** -11) * (15 * a.abs() + c.abs()) * 1.01
+        assert ((packed - deq).abs().reshape(ROWS, -1, 32) <= bound.unsqueeze(-1)).all()
+    else:
+        assert torch.equal(packed, deq)
+
+
+@pytest.mark.skipif(not qkernels.available(), reason="no native kernels here")
+@pytest.mark.parametrize("g,kind", [(GT.Q4_1, "q4x8"), (GT.Q4_K, "q4x8"), (GT.Q8_0, "q8x8"), (GT.Q6_K, "q8x8"),
+                                    (GT.Q5_0, "q8x8")])
+def test_native_kinds_keep_blocks(gguf_file, g, kind):
+    """Q8_0 is packed as it is (quants and fp16 scales exact); 5- and 6-bit types become 8-bit blocks."""
+    qw = _ours(gguf_file, f"t.{g.name}")
+    fw = pack_fast(qw)
+    assert fw.kind == kind and fw.scales is None and fw.dtype == torch.float32
+    if g == GT.Q8_0:
+        q, d = qkernels._unpack_q8(fw.w)
+        assert torch.equal(q.reshape(ROWS, COLS), qw.parts["qs"].reshape(ROWS, COLS).to(torch.int32))
+        assert torch.equal(d, qw.parts["d"])
+    if kind == "q8x8" and g != GT.Q8_0:  # per-32-block int8: much closer than a per-row int8 requantization
+        q, d = qkernels._unpack_q8(fw.w)
+        back = (q.float() * d.float().unsqueeze(-1)).reshape(ROWS, COLS)
+        ref = qw.dequant()
+        assert ((back - ref).norm() / ref.norm()).item() < 0.01

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mesh402.engine import Engine
+from mesh402.engine import Engine, qkernels
 from mesh402.engine.fast_loop import FastLoop
 
 gguf = pytest.importorskip("gguf")
@@ -53,15 +53,19 @@ def _scripted_equals_eager(eng: Engine, seq: list[int]) -> None:
     assert any(not torch.equal(scripted[0], x) for x in scripted[1:])  # the case is not degenerate
 
 
-def test_bundled_model_int4_layers_int8_head() -> None:
+def test_bundled_model_packed_4bit_layers() -> None:
     eng = Engine.load(smollm2_gguf(), mode="fast", max_sessions=4)
-    assert {lin.fast[0].kind for L in eng.stages[0].blocks for lin in (L.qkv, L.down)} == {"int4"}
+    native = qkernels.available()
+    assert {lin.fast[0].kind for L in eng.stages[0].blocks for lin in (L.qkv, L.down)} == {"q4x8" if native else "int4"}
+    assert eng.stages[0].head_fast.kind == ("q8x8" if native else "int8")  # Q8_0 head: block-exact natively
     seq = eng.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 4)
     _scripted_equals_eager(eng, seq)
 
 
 @pytest.mark.parametrize("arch,qname,kind", [("llama", "Q8_0", "q8blocks"), ("qwen3", "F32", "dense")])
 def test_tiny_dense_models(arch, qname, kind, tmp_path) -> None:
+    if kind == "q8blocks" and qkernels.available():
+        kind = "q8x8"
     m = _hf_model(arch, rope_scaling=False)
     p = tmp_path / f"tiny-{arch}.gguf"
     _write_gguf(m, arch, p, gguf.GGMLQuantizationType[qname])

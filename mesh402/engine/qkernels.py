@@ -1,0 +1,217 @@
+"""Fast mode's CPU kernels (``csrc/fast_kernels.cpp``): built once per machine, loaded as torch ops.
+
+``torch.ops.mesh402.q4q8_mm`` (4-bit weight blocks) and ``torch.ops.mesh402.q8q8_mm`` (8-bit weight blocks)
+multiply fp32 activations, quantized to int8 per block of 32, by weights packed by ``quant.pack_fast``,
+with the block dot products in integer arithmetic (AVX-512 VNNI). ``torch.ops.mesh402.attn_decode_rows``
+writes decode rows' K and V into their sessions' caches and attends over them. Every output element is computed from its own
+activation row (and weight row) alone, in a fixed order (batch- and thread-invariant: the contract fast
+mode's exactness rests on; see the source's header).
+
+They are used where the CPU has AVX-512 VNNI and the build works (a C++ compiler; ~7 s, once, cached per
+source, flags and torch version); elsewhere fast mode keeps torch's own int4 / int8 kernels, and the device
+signature of the verification evidence names which set ran (:func:`kernel_set`). ``MESH402_CPU_KERNELS=0``
+turns them off. Where they are off, the same op names are defined with the reference implementation below
+(pure torch, slow) so the TorchScript layer loop compiles either way and tests can check the kernels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+__all__ = ["available", "ensure_ops", "kernel_set", "pack_q4", "pack_q8", "ref_q4q8_mm", "ref_q8q8_mm", "ref_attn_decode_rows", "cpu_flags_ok"]
+
+log = logging.getLogger(__name__)
+
+QK = 32
+_SRC = Path(__file__).with_name("csrc") / "fast_kernels.cpp"
+_ISA = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mf16c", "-mfma"]
+_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", *_ISA]  # no contraction: the fp32 order is the source's
+_NEEDED_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma"}
+
+_lock = threading.Lock()
+_state: dict[str, bool] = {}  # "native": the C++ ops are loaded; "defined": the op names exist
+
+
+def cpu_flags_ok(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU has what the kernels are compiled for (Linux /proc/cpuinfo)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return _NEEDED_FLAGS <= set(line.split(":", 1)[1].split())
+    return False
+
+
+def _build_dir() -> Path:
+    what = [" ".join(_CFLAGS), torch.__version__, sys.version]
+    tag = hashlib.sha256(_SRC.read_bytes() + "\n".join(what).encode()).hexdigest()[:16]
+    root = os.environ.get("MESH402_KERNEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mesh402", "kernels")
+    d = Path(root) / tag
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _load_native() -> bool:
+    if os.environ.get("MESH402_CPU_KERNELS", "1") == "0" or not cpu_flags_ok():
+        return False
+    try:
+        from torch.utils.cpp_extension import load
+
+        # cpp_extension serialises concurrent builds of one directory (a lock file), so node processes
+        # starting together build once.
+        load(name="mesh402_fast_kernels", sources=[str(_SRC)], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], build_directory=str(_build_dir()),
+             is_python_module=False, verbose=False)
+        return True
+    except Exception as e:  # noqa: BLE001 - no compiler, no headers: torch's own kernels serve instead
+        log.warning("fast mode's VNNI kernels unavailable (%s); using torch's int4/int8 kernels", e)
+        return False
+
+
+def ensure_ops() -> bool:
+    """Define ``torch.ops.mesh402.*`` (native where possible, else the reference); True if native."""
+    with _lock:
+        if "native" not in _state:
+            native = _load_native()
+            if not native:
+                lib = torch.library.Library("mesh402", "DEF")  # noqa: TID251 - kept alive below
+                lib.define("q4q8_mm(Tensor x, Tensor w) -> Tensor")
+                lib.define("q8q8_mm(Tensor x, Tensor w) -> Tensor")
+                lib.impl("q4q8_mm", ref_q4q8_mm, "CompositeExplicitAutograd")
+                lib.impl("q8q8_mm", ref_q8q8_mm, "CompositeExplicitAutograd")
+                lib.define("attn_decode_rows(Tensor qk, Tensor v, Tensor(a!)[] kcs, Tensor(b!)[] vcs, int[] pos)"
+                           " -> Tensor")
+                lib.impl("attn_decode_rows", ref_attn_decode_rows, "CompositeExplicitAutograd")
+                _libs.append(lib)
+            _state["native"] = native
+        return _state["native"]
+
+
+_libs: list[torch.library.Library] = []  # a Library object unregisters its ops when collected
+
+
+def available() -> bool:
+    """Whether pack_fast uses these kernels in this process (native build loaded)."""
+    return ensure_ops()
+
+
+def kernel_set(device_type: str = "cpu") -> str:
+    """The fast kernels this process runs on a device kind, for the device signature of the verification
+    evidence (bump a name whenever its numbers change): the native set (4- and 8-bit blocks with int8
+    activations, one-call decode attention) or torch's (int4 group-32 layers, Q8_0 layers block-exact, a
+    per-row int8 LM head; accelerators always)."""
+    return "k3-vnni-q4q8-q8q8-attn1" if device_type == "cpu" and available() else "k2-int4g32-q8blk-int8head"
+
+
+# -- reference implementations (pure torch): the same numbers, for tests and machines without the build --
+
+def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x fp32 [M, K] -> int8-valued quants [M, K/32, 32] (fp32) and per-block scales [M, K/32] (fp32)."""
+    M, K = x.shape
+    xb = x.reshape(M, K // QK, QK)
+    amax = xb.abs().amax(dim=-1)
+    d = amax / 127.0
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(xb * inv.unsqueeze(-1)).clamp_(-128, 127)  # round half to even, as cvtps2dq
+    return q, d
+
+
+_GB = 16  # blocks per group in the kernels' layout (one int32 lane per block)
+
+
+def pack_q4(q: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """q4q8_mm's weight rows from quants q in [0, 16) uint8 [N, K] and fp32 a, c [N, K/32] (w = a * q + c):
+    uint8 [N, K/2 + K/8]. Groups of 16 blocks, 256 bytes each: vector v (64 bytes), lane l = block l, byte k
+    holds quant 4v + k (low nibble) and 16 + 4v + k (high); then the tail's blocks, 16 bytes each (byte i:
+    quant i | quant 16 + i << 4); then a and c as fp16."""
+    N, K = q.shape
+    nb = K // QK
+    G = nb // _GB
+    qb = q.reshape(N, nb, QK)
+    full = qb[:, :G * _GB].reshape(N, G, _GB, 2, 4, 4)  # [N, g, lane, half, v, k]
+    nib = (full[:, :, :, 0] | (full[:, :, :, 1] << 4)).permute(0, 1, 3, 2, 4).reshape(N, G * 256)
+    tail = qb[:, G * _GB:].reshape(N, nb - G * _GB, 2, 16)
+    tnib = (tail[:, :, 0] | (tail[:, :, 1] << 4)).reshape(N, -1)
+    return torch.cat((nib, tnib, a.half().view(torch.uint8), c.half().view(torch.uint8)), dim=1).contiguous()
+
+
+def pack_q8(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """q8q8_mm's weight rows from int8 quants [N, K] and fp16 scales [N, K/32]: uint8 [N, K + K/16].
+    Groups of 16 blocks, 512 bytes each: vector v, lane l = block l, quants 4v..4v+3 (+128); then the tail's
+    blocks, 32 bytes each; then the scales."""
+    N, K = q.shape
+    nb = K // QK
+    G = nb // _GB
+    u = (q.to(torch.int16) + 128).to(torch.uint8).reshape(N, nb, QK)
+    full = u[:, :G * _GB].reshape(N, G, _GB, 8, 4).permute(0, 1, 3, 2, 4).reshape(N, G * 512)
+    tail = u[:, G * _GB:].reshape(N, -1)
+    return torch.cat((full, tail, d.half().contiguous().view(torch.uint8)), dim=1).contiguous()
+
+
+def _unpack_q4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    N, B = w.shape
+    K = B // 20 * 32
+    nb = K // QK
+    G = nb // _GB
+    full = w[:, :G * 256].reshape(N, G, 4, _GB, 4).permute(0, 1, 3, 2, 4)  # [N, g, lane, v, k]
+    fq = torch.stack((full & 0x0F, full >> 4), dim=3).reshape(N, G * _GB, QK)  # [.., half, v, k] -> 32 quants
+    tail = w[:, G * 256:K // 2].reshape(N, nb - G * _GB, 16)
+    tq = torch.cat((tail & 0x0F, tail >> 4), dim=-1)
+    a = w[:, K // 2:K // 2 + 2 * nb].contiguous().view(torch.float16)
+    c = w[:, K // 2 + 2 * nb:].contiguous().view(torch.float16)
+    return torch.cat((fq, tq), dim=1), a, c
+
+
+def _unpack_q8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    N, B = w.shape
+    K = B // 34 * 32
+    nb = K // QK
+    G = nb // _GB
+    full = w[:, :G * 512].reshape(N, G, 8, _GB, 4).permute(0, 1, 3, 2, 4).reshape(N, G * _GB, QK)
+    tail = w[:, G * 512:K].reshape(N, nb - G * _GB, QK)
+    q = torch.cat((full, tail), dim=1).to(torch.int32) - 128
+    return q, w[:, K:].contiguous().view(torch.float16)
+
+
+def ref_q4q8_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Reference for ``q4q8_mm`` (fp64 sums of exact integer block dots; agrees to fp32 rounding)."""
+    q, d = _quantize_rows(x.float())
+    wq, a, c = _unpack_q4(w)  # [N, nb, 32]
+    sumi = torch.einsum("mbk,nbk->mnb", q.double(), wq.double())
+    dd = d.double()
+    y = (sumi * (a.double().unsqueeze(0) * dd.unsqueeze(1))).sum(-1)
+    y += (dd * q.double().sum(-1)) @ c.double().t()
+    return y.float()
+
+
+def ref_q8q8_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Reference for ``q8q8_mm``."""
+    q, dx = _quantize_rows(x.float())
+    wq, d = _unpack_q8(w)
+    sumi = torch.einsum("mbk,nbk->mnb", q.double(), wq.double())
+    return (sumi * (d.double().unsqueeze(0) * dx.double().unsqueeze(1))).sum(-1).float()
+
+
+def ref_attn_decode_rows(qk: torch.Tensor, v: torch.Tensor, kcs: list[torch.Tensor], vcs: list[torch.Tensor],
+                         pos: list[int]) -> torch.Tensor:
+    """Reference for ``attn_decode_rows`` (the library's attention; agrees to fp32 rounding)."""
+    nkv, _cap, hd = kcs[0].shape
+    nh = qk.shape[1] - nkv
+    outs = []
+    for b, p in enumerate(pos):
+        kcs[b][:, p] = qk[b, nh:]
+        vcs[b][:, p] = v[b].view(nkv, hd)
+        o = torch.nn.functional.scaled_dot_product_attention(qk[b, :nh].unsqueeze(1)[None], kcs[b][None, :, :p + 1],
+                                                             vcs[b][None, :, :p + 1], enable_gqa=nh != nkv)
+        outs.append(o.reshape(1, nh * hd))
+    return torch.cat(outs)
