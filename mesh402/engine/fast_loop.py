@@ -138,7 +138,7 @@ class FastLoop(torch.nn.Module):
         qk, qkv = self._qk_v(li, h, cos, sin, True)
         kc, vc = kk[li], vv[li]
         if T == 1 and mask is None and self.native_attn:
-            o1 = torch.ops.mesh402.attn_decode_rows(qk, qkv[:, qd + kd:], [kc], [vc], [start])
+            o1 = torch.ops.mesh402.attn_decode_rows(qk, qkv[:, qd + kd:], [kk], [vv], [start], li)
             h += self._mm(4 * li + 1, o1.to(self.act_dtype), True)
             return h
         kc[:, start:L].copy_(qk[:, nh:].transpose(0, 1))
@@ -153,28 +153,29 @@ class FastLoop(torch.nn.Module):
     def attention_rows(self, li: int, h: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor],
                        pos: list[int], kr: list[torch.Tensor], vr: list[torch.Tensor],
                        kw: list[torch.Tensor], vw: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
-                       masks: list[Optional[torch.Tensor]], batched: bool) -> torch.Tensor:  # noqa: UP045
+                       masks: list[Optional[torch.Tensor]], batched: bool, native: bool) -> torch.Tensor:  # noqa: UP045
         """Layer li's attention half for B one-row steps, row i at position pos[i] of the session whose
         KV is ks[i] / vs[i], with the KV write and attention a 1-row step makes (same values and shapes).
-        The views are cut once per step (:meth:`rows_all`): kr[i] / vr[i] the session's K / V rows
+        ``native``: every row takes the native decode attention (one call for all rows). Otherwise the
+        views are cut once per step (:meth:`rows_all`): kr[i] / vr[i] the session's K / V rows
         [layers, nkv, p + 1, hd], kw[i] / vw[i] its position-p slots [layers, nkv, hd]."""
         nh, nkv, hd = self.nh, self.nkv, self.hd
         qd, kd = nh * hd, nkv * hd
         B = h.shape[0]
         qk, qkv = self._qk_v(li, h, cos, sin, batched)
-        knew, vnew = qk[:, nh:].unbind(0), qkv[:, qd + kd:].view(B, nkv, hd).unbind(0)  # B x [nkv, hd]
-        qs = qk[:, :nh].unsqueeze(2).split(1)  # B x [1, nh, 1, hd]
-        if self.native_attn and all([m is None for m in masks]):
+        if native:
             # each row computed as a 1-row step computes it (one call, rows and KV heads over the threads)
-            o = torch.ops.mesh402.attn_decode_rows(qk, qkv[:, qd + kd:], [k[li] for k in ks], [v[li] for v in vs], pos)
+            o = torch.ops.mesh402.attn_decode_rows(qk, qkv[:, qd + kd:], ks, vs, pos, li)
             h += self._mm(4 * li + 1, o.to(self.act_dtype), batched)
             return h
+        knew, vnew = qk[:, nh:].unbind(0), qkv[:, qd + kd:].view(B, nkv, hd).unbind(0)  # B x [nkv, hd]
+        qs = qk[:, :nh].unsqueeze(2).split(1)  # B x [1, nh, 1, hd]
         outs: list[torch.Tensor] = []
         for i in range(B):
             m = masks[i]
             if m is None and self.native_attn:
-                o1 = torch.ops.mesh402.attn_decode_rows(qk[i:i + 1], qkv[i:i + 1, qd + kd:], [ks[i][li]], [vs[i][li]],
-                                                        [pos[i]])
+                o1 = torch.ops.mesh402.attn_decode_rows(qk[i:i + 1], qkv[i:i + 1, qd + kd:], [ks[i]], [vs[i]],
+                                                        [pos[i]], li)
                 outs.append(o1.view(1, nh, 1, hd))
                 continue
             kw[i][li].copy_(knew[i])
@@ -210,11 +211,17 @@ class FastLoop(torch.nn.Module):
         """Every layer (all dense) for B one-row steps of any sessions: row i at pos[i] of the session whose
         KV is ks[i] / vs[i] (see :meth:`attention_rows`)."""
         h = h.clone()
-        kr = [ks[i][:, :, :pos[i] + 1] for i in range(len(pos))]
-        vr = [vs[i][:, :, :pos[i] + 1] for i in range(len(pos))]
-        kw = [ks[i][:, :, pos[i]] for i in range(len(pos))]
-        vw = [vs[i][:, :, pos[i]] for i in range(len(pos))]
+        native = self.native_attn and all([m is None for m in masks])
+        kr: list[torch.Tensor] = []
+        vr: list[torch.Tensor] = []
+        kw: list[torch.Tensor] = []
+        vw: list[torch.Tensor] = []
+        if not native:
+            kr = [ks[i][:, :, :pos[i] + 1] for i in range(len(pos))]
+            vr = [vs[i][:, :, :pos[i] + 1] for i in range(len(pos))]
+            kw = [ks[i][:, :, pos[i]] for i in range(len(pos))]
+            vw = [vs[i][:, :, pos[i]] for i in range(len(pos))]
         for li in range(len(self.attn_norm)):
-            h = self.attention_rows(li, h, ks, vs, pos, kr, vr, kw, vw, cos, sin, masks, batched)
+            h = self.attention_rows(li, h, ks, vs, pos, kr, vr, kw, vw, cos, sin, masks, batched, native)
             h = self.ffn(li, h, batched)
         return h

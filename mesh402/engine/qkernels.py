@@ -1,7 +1,7 @@
 """Fast mode's CPU kernels (``csrc/fast_kernels.cpp``): built once per machine, loaded as torch ops.
 
 ``torch.ops.mesh402.q4q8_mm`` (4-bit weight blocks) and ``torch.ops.mesh402.q8q8_mm`` (8-bit weight blocks)
-multiply fp32 activations, quantized to int8 per block of 32, by weights packed by ``quant.pack_fast``,
+multiply fp32 activations, quantized per block of 32 to two int8 planes (~16 bits), by weights packed by ``quant.pack_fast``,
 with the block dot products in integer arithmetic (AVX-512 VNNI). ``torch.ops.mesh402.attn_decode_rows``
 writes decode rows' K and V into their sessions' caches and attends over them. Every output element is computed from its own
 activation row (and weight row) alone, in a fixed order (batch- and thread-invariant: the contract fast
@@ -89,8 +89,8 @@ def ensure_ops() -> bool:
                 lib.define("q8q8_mm(Tensor x, Tensor w) -> Tensor")
                 lib.impl("q4q8_mm", ref_q4q8_mm, "CompositeExplicitAutograd")
                 lib.impl("q8q8_mm", ref_q8q8_mm, "CompositeExplicitAutograd")
-                lib.define("attn_decode_rows(Tensor qk, Tensor v, Tensor(a!)[] kcs, Tensor(b!)[] vcs, int[] pos)"
-                           " -> Tensor")
+                lib.define("attn_decode_rows(Tensor qk, Tensor v, Tensor(a!)[] kcs, Tensor(b!)[] vcs, int[] pos,"
+                           " int layer) -> Tensor")
                 lib.impl("attn_decode_rows", ref_attn_decode_rows, "CompositeExplicitAutograd")
                 _libs.append(lib)
             _state["native"] = native
@@ -116,14 +116,17 @@ def kernel_set(device_type: str = "cpu") -> str:
 # -- reference implementations (pure torch): the same numbers, for tests and machines without the build --
 
 def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x fp32 [M, K] -> int8-valued quants [M, K/32, 32] (fp32) and per-block scales [M, K/32] (fp32)."""
+    """x fp32 [M, K] -> the kernels' activation quants [M, K/32, 32] (q1 + q2 / 256, as fp32: exact) and
+    per-block scales [M, K/32] (max|x| / 127): t = x * 127 / max|x|, q1 = round(t), q2 = round(256 (t - q1))."""
     M, K = x.shape
     xb = x.reshape(M, K // QK, QK)
     amax = xb.abs().amax(dim=-1)
     d = amax / 127.0
     inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
-    q = torch.round(xb * inv.unsqueeze(-1)).clamp_(-128, 127)  # round half to even, as cvtps2dq
-    return q, d
+    t = xb * inv.unsqueeze(-1)
+    q1 = torch.round(t).clamp_(-128, 127)  # round half to even, as cvtps2dq
+    q2 = torch.round((t - q1) * 256.0).clamp_(-128, 127)
+    return q1 + q2 / 256.0, d
 
 
 _GB = 16  # blocks per group in the kernels' layout (one int32 lane per block)
@@ -202,9 +205,10 @@ def ref_q8q8_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (sumi * (d.double().unsqueeze(0) * dx.double().unsqueeze(1))).sum(-1).float()
 
 
-def ref_attn_decode_rows(qk: torch.Tensor, v: torch.Tensor, kcs: list[torch.Tensor], vcs: list[torch.Tensor],
-                         pos: list[int]) -> torch.Tensor:
+def ref_attn_decode_rows(qk: torch.Tensor, v: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor],
+                         pos: list[int], layer: int) -> torch.Tensor:
     """Reference for ``attn_decode_rows`` (the library's attention; agrees to fp32 rounding)."""
+    kcs, vcs = [k[layer] for k in ks], [x[layer] for x in vs]
     nkv, _cap, hd = kcs[0].shape
     nh = qk.shape[1] - nkv
     outs = []

@@ -94,8 +94,8 @@ def test_each_row_is_batch_and_thread_invariant(M, K, N) -> None:
 def _attn_case(B: int, nh: int, nkv: int, hd: int, cap: int, gen: torch.Generator):
     qk = torch.randn(B, nh + nkv, hd, generator=gen)
     qkv_v = torch.randn(B, nkv * hd + 7, generator=gen)[:, 7:]  # a strided view, as the loop passes it
-    ks = [torch.randn(nkv, cap, hd, generator=gen) for _ in range(B)]
-    vs = [torch.randn(nkv, cap, hd, generator=gen) for _ in range(B)]
+    ks = [torch.randn(2, nkv, cap, hd, generator=gen) for _ in range(B)]  # two layers; the calls use layer 1
+    vs = [torch.randn(2, nkv, cap, hd, generator=gen) for _ in range(B)]
     pos = [int(p) for p in torch.randint(0, cap, (B,), generator=gen)]
     pos[0] = 0
     return qk, qkv_v, ks, vs, pos
@@ -107,12 +107,12 @@ def test_decode_attention_matches_the_library_and_is_row_independent(nh, nkv, hd
     gen = torch.Generator().manual_seed(nh + hd)
     qk, v, ks, vs, pos = _attn_case(5, nh, nkv, hd, 300, gen)
     k2, v2 = [k.clone() for k in ks], [x.clone() for x in vs]
-    out = torch.ops.mesh402.attn_decode_rows(qk, v, ks, vs, pos)
-    ref = qkernels.ref_attn_decode_rows(qk, v, k2, v2, pos)
+    out = torch.ops.mesh402.attn_decode_rows(qk, v, ks, vs, pos, 1)
+    ref = qkernels.ref_attn_decode_rows(qk, v, k2, v2, pos, 1)
     assert all(torch.equal(a, b) for a, b in zip(ks, k2)) and all(torch.equal(a, b) for a, b in zip(vs, v2))
     assert (out - ref).abs().max().item() < 1e-5
     for i in range(5):  # one row alone: the same bits (the K/V it writes are the same values again)
-        alone = torch.ops.mesh402.attn_decode_rows(qk[i:i + 1], v[i:i + 1], [ks[i]], [vs[i]], [pos[i]])
+        alone = torch.ops.mesh402.attn_decode_rows(qk[i:i + 1], v[i:i + 1], [ks[i]], [vs[i]], [pos[i]], 1)
         assert torch.equal(alone, out[i:i + 1])
 
 
@@ -128,13 +128,15 @@ def test_bad_operands_are_refused_not_run() -> None:
         torch.ops.mesh402.q8q8_mm(torch.randn(1, 576), torch.zeros(16, 611, dtype=torch.uint8))
     qk, v, ks, vs, _ = _attn_case(1, 9, 3, 64, 16, gen)
     with pytest.raises(RuntimeError, match="outside the cache"):
-        torch.ops.mesh402.attn_decode_rows(qk, v, ks, vs, [16])
+        torch.ops.mesh402.attn_decode_rows(qk, v, ks, vs, [16], 0)
     with pytest.raises(RuntimeError, match="outside the cache"):
-        torch.ops.mesh402.attn_decode_rows(qk, v, ks, vs, [-1])
+        torch.ops.mesh402.attn_decode_rows(qk, v, ks, vs, [-1], 0)
+    with pytest.raises(RuntimeError, match="layer 2 outside"):
+        torch.ops.mesh402.attn_decode_rows(qk, v, ks, vs, [1], 2)
     with pytest.raises(RuntimeError, match="one cache pair"):
-        torch.ops.mesh402.attn_decode_rows(qk, v, ks, vs, [1, 2])
+        torch.ops.mesh402.attn_decode_rows(qk, v, ks, vs, [1, 2], 0)
     with pytest.raises(RuntimeError, match="cache shape"):
-        torch.ops.mesh402.attn_decode_rows(qk, v, [torch.zeros(3, 16, 32)], [torch.zeros(3, 16, 32)], [1])
+        torch.ops.mesh402.attn_decode_rows(qk, v, [torch.zeros(1, 3, 16, 32)], [torch.zeros(1, 3, 16, 32)], [1], 0)
 
 
 _FALLBACK = """

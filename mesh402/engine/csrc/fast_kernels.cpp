@@ -1,7 +1,7 @@
 // Fast mode's CPU kernels for x86 with AVX-512 VNNI (mesh402/engine/qkernels.py builds and loads them):
 // - q4q8_mm / q8q8_mm: block-quantized matmuls, 4-bit and 8-bit weight blocks of 32 times activations
-//   quantized to int8 per block of 32, the block dot products in exact integer arithmetic (vpdpbusd),
-//   scaled and summed in fp32;
+//   quantized per block of 32 to two int8 planes (~16 bits), the block dot products in exact integer
+//   arithmetic (vpdpbusd), scaled and summed in fp32;
 // - attn_decode_rows: decode rows' KV writes and attention over their sessions' caches, in one call (the
 //   library's flash-attention kernel spends ~20-40 us of set-up on each single query row).
 //
@@ -43,17 +43,21 @@ constexpr int GB = 16;   // blocks per group: one int32 lane per block
 // group (the tail) are packed 4 (q4) or 2 (q8) to a 64-byte vector instead, each lane a quarter (an
 // eighth) of a block.
 
-// Activations quantized per block of 32 and laid out as the kernels read them.
+// Activations quantized per block of 32, in two int8 planes: with t = x * 127 / max|x| (the block's),
+// q1 = round(t) and q2 = round(256 * (t - q1)), so x = (max|x| / 127) * (q1 + q2 / 256) to ~1/512 of a
+// step: ~16-bit activations from two integer dot products (one int8 plane alone flips near-ties of the
+// model's logits, as llama.cpp's Q8 activations do). A block's integer sum is 256 * s1 + s2, and `d`
+// below is max|x| / 127 / 256. Laid out as the kernels read them.
 struct QRows {
   int64_t M = 0, nb = 0, G = 0, rt = 0, gt = 0;
-  std::vector<int8_t> xg;   // [M, G, 512]: q4: lo half (v = 0..3) then hi half; q8: v = 0..7; lane l = block l
-  std::vector<float> dg;    // [M, G, 32]: dx of the 16 blocks, then dx * sum(q) (q4) or 0 (q8)
-  std::vector<int32_t> cg;  // q8: [M, G, 16]: 128 * sum(q) per block (the u8 weights' +128, taken out exactly)
-  std::vector<int8_t> xt;   // tail, [M, gt, 128] (q4: per 4 blocks, elements 0..15 of each, then 16..31)
-                            //       [M, gt, 64]  (q8: per 2 blocks, natural order)
-  std::vector<float> dt;    // tail lanes' dx [M, gt, 16]
-  std::vector<float> st;    // q4 tail: dx * sum(q) per tail block [M, 16]
-  std::vector<int32_t> ct;  // q8 tail: 128 * (sum of the 4 quants each lane reads) [M, gt, 16]
+  std::vector<int8_t> xg;   // [M, G, 2, 512]: q4: lo half (v = 0..3) then hi half; q8: v = 0..7; lane l = block l
+  std::vector<float> dg;    // [M, G, 32]: d of the 16 blocks, then d * sum(256 q1 + q2) (q4) or 0 (q8)
+  std::vector<int32_t> cg;  // q8: [M, G, 16]: 128 * sum(256 q1 + q2) per block (the u8 weights' +128, taken out)
+  std::vector<int8_t> xt;   // tail, [M, gt, 2, 128] (q4: per 4 blocks, elements 0..15 of each, then 16..31)
+                            //       [M, gt, 2, 64]  (q8: per 2 blocks, natural order)
+  std::vector<float> dt;    // tail lanes' d [M, gt, 16]
+  std::vector<float> st;    // q4 tail: d * sum(256 q1 + q2) per tail block [M, 16]
+  std::vector<int32_t> ct;  // q8 tail: 128 * (256 q1 + q2 summed over the 4 quants each lane reads) [M, gt, 16]
 };
 
 void quantize_rows(const float* x, int64_t M, int64_t K, bool q4, QRows& r) {
@@ -63,34 +67,42 @@ void quantize_rows(const float* x, int64_t M, int64_t K, bool q4, QRows& r) {
   r.rt = r.nb - r.G * GB;
   const int per = q4 ? 4 : 2;  // tail blocks per vector
   r.gt = (r.rt + per - 1) / per;
-  r.xg.assign(M * r.G * 512, 0);
+  r.xg.assign(M * r.G * 1024, 0);
   r.dg.assign(M * r.G * 32, 0.f);
   if (!q4) r.cg.assign(M * r.G * 16, 0);
-  r.xt.assign(M * r.gt * (q4 ? 128 : 64), 0);
+  r.xt.assign(M * r.gt * (q4 ? 256 : 128), 0);
   r.dt.assign(M * r.gt * 16, 0.f);
   if (q4) r.st.assign(M * 16, 0.f);
   else r.ct.assign(M * r.gt * 16, 0);
-  alignas(64) int8_t qb[QK];
+  alignas(64) int8_t qb[2][QK];  // the block's two planes
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * K;
     for (int64_t b = 0; b < r.nb; ++b) {
       const float* xb = xr + b * QK;
       __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
       float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-      float d = amax / 127.f;
+      float d = amax / 127.f / 256.f;
       float id = amax > 0.f ? 127.f / amax : 0.f;
-      __m512 vid = _mm512_set1_ps(id);
-      // cvtps rounds to nearest even (MXCSR default); |x * id| <= 127 up to rounding, saturated anyway
-      __m128i q0 = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v0, vid)));
-      __m128i q1 = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v1, vid)));
-      _mm_store_si128(reinterpret_cast<__m128i*>(qb), q0);
-      _mm_store_si128(reinterpret_cast<__m128i*>(qb + 16), q1);
-      const int32_t sq = _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_cvtepi8_epi32(q0), _mm512_cvtepi8_epi32(q1)));
-      const int32_t* w32 = reinterpret_cast<const int32_t*>(qb);  // 8 words of 4 quants
+      __m512 vid = _mm512_set1_ps(id), k256 = _mm512_set1_ps(256.f);
+      int32_t sq = 0;
+      for (int h = 0; h < 2; ++h) {
+        // cvtps rounds to nearest even (MXCSR default); |t| <= 127 up to rounding and |256 (t - q1)| <= 128:
+        // both saturate to int8
+        __m512 t = _mm512_mul_ps(h ? v1 : v0, vid);
+        __m512i q1 = _mm512_cvtps_epi32(t);
+        __m512i q2 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(t, _mm512_cvtepi32_ps(q1)), k256));
+        __m128i b1 = _mm512_cvtsepi32_epi8(q1), b2 = _mm512_cvtsepi32_epi8(q2);
+        _mm_store_si128(reinterpret_cast<__m128i*>(qb[0] + 16 * h), b1);
+        _mm_store_si128(reinterpret_cast<__m128i*>(qb[1] + 16 * h), b2);
+        sq += 256 * _mm512_reduce_add_epi32(_mm512_cvtepi8_epi32(b1)) + _mm512_reduce_add_epi32(_mm512_cvtepi8_epi32(b2));
+      }
       if (b < r.G * GB) {
         const int64_t g = b / GB, l = b % GB;
-        int32_t* dst = reinterpret_cast<int32_t*>(r.xg.data() + (m * r.G + g) * 512);
-        for (int v = 0; v < 8; ++v) dst[v * 16 + l] = w32[v];  // vector v, lane l: quants 4v..4v+3 of block l
+        for (int p = 0; p < 2; ++p) {
+          const int32_t* w32 = reinterpret_cast<const int32_t*>(qb[p]);  // 8 words of 4 quants
+          int32_t* dst = reinterpret_cast<int32_t*>(r.xg.data() + ((m * r.G + g) * 2 + p) * 512);
+          for (int v = 0; v < 8; ++v) dst[v * 16 + l] = w32[v];  // vector v, lane l: quants 4v..4v+3 of block l
+        }
         float* dg = r.dg.data() + (m * r.G + g) * 32;
         dg[l] = d;
         if (q4) dg[16 + l] = d * static_cast<float>(sq);
@@ -99,19 +111,23 @@ void quantize_rows(const float* x, int64_t M, int64_t K, bool q4, QRows& r) {
       }
       const int64_t t = b - r.G * GB, g = t / per, j = t % per;
       if (q4) {
-        int8_t* dst = r.xt.data() + (m * r.gt + g) * 128;
-        std::memcpy(dst + 16 * j, qb, 16);       // elements 0..15
-        std::memcpy(dst + 64 + 16 * j, qb + 16, 16);  // elements 16..31
+        for (int p = 0; p < 2; ++p) {
+          int8_t* dst = r.xt.data() + ((m * r.gt + g) * 2 + p) * 128;
+          std::memcpy(dst + 16 * j, qb[p], 16);           // elements 0..15
+          std::memcpy(dst + 64 + 16 * j, qb[p] + 16, 16);  // elements 16..31
+        }
         float* dl = r.dt.data() + (m * r.gt + g) * 16 + 4 * j;
         dl[0] = dl[1] = dl[2] = dl[3] = d;
         r.st[m * 16 + t] = d * static_cast<float>(sq);
       } else {
-        std::memcpy(r.xt.data() + (m * r.gt + g) * 64 + 32 * j, qb, 32);
+        for (int p = 0; p < 2; ++p) std::memcpy(r.xt.data() + ((m * r.gt + g) * 2 + p) * 64 + 32 * j, qb[p], 32);
         float* dl = r.dt.data() + (m * r.gt + g) * 16 + 8 * j;
         int32_t* cl = r.ct.data() + (m * r.gt + g) * 16 + 8 * j;
         for (int i = 0; i < 8; ++i) {
           dl[i] = d;
-          cl[i] = 128 * (qb[4 * i] + qb[4 * i + 1] + qb[4 * i + 2] + qb[4 * i + 3]);
+          int32_t s4 = 0;
+          for (int k = 4 * i; k < 4 * i + 4; ++k) s4 += 256 * qb[0][k] + qb[1][k];
+          cl[i] = 128 * s4;
         }
       }
     }
@@ -149,15 +165,22 @@ void q4_row(const uint8_t* w, const at::Half* a, const at::Half* c, const QRows&
     }
     const __m512 a16 = halves16(a + GB * g), c16 = halves16(c + GB * g);
     for (int i = 0; i < R; ++i) {
-      const int8_t* xq = r.xg.data() + ((m0 + i) * r.G + g) * 512;
-      __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[0], _mm512_loadu_si512(xq));
-      __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi[0], _mm512_loadu_si512(xq + 256));
-      for (int v = 1; v < 4; ++v) {
-        s0 = _mm512_dpbusd_epi32(s0, lo[v], _mm512_loadu_si512(xq + 64 * v));
-        s1 = _mm512_dpbusd_epi32(s1, hi[v], _mm512_loadu_si512(xq + 256 + 64 * v));
+      const int8_t* xq = r.xg.data() + ((m0 + i) * r.G + g) * 1024;
+      __m512i s[2];
+      for (int p = 0; p < 2; ++p) {  // the coarse plane, then the fine one
+        const int8_t* xp = xq + 512 * p;
+        __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[0], _mm512_loadu_si512(xp));
+        __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi[0], _mm512_loadu_si512(xp + 256));
+        for (int v = 1; v < 4; ++v) {
+          s0 = _mm512_dpbusd_epi32(s0, lo[v], _mm512_loadu_si512(xp + 64 * v));
+          s1 = _mm512_dpbusd_epi32(s1, hi[v], _mm512_loadu_si512(xp + 256 + 64 * v));
+        }
+        s[p] = _mm512_add_epi32(s0, s1);
       }
+      // 256 s1 + s2 < 2^24 for 4-bit weights: exact in fp32
+      const __m512i si = _mm512_add_epi32(_mm512_slli_epi32(s[0], 8), s[1]);
       const float* dg = r.dg.data() + ((m0 + i) * r.G + g) * 32;
-      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), _mm512_mul_ps(a16, _mm512_loadu_ps(dg)), acc[i]);
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si), _mm512_mul_ps(a16, _mm512_loadu_ps(dg)), acc[i]);
       acc[i] = _mm512_fmadd_ps(c16, _mm512_loadu_ps(dg + 16), acc[i]);
     }
   }
@@ -175,9 +198,12 @@ void q4_row(const uint8_t* w, const at::Half* a, const at::Half* c, const QRows&
       const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);
       const __m512 al = halves_to_lanes(at_ + 4 * g, nvalid, 4);
       for (int i = 0; i < R; ++i) {
-        const int8_t* xq = r.xt.data() + ((m0 + i) * r.gt + g) * 128;
+        const int8_t* xq = r.xt.data() + ((m0 + i) * r.gt + g) * 256;
         __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xq));
         s = _mm512_dpbusd_epi32(s, hi, _mm512_loadu_si512(xq + 64));
+        __m512i f = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xq + 128));
+        f = _mm512_dpbusd_epi32(f, hi, _mm512_loadu_si512(xq + 192));
+        s = _mm512_add_epi32(_mm512_slli_epi32(s, 8), f);
         const __m512 sc = _mm512_mul_ps(al, _mm512_loadu_ps(r.dt.data() + ((m0 + i) * r.gt + g) * 16));
         tacc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, tacc[i]);
       }
@@ -204,14 +230,20 @@ void q8_row(const uint8_t* w, const at::Half* d, const QRows& r, int64_t m0, flo
     const __m512 d16 = halves16(d + GB * g);
     for (int i = 0; i < R; ++i) {
       const int64_t o = (m0 + i) * r.G + g;
-      const int8_t* xq = r.xg.data() + o * 512;
-      __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[0], _mm512_loadu_si512(xq));
-      __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[1], _mm512_loadu_si512(xq + 64));
-      for (int v = 2; v < 8; v += 2) {
-        s0 = _mm512_dpbusd_epi32(s0, wv[v], _mm512_loadu_si512(xq + 64 * v));
-        s1 = _mm512_dpbusd_epi32(s1, wv[v + 1], _mm512_loadu_si512(xq + 64 * v + 64));
+      __m512i sp[2];
+      for (int p = 0; p < 2; ++p) {
+        const int8_t* xq = r.xg.data() + o * 1024 + 512 * p;
+        __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[0], _mm512_loadu_si512(xq));
+        __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[1], _mm512_loadu_si512(xq + 64));
+        for (int v = 2; v < 8; v += 2) {
+          s0 = _mm512_dpbusd_epi32(s0, wv[v], _mm512_loadu_si512(xq + 64 * v));
+          s1 = _mm512_dpbusd_epi32(s1, wv[v + 1], _mm512_loadu_si512(xq + 64 * v + 64));
+        }
+        sp[p] = _mm512_add_epi32(s0, s1);
       }
-      __m512i s = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), _mm512_loadu_si512(r.cg.data() + o * 16));
+      // 256 s1 + s2 - 128 sum(256 q1 + q2): |.| < 2^31 (int32 exact), rounded once to fp32
+      __m512i s = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(sp[0], 8), sp[1]),
+                                   _mm512_loadu_si512(r.cg.data() + o * 16));
       acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d16, _mm512_loadu_ps(r.dg.data() + o * 32)), acc[i]);
     }
   }
@@ -225,8 +257,9 @@ void q8_row(const uint8_t* w, const at::Half* d, const QRows& r, int64_t m0, flo
       const __m512 dl = halves_to_lanes(dt_ + 2 * g, nvalid, 2);
       for (int i = 0; i < R; ++i) {
         const int64_t o = (m0 + i) * r.gt + g;
-        __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, _mm512_loadu_si512(r.xt.data() + o * 64));
-        s = _mm512_sub_epi32(s, _mm512_loadu_si512(r.ct.data() + o * 16));
+        __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, _mm512_loadu_si512(r.xt.data() + o * 128));
+        __m512i f = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, _mm512_loadu_si512(r.xt.data() + o * 128 + 64));
+        s = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(s, 8), f), _mm512_loadu_si512(r.ct.data() + o * 16));
         acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dl, _mm512_loadu_ps(r.dt.data() + o * 16)), acc[i]);
       }
     }
@@ -384,29 +417,32 @@ struct Cache {
   int64_t cap;
 };
 
-Cache check_cache(at::Tensor& kc, at::Tensor& vc, int64_t nkv, int64_t hd, int64_t pos) {
-  TORCH_CHECK(kc.dim() == 3 && vc.dim() == 3 && kc.scalar_type() == at::kFloat && vc.scalar_type() == at::kFloat &&
+Cache check_cache(at::Tensor& kc, at::Tensor& vc, int64_t layer, int64_t nkv, int64_t hd, int64_t pos) {
+  TORCH_CHECK(kc.dim() == 4 && vc.dim() == 4 && kc.scalar_type() == at::kFloat && vc.scalar_type() == at::kFloat &&
               kc.is_contiguous() && vc.is_contiguous() && kc.device().is_cpu() && vc.device().is_cpu(),
-              "attn_decode: caches must be contiguous fp32 CPU [nkv, cap, hd]");
-  TORCH_CHECK(kc.size(0) == nkv && kc.size(2) == hd && vc.sizes() == kc.sizes(), "attn_decode: cache shape ",
+              "attn_decode: caches must be contiguous fp32 CPU [layers, nkv, cap, hd]");
+  TORCH_CHECK(kc.size(1) == nkv && kc.size(3) == hd && vc.sizes() == kc.sizes(), "attn_decode: cache shape ",
               kc.sizes(), " does not fit ", nkv, " KV heads of ", hd);
-  TORCH_CHECK(pos >= 0 && pos < kc.size(1), "attn_decode: position ", pos, " outside the cache (", kc.size(1), ")");
-  return {kc.data_ptr<float>(), vc.data_ptr<float>(), kc.size(1)};
+  TORCH_CHECK(layer >= 0 && layer < kc.size(0), "attn_decode: layer ", layer, " outside the cache (", kc.size(0), ")");
+  TORCH_CHECK(pos >= 0 && pos < kc.size(2), "attn_decode: position ", pos, " outside the cache (", kc.size(2), ")");
+  const int64_t cap = kc.size(2), off = layer * nkv * cap * hd;
+  return {kc.data_ptr<float>() + off, vc.data_ptr<float>() + off, cap};
 }
 
-// B decode rows, row b at position pos[b] of the session whose layer caches are kcs[b] / vcs[b]:
+// B decode rows of one layer, row b at position pos[b] of the session whose caches (all layers) are
+// kcs[b] / vcs[b]:
 // qk [B, nh + nkv, hd] (rotated q heads, then rotated k heads), v [B, nkv * hd] (rows may be strided).
 // Query head h reads KV head h / (nh / nkv) (grouped-query attention). Returns [B, nh * hd]. The (row,
 // KV head) pairs are spread over threads; each is computed whole by one (attn_head).
 at::Tensor attn_decode_rows(const at::Tensor& qk, const at::Tensor& v, at::TensorList kcs, at::TensorList vcs,
-                            at::IntArrayRef pos) {
+                            at::IntArrayRef pos, int64_t layer) {
   TORCH_CHECK(qk.dim() == 3 && qk.scalar_type() == at::kFloat && qk.is_contiguous() && qk.device().is_cpu(),
               "attn_decode: qk must be contiguous fp32 CPU [B, nh + nkv, hd]");
   const int64_t B = qk.size(0), hd = qk.size(2);
   TORCH_CHECK(B >= 1 && static_cast<int64_t>(kcs.size()) == B && static_cast<int64_t>(vcs.size()) == B &&
               static_cast<int64_t>(pos.size()) == B, "attn_decode: one cache pair and position per row");
   TORCH_CHECK(hd % 16 == 0 && hd > 0, "attn_decode: head size ", hd, " is not a multiple of 16");
-  const int64_t nkv = kcs[0].dim() == 3 ? kcs[0].size(0) : 0;
+  const int64_t nkv = kcs[0].dim() == 4 ? kcs[0].size(1) : 0;
   const int64_t nh = qk.size(1) - nkv;
   TORCH_CHECK(nkv > 0 && nh > 0 && nh % nkv == 0, "attn_decode: ", qk.size(1), " heads do not split into query and ",
               nkv, " KV heads");
@@ -415,7 +451,7 @@ at::Tensor attn_decode_rows(const at::Tensor& qk, const at::Tensor& v, at::Tenso
   std::vector<Cache> caches;
   for (int64_t b = 0; b < B; ++b) {
     at::Tensor kc = kcs[b], vc = vcs[b];
-    caches.push_back(check_cache(kc, vc, nkv, hd, pos[b]));
+    caches.push_back(check_cache(kc, vc, layer, nkv, hd, pos[b]));
   }
   const int64_t g = nh / nkv;
   at::Tensor out = at::empty({B, nh * hd}, qk.options());
@@ -440,6 +476,6 @@ at::Tensor attn_decode_rows(const at::Tensor& qk, const at::Tensor& v, at::Tenso
 TORCH_LIBRARY(mesh402, m) {
   m.def("q4q8_mm(Tensor x, Tensor w) -> Tensor", &q4q8_mm);
   m.def("q8q8_mm(Tensor x, Tensor w) -> Tensor", &q8q8_mm);
-  m.def("attn_decode_rows(Tensor qk, Tensor v, Tensor(a!)[] kcs, Tensor(b!)[] vcs, int[] pos) -> Tensor",
+  m.def("attn_decode_rows(Tensor qk, Tensor v, Tensor(a!)[] kcs, Tensor(b!)[] vcs, int[] pos, int layer) -> Tensor",
         &attn_decode_rows);
 }
