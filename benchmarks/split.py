@@ -1,6 +1,7 @@
 """Pipeline split benchmark: solo vs 2- and 3-stage, loopback and with delay between nodes.
 
     .venv/bin/python benchmarks/split.py [--quick] [--no-procs] [--no-delay] [--no-wire] [--trace]
+    .venv/bin/python benchmarks/split.py --model PATH.gguf   # solo vs 2-stage node processes on that model
 
 Prints a table and writes benchmarks/results/split.json. Everything runs on this machine; nothing
 reaches the network (delay rows run in private network namespaces with no route out).
@@ -24,6 +25,9 @@ reaches the network (delay rows run in private network namespaces with no route 
 - trace (`--trace`): a 2-stage fast split on loopback with `serve --trace-hops` on both nodes; each
   decode step's hand-offs (host send -> stage arrival -> engine call -> engine done -> reply sent ->
   host arrival) timed on the machine's one monotonic clock, medians over every traced step.
+- another model (`--model`, e.g. the synthetic 1B of `benchmarks/engine.py --synthetic Q4_K`): only the
+  loopback node processes, solo vs 2-stage (each stage's weight budget 0.6 x the file), fast mode, and the
+  frame round trip; writes benchmarks/results/split-<model>.json.
 - wire dtype: teacher-forced agreement of f16 / bf16 activations against f32 (every step fed the
   f32 trajectory): greedy-token agreement and max |dlogit|, plus the free-running identical
   prefix through the real pipeline over MemoryLink.
@@ -63,6 +67,7 @@ from harness.sse import json_events  # noqa: E402
 
 PY = sys.executable
 MODEL = "smollm2-135m-instruct"
+MODEL_ARGS: list[str] = []  # `--model PATH`: every node serves that file (set in main)
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 AGREE_PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.",
                  "Explain in two sentences why the sky is blue.", "List three uses of copper."]
@@ -266,7 +271,7 @@ class Node:
         self.api_port, self.console_port = free_port(), free_port()
         ip = net.ip(name) if net else "127.0.0.1"
         cmd = [PY, "-m", "mesh402.cli", "serve", "--home", str(self.home), "--port", str(self.api_port),
-               "--console", str(self.console_port), "--bind-ip", ip, *args]
+               "--console", str(self.console_port), "--bind-ip", ip, *MODEL_ARGS, *args]
         self.log_path = self.home / "node.log"
         self._log = open(self.log_path, "wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -385,7 +390,8 @@ def measure_host(host: Node, max_tokens: int, reps: int) -> dict[str, list[float
     return {k: [r[k] for r in runs] for k in ("ttft_s", "step_s", "tokens")}
 
 
-def bench_procs(modes: list[str], max_tokens: dict[str, int], reps: int) -> list[dict]:
+def bench_procs(modes: list[str], max_tokens: dict[str, int], reps: int,
+                stage_counts: tuple[int, ...] = (1, 2, 3)) -> list[dict]:
     """Per mode, solo, 2-stage and 3-stage meshes all up at once; requests interleaved round-robin so
     the machine's drifting load hits every setting alike (idle nodes cost next to nothing)."""
     rows = []
@@ -393,7 +399,7 @@ def bench_procs(modes: list[str], max_tokens: dict[str, int], reps: int) -> list
         root = Path(tempfile.mkdtemp(prefix=f"split-{mode}-"))
         meshes: dict[int, tuple[list[Node], Node, dict | None, float]] = {}
         try:
-            for stages in (1, 2, 3):
+            for stages in stage_counts:
                 t0 = time.monotonic()
                 names = [f"s{stages}{chr(ord('a') + i)}" for i in range(stages)]
                 nodes, host, plan = start_mesh(stages, mode, root, names=names)
@@ -596,7 +602,11 @@ def main() -> None:
     ap.add_argument("--no-wire", action="store_true", help="skip wire dtype agreement")
     ap.add_argument("--trace", action="store_true",
                     help="also time each hand-off of a 2-stage loopback split's steps (`serve --trace-hops`)")
+    ap.add_argument("--model", default=None,
+                    help="a GGUF file: only solo vs 2-stage node processes on it (fast mode) and the frame round trip")
     args = ap.parse_args()
+    if args.model:
+        return main_model(Path(args.model), args.quick)
     q = args.quick
     modes = ["fast"] if q else ["fast", "exact"]
     t_start = time.monotonic()
@@ -656,6 +666,39 @@ def main() -> None:
            "rows": rows, "wire": wire, "transport": transport, "trace_ms": trace, "notes": notes}
     (RESULTS / "split.json").write_text(json.dumps(out, indent=2, default=str))
     print(f"wrote {RESULTS / 'split.json'}")
+
+
+def main_model(path: Path, quick: bool) -> None:
+    """Solo vs a 2-stage split of another model on loopback (issue 19: the ratio on a bandwidth-bound model)."""
+    global MODEL
+    from mesh402.models.catalog import resolve_model
+
+    src = resolve_model(str(path))
+    MODEL = src.model_id
+    MODEL_ARGS[:] = ["--model", str(src.path)]
+    VRAM[2] = f"{0.6 * src.path.stat().st_size / 1e9:.3f}"  # each stage holds about half
+    t_start = time.monotonic()
+    print(f"node processes on loopback, {MODEL}: solo and 2 stages (budget {VRAM[2]} GB each) ...", flush=True)
+    rows = bench_procs(["fast"], max_tokens={"fast": 32 if quick else 48}, reps=3 if quick else 5, stage_counts=(1, 2))
+    print("QUIC frame round trip to a node process ...", flush=True)
+    transport = bench_transport(200 if quick else 500)
+    derive(rows)
+    print_report(rows, [])
+    for k, v in transport.items():
+        print(f"QUIC frame round trip to a node process, {k[5:-3]} Echo on one stream: median {v['median']:.3f} ms, "
+              f"p90 {v['p90']:.3f} ms")
+    took = time.monotonic() - t_start
+    print(f"took {took:.0f}s")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model": MODEL, "quick": quick, "took_s": took,
+           "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "load_avg": os.getloadavg()},
+           "method": {"processes": "client-side streaming to the host node, one torch thread per node; step = (last "
+                                   "chunk - first chunk) / (completion tokens - 1); median over runs",
+                      "per_hop_ms": "(split step - solo step) / (stages - 1)"},
+           "rows": rows, "transport": transport}
+    dest = RESULTS / f"split-{MODEL}.json"
+    dest.write_text(json.dumps(out, indent=2, default=str))
+    print(f"wrote {dest}")
 
 
 if __name__ == "__main__":
