@@ -150,72 +150,117 @@ inline __m512 halves16(const at::Half* p) {
 // q4 row layout: G groups of 256 bytes (vector v = 0..3, lane l = block l of the group, byte k: low nibble
 // quant 4v + k, high nibble quant 16 + 4v + k), then the tail's blocks, 16 bytes each (byte i: quant i | quant
 // 16 + i << 4), then fp16 a[nb], then fp16 c[nb]: w = a * q + c.
+// The tail of a q4 row (blocks past its last whole group) for R activation rows, added into acc.
 template <int R>
-void q4_row(const uint8_t* w, const at::Half* a, const at::Half* c, const QRows& r, int64_t m0, float* y,
-            int64_t ldy) {
-  __m512 acc[R];
-  for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+void q4_tail(const uint8_t* w, const at::Half* a, const at::Half* c, const QRows& r, int64_t m0, __m512* acc) {
+  const __m512i lo4 = _mm512_set1_epi8(0x0F);
+  const uint8_t* wt = w + 256 * r.G;
+  const at::Half* at_ = a + GB * r.G;
+  const at::Half* ct_ = c + GB * r.G;
+  __m512 tacc[R];
+  for (int i = 0; i < R; ++i) tacc[i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < r.gt; ++g) {
+    const int nvalid = static_cast<int>(std::min<int64_t>(4, r.rt - 4 * g));
+    const __mmask64 km = nvalid == 4 ? ~0ULL : ((1ULL << (16 * nvalid)) - 1);
+    const __m512i v = _mm512_maskz_loadu_epi8(km, wt + 64 * g);
+    const __m512i lo = _mm512_and_si512(v, lo4);
+    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);
+    const __m512 al = halves_to_lanes(at_ + 4 * g, nvalid, 4);
+    for (int i = 0; i < R; ++i) {
+      const int8_t* xq = r.xt.data() + ((m0 + i) * r.gt + g) * 256;
+      __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xq));
+      s = _mm512_dpbusd_epi32(s, hi, _mm512_loadu_si512(xq + 64));
+      __m512i f = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xq + 128));
+      f = _mm512_dpbusd_epi32(f, hi, _mm512_loadu_si512(xq + 192));
+      s = _mm512_add_epi32(_mm512_slli_epi32(s, 8), f);
+      const __m512 sc = _mm512_mul_ps(al, _mm512_loadu_ps(r.dt.data() + ((m0 + i) * r.gt + g) * 16));
+      tacc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, tacc[i]);
+    }
+  }
+  // the tail's offsets: c * dx * sum(q) per tail block (< 16 of them)
+  const __m512 cf = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << r.rt) - 1), ct_));
+  for (int i = 0; i < R; ++i) {
+    tacc[i] = _mm512_fmadd_ps(cf, _mm512_loadu_ps(r.st.data() + (m0 + i) * 16), tacc[i]);
+    acc[i] = _mm512_add_ps(acc[i], tacc[i]);
+  }
+}
+
+// NW weight rows (w[j]: its bytes; its fp16 a then c after K/2 bytes) times R activation rows from m0:
+// y[i * ldy + j]. Each activation vector loaded once for the NW rows, each weight vector once for the R
+// rows. Per output the same operations whatever NW and R: the block sums are exact integers (256 * coarse
+// plane + fine plane, < 2^24), then acc = fma(sum, a * d, acc), acc = fma(c, d * sum(q), acc) per group,
+// the tail, one horizontal sum.
+template <int NW, int R>
+void q4_rows(const uint8_t* const* w, int64_t K, const QRows& r, int64_t m0, float* y, int64_t ldy) {
+  __m512 acc[NW][R];
+  for (int j = 0; j < NW; ++j)
+    for (int i = 0; i < R; ++i) acc[j][i] = _mm512_setzero_ps();
   const __m512i lo4 = _mm512_set1_epi8(0x0F);
   for (int64_t g = 0; g < r.G; ++g) {
-    __m512i lo[4], hi[4];
-    for (int v = 0; v < 4; ++v) {
-      __m512i wv = _mm512_loadu_si512(w + 256 * g + 64 * v);
-      lo[v] = _mm512_and_si512(wv, lo4);
-      hi[v] = _mm512_and_si512(_mm512_srli_epi16(wv, 4), lo4);
-    }
-    const __m512 a16 = halves16(a + GB * g), c16 = halves16(c + GB * g);
-    for (int i = 0; i < R; ++i) {
-      const int8_t* xq = r.xg.data() + ((m0 + i) * r.G + g) * 1024;
-      __m512i s[2];
-      for (int p = 0; p < 2; ++p) {  // the coarse plane, then the fine one
-        const int8_t* xp = xq + 512 * p;
+    __m512i si[NW][R];
+    if constexpr (NW * R == 1) {
+      // one output (decode): its group's weights unpacked once, four independent dpbusd chains (two per
+      // plane) so their latency overlaps
+      __m512i lo[4], hi[4];
+      for (int v = 0; v < 4; ++v) {
+        const __m512i wv = _mm512_loadu_si512(w[0] + 256 * g + 64 * v);
+        lo[v] = _mm512_and_si512(wv, lo4);
+        hi[v] = _mm512_and_si512(_mm512_srli_epi16(wv, 4), lo4);
+      }
+      __m512i sp[2];
+      for (int p = 0; p < 2; ++p) {
+        const int8_t* xp = r.xg.data() + (m0 * r.G + g) * 1024 + 512 * p;
         __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[0], _mm512_loadu_si512(xp));
         __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi[0], _mm512_loadu_si512(xp + 256));
         for (int v = 1; v < 4; ++v) {
           s0 = _mm512_dpbusd_epi32(s0, lo[v], _mm512_loadu_si512(xp + 64 * v));
           s1 = _mm512_dpbusd_epi32(s1, hi[v], _mm512_loadu_si512(xp + 256 + 64 * v));
         }
-        s[p] = _mm512_add_epi32(s0, s1);
+        sp[p] = _mm512_add_epi32(s0, s1);
       }
-      // 256 s1 + s2 < 2^24 for 4-bit weights: exact in fp32
-      const __m512i si = _mm512_add_epi32(_mm512_slli_epi32(s[0], 8), s[1]);
-      const float* dg = r.dg.data() + ((m0 + i) * r.G + g) * 32;
-      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si), _mm512_mul_ps(a16, _mm512_loadu_ps(dg)), acc[i]);
-      acc[i] = _mm512_fmadd_ps(c16, _mm512_loadu_ps(dg + 16), acc[i]);
+      si[0][0] = _mm512_add_epi32(_mm512_slli_epi32(sp[0], 8), sp[1]);
+    } else {
+      // a tile: each activation vector feeds NW weight rows, each weight vector R activation rows; one
+      // chain per output (NW * R of them in flight)
+      for (int j = 0; j < NW; ++j)
+        for (int i = 0; i < R; ++i) si[j][i] = _mm512_setzero_si512();
+      for (int p = 0; p < 2; ++p) {  // the coarse plane, then (the sums shifted by 8 bits) the fine one
+        if (p == 1)
+          for (int j = 0; j < NW; ++j)
+            for (int i = 0; i < R; ++i) si[j][i] = _mm512_slli_epi32(si[j][i], 8);
+        for (int v = 0; v < 4; ++v) {
+          __m512i wl[NW], wh[NW];
+          for (int j = 0; j < NW; ++j) {
+            const __m512i wv = _mm512_loadu_si512(w[j] + 256 * g + 64 * v);
+            wl[j] = _mm512_and_si512(wv, lo4);
+            wh[j] = _mm512_and_si512(_mm512_srli_epi16(wv, 4), lo4);
+          }
+          for (int i = 0; i < R; ++i) {
+            const int8_t* xp = r.xg.data() + ((m0 + i) * r.G + g) * 1024 + 512 * p + 64 * v;
+            const __m512i xl = _mm512_loadu_si512(xp), xh = _mm512_loadu_si512(xp + 256);
+            for (int j = 0; j < NW; ++j)
+              si[j][i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(si[j][i], wl[j], xl), wh[j], xh);
+          }
+        }
+      }
     }
-  }
-  if (r.rt) {
-    const uint8_t* wt = w + 256 * r.G;
-    const at::Half* at_ = a + GB * r.G;
-    const at::Half* ct_ = c + GB * r.G;
-    __m512 tacc[R];
-    for (int i = 0; i < R; ++i) tacc[i] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < r.gt; ++g) {
-      const int nvalid = static_cast<int>(std::min<int64_t>(4, r.rt - 4 * g));
-      const __mmask64 km = nvalid == 4 ? ~0ULL : ((1ULL << (16 * nvalid)) - 1);
-      const __m512i v = _mm512_maskz_loadu_epi8(km, wt + 64 * g);
-      const __m512i lo = _mm512_and_si512(v, lo4);
-      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);
-      const __m512 al = halves_to_lanes(at_ + 4 * g, nvalid, 4);
+    for (int j = 0; j < NW; ++j) {
+      const at::Half* a = reinterpret_cast<const at::Half*>(w[j] + K / 2);
+      const __m512 a16 = halves16(a + GB * g), c16 = halves16(a + r.nb + GB * g);
       for (int i = 0; i < R; ++i) {
-        const int8_t* xq = r.xt.data() + ((m0 + i) * r.gt + g) * 256;
-        __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xq));
-        s = _mm512_dpbusd_epi32(s, hi, _mm512_loadu_si512(xq + 64));
-        __m512i f = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xq + 128));
-        f = _mm512_dpbusd_epi32(f, hi, _mm512_loadu_si512(xq + 192));
-        s = _mm512_add_epi32(_mm512_slli_epi32(s, 8), f);
-        const __m512 sc = _mm512_mul_ps(al, _mm512_loadu_ps(r.dt.data() + ((m0 + i) * r.gt + g) * 16));
-        tacc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, tacc[i]);
+        const float* dg = r.dg.data() + ((m0 + i) * r.G + g) * 32;
+        acc[j][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si[j][i]), _mm512_mul_ps(a16, _mm512_loadu_ps(dg)), acc[j][i]);
+        acc[j][i] = _mm512_fmadd_ps(c16, _mm512_loadu_ps(dg + 16), acc[j][i]);
       }
     }
-    // the tail's offsets: c * dx * sum(q) per tail block (< 16 of them)
-    const __m512 cf = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << r.rt) - 1), ct_));
-    for (int i = 0; i < R; ++i) {
-      tacc[i] = _mm512_fmadd_ps(cf, _mm512_loadu_ps(r.st.data() + (m0 + i) * 16), tacc[i]);
-      acc[i] = _mm512_add_ps(acc[i], tacc[i]);
-    }
   }
-  for (int i = 0; i < R; ++i) y[i * ldy] = _mm512_reduce_add_ps(acc[i]);
+  for (int j = 0; j < NW; ++j) {
+    if (r.rt) {
+      const at::Half* a = reinterpret_cast<const at::Half*>(w[j] + K / 2);
+      q4_tail<R>(w[j], a, a + r.nb, r, m0, acc[j]);
+    }
+    for (int i = 0; i < R; ++i) y[i * ldy + j] = _mm512_reduce_add_ps(acc[j][i]);
+  }
 }
 
 // q8 row layout: G groups of 512 bytes (vector v = 0..7, lane l = block l, bytes: quants 4v..4v+3, +128),
@@ -267,17 +312,17 @@ void q8_row(const uint8_t* w, const at::Half* d, const QRows& r, int64_t m0, flo
   for (int i = 0; i < R; ++i) y[i * ldy] = _mm512_reduce_add_ps(acc[i]);
 }
 
-template <typename RowFn>
-void over_rows(int64_t M, int64_t m0, RowFn&& fn) {
-  switch (std::min<int64_t>(MT, M - m0)) {
+template <int MAXR, typename Fn>
+void over_rows(int64_t M, int64_t m0, Fn&& fn) {
+  switch (std::min<int64_t>(MAXR, M - m0)) {
     case 1: fn(std::integral_constant<int, 1>{}); break;
     case 2: fn(std::integral_constant<int, 2>{}); break;
     case 3: fn(std::integral_constant<int, 3>{}); break;
     case 4: fn(std::integral_constant<int, 4>{}); break;
-    case 5: fn(std::integral_constant<int, 5>{}); break;
-    case 6: fn(std::integral_constant<int, 6>{}); break;
-    case 7: fn(std::integral_constant<int, 7>{}); break;
-    default: fn(std::integral_constant<int, 8>{}); break;
+    case 5: if constexpr (MAXR >= 5) fn(std::integral_constant<int, 5>{}); break;
+    case 6: if constexpr (MAXR >= 6) fn(std::integral_constant<int, 6>{}); break;
+    case 7: if constexpr (MAXR >= 7) fn(std::integral_constant<int, 7>{}); break;
+    default: if constexpr (MAXR >= 8) fn(std::integral_constant<int, 8>{}); break;
   }
 }
 
@@ -297,9 +342,10 @@ inline void prefetch(const void* p, int64_t bytes) {
   for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
 }
 
-// y[M, N] = x times each weight row, by `row_fn(R, weight row bytes, activations, first row, out, ld)`.
-template <typename RowFn>
-at::Tensor blocked_mm(const at::Tensor& x, const at::Tensor& qs, int64_t K, bool q4, RowFn&& row_fn) {
+// y[M, N] = x times each weight row, NW weight rows by up to MAXR activation rows at a time:
+// `fn(nw, R, weight row pointers, activations, first activation row, out, ld)`.
+template <int NW, int MAXR, typename Fn>
+at::Tensor blocked_mm(const at::Tensor& x, const at::Tensor& qs, int64_t K, bool q4, Fn&& fn) {
   check_x(x, K);
   const int64_t M = x.size(0), N = qs.size(0), row = qs.size(1);
   QRows r;
@@ -308,10 +354,13 @@ at::Tensor blocked_mm(const at::Tensor& x, const at::Tensor& qs, int64_t K, bool
   const uint8_t* w = qs.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      if (n + AHEAD < n1) prefetch(w + (n + AHEAD) * row, row);
-      for (int64_t m0 = 0; m0 < M; m0 += MT)
-        over_rows(M, m0, [&](auto R) { row_fn(R, w + n * row, r, m0, yp + m0 * N + n, N); });
+    for (int64_t n = n0; n < n1; n += NW) {
+      if (n + AHEAD < n1) prefetch(w + (n + AHEAD) * row, std::min<int64_t>(NW, n1 - n - AHEAD) * row);
+      const int64_t nw = std::min<int64_t>(NW, n1 - n);
+      const uint8_t* rows[NW];
+      for (int64_t j = 0; j < NW; ++j) rows[j] = w + (n + std::min(j, nw - 1)) * row;
+      for (int64_t m0 = 0; m0 < M; m0 += MAXR)
+        over_rows<MAXR>(M, m0, [&](auto R) { fn(nw, R, rows, r, m0, yp + m0 * N + n, N); });
     }
   });
   return y;
@@ -321,9 +370,16 @@ at::Tensor q4q8_mm(const at::Tensor& x, const at::Tensor& qs) {
   TORCH_CHECK(qs.dim() == 2 && qs.scalar_type() == at::kByte && qs.is_contiguous() && qs.size(1) % 20 == 0 &&
               qs.device().is_cpu(), "w: uint8 [N, K/2 + K/8]");
   const int64_t K = qs.size(1) / 20 * 32;
-  return blocked_mm(x, qs, K, true, [K](auto R, const uint8_t* wn, const QRows& r, int64_t m0, float* y, int64_t ld) {
-    const at::Half* a = reinterpret_cast<const at::Half*>(wn + K / 2);
-    q4_row<decltype(R)::value>(wn, a, a + r.nb, r, m0, y, ld);
+  return blocked_mm<2, 4>(x, qs, K, true, [K](int64_t nw, auto R, const uint8_t* const* rows, const QRows& r,
+                                              int64_t m0, float* y, int64_t ld) {
+    // Same bits either way; speed: one activation row over short weight rows (K < 2048, measured on
+    // Zen 4) goes faster one weight row at a time with more dpbusd chains, otherwise two rows per tile.
+    constexpr int RR = decltype(R)::value;
+    if (nw == 2 && (RR > 1 || K >= 2048)) {
+      q4_rows<2, RR>(rows, K, r, m0, y, ld);
+    } else {
+      for (int64_t j = 0; j < nw; ++j) q4_rows<1, RR>(rows + j, K, r, m0, y + j, ld);
+    }
   });
 }
 
@@ -331,8 +387,9 @@ at::Tensor q8q8_mm(const at::Tensor& x, const at::Tensor& qs) {
   TORCH_CHECK(qs.dim() == 2 && qs.scalar_type() == at::kByte && qs.is_contiguous() && qs.size(1) % 34 == 0 &&
               qs.device().is_cpu(), "w: uint8 [N, K + K/16]");
   const int64_t K = qs.size(1) / 34 * 32;
-  return blocked_mm(x, qs, K, false, [K](auto R, const uint8_t* wn, const QRows& r, int64_t m0, float* y, int64_t ld) {
-    q8_row<decltype(R)::value>(wn, reinterpret_cast<const at::Half*>(wn + K), r, m0, y, ld);
+  return blocked_mm<1, MT>(x, qs, K, false, [K](int64_t, auto R, const uint8_t* const* rows, const QRows& r,
+                                                int64_t m0, float* y, int64_t ld) {
+    q8_row<decltype(R)::value>(rows[0], reinterpret_cast<const at::Half*>(rows[0] + K), r, m0, y, ld);
   });
 }
 
