@@ -120,8 +120,10 @@ def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     per-block scales [M, K/32] (max|x| / 127): t = x * 127 / max|x|, q1 = round(t), q2 = round(256 (t - q1))."""
     M, K = x.shape
     xb = x.reshape(M, K // QK, QK)
+    bad = ~torch.isfinite(xb).all(dim=-1)  # a non-finite block: quants 0, scale NaN (as the kernel)
+    xb = torch.where(bad.unsqueeze(-1), torch.zeros_like(xb), xb)
     amax = xb.abs().amax(dim=-1)
-    d = amax / 127.0
+    d = torch.where(bad, torch.full_like(amax, float("nan")), amax / 127.0)
     inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
     t = xb * inv.unsqueeze(-1)
     q1 = torch.round(t).clamp_(-128, 127)  # round half to even, as cvtps2dq

@@ -269,7 +269,7 @@ class FastLinearWeight:
     column), "dense" (bf16/f32 matmul); with the VNNI kernels (engine.qkernels):
     "q4x8" (4-bit blocks: each row its nibbles then fp16 scales and offsets, qkernels.pack_q4) and "q8x8"
     (8-bit blocks: each row its quants + 128 then fp16 scales, qkernels.pack_q8), both with fp32
-    activations quantized to int8 per block of 32 inside the kernel; no separate scales.
+    activations quantized per block of 32 to two int8 planes inside the kernel; no separate scales.
     """
 
     kind: str

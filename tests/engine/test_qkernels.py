@@ -91,6 +91,22 @@ def test_each_row_is_batch_and_thread_invariant(M, K, N) -> None:
         torch.set_num_threads(threads)
 
 
+@native
+def test_a_non_finite_row_stays_non_finite_and_alone() -> None:
+    """A NaN or inf from a hostile or broken upstream reaches that row's output as non-finite (so the
+    sampler and the pipeline refuse it), and every other row of the batch keeps its bits."""
+    gen = torch.Generator().manual_seed(11)
+    x = _x(4, 576, gen)
+    for op, w in ((torch.ops.mesh402.q4q8_mm, _q4(24, 576, gen)), (torch.ops.mesh402.q8q8_mm, _q8(24, 576, gen))):
+        clean = op(x, w)
+        bad = x.clone()
+        bad[1, 40] = float("nan")
+        bad[2, 3] = float("inf")
+        y = op(bad, w)
+        assert torch.isnan(y[1]).all() and not torch.isfinite(y[2]).any()
+        assert torch.equal(y[0], clean[0]) and torch.equal(y[3], clean[3])
+
+
 def _attn_case(B: int, nh: int, nkv: int, hd: int, cap: int, gen: torch.Generator):
     qk = torch.randn(B, nh + nkv, hd, generator=gen)
     qkv_v = torch.randn(B, nkv * hd + 7, generator=gen)[:, 7:]  # a strided view, as the loop passes it

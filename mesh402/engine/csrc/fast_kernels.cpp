@@ -30,6 +30,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -82,6 +83,15 @@ void quantize_rows(const float* x, int64_t M, int64_t K, bool q4, QRows& r) {
       __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
       float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
       float d = amax / 127.f / 256.f;
+      // A NaN or inf in the block (hostile or broken input) must reach the output as non-finite, as in
+      // any float matmul, so the sampler's and the pipeline's checks see it: max() may drop a NaN lane,
+      // and the int8 quants cannot carry one, so the block's scale carries it (x * 0 is NaN for both).
+      const float nonfinite = _mm512_reduce_add_ps(
+          _mm512_add_ps(_mm512_mul_ps(v0, _mm512_setzero_ps()), _mm512_mul_ps(v1, _mm512_setzero_ps())));
+      if (nonfinite != 0.f) {
+        d = std::numeric_limits<float>::quiet_NaN();
+        amax = 0.f;  // quants 0: the NaN scale alone marks the block
+      }
       float id = amax > 0.f ? 127.f / amax : 0.f;
       __m512 vid = _mm512_set1_ps(id), k256 = _mm512_set1_ps(256.f);
       int32_t sq = 0;
