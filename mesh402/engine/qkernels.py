@@ -36,7 +36,9 @@ _CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", *_ISA]  # no contraction: the
 _NEEDED_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma"}
 
 _lock = threading.Lock()
-_state: dict[str, bool] = {}  # "native": the C++ ops are loaded; "defined": the op names exist
+# Module state on purpose: torch's operator registry is process-wide, so whether this process's
+# torch.ops.mesh402.* are the native ops or the references is a fact about the process, decided once.
+_state: dict[str, bool] = {}  # "native": True if the C++ ops are loaded, False if the references are defined
 
 
 def cpu_flags_ok(cpuinfo: str | None = None) -> bool:
