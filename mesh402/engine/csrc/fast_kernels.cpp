@@ -11,15 +11,15 @@
 // docs/architecture.md, "Fast kernels").
 //
 // Exactness contract (what fast mode's batch-invariance and replay rest on): every output element
-// y[m][n] is computed by one thread, from row m of x and row n of the weight only, by the same instruction
-// sequence whatever M, the row's position in the batch, the thread count or the partition of N. So a row
-// gets the same bits alone, in any batch and in any split of work. Integer block sums are exact; the fp32
-// part runs in a fixed order.
+// y[m][n] is computed by one thread, from row m of x and row n of the weight only, by the same operations
+// whatever M, the row's position in the batch, the tile it falls in, the thread count or the partition of
+// N: integer block sums (exact, so their order cannot matter), then one fixed fp32 sequence. So a row gets
+// the same bits alone, in any batch and in any split of work.
 //
 // Layouts (built by mesh402/engine/qkernels.py: pack_q4, pack_q8), one row of bytes per weight row, so a
 // thread reads one sequential stream: q4 uint8 [N, K/2 + 4 * K/32], q8 uint8 [N, K + 2 * K/32]; the quants
-// (in the order q4_row / q8_row describe), then the fp16 block scales (and q4's offsets).
-// Activations: x fp32 [M, K] -> per block of 32: dx = max|x| / 127, q = round-to-nearest-even(x / dx).
+// (in the order q4_rows / q8_row describe), then the fp16 block scales (and q4's offsets).
+// Activations: x fp32 [M, K] -> per block of 32, two int8 planes (QRows below).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -36,7 +36,7 @@
 namespace {
 
 constexpr int QK = 32;
-constexpr int MT = 8;    // activation rows sharing one pass over a weight row
+constexpr int MT = 8;    // activation rows sharing one pass over a q8 weight row
 constexpr int GB = 16;   // blocks per group: one int32 lane per block
 
 // Weight rows are groups of 16 blocks with one vpdpbusd lane per block, so the block sums come out of the
