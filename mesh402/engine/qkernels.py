@@ -1,17 +1,19 @@
 """Fast mode's CPU kernels (``csrc/fast_kernels.cpp``): built once per machine, loaded as torch ops.
 
 ``torch.ops.mesh402.q4q8_mm`` (4-bit weight blocks) and ``torch.ops.mesh402.q8q8_mm`` (8-bit weight blocks)
-multiply fp32 activations, quantized per block of 32 to two int8 planes (~16 bits), by weights packed by ``quant.pack_fast``,
-with the block dot products in integer arithmetic (AVX-512 VNNI). ``torch.ops.mesh402.attn_decode_rows``
-writes decode rows' K and V into their sessions' caches and attends over them. Every output element is computed from its own
-activation row (and weight row) alone, in a fixed order (batch- and thread-invariant: the contract fast
-mode's exactness rests on; see the source's header).
+multiply fp32 activations, quantized per block of 32 to two int8 planes (~16 bits), by weights packed by
+``quant.pack_fast``, with the block dot products in integer arithmetic (AVX-512 VNNI).
+``torch.ops.mesh402.attn_decode_rows`` writes decode rows' K and V into their sessions' caches and attends
+over them. Every output element is computed from its own activation row (and weight row) alone, by the same
+operations whatever runs beside it (batch- and thread-invariant: the contract fast mode's exactness rests
+on; see the source's header).
 
-They are used where the CPU has AVX-512 VNNI and the build works (a C++ compiler; ~7 s, once, cached per
-source, flags and torch version); elsewhere fast mode keeps torch's own int4 / int8 kernels, and the device
-signature of the verification evidence names which set ran (:func:`kernel_set`). ``MESH402_CPU_KERNELS=0``
-turns them off. Where they are off, the same op names are defined with the reference implementation below
-(pure torch, slow) so the TorchScript layer loop compiles either way and tests can check the kernels.
+They are used where the CPU has AVX-512 VNNI and the build works (a C++ compiler and ninja; ~10 s, once,
+cached per source, flags, torch and Python version); elsewhere fast mode keeps torch's own int4 / int8
+kernels, and the device signature of the verification evidence names which set ran (:func:`kernel_set`).
+``MESH402_CPU_KERNELS=0`` turns them off. Where they are off, the same op names are defined with the
+reference implementations below (pure torch, slow) so the TorchScript layer loop compiles either way and
+tests can check the kernels.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "ensure_ops", "kernel_set", "pack_q4", "pack_q8", "ref_q4q8_mm", "ref_q8q8_mm", "ref_attn_decode_rows", "cpu_flags_ok"]
+__all__ = ["available", "ensure_ops", "kernel_set", "pack_q4", "pack_q8", "ref_q4q8_mm", "ref_q8q8_mm",
+           "ref_attn_decode_rows", "cpu_flags_ok"]
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +75,8 @@ def _load_native() -> bool:
 
         # cpp_extension serialises concurrent builds of one directory (a lock file), so node processes
         # starting together build once.
-        load(name="mesh402_fast_kernels", sources=[str(_SRC)], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], build_directory=str(_build_dir()),
-             is_python_module=False, verbose=False)
+        load(name="mesh402_fast_kernels", sources=[str(_SRC)], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
+             build_directory=str(_build_dir()), is_python_module=False, verbose=False)
         return True
     except Exception as e:  # noqa: BLE001 - no compiler, no headers: torch's own kernels serve instead
         log.warning("fast mode's VNNI kernels unavailable (%s); using torch's int4/int8 kernels", e)
@@ -109,8 +112,8 @@ def available() -> bool:
 
 def kernel_set(device_type: str = "cpu") -> str:
     """The fast kernels this process runs on a device kind, for the device signature of the verification
-    evidence (bump a name whenever its numbers change): the native set (4- and 8-bit blocks with int8
-    activations, one-call decode attention) or torch's (int4 group-32 layers, Q8_0 layers block-exact, a
+    evidence (bump a name whenever its numbers change): the native set (4- and 8-bit blocks with two-plane
+    int8 activations, one-call decode attention) or torch's (int4 group-32 layers, Q8_0 layers block-exact, a
     per-row int8 LM head; accelerators always)."""
     return "k3-vnni-q4q8-q8q8-attn1" if device_type == "cpu" and available() else "k2-int4g32-q8blk-int8head"
 

@@ -104,7 +104,8 @@ void quantize_rows(const float* x, int64_t M, int64_t K, bool q4, QRows& r) {
         __m128i b1 = _mm512_cvtsepi32_epi8(q1), b2 = _mm512_cvtsepi32_epi8(q2);
         _mm_store_si128(reinterpret_cast<__m128i*>(qb[0] + 16 * h), b1);
         _mm_store_si128(reinterpret_cast<__m128i*>(qb[1] + 16 * h), b2);
-        sq += 256 * _mm512_reduce_add_epi32(_mm512_cvtepi8_epi32(b1)) + _mm512_reduce_add_epi32(_mm512_cvtepi8_epi32(b2));
+        sq += 256 * _mm512_reduce_add_epi32(_mm512_cvtepi8_epi32(b1)) +
+              _mm512_reduce_add_epi32(_mm512_cvtepi8_epi32(b2));
       }
       if (b < r.G * GB) {
         const int64_t g = b / GB, l = b % GB;
@@ -299,7 +300,8 @@ void q8_row(const uint8_t* w, const at::Half* d, const QRows& r, int64_t m0, flo
       // 256 s1 + s2 - 128 sum(256 q1 + q2): |.| < 2^31 (int32 exact), rounded once to fp32
       __m512i s = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(sp[0], 8), sp[1]),
                                    _mm512_loadu_si512(r.cg.data() + o * 16));
-      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d16, _mm512_loadu_ps(r.dg.data() + o * 32)), acc[i]);
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d16, _mm512_loadu_ps(r.dg.data() + o * 32)),
+                               acc[i]);
     }
   }
   if (r.rt) {
@@ -315,7 +317,8 @@ void q8_row(const uint8_t* w, const at::Half* d, const QRows& r, int64_t m0, flo
         __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, _mm512_loadu_si512(r.xt.data() + o * 128));
         __m512i f = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, _mm512_loadu_si512(r.xt.data() + o * 128 + 64));
         s = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(s, 8), f), _mm512_loadu_si512(r.ct.data() + o * 16));
-        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dl, _mm512_loadu_ps(r.dt.data() + o * 16)), acc[i]);
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dl, _mm512_loadu_ps(r.dt.data() + o * 16)),
+                                 acc[i]);
       }
     }
   }
