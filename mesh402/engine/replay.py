@@ -84,8 +84,8 @@ def cpu_capability() -> str:
 
 def device_signature(device: str | torch.device = "cpu") -> str:
     """What fast-mode numbers depend on: device kind, CPU kernel level (or GPU name), torch version and the
-    engine's fast kernel set (qkernels.kernel_set: the native VNNI set or torch's kernels). A validator judges fast-mode work only on the same
-    signature (see TOLERANCE)."""
+    engine's fast kernel set (qkernels.kernel_set: the native VNNI set or torch's kernels). A validator judges
+    fast-mode work only on the same signature (see TOLERANCE)."""
     dev = torch.device(device)
     what = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_capability()
     return f"{dev.type}:{what}:torch-{torch.__version__}:{kernel_set(dev.type)}"
