@@ -1,7 +1,7 @@
 """Pipeline split benchmark: solo vs 2- and 3-stage, loopback and with delay between nodes.
 
     .venv/bin/python benchmarks/split.py [--quick] [--no-procs] [--no-delay] [--no-wire] [--trace]
-    .venv/bin/python benchmarks/split.py --model PATH.gguf   # solo vs 2-stage node processes on that model
+    .venv/bin/python benchmarks/split.py --model PATH.gguf [--quick] [--trace]   # solo vs 2-stage on that model
 
 Prints a table and writes benchmarks/results/split.json. Everything runs on this machine; nothing
 reaches the network (delay rows run in private network namespaces with no route out).
@@ -26,8 +26,8 @@ reaches the network (delay rows run in private network namespaces with no route 
   decode step's hand-offs (host send -> stage arrival -> engine call -> engine done -> reply sent ->
   host arrival) timed on the machine's one monotonic clock, medians over every traced step.
 - another model (`--model`, e.g. the synthetic 1B of `benchmarks/engine.py --synthetic Q4_K`): only the
-  loopback node processes, solo vs 2-stage (each stage's weight budget 0.6 x the file), fast mode, and the
-  frame round trip; writes benchmarks/results/split-<model>.json.
+  loopback node processes, solo vs 2-stage (each stage's weight budget 0.6 x the file), fast mode, the
+  frame round trip, and with `--trace` the traced hand-offs; writes benchmarks/results/split-<model>.json.
 - wire dtype: teacher-forced agreement of f16 / bf16 activations against f32 (every step fed the
   f32 trajectory): greedy-token agreement and max |dlogit|, plus the free-running identical
   prefix through the real pipeline over MemoryLink.
@@ -606,7 +606,7 @@ def main() -> None:
                     help="a GGUF file: only solo vs 2-stage node processes on it (fast mode) and the frame round trip")
     args = ap.parse_args()
     if args.model:
-        return main_model(Path(args.model), args.quick)
+        return main_model(Path(args.model), args.quick, args.trace)
     q = args.quick
     modes = ["fast"] if q else ["fast", "exact"]
     t_start = time.monotonic()
@@ -668,7 +668,7 @@ def main() -> None:
     print(f"wrote {RESULTS / 'split.json'}")
 
 
-def main_model(path: Path, quick: bool) -> None:
+def main_model(path: Path, quick: bool, trace_hops: bool) -> None:
     """Solo vs a 2-stage split of another model on loopback (issue 19: the ratio on a bandwidth-bound model)."""
     global MODEL
     from mesh402.models.catalog import resolve_model
@@ -682,11 +682,18 @@ def main_model(path: Path, quick: bool) -> None:
     rows = bench_procs(["fast"], max_tokens={"fast": 32 if quick else 48}, reps=3 if quick else 5, stage_counts=(1, 2))
     print("QUIC frame round trip to a node process ...", flush=True)
     transport = bench_transport(200 if quick else 500)
+    trace: dict = {}
+    if trace_hops:
+        print("hand-offs of a 2-stage split, traced ...", flush=True)
+        trace = bench_trace("fast", max_tokens=48, reps=3)
     derive(rows)
     print_report(rows, [])
     for k, v in transport.items():
         print(f"QUIC frame round trip to a node process, {k[5:-3]} Echo on one stream: median {v['median']:.3f} ms, "
               f"p90 {v['p90']:.3f} ms")
+    if trace:
+        print(f"hand-offs of a 2-stage fast split on loopback, median ms over {int(trace['steps'])} traced steps: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in trace.items() if k != "steps"))
     took = time.monotonic() - t_start
     print(f"took {took:.0f}s")
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -695,7 +702,7 @@ def main_model(path: Path, quick: bool) -> None:
            "method": {"processes": "client-side streaming to the host node, one torch thread per node; step = (last "
                                    "chunk - first chunk) / (completion tokens - 1); median over runs",
                       "per_hop_ms": "(split step - solo step) / (stages - 1)"},
-           "rows": rows, "transport": transport}
+           "rows": rows, "transport": transport, "trace_ms": trace}
     dest = RESULTS / f"split-{MODEL}.json"
     dest.write_text(json.dumps(out, indent=2, default=str))
     print(f"wrote {dest}")
