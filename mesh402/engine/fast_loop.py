@@ -84,12 +84,13 @@ class FastLoop(torch.nn.Module):
         self.eps = float(stage.eps)
         self.qk_full = bool(stage.config.qk_norm_full)
         self.gqa = stage.n_kv_heads != stage.n_heads
-        # activation dtype of the packed kernels: bf16 on CPU; a dense weight on an accelerator is fp16 (pack_fast)
+        # activation dtype of the packed kernels: bf16 (torch's), fp32 (VNNI, the CPU twin), fp16 (accelerators)
         first = stage.blocks[0].qkv.fast if stage.blocks else None
         self.act_dtype = first[0].dtype if first else FAST_ACT_DTYPE
         # a decode row's KV write + attention as one native call (engine.qkernels) where it is built
-        self.native_attn = (stage.device.type == "cpu" and stage.kv_dtype == torch.float32
-                            and self.hd % 16 == 0 and qkernels.available())
+        # (not on the accelerator path's CPU twin, which runs the ops a GPU runs)
+        self.native_attn = (stage.device.type == "cpu" and not stage.accel
+                            and stage.kv_dtype == torch.float32 and self.hd % 16 == 0 and qkernels.available())
 
     @staticmethod
     def of(stage: "Stage") -> Any:

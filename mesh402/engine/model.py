@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from . import accel
 from .fast_loop import FastLoop
 from .kv import KVCache
 from .moe import ExpertBank, ExpertRunner, LocalExperts, MoEFFN
@@ -133,6 +134,8 @@ class Stage:
         self.last = b == cfg.n_layers
         self.mode: Mode = mode
         self.device = torch.device(device)
+        # fast mode on engine.accel's dequantize-on-the-fly kernels (accelerators; the CPU twin where asked for)
+        self.accel = mode == "fast" and accel.enabled(self.device)
         self.kv_dtype = torch.float32
         dev = self.device
         nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim

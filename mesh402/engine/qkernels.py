@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from . import accel
+
 __all__ = ["available", "ensure_ops", "kernel_set", "pack_q4", "pack_q8", "ref_q4q8_mm", "ref_q8q8_mm",
            "ref_attn_decode_rows", "cpu_flags_ok"]
 
@@ -114,8 +116,11 @@ def kernel_set(device_type: str = "cpu") -> str:
     """The fast kernels this process runs on a device kind, for the device signature of the verification
     evidence (bump a name whenever its numbers change): the native set (4- and 8-bit blocks with two-plane
     int8 activations, one-call decode attention) or torch's (int4 group-32 layers, Q8_0 layers block-exact, a
-    per-row int8 LM head; accelerators always)."""
-    return "k3-vnni-q4q8-q8q8-attn1" if device_type == "cpu" and available() else "k2-int4g32-q8blk-int8head"
+    per-row int8 LM head); on accelerators and the CPU twin, engine.accel's dequantize-on-the-fly set."""
+    twin = accel.kernel_set(device_type)  # accelerators, or their CPU twin where asked for
+    if twin is not None:
+        return twin
+    return "k3-vnni-q4q8-q8q8-attn1" if available() else "k2-int4g32-q8blk-int8head"
 
 
 # -- reference implementations (pure torch): the same numbers, for tests and machines without the build --

@@ -18,7 +18,7 @@ import torch
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as GT
 
-from . import qkernels
+from . import accel, qkernels
 
 __all__ = ["Workspace", "QWeight", "SUPPORTED_TYPES", "from_raw", "from_dense", "FastLinearWeight", "pack_fast"]
 
@@ -294,7 +294,8 @@ class FastLinearWeight:
         return fast_mm(self.kind_id, x, self.w, self.scales, self.shape[0])
 
 
-_KIND_IDS = {"int4": 0, "int8": 1, "q8blocks": 2, "dense": 3, "q4x8": 4, "q8x8": 5}
+_KIND_IDS = {"int4": 0, "int8": 1, "q8blocks": 2, "dense": 3, "q4x8": 4, "q8x8": 5, "q4dq": 6, "q8dq": 7,
+             "densetile": 8}
 
 
 def fast_mm(kind: int, x: torch.Tensor, w: torch.Tensor, scales: Optional[torch.Tensor],  # noqa: UP045
@@ -305,6 +306,12 @@ def fast_mm(kind: int, x: torch.Tensor, w: torch.Tensor, scales: Optional[torch.
         return torch.ops.mesh402.q4q8_mm(x.float().contiguous(), w)
     if kind == 5:
         return torch.ops.mesh402.q8q8_mm(x.float().contiguous(), w)
+    if kind == 6 and scales is not None:
+        return accel.mm_q4(x, w, scales)
+    if kind == 7 and scales is not None:
+        return accel.mm_q8(x, w, scales)
+    if kind == 8:
+        return accel.tiled_linear(x, w)
     if kind == 3 or scales is None:
         return torch.nn.functional.linear(x.to(w.dtype), w)
     x = x.to(scales.dtype)
@@ -352,6 +359,19 @@ def _int4_parts(qw: QWeight, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tens
     return q, a, b + 8 * a
 
 
+def _q8_blocks(qw: QWeight, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [r0, r1) as 8-bit blocks: int8 quants [n, cols] and fp16 scales [n, cols/32]. Q8_0 as it is;
+    other types requantized per block of 32 (max |w| / 127)."""
+    cols = qw.shape[1]
+    if qw.gtype == GT.Q8_0:
+        return qw.parts["qs"][r0:r1].reshape(r1 - r0, cols), qw.parts["d"][r0:r1]
+    w = qw.dequant(slice(r0, r1)).reshape(r1 - r0, cols // 32, 32)
+    d = (w.abs().amax(dim=-1) / 127.0).half()
+    inv = torch.where(d > 0, 1.0 / d.float(), torch.zeros_like(d, dtype=torch.float32))
+    q = torch.round(w * inv.unsqueeze(-1)).clamp_(-127, 127).reshape(r1 - r0, cols).to(torch.int8)
+    return q, d
+
+
 def _pack_q4x8(qw: QWeight, row_chunk: int) -> FastLinearWeight:
     """4-bit blocks for qkernels.q4q8_mm (quants exact; scale and offset as fp16)."""
     rows, cols = qw.shape
@@ -362,18 +382,29 @@ def _pack_q4x8(qw: QWeight, row_chunk: int) -> FastLinearWeight:
 def _pack_q8x8(qw: QWeight, row_chunk: int) -> FastLinearWeight:
     """8-bit blocks for qkernels.q8q8_mm: Q8_0 as it is; other types requantized per block of 32."""
     rows, cols = qw.shape
-    if qw.gtype == GT.Q8_0:
-        w = qkernels.pack_q8(qw.parts["qs"].reshape(rows, cols), qw.parts["d"])
-        return FastLinearWeight("q8x8", (rows, cols), w, None, torch.float32)
-    parts = []
-    for r0 in range(0, rows, row_chunk):
-        r1 = min(rows, r0 + row_chunk)
-        w = qw.dequant(slice(r0, r1)).reshape(r1 - r0, cols // 32, 32)
-        d = (w.abs().amax(dim=-1) / 127.0).half()
-        inv = torch.where(d > 0, 1.0 / d.float(), torch.zeros_like(d, dtype=torch.float32))
-        q = torch.round(w * inv.unsqueeze(-1)).clamp_(-127, 127).reshape(r1 - r0, cols)
-        parts.append(qkernels.pack_q8(q, d))
+    parts = [qkernels.pack_q8(*_q8_blocks(qw, r0, min(rows, r0 + row_chunk))) for r0 in range(0, rows, row_chunk)]
     return FastLinearWeight("q8x8", (rows, cols), torch.cat(parts), None, torch.float32)
+
+
+def _pack_accel(qw: QWeight, device: torch.device, row_chunk: int) -> FastLinearWeight | None:
+    """Blocks for engine.accel's dequantize-on-the-fly matmuls (accelerators and their CPU twin): Q4_0 /
+    Q4_1 / Q4_K as 4-bit blocks (quants exact, scale and offset fp16), other quantized types as 8-bit blocks
+    (Q8_0 exact), dense weights in the compute dtype; every matmul on fixed tiles of rows."""
+    rows, cols = qw.shape
+    dt = accel.compute_dtype(device)
+    if qw.is_dense:
+        return FastLinearWeight("densetile", (rows, cols), qw.parts["w"].to(device=device, dtype=dt).contiguous(),
+                                None, dt)
+    if cols % 32:
+        return None  # no block layout: the caller keeps the exact per-layer dequant path
+    chunks = range(0, rows, row_chunk)
+    if qw.gtype in (GT.Q4_0, GT.Q4_1, GT.Q4_K):
+        kind, packed = "q4dq", [accel.pack_q4(*_q4_affine(qw, r0, min(rows, r0 + row_chunk))) for r0 in chunks]
+    else:
+        kind, packed = "q8dq", [accel.pack_q8(*_q8_blocks(qw, r0, min(rows, r0 + row_chunk))) for r0 in chunks]
+    w = torch.cat([p[0] for p in packed]).to(device)
+    s = torch.cat([p[1] for p in packed]).to(device)
+    return FastLinearWeight(kind, (rows, cols), w, s, dt)
 
 
 def pack_fast(qw: QWeight, device: torch.device | str = "cpu", row_chunk: int = 4096, *,
@@ -386,10 +417,14 @@ def pack_fast(qw: QWeight, device: torch.device | str = "cpu", row_chunk: int = 
     Without them: Q4_0 / Q4_1 / Q4_K map exactly onto torch's int4 group-32 packed format
     (scales/zeros rounded to bf16). Q8_0 keeps its block scales (`q8blocks`) unless `block_exact` is
     False. Other quantized types (and Q8_0 then) are requantized to per-row int8. Dense weights become
-    bf16 (fp16 on an accelerator). All but the VNNI kinds use bf16 activations.
+    bf16. All but the VNNI kinds use bf16 activations.
+    On an accelerator (and on the CPU with ``MESH402_FAST_KERNELS=twin``): engine.accel's blocks, dequantized
+    on the fly ("q4dq", "q8dq", dense "densetile"; fp16 compute, fp32 on the twin).
     """
     device = torch.device(device)
     rows, cols = qw.shape
+    if accel.enabled(device):
+        return _pack_accel(qw, device, row_chunk)
     if device.type == "cpu" and not qw.is_dense and cols % 32 == 0 and qkernels.available():
         if qw.gtype in (GT.Q4_0, GT.Q4_1, GT.Q4_K):
             return _pack_q4x8(qw, row_chunk)
@@ -418,12 +453,7 @@ def pack_fast(qw: QWeight, device: torch.device | str = "cpu", row_chunk: int = 
             ws.append(torch.round(w / s.unsqueeze(1)).clamp_(-127, 127).to(torch.int8))
             ss.append(s)
         return FastLinearWeight("int8", (rows, cols), torch.cat(ws), torch.cat(ss).to(FAST_ACT_DTYPE), FAST_ACT_DTYPE)
-    dt = torch.bfloat16 if device.type == "cpu" else torch.float16
     if not qw.is_dense:
         return None  # no packed kernel here: the caller keeps the exact per-layer dequant path
-    if qw.is_dense:
-        w = qw.parts["w"].to(device=device, dtype=dt)
-    else:
-        w = torch.cat([qw.dequant(slice(r0, min(rows, r0 + row_chunk))).to(dt)
-                       for r0 in range(0, rows, row_chunk)]).to(device)
-    return FastLinearWeight("dense", (rows, cols), w.contiguous(), None, dt)
+    w = qw.parts["w"].to(device=device, dtype=FAST_ACT_DTYPE)
+    return FastLinearWeight("dense", (rows, cols), w.contiguous(), None, FAST_ACT_DTYPE)

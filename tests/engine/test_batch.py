@@ -1,6 +1,8 @@
 """Batched decode changes no answer: a session's logits in a batched step are bit-identical to its 1-row decode
 alone, whatever other sessions share the step (different prompts, lengths, join and leave times), in exact and
-fast mode, whole model and split into stages in one process, and for tiny models with q/k norms and biases."""
+fast mode, whole model and split into stages in one process, and for tiny models with q/k norms and biases.
+"accel" is fast mode on the accelerator path (engine.accel): a GPU where MESH402_TEST_DEVICE names one (the
+device script), else its CPU twin."""
 from __future__ import annotations
 
 import gguf
@@ -9,7 +11,7 @@ import torch
 
 from mesh402.engine import Engine
 from tests.support.dense_models import _hf_model, _write_gguf
-from tests.support.engine import smollm2_gguf
+from tests.support.engine import load_engine, smollm2_gguf
 
 PROMPTS = [[1, 2, 3, 4, 5], list(range(10, 50)), [7, 8], list(range(100, 133)), [42] * 20, list(range(300, 364))]
 STEPS = 3
@@ -58,10 +60,13 @@ def _check(eng: Engine, prompts: list[list[int]], steps: int = STEPS) -> None:
             assert torch.equal(got[i][k], ref[i][k]), f"session {i} step {k}: batched logits differ from solo"
 
 
-@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("mode", ["exact", "fast", "accel"])
 @pytest.mark.parametrize("splits", [None, [0, 13, 30]])
-def test_batched_decode_equals_solo(mode, splits):
-    eng = Engine.load(smollm2_gguf(), mode=mode, splits=splits, load_tokenizer=False)
+def test_batched_decode_equals_solo(mode, splits, monkeypatch):
+    eng = load_engine(smollm2_gguf(), mode, monkeypatch, splits=splits, load_tokenizer=False)
+    if mode == "accel":  # the CPU twin dequantizes every weight each step (~0.5 s): fewer, shorter sessions
+        _check(eng, [PROMPTS[0], PROMPTS[2], PROMPTS[3]], steps=2)
+        return
     _check(eng, PROMPTS if mode == "fast" else PROMPTS[:4])
 
 
@@ -122,13 +127,13 @@ def test_adjacent_rows_of_one_session_equal_successive_decodes(mode):
 
 
 
-@pytest.mark.parametrize("mode", ["exact", "fast"])
-def test_stage_forward_batch_equals_each_row_alone_and_isolates_a_bad_row(mode):
+@pytest.mark.parametrize("mode", ["exact", "fast", "accel"])
+def test_stage_forward_batch_equals_each_row_alone_and_isolates_a_bad_row(mode, monkeypatch):
     """A pipeline stage's batched forward (layers [10, 20) of 30: hidden rows in, hidden rows out) gives every
     session the bits its 1-row forward gives alone; a malformed row (wrong width, as a hostile upstream could
     send) in the same batch fails only its own session."""
-    first = Engine.load(smollm2_gguf(), mode=mode, layers=(0, 10), load_tokenizer=False)
-    mid = Engine.load(smollm2_gguf(), mode=mode, layers=(10, 20), load_tokenizer=False)
+    first = load_engine(smollm2_gguf(), mode, monkeypatch, layers=(0, 10), load_tokenizer=False)
+    mid = load_engine(smollm2_gguf(), mode, monkeypatch, layers=(10, 20), load_tokenizer=False)
     rows = [_rows_of(first, p + [99]) for p in ([1, 2, 3, 4, 5], [7, 8], [42] * 6)]  # a prompt, then a decode row
     ref = []
     for r in rows:  # each session alone: one row at a time
@@ -159,13 +164,14 @@ def _rows_of(first: Engine, prompt: list[int]) -> list[torch.Tensor]:
         return [s.forward(torch.tensor([t]), i, 1).clone() for i, t in enumerate(prompt)]
 
 
-@pytest.mark.parametrize("mode", ["exact", "fast"])
-def test_a_stage_runs_a_sessions_draft_rows_as_successive_forwards(mode):
+@pytest.mark.parametrize("mode", ["exact", "fast", "accel"])
+def test_a_stage_runs_a_sessions_draft_rows_as_successive_forwards(mode, monkeypatch):
     """Speculative verification on a split: every stage (first: token ids, middle: hidden rows, last: logits)
     runs a session's next n rows in one call with the bits n successive 1-row forwards give; bad rows are
     refused before any KV is written."""
     path = smollm2_gguf()
-    engines = [Engine.load(path, mode=mode, layers=r, load_tokenizer=False) for r in ((0, 10), (10, 20), (20, 30))]
+    engines = [load_engine(path, mode, monkeypatch, layers=r, load_tokenizer=False)
+               for r in ((0, 10), (10, 20), (20, 30))]
     prompt, drafts = [1, 9690, 198, 2683], [359, 253, 5356, 5646]
     for eng in engines:
         ref_s, got_s = eng.new_session(64), eng.new_session(64)

@@ -6,11 +6,12 @@ import torch
 import gguf
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as GT
 
-from mesh402.engine import qkernels
+from mesh402.engine import accel, qkernels
 from mesh402.engine.quant import SUPPORTED_TYPES, _q4_affine, from_raw, pack_fast
 from mesh402.engine.weights import MappedRows
 from mesh402.models.gguf_meta import read_gguf_meta
 from harness.tiny_gguf import finish_gguf
+from tests.support.engine import accel_device
 
 torch.set_num_threads(1)
 
@@ -127,3 +128,36 @@ def test_native_kinds_keep_blocks(gguf_file, g, kind):
         back = (q.float() * d.float().unsqueeze(-1)).reshape(ROWS, COLS)
         ref = qw.dequant()
         assert ((back - ref).norm() / ref.norm()).item() < 0.01
+
+
+@pytest.mark.parametrize("g,kind", [(GT.Q4_0, "q4dq"), (GT.Q4_1, "q4dq"), (GT.Q4_K, "q4dq"), (GT.Q8_0, "q8dq"),
+                                    (GT.Q6_K, "q8dq"), (GT.F16, "densetile")])
+def test_accel_blocks_are_the_file_weight(gguf_file, g, kind, monkeypatch):
+    """Fast mode's accelerator path (engine.accel; its CPU twin unless MESH402_TEST_DEVICE names a GPU) keeps
+    the blocks: dequantized they are the GGUF weight (Q4_0 / Q4_1 / Q8_0 exactly, Q4_K with its scale products
+    rounded to fp16, 6-bit types as 8-bit blocks), and its matmul matches the exact one."""
+    dev = accel_device(monkeypatch)
+    qw = _ours(gguf_file, f"t.{g.name}")
+    fw = pack_fast(qw, dev)
+    assert fw.kind == kind and fw.w.device.type == torch.device(dev).type
+    assert fw.nbytes <= {"q4dq": 0.63, "q8dq": 1.07, "densetile": 4}[kind] * ROWS * COLS
+    deq = qw.dequant()
+    if kind == "q4dq":
+        back = accel.dequant_q4(fw.w, fw.scales, torch.float32).cpu()
+        if g == GT.Q4_K:  # each of a and c off by at most half an fp16 ulp (2^-11 relative)
+            _, a, c = _q4_affine(qw, 0, ROWS)
+            bound = (2.0 ** -11) * (15 * a.abs() + c.abs()) * 1.01
+            assert ((back - deq).abs().reshape(ROWS, -1, 32) <= bound.unsqueeze(-1)).all()
+        else:
+            assert torch.equal(back, deq)
+    elif kind == "q8dq":
+        back = accel.dequant_q8(fw.w, fw.scales, torch.float32).cpu()
+        if g == GT.Q8_0:
+            assert torch.equal(back, deq)
+        else:
+            assert ((back - deq).norm() / deq.norm()).item() < 0.01
+    x = torch.randn(5, COLS)
+    ref = x @ deq.T
+    got = fw(x.to(device=fw.w.device, dtype=fw.dtype)).float().cpu()
+    assert got.shape == (5, ROWS)
+    assert ((got - ref).norm() / ref.norm()).item() < (0.01 if fw.dtype == torch.float32 else 0.02)
