@@ -29,7 +29,7 @@ import torch
 
 from . import accel
 
-__all__ = ["available", "ensure_ops", "kernel_set", "pack_q4", "pack_q8", "ref_q4q8_mm", "ref_q8q8_mm",
+__all__ = ["available", "ensure_ops", "kernel_set", "pack_q4", "pack_q4_k", "pack_q8", "ref_q4q8_mm", "ref_q8q8_mm",
            "ref_attn_decode_rows", "cpu_flags_ok"]
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def kernel_set(device_type: str = "cpu") -> str:
     twin = accel.kernel_set(device_type)  # accelerators, or their CPU twin where asked for
     if twin is not None:
         return twin
-    return "k3-vnni-q4q8-q8q8-attn1" if available() else "k2-int4g32-q8blk-int8head"
+    return "k4-vnni-q4q8-q8q8-attn1" if available() else "k2-int4g32-q8blk-int8head"
 
 
 # -- reference implementations (pure torch): the same numbers, for tests and machines without the build --
@@ -144,11 +144,10 @@ def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 _GB = 16  # blocks per group in the kernels' layout (one int32 lane per block)
 
 
-def pack_q4(q: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """q4q8_mm's weight rows from quants q in [0, 16) uint8 [N, K] and fp32 a, c [N, K/32] (w = a * q + c):
-    uint8 [N, K/2 + K/8]. Groups of 16 blocks, 256 bytes each: vector v (64 bytes), lane l = block l, byte k
-    holds quant 4v + k (low nibble) and 16 + 4v + k (high); then the tail's blocks, 16 bytes each (byte i:
-    quant i | quant 16 + i << 4); then a and c as fp16."""
+def _q4_quants(q: torch.Tensor) -> torch.Tensor:
+    """Quants q in [0, 16) uint8 [N, K] -> the row's quant bytes [N, K/2]: groups of 16 blocks, 256 bytes each
+    (vector v (64 bytes), lane l = block l, byte k holds quant 4v + k (low nibble) and 16 + 4v + k (high)), then
+    the tail's blocks, 16 bytes each (byte i: quant i | quant 16 + i << 4)."""
     N, K = q.shape
     nb = K // QK
     G = nb // _GB
@@ -156,8 +155,30 @@ def pack_q4(q: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     full = qb[:, :G * _GB].reshape(N, G, _GB, 2, 4, 4)  # [N, g, lane, half, v, k]
     nib = (full[:, :, :, 0] | (full[:, :, :, 1] << 4)).permute(0, 1, 3, 2, 4).reshape(N, G * 256)
     tail = qb[:, G * _GB:].reshape(N, nb - G * _GB, 2, 16)
-    tnib = (tail[:, :, 0] | (tail[:, :, 1] << 4)).reshape(N, -1)
-    return torch.cat((nib, tnib, a.half().view(torch.uint8), c.half().view(torch.uint8)), dim=1).contiguous()
+    return torch.cat((nib, (tail[:, :, 0] | (tail[:, :, 1] << 4)).reshape(N, -1)), dim=1)
+
+
+def _u8(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8)
+
+
+def pack_q4(q: torch.Tensor, a: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+    """q4q8_mm's weight rows from quants q in [0, 16) uint8 [N, K] and per-block a, c [N, K/32] (w = a * q + c):
+    the quant bytes (:func:`_q4_quants`), then a and c as fp16 (Q4_1: uint8 [N, K/2 + K/8]); with ``c`` None,
+    c = -8 a and only a is kept (Q4_0: [N, K/2 + K/16])."""
+    parts = [_q4_quants(q), _u8(a.half())]
+    if c is not None:
+        parts.append(_u8(c.half()))
+    return torch.cat(parts, dim=1).contiguous()
+
+
+def pack_q4_k(q: torch.Tensor, sc: torch.Tensor, mn: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor
+              ) -> torch.Tensor:
+    """q4q8_mm's rows of a Q4_K weight, its scales as the file has them: quants [N, K], 6-bit scales and mins
+    uint8 [N, K/32], fp16 d and dmin [N, K/256]; a = d * sc, c = -(dmin * mn) (exact in fp32).
+    uint8 [N, K/2 + K/16 + K/64]: 2.5 bytes of scales a block, not 4."""
+    parts = [_q4_quants(q), sc.to(torch.uint8), mn.to(torch.uint8), _u8(d.half()), _u8(dmin.half())]
+    return torch.cat(parts, dim=1).contiguous()
 
 
 def pack_q8(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -173,17 +194,31 @@ def pack_q8(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return torch.cat((full, tail, d.half().contiguous().view(torch.uint8)), dim=1).contiguous()
 
 
-def _unpack_q4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _unpack_q4(w: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q4q8_mm's rows for K columns -> quants [N, K/32, 32] and fp32 a, c [N, K/32] (the kernel's values)."""
     N, B = w.shape
-    K = B // 20 * 32
     nb = K // QK
     G = nb // _GB
     full = w[:, :G * 256].reshape(N, G, 4, _GB, 4).permute(0, 1, 3, 2, 4)  # [N, g, lane, v, k]
     fq = torch.stack((full & 0x0F, full >> 4), dim=3).reshape(N, G * _GB, QK)  # [.., half, v, k] -> 32 quants
     tail = w[:, G * 256:K // 2].reshape(N, nb - G * _GB, 16)
     tq = torch.cat((tail & 0x0F, tail >> 4), dim=-1)
-    a = w[:, K // 2:K // 2 + 2 * nb].contiguous().view(torch.float16)
-    c = w[:, K // 2 + 2 * nb:].contiguous().view(torch.float16)
+    s = w[:, K // 2:]
+
+    def f16(lo: int, n: int) -> torch.Tensor:
+        return s[:, lo:lo + 2 * n].contiguous().view(torch.float16).float()
+
+    if B == K // 2 + 4 * nb:
+        a, c = f16(0, nb), f16(2 * nb, nb)
+    elif B == K // 2 + 2 * nb:
+        a = f16(0, nb)
+        c = a * -8.0
+    elif nb % 8 == 0 and 2 * B == K + 5 * nb:
+        d, dmin = f16(2 * nb, nb // 8), f16(2 * nb + nb // 4, nb // 8)
+        a = d.repeat_interleave(8, dim=1) * s[:, :nb].float()
+        c = 0.0 - dmin.repeat_interleave(8, dim=1) * s[:, nb:2 * nb].float()
+    else:
+        raise ValueError(f"no 4-bit layout of {K} columns has {B} bytes a row")
     return torch.cat((fq, tq), dim=1), a, c
 
 
@@ -201,7 +236,7 @@ def _unpack_q8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def ref_q4q8_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Reference for ``q4q8_mm`` (fp64 sums of exact integer block dots; agrees to fp32 rounding)."""
     q, d = _quantize_rows(x.float())
-    wq, a, c = _unpack_q4(w)  # [N, nb, 32]
+    wq, a, c = _unpack_q4(w, x.shape[1])  # [N, nb, 32]
     sumi = torch.einsum("mbk,nbk->mnb", q.double(), wq.double())
     dd = d.double()
     y = (sumi * (a.double().unsqueeze(0) * dd.unsqueeze(1))).sum(-1)

@@ -267,7 +267,7 @@ class FastLinearWeight:
     int8, bf16 activations), "q8blocks" (Q8_0 kept block-exact: int8 quants laid
     out [blocks, rows, 32] with per-block scales; one int8 kernel call per block
     column), "dense" (bf16/f32 matmul); with the VNNI kernels (engine.qkernels):
-    "q4x8" (4-bit blocks: each row its nibbles then fp16 scales and offsets, qkernels.pack_q4) and "q8x8"
+    "q4x8" (4-bit blocks: each row its nibbles then its scales, qkernels.pack_q4 / pack_q4_k) and "q8x8"
     (8-bit blocks: each row its quants + 128 then fp16 scales, qkernels.pack_q8), both with fp32
     activations quantized per block of 32 to two int8 planes inside the kernel; no separate scales.
     """
@@ -372,10 +372,23 @@ def _q8_blocks(qw: QWeight, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tenso
     return q, d
 
 
+def _q4x8_rows(qw: QWeight, r0: int, r1: int) -> torch.Tensor:
+    """Rows [r0, r1) for qkernels.q4q8_mm, every value the file's: Q4_1's fp16 scale and offset, Q4_0's scale
+    alone (offset -8 scale), Q4_K's own 6-bit scales and mins with their fp16 super-block factors."""
+    q, a, c = _q4_affine(qw, r0, r1)
+    if qw.gtype == GT.Q4_1:
+        return qkernels.pack_q4(q, a, c)
+    if qw.gtype == GT.Q4_0:
+        return qkernels.pack_q4(q, a, None)
+    p = qw.parts
+    return qkernels.pack_q4_k(q, p["sc"][r0:r1].reshape(r1 - r0, -1), p["mn"][r0:r1].reshape(r1 - r0, -1),
+                              p["d"][r0:r1], p["dmin"][r0:r1])
+
+
 def _pack_q4x8(qw: QWeight, row_chunk: int) -> FastLinearWeight:
-    """4-bit blocks for qkernels.q4q8_mm (quants exact; scale and offset as fp16)."""
+    """4-bit blocks for qkernels.q4q8_mm (quants and scales exact; see _q4x8_rows)."""
     rows, cols = qw.shape
-    parts = [qkernels.pack_q4(*_q4_affine(qw, r0, min(rows, r0 + row_chunk))) for r0 in range(0, rows, row_chunk)]
+    parts = [_q4x8_rows(qw, r0, min(rows, r0 + row_chunk)) for r0 in range(0, rows, row_chunk)]
     return FastLinearWeight("q4x8", (rows, cols), torch.cat(parts), None, torch.float32)
 
 
@@ -412,7 +425,7 @@ def pack_fast(qw: QWeight, device: torch.device | str = "cpu", row_chunk: int = 
     """Pack a weight for fast mode.
 
     With the VNNI kernels (engine.qkernels, CPU): Q4_0 / Q4_1 / Q4_K keep their blocks ("q4x8": quants
-    exact, scale and offset rounded to fp16, exact for Q4_0/Q4_1); Q8_0 stays as it is and other quantized
+    and scales exact, each type's scales as compact as in the file); Q8_0 stays as it is and other quantized
     types are requantized to 8-bit blocks of 32 ("q8x8"), heads included (`block_exact` is moot there).
     Without them: Q4_0 / Q4_1 / Q4_K map exactly onto torch's int4 group-32 packed format
     (scales/zeros rounded to bf16). Q8_0 keeps its block scales (`q8blocks`) unless `block_exact` is

@@ -19,13 +19,21 @@ ROOT = Path(__file__).resolve().parents[2]
 native = pytest.mark.skipif(not qkernels.available(), reason="no AVX-512 VNNI CPU or no build here")
 
 # shapes: K with whole 16-block groups only, with a tail only (< 16 blocks), and both; M across tile edges
-SHAPES = [(1, 512, 64), (3, 576, 100), (8, 1536, 48), (9, 96, 40), (17, 160, 33), (1, 2048, 17)]
+SHAPES = [(1, 512, 64), (3, 576, 100), (8, 1536, 48), (9, 96, 40), (17, 160, 33), (1, 2048, 17), (5, 768, 40)]
+# the q4 scale sections: fp16 scale and offset (Q4_1), scale alone (Q4_0), Q4_K's own (K a multiple of 256)
+FORMS = ["ac", "a", "k"]
+SHAPE_FORMS = [(*s, f) for s in SHAPES for f in FORMS if f != "k" or s[1] % 256 == 0]
 
 
-def _q4(N: int, K: int, gen: torch.Generator) -> torch.Tensor:
+def _q4(N: int, K: int, gen: torch.Generator, form: str = "ac") -> torch.Tensor:
     q = torch.randint(0, 16, (N, K), dtype=torch.uint8, generator=gen)
-    return qkernels.pack_q4(q, torch.rand(N, K // 32, generator=gen) * 0.02,
-                            (torch.rand(N, K // 32, generator=gen) - 0.5) * 0.1)
+    nb = K // 32
+    if form == "k":
+        sc, mn = (torch.randint(0, 64, (N, nb), dtype=torch.uint8, generator=gen) for _ in range(2))
+        return qkernels.pack_q4_k(q, sc, mn, torch.rand(N, nb // 8, generator=gen) * 0.002,
+                                  torch.rand(N, nb // 8, generator=gen) * 0.003)
+    c = (torch.rand(N, nb, generator=gen) - 0.5) * 0.1 if form == "ac" else None
+    return qkernels.pack_q4(q, torch.rand(N, nb, generator=gen) * 0.02, c)
 
 
 def _q8(N: int, K: int, gen: torch.Generator) -> torch.Tensor:
@@ -52,19 +60,32 @@ def test_pack_round_trips() -> None:
     for K in (96, 512, 576, 1536):
         q = torch.randint(0, 16, (3, K), dtype=torch.uint8, generator=gen)
         a, c = torch.randn(3, K // 32, generator=gen), torch.randn(3, K // 32, generator=gen)
-        uq, ua, uc = qkernels._unpack_q4(qkernels.pack_q4(q, a, c))
-        assert torch.equal(uq.reshape(3, K), q) and torch.equal(ua, a.half()) and torch.equal(uc, c.half())
+        uq, ua, uc = qkernels._unpack_q4(qkernels.pack_q4(q, a, c), K)
+        assert torch.equal(uq.reshape(3, K), q) and torch.equal(ua, a.half().float()) and torch.equal(uc, c.half().float())
+        w0 = qkernels.pack_q4(q, a, None)  # Q4_0: the scale alone, offset -8 scale
+        assert w0.shape[1] == K // 2 + K // 16
+        uq, ua, uc = qkernels._unpack_q4(w0, K)
+        assert torch.equal(uq.reshape(3, K), q) and torch.equal(ua, a.half().float()) and torch.equal(uc, -8 * ua)
+        if K % 256 == 0:  # Q4_K: 6-bit scales and mins, fp16 factors per 8 blocks
+            sc, mn = (torch.randint(0, 64, (3, K // 32), dtype=torch.uint8, generator=gen) for _ in range(2))
+            d, dm = torch.rand(3, K // 256, generator=gen), torch.rand(3, K // 256, generator=gen)
+            wk = qkernels.pack_q4_k(q, sc, mn, d, dm)
+            assert wk.shape[1] == K // 2 + K // 16 + K // 64
+            uq, ua, uc = qkernels._unpack_q4(wk, K)
+            assert torch.equal(uq.reshape(3, K), q)
+            assert torch.equal(ua, d.half().float().repeat_interleave(8, 1) * sc.float())
+            assert torch.equal(uc, -(dm.half().float().repeat_interleave(8, 1) * mn.float()))
         q8 = torch.randint(-127, 128, (3, K), generator=gen)
         u8, d = qkernels._unpack_q8(qkernels.pack_q8(q8, a.abs()))
         assert torch.equal(u8.reshape(3, K), q8.to(torch.int32)) and torch.equal(d, a.abs().half())
 
 
 @native
-@pytest.mark.parametrize("M,K,N", SHAPES)
-def test_matmuls_match_the_reference(M, K, N) -> None:
+@pytest.mark.parametrize("M,K,N,form", SHAPE_FORMS)
+def test_matmuls_match_the_reference(M, K, N, form) -> None:
     gen = torch.Generator().manual_seed(M * 1000 + K + N)
     x = _x(M, K, gen)
-    for op, ref, w in ((torch.ops.mesh402.q4q8_mm, qkernels.ref_q4q8_mm, _q4(N, K, gen)),
+    for op, ref, w in ((torch.ops.mesh402.q4q8_mm, qkernels.ref_q4q8_mm, _q4(N, K, gen, form)),
                        (torch.ops.mesh402.q8q8_mm, qkernels.ref_q8q8_mm, _q8(N, K, gen))):
         y, r = op(x, w), ref(x, w)
         assert not torch.isnan(y).any()
@@ -72,13 +93,13 @@ def test_matmuls_match_the_reference(M, K, N) -> None:
 
 
 @native
-@pytest.mark.parametrize("M,K,N", SHAPES)
-def test_each_row_is_batch_and_thread_invariant(M, K, N) -> None:
+@pytest.mark.parametrize("M,K,N,form", SHAPE_FORMS)
+def test_each_row_is_batch_and_thread_invariant(M, K, N, form) -> None:
     gen = torch.Generator().manual_seed(7 + M + K)
     x = _x(M, K, gen)
     threads = torch.get_num_threads()
     try:
-        for op, w in ((torch.ops.mesh402.q4q8_mm, _q4(N, K, gen)), (torch.ops.mesh402.q8q8_mm, _q8(N, K, gen))):
+        for op, w in ((torch.ops.mesh402.q4q8_mm, _q4(N, K, gen, form)), (torch.ops.mesh402.q8q8_mm, _q8(N, K, gen))):
             torch.set_num_threads(1)
             full = op(x, w)
             torch.set_num_threads(2)
@@ -138,6 +159,10 @@ def test_bad_operands_are_refused_not_run() -> None:
     w = _q4(16, 576, gen)
     with pytest.raises(RuntimeError, match="columns"):
         torch.ops.mesh402.q4q8_mm(torch.randn(1, 512), w)
+    with pytest.raises(RuntimeError, match="columns"):
+        torch.ops.mesh402.q4q8_mm(torch.randn(1, 575), w)
+    with pytest.raises(RuntimeError, match="bytes a row"):
+        torch.ops.mesh402.q4q8_mm(torch.randn(1, 576), w[:, :-3].contiguous())
     with pytest.raises(RuntimeError, match="fp32"):
         torch.ops.mesh402.q4q8_mm(torch.randn(1, 576, dtype=torch.float64), w)
     with pytest.raises(RuntimeError, match="uint8"):
@@ -187,4 +212,4 @@ def test_torch_kernels_serve_where_the_native_ones_are_off() -> None:
     if qkernels.available():
         from mesh402.engine.replay import device_signature
 
-        assert device_signature("cpu").endswith(":k3-vnni-q4q8-q8q8-attn1")
+        assert device_signature("cpu").endswith(":k4-vnni-q4q8-q8q8-attn1")

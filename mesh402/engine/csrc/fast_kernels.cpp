@@ -160,14 +160,69 @@ inline __m512 halves16(const at::Half* p) {
 
 // q4 row layout: G groups of 256 bytes (vector v = 0..3, lane l = block l of the group, byte k: low nibble
 // quant 4v + k, high nibble quant 16 + 4v + k), then the tail's blocks, 16 bytes each (byte i: quant i | quant
-// 16 + i << 4), then fp16 a[nb], then fp16 c[nb]: w = a * q + c.
+// 16 + i << 4), then the scale section, w = a * q + c per block, in one of three forms (told apart by the
+// row's length): fp16 a[nb] then fp16 c[nb] (Q4_1: 4 bytes a block); fp16 a[nb] alone, c = -8 a (Q4_0: 2
+// bytes); Q4_K's own: uint8 sc[nb], uint8 mn[nb], fp16 d[nb / 8], fp16 dmin[nb / 8], a = d * sc and
+// c = -(dmin * mn) per super-block of 8 blocks (2.5 bytes; both products exact in fp32). A decode step
+// reads every weight byte once, so the scales are kept as small as the file has them.
+enum Q4Form { Q4_AC = 0, Q4_A = 1, Q4_KS = 2 };
+
+// The form of a q4 row of `row` bytes for K columns, or -1.
+int q4_form(int64_t row, int64_t K) {
+  const int64_t nb = K / QK;
+  if (row == 20 * nb) return Q4_AC;
+  if (row == 18 * nb) return Q4_A;
+  if (nb % 8 == 0 && 2 * row == 37 * nb) return Q4_KS;
+  return -1;
+}
+
+inline __m512 u8_16(const uint8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// a and c of blocks 16 g .. 16 g + 15 of a row whose scale section is s (nb blocks), as fp32 lanes.
+inline void group_ac(const uint8_t* s, int form, int64_t nb, int64_t g, __m512& a, __m512& c) {
+  const at::Half* h = reinterpret_cast<const at::Half*>(s);
+  if (form == Q4_AC) {
+    a = halves16(h + GB * g);
+    c = halves16(h + nb + GB * g);
+  } else if (form == Q4_A) {
+    a = halves16(h + GB * g);
+    c = _mm512_mul_ps(a, _mm512_set1_ps(-8.f));
+  } else {
+    const at::Half* dd = reinterpret_cast<const at::Half*>(s + 2 * nb);  // d[nb / 8], then dmin[nb / 8]
+    const __m512i i2 = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512 d = _mm512_permutexvar_ps(i2, _mm512_castps128_ps512(_mm_cvtph_ps(
+        _mm_maskz_loadu_epi16(0x3, dd + 2 * g))));
+    const __m512 dm = _mm512_permutexvar_ps(i2, _mm512_castps128_ps512(_mm_cvtph_ps(
+        _mm_maskz_loadu_epi16(0x3, dd + nb / 8 + 2 * g))));
+    a = _mm512_mul_ps(d, u8_16(s + GB * g));
+    c = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(dm, u8_16(s + nb + GB * g)));
+  }
+}
+
+// a and c of the tail's blocks (from block 16 G on), fp32, by the same operations as group_ac.
+inline void tail_ac(const uint8_t* s, int form, int64_t nb, int64_t first, int64_t n, float* a, float* c) {
+  const at::Half* h = reinterpret_cast<const at::Half*>(s);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t b = first + i;
+    if (form == Q4_KS) {
+      const at::Half* dd = reinterpret_cast<const at::Half*>(s + 2 * nb);
+      a[i] = static_cast<float>(dd[b / 8]) * static_cast<float>(s[b]);
+      c[i] = 0.f - static_cast<float>(dd[nb / 8 + b / 8]) * static_cast<float>(s[nb + b]);
+    } else {
+      a[i] = static_cast<float>(h[b]);
+      c[i] = form == Q4_AC ? static_cast<float>(h[nb + b]) : a[i] * -8.f;
+    }
+  }
+}
 // The tail of a q4 row (blocks past its last whole group) for R activation rows, added into acc.
 template <int R>
-void q4_tail(const uint8_t* w, const at::Half* a, const at::Half* c, const QRows& r, int64_t m0, __m512* acc) {
+void q4_tail(const uint8_t* w, const float* at_, const float* ct_, const QRows& r, int64_t m0, __m512* acc) {
+  // at_ / ct_: a and c of the tail's blocks (fewer than 16), fp32
   const __m512i lo4 = _mm512_set1_epi8(0x0F);
   const uint8_t* wt = w + 256 * r.G;
-  const at::Half* at_ = a + GB * r.G;
-  const at::Half* ct_ = c + GB * r.G;
+  const __m512i i4 = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
   __m512 tacc[R];
   for (int i = 0; i < R; ++i) tacc[i] = _mm512_setzero_ps();
   for (int64_t g = 0; g < r.gt; ++g) {
@@ -176,7 +231,8 @@ void q4_tail(const uint8_t* w, const at::Half* a, const at::Half* c, const QRows
     const __m512i v = _mm512_maskz_loadu_epi8(km, wt + 64 * g);
     const __m512i lo = _mm512_and_si512(v, lo4);
     const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);
-    const __m512 al = halves_to_lanes(at_ + 4 * g, nvalid, 4);
+    const __m512 al = _mm512_permutexvar_ps(
+        i4, _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << nvalid) - 1), at_ + 4 * g));
     for (int i = 0; i < R; ++i) {
       const int8_t* xq = r.xt.data() + ((m0 + i) * r.gt + g) * 256;
       __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xq));
@@ -189,7 +245,7 @@ void q4_tail(const uint8_t* w, const at::Half* a, const at::Half* c, const QRows
     }
   }
   // the tail's offsets: c * dx * sum(q) per tail block (< 16 of them)
-  const __m512 cf = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << r.rt) - 1), ct_));
+  const __m512 cf = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << r.rt) - 1), ct_);
   for (int i = 0; i < R; ++i) {
     tacc[i] = _mm512_fmadd_ps(cf, _mm512_loadu_ps(r.st.data() + (m0 + i) * 16), tacc[i]);
     acc[i] = _mm512_add_ps(acc[i], tacc[i]);
@@ -202,7 +258,7 @@ void q4_tail(const uint8_t* w, const at::Half* a, const at::Half* c, const QRows
 // plane + fine plane, < 2^24), then acc = fma(sum, a * d, acc), acc = fma(c, d * sum(q), acc) per group,
 // the tail, one horizontal sum.
 template <int NW, int R>
-void q4_rows(const uint8_t* const* w, int64_t K, const QRows& r, int64_t m0, float* y, int64_t ldy) {
+void q4_rows(const uint8_t* const* w, int64_t K, int form, const QRows& r, int64_t m0, float* y, int64_t ldy) {
   __m512 acc[NW][R];
   for (int j = 0; j < NW; ++j)
     for (int i = 0; i < R; ++i) acc[j][i] = _mm512_setzero_ps();
@@ -256,8 +312,8 @@ void q4_rows(const uint8_t* const* w, int64_t K, const QRows& r, int64_t m0, flo
       }
     }
     for (int j = 0; j < NW; ++j) {
-      const at::Half* a = reinterpret_cast<const at::Half*>(w[j] + K / 2);
-      const __m512 a16 = halves16(a + GB * g), c16 = halves16(a + r.nb + GB * g);
+      __m512 a16, c16;
+      group_ac(w[j] + K / 2, form, r.nb, g, a16, c16);
       for (int i = 0; i < R; ++i) {
         const float* dg = r.dg.data() + ((m0 + i) * r.G + g) * 32;
         acc[j][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si[j][i]), _mm512_mul_ps(a16, _mm512_loadu_ps(dg)), acc[j][i]);
@@ -267,8 +323,9 @@ void q4_rows(const uint8_t* const* w, int64_t K, const QRows& r, int64_t m0, flo
   }
   for (int j = 0; j < NW; ++j) {
     if (r.rt) {
-      const at::Half* a = reinterpret_cast<const at::Half*>(w[j] + K / 2);
-      q4_tail<R>(w[j], a, a + r.nb, r, m0, acc[j]);
+      alignas(64) float at_[16], ct_[16];
+      tail_ac(w[j] + K / 2, form, r.nb, GB * r.G, r.rt, at_, ct_);
+      q4_tail<R>(w[j], at_, ct_, r, m0, acc[j]);
     }
     for (int i = 0; i < R; ++i) y[i * ldy + j] = _mm512_reduce_add_ps(acc[j][i]);
   }
@@ -384,29 +441,33 @@ at::Tensor blocked_mm(const at::Tensor& x, const at::Tensor& qs, int64_t K, bool
 // a time with more dpbusd chains. (Four-row blocks for one activation row measured 35% slower: a burst of
 // prefetches for four rows at a time.)
 template <int NW>
-at::Tensor q4q8_blocks(const at::Tensor& x, const at::Tensor& qs, int64_t K) {
-  return blocked_mm<NW, 4>(x, qs, K, true, [K](int64_t nw, auto R, const uint8_t* const* rows, const QRows& r,
-                                               int64_t m0, float* y, int64_t ld) {
+at::Tensor q4q8_blocks(const at::Tensor& x, const at::Tensor& qs, int64_t K, int form) {
+  return blocked_mm<NW, 4>(x, qs, K, true, [K, form](int64_t nw, auto R, const uint8_t* const* rows,
+                                                     const QRows& r, int64_t m0, float* y, int64_t ld) {
     constexpr int RR = decltype(R)::value;
     if constexpr (NW == 4) {
-      if (nw == 4) return q4_rows<4, RR>(rows, K, r, m0, y, ld);
+      if (nw == 4) return q4_rows<4, RR>(rows, K, form, r, m0, y, ld);
     }
     if (RR > 1 || K >= 2048) {
       for (int64_t j = 0; j < nw; j += 2) {
-        if (nw - j >= 2) q4_rows<2, RR>(rows + j, K, r, m0, y + j, ld);
-        else q4_rows<1, RR>(rows + j, K, r, m0, y + j, ld);
+        if (nw - j >= 2) q4_rows<2, RR>(rows + j, K, form, r, m0, y + j, ld);
+        else q4_rows<1, RR>(rows + j, K, form, r, m0, y + j, ld);
       }
     } else {
-      for (int64_t j = 0; j < nw; ++j) q4_rows<1, RR>(rows + j, K, r, m0, y + j, ld);
+      for (int64_t j = 0; j < nw; ++j) q4_rows<1, RR>(rows + j, K, form, r, m0, y + j, ld);
     }
   });
 }
 
 at::Tensor q4q8_mm(const at::Tensor& x, const at::Tensor& qs) {
-  TORCH_CHECK(qs.dim() == 2 && qs.scalar_type() == at::kByte && qs.is_contiguous() && qs.size(1) % 20 == 0 &&
-              qs.device().is_cpu(), "w: uint8 [N, K/2 + K/8]");
-  const int64_t K = qs.size(1) / 20 * 32;
-  return x.dim() == 2 && x.size(0) >= 16 ? q4q8_blocks<4>(x, qs, K) : q4q8_blocks<2>(x, qs, K);
+  TORCH_CHECK(qs.dim() == 2 && qs.scalar_type() == at::kByte && qs.is_contiguous() && qs.device().is_cpu(),
+              "w: uint8 [N, K/2 + scale section]");
+  TORCH_CHECK(x.dim() == 2, "x must be a matrix");
+  const int64_t K = x.size(1);
+  const int form = K % QK == 0 ? q4_form(qs.size(1), K) : -1;
+  TORCH_CHECK(form >= 0, "x has ", K, " columns; no 4-bit weight layout for those columns has ", qs.size(1),
+              " bytes a row");
+  return x.size(0) >= 16 ? q4q8_blocks<4>(x, qs, K, form) : q4q8_blocks<2>(x, qs, K, form);
 }
 
 at::Tensor q8q8_mm(const at::Tensor& x, const at::Tensor& qs) {
