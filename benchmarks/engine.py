@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/engine.py [--model PATH | --synthetic Q4_K|Q8_0] [--threads 1]
                                           [--prompt-tokens 128] [--decode-tokens 64] [--no-exact]
+                                          [--device cpu|cuda|cuda:N]
 
 Each engine runs in its own subprocess so resident memory is measured cleanly: RSS growth from
 loading, and the peak during decode. Prints a table and writes benchmarks/results/engine[-NAME].json.
@@ -14,6 +15,11 @@ paths, both reported, each row naming its path:
 mesh402's decode is compared with the faster of the two. `--synthetic` writes a ~1B llama-shaped model with
 random weights (harness/synthetic_gguf.py) where decode is bound by memory bandwidth: the table then shows GB/s
 of weights read per second of decode against the machine's measured read bandwidth.
+
+`--device cuda` (or cuda:N) loads mesh402's engines on that GPU (benchmarks/devices.py): timed regions end with
+torch.cuda.synchronize(), the bandwidth is the GPU's, the table adds torch's peak GPU memory beside RSS, the
+llama.cpp rows run only where llama-cpp-python is importable (offloaded to the GPU if its build can), and the
+results go to engine-cuda[-NAME].json, beside the CPU's.
 """
 
 from __future__ import annotations
@@ -31,7 +37,10 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results"
+
+import devices  # noqa: E402  # benchmarks/devices.py: the --device check, GPU timing and memory
 
 
 class PeakRSS:
@@ -90,7 +99,7 @@ def prompt_ids(tokenizer_encode, n: int) -> list[int]:
     return ids[:n]
 
 
-def worker_mesh402(model: str, mode: str, threads: int, n_prompt: int, n_decode: int) -> dict:
+def worker_mesh402(model: str, mode: str, threads: int, n_prompt: int, n_decode: int, device: str = "cpu") -> dict:
     from mesh402.engine import Engine
     from mesh402.engine.runtime_env import configure_torch, warm_up
 
@@ -98,11 +107,14 @@ def worker_mesh402(model: str, mode: str, threads: int, n_prompt: int, n_decode:
     # Baseline after torch's one-off library set-up (oneDNN/MKL buffers): that is the process's cost,
     # not the model's. Resident = RSS growth from loading + the peak during prefill and decode.
     warm_up()
+    gpu = devices.GpuMemory(device) if devices.is_cuda(device) else None  # its baseline: after the CUDA context
     rss0 = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
-    eng = Engine.load(model, mode=mode)
+    eng = Engine.load(model, mode=mode, device=device)
+    devices.sync(device)  # weights copied to the GPU asynchronously are part of loading
     load_s = time.perf_counter() - t0
     rss_loaded = psutil.Process().memory_info().rss
+    gpu_mem = {"gpu_load_mb": gpu.now_mib(), "gpu_load_peak_mb": gpu.peak_mib()} if gpu else {}
     with PeakRSS() as mem:  # the peak while serving: prefill and decode
         ids = prompt_ids(lambda t: eng.tokenizer.encode(t, add_special=False), n_prompt)
         # warm-up run so one-off allocations are not counted as speed
@@ -110,39 +122,51 @@ def worker_mesh402(model: str, mode: str, threads: int, n_prompt: int, n_decode:
         s.prefill(ids[:32])
         s.close()
         s = eng.new_session(len(ids) + n_decode + 1)
+        if gpu:
+            gpu.reset_peak()  # the peak while serving, as RSS's
+        devices.sync(device)  # the warm-up's queued work is not the prefill's
         t0 = time.perf_counter()
         logits = s.prefill(ids)
         tok = int(logits.argmax())
+        devices.sync(device)
         ttft = time.perf_counter() - t0
         out = [tok]
         t1 = time.perf_counter()
         for _ in range(n_decode - 1):
             tok = int(s.decode(tok).argmax())
             out.append(tok)
+        devices.sync(device)
         decode_s = time.perf_counter() - t1
         s.close()
+    if gpu:
+        gpu_mem["gpu_peak_mb"] = gpu.peak_mib()
     return {"engine": f"mesh402 {mode}", "load_s": load_s, "prefill_tok_s": len(ids) / ttft, "ttft_s": ttft,
             "decode_tok_s": (n_decode - 1) / decode_s, "rss_load_mb": (rss_loaded - rss0) / 2**20,
-            "rss_peak_mb": (mem.peak - rss0) / 2**20, "tokens": out, "prompt": ids}
+            "rss_peak_mb": (mem.peak - rss0) / 2**20, **gpu_mem, "tokens": out, "prompt": ids}
 
 
-def worker_membw(threads: int) -> dict:
-    """The machine's memory read bandwidth: a sum over 1 GiB (far beyond any cache), best of 5."""
+def worker_membw(threads: int, device: str = "cpu") -> dict:
+    """The machine's memory read bandwidth: a sum over 1 GiB (far beyond any cache), best of 5. On a GPU, the
+    device memory's: 4 GiB (a read takes ~1 ms, so a launch's microseconds do not count), best of 20."""
     import torch
 
     torch.set_num_threads(threads)
-    x = torch.ones(2**28, dtype=torch.float32)  # 1 GiB
+    cuda = devices.is_cuda(device)
+    x = torch.ones(2**30 if cuda else 2**28, dtype=torch.float32, device=device)  # 4 GiB on a GPU, else 1 GiB
     x.sum()
+    devices.sync(device)
     best = 0.0
-    for _ in range(5):
+    for _ in range(20 if cuda else 5):
         t0 = time.perf_counter()
         x.sum()
+        devices.sync(device)
         best = max(best, x.numel() * 4 / (time.perf_counter() - t0))
     return {"read_gb_s": best / 1e9, "threads": threads}
 
 
 def worker_llamacpp(model: str, threads: int, n_prompt: int, n_decode: int, teacher: list[int] | None,
-                    prompt: list[int], repack: bool) -> dict:
+                    prompt: list[int], repack: bool, device: str = "cpu") -> dict:
+    import llama_cpp
     import numpy as np
     from llama_cpp import Llama
 
@@ -151,10 +175,12 @@ def worker_llamacpp(model: str, threads: int, n_prompt: int, n_decode: int, teac
     if not repack:  # Llama() has no switch for the CPU weight repack: default model params without it
         no_repack()
     batch = 1 if repack else 512  # the repack crashes on multi-token batches: one token per eval
+    # On a GPU run, every layer offloaded where llama.cpp was built with GPU support (a CPU build ignores it)
+    offload = {"n_gpu_layers": -1} if devices.is_cuda(device) else {}
     rss0 = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
     llm = Llama(model_path=model, n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=batch,
-                n_ubatch=batch, verbose=False, logits_all=False)
+                n_ubatch=batch, verbose=False, logits_all=False, **offload)
     load_s = time.perf_counter() - t0
     rss_loaded = psutil.Process().memory_info().rss
     with PeakRSS() as mem:  # the peak while serving: prefill and decode
@@ -183,9 +209,10 @@ def worker_llamacpp(model: str, threads: int, n_prompt: int, n_decode: int, teac
                 hits += pred == t
                 llm.eval([t])
             agree = hits / len(teacher)
+    where = {"llamacpp_gpu_offload": bool(llama_cpp.llama_supports_gpu_offload())} if offload else {}
     return {"engine": f"llama.cpp {'repack' if repack else 'no-repack'}", "load_s": load_s, "prefill_tok_s": len(ids) / ttft, "ttft_s": ttft,
             "decode_tok_s": (n_decode - 1) / decode_s, "rss_load_mb": (rss_loaded - rss0) / 2**20,
-            "rss_peak_mb": (mem.peak - rss0) / 2**20, "tokens": out, "top1_vs_exact": agree}
+            "rss_peak_mb": (mem.peak - rss0) / 2**20, "tokens": out, "top1_vs_exact": agree, **where}
 
 
 def run_worker(args: list[str]) -> dict:
@@ -194,6 +221,19 @@ def run_worker(args: list[str]) -> dict:
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_mode(mode: str, common: list[str], device: str, failed: dict[str, str]) -> dict | None:
+    """One mesh402 mode's worker. On the CPU a failure ends the run, as it always has; on a GPU it is recorded
+    and the other rows still run (a GPU machine's minutes are few: one broken mode must not lose the rest)."""
+    try:
+        return run_worker([mode, *common])
+    except RuntimeError as e:
+        if device == "cpu":
+            raise
+        failed[f"mesh402 {mode}"] = str(e)
+        print(f"mesh402 {mode} failed on {device}: {str(e)[-1500:]}", flush=True)
+        return None
 
 
 def main() -> None:
@@ -206,10 +246,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--device", default="cpu", help="torch device of mesh402's engines: cpu (default), cuda or cuda:N")
     ap.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
     ap.add_argument("--teacher", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--prompt-ids", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.worker is None:
+        devices.require_device(a.device)  # one line here, not a traceback from a worker's engine load
     if a.model is None and a.worker is None and a.synthetic:
         from harness.synthetic_gguf import write_synthetic_llama
         from mesh402.models.catalog import bundled_model_path
@@ -226,71 +269,103 @@ def main() -> None:
         if kind in ("llamacpp-repack", "llamacpp-norepack"):
             res = worker_llamacpp(a.model, a.threads, a.prompt_tokens, a.decode_tokens,
                                   json.loads(a.teacher) if a.teacher else None, json.loads(a.prompt_ids),
-                                  repack=kind == "llamacpp-repack")
+                                  repack=kind == "llamacpp-repack", device=a.device)
         elif kind == "membw":
-            res = worker_membw(a.threads)
+            res = worker_membw(a.threads, a.device)
+            if devices.is_cuda(a.device):  # the card's name and versions, read where CUDA is already set up
+                res.update(devices.describe(a.device))
         else:
-            res = worker_mesh402(a.model, kind, a.threads, a.prompt_tokens, a.decode_tokens)
+            res = worker_mesh402(a.model, kind, a.threads, a.prompt_tokens, a.decode_tokens, a.device)
         print(json.dumps(res))
         return
     common = ["--model", a.model, "--threads", str(a.threads), "--prompt-tokens", str(a.prompt_tokens),
-              "--decode-tokens", str(a.decode_tokens)]
-    fast = run_worker(["fast", *common])
-    rows = [fast]
+              "--decode-tokens", str(a.decode_tokens), "--device", a.device]
+    gpu = devices.is_cuda(a.device)
+    failed: dict[str, str] = {}  # row -> its worker's stderr (a GPU run goes on without it)
+    notes: list[str] = []
+    fast = run_mode("fast", common, a.device, failed)
+    rows = [fast] if fast else []
     reference = fast  # whose tokens the others are compared with: exact mode's, when it runs
     if not a.no_exact:
-        exact = run_worker(["exact", *common])
-        rows.insert(0, exact)
-        reference = exact
-        fast["top1_vs_exact"] = sum(x == y for x, y in zip(exact["tokens"], fast["tokens"])) / len(exact["tokens"])
+        exact = run_mode("exact", common, a.device, failed)
+        if exact:
+            rows.insert(0, exact)
+            reference = exact
+            if fast:
+                fast["top1_vs_exact"] = (sum(x == y for x, y in zip(exact["tokens"], fast["tokens"]))
+                                         / len(exact["tokens"]))
     try:
         import llama_cpp  # noqa: F401
 
         for path in ("llamacpp-repack", "llamacpp-norepack"):
+            if reference is None:  # no mesh402 row to compare with
+                break
             try:
                 rows.append(run_worker([path, *common, "--teacher", json.dumps(reference["tokens"]),
                                         "--prompt-ids", json.dumps(reference["prompt"])]))
             except RuntimeError as e:  # one path crashing (the repack on batches) must not lose the other
                 print(f"{path} failed: {str(e)[-300:]}")
+                failed[path] = str(e)
     except ImportError:
         print("llama-cpp-python is not installed: run `bash scripts/bench-deps.sh` for the side-by-side rows")
+        notes.append("llama.cpp rows skipped: llama-cpp-python is not importable here")
     file_mb = Path(a.model).stat().st_size / 2**20
     llama_rows = [r for r in rows if r["engine"].startswith("llama.cpp")]
     ref = max(llama_rows, key=lambda r: r["decode_tok_s"]) if llama_rows else None  # llama.cpp's best path
     from harness.synthetic_gguf import weight_bytes_per_token
 
     per_token = weight_bytes_per_token(Path(a.model))
-    bw = run_worker(["membw", "--threads", str(a.threads), "--model", a.model])["read_gb_s"]
+    membw = run_worker(["membw", "--threads", str(a.threads), "--model", a.model, "--device", a.device])
+    bw = membw["read_gb_s"]
     for r in rows:
         r["weights_gb_s"] = per_token * r["decode_tok_s"] / 1e9
         r["of_bandwidth"] = r["weights_gb_s"] / bw
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"engine benchmark: {Path(a.model).name} ({file_mb:.1f} MiB), {a.threads} thread(s), "
+    where = f" on {membw['gpu']} ({a.device})" if gpu else ""
+    t = Table(title=f"engine benchmark{where}: {Path(a.model).name} ({file_mb:.1f} MiB), {a.threads} thread(s), "
                     f"prompt {a.prompt_tokens}, decode {a.decode_tokens}; memory read {bw:.1f} GB/s, "
-                    f"{per_token / 1e6:.0f} MB of weights per token; vs llama.cpp's faster path")
+                    f"{per_token / 1e6:.0f} MB of weights per token; vs llama.cpp's faster path",
+              caption="; ".join([*notes, *(f"{k} failed" for k in failed)]) if gpu else None)
+    gpu_cols = ("GPU load MiB", "GPU peak MiB", "GPU peak / file") if gpu else ()
     for col in ("engine", "prefill tok/s", "TTFT ms", "decode tok/s", "decode vs llama.cpp", "weights GB/s",
-                "of bandwidth", "RSS load MiB", "RSS peak MiB", "peak / file", "top-1 vs ref"):
+                "of bandwidth", *gpu_cols, "RSS load MiB", "RSS peak MiB", "peak / file", "top-1 vs ref"):
         t.add_column(col, justify="right")
     for r in rows:
         r["rss_peak_over_file"] = r["rss_peak_mb"] / file_mb
         r["decode_vs_llamacpp"] = r["decode_tok_s"] / ref["decode_tok_s"] if ref else None
+        if "gpu_peak_mb" in r:
+            r["gpu_peak_over_file"] = r["gpu_peak_mb"] / file_mb
         t.add_row(r["engine"], f"{r['prefill_tok_s']:.1f}", f"{r['ttft_s'] * 1000:.0f}", f"{r['decode_tok_s']:.1f}",
                   f"{r['decode_vs_llamacpp']:.2f}x" if r["decode_vs_llamacpp"] else "-", f"{r['weights_gb_s']:.2f}",
-                  f"{r['of_bandwidth']:.0%}", f"{r['rss_load_mb']:.0f}",
+                  f"{r['of_bandwidth']:.0%}", *(gpu_cells(r) if gpu else ()), f"{r['rss_load_mb']:.0f}",
                   f"{r['rss_peak_mb']:.0f}", f"{r['rss_peak_over_file']:.2f}",
                   f"{r['top1_vs_exact']:.2f}" if r.get("top1_vs_exact") is not None else "-")
-    Console(width=200).print(t)
+    Console(width=240 if gpu else 200).print(t)
     RESULTS.mkdir(parents=True, exist_ok=True)
     for r in rows:
         r.pop("prompt", None)
     out = {"model": a.model, "file_mib": file_mb, "threads": a.threads, "prompt_tokens": a.prompt_tokens,
            "decode_tokens": a.decode_tokens, "cpu": os.cpu_count(), "memory_read_gb_s": bw,
            "weight_bytes_per_token": per_token, "rows": rows, "time": time.time()}
-    name = RESULTS / (f"engine-{a.synthetic.lower()}-t{a.threads}.json" if a.synthetic else f"engine-t{a.threads}.json")
+    if gpu:  # a GPU run says where it ran and what it could not run (CPU files keep their keys)
+        out.update({k: v for k, v in membw.items() if k not in ("read_gb_s", "threads")})
+        out.update({"notes": notes, "failed": failed})
+    stem = [devices.tag(a.device), a.synthetic.lower() if a.synthetic else "", f"t{a.threads}"]
+    name = RESULTS / ("-".join(["engine", *(x for x in stem if x)]) + ".json")  # engine[-cuda][-q4_k]-t1.json
     name.write_text(json.dumps(out, indent=2))
     print(f"wrote {name}")
+    if any(k.startswith("mesh402") for k in failed):
+        raise SystemExit(1)
+
+
+def gpu_cells(r: dict) -> tuple[str, ...]:
+    """A GPU row's memory cells: torch's allocated MiB after loading, at the peak of serving, and that peak over
+    the file's size; "-" for a row that has none (llama.cpp's)."""
+    if "gpu_peak_mb" not in r:
+        return ("-", "-", "-")
+    return (f"{r['gpu_load_mb']:.0f}", f"{r['gpu_peak_mb']:.0f}", f"{r['gpu_peak_over_file']:.2f}")
 
 
 if __name__ == "__main__":

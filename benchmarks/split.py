@@ -1,6 +1,6 @@
 """Pipeline split benchmark: solo vs 2- and 3-stage, loopback and with delay between nodes.
 
-    .venv/bin/python benchmarks/split.py [--quick] [--no-procs] [--no-delay] [--no-wire] [--trace]
+    .venv/bin/python benchmarks/split.py [--quick] [--no-procs] [--no-delay] [--no-wire] [--trace] [--device cuda]
     .venv/bin/python benchmarks/split.py --model PATH.gguf [--quick] [--trace]   # solo vs 2-stage on that model
 
 Prints a table and writes benchmarks/results/split.json. Everything runs on this machine; nothing
@@ -31,6 +31,10 @@ reaches the network (delay rows run in private network namespaces with no route 
 - wire dtype: teacher-forced agreement of f16 / bf16 activations against f32 (every step fed the
   f32 trajectory): greedy-token agreement and max |dlogit|, plus the free-running identical
   prefix through the real pipeline over MemoryLink.
+- device (`--device cuda` or cuda:N; default cpu): every in-process engine loads there and every node
+  serves with `--device` (benchmarks/devices.py); in-process timed regions end with
+  torch.cuda.synchronize(); torch's peak GPU memory of the in-process engines and each node's GPU memory
+  (nvidia-smi, where it can tell) are recorded; results go to split-cuda.json / split-<model>-cuda.json.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import httpx  # noqa: E402
 
+import devices  # noqa: E402
 import netdelay  # noqa: E402
 from harness.procs import free_port  # noqa: E402
 from harness.reference import ready_plan  # noqa: E402
@@ -68,6 +73,8 @@ from harness.sse import json_events  # noqa: E402
 PY = sys.executable
 MODEL = "smollm2-135m-instruct"
 MODEL_ARGS: list[str] = []  # `--model PATH`: every node serves that file (set in main)
+DEVICE = "cpu"  # `--device`: where in-process engines load (set in main)
+DEVICE_ARGS: list[str] = []  # and what every node is told: `--device DEV`, or nothing on the CPU (set in main)
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 AGREE_PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.",
                  "Explain in two sentences why the sky is blue.", "List three uses of copper."]
@@ -85,7 +92,7 @@ def _engine(mode: str, layers: tuple[int, int] | None = None, tok: bool = True) 
     from mesh402.engine import Engine
     from mesh402.models.catalog import bundled_model_path
 
-    return Engine.load(bundled_model_path(), mode=mode, layers=layers, load_tokenizer=tok)
+    return Engine.load(bundled_model_path(), mode=mode, layers=layers, load_tokenizer=tok, device=DEVICE)
 
 
 class _Failover:
@@ -148,20 +155,25 @@ async def _timed_run(model: Any, ids: list[int], n: int) -> tuple[float, list[fl
 
     st = await model.open(len(ids) + n + 1, SamplingParams(temperature=0, seed=0))
     try:
+        devices.sync(DEVICE)  # each clock read below waits for the GPU's queued work (nothing on the CPU)
         t0 = time.perf_counter()
         tok = await st.prefill(ids)
+        devices.sync(DEVICE)
         ttft = time.perf_counter() - t0
         steps = []
         for _ in range(n):
             t0 = time.perf_counter()
             tok = await st.decode(tok)
+            devices.sync(DEVICE)
             steps.append(time.perf_counter() - t0)
         return ttft, steps
     finally:
         st.release()
 
 
-def bench_inproc(modes: list[str], n: int, reps: int) -> list[dict]:
+def bench_inproc(modes: list[str], n: int, reps: int, gpu_peak: dict[str, float] | None = None) -> list[dict]:
+    """`gpu_peak` (a GPU run): filled with torch's peak GPU memory per mode, MiB, every engine of the
+    mode's solo, 2- and 3-stage models loaded at once."""
     from mesh402.engine.runtime_env import configure_torch
 
     configure_torch(1)
@@ -169,6 +181,7 @@ def bench_inproc(modes: list[str], n: int, reps: int) -> list[dict]:
     ex = ThreadPoolExecutor(1)
     engines: dict = {}
     for mode in modes:
+        mem = devices.GpuMemory(DEVICE) if gpu_peak is not None else None
         solo = _engine(mode)
         ids = solo.tokenizer.encode(solo.chat_template.render([{"role": "user", "content": PROMPT}]),
                                     add_special=False)
@@ -185,6 +198,8 @@ def bench_inproc(modes: list[str], n: int, reps: int) -> list[dict]:
         for k in models:
             rows.append(_row("in-process, MemoryLink", mode, k, 0.0, med(res[k]["ttft"]), med(res[k]["step"]),
                              raw={"ttft_s": res[k]["ttft"], "step_s": res[k]["step"], "prompt_tokens": len(ids)}))
+        if mem is not None and gpu_peak is not None:
+            gpu_peak[mode] = mem.peak_mib()
         engines.clear()
     ex.shutdown()
     return rows
@@ -271,7 +286,7 @@ class Node:
         self.api_port, self.console_port = free_port(), free_port()
         ip = net.ip(name) if net else "127.0.0.1"
         cmd = [PY, "-m", "mesh402.cli", "serve", "--home", str(self.home), "--port", str(self.api_port),
-               "--console", str(self.console_port), "--bind-ip", ip, *MODEL_ARGS, *args]
+               "--console", str(self.console_port), "--bind-ip", ip, *MODEL_ARGS, *DEVICE_ARGS, *args]
         self.log_path = self.home / "node.log"
         self._log = open(self.log_path, "wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -398,6 +413,7 @@ def bench_procs(modes: list[str], max_tokens: dict[str, int], reps: int,
     for mode in modes:
         root = Path(tempfile.mkdtemp(prefix=f"split-{mode}-"))
         meshes: dict[int, tuple[list[Node], Node, dict | None, float]] = {}
+        gpu_mib: dict[int, dict[str, float] | None] = {}
         try:
             for stages in stage_counts:
                 t0 = time.monotonic()
@@ -410,6 +426,8 @@ def bench_procs(modes: list[str], max_tokens: dict[str, int], reps: int,
             for _ in range(reps):
                 for k, (_, host, _, _) in meshes.items():
                     res[k].append(stream_once(host.api_port, max_tokens[mode]))
+            if DEVICE_ARGS:  # each node's GPU memory after serving (its CUDA context included)
+                gpu_mib = {k: nodes_gpu_mib(nodes) for k, (nodes, *_) in meshes.items()}
         finally:
             for nodes, *_ in meshes.values():
                 for n in nodes:
@@ -417,10 +435,17 @@ def bench_procs(modes: list[str], max_tokens: dict[str, int], reps: int,
             shutil.rmtree(root, ignore_errors=True)
         for k, (_, _, plan, formed) in meshes.items():
             m = {f: [r[f] for r in res[k]] for f in ("ttft_s", "step_s", "tokens")}
+            gpu = {"gpu_mib": gpu_mib.get(k)} if DEVICE_ARGS else {}
             rows.append(_row("processes, loopback", mode, k, 0.0, med(m["ttft_s"]), med(m["step_s"]),
-                             raw=m, ready_s=formed, plan=plan and [st[1:3] for st in plan["stages"]]))
+                             raw=m, ready_s=formed, plan=plan and [st[1:3] for st in plan["stages"]], **gpu))
             print(f"  {mode} {k}-stage processes: {1 / med(m['step_s']):.1f} tok/s (ready {formed:.0f}s)", flush=True)
     return rows
+
+
+def nodes_gpu_mib(nodes: list[Node]) -> dict[str, float] | None:
+    """Each node's GPU memory by name (nvidia-smi), or None where it cannot tell."""
+    used = devices.process_gpu_mib([n.proc.pid for n in nodes])
+    return used and {n.name: used[n.proc.pid] for n in nodes if n.proc.pid in used}
 
 
 def bench_trace(mode: str, max_tokens: int, reps: int) -> dict:
@@ -563,14 +588,15 @@ def derive(rows: list[dict]) -> None:
             r["per_hop_ms"] = (r["step_ms"] - s_ms - hops * r["rtt_ms"]) / hops  # beyond the RTT
 
 
-def print_report(rows: list[dict], wire: list[dict]) -> None:
+def print_report(rows: list[dict], wire: list[dict], where: str = "") -> None:
+    """`where`: the GPU a run used, appended to the title ("" on the CPU)."""
     from rich.console import Console
     from rich.table import Table
 
     def f(v: Any, fmt: str) -> str:
         return "" if v is None else format(v, fmt)
 
-    t = Table(title="Pipeline split: decode speed, TTFT, per-hop overhead (medians)")
+    t = Table(title="Pipeline split: decode speed, TTFT, per-hop overhead (medians)" + where)
     for c in ("setting", "mode", "stages", "TTFT ms", "step ms", "decode tok/s", "vs solo", "per-hop ms",
               "best-run per-hop ms", "bound tok/s", "vs bound"):
         t.add_column(c, justify="left" if c in ("setting", "mode") else "right")
@@ -604,7 +630,10 @@ def main() -> None:
                     help="also time each hand-off of a 2-stage loopback split's steps (`serve --trace-hops`)")
     ap.add_argument("--model", default=None,
                     help="a GGUF file: only solo vs 2-stage node processes on it (fast mode) and the frame round trip")
+    ap.add_argument("--device", default="cpu",
+                    help="torch device of the in-process engines and every node: cpu (default), cuda or cuda:N")
     args = ap.parse_args()
+    use_device(args.device)
     if args.model:
         return main_model(Path(args.model), args.quick, args.trace)
     q = args.quick
@@ -615,8 +644,9 @@ def main() -> None:
     notes: list[str] = []
     transport: dict = {}
     trace: dict = {}
+    gpu_peak: dict[str, float] | None = {} if DEVICE_ARGS else None
     print("in-process pipelines over MemoryLink ...", flush=True)
-    rows += bench_inproc(modes, n=16 if q else 24, reps=3)
+    rows += bench_inproc(modes, n=16 if q else 24, reps=3, gpu_peak=gpu_peak)
     if not args.no_wire:
         print("wire dtype agreement ...", flush=True)
         wire = [bench_wire(m, 12 if q else 16) for m in modes]
@@ -638,10 +668,14 @@ def main() -> None:
                 rows += bench_delay([5.0, 20.0], [2] if q else [2, 3], "fast", max_tokens=40 if q else 64,
                                     reps=2 if q else 3)
     derive(rows)
-    print_report(rows, wire)
+    gpu = device_info()
+    print_report(rows, wire, gpu_where(gpu))
     for k, v in transport.items():
         print(f"QUIC frame round trip to a node process, {k[5:-3]} Echo on one stream: median {v['median']:.3f} ms, "
               f"p90 {v['p90']:.3f} ms")
+    if gpu_peak:
+        print("torch's peak GPU memory of the in-process engines (solo, 2- and 3-stage at once): "
+              + ", ".join(f"{m} {v:.0f} MiB" for m, v in gpu_peak.items()))
     if trace:
         steps = int(trace.pop("steps"))
         print(f"hand-offs of a 2-stage fast split on loopback, median ms over {steps} traced steps: "
@@ -664,8 +698,36 @@ def main() -> None:
                       "bound": "1 / (solo step + (stages - 1) x measured UDP RTT), the solo step from a loopback "
                                 "solo node measured interleaved with the delayed runs"},
            "rows": rows, "wire": wire, "transport": transport, "trace_ms": trace, "notes": notes}
-    (RESULTS / "split.json").write_text(json.dumps(out, indent=2, default=str))
-    print(f"wrote {RESULTS / 'split.json'}")
+    if gpu:  # a GPU run says where it ran (CPU files keep their keys)
+        out["machine"].update(gpu)
+        out["gpu_inproc_peak_mib"] = gpu_peak
+    dest = RESULTS / result_name("split")
+    dest.write_text(json.dumps(out, indent=2, default=str))
+    print(f"wrote {dest}")
+
+
+def use_device(device: str) -> None:
+    """Check `--device` before anything loads or starts (one line, not a traceback from inside a node), then
+    point the in-process engines and every node at it."""
+    global DEVICE
+    devices.require_device(device)
+    DEVICE = device
+    DEVICE_ARGS[:] = [] if device == "cpu" else ["--device", device]  # the CPU's node command lines unchanged
+
+
+def device_info() -> dict:
+    """The GPU and versions a GPU run records; {} on the CPU."""
+    return devices.describe(DEVICE) if devices.is_cuda(DEVICE) else {}
+
+
+def gpu_where(gpu: dict) -> str:
+    return f" on {gpu['gpu']} ({gpu['device']})" if gpu else ""
+
+
+def result_name(stem: str) -> str:
+    """split[-MODEL].json on the CPU (as before), split[-MODEL]-cuda.json on a GPU: one never overwrites the other."""
+    tag = devices.tag(DEVICE)
+    return f"{stem}-{tag}.json" if tag else f"{stem}.json"
 
 
 def main_model(path: Path, quick: bool, trace_hops: bool) -> None:
@@ -687,7 +749,8 @@ def main_model(path: Path, quick: bool, trace_hops: bool) -> None:
         print("hand-offs of a 2-stage split, traced ...", flush=True)
         trace = bench_trace("fast", max_tokens=48, reps=3)
     derive(rows)
-    print_report(rows, [])
+    gpu = device_info()
+    print_report(rows, [], gpu_where(gpu))
     for k, v in transport.items():
         print(f"QUIC frame round trip to a node process, {k[5:-3]} Echo on one stream: median {v['median']:.3f} ms, "
               f"p90 {v['p90']:.3f} ms")
@@ -703,7 +766,9 @@ def main_model(path: Path, quick: bool, trace_hops: bool) -> None:
                                    "chunk - first chunk) / (completion tokens - 1); median over runs",
                       "per_hop_ms": "(split step - solo step) / (stages - 1)"},
            "rows": rows, "transport": transport, "trace_ms": trace}
-    dest = RESULTS / f"split-{MODEL}.json"
+    if gpu:
+        out["machine"].update(gpu)
+    dest = RESULTS / result_name(f"split-{MODEL}")
     dest.write_text(json.dumps(out, indent=2, default=str))
     print(f"wrote {dest}")
 
