@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/engine.py [--model PATH | --synthetic Q4_K|Q8_0] [--threads 1]
                                           [--prompt-tokens 128] [--decode-tokens 64] [--no-exact]
-                                          [--device cpu|cuda|cuda:N]
+                                          [--device cpu|cuda|cuda:N] [--rounds N]
 
 Each engine runs in its own subprocess so resident memory is measured cleanly: RSS growth from
 loading, and the peak during decode. Prints a table and writes benchmarks/results/engine[-NAME].json.
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -247,6 +248,10 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--device", default="cpu", help="torch device of mesh402's engines: cpu (default), cuda or cuda:N")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="decode measured this many times for mesh402 fast and llama.cpp's faster path, the two "
+                         "alternating (which goes first swaps each round), with the median ratio reported: on a "
+                         "machine whose memory bandwidth drifts, one run of each is a coin toss near 1.0x")
     ap.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
     ap.add_argument("--teacher", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--prompt-ids", default=None, help=argparse.SUPPRESS)
@@ -312,6 +317,7 @@ def main() -> None:
     file_mb = Path(a.model).stat().st_size / 2**20
     llama_rows = [r for r in rows if r["engine"].startswith("llama.cpp")]
     ref = max(llama_rows, key=lambda r: r["decode_tok_s"]) if llama_rows else None  # llama.cpp's best path
+    rounds = more_rounds(a.rounds, fast, ref, common) if fast and ref and a.rounds > 1 else []
     from harness.synthetic_gguf import weight_bytes_per_token
 
     per_token = weight_bytes_per_token(Path(a.model))
@@ -343,12 +349,25 @@ def main() -> None:
                   f"{r['rss_peak_mb']:.0f}", f"{r['rss_peak_over_file']:.2f}",
                   f"{r['top1_vs_exact']:.2f}" if r.get("top1_vs_exact") is not None else "-")
     Console(width=240 if gpu else 200).print(t)
+    if rounds:
+        rt = Table(title=f"decode over {len(rounds)} rounds, mesh402 fast vs {ref['engine']} (alternating order)")
+        for col in ("round", "first", "mesh402 fast tok/s", "llama.cpp tok/s", "ratio"):
+            rt.add_column(col, justify="right")
+        for i, r in enumerate(rounds):
+            rt.add_row(str(i + 1), r["first"], f"{r['mesh402']:.1f}", f"{r['llamacpp']:.1f}", f"{r['ratio']:.2f}x")
+        med = statistics.median(r["ratio"] for r in rounds)
+        rt.add_row("median", "", f"{statistics.median(r['mesh402'] for r in rounds):.1f}",
+                   f"{statistics.median(r['llamacpp'] for r in rounds):.1f}", f"{med:.2f}x")
+        Console(width=200).print(rt)
     RESULTS.mkdir(parents=True, exist_ok=True)
     for r in rows:
         r.pop("prompt", None)
     out = {"model": a.model, "file_mib": file_mb, "threads": a.threads, "prompt_tokens": a.prompt_tokens,
            "decode_tokens": a.decode_tokens, "cpu": os.cpu_count(), "memory_read_gb_s": bw,
            "weight_bytes_per_token": per_token, "rows": rows, "time": time.time()}
+    if rounds:
+        out["rounds"] = rounds
+        out["decode_vs_llamacpp_median"] = statistics.median(r["ratio"] for r in rounds)
     if gpu:  # a GPU run says where it ran and what it could not run (CPU files keep their keys)
         out.update({k: v for k, v in membw.items() if k not in ("read_gb_s", "threads")})
         out.update({"notes": notes, "failed": failed})
@@ -358,6 +377,26 @@ def main() -> None:
     print(f"wrote {name}")
     if any(k.startswith("mesh402") for k in failed):
         raise SystemExit(1)
+
+
+def more_rounds(n: int, fast: dict, ref: dict, common: list[str]) -> list[dict]:
+    """Decode speed of mesh402 fast and of llama.cpp's faster path (`ref`) over n rounds: round 1 is the main
+    table's; each later round runs both again, in the order opposite to the round before (mesh402 ran first in
+    round 1), so a drift of the machine's bandwidth over minutes falls on both equally."""
+    path = "llamacpp-repack" if ref["engine"].endswith(" repack") else "llamacpp-norepack"
+    teacher = ["--teacher", json.dumps(fast["tokens"]), "--prompt-ids", json.dumps(fast["prompt"])]
+    out = [{"first": "mesh402", "mesh402": fast["decode_tok_s"], "llamacpp": ref["decode_tok_s"]}]
+    for i in range(1, n):
+        first = "llamacpp" if i % 2 else "mesh402"
+        got: dict[str, float] = {}
+        for who in ((first, "mesh402" if first == "llamacpp" else "llamacpp")):
+            res = run_worker(["fast", *common] if who == "mesh402" else [path, *common, *teacher])
+            got[who] = res["decode_tok_s"]
+        out.append({"first": first, **got})
+        print(f"round {i + 1}: mesh402 {got['mesh402']:.1f} tok/s, llama.cpp {got['llamacpp']:.1f}", flush=True)
+    for r in out:
+        r["ratio"] = r["mesh402"] / r["llamacpp"]
+    return out
 
 
 def gpu_cells(r: dict) -> tuple[str, ...]:

@@ -181,12 +181,13 @@ inline __m512 u8_16(const uint8_t* p) {
 }
 
 // a and c of blocks 16 g .. 16 g + 15 of a row whose scale section is s (nb blocks), as fp32 lanes.
-inline void group_ac(const uint8_t* s, int form, int64_t nb, int64_t g, __m512& a, __m512& c) {
+template <int form>
+inline void group_ac(const uint8_t* s, int64_t nb, int64_t g, __m512& a, __m512& c) {
   const at::Half* h = reinterpret_cast<const at::Half*>(s);
-  if (form == Q4_AC) {
+  if constexpr (form == Q4_AC) {
     a = halves16(h + GB * g);
     c = halves16(h + nb + GB * g);
-  } else if (form == Q4_A) {
+  } else if constexpr (form == Q4_A) {
     a = halves16(h + GB * g);
     c = _mm512_mul_ps(a, _mm512_set1_ps(-8.f));
   } else {
@@ -201,25 +202,31 @@ inline void group_ac(const uint8_t* s, int form, int64_t nb, int64_t g, __m512& 
   }
 }
 
-// a and c of the tail's blocks (from block 16 G on), fp32, by the same operations as group_ac.
-inline void tail_ac(const uint8_t* s, int form, int64_t nb, int64_t first, int64_t n, float* a, float* c) {
+// a and c of the tail's blocks (rt < 16 of them, from block 16 G on) as fp32 lanes, lane l = block 16 G + l,
+// 0 past the row's end; by the same operations as group_ac. (Q4_K rows hold whole super-blocks of 8: a tail is
+// one super-block.)
+template <int form>
+inline void tail_ac(const uint8_t* s, int64_t nb, int64_t G, int64_t rt, __m512& a, __m512& c) {
   const at::Half* h = reinterpret_cast<const at::Half*>(s);
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t b = first + i;
-    if (form == Q4_KS) {
-      const at::Half* dd = reinterpret_cast<const at::Half*>(s + 2 * nb);
-      a[i] = static_cast<float>(dd[b / 8]) * static_cast<float>(s[b]);
-      c[i] = 0.f - static_cast<float>(dd[nb / 8 + b / 8]) * static_cast<float>(s[nb + b]);
-    } else {
-      a[i] = static_cast<float>(h[b]);
-      c[i] = form == Q4_AC ? static_cast<float>(h[nb + b]) : a[i] * -8.f;
-    }
+  const __mmask16 m = static_cast<__mmask16>((1u << rt) - 1);
+  if constexpr (form == Q4_KS) {
+    const at::Half* dd = reinterpret_cast<const at::Half*>(s + 2 * nb);
+    const __m512 d = _mm512_set1_ps(static_cast<float>(dd[2 * G]));
+    const __m512 dm = _mm512_set1_ps(static_cast<float>(dd[nb / 8 + 2 * G]));
+    const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, s + GB * G)));
+    const __m512 mn = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, s + nb + GB * G)));
+    a = _mm512_mul_ps(d, sc);
+    c = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(dm, mn));
+    return;
   }
+  a = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, h + GB * G));
+  if constexpr (form == Q4_AC) c = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, h + nb + GB * G));
+  else c = _mm512_mul_ps(a, _mm512_set1_ps(-8.f));
 }
 // The tail of a q4 row (blocks past its last whole group) for R activation rows, added into acc.
 template <int R>
-void q4_tail(const uint8_t* w, const float* at_, const float* ct_, const QRows& r, int64_t m0, __m512* acc) {
-  // at_ / ct_: a and c of the tail's blocks (fewer than 16), fp32
+void q4_tail(const uint8_t* w, __m512 at_, __m512 cf, const QRows& r, int64_t m0, __m512* acc) {
+  // at_ / cf: a and c of the tail's blocks (tail_ac)
   const __m512i lo4 = _mm512_set1_epi8(0x0F);
   const uint8_t* wt = w + 256 * r.G;
   const __m512i i4 = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
@@ -231,8 +238,7 @@ void q4_tail(const uint8_t* w, const float* at_, const float* ct_, const QRows& 
     const __m512i v = _mm512_maskz_loadu_epi8(km, wt + 64 * g);
     const __m512i lo = _mm512_and_si512(v, lo4);
     const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);
-    const __m512 al = _mm512_permutexvar_ps(
-        i4, _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << nvalid) - 1), at_ + 4 * g));
+    const __m512 al = _mm512_permutexvar_ps(_mm512_add_epi32(i4, _mm512_set1_epi32(static_cast<int>(4 * g))), at_);
     for (int i = 0; i < R; ++i) {
       const int8_t* xq = r.xt.data() + ((m0 + i) * r.gt + g) * 256;
       __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xq));
@@ -245,7 +251,6 @@ void q4_tail(const uint8_t* w, const float* at_, const float* ct_, const QRows& 
     }
   }
   // the tail's offsets: c * dx * sum(q) per tail block (< 16 of them)
-  const __m512 cf = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << r.rt) - 1), ct_);
   for (int i = 0; i < R; ++i) {
     tacc[i] = _mm512_fmadd_ps(cf, _mm512_loadu_ps(r.st.data() + (m0 + i) * 16), tacc[i]);
     acc[i] = _mm512_add_ps(acc[i], tacc[i]);
@@ -257,8 +262,8 @@ void q4_tail(const uint8_t* w, const float* at_, const float* ct_, const QRows& 
 // rows. Per output the same operations whatever NW and R: the block sums are exact integers (256 * coarse
 // plane + fine plane, < 2^24), then acc = fma(sum, a * d, acc), acc = fma(c, d * sum(q), acc) per group,
 // the tail, one horizontal sum.
-template <int NW, int R>
-void q4_rows(const uint8_t* const* w, int64_t K, int form, const QRows& r, int64_t m0, float* y, int64_t ldy) {
+template <int NW, int R, int form>
+void q4_rows(const uint8_t* const* w, int64_t K, const QRows& r, int64_t m0, float* y, int64_t ldy) {
   __m512 acc[NW][R];
   for (int j = 0; j < NW; ++j)
     for (int i = 0; i < R; ++i) acc[j][i] = _mm512_setzero_ps();
@@ -313,7 +318,7 @@ void q4_rows(const uint8_t* const* w, int64_t K, int form, const QRows& r, int64
     }
     for (int j = 0; j < NW; ++j) {
       __m512 a16, c16;
-      group_ac(w[j] + K / 2, form, r.nb, g, a16, c16);
+      group_ac<form>(w[j] + K / 2, r.nb, g, a16, c16);
       for (int i = 0; i < R; ++i) {
         const float* dg = r.dg.data() + ((m0 + i) * r.G + g) * 32;
         acc[j][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si[j][i]), _mm512_mul_ps(a16, _mm512_loadu_ps(dg)), acc[j][i]);
@@ -323,8 +328,8 @@ void q4_rows(const uint8_t* const* w, int64_t K, int form, const QRows& r, int64
   }
   for (int j = 0; j < NW; ++j) {
     if (r.rt) {
-      alignas(64) float at_[16], ct_[16];
-      tail_ac(w[j] + K / 2, form, r.nb, GB * r.G, r.rt, at_, ct_);
+      __m512 at_, ct_;
+      tail_ac<form>(w[j] + K / 2, r.nb, r.G, r.rt, at_, ct_);
       q4_tail<R>(w[j], at_, ct_, r, m0, acc[j]);
     }
     for (int i = 0; i < R; ++i) y[i * ldy + j] = _mm512_reduce_add_ps(acc[j][i]);
@@ -440,23 +445,28 @@ at::Tensor blocked_mm(const at::Tensor& x, const at::Tensor& qs, int64_t K, bool
 // other widths in tiles of two, and one activation row over short weight rows (K < 2048) one weight row at
 // a time with more dpbusd chains. (Four-row blocks for one activation row measured 35% slower: a burst of
 // prefetches for four rows at a time.)
-template <int NW>
-at::Tensor q4q8_blocks(const at::Tensor& x, const at::Tensor& qs, int64_t K, int form) {
-  return blocked_mm<NW, 4>(x, qs, K, true, [K, form](int64_t nw, auto R, const uint8_t* const* rows,
-                                                     const QRows& r, int64_t m0, float* y, int64_t ld) {
+template <int NW, int form>
+at::Tensor q4q8_blocks(const at::Tensor& x, const at::Tensor& qs, int64_t K) {
+  return blocked_mm<NW, 4>(x, qs, K, true, [K](int64_t nw, auto R, const uint8_t* const* rows, const QRows& r,
+                                               int64_t m0, float* y, int64_t ld) {
     constexpr int RR = decltype(R)::value;
     if constexpr (NW == 4) {
-      if (nw == 4) return q4_rows<4, RR>(rows, K, form, r, m0, y, ld);
+      if (nw == 4) return q4_rows<4, RR, form>(rows, K, r, m0, y, ld);
     }
     if (RR > 1 || K >= 2048) {
       for (int64_t j = 0; j < nw; j += 2) {
-        if (nw - j >= 2) q4_rows<2, RR>(rows + j, K, form, r, m0, y + j, ld);
-        else q4_rows<1, RR>(rows + j, K, form, r, m0, y + j, ld);
+        if (nw - j >= 2) q4_rows<2, RR, form>(rows + j, K, r, m0, y + j, ld);
+        else q4_rows<1, RR, form>(rows + j, K, r, m0, y + j, ld);
       }
     } else {
-      for (int64_t j = 0; j < nw; ++j) q4_rows<1, RR>(rows + j, K, form, r, m0, y + j, ld);
+      for (int64_t j = 0; j < nw; ++j) q4_rows<1, RR, form>(rows + j, K, r, m0, y + j, ld);
     }
   });
+}
+
+template <int form>
+at::Tensor q4q8_form(const at::Tensor& x, const at::Tensor& qs, int64_t K) {
+  return x.size(0) >= 16 ? q4q8_blocks<4, form>(x, qs, K) : q4q8_blocks<2, form>(x, qs, K);
 }
 
 at::Tensor q4q8_mm(const at::Tensor& x, const at::Tensor& qs) {
@@ -467,7 +477,9 @@ at::Tensor q4q8_mm(const at::Tensor& x, const at::Tensor& qs) {
   const int form = K % QK == 0 ? q4_form(qs.size(1), K) : -1;
   TORCH_CHECK(form >= 0, "x has ", K, " columns; no 4-bit weight layout for those columns has ", qs.size(1),
               " bytes a row");
-  return x.size(0) >= 16 ? q4q8_blocks<4>(x, qs, K, form) : q4q8_blocks<2>(x, qs, K, form);
+  if (form == Q4_AC) return q4q8_form<Q4_AC>(x, qs, K);
+  if (form == Q4_A) return q4q8_form<Q4_A>(x, qs, K);
+  return q4q8_form<Q4_KS>(x, qs, K);
 }
 
 at::Tensor q8q8_mm(const at::Tensor& x, const at::Tensor& qs) {
