@@ -479,9 +479,9 @@ def bench_trace(mode: str, max_tokens: int, reps: int) -> dict:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def bench_transport(n: int) -> dict:
-    """Frame round trip carrying one token's f32 activations (2304 B) to a node process over QUIC:
-    the transport's share of a hop, without any model work."""
+def bench_transport(n: int, sizes: tuple[int, ...] = (64, 2304)) -> dict:
+    """Frame round trip carrying one token's f32 activations (2304 B on the bundled model; 4 x its width on
+    another) to a node process over QUIC: the transport's share of a hop, without any model work."""
     import mesh as meshbench  # benchmarks/mesh.py: its node-process and in-process service helpers
 
     from mesh402.mesh.framing import StreamType, make_frame
@@ -498,7 +498,7 @@ def bench_transport(n: int) -> dict:
             await me.start(join=remote.token())
             try:
                 fs = await me.open_stream(me.connected_peers()[0], StreamType.ECHO)
-                for size in (64, 2304):
+                for size in sizes:
                     payload, lat = b"x" * size, []
                     for i in range(n + 20):
                         t0 = time.perf_counter()
@@ -743,7 +743,10 @@ def main_model(path: Path, quick: bool, trace_hops: bool) -> None:
     print(f"node processes on loopback, {MODEL}: solo and 2 stages (budget {VRAM[2]} GB each) ...", flush=True)
     rows = bench_procs(["fast"], max_tokens={"fast": 32 if quick else 48}, reps=3 if quick else 5, stage_counts=(1, 2))
     print("QUIC frame round trip to a node process ...", flush=True)
-    transport = bench_transport(200 if quick else 500)
+    from mesh402.models.gguf_meta import read_gguf_meta
+
+    width = read_gguf_meta(src.path).hidden  # a token's f32 activations: 4 x width bytes
+    transport = bench_transport(200 if quick else 500, (64, 2304, 4 * width))
     trace: dict = {}
     if trace_hops:
         print("hand-offs of a 2-stage split, traced ...", flush=True)
