@@ -299,9 +299,10 @@ class Stage:
                 logits: Literal["last", "all", "hidden"] = "last") -> torch.Tensor:
         """Run rows ``x`` at positions [start_pos, start_pos+T).
 
-        Rows at index >= ``n_real`` are padding: computed (so shapes stay fixed)
-        and written to the KV cache, but the cache length afterwards is
-        ``start_pos + n_real``. On the last stage returns fp32 logits of row
+        Rows at index >= ``n_real`` are padding: in exact mode computed (so shapes stay fixed) and written
+        to the KV cache; in fast mode on a dense stage not computed at all (zeros in the output), since
+        every kernel there gives a row the same bits whatever else is in the call. Either way the cache
+        length afterwards is ``start_pos + n_real``. On the last stage returns fp32 logits of row
         ``n_real-1`` (``[vocab]``), or of all rows (``[T, vocab]``), or with ``"hidden"`` the final-normed
         hidden states of all rows (``[T, hidden]``, no LM head: what embedding models pool).
         """
@@ -318,7 +319,15 @@ class Stage:
             else:
                 h = x.to(device=self.device, dtype=torch.float32)
             self._n_real = n_real
-            h = (self._layers_fast if self._all_fast else self._layers)(kv, h, start_pos, T)
+            if self._all_fast:
+                # A prompt's last chunk is padded to the chunk size so that exact mode's GEMMs keep one shape;
+                # fast mode's kernels are row-independent, so a short prompt need not pay for 32 rows (the
+                # same rule on every path: solo, split, replay, so they agree; prefix reuse takes whole chunks).
+                skip = n_real < T and not self.moe_layers
+                y = self._layers_fast(kv, h[:n_real] if skip else h, start_pos, n_real if skip else T)
+                h = torch.cat((y, y.new_zeros((T - n_real, y.shape[1])))) if skip else y
+            else:
+                h = self._layers(kv, h, start_pos, T)
             kv.length = start_pos + n_real
             if not self.last:
                 return h

@@ -139,3 +139,22 @@ def test_dense_fp16_weights_take_fp16_activations(tmp_path) -> None:
     assert not torch.equal(bf16[0], fp16[0])
     for a, b in zip(bf16, fp16):
         assert torch.allclose(a, b, atol=0.15, rtol=0.05)
+
+
+def test_fast_mode_does_not_compute_a_chunks_padding_rows() -> None:
+    """A prompt's last chunk is padded to the chunk size (exact mode's GEMMs keep one shape). Fast mode's
+    kernels are row-independent, so it runs only the real rows: the same bits as the unpadded rows, padding
+    rows zero, nothing written past them; exact mode still computes its padding."""
+    path = smollm2_gguf()
+    toks = torch.tensor([1, 9690, 198, 2683, 359] + [0] * 27)  # 5 real tokens padded to a 32-row chunk
+    for mode in ("fast", "exact"):
+        eng = Engine.load(path, mode=mode, layers=(0, 10), load_tokenizer=False)
+        with eng.new_session(64) as a, eng.new_session(64) as b:
+            padded = a.forward(toks, 0, 5)
+            alone = b.forward(toks[:5], 0, 5)
+            assert padded.shape == (32, eng.config.hidden) and len(a) == 5
+            if mode == "fast":
+                assert torch.equal(padded[:5], alone) and not padded[5:].any()
+                assert torch.equal(a.kvs[0].k[:, :, :5], b.kvs[0].k[:, :, :5])
+            else:
+                assert padded[5:].abs().sum() > 0
