@@ -321,8 +321,9 @@ class Stage:
             self._n_real = n_real
             if self._all_fast:
                 # A prompt's last chunk is padded to the chunk size so that exact mode's GEMMs keep one shape;
-                # fast mode's kernels are row-independent, so a short prompt need not pay for 32 rows (the
-                # same rule on every path: solo, split, replay, so they agree; prefix reuse takes whole chunks).
+                # fast mode's kernels compute each row on its own, so a short prompt need not pay for 32 rows.
+                # Every path (solo, split, replay) applies the same rule, so they agree whatever the kernels;
+                # prefix reuse keeps whole chunks only.
                 skip = n_real < T and not self.moe_layers
                 y = self._layers_fast(kv, h[:n_real] if skip else h, start_pos, n_real if skip else T)
                 h = torch.cat((y, y.new_zeros((T - n_real, y.shape[1])))) if skip else y
