@@ -32,7 +32,6 @@ __all__ = ["TILE", "SLAB", "enabled", "compute_dtype", "kernel_set", "pack_q4", 
            "dequant_q8", "tiled_linear", "mm_q4", "mm_q8"]
 
 
-
 # Functions, not module constants: TorchScript (which compiles these into fast mode's layer loop) reads no
 # module-level ints.
 def tile() -> int:
