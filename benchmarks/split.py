@@ -479,9 +479,11 @@ def bench_trace(mode: str, max_tokens: int, reps: int) -> dict:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def bench_transport(n: int, sizes: tuple[int, ...] = (64, 2304)) -> dict:
+def bench_transport(n: int, sizes: tuple[int, ...] = (64, 2304), idle_ms: float = 0.0) -> dict:
     """Frame round trip carrying one token's f32 activations (2304 B on the bundled model; 4 x its width on
-    another) to a node process over QUIC: the transport's share of a hop, without any model work."""
+    another) to a node process over QUIC: the transport's share of a hop, without any model work. With
+    `idle_ms`, both sides idle that long before each round trip, as a split's processes do while the other
+    computes (results under echo_<size>B_idle_ms)."""
     import mesh as meshbench  # benchmarks/mesh.py: its node-process and in-process service helpers
 
     from mesh402.mesh.framing import StreamType, make_frame
@@ -501,12 +503,15 @@ def bench_transport(n: int, sizes: tuple[int, ...] = (64, 2304)) -> dict:
                 for size in sizes:
                     payload, lat = b"x" * size, []
                     for i in range(n + 20):
+                        if idle_ms:
+                            time.sleep(idle_ms / 1000)  # the whole process idles, the event loop too
                         t0 = time.perf_counter()
                         await fs.send(make_frame(echo=pb.Echo(payload=payload)))
                         await fs.recv(5)
                         if i >= 20:
                             lat.append((time.perf_counter() - t0) * 1000)
-                    out[f"echo_{size}B_ms"] = {"median": med(lat), "p90": sorted(lat)[int(0.9 * (len(lat) - 1))], "n": n}
+                    key = f"echo_{size}B_idle_ms" if idle_ms else f"echo_{size}B_ms"
+                    out[key] = {"median": med(lat), "p90": sorted(lat)[int(0.9 * (len(lat) - 1))], "n": n}
                 await fs.finish()
             finally:
                 await me.stop()
@@ -747,6 +752,8 @@ def main_model(path: Path, quick: bool, trace_hops: bool) -> None:
 
     width = read_gguf_meta(src.path).hidden  # a token's f32 activations: 4 x width bytes
     transport = bench_transport(200 if quick else 500, (64, 2304, 4 * width))
+    # the same frames after ~one stage's compute of idling: what a split's deliveries meet
+    transport.update(bench_transport(100 if quick else 200, (4 * width,), idle_ms=12.0))
     trace: dict = {}
     if trace_hops:
         print("hand-offs of a 2-stage split, traced ...", flush=True)
