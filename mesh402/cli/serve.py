@@ -81,7 +81,7 @@ def serve(
     max_kv_mb: Annotated[Optional[float], typer.Option(help="KV memory of all sessions of a model, in MB (1e6 bytes); a request whose prompt + max_tokens would pass it gets 503 + Retry-After instead of memory (default: no cap beyond --max-sessions).")] = None,
     speculative: Annotated[str, typer.Option(help="Speculative decoding: 'ngram' (prompt-lookup drafts verified in one step, on a split in one round trip through the stages; the output equals plain decoding token for token) or 'none'.")] = "none",
     draft_tokens: Annotated[int, typer.Option(help="With --speculative ngram: at most this many drafts verified per step (each request drafts as many as its acceptance rate pays for, none when none pays).")] = 4,
-    step_tokens: Annotated[int, typer.Option(help="Prompt tokens prefilled per batched step, between the running streams' decode rows (a long prompt never stalls them longer).")] = 128,
+    step_tokens: Annotated[int, typer.Option(help="Prompt rows prefilled per batched step, between the running streams' decode rows (a long prompt never stalls them longer; fast mode counts a prompt's tokens, exact mode its padded 32-row chunks).")] = 128,
     max_vram: Annotated[Optional[float], typer.Option(help="Weight budget in GB (1e9 bytes, e.g. 0.08); a model larger than the budget is split across nodes.")] = None,
     max_split_rtt: Annotated[float, typer.Option(help="Peers with a higher RTT (ms) never hold a stage of a split.")] = 80.0,
     wire_dtype: Annotated[str, typer.Option(help="Activations between stages: f32 (bit-exact), f16 or bf16.")] = "f32",

@@ -3,7 +3,7 @@
 Prefill is chunked at fixed absolute positions: chunk boundaries fall on
 multiples of ``prefill_chunk`` (C) and every chunk is padded to C rows, so each
 prefill token meets the same matmul shapes no matter how the prompt was split
-across calls. A prompt sent whole and the same prompt continued from a cached
+across calls (fast mode computes only a chunk's real rows: its kernels are row-independent). A prompt sent whole and the same prompt continued from a cached
 chunk-aligned prefix give bit-identical logits. Decode runs one row per step.
 """
 
@@ -240,6 +240,13 @@ class Engine:
     @property
     def weight_bytes(self) -> int:
         return sum(s.weight_bytes for s in self.stages)
+
+    def prefill_rows(self, n: int) -> int:
+        """Rows a prefill chunk of ``n`` real tokens computes: ``n`` where every stage skips the padding (fast
+        mode, dense), else the whole chunk. What a step's token budget should be charged."""
+        if all(st.skips_padding for st in self.stages):
+            return n
+        return self.prefill_chunk
 
     def kv_bytes_for(self, max_len: int) -> int:
         cap = kv_capacity(max_len, self.prefill_chunk)

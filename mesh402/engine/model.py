@@ -324,7 +324,7 @@ class Stage:
                 # fast mode's kernels compute each row on its own, so a short prompt need not pay for 32 rows.
                 # Every path (solo, split, replay) applies the same rule, so they agree whatever the kernels;
                 # prefix reuse keeps whole chunks only.
-                skip = n_real < T and not self.moe_layers
+                skip = n_real < T and self.skips_padding
                 y = self._layers_fast(kv, h[:n_real] if skip else h, start_pos, n_real if skip else T)
                 h = torch.cat((y, y.new_zeros((T - n_real, y.shape[1])))) if skip else y
             else:
@@ -411,6 +411,11 @@ class Stage:
             else:
                 h = loop.ffn(li, h, True)
         return h
+
+    @property
+    def skips_padding(self) -> bool:
+        """Whether forward computes only a chunk's real rows (fast mode, dense layers; see forward)."""
+        return self._all_fast and not self.moe_layers
 
     def fast_loop(self) -> Any:
         """The scripted fast-mode layer loop over this stage's packed weights (built on first use)."""

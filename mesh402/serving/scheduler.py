@@ -181,12 +181,18 @@ class StepScheduler:
                 n = min(len(p.rest), C - len(s) % C)  # up to the next chunk boundary: the engine's own chunks
                 p.logits = s.prefill(p.rest[:n], logits=n == len(p.rest))  # only the prompt's last chunk's head
                 p.rest = p.rest[n:]
-                budget -= C
+                budget -= self._rows(n)
             if not p.rest:
                 _resolve(p.future, p.stepper.prefill_end(p.ids, p.logits))
         except Exception as e:  # noqa: BLE001 - this prompt failed; the others go on
             _fail(p.future, e)
         return budget
+
+    def _rows(self, n: int) -> int:
+        """What a chunk of n real tokens costs the step's budget: the rows the engine computes for it (fast mode
+        skips a chunk's padding, so short prompts share a step; exact mode computes all C)."""
+        rows = getattr(self.engine, "prefill_rows", None)
+        return int(rows(n)) if rows is not None else self.chunk
 
     @staticmethod
     def _check_error(session: Any) -> Exception:

@@ -69,3 +69,32 @@ def test_prefix_reuse_under_batching():
 
     alone, together = asyncio.run(main())
     assert together == alone
+
+
+@pytest.mark.parametrize("mode,together", [("fast", 3), ("exact", 1)])
+def test_a_step_budget_pays_for_the_rows_the_engine_computes(mode, together):
+    """Fast mode computes only a chunk's real rows, so a step's prompt budget (32 here) takes three 5-token
+    prompts at once; exact mode computes each chunk's 32 rows, so one prompt fills the budget."""
+    from mesh402.serving.scheduler import _Prefill
+
+    eng = Engine.load(smollm2_gguf(), mode=mode, load_tokenizer=False)
+    assert eng.prefill_rows(5) == (5 if mode == "fast" else 32)
+    ex = ThreadPoolExecutor(max_workers=1)
+    params = SamplingParams(temperature=0, seed=0)
+
+    async def main() -> list[bool]:
+        lm = LocalModel(eng, ex, prefix_cache=None, max_batch=8, step_tokens=32)
+        loop = asyncio.get_running_loop()
+        jobs = [_Prefill(await lm.open(16, params), [1, 2, 3, 4, 5 + i], loop.create_future()) for i in range(3)]
+        lm.scheduler._step(jobs, [])  # one step, as the engine thread runs it
+        await asyncio.sleep(0.05)  # the results are handed to this loop thread-safely
+        done = [j.future.done() for j in jobs]
+        for j in jobs:
+            j.stepper.session.close()
+        return done
+
+    try:
+        done = asyncio.run(main())
+    finally:
+        ex.shutdown()
+    assert done == [True] * together + [False] * (3 - together)
