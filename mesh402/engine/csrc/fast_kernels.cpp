@@ -31,6 +31,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <vector>
 
 namespace {
@@ -44,6 +45,24 @@ constexpr int GB = 16;   // blocks per group: one int32 lane per block
 // group (the tail) are packed 4 (q4) or 2 (q8) to a 64-byte vector instead, each lane a quarter (an
 // eighth) of a block.
 
+// 64-byte aligned storage for the quantized activations: every 64-byte vector load from them then stays in one
+// cache line (malloc aligns to 16 bytes only; a load split over two lines costs the width-8 tiles ~1.5x).
+template <typename T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <typename U>
+  Aligned64(const Aligned64<U>&) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{64})); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t{64}); }
+  template <typename U>
+  bool operator==(const Aligned64<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const Aligned64<U>&) const { return false; }
+};
+template <typename T>
+using avec = std::vector<T, Aligned64<T>>;
+
 // Activations quantized per block of 32, in two int8 planes: with t = x * 127 / max|x| (the block's),
 // q1 = round(t) and q2 = round(256 * (t - q1)), so x = (max|x| / 127) * (q1 + q2 / 256) to ~1/512 of a
 // step: ~16-bit activations from two integer dot products (one int8 plane alone flips near-ties of the
@@ -51,14 +70,14 @@ constexpr int GB = 16;   // blocks per group: one int32 lane per block
 // below is max|x| / 127 / 256. Laid out as the kernels read them.
 struct QRows {
   int64_t M = 0, nb = 0, G = 0, rt = 0, gt = 0;
-  std::vector<int8_t> xg;   // [M, G, 2, 512]: q4: lo half (v = 0..3) then hi half; q8: v = 0..7; lane l = block l
-  std::vector<float> dg;    // [M, G, 32]: d of the 16 blocks, then d * sum(256 q1 + q2) (q4) or 0 (q8)
-  std::vector<int32_t> cg;  // q8: [M, G, 16]: 128 * sum(256 q1 + q2) per block (the u8 weights' +128, taken out)
-  std::vector<int8_t> xt;   // tail, [M, gt, 2, 128] (q4: per 4 blocks, elements 0..15 of each, then 16..31)
+  avec<int8_t> xg;   // [M, G, 2, 512]: q4: lo half (v = 0..3) then hi half; q8: v = 0..7; lane l = block l
+  avec<float> dg;    // [M, G, 32]: d of the 16 blocks, then d * sum(256 q1 + q2) (q4) or 0 (q8)
+  avec<int32_t> cg;  // q8: [M, G, 16]: 128 * sum(256 q1 + q2) per block (the u8 weights' +128, taken out)
+  avec<int8_t> xt;   // tail, [M, gt, 2, 128] (q4: per 4 blocks, elements 0..15 of each, then 16..31)
                             //       [M, gt, 2, 64]  (q8: per 2 blocks, natural order)
-  std::vector<float> dt;    // tail lanes' d [M, gt, 16]
-  std::vector<float> st;    // q4 tail: d * sum(256 q1 + q2) per tail block [M, 16]
-  std::vector<int32_t> ct;  // q8 tail: 128 * (256 q1 + q2 summed over the 4 quants each lane reads) [M, gt, 16]
+  avec<float> dt;    // tail lanes' d [M, gt, 16]
+  avec<float> st;    // q4 tail: d * sum(256 q1 + q2) per tail block [M, 16]
+  avec<int32_t> ct;  // q8 tail: 128 * (256 q1 + q2 summed over the 4 quants each lane reads) [M, gt, 16]
 };
 
 void quantize_rows(const float* x, int64_t M, int64_t K, bool q4, QRows& r) {
