@@ -242,37 +242,74 @@ inline void tail_ac(const uint8_t* s, int64_t nb, int64_t G, int64_t rt, __m512&
   if constexpr (form == Q4_AC) c = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, h + nb + GB * G));
   else c = _mm512_mul_ps(a, _mm512_set1_ps(-8.f));
 }
-// The tail of a q4 row (blocks past its last whole group) for R activation rows, added into acc.
-template <int R>
-void q4_tail(const uint8_t* w, __m512 at_, __m512 cf, const QRows& r, int64_t m0, __m512* acc) {
-  // at_ / cf: a and c of the tail's blocks (tail_ac)
-  const __m512i lo4 = _mm512_set1_epi8(0x0F);
-  const uint8_t* wt = w + 256 * r.G;
+// The tail of NW q4 rows (blocks past their last whole group) for R activation rows, added into acc[j][i]
+// (at_[j] / cf[j]: a and c of row j's tail blocks, tail_ac). Per output the same operations whatever NW and R.
+template <int NW, int R>
+void q4_tail(const uint8_t* const* w, const __m512* at_, const __m512* cf, const QRows& r, int64_t m0,
+             __m512 (*acc)[R]) {
   const __m512i i4 = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-  __m512 tacc[R];
-  for (int i = 0; i < R; ++i) tacc[i] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < r.gt; ++g) {
-    const int nvalid = static_cast<int>(std::min<int64_t>(4, r.rt - 4 * g));
-    const __mmask64 km = nvalid == 4 ? ~0ULL : ((1ULL << (16 * nvalid)) - 1);
-    const __m512i v = _mm512_maskz_loadu_epi8(km, wt + 64 * g);
-    const __m512i lo = _mm512_and_si512(v, lo4);
-    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);
-    const __m512 al = _mm512_permutexvar_ps(_mm512_add_epi32(i4, _mm512_set1_epi32(static_cast<int>(4 * g))), at_);
-    for (int i = 0; i < R; ++i) {
-      const int8_t* xq = r.xt.data() + ((m0 + i) * r.gt + g) * 256;
-      __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xq));
-      s = _mm512_dpbusd_epi32(s, hi, _mm512_loadu_si512(xq + 64));
-      __m512i f = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xq + 128));
-      f = _mm512_dpbusd_epi32(f, hi, _mm512_loadu_si512(xq + 192));
-      s = _mm512_add_epi32(_mm512_slli_epi32(s, 8), f);
-      const __m512 sc = _mm512_mul_ps(al, _mm512_loadu_ps(r.dt.data() + ((m0 + i) * r.gt + g) * 16));
-      tacc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, tacc[i]);
+  if (r.rt <= 2) {
+    // One or two tail blocks fill half a vector: the same operations on 256-bit vectors, lane for lane (the
+    // 512-bit form's upper lanes hold +0 there and add nothing), at half the cost on cores that split 512-bit
+    // work in two, each activation vector loaded once for the NW rows. A 576-wide row (18 blocks) spent ~40%
+    // of a width-8 matmul in its 2-block tail.
+    const __m256i lo4 = _mm256_set1_epi8(0x0F);
+    const __mmask32 km = static_cast<__mmask32>((1ULL << (16 * r.rt)) - 1);
+    __m256i lo[NW], hi[NW];
+    __m256 al[NW], c8[NW];
+    for (int j = 0; j < NW; ++j) {
+      const __m256i v = _mm256_maskz_loadu_epi8(km, w[j] + 256 * r.G);
+      lo[j] = _mm256_and_si256(v, lo4);
+      hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4);
+      al[j] = _mm512_castps512_ps256(_mm512_permutexvar_ps(i4, at_[j]));
+      c8[j] = _mm512_castps512_ps256(cf[j]);
     }
+    for (int i = 0; i < R; ++i) {
+      const int8_t* xq = r.xt.data() + (m0 + i) * r.gt * 256;
+      const auto ld = [xq](int o) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + o)); };
+      const __m256i x0 = ld(0), x1 = ld(64), x2 = ld(128), x3 = ld(192);
+      const __m256 dx = _mm256_loadu_ps(r.dt.data() + (m0 + i) * r.gt * 16);
+      const __m256 sx = _mm256_loadu_ps(r.st.data() + (m0 + i) * 16);
+      for (int j = 0; j < NW; ++j) {
+        __m256i s = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo[j], x0), hi[j], x1);
+        const __m256i f = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo[j], x2), hi[j], x3);
+        s = _mm256_add_epi32(_mm256_slli_epi32(s, 8), f);
+        __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(al[j], dx), _mm256_setzero_ps());
+        t = _mm256_fmadd_ps(c8[j], sx, t);
+        acc[j][i] = _mm512_add_ps(acc[j][i], _mm512_zextps256_ps512(t));
+      }
+    }
+    return;
   }
-  // the tail's offsets: c * dx * sum(q) per tail block (< 16 of them)
-  for (int i = 0; i < R; ++i) {
-    tacc[i] = _mm512_fmadd_ps(cf, _mm512_loadu_ps(r.st.data() + (m0 + i) * 16), tacc[i]);
-    acc[i] = _mm512_add_ps(acc[i], tacc[i]);
+  const __m512i lo4 = _mm512_set1_epi8(0x0F);
+  for (int j = 0; j < NW; ++j) {
+    const uint8_t* wt = w[j] + 256 * r.G;
+    __m512 tacc[R];
+    for (int i = 0; i < R; ++i) tacc[i] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < r.gt; ++g) {
+      const int nvalid = static_cast<int>(std::min<int64_t>(4, r.rt - 4 * g));
+      const __mmask64 km = nvalid == 4 ? ~0ULL : ((1ULL << (16 * nvalid)) - 1);
+      const __m512i v = _mm512_maskz_loadu_epi8(km, wt + 64 * g);
+      const __m512i lo = _mm512_and_si512(v, lo4);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);
+      const __m512 al =
+          _mm512_permutexvar_ps(_mm512_add_epi32(i4, _mm512_set1_epi32(static_cast<int>(4 * g))), at_[j]);
+      for (int i = 0; i < R; ++i) {
+        const int8_t* xq = r.xt.data() + ((m0 + i) * r.gt + g) * 256;
+        __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xq));
+        s = _mm512_dpbusd_epi32(s, hi, _mm512_loadu_si512(xq + 64));
+        __m512i f = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xq + 128));
+        f = _mm512_dpbusd_epi32(f, hi, _mm512_loadu_si512(xq + 192));
+        s = _mm512_add_epi32(_mm512_slli_epi32(s, 8), f);
+        const __m512 sc = _mm512_mul_ps(al, _mm512_loadu_ps(r.dt.data() + ((m0 + i) * r.gt + g) * 16));
+        tacc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, tacc[i]);
+      }
+    }
+    // the tail's offsets: c * dx * sum(q) per tail block (< 16 of them)
+    for (int i = 0; i < R; ++i) {
+      tacc[i] = _mm512_fmadd_ps(cf[j], _mm512_loadu_ps(r.st.data() + (m0 + i) * 16), tacc[i]);
+      acc[j][i] = _mm512_add_ps(acc[j][i], tacc[i]);
+    }
   }
 }
 
@@ -345,14 +382,13 @@ void q4_rows(const uint8_t* const* w, int64_t K, const QRows& r, int64_t m0, flo
       }
     }
   }
-  for (int j = 0; j < NW; ++j) {
-    if (r.rt) {
-      __m512 at_, ct_;
-      tail_ac<form>(w[j] + K / 2, r.nb, r.G, r.rt, at_, ct_);
-      q4_tail<R>(w[j], at_, ct_, r, m0, acc[j]);
-    }
-    for (int i = 0; i < R; ++i) y[i * ldy + j] = _mm512_reduce_add_ps(acc[j][i]);
+  if (r.rt) {
+    __m512 at_[NW], ct_[NW];
+    for (int j = 0; j < NW; ++j) tail_ac<form>(w[j] + K / 2, r.nb, r.G, r.rt, at_[j], ct_[j]);
+    q4_tail<NW, R>(w, at_, ct_, r, m0, acc);
   }
+  for (int j = 0; j < NW; ++j)
+    for (int i = 0; i < R; ++i) y[i * ldy + j] = _mm512_reduce_add_ps(acc[j][i]);
 }
 
 // q8 row layout: G groups of 512 bytes (vector v = 0..7, lane l = block l, bytes: quants 4v..4v+3, +128),
