@@ -256,6 +256,8 @@ def main() -> None:
     ap.add_argument("--teacher", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--prompt-ids", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.rounds < 1:
+        ap.error(f"--rounds must be at least 1, not {a.rounds}")
     if a.worker is None:
         devices.require_device(a.device)  # one line here, not a traceback from a worker's engine load
     if a.model is None and a.worker is None and a.synthetic:
@@ -318,6 +320,7 @@ def main() -> None:
     llama_rows = [r for r in rows if r["engine"].startswith("llama.cpp")]
     ref = max(llama_rows, key=lambda r: r["decode_tok_s"]) if llama_rows else None  # llama.cpp's best path
     rounds = more_rounds(a.rounds, fast, ref, common) if fast and ref and a.rounds > 1 else []
+    median_ratio = statistics.median(r["ratio"] for r in rounds) if rounds else None
     from harness.synthetic_gguf import weight_bytes_per_token
 
     per_token = weight_bytes_per_token(Path(a.model))
@@ -355,9 +358,8 @@ def main() -> None:
             rt.add_column(col, justify="right")
         for i, r in enumerate(rounds):
             rt.add_row(str(i + 1), r["first"], f"{r['mesh402']:.1f}", f"{r['llamacpp']:.1f}", f"{r['ratio']:.2f}x")
-        med = statistics.median(r["ratio"] for r in rounds)
         rt.add_row("median", "", f"{statistics.median(r['mesh402'] for r in rounds):.1f}",
-                   f"{statistics.median(r['llamacpp'] for r in rounds):.1f}", f"{med:.2f}x")
+                   f"{statistics.median(r['llamacpp'] for r in rounds):.1f}", f"{median_ratio:.2f}x")
         Console(width=200).print(rt)
     RESULTS.mkdir(parents=True, exist_ok=True)
     for r in rows:
@@ -367,7 +369,7 @@ def main() -> None:
            "weight_bytes_per_token": per_token, "rows": rows, "time": time.time()}
     if rounds:
         out["rounds"] = rounds
-        out["decode_vs_llamacpp_median"] = statistics.median(r["ratio"] for r in rounds)
+        out["decode_vs_llamacpp_median"] = median_ratio
     if gpu:  # a GPU run says where it ran and what it could not run (CPU files keep their keys)
         out.update({k: v for k, v in membw.items() if k not in ("read_gb_s", "threads")})
         out.update({"notes": notes, "failed": failed})
@@ -389,7 +391,7 @@ def more_rounds(n: int, fast: dict, ref: dict, common: list[str]) -> list[dict]:
     for i in range(1, n):
         first = "llamacpp" if i % 2 else "mesh402"
         got: dict[str, float] = {}
-        for who in ((first, "mesh402" if first == "llamacpp" else "llamacpp")):
+        for who in (first, "mesh402" if first == "llamacpp" else "llamacpp"):
             res = run_worker(["fast", *common] if who == "mesh402" else [path, *common, *teacher])
             got[who] = res["decode_tok_s"]
         out.append({"first": first, **got})

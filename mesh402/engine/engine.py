@@ -3,8 +3,9 @@
 Prefill is chunked at fixed absolute positions: chunk boundaries fall on
 multiples of ``prefill_chunk`` (C) and every chunk is padded to C rows, so each
 prefill token meets the same matmul shapes no matter how the prompt was split
-across calls (fast mode computes only a chunk's real rows: its kernels are row-independent). A prompt sent whole and the same prompt continued from a cached
-chunk-aligned prefix give bit-identical logits. Decode runs one row per step.
+across calls (fast mode's dense stages compute only a chunk's real rows: Stage.forward).
+A prompt sent whole and the same prompt continued from a cached chunk-aligned prefix
+give bit-identical logits. Decode runs one row per step.
 """
 
 from __future__ import annotations

@@ -59,7 +59,8 @@ def test_engine_on_the_accel_path_names_it_and_agrees_with_exact_mode(monkeypatc
     name = accel.kernel_set(torch.device(dev).type)
     assert name and device_signature(dev).endswith(":" + name)
     exact = Engine.load(smollm2_gguf(), mode="exact", max_sessions=2, load_tokenizer=False)
-    ids = eng.tokenizer.encode(eng.chat_template.render([{"role": "user", "content": "What is the capital of France?"}]))
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = eng.tokenizer.encode(eng.chat_template.render(question))
 
     def greedy(e: Engine, n: int = 6) -> tuple[list[int], torch.Tensor]:
         with e.new_session(len(ids) + n + 1) as s:

@@ -61,7 +61,8 @@ def test_pack_round_trips() -> None:
         q = torch.randint(0, 16, (3, K), dtype=torch.uint8, generator=gen)
         a, c = torch.randn(3, K // 32, generator=gen), torch.randn(3, K // 32, generator=gen)
         uq, ua, uc = qkernels._unpack_q4(qkernels.pack_q4(q, a, c), K)
-        assert torch.equal(uq.reshape(3, K), q) and torch.equal(ua, a.half().float()) and torch.equal(uc, c.half().float())
+        assert torch.equal(uq.reshape(3, K), q)
+        assert torch.equal(ua, a.half().float()) and torch.equal(uc, c.half().float())
         w0 = qkernels.pack_q4(q, a, None)  # Q4_0: the scale alone, offset -8 scale
         assert w0.shape[1] == K // 2 + K // 16
         uq, ua, uc = qkernels._unpack_q4(w0, K)
