@@ -153,6 +153,10 @@ def test_fast_mode_does_not_compute_a_chunks_padding_rows() -> None:
             padded = a.forward(toks, 0, 5)
             alone = b.forward(toks[:5], 0, 5)
             assert padded.shape == (32, eng.config.hidden) and len(a) == 5
+            for bad in (0, 33):  # an upstream's n_real out of [1, T]: refused before any KV is written
+                with pytest.raises(ValueError):
+                    a.forward(toks, 5, bad)
+            assert len(a) == 5
             if mode == "fast":
                 assert torch.equal(padded[:5], alone) and not padded[5:].any()
                 assert torch.equal(a.kvs[0].k[:, :, :5], b.kvs[0].k[:, :, :5])
