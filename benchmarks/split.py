@@ -27,7 +27,8 @@ reaches the network (delay rows run in private network namespaces with no route 
   host arrival) timed on the machine's one monotonic clock, medians over every traced step.
 - another model (`--model`, e.g. the synthetic 1B of `benchmarks/engine.py --synthetic Q4_K`): only the
   loopback node processes, solo vs 2-stage (each stage's weight budget 0.6 x the file), fast mode, the
-  frame round trip, and with `--trace` the traced hand-offs; writes benchmarks/results/split-<model>.json.
+  frame round trip (hot, and after each side idles 2, 4, 8 and 12 ms: the split's processes idle while the
+  other computes), and with `--trace` the traced hand-offs; writes benchmarks/results/split-<model>.json.
 - wire dtype: teacher-forced agreement of f16 / bf16 activations against f32 (every step fed the
   f32 trajectory): greedy-token agreement and max |dlogit|, plus the free-running identical
   prefix through the real pipeline over MemoryLink.
@@ -479,11 +480,11 @@ def bench_trace(mode: str, max_tokens: int, reps: int) -> dict:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def bench_transport(n: int, sizes: tuple[int, ...] = (64, 2304), idle_ms: float = 0.0) -> dict:
+def bench_transport(n: int, sizes: tuple[int, ...] = (64, 2304), idle_ms: tuple[float, ...] = (0.0,)) -> dict:
     """Frame round trip carrying one token's f32 activations (2304 B on the bundled model; 4 x its width on
-    another) to a node process over QUIC: the transport's share of a hop, without any model work. With
-    `idle_ms`, both sides idle that long before each round trip, as a split's processes do while the other
-    computes (results under echo_<size>B_idle_ms)."""
+    another) to a node process over QUIC: the transport's share of a hop, without any model work. For each
+    `idle_ms` above 0, both sides idle that long before each round trip, as a split's processes do while the
+    other computes (results under echo_<size>B_idle<idle>ms; without idling echo_<size>B)."""
     import mesh as meshbench  # benchmarks/mesh.py: its node-process and in-process service helpers
 
     from mesh402.mesh.framing import StreamType, make_frame
@@ -494,6 +495,8 @@ def bench_transport(n: int, sizes: tuple[int, ...] = (64, 2304), idle_ms: float 
     out: dict = {}
     try:
         remote.wait_up()
+        settle(remote.p.pid)  # a node answers its status before its start-up work is done: round trips
+        # measured meanwhile share the CPU with it (the first ~2 s were 1.5-2.5x slower here)
 
         async def run() -> None:
             me = meshbench.svc(root, "echo-local")
@@ -501,17 +504,19 @@ def bench_transport(n: int, sizes: tuple[int, ...] = (64, 2304), idle_ms: float 
             try:
                 fs = await me.open_stream(me.connected_peers()[0], StreamType.ECHO)
                 for size in sizes:
-                    payload, lat = b"x" * size, []
-                    for i in range(n + 20):
-                        if idle_ms:
-                            time.sleep(idle_ms / 1000)  # the whole process idles, the event loop too
-                        t0 = time.perf_counter()
-                        await fs.send(make_frame(echo=pb.Echo(payload=payload)))
-                        await fs.recv(5)
-                        if i >= 20:
-                            lat.append((time.perf_counter() - t0) * 1000)
-                    key = f"echo_{size}B_idle_ms" if idle_ms else f"echo_{size}B_ms"
-                    out[key] = {"median": med(lat), "p90": sorted(lat)[int(0.9 * (len(lat) - 1))], "n": n}
+                    for idle in idle_ms:
+                        payload, lat = b"x" * size, []
+                        for i in range(n + 20):
+                            if idle:
+                                time.sleep(idle / 1000)  # the whole process idles, the event loop too
+                            t0 = time.perf_counter()
+                            await fs.send(make_frame(echo=pb.Echo(payload=payload)))
+                            await fs.recv(5)
+                            if i >= 20:
+                                lat.append((time.perf_counter() - t0) * 1000)
+                        key = f"echo_{size}B_idle{idle:g}ms" if idle else f"echo_{size}B"
+                        out[key] = {"median": med(lat), "p90": sorted(lat)[int(0.9 * (len(lat) - 1))], "n": n,
+                                    "size_B": size, "idle_ms": idle}
                 await fs.finish()
             finally:
                 await me.stop()
@@ -521,6 +526,32 @@ def bench_transport(n: int, sizes: tuple[int, ...] = (64, 2304), idle_ms: float 
         remote.stop()
         shutil.rmtree(root, ignore_errors=True)
     return out
+
+
+IDLE_SWEEP_MS = (2.0, 4.0, 8.0, 12.0)
+
+
+def settle(pid: int, quiet: float = 0.05, window_s: float = 0.5, timeout_s: float = 30.0) -> None:
+    """Wait until process `pid` uses under `quiet` of a CPU over `window_s` (at most `timeout_s`)."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def cpu() -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        c0 = cpu()
+        time.sleep(window_s)
+        if cpu() - c0 < quiet * window_s:
+            return
+
+
+def print_transport(transport: dict) -> None:
+    for v in transport.values():
+        idle = f" after {v['idle_ms']:g} ms idle" if v["idle_ms"] else ""
+        print(f"QUIC frame round trip to a node process, {v['size_B']}B Echo on one stream{idle}: "
+              f"median {v['median']:.3f} ms, p90 {v['p90']:.3f} ms")
 
 
 def bench_delay(delays_ms: list[float], stage_counts: list[int], mode: str, max_tokens: int, reps: int) -> list[dict]:
@@ -675,9 +706,7 @@ def main() -> None:
     derive(rows)
     gpu = device_info()
     print_report(rows, wire, gpu_where(gpu))
-    for k, v in transport.items():
-        print(f"QUIC frame round trip to a node process, {k[5:-3]} Echo on one stream: median {v['median']:.3f} ms, "
-              f"p90 {v['p90']:.3f} ms")
+    print_transport(transport)
     if gpu_peak:
         print("torch's peak GPU memory of the in-process engines (solo, 2- and 3-stage at once): "
               + ", ".join(f"{m} {v:.0f} MiB" for m, v in gpu_peak.items()))
@@ -752,8 +781,9 @@ def main_model(path: Path, quick: bool, trace_hops: bool) -> None:
 
     width = read_gguf_meta(src.path).hidden  # a token's f32 activations: 4 x width bytes
     transport = bench_transport(200 if quick else 500, (64, 2304, 4 * width))
-    # the same frames after ~one stage's compute of idling: what a split's deliveries meet
-    transport.update(bench_transport(100 if quick else 200, (4 * width,), idle_ms=12.0))
+    # the model's frames after idling 2-12 ms (~one stage's compute): what a split's deliveries meet. On a VM
+    # the round trip grows with the idle time before it (a woken vCPU runs cold); this sweep shows how much.
+    transport.update(bench_transport(100 if quick else 200, (4 * width,), idle_ms=IDLE_SWEEP_MS))
     trace: dict = {}
     if trace_hops:
         print("hand-offs of a 2-stage split, traced ...", flush=True)
@@ -761,9 +791,7 @@ def main_model(path: Path, quick: bool, trace_hops: bool) -> None:
     derive(rows)
     gpu = device_info()
     print_report(rows, [], gpu_where(gpu))
-    for k, v in transport.items():
-        print(f"QUIC frame round trip to a node process, {k[5:-3]} Echo on one stream: median {v['median']:.3f} ms, "
-              f"p90 {v['p90']:.3f} ms")
+    print_transport(transport)
     if trace:
         print(f"hand-offs of a 2-stage fast split on loopback, median ms over {int(trace['steps'])} traced steps: "
               + ", ".join(f"{k} {v:.3f}" for k, v in trace.items() if k != "steps"))
