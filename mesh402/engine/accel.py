@@ -28,8 +28,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TILE", "SLAB", "enabled", "compute_dtype", "kernel_set", "pack_q4", "pack_q8", "dequant_q4",
-           "dequant_q8", "tiled_linear", "mm_q4", "mm_q8"]
+__all__ = ["TILE", "SLAB", "enabled", "compute_dtype", "kernel_set", "pack_q4", "block_nibbles", "pack_q8",
+           "dequant_q4", "dequant_q8", "tiled_linear", "mm_q4", "mm_q8"]
 
 
 # Functions, not module constants: TorchScript (which compiles these into fast mode's layer loop) reads no
@@ -76,9 +76,15 @@ def pack_q4(q: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> tuple[torch.Te
     [N, K/2], byte i of a block = quant i | quant 16 + i << 4, the layout of ggml's Q4_0; fp16 [N, K/32, 2]
     holding a and c)."""
     N, K = q.shape
-    qb = q.reshape(N, K // 32, 2, 16)
-    nib = (qb[:, :, 0] | (qb[:, :, 1] << 4)).reshape(N, K // 2).contiguous()
-    return nib, torch.stack((a, c), dim=-1).half().contiguous()
+    return block_nibbles(q.reshape(N, K // 32, 32)).contiguous(), torch.stack((a, c), dim=-1).half().contiguous()
+
+
+def block_nibbles(qb: torch.Tensor) -> torch.Tensor:
+    """Blocks of 32 quants in [0, 16), uint8 [N, nb, 32] -> [N, nb * 16] bytes in ggml's Q4_0 order: byte i of a
+    block holds quant i (low nibble) and quant 16 + i (high). engine.qkernels packs its rows' tails this way too."""
+    N, nb, _ = qb.shape
+    halves = qb.reshape(N, nb, 2, 16)
+    return (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(N, nb * 16)
 
 
 def pack_q8(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

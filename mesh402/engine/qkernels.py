@@ -154,8 +154,7 @@ def _q4_quants(q: torch.Tensor) -> torch.Tensor:
     qb = q.reshape(N, nb, QK)
     full = qb[:, :G * _GB].reshape(N, G, _GB, 2, 4, 4)  # [N, g, lane, half, v, k]
     nib = (full[:, :, :, 0] | (full[:, :, :, 1] << 4)).permute(0, 1, 3, 2, 4).reshape(N, G * 256)
-    tail = qb[:, G * _GB:].reshape(N, nb - G * _GB, 2, 16)
-    return torch.cat((nib, (tail[:, :, 0] | (tail[:, :, 1] << 4)).reshape(N, -1)), dim=1)
+    return torch.cat((nib, accel.block_nibbles(qb[:, G * _GB:])), dim=1)
 
 
 def _u8(t: torch.Tensor) -> torch.Tensor:
