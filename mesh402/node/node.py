@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +27,7 @@ from mesh402.models.catalog import ModelSource
 from mesh402.node.mesh_runtime import MeshRuntime
 from mesh402.node.payouts import entry_closer
 from mesh402.placement import node_capacity
+from mesh402.serving.engine_thread import EngineThread
 from mesh402.serving.generation import LocalModel
 from mesh402.serving.registry import ModelEntry, ModelRegistry
 from mesh402.settings import NodeConfig
@@ -54,7 +54,7 @@ class Node:
         for src in sources:
             self.registry.add(src)
         # One engine thread per node: torch calls are serialised; requests interleave per step.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self.executor = EngineThread()  # every engine call of this node, one at a time (serving.engine_thread)
         self.app = create_app(config, self.registry, live_listing=self._live_listing)
         self.edge = edge_of(self.app)  # what the API's handlers share: the node attaches its runtime to it
         if config.backends:  # --backend URL: answered through this API, probed in the background

@@ -13,7 +13,6 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -38,6 +37,7 @@ from mesh402.placement import (
     plan_model,
     stage_bytes,
 )
+from mesh402.serving.engine_thread import EngineThread
 from mesh402.serving.expert_receipts import ExpertAccounts, ExpertHostReceipts
 from mesh402.serving.experts import ExpertPayer, ExpertService, MeshExpertTransport
 from mesh402.serving.generation import LocalModel
@@ -60,7 +60,7 @@ class ServingNode(Protocol):
 
     config: NodeConfig
     registry: ModelRegistry
-    executor: ThreadPoolExecutor  # the node's single engine thread
+    executor: EngineThread  # the node's single engine thread
 
     def fingerprint(self, path: Path) -> str:
         """Content hash of a model file or folder (cached)."""
@@ -127,7 +127,7 @@ class DistributedRuntime(Failover):
         self.max_split_rtt_ms = max_split_rtt_ms
         self.wire_dtype = wire_dtype
         self.reconcile_s = reconcile_s
-        self.executor: ThreadPoolExecutor = node.executor
+        self.executor: EngineThread = node.executor
         self.hosted: dict[str, Hosted] = {}
         self.epochs: dict[str, int] = {}
         self.waiting: dict[str, str] = {}  # key -> reason no plan is possible now

@@ -10,18 +10,26 @@ running alone; only the engine call is shared.
 
 Before a batch the batcher waits a moment (``gather_s``) for the sessions of the previous batch to hand in
 their next row, so the batch does not fragment into stragglers; a stage holding one session never waits.
+
+A stage holding one session also skips the engine thread (``here_s``): its row runs on the event loop's
+thread when the engine thread is idle (serving.engine_thread) and the stage's recent steps were short, which
+saves two thread wake-ups on every token a split serves. The loop is blocked meanwhile, which is why only
+short steps run there: nothing else waits on a stage that has one session, pings and gossip tolerate a
+step's delay, and a slow step (a large model on a slow machine) would hold the loop too long for the little
+the hand-off costs beside it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
-from mesh402.serving.scheduler import _fail, _resolve, gather
+from mesh402.serving.scheduler import _set, gather
 
 __all__ = ["RowBatcher"]
 
@@ -36,9 +44,12 @@ class _Row:
 
 class RowBatcher:
     def __init__(self, engine: Any, executor: Executor, *, max_batch: int = 8, gather_s: float = 0.003,
-                 quiet_s: float = 0.0005) -> None:
+                 quiet_s: float = 0.0005, here_s: float = 0.0) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        # > 0: a lone row runs on the loop's thread while batches take under this long (the module's docstring)
+        self.here_s = here_s
+        self._took: float | None = None  # recent batches' duration (moving average), seconds
         self.engine = engine
         self.executor = executor
         self.max_batch = max_batch
@@ -55,8 +66,17 @@ class RowBatcher:
         self.widths: Counter[int] = Counter()  # batch width -> batches run at that width
 
     async def step(self, session: Any, x: Any, finish: Callable[[Any], Any]) -> Any:
-        """One decode row of `session` at its next position; `finish(output)` runs on the engine thread."""
+        """One decode row of `session` at its next position; `finish(output)` runs where the forward ran (the
+        engine thread, or the loop's thread for a lone row: `_lone`)."""
         row = _Row(session, x, finish, asyncio.get_running_loop().create_future())
+        if self._lone(session):
+            try:
+                ran, answers = self.executor.run_here(self._run, [row])  # type: ignore[attr-defined]
+            except Exception as e:  # the forward itself failed: this session's step fails, as on the engine thread
+                ran, answers = True, [(row.future, None, e)]
+            if ran:
+                self._answer([row], answers)
+                return await row.future  # resolved already: no loop iteration, no task
         self._rows.append(row)
         self._wake.set()
         if self._driver is None or self._driver.done():
@@ -84,30 +104,52 @@ class RowBatcher:
                     seen.add(id(r.session))
                     self._rows.remove(r)
             try:
-                await loop.run_in_executor(self.executor, self._run, batch)
+                answers = await loop.run_in_executor(self.executor, self._run, batch)
             except BaseException as e:
                 for r in batch:
                     if not r.future.done():
                         r.future.set_exception(e if isinstance(e, Exception) else RuntimeError(str(e)))
                 if not isinstance(e, Exception):
                     raise
-            self._active = {id(r.session) for r in batch if not r.session.closed}
+                answers = []
+            self._answer(batch, answers)
 
-    def _run(self, batch: list[_Row]) -> None:
-        """Engine thread: one forward for the rows of the batch (a row that cannot share it runs alone and
-        fails only its own session, see Engine.forward_batch); each row finished on its own."""
+    def _answer(self, batch: list[_Row], answers: list[tuple[asyncio.Future, Any, Exception | None]]) -> None:
+        """Loop thread, after the engine call has returned (and released the engine, serving.engine_thread):
+        the batch's sessions are expected together next, then each row gets its answer. In this order a session
+        resumed by its answer finds itself expected with the others (else its next row could run alone, see
+        `_lone`), and finds the engine free for a row it may run here."""
+        self._active = {id(r.session) for r in batch if not r.session.closed}
+        for fut, value, err in answers:
+            _set(fut, value, err)
+
+    def _lone(self, session: Any) -> bool:
+        """Whether `session`'s row may run at once on the loop's thread: no other session's row waiting or
+        expected, the recent batches short, and an executor that can run a call here (serving.engine_thread;
+        it refuses while the engine thread runs a call, a batch included)."""
+        return (self.here_s > 0 and not self._rows and self._active <= {id(session)} and self._took is not None
+                and self._took < self.here_s and hasattr(self.executor, "run_here"))
+
+    def _run(self, batch: list[_Row]) -> list[tuple[asyncio.Future, Any, Exception | None]]:
+        """Engine thread (or the loop's: see `_lone`): one forward for the rows of the batch (a row that cannot
+        share it runs alone and fails only its own session, see Engine.forward_batch); each row finished on its
+        own. Returns each row's (future, answer, error) for `_answer`."""
         live = [r for r in batch if not r.future.cancelled()]
         if not live:
-            return
+            return []
+        t0 = time.monotonic()
         outs = self.engine.forward_batch([r.session for r in live], [r.x for r in live])
+        took = time.monotonic() - t0
+        self._took = took if self._took is None else 0.7 * self._took + 0.3 * took
         self.batches += 1
         self.rows += len(live)
         self.widths[len(live)] += 1
+        answers: list[tuple[asyncio.Future, Any, Exception | None]] = []
         for r, out in zip(live, outs):
-            if isinstance(out, Exception):
-                _fail(r.future, out)
-                continue
             try:
-                _resolve(r.future, r.finish(out))
+                if isinstance(out, Exception):
+                    raise out
+                answers.append((r.future, r.finish(out), None))
             except Exception as e:  # noqa: BLE001 - this row's sampling or encoding failed; the others go on
-                _fail(r.future, e)
+                answers.append((r.future, None, e))
+        return answers

@@ -52,6 +52,9 @@ AssignPolicy = Callable[[str, pb.StageFrame], "tuple[str, str] | None | Awaitabl
 MAX_STREAMS_PER_PEER = 64  # STAGE streams one peer may hold open here at once (sessions + control)
 RECENT_REQUESTS = 4096  # grant nonces remembered: a grant opens one session, once
 MAX_DRAFT_ROWS = 17  # rows of one speculative step: the sampled token and up to 16 drafts (--draft-tokens)
+# A lone session's decode row runs on the event loop's thread while the stage's steps take under this long
+# (serving.stage_batch): it saves two thread wake-ups a token, and blocks the loop no longer than this.
+HERE_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -79,10 +82,12 @@ class StageStats:
 class StageWorker:
     def __init__(self, node_id: str, executor: ThreadPoolExecutor, loader: Loader, connect: Connect,
                  *, open_timeout: float = 30.0, step_timeout: float = 300.0, idle_timeout: float = 120.0,
-                 signer: Any = None, may_assign: AssignPolicy | None = None, max_batch: int = 8) -> None:
+                 signer: Any = None, may_assign: AssignPolicy | None = None, max_batch: int = 8,
+                 here_s: float = HERE_S) -> None:
         self.node_id = node_id
         # decode rows of this many sessions per engine call on a range (stage_batch); 1: one call per step
         self.max_batch = max_batch
+        self.here_s = here_s  # a lone session's rows run on the loop's thread while steps take under this
         self.batchers: dict[StageKey, RowBatcher] = {}
         # None: no peer may assign layers here (in-process harnesses load ranges with ensure_loaded)
         self.may_assign = may_assign
@@ -462,7 +467,7 @@ class StageWorker:
         if self.max_batch < 2 or not hasattr(engine, "forward_batch"):
             return None
         if key not in self.batchers:
-            self.batchers[key] = RowBatcher(engine, self.executor, max_batch=self.max_batch)
+            self.batchers[key] = RowBatcher(engine, self.executor, max_batch=self.max_batch, here_s=self.here_s)
         return self.batchers[key]
 
     async def _serve_steps(self, up: Link, down: Link | None, engine: Any, session: Any, draw: "Draw | None",

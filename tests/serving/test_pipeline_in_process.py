@@ -35,7 +35,11 @@ def test_split_equals_solo(executor, prompt, solo_tokens, splits) -> None:
         model, _, _ = await build(executor, splits)
         return await run_gen(model, prompt, N)
 
+    before = executor.ran_here
     assert asyncio.run(main()) == solo_tokens
+    # the stages ran this lone session's decode rows on their event loop's thread (serving.engine_thread), not
+    # the engine thread, after each stage's first: the same tokens either way
+    assert executor.ran_here - before >= N - 2
 
 
 def test_stage_killed_mid_generation_gives_identical_output(executor, prompt, solo_tokens) -> None:

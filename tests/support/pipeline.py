@@ -13,19 +13,24 @@ from mesh402.engine import Engine
 from mesh402.engine.sampling import SamplingParams
 from mesh402.mesh.identity import NodeIdentity
 from mesh402.models.catalog import bundled_model_path
+from mesh402.serving.engine_thread import EngineThread
 from mesh402.serving.generation import NO_CONSTRAINTS, Constraints, Delta, Finished, GenerationRequest, generate
 from mesh402.serving.pipeline import Chain, Failover, PipelineModel, StepTimer
 from mesh402.serving.stage_link import Hop, MemoryLink, StageError
 from mesh402.serving.stage_worker import StageKey, StageWorker
 
 PATH = bundled_model_path()
+# A lone session's decode rows run on the stage's loop thread whatever this machine's speed (a node: while
+# steps take under 50 ms), so the tests that use this harness take the same path on every machine.
+HERE_S = 60.0
 HASH = "h-smollm2"
 
 
 @pytest.fixture(scope="module")
 def executor():
-    """One worker thread for the module's stages and engines, as a node has."""
-    ex = ThreadPoolExecutor(1)
+    """One worker thread for the module's stages and engines, as a node has (a lone session's decode rows run
+    on the loop's thread when it is idle: serving.engine_thread)."""
+    ex = EngineThread()
     yield ex
     ex.shutdown()
 
@@ -62,7 +67,7 @@ class Mesh:
         w = StageWorker(node, self.executor, lambda h, a, b: Engine.load(PATH, mode=self.mode, layers=(a, b),
                                                                          load_tokenizer=False, **engine_kw),
                         lambda target, me=node: self.connect(target, caller=me), signer=ident,
-                        max_batch=self.max_batch)
+                        max_batch=self.max_batch, here_s=HERE_S)
         self.workers[name], self.names[node], self.tasks[name] = w, name, []
         return w
 
