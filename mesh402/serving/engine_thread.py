@@ -24,7 +24,7 @@ class EngineThread(ThreadPoolExecutor):
     def __init__(self, thread_name_prefix: str = "engine") -> None:
         super().__init__(max_workers=1, thread_name_prefix=thread_name_prefix)
         self._busy = threading.Lock()  # held by whichever thread runs an engine call
-        self.ran_here = 0  # calls run by run_here (tests, /stats)
+        self.ran_here = 0  # calls run by run_here (tests)
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         return super().submit(self._locked, fn, args, kwargs)

@@ -29,6 +29,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
+from mesh402.serving.engine_thread import EngineThread
 from mesh402.serving.scheduler import _set, gather
 
 __all__ = ["RowBatcher"]
@@ -69,9 +70,9 @@ class RowBatcher:
         """One decode row of `session` at its next position; `finish(output)` runs where the forward ran (the
         engine thread, or the loop's thread for a lone row: `_lone`)."""
         row = _Row(session, x, finish, asyncio.get_running_loop().create_future())
-        if self._lone(session):
+        if isinstance(self.executor, EngineThread) and self._lone(session):
             try:
-                ran, answers = self.executor.run_here(self._run, [row])  # type: ignore[attr-defined]
+                ran, answers = self.executor.run_here(self._run, [row])
             except Exception as e:  # the forward itself failed: this session's step fails, as on the engine thread
                 ran, answers = True, [(row.future, None, e)]
             if ran:
@@ -125,10 +126,10 @@ class RowBatcher:
 
     def _lone(self, session: Any) -> bool:
         """Whether `session`'s row may run at once on the loop's thread: no other session's row waiting or
-        expected, the recent batches short, and an executor that can run a call here (serving.engine_thread;
-        it refuses while the engine thread runs a call, a batch included)."""
+        expected and the recent batches short (and, checked by `step`, an executor that can run a call here:
+        serving.engine_thread, which refuses while the engine thread runs a call, a batch included)."""
         return (self.here_s > 0 and not self._rows and self._active <= {id(session)} and self._took is not None
-                and self._took < self.here_s and hasattr(self.executor, "run_here"))
+                and self._took < self.here_s)
 
     def _run(self, batch: list[_Row]) -> list[tuple[asyncio.Future, Any, Exception | None]]:
         """Engine thread (or the loop's: see `_lone`): one forward for the rows of the batch (a row that cannot
