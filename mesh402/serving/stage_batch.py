@@ -71,6 +71,10 @@ class RowBatcher:
         engine thread, or the loop's thread for a lone row: `_lone`)."""
         row = _Row(session, x, finish, asyncio.get_running_loop().create_future())
         if isinstance(self.executor, EngineThread) and self._lone(session):
+            # one turn of the loop first (no wake-up: it is running), so a row another session has ready goes
+            # in before this one could: a session's rows sent back to back cannot keep the others out
+            await asyncio.sleep(0)
+        if isinstance(self.executor, EngineThread) and self._lone(session):
             try:
                 ran, answers = self.executor.run_here(self._run, [row])
             except Exception as e:  # the forward itself failed: this session's step fails, as on the engine thread

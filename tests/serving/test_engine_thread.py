@@ -138,3 +138,23 @@ def test_rows_stay_on_the_engine_thread_when_off_slow_shared_or_busy(engine_thre
         assert busy.threads[-1][1] != loop_thread
 
     asyncio.run(main())
+
+
+def test_a_session_running_alone_does_not_keep_a_newcomer_waiting(engine_thread) -> None:
+    """A session whose rows run on the loop's thread (a hostile upstream may send them as fast as it can): a
+    second session's rows are still answered, and from its arrival the two share the engine thread's steps."""
+    async def main() -> None:
+        loop_thread = threading.get_ident()
+        eng = FakeEngine()
+        b = RowBatcher(eng, engine_thread, here_s=0.05)
+        a, c = Session(), Session()
+        await _steps(b, a, 3)
+        assert [t for _, t in eng.threads][1:] == [loop_thread] * 2
+        seen = len(eng.threads)
+        flood = asyncio.ensure_future(_steps(b, a, 50))
+        assert await asyncio.wait_for(_steps(b, c, 4), 5) == [1, 11, 21, 31]
+        await flood
+        later = eng.threads[seen:]
+        assert any(rows == 2 and t != loop_thread for rows, t in later)  # the newcomer shared steps with a
+
+    asyncio.run(main())
