@@ -19,4 +19,5 @@ pytest_plugins = (
     "tests.support.netns",  # netns_pair
     "tests.support.grammar",  # smol_tokenizer, smol_grammars
     "tests.support.browser",  # browser: headless Chromium through Selenium
+    "tests.support.watchdog",  # a hard per-test deadline that also ends hangs in native code
 )

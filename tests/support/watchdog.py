@@ -1,0 +1,63 @@
+"""A hard deadline per test, for hangs the suite's timeout cannot end.
+
+pytest-timeout (600 s, signal method) fails a test by raising in the main thread, which only happens when
+that thread runs Python: a test stuck in native code (a lock or condition inside torch, a Rust binding, a
+thread waiting for the GIL) never sees it, and its xdist worker would wait until CI's own limit with nothing
+printed about where (stop 31's submission: 1075 of 1081 tests passed, then silence until CI gave up).
+
+faulthandler's timer runs on a native thread and needs no GIL: past HARD_S it writes every thread's stack to
+a file and ends the worker, which xdist reports as a crashed test and replaces, so the run finishes. The
+controller prints those stacks in its summary (a worker's own stderr does not reach the terminal)."""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Beyond pytest-timeout's 600 s (which fails a test cleanly, with its teardown) plus a teardown's own time.
+HARD_S = float(os.environ.get("MESH402_TEST_HARD_S", "900"))
+DIR_ENV = "MESH402_HANG_DUMPS"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput"):  # the controller, or a run without workers: stacks to its stderr
+        os.environ[DIR_ENV] = tempfile.mkdtemp(prefix="mesh402-hangs-")  # workers inherit it
+        config.stash[_FILE] = sys.stderr
+        return
+    path = Path(os.environ[DIR_ENV]) / f"{config.workerinput['workerid']}-{os.getpid()}"
+    config.stash[_FILE] = open(path, "w")  # noqa: SIM115 - open for the session: faulthandler writes to its fd
+
+
+_FILE = pytest.StashKey()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    f = item.config.stash[_FILE]
+    if f is not sys.stderr:  # a worker's file holds the running test's header only, until a dump
+        f.seek(0)
+        f.truncate()
+        f.write(f"{item.nodeid} ran past {HARD_S:.0f} s; every thread's stack:\n")
+        f.flush()
+    faulthandler.dump_traceback_later(HARD_S, exit=True, file=f)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    if hasattr(config, "workerinput"):
+        return
+    for path in sorted(Path(os.environ[DIR_ENV]).iterdir()):
+        text = path.read_text(errors="replace")
+        if "Thread 0x" in text or "Current thread" in text:
+            terminalreporter.section(f"hang: {path.name}")
+            terminalreporter.write(text)
+    shutil.rmtree(os.environ[DIR_ENV], ignore_errors=True)
