@@ -61,12 +61,42 @@ def test_engine_calls_never_overlap(engine_thread) -> None:
         futs = [engine_thread.submit(call) for _ in range(5)]
         while not all(f.done() for f in futs):  # racing the engine thread for the calls between its jobs
             here += engine_thread.run_here(call)[0]
+            time.sleep(0.0001)
         for f in futs:
             f.result()
         assert engine_thread.run_here(call)[0]  # nothing queued or running: it runs here
         here += 1
     assert most[0] == 1
     assert here >= 40  # both kinds ran (the test is not vacuous)
+
+
+def test_calls_run_here_back_to_back_do_not_starve_a_submitted_call(engine_thread) -> None:
+    """A caller running calls here one after another (a stage's lone session) leaves no gap long enough for the
+    engine thread to wake and take the lock: a call submitted meanwhile goes first anyway."""
+    for _ in range(5):
+        order: list[str] = []
+        queued = []
+
+        def first() -> None:  # the engine thread takes a call submitted now, and waits for the lock this holds
+            queued.append(engine_thread.submit(order.append, "submitted"))
+            time.sleep(0.02)
+
+        assert engine_thread.run_here(first)[0]
+        deadline = time.monotonic() + 5
+        while not queued[0].done() and time.monotonic() < deadline:
+            engine_thread.run_here(order.append, "here")
+        assert queued[0].done() and order[0] == "submitted"
+
+
+def test_a_cancelled_call_does_not_keep_calls_off_the_callers_thread(engine_thread) -> None:
+    started, release = threading.Event(), threading.Event()
+    held = engine_thread.submit(lambda: (started.set(), release.wait(5)))
+    assert started.wait(5)
+    dropped = engine_thread.submit(time.sleep, 0)
+    assert dropped.cancel()  # queued behind `held`: it never runs
+    release.set()
+    held.result(5)
+    assert engine_thread.run_here(lambda: "ran") == (True, "ran")
 
 
 class FakeEngine:
