@@ -26,7 +26,7 @@ reaches the network (delay rows run in private network namespaces with no route 
   decode step's hand-offs (host send -> stage arrival -> engine call -> engine done -> reply sent ->
   host arrival) timed on the machine's one monotonic clock, medians over every traced step.
 - another model (`--model`, e.g. the synthetic 1B of `benchmarks/engine.py --synthetic Q4_K`): only the
-  loopback node processes, solo vs 2-stage (each stage's weight budget 0.6 x the file), fast mode, the
+  loopback node processes, solo vs 2-stage (each stage's budget 1.2 x the larger half's bytes), fast mode, the
   frame round trip (hot, and after each side idles 2, 4, 8 and 12 ms: the split's processes idle while the
   other computes), and with `--trace` the traced hand-offs; writes benchmarks/results/split-<model>.json.
 - wire dtype: teacher-forced agreement of f16 / bf16 activations against f32 (every step fed the
@@ -773,18 +773,26 @@ def main_model(path: Path, quick: bool, trace_hops: bool) -> None:
     """Solo vs a 2-stage split of another model on loopback (issue 19: the ratio on a bandwidth-bound model)."""
     global MODEL
     from mesh402.models.catalog import resolve_model
+    from mesh402.models.gguf_meta import read_gguf_meta
 
     src = resolve_model(str(path))
     MODEL = src.model_id
     MODEL_ARGS[:] = ["--model", str(src.path)]
-    VRAM[2] = f"{0.6 * src.path.stat().st_size / 1e9:.3f}"  # each stage holds about half
+    # each stage's budget: its half of the layers plus what a first or last stage holds besides (a tied
+    # model's embedding on one and its head on the other), with room for the planner's headroom: well short
+    # of the whole model, so the planner splits it (0.6 x the file was too little for a small model whose
+    # embedding is most of it: no plan formed for the bundled model)
+    meta = read_gguf_meta(src.path)
+    half = meta.n_layers // 2
+    need = max(meta.stage_bytes(0, half), meta.stage_bytes(half, meta.n_layers))
+    if 1.2 * need >= meta.stage_bytes(0, meta.n_layers):
+        raise SystemExit(f"{MODEL}: half its layers take nearly the whole model; a 2-stage split says nothing")
+    VRAM[2] = f"{1.2 * need / 1e9:.3f}"
     t_start = time.monotonic()
     print(f"node processes on loopback, {MODEL}: solo and 2 stages (budget {VRAM[2]} GB each) ...", flush=True)
     rows = bench_procs(["fast"], max_tokens={"fast": 32 if quick else 48}, reps=3 if quick else 5, stage_counts=(1, 2))
     print("QUIC frame round trip to a node process ...", flush=True)
-    from mesh402.models.gguf_meta import read_gguf_meta
-
-    width = read_gguf_meta(src.path).hidden  # a token's f32 activations: 4 x width bytes
+    width = meta.hidden  # a token's f32 activations: 4 x width bytes
     transport = bench_transport(200 if quick else 500, (64, 2304, 4 * width))
     # the model's frames after idling 2-12 ms (~one stage's compute): what a split's deliveries meet. On a VM
     # the round trip grows with the idle time before it (a woken vCPU runs cold); this sweep shows how much.
