@@ -5,8 +5,11 @@ that thread runs Python: a test stuck in native code (a lock or condition inside
 thread waiting for the GIL) never sees it, and its xdist worker would wait until CI's own limit with nothing
 printed about where (stop 31's submission: 1075 of 1081 tests passed, then silence until CI gave up).
 
-faulthandler's timer runs on a native thread and needs no GIL: past HARD_S it writes every thread's stack to
-a file and ends the worker, which xdist reports as a crashed test and replaces, so the run finishes. The
+A test can also wait on after pytest-timeout fired: the handler raises wherever the main thread is, and in an
+asyncio test that may be a background task, which keeps the exception while the test waits for it forever.
+
+faulthandler's timer runs on a native thread and needs no GIL: GRACE_S past the test's own timeout it writes
+every thread's stack to a file and ends the worker, which xdist reports as a crashed test and replaces, so the run finishes. The
 controller prints those stacks in its summary (a worker's own stderr does not reach the terminal)."""
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-# Beyond pytest-timeout's 600 s (which fails a test cleanly, with its teardown) plus a teardown's own time.
-HARD_S = float(os.environ.get("MESH402_TEST_HARD_S", "900"))
+# Past the test's pytest-timeout (which fails it cleanly, with its teardown): a teardown's own time.
+GRACE_S = float(os.environ.get("MESH402_TEST_GRACE_S", "120"))
 DIR_ENV = "MESH402_HANG_DUMPS"
 
 
@@ -37,15 +40,26 @@ def pytest_configure(config: pytest.Config) -> None:
 _FILE = pytest.StashKey()
 
 
+def hard_s(item: pytest.Item) -> float:
+    """The test's pytest-timeout (its mark, else the ini's; 600 s where none) plus GRACE_S."""
+    mark = item.get_closest_marker("timeout")
+    if mark is not None and mark.args:
+        t = mark.args[0]
+    else:  # as pytest-timeout reads it: the command line, its environment variable, the ini
+        t = item.config.getoption("timeout", None) or os.environ.get("PYTEST_TIMEOUT") or item.config.getini("timeout")
+    t = float(t or 0)
+    return (t if t > 0 else 600.0) + GRACE_S
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
     f = item.config.stash[_FILE]
     if f is not sys.stderr:  # a worker's file holds the running test's header only, until a dump
         f.seek(0)
         f.truncate()
-        f.write(f"{item.nodeid} ran past {HARD_S:.0f} s; every thread's stack:\n")
+        f.write(f"{item.nodeid} ran past {hard_s(item):.0f} s; every thread's stack:\n")
         f.flush()
-    faulthandler.dump_traceback_later(HARD_S, exit=True, file=f)
+    faulthandler.dump_traceback_later(hard_s(item), exit=True, file=f)
     try:
         yield
     finally:
