@@ -9,8 +9,9 @@ A test can also wait on after pytest-timeout fired: the handler raises wherever 
 asyncio test that may be a background task, which keeps the exception while the test waits for it forever.
 
 faulthandler's timer runs on a native thread and needs no GIL: GRACE_S past the test's own timeout it writes
-every thread's stack to a file and ends the worker, which xdist reports as a crashed test and replaces, so the run finishes. The
-controller prints those stacks in its summary (a worker's own stderr does not reach the terminal)."""
+every thread's stack to a file and ends the worker, which xdist reports as a crashed test and replaces, so the
+run finishes. The controller prints those stacks in its summary (a worker's stderr does not reach the
+terminal)."""
 
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ[DIR_ENV] = tempfile.mkdtemp(prefix="mesh402-hangs-")  # workers inherit it
         config.stash[_FILE] = sys.stderr
         return
+    # a file per worker, open for the session: faulthandler writes to its descriptor
     path = Path(os.environ[DIR_ENV]) / f"{config.workerinput['workerid']}-{os.getpid()}"
-    config.stash[_FILE] = open(path, "w")  # noqa: SIM115 - open for the session: faulthandler writes to its fd
+    config.stash[_FILE] = open(path, "w")  # noqa: SIM115 - open for the session
 
 
 _FILE = pytest.StashKey()
