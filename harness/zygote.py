@@ -11,6 +11,8 @@ registers fork handlers) and never runs a torch op, so nothing is half-initialis
 when `MESH402_NODE_ZYGOTE=1` (tests/conftest.py sets it; benchmarks start nodes by exec) and never for a
 command whose environment changes how the interpreter itself starts (PYTHON* variables). Modules that
 patch the product at import (tests.support.tamper_node) are never imported here, only run in a child.
+The server stops when its test process closes it or dies, and takes the children still running with it: a
+test process killed (or ended by tests/support/watchdog.py) leaves no node behind.
 
     python -m harness.zygote SOCKET_PATH     # prints "ready" once it accepts requests
 
@@ -82,13 +84,15 @@ def _serve(path: str) -> dict[str, Any] | None:
     wake_w.setblocking(False)
     signal.set_wakeup_fd(wake_w.fileno())
     signal.signal(signal.SIGCHLD, lambda *_: None)  # the wakeup fd does the work
+    stop = [False]
+    signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__(0, True))  # Zygote.close: leave through cleanup
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(path)
     srv.listen(128)
     parent = os.getppid()
     children: dict[int, socket.socket] = {}
     print("ready", flush=True)
-    while os.getppid() == parent:  # the test process that started us is gone: so are we
+    while os.getppid() == parent and not stop[0]:  # the test process that started us is gone: so are we
         ready, _, _ = select.select([srv, wake_r], [], [], 1.0)
         if wake_r in ready:
             try:
@@ -120,6 +124,7 @@ def _serve(path: str) -> dict[str, Any] | None:
                 s.close()
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             return req
         try:
             os.setpgid(pid, pid)  # also done in the child: whichever runs first, killpg(pid) works at once
@@ -129,6 +134,19 @@ def _serve(path: str) -> dict[str, Any] | None:
         _send(conn, {"pid": pid})
     srv.close()
     os.unlink(path)
+    # Children still running were never stopped: their test process died (killed, or ended by the suite's
+    # hang watchdog, tests/support/watchdog.py) or leaked them. Nothing can stop them later, so stop them now,
+    # each with its process group, and reap them.
+    for pid in children:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    for pid in children:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
     return None
 
 

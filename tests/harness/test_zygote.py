@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -54,3 +55,45 @@ def test_startup_environment_differences_are_exec_not_forked(tmp_path: Path) -> 
     t0 = time.monotonic()
     assert node.proc.wait(60) == 0 and time.monotonic() - t0 < 60
 
+
+
+def _gone(pid: int, within: float = 15.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_children_left_running_are_stopped_with_the_zygote(tmp_path: Path) -> None:
+    """A child nobody stopped (a test that leaked it) ends when its zygote is closed, not later."""
+    z = zygote.Zygote()
+    child = z.spawn([sys.executable, "-m", "http.server", "0", "--bind", "127.0.0.1"], dict(os.environ),
+                    tmp_path / "child.log")
+    assert child.poll() is None
+    z.close()
+    assert _gone(child.pid)
+
+
+def test_children_die_with_the_test_process_that_started_them(tmp_path: Path) -> None:
+    """A test process killed outright (or ended by the suite's hang watchdog) leaves no node running: its zygote
+    notices and stops the children it forked."""
+    code = ("import os, sys, time\nfrom pathlib import Path\nfrom harness import zygote\n"
+            "z = zygote.Zygote()\n"
+            f"c = z.spawn([sys.executable, '-m', 'http.server', '0', '--bind', '127.0.0.1'], dict(os.environ), "
+            f"Path({str(tmp_path / 'child.log')!r}))\n"
+            "print(c.pid, flush=True)\ntime.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=zygote.REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        pid = int(parent.stdout.readline())
+        os.kill(pid, 0)  # running
+        parent.kill()
+        parent.wait(10)
+        assert _gone(pid)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
