@@ -70,11 +70,12 @@ class RowBatcher:
         """One decode row of `session` at its next position; `finish(output)` runs where the forward ran (the
         engine thread, or the loop's thread for a lone row: `_lone`)."""
         row = _Row(session, x, finish, asyncio.get_running_loop().create_future())
-        if isinstance(self.executor, EngineThread) and self._lone(session):
+        if self._lone(session):
             # one turn of the loop first (no wake-up: it is running), so a row another session has ready goes
             # in before this one could: a session's rows sent back to back cannot keep the others out
             await asyncio.sleep(0)
-        if isinstance(self.executor, EngineThread) and self._lone(session):
+        if self._lone(session):
+            assert isinstance(self.executor, EngineThread)  # _lone checked it
             try:
                 ran, answers = self.executor.run_here(self._run, [row])
             except Exception as e:  # the forward itself failed: this session's step fails, as on the engine thread
@@ -130,10 +131,10 @@ class RowBatcher:
 
     def _lone(self, session: Any) -> bool:
         """Whether `session`'s row may run at once on the loop's thread: no other session's row waiting or
-        expected and the recent batches short (and, checked by `step`, an executor that can run a call here:
-        serving.engine_thread, which refuses while the engine thread runs a call, a batch included)."""
+        expected, the recent batches short, and an executor that can run a call here (serving.engine_thread,
+        which refuses while the engine thread runs or has queued a call, a batch included)."""
         return (self.here_s > 0 and not self._rows and self._active <= {id(session)} and self._took is not None
-                and self._took < self.here_s)
+                and self._took < self.here_s and isinstance(self.executor, EngineThread))
 
     def _run(self, batch: list[_Row]) -> list[tuple[asyncio.Future, Any, Exception | None]]:
         """Engine thread (or the loop's: see `_lone`): one forward for the rows of the batch (a row that cannot

@@ -55,13 +55,13 @@ def hard_s(item: pytest.Item) -> float:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
-    f = item.config.stash[_FILE]
+    f, deadline = item.config.stash[_FILE], hard_s(item)
     if f is not sys.stderr:  # a worker's file holds the running test's header only, until a dump
         f.seek(0)
         f.truncate()
-        f.write(f"{item.nodeid} ran past {hard_s(item):.0f} s; every thread's stack:\n")
+        f.write(f"{item.nodeid} ran past {deadline:.0f} s; every thread's stack:\n")
         f.flush()
-    faulthandler.dump_traceback_later(hard_s(item), exit=True, file=f)
+    faulthandler.dump_traceback_later(deadline, exit=True, file=f)
     try:
         yield
     finally:
