@@ -147,6 +147,12 @@ async def _constrained(executor: Any, k: int, text: str, constraints: Any, param
     ids = model.tokenizer.encode(text)
     c = constraints(model) if callable(constraints) else constraints
     st = await model.open(len(ids) + n + 1, params, constraints=c)
+    if st.drafts is not None:
+        # the device's default row cost throughout: timed steps would follow wall-clock step times, and on a
+        # loaded machine (1-row steps run on the stages' loop thread here, draft steps on the engine thread)
+        # they can price drafts out before one is accepted; these tests are about the tokens, which no draft
+        # length changes (one such run: accepted 0)
+        st.drafts.timed = lambda rows, seconds: None
     out = [(ev.token_id, list(ev.logprobs)) async for ev in generate(GenerationRequest(ids, n, params, constraints=c),
                                                                       st, model.tokenizer,
                                                                       model.eos_ids if stop_at_eos else [])
