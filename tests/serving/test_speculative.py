@@ -68,6 +68,35 @@ def test_draft_policy_proposes_what_pays_and_learns_from_shadows():
     assert costly.misses > misses * costly.decay
 
 
+def test_draft_policy_prices_rows_by_the_step_times_it_sees():
+    p = DraftPolicy(k_max=4, row_cost=0.3)
+    p.timed(3, 0.030)  # no 1-row time yet: a multi-row time says nothing
+    assert p.row_cost == 0.3 and p.one_row_s is None
+    p.timed(1, 0.010)
+    assert p.one_row_s == pytest.approx(0.010)
+    for _ in range(40):  # a split: 10 ms a step, of which the network is most; 5 rows cost 12 ms
+        p.timed(1, 0.010)
+        p.timed(5, 0.012)
+    assert p.row_cost == pytest.approx(0.05, abs=0.005)  # (12/10 - 1) / 4 extra rows
+    cheap = p.k()
+    for _ in range(40):  # the same steps on a busy stage: 5 rows cost 50 ms
+        p.timed(1, 0.010)
+        p.timed(5, 0.050)
+    assert p.row_cost == pytest.approx(1.0, abs=0.01)
+    assert p.k() < cheap
+    for _ in range(60):
+        p.timed(5, 1.0)  # a stalled step is capped (4 one-row steps a row), a faster-than-1-row step floored at 0
+    assert p.row_cost == pytest.approx(4.0, abs=0.01)
+    for _ in range(60):
+        p.timed(5, 0.001)
+    assert p.row_cost == pytest.approx(0.0, abs=0.01)
+    before = (p.row_cost, p.one_row_s)
+    p.timed(0, 0.01)
+    p.timed(1, 0.0)
+    p.timed(2, float("nan"))  # nonsense changes nothing
+    assert (p.row_cost, p.one_row_s) == before
+
+
 async def _run(lm: LocalModel, ids: list[int], params: SamplingParams, n: int) -> tuple[list[int], int]:
     out, st = await _run_stepper(lm, ids, params, n)
     return out, st.accepted
