@@ -242,7 +242,7 @@ class Board:
     def status(self) -> dict[str, Any]:
         self.prune()
         return {"posts": len(self.posts), "authors": len({bytes(s.post.author) for s in self.posts.values()}),
-                "counters": dict(self.counters), "limits": self.limits.__dict__}
+                "watchers": len(self._watchers), "counters": dict(self.counters), "limits": self.limits.__dict__}
 
     # ---------------------------------------------------------------- watching
     def subscribe(self) -> asyncio.Queue[dict[str, Any]]:

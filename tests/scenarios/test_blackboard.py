@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import subprocess
-import time
+import threading
 from pathlib import Path
 
 import httpx
@@ -30,6 +31,12 @@ def texts(node: MeshNode, topic: str | None = None) -> list[str]:
                   timeout=5)
     r.raise_for_status()
     return [p["text"] for p in r.json()["posts"]]
+
+
+def board_status(node: MeshNode) -> dict:
+    r = httpx.get(f"{node.console}/api/board", params={"limit": 0}, headers=node.console_headers, timeout=5)
+    r.raise_for_status()
+    return r.json()["board"]
 
 
 def by_author(node: MeshNode, author: str) -> int:
@@ -55,15 +62,18 @@ def test_posts_reach_everyone_a_flood_is_capped_and_a_restart_keeps_the_board(tm
 
         watch = subprocess.Popen([*MESH402, "board", "watch", "--topic", "jobs", "--home", str(c.home)],
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines: queue.Queue[str] = queue.Queue()  # the watcher's output, read without blocking the test
+        out = watch.stdout
+        assert out is not None
+        threading.Thread(target=lambda: any(lines.put(x) for x in out), daemon=True).start()
         try:
-            wait_until(lambda: httpx.get(f"{c.console}/api/status", timeout=5).status_code == 200, 10)
-            time.sleep(2.0)  # the watcher's CLI starts and subscribes
+            # a watch streams posts made after it subscribed: post once c counts the watcher
+            wait_until(lambda: board_status(c)["watchers"] == 1, 60, what="the watcher subscribed")
             post_id = cli(a, "post", "jobs", "who has a GPU free?", "--ttl", "600").strip()
             assert len(post_id) == 32
             for n in (a, b, c):
                 wait_until(lambda n=n: texts(n, "jobs") == ["who has a GPU free?"], 20, what=f"the post on {n.name}")
-            assert watch.stdout is not None
-            line = watch.stdout.readline()  # c's watcher saw a's post arrive over the mesh
+            line = lines.get(timeout=30)  # c's watcher saw a's post arrive over the mesh
             assert "[jobs]" in line and a.node_id[:12] in line and line.rstrip().endswith("who has a GPU free?"), line
         finally:
             watch.terminate()
