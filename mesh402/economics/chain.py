@@ -44,7 +44,9 @@ class Anvil:
         if block_time:
             args += ["--block-time", str(block_time)]
         self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        # in the caller's process group (no session of its own): whoever stops that group (a supervisor, a test
+        # harness, Ctrl-C in a terminal) stops anvil too, even with a SIGKILL that gives the caller no chance to
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         import httpx
