@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 from harness import zygote
 
@@ -34,6 +35,14 @@ def free_port() -> int:
             _HANDED_OUT.add(port)
             return port
     raise RuntimeError("no fresh loopback port")
+
+
+def gone(pid: int) -> bool:
+    """Whether process `pid` has ended: no such process, or a zombie its parent (or init) has not reaped yet."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 class NodeProcess:

@@ -45,7 +45,8 @@ class Anvil:
             args += ["--block-time", str(block_time)]
         self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL
         # in the caller's process group (no session of its own): whoever stops that group (a supervisor, a test
-        # harness, Ctrl-C in a terminal) stops anvil too, even with a SIGKILL that gives the caller no chance to
+        # harness, Ctrl-C in a terminal) stops anvil too, even with a SIGKILL that leaves the caller no chance to
+        # stop it itself
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 30.0) -> None:

@@ -9,6 +9,7 @@ import psutil
 
 from harness.dev_chain import start_chain
 from harness.mesh_nodes import wait_until
+from harness.procs import gone
 from tests.support.chain import require_contract_toolchain
 
 
@@ -18,7 +19,6 @@ def test_a_chain_dev_killed_outright_leaves_no_anvil(tmp_path: Path) -> None:
     try:
         (anvil,) = [p for p in psutil.Process(chain.proc.proc.pid).children() if "anvil" in p.name()]
         chain.proc.kill9()  # SIGKILL to the command's process group: it gets no chance to stop anvil itself
-        wait_until(lambda: not anvil.is_running() or anvil.status() == psutil.STATUS_ZOMBIE, 10,
-                   what="anvil gone with its chain dev")
+        wait_until(lambda: gone(anvil.pid), 10, what="anvil gone with its chain dev")
     finally:
         chain.proc.stop()

@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from harness import zygote
-from harness.procs import MESH402, NodeProcess, free_port
+from harness.mesh_nodes import wait_until
+from harness.procs import MESH402, NodeProcess, free_port, gone
 
 
 @pytest.fixture(autouse=True)
@@ -56,18 +57,6 @@ def test_startup_environment_differences_are_exec_not_forked(tmp_path: Path) -> 
     assert node.proc.wait(60) == 0 and time.monotonic() - t0 < 60
 
 
-
-def _gone(pid: int, within: float = 15.0) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def test_children_left_running_are_stopped_with_the_zygote(tmp_path: Path) -> None:
     """A child nobody stopped (a test that leaked it) ends when its zygote is closed, not later."""
     z = zygote.Zygote()
@@ -75,7 +64,7 @@ def test_children_left_running_are_stopped_with_the_zygote(tmp_path: Path) -> No
                     tmp_path / "child.log")
     assert child.poll() is None
     z.close()
-    assert _gone(child.pid)
+    wait_until(lambda: gone(child.pid), 15, what="the leaked child stopped")
 
 
 def test_children_die_with_the_test_process_that_started_them(tmp_path: Path) -> None:
@@ -93,7 +82,7 @@ def test_children_die_with_the_test_process_that_started_them(tmp_path: Path) ->
         os.kill(pid, 0)  # running
         parent.kill()
         parent.wait(10)
-        assert _gone(pid)
+        wait_until(lambda: gone(pid), 15, what="the child stopped")
     finally:
         if parent.poll() is None:
             parent.kill()

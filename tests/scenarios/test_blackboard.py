@@ -65,7 +65,12 @@ def test_posts_reach_everyone_a_flood_is_capped_and_a_restart_keeps_the_board(tm
         lines: queue.Queue[str] = queue.Queue()  # the watcher's output, read without blocking the test
         out = watch.stdout
         assert out is not None
-        threading.Thread(target=lambda: any(lines.put(x) for x in out), daemon=True).start()
+
+        def pump() -> None:
+            for line in out:
+                lines.put(line)
+
+        threading.Thread(target=pump, daemon=True).start()
         try:
             # a watch streams posts made after it subscribed: post once c counts the watcher
             wait_until(lambda: board_status(c)["watchers"] == 1, 60, what="the watcher subscribed")

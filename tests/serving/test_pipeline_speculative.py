@@ -29,11 +29,19 @@ SAMPLINGS = [SamplingParams(temperature=0, seed=1), SamplingParams(temperature=0
              SamplingParams(temperature=0.7, top_p=0.9, seed=3)]
 
 
+def _untimed(stepper: Any) -> None:
+    """Keep the device's default draft row cost throughout: timed steps would follow wall-clock step times, and
+    on a loaded machine (1-row steps run on the stages' loop thread here, draft steps on the engine thread) they
+    can price drafts out before one is accepted; these tests are about the tokens, which no draft length
+    changes (one such run: accepted 0)."""
+    if stepper.drafts is not None:
+        stepper.drafts.timed = lambda rows, seconds: None
+
+
 async def _gen(model: PipelineModel, i: int, kill=None) -> tuple[list[int], Any]:
     req = GenerationRequest(PROMPTS[i], N, SAMPLINGS[i])
     stepper = await model.open(len(PROMPTS[i]) + N, SAMPLINGS[i], request_id=f"session-{i}")
-    if stepper.drafts is not None:
-        stepper.drafts.timed = lambda rows, seconds: None  # the default row cost: see _constrained
+    _untimed(stepper)
     out: list[int] = []
     async for ev in generate(req, stepper, model.tokenizer, []):
         if getattr(ev, "token_id", None) is not None:
@@ -147,12 +155,7 @@ async def _constrained(executor: Any, k: int, text: str, constraints: Any, param
     ids = model.tokenizer.encode(text)
     c = constraints(model) if callable(constraints) else constraints
     st = await model.open(len(ids) + n + 1, params, constraints=c)
-    if st.drafts is not None:
-        # the device's default row cost throughout: timed steps would follow wall-clock step times, and on a
-        # loaded machine (1-row steps run on the stages' loop thread here, draft steps on the engine thread)
-        # they can price drafts out before one is accepted; these tests are about the tokens, which no draft
-        # length changes (one such run: accepted 0)
-        st.drafts.timed = lambda rows, seconds: None
+    _untimed(st)
     out = [(ev.token_id, list(ev.logprobs)) async for ev in generate(GenerationRequest(ids, n, params, constraints=c),
                                                                       st, model.tokenizer,
                                                                       model.eos_ids if stop_at_eos else [])
